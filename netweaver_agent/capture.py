@@ -1,0 +1,340 @@
+"""Observe probes on the host's interfaces with kernel timestamps.
+
+Live capture uses one ``AF_PACKET``/``ETH_P_ALL`` socket in the
+hypervisor's network namespace: every interface of that namespace is seen
+through it, each packet with the name of the interface it crossed, the
+kernel's packet type (received there, or sent by this host) and a
+``SO_TIMESTAMPNS`` nanosecond timestamp from one clock.  A classic BPF
+filter keeps all other traffic in the kernel, and the kernel's drop counter
+(``PACKET_STATISTICS``) is read when the window closes.
+
+An ``ETH_P_ALL`` socket taxes every packet sent on the host while it is
+open, so it is opened for one probe window and closed right after.
+
+What comes out is a :class:`SightingBatch`: columns of integers, which the
+matcher consumes without building one object per packet.  Offline pcap
+files give the same batches (see :mod:`netweaver_agent.pcapfile`).
+"""
+
+import array
+import ctypes
+import dataclasses
+import errno
+import select
+import socket
+import struct
+import threading
+import time
+
+from oslo_log import log
+
+from netweaver_agent import netns
+from netweaver_agent import probe
+
+LOG = log.getLogger(__name__)
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+PACKET_AUXDATA = 8
+SO_TIMESTAMPNS = 35
+SO_ATTACH_FILTER = 26
+PACKET_OUTGOING = 4
+
+# Direction column values.
+DIR_IN = 0       # received on that interface
+DIR_OUT = 1      # sent by this host on that interface (PACKET_OUTGOING)
+DIR_UNKNOWN = 2  # pcap files without direction
+
+_TIMESPEC = struct.Struct('@qq')
+_TPACKET_STATS = struct.Struct('@II')
+_SOCK_FILTER = struct.Struct('HBBI')
+_SOCK_FPROG = struct.Struct('HL')
+
+RCVBUF_BYTES = 8 * 1024 * 1024
+SNAPLEN = 256
+
+
+class CaptureError(RuntimeError):
+    """A capture could not be opened or read."""
+
+
+class CapturePermissionError(CaptureError):
+    """Opening a packet socket needs CAP_NET_RAW."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sighting:
+    """One probe (or reply) seen on one interface at one instant."""
+
+    key: probe.ProbeKey
+    ifname: str
+    t_ns: int
+    direction: int = DIR_IN
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SightingBatch:
+    """Sightings of one probe window (one session), as columns.
+
+    Row ``i`` is: key ``keys[i]`` (:meth:`ProbeKey.as_int`), seen on
+    interface ``ifnames[ifindex[i]]`` at ``t_ns[i]`` (ns since the epoch,
+    CLOCK_REALTIME) travelling ``direction[i]`` (``DIR_*``).
+    """
+
+    session: int
+    t_ns: array.array = dataclasses.field(
+        default_factory=lambda: array.array('q'))
+    keys: array.array = dataclasses.field(
+        default_factory=lambda: array.array('Q'))
+    ifindex: array.array = dataclasses.field(
+        default_factory=lambda: array.array('i'))
+    direction: array.array = dataclasses.field(
+        default_factory=lambda: array.array('B'))
+    ifnames: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.t_ns)
+
+    def interface_index(self, ifname):
+        """The column index standing for ``ifname`` (added if new)."""
+        for index, name in self.ifnames.items():
+            if name == ifname:
+                return index
+        index = len(self.ifnames)
+        self.ifnames[index] = ifname
+        return index
+
+    def append(self, key_int, ifindex, t_ns, direction):
+        self.keys.append(key_int)
+        self.ifindex.append(ifindex)
+        self.t_ns.append(t_ns)
+        self.direction.append(direction)
+
+    def add(self, sighting):
+        """Append one :class:`Sighting` (slow path, for tests and tools)."""
+        self.append(sighting.key.as_int(),
+                    self.interface_index(sighting.ifname),
+                    sighting.t_ns, sighting.direction)
+
+    def extend(self, other):
+        """Append every row of ``other`` (same session), remapping names."""
+        if other.session != self.session:
+            raise ValueError(
+                f"cannot merge sightings of session {other.session} into "
+                f"session {self.session}")
+        remap = {i: self.interface_index(n) for i, n in other.ifnames.items()}
+        self.keys.extend(other.keys)
+        self.t_ns.extend(other.t_ns)
+        self.direction.extend(other.direction)
+        self.ifindex.extend(remap[i] for i in other.ifindex)
+
+    def sightings(self):
+        """Rows as :class:`Sighting` objects (slow path)."""
+        for k, i, t, d in zip(self.keys, self.ifindex, self.t_ns,
+                              self.direction):
+            yield Sighting(probe.ProbeKey.from_int(self.session, k),
+                           self.ifnames[i], t, d)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CaptureStats:
+    """What the kernel and the reader counted during one window."""
+
+    packets: int        # packets that passed the filter (kernel count)
+    drops: int          # packets the kernel dropped for lack of room
+    probes: int         # rows kept in the batch
+    foreign: int        # passed the filter but not a probe of this session
+
+
+def bpf_filter(protocol):
+    """A classic BPF program accepting IPv4 frames that may be probes.
+
+    ``icmp`` accepts ICMP; ``udp`` accepts UDP and ICMP (port
+    unreachable replies); ``tcp`` accepts TCP.  The rest is verified in
+    user space by :func:`probe.parse_key`.  Returns ``(code, jt, jf, k)``
+    instructions.
+    """
+    protos = {'icmp': (1,), 'udp': (17, 1), 'tcp': (6,)}.get(protocol)
+    if protos is None:
+        raise ValueError(f"unknown probe protocol {protocol!r}")
+    ld_h_abs, ld_b_abs, jeq, ret = 0x28, 0x30, 0x15, 0x06
+    n = len(protos)
+    # 0: ethertype; 1: IPv4?; 2: IP protocol; 3..3+n-1: one test each;
+    # 3+n: accept; 3+n+1: reject.
+    prog = [(ld_h_abs, 0, 0, 12),
+            (jeq, 0, n + 1, probe.ETH_P_IP),
+            (ld_b_abs, 0, 0, 23)]
+    for i, proto in enumerate(protos):
+        last = i == n - 1
+        prog.append((jeq, n - i - 1, 1 if last else 0, proto))
+    prog.append((ret, 0, 0, SNAPLEN))
+    prog.append((ret, 0, 0, 0))
+    return prog
+
+
+def _attach_filter(sock, program):
+    blob = b''.join(_SOCK_FILTER.pack(*ins) for ins in program)
+    cbuf = ctypes.create_string_buffer(blob, len(blob))
+    fprog = _SOCK_FPROG.pack(len(program), ctypes.addressof(cbuf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def open_packet_socket(netns_name=None, protocol='icmp'):
+    """An ``AF_PACKET`` socket with ns timestamps and the probe filter.
+
+    Created in network namespace ``netns_name`` (None: the current one).
+    """
+    try:
+        sock = netns.socket_in_netns(netns_name, socket.AF_PACKET,
+                                     socket.SOCK_RAW,
+                                     socket.htons(ETH_P_ALL))
+    except PermissionError as exc:
+        raise CapturePermissionError(
+            "opening an AF_PACKET capture socket needs CAP_NET_RAW "
+            f"(namespace {netns_name or 'of this process'}): {exc}") from exc
+    try:
+        _attach_filter(sock, bpf_filter(protocol))
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE,
+                            RCVBUF_BYTES)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                            RCVBUF_BYTES)
+        # Reset the kernel's counters: reading them clears them.
+        sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class LiveCapture:
+    """One probe window's capture: open, read in a thread, close.
+
+    Use as a context manager::
+
+        with LiveCapture(session, 'icmp', netns_name='hv') as cap:
+            ...send probes...
+            cap.settle(timeout_s)
+        batch, stats = cap.batch, cap.stats
+
+    Only sightings of ``session`` on interfaces in ``interfaces`` (all
+    when None) are kept.
+    """
+
+    def __init__(self, session, protocol='icmp', netns_name=None,
+                 interfaces=None):
+        self.session = session
+        self.protocol = protocol
+        self.netns_name = netns_name
+        self.interfaces = frozenset(interfaces) if interfaces else None
+        self.batch = SightingBatch(session)
+        self.stats = None
+        self._sock = None
+        self._thread = None
+        self._stop = threading.Event()
+        self._foreign = 0
+        self._error = None
+        self._last_probe_ns = 0
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def open(self):
+        self._sock = open_packet_socket(self.netns_name, self.protocol)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='netweaver-capture')
+        self._thread.start()
+
+    def settle(self, quiet_s, max_s=None):
+        """Wait until no probe was seen for ``quiet_s`` (at most ``max_s``)."""
+        start = time.monotonic()
+        limit = start + (max_s if max_s is not None else quiet_s * 4)
+        while True:
+            now = time.monotonic()
+            last = self._last_probe_ns / 1e9
+            if now >= limit:
+                return
+            if last and now - last >= quiet_s and now - start >= quiet_s:
+                return
+            if not last and now - start >= quiet_s:
+                return
+            time.sleep(min(0.005, quiet_s))
+
+    def close(self):
+        if self._sock is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self._drain()
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                        _TPACKET_STATS.size)
+            packets, drops = _TPACKET_STATS.unpack(raw)
+        finally:
+            self._sock.close()
+            self._sock = None
+        self.stats = CaptureStats(packets=packets, drops=drops,
+                                  probes=len(self.batch),
+                                  foreign=self._foreign)
+        if drops:
+            LOG.warning('Capture dropped %(drops)d of %(packets)d packets '
+                        'in probe window %(session)d',
+                        {'drops': drops, 'packets': packets + drops,
+                         'session': self.session})
+        if self._error is not None:
+            raise CaptureError(
+                f"reading the capture socket failed: {self._error}")
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self._sock], [], [], 0.02)
+                if ready:
+                    self._drain()
+        except OSError as exc:
+            self._error = exc
+
+    def _drain(self):
+        sock = self._sock
+        batch = self.batch
+        session = self.session
+        wanted = self.interfaces
+        cmsg_space = socket.CMSG_SPACE(_TIMESPEC.size)
+        while True:
+            try:
+                data, ancdata, _flags, addr = sock.recvmsg(SNAPLEN,
+                                                           cmsg_space)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                    return
+                raise
+            ifname = addr[0]
+            if wanted is not None and ifname not in wanted:
+                continue
+            key = probe.parse_key(data, session)
+            if key is None:
+                self._foreign += 1
+                continue
+            t_ns = None
+            for level, ctype, cdata in ancdata:
+                if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack_from(cdata)
+                    t_ns = sec * 1_000_000_000 + nsec
+            if t_ns is None:
+                t_ns = time.time_ns()
+            direction = DIR_OUT if addr[2] == PACKET_OUTGOING else DIR_IN
+            batch.append(key.as_int(), batch.interface_index(ifname), t_ns,
+                         direction)
+            self._last_probe_ns = time.monotonic_ns()

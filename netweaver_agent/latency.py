@@ -1,0 +1,254 @@
+"""Match sightings of probes across interfaces; compute latency statistics.
+
+This module does no I/O (as h11 does none): sightings in, reports out.
+
+For each probe we keep its first timestamp on every interface of its
+path, ``pif → hop … → vif``, and the same for the guest's reply:
+
+* ingress    = t(vif, probe) − t(pif, probe)   (the seed's number)
+* egress     = t(pif, reply) − t(vif, reply)
+* turnaround = t(vif, reply) − t(vif, probe)  (guest + vhost/QEMU)
+* hops       = the ingress subtraction between neighbouring interfaces
+
+A pif sighting of a probe counts only if the kernel says the probe was
+*received* there (not ``DIR_OUT``): a probe the host itself sent out of the
+pif never measured the in-host path.  A probe received on the pif and not
+seen on the vif within ``timeout_ns`` is *lost*.  Probes never received on
+the pif are counted as ``unseen_at_pif`` and measure nothing.
+"""
+
+import dataclasses
+import math
+
+from netweaver_agent import capture
+
+DIR_IN = capture.DIR_IN
+DIR_OUT = capture.DIR_OUT
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirectionStats:
+    """Latency statistics of one direction, in microseconds.
+
+    ``count`` measured values; ``lost`` probes (or replies) that entered
+    the segment and did not leave it within the timeout.  The figures are
+    None when ``count`` is 0.
+    """
+
+    count: int = 0
+    lost: int = 0
+    min_us: float | None = None
+    max_us: float | None = None
+    mean_us: float | None = None
+    stdev_us: float | None = None
+    p50_us: float | None = None
+    p90_us: float | None = None
+    p99_us: float | None = None
+
+    @property
+    def loss_pct(self):
+        """Lost as a percentage of those that entered (None if none did)."""
+        total = self.count + self.lost
+        return 100.0 * self.lost / total if total else None
+
+    @classmethod
+    def from_ns(cls, values_ns, lost=0):
+        """Statistics of latencies given in nanoseconds."""
+        if not values_ns:
+            return cls(count=0, lost=lost)
+        values = sorted(v / 1000.0 for v in values_ns)
+        n = len(values)
+        mean = math.fsum(values) / n
+        if n > 1:
+            var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+            stdev = math.sqrt(var)
+        else:
+            stdev = 0.0
+        return cls(count=n, lost=lost, min_us=values[0], max_us=values[-1],
+                   mean_us=mean, stdev_us=stdev,
+                   p50_us=percentile(values, 50),
+                   p90_us=percentile(values, 90),
+                   p99_us=percentile(values, 99))
+
+
+def percentile(sorted_values, pct):
+    """Linear-interpolation percentile (numpy's default) of sorted values."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    if not 0 <= pct <= 100:
+        raise ValueError(f"percentile {pct!r} is not within 0..100")
+    rank = (len(sorted_values) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    frac = rank - low
+    return sorted_values[low] + (sorted_values[high] -
+                                 sorted_values[low]) * frac
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HopStats:
+    """Latency between two neighbouring interfaces of a path (ingress)."""
+
+    src: str
+    dst: str
+    stats: DirectionStats
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LatencyReport:
+    """What one probe window measured for one vNIC."""
+
+    vnic: str
+    pif: str
+    protocol: str
+    sent: int
+    ingress: DirectionStats
+    egress: DirectionStats
+    turnaround: DirectionStats
+    hops: tuple = ()
+    unseen_at_pif: int = 0
+    late: int = 0
+
+    @property
+    def filtered(self):
+        """Probes reached the pif, yet none reached the vif.
+
+        The usual cause is a security group or port security dropping
+        them before the tap, not in-host loss.
+        """
+        return self.ingress.count == 0 and self.ingress.lost > 0
+
+    @property
+    def entered_pif(self):
+        """How many probes the pif received."""
+        return self.ingress.count + self.ingress.lost
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PathSpec:
+    """The interfaces one vNIC's probes cross, pif first, vif last."""
+
+    vnic: str
+    interfaces: tuple
+
+    @property
+    def pif(self):
+        return self.interfaces[0]
+
+
+class Matcher:
+    """Collects sightings of one window; :meth:`reports` gives the result.
+
+    :param session: the window's session (keys of other sessions ignored)
+    :param paths: :class:`PathSpec` per vNIC
+    :param plan: ``{seq: vnic}`` for every probe sent; sightings of other
+        sequence numbers are ignored
+    :param timeout_ns: a probe (or reply) later than this is lost
+    :param protocol: recorded in the reports
+    """
+
+    def __init__(self, session, paths, plan, timeout_ns, protocol='icmp'):
+        self.session = session
+        self.paths = {p.vnic: p for p in paths}
+        self.plan = dict(plan)
+        unknown = set(self.plan.values()) - set(self.paths)
+        if unknown:
+            raise ValueError(
+                f"probes planned for vNICs with no path: {sorted(unknown)}")
+        self.timeout_ns = timeout_ns
+        self.protocol = protocol
+        # (seq, reply) -> {ifname: t_ns}
+        self._seen = {}
+
+    def feed(self, sighting):
+        """Add one :class:`capture.Sighting`."""
+        if sighting.key.session != self.session:
+            return
+        self._add(sighting.key.seq, sighting.key.reply, sighting.ifname,
+                  sighting.t_ns, sighting.direction)
+
+    def feed_batch(self, batch):
+        """Add every row of a :class:`capture.SightingBatch`."""
+        if batch.session != self.session:
+            return
+        names = batch.ifnames
+        add = self._add
+        for k, i, t, d in zip(batch.keys, batch.ifindex, batch.t_ns,
+                              batch.direction):
+            add(k >> 1, bool(k & 1), names[i], t, d)
+
+    def _add(self, seq, reply, ifname, t_ns, direction):
+        vnic = self.plan.get(seq)
+        if vnic is None:
+            return
+        path = self.paths[vnic]
+        if ifname not in path.interfaces:
+            return
+        if ifname == path.pif:
+            # Probes must be received on the pif, replies sent out of it.
+            if direction == (DIR_OUT if not reply else DIR_IN):
+                return
+        seen = self._seen.setdefault((seq, reply), {})
+        old = seen.get(ifname)
+        if old is None or t_ns < old:
+            seen[ifname] = t_ns
+
+    def reports(self):
+        """``{vnic: LatencyReport}`` for every vNIC with a path."""
+        per_vnic = {v: [] for v in self.paths}
+        for seq, vnic in self.plan.items():
+            per_vnic[vnic].append(seq)
+        return {v: self._report(self.paths[v], seqs)
+                for v, seqs in per_vnic.items()}
+
+    def _report(self, path, seqs):
+        pif, vif = path.pif, path.interfaces[-1]
+        timeout = self.timeout_ns
+        ingress, egress, turnaround = [], [], []
+        in_lost = eg_lost = unseen = late = 0
+        hops = list(zip(path.interfaces, path.interfaces[1:]))
+        hop_values = [[] for _ in hops]
+        hop_lost = [0] * len(hops)
+        empty = {}
+        for seq in seqs:
+            fwd = self._seen.get((seq, False), empty)
+            back = self._seen.get((seq, True), empty)
+            t_pif = fwd.get(pif)
+            t_vif = fwd.get(vif)
+            if t_pif is None:
+                unseen += 1
+            elif t_vif is None:
+                in_lost += 1
+            elif t_vif - t_pif > timeout:
+                in_lost += 1
+                late += 1
+            else:
+                ingress.append(t_vif - t_pif)
+                if len(hops) > 1:
+                    for n, (a, b) in enumerate(hops):
+                        ta, tb = fwd.get(a), fwd.get(b)
+                        if ta is None:
+                            continue
+                        if tb is None:
+                            hop_lost[n] += 1
+                        else:
+                            hop_values[n].append(tb - ta)
+            r_vif = back.get(vif)
+            r_pif = back.get(pif)
+            if r_vif is not None:
+                if r_pif is None or r_pif - r_vif > timeout:
+                    eg_lost += 1
+                else:
+                    egress.append(r_pif - r_vif)
+                if t_vif is not None:
+                    turnaround.append(r_vif - t_vif)
+        hop_stats = tuple(
+            HopStats(a, b, DirectionStats.from_ns(vals, lost))
+            for (a, b), vals, lost in zip(hops, hop_values, hop_lost)
+        ) if len(hops) > 1 else ()
+        return LatencyReport(
+            vnic=path.vnic, pif=pif, protocol=self.protocol, sent=len(seqs),
+            ingress=DirectionStats.from_ns(ingress, in_lost),
+            egress=DirectionStats.from_ns(egress, eg_lost),
+            turnaround=DirectionStats.from_ns(turnaround),
+            hops=hop_stats, unseen_at_pif=unseen, late=late)

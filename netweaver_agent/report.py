@@ -1,0 +1,104 @@
+"""Render :class:`latency.LatencyReport` objects as a table or as JSON.
+
+Used by every ``netweaver`` command, so ``lab``, ``analyze`` and
+``measure`` print the same shape.
+"""
+
+import dataclasses
+
+from netweaver_agent import latency
+
+STAT_FIELDS = ('count', 'lost', 'min_us', 'max_us', 'mean_us', 'stdev_us',
+               'p50_us', 'p90_us', 'p99_us')
+DIRECTIONS = ('ingress', 'egress', 'turnaround')
+
+
+def stats_to_dict(stats):
+    """A :class:`latency.DirectionStats` as a plain dict (for JSON)."""
+    out = {f: getattr(stats, f) for f in STAT_FIELDS}
+    out['loss_pct'] = stats.loss_pct
+    return out
+
+
+def report_to_dict(report):
+    """A :class:`latency.LatencyReport` as a plain dict (for JSON)."""
+    out = {'vnic': report.vnic, 'pif': report.pif,
+           'protocol': report.protocol, 'sent': report.sent,
+           'unseen_at_pif': report.unseen_at_pif, 'late': report.late,
+           'filtered': report.filtered}
+    for direction in DIRECTIONS:
+        out[direction] = stats_to_dict(getattr(report, direction))
+    out['hops'] = [{'src': h.src, 'dst': h.dst,
+                    **stats_to_dict(h.stats)} for h in report.hops]
+    return out
+
+
+def seed_summary(stats):
+    """The seed's ``{'average','minimum','maximum','stdev'}`` (µs)."""
+    return {'average': stats.mean_us, 'minimum': stats.min_us,
+            'maximum': stats.max_us, 'stdev': stats.stdev_us}
+
+
+def _fmt(value, width=9):
+    if value is None:
+        return '-'.rjust(width)
+    if isinstance(value, float):
+        return f'{value:{width}.1f}'
+    return f'{value:{width}d}'
+
+
+def format_table(reports, capture=None, title=None):
+    """A readable table: one block per vNIC, one row per direction.
+
+    :param reports: ``{name: LatencyReport}`` (name is shown as given)
+    :param capture: optional :class:`capture.CaptureStats`
+    """
+    lines = []
+    if title:
+        lines.append(title)
+    head = ('vnic/direction'.ljust(28) + ''.join(
+        h.rjust(9) for h in ('count', 'lost', 'min', 'mean', 'stdev',
+                             'p50', 'p90', 'p99', 'max')))
+    lines.append(head + '   (µs)')
+    lines.append('-' * len(head))
+    for name, rep in reports.items():
+        lines.append(f'{name}  (pif {rep.pif}, {rep.protocol}, '
+                     f'{rep.sent} sent, {rep.unseen_at_pif} not received '
+                     'on the pif)')
+        rows = [(d, getattr(rep, d)) for d in DIRECTIONS]
+        rows += [(f'  {h.src}→{h.dst}', h.stats) for h in rep.hops]
+        for label, s in rows:
+            lines.append(('  ' + label).ljust(28) + ''.join(
+                _fmt(v) for v in (s.count, s.lost, s.min_us, s.mean_us,
+                                  s.stdev_us, s.p50_us, s.p90_us, s.p99_us,
+                                  s.max_us)))
+        if rep.filtered:
+            lines.append('  ! probes reached the pif but none reached the '
+                         'vif: filtered before the tap (security group or '
+                         'port security?)')
+        elif rep.sent and rep.entered_pif == 0:
+            lines.append('  ! no probe was received on the pif: the probe '
+                         'source does not send through the physical '
+                         'network; configure a probe source outside the '
+                         'host')
+    if capture is not None:
+        lines.append(f'capture: {capture.packets} packets passed the '
+                     f'filter, {capture.drops} dropped by the kernel, '
+                     f'{capture.probes} probe sightings')
+    return '\n'.join(lines)
+
+
+def to_jsonable(obj):
+    """Dataclasses (reports, stats, capture stats) as plain structures."""
+    if isinstance(obj, latency.LatencyReport):
+        return report_to_dict(obj)
+    if isinstance(obj, latency.DirectionStats):
+        return stats_to_dict(obj)
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
