@@ -39,6 +39,7 @@ PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 SO_TIMESTAMPNS = 35
 SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
 PACKET_OUTGOING = 4
 
 # Direction column values.
@@ -197,7 +198,7 @@ def open_packet_socket(netns_name=None, protocol='icmp'):
         _attach_filter(sock, bpf_filter(protocol))
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE,
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
                             RCVBUF_BYTES)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
