@@ -1,0 +1,193 @@
+"""The matcher, fed sightings by hand: exact reports, whatever the order."""
+
+import random
+
+import pytest
+
+from netweaver_agent import capture
+from netweaver_agent import latency
+from netweaver_agent import probe
+
+SESSION = 4242
+US = 1000  # ns
+
+
+def sighting(seq, ifname, t_ns, reply=False, direction=capture.DIR_IN):
+    return capture.Sighting(probe.ProbeKey(SESSION, seq, reply), ifname,
+                            t_ns, direction)
+
+
+def one_path_matcher(plan_seqs, timeout_ns=10_000 * US, hops=()):
+    spec = latency.PathSpec('tap0', ('eth0', *hops, 'tap0'))
+    return latency.Matcher(SESSION, [spec], {s: 'tap0' for s in plan_seqs},
+                           timeout_ns)
+
+
+def round_trip(seq, t0, ingress_ns, turnaround_ns, egress_ns):
+    """The four sightings of one answered probe."""
+    t_vif = t0 + ingress_ns
+    r_vif = t_vif + turnaround_ns
+    return [sighting(seq, 'eth0', t0),
+            sighting(seq, 'tap0', t_vif, direction=capture.DIR_OUT),
+            sighting(seq, 'tap0', r_vif, reply=True),
+            sighting(seq, 'eth0', r_vif + egress_ns, reply=True,
+                     direction=capture.DIR_OUT)]
+
+
+def test_exact_statistics_in_any_order():
+    rows = []
+    for seq, (ing, eg) in enumerate([(10, 2), (20, 4), (30, 6), (40, 8)]):
+        rows += round_trip(seq, 1_000_000_000 + seq * 1000 * US,
+                           ing * US, 50 * US, eg * US)
+    random.Random(7).shuffle(rows)
+    m = one_path_matcher(range(4))
+    for row in rows:
+        m.feed(row)
+    rep = m.reports()['tap0']
+    assert rep.sent == 4 and rep.unseen_at_pif == 0 and not rep.filtered
+    ing = rep.ingress
+    assert (ing.count, ing.lost) == (4, 0)
+    assert (ing.min_us, ing.max_us, ing.mean_us) == (10.0, 40.0, 25.0)
+    assert ing.p50_us == 25.0
+    assert ing.p90_us == pytest.approx(37.0)
+    assert ing.p99_us == pytest.approx(39.7)
+    assert ing.stdev_us == pytest.approx(12.909944487)
+    assert rep.egress.mean_us == 5.0 and rep.egress.count == 4
+    assert rep.turnaround.mean_us == 50.0
+
+
+def test_duplicates_keep_the_first_timestamp():
+    m = one_path_matcher([0])
+    for row in round_trip(0, 5_000 * US, 7 * US, 1 * US, 1 * US):
+        m.feed(row)
+    # The same probe seen again later on both interfaces changes nothing.
+    m.feed(sighting(0, 'eth0', 9_000 * US))
+    m.feed(sighting(0, 'tap0', 9_500 * US, direction=capture.DIR_OUT))
+    assert m.reports()['tap0'].ingress.mean_us == 7.0
+
+
+def test_missing_vif_sighting_is_lost_not_skipped():
+    m = one_path_matcher(range(10))
+    for seq in range(10):
+        m.feed(sighting(seq, 'eth0', seq * 1000 * US))
+        if seq % 5:
+            m.feed(sighting(seq, 'tap0', seq * 1000 * US + 12 * US))
+    rep = m.reports()['tap0']
+    assert (rep.ingress.count, rep.ingress.lost) == (8, 2)
+    assert rep.ingress.loss_pct == 20.0
+    assert not rep.filtered
+
+
+def test_all_lost_is_reported_as_filtered():
+    m = one_path_matcher(range(3))
+    for seq in range(3):
+        m.feed(sighting(seq, 'eth0', seq * US))
+    rep = m.reports()['tap0']
+    assert rep.filtered and rep.ingress.lost == 3 and rep.ingress.count == 0
+    assert rep.ingress.mean_us is None
+
+
+def test_late_sighting_counts_as_lost():
+    m = one_path_matcher([0, 1], timeout_ns=100 * US)
+    m.feed(sighting(0, 'eth0', 0))
+    m.feed(sighting(0, 'tap0', 50 * US))
+    m.feed(sighting(1, 'eth0', 0))
+    m.feed(sighting(1, 'tap0', 150 * US))
+    rep = m.reports()['tap0']
+    assert (rep.ingress.count, rep.ingress.lost, rep.late) == (1, 1, 1)
+
+
+def test_probe_sent_out_of_the_pif_does_not_count_as_ingress():
+    """The host's own outgoing copy on the pif is not a received probe."""
+    m = one_path_matcher([0])
+    m.feed(sighting(0, 'eth0', 0, direction=capture.DIR_OUT))
+    m.feed(sighting(0, 'tap0', 30 * US))
+    rep = m.reports()['tap0']
+    assert rep.unseen_at_pif == 1 and rep.ingress.count == 0
+    assert rep.entered_pif == 0
+
+
+def test_reply_received_on_the_pif_is_not_egress():
+    m = one_path_matcher([0])
+    for row in round_trip(0, 0, 5 * US, 5 * US, 5 * US)[:3]:
+        m.feed(row)
+    m.feed(sighting(0, 'eth0', 99 * US, reply=True,
+                    direction=capture.DIR_IN))
+    rep = m.reports()['tap0']
+    assert rep.egress.count == 0 and rep.egress.lost == 1
+
+
+def test_hops_in_path_order():
+    m = one_path_matcher([0, 1], hops=('br-int',))
+    for seq in (0, 1):
+        m.feed(sighting(seq, 'eth0', 0))
+        m.feed(sighting(seq, 'br-int', (3 + seq) * US))
+        m.feed(sighting(seq, 'tap0', (10 + seq) * US))
+    rep = m.reports()['tap0']
+    assert [(h.src, h.dst) for h in rep.hops] == [('eth0', 'br-int'),
+                                                  ('br-int', 'tap0')]
+    assert rep.hops[0].stats.mean_us == 3.5
+    assert rep.hops[1].stats.mean_us == 7.0
+    assert rep.ingress.mean_us == 10.5
+
+
+def test_foreign_sessions_sequences_and_interfaces_are_ignored():
+    m = one_path_matcher([0])
+    m.feed(capture.Sighting(probe.ProbeKey(SESSION + 1, 0), 'eth0', 0))
+    m.feed(sighting(77, 'eth0', 0))
+    m.feed(sighting(0, 'eth1', 0))
+    rep = m.reports()['tap0']
+    assert rep.unseen_at_pif == 1
+
+
+def test_two_vnics_are_kept_apart():
+    specs = [latency.PathSpec('tap0', ('eth0', 'tap0')),
+             latency.PathSpec('tap1', ('eth0', 'tap1'))]
+    m = latency.Matcher(SESSION, specs, {0: 'tap0', 1: 'tap1'}, 10**9)
+    m.feed(sighting(0, 'eth0', 0))
+    m.feed(sighting(0, 'tap0', 5 * US))
+    m.feed(sighting(1, 'eth0', 0))
+    m.feed(sighting(1, 'tap1', 9 * US))
+    # A probe showing up on the wrong tap is not counted for either.
+    m.feed(sighting(0, 'tap1', 1 * US))
+    reps = m.reports()
+    assert reps['tap0'].ingress.mean_us == 5.0
+    assert reps['tap1'].ingress.mean_us == 9.0
+
+
+def test_batch_and_objects_give_the_same_report():
+    rows = []
+    for seq in range(50):
+        rows += round_trip(seq, seq * 10**6, (seq % 7 + 1) * US, 20 * US,
+                           (seq % 3 + 1) * US)
+    batch = capture.SightingBatch(SESSION)
+    for row in rows:
+        batch.add(row)
+    a = one_path_matcher(range(50))
+    a.feed_batch(batch)
+    b = one_path_matcher(range(50))
+    for row in batch.sightings():
+        b.feed(row)
+    assert a.reports() == b.reports()
+
+
+def test_plan_for_unknown_vnic_is_an_error_naming_it():
+    with pytest.raises(ValueError, match='tap9'):
+        latency.Matcher(SESSION, [latency.PathSpec('tap0', ('e', 'tap0'))],
+                        {0: 'tap9'}, 1)
+
+
+def test_statistics_of_one_value_and_of_none():
+    one = latency.DirectionStats.from_ns([1500])
+    assert (one.min_us, one.max_us, one.stdev_us, one.p99_us) == (
+        1.5, 1.5, 0.0, 1.5)
+    none = latency.DirectionStats.from_ns([], lost=3)
+    assert none.count == 0 and none.lost == 3 and none.loss_pct == 100.0
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert latency.percentile(values, 50) == 3.0
+    assert latency.percentile(values, 90) == pytest.approx(4.6)
+    with pytest.raises(ValueError):
+        latency.percentile(values, 101)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install what netweaver-agent needs on a fresh Debian 12 machine, as root:
+# the kernel tools the lab and the tests drive (iproute2, iptables, tcpdump,
+# openssh-server, libvirt for its test:/// driver), the headers that
+# libvirt-python and NetfilterQueue build against, and a venv at .venv with
+# the package installed in editable mode.  Safe to run again: it only
+# installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 iptables tcpdump openssh-server openssh-client
+              libvirt0 libvirt-dev pkg-config gcc python3-dev
+              libnetfilter-queue-dev libnfnetlink-dev procps kmod hping3)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' \
+        || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bootstrap: these Debian packages are missing and installing" \
+             "them needs root: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.netweaver-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] \
+        || [ requirements.txt -nt "$stamp" ] \
+        || [ test-requirements.txt -nt "$stamp" ]; then
+    echo "bootstrap: installing Python packages into .venv"
+    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/pip install -q -r requirements.txt -r test-requirements.txt
+    .venv/bin/pip install -q --no-deps -e .
+    touch "$stamp"
+fi

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Build the namespace lab (a probe source, a hypervisor with a pif, a bridge
+# and one tap per guest, and two guests, one of them behind a 2 ms injected
+# delay), measure it, print the report and remove the lab.  Extra arguments
+# go to `netweaver lab` (see `netweaver lab --help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/bootstrap.sh
+exec .venv/bin/netweaver lab "$@"

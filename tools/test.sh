@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the whole test suite (unit and functional) on this machine, as root.
+# Functional tests build network namespaces, run ceilometer-polling, sshd
+# and tcpdump inside them, and remove everything they made.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/bootstrap.sh
+exec .venv/bin/python -m pytest "$@"
