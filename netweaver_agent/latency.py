@@ -108,6 +108,7 @@ class LatencyReport:
     hops: tuple = ()
     unseen_at_pif: int = 0
     late: int = 0
+    unknown: int = 0
 
     @property
     def filtered(self):
@@ -145,9 +146,13 @@ class Matcher:
         sequence numbers are ignored
     :param timeout_ns: a probe (or reply) later than this is lost
     :param protocol: recorded in the reports
+    :param capture_dropped: the capture lost packets in this window, so a
+        probe missing on the vif may have been dropped by the capture, not
+        by the host: such probes are counted as ``unknown``, never as lost
     """
 
-    def __init__(self, session, paths, plan, timeout_ns, protocol='icmp'):
+    def __init__(self, session, paths, plan, timeout_ns, protocol='icmp',
+                 capture_dropped=False):
         self.session = session
         self.paths = {p.vnic: p for p in paths}
         self.plan = dict(plan)
@@ -157,6 +162,7 @@ class Matcher:
                 f"probes planned for vNICs with no path: {sorted(unknown)}")
         self.timeout_ns = timeout_ns
         self.protocol = protocol
+        self.capture_dropped = capture_dropped
         # (seq, reply) -> {ifname: t_ns}
         self._seen = {}
 
@@ -205,7 +211,8 @@ class Matcher:
         pif, vif = path.pif, path.interfaces[-1]
         timeout = self.timeout_ns
         ingress, egress, turnaround = [], [], []
-        in_lost = eg_lost = unseen = late = 0
+        in_lost = eg_lost = unseen = late = unknown = 0
+        dropped = self.capture_dropped
         hops = list(zip(path.interfaces, path.interfaces[1:]))
         hop_values = [[] for _ in hops]
         hop_lost = [0] * len(hops)
@@ -218,7 +225,10 @@ class Matcher:
             if t_pif is None:
                 unseen += 1
             elif t_vif is None:
-                in_lost += 1
+                if dropped:
+                    unknown += 1
+                else:
+                    in_lost += 1
             elif t_vif - t_pif > timeout:
                 in_lost += 1
                 late += 1
@@ -236,7 +246,9 @@ class Matcher:
             r_vif = back.get(vif)
             r_pif = back.get(pif)
             if r_vif is not None:
-                if r_pif is None or r_pif - r_vif > timeout:
+                if r_pif is None and dropped:
+                    pass
+                elif r_pif is None or r_pif - r_vif > timeout:
                     eg_lost += 1
                 else:
                     egress.append(r_pif - r_vif)
@@ -251,4 +263,5 @@ class Matcher:
             ingress=DirectionStats.from_ns(ingress, in_lost),
             egress=DirectionStats.from_ns(egress, eg_lost),
             turnaround=DirectionStats.from_ns(turnaround),
-            hops=hop_stats, unseen_at_pif=unseen, late=late)
+            hops=hop_stats, unseen_at_pif=unseen, late=late,
+            unknown=unknown)

@@ -18,6 +18,19 @@ from netweaver_agent import sources
 
 LOG = log.getLogger(__name__)
 
+# CLOCK_REALTIME may be slewed by NTP (at most 500 ppm) but not stepped.
+CLOCK_STEP_TOLERANCE_NS = 1_000_000
+CLOCK_SLEW_PPM = 500
+
+
+class ClockStepError(RuntimeError):
+    """CLOCK_REALTIME stepped during a window: its timestamps are void."""
+
+
+def clock_offset_ns():
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns."""
+    return time.time_ns() - time.monotonic_ns()
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class WindowSettings:
@@ -76,6 +89,7 @@ def run_window(paths, source, settings=None, capture_netns=None,
         int(settings.per_vnic_interval_ms * 1e6),
         size=settings.size, port=settings.port)
     interfaces = {name for p in paths for name in p.interfaces}
+    offset_before = clock_offset_ns()
     started_ns = time.time_ns()
     t0 = time.monotonic()
     deadline = t0 + settings.max_window_ms / 1000.0
@@ -89,10 +103,20 @@ def run_window(paths, source, settings=None, capture_netns=None,
             remaining = max(0.0, deadline - time.monotonic())
             cap.settle(min(timeout_s, remaining), max_s=remaining)
     duration_ns = time.time_ns() - started_ns
+    step = clock_offset_ns() - offset_before
+    if abs(step) > (CLOCK_STEP_TOLERANCE_NS +
+                    duration_ns * CLOCK_SLEW_PPM // 1_000_000):
+        LOG.warning('Probe window %(session)d thrown away: the realtime '
+                    'clock stepped by %(step).3f ms during it',
+                    {'session': session, 'step': step / 1e6})
+        raise ClockStepError(
+            f"CLOCK_REALTIME stepped by {step / 1e6:.3f} ms during probe "
+            f"window {session}; its measurements are discarded")
     matcher = latency.Matcher(
         session, [p.spec() for p in paths],
         {seq: paths[i].vnic for seq, i in owner.items()},
-        int(settings.timeout_ms * 1e6), protocol=settings.protocol)
+        int(settings.timeout_ms * 1e6), protocol=settings.protocol,
+        capture_dropped=cap.stats.drops > 0)
     matcher.feed_batch(cap.batch)
     reports = matcher.reports()
     LOG.debug('Probe window %(session)d: %(sent)d probes to %(n)d vNICs in '

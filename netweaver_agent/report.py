@@ -25,6 +25,7 @@ def report_to_dict(report):
     out = {'vnic': report.vnic, 'pif': report.pif,
            'protocol': report.protocol, 'sent': report.sent,
            'unseen_at_pif': report.unseen_at_pif, 'late': report.late,
+           'unknown': report.unknown,
            'filtered': report.filtered}
     for direction in DIRECTIONS:
         out[direction] = stats_to_dict(getattr(report, direction))
@@ -72,6 +73,9 @@ def format_table(reports, capture=None, title=None):
                 _fmt(v) for v in (s.count, s.lost, s.min_us, s.mean_us,
                                   s.stdev_us, s.p50_us, s.p90_us, s.p99_us,
                                   s.max_us)))
+        if rep.unknown:
+            lines.append(f'  ! {rep.unknown} probes of unknown fate (the '
+                         'capture dropped packets): not counted as lost')
         if rep.filtered:
             lines.append('  ! probes reached the pif but none reached the '
                          'vif: filtered before the tap (security group or '

@@ -191,3 +191,14 @@ def test_percentile_interpolates_like_numpy():
     assert latency.percentile(values, 90) == pytest.approx(4.6)
     with pytest.raises(ValueError):
         latency.percentile(values, 101)
+
+
+def test_capture_drops_make_missing_probes_unknown_not_lost():
+    spec = latency.PathSpec('tap0', ('eth0', 'tap0'))
+    m = latency.Matcher(SESSION, [spec], {0: 'tap0', 1: 'tap0'}, 10**9,
+                        capture_dropped=True)
+    m.feed(sighting(0, 'eth0', 0))
+    m.feed(sighting(0, 'tap0', 4 * US))
+    m.feed(sighting(1, 'eth0', 0))
+    rep = m.reports()['tap0']
+    assert (rep.ingress.count, rep.ingress.lost, rep.unknown) == (1, 0, 1)
