@@ -1,0 +1,330 @@
+"""The seed's job, over SSH: probe one instance from a source VM, capture on
+its hypervisor's pif and vif, fetch both pcaps, analyse them.
+
+1. resolve the instance's vif on the hypervisor (XenServer ``xe``, then
+   libvirt ``virsh``), unless it is given;
+2. start ``tcpdump`` on the pif and on the vif (nanosecond timestamps,
+   filtered to the traffic between the probe source address and the
+   destination, bounded by a packet count and ``timeout``), and wait until
+   both are listening;
+3. send from the source host: our tagged probes (:class:`remote.SSHSource`)
+   or the operator's ``source_command`` (e.g. the seed's hping3);
+4. stop both captures, fetch the pcaps over SFTP (the remote temporary
+   directory is removed also on failure);
+5. analyse them with the same code as ``netweaver analyze``.
+"""
+
+import dataclasses
+import ipaddress
+import os
+import re
+import shlex
+import time
+
+from oslo_log import log
+
+from netweaver_agent import measure
+from netweaver_agent import probe
+from netweaver_agent import remote
+from netweaver_agent import sources
+
+LOG = log.getLogger(__name__)
+
+# The seed's source command, for reference (and the --source-command help).
+SEED_SOURCE_COMMAND = 'hping3 -c {count} -S -L 0 -Q --fast {destination}'
+PLACEHOLDERS = ('count', 'destination', 'source_ip')
+_PLACEHOLDER_RE = re.compile(r'\{([^{}]*)\}')
+_IFNAME_RE = re.compile(r'^[A-Za-z0-9_.:@-]{1,15}$')
+# Extra packets each capture may hold beyond one probe and one answer each.
+CAPTURE_MARGIN = 64
+SNAPLEN = 256
+
+
+class SeedJobError(RuntimeError):
+    """The seed's job could not be done; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SeedJob:
+    """What to measure, and how.  Times in seconds unless named ``_ms``."""
+
+    hypervisor: str
+    source: str
+    destination: str
+    instance: str | None = None
+    vif: str | None = None
+    interface: str = 'eth0'
+    vif_number: int = 0
+    count: int = 100
+    protocol: str = 'icmp'
+    interval_ms: float = 1.0
+    source_command: str | None = None
+    username: str = 'root'
+    hypervisor_port: int = 22
+    source_port: int = 22
+    libvirt_uri: str | None = None
+    capture_timeout_s: float = 60.0
+    settle_s: float = 0.5
+
+    def __post_init__(self):
+        try:
+            ipaddress.IPv4Address(self.destination)
+        except ValueError as exc:
+            raise ValueError(
+                f"destination {self.destination!r} is not an IPv4 "
+                "address") from exc
+        if (self.instance is None) == (self.vif is None):
+            raise ValueError("give exactly one of an instance name or a vif")
+        for name in ('interface', 'vif'):
+            value = getattr(self, name)
+            if value is not None and not _IFNAME_RE.match(value):
+                raise ValueError(f"{name} {value!r} is not an interface name")
+        if not 1 <= self.count <= 1_000_000:
+            raise ValueError(f"count {self.count!r} must be 1..1000000")
+        if self.vif_number < 0:
+            raise ValueError(f"vif number {self.vif_number!r} is negative")
+        if self.protocol not in probe.PROTOCOLS:
+            raise ValueError(f"unknown probe protocol {self.protocol!r}")
+        if self.source_command is not None:
+            source_argv(self.source_command, self.count, self.destination,
+                        '198.18.0.1')   # fail early on a bad template
+        if self.capture_timeout_s <= 0 or self.settle_s < 0:
+            raise ValueError("capture timeout must be > 0, settle >= 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SeedResult:
+    """What one run of the seed's job measured."""
+
+    job: SeedJob
+    pif: str
+    vif: str
+    source_ip: str
+    session: int | None
+    send: sources.SendResult | None
+    source_output: str
+    pif_pcap: str
+    vif_pcap: str
+    analysis: object    # analyze.Analysis
+
+
+def source_argv(template, count, destination, source_ip):
+    """``template`` split with shlex, placeholders filled per argument.
+
+    Only ``{count}``, ``{destination}`` and ``{source_ip}`` are known; the
+    result is an argument list, never given to a shell.
+    """
+    values = {'count': str(count), 'destination': destination,
+              'source_ip': source_ip}
+
+    def fill(match):
+        name = match.group(1)
+        if name not in values:
+            raise ValueError(
+                f"unknown placeholder {{{name}}} in source command "
+                f"{template!r}; known: "
+                f"{', '.join('{%s}' % p for p in PLACEHOLDERS)}")
+        return values[name]
+
+    try:
+        argv = shlex.split(template)
+    except ValueError as exc:
+        raise ValueError(
+            f"source command {template!r} cannot be split: {exc}") from exc
+    if not argv:
+        raise ValueError("source command is empty")
+    return [_PLACEHOLDER_RE.sub(fill, arg) for arg in argv]
+
+
+def parse_domiflist(text, vif_number, instance):
+    """The ``vif_number``-th interface of ``virsh domiflist`` output."""
+    rows = []
+    for line in text.splitlines():
+        cols = line.split()
+        if not cols or cols[0] == 'Interface' or set(line.strip()) == {'-'}:
+            continue
+        rows.append(cols[0])
+    if vif_number >= len(rows):
+        raise SeedJobError(
+            f"instance {instance!r} has {len(rows)} interfaces in virsh "
+            f"domiflist; vif number {vif_number} is not one of them")
+    name = rows[vif_number]
+    if name == '-' or not _IFNAME_RE.match(name):
+        raise SeedJobError(
+            f"interface {vif_number} of instance {instance!r} has no host "
+            f"device in virsh domiflist ({name!r})")
+    return name
+
+
+def _why(result):
+    if result.exit_status == 127:
+        return 'not installed (exit status 127)'
+    err = result.stderr.decode('utf-8', 'replace').strip()
+    return f'exit status {result.exit_status}: {err or "(no stderr)"}'
+
+
+def resolve_vif(host, instance, vif_number=0, libvirt_uri=None):
+    """The host netdev of ``instance``'s ``vif_number``-th vNIC.
+
+    XenServer first (``xe vm-list`` → ``vif<domid>.<n>``), then libvirt
+    (``virsh domiflist``).  The instance name is one argument of each
+    command, whatever it contains.
+    """
+    tried = []
+    xe = host.run(['xe', 'vm-list', f'name-label={instance}',
+                   'params=dom-id', '--minimal'], check=False)
+    if xe.exit_status == 0:
+        domid = xe.text.strip()
+        if not domid:
+            tried.append(f'xe: no VM named {instance!r}')
+        elif not domid.isdigit():
+            raise SeedJobError(
+                f"xe on {host.name}: VM {instance!r} has dom-id {domid!r} "
+                "(not running, or more than one VM of that name)")
+        else:
+            return f'vif{int(domid)}.{vif_number}'
+    else:
+        tried.append(f'xe: {_why(xe)}')
+    argv = ['virsh']
+    if libvirt_uri:
+        argv += ['-c', libvirt_uri]
+    argv += ['domiflist', '--domain', instance]
+    virsh = host.run(argv, check=False)
+    if virsh.exit_status == 0:
+        return parse_domiflist(virsh.text, vif_number, instance)
+    tried.append(f'virsh: {_why(virsh)}')
+    raise SeedJobError(
+        f"cannot find the vif of instance {instance!r} on {host.name}: "
+        f"{'; '.join(tried)}. Give the host device with --vif")
+
+
+def capture_filter(source_ip, destination):
+    """tcpdump filter: traffic between the two (validated) addresses."""
+    s = str(ipaddress.IPv4Address(source_ip))
+    d = str(ipaddress.IPv4Address(destination))
+    return (f'(src host {s} and dst host {d}) or '
+            f'(src host {d} and dst host {s})')
+
+
+def capture_argv(interface, path, count, timeout_s, bpf):
+    """One bounded tcpdump: ns timestamps, stays root, count and time."""
+    return ['timeout', '-s', 'INT', str(max(1, int(timeout_s + 0.999))),
+            'tcpdump', '-n', '-i', interface, '-w', path,
+            '--time-stamp-precision=nano', '-Z', 'root', '-s', str(SNAPLEN),
+            '-c', str(count), bpf]
+
+
+class Runner:
+    """Runs a :class:`SeedJob` with the given SSH options.
+
+    :param netns_name: open SSH connections from this namespace (lab)
+    """
+
+    def __init__(self, job, options=None, netns_name=None):
+        self.job = job
+        self.options = options or remote.SSHOptions()
+        self.netns_name = netns_name
+
+    def _host(self, host, port):
+        return remote.RemoteHost(host, port, self.job.username, self.options,
+                                 netns_name=self.netns_name)
+
+    def run(self, workdir):
+        """Measure; leave ``pif.pcap`` and ``vif.pcap`` in ``workdir``."""
+        job = self.job
+        hv = self._host(job.hypervisor, job.hypervisor_port)
+        if job.source_command is None:
+            src_source = remote.SSHSource(
+                job.source, job.source_port, job.username, self.options,
+                netns_name=self.netns_name)
+            src = src_source.remote
+        else:
+            src_source = None
+            src = self._host(job.source, job.source_port)
+        try:
+            vif = job.vif or resolve_vif(hv, job.instance, job.vif_number,
+                                         job.libvirt_uri)
+            source_ip = src.route_source(job.destination)
+            LOG.info('Measuring %(dst)s from %(src)s (%(sip)s): captures on '
+                     '%(pif)s and %(vif)s of %(hv)s',
+                     {'dst': job.destination, 'src': src.name,
+                      'sip': source_ip, 'pif': job.interface, 'vif': vif,
+                      'hv': hv.name})
+            pif_pcap = os.path.join(workdir, 'pif.pcap')
+            vif_pcap = os.path.join(workdir, 'vif.pcap')
+            session, sent, output = self._capture_and_send(
+                hv, src, src_source, vif, source_ip, pif_pcap, vif_pcap)
+        finally:
+            hv.close()
+            src.close()
+        from netweaver_agent import analyze   # helper H2's, landing soon
+        result = analyze.analyze_pcaps(
+            pif_pcap, vif_pcap, destination=job.destination,
+            session=session, protocol=job.protocol)
+        return SeedResult(job=job, pif=job.interface, vif=vif,
+                          source_ip=source_ip, session=session, send=sent,
+                          source_output=output, pif_pcap=pif_pcap,
+                          vif_pcap=vif_pcap, analysis=result)
+
+    def _capture_and_send(self, hv, src, src_source, vif, source_ip,
+                          pif_pcap, vif_pcap):
+        job = self.job
+        bpf = capture_filter(source_ip, job.destination)
+        limit = 2 * job.count + CAPTURE_MARGIN
+        with hv.tempdir() as tmp:
+            procs = []
+            try:
+                for iface, name in ((job.interface, 'pif'), (vif, 'vif')):
+                    # Outlives the sender's deadline by the settle time
+                    # and a margin; stopped earlier by SIGINT.
+                    procs.append(hv.start(capture_argv(
+                        iface, f'{tmp}/{name}.pcap', limit,
+                        job.capture_timeout_s + job.settle_s + 10, bpf)))
+                for proc in procs:
+                    proc.wait_for_stderr(b'listening on',
+                                         self.options.command_timeout_s)
+                session, sent, output = self._send(src, src_source,
+                                                   source_ip)
+                time.sleep(job.settle_s)
+                for proc in procs:
+                    proc.signal('INT')
+                for proc in procs:
+                    proc.wait(self.options.command_timeout_s, ok=(0, 124))
+                procs = []
+                hv.fetch(f'{tmp}/pif.pcap', pif_pcap)
+                hv.fetch(f'{tmp}/vif.pcap', vif_pcap)
+            finally:
+                for proc in procs:   # left running by a failure above
+                    try:
+                        proc.signal('TERM')
+                    except remote.RemoteError as exc:
+                        LOG.warning('Could not stop %(cmd)s: %(err)s',
+                                    {'cmd': proc.argv[4:6], 'err': exc})
+                    proc.close()
+        return session, sent, output
+
+    def _send(self, src, src_source, source_ip):
+        job = self.job
+        if src_source is None:
+            argv = source_argv(job.source_command, job.count,
+                               job.destination, source_ip)
+            budget = job.capture_timeout_s
+            result = src.run(argv, timeout_s=budget)
+            return None, None, result.text + result.stderr.decode(
+                'utf-8', 'replace')
+        session = measure.new_session()
+        plan, _ = sources.interleaved_plan(
+            session, job.protocol, [job.destination], job.count,
+            int(job.interval_ms * 1e6))
+        deadline = time.monotonic() + job.capture_timeout_s
+        sent = src_source.send(plan, deadline)
+        if sent.failed:
+            LOG.warning('%(n)d probes failed to send from %(src)s: %(err)s',
+                        {'n': sent.failed, 'src': src.name,
+                         'err': '; '.join(sent.errors)})
+        return session, sent, ''
+
+
+def run(job, workdir, options=None, netns_name=None):
+    """Run ``job``; the pcaps stay in ``workdir``.  See :class:`Runner`."""
+    return Runner(job, options, netns_name).run(workdir)
