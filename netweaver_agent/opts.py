@@ -1,0 +1,111 @@
+"""Every option of netweaver-agent, and ``list_opts()`` for the generator.
+
+All options live in the ``[netweaver]`` group of the Ceilometer polling
+agent's configuration file.  ``oslo-config-generator`` finds them through
+the ``oslo.config.opts`` entry point ``netweaver_agent``; the pollsters
+register them with :func:`register_opts` when the agent loads them.
+"""
+
+import itertools
+
+from oslo_config import cfg
+
+GROUP = 'netweaver'
+
+PROTOCOLS = ('icmp', 'udp', 'tcp')
+
+OPTS = [
+    cfg.StrOpt('probe_source',
+               default='local',
+               help="Where probes are sent from. 'local': this host's own "
+                    "stack (valid only where routing takes them out and "
+                    "back in through the pif); 'netns:NAME': a network "
+                    "namespace attached to the physical network; "
+                    "'ssh://user@host[:port]': a remote host on the "
+                    "physical network, over SSH (see the ssh_* options). "
+                    "Ingress latency is only real when probes enter the "
+                    "host through the pif."),
+    cfg.StrOpt('probe_protocol',
+               default='icmp',
+               choices=[('icmp', 'ICMP echo requests; the guest answers '
+                                 'echo replies'),
+                        ('udp', 'UDP datagrams to probe_port; a closed '
+                                'port answers ICMP port unreachable'),
+                        ('tcp', 'TCP SYN to probe_port; the guest answers '
+                                'SYN-ACK or RST')],
+               help='Protocol of the probes. Choose one that the '
+                    "instances' security groups let in."),
+    cfg.PortOpt('probe_port',
+                help='Destination port of UDP and TCP probes. Unset: the '
+                     "probe module's default port."),
+    cfg.IntOpt('probe_count',
+               default=20, min=1, max=10000,
+               help='Probes sent to each vNIC in one polling cycle.'),
+    cfg.FloatOpt('probe_interval_ms',
+                 default=1.0, min=0.01, max=1000.0,
+                 help='Spacing between two consecutive probes of a window '
+                      '(all vNICs interleaved), in milliseconds.'),
+    cfg.FloatOpt('per_vnic_interval_ms',
+                 default=0.0, min=0.0, max=60000.0,
+                 help='Minimum spacing between two probes to the same '
+                      'vNIC, in milliseconds (the window stretches to '
+                      'honour it). 0: only probe_interval_ms applies.'),
+    cfg.FloatOpt('probe_timeout_ms',
+                 default=200.0, min=1.0, max=10000.0,
+                 help='A probe not seen on the vif (or a reply not seen '
+                      'on the pif) this long after it was seen on the '
+                      'other side is counted lost, in milliseconds.'),
+    cfg.FloatOpt('max_window_ms',
+                 default=10000.0, min=10.0, max=300000.0,
+                 help='Upper bound of one probe window (all vNICs of the '
+                      'host), in milliseconds. Probes not sent by then are '
+                      'dropped from the window. Keep it well below the '
+                      'polling interval.'),
+    cfg.IntOpt('probe_size',
+               default=64, min=64, max=1500,
+               help='Total IP length of a probe, in bytes.'),
+    cfg.StrOpt('pif',
+               help='Host netdev where probes enter the host (e.g. eth1, '
+                    'bond0). Unset: found per vNIC from sysfs, as the one '
+                    "port of the vif's bridge that is not itself a vif "
+                    '(see vif_prefixes).'),
+    cfg.ListOpt('vif_prefixes',
+                default=['tap', 'vif', 'vnet', 'macvtap'],
+                help='Name prefixes of instance vifs. Bridge ports with '
+                     'these prefixes are never taken as the pif.'),
+    cfg.StrOpt('vif_resolver',
+               default='libvirt',
+               help="How a vNIC of the libvirt inspector maps to its host "
+                    "netdev: 'libvirt' (the interface's target dev), 'xen' "
+                    "(vif<domid>.<n>), or the name of another extension "
+                    "in the 'netweaver_agent.vif_resolvers' entry point "
+                    "namespace."),
+    cfg.StrOpt('capture_netns',
+               help='Network namespace holding the host interfaces (pif '
+                    'and vifs) where probes are captured. Lab use only: '
+                    'on a real compute host leave it unset. Needs '
+                    'CAP_SYS_ADMIN to enter.'),
+]
+
+
+def _remote_opts():
+    try:
+        from netweaver_agent import remote
+    except ImportError:  # remote sources are optional
+        return []
+    return list(getattr(remote, 'OPTS', []))
+
+
+def all_opts():
+    """Every option of the ``[netweaver]`` group."""
+    return list(itertools.chain(OPTS, _remote_opts()))
+
+
+def register_opts(conf):
+    """Register the ``[netweaver]`` options on ``conf`` (idempotent)."""
+    conf.register_opts(all_opts(), group=GROUP)
+
+
+def list_opts():
+    """The options, as ``oslo-config-generator`` wants them."""
+    return [(GROUP, all_opts())]

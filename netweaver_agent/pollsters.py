@@ -1,0 +1,441 @@
+"""Ceilometer compute pollsters: in-host latency of every vNIC, as gauges.
+
+One probe window per polling cycle measures all vNICs of the host
+together; every meter of the cycle reads it from Ceilometer's ``cache``
+(under :data:`CACHE_KEY`, behind a lock, since ``[polling]
+threads_to_process_pollsters`` may run pollsters in parallel threads on
+one cache).  Each meter is a small subclass of :class:`VifLatencyBase`
+naming the statistic it publishes; everything else a window measured
+goes into ``resource_metadata``, with the same keys on every sample.
+
+Resource ids and vNIC metadata are those of Ceilometer's own
+``NetworkPollster`` for the same vNIC, so latency joins
+``network.incoming.bytes`` and friends.  vNICs are listed with
+``LibvirtInspector.inspect_vnics`` on an inspector of our own: the shared
+one keeps per-tap counters for the ``*.delta`` meters, which an extra
+call would cut short.
+"""
+
+import dataclasses
+import functools
+import threading
+import time
+
+from ceilometer.compute import pollsters as compute_pollsters
+from ceilometer.compute.pollsters import net
+from ceilometer.compute.pollsters import util
+from ceilometer.compute.virt import inspector as virt_inspector
+from ceilometer.polling import plugin_base
+from ceilometer import sample
+from oslo_log import log
+
+from netweaver_agent import capture
+from netweaver_agent import measure
+from netweaver_agent import netns
+from netweaver_agent import opts
+from netweaver_agent import sources
+from netweaver_agent import topology
+
+LOG = log.getLogger(__name__)
+
+CACHE_KEY = 'netweaver_agent.probe_window'
+_CYCLE_LOCK = threading.Lock()
+_PROBER_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VnicMeasurement:
+    """One vNIC of one window: the inspector's view and the report."""
+
+    instance_id: str
+    stats: virt_inspector.InterfaceStats
+    path: topology.VifPath
+    report: object          # latency.LatencyReport
+    metadata: dict          # our resource_metadata keys
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CycleWindow:
+    """What one probe window gave the pollsters of a cycle."""
+
+    instance_ids: frozenset
+    measurements: tuple = ()
+    permanent_error: str | None = None
+    polled_at: float = 0.0
+
+
+class CycleCache:
+    """The windows of one polling cycle, kept in Ceilometer's cache."""
+
+    def __init__(self):
+        self.windows = []
+
+    def covered(self):
+        return set().union(*(w.instance_ids for w in self.windows))
+
+    def permanent_error(self):
+        for w in self.windows:
+            if w.permanent_error:
+                return w.permanent_error
+        return None
+
+    def for_instance(self, instance_id):
+        for w in self.windows:
+            for m in w.measurements:
+                if m.instance_id == instance_id:
+                    yield w, m
+
+
+def _stats_dict(stats):
+    return dataclasses.asdict(stats)
+
+
+def latency_metadata(report, path, window, source_name):
+    """Our resource_metadata keys for one vNIC (the same every time)."""
+    return {
+        'probe_protocol': report.protocol,
+        'probe_source': source_name,
+        'probe_address': path.address,
+        'probe_sent': report.sent,
+        'probe_unseen_at_pif': report.unseen_at_pif,
+        'probe_late': report.late,
+        'probe_unknown': report.unknown,
+        'probe_filtered': report.filtered,
+        'pif': report.pif,
+        'vif': path.vnic,
+        'latency_ingress': _stats_dict(report.ingress),
+        'latency_egress': _stats_dict(report.egress),
+        'latency_turnaround': _stats_dict(report.turnaround),
+        'latency_hops': [{'src': h.src, 'dst': h.dst,
+                          **_stats_dict(h.stats)} for h in report.hops],
+        'capture_drops': window.capture.drops,
+        'window_session': window.session,
+        'window_ms': window.duration_ns / 1e6,
+    }
+
+
+def _source(conf):
+    """The probe source of ``[netweaver] probe_source``."""
+    spec = conf[opts.GROUP].probe_source
+    if spec and spec.startswith('ssh://'):
+        from netweaver_agent import remote
+        return sources.parse_source(
+            spec, options=remote.SSHOptions.from_conf(conf))
+    return sources.parse_source(spec)
+
+
+def window_settings(conf):
+    """:class:`measure.WindowSettings` from ``[netweaver]``."""
+    group = conf[opts.GROUP]
+    return measure.WindowSettings(
+        protocol=group.probe_protocol, count=group.probe_count,
+        interval_ms=group.probe_interval_ms,
+        per_vnic_interval_ms=group.per_vnic_interval_ms,
+        timeout_ms=group.probe_timeout_ms,
+        max_window_ms=group.max_window_ms, size=group.probe_size,
+        port=group.probe_port)
+
+
+def _open_rule(protocol, port, source_name):
+    if protocol == 'icmp':
+        what = 'ICMP echo request'
+        cli = '--protocol icmp'
+    else:
+        what = f'{protocol.upper()} to port {port or "(default)"}'
+        cli = f'--protocol {protocol} --dst-port {port or "<port>"}'
+    return (f'allow {what} from the probe source ({source_name}) in the '
+            f"instance's security group, e.g. 'openstack security group "
+            f"rule create --ingress {cli} --remote-ip <source address> "
+            f"<group>'")
+
+
+class Prober:
+    """Lists the host's vNICs, probes them in one window, per cycle.
+
+    One per agent process, shared by every meter of this module.
+    """
+
+    def __init__(self, conf):
+        self.conf = conf
+        group = conf[opts.GROUP]
+        self.group = group
+        self.settings = window_settings(conf)
+        self.resolver = topology.load_resolver(group.vif_resolver)
+        self.source = _source(conf)
+        self.sysfs_root = topology.SYSFS_NET
+        self.inspector = self._new_inspector(conf)
+        self._reported = set()
+
+    @staticmethod
+    def _new_inspector(conf):
+        from ceilometer.compute.virt.libvirt import inspector
+        from netweaver_agent import labvirt
+        labvirt.quiet_libvirt()
+        return inspector.LibvirtInspector(conf)
+
+    def links(self):
+        if self.group.capture_netns:
+            return topology.IpLinks(self.group.capture_netns)
+        return topology.SysfsLinks(self.sysfs_root)
+
+    def domain(self, instance):
+        """The :class:`topology.DomainInfo` of an instance."""
+        dom = self.inspector.connection.lookupByUUIDString(instance.id)
+        try:
+            domid = dom.ID()
+        except Exception:
+            domid = None
+        return topology.parse_domain(dom.XMLDesc(0), domid)
+
+    def _once(self, key, message, args):
+        if key in self._reported:
+            LOG.debug(message, args)
+        else:
+            self._reported.add(key)
+            LOG.warning(message, args)
+
+    def cycle(self, cache, instances):
+        """The cycle's windows, measuring instances not yet covered."""
+        with _CYCLE_LOCK:
+            entry = cache.get(CACHE_KEY)
+            if entry is None:
+                entry = cache[CACHE_KEY] = CycleCache()
+            covered = entry.covered()
+            missing = [i for i in instances if i.id not in covered]
+            if missing:
+                entry.windows.append(self.measure(missing))
+            return entry
+
+    def paths(self, instances):
+        """``[(instance, InterfaceStats, VifPath)]`` of measurable vNICs."""
+        links = self.links()
+        neighbours = functools.cache(functools.partial(
+            topology.read_neighbours, self.group.capture_netns))
+        found = []
+        seen_vifs = set()
+        for instance in instances:
+            try:
+                vnics = list(self.inspector.inspect_vnics(instance, None))
+                domain = self.domain(instance)
+            except (virt_inspector.InstanceNotFoundException,
+                    virt_inspector.InstanceShutOffException) as exc:
+                LOG.debug('Instance %(id)s not probed: %(exc)s',
+                          {'id': instance.id, 'exc': exc})
+                continue
+            except Exception as exc:
+                LOG.warning('Cannot list the vNICs of instance %(id)s: '
+                            '%(exc)s', {'id': instance.id, 'exc': exc})
+                continue
+            listed = set()
+            for stats in vnics:
+                iface = domain.interface(target=stats.name, mac=stats.mac)
+                if iface is None:
+                    LOG.warning('vNIC %(vnic)s of instance %(id)s is not in '
+                                'its domain XML; not probed',
+                                {'vnic': stats.name, 'id': instance.id})
+                    continue
+                listed.add(iface.index)
+                try:
+                    path = topology.resolve(
+                        domain, iface, self.resolver, links,
+                        vif_prefixes=self.group.vif_prefixes,
+                        pif=self.group.pif, neighbours=neighbours)
+                except topology.NotMeasurable as exc:
+                    self._once(('unmeasurable', instance.id, iface.mac),
+                               'Instance %(id)s: %(exc)s',
+                               {'id': instance.id, 'exc': exc})
+                    continue
+                except topology.TopologyError as exc:
+                    LOG.warning('vNIC %(vnic)s of instance %(id)s not '
+                                'probed: %(exc)s',
+                                {'vnic': stats.name, 'id': instance.id,
+                                 'exc': exc})
+                    continue
+                if path.vnic in seen_vifs:
+                    LOG.warning('vif %(vif)s of instance %(id)s is listed '
+                                'twice; probed once',
+                                {'vif': path.vnic, 'id': instance.id})
+                    continue
+                seen_vifs.add(path.vnic)
+                found.append((instance, stats, path))
+            for iface in domain.interfaces:
+                reason = iface.unmeasurable_reason
+                if iface.index not in listed and reason:
+                    self._once(('unmeasurable', instance.id, iface.mac),
+                               'Instance %(id)s: vNIC %(mac)s is %(why)s; '
+                               'in-host latency is not measurable',
+                               {'id': instance.id, 'mac': iface.mac,
+                                'why': reason})
+        return found
+
+    def measure(self, instances):
+        """One window for every measurable vNIC of ``instances``."""
+        ids = frozenset(i.id for i in instances)
+        found = self.paths(instances)
+        if not found:
+            return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
+        try:
+            window = measure.run_window(
+                [p for _, _, p in found], self.source, self.settings,
+                capture_netns=self.group.capture_netns)
+        except capture.CapturePermissionError as exc:
+            return self._permanent(ids, exc)
+        except sources.SourceError as exc:
+            if isinstance(exc.__cause__, PermissionError):
+                return self._permanent(ids, exc)
+            LOG.error('Probe source %(src)s failed; no latency this cycle: '
+                      '%(exc)s', {'src': self.source.name, 'exc': exc})
+            return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
+        except (capture.CaptureError, measure.ClockStepError,
+                netns.NetnsError, OSError, ValueError) as exc:
+            LOG.error('Probe window for %(n)d vNICs failed; no latency '
+                      'this cycle: %(exc)s', {'n': len(found), 'exc': exc})
+            return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
+        polled_at = time.monotonic()
+        LOG.info('Probe window %(session)d: %(vnics)d vNICs of %(inst)d '
+                 'instances, %(sent)d probes in %(ms).1f ms',
+                 {'session': window.session, 'vnics': len(found),
+                  'inst': len(instances), 'sent': window.send.sent,
+                  'ms': window.duration_ns / 1e6})
+        measurements = []
+        for instance, stats, path in found:
+            report = window.reports.get(path.vnic)
+            if report is None:
+                continue
+            self._explain(instance, path, report)
+            measurements.append(VnicMeasurement(
+                instance_id=instance.id, stats=stats, path=path,
+                report=report,
+                metadata=latency_metadata(report, path, window,
+                                          self.source.name)))
+        return CycleWindow(instance_ids=ids, measurements=tuple(measurements),
+                           polled_at=polled_at)
+
+    def _explain(self, instance, path, report):
+        """Log why a vNIC got no latency, naming instance and vNIC."""
+        args = {'id': instance.id, 'vif': path.vnic, 'pif': path.pif,
+                'addr': path.address, 'sent': report.sent,
+                'entered': report.entered_pif, 'src': self.source.name}
+        if report.filtered:
+            args['rule'] = _open_rule(report.protocol, self.settings.port,
+                                      self.source.name)
+            LOG.warning('Instance %(id)s vNIC %(vif)s: %(entered)d probes to '
+                        '%(addr)s entered through %(pif)s and none reached '
+                        'the tap: they were filtered before the tap (security '
+                        'group / port security), not lost in the host. To '
+                        'measure, %(rule)s.', args)
+        elif report.entered_pif == 0:
+            LOG.warning('Instance %(id)s vNIC %(vif)s: none of %(sent)d '
+                        'probes to %(addr)s entered the host through pif '
+                        '%(pif)s; they do not come from the physical network '
+                        '(probe source %(src)s). Set [netweaver] '
+                        'probe_source to a host on the physical network, or '
+                        'pif to where they enter.', args)
+        elif report.ingress.count == 0:
+            LOG.warning('Instance %(id)s vNIC %(vif)s: no probe reached '
+                        'the tap', args)
+
+    def _permanent(self, ids, exc):
+        LOG.error('netweaver latency pollsters disabled: %(exc)s. The '
+                  'polling agent needs CAP_NET_RAW (and CAP_NET_ADMIN for '
+                  'the capture buffer) to capture probes.', {'exc': exc})
+        return CycleWindow(instance_ids=ids, permanent_error=str(exc),
+                           polled_at=time.monotonic())
+
+
+class VifLatencyBase(compute_pollsters.GenericComputePollster):
+    """Base of every latency meter: one shared window per cycle.
+
+    A meter names the direction and the statistic of
+    :class:`latency.DirectionStats` it publishes.
+    """
+
+    sample_type = sample.TYPE_GAUGE
+    sample_unit = 'us'
+    direction = 'ingress'
+    statistic = 'mean_us'
+
+    _prober = None
+
+    def setup_environment(self):
+        super().setup_environment()
+        opts.register_opts(self.conf)
+        self.prober = self._get_prober(self.conf)
+
+    @classmethod
+    def _get_prober(cls, conf):
+        with _PROBER_LOCK:
+            if VifLatencyBase._prober is None:
+                VifLatencyBase._prober = Prober(conf)
+            return VifLatencyBase._prober
+
+    def volume(self, report):
+        """This meter's value from a report, or None for no sample."""
+        return getattr(getattr(report, self.direction), self.statistic)
+
+    def get_samples(self, manager, cache, resources):
+        entry = self.prober.cycle(cache, resources)
+        error = entry.permanent_error()
+        if error:
+            raise plugin_base.PollsterPermanentError(resources)
+        for instance in resources:
+            for window, m in entry.for_instance(instance.id):
+                volume = self.volume(m.report)
+                if volume is None:
+                    LOG.debug('%(name)s: no value for vNIC %(vif)s of '
+                              'instance %(id)s this cycle',
+                              {'name': self.sample_name,
+                               'vif': m.path.vnic, 'id': instance.id})
+                    continue
+                metadata = net.NetworkPollster.get_additional_metadata(
+                    instance, m.stats)
+                metadata.update(m.metadata)
+                yield util.make_sample_from_instance(
+                    self.conf, instance, name=self.sample_name,
+                    type=self.sample_type, unit=self.sample_unit,
+                    volume=volume,
+                    resource_id=net.NetworkPollster.get_resource_id(
+                        instance, m.stats),
+                    additional_metadata=metadata,
+                    monotonic_time=window.polled_at)
+
+
+class VifLatencyPollster(VifLatencyBase):
+    sample_name = 'network.vif.latency'
+    direction = 'ingress'
+    statistic = 'mean_us'
+
+
+class VifLatencyP50Pollster(VifLatencyBase):
+    sample_name = 'network.vif.latency.p50'
+    direction = 'ingress'
+    statistic = 'p50_us'
+
+
+class VifLatencyP99Pollster(VifLatencyBase):
+    sample_name = 'network.vif.latency.p99'
+    direction = 'ingress'
+    statistic = 'p99_us'
+
+
+class VifLatencyMaxPollster(VifLatencyBase):
+    sample_name = 'network.vif.latency.max'
+    direction = 'ingress'
+    statistic = 'max_us'
+
+
+class VifOutgoingLatencyPollster(VifLatencyBase):
+    sample_name = 'network.vif.outgoing.latency'
+    direction = 'egress'
+    statistic = 'mean_us'
+
+
+class VifProbeLossPollster(VifLatencyBase):
+    sample_name = 'network.vif.probe.loss'
+    sample_unit = '%'
+    statistic = 'loss_pct'
+
+    def volume(self, report):
+        if report.filtered:
+            return None
+        return super().volume(report)

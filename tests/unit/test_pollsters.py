@@ -1,0 +1,493 @@
+"""The latency pollsters, in Ceilometer's own pollster-test style.
+
+The libvirt inspector is a fake (vNICs and domain XML from
+:mod:`netweaver_agent.labvirt`), sysfs is a small tree of real files and
+links, and the probe window is patched to return canned
+:class:`latency.LatencyReport` s: no sockets.  The real agent runs in
+``tests/functional/test_agent.py``.
+"""
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from unittest import mock
+from xml.etree import ElementTree
+
+import fixtures
+import stevedore
+
+from ceilometer.compute.pollsters import net
+from ceilometer.compute.virt import inspector as virt_inspector
+from ceilometer.polling import manager
+from ceilometer.polling import plugin_base
+from ceilometer.tests.unit.compute.pollsters import base
+
+from netweaver_agent import capture
+from netweaver_agent import labvirt
+from netweaver_agent import latency
+from netweaver_agent import measure
+from netweaver_agent import pollsters
+from netweaver_agent import sources
+
+METERS = {
+    'network.vif.latency': (pollsters.VifLatencyPollster, 'us'),
+    'network.vif.latency.p50': (pollsters.VifLatencyP50Pollster, 'us'),
+    'network.vif.latency.p99': (pollsters.VifLatencyP99Pollster, 'us'),
+    'network.vif.latency.max': (pollsters.VifLatencyMaxPollster, 'us'),
+    'network.vif.outgoing.latency':
+        (pollsters.VifOutgoingLatencyPollster, 'us'),
+    'network.vif.probe.loss': (pollsters.VifProbeLossPollster, '%'),
+}
+INSTANCE_ID = '3f2d6c1e-8a4b-4c5d-9e6f-7a8b9c0d1e2f'
+PORT_B = 'bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb'
+TAP_B = 'tap' + PORT_B[:11]
+
+
+def stats(ingress_ns, lost=0):
+    return latency.DirectionStats.from_ns(ingress_ns, lost)
+
+
+def report(vnic, ingress_ns=(), lost=0, egress_ns=(), unseen=0,
+           hops=()):
+    return latency.LatencyReport(
+        vnic=vnic, pif='eth1', protocol='icmp',
+        sent=len(ingress_ns) + lost + unseen,
+        ingress=stats(list(ingress_ns), lost),
+        egress=stats(list(egress_ns)), turnaround=stats([]),
+        hops=hops, unseen_at_pif=unseen)
+
+
+class FakeDomain:
+    def __init__(self, xml, domid=1):
+        self.xml = xml
+        self.domid = domid
+
+    def XMLDesc(self, flags=0):
+        return self.xml
+
+    def ID(self):
+        return self.domid
+
+
+class FakeInspector:
+    """``inspect_vnics`` and a connection serving domain XML."""
+
+    def __init__(self):
+        self.vnics = {}
+        self.domains = {}
+        self.calls = 0
+        self.errors = {}
+        self.connection = mock.Mock()
+        self.connection.lookupByUUIDString.side_effect = self.domains.get
+
+    def add(self, instance_id, guests, extra_interfaces=''):
+        """One domain whose vNICs are those of ``guests``."""
+        dom = labvirt.domain_element(guests[0])
+        nova = '{%s}' % labvirt.NOVA_NS
+        ports = dom.find(f'metadata/{nova}instance/{nova}ports')
+        for g in guests[1:]:
+            other = labvirt.domain_element(g)
+            dom.find('devices').append(other.find('devices/interface'))
+            ports.append(other.find(
+                f'metadata/{nova}instance/{nova}ports/{nova}port'))
+        xml = ElementTree.tostring(dom, encoding='unicode')
+        if extra_interfaces:
+            xml = xml.replace('</devices>', extra_interfaces + '</devices>')
+        self.domains[instance_id] = FakeDomain(xml)
+        self.vnics[instance_id] = [
+            virt_inspector.InterfaceStats(
+                name=g.tap, mac=g.mac,
+                fref=g.filter_name if g.filterref else None,
+                parameters=({'ip': g.address} if g.filterref else {}) |
+                {'interfaceid': None, 'bridge': g.bridge},
+                rx_bytes=1, rx_packets=2, rx_drop=3, rx_errors=4,
+                tx_bytes=5, tx_packets=6, tx_drop=7, tx_errors=8,
+                rx_bytes_delta=9, tx_bytes_delta=10)
+            for g in guests]
+
+    def inspect_vnics(self, instance, duration):
+        self.calls += 1
+        if instance.id in self.errors:
+            raise self.errors[instance.id]
+        return iter(self.vnics[instance.id])
+
+
+class FakeWindow:
+    """Stands in for :func:`measure.run_window`; counts its calls."""
+
+    def __init__(self, reports, delay_s=0.0, error=None):
+        self.reports = reports
+        self.delay_s = delay_s
+        self.error = error
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, paths, source, settings=None, capture_netns=None):
+        with self.lock:
+            self.calls.append(list(paths))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        return measure.WindowResult(
+            session=7, started_ns=1, duration_ns=2_500_000,
+            reports={p.vnic: self.reports[p.vnic] for p in paths
+                     if p.vnic in self.reports},
+            capture=capture.CaptureStats(packets=10, drops=0, probes=10,
+                                         foreign=0),
+            send=sources.SendResult(sent=10),
+            batch=capture.SightingBatch(7))
+
+
+class TestLatencyPollsters(base.TestPollsterBase):
+
+    def setUp(self):
+        super().setUp()
+        self.instance.id = INSTANCE_ID
+        self.fake = FakeInspector()
+        # The prober is one per process; every test gets a fresh one.
+        pollsters.VifLatencyBase._prober = None
+        self.addCleanup(setattr, pollsters.VifLatencyBase, '_prober', None)
+        self.useFixture(fixtures.MockPatchObject(
+            pollsters.Prober, '_new_inspector',
+            staticmethod(lambda conf: self.fake)))
+        self.sysfs = self.useFixture(fixtures.TempDir()).path
+        self.log = self.useFixture(fixtures.FakeLogger(
+            name='netweaver_agent', level=logging.DEBUG))
+        self.guests = [
+            labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                tap='tapaaa', mac='fa:16:3e:00:00:01',
+                                address='198.18.1.10', bridge='brq1'),
+            # No filterref: the address comes from the nova port whose
+            # uuid names the tap, as nova names taps.
+            labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                tap=TAP_B, mac='fa:16:3e:00:00:02',
+                                address='198.18.1.11', bridge='brq1',
+                                filterref=False, port_uuid=PORT_B),
+        ]
+        self.fake.add(INSTANCE_ID, self.guests)
+        self.sysfs_tree({'eth1': 'brq1', 'tapaaa': 'brq1',
+                         TAP_B: 'brq1', 'brq1': None})
+        self.window = FakeWindow({
+            'tapaaa': report('tapaaa', [10_000, 20_000, 30_000],
+                             lost=1, egress_ns=[5_000]),
+            TAP_B: report(TAP_B, [40_000, 60_000]),
+        })
+        self.run_window = self.useFixture(fixtures.MockPatch(
+            'netweaver_agent.measure.run_window',
+            side_effect=self.window)).mock
+
+    def sysfs_tree(self, masters):
+        for dev, master in masters.items():
+            os.makedirs(os.path.join(self.sysfs, dev), exist_ok=True)
+            if master:
+                link = os.path.join(self.sysfs, dev, 'master')
+                if os.path.lexists(link):
+                    os.unlink(link)
+                os.symlink(os.path.join('..', master), link)
+
+    def make(self, factory):
+        pollster = factory(self.CONF)
+        pollster.prober.sysfs_root = self.sysfs
+        return pollster
+
+    def samples(self, factory, cache=None, resources=None):
+        mgr = manager.AgentManager(0, self.CONF)
+        pollster = self.make(factory)
+        return list(pollster.get_samples(
+            mgr, {} if cache is None else cache,
+            resources or [self.instance]))
+
+    def by_tap(self, samples):
+        return {s.resource_metadata['vif']: s for s in samples}
+
+    # --- sample building -------------------------------------------------
+
+    def test_each_meter_publishes_its_statistic(self):
+        expected = {
+            'network.vif.latency': {'tapaaa': 20.0, TAP_B: 50.0},
+            'network.vif.latency.p50': {'tapaaa': 20.0, TAP_B: 50.0},
+            'network.vif.latency.p99': {'tapaaa': 29.8, TAP_B: 59.8},
+            'network.vif.latency.max': {'tapaaa': 30.0, TAP_B: 60.0},
+            'network.vif.outgoing.latency': {'tapaaa': 5.0},
+            'network.vif.probe.loss': {'tapaaa': 25.0, TAP_B: 0.0},
+        }
+        for name, (factory, unit) in METERS.items():
+            samples = self.by_tap(self.samples(factory))
+            self.assertEqual(set(expected[name]), set(samples), name)
+            for tap, volume in expected[name].items():
+                s = samples[tap]
+                self.assertEqual(name, s.name)
+                self.assertEqual('gauge', s.type)
+                self.assertEqual(unit, s.unit)
+                self.assertAlmostEqual(volume, s.volume, places=6)
+
+    def test_every_sample_has_the_same_metadata_keys(self):
+        keys = set()
+        count = 0
+        for factory, _ in METERS.values():
+            for s in self.samples(factory):
+                count += 1
+                keys.add(frozenset(s.resource_metadata))
+                for direction in ('latency_ingress', 'latency_egress',
+                                  'latency_turnaround'):
+                    self.assertEqual(
+                        {'count', 'lost', 'min_us', 'max_us', 'mean_us',
+                         'stdev_us', 'p50_us', 'p90_us', 'p99_us'},
+                        set(s.resource_metadata[direction]))
+        self.assertEqual(11, count)
+        self.assertEqual(1, len(keys))
+        key_set = next(iter(keys))
+        for key in ('probe_protocol', 'capture_drops', 'latency_hops',
+                    'pif', 'vif', 'probe_address', 'mac', 'fref',
+                    'vnic_name', 'parameters'):
+            self.assertIn(key, key_set)
+
+    def test_metadata_carries_the_rest(self):
+        s = self.by_tap(self.samples(pollsters.VifLatencyPollster))['tapaaa']
+        md = s.resource_metadata
+        self.assertEqual('icmp', md['probe_protocol'])
+        self.assertEqual('eth1', md['pif'])
+        self.assertEqual('198.18.1.10', md['probe_address'])
+        self.assertEqual(3, md['latency_ingress']['count'])
+        self.assertEqual(1, md['latency_ingress']['lost'])
+        self.assertAlmostEqual(10.0, md['latency_ingress']['min_us'])
+        self.assertAlmostEqual(10.0, md['latency_ingress']['stdev_us'])
+        self.assertEqual(0, md['capture_drops'])
+        self.assertEqual(7, md['window_session'])
+        self.assertEqual([], md['latency_hops'])
+
+    def test_addresses_come_from_filterref_then_nova_metadata(self):
+        self.samples(pollsters.VifLatencyPollster)
+        (paths,) = self.window.calls
+        self.assertEqual({'tapaaa': '198.18.1.10', TAP_B: '198.18.1.11'},
+                         {p.vnic: p.address for p in paths})
+        self.assertEqual({('eth1', 'tapaaa'), ('eth1', TAP_B)},
+                         {p.interfaces for p in paths})
+
+    # --- identity: the same as Ceilometer's NetworkPollster ---------------
+
+    def test_resource_ids_match_network_pollster(self):
+        self.inspector.inspect_vnics = mock.Mock(
+            return_value=self.fake.vnics[INSTANCE_ID])
+        mgr = manager.AgentManager(0, self.CONF)
+        theirs = {s.resource_metadata['name']: s
+                  for s in net.IncomingBytesPollster(self.CONF).get_samples(
+                      mgr, {}, [self.instance])}
+        ours = self.by_tap(self.samples(pollsters.VifLatencyPollster))
+        self.assertEqual(set(theirs), set(ours))
+        # One vNIC with a filterref, one without: both id schemes.
+        self.assertEqual(self.guests[0].filter_name,
+                         ours['tapaaa'].resource_id)
+        self.assertEqual(f'instance-00000001-{INSTANCE_ID}-{TAP_B}',
+                         ours[TAP_B].resource_id)
+        for tap, s in ours.items():
+            t = theirs[tap]
+            self.assertEqual(t.resource_id, s.resource_id)
+            self.assertEqual(t.user_id, s.user_id)
+            self.assertEqual(t.project_id, s.project_id)
+            for key in ('name', 'mac', 'fref', 'parameters', 'vnic_name',
+                        'display_name', 'instance_id', 'flavor',
+                        'instance_type', 'image_ref'):
+                self.assertEqual(t.resource_metadata[key],
+                                 s.resource_metadata[key], key)
+
+    def test_shared_inspector_is_never_called(self):
+        for factory, _ in METERS.values():
+            self.samples(factory)
+        self.inspector.inspect_vnics.assert_not_called()
+        self.assertEqual(len(METERS), self.fake.calls)
+
+    # --- one window per cycle ---------------------------------------------
+
+    def test_one_window_per_cycle_shared_through_cache(self):
+        cache = {}
+        for factory, _ in METERS.values():
+            self.samples(factory, cache=cache)
+        self.assertEqual(1, self.run_window.call_count)
+        self.assertIn(pollsters.CACHE_KEY, cache)
+        self.samples(pollsters.VifLatencyPollster, cache={})
+        self.assertEqual(2, self.run_window.call_count)
+
+    def test_one_window_per_cycle_with_parallel_pollsters(self):
+        self.window.delay_s = 0.05
+        cache = {}
+        mgr = manager.AgentManager(0, self.CONF)
+        objs = [self.make(f) for f, _ in METERS.values()]
+        start = threading.Barrier(len(objs))
+
+        def run(p):
+            start.wait()
+            return list(p.get_samples(mgr, cache, [self.instance]))
+
+        with concurrent.futures.ThreadPoolExecutor(len(objs)) as pool:
+            results = list(pool.map(run, objs))
+        self.assertEqual(1, self.run_window.call_count)
+        self.assertEqual([2, 2, 2, 2, 1, 2], [len(r) for r in results])
+
+    def test_instances_missing_from_the_window_get_their_own(self):
+        other = mock.MagicMock()
+        other.id = 'b1c2d3e4-0000-4000-8000-000000000002'
+        other.name = 'instance-00000002'
+        setattr(other, 'OS-EXT-SRV-ATTR:instance_name', other.name)
+        other.flavor = self.instance.flavor
+        other.image = self.instance.image
+        other.status = 'active'
+        other.metadata = {}
+        self.fake.add(other.id, [labvirt.GuestDomain(
+            index=1, name='db', uuid=other.id, tap='tapccc',
+            mac='fa:16:3e:00:00:03', address='198.18.1.12',
+            bridge='brq1')])
+        self.sysfs_tree({'tapccc': 'brq1'})
+        self.window.reports['tapccc'] = report('tapccc', [1_000])
+        cache = {}
+        self.samples(pollsters.VifLatencyPollster, cache=cache)
+        samples = self.samples(pollsters.VifLatencyMaxPollster, cache=cache,
+                               resources=[self.instance, other])
+        self.assertEqual(2, self.run_window.call_count)
+        self.assertEqual(['tapccc'], [p.vnic for p in self.window.calls[1]])
+        self.assertEqual({'tapaaa', TAP_B, 'tapccc'},
+                         set(self.by_tap(samples)))
+
+    # --- failures ---------------------------------------------------------
+
+    def test_a_failing_vnic_does_not_stop_the_others(self):
+        gone = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                   tap='tapgone', mac='fa:16:3e:00:00:04',
+                                   address='198.18.1.13', bridge='brq1')
+        mute = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                   tap='tapmute', mac='fa:16:3e:00:00:05',
+                                   address='198.18.1.14', bridge='brq1')
+        nowhere = labvirt.GuestDomain(
+            index=0, name='web', uuid=INSTANCE_ID, tap='tapnoip',
+            mac='fa:16:3e:00:00:06', address='198.18.1.15', bridge='brq1',
+            filterref=False)
+        self.fake.add(INSTANCE_ID, self.guests + [gone, mute, nowhere])
+        # tapnoip: no filterref, and its nova port is not identifiable.
+        self.fake.domains[INSTANCE_ID].xml = \
+            self.fake.domains[INSTANCE_ID].xml.replace(
+                '198.18.1.15', '198.18.0.99')
+        self.sysfs_tree({'tapmute': 'brq1', 'tapnoip': 'brq1'})
+        self.window.reports['tapmute'] = report('tapmute', (), unseen=5)
+        with mock.patch('netweaver_agent.topology.read_neighbours',
+                        return_value={}):
+            samples = self.by_tap(self.samples(pollsters.VifLatencyPollster))
+        self.assertEqual({'tapaaa', TAP_B}, set(samples))
+        out = self.log.output
+        self.assertIn(f'vNIC tapgone of instance {INSTANCE_ID} not probed',
+                      out)
+        self.assertIn("vif 'tapgone'", out)
+        self.assertIn(f'vNIC tapnoip of instance {INSTANCE_ID} not probed',
+                      out)
+        self.assertIn('no IPv4 address', out)
+        self.assertIn(f'Instance {INSTANCE_ID} vNIC tapmute: none of 5 '
+                      'probes', out)
+
+    def test_a_failing_instance_does_not_stop_the_others(self):
+        other = mock.MagicMock()
+        other.id = 'b1c2d3e4-0000-4000-8000-000000000009'
+        self.fake.errors[other.id] = virt_inspector.InspectorException(
+            'libvirt says no')
+        samples = self.samples(pollsters.VifLatencyPollster,
+                               resources=[other, self.instance])
+        self.assertEqual({'tapaaa', TAP_B}, set(self.by_tap(samples)))
+        self.assertIn(f'Cannot list the vNICs of instance {other.id}: '
+                      'libvirt says no', self.log.output)
+
+    def test_filtered_probes_give_no_loss_and_name_the_rule(self):
+        self.window.reports[TAP_B] = report(TAP_B, (), lost=20)
+        loss = self.by_tap(self.samples(pollsters.VifProbeLossPollster))
+        self.assertEqual({'tapaaa'}, set(loss))
+        mean = self.by_tap(self.samples(pollsters.VifLatencyPollster))
+        self.assertEqual({'tapaaa'}, set(mean))
+        out = self.log.output
+        self.assertIn(f'Instance {INSTANCE_ID} vNIC {TAP_B}: 20 probes', out)
+        self.assertIn('filtered before the tap', out)
+        self.assertIn('security group rule create --ingress --protocol icmp',
+                      out)
+
+    def test_missing_cap_net_raw_is_one_permanent_error(self):
+        self.window.error = capture.CapturePermissionError(
+            'opening an AF_PACKET capture socket needs CAP_NET_RAW')
+        cache = {}
+        for factory, _ in METERS.values():
+            pollster = self.make(factory)
+            self.assertRaises(
+                plugin_base.PollsterPermanentError, list,
+                pollster.get_samples(None, cache, [self.instance]))
+        self.assertEqual(1, self.run_window.call_count)
+        self.assertEqual(1, sum('CAP_NET_RAW' in line for line in
+                                self.log.output.splitlines()))
+        self.assertNotIn('Traceback', self.log.output)
+
+    def test_source_without_permission_is_permanent(self):
+        try:
+            raise sources.SourceError('raw socket needs CAP_NET_RAW') \
+                from PermissionError(1, 'Operation not permitted')
+        except sources.SourceError as exc:
+            self.window.error = exc
+        pollster = self.make(pollsters.VifLatencyPollster)
+        self.assertRaises(plugin_base.PollsterPermanentError, list,
+                          pollster.get_samples(None, {}, [self.instance]))
+
+    def test_a_failed_window_is_not_permanent(self):
+        self.window.error = sources.SourceError('no route to 198.18.1.10')
+        self.assertEqual([], self.samples(pollsters.VifLatencyPollster))
+        self.assertIn('no latency this cycle', self.log.output)
+
+    def test_vnics_without_host_netdev_are_not_measurable(self):
+        hostdev = (
+            "<interface type='hostdev'><mac address='fa:16:3e:00:00:07'/>"
+            "<source><address type='pci' domain='0x0000' bus='0x03' "
+            "slot='0x00' function='0x1'/></source></interface>"
+            "<interface type='vhostuser'><mac address='fa:16:3e:00:00:08'/>"
+            "<source type='unix' path='/run/vhu0' mode='server'/>"
+            "<target dev='vhu0'/></interface>"
+            "<interface type='direct'><mac address='fa:16:3e:00:00:09'/>"
+            "<source dev='eth2' mode='passthrough'/>"
+            "<target dev='macvtap0'/></interface>")
+        self.fake.add(INSTANCE_ID, self.guests, extra_interfaces=hostdev)
+        self.fake.vnics[INSTANCE_ID].append(
+            self.fake.vnics[INSTANCE_ID][0]._replace(
+                name='vhu0', mac='fa:16:3e:00:00:08', fref=None))
+        self.fake.vnics[INSTANCE_ID].append(
+            self.fake.vnics[INSTANCE_ID][0]._replace(
+                name='macvtap0', mac='fa:16:3e:00:00:09', fref=None))
+        for _ in range(2):
+            samples = self.samples(pollsters.VifLatencyPollster)
+        self.assertEqual({'tapaaa', TAP_B}, set(self.by_tap(samples)))
+        out = self.log.output
+        for what in ('SR-IOV hostdev', 'vhost-user', 'macvtap passthrough'):
+            self.assertIn(what, out)
+        warnings = [r for r in out.splitlines()
+                    if 'not measurable' in r]
+        # Each vNIC: one line per cycle, the first only as a warning.
+        self.assertEqual(6, len(warnings))
+
+    def test_not_measurable_is_a_warning_once(self):
+        self.fake.add(INSTANCE_ID, self.guests, extra_interfaces=(
+            "<interface type='vdpa'><mac address='fa:16:3e:00:00:0a'/>"
+            "<source dev='/dev/vhost-vdpa-0'/></interface>"))
+        with self.assertLogs('netweaver_agent.pollsters',
+                             level='WARNING') as cm:
+            self.samples(pollsters.VifLatencyPollster)
+            self.samples(pollsters.VifLatencyPollster)
+        self.assertEqual(1, sum('vDPA' in r for r in cm.output))
+
+    # --- loading ------------------------------------------------------------
+
+    def test_entry_points_are_named_after_their_meter(self):
+        mgr = stevedore.ExtensionManager('ceilometer.poll.compute',
+                                         invoke_on_load=False)
+        found = {e.name: e.plugin for e in mgr if e.name in METERS}
+        self.assertEqual(set(METERS), set(found))
+        for name, plugin in found.items():
+            self.assertIs(METERS[name][0], plugin)
+            self.assertEqual(name, plugin.sample_name)
+
+    def test_options_are_registered_by_the_pollster(self):
+        self.make(pollsters.VifLatencyPollster)
+        self.assertEqual(20, self.CONF.netweaver.probe_count)
+        self.assertEqual('local', self.CONF.netweaver.probe_source)
