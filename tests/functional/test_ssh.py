@@ -1,0 +1,423 @@
+"""The seed's job and the ssh:// probe source against real OpenSSH servers.
+
+Needs root.  The test builds its own namespaces (unique prefix): a probe
+source ``<p>src``, a hypervisor ``<p>hv`` (pif ``<p>pif``, bridge, one tap
+per guest), guests, and a management network ``<p>mgmt`` (198.19.1.0/24)
+from which the client connects.  Real ``/usr/sbin/sshd`` processes run in
+the source and hypervisor namespaces with host keys, a client key and a
+known_hosts file generated here; they are killed and everything is removed
+on teardown, also on failure.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from netweaver_agent import measure
+from netweaver_agent import netns
+from netweaver_agent import remote
+from netweaver_agent import sources
+from netweaver_agent import topology
+from netweaver_agent.cmd import measure as cmd_measure
+
+SSHD = '/usr/sbin/sshd'
+PORT = 2222
+FAKE_PORT = 2223        # second sshd on the hypervisor with a fake virsh
+MGMT = '198.19.1'
+SRC_MGMT = f'{MGMT}.2'
+HV_MGMT = f'{MGMT}.3'
+NOBODY = f'{MGMT}.99'   # on the management bridge, never answers
+SRC_IP = '198.18.0.1'
+GUESTS = ('198.18.0.10', '198.18.0.11')
+DELAY_MS = 2.0
+PYTHON = sys.executable
+
+
+def _run(argv, **kw):
+    return netns.run(argv, **kw)
+
+
+def _fail_unless_possible():
+    if os.geteuid() != 0:
+        pytest.fail('test_ssh needs root (namespaces, raw sockets, sshd)')
+    for tool in (SSHD, '/usr/bin/ssh-keygen', shutil.which('tcpdump'),
+                 shutil.which('iptables')):
+        if not tool or not os.path.exists(tool):
+            pytest.fail(f'test_ssh needs {tool or "tcpdump/iptables"}: '
+                        'run tools/bootstrap.sh')
+
+
+class SSHLab:
+    """Namespaces, keys and sshd processes of one test module."""
+
+    def __init__(self, workdir):
+        self.prefix = 'h4' + uuid.uuid4().hex[:4]
+        self.workdir = workdir
+        self.src = f'{self.prefix}src'
+        self.hv = f'{self.prefix}hv'
+        self.mgmt = f'{self.prefix}mgmt'
+        self.guests = [f'{self.prefix}g{i}' for i in range(len(GUESTS))]
+        self.pif = f'{self.prefix}pif'
+        self.taps = [f'tap{i}' for i in range(len(GUESTS))]
+        self.namespaces = []
+        self.procs = []
+        self.key = os.path.join(workdir, 'client_key')
+        self.known_hosts = os.path.join(workdir, 'known_hosts')
+        self.host_key = os.path.join(workdir, 'host_key')
+        self.fakebin = os.path.join(workdir, 'fakebin')
+        self.delay_records = os.path.join(workdir, 'delays')
+
+    # -- building ---------------------------------------------------------
+    def _netns(self, name):
+        _run(['ip', 'netns', 'add', name])
+        self.namespaces.append(name)
+        _run(['ip', '-n', name, 'link', 'set', 'lo', 'up'])
+
+    def build(self):
+        for name in (self.src, self.hv, self.mgmt, *self.guests):
+            self._netns(name)
+        hv, src = self.hv, self.src
+        # Data plane: src eth0 <-> pif -- br0 -- tapN <-> guest eth0.
+        _run(['ip', '-n', hv, 'link', 'add', self.pif, 'type', 'veth',
+              'peer', 'name', 'eth0', 'netns', src])
+        _run(['ip', '-n', hv, 'link', 'add', 'br0', 'type', 'bridge'])
+        _run(['ip', '-n', hv, 'link', 'set', self.pif, 'master', 'br0'])
+        for tap, guest, addr in zip(self.taps, self.guests, GUESTS):
+            _run(['ip', '-n', hv, 'link', 'add', tap, 'type', 'veth', 'peer',
+                  'name', 'eth0', 'netns', guest])
+            _run(['ip', '-n', hv, 'link', 'set', tap, 'master', 'br0'])
+            _run(['ip', '-n', hv, 'link', 'set', tap, 'up'])
+            _run(['ip', '-n', guest, 'addr', 'add', f'{addr}/24', 'dev',
+                  'eth0'])
+            _run(['ip', '-n', guest, 'link', 'set', 'eth0', 'up'])
+        for dev in (self.pif, 'br0'):
+            _run(['ip', '-n', hv, 'link', 'set', dev, 'up'])
+        _run(['ip', '-n', src, 'addr', 'add', f'{SRC_IP}/24', 'dev',
+              'eth0'])
+        _run(['ip', '-n', src, 'link', 'set', 'eth0', 'up'])
+        # Management network, separate from the data plane.
+        mg = self.mgmt
+        _run(['ip', '-n', mg, 'link', 'add', 'mbr', 'type', 'bridge'])
+        _run(['ip', '-n', mg, 'addr', 'add', f'{MGMT}.1/24', 'dev', 'mbr'])
+        _run(['ip', '-n', mg, 'link', 'set', 'mbr', 'up'])
+        for peer, addr, port in ((src, SRC_MGMT, 'm-src'),
+                                 (hv, HV_MGMT, 'm-hv')):
+            _run(['ip', '-n', mg, 'link', 'add', port, 'type', 'veth',
+                  'peer', 'name', 'mgmt0', 'netns', peer])
+            _run(['ip', '-n', mg, 'link', 'set', port, 'master', 'mbr'])
+            _run(['ip', '-n', mg, 'link', 'set', port, 'up'])
+            _run(['ip', '-n', peer, 'addr', 'add', f'{addr}/24', 'dev',
+                  'mgmt0'])
+            _run(['ip', '-n', peer, 'link', 'set', 'mgmt0', 'up'])
+        self._keys()
+        self._fake_virsh()
+        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)  # privsep dir
+        self.start_sshd(src, SRC_MGMT, PORT)
+        self.start_sshd(hv, HV_MGMT, PORT)
+        self.start_sshd(hv, HV_MGMT, FAKE_PORT,
+                        path=f'{self.fakebin}:/usr/sbin:/usr/bin:/sbin:/bin')
+        self._delay(0)
+
+    def _keys(self):
+        for path in (self.key, self.host_key):
+            _run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C',
+                  'netweaver-test', '-f', path])
+        shutil.copy(self.key + '.pub', os.path.join(self.workdir,
+                                                    'authorized_keys'))
+        with open(self.host_key + '.pub') as f:
+            kind, blob = f.read().split()[:2]
+        with open(self.known_hosts, 'w') as f:
+            for addr in (SRC_MGMT, HV_MGMT):
+                for port in (PORT, FAKE_PORT):
+                    f.write(f'[{addr}]:{port} {kind} {blob}\n')
+
+    def _fake_virsh(self):
+        # A faked boundary: libvirt-clients (virsh) is not installed here.
+        # It records its arguments (NUL-separated) and answers domiflist
+        # from a fixture naming the lab's real tap.
+        os.makedirs(self.fakebin)
+        self.virsh_log = os.path.join(self.workdir, 'virsh-args')
+        fixture = os.path.join(self.workdir, 'domiflist.txt')
+        with open(fixture, 'w') as f:
+            f.write(' Interface   Type     Source   Model    MAC\n'
+                    + '-' * 60 + '\n'
+                    f' {self.taps[0]}        bridge   br0      virtio   '
+                    'fa:16:3e:00:00:10\n\n')
+        script = os.path.join(self.fakebin, 'virsh')
+        with open(script, 'w') as f:
+            f.write('#!/bin/sh\n'
+                    f'printf "%s\\0" "$@" > {self.virsh_log}\n'
+                    f'[ "$1" = domiflist ] && exec cat {fixture}\n'
+                    'echo "fake virsh: unsupported" >&2; exit 1\n')
+        os.chmod(script, 0o755)
+
+    def start_sshd(self, ns, addr, port, path=None):
+        conf = os.path.join(self.workdir, f'sshd_{ns}_{port}.conf')
+        lines = [f'Port {port}', f'ListenAddress {addr}',
+                 f'HostKey {self.host_key}',
+                 f'AuthorizedKeysFile {self.workdir}/authorized_keys',
+                 f'PidFile {self.workdir}/sshd_{ns}_{port}.pid',
+                 'UsePAM no', 'StrictModes no',
+                 'PermitRootLogin prohibit-password',
+                 'PasswordAuthentication no',
+                 'KbdInteractiveAuthentication no',
+                 'Subsystem sftp internal-sftp', 'MaxSessions 32']
+        if path:
+            lines.append(f'SetEnv PATH={path}')
+        with open(conf, 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        proc = subprocess.Popen(
+            ['ip', 'netns', 'exec', ns, SSHD, '-D', '-e', '-f', conf],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        buf = b''
+        deadline = time.monotonic() + 10
+        while b'Server listening' not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                pytest.fail(f'sshd in {ns} on {addr}:{port} did not start: '
+                            f'{buf.decode(errors="replace")}')
+            if select.select([proc.stderr], [], [], left)[0]:
+                buf += os.read(proc.stderr.fileno(), 4096)
+
+    def _delay(self, guest_index):
+        """Hold probes to guest ``guest_index`` DELAY_MS with the delayer."""
+        hv, tap = self.hv, self.taps[guest_index]
+        _run(['sysctl', '-q', '-w', 'net.bridge.bridge-nf-call-iptables=1'],
+             netns=hv)
+        _run(['iptables', '-w', '-A', 'FORWARD', '-m', 'physdev',
+              '--physdev-out', tap, '-p', 'icmp', '--icmp-type',
+              'echo-request', '-j', 'NFQUEUE', '--queue-num', '7'],
+             netns=hv)
+        proc = subprocess.Popen(
+            ['ip', 'netns', 'exec', hv, PYTHON, '-m',
+             'netweaver_agent.delayer', '--queue', '7', '--delay-ms',
+             str(DELAY_MS), '--records', self.delay_records,
+             '--watch-pid', str(os.getpid()), '--max-lifetime-s', '1800'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=os.path.dirname(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        self.procs.append(proc)
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline() if ready else b''
+        if b'ready' not in line:
+            proc.kill()
+            pytest.fail('delayer did not start: '
+                        f'{proc.stderr.read().decode(errors="replace")}')
+
+    # -- tearing down -----------------------------------------------------
+    def destroy(self):
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        for name in reversed(self.namespaces):
+            subprocess.run(['ip', 'netns', 'del', name], check=False)
+
+    # -- using ------------------------------------------------------------
+    def options(self, **kw):
+        args = dict(key_file=self.key, known_hosts_file=self.known_hosts,
+                    connect_timeout_s=5.0, command_timeout_s=30.0)
+        args.update(kw)
+        return remote.SSHOptions(**args)
+
+    def host(self, addr=HV_MGMT, port=PORT, **kw):
+        return remote.RemoteHost(addr, port, 'root', self.options(**kw),
+                                 netns_name=self.mgmt)
+
+    def measure_argv(self, *extra, hv_port=PORT):
+        return ['measure', '--hv', HV_MGMT, '-s', SRC_MGMT,
+                '--hypervisor-port', str(hv_port),
+                '--source-port', str(PORT), '-i', self.pif, '-k', self.key,
+                '--known-hosts', self.known_hosts, '--ssh-netns', self.mgmt,
+                '--connect-timeout', '5', *extra]
+
+
+@pytest.fixture(scope='module')
+def lab(tmp_path_factory):
+    _fail_unless_possible()
+    workdir = str(tmp_path_factory.mktemp('ssh'))
+    os.chmod(workdir, 0o755)
+    ssh_lab = SSHLab(workdir)
+    try:
+        ssh_lab.build()
+        yield ssh_lab
+    finally:
+        ssh_lab.destroy()
+
+
+def _cli(argv, capsys):
+    """``netweaver measure ...`` through its own argument parser."""
+    parser = argparse.ArgumentParser(prog='netweaver')
+    cmd_measure.add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    status = args.run(args)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# -- remote.py against a real sshd ------------------------------------------
+
+def test_run_fetch_tempdir_and_errors(lab, tmp_path):
+    with lab.host() as hv:
+        assert hv.run(['ip', '-o', 'link', 'show', lab.pif]).exit_status == 0
+        with pytest.raises(remote.RemoteCommandError) as err:
+            hv.run(['sh', '-c', 'echo boom >&2; exit 3'])
+        assert 'exit status 3' in str(err.value)
+        assert 'boom' in str(err.value)
+        assert HV_MGMT in str(err.value)
+        with pytest.raises(remote.RemoteCommandError) as err:
+            hv.run(['sleep', '3'], timeout_s=0.5)
+        assert 'did not end within 0.5 s' in str(err.value)
+        # SFTP fetch, and the remote directory goes also on failure.
+        with pytest.raises(RuntimeError, match='inside'):
+            with hv.tempdir() as tmp:
+                hv.run(['sh', '-c', 'printf data > "$1"', 'sh',
+                        f'{tmp}/f'])
+                hv.fetch(f'{tmp}/f', str(tmp_path / 'f'))
+                raise RuntimeError('failure inside the tempdir')
+        assert (tmp_path / 'f').read_bytes() == b'data'
+        gone = hv.run(['test', '-e', tmp], check=False)
+        assert gone.exit_status == 1, f'{tmp} left on the hypervisor'
+        with pytest.raises(remote.RemoteError, match='/nonexistent/pcap'):
+            hv.fetch('/nonexistent/pcap', str(tmp_path / 'g'))
+
+
+def test_wrong_host_key_refused(lab, tmp_path):
+    other = tmp_path / 'other_key'
+    _run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(other)])
+    kind, blob = (tmp_path / 'other_key.pub').read_text().split()[:2]
+    bad = tmp_path / 'known_hosts'
+    bad.write_text(f'[{HV_MGMT}]:{PORT} {kind} {blob}\n')
+    host = lab.host(known_hosts_file=str(bad), accept_new_host_key=True)
+    with pytest.raises(remote.HostKeyError) as err:
+        host.connect()
+    msg = str(err.value)
+    assert HV_MGMT in msg and 'differs' in msg and str(bad) in msg
+    # Nothing was recorded over the known key.
+    assert bad.read_text() == f'[{HV_MGMT}]:{PORT} {kind} {blob}\n'
+
+
+def test_unknown_host_refused_unless_accepted(lab, tmp_path):
+    empty = tmp_path / 'known_hosts'
+    empty.write_text('')
+    with pytest.raises(remote.HostKeyError) as err:
+        lab.host(known_hosts_file=str(empty)).connect()
+    assert 'is not in known_hosts' in str(err.value)
+    assert HV_MGMT in str(err.value)
+    with lab.host(known_hosts_file=str(empty),
+                  accept_new_host_key=True) as hv:
+        hv.run(['true'])
+    assert f'[{HV_MGMT}]:{PORT} ssh-ed25519 ' in empty.read_text()
+    with lab.host(known_hosts_file=str(empty)) as hv:   # now known
+        hv.run(['true'])
+
+
+def test_unreachable_host_fails_within_timeout(lab):
+    host = lab.host(addr=NOBODY, connect_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(remote.RemoteConnectError) as err:
+        host.connect()
+    elapsed = time.monotonic() - started
+    assert NOBODY in str(err.value)
+    assert 'timed out after 1.0 s' in str(err.value)
+    # Not a speed check: the configured timeout, not a default one, fired.
+    assert elapsed < 10, elapsed
+
+
+def test_unreachable_host_in_measure_names_it(lab, capsys):
+    argv = lab.measure_argv('-d', GUESTS[1], '--vif', lab.taps[1])
+    argv[argv.index(HV_MGMT)] = NOBODY
+    argv[argv.index('--connect-timeout') + 1] = '1'
+    status, out, err = _cli(argv, capsys)
+    assert status == 1
+    assert NOBODY in err and 'timed out' in err
+
+
+# -- the seed's job ---------------------------------------------------------
+
+def test_instance_name_runs_nothing(lab, tmp_path, capsys):
+    marker = tmp_path / 'pwned-marker'
+    name = f'x; touch {marker}'
+    with lab.host() as hv:
+        # Control: the same text given to a shell does create the marker,
+        # so its absence below means something.
+        hv.run(['sh', '-c', f'echo name-label={name}'])
+        assert marker.exists()
+        marker.unlink()
+    # No xe, no virsh on this hypervisor: a clear error, nothing run.
+    status, out, err = _cli(lab.measure_argv(
+        '-n', name, '-d', GUESTS[1], '--count', '5'), capsys)
+    assert status == 1
+    assert f"cannot find the vif of instance {name!r}" in err
+    assert 'xe: not installed' in err and 'virsh: not installed' in err
+    assert not marker.exists()
+    # With a (fake) virsh: it gets the name as one argument.
+    status, out, err = _cli(lab.measure_argv(
+        '-n', name, '-d', GUESTS[1], '--count', '5', '--json',
+        hv_port=FAKE_PORT), capsys)
+    with open(lab.virsh_log, 'rb') as f:
+        args = f.read().split(b'\0')[:-1]
+    assert args == [b'domiflist', b'--domain', name.encode()]
+    assert not marker.exists()
+    assert status == 0, err
+    assert json.loads(out)['vif'] == lab.taps[0]
+
+
+def test_ssh_source_in_run_window_like_netns_source(lab):
+    paths = [topology.VifPath(vnic=lab.taps[1], address=GUESTS[1],
+                              interfaces=(lab.pif, lab.taps[1]))]
+    settings = measure.WindowSettings(count=30, interval_ms=1.0)
+    ssh_source = sources.parse_source(
+        f'ssh://root@{SRC_MGMT}:{PORT}', options=lab.options(),
+        netns_name=lab.mgmt)
+    local_source = sources.parse_source(f'netns:{lab.src}')
+    try:
+        by_ssh = measure.run_window(paths, ssh_source, settings,
+                                    capture_netns=lab.hv)
+        by_netns = measure.run_window(paths, local_source, settings,
+                                      capture_netns=lab.hv)
+    finally:
+        ssh_source.close()
+        local_source.close()
+    assert by_ssh.send == sources.SendResult(sent=30)
+    a, b = by_ssh.reports[lab.taps[1]], by_netns.reports[lab.taps[1]]
+    assert type(a) is type(b)
+    for rep in (a, b):
+        assert rep.pif == lab.pif and rep.sent == 30
+        assert rep.ingress.count == 30 and rep.ingress.lost == 0
+        assert rep.egress.count == 30 and rep.unseen_at_pif == 0
+        assert 0 < rep.ingress.mean_us < 2000   # no delay on this guest
+
+
+def test_ssh_source_bad_sender_host_is_clear(lab):
+    src = remote.SSHSource(NOBODY, PORT, 'root', lab.options(
+        connect_timeout_s=1.0), netns_name=lab.mgmt)
+    plan, _ = sources.interleaved_plan(1, 'icmp', [GUESTS[1]], 3, 1000000)
+    with pytest.raises(sources.SourceError) as err:
+        src.send(plan, time.monotonic() + 5)
+    assert NOBODY in str(err.value)
+
+
+@contextlib.contextmanager
+def _no_leftovers(lab):
+    """Assert the job leaves no remote temporary directory behind."""
+    def listing():
+        return {n for n in os.listdir('/tmp') if n.startswith('netweaver.')}
+    before = listing()
+    yield
+    assert listing() - before == set()
