@@ -1,0 +1,272 @@
+"""``netweaver lab``: build the namespace lab, probe it, print the report.
+
+By default: two guests, probes to guest 1 held 2 ms on the bridge, no
+loss; the injected truth is printed next to what was measured, so one
+run shows the measurement catching a known delay.  Everything the lab
+made is removed at the end, also on Ctrl-C, SIGTERM or error, unless
+``--keep`` (then ``netweaver lab down`` removes it).
+"""
+
+import json
+import os
+import signal
+import sys
+
+from netweaver_agent import lab
+from netweaver_agent import latency
+from netweaver_agent import measure
+from netweaver_agent import probe
+from netweaver_agent import report
+
+DEFAULT_DELAY_MS = 2.0
+# The NFQUEUE delayer handles probes one at a time: space them.
+DELAYED_SPACING_MS = 5.0
+MAX_WINDOW_MS = 600_000
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        'lab', help='build the namespace lab, inject delay/loss, measure',
+        description=__doc__.split('\n\n', 1)[1])
+    parser.add_argument('action', nargs='?', default='run',
+                        choices=('run', 'down', 'list'),
+                        help='run (default): build, measure, remove; '
+                             'down: remove kept labs (--prefix: one); '
+                             'list: show kept labs')
+    parser.add_argument('--guests', type=int, default=2,
+                        help='number of guests (default 2)')
+    parser.add_argument('--count', type=int, default=50,
+                        help='probes per guest (default 50)')
+    parser.add_argument('--protocol', choices=probe.PROTOCOLS,
+                        default='icmp', help='probe protocol')
+    parser.add_argument('--delay-ms', type=float, default=DEFAULT_DELAY_MS,
+                        help='delay injected on the bridge for probes to '
+                             '--delay-guest (default 2; 0: none)')
+    parser.add_argument('--delay-guest', type=int, default=None,
+                        help='guest index to delay (default 1, or 0 with '
+                             'one guest)')
+    parser.add_argument('--delay-backend', choices=lab.DELAY_BACKENDS,
+                        default='auto',
+                        help='netem where the kernel has it, else the '
+                             'NFQUEUE delayer (default auto)')
+    parser.add_argument('--loss-every', type=int, default=0,
+                        help='drop every Nth probe to --loss-guest '
+                             '(default 0: no loss)')
+    parser.add_argument('--loss-guest', type=int, default=0,
+                        help='guest index to drop probes of (default 0)')
+    parser.add_argument('--interval-ms', type=float, default=1.0,
+                        help='spacing between probes of the window')
+    parser.add_argument('--timeout-ms', type=float, default=None,
+                        help='a probe later than this is lost (default '
+                             '200, or more than twice the delay)')
+    parser.add_argument('--prefix', default=None,
+                        help='namespace name prefix (default nwlab<pid>-)')
+    parser.add_argument('--mgmt', action='store_true',
+                        help='also build a management namespace '
+                             '(198.19.0.0/24 to the source and hypervisor)')
+    parser.add_argument('--keep', action='store_true',
+                        help='leave the lab running; remove it later with '
+                             '"netweaver lab down"')
+    parser.add_argument('--json', action='store_true',
+                        help='print JSON instead of a table')
+    parser.add_argument('--agent', action='store_true',
+                        help='run the Ceilometer polling agent against the '
+                             'lab instead of one probe window')
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _spec(args):
+    if args.guests < 1:
+        raise ValueError(f"--guests {args.guests} must be at least 1")
+    delays, losses = (), ()
+    if args.delay_ms and args.delay_ms > 0:
+        guest = args.delay_guest
+        if guest is None:
+            guest = 1 if args.guests > 1 else 0
+        delays = (lab.DelayInjection(guest=guest, delay_ms=args.delay_ms,
+                                     protocol=args.protocol,
+                                     backend=args.delay_backend),)
+    if args.loss_every:
+        losses = (lab.LossInjection(guest=args.loss_guest,
+                                    every=args.loss_every,
+                                    protocol=args.protocol),)
+    return lab.LabSpec(prefix=args.prefix or f'nwlab{os.getpid()}-',
+                       guests=args.guests, delays=delays, losses=losses,
+                       mgmt=args.mgmt, persistent=args.keep)
+
+
+def _settings(args, spec):
+    if not 1 <= args.count <= 100_000:
+        raise ValueError(f"--count {args.count} must be within 1..100000")
+    if args.interval_ms <= 0:
+        raise ValueError(f"--interval-ms {args.interval_ms} must be > 0")
+    delay = max((d.delay_ms for d in spec.delays), default=0.0)
+    timeout = args.timeout_ms
+    if timeout is None:
+        timeout = max(200.0, 2 * delay + 100.0)
+    per_vnic = DELAYED_SPACING_MS if spec.delays else 0.0
+    step = max(args.interval_ms, per_vnic / spec.guests)
+    window = args.count * spec.guests * step + timeout + 2000.0
+    if window > MAX_WINDOW_MS:
+        raise ValueError(
+            f"{args.count} probes to {spec.guests} guests every {step} ms "
+            f"need {window / 1000:.0f} s, more than the "
+            f"{MAX_WINDOW_MS // 1000} s a window may last")
+    return measure.WindowSettings(
+        protocol=args.protocol, count=args.count,
+        interval_ms=args.interval_ms, per_vnic_interval_ms=per_vnic,
+        timeout_ms=timeout, max_window_ms=window)
+
+
+def _truth(the_lab, guest, session, sent):
+    """What the lab injected for ``guest`` (a plain dict, for output)."""
+    out = {'delay_ms': None, 'delay_backend': None, 'holds': None,
+           'loss_every': None, 'expected_lost': 0}
+    for d in the_lab.delays:
+        if d.injection.guest == guest.index:
+            out['delay_ms'] = d.injection.delay_ms
+            out['delay_backend'] = d.backend
+            holds = [r.hold_ns for r in the_lab.delay_records(guest.index)
+                     if r.session == session and not r.reply]
+            if d.backend == 'nfqueue':
+                out['holds'] = report.stats_to_dict(
+                    latency.DirectionStats.from_ns(holds))
+    for loss in the_lab.losses:
+        if loss.guest == guest.index:
+            out['loss_every'] = loss.every
+            out['expected_lost'] = sent // loss.every
+    return out
+
+
+def _truth_line(guest, truth, rep):
+    parts = []
+    if truth['delay_ms']:
+        text = f"delay {truth['delay_ms']:g} ms ({truth['delay_backend']}"
+        holds = truth['holds']
+        if holds and holds['count']:
+            text += (f", {holds['count']} probes held, hold p50 "
+                     f"{holds['p50_us']:.1f} µs")
+        parts.append(text + ')')
+    if truth['loss_every']:
+        parts.append(f"drop every {truth['loss_every']}th probe "
+                     f"(expect {truth['expected_lost']} lost)")
+    injected = '; '.join(parts) or 'nothing'
+    ing = rep.ingress
+    measured = (f"ingress p50 {ing.p50_us:.1f} µs" if ing.count else
+                'no ingress measured')
+    if ing.loss_pct is not None:
+        measured += f", {ing.lost} lost ({ing.loss_pct:.1f}%)"
+    holds = truth['holds']
+    if ing.count and holds and holds['count']:
+        measured += (f", {ing.p50_us - holds['p50_us']:+.1f} µs over the "
+                     'hold')
+    return (f"  {guest.name} {guest.tap} {guest.address}: injected "
+            f"{injected}; measured {measured}")
+
+
+def _measure(the_lab, args):
+    settings = _settings(args, the_lab.spec)
+    result = measure.run_window(the_lab.paths(), the_lab.source(), settings,
+                                capture_netns=the_lab.hv_netns)
+    guests = []
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        guests.append((g, _truth(the_lab, g, result.session, rep.sent),
+                       rep))
+    if args.json:
+        print(json.dumps({
+            'prefix': the_lab.prefix,
+            'session': result.session,
+            'hv_netns': the_lab.hv_netns,
+            'src_netns': the_lab.src_netns,
+            'pif': the_lab.pif,
+            'bridge': the_lab.bridge,
+            'settings': report.to_jsonable(settings),
+            'guests': [{'index': g.index, 'name': g.name, 'uuid': g.uuid,
+                        'tap': g.tap, 'mac': g.mac, 'address': g.address,
+                        'netns': g.netns, 'injected': truth,
+                        'report': report.report_to_dict(rep)}
+                       for g, truth, rep in guests],
+            'capture': report.to_jsonable(result.capture),
+            'send': report.to_jsonable(result.send),
+            'kept': args.keep,
+        }, indent=1))
+    else:
+        title = (f"netweaver lab {the_lab.prefix}: {settings.count} "
+                 f"{settings.protocol} probes per guest from "
+                 f"{the_lab.src_netns} to {len(guests)} guests, captured in "
+                 f"{the_lab.hv_netns}")
+        print(report.format_table(result.reports, result.capture,
+                                  title=title))
+        print('truth (injected on the bridge, after the pif):')
+        for g, truth, rep in guests:
+            print(_truth_line(g, truth, rep))
+    return 0
+
+
+def _run_agent(the_lab, args):
+    try:
+        from netweaver_agent import labagent
+    except ModuleNotFoundError as exc:
+        if exc.name != 'netweaver_agent.labagent':
+            raise
+        print('netweaver lab --agent: netweaver_agent.labagent is not '
+              'available in this installation', file=sys.stderr)
+        return 2
+    return labagent.run(the_lab, args)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f'signal {signum}')
+
+
+def run(args):
+    if args.action == 'list':
+        for prefix in lab.kept_prefixes():
+            print(prefix)
+        return 0
+    if args.action == 'down':
+        removed = lab.teardown_kept(args.prefix)
+        for prefix in removed:
+            print(f'removed lab {prefix}')
+        if not removed:
+            print('no kept lab to remove')
+        return 0
+    try:
+        spec = _spec(args)
+        if not args.agent:
+            _settings(args, spec)
+    except ValueError as exc:
+        print(f'netweaver lab: {exc}', file=sys.stderr)
+        return 2
+    the_lab = lab.Lab(spec)
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    done = False
+    try:
+        try:
+            the_lab.build()
+        except lab.LabError as exc:
+            print(f'netweaver lab: {exc}', file=sys.stderr)
+            return 1
+        if args.agent:
+            status = _run_agent(the_lab, args)
+        else:
+            status = _measure(the_lab, args)
+        done = True
+        return status
+    finally:
+        # Finish removing the lab even if another signal arrives.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if args.keep and done:
+                print(f'lab {spec.prefix} kept '
+                      f'({", ".join(spec.namespaces())}); remove it with: '
+                      f'netweaver lab down --prefix {spec.prefix}',
+                      file=sys.stderr)
+            else:
+                the_lab.teardown()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)

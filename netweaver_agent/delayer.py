@@ -1,0 +1,292 @@
+"""Hold the packets of one NFQUEUE for a fixed time, recording each hold.
+
+The lab's injected delay where the kernel has no ``tc netem``: an
+iptables rule in the hypervisor's namespace sends the probes bound for one
+guest to an NFQUEUE, and this process (run inside that namespace with
+``ip netns exec``) gives each one its ACCEPT verdict ``delay_ms`` later.
+
+For every packet it writes one :class:`DelayRecord` line to its records
+file: the probe's identity (:func:`probe.parse_ip_key` on the IP packet),
+when the delayer got it and when it let it go, as ``CLOCK_REALTIME``
+nanoseconds (the clock of the kernel's capture timestamps, so a record
+sits between the probe's pif and vif sightings), and the hold itself
+measured on ``CLOCK_MONOTONIC`` (immune to clock steps).  The hold is the
+delay the lab injected: the truth a measurement is checked against.
+
+Held packets wait in a heap, so overlapping probes are each held for the
+full delay; one Python handler still costs tens of microseconds per
+packet, so the lab spaces probes to a delayed guest by a few ms.
+
+Run as ``python -m netweaver_agent.delayer --queue N --delay-ms D
+--records FILE``; it prints ``ready`` on stdout once the queue is bound.
+"""
+
+import argparse
+import ctypes
+import ctypes.util
+import dataclasses
+import heapq
+import itertools
+import os
+import select
+import signal
+import sys
+import time
+
+import dpkt
+from oslo_log import log
+
+from netweaver_agent import probe
+
+LOG = log.getLogger(__name__)
+
+READY = 'ready'
+PR_SET_TIMERSLACK = 29
+DEFAULT_MAX_LIFETIME_S = 24 * 3600
+QUEUE_MAX_LEN = 4096
+
+
+class DelayerError(RuntimeError):
+    """The delayer could not run or its records could not be read."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DelayRecord:
+    """One packet the delayer held.
+
+    ``session``/``seq`` are None for a packet that is not a probe.
+    ``received_ns``/``released_ns`` are CLOCK_REALTIME (ns since the
+    epoch); ``hold_ns`` is their difference measured on CLOCK_MONOTONIC.
+    """
+
+    session: int | None
+    seq: int | None
+    reply: bool
+    received_ns: int
+    released_ns: int
+    hold_ns: int
+
+    @property
+    def key(self):
+        """The :class:`probe.ProbeKey`, or None for a foreign packet."""
+        if self.session is None:
+            return None
+        return probe.ProbeKey(self.session, self.seq, self.reply)
+
+    def to_line(self):
+        ident = ('- - -' if self.session is None else
+                 f'{self.session} {self.seq} {int(self.reply)}')
+        return (f'{ident} {self.received_ns} {self.released_ns} '
+                f'{self.hold_ns}\n')
+
+    @classmethod
+    def from_line(cls, line):
+        fields = line.split()
+        if len(fields) != 6:
+            raise ValueError(f"delay record {line!r} has {len(fields)} "
+                             "fields, expected 6")
+        session, seq, reply = fields[:3]
+        received, released, hold = (int(f) for f in fields[3:])
+        if session == '-':
+            return cls(None, None, False, received, released, hold)
+        return cls(int(session), int(seq), reply == '1', received, released,
+                   hold)
+
+
+def read_records(path):
+    """Every complete :class:`DelayRecord` written to ``path`` so far."""
+    try:
+        with open(path, encoding='ascii') as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise DelayerError(f"cannot read delay records {path!r}: "
+                           f"{exc}") from exc
+    records = []
+    for number, line in enumerate(data.split('\n')[:-1], 1):
+        try:
+            records.append(DelayRecord.from_line(line))
+        except ValueError as exc:
+            raise DelayerError(f"{path}:{number}: {exc}") from exc
+    return records
+
+
+def packet_key(payload):
+    """The probe key of an IPv4 packet's bytes, or None."""
+    try:
+        return probe.parse_ip_key(dpkt.ip.IP(payload))
+    except (dpkt.UnpackError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def _set_timer_slack(ns):
+    """Ask for precise wake-ups (the default slack is 50 µs)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+        libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(ns), 0, 0, 0)
+    except OSError:
+        pass
+
+
+class Delayer:
+    """Holds every packet of NFQUEUE ``queue_num`` for ``delay_ns``.
+
+    :param records: a text file object; one line per released packet
+    :param watch_pid: exit when this process ends (None: never)
+    :param max_lifetime_s: exit after this long, whatever happens
+    """
+
+    def __init__(self, queue_num, delay_ns, records, watch_pid=None,
+                 max_lifetime_s=DEFAULT_MAX_LIFETIME_S):
+        if delay_ns < 0:
+            raise ValueError(f"delay {delay_ns!r} ns is negative")
+        self.queue_num = queue_num
+        self.delay_ns = delay_ns
+        self.records = records
+        self.watch_pid = watch_pid
+        self.max_lifetime_s = max_lifetime_s
+        self._held = []
+        self._order = itertools.count()
+        self._stop = False
+
+    def _on_packet(self, pkt):
+        mono = time.monotonic_ns()
+        real = time.time_ns()
+        key = packet_key(pkt.get_payload())
+        heapq.heappush(self._held, (mono + self.delay_ns, next(self._order),
+                                    pkt, key, real, mono))
+
+    def _release(self, pkt, key, received_real, received_mono):
+        released_real = time.time_ns()
+        released_mono = time.monotonic_ns()
+        pkt.accept()
+        if key is None:
+            rec = DelayRecord(None, None, False, received_real,
+                              released_real, released_mono - received_mono)
+        else:
+            rec = DelayRecord(key.session, key.seq, key.reply,
+                              received_real, released_real,
+                              released_mono - received_mono)
+        self.records.write(rec.to_line())
+
+    def _release_due(self):
+        held = self._held
+        while held and held[0][0] <= time.monotonic_ns():
+            _, _, pkt, key, real, mono = heapq.heappop(held)
+            self._release(pkt, key, real, mono)
+
+    def stop(self, *_):
+        self._stop = True
+
+    def run(self, on_ready=None):
+        """Bind the queue, call ``on_ready()``, hold packets until stopped."""
+        from netfilterqueue import NetfilterQueue
+
+        _set_timer_slack(1)
+        queue = NetfilterQueue()
+        try:
+            queue.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAX_LEN)
+        except OSError as exc:
+            raise DelayerError(
+                f"cannot bind NFQUEUE {self.queue_num}: {exc} (needs "
+                "CAP_NET_ADMIN)") from exc
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        old = {s: signal.signal(s, self.stop)
+               for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        pidfd = None
+        if self.watch_pid is not None:
+            try:
+                pidfd = os.pidfd_open(self.watch_pid)
+            except ProcessLookupError:
+                self._stop = True
+        try:
+            fd = queue.get_fd()
+            watched = [fd, wake_r] + ([pidfd] if pidfd is not None else [])
+            end = time.monotonic() + self.max_lifetime_s
+            if on_ready is not None:
+                on_ready()
+            while not self._stop:
+                now = time.monotonic()
+                if now >= end:
+                    LOG.warning('Delayer on queue %(q)d reached its '
+                                'lifetime of %(s)d s', {
+                                    'q': self.queue_num,
+                                    's': self.max_lifetime_s})
+                    break
+                timeout = min(1.0, end - now)
+                if self._held:
+                    wait = (self._held[0][0] - time.monotonic_ns()) / 1e9
+                    timeout = max(0.0, min(timeout, wait))
+                ready, _, _ = select.select(watched, [], [], timeout)
+                if fd in ready:
+                    queue.run(block=False)
+                if pidfd is not None and pidfd in ready:
+                    break
+                if wake_r in ready:
+                    os.read(wake_r, 512)
+                self._release_due()
+        finally:
+            # Let what is held go at once rather than dropping it.
+            while self._held:
+                _, _, pkt, key, real, mono = heapq.heappop(self._held)
+                self._release(pkt, key, real, mono)
+            self.records.flush()
+            queue.unbind()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            for f in (wake_r, wake_w, pidfd):
+                if f is not None:
+                    os.close(f)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='python -m netweaver_agent.delayer',
+        description='Hold the packets of an NFQUEUE for a fixed delay and '
+                    'record each hold.')
+    parser.add_argument('--queue', type=int, required=True,
+                        help='NFQUEUE number to bind')
+    parser.add_argument('--delay-ms', type=float, required=True,
+                        help='how long to hold each packet')
+    parser.add_argument('--records', required=True,
+                        help='file to append one line per packet to')
+    parser.add_argument('--watch-pid', type=int,
+                        help='exit when this process ends')
+    parser.add_argument('--max-lifetime-s', type=float,
+                        default=DEFAULT_MAX_LIFETIME_S,
+                        help='exit after this many seconds')
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.queue <= 0xffff:
+        sys.stderr.write(f"delayer: queue {args.queue} is not 0..65535\n")
+        return 2
+    if not 0 <= args.delay_ms <= 60000:
+        sys.stderr.write(
+            f"delayer: delay {args.delay_ms} ms is not within 0..60000\n")
+        return 2
+    try:
+        with open(args.records, 'a', buffering=1, encoding='ascii') as rec:
+            delayer = Delayer(args.queue, int(args.delay_ms * 1e6), rec,
+                              watch_pid=args.watch_pid,
+                              max_lifetime_s=args.max_lifetime_s)
+
+            def ready():
+                sys.stdout.write(READY + '\n')
+                sys.stdout.flush()
+
+            delayer.run(on_ready=ready)
+    except (DelayerError, OSError) as exc:
+        sys.stderr.write(f"delayer: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,874 @@
+"""The network-namespace lab: a compute host in miniature, with known truth.
+
+Namespaces (all named ``<prefix>...``):
+
+* ``<prefix>src``: the probe source on the physical network, ``eth0``
+  198.18.0.1/24;
+* ``<prefix>hv``: the compute host: the pif (a veth whose peer is the
+  source's ``eth0``), a Linux bridge named as Neutron's linuxbridge agent
+  names them (``brq`` + network id), and one nova-like ``tap<port id>``
+  per guest;
+* ``<prefix>g<i>``: guest ``i``, ``eth0`` 198.18.0.(10+i)/24 with an
+  ``fa:16:3e`` MAC (the tap carries the same MAC with ``fe``, as libvirt
+  does).  The guest kernel answers ICMP echo, UDP to a closed port (ICMP
+  port unreachable, rate-limited as the kernel does by default) and TCP
+  SYN (RST);
+* ``<prefix>mgmt`` (``mgmt=True``): a management network 198.19.0.0/24,
+  bridged to ``mgmt0`` in the source (.2) and the hypervisor (.3); the
+  management namespace itself is .1.
+
+Neighbour entries and bridge forwarding entries are static, so no ARP
+and no flooding disturb a window.
+
+Truth is injected on the bridge, after the pif, for probes bound to one
+guest (``-m physdev --physdev-out <tap> -d <address>``):
+
+* delay: ``tc netem`` on the tap where the kernel has it; else an
+  NFQUEUE rule and a :mod:`netweaver_agent.delayer` process in the
+  hypervisor's namespace, which records each hold (see
+  :meth:`Lab.delay_records`);
+* loss: ``-m statistic --mode nth --every N --packet 0 -j DROP``: the
+  Nth, 2Nth... probe to that guest is dropped.
+
+Only addresses in 198.18.0.0/15 are used.  :meth:`Lab.build` first
+removes a lab left with the same prefix; :meth:`Lab.teardown` removes
+everything, tolerates partial builds and ends the processes the lab
+started (and any other process left inside its namespaces).  A kept lab
+is described by a state file under ``/run/netweaver-lab/<prefix>/`` so
+:func:`teardown_kept` (``netweaver lab down``) removes it later.
+"""
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from oslo_log import log
+
+from netweaver_agent import delayer
+from netweaver_agent import netns
+from netweaver_agent import probe
+from netweaver_agent import sources
+from netweaver_agent import topology
+
+LOG = log.getLogger(__name__)
+
+LAB_NET = ipaddress.ip_network('198.18.0.0/15')
+STATE_ROOT = '/run/netweaver-lab'
+STATE_FILE = 'state.json'
+IFNAMSIZ = 15
+FIRST_GUEST_HOST = 10
+DELAYER_READY_TIMEOUT_S = 20.0
+KILL_GRACE_S = 3.0
+_PREFIX_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$')
+_LAB_UUID_NS = uuid.UUID('5d0f3c52-1f5e-4d8e-9f3a-6e6574776561')
+DELAY_BACKENDS = ('auto', 'netem', 'nfqueue')
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, changed or removed."""
+
+
+def _check_ifname(name, what):
+    if not name or len(name) > IFNAMSIZ or '/' in name or ' ' in name:
+        raise ValueError(f"{what} name {name!r} is not a valid interface "
+                         f"name (1..{IFNAMSIZ} characters, no '/' or space)")
+
+
+def _check_protocol(protocol):
+    if protocol is not None and protocol not in probe.PROTOCOLS:
+        raise ValueError(f"unknown probe protocol {protocol!r}; expected "
+                         f"one of {', '.join(probe.PROTOCOLS)} or None")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DelayInjection:
+    """Hold every probe bound to guest ``guest`` for ``delay_ms``.
+
+    ``protocol`` restricts it to one probe protocol (None: all IPv4 to the
+    guest); ``backend`` is ``auto`` (netem if the kernel has it, else
+    nfqueue), ``netem`` or ``nfqueue``.
+    """
+
+    guest: int
+    delay_ms: float
+    protocol: str | None = None
+    backend: str = 'auto'
+
+    def __post_init__(self):
+        if not 0 < self.delay_ms <= 10000:
+            raise ValueError(f"injected delay {self.delay_ms!r} ms is not "
+                             "within (0, 10000]")
+        if self.backend not in DELAY_BACKENDS:
+            raise ValueError(f"unknown delay backend {self.backend!r}; "
+                             f"expected one of {', '.join(DELAY_BACKENDS)}")
+        _check_protocol(self.protocol)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LossInjection:
+    """Drop every ``every``-th probe bound to guest ``guest``.
+
+    The 1st to (N-1)th pass, the Nth is dropped, and so on: a window of
+    ``k * every`` probes loses exactly ``k`` of them.
+    """
+
+    guest: int
+    every: int
+    protocol: str | None = None
+
+    def __post_init__(self):
+        if not 2 <= self.every <= 1_000_000:
+            raise ValueError(f"loss every {self.every!r} probes is not "
+                             "within 2..1000000")
+        _check_protocol(self.protocol)
+
+    @property
+    def loss_pct(self):
+        return 100.0 / self.every
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LabSpec:
+    """What to build.  Namespaces are named ``<prefix>src`` and so on."""
+
+    prefix: str
+    guests: int = 2
+    pif: str = 'eth1'
+    network: str = '198.18.0.0/24'
+    delays: tuple = ()
+    losses: tuple = ()
+    mgmt: bool = False
+    mgmt_network: str = '198.19.0.0/24'
+    # Keep the lab's processes alive after the building process ends
+    # (``netweaver lab --keep``); else they end with it.
+    persistent: bool = False
+
+    def __post_init__(self):
+        if not _PREFIX_RE.match(self.prefix or ''):
+            raise ValueError(
+                f"lab prefix {self.prefix!r} must be 1..40 characters of "
+                "letters, digits, '_', '.', '-', starting with a letter or "
+                "digit")
+        _check_ifname(self.pif, 'pif')
+        net = self._net(self.network, 'lab network')
+        most = net.num_addresses - FIRST_GUEST_HOST - 1
+        if not 1 <= self.guests <= min(most, 250):
+            raise ValueError(f"lab guests {self.guests!r} must be within "
+                             f"1..{min(most, 250)} for network {net}")
+        if self.mgmt:
+            mnet = self._net(self.mgmt_network, 'management network')
+            if mnet.overlaps(net):
+                raise ValueError(f"management network {mnet} overlaps the "
+                                 f"lab network {net}")
+        object.__setattr__(self, 'delays', tuple(self.delays))
+        object.__setattr__(self, 'losses', tuple(self.losses))
+        seen = set()
+        for inj in self.delays + self.losses:
+            if not isinstance(inj, (DelayInjection, LossInjection)):
+                raise TypeError(f"lab injection {inj!r} is neither a "
+                                "DelayInjection nor a LossInjection")
+            if not 0 <= inj.guest < self.guests:
+                raise ValueError(f"injection {inj!r} names guest "
+                                 f"{inj.guest}; the lab has guests "
+                                 f"0..{self.guests - 1}")
+            if isinstance(inj, DelayInjection):
+                if inj.guest in seen:
+                    raise ValueError(f"guest {inj.guest} has two delays")
+                seen.add(inj.guest)
+
+    @staticmethod
+    def _net(text, what):
+        try:
+            net = ipaddress.ip_network(text)
+        except ValueError as exc:
+            raise ValueError(f"{what} {text!r}: {exc}") from exc
+        if not net.subnet_of(LAB_NET) or net.prefixlen > 28:
+            raise ValueError(f"{what} {net} must be a /28 or larger inside "
+                             f"{LAB_NET}")
+        return net
+
+    # -- names ---------------------------------------------------------------
+
+    def _uuid(self, what):
+        return uuid.uuid5(_LAB_UUID_NS, f'{self.prefix}/{what}')
+
+    @property
+    def src_netns(self):
+        return f'{self.prefix}src'
+
+    @property
+    def hv_netns(self):
+        return f'{self.prefix}hv'
+
+    @property
+    def mgmt_netns(self):
+        return f'{self.prefix}mgmt' if self.mgmt else None
+
+    def guest_netns(self, index):
+        return f'{self.prefix}g{index}'
+
+    @property
+    def network_id(self):
+        """The Neutron-like network uuid of the lab's provider network."""
+        return str(self._uuid('network'))
+
+    @property
+    def bridge(self):
+        """``brq`` + 11 characters of the network id (linuxbridge agent)."""
+        return 'brq' + self.network_id[:11]
+
+    @property
+    def prefixlen(self):
+        return ipaddress.ip_network(self.network).prefixlen
+
+    @property
+    def src_address(self):
+        return str(ipaddress.ip_network(self.network)[1])
+
+    @property
+    def src_mac(self):
+        return _mac('02:00:c6', self.prefix, 'src')
+
+    def guest(self, index):
+        """The :class:`LabGuest` number ``index``."""
+        if not 0 <= index < self.guests:
+            raise IndexError(
+                f"lab has no guest {index} (0..{self.guests - 1})")
+        port = str(self._uuid(f'port{index}'))
+        mac = _mac('fa:16:3e', self.prefix, 'guests', last=index)
+        return LabGuest(
+            index=index, name=f'instance-{index + 1:08x}',
+            uuid=str(self._uuid(f'guest{index}')),
+            netns=self.guest_netns(index),
+            tap='tap' + port[:11], port_id=port, mac=mac,
+            tap_mac='fe' + mac[2:],
+            address=str(ipaddress.ip_network(self.network)[
+                FIRST_GUEST_HOST + index]),
+            prefixlen=self.prefixlen)
+
+    def mgmt_addresses(self):
+        """:class:`MgmtAddresses` of the management network, or None."""
+        if not self.mgmt:
+            return None
+        net = ipaddress.ip_network(self.mgmt_network)
+        return MgmtAddresses(mgmt=str(net[1]), src=str(net[2]),
+                             hv=str(net[3]), prefixlen=net.prefixlen)
+
+    def namespaces(self):
+        """Every namespace name the lab makes, in building order."""
+        names = [self.src_netns, self.hv_netns]
+        names += [self.guest_netns(i) for i in range(self.guests)]
+        if self.mgmt:
+            names.append(self.mgmt_netns)
+        return names
+
+
+def _mac(oui, prefix, what, last=None):
+    digest = hashlib.sha256(f'{prefix}/{what}'.encode()).digest()
+    tail = [digest[0], digest[1], digest[2] if last is None else last & 0xff]
+    return oui + ''.join(f':{b:02x}' for b in tail)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LabGuest:
+    """One guest: what nova and libvirt would know about it."""
+
+    index: int
+    name: str          # libvirt domain name, ``instance-0000000N``
+    uuid: str          # instance uuid
+    netns: str
+    tap: str           # host netdev (``tap`` + 11 chars of the port id)
+    port_id: str       # Neutron-like port uuid
+    mac: str           # the guest's MAC (``fa:16:3e:...``)
+    tap_mac: str       # the tap's MAC (``fe:16:3e:...``, as libvirt sets)
+    address: str
+    prefixlen: int = 24
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MgmtAddresses:
+    """Addresses on the management network of a lab built with mgmt."""
+
+    mgmt: str
+    src: str
+    hv: str
+    prefixlen: int = 24
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActiveDelay:
+    """A delay the lab put in place, and how."""
+
+    injection: DelayInjection
+    backend: str                 # 'netem' or 'nfqueue'
+    queue: int | None = None
+    records_path: str | None = None
+    pid: int | None = None
+
+
+# -- kept labs --------------------------------------------------------------
+
+def state_dir(prefix):
+    return os.path.join(STATE_ROOT, prefix)
+
+
+def _write_json(path, data):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def kept_prefixes():
+    """Prefixes of labs with a state file under :data:`STATE_ROOT`."""
+    try:
+        entries = sorted(os.listdir(STATE_ROOT))
+    except FileNotFoundError:
+        return []
+    return [e for e in entries
+            if os.path.exists(os.path.join(STATE_ROOT, e, STATE_FILE))]
+
+
+def teardown_kept(prefix=None):
+    """Remove the kept lab ``prefix`` (None: every kept lab).
+
+    Returns the prefixes removed.  A prefix with no state file is still
+    cleared of the namespaces a lab with that prefix would have made.
+    """
+    prefixes = [prefix] if prefix else kept_prefixes()
+    done = []
+    for p in prefixes:
+        path = os.path.join(state_dir(p), STATE_FILE)
+        try:
+            with open(path, encoding='utf-8') as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError) as exc:
+            raise LabError(f"cannot read lab state {path!r}: {exc}") from exc
+        _remove(p, state.get('namespaces', ()), state.get('pids', ()))
+        done.append(p)
+    return done
+
+
+# -- commands ---------------------------------------------------------------
+
+def _ip_batch(ns, lines, tool='ip'):
+    """Run ``ip -batch -`` (or ``bridge``) lines inside namespace ``ns``."""
+    argv = [tool, *(['-n', ns] if ns else []), '-batch', '-']
+    try:
+        netns.run(argv, input='\n'.join(lines) + '\n')
+    except netns.CommandError as exc:
+        raise LabError(f"{tool} in namespace {ns or '(host)'}: "
+                       f"{exc}") from exc
+
+
+def _sysctl(ns, settings):
+    argv = ['sysctl', '-q', '-w', *(f'{k}={v}' for k, v in settings)]
+    try:
+        netns.run(argv, netns=ns)
+    except netns.CommandError as exc:
+        raise LabError(f"sysctl in namespace {ns}: {exc}") from exc
+
+
+def _iptables(ns, rule):
+    try:
+        netns.run(['iptables', '-w', '5', *rule], netns=ns)
+    except netns.CommandError as exc:
+        raise LabError(f"iptables in namespace {ns}: {exc}") from exc
+
+
+def _existing_netns():
+    try:
+        return set(os.listdir(netns.NETNS_RUN_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def _stale_names(prefix, names):
+    """Namespaces a lab with ``prefix`` may have left, present now."""
+    pattern = re.compile(re.escape(prefix) + r'(src|hv|mgmt|g\d+)$')
+    return sorted({n for n in _existing_netns()
+                   if pattern.match(n) or n in names})
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid):
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return f.read().split(b'\0')
+    except OSError:
+        return []
+
+
+def _kill(pids, what):
+    """SIGTERM ``pids``, then SIGKILL those still there after a grace."""
+    pids = [p for p in pids if p not in _protected_pids()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + KILL_GRACE_S
+    left = list(pids)
+    while left and time.monotonic() < end:
+        for pid in left:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        left = [p for p in left if _alive(p)]
+        if left:
+            time.sleep(0.02)
+    for pid in left:
+        LOG.warning('Lab %(what)s process %(pid)d ignored SIGTERM; killing',
+                    {'what': what, 'pid': pid})
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _protected_pids():
+    """This process and its ancestors: never killed by a teardown."""
+    pids = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+                pid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def _netns_pids(name):
+    proc = netns.run(['ip', 'netns', 'pids', name], check=False)
+    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+
+
+def _remove(prefix, namespaces, pids):
+    """Kill the lab's processes and delete its namespaces; check."""
+    errors = []
+    own = []
+    for entry in pids:
+        pid, marker = entry['pid'], entry.get('marker', '')
+        if _alive(pid) and marker.encode() in _cmdline(pid):
+            own.append(pid)
+    _kill(own, 'delayer')
+    names = _stale_names(prefix, set(namespaces))
+    strays = sorted({pid for n in names for pid in _netns_pids(n)})
+    if strays:
+        LOG.warning('Lab %(prefix)s: ending processes left in its '
+                    'namespaces: %(pids)s', {'prefix': prefix,
+                                             'pids': strays})
+        _kill(strays, 'stray')
+    for name in names:
+        proc = netns.run(['ip', 'netns', 'delete', name], check=False)
+        if proc.returncode != 0 and netns.exists(name):
+            errors.append(f"namespace {name}: {proc.stderr.strip()}")
+    shutil.rmtree(state_dir(prefix), ignore_errors=True)
+    left = _stale_names(prefix, set(namespaces))
+    if left:
+        errors.append(f"namespaces still present: {', '.join(left)}")
+    if errors:
+        raise LabError(f"lab {prefix!r} was not removed entirely: "
+                       + '; '.join(errors))
+
+
+# -- the lab ----------------------------------------------------------------
+
+class Lab:
+    """A built (or to be built) namespace lab; see the module docstring.
+
+    Use as a context manager, or call :meth:`build` and :meth:`teardown`.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.guests = tuple(spec.guest(i) for i in range(spec.guests))
+        self._delays = []
+        self._losses = []
+        self._procs = []
+        self._built = False
+
+    # -- names ---------------------------------------------------------------
+
+    @property
+    def prefix(self):
+        return self.spec.prefix
+
+    @property
+    def src_netns(self):
+        return self.spec.src_netns
+
+    @property
+    def hv_netns(self):
+        return self.spec.hv_netns
+
+    @property
+    def mgmt_netns(self):
+        return self.spec.mgmt_netns
+
+    @property
+    def pif(self):
+        return self.spec.pif
+
+    @property
+    def bridge(self):
+        return self.spec.bridge
+
+    @property
+    def src_address(self):
+        return self.spec.src_address
+
+    @property
+    def mgmt_addresses(self):
+        return self.spec.mgmt_addresses()
+
+    @property
+    def state_dir(self):
+        return state_dir(self.prefix)
+
+    @property
+    def delays(self):
+        """:class:`ActiveDelay` of every delay in place."""
+        return tuple(self._delays)
+
+    @property
+    def losses(self):
+        """:class:`LossInjection` of every loss in place."""
+        return tuple(self._losses)
+
+    def paths(self):
+        """One :class:`topology.VifPath` per guest: pif → tap."""
+        return [topology.VifPath(vnic=g.tap, address=g.address,
+                                 interfaces=(self.pif, g.tap), mac=g.mac)
+                for g in self.guests]
+
+    def source(self):
+        """The probe source: the source namespace's own stack."""
+        return sources.LocalSource(netns_name=self.src_netns)
+
+    # -- building ------------------------------------------------------------
+
+    def __enter__(self):
+        return self.build()
+
+    def __exit__(self, *exc):
+        self.teardown()
+        return False
+
+    def build(self):
+        """Build the lab (removing a previous one with this prefix)."""
+        if self._built:
+            raise LabError(f"lab {self.prefix!r} is already built")
+        if os.geteuid() != 0:
+            raise LabError("building the namespace lab needs root "
+                           "(namespaces, veth, bridge, iptables)")
+        stale = _stale_names(self.prefix, set(self.spec.namespaces()))
+        if stale or os.path.exists(self.state_dir):
+            LOG.info('Lab %(prefix)s: removing a previous lab (%(ns)s)',
+                     {'prefix': self.prefix, 'ns': ', '.join(stale)})
+            teardown_kept(self.prefix)
+        self._built = True
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            self._save_state()
+            self._build_namespaces()
+            self._build_hypervisor()
+            self._build_source()
+            for guest in self.guests:
+                self._build_guest(guest)
+            if self.spec.mgmt:
+                self._build_mgmt()
+            for loss in self.spec.losses:
+                self.inject_loss(loss)
+            for delay in self.spec.delays:
+                self.inject_delay(delay)
+            self._finish()
+        except BaseException as exc:
+            LOG.error('Lab %(prefix)s: build failed, removing it: %(exc)s',
+                      {'prefix': self.prefix, 'exc': exc})
+            try:
+                self.teardown()
+            except LabError as err:
+                LOG.error('%s', err)
+            if isinstance(exc, (LabError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise LabError(f"lab {self.prefix!r} could not be built: "
+                           f"{exc}") from exc
+        LOG.info('Lab %(prefix)s built: %(n)d guests behind %(pif)s',
+                 {'prefix': self.prefix, 'n': len(self.guests),
+                  'pif': self.pif})
+        return self
+
+    def _finish(self):
+        """Last build step: record the complete state."""
+        self._save_state()
+
+    def _build_namespaces(self):
+        _ip_batch(None, [f'netns add {n}' for n in self.spec.namespaces()])
+        quiet = [('net.ipv6.conf.all.disable_ipv6', 1),
+                 ('net.ipv6.conf.default.disable_ipv6', 1),
+                 ('net.ipv4.ip_forward', 0)]
+        host = quiet + [('net.ipv4.conf.all.rp_filter', 0),
+                        ('net.ipv4.conf.default.rp_filter', 0)]
+        _sysctl(self.src_netns, host)
+        for g in self.guests:
+            _sysctl(g.netns, host)
+        _sysctl(self.hv_netns, quiet)
+        if self.spec.mgmt:
+            _sysctl(self.mgmt_netns, quiet)
+
+    def _build_hypervisor(self):
+        br, pif, src = self.bridge, self.pif, self.src_netns
+        lines = [f'link add {br} type bridge stp_state 0 forward_delay 0',
+                 f'link add {pif} type veth peer name eth0 netns {src}',
+                 f'link set {pif} master {br}']
+        for g in self.guests:
+            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+                      f'peer name eth0 address {g.mac} netns {g.netns}',
+                      f'link set {g.tap} master {br}']
+        lines += [f'link set {n} up' for n in
+                  ('lo', br, pif, *(g.tap for g in self.guests))]
+        _ip_batch(self.hv_netns, lines)
+        fdb = [f'fdb replace {g.mac} dev {g.tap} master static'
+               for g in self.guests]
+        fdb.append(f'fdb replace {self.spec.src_mac} dev {pif} master static')
+        _ip_batch(self.hv_netns, fdb, tool='bridge')
+
+    def _build_source(self):
+        plen = self.spec.prefixlen
+        lines = ['link set lo up',
+                 f'link set eth0 address {self.spec.src_mac}',
+                 f'addr add {self.src_address}/{plen} dev eth0',
+                 'link set eth0 up']
+        lines += [f'neigh replace {g.address} lladdr {g.mac} dev eth0 '
+                  'nud permanent' for g in self.guests]
+        _ip_batch(self.src_netns, lines)
+
+    def _build_guest(self, guest):
+        _ip_batch(guest.netns, [
+            'link set lo up',
+            f'addr add {guest.address}/{guest.prefixlen} dev eth0',
+            'link set eth0 up',
+            f'neigh replace {self.src_address} lladdr {self.spec.src_mac} '
+            'dev eth0 nud permanent'])
+
+    def _build_mgmt(self):
+        m, a = self.mgmt_netns, self.mgmt_addresses
+        _ip_batch(m, [
+            'link set lo up',
+            'link add br-mgmt type bridge stp_state 0 forward_delay 0',
+            f'link add m-src type veth peer name mgmt0 netns {self.src_netns}',
+            f'link add m-hv type veth peer name mgmt0 netns {self.hv_netns}',
+            'link set m-src master br-mgmt',
+            'link set m-hv master br-mgmt',
+            f'addr add {a.mgmt}/{a.prefixlen} dev br-mgmt',
+            'link set br-mgmt up', 'link set m-src up', 'link set m-hv up'])
+        for ns, addr in ((self.src_netns, a.src), (self.hv_netns, a.hv)):
+            _ip_batch(ns, [f'addr add {addr}/{a.prefixlen} dev mgmt0',
+                           'link set mgmt0 up'])
+
+    # -- injected truth ------------------------------------------------------
+
+    def _match(self, guest_index, protocol):
+        g = self.guests[guest_index]
+        rule = ['-m', 'physdev', '--physdev-out', g.tap, '-d', g.address]
+        if protocol:
+            rule[0:0] = ['-p', protocol]
+        return rule
+
+    def _bridge_netfilter(self):
+        _sysctl(self.hv_netns, [('net.bridge.bridge-nf-call-iptables', 1)])
+
+    def inject_loss(self, loss):
+        """Drop every Nth probe to a guest, on the bridge (after the pif)."""
+        self._check_injection(loss)
+        self._bridge_netfilter()
+        _iptables(self.hv_netns, [
+            '-I', 'FORWARD', '1', *self._match(loss.guest, loss.protocol),
+            '-m', 'statistic', '--mode', 'nth', '--every', str(loss.every),
+            '--packet', '0', '-j', 'DROP'])
+        self._losses.append(loss)
+        self._save_state()
+        LOG.info('Lab %(prefix)s: every %(n)dth probe to %(tap)s dropped',
+                 {'prefix': self.prefix, 'n': loss.every,
+                  'tap': self.guests[loss.guest].tap})
+
+    def inject_delay(self, delay):
+        """Hold every probe to a guest for ``delay.delay_ms``; see module."""
+        self._check_injection(delay)
+        if any(d.injection.guest == delay.guest for d in self._delays):
+            raise LabError(f"lab {self.prefix!r}: guest {delay.guest} "
+                           "already has a delay")
+        backend = delay.backend
+        if backend in ('auto', 'netem'):
+            if self._try_netem(delay):
+                active = ActiveDelay(injection=delay, backend='netem')
+                self._delays.append(active)
+                self._save_state()
+                return active
+            if backend == 'netem':
+                raise LabError(f"lab {self.prefix!r}: the kernel has no tc "
+                               "netem (CONFIG_NET_SCH_NETEM); use the "
+                               "nfqueue delay backend")
+        active = self._start_delayer(delay)
+        self._delays.append(active)
+        self._save_state()
+        return active
+
+    def _check_injection(self, inj):
+        if not self._built:
+            raise LabError(f"lab {self.prefix!r} is not built")
+        if not 0 <= inj.guest < len(self.guests):
+            raise LabError(f"lab {self.prefix!r} has no guest {inj.guest}")
+
+    def _try_netem(self, delay):
+        if delay.protocol is not None:
+            LOG.debug('netem cannot restrict a delay to %s probes; using '
+                      'nfqueue', delay.protocol)
+            return False
+        tap = self.guests[delay.guest].tap
+        proc = netns.run(['tc', 'qdisc', 'add', 'dev', tap, 'root', 'netem',
+                          'delay', f'{delay.delay_ms}ms'],
+                         netns=self.hv_netns, check=False)
+        if proc.returncode != 0:
+            LOG.debug('tc netem unavailable on %(tap)s: %(err)s',
+                      {'tap': tap, 'err': proc.stderr.strip()})
+            return False
+        return True
+
+    def _start_delayer(self, delay):
+        queue = len(self._delays)
+        guest = self.guests[delay.guest]
+        records = os.path.join(self.state_dir, f'delay-g{delay.guest}.records')
+        logfile = os.path.join(self.state_dir, f'delayer-g{delay.guest}.log')
+        open(records, 'w').close()
+        argv = [sys.executable, '-m', 'netweaver_agent.delayer',
+                '--queue', str(queue), '--delay-ms', str(delay.delay_ms),
+                '--records', records]
+        if not self.spec.persistent:
+            argv += ['--watch-pid', str(os.getpid())]
+        with open(logfile, 'ab') as log_f:
+            proc = subprocess.Popen(
+                netns.netns_argv(self.hv_netns, argv),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=log_f, start_new_session=True)
+        self._procs.append(proc)
+        self._save_state()
+        self._wait_ready(proc, logfile)
+        self._bridge_netfilter()
+        _iptables(self.hv_netns, [
+            '-A', 'FORWARD', *self._match(delay.guest, delay.protocol),
+            '-j', 'NFQUEUE', '--queue-num', str(queue)])
+        LOG.info('Lab %(prefix)s: probes to %(tap)s held %(ms)s ms by '
+                 'delayer %(pid)d (queue %(q)d)',
+                 {'prefix': self.prefix, 'tap': guest.tap,
+                  'ms': delay.delay_ms, 'pid': proc.pid, 'q': queue})
+        return ActiveDelay(injection=delay, backend='nfqueue', queue=queue,
+                           records_path=records, pid=proc.pid)
+
+    def _wait_ready(self, proc, logfile):
+        end = time.monotonic() + DELAYER_READY_TIMEOUT_S
+        line = b''
+        while time.monotonic() < end:
+            ready, _, _ = select.select([proc.stdout], [], [],
+                                        max(0.0, end - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(proc.stdout.fileno(), 64)
+            if not chunk:
+                break
+            line += chunk
+            if line.startswith(delayer.READY.encode()):
+                return
+        proc.poll()
+        try:
+            with open(logfile, encoding='utf-8', errors='replace') as f:
+                err = f.read().strip()[-500:]
+        except OSError:
+            err = ''
+        raise LabError(
+            f"lab {self.prefix!r}: the delayer in {self.hv_netns} "
+            f"(pid {proc.pid}) did not become ready within "
+            f"{DELAYER_READY_TIMEOUT_S:.0f} s (exit status {proc.returncode}"
+            f"): {err or 'no output'}")
+
+    def delay_records(self, guest=None):
+        """The :class:`delayer.DelayRecord` of every probe held so far.
+
+        ``guest``: one guest's index (None: every nfqueue delay).  A netem
+        delay keeps no records: its truth is its configured delay.
+        """
+        out = []
+        for d in self._delays:
+            if d.records_path and (guest is None or
+                                   d.injection.guest == guest):
+                out.extend(delayer.read_records(d.records_path))
+        return out
+
+    # -- state and teardown --------------------------------------------------
+
+    def _save_state(self):
+        if not os.path.isdir(self.state_dir):
+            return
+        _write_json(os.path.join(self.state_dir, STATE_FILE), {
+            'prefix': self.prefix,
+            'namespaces': self.spec.namespaces(),
+            'pids': [{'pid': p.pid, 'marker': 'netweaver_agent.delayer'}
+                     for p in self._procs],
+            'guests': [dataclasses.asdict(g) for g in self.guests],
+            'pif': self.pif, 'bridge': self.bridge,
+            'delays': [{'guest': d.injection.guest,
+                        'delay_ms': d.injection.delay_ms,
+                        'backend': d.backend,
+                        'records': d.records_path} for d in self._delays],
+            'losses': [dataclasses.asdict(x) for x in self._losses],
+            'persistent': self.spec.persistent,
+        })
+
+    def teardown(self):
+        """Remove everything the lab made; safe after a partial build."""
+        pids = [{'pid': p.pid, 'marker': 'netweaver_agent.delayer'}
+                for p in self._procs]
+        try:
+            _remove(self.prefix, self.spec.namespaces(), pids)
+        finally:
+            for p in self._procs:
+                if p.stdout is not None:
+                    p.stdout.close()
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            self._procs = []
+            self._delays = []
+            self._losses = []
+            self._built = False
+        LOG.info('Lab %s removed', self.prefix)
