@@ -1,27 +1,27 @@
 """The seed's job and the ssh:// probe source against real OpenSSH servers.
 
-Needs root.  The test builds its own namespaces (unique prefix): a probe
-source ``<p>src``, a hypervisor ``<p>hv`` (pif ``<p>pif``, bridge, one tap
-per guest), guests, and a management network ``<p>mgmt`` (198.19.1.0/24)
-from which the client connects.  Real ``/usr/sbin/sshd`` processes run in
-the source and hypervisor namespaces with host keys, a client key and a
-known_hosts file generated here; they are killed and everything is removed
-on teardown, also on failure.
+Needs root.  The module builds one :class:`lab.Lab` (unique prefix) with
+a management network (``<p>mgmt``, from which the client connects) and a
+2 ms delay on the probes to guest 0.  Real ``/usr/sbin/sshd`` processes
+run in the source and hypervisor namespaces with host keys, a client key
+and a known_hosts file generated here; they are killed and the lab is
+removed on teardown, also on failure.
 """
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
+import secrets
 import select
 import shutil
 import subprocess
-import sys
 import time
-import uuid
 
 import pytest
 
+from netweaver_agent import lab as lab_mod
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import remote
@@ -32,14 +32,7 @@ from netweaver_agent.cmd import measure as cmd_measure
 SSHD = '/usr/sbin/sshd'
 PORT = 2222
 FAKE_PORT = 2223        # second sshd on the hypervisor with a fake virsh
-MGMT = '198.19.1'
-SRC_MGMT = f'{MGMT}.2'
-HV_MGMT = f'{MGMT}.3'
-NOBODY = f'{MGMT}.99'   # on the management bridge, never answers
-SRC_IP = '198.18.0.1'
-GUESTS = ('198.18.0.10', '198.18.0.11')
 DELAY_MS = 2.0
-PYTHON = sys.executable
 
 
 def _run(argv, **kw):
@@ -57,75 +50,41 @@ def _fail_unless_possible():
 
 
 class SSHLab:
-    """Namespaces, keys and sshd processes of one test module."""
+    """A :class:`lab.Lab` with a management network, keys and sshd's."""
 
     def __init__(self, workdir):
-        self.prefix = 'h4' + uuid.uuid4().hex[:4]
+        self.prefix = f'nwh4{os.getpid()}{secrets.token_hex(2)}-'
         self.workdir = workdir
-        self.src = f'{self.prefix}src'
-        self.hv = f'{self.prefix}hv'
-        self.mgmt = f'{self.prefix}mgmt'
-        self.guests = [f'{self.prefix}g{i}' for i in range(len(GUESTS))]
-        self.pif = f'{self.prefix}pif'
-        self.taps = [f'tap{i}' for i in range(len(GUESTS))]
-        self.namespaces = []
+        self.lab = lab_mod.Lab(lab_mod.LabSpec(
+            prefix=self.prefix, guests=2, mgmt=True,
+            delays=(lab_mod.DelayInjection(guest=0, delay_ms=DELAY_MS,
+                                           protocol='icmp'),)))
         self.procs = []
         self.key = os.path.join(workdir, 'client_key')
         self.known_hosts = os.path.join(workdir, 'known_hosts')
         self.host_key = os.path.join(workdir, 'host_key')
         self.fakebin = os.path.join(workdir, 'fakebin')
-        self.delay_records = os.path.join(workdir, 'delays')
+        self.virsh_log = os.path.join(workdir, 'virsh-args')
 
     # -- building ---------------------------------------------------------
-    def _netns(self, name):
-        _run(['ip', 'netns', 'add', name])
-        self.namespaces.append(name)
-        _run(['ip', '-n', name, 'link', 'set', 'lo', 'up'])
-
     def build(self):
-        for name in (self.src, self.hv, self.mgmt, *self.guests):
-            self._netns(name)
-        hv, src = self.hv, self.src
-        # Data plane: src eth0 <-> pif -- br0 -- tapN <-> guest eth0.
-        _run(['ip', '-n', hv, 'link', 'add', self.pif, 'type', 'veth',
-              'peer', 'name', 'eth0', 'netns', src])
-        _run(['ip', '-n', hv, 'link', 'add', 'br0', 'type', 'bridge'])
-        _run(['ip', '-n', hv, 'link', 'set', self.pif, 'master', 'br0'])
-        for tap, guest, addr in zip(self.taps, self.guests, GUESTS):
-            _run(['ip', '-n', hv, 'link', 'add', tap, 'type', 'veth', 'peer',
-                  'name', 'eth0', 'netns', guest])
-            _run(['ip', '-n', hv, 'link', 'set', tap, 'master', 'br0'])
-            _run(['ip', '-n', hv, 'link', 'set', tap, 'up'])
-            _run(['ip', '-n', guest, 'addr', 'add', f'{addr}/24', 'dev',
-                  'eth0'])
-            _run(['ip', '-n', guest, 'link', 'set', 'eth0', 'up'])
-        for dev in (self.pif, 'br0'):
-            _run(['ip', '-n', hv, 'link', 'set', dev, 'up'])
-        _run(['ip', '-n', src, 'addr', 'add', f'{SRC_IP}/24', 'dev',
-              'eth0'])
-        _run(['ip', '-n', src, 'link', 'set', 'eth0', 'up'])
-        # Management network, separate from the data plane.
-        mg = self.mgmt
-        _run(['ip', '-n', mg, 'link', 'add', 'mbr', 'type', 'bridge'])
-        _run(['ip', '-n', mg, 'addr', 'add', f'{MGMT}.1/24', 'dev', 'mbr'])
-        _run(['ip', '-n', mg, 'link', 'set', 'mbr', 'up'])
-        for peer, addr, port in ((src, SRC_MGMT, 'm-src'),
-                                 (hv, HV_MGMT, 'm-hv')):
-            _run(['ip', '-n', mg, 'link', 'add', port, 'type', 'veth',
-                  'peer', 'name', 'mgmt0', 'netns', peer])
-            _run(['ip', '-n', mg, 'link', 'set', port, 'master', 'mbr'])
-            _run(['ip', '-n', mg, 'link', 'set', port, 'up'])
-            _run(['ip', '-n', peer, 'addr', 'add', f'{addr}/24', 'dev',
-                  'mgmt0'])
-            _run(['ip', '-n', peer, 'link', 'set', 'mgmt0', 'up'])
+        try:
+            self.lab.build()
+        except lab_mod.LabError as exc:
+            pytest.fail(f'the namespace lab could not be built: {exc}')
+        self.src, self.hv = self.lab.src_netns, self.lab.hv_netns
+        self.mgmt, self.pif = self.lab.mgmt_netns, self.lab.pif
+        self.guests = self.lab.guests
+        addrs = self.lab.mgmt_addresses
+        self.src_mgmt, self.hv_mgmt = addrs.src, addrs.hv
+        self.nobody = str(ipaddress.ip_address(addrs.mgmt) + 98)
         self._keys()
         self._fake_virsh()
         os.makedirs('/run/sshd', mode=0o755, exist_ok=True)  # privsep dir
-        self.start_sshd(src, SRC_MGMT, PORT)
-        self.start_sshd(hv, HV_MGMT, PORT)
-        self.start_sshd(hv, HV_MGMT, FAKE_PORT,
+        self.start_sshd(self.src, self.src_mgmt, PORT)
+        self.start_sshd(self.hv, self.hv_mgmt, PORT)
+        self.start_sshd(self.hv, self.hv_mgmt, FAKE_PORT,
                         path=f'{self.fakebin}:/usr/sbin:/usr/bin:/sbin:/bin')
-        self._delay(0)
 
     def _keys(self):
         for path in (self.key, self.host_key):
@@ -136,7 +95,7 @@ class SSHLab:
         with open(self.host_key + '.pub') as f:
             kind, blob = f.read().split()[:2]
         with open(self.known_hosts, 'w') as f:
-            for addr in (SRC_MGMT, HV_MGMT):
+            for addr in (self.src_mgmt, self.hv_mgmt):
                 for port in (PORT, FAKE_PORT):
                     f.write(f'[{addr}]:{port} {kind} {blob}\n')
 
@@ -145,12 +104,11 @@ class SSHLab:
         # It records its arguments (NUL-separated) and answers domiflist
         # from a fixture naming the lab's real tap.
         os.makedirs(self.fakebin)
-        self.virsh_log = os.path.join(self.workdir, 'virsh-args')
         fixture = os.path.join(self.workdir, 'domiflist.txt')
         with open(fixture, 'w') as f:
             f.write(' Interface   Type     Source   Model    MAC\n'
                     + '-' * 60 + '\n'
-                    f' {self.taps[0]}        bridge   br0      virtio   '
+                    f' {self.guests[0].tap}        bridge   br0      virtio   '
                     'fa:16:3e:00:00:10\n\n')
         script = os.path.join(self.fakebin, 'virsh')
         with open(script, 'w') as f:
@@ -190,31 +148,6 @@ class SSHLab:
             if select.select([proc.stderr], [], [], left)[0]:
                 buf += os.read(proc.stderr.fileno(), 4096)
 
-    def _delay(self, guest_index):
-        """Hold probes to guest ``guest_index`` DELAY_MS with the delayer."""
-        hv, tap = self.hv, self.taps[guest_index]
-        _run(['sysctl', '-q', '-w', 'net.bridge.bridge-nf-call-iptables=1'],
-             netns=hv)
-        _run(['iptables', '-w', '-A', 'FORWARD', '-m', 'physdev',
-              '--physdev-out', tap, '-p', 'icmp', '--icmp-type',
-              'echo-request', '-j', 'NFQUEUE', '--queue-num', '7'],
-             netns=hv)
-        proc = subprocess.Popen(
-            ['ip', 'netns', 'exec', hv, PYTHON, '-m',
-             'netweaver_agent.delayer', '--queue', '7', '--delay-ms',
-             str(DELAY_MS), '--records', self.delay_records,
-             '--watch-pid', str(os.getpid()), '--max-lifetime-s', '1800'],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=os.path.dirname(
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        self.procs.append(proc)
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        line = proc.stdout.readline() if ready else b''
-        if b'ready' not in line:
-            proc.kill()
-            pytest.fail('delayer did not start: '
-                        f'{proc.stderr.read().decode(errors="replace")}')
-
     # -- tearing down -----------------------------------------------------
     def destroy(self):
         for proc in reversed(self.procs):
@@ -225,8 +158,7 @@ class SSHLab:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
-        for name in reversed(self.namespaces):
-            subprocess.run(['ip', 'netns', 'del', name], check=False)
+        self.lab.teardown()
 
     # -- using ------------------------------------------------------------
     def options(self, **kw):
@@ -235,12 +167,13 @@ class SSHLab:
         args.update(kw)
         return remote.SSHOptions(**args)
 
-    def host(self, addr=HV_MGMT, port=PORT, **kw):
-        return remote.RemoteHost(addr, port, 'root', self.options(**kw),
+    def host(self, addr=None, port=PORT, **kw):
+        return remote.RemoteHost(addr or self.hv_mgmt, port, 'root',
+                                 self.options(**kw),
                                  netns_name=self.mgmt)
 
     def measure_argv(self, *extra, hv_port=PORT):
-        return ['measure', '--hv', HV_MGMT, '-s', SRC_MGMT,
+        return ['measure', '--hv', self.hv_mgmt, '-s', self.src_mgmt,
                 '--hypervisor-port', str(hv_port),
                 '--source-port', str(PORT), '-i', self.pif, '-k', self.key,
                 '--known-hosts', self.known_hosts, '--ssh-netns', self.mgmt,
@@ -279,7 +212,7 @@ def test_run_fetch_tempdir_and_errors(lab, tmp_path):
             hv.run(['sh', '-c', 'echo boom >&2; exit 3'])
         assert 'exit status 3' in str(err.value)
         assert 'boom' in str(err.value)
-        assert HV_MGMT in str(err.value)
+        assert lab.hv_mgmt in str(err.value)
         with pytest.raises(remote.RemoteCommandError) as err:
             hv.run(['sleep', '3'], timeout_s=0.5)
         assert 'did not end within 0.5 s' in str(err.value)
@@ -302,14 +235,14 @@ def test_wrong_host_key_refused(lab, tmp_path):
     _run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(other)])
     kind, blob = (tmp_path / 'other_key.pub').read_text().split()[:2]
     bad = tmp_path / 'known_hosts'
-    bad.write_text(f'[{HV_MGMT}]:{PORT} {kind} {blob}\n')
+    bad.write_text(f'[{lab.hv_mgmt}]:{PORT} {kind} {blob}\n')
     host = lab.host(known_hosts_file=str(bad), accept_new_host_key=True)
     with pytest.raises(remote.HostKeyError) as err:
         host.connect()
     msg = str(err.value)
-    assert HV_MGMT in msg and 'differs' in msg and str(bad) in msg
+    assert lab.hv_mgmt in msg and 'differs' in msg and str(bad) in msg
     # Nothing was recorded over the known key.
-    assert bad.read_text() == f'[{HV_MGMT}]:{PORT} {kind} {blob}\n'
+    assert bad.read_text() == f'[{lab.hv_mgmt}]:{PORT} {kind} {blob}\n'
 
 
 def test_unknown_host_refused_unless_accepted(lab, tmp_path):
@@ -318,34 +251,35 @@ def test_unknown_host_refused_unless_accepted(lab, tmp_path):
     with pytest.raises(remote.HostKeyError) as err:
         lab.host(known_hosts_file=str(empty)).connect()
     assert 'is not in known_hosts' in str(err.value)
-    assert HV_MGMT in str(err.value)
+    assert lab.hv_mgmt in str(err.value)
     with lab.host(known_hosts_file=str(empty),
                   accept_new_host_key=True) as hv:
         hv.run(['true'])
-    assert f'[{HV_MGMT}]:{PORT} ssh-ed25519 ' in empty.read_text()
+    assert f'[{lab.hv_mgmt}]:{PORT} ssh-ed25519 ' in empty.read_text()
     with lab.host(known_hosts_file=str(empty)) as hv:   # now known
         hv.run(['true'])
 
 
 def test_unreachable_host_fails_within_timeout(lab):
-    host = lab.host(addr=NOBODY, connect_timeout_s=1.0)
+    host = lab.host(addr=lab.nobody, connect_timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(remote.RemoteConnectError) as err:
         host.connect()
     elapsed = time.monotonic() - started
-    assert NOBODY in str(err.value)
+    assert lab.nobody in str(err.value)
     assert 'timed out after 1.0 s' in str(err.value)
     # Not a speed check: the configured timeout, not a default one, fired.
     assert elapsed < 10, elapsed
 
 
 def test_unreachable_host_in_measure_names_it(lab, capsys):
-    argv = lab.measure_argv('-d', GUESTS[1], '--vif', lab.taps[1])
-    argv[argv.index(HV_MGMT)] = NOBODY
+    g = lab.guests[1]
+    argv = lab.measure_argv('-d', g.address, '--vif', g.tap)
+    argv[argv.index(lab.hv_mgmt)] = lab.nobody
     argv[argv.index('--connect-timeout') + 1] = '1'
     status, out, err = _cli(argv, capsys)
     assert status == 1
-    assert NOBODY in err and 'timed out' in err
+    assert lab.nobody in err and 'timed out' in err
 
 
 # -- the seed's job ---------------------------------------------------------
@@ -361,29 +295,30 @@ def test_instance_name_runs_nothing(lab, tmp_path, capsys):
         marker.unlink()
     # No xe, no virsh on this hypervisor: a clear error, nothing run.
     status, out, err = _cli(lab.measure_argv(
-        '-n', name, '-d', GUESTS[1], '--count', '5'), capsys)
+        '-n', name, '-d', lab.guests[1].address, '--count', '5'), capsys)
     assert status == 1
     assert f"cannot find the vif of instance {name!r}" in err
     assert 'xe: not installed' in err and 'virsh: not installed' in err
     assert not marker.exists()
     # With a (fake) virsh: it gets the name as one argument.
     status, out, err = _cli(lab.measure_argv(
-        '-n', name, '-d', GUESTS[1], '--count', '5', '--json',
+        '-n', name, '-d', lab.guests[1].address, '--count', '5', '--json',
         hv_port=FAKE_PORT), capsys)
     with open(lab.virsh_log, 'rb') as f:
         args = f.read().split(b'\0')[:-1]
     assert args == [b'domiflist', b'--domain', name.encode()]
     assert not marker.exists()
     assert status == 0, err
-    assert json.loads(out)['vif'] == lab.taps[0]
+    assert json.loads(out)['vif'] == lab.guests[0].tap
 
 
 def test_ssh_source_in_run_window_like_netns_source(lab):
-    paths = [topology.VifPath(vnic=lab.taps[1], address=GUESTS[1],
-                              interfaces=(lab.pif, lab.taps[1]))]
+    g = lab.guests[1]
+    paths = [topology.VifPath(vnic=g.tap, address=g.address,
+                              interfaces=(lab.pif, lab.guests[1].tap))]
     settings = measure.WindowSettings(count=30, interval_ms=1.0)
     ssh_source = sources.parse_source(
-        f'ssh://root@{SRC_MGMT}:{PORT}', options=lab.options(),
+        f'ssh://root@{lab.src_mgmt}:{PORT}', options=lab.options(),
         netns_name=lab.mgmt)
     local_source = sources.parse_source(f'netns:{lab.src}')
     try:
@@ -395,7 +330,7 @@ def test_ssh_source_in_run_window_like_netns_source(lab):
         ssh_source.close()
         local_source.close()
     assert by_ssh.send == sources.SendResult(sent=30)
-    a, b = by_ssh.reports[lab.taps[1]], by_netns.reports[lab.taps[1]]
+    a, b = by_ssh.reports[g.tap], by_netns.reports[g.tap]
     assert type(a) is type(b)
     for rep in (a, b):
         assert rep.pif == lab.pif and rep.sent == 30
@@ -405,12 +340,13 @@ def test_ssh_source_in_run_window_like_netns_source(lab):
 
 
 def test_ssh_source_bad_sender_host_is_clear(lab):
-    src = remote.SSHSource(NOBODY, PORT, 'root', lab.options(
+    src = remote.SSHSource(lab.nobody, PORT, 'root', lab.options(
         connect_timeout_s=1.0), netns_name=lab.mgmt)
-    plan, _ = sources.interleaved_plan(1, 'icmp', [GUESTS[1]], 3, 1000000)
+    plan, _ = sources.interleaved_plan(1, 'icmp', [lab.guests[1].address], 3,
+                                       1000000)
     with pytest.raises(sources.SourceError) as err:
         src.send(plan, time.monotonic() + 5)
-    assert NOBODY in str(err.value)
+    assert lab.nobody in str(err.value)
 
 
 @contextlib.contextmanager
