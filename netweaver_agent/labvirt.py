@@ -39,13 +39,14 @@ class GuestDomain:
     bridge: str | None = None
     filterref: bool = True
     port_uuid: str | None = None
+    domain: str | None = None
     user_id: str = DEFAULT_USER_ID
     project_id: str = DEFAULT_PROJECT_ID
 
     @property
     def domain_name(self):
-        """The libvirt domain name, as nova names them."""
-        return f'instance-{self.index + 1:08x}'
+        """The libvirt domain name (default: nova's, from the index)."""
+        return self.domain or f'instance-{self.index + 1:08x}'
 
     @property
     def port_id(self):
@@ -65,9 +66,15 @@ class GuestDomain:
 
     @classmethod
     def from_guest(cls, guest, **overrides):
-        """From any object with index, name, uuid, tap, mac, address."""
+        """From a ``lab.LabGuest`` (or alike).
+
+        Its ``name`` is the libvirt domain name; the nova display name
+        becomes ``lab-guest-<index>``; ``port_id``, if any, is the port.
+        """
         fields = {f: getattr(guest, f)
-                  for f in ('index', 'name', 'uuid', 'tap', 'mac', 'address')}
+                  for f in ('index', 'uuid', 'tap', 'mac', 'address')}
+        fields.update(name=f'lab-guest-{guest.index}', domain=guest.name,
+                      port_uuid=getattr(guest, 'port_id', None))
         fields.update(overrides)
         return cls(**fields)
 
