@@ -41,6 +41,8 @@ def setup_logging(debug):
     log.register_options(conf)
     conf([], project='netweaver')
     conf.set_override('debug', debug)
+    # oslo.log logs to stdout without a log file; stdout is for reports.
+    conf.set_override('use_stderr', True)
     log.setup(conf, 'netweaver')
 
 
