@@ -27,8 +27,9 @@ guest (``-m physdev --physdev-out <tap> -d <address>``):
   NFQUEUE rule and a :mod:`netweaver_agent.delayer` process in the
   hypervisor's namespace, which records each hold (see
   :meth:`Lab.delay_records`);
-* loss: ``-m statistic --mode nth --every N --packet 0 -j DROP``: the
-  Nth, 2Nth... probe to that guest is dropped.
+* loss: ``-m statistic --mode nth --every N --packet N-1 -j DROP``: the
+  Nth, 2Nth... probe to that guest is dropped (``--packet 0`` would drop
+  the 1st, N+1th...).
 
 Only addresses in 198.18.0.0/15 are used.  :meth:`Lab.build` first
 removes a lab left with the same prefix; :meth:`Lab.teardown` removes
@@ -714,8 +715,9 @@ class Lab:
         self._bridge_netfilter()
         _iptables(self.hv_netns, [
             '-I', 'FORWARD', '1', *self._match(loss.guest, loss.protocol),
+            # The counter starts so that --packet N-1 matches the Nth.
             '-m', 'statistic', '--mode', 'nth', '--every', str(loss.every),
-            '--packet', '0', '-j', 'DROP'])
+            '--packet', str(loss.every - 1), '-j', 'DROP'])
         self._losses.append(loss)
         self._save_state()
         LOG.info('Lab %(prefix)s: every %(n)dth probe to %(tap)s dropped',

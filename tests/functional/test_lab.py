@@ -1,0 +1,335 @@
+"""The namespace lab, measured against the truth it injects.
+
+Real namespaces, veth pairs, a Linux bridge, iptables rules and the
+NFQUEUE delayer process; probes from the lab's source namespace,
+captured in its hypervisor namespace.  Needs root.
+"""
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from netweaver_agent import lab as lab_mod
+from netweaver_agent import measure
+from netweaver_agent import netns
+from tests.functional import conftest
+
+CLI = [sys.executable, '-m', 'netweaver_agent.cli']
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+# Generous bounds: these check accuracy against injected truth, on a
+# shared, loaded machine; they are not speed benchmarks.
+BASELINE_P50_US = 200.0
+OVERHEAD_MEDIAN_US = 200.0
+CLOCK_TOLERANCE_NS = 2000
+
+
+def window(the_lab, **settings):
+    return measure.run_window(the_lab.paths(), the_lab.source(),
+                              measure.WindowSettings(**settings),
+                              capture_netns=the_lab.hv_netns)
+
+
+def lab_namespaces(prefix):
+    return sorted(n for n in os.listdir(netns.NETNS_RUN_DIR)
+                  if n.startswith(prefix))
+
+
+def assert_gone(prefix, pids=()):
+    assert lab_namespaces(prefix) == [], f'namespaces of {prefix} left'
+    assert not os.path.exists(lab_mod.state_dir(prefix))
+    for pid in pids:
+        assert not lab_mod._alive(pid), f'lab process {pid} still runs'
+
+
+def wait_until(predicate, timeout_s, what):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f'timed out after {timeout_s} s waiting for {what}')
+
+
+@pytest.mark.parametrize('protocol', ['icmp', 'udp', 'tcp'])
+def test_no_delay_every_probe_matched(lab_factory, protocol):
+    the_lab = lab_factory(guests=2)
+    result = window(the_lab, protocol=protocol, count=20)
+    assert result.capture.drops == 0
+    assert set(result.reports) == {g.tap for g in the_lab.guests}
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert rep.sent == 20
+        assert rep.unseen_at_pif == 0
+        assert rep.ingress.count == 20, rep
+        assert rep.ingress.lost == 0
+        assert rep.ingress.p50_us < BASELINE_P50_US, rep.ingress
+        if protocol == 'udp':
+            # Port unreachable answers are rate-limited by the guest.
+            assert rep.egress.count >= 1
+        else:
+            assert rep.egress.count == 20, rep.egress
+            assert rep.egress.lost == 0
+
+
+def test_delay_measured_against_each_hold(lab_factory):
+    delay_ms, count = 2.0, 30
+    the_lab = lab_factory(guests=2, delays=(
+        lab_mod.DelayInjection(guest=1, delay_ms=delay_ms,
+                               backend='nfqueue'),))
+    assert [d.backend for d in the_lab.delays] == ['nfqueue']
+    result = window(the_lab, protocol='icmp', count=count,
+                    per_vnic_interval_ms=5.0)
+    fast, slow = the_lab.guests
+    assert result.reports[slow.tap].ingress.count == count
+    assert result.reports[fast.tap].ingress.p50_us < BASELINE_P50_US
+
+    holds = {r.seq: r for r in the_lab.delay_records(1)
+             if r.session == result.session and not r.reply}
+    seen = conftest.probe_times(result.batch, the_lab.pif, slow.tap)
+    assert len(seen) == count
+    assert sorted(holds) == sorted(seen), 'every probe held exactly once'
+    overheads = []
+    for seq, (t_pif, t_vif) in seen.items():
+        rec = holds[seq]
+        assert rec.hold_ns >= delay_ms * 1e6, rec
+        measured = t_vif - t_pif
+        assert measured >= rec.hold_ns - CLOCK_TOLERANCE_NS, (seq, rec)
+        # Same clock (CLOCK_REALTIME): the hold sits inside pif → tap.
+        assert t_pif <= rec.received_ns + CLOCK_TOLERANCE_NS, (seq, rec)
+        assert rec.released_ns <= t_vif + CLOCK_TOLERANCE_NS, (seq, rec)
+        overheads.append(measured - rec.hold_ns)
+    assert statistics.median(overheads) / 1000 <= OVERHEAD_MEDIAN_US
+    # Nothing else was held: the other guest's probes pass untouched.
+    assert not the_lab.delay_records(0)
+
+
+def test_loss_every_tenth_probe(lab_factory):
+    the_lab = lab_factory(guests=2, losses=(
+        lab_mod.LossInjection(guest=0, every=10, protocol='icmp'),))
+    lossy, clean = the_lab.guests
+    for _ in range(2):  # the nth counter carries over windows exactly
+        result = window(the_lab, protocol='icmp', count=50)
+        rep = result.reports[lossy.tap]
+        assert rep.ingress.lost == 5, rep.ingress
+        assert rep.ingress.count == 45
+        assert rep.ingress.loss_pct == pytest.approx(10.0)
+        assert result.reports[clean.tap].ingress.lost == 0
+        assert result.reports[clean.tap].ingress.loss_pct == 0.0
+        # The 10th, 20th... probe to the guest is the one dropped.
+        sent = sorted(p for p in range(100) if p % 2 == 0)
+        reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
+        lost = [seq for seq in sent if seq not in reached]
+        assert lost == sent[9::10]
+
+
+def test_mgmt_network_reaches_source_and_hypervisor(lab_factory):
+    the_lab = lab_factory(guests=1, mgmt=True)
+    addrs = the_lab.mgmt_addresses
+    for ns, address in ((the_lab.hv_netns, addrs.hv),
+                        (the_lab.src_netns, addrs.src)):
+        server = netns.socket_in_netns(ns, socket.AF_INET,
+                                       socket.SOCK_STREAM)
+        client = netns.socket_in_netns(the_lab.mgmt_netns, socket.AF_INET,
+                                       socket.SOCK_STREAM)
+        with server, client:
+            server.bind((address, 0))
+            server.listen(1)
+            server.settimeout(5)
+            client.settimeout(5)
+            client.connect((address, server.getsockname()[1]))
+            conn, peer = server.accept()
+            conn.close()
+            assert peer[0] == addrs.mgmt
+
+
+def test_failed_build_leaves_nothing():
+    conftest.require_root()
+
+    class Broken(lab_mod.Lab):
+        def _finish(self):
+            self.started = [d.pid for d in self.delays]
+            raise RuntimeError('injected failure at the last build step')
+
+    prefix = conftest.unique_prefix('f')
+    broken = Broken(lab_mod.LabSpec(prefix=prefix, guests=2, delays=(
+        lab_mod.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),)))
+    try:
+        with pytest.raises(lab_mod.LabError, match='injected failure'):
+            broken.build()
+        assert broken.started and all(broken.started)
+        assert_gone(prefix, broken.started)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_failed_guest_leaves_nothing():
+    conftest.require_root()
+
+    class Broken(lab_mod.Lab):
+        def _build_guest(self, guest):
+            if guest.index == 1:
+                raise lab_mod.LabError(f'guest {guest.name} refused')
+            super()._build_guest(guest)
+
+    prefix = conftest.unique_prefix('f')
+    try:
+        with pytest.raises(lab_mod.LabError, match='refused'):
+            Broken(lab_mod.LabSpec(prefix=prefix, guests=3)).build()
+        assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_build_replaces_a_stale_lab(lab_factory):
+    prefix = conftest.unique_prefix('s')
+    delay = (lab_mod.DelayInjection(guest=0, delay_ms=1.0,
+                                    backend='nfqueue'),)
+    stale = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, guests=1,
+                                        delays=delay, persistent=True))
+    try:
+        stale.build()
+        old_pid = stale.delays[0].pid
+        # Not torn down: a second lab with the same prefix replaces it.
+        the_lab = lab_factory(prefix=prefix, guests=2, delays=delay)
+        assert not lab_mod._alive(old_pid)
+        result = window(the_lab, count=10, per_vnic_interval_ms=5.0)
+        assert all(r.ingress.count == 10 for r in result.reports.values())
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_delayer_ends_with_the_process_that_built_the_lab():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('o')
+    script = textwrap.dedent(f'''
+        import sys, time
+        from netweaver_agent import lab
+        spec = lab.LabSpec(prefix={prefix!r}, guests=1, delays=(
+            lab.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),))
+        the_lab = lab.Lab(spec).build()
+        print(the_lab.delays[0].pid, flush=True)
+        time.sleep(60)
+    ''')
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert lab_mod._alive(pid)
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not lab_mod._alive(pid), 10,
+                   f'delayer {pid} to end after its parent was killed')
+        assert lab_namespaces(prefix), 'the killed builder left its lab'
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        lab_mod.teardown_kept(prefix)
+    assert_gone(prefix)
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_json_end_to_end():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('c')
+    try:
+        proc = run_cli('lab', '--json', '--count', '20', '--prefix', prefix)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out['prefix'] == prefix
+        assert [g['index'] for g in out['guests']] == [0, 1]
+        fast, slow = out['guests']
+        assert fast['injected']['delay_ms'] is None
+        assert fast['report']['ingress']['count'] == 20
+        assert fast['report']['ingress']['p50_us'] < BASELINE_P50_US
+        assert slow['injected']['delay_ms'] == 2.0
+        assert slow['injected']['delay_backend'] == 'nfqueue'
+        assert slow['injected']['holds']['count'] == 20
+        ingress = slow['report']['ingress']
+        assert ingress['count'] == 20
+        assert ingress['min_us'] >= slow['injected']['holds']['min_us'] - 2
+        assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_cli_loss_and_table():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('c')
+    try:
+        proc = run_cli('lab', '--count', '20', '--delay-ms', '0',
+                       '--loss-every', '10', '--loss-guest', '1',
+                       '--protocol', 'tcp', '--prefix', prefix)
+        assert proc.returncode == 0, proc.stderr
+        assert 'drop every 10th probe (expect 2 lost)' in proc.stdout
+        assert '2 lost (10.0%)' in proc.stdout
+        assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_cli_keep_then_down():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('k')
+    try:
+        proc = run_cli('lab', '--keep', '--count', '5', '--prefix', prefix)
+        assert proc.returncode == 0, proc.stderr
+        assert len(lab_namespaces(prefix)) == 4
+        assert prefix in run_cli('lab', 'list').stdout.split()
+        with open(os.path.join(lab_mod.state_dir(prefix),
+                               lab_mod.STATE_FILE)) as f:
+            pids = [p['pid'] for p in json.load(f)['pids']]
+        assert pids and all(lab_mod._alive(p) for p in pids), \
+            'a kept lab keeps its delayer'
+        down = run_cli('lab', 'down', '--prefix', prefix)
+        assert down.returncode == 0, down.stderr
+        assert f'removed lab {prefix}' in down.stdout
+        assert_gone(prefix, pids)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_cli_sigterm_removes_the_lab():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('t')
+    proc = subprocess.Popen(
+        [*CLI, 'lab', '--count', '3000', '--interval-ms', '2',
+         '--prefix', prefix], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        state = os.path.join(lab_mod.state_dir(prefix), lab_mod.STATE_FILE)
+
+        def delayer_running():
+            try:
+                with open(state) as f:
+                    return bool(json.load(f)['delays'])
+            except (OSError, ValueError, KeyError):
+                return False
+
+        wait_until(delayer_running, 30, f'lab {prefix} to be built')
+        with open(state) as f:
+            pids = [p['pid'] for p in json.load(f)['pids']]
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert_gone(prefix, pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        lab_mod.teardown_kept(prefix)

@@ -1,0 +1,117 @@
+"""The lab's spec (names, addresses, validation) and the delay records.
+
+No namespaces here: the real lab is tested in tests/functional.
+"""
+
+import ipaddress
+import socket
+
+import pytest
+
+from netweaver_agent import delayer
+from netweaver_agent import lab
+from netweaver_agent import probe
+
+
+def test_names_are_nova_like_and_deterministic():
+    spec = lab.LabSpec(prefix='nwx1-', guests=3)
+    again = lab.LabSpec(prefix='nwx1-', guests=3)
+    other = lab.LabSpec(prefix='nwx2-', guests=3)
+    guests = [spec.guest(i) for i in range(3)]
+    assert guests == [again.guest(i) for i in range(3)]
+    assert [g.uuid for g in guests] != [other.guest(i).uuid
+                                        for i in range(3)]
+    g = guests[2]
+    assert g.name == 'instance-00000003'
+    assert g.netns == 'nwx1-g2'
+    assert g.tap == 'tap' + g.port_id[:11]
+    assert len(g.tap) == 14
+    assert g.mac.startswith('fa:16:3e:') and g.tap_mac == 'fe' + g.mac[2:]
+    assert len({x.mac for x in guests}) == 3
+    assert [x.address for x in guests] == [
+        '198.18.0.10', '198.18.0.11', '198.18.0.12']
+    assert spec.bridge == 'brq' + spec.network_id[:11]
+    assert len(spec.bridge) <= lab.IFNAMSIZ
+    assert spec.src_address == '198.18.0.1'
+    assert spec.namespaces() == ['nwx1-src', 'nwx1-hv', 'nwx1-g0',
+                                 'nwx1-g1', 'nwx1-g2']
+
+
+def test_every_address_is_in_the_lab_range():
+    spec = lab.LabSpec(prefix='nwx-', guests=5, mgmt=True)
+    addrs = [spec.src_address] + [spec.guest(i).address for i in range(5)]
+    m = spec.mgmt_addresses()
+    addrs += [m.mgmt, m.src, m.hv]
+    for a in addrs:
+        assert ipaddress.ip_address(a) in lab.LAB_NET
+    assert spec.namespaces()[-1] == 'nwx-mgmt'
+    assert lab.LabSpec(prefix='nwx-').mgmt_addresses() is None
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'prefix': 'bad/name'}, 'lab prefix'),
+    ({'prefix': ''}, 'lab prefix'),
+    ({'network': '10.0.0.0/24'}, 'must be a /28 or larger inside'),
+    ({'network': '192.168.1.0/24'}, 'must be a /28 or larger inside'),
+    ({'network': '198.18.0.0/30'}, 'must be a /28'),
+    ({'guests': 0}, 'lab guests'),
+    ({'guests': 300}, 'lab guests'),
+    ({'pif': 'a-very-long-interface'}, 'pif name'),
+    ({'mgmt': True, 'mgmt_network': '198.18.0.0/23'}, 'overlaps'),
+    ({'delays': (lab.DelayInjection(guest=2, delay_ms=1),)}, 'guest 2'),
+    ({'losses': (lab.LossInjection(guest=-1, every=10),)}, 'guest -1'),
+    ({'delays': (lab.DelayInjection(guest=0, delay_ms=1),
+                 lab.DelayInjection(guest=0, delay_ms=2))}, 'two delays'),
+])
+def test_spec_rejects(fields, message):
+    fields.setdefault('prefix', 'nwx-')
+    with pytest.raises(ValueError, match=message):
+        lab.LabSpec(**fields)
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda: lab.DelayInjection(guest=0, delay_ms=0), 'injected delay'),
+    (lambda: lab.DelayInjection(guest=0, delay_ms=1, backend='x'),
+     'backend'),
+    (lambda: lab.DelayInjection(guest=0, delay_ms=1, protocol='sctp'),
+     'protocol'),
+    (lambda: lab.LossInjection(guest=0, every=1), 'loss every'),
+])
+def test_injection_rejects(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_loss_pct():
+    assert lab.LossInjection(guest=0, every=10).loss_pct == 10.0
+
+
+def test_delay_record_lines_round_trip():
+    recs = [delayer.DelayRecord(7, 12, False, 10, 2_000_020, 2_000_010),
+            delayer.DelayRecord(7, 13, True, 11, 12, 1),
+            delayer.DelayRecord(None, None, False, 1, 2, 1)]
+    for r in recs:
+        assert delayer.DelayRecord.from_line(r.to_line()) == r
+    assert recs[0].key == probe.ProbeKey(7, 12)
+    assert recs[2].key is None
+    with pytest.raises(ValueError, match='6'):
+        delayer.DelayRecord.from_line('1 2 3')
+
+
+def test_read_records_ignores_a_partial_last_line(tmp_path):
+    path = tmp_path / 'r'
+    rec = delayer.DelayRecord(1, 2, False, 3, 4, 1)
+    path.write_text(rec.to_line() * 2 + '1 2 0 3')
+    assert delayer.read_records(path) == [rec, rec]
+    assert delayer.read_records(tmp_path / 'missing') == []
+    path.write_text('garbage\n')
+    with pytest.raises(delayer.DelayerError, match='r:1'):
+        delayer.read_records(path)
+
+
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_packet_key_of_a_probe(proto):
+    data = probe.build_ip(proto, 4242, 17, socket.inet_aton('198.18.0.1'),
+                          socket.inet_aton('198.18.0.10'))
+    assert delayer.packet_key(data) == probe.ProbeKey(4242, 17)
+    assert delayer.packet_key(b'\x45junk') is None
