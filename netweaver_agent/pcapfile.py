@@ -1,0 +1,658 @@
+"""Read tcpdump captures (pcap, pcapng) into :class:`capture.SightingBatch`.
+
+Formats: classic pcap (magic ``a1b2c3d4`` µs and ``a1b23c4d`` ns, either
+byte order) and pcapng (sections of either byte order; interface blocks with
+``if_name``, ``if_tsresol`` and ``if_tsoffset``; enhanced packet blocks with
+``epb_flags`` direction; obsolete packet blocks).  Link types: Ethernet,
+Linux cooked v1 and v2 (``tcpdump -i any``; their packet type gives the
+direction).  Simple packet blocks carry no timestamp: they are counted as
+``untimed`` and measure nothing.  Other link types are counted, not read.
+
+Timestamps become integer nanoseconds since the epoch exactly (integer
+arithmetic, never a float); resolutions finer than 1 ns are truncated.
+
+**Fast path.**  Per-packet Python objects cap near 0.3M packets/s, so the
+file is mapped into memory and read as *runs* of equal-length records (a
+probe capture is mostly that): every field of a whole run is pulled out
+at once and turned into keys by :func:`pcapkeys.run_keys`.  Short runs,
+VLAN tags, IP options and foreign traffic are read one record at a time by
+:func:`pcapkeys.frame_key`.  Both give exactly the keys
+:func:`probe.parse_key` gives.
+
+**Sessions.**  A file may hold probes of several windows (sessions); the
+most common one is kept unless another is asked for.
+
+**Fingerprint mode** (foreign traffic, e.g. the seed's hping3 SYNs with
+random sequence numbers and no tag of ours): the key of an IPv4 packet is
+a 63-bit BLAKE2b hash of its source and destination addresses, IP id,
+protocol and the first 8 bytes of its transport header (TCP ports and
+sequence number; UDP ports, length and checksum; ICMP type, code, checksum,
+id and sequence): fields no bridge or veth changes.  IPv6: addresses, next
+header, payload length and the first 8 bytes after the fixed header.  The
+reply bit is set when the packet comes *from* ``dst_ip`` (the instance);
+without ``dst_ip`` every packet counts as a probe.  Fingerprint rows have
+session 0.  Packets with identical invariant fields (retransmissions)
+share a key: the matcher keeps the first sighting on each interface.
+
+**Errors.**  An empty, unknown or corrupt file raises :class:`PcapError`
+naming the file and the byte offset.  A *truncated last record* (tcpdump
+killed mid-write) is a warning, not an error: the records before it are
+kept, the partial one is dropped and :attr:`PcapRead.truncated` is set.
+"""
+
+import array
+import collections
+import dataclasses
+import itertools
+import mmap
+import operator
+import os
+import socket
+import struct
+
+from oslo_log import log
+
+from netweaver_agent import capture
+from netweaver_agent import pcapkeys
+
+LOG = log.getLogger(__name__)
+
+PCAP_MAGIC_US = 0xa1b2c3d4
+PCAP_MAGIC_NS = 0xa1b23c4d
+PCAPNG_SHB = 0x0a0d0d0a
+PCAPNG_BOM = 0x1a2b3c4d
+PCAPNG_BOM_SWAPPED = 0x4d3c2b1a
+PCAPNG_IDB = 1
+PCAPNG_OPB = 2
+PCAPNG_SPB = 3
+PCAPNG_EPB = 6
+
+MAX_CAPLEN = 0x40000        # tcpdump's largest snapshot length
+MIN_RUN = 16                # shorter runs are read record by record
+MAX_RUN = 1 << 16           # records per columnar step
+BACKOFF = 64                # records read one by one after a failed run
+NS = 1_000_000_000
+
+# Linux packet type -> direction (4 is PACKET_OUTGOING).
+_PKTTYPE_DIR = bytes(capture.DIR_IN if b < 4 else
+                     capture.DIR_OUT if b == 4 else capture.DIR_UNKNOWN
+                     for b in range(256))
+# epb_flags bits 0-1 (0 unknown, 1 inbound, 2 outbound) -> direction.
+_EPB_DIR = bytes((capture.DIR_UNKNOWN, capture.DIR_IN, capture.DIR_OUT,
+                  capture.DIR_UNKNOWN)[b & 3] for b in range(256))
+
+
+class PcapError(ValueError):
+    """A capture file cannot be read; the message names file and offset."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PcapRead:
+    """What :func:`read_pcap` found in one file.
+
+    ``records``: packet records read; ``probes``: rows kept (the batch);
+    ``foreign``: records that are no probe or reply; ``other_sessions``:
+    probe rows of the sessions not chosen; ``sessions``:
+    ``((session, rows), ...)``, most common first; ``untimed``: packets
+    without a timestamp (pcapng simple packet blocks); ``truncated``: the
+    file ends inside a record, which was dropped.
+    """
+
+    path: str
+    format: str
+    linktypes: tuple
+    batch: capture.SightingBatch
+    records: int
+    probes: int
+    foreign: int
+    other_sessions: int
+    sessions: tuple
+    untimed: int = 0
+    truncated: bool = False
+
+    @property
+    def session(self):
+        return self.batch.session
+
+
+class _Rows:
+    """Columns being filled (every session), and counters."""
+
+    def __init__(self, path, keyfunc, ifname):
+        self.path = path
+        self.keyfunc = keyfunc
+        self.columnar = keyfunc is pcapkeys.frame_key
+        self.forced_name = ifname
+        self.t_ns = array.array('q')
+        self.keys = array.array('Q')
+        self.ifindex = array.array('i')
+        self.direction = array.array('B')
+        self.session_runs = []          # [[session, rows], ...]
+        self.ifnames = {}
+        self.records = 0
+        self.untimed = 0
+        self.truncated = False
+        self.linktypes = set()
+
+    def interface(self, name):
+        """The column index for interface ``name``."""
+        name = self.forced_name or name
+        for index, known in self.ifnames.items():
+            if known == name:
+                return index
+        index = len(self.ifnames)
+        self.ifnames[index] = name
+        return index
+
+    def _sessions(self, session, count):
+        runs = self.session_runs
+        if runs and runs[-1][0] == session:
+            runs[-1][1] += count
+        else:
+            runs.append([session, count])
+
+    def one(self, buf, off, caplen, link, t_ns, ifindex, direction):
+        """Read the record whose frame is ``buf[off:off+caplen]``."""
+        self.records += 1
+        if link is None:
+            return
+        found = self.keyfunc(buf, off, caplen, link)
+        if found is not None:
+            self._sessions(found[0], 1)
+            self.keys.append(found[1])
+            self.t_ns.append(t_ns)
+            self.ifindex.append(ifindex)
+            self.direction.append(direction)
+
+    def run(self, buf, first, stride, n, caplen, link, t_ns, ifindex,
+            direction):
+        """Read ``n`` records whose frames start ``stride`` bytes apart.
+
+        ``t_ns`` holds ``n`` values; ``ifindex`` and ``direction`` too, or
+        one int for all.
+        """
+        if isinstance(ifindex, int):
+            ifindex = array.array('i', [ifindex]) * n
+        if isinstance(direction, int):
+            direction = bytes([direction]) * n
+        found = pcapkeys.run_keys(buf, first, stride, n, caplen, link)
+        if found is not None and found.all_ok:
+            self.records += n
+            self.t_ns.extend(t_ns)
+            self.keys.extend(found.keys)
+            self.ifindex.extend(ifindex)
+            self.direction.extend(direction)
+            if found.session is not None:
+                self._sessions(found.session, n)
+            else:
+                for s in found.sessions:
+                    self._sessions(s, 1)
+            return
+        ok = bytes(n) if found is None else found.ok
+        if found is not None:
+            compress = itertools.compress
+            self.t_ns.extend(compress(t_ns, ok))
+            self.keys.extend(compress(found.keys, ok))
+            self.ifindex.extend(compress(ifindex, ok))
+            self.direction.extend(compress(direction, ok))
+            for s in compress(found.sessions, ok):
+                self._sessions(s, 1)
+            self.records += n - ok.count(0)
+        i = ok.find(0)
+        while i >= 0:
+            self.one(buf, first + i * stride, caplen, link, t_ns[i],
+                     ifindex[i], direction[i])
+            i = ok.find(0, i + 1)
+
+    def run_length(self, buf, start, stride, end, at, pattern):
+        """How many records from ``start`` have ``pattern`` at ``+at``.
+
+        Records are ``stride`` bytes apart and must end by ``end``.  1 when
+        the run is shorter than :data:`MIN_RUN`.
+        """
+        n_max = min(MAX_RUN, (end - start) // stride)
+        if not self.columnar or n_max < MIN_RUN:
+            return 1
+        size = len(pattern)
+        head = pcapkeys.column(buf, start + at, stride, MIN_RUN, size)
+        if head != pattern * MIN_RUN:
+            return 1
+        col = pcapkeys.column(buf, start + at, stride, n_max, size)
+        return pcapkeys.equal_prefix(col, size, pattern)
+
+    def truncate(self, offset, what):
+        LOG.warning('%(path)s: the last %(what)s, at byte %(at)d, is cut '
+                    'short (capture killed mid-write?); it is ignored',
+                    {'path': self.path, 'what': what, 'at': offset})
+        self.truncated = True
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# --------------------------------------------------------------------------
+# Classic pcap.
+
+def _pcap_header(buf, path):
+    for order in ('<', '>'):
+        magic, = struct.unpack_from(order + 'I', buf, 0)
+        if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            snaplen, network = struct.unpack_from(order + 'II', buf, 16)
+            return order, magic == PCAP_MAGIC_NS, snaplen, network
+    raise PcapError(f"{path}: not a pcap or pcapng file (starts with "
+                    f"{bytes(buf[:4]).hex()})")
+
+
+def _pcap_times(secs_col, fracs, mult, big):
+    """``sec * 1e9 + frac * mult`` per record, a second at a time."""
+    fracs = pcapkeys.ints(fracs, 'I', big)
+    if mult != 1:
+        fracs = array.array('q', map(operator.mul, fracs,
+                                     itertools.repeat(mult)))
+    out = array.array('q')
+    n = len(fracs)
+    i = 0
+    while i < n:
+        pattern = secs_col[4 * i:4 * i + 4]
+        j = i + pcapkeys.equal_prefix(secs_col, 4, pattern, i)
+        base = int.from_bytes(pattern, 'big' if big else 'little') * NS
+        out.extend(map(operator.add, fracs[i:j], itertools.repeat(base)))
+        i = j
+    return out
+
+
+def _read_pcap(buf, rows):
+    path = rows.path
+    end = len(buf)
+    if end < 24:
+        raise PcapError(f"{path}: truncated pcap file header "
+                        f"({end} of 24 bytes)")
+    order, nano, snaplen, network = _pcap_header(buf, path)
+    linktype = network & 0x0fffffff
+    rows.linktypes.add(linktype)
+    link = pcapkeys.LINKS.get(linktype)
+    if link is None:
+        LOG.warning('%(path)s: link type %(lt)d is not supported; no probe '
+                    'can be read from it', {'path': path, 'lt': linktype})
+    mult = 1 if nano else 1000
+    big = order == '>'
+    hdr = struct.Struct(order + 'IIII')
+    limit = max(snaplen, MAX_CAPLEN)
+    ifindex = rows.interface(_stem(path))
+    pkttype = None if link is None else link.pkttype_off
+    o = 24
+    backoff = 0
+    while o < end:
+        if end - o < 16:
+            rows.truncate(o, 'record header')
+            return
+        sec, frac, caplen, _orig = hdr.unpack_from(buf, o)
+        if caplen > limit:
+            raise PcapError(f"{path}: corrupt record header at byte {o}: "
+                            f"capture length {caplen} exceeds {limit}")
+        stride = 16 + caplen
+        if o + stride > end:
+            rows.truncate(o, 'record')
+            return
+        n = 1
+        if backoff:
+            backoff -= 1
+        elif link is not None:
+            n = rows.run_length(buf, o, stride, end, 8,
+                                bytes(buf[o + 8:o + 12]))
+            if n == 1:
+                backoff = BACKOFF
+        if n == 1:
+            direction = capture.DIR_UNKNOWN
+            if pkttype is not None and caplen > pkttype:
+                direction = _PKTTYPE_DIR[buf[o + 16 + pkttype]]
+            rows.one(buf, o + 16, caplen, link, sec * NS + frac * mult,
+                     ifindex, direction)
+            o += stride
+            continue
+        t_ns = _pcap_times(pcapkeys.column(buf, o, stride, n, 4),
+                           pcapkeys.column(buf, o + 4, stride, n, 4),
+                           mult, big)
+        direction = capture.DIR_UNKNOWN
+        if pkttype is not None:
+            direction = pcapkeys.column(buf, o + 16 + pkttype, stride,
+                                        n).translate(_PKTTYPE_DIR)
+        rows.run(buf, o + 16, stride, n, caplen, link, t_ns, ifindex,
+                 direction)
+        o += stride * n
+
+
+# --------------------------------------------------------------------------
+# pcapng.
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Iface:
+    """One interface of a pcapng section."""
+
+    link: pcapkeys.Link | None
+    index: int
+    to_ns: tuple          # (mul, div, shift, add), see _ts_converter
+
+
+def _ts_converter(tsresol, tsoffset):
+    """``(mul, div, shift, add)``: ``((ts * mul) >> shift) // div + add``."""
+    add = tsoffset * NS
+    if tsresol & 0x80:
+        return NS, 1, tsresol & 0x7f, add
+    if tsresol <= 9:
+        return 10 ** (9 - tsresol), 1, 0, add
+    return 1, 10 ** (tsresol - 9), 0, add
+
+
+def _to_ns(ts, conv):
+    mul, div, shift, add = conv
+    return ((ts * mul) >> shift) // div + add
+
+
+def _options(buf, start, stop, order):
+    """``{code: value}`` of a pcapng option list (first of each code)."""
+    out = {}
+    o = start
+    while o + 4 <= stop:
+        code, length = struct.unpack_from(order + 'HH', buf, o)
+        if code == 0:
+            break
+        out.setdefault(code, bytes(buf[o + 4:o + 4 + length]))
+        o += 4 + ((length + 3) & ~3)
+    return out
+
+
+class _Pcapng:
+    """Walks the blocks of a pcapng file."""
+
+    def __init__(self, buf, rows):
+        self.buf = buf
+        self.rows = rows
+        self.path = rows.path
+        self.order = '<'
+        self.ifaces = []
+
+    def read(self):
+        buf, path, rows = self.buf, self.path, self.rows
+        end = len(buf)
+        o = 0
+        backoff = 0
+        while o < end:
+            if end - o < 12:
+                rows.truncate(o, 'block header')
+                return
+            if struct.unpack_from('<I', buf, o)[0] == PCAPNG_SHB:
+                self._section(o)
+            btype, blen = struct.unpack_from(self.order + 'II', buf, o)
+            if blen < 12 or blen % 4:
+                raise PcapError(f"{path}: corrupt pcapng block at byte {o}: "
+                                f"length {blen}")
+            if o + blen > end:
+                rows.truncate(o, 'block')
+                return
+            trailer, = struct.unpack_from(self.order + 'I', buf,
+                                          o + blen - 4)
+            if trailer != blen:
+                raise PcapError(f"{path}: corrupt pcapng block at byte {o}: "
+                                f"length {blen}, trailer {trailer}")
+            if btype == PCAPNG_EPB:
+                n = 1
+                if backoff:
+                    backoff -= 1
+                else:
+                    n = self._epb_run(o, blen, end)
+                    if n == 1:
+                        backoff = BACKOFF
+                if n == 1:
+                    self._packet(o, blen, btype)
+                o += blen * n
+                continue
+            if btype == PCAPNG_IDB:
+                self._idb(o, blen)
+            elif btype == PCAPNG_OPB:
+                self._packet(o, blen, btype)
+            elif btype == PCAPNG_SPB:
+                rows.records += 1
+                rows.untimed += 1
+            o += blen
+
+    def _section(self, o):
+        if len(self.buf) - o < 28:
+            raise PcapError(f"{self.path}: truncated pcapng section header "
+                            f"at byte {o}")
+        bom, = struct.unpack_from('<I', self.buf, o + 8)
+        if bom == PCAPNG_BOM:
+            self.order = '<'
+        elif bom == PCAPNG_BOM_SWAPPED:
+            self.order = '>'
+        else:
+            raise PcapError(f"{self.path}: corrupt pcapng section header at "
+                            f"byte {o}: byte-order magic 0x{bom:08x}")
+        self.ifaces = []
+
+    def _idb(self, o, blen):
+        buf, order, rows = self.buf, self.order, self.rows
+        if blen < 20:
+            raise PcapError(f"{self.path}: corrupt interface block at byte "
+                            f"{o}: length {blen}")
+        linktype, = struct.unpack_from(order + 'H', buf, o + 8)
+        opts = _options(buf, o + 16, o + blen - 4, order)
+        name = opts.get(2, b'').split(b'\0')[0].decode('utf-8', 'replace')
+        if not name:
+            name = f"{_stem(self.path)}#{len(self.ifaces)}"
+        tsresol = opts.get(9, b'\x06')[0]
+        tsoffset = 0
+        if len(opts.get(14, b'')) == 8:
+            tsoffset, = struct.unpack(order + 'q', opts[14])
+        rows.linktypes.add(linktype)
+        link = pcapkeys.LINKS.get(linktype)
+        if link is None:
+            LOG.warning('%(path)s: interface %(name)s has link type %(lt)d, '
+                        'which is not supported',
+                        {'path': self.path, 'name': name, 'lt': linktype})
+        self.ifaces.append(_Iface(link, rows.interface(name),
+                                  _ts_converter(tsresol, tsoffset)))
+
+    def _iface(self, iface_id, o):
+        if iface_id >= len(self.ifaces):
+            raise PcapError(f"{self.path}: packet block at byte {o} names "
+                            f"interface {iface_id}; the section describes "
+                            f"{len(self.ifaces)}")
+        return self.ifaces[iface_id]
+
+    def _packet(self, o, blen, btype):
+        """One enhanced (or obsolete) packet block."""
+        buf, order = self.buf, self.order
+        if blen < 32:
+            raise PcapError(f"{self.path}: corrupt packet block at byte {o}:"
+                            f" length {blen}")
+        if btype == PCAPNG_EPB:
+            iface_id, hi, lo, caplen, _orig = struct.unpack_from(
+                order + 'IIIII', buf, o + 8)
+        else:
+            iface_id, _drops, hi, lo, caplen, _orig = struct.unpack_from(
+                order + 'HHIIII', buf, o + 8)
+        data = o + 28
+        opt_start = data + ((caplen + 3) & ~3)
+        if opt_start > o + blen - 4:
+            raise PcapError(f"{self.path}: corrupt packet block at byte {o}:"
+                            f" capture length {caplen} exceeds the block")
+        iface = self._iface(iface_id, o)
+        link = iface.link
+        direction = capture.DIR_UNKNOWN
+        if link is not None and link.pkttype_off is not None \
+                and caplen > link.pkttype_off:
+            direction = _PKTTYPE_DIR[buf[data + link.pkttype_off]]
+        if btype == PCAPNG_EPB and opt_start < o + blen - 4:
+            flags = _options(buf, opt_start, o + blen - 4, order).get(2)
+            if flags is not None and len(flags) == 4:
+                value, = struct.unpack(order + 'I', flags)
+                if value & 3:
+                    direction = _EPB_DIR[value & 3]
+        self.rows.one(buf, data, caplen, link,
+                      _to_ns((hi << 32) | lo, iface.to_ns), iface.index,
+                      direction)
+
+    def _epb_run(self, o, blen, end):
+        """Read a run of like enhanced packet blocks from ``o``; its size.
+
+        Like: same length, capture length, interface conversion and
+        options layout (none, or ``epb_flags`` alone).  1: not read.
+        """
+        buf, order, rows = self.buf, self.order, self.rows
+        if not rows.columnar or blen < 32:
+            return 1
+        iface_id, _hi, _lo, caplen, _orig = struct.unpack_from(
+            order + 'IIIII', buf, o + 8)
+        if iface_id >= len(self.ifaces):
+            return 1
+        iface = self.ifaces[iface_id]
+        if iface.link is None or iface.link.pkttype_off is not None:
+            return 1
+        opt_start = 28 + ((caplen + 3) & ~3)
+        opt_len = blen - 4 - opt_start
+        if opt_len < 0:
+            return 1
+        flags_at = None
+        if opt_len:
+            code, length = struct.unpack_from(order + 'HH', buf,
+                                              o + opt_start)
+            opts = _options(buf, o + opt_start, o + blen - 4, order)
+            if list(opts) != [2] or code != 2 or length != 4:
+                return 1
+            flags_at = opt_start + 4
+        n = rows.run_length(buf, o, blen, end, 0, bytes(buf[o:o + 8]))
+        if n < MIN_RUN:
+            return 1
+        col = pcapkeys.column
+
+        def same(n, at, stop):
+            pattern = bytes(buf[o + at:o + stop])
+            return pcapkeys.equal_prefix(
+                col(buf, o + at, blen, n, stop - at), stop - at, pattern)
+
+        n = same(n, 20, 24)                     # capture length
+        if flags_at is not None:
+            n = same(n, opt_start, flags_at)    # option code and length
+            if blen - 4 > flags_at + 4:
+                n = same(n, flags_at + 4, blen - 4)
+        if n < MIN_RUN:
+            return 1
+        big = order == '>'
+        ids = pcapkeys.ints(col(buf, o + 8, blen, n, 4), 'I', big)
+        if ids.count(iface_id) == n:
+            ifindex = iface.index
+        else:
+            used = set(ids)
+            if max(used) >= len(self.ifaces) or any(
+                    self.ifaces[i].to_ns != iface.to_ns or
+                    self.ifaces[i].link != iface.link for i in used):
+                return 1
+            index = [i.index for i in self.ifaces]
+            ifindex = array.array('i', map(index.__getitem__, ids))
+        hi_col = col(buf, o + 12, blen, n, 4)
+        lo_col = col(buf, o + 16, blen, n, 4)
+        if big:
+            both = pcapkeys.interleave(*(hi_col[j::4] for j in range(4)),
+                                       *(lo_col[j::4] for j in range(4)))
+        else:
+            both = pcapkeys.interleave(*(lo_col[j::4] for j in range(4)),
+                                       *(hi_col[j::4] for j in range(4)))
+        ts = pcapkeys.ints(both, 'Q', big)
+        mul, div, shift, add = conv = iface.to_ns
+        if shift or div != 1:
+            t_ns = array.array('q', (_to_ns(t, conv) for t in ts))
+        else:
+            t_ns = ts
+            if mul != 1:
+                t_ns = map(operator.mul, t_ns, itertools.repeat(mul))
+            if add:
+                t_ns = map(operator.add, t_ns, itertools.repeat(add))
+            t_ns = array.array('q', t_ns)
+        direction = capture.DIR_UNKNOWN
+        if flags_at is not None:
+            low = flags_at + (3 if big else 0)
+            direction = col(buf, o + low, blen, n).translate(_EPB_DIR)
+        rows.run(buf, o + 28, blen, n, caplen, iface.link, t_ns, ifindex,
+                 direction)
+        return n
+
+
+# --------------------------------------------------------------------------
+# The entry point.
+
+def read_pcap(path, ifname=None, session=None, fingerprint=False,
+              dst_ip=None):
+    """Read one capture file into a :class:`PcapRead`.
+
+    :param ifname: the interface name for every record (one file = one
+        interface); default: pcapng ``if_name`` options, else the file
+        name without its extension
+    :param session: keep this session's probes (default: the most common)
+    :param fingerprint: key foreign packets by their invariant fields (see
+        the module docstring) instead of our probes' tags
+    :param dst_ip: (fingerprint) the instance's address, as a string
+    :raises PcapError: the file is empty, unknown, corrupt or unreadable
+    """
+    path = os.fspath(path)
+    if not fingerprint:
+        keyfunc = pcapkeys.frame_key
+    else:
+        packed = None
+        if dst_ip is not None:
+            family = socket.AF_INET6 if ':' in dst_ip else socket.AF_INET
+            try:
+                packed = socket.inet_pton(family, dst_ip)
+            except OSError as exc:
+                raise ValueError(
+                    f"invalid instance address {dst_ip!r}") from exc
+
+        def keyfunc(buf, off, caplen, link):
+            return pcapkeys.fingerprint_key(buf, off, caplen, link, packed)
+    rows = _Rows(path, keyfunc, ifname)
+    try:
+        with open(path, 'rb') as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise PcapError(f"{path}: empty file (no pcap header)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                if buf[:4] == PCAPNG_SHB.to_bytes(4, 'little'):
+                    fmt = 'pcapng'
+                    _Pcapng(buf, rows).read()
+                else:
+                    fmt = 'pcap'
+                    _read_pcap(buf, rows)
+    except OSError as exc:
+        raise PcapError(f"{path}: cannot read: {exc.strerror or exc}") \
+            from exc
+    except (struct.error, IndexError) as exc:
+        raise PcapError(f"{path}: corrupt capture: {exc}") from exc
+    return _result(rows, fmt, session)
+
+
+def _result(rows, fmt, session):
+    counts = collections.Counter()
+    for s, count in rows.session_runs:
+        counts[s] += count
+    ranked = tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    if session is None:
+        session = ranked[0][0] if ranked else 0
+    batch = capture.SightingBatch(session)
+    columns = (('t_ns', rows.t_ns), ('keys', rows.keys),
+               ('ifindex', rows.ifindex), ('direction', rows.direction))
+    if all(s == session for s, _ in rows.session_runs):
+        for name, values in columns:
+            getattr(batch, name).extend(values)
+    else:
+        keep = b''.join((b'\x01' if s == session else b'\x00') * count
+                        for s, count in rows.session_runs)
+        for name, values in columns:
+            getattr(batch, name).extend(itertools.compress(values, keep))
+    batch.ifnames.update(rows.ifnames)
+    found = len(rows.keys)
+    return PcapRead(
+        path=rows.path, format=fmt, linktypes=tuple(sorted(rows.linktypes)),
+        batch=batch, records=rows.records, probes=len(batch),
+        foreign=rows.records - rows.untimed - found,
+        other_sessions=found - len(batch), sessions=ranked,
+        untimed=rows.untimed, truncated=rows.truncated)

@@ -1,0 +1,441 @@
+"""Probe keys straight from captured bytes, one frame or a run at a time.
+
+:func:`frame_key` and :func:`run_keys` give exactly what
+:func:`probe.parse_key` gives, without building packet objects:
+
+* :func:`frame_key` reads one frame at fixed offsets when it is untagged
+  Ethernet (or Linux cooked) + IPv4 without options, and hands anything
+  else to ``parse_key``;
+* :func:`run_keys` reads ``n`` frames of equal length lying ``stride``
+  bytes apart (a run of records in a capture file) as *columns*: each field
+  is pulled out of all frames at once with a stepped slice
+  (``buf[off::stride]``, done in C), checked with ``bytes.translate``
+  tables and big-integer bit operations (one byte per frame), and turned
+  into keys with ``map`` over :mod:`operator` functions.  Frames it cannot
+  decide are left to :func:`frame_key`.
+
+:func:`fingerprint_key` keys *foreign* packets by their invariant fields
+(see :mod:`netweaver_agent.pcapfile`).
+"""
+
+import array
+import dataclasses
+import hashlib
+import itertools
+import operator
+import struct
+import sys
+
+from netweaver_agent import probe
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_LINUX_SLL2 = 276
+
+_HOST_BE = sys.byteorder == 'big'
+_NOT_IP_ETHERTYPES = frozenset((0x0806, 0x86dd))   # ARP, IPv6: never ours
+_ETH_P_IPV6 = 0x86dd
+_ETH_VLAN = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
+_MAGIC = probe.MAGIC
+_SYN, _RST, _ACK = 0x02, 0x04, 0x10
+_TAG_NEED = 20 + 8 + probe.TAG_LEN       # IP length to hold a tagged probe
+_TCP_NEED = 20 + 20
+
+for _code, _size in (('H', 2), ('I', 4), ('Q', 8), ('q', 8), ('i', 4)):
+    assert array.array(_code).itemsize == _size, _code
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Link:
+    """Where a link type keeps the ethertype, the IP header, the direction.
+
+    ``pkttype_off``: offset of the Linux packet type byte (cooked captures).
+    """
+
+    linktype: int
+    ethertype_off: int
+    ip_off: int
+    pkttype_off: int | None = None
+
+
+LINKS = {
+    LINKTYPE_ETHERNET: Link(LINKTYPE_ETHERNET, 12, 14),
+    LINKTYPE_LINUX_SLL: Link(LINKTYPE_LINUX_SLL, 14, 16, 1),
+    LINKTYPE_LINUX_SLL2: Link(LINKTYPE_LINUX_SLL2, 0, 20, 10),
+}
+ETHERNET = LINKS[LINKTYPE_ETHERNET]
+
+
+# --------------------------------------------------------------------------
+# One frame.
+
+_ETHERTYPE = struct.Struct('!H')
+_IPV4 = struct.Struct('!BxHxxHxB')          # v/hl, total length, frag, proto
+_TAG_AT = struct.Struct('!4sHI')            # MAGIC, session, seq
+_U16 = struct.Struct('!H')
+_TCP = struct.Struct('!HHIIBB')             # sport dport seq ack off flags
+
+
+def _slow_key(buf, off, caplen, link):
+    """:func:`probe.parse_key` on the record, as ``(session, key)``."""
+    if link.linktype == LINKTYPE_ETHERNET:
+        frame = bytes(buf[off:off + caplen])
+    else:
+        # A blank Ethernet header in front of the cooked header's protocol.
+        et = off + link.ethertype_off
+        frame = (bytes(12) + bytes(buf[et:et + 2]) +
+                 bytes(buf[off + link.ip_off:off + caplen]))
+    key = probe.parse_key(frame)
+    return None if key is None else (key.session, key.as_int())
+
+
+def frame_key(buf, off, caplen, link=ETHERNET):
+    """The ``(session, key_int)`` of the frame at ``buf[off:off+caplen]``.
+
+    The same answer as :func:`probe.parse_key` (None for anything that is
+    not a probe or a reply).  dpkt's rules, mirrored here: IP data is cut
+    to the IP total length (0: to the frame's end); fragments with a
+    non-zero offset are not decoded; the UDP length field is ignored.
+    """
+    ip = off + link.ip_off
+    avail = caplen - link.ip_off
+    if avail < 20 or caplen < link.ethertype_off + 2:
+        return _slow_key(buf, off, caplen, link)
+    etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
+    if etype != probe.ETH_P_IP:
+        if etype in _NOT_IP_ETHERTYPES:
+            return None
+        return _slow_key(buf, off, caplen, link)
+    vhl, length, frag, proto = _IPV4.unpack_from(buf, ip)
+    if vhl != 0x45:
+        return _slow_key(buf, off, caplen, link)
+    if frag & 0x1fff:
+        return None
+    plen = (min(length, avail) if length else avail) - 20
+    l4 = ip + 20
+    if proto == 1:
+        if plen < 4:
+            return None
+        icmp_type = buf[l4]
+        if icmp_type == 8 or icmp_type == 0:
+            if plen < 8 + probe.TAG_LEN:
+                return None
+            magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
+            if magic != _MAGIC or _U16.unpack_from(buf, l4 + 4)[0] != session:
+                return None
+            return session, (seq << 1) | (icmp_type == 0)
+        if icmp_type == 3:
+            return _unreach_key(buf, l4, plen, off, caplen, link)
+        return None
+    if proto == 17:
+        if plen < 8 + probe.TAG_LEN:
+            return None
+        magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
+        if (magic != _MAGIC or _U16.unpack_from(buf, l4)[0] !=
+                probe.udp_source_port(session)):
+            return None
+        return session, seq << 1
+    if proto == 6:
+        if plen < 20:
+            return None
+        sport, dport, seq, ack, doff, flags = _TCP.unpack_from(buf, l4)
+        if doff < 0x50:
+            return None
+        if flags & _SYN and not flags & _ACK:
+            value, port, reply = seq, sport, 0
+        elif flags & _ACK and flags & (_RST | _SYN):
+            value, port, reply = (ack - 1) & 0xffffffff, dport, 1
+        else:
+            return None
+        session = value >> 16
+        if port != probe.tcp_source_port(session):
+            return None
+        return session, ((value & probe.TCP_SEQ_MASK) << 1) | reply
+    return None
+
+
+def _unreach_key(buf, l4, plen, off, caplen, link):
+    """An ICMP unreachable quoting a UDP probe (the guest's answer)."""
+    if plen < 8 + 20:
+        return None
+    inner = l4 + 8
+    vhl, length, _frag, proto = _IPV4.unpack_from(buf, inner)
+    if vhl != 0x45:
+        return _slow_key(buf, off, caplen, link)
+    if proto != 17:
+        return None
+    avail = plen - 8
+    if (min(length, avail) if length else avail) - 20 < 8 + probe.TAG_LEN:
+        return None
+    magic, session, seq = _TAG_AT.unpack_from(buf, inner + 28)
+    if magic != _MAGIC:
+        return None
+    return session, (seq << 1) | 1
+
+
+def fingerprint_key(buf, off, caplen, link=ETHERNET, dst_ip=None):
+    """The fingerprint ``(0, key_int)`` of an IPv4/IPv6 frame, or None.
+
+    ``dst_ip``: the instance's address as packed bytes (4 or 16), or None.
+    Up to two VLAN tags are skipped.
+    """
+    ip = off + link.ip_off
+    end = off + caplen
+    if off + link.ethertype_off + 2 > end:
+        return None
+    etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
+    if link.linktype == LINKTYPE_ETHERNET:
+        for _ in range(2):
+            if etype not in _ETH_VLAN or ip + 4 > end:
+                break
+            etype, = _ETHERTYPE.unpack_from(buf, ip + 2)
+            ip += 4
+    if etype == probe.ETH_P_IP:
+        if ip + 20 > end:
+            return None
+        hl = (buf[ip] & 0x0f) * 4
+        if hl < 20 or ip + hl + 8 > end:
+            return None
+        src = bytes(buf[ip + 12:ip + 16])
+        fields = (src + bytes(buf[ip + 16:ip + 20]) +
+                  bytes(buf[ip + 4:ip + 6]) + bytes(buf[ip + 9:ip + 10]) +
+                  bytes(buf[ip + hl:ip + hl + 8]))
+    elif etype == _ETH_P_IPV6:
+        if ip + 48 > end:
+            return None
+        src = bytes(buf[ip + 8:ip + 24])
+        fields = (src + bytes(buf[ip + 24:ip + 40]) +
+                  bytes(buf[ip + 6:ip + 7]) + bytes(buf[ip + 4:ip + 6]) +
+                  bytes(buf[ip + 40:ip + 48]))
+    else:
+        return None
+    digest = hashlib.blake2b(fields, digest_size=8).digest()
+    h63 = int.from_bytes(digest, 'big') >> 1
+    return 0, (h63 << 1) | (dst_ip is not None and src == dst_ip)
+
+
+# --------------------------------------------------------------------------
+# Columns.
+
+def column(buf, start, stride, n, size=1):
+    """Bytes ``start..start+size`` of ``n`` records ``stride`` apart."""
+    stop = start + stride * (n - 1) + 1
+    if size == 1:
+        return bytes(buf[start:stop:stride])
+    out = bytearray(size * n)
+    for j in range(size):
+        out[j::size] = buf[start + j:stop + j:stride]
+    return bytes(out)
+
+
+def interleave(*cols):
+    """Byte columns of equal length, interleaved (``a0 b0 a1 b1 ...``)."""
+    size = len(cols)
+    out = bytearray(size * len(cols[0]))
+    for j, c in enumerate(cols):
+        out[j::size] = c
+    return bytes(out)
+
+
+def ints(col, typecode, big_endian):
+    """An :class:`array.array` of the fixed-size integers in ``col``."""
+    values = array.array(typecode)
+    values.frombytes(col)
+    if big_endian != _HOST_BE:
+        values.byteswap()
+    return values
+
+
+def equal_prefix(col, size, pattern, start=0):
+    """How many ``size``-byte items of ``col`` from ``start`` equal
+    ``pattern`` in a row."""
+    n = len(col) // size - start
+    base = start * size
+    if col[base:] == pattern * n:
+        return n
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if col[base:base + size * (mid + 1)] == pattern * (mid + 1):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _table(bad):
+    """A translate table: 1 where ``bad(byte)``, else 0."""
+    return bytes(1 if bad(b) else 0 for b in range(256))
+
+
+def _mask(col, table):
+    """Big integer with one byte per record: 1 where bad."""
+    return int.from_bytes(col.translate(table), 'little')
+
+
+def _differ(a, b):
+    """Big integer, one byte per record: non-zero where ``a`` != ``b``."""
+    return int.from_bytes(a, 'little') ^ int.from_bytes(b, 'little')
+
+
+_T_NOT_08 = _table(lambda b: b != 0x08)
+_T_NOT_00 = _table(lambda b: b != 0x00)
+_T_NOT_45 = _table(lambda b: b != 0x45)
+_T_FRAG_HI = _table(lambda b: b & 0x1f)
+_T_ZERO = _table(lambda b: b == 0)
+_T_NONZERO = _table(lambda b: b != 0)
+_T_DOFF_BAD = _table(lambda b: b < 0x50)
+_T_TWO = _table(lambda b: b == 2)
+_T_ONE_FF = bytes(0xff if b == 1 else 0 for b in range(256))
+_T_PORT_HI = bytes((b & 0x7f) | 0x80 for b in range(256))
+_T_BIT = bytes(b & 1 for b in range(256))
+_T_PROTO = {p: _table(lambda b, p=p: b != p) for p in (1, 6, 17)}
+# ICMP type -> 0 echo request, 1 echo reply, 2 anything else.
+_T_ECHO = bytes(0 if b == 8 else 1 if b == 0 else 2 for b in range(256))
+# TCP flags -> 0 probe (SYN, no ACK), 1 reply (ACK with RST or SYN), 2 other.
+_T_TCP = bytes(0 if b & _SYN and not b & _ACK else
+               1 if b & _ACK and b & (_RST | _SYN) else 2
+               for b in range(256))
+
+
+def _short(hi, lo, need):
+    """Mask of IP total lengths with ``0 < length < need`` (need < 256)."""
+    t_lo = _table(lambda b: 0 < b < need)
+    return _mask(hi, _T_ZERO) & _mask(lo, t_lo)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunKeys:
+    """Keys of a run: ``ok`` (one byte per record, 1 = decided probe), and
+    for those records the ``sessions`` and ``keys`` (arrays over *all*
+    records; rows where ``ok`` is 0 hold garbage).  ``all_ok``: every
+    record decided; ``session``: the one session of all records, or None.
+    """
+
+    ok: bytes
+    sessions: array.array
+    keys: array.array
+    all_ok: bool
+    session: int | None
+
+
+def run_keys(buf, first, stride, n, caplen, link=ETHERNET):
+    """Keys of ``n`` frames at ``first + i * stride``, each ``caplen`` long.
+
+    Handles runs of one protocol: ICMP echo requests/replies, UDP probes,
+    or TCP SYN probes and their RST/ACK or SYN/ACK replies.  Returns a
+    :class:`RunKeys`, or None when no record can be decided here.
+    """
+    if caplen - link.ip_off < _TCP_NEED:
+        return None
+    ip = first + link.ip_off
+    l4 = ip + 20
+
+    def col(at, size=1):
+        return column(buf, at, stride, n, size)
+
+    proto = buf[ip + 9]
+    if proto not in (1, 6, 17):
+        return None
+    et = first + link.ethertype_off
+    bad = (_mask(col(et), _T_NOT_08) | _mask(col(et + 1), _T_NOT_00) |
+           _mask(col(ip), _T_NOT_45) | _mask(col(ip + 6), _T_FRAG_HI) |
+           _mask(col(ip + 7), _T_NOT_00) |
+           _mask(col(ip + 9), _T_PROTO[proto]))
+    if proto == 6:
+        found = _tcp(col, l4, n)
+        need = _TCP_NEED
+    else:
+        found = _tagged(col, l4, n, proto)
+        need = _TAG_NEED
+    if found is None:
+        return None
+    more_bad, sess_col, seqs, replies = found
+    bad |= more_bad | _short(col(ip + 2), col(ip + 3), need)
+    ok = _ok_bytes(bad, n)
+    all_ok = not bad
+    if not all_ok and not ok.count(1):
+        return None
+    shifted = map(operator.lshift, seqs, itertools.repeat(1))
+    if replies.count(1) == 0:
+        keys = array.array('Q', shifted)
+    else:
+        keys = array.array('Q', map(operator.or_, shifted,
+                                    replies.translate(_T_BIT)))
+    session = None
+    if all_ok and sess_col == sess_col[:2] * n:
+        session = int.from_bytes(sess_col[:2], 'big')
+    return RunKeys(ok=ok, sessions=ints(sess_col, 'H', True), keys=keys,
+                   all_ok=all_ok, session=session)
+
+
+def _ok_bytes(bad, n):
+    """One byte per record: 1 where the big-int ``bad`` has a zero byte."""
+    if not bad:
+        return b'\x01' * n
+    return bad.to_bytes(n, 'little').translate(_T_ZERO)
+
+
+def _tagged(col, l4, n, proto):
+    """ICMP echo / UDP probes: the tag sits right after the 8-byte header.
+
+    Returns ``(bad, session column (BE bytes), seqs, reply bits)``.
+    """
+    s_hi, s_lo = col(l4 + 12), col(l4 + 13)
+    bad = 0
+    if col(l4 + 8, 4) != _MAGIC * n:
+        for j in range(4):
+            bad |= _differ(col(l4 + 8 + j), _MAGIC[j:j + 1] * n)
+    if proto == 1:
+        replies = col(l4).translate(_T_ECHO)
+        bad |= (_mask(replies, _T_TWO) | _differ(col(l4 + 4), s_hi) |
+                _differ(col(l4 + 5), s_lo))
+    else:
+        replies = bytes(n)
+        # The source port is 32768 | (session & 0x7fff).
+        bad |= (_differ(col(l4), s_hi.translate(_T_PORT_HI)) |
+                _differ(col(l4 + 1), s_lo))
+    seqs = ints(col(l4 + 14, 4), 'I', True)
+    return bad, interleave(s_hi, s_lo), seqs, replies
+
+
+def _tcp(col, l4, n):
+    """TCP SYN probes (sequence number ``session << 16 | seq``) and replies
+    acknowledging it (``ack - 1``)."""
+    replies = col(l4 + 13).translate(_T_TCP)
+    bad = _mask(replies, _T_TWO) | _mask(col(l4 + 12), _T_DOFF_BAD)
+    n_replies = replies.count(1)
+    if n_replies == 0:
+        value, port = col(l4 + 4, 4), col(l4, 2)
+    else:
+        acks = ints(col(l4 + 8, 4), 'I', True)
+        if 0 in acks:
+            minus = map(operator.and_, map(operator.sub, acks,
+                                           itertools.repeat(1)),
+                        itertools.repeat(0xffffffff))
+        else:
+            minus = map(operator.sub, acks, itertools.repeat(1))
+        acked = array.array('I', minus)
+        if not _HOST_BE:
+            acked.byteswap()
+        acked = acked.tobytes()
+        if n_replies == n:
+            value, port = acked, col(l4 + 2, 2)
+        else:
+            # Per record: the acknowledged number for replies, else seq.
+            m1 = replies.translate(_T_ONE_FF)
+            value = _blend(col(l4 + 4, 4), acked, interleave(m1, m1, m1, m1))
+            port = _blend(col(l4, 2), col(l4 + 2, 2), interleave(m1, m1))
+    s_hi, s_lo = value[0::4], value[1::4]
+    bad |= (_differ(port[0::2], s_hi.translate(_T_PORT_HI)) |
+            _differ(port[1::2], s_lo))
+    seqs = ints(interleave(value[2::4], value[3::4]), 'H', True)
+    return bad, interleave(s_hi, s_lo), seqs, replies
+
+
+def _blend(a, b, mask):
+    """Bytes of ``b`` where ``mask`` is 0xff, else of ``a``."""
+    m = int.from_bytes(mask, 'little')
+    a_int = int.from_bytes(a, 'little')
+    b_int = int.from_bytes(b, 'little')
+    return ((a_int & ~m) | (b_int & m)).to_bytes(len(a), 'little')
