@@ -35,9 +35,10 @@ OPTS = [
                                 'SYN-ACK or RST')],
                help='Protocol of the probes. Choose one that the '
                     "instances' security groups let in."),
-    cfg.PortOpt('probe_port',
-                help='Destination port of UDP and TCP probes. Unset: the '
-                     "probe module's default port."),
+    cfg.PortOpt('probe_port', min=1,
+                help='Destination port of UDP and TCP probes. Unset: 33434 '
+                     'for UDP (traceroute\'s, usually closed: the guest '
+                     'answers port unreachable), 9 for TCP (discard).'),
     cfg.IntOpt('probe_count',
                default=20, min=1, max=10000,
                help='Probes sent to each vNIC in one polling cycle.'),
