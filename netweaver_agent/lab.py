@@ -330,18 +330,44 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
+def _read_state(prefix):
+    path = os.path.join(state_dir(prefix), STATE_FILE)
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LabError(f"cannot read lab state {path!r}: {exc}") from exc
+
+
 def kept_prefixes():
-    """Prefixes of labs with a state file under :data:`STATE_ROOT`."""
+    """Prefixes of kept labs: built persistent, or whose builder is gone.
+
+    Labs that a live process built for itself (a test, a ``netweaver lab``
+    run) are not listed: they are that process's to remove.
+    """
     try:
         entries = sorted(os.listdir(STATE_ROOT))
     except FileNotFoundError:
         return []
-    return [e for e in entries
-            if os.path.exists(os.path.join(STATE_ROOT, e, STATE_FILE))]
+    kept = []
+    for prefix in entries:
+        try:
+            state = _read_state(prefix)
+        except LabError as exc:
+            LOG.warning('%s', exc)
+            continue
+        if state is None:
+            continue
+        owner = state.get('owner_pid')
+        if state.get('persistent') or not owner or not _alive(owner):
+            kept.append(prefix)
+    return kept
 
 
 def teardown_kept(prefix=None):
-    """Remove the kept lab ``prefix`` (None: every kept lab).
+    """Remove the lab ``prefix``, or (None) every kept lab.
 
     Returns the prefixes removed.  A prefix with no state file is still
     cleared of the namespaces a lab with that prefix would have made.
@@ -349,14 +375,7 @@ def teardown_kept(prefix=None):
     prefixes = [prefix] if prefix else kept_prefixes()
     done = []
     for p in prefixes:
-        path = os.path.join(state_dir(p), STATE_FILE)
-        try:
-            with open(path, encoding='utf-8') as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            state = {}
-        except (OSError, ValueError) as exc:
-            raise LabError(f"cannot read lab state {path!r}: {exc}") from exc
+        state = _read_state(p) or {}
         _remove(p, state.get('namespaces', ()), state.get('pids', ()))
         done.append(p)
     return done
@@ -854,6 +873,7 @@ class Lab:
                         'records': d.records_path} for d in self._delays],
             'losses': [dataclasses.asdict(x) for x in self._losses],
             'persistent': self.spec.persistent,
+            'owner_pid': os.getpid(),
         })
 
     def teardown(self):

@@ -198,9 +198,12 @@ def test_build_replaces_a_stale_lab(lab_factory):
     try:
         stale.build()
         old_pid = stale.delays[0].pid
+        assert prefix in lab_mod.kept_prefixes()
         # Not torn down: a second lab with the same prefix replaces it.
         the_lab = lab_factory(prefix=prefix, guests=2, delays=delay)
         assert not lab_mod._alive(old_pid)
+        # Built by this live process for itself: not a kept lab.
+        assert prefix not in lab_mod.kept_prefixes()
         result = window(the_lab, count=10, per_vnic_interval_ms=5.0)
         assert all(r.ingress.count == 10 for r in result.reports.values())
     finally:
@@ -229,6 +232,7 @@ def test_delayer_ends_with_the_process_that_built_the_lab():
         wait_until(lambda: not lab_mod._alive(pid), 10,
                    f'delayer {pid} to end after its parent was killed')
         assert lab_namespaces(prefix), 'the killed builder left its lab'
+        assert prefix in lab_mod.kept_prefixes(), 'an orphan is kept'
     finally:
         if proc.poll() is None:
             proc.kill()
