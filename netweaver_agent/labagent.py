@@ -184,11 +184,15 @@ class PollingAgent:
 
     Use as a context manager; the process group is ended on exit,
     SIGTERM first, SIGKILL after :data:`AGENT_STOP_S`.
+
+    :param wrapper: argv prefix for the agent inside the namespace (e.g.
+        ``setpriv`` to drop a capability)
     """
 
-    def __init__(self, files, netns_name):
+    def __init__(self, files, netns_name, wrapper=()):
         self.files = files
         self.netns_name = netns_name
+        self.wrapper = tuple(wrapper)
         self.proc = None
 
     def __enter__(self):
@@ -201,7 +205,8 @@ class PollingAgent:
 
     def start(self):
         argv = netns.netns_argv(self.netns_name, [
-            polling_command(), '--polling-namespaces', 'compute',
+            *self.wrapper, polling_command(), '--polling-namespaces',
+            'compute',
             '--config-file', self.files.config])
         LOG.info('Starting %s', ' '.join(argv))
         with open(os.path.join(self.files.workdir, 'agent.out'), 'wb') as out:

@@ -15,6 +15,7 @@ import pytest
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labagent
 from netweaver_agent import labvirt
+from netweaver_agent import netns
 
 DELAY_MS = 2.0
 INTERVAL_S = 3
@@ -38,13 +39,14 @@ def agent_lab(lab_factory, tmp_path):
     """``start(lab, **write_files kwargs) -> running PollingAgent``."""
     agents = []
 
-    def start(the_lab, **kwargs):
+    def start(the_lab, wrapper=(), **kwargs):
         kwargs.setdefault('interval_s', INTERVAL_S)
         probe = dict(PROBE)
         probe.update(kwargs.pop('probe', {}))
         files = labagent.write_files(the_lab, str(tmp_path / 'agent'),
                                      probe=probe, **kwargs)
-        agent = labagent.PollingAgent(files, the_lab.hv_netns)
+        agent = labagent.PollingAgent(files, the_lab.hv_netns,
+                                      wrapper=wrapper)
         agents.append(agent)
         agent.start()
         return agent
@@ -194,3 +196,63 @@ def test_delta_meters_are_untouched_by_our_pollsters(lab_factory,
     # And it is the driver's rate times the polling interval.
     for delta in deltas:
         assert abs(delta - rate * 4) <= 0.02 * rate * 4, (delta, rate)
+
+
+def test_loss_is_published_and_filtered_probes_are_not_loss(lab_factory,
+                                                            agent_lab):
+    the_lab = lab_factory(guests=2, losses=(
+        lab_mod.LossInjection(guest=0, every=4),))
+    lossy, blocked = the_lab.guests
+    # A "security group" dropping every probe to guest 1 on the bridge
+    # (bridge netfilter is on: the loss injection needs it too).
+    netns.run(['iptables', '-I', 'FORWARD', '1', '-m', 'physdev',
+               '--physdev-out', blocked.tap, '-p', 'icmp', '--icmp-type',
+               'echo-request', '-j', 'DROP'], netns=the_lab.hv_netns)
+    ids = labagent.resource_ids(the_lab)
+    agent = agent_lab(the_lab)
+
+    def ready(series):
+        loss = [s for s in series
+                if s.name == 'ceilometer_network_vif_probe_loss']
+        return loss if ('filtered before the tap' in agent.log_text()
+                        and loss) else None
+
+    loss = agent.wait_for(ready, WAIT_S)
+    by_id = {s.label('resource'): s.value for s in loss}
+    # 20 probes per window, every 4th dropped after the pif: 25 %.
+    assert by_id == {ids[lossy.tap]: 25.0}
+    log = agent.log_text()
+    assert f'Instance {blocked.uuid} vNIC {blocked.tap}: 20 probes' in log
+    assert 'security group rule create --ingress --protocol icmp' in log
+    latency = {s.label('resource') for s in
+               agent.series('ceilometer_network_vif_latency')}
+    assert latency == {ids[lossy.tap]}
+
+
+def test_without_cap_net_raw_the_pollsters_stop_cleanly(
+        lab_factory, agent_lab):
+    the_lab = lab_factory(guests=1)
+    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].tap]
+    agent = agent_lab(
+        the_lab, meters=('network.incoming.bytes',
+                         *labagent.LATENCY_METERS),
+        wrapper=('setpriv', '--inh-caps=-net_raw',
+                 '--bounding-set=-net_raw', '--'))
+
+    def two_cycles(series):
+        log = agent.log_text()
+        return (log.count('Finished polling pollster network.incoming.bytes '
+                          'in the context') >= 2
+                and all(f'Prevent pollster {m} from polling' in log
+                        for m in labagent.LATENCY_METERS))
+
+    agent.wait_for(two_cycles, WAIT_S)
+    log = agent.log_text()
+    disabled = [line for line in log.splitlines()
+                if 'netweaver latency pollsters disabled' in line]
+    assert len(disabled) == 1, disabled
+    assert 'CAP_NET_RAW' in disabled[0]
+    assert 'Traceback' not in log
+    names = {(s.name, s.label('resource')) for s in agent.series()}
+    assert ('ceilometer_network_incoming_bytes', rid) in names
+    assert not any(n.startswith('ceilometer_network_vif') for n, _ in names)
