@@ -1,0 +1,183 @@
+"""Latency from two capture files: one taken on the pif, one on the vif.
+
+What the seed did with ``tcpdump -tttt`` text, done right: nanosecond
+timestamps from the files (no truncation to milliseconds), full dates,
+and every probe matched on its own, so a missing packet is counted as lost
+instead of ending the analysis.
+
+The *plan* (the probes the report is about) is every probe seen received
+on the pif or seen on the vif: the files cannot tell what a source sent,
+so ``sent`` in the report is that count, and probes that were sent but
+never reached the pif are invisible here.
+
+Two ways to know a packet again on the other interface:
+
+* ``probe`` mode: our probes' tags (any ``netweaver`` probe window; one
+  session is analysed, by default the most common one in the pif file);
+* ``fingerprint`` mode: foreign traffic (the seed's hping3 SYNs), keyed by
+  invariant header fields (see :mod:`netweaver_agent.pcapfile`).  Probes
+  and replies cannot be paired there: ingress and egress are measured, the
+  guest's turnaround is not.
+
+``auto`` (the default) uses probe mode, or fingerprint mode when neither
+file holds a probe of ours and the instance's address is known.
+"""
+
+import dataclasses
+import os
+
+from oslo_log import log
+
+from netweaver_agent import capture
+from netweaver_agent import latency
+from netweaver_agent import pcapfile
+
+LOG = log.getLogger(__name__)
+
+MODES = ('auto', 'probe', 'fingerprint')
+DEFAULT_TIMEOUT_MS = 1000.0
+
+
+class AnalyzeError(ValueError):
+    """The two files cannot be analysed together (message names them)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Analysis:
+    """The report of one pif/vif pair of captures, and what was read."""
+
+    report: latency.LatencyReport
+    pif: pcapfile.PcapRead
+    vif: pcapfile.PcapRead
+    mode: str
+    session: int
+
+    @property
+    def reports(self):
+        """``{vif name: report}``, the shape ``report.format_table`` takes."""
+        return {self.report.vnic: self.report}
+
+
+def interface_names(pif_path, vif_path, pif_name=None, vif_name=None):
+    """Names for the two files' interfaces: given, else the file names."""
+    def stem(path):
+        return os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+    pif_name = pif_name or stem(pif_path)
+    vif_name = vif_name or stem(vif_path)
+    if pif_name == vif_name:
+        pif_name, vif_name = f'pif:{pif_name}', f'vif:{vif_name}'
+    return pif_name, vif_name
+
+
+def build_plan(batch, pif, vif):
+    """``{seq: vif}`` for every probe received on ``pif`` or seen on
+    ``vif`` (replies' keys are left out)."""
+    names = batch.ifnames
+    plan = {}
+    for key, index, direction in zip(batch.keys, batch.ifindex,
+                                     batch.direction):
+        if key & 1:
+            continue
+        name = names[index]
+        if name == vif or (name == pif and direction != capture.DIR_OUT):
+            plan[key >> 1] = vif
+    return plan
+
+
+def _replies_plan(batch, pif, vif):
+    """``{seq: vif}`` for fingerprint replies seen on ``vif``."""
+    names = batch.ifnames
+    return {key >> 1: vif for key, index in zip(batch.keys, batch.ifindex)
+            if key & 1 and names[index] == vif}
+
+
+def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
+                  protocol=None, mode='auto', timeout_ms=DEFAULT_TIMEOUT_MS,
+                  pif_name=None, vif_name=None):
+    """Match the probes of a pif capture and a vif capture.
+
+    :param destination: the instance's address (fingerprint mode: tells
+        replies from probes)
+    :param session: the probe window to analyse (default: the most common
+        in the pif file, else in the vif file)
+    :param protocol: shown in the report (default: the mode's name)
+    :param timeout_ms: a probe (or reply) slower than this is lost
+    :returns: :class:`Analysis`
+    :raises pcapfile.PcapError: a file is unreadable or corrupt
+    :raises AnalyzeError: nothing to measure, or a bad combination
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown analysis mode {mode!r}; expected one of "
+                         f"{', '.join(MODES)}")
+    if timeout_ms <= 0:
+        raise ValueError(f"timeout {timeout_ms!r} ms must be > 0")
+    pif, vif = interface_names(pif_path, vif_path, pif_name, vif_name)
+    reads = None
+    if mode in ('auto', 'probe'):
+        reads = _read_probes(pif_path, vif_path, pif, vif, session)
+        if reads is None and (mode == 'probe' or destination is None):
+            hint = ('' if mode == 'probe' else
+                    '; for foreign traffic (e.g. hping3) give the '
+                    'instance\'s address to use fingerprint mode')
+            raise AnalyzeError(
+                f"no netweaver probe in {pif_path} or {vif_path}{hint}")
+    if reads is None:
+        if destination is None:
+            raise AnalyzeError(
+                "fingerprint mode needs the instance's address to tell "
+                f"probes from replies ({pif_path}, {vif_path})")
+        kwargs = dict(fingerprint=True, dst_ip=destination)
+        reads = (pcapfile.read_pcap(pif_path, ifname=pif, **kwargs),
+                 pcapfile.read_pcap(vif_path, ifname=vif, **kwargs))
+        mode = 'fingerprint'
+    else:
+        mode = 'probe'
+    pif_read, vif_read = reads
+    if pif_read.probes == 0 and vif_read.probes == 0:
+        raise AnalyzeError(f"no packet to match in {pif_path} or {vif_path}")
+    batch = capture.SightingBatch(pif_read.session)
+    batch.extend(pif_read.batch)
+    batch.extend(vif_read.batch)
+    timeout_ns = int(timeout_ms * 1_000_000)
+    label = protocol or mode
+    path = latency.PathSpec(vnic=vif, interfaces=(pif, vif))
+    matcher = latency.Matcher(batch.session, [path],
+                              build_plan(batch, pif, vif), timeout_ns,
+                              protocol=label)
+    matcher.feed_batch(batch)
+    report = matcher.reports()[vif]
+    if mode == 'fingerprint':
+        back = latency.Matcher(batch.session, [path],
+                               _replies_plan(batch, pif, vif), timeout_ns,
+                               protocol=label)
+        back.feed_batch(batch)
+        report = dataclasses.replace(report,
+                                     egress=back.reports()[vif].egress)
+    LOG.debug('Analysed %(pif)s and %(vif)s (%(mode)s mode, session '
+              '%(session)d): %(n)d probes', {
+                  'pif': pif_path, 'vif': vif_path, 'mode': mode,
+                  'session': batch.session, 'n': report.sent})
+    return Analysis(report=report, pif=pif_read, vif=vif_read, mode=mode,
+                    session=batch.session)
+
+
+def _read_probes(pif_path, vif_path, pif, vif, session):
+    """Both files in probe mode, one session; None if neither has probes."""
+    pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session)
+    if session is None and pif_read.sessions:
+        session = pif_read.session
+    vif_read = pcapfile.read_pcap(vif_path, ifname=vif, session=session)
+    if session is None:
+        if not vif_read.sessions:
+            return None
+        session = vif_read.session
+        pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session)
+    for read in (pif_read, vif_read):
+        others = [s for s, _ in read.sessions if s != session]
+        if others:
+            LOG.warning('%(path)s also holds probes of session(s) '
+                        '%(others)s, not analysed (session %(session)d is)',
+                        {'path': read.path, 'session': session,
+                         'others': ', '.join(map(str, others))})
+    return pif_read, vif_read

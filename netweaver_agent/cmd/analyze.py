@@ -1,0 +1,99 @@
+"""``netweaver analyze PIF.pcap VIF.pcap``: latency from two captures.
+
+Prints the report table (or ``--json``) and, for old habits, the seed's
+``{'average', 'minimum', 'maximum', 'stdev'}`` line (ingress, µs).
+"""
+
+import json
+import sys
+
+from netweaver_agent import analyze
+from netweaver_agent import pcapfile
+from netweaver_agent import report
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        'analyze',
+        help='latency from two capture files (pif and vif)',
+        description='Match the packets of a capture taken on the '
+                    'hypervisor\'s physical interface (pif) with one taken '
+                    'on the instance\'s vif (tcpdump pcap or pcapng, '
+                    'ideally --time-stamp-precision=nano) and report the '
+                    'in-host latency.  netweaver probes are matched by '
+                    'their tags; other traffic (e.g. hping3) by a '
+                    'fingerprint of invariant header fields, which needs '
+                    '--destination.')
+    p.add_argument('pif_pcap', metavar='PIF.pcap',
+                   help='capture taken on the physical interface')
+    p.add_argument('vif_pcap', metavar='VIF.pcap',
+                   help='capture taken on the instance\'s vif (tap)')
+    p.add_argument('--destination', '-d', metavar='IP',
+                   help='the instance\'s address: in fingerprint mode, '
+                        'packets from it are replies')
+    p.add_argument('--mode', choices=analyze.MODES, default='auto',
+                   help='probe: our tagged probes; fingerprint: any '
+                        'traffic; auto: probes if there are any '
+                        '(default: %(default)s)')
+    p.add_argument('--fingerprint', dest='mode', action='store_const',
+                   const='fingerprint', help='same as --mode fingerprint')
+    p.add_argument('--session', type=int, metavar='N',
+                   help='probe window to analyse (default: the most common '
+                        'in the pif file)')
+    p.add_argument('--timeout-ms', type=float,
+                   default=analyze.DEFAULT_TIMEOUT_MS, metavar='MS',
+                   help='slower than this counts as lost (default: '
+                        '%(default)s)')
+    p.add_argument('--pif-name', metavar='NAME',
+                   help='name shown for the pif (default: its file name)')
+    p.add_argument('--vif-name', metavar='NAME',
+                   help='name shown for the vif (default: its file name)')
+    p.add_argument('--protocol', metavar='NAME',
+                   help='label shown for the traffic (default: the mode)')
+    p.add_argument('--json', action='store_true',
+                   help='print JSON instead of a table')
+    p.set_defaults(run=run)
+    return p
+
+
+def _read_to_dict(read):
+    return {'path': read.path, 'format': read.format,
+            'records': read.records, 'matched': read.probes,
+            'foreign': read.foreign, 'other_sessions': read.other_sessions,
+            'untimed': read.untimed, 'truncated': read.truncated}
+
+
+def _file_line(role, read):
+    extra = ', last record cut short (ignored)' if read.truncated else ''
+    return (f'{role} {read.path}: {read.format}, {read.records} records, '
+            f'{read.probes} matched, {read.foreign} other{extra}')
+
+
+def run(args):
+    try:
+        result = analyze.analyze_pcaps(
+            args.pif_pcap, args.vif_pcap, destination=args.destination,
+            session=args.session, protocol=args.protocol, mode=args.mode,
+            timeout_ms=args.timeout_ms, pif_name=args.pif_name,
+            vif_name=args.vif_name)
+    except (pcapfile.PcapError, analyze.AnalyzeError, ValueError) as exc:
+        print(f'netweaver analyze: {exc}', file=sys.stderr)
+        return 1
+    rep = result.report
+    summary = report.seed_summary(rep.ingress)
+    if args.json:
+        print(json.dumps({
+            'mode': result.mode, 'session': result.session,
+            'pif': _read_to_dict(result.pif),
+            'vif': _read_to_dict(result.vif),
+            'report': report.to_jsonable(rep), 'summary': summary},
+            indent=2, sort_keys=True))
+        return 0
+    title = f'{rep.pif} → {rep.vnic} ({result.mode} mode'
+    if result.mode == 'probe':
+        title += f', session {result.session}'
+    print(report.format_table(result.reports, title=title + ')'))
+    print(_file_line('pif', result.pif))
+    print(_file_line('vif', result.vif))
+    print(summary)
+    return 0

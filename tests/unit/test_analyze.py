@@ -1,0 +1,212 @@
+"""``analyze_pcaps`` and ``netweaver analyze`` on files with chosen times.
+
+Every statistic is checked exactly against the timestamps written.
+"""
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from netweaver_agent import analyze
+from netweaver_agent import pcapfile
+from tests.unit import test_pcapfile as tpf
+from tests.unit import test_probe as tp
+
+T0 = tpf.T0
+MS = 1_000_000
+
+
+def answered(proto, ingress_ns, turnaround_ns, egress_ns, session=4242,
+             lose=()):
+    """pif and vif records of probes with the given latencies (ns).
+
+    ``lose``: sequence numbers that never reach the vif.
+    """
+    pif, vif = [], []
+    for seq, (ing, eg) in enumerate(zip(ingress_ns, egress_ns)):
+        f = tp.frame(proto, session, seq)
+        t = T0 + seq * MS
+        pif.append((t, f))
+        if seq in lose:
+            continue
+        r = tp.reply(f)
+        vif.append((t + ing, f))
+        vif.append((t + ing + turnaround_ns, r))
+        pif.append((t + ing + turnaround_ns + eg, r))
+    return sorted(pif), sorted(vif)
+
+
+def write(path, records, nano=True, order='<'):
+    return tpf.write_pcap_raw(path, [f for _, f in records],
+                              [t for t, _ in records], order=order,
+                              nano=nano)
+
+
+def stats_us(values_ns):
+    us = [v / 1000 for v in values_ns]
+    return min(us), max(us), statistics.fmean(us), statistics.stdev(us)
+
+
+@pytest.mark.parametrize('proto', ['icmp', 'udp', 'tcp'])
+def test_exact_statistics_with_a_lost_probe(proto, tmp_path):
+    ingress = [10_001, 20_002, 30_003, 99_999, 40_004, 7_123]
+    egress = [2_000, 4_000, 6_000, 1, 8_000, 5_555]
+    pif, vif = answered(proto, ingress, 50_000, egress, lose={3})
+    result = analyze.analyze_pcaps(write(tmp_path / 'PIF.pcap', pif),
+                                   write(tmp_path / 'VIF.pcap', vif))
+    rep = result.report
+    assert result.mode == 'probe' and result.session == 4242
+    assert (rep.pif, rep.vnic, rep.sent) == ('PIF', 'VIF', 6)
+    kept_in = [v for i, v in enumerate(ingress) if i != 3]
+    kept_eg = [v for i, v in enumerate(egress) if i != 3]
+    ing, eg = rep.ingress, rep.egress
+    assert (ing.count, ing.lost, eg.count, eg.lost) == (5, 1, 5, 0)
+    assert (ing.min_us, ing.max_us) == (7.123, 40.004)
+    assert ing.mean_us == pytest.approx(stats_us(kept_in)[2], abs=1e-9)
+    assert ing.stdev_us == pytest.approx(stats_us(kept_in)[3], abs=1e-9)
+    assert ing.p50_us == 20.002
+    assert (eg.min_us, eg.max_us) == (2.0, 8.0)
+    assert eg.mean_us == pytest.approx(stats_us(kept_eg)[2], abs=1e-9)
+    assert rep.turnaround.count == 5 and rep.turnaround.mean_us == 50.0
+    assert rep.ingress.loss_pct == pytest.approx(100 / 6)
+    assert (result.pif.records, result.vif.records) == (11, 10)
+
+
+def test_microsecond_and_big_endian_files_mix(tmp_path):
+    ingress = [11_000, 12_000, 13_000]
+    pif, vif = answered('icmp', ingress, 1_000, [3_000] * 3)
+    result = analyze.analyze_pcaps(
+        write(tmp_path / 'p.pcap', pif, nano=False),
+        write(tmp_path / 'v.pcap', vif, order='>'))
+    # The µs file lost T0's nanoseconds (789): exactly that much longer.
+    assert [result.report.ingress.min_us,
+            result.report.ingress.max_us] == [11.789, 13.789]
+
+
+def test_late_probe_is_lost_and_seed_bugs_are_gone(tmp_path):
+    """The seed stopped at the first missing packet and kept ms only."""
+    ingress = [5_432, 5_000_000, 6_789, 8_001]        # 5 ms: late
+    pif, vif = answered('udp', ingress, 0, [1] * 4, lose={0})
+    result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', pif),
+                                   write(tmp_path / 'v.pcap', vif),
+                                   timeout_ms=1.0)
+    ing = result.report.ingress
+    assert (ing.count, ing.lost, result.report.late) == (2, 2, 1)
+    assert (ing.min_us, ing.max_us) == (6.789, 8.001)
+
+
+def test_session_choice(tmp_path):
+    p1, v1 = answered('icmp', [10_000] * 4, 0, [0] * 4, session=1)
+    p2, v2 = answered('icmp', [20_000] * 2, 0, [0] * 2, session=2)
+    pif = write(tmp_path / 'p.pcap', sorted(p1 + p2))
+    vif = write(tmp_path / 'v.pcap', sorted(v1 + v2))
+    assert analyze.analyze_pcaps(pif, vif).report.ingress.mean_us == 10.0
+    two = analyze.analyze_pcaps(pif, vif, session=2)
+    assert two.session == 2 and two.report.ingress.mean_us == 20.0
+    assert two.report.sent == 2
+
+
+def test_fingerprint_mode_for_hping3_syns(tmp_path):
+    pif, vif = [], []
+    for i in range(20):
+        syn = tpf._hping_syn(2911 + i, (36550021 + i * 7919) & 0xffffffff, i)
+        rst = tp.reply(syn)
+        t = T0 + i * MS
+        pif.append((t, syn))
+        if i == 5:
+            continue                                   # lost in the host
+        vif += [(t + 9_000 + i, syn), (t + 60_000, rst)]
+        pif.append((t + 60_000 + 3_000, rst))
+    pif_path = write(tmp_path / 'p.pcap', sorted(pif))
+    vif_path = write(tmp_path / 'v.pcap', sorted(vif))
+    with pytest.raises(analyze.AnalyzeError, match='instance.s address'):
+        analyze.analyze_pcaps(pif_path, vif_path)
+    result = analyze.analyze_pcaps(pif_path, vif_path,
+                                   destination='198.18.0.10')
+    rep = result.report
+    assert result.mode == 'fingerprint'
+    assert (rep.ingress.count, rep.ingress.lost) == (19, 1)
+    assert rep.ingress.min_us == 9.0 and rep.ingress.max_us == 9.019
+    assert (rep.egress.count, rep.egress.mean_us) == (19, 3.0)
+    assert rep.turnaround.count == 0
+
+
+def test_nothing_to_match(tmp_path):
+    empty = tpf.write_pcap(tmp_path / 'e.pcap', [], [])
+    with pytest.raises(analyze.AnalyzeError, match='no netweaver probe'):
+        analyze.analyze_pcaps(empty, empty)
+    with pytest.raises(analyze.AnalyzeError, match='no netweaver probe'):
+        analyze.analyze_pcaps(empty, empty, mode='probe',
+                              destination='198.18.0.10')
+
+
+def test_same_file_names_are_told_apart(tmp_path):
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    pif, vif = answered('icmp', [10_000], 0, [0])
+    result = analyze.analyze_pcaps(write(tmp_path / 'a' / 'x.pcap', pif),
+                                   write(tmp_path / 'b' / 'x.pcap', vif))
+    assert (result.report.pif, result.report.vnic) == ('pif:x', 'vif:x')
+    assert result.report.ingress.count == 1
+
+
+# --------------------------------------------------------------------------
+# The command, as a user runs it.
+
+def netweaver(*argv):
+    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+                           *map(str, argv)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_table_json_and_seed_line(tmp_path):
+    pif, vif = answered('tcp', [10_000, 30_000], 1_000, [2_000, 2_000])
+    p = write(tmp_path / 'eth0.pcap', pif)
+    v = write(tmp_path / 'tap0.pcap', vif)
+    proc = netweaver('analyze', p, v)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert 'eth0 → tap0 (probe mode, session 4242)' in out
+    assert "{'average': 20.0, 'minimum': 10.0, 'maximum': 30.0, " \
+           "'stdev': 14.142135623730951}" in out
+    proc = netweaver('analyze', '--json', p, v)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data['report']['ingress']['count'] == 2
+    assert data['summary']['average'] == 20.0
+    assert math.isclose(data['report']['egress']['mean_us'], 2.0)
+    assert data['pif']['records'] == 4 and data['vif']['matched'] == 4
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'', 'PIF.pcap: empty file'),
+    (b'garbage!' * 10, 'PIF.pcap: not a pcap or pcapng file'),
+    (b'\xd4\xc3\xb2\xa1' + bytes(8), 'PIF.pcap: truncated pcap file header'),
+])
+def test_cli_bad_file_one_clear_line(content, message, tmp_path):
+    bad = tmp_path / 'PIF.pcap'
+    bad.write_bytes(content)
+    good = write(tmp_path / 'v.pcap', answered('icmp', [1], 0, [0])[1])
+    proc = netweaver('analyze', bad, good)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert lines[0].startswith('netweaver analyze: ')
+    assert 'Traceback' not in proc.stderr and proc.stdout == ''
+
+
+def test_cli_missing_file(tmp_path):
+    proc = netweaver('analyze', tmp_path / 'nope.pcap', tmp_path / 'v.pcap')
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f'netweaver analyze: {tmp_path}/nope.pcap: cannot read: '
+        'No such file or directory')
+
+
+def test_pcap_error_is_a_value_error():
+    # Callers catching ValueError (bad input) also catch file errors.
+    assert issubclass(pcapfile.PcapError, ValueError)

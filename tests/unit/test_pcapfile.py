@@ -1,0 +1,472 @@
+"""Capture files: exact keys and timestamps, every format, clear errors.
+
+Files are written with dpkt's writers (or by hand where dpkt has none:
+big-endian files, cooked link types), with chosen nanosecond timestamps.
+The fast paths are checked against :func:`probe.parse_key` with
+hypothesis-generated probes, replies and damaged frames.
+"""
+
+import decimal
+import io
+import struct
+
+import dpkt
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from netweaver_agent import capture
+from netweaver_agent import pcapfile
+from netweaver_agent import pcapkeys
+from netweaver_agent import probe
+from tests.unit import test_probe as tp
+
+T0 = 1_763_900_000_123_456_789      # ns since the epoch (2025-11-23)
+SESSION = 4242
+
+
+def key_of(frame):
+    key = probe.parse_key(frame)
+    return None if key is None else (key.session, key.as_int())
+
+
+def probes(proto, n, session=SESSION, replies=False, first=0):
+    out = []
+    for seq in range(first, first + n):
+        f = tp.frame(proto, session, seq)
+        out.append(f)
+        if replies:
+            out.append(tp.reply(f))
+    return out
+
+
+def write_pcap(path, frames, times, nano=True):
+    with open(path, 'wb') as f:
+        w = dpkt.pcap.Writer(f, nano=nano)
+        for frame, t in zip(frames, times):
+            w.writepkt_time(frame, decimal.Decimal(t) / 10 ** 9)
+    return str(path)
+
+
+def write_pcap_raw(path, frames, times, order='<', nano=True, linktype=1):
+    """A classic pcap written by hand (any byte order or link type)."""
+    magic = pcapfile.PCAP_MAGIC_NS if nano else pcapfile.PCAP_MAGIC_US
+    out = [struct.pack(order + 'IHHiIII', magic, 2, 4, 0, 0, 65535,
+                       linktype)]
+    for frame, t in zip(frames, times):
+        sec, ns = divmod(t, 10 ** 9)
+        frac = ns if nano else ns // 1000
+        out.append(struct.pack(order + 'IIII', sec, frac, len(frame),
+                               len(frame)) + frame)
+    with open(path, 'wb') as f:
+        f.write(b''.join(out))
+    return str(path)
+
+
+def rows(read):
+    """The batch as ``[(ifname, key_int, t_ns, direction)]``, sorted."""
+    b = read.batch
+    return sorted((b.ifnames[i], k, t, d) for k, i, t, d in
+                  zip(b.keys, b.ifindex, b.t_ns, b.direction))
+
+
+# --------------------------------------------------------------------------
+# Keys: the fast paths agree with probe.parse_key.
+
+INTERESTING = [12, 13, 14, 16, 17, 20, 21, 23, 34, 35, 36, 37, 38, 39, 40,
+               41, 42, 43, 46, 47, 48, 49, 50, 51, 56, 57, 62, 63, 70, 74]
+
+
+@st.composite
+def frames(draw):
+    proto = draw(st.sampled_from(probe.PROTOCOLS))
+    session = draw(st.integers(0, 0xffff))
+    seq = draw(st.integers(0, 0xffff if proto == 'tcp' else 0xffffffff))
+    f = tp.frame(proto, session, seq, size=draw(st.integers(20, 120)))
+    if draw(st.booleans()):
+        f = tp.reply(f, draw(st.sampled_from(['rst', 'synack'])))
+    f = bytearray(f)
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.one_of(st.sampled_from(INTERESTING),
+                            st.integers(0, len(f) - 1)))
+        if at < len(f):
+            f[at] = draw(st.integers(0, 255))
+    if draw(st.integers(0, 5)) == 0:
+        f = f[:12] + b'\x81\x00\x00\x07' + f[12:]
+    if draw(st.integers(0, 5)) == 0:
+        f = f[:draw(st.integers(0, len(f)))]
+    if draw(st.integers(0, 5)) == 0:
+        f += bytes(draw(st.integers(1, 20)))      # Ethernet padding
+    return bytes(f)
+
+
+@settings(max_examples=600, deadline=None)
+@given(frames())
+def test_frame_key_agrees_with_parse_key(frame):
+    assert pcapkeys.frame_key(frame, 0, len(frame)) == key_of(frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frames(), min_size=1, max_size=40))
+def test_run_keys_agree_with_parse_key(batch):
+    # A run is made of frames of one length: pad (or cut) them to it.
+    size = max(len(f) for f in batch)
+    batch = [f + bytes(size - len(f)) for f in batch]
+    buf = b''.join(batch)
+    found = pcapkeys.run_keys(buf, 0, size, len(batch), size)
+    if found is None:
+        return
+    for i, f in enumerate(batch):
+        if found.ok[i]:
+            assert (found.sessions[i], found.keys[i]) == key_of(f), i
+    if found.session is not None:
+        assert {found.sessions[i] for i in range(len(batch))} == \
+            {found.session}
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=st.lists(frames(), min_size=1, max_size=10),
+       repeat=st.integers(1, 40))
+def test_read_pcap_agrees_with_parse_key(batch, repeat, tmp_path_factory):
+    # Repeats make runs (columns); the mix makes short runs (one by one).
+    records = [f for f in batch for _ in range(repeat)]
+    times = [T0 + i * 1001 for i in range(len(records))]
+    path = write_pcap(tmp_path_factory.mktemp('p') / 'x.pcap', records,
+                      times)
+    expected = [(key_of(f), t) for f, t in zip(records, times)]
+    sessions = {k[0] for k, _ in expected if k is not None}
+    for session in sessions:
+        read = pcapfile.read_pcap(path, session=session)
+        want = sorted(('x', k[1], t, capture.DIR_UNKNOWN)
+                      for k, t in expected if k and k[0] == session)
+        assert rows(read) == want
+    read = pcapfile.read_pcap(path)
+    assert read.records == len(records)
+    assert read.foreign == sum(1 for k, _ in expected if k is None)
+
+
+def test_mixed_run_with_foreign_frames_of_equal_length(tmp_path):
+    good = probes('icmp', 40)
+    foreign = bytearray(good[0])
+    foreign[42:46] = b'XXXX'                  # no magic: foreign
+    records = []
+    for i, f in enumerate(good):
+        records += [f, bytes(foreign)] if i % 7 == 3 else [f]
+    times = [T0 + i for i in range(len(records))]
+    read = pcapfile.read_pcap(write_pcap(tmp_path / 'm.pcap', records,
+                                         times))
+    assert [k >> 1 for k in read.batch.keys] == list(range(40))
+    assert read.foreign == len(records) - 40
+
+
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_probes_and_replies_interleaved(proto, tmp_path):
+    records = probes(proto, 50, replies=True)
+    times = [T0 + i * 10 for i in range(len(records))]
+    read = pcapfile.read_pcap(write_pcap(tmp_path / 'r.pcap', records,
+                                         times))
+    assert list(read.batch.keys) == [key_of(f)[1] for f in records]
+    assert list(read.batch.t_ns) == times
+    assert read.probes == 100 and read.foreign == 0
+
+
+# --------------------------------------------------------------------------
+# Timestamps and formats.
+
+@pytest.mark.parametrize('nano', [True, False])
+@pytest.mark.parametrize('order', ['<', '>'])
+def test_exact_timestamps_both_precisions_both_byte_orders(nano, order,
+                                                           tmp_path):
+    records = probes('udp', 300)
+    # Across second boundaries, with nanoseconds that a float would lose.
+    times = [T0 + i * 7_777_777 for i in range(len(records))]
+    if not nano:
+        times = [t - t % 1000 for t in times]
+    path = write_pcap_raw(tmp_path / 'x.pcap', records, times, order, nano)
+    read = pcapfile.read_pcap(path, ifname='eth0')
+    assert list(read.batch.t_ns) == times
+    assert list(read.batch.keys) == [s << 1 for s in range(300)]
+    assert read.batch.ifnames == {0: 'eth0'}
+    assert read.format == 'pcap' and read.linktypes == (1,)
+    assert set(read.batch.direction) == {capture.DIR_UNKNOWN}
+
+
+def test_dpkt_writer_microseconds(tmp_path):
+    records = probes('icmp', 20)
+    times = [T0 - T0 % 1000 + i * 1000 for i in range(20)]
+    path = write_pcap(tmp_path / 'us.pcap', records, times, nano=False)
+    assert list(pcapfile.read_pcap(path).batch.t_ns) == times
+
+
+def _shb(order):
+    return struct.pack(order + 'IIIHHq', pcapfile.PCAPNG_SHB, 28,
+                       pcapfile.PCAPNG_BOM, 1, 0, -1) + \
+        struct.pack(order + 'I', 28)
+
+
+def _option(order, code, value):
+    pad = (-len(value)) % 4
+    return struct.pack(order + 'HH', code, len(value)) + value + bytes(pad)
+
+
+def _block(order, btype, body):
+    n = 12 + len(body)
+    return struct.pack(order + 'II', btype, n) + body + \
+        struct.pack(order + 'I', n)
+
+
+def _idb(order, name, tsresol=None, linktype=1, tsoffset=None):
+    opts = _option(order, 2, name.encode())
+    if tsresol is not None:
+        opts += _option(order, 9, bytes([tsresol]))
+    if tsoffset is not None:
+        opts += _option(order, 14, struct.pack(order + 'q', tsoffset))
+    opts += struct.pack(order + 'HH', 0, 0)
+    return _block(order, pcapfile.PCAPNG_IDB,
+                  struct.pack(order + 'HHI', linktype, 0, 65535) + opts)
+
+
+def _epb(order, iface, ts, frame, flags=None):
+    pad = (-len(frame)) % 4
+    body = struct.pack(order + 'IIIII', iface, ts >> 32, ts & 0xffffffff,
+                       len(frame), len(frame)) + frame + bytes(pad)
+    if flags is not None:
+        body += _option(order, 2, struct.pack(order + 'I', flags))
+        body += struct.pack(order + 'HH', 0, 0)
+    return _block(order, pcapfile.PCAPNG_EPB, body)
+
+
+@pytest.mark.parametrize('order', ['<', '>'])
+def test_pcapng_two_interfaces_resolutions_and_directions(order, tmp_path):
+    """One pcapng holding the pif (ns) and the tap (µs, default)."""
+    fwd = probes('tcp', 64, replies=True)
+    blocks = [_shb(order), _idb(order, 'eth0', tsresol=9),
+              _idb(order, 'tap0')]
+    want = []
+    for i, f in enumerate(fwd):
+        t = T0 + i * 1_000_003
+        reply = i % 2
+        key = key_of(f)[1]
+        # pif: probes inbound, replies outbound; tap: the reverse.
+        blocks.append(_epb(order, 0, t, f, flags=2 if reply else 1))
+        want.append(('eth0', key, t, capture.DIR_OUT if reply else
+                     capture.DIR_IN))
+        t_tap = (t + 12_345) // 1000
+        blocks.append(_epb(order, 1, t_tap, f, flags=1 if reply else 2))
+        tap_dir = capture.DIR_IN if reply else capture.DIR_OUT
+        want.append(('tap0', key, t_tap * 1000, tap_dir))
+    path = tmp_path / 'both.pcapng'
+    path.write_bytes(b''.join(blocks))
+    read = pcapfile.read_pcap(path)
+    assert read.format == 'pcapng'
+    assert rows(read) == sorted(want)
+    assert sorted(read.batch.ifnames.values()) == ['eth0', 'tap0']
+
+
+def test_pcapng_dpkt_writer_and_tsoffset_and_binary_resolution(tmp_path):
+    records = probes('icmp', 40)
+    buf = io.BytesIO()
+    idb = dpkt.pcapng.InterfaceDescriptionBlockLE(
+        snaplen=1500, linktype=1, opts=[
+            dpkt.pcapng.PcapngOptionLE(code=2, data=b'vif7'),
+            dpkt.pcapng.PcapngOptionLE(code=9, data=b'\x9e'),  # 2^-30 s
+            dpkt.pcapng.PcapngOptionLE(
+                code=14, data=struct.pack('<q', 1_700_000_000)),
+            dpkt.pcapng.PcapngOptionLE(code=0, data=b'')])
+    w = dpkt.pcapng.Writer(buf, idb=idb)
+    want = []
+    for i, f in enumerate(records):
+        ticks = (5 << 30) + i * 3                 # 5 s + i * 3 * 2^-30 s
+        epb = dpkt.pcapng.EnhancedPacketBlockLE(
+            ts_high=ticks >> 32, ts_low=ticks & 0xffffffff,
+            caplen=len(f), pkt_len=len(f), pkt_data=f)
+        w.writepkt(epb)
+        want.append(1_700_000_005 * 10 ** 9 + (i * 3 * 10 ** 9 >> 30))
+    (tmp_path / 'w.pcapng').write_bytes(buf.getvalue())
+    read = pcapfile.read_pcap(tmp_path / 'w.pcapng')
+    assert list(read.batch.t_ns) == want
+    assert read.batch.ifnames == {0: 'vif7'}
+
+
+def test_pcapng_simple_packet_blocks_are_untimed(tmp_path):
+    f = probes('icmp', 1)[0]
+    spb = _block('<', pcapfile.PCAPNG_SPB, struct.pack('<I', len(f)) + f +
+                 bytes((-len(f)) % 4))
+    path = tmp_path / 's.pcapng'
+    path.write_bytes(_shb('<') + _idb('<', 'eth0') + spb +
+                     _epb('<', 0, 5, f))
+    read = pcapfile.read_pcap(path)
+    assert (read.records, read.untimed, read.probes) == (2, 1, 1)
+
+
+@pytest.mark.parametrize('linktype', [113, 276])
+def test_linux_cooked_captures_give_direction(linktype, tmp_path):
+    records, want = [], []
+    for i, f in enumerate(probes('icmp', 40, replies=True)):
+        outgoing = i % 2
+        ptype = 4 if outgoing else 0
+        if linktype == 113:
+            head = struct.pack('!HHH8sH', ptype, 1, 6, f[6:12] + b'\0\0',
+                               0x0800)
+        else:
+            head = struct.pack('!HHIHBB8s', 0x0800, 0, 3, 1, ptype, 6,
+                               f[6:12] + b'\0\0')
+        records.append(head + f[14:])
+        want.append(('any', key_of(f)[1], T0 + i,
+                     capture.DIR_OUT if outgoing else capture.DIR_IN))
+    path = write_pcap_raw(tmp_path / 'c.pcap', records,
+                          [T0 + i for i in range(len(records))],
+                          linktype=linktype)
+    read = pcapfile.read_pcap(path, ifname='any')
+    assert rows(read) == sorted(want)
+
+
+def test_vlan_and_ip_options_take_the_slow_path(tmp_path):
+    f = probes('udp', 1)[0]
+    tagged = f[:12] + b'\x81\x00\x00\x64' + f[12:]
+    ip = dpkt.ethernet.Ethernet(probes('icmp', 2)[1]).data
+    ip.opts = b'\x01\x01\x01\x00'                  # NOP NOP NOP EOL
+    ip.hl = 6
+    ip.sum = 0
+    ip.len = len(ip)
+    with_opts = tp.ethernet(bytes(ip), src=tp.MAC_A, dst=tp.MAC_B)
+    path = write_pcap(tmp_path / 'v.pcap', [tagged] * 20 + [with_opts] * 20,
+                      [T0 + i for i in range(40)])
+    read = pcapfile.read_pcap(path)
+    assert list(read.batch.keys) == [0] * 20 + [2] * 20
+
+
+# --------------------------------------------------------------------------
+# Sessions and fingerprints.
+
+def test_most_common_session_or_the_one_asked_for(tmp_path):
+    records = probes('icmp', 30, session=7) + probes('icmp', 20, session=8)
+    path = write_pcap(tmp_path / 's.pcap', records,
+                      [T0 + i for i in range(50)])
+    read = pcapfile.read_pcap(path)
+    assert read.session == 7 and read.probes == 30
+    assert read.sessions == ((7, 30), (8, 20)) and read.other_sessions == 20
+    read = pcapfile.read_pcap(path, session=8)
+    assert read.session == 8 and [k >> 1 for k in read.batch.keys] == \
+        list(range(20))
+    assert list(read.batch.t_ns) == [T0 + 30 + i for i in range(20)]
+    assert pcapfile.read_pcap(path, session=9).probes == 0
+
+
+def _hping_syn(sport, seq, ip_id, src=tp.SRC, dst=tp.DST):
+    tcp = dpkt.tcp.TCP(sport=sport, dport=0, seq=seq,
+                       flags=dpkt.tcp.TH_SYN, win=512)
+    ip = dpkt.ip.IP(src=src, dst=dst, p=6, id=ip_id, ttl=64, data=tcp)
+    ip.len = len(ip)
+    return tp.ethernet(bytes(ip), src=tp.MAC_A, dst=tp.MAC_B)
+
+
+def test_fingerprint_keys_foreign_traffic(tmp_path):
+    syns = [_hping_syn(2911 + i, 36550021 * (i + 1) & 0xffffffff, i)
+            for i in range(30)]
+    rsts = [tp.reply(s) for s in syns]
+    records = [x for pair in zip(syns, rsts) for x in pair]
+    path = write_pcap(tmp_path / 'h.pcap', records,
+                      [T0 + i for i in range(60)])
+    assert pcapfile.read_pcap(path).probes == 0           # not our tags
+    read = pcapfile.read_pcap(path, fingerprint=True, dst_ip='198.18.0.10')
+    keys = list(read.batch.keys)
+    assert read.probes == 60 and read.session == 0
+    assert [k & 1 for k in keys] == [0, 1] * 30             # reply bit
+    assert len(set(keys)) == 60
+    # The same packet seen elsewhere (TTL, MACs, checksum aside) has the
+    # same key; another IP id does not.
+    moved = bytearray(syns[0])
+    moved[0:12] = bytes(12)
+    moved[22] = 63
+    assert pcapkeys.fingerprint_key(bytes(moved), 0, len(moved)) == \
+        pcapkeys.fingerprint_key(syns[0], 0, len(syns[0]))
+    other = _hping_syn(2911, 36550021, 99)
+    assert pcapkeys.fingerprint_key(other, 0, len(other)) != \
+        pcapkeys.fingerprint_key(syns[0], 0, len(syns[0]))
+    no_dst = pcapfile.read_pcap(path, fingerprint=True)
+    assert {k & 1 for k in no_dst.batch.keys} == {0}
+
+
+# --------------------------------------------------------------------------
+# Errors.
+
+def test_empty_file(tmp_path):
+    path = tmp_path / 'PIF.pcap'
+    path.write_bytes(b'')
+    with pytest.raises(pcapfile.PcapError, match=r'PIF\.pcap: empty file'):
+        pcapfile.read_pcap(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(pcapfile.PcapError,
+                       match=r'nope\.pcap: cannot read: No such file'):
+        pcapfile.read_pcap(tmp_path / 'nope.pcap')
+
+
+def test_not_a_capture(tmp_path):
+    path = tmp_path / 'notes.pcap'
+    path.write_text('hello, this is text\n' * 3)
+    with pytest.raises(pcapfile.PcapError,
+                       match=r'notes\.pcap: not a pcap or pcapng file'):
+        pcapfile.read_pcap(path)
+
+
+def test_truncated_header(tmp_path):
+    path = tmp_path / 'h.pcap'
+    path.write_bytes(struct.pack('<I', pcapfile.PCAP_MAGIC_NS) + bytes(6))
+    with pytest.raises(pcapfile.PcapError,
+                       match=r'h\.pcap: truncated pcap file header'):
+        pcapfile.read_pcap(path)
+
+
+def test_header_only_is_an_empty_capture(tmp_path):
+    path = write_pcap(tmp_path / 'e.pcap', [], [])
+    read = pcapfile.read_pcap(path)
+    assert (read.records, read.probes, read.truncated) == (0, 0, False)
+
+
+@pytest.mark.parametrize('cut', [1, 10, 16, 40])
+def test_truncated_last_record_is_a_warning(cut, tmp_path):
+    records = probes('icmp', 50)
+    path = write_pcap(tmp_path / 't.pcap', records,
+                      [T0 + i for i in range(50)])
+    with open(path, 'r+b') as f:
+        f.truncate(24 + 49 * (16 + len(records[0])) + cut)
+    read = pcapfile.read_pcap(path)
+    assert read.truncated and read.records == 49 and read.probes == 49
+
+
+def test_corrupt_record_length_names_the_byte(tmp_path):
+    records = probes('icmp', 5)
+    path = write_pcap(tmp_path / 'PIF.pcap', records,
+                      [T0 + i for i in range(5)])
+    at = 24 + 2 * (16 + len(records[0]))
+    with open(path, 'r+b') as f:
+        f.seek(at + 8)
+        f.write(struct.pack('<I', 0x7fffffff))
+    with pytest.raises(pcapfile.PcapError,
+                       match=rf'PIF\.pcap: corrupt record header at byte '
+                             rf'{at}: capture length 2147483647'):
+        pcapfile.read_pcap(path)
+
+
+def test_corrupt_pcapng_blocks(tmp_path):
+    f = probes('icmp', 1)[0]
+    good = _shb('<') + _idb('<', 'eth0') + _epb('<', 0, 1, f)
+    path = tmp_path / 'b.pcapng'
+    bad = bytearray(good + _epb('<', 0, 2, f))
+    bad[-4:] = struct.pack('<I', 8)                    # trailer mismatch
+    path.write_bytes(bytes(bad))
+    with pytest.raises(pcapfile.PcapError,
+                       match=rf'b\.pcapng: corrupt pcapng block at byte '
+                             rf'{len(good)}'):
+        pcapfile.read_pcap(path)
+    path.write_bytes(good + _epb('<', 3, 2, f))
+    with pytest.raises(pcapfile.PcapError, match='names interface 3'):
+        pcapfile.read_pcap(path)
+    # A cut last block is the truncated-tail warning again.
+    path.write_bytes(good + _epb('<', 0, 2, f)[:30])
+    read = pcapfile.read_pcap(path)
+    assert read.truncated and read.probes == 1
