@@ -44,6 +44,7 @@ READY = 'ready'
 PR_SET_TIMERSLACK = 29
 DEFAULT_MAX_LIFETIME_S = 24 * 3600
 QUEUE_MAX_LEN = 4096
+DEFAULT_RT_PRIORITY = 10
 
 
 class DelayerError(RuntimeError):
@@ -120,6 +121,23 @@ def packet_key(payload):
         return None
 
 
+def _set_realtime(priority):
+    """Run SCHED_FIFO so that a queued packet wakes us at once.
+
+    The delayer sleeps in select() nearly all the time; the kernel's RT
+    throttling (sched_rt_runtime_us) still bounds it.  Without the
+    privilege it stays a normal process, with later wake-ups.
+    """
+    if not priority:
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return True
+    except (OSError, AttributeError) as exc:
+        LOG.debug('delayer stays SCHED_OTHER: %s', exc)
+        return False
+
+
 def _set_timer_slack(ns):
     """Ask for precise wake-ups (the default slack is 50 µs)."""
     try:
@@ -138,7 +156,8 @@ class Delayer:
     """
 
     def __init__(self, queue_num, delay_ns, records, watch_pid=None,
-                 max_lifetime_s=DEFAULT_MAX_LIFETIME_S):
+                 max_lifetime_s=DEFAULT_MAX_LIFETIME_S,
+                 rt_priority=DEFAULT_RT_PRIORITY):
         if delay_ns < 0:
             raise ValueError(f"delay {delay_ns!r} ns is negative")
         self.queue_num = queue_num
@@ -146,6 +165,7 @@ class Delayer:
         self.records = records
         self.watch_pid = watch_pid
         self.max_lifetime_s = max_lifetime_s
+        self.rt_priority = rt_priority
         self._held = []
         self._order = itertools.count()
         self._stop = False
@@ -184,6 +204,7 @@ class Delayer:
         from netfilterqueue import NetfilterQueue
 
         _set_timer_slack(1)
+        _set_realtime(self.rt_priority)
         queue = NetfilterQueue()
         try:
             queue.bind(self.queue_num, self._on_packet, max_len=QUEUE_MAX_LEN)
@@ -259,6 +280,10 @@ def build_parser():
     parser.add_argument('--max-lifetime-s', type=float,
                         default=DEFAULT_MAX_LIFETIME_S,
                         help='exit after this many seconds')
+    parser.add_argument('--rt-priority', type=int,
+                        default=DEFAULT_RT_PRIORITY,
+                        help='SCHED_FIFO priority, 0 for none (default '
+                             f'{DEFAULT_RT_PRIORITY})')
     return parser
 
 
@@ -275,7 +300,8 @@ def main(argv=None):
         with open(args.records, 'a', buffering=1, encoding='ascii') as rec:
             delayer = Delayer(args.queue, int(args.delay_ms * 1e6), rec,
                               watch_pid=args.watch_pid,
-                              max_lifetime_s=args.max_lifetime_s)
+                              max_lifetime_s=args.max_lifetime_s,
+                              rt_priority=args.rt_priority)
 
             def ready():
                 sys.stdout.write(READY + '\n')
