@@ -78,18 +78,21 @@ def guest_domains(lab):
 
 
 def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
-                probe=None, threads=1, port=PROMETHEUS_PORT, debug=True):
+                probe=None, threads=1, port=PROMETHEUS_PORT, debug=True,
+                extra_domains=()):
     """Write node XML, ceilometer.conf and polling.yaml; :class:`AgentFiles`.
 
     :param probe: extra ``[netweaver]`` options (name → value)
     :param threads: ``[polling] threads_to_process_pollsters``
+    :param extra_domains: more :class:`labvirt.GuestDomain` for the node,
+        beyond the lab's guests (e.g. an SR-IOV one)
     """
     if not 1 <= interval_s <= 3600:
         raise ValueError(f"polling interval {interval_s!r} s must be "
                          "within 1..3600")
     os.makedirs(workdir, exist_ok=True)
     node = os.path.join(workdir, 'node.xml')
-    uri = labvirt.write_node(node, guest_domains(lab))
+    uri = labvirt.write_node(node, [*guest_domains(lab), *extra_domains])
     polling = os.path.join(workdir, 'polling.yaml')
     with open(polling, 'w', encoding='utf-8') as f:
         f.write('---\nsources:\n  - name: netweaver_lab\n'

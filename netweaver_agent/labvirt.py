@@ -40,6 +40,8 @@ class GuestDomain:
     filterref: bool = True
     port_uuid: str | None = None
     domain: str | None = None
+    # 'hostdev' describes an SR-IOV VF instead of a tap (not measurable).
+    interface_type: str = 'bridge'
     user_id: str = DEFAULT_USER_ID
     project_id: str = DEFAULT_PROJECT_ID
 
@@ -116,7 +118,15 @@ def domain_element(guest):
     _sub(dom, 'memory', 131072, unit='KiB')
     _sub(dom, 'vcpu', 1)
     _sub(_sub(dom, 'os'), 'type', 'hvm', arch='x86_64')
-    iface = _sub(_sub(dom, 'devices'), 'interface',
+    devices = _sub(dom, 'devices')
+    if guest.interface_type == 'hostdev':
+        iface = _sub(devices, 'interface', type_='hostdev', managed='yes')
+        _sub(iface, 'mac', address=guest.mac)
+        _sub(_sub(iface, 'source'), 'address', type_='pci',
+             domain='0x0000', bus='0x03', slot='0x10',
+             function=f'0x{guest.index % 8:x}')
+        return dom
+    iface = _sub(devices, 'interface',
                  type_='bridge' if guest.bridge else 'ethernet')
     _sub(iface, 'mac', address=guest.mac)
     if guest.bridge:

@@ -203,8 +203,57 @@ class Prober:
             covered = entry.covered()
             missing = [i for i in instances if i.id not in covered]
             if missing:
-                entry.windows.append(self.measure(missing))
+                try:
+                    window = self.measure(missing)
+                except Exception:
+                    # Once per cycle, not once per meter: record the miss.
+                    LOG.exception('Probe window failed unexpectedly; no '
+                                  'latency this cycle')
+                    window = CycleWindow(
+                        instance_ids=frozenset(i.id for i in missing),
+                        polled_at=time.monotonic())
+                entry.windows.append(window)
             return entry
+
+    # Logging happens outside ``except`` blocks: oslo.log would append the
+    # exception (and its traceback) to every line logged inside one.
+
+    def _inspect(self, instance):
+        """``(vNICs, DomainInfo)`` of an instance, or None (logged)."""
+        try:
+            vnics = list(self.inspector.inspect_vnics(instance, None))
+            return vnics, self.domain(instance)
+        except (virt_inspector.InstanceNotFoundException,
+                virt_inspector.InstanceShutOffException) as exc:
+            gone, error = True, exc
+        except Exception as exc:
+            gone, error = False, exc
+        if gone:
+            LOG.debug('Instance %(id)s not probed: %(exc)s',
+                      {'id': instance.id, 'exc': error})
+        else:
+            LOG.warning('Cannot list the vNICs of instance %(id)s: '
+                        '%(exc)s', {'id': instance.id, 'exc': error})
+        return None
+
+    def _resolve(self, instance, domain, iface, stats, links, neighbours):
+        """The :class:`topology.VifPath` of one vNIC, or None (logged)."""
+        try:
+            return topology.resolve(
+                domain, iface, self.resolver, links,
+                vif_prefixes=self.group.vif_prefixes, pif=self.group.pif,
+                neighbours=neighbours)
+        except topology.TopologyError as exc:
+            error = exc
+        if isinstance(error, topology.NotMeasurable):
+            self._once(('unmeasurable', instance.id, iface.mac),
+                       'Instance %(id)s: %(exc)s',
+                       {'id': instance.id, 'exc': error})
+        else:
+            LOG.warning('vNIC %(vnic)s of instance %(id)s not probed: '
+                        '%(exc)s', {'vnic': stats.name, 'id': instance.id,
+                                    'exc': error})
+        return None
 
     def paths(self, instances):
         """``[(instance, InterfaceStats, VifPath)]`` of measurable vNICs."""
@@ -214,18 +263,10 @@ class Prober:
         found = []
         seen_vifs = set()
         for instance in instances:
-            try:
-                vnics = list(self.inspector.inspect_vnics(instance, None))
-                domain = self.domain(instance)
-            except (virt_inspector.InstanceNotFoundException,
-                    virt_inspector.InstanceShutOffException) as exc:
-                LOG.debug('Instance %(id)s not probed: %(exc)s',
-                          {'id': instance.id, 'exc': exc})
+            inspected = self._inspect(instance)
+            if inspected is None:
                 continue
-            except Exception as exc:
-                LOG.warning('Cannot list the vNICs of instance %(id)s: '
-                            '%(exc)s', {'id': instance.id, 'exc': exc})
-                continue
+            vnics, domain = inspected
             listed = set()
             for stats in vnics:
                 iface = domain.interface(target=stats.name, mac=stats.mac)
@@ -235,21 +276,9 @@ class Prober:
                                 {'vnic': stats.name, 'id': instance.id})
                     continue
                 listed.add(iface.index)
-                try:
-                    path = topology.resolve(
-                        domain, iface, self.resolver, links,
-                        vif_prefixes=self.group.vif_prefixes,
-                        pif=self.group.pif, neighbours=neighbours)
-                except topology.NotMeasurable as exc:
-                    self._once(('unmeasurable', instance.id, iface.mac),
-                               'Instance %(id)s: %(exc)s',
-                               {'id': instance.id, 'exc': exc})
-                    continue
-                except topology.TopologyError as exc:
-                    LOG.warning('vNIC %(vnic)s of instance %(id)s not '
-                                'probed: %(exc)s',
-                                {'vnic': stats.name, 'id': instance.id,
-                                 'exc': exc})
+                path = self._resolve(instance, domain, iface, stats, links,
+                                     neighbours)
+                if path is None:
                     continue
                 if path.vnic in seen_vifs:
                     LOG.warning('vif %(vif)s of instance %(id)s is listed '
@@ -268,28 +297,35 @@ class Prober:
                                 'why': reason})
         return found
 
+    def _window(self, paths):
+        """``(WindowResult, None)`` or ``(None, exception)``."""
+        try:
+            return measure.run_window(
+                paths, self.source, self.settings,
+                capture_netns=self.group.capture_netns), None
+        except (capture.CaptureError, measure.ClockStepError,
+                sources.SourceError, netns.NetnsError, OSError,
+                ValueError) as exc:
+            return None, exc
+
     def measure(self, instances):
         """One window for every measurable vNIC of ``instances``."""
         ids = frozenset(i.id for i in instances)
         found = self.paths(instances)
         if not found:
             return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
-        try:
-            window = measure.run_window(
-                [p for _, _, p in found], self.source, self.settings,
-                capture_netns=self.group.capture_netns)
-        except capture.CapturePermissionError as exc:
-            return self._permanent(ids, exc)
-        except sources.SourceError as exc:
-            if isinstance(exc.__cause__, PermissionError):
-                return self._permanent(ids, exc)
+        window, error = self._window([p for _, _, p in found])
+        if isinstance(error, capture.CapturePermissionError) or (
+                isinstance(error, sources.SourceError)
+                and isinstance(error.__cause__, PermissionError)):
+            return self._permanent(ids, error)
+        if isinstance(error, sources.SourceError):
             LOG.error('Probe source %(src)s failed; no latency this cycle: '
-                      '%(exc)s', {'src': self.source.name, 'exc': exc})
-            return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
-        except (capture.CaptureError, measure.ClockStepError,
-                netns.NetnsError, OSError, ValueError) as exc:
+                      '%(exc)s', {'src': self.source.name, 'exc': error})
+        elif error is not None:
             LOG.error('Probe window for %(n)d vNICs failed; no latency '
-                      'this cycle: %(exc)s', {'n': len(found), 'exc': exc})
+                      'this cycle: %(exc)s', {'n': len(found), 'exc': error})
+        if error is not None:
             return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
         polled_at = time.monotonic()
         LOG.info('Probe window %(session)d: %(vnics)d vNICs of %(inst)d '

@@ -60,7 +60,11 @@ def test_agent_publishes_latency_of_every_guest(lab_factory, agent_lab):
     the_lab = lab_factory(guests=2, delays=(
         lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS),))
     expected = labagent.resource_ids(the_lab)
-    agent = agent_lab(the_lab)
+    sriov = labvirt.GuestDomain(
+        index=5, name='sriov', uuid='5a1e0c3d-0000-4000-8000-00000000005f',
+        tap='unused', mac='fa:16:3e:5f:00:05', address='198.18.0.205',
+        interface_type='hostdev')
+    agent = agent_lab(the_lab, extra_domains=(sriov,))
     series = agent.wait_for(labagent.latency_ready(set(expected.values())),
                             WAIT_S)
     by_tap = {tap: [s for s in series if s.label('resource') == rid]
@@ -85,6 +89,14 @@ def test_agent_publishes_latency_of_every_guest(lab_factory, agent_lab):
         assert 'ceilometer_' + meter.replace('.', '_') in names, meter
     log = agent.log_text()
     assert 'Traceback' not in log
+    # The SR-IOV instance: one clear line, no sample.
+    (line,) = [line for line in log.splitlines()
+               if f'Instance {sriov.uuid}: vNIC {sriov.mac}' in line
+               and 'WARNING' in line]
+    assert 'is SR-IOV hostdev' in line and 'not measurable' in line
+    assert 'NotMeasurable' not in line
+    assert not any(sriov.uuid in (s.label('resource') or '')
+                   for s in agent.series())
 
 
 def _cycles(log):

@@ -437,6 +437,14 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.assertEqual([], self.samples(pollsters.VifLatencyPollster))
         self.assertIn('no latency this cycle', self.log.output)
 
+    def test_an_unexpected_failure_is_logged_once_per_cycle(self):
+        self.window.error = RuntimeError('capture thread died')
+        cache = {}
+        for factory, _ in METERS.values():
+            self.assertEqual([], self.samples(factory, cache=cache))
+        self.assertEqual(1, self.run_window.call_count)
+        self.assertEqual(1, self.log.output.count('capture thread died'))
+
     def test_vnics_without_host_netdev_are_not_measurable(self):
         hostdev = (
             "<interface type='hostdev'><mac address='fa:16:3e:00:00:07'/>"
