@@ -369,15 +369,19 @@ def kept_prefixes():
 def teardown_kept(prefix=None):
     """Remove the lab ``prefix``, or (None) every kept lab.
 
-    Returns the prefixes removed.  A prefix with no state file is still
-    cleared of the namespaces a lab with that prefix would have made.
+    Returns the prefixes of labs found and removed.  A prefix with no
+    state file is still cleared of the namespaces a lab with that prefix
+    would have made.
     """
     prefixes = [prefix] if prefix else kept_prefixes()
     done = []
     for p in prefixes:
-        state = _read_state(p) or {}
+        state = _read_state(p)
+        found = state is not None or bool(_stale_names(p, ()))
+        state = state or {}
         _remove(p, state.get('namespaces', ()), state.get('pids', ()))
-        done.append(p)
+        if found:
+            done.append(p)
     return done
 
 

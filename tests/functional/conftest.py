@@ -57,6 +57,19 @@ def lab_factory():
         pytest.fail('lab teardown left things behind: ' + '; '.join(errors))
 
 
+def pif_times(batch, pif):
+    """``{seq: t_ns}``: when each probe was first received on the pif."""
+    out = {}
+    names = batch.ifnames
+    for key, index, t_ns, direction in zip(batch.keys, batch.ifindex,
+                                           batch.t_ns, batch.direction):
+        if (not key & 1 and names[index] == pif
+                and direction != capture.DIR_OUT):
+            seq = key >> 1
+            out[seq] = min(t_ns, out.get(seq, t_ns))
+    return out
+
+
 def probe_times(batch, pif, vif):
     """``{seq: (t_pif_ns, t_vif_ns)}`` for probes seen on both.
 

@@ -125,10 +125,15 @@ def test_loss_every_tenth_probe(lab_factory):
         assert result.reports[clean.tap].ingress.lost == 0
         assert result.reports[clean.tap].ingress.loss_pct == 0.0
         # The 10th, 20th... probe to the guest is the one dropped.
-        sent = sorted(p for p in range(100) if p % 2 == 0)
+        at_pif = conftest.pif_times(result.batch, the_lab.pif)
+        assert len(at_pif) == 100
+        elsewhere = conftest.probe_times(result.batch, the_lab.pif,
+                                         clean.tap)
         reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
-        lost = [seq for seq in sent if seq not in reached]
-        assert lost == sent[9::10]
+        sent = sorted((t, seq) for seq, t in at_pif.items()
+                      if seq not in elsewhere)
+        lost = [seq for _, seq in sent if seq not in reached]
+        assert lost == [seq for _, seq in sent[9::10]]
 
 
 def test_mgmt_network_reaches_source_and_hypervisor(lab_factory):
