@@ -8,7 +8,8 @@ b) our fast path: ``pcapfile.read_pcap`` (columns);
 c) the seed's way: ``tcpdump -tttt -nn -r FILE`` as text, each line split
    into columns, sequence number and timestamp picked out.
 
-Prints packets/s for each and the ratios b/a and b/c.  A figure, not a
+Prints packets/s for each and the ratios b/a and b/c, and for reference
+dpkt's reader alone (records, no decoding, no keys).  A figure, not a
 test: nothing here asserts on speed.  Usage::
 
     python benchmarks/bench_pcap_parse.py [--packets N] [--keep FILE]
@@ -79,6 +80,12 @@ def per_packet_dpkt(path):
     return len(keys)
 
 
+def dpkt_reader_alone(path):
+    """Reference: dpkt's record loop with no decoding at all."""
+    with open(path, 'rb') as f:
+        return sum(1 for _ in dpkt.pcap.Reader(f))
+
+
 def fast_path(path):
     return pcapfile.read_pcap(path).probes
 
@@ -139,6 +146,9 @@ def main(argv=None):
             rates[label[0]] = args.packets / secs
             print(f'{label:32s} {count:>9d} sightings in {secs:7.2f} s: '
                   f'{args.packets / secs / 1e6:6.3f} M packets/s')
+        count, secs = timed(dpkt_reader_alone, path)
+        print(f'{"(reference: dpkt reader alone)":32s} {count:>9d} records '
+              f'in {secs:7.2f} s:    {args.packets / secs / 1e6:6.3f} M/s')
         print(f'b/a = {rates["b"] / rates["a"]:.1f}x   '
               f'b/c = {rates["b"] / rates["c"]:.1f}x')
     finally:

@@ -208,17 +208,20 @@ class _Rows:
         """How many records from ``start`` have ``pattern`` at ``+at``.
 
         Records are ``stride`` bytes apart and must end by ``end``.  1 when
-        the run is shorter than :data:`MIN_RUN`.
+        the run is shorter than :data:`MIN_RUN`.  Columns are gathered in
+        doubling sizes, so a short run costs little.
         """
         n_max = min(MAX_RUN, (end - start) // stride)
         if not self.columnar or n_max < MIN_RUN:
             return 1
         size = len(pattern)
-        head = pcapkeys.column(buf, start + at, stride, MIN_RUN, size)
-        if head != pattern * MIN_RUN:
-            return 1
-        col = pcapkeys.column(buf, start + at, stride, n_max, size)
-        return pcapkeys.equal_prefix(col, size, pattern)
+        n = MIN_RUN
+        while True:
+            col = pcapkeys.column(buf, start + at, stride, n, size)
+            same = pcapkeys.equal_prefix(col, size, pattern)
+            if same < n or n == n_max:
+                return same if same >= MIN_RUN else 1
+            n = min(2 * n, n_max)
 
     def truncate(self, offset, what):
         LOG.warning('%(path)s: the last %(what)s, at byte %(at)d, is cut '

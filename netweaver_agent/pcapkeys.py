@@ -247,20 +247,24 @@ def ints(col, typecode, big_endian):
 
 
 def equal_prefix(col, size, pattern, start=0):
-    """How many ``size``-byte items of ``col`` from ``start`` equal
-    ``pattern`` in a row."""
+    """How many ``size``-byte items of ``col`` from item ``start`` on equal
+    ``pattern`` in a row.
+
+    Galloping search: the cost grows with the answer, not with ``col``.
+    """
     n = len(col) // size - start
     base = start * size
-    if col[base:] == pattern * n:
-        return n
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if col[base:base + size * (mid + 1)] == pattern * (mid + 1):
-            lo = mid + 1
+    good, k = 0, 1
+    while k <= n and col[base:base + size * k] == pattern * k:
+        good, k = k, 2 * k
+    hi = min(k, n + 1)              # the first k known (or bound) to fail
+    while good + 1 < hi:
+        mid = (good + hi) // 2
+        if col[base:base + size * mid] == pattern * mid:
+            good = mid
         else:
             hi = mid
-    return lo
+    return good
 
 
 def _table(bad):

@@ -192,6 +192,14 @@ def test_exact_timestamps_both_precisions_both_byte_orders(nano, order,
     assert set(read.batch.direction) == {capture.DIR_UNKNOWN}
 
 
+def test_every_record_in_another_second(tmp_path):
+    records = probes('icmp', 200)
+    times = [T0 + i * 1_000_000_001 for i in range(200)]
+    read = pcapfile.read_pcap(write_pcap(tmp_path / 's.pcap', records,
+                                         times))
+    assert list(read.batch.t_ns) == times
+
+
 def test_dpkt_writer_microseconds(tmp_path):
     records = probes('icmp', 20)
     times = [T0 - T0 % 1000 + i * 1000 for i in range(20)]
