@@ -11,7 +11,9 @@ its hypervisor's pif and vif, fetch both pcaps, analyse them.
    or the operator's ``source_command`` (e.g. the seed's hping3);
 4. stop both captures, fetch the pcaps over SFTP (the remote temporary
    directory is removed also on failure);
-5. analyse them with the same code as ``netweaver analyze``.
+5. analyse them with the same code as ``netweaver analyze``
+   (:func:`analyze.analyze_pcaps`): our probes by their tags, foreign
+   traffic such as hping3's by fingerprint.
 """
 
 import dataclasses
@@ -23,6 +25,7 @@ import time
 
 from oslo_log import log
 
+from netweaver_agent import analyze
 from netweaver_agent import measure
 from netweaver_agent import probe
 from netweaver_agent import remote
@@ -105,7 +108,7 @@ class SeedResult:
     source_output: str
     pif_pcap: str
     vif_pcap: str
-    analysis: object    # analyze.Analysis
+    analysis: analyze.Analysis
 
 
 def source_argv(template, count, destination, source_ip):
@@ -257,10 +260,11 @@ class Runner:
         finally:
             hv.close()
             src.close()
-        from netweaver_agent import analyze   # helper H2's, landing soon
         result = analyze.analyze_pcaps(
-            pif_pcap, vif_pcap, destination=job.destination,
-            session=session, protocol=job.protocol)
+            pif_pcap, vif_pcap, destination=job.destination, session=session,
+            protocol=job.protocol if session is not None else None,
+            mode='probe' if session is not None else 'auto',
+            pif_name=job.interface, vif_name=vif)
         return SeedResult(job=job, pif=job.interface, vif=vif,
                           source_ip=source_ip, session=session, send=sent,
                           source_output=output, pif_pcap=pif_pcap,

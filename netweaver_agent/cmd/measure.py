@@ -124,6 +124,7 @@ def result_to_dict(result):
            'destination': result.job.destination, 'pif': result.pif,
            'vif': result.vif, 'session': result.session,
            'sent': result.send.sent if result.send else None,
+           'mode': result.analysis.mode,
            'reports': report.to_jsonable(reports)}
     first = next(iter(reports.values()), None)
     if first is not None:

@@ -27,6 +27,7 @@ from netweaver_agent import netns
 from netweaver_agent import remote
 from netweaver_agent import sources
 from netweaver_agent import topology
+from netweaver_agent.cmd import analyze as cmd_analyze
 from netweaver_agent.cmd import measure as cmd_measure
 
 SSHD = '/usr/sbin/sshd'
@@ -193,10 +194,10 @@ def lab(tmp_path_factory):
         ssh_lab.destroy()
 
 
-def _cli(argv, capsys):
-    """``netweaver measure ...`` through its own argument parser."""
+def _cli(argv, capsys, module=cmd_measure):
+    """``netweaver measure ...`` (or another command) through its parser."""
     parser = argparse.ArgumentParser(prog='netweaver')
-    cmd_measure.add_parser(parser.add_subparsers())
+    module.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     status = args.run(args)
     out, err = capsys.readouterr()
@@ -282,7 +283,67 @@ def test_unreachable_host_in_measure_names_it(lab, capsys):
     assert lab.nobody in err and 'timed out' in err
 
 
+@contextlib.contextmanager
+def _no_leftovers():
+    """Assert the job leaves no remote temporary directory behind."""
+    def listing():
+        return {n for n in os.listdir('/tmp') if n.startswith('netweaver.')}
+    before = listing()
+    yield
+    assert listing() - before == set()
+
+
 # -- the seed's job ---------------------------------------------------------
+def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
+        lab, tmp_path, capsys):
+    g = lab.guests[0]     # its probes are held DELAY_MS on the bridge
+    pcaps = tmp_path / 'pcaps'
+    with _no_leftovers():
+        status, out, err = _cli(lab.measure_argv(
+            '--vif', g.tap, '-d', g.address, '--count', '40',
+            '--interval-ms', '5', '--json', '--output-dir', str(pcaps)),
+            capsys)
+    assert status == 0, err
+    got = json.loads(out)
+    assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
+    assert got['source_ip'] == lab.lab.src_address
+    assert got['sent'] == 40
+    rep = got['reports'][g.tap]
+    assert rep['ingress']['count'] == 40 and rep['ingress']['lost'] == 0
+    assert rep['egress']['count'] == 40
+    # The lab's truth: the delayer held each of these probes once.
+    held = [r for r in lab.lab.delay_records(0)
+            if r.session == got['session'] and not r.reply]
+    assert sorted(r.seq for r in held) == list(range(40))
+    assert rep['ingress']['mean_us'] >= DELAY_MS * 1000
+    assert rep['ingress']['min_us'] * 1000 >= min(r.hold_ns for r in held)
+    # The same pcaps through `netweaver analyze` give the same report.
+    status, out, err = _cli(
+        ['analyze', str(pcaps / 'pif.pcap'), str(pcaps / 'vif.pcap'),
+         '--pif-name', lab.pif, '--vif-name', g.tap, '--protocol', 'icmp',
+         '--session', str(got['session']), '--json'], capsys,
+        module=cmd_analyze)
+    assert status == 0, err
+    alone = json.loads(out)
+    assert alone['report'] == rep
+    assert alone['summary'] == got['summary']
+
+
+def test_measure_with_the_seeds_hping3(lab, capsys):
+    g = lab.guests[1]
+    with _no_leftovers():
+        status, out, err = _cli(lab.measure_argv(
+            '--vif', g.tap, '-d', g.address, '--count', '20',
+            '--source-command',
+            'hping3 -c {count} -S -L 0 -Q -i u5000 {destination}'), capsys)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert f'{g.tap}  (pif {lab.pif}, fingerprint, 20 sent' in out
+    ingress = next(ln for ln in lines if ln.strip().startswith('ingress'))
+    assert ingress.split()[1:3] == ['20', '0']       # count, lost
+    summary = lines[-1]
+    assert summary.startswith("{'average': ") and "'stdev': " in summary
+
 
 def test_instance_name_runs_nothing(lab, tmp_path, capsys):
     marker = tmp_path / 'pwned-marker'
@@ -302,8 +363,8 @@ def test_instance_name_runs_nothing(lab, tmp_path, capsys):
     assert not marker.exists()
     # With a (fake) virsh: it gets the name as one argument.
     status, out, err = _cli(lab.measure_argv(
-        '-n', name, '-d', lab.guests[1].address, '--count', '5', '--json',
-        hv_port=FAKE_PORT), capsys)
+        '-n', name, '-d', lab.guests[0].address, '--count', '5', '--json',
+        '--interval-ms', '5', hv_port=FAKE_PORT), capsys)
     with open(lab.virsh_log, 'rb') as f:
         args = f.read().split(b'\0')[:-1]
     assert args == [b'domiflist', b'--domain', name.encode()]
@@ -347,13 +408,3 @@ def test_ssh_source_bad_sender_host_is_clear(lab):
     with pytest.raises(sources.SourceError) as err:
         src.send(plan, time.monotonic() + 5)
     assert lab.nobody in str(err.value)
-
-
-@contextlib.contextmanager
-def _no_leftovers(lab):
-    """Assert the job leaves no remote temporary directory behind."""
-    def listing():
-        return {n for n in os.listdir('/tmp') if n.startswith('netweaver.')}
-    before = listing()
-    yield
-    assert listing() - before == set()
