@@ -116,6 +116,73 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
     return bytes(ip)
 
 
+# Offsets (in an IPv4 packet without options) that change with ``seq``.
+_IP_ID, _IP_SUM = 4, 10
+_L4 = 20
+_SUM_AT = {'icmp': _L4 + 2, 'udp': _L4 + 6, 'tcp': _L4 + 16}
+_TAG_SEQ = _L4 + 8 + 6          # after the ICMP/UDP header, MAGIC, session
+_ICMP_SEQ = _L4 + 6
+_TCP_SEQ = _L4 + 4
+_U16 = struct.Struct('!H')
+_U32 = struct.Struct('!I')
+_NATIVE16 = struct.Struct('=H')
+
+
+def _native_sum(data):
+    """Internet checksum of ``data`` in native byte order (RFC 1071 §2)."""
+    if len(data) % 2:
+        data = bytes(data) + b'\0'
+    total = sum(memoryview(data).cast('H'))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return ~total & 0xffff
+
+
+def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
+                  port=None):
+    """:func:`build_ip` for every sequence number of ``seqs``: a list.
+
+    The same bytes, about ten times faster: one packet is built with dpkt,
+    then the fields that depend on the sequence number (IP id, ICMP echo
+    sequence, payload tag, TCP sequence) and the checksums are rewritten.
+    """
+    seqs = list(seqs)
+    if not seqs:
+        return []
+    first = build_ip(proto, session, seqs[0], src_ip, dst_ip, size=size,
+                     ttl=ttl, port=port)
+    out = [first]
+    pseudo = bytes(src_ip) + bytes(dst_ip) + bytes((0, first[9])) + \
+        _U16.pack(len(first) - _L4)
+    at = _SUM_AT[proto]
+    for seq in seqs[1:]:
+        if not 0 <= seq <= (TCP_SEQ_MASK if proto == 'tcp'
+                            else 0xffffffff):
+            out.append(build_ip(proto, session, seq, src_ip, dst_ip,
+                                size=size, ttl=ttl, port=port))
+            continue
+        buf = bytearray(first)
+        _U16.pack_into(buf, _IP_ID, seq & 0xffff)
+        if proto == 'tcp':
+            _U32.pack_into(buf, _TCP_SEQ, (session << 16) | seq)
+        else:
+            _U32.pack_into(buf, _TAG_SEQ, seq)
+            if proto == 'icmp':
+                _U16.pack_into(buf, _ICMP_SEQ, seq & 0xffff)
+        buf[_IP_SUM:_IP_SUM + 2] = b'\0\0'
+        _NATIVE16.pack_into(buf, _IP_SUM, _native_sum(buf[:_L4]))
+        buf[at:at + 2] = b'\0\0'
+        if proto == 'icmp':
+            l4sum = _native_sum(buf[_L4:])
+        else:
+            l4sum = _native_sum(pseudo + buf[_L4:])
+            if l4sum == 0 and proto == 'udp':
+                l4sum = 0xffff
+        _NATIVE16.pack_into(buf, at, l4sum)
+        out.append(bytes(buf))
+    return out
+
+
 def build_frame(proto, session, seq, src_ip, dst_ip, src_mac, dst_mac,
                 **kwargs):
     """Build a probe as a whole Ethernet frame (for pcaps and tests)."""
