@@ -29,6 +29,7 @@ import time
 from oslo_log import log
 
 from netweaver_agent import netns
+from netweaver_agent import pcapkeys
 from netweaver_agent import probe
 
 LOG = log.getLogger(__name__)
@@ -324,8 +325,9 @@ class LiveCapture:
             ifname = addr[0]
             if wanted is not None and ifname not in wanted:
                 continue
-            key = probe.parse_key(data, session)
-            if key is None:
+            # Fixed-offset parse (no packet objects): ~10x parse_key.
+            found = pcapkeys.frame_key(data, 0, len(data))
+            if found is None or found[0] != session:
                 self._foreign += 1
                 continue
             t_ns = None
@@ -336,6 +338,6 @@ class LiveCapture:
             if t_ns is None:
                 t_ns = time.time_ns()
             direction = DIR_OUT if addr[2] == PACKET_OUTGOING else DIR_IN
-            batch.append(key.as_int(), batch.interface_index(ifname), t_ns,
+            batch.append(found[1], batch.interface_index(ifname), t_ns,
                          direction)
             self._last_probe_ns = time.monotonic_ns()
