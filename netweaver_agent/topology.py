@@ -245,10 +245,15 @@ def load_resolver(name):
 # --- links: which netdev is enslaved to which -----------------------------
 
 class SysfsLinks:
-    """Netdevs and their masters, read from sysfs (``/sys/class/net``)."""
+    """Netdevs and their masters, read from sysfs (``/sys/class/net``).
+
+    A master's ports are read once per instance (one polling cycle's
+    snapshot): listing them is a walk over every netdev of the host.
+    """
 
     def __init__(self, root=SYSFS_NET):
         self.root = root
+        self._ports = {}
 
     def exists(self, dev):
         return os.path.exists(os.path.join(self.root, dev))
@@ -267,7 +272,10 @@ class SysfsLinks:
             return []
 
     def ports(self, master):
-        return [d for d in self.names() if self.master(d) == master]
+        if master not in self._ports:
+            self._ports[master] = [d for d in self.names()
+                                   if self.master(d) == master]
+        return list(self._ports[master])
 
 
 class IpLinks:
