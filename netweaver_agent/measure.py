@@ -51,6 +51,19 @@ class WindowSettings:
         if self.timeout_ms <= 0:
             raise ValueError(
                 f"probe timeout {self.timeout_ms!r} ms must be > 0")
+        if self.max_window_ms <= self.timeout_ms:
+            raise ValueError(
+                f"probe window bound {self.max_window_ms!r} ms must exceed "
+                f"the probe timeout {self.timeout_ms!r} ms: the last probe "
+                "needs the timeout to be seen")
+
+    @property
+    def send_budget_ns(self):
+        """Time from the first probe to the last that the window allows.
+
+        The window's bound less the probe timeout (the last probe's wait).
+        """
+        return int((self.max_window_ms - self.timeout_ms) * 1e6)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,6 +77,14 @@ class WindowResult:
     capture: capture.CaptureStats
     send: sources.SendResult
     batch: capture.SightingBatch
+    wanted: int = 0          # probes asked for: count × vNICs
+    skipped: int = 0         # of those, not sent (window bound)
+    skipped_vnics: tuple = ()  # vNICs that got no probe (no report)
+
+    @property
+    def trimmed(self):
+        """The window's bound left probes out; reports hold fewer."""
+        return self.skipped > 0
 
 
 def new_session():
@@ -72,28 +93,50 @@ def new_session():
 
 
 def run_window(paths, source, settings=None, capture_netns=None,
-               session=None):
+               session=None, deadline_s=None):
     """Probe every :class:`topology.VifPath` of ``paths`` in one window.
+
+    The probes are scheduled by :func:`sources.schedule` within the
+    settings' rate limits (``interval_ms`` for the host,
+    ``per_vnic_interval_ms`` for one vNIC) and bound (``max_window_ms``,
+    or ``deadline_s`` if that comes first): when they do not all fit,
+    fewer rounds are sent, every vNIC keeps the same share, what was
+    skipped is logged, and the reports hold what was measured.  vNICs
+    that got no probe have no report.
 
     :param source: a :class:`sources.ProbeSource`
     :param capture_netns: namespace of the host's interfaces (None: here)
+    :param deadline_s: ``time.monotonic()`` by which the window must end
+        (e.g. the polling cycle's); None: ``max_window_ms`` from now
     """
     settings = settings or WindowSettings()
     paths = list(paths)
     if not paths:
         raise ValueError("a probe window needs at least one vNIC")
     session = session if session is not None else new_session()
-    plan, owner = sources.interleaved_plan(
+    t0 = time.monotonic()
+    deadline = t0 + settings.max_window_ms / 1000.0
+    if deadline_s is not None:
+        deadline = min(deadline, deadline_s)
+    timeout_s = settings.timeout_ms / 1000.0
+    sched = sources.schedule(
         session, settings.protocol, [p.address for p in paths],
         settings.count, int(settings.interval_ms * 1e6),
         int(settings.per_vnic_interval_ms * 1e6),
-        size=settings.size, port=settings.port)
+        budget_ns=int((deadline - t0 - timeout_s) * 1e9),
+        size=settings.size, port=settings.port, rotate=session)
+    plan = sched.plan
+    if sched.skipped:
+        _log_trimmed(session, settings, paths, sched)
+    if not plan.probes:
+        raise ValueError(
+            f"probe window {session}: no probe fits in "
+            f"{(deadline - t0) * 1000:.1f} ms with a "
+            f"{settings.timeout_ms} ms probe timeout")
+    source.prepare(plan)
     interfaces = {name for p in paths for name in p.interfaces}
     offset_before = clock_offset_ns()
     started_ns = time.time_ns()
-    t0 = time.monotonic()
-    deadline = t0 + settings.max_window_ms / 1000.0
-    timeout_s = settings.timeout_ms / 1000.0
     with capture.LiveCapture(session, settings.protocol,
                              netns_name=capture_netns,
                              interfaces=interfaces) as cap:
@@ -112,13 +155,27 @@ def run_window(paths, source, settings=None, capture_netns=None,
         raise ClockStepError(
             f"CLOCK_REALTIME stepped by {step / 1e6:.3f} ms during probe "
             f"window {session}; its measurements are discarded")
+    # Sources send in plan order and stop at the deadline: only the
+    # first ``attempted`` probes count; vNICs with none have no report.
+    tried = plan.probes[:max(0, min(sent.attempted, len(plan.probes)))]
+    owner = {p.seq: sched.owner[p.seq] for p in tried}
+    probed = set(owner.values())
+    skipped_vnics = tuple(p.vnic for i, p in enumerate(paths)
+                          if i not in probed)
+    probed = sorted(probed)
     matcher = latency.Matcher(
-        session, [p.spec() for p in paths],
+        session, [paths[i].spec() for i in probed],
         {seq: paths[i].vnic for seq, i in owner.items()},
         int(settings.timeout_ms * 1e6), protocol=settings.protocol,
         capture_dropped=cap.stats.drops > 0)
     matcher.feed_batch(cap.batch)
     reports = matcher.reports()
+    skipped = sched.wanted - len(tried)
+    if len(tried) < len(plan.probes):
+        LOG.warning('Probe window %(session)d: the source sent %(n)d of '
+                    '%(planned)d planned probes by the deadline; reports '
+                    'hold those', {'session': session, 'n': len(tried),
+                                   'planned': len(plan.probes)})
     LOG.debug('Probe window %(session)d: %(sent)d probes to %(n)d vNICs in '
               '%(ms).1f ms, %(rows)d sightings, %(drops)d capture drops',
               {'session': session, 'sent': sent.sent, 'n': len(paths),
@@ -126,4 +183,31 @@ def run_window(paths, source, settings=None, capture_netns=None,
                'drops': cap.stats.drops})
     return WindowResult(session=session, started_ns=started_ns,
                         duration_ns=duration_ns, reports=reports,
-                        capture=cap.stats, send=sent, batch=cap.batch)
+                        capture=cap.stats, send=sent, batch=cap.batch,
+                        wanted=sched.wanted, skipped=skipped,
+                        skipped_vnics=skipped_vnics)
+
+
+def _log_trimmed(session, settings, paths, sched):
+    """Say what the window's bound left out, and what would fit it all."""
+    need_ms = ((sched.wanted - 1) * sched.step_ns / 1e6 +
+               settings.timeout_ms)
+    args = {'session': session, 'wanted': sched.wanted,
+            'planned': sched.planned, 'skipped': sched.skipped,
+            'n': len(paths), 'count': settings.count,
+            'rounds': sched.rounds, 'step': sched.step_ns / 1e6,
+            'need': need_ms, 'max': settings.max_window_ms}
+    LOG.warning('Probe window %(session)d: %(count)d probes to each of '
+                '%(n)d vNICs every %(step).3f ms need %(need).0f ms, more '
+                'than the window allows (max_window_ms %(max).0f); sending '
+                '%(planned)d of %(wanted)d (%(rounds)d per vNIC), '
+                '%(skipped)d skipped. Lower probe_count, or raise '
+                'max_window_ms or the probe rate.', args)
+    if sched.skipped_targets:
+        LOG.warning('Probe window %(session)d: no probe for %(k)d of '
+                    '%(n)d vNICs this cycle (%(vnics)s); each cycle starts '
+                    'at another vNIC',
+                    {'session': session, 'k': len(sched.skipped_targets),
+                     'n': len(paths),
+                     'vnics': ', '.join(paths[i].vnic
+                                        for i in sched.skipped_targets)})

@@ -58,46 +58,168 @@ class ProbePlan:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SendResult:
-    """What a source actually sent."""
+    """What a source actually sent.
+
+    Sources send a plan in order and stop at a deadline, so the probes
+    they tried are the plan's first :attr:`attempted`.
+    """
 
     sent: int
     failed: int = 0
     errors: tuple = ()
 
+    @property
+    def attempted(self):
+        """How many probes of the plan, from its start, were tried."""
+        return self.sent + self.failed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Schedule:
+    """One window's plan, and what its time budget left out.
+
+    ``owner`` maps each planned sequence number to the index of its
+    target; ``wanted`` is ``count × targets``; ``step_ns`` the spacing
+    between two consecutive probes; ``skipped_targets`` the indexes of
+    targets that got no probe at all.
+    """
+
+    plan: ProbePlan
+    owner: dict
+    wanted: int
+    step_ns: int
+    skipped_targets: tuple = ()
+
+    @property
+    def planned(self):
+        return len(self.plan.probes)
+
+    @property
+    def skipped(self):
+        """Probes wanted and left out of the plan by the budget."""
+        return self.wanted - self.planned
+
+    @property
+    def rounds(self):
+        """Probes every planned target gets (the last round may be short)."""
+        targets = max(1, len(self.plan.targets()))
+        return -(-self.planned // targets)
+
+
+def probe_step_ns(targets, interval_ns, per_target_interval_ns=0):
+    """Spacing of consecutive probes that honours both rate limits.
+
+    ``interval_ns`` bounds the host's rate (any two probes),
+    ``per_target_interval_ns`` one target's (two probes to one vNIC,
+    ``targets`` apart in a round-robin).
+    """
+    if interval_ns < 0 or per_target_interval_ns < 0:
+        raise ValueError(
+            f"probe intervals {interval_ns!r} ns and "
+            f"{per_target_interval_ns!r} ns must not be negative")
+    n = max(1, targets)
+    return max(int(interval_ns), -(-int(per_target_interval_ns) // n))
+
+
+def schedule(session, protocol, targets, count, interval_ns,
+             per_target_interval_ns=0, budget_ns=None, size=64, port=None,
+             first_seq=0, rotate=0):
+    """Plan ``count`` probes per target, round-robin, within a budget.
+
+    Probes go out every :func:`probe_step_ns`, so neither the host's nor
+    one target's rate limit is exceeded, and each target's probes are
+    spread evenly over the window.  When ``count`` rounds do not fit in
+    ``budget_ns`` (the time from the first probe to the last), the plan
+    keeps as many whole rounds as fit: every target gets the same, smaller
+    number of probes.  If not even one round fits, the first targets (in
+    the order rotated by ``rotate``, so that cycles differ in which are
+    left out) get one probe each and the others are skipped; otherwise
+    targets are probed in the order given.
+
+    :param targets: destination addresses (strings), one per vNIC
+    :returns: a :class:`Schedule`
+    """
+    if count < 0:
+        raise ValueError(f"probe count {count!r} is negative")
+    targets = list(targets)
+    n = len(targets)
+    step = probe_step_ns(n, interval_ns, per_target_interval_ns)
+    wanted = count * n
+    fit = wanted
+    if budget_ns is not None:
+        if budget_ns < 0:
+            fit = 0
+        elif step > 0:
+            fit = min(wanted, int(budget_ns) // step + 1)
+        if n and fit >= n:
+            fit -= fit % n
+    # Rotation only matters when some targets get no probe.
+    shift = rotate if fit < n else 0
+    order = [(shift + i) % n for i in range(n)] if n else []
+    probes = []
+    owner = {}
+    seq = first_seq
+    for k in range(fit):
+        index = order[k % n]
+        probes.append(PlannedProbe(seq=seq, dst_ip=targets[index],
+                                   offset_ns=k * step))
+        owner[seq] = index
+        seq += 1
+    covered = set(owner.values())
+    skipped = tuple(i for i in order if i not in covered) if count else ()
+    plan = ProbePlan(session=session, protocol=protocol,
+                     probes=tuple(probes), size=size, port=port)
+    return Schedule(plan=plan, owner=owner, wanted=wanted, step_ns=step,
+                    skipped_targets=skipped)
+
 
 def interleaved_plan(session, protocol, targets, count, interval_ns,
                      per_target_interval_ns=0, size=64, port=None,
-                     first_seq=0):
+                     first_seq=0, budget_ns=None):
     """Plan ``count`` probes per target, round-robin, evenly spaced.
 
     :param targets: destination addresses (strings), one per vNIC
     :param interval_ns: spacing between consecutive probes of the window
     :param per_target_interval_ns: minimum spacing between two probes to
         the same target (the window stretches to honour it)
+    :param budget_ns: if given, see :func:`schedule`
     Returns ``(plan, {seq: index of target})``.
     """
-    if count < 0:
-        raise ValueError(f"probe count {count!r} is negative")
-    step = max(interval_ns,
-               per_target_interval_ns // max(1, len(targets)))
-    probes = []
-    owner = {}
-    seq = first_seq
-    for round_ in range(count):
-        for index, dst in enumerate(targets):
-            offset = (round_ * len(targets) + index) * step
-            probes.append(PlannedProbe(seq=seq, dst_ip=dst,
-                                       offset_ns=offset))
-            owner[seq] = index
-            seq += 1
-    return (ProbePlan(session=session, protocol=protocol,
-                      probes=tuple(probes), size=size, port=port), owner)
+    sched = schedule(session, protocol, targets, count, interval_ns,
+                     per_target_interval_ns, budget_ns=budget_ns, size=size,
+                     port=port, first_seq=first_seq)
+    return sched.plan, sched.owner
+
+
+def build_packets(plan, source_address):
+    """``[(dst_ip, packet bytes)]`` of ``plan``, in plan order.
+
+    :param source_address: ``dst_ip -> source address`` (string)
+    """
+    seqs = {}
+    for p in plan.probes:
+        seqs.setdefault(p.dst_ip, []).append(p.seq)
+    packets = {}
+    for dst, numbers in seqs.items():
+        built = probe.build_ip_seqs(
+            plan.protocol, plan.session, numbers,
+            socket.inet_aton(source_address(dst)), socket.inet_aton(dst),
+            size=plan.size, port=plan.port)
+        packets.update(zip(numbers, built))
+    return [(p.dst_ip, packets[p.seq]) for p in plan.probes]
 
 
 class ProbeSource:
     """Base class: sends a :class:`ProbePlan`."""
 
     name = 'abstract'
+
+    def prepare(self, plan):
+        """Get ready to send ``plan`` (e.g. build its packets).
+
+        Called before the capture opens, so the capture socket is open
+        only while probes fly.  Optional: :meth:`send` works without it.
+        """
 
     def send(self, plan, deadline_s):
         """Send the plan; stop at ``deadline_s`` (time.monotonic())."""
@@ -126,6 +248,7 @@ class LocalSource(ProbeSource):
         self.name = f'netns:{netns_name}' if netns_name else 'local'
         self._sock = None
         self._src = {}
+        self._prepared = None
 
     def _open(self):
         if self._sock is None:
@@ -151,19 +274,20 @@ class LocalSource(ProbeSource):
         return self._src[dst_ip]
 
     def build(self, plan):
-        """The packets of ``plan`` as ``[(dst_ip, bytes)]``."""
-        out = []
-        for p in plan.probes:
-            src = socket.inet_aton(self.source_address(p.dst_ip))
-            out.append((p.dst_ip, probe.build_ip(
-                plan.protocol, plan.session, p.seq, src,
-                socket.inet_aton(p.dst_ip), size=plan.size,
-                port=plan.port)))
-        return out
+        """The packets of ``plan`` as ``[(dst_ip, bytes)]``, in plan order."""
+        return build_packets(plan, self.source_address)
+
+    def prepare(self, plan):
+        self._open()
+        self._prepared = (plan, self.build(plan))
 
     def send(self, plan, deadline_s):
         sock = self._open()
-        packets = self.build(plan)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is plan:
+            packets = prepared[1]
+        else:
+            packets = self.build(plan)
         start = time.monotonic()
         sent = failed = 0
         errors = []
