@@ -301,9 +301,12 @@ class Runner:
                 for proc in procs:   # left running by a failure above
                     try:
                         proc.signal('TERM')
+                        proc.wait(self.options.connect_timeout_s,
+                                  ok=range(256))
                     except remote.RemoteError as exc:
                         LOG.warning('Could not stop %(cmd)s: %(err)s',
-                                    {'cmd': proc.argv[4:6], 'err': exc})
+                                    {'cmd': shlex.join(proc.argv),
+                                     'err': exc})
                     proc.close()
         return session, sent, output
 

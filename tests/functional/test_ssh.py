@@ -17,6 +17,7 @@ import secrets
 import select
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -27,7 +28,6 @@ from netweaver_agent import netns
 from netweaver_agent import remote
 from netweaver_agent import sources
 from netweaver_agent import topology
-from netweaver_agent.cmd import analyze as cmd_analyze
 from netweaver_agent.cmd import measure as cmd_measure
 
 SSHD = '/usr/sbin/sshd'
@@ -194,10 +194,19 @@ def lab(tmp_path_factory):
         ssh_lab.destroy()
 
 
-def _cli(argv, capsys, module=cmd_measure):
-    """``netweaver measure ...`` (or another command) through its parser."""
+def _netweaver(argv):
+    """The ``netweaver`` command in a process of its own; must succeed."""
+    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+                           *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (argv, proc.stderr)
+    return proc
+
+
+def _cli(argv, capsys):
+    """``netweaver measure ...`` in this process, through its parser."""
     parser = argparse.ArgumentParser(prog='netweaver')
-    module.add_parser(parser.add_subparsers())
+    cmd_measure.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     status = args.run(args)
     out, err = capsys.readouterr()
@@ -295,16 +304,14 @@ def _no_leftovers():
 
 # -- the seed's job ---------------------------------------------------------
 def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
-        lab, tmp_path, capsys):
+        lab, tmp_path):
     g = lab.guests[0]     # its probes are held DELAY_MS on the bridge
     pcaps = tmp_path / 'pcaps'
     with _no_leftovers():
-        status, out, err = _cli(lab.measure_argv(
+        proc = _netweaver(lab.measure_argv(
             '--vif', g.tap, '-d', g.address, '--count', '40',
-            '--interval-ms', '5', '--json', '--output-dir', str(pcaps)),
-            capsys)
-    assert status == 0, err
-    got = json.loads(out)
+            '--interval-ms', '5', '--json', '--output-dir', str(pcaps)))
+    got = json.loads(proc.stdout)
     assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
     assert got['source_ip'] == lab.lab.src_address
     assert got['sent'] == 40
@@ -318,13 +325,11 @@ def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
     assert rep['ingress']['mean_us'] >= DELAY_MS * 1000
     assert rep['ingress']['min_us'] * 1000 >= min(r.hold_ns for r in held)
     # The same pcaps through `netweaver analyze` give the same report.
-    status, out, err = _cli(
+    proc = _netweaver(
         ['analyze', str(pcaps / 'pif.pcap'), str(pcaps / 'vif.pcap'),
          '--pif-name', lab.pif, '--vif-name', g.tap, '--protocol', 'icmp',
-         '--session', str(got['session']), '--json'], capsys,
-        module=cmd_analyze)
-    assert status == 0, err
-    alone = json.loads(out)
+         '--session', str(got['session']), '--json'])
+    alone = json.loads(proc.stdout)
     assert alone['report'] == rep
     assert alone['summary'] == got['summary']
 
@@ -408,3 +413,17 @@ def test_ssh_source_bad_sender_host_is_clear(lab):
     with pytest.raises(sources.SourceError) as err:
         src.send(plan, time.monotonic() + 5)
     assert lab.nobody in str(err.value)
+
+
+def test_missing_vif_fails_clearly_and_cleans_up(lab, capsys):
+    g = lab.guests[1]
+    with _no_leftovers():
+        status, out, err = _cli(lab.measure_argv(
+            '--vif', 'nosuchvif0', '-d', g.address, '--count', '5'), capsys)
+    assert status == 1
+    assert 'tcpdump' in err and 'nosuchvif0' in err and lab.hv_mgmt in err
+    # The pif's capture, which had started, was stopped too.
+    with lab.host() as hv:
+        left = hv.run(['pgrep', '-a', '-f', r'tcpdump .* -w /tmp/netweaver\.'],
+                      check=False)
+    assert left.exit_status == 1, left.text
