@@ -54,6 +54,10 @@ _SOCK_FILTER = struct.Struct('HBBI')
 _SOCK_FPROG = struct.Struct('HL')
 
 RCVBUF_BYTES = 8 * 1024 * 1024
+# The first SO_TIMESTAMPNS socket switches the kernel's packet timestamps on
+# through deferred work; until that has run, packets carry no stamp and
+# recvmsg() stamps them when read, late.  Wait this long before probing.
+TIMESTAMP_WARMUP_S = 0.05
 SNAPLEN = 256
 
 
@@ -255,6 +259,7 @@ class LiveCapture:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='netweaver-capture')
         self._thread.start()
+        time.sleep(TIMESTAMP_WARMUP_S)
 
     def settle(self, quiet_s, max_s=None):
         """Wait until no probe was seen for ``quiet_s`` (at most ``max_s``)."""
