@@ -45,12 +45,16 @@ OPTS = [
     cfg.FloatOpt('probe_interval_ms',
                  default=1.0, min=0.01, max=1000.0,
                  help='Spacing between two consecutive probes of a window '
-                      '(all vNICs interleaved), in milliseconds.'),
+                      '(all vNICs interleaved), in milliseconds: the '
+                      "host's probe rate limit (1000 / probe_interval_ms "
+                      'probes per second).'),
     cfg.FloatOpt('per_vnic_interval_ms',
                  default=0.0, min=0.0, max=60000.0,
                  help='Minimum spacing between two probes to the same '
-                      'vNIC, in milliseconds (the window stretches to '
-                      'honour it). 0: only probe_interval_ms applies.'),
+                      "vNIC, in milliseconds: one vNIC's probe rate limit. "
+                      'Probes are then spread evenly over the window (the '
+                      'window stretches to honour it). 0: only '
+                      'probe_interval_ms applies.'),
     cfg.FloatOpt('probe_timeout_ms',
                  default=200.0, min=1.0, max=10000.0,
                  help='A probe not seen on the vif (or a reply not seen '
@@ -59,9 +63,12 @@ OPTS = [
     cfg.FloatOpt('max_window_ms',
                  default=10000.0, min=10.0, max=300000.0,
                  help='Upper bound of one probe window (all vNICs of the '
-                      'host), in milliseconds. Probes not sent by then are '
-                      'dropped from the window. Keep it well below the '
-                      'polling interval.'),
+                      'host), in milliseconds; must exceed '
+                      'probe_timeout_ms. When probe_count probes per vNIC '
+                      'do not fit at the rate limits, the window sends as '
+                      'many whole rounds as fit (every vNIC the same '
+                      'number), logs what it skipped and reports what it '
+                      'measured. Keep it well below the polling interval.'),
     cfg.IntOpt('probe_size',
                default=64, min=64, max=1500,
                help='Total IP length of a probe, in bytes.'),
