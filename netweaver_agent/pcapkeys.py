@@ -21,8 +21,6 @@
 import array
 import dataclasses
 import hashlib
-import itertools
-import operator
 import struct
 import sys
 
@@ -246,6 +244,35 @@ def ints(col, typecode, big_endian):
     return values
 
 
+def widen(col, size, big_endian):
+    """A column of ``size``-byte integers as 8-byte little-endian lanes."""
+    n = len(col) // size
+    out = bytearray(8 * n)
+    for j in range(size):
+        out[j::8] = col[size - 1 - j if big_endian else j::size]
+    return out
+
+
+def lanes(col, size, big_endian):
+    """A column of integers as one big integer, 64 bits per record.
+
+    Adding, multiplying by a small factor or shifting this integer does
+    the same to every record at once, as long as no record's value
+    leaves its 64 bits.
+    """
+    return int.from_bytes(widen(col, size, big_endian), 'little')
+
+
+def repunit(n):
+    """1 in each of ``n`` lanes (``lanes`` of a column of ones)."""
+    return int.from_bytes(b'\x01\0\0\0\0\0\0\0' * n, 'little')
+
+
+def from_lanes(value, n, typecode):
+    """An 8-byte :class:`array.array` from ``n`` lanes of ``value``."""
+    return ints(value.to_bytes(8 * n, 'little'), typecode, False)
+
+
 def equal_prefix(col, size, pattern, start=0):
     """How many ``size``-byte items of ``col`` from item ``start`` on equal
     ``pattern`` in a row.
@@ -354,18 +381,17 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET):
         need = _TAG_NEED
     if found is None:
         return None
-    more_bad, sess_col, seqs, replies = found
+    more_bad, sess_col, seq_col, replies = found
     bad |= more_bad | _short(col(ip + 2), col(ip + 3), need)
     ok = _ok_bytes(bad, n)
     all_ok = not bad
     if not all_ok and not ok.count(1):
         return None
-    shifted = map(operator.lshift, seqs, itertools.repeat(1))
-    if replies.count(1) == 0:
-        keys = array.array('Q', shifted)
-    else:
-        keys = array.array('Q', map(operator.or_, shifted,
-                                    replies.translate(_T_BIT)))
+    # key = seq << 1 | reply, every record at once in 64-bit lanes.
+    seq_lanes = lanes(seq_col, len(seq_col) // n, True) << 1
+    if replies.count(1):
+        seq_lanes |= lanes(replies.translate(_T_BIT), 1, False)
+    keys = from_lanes(seq_lanes, n, 'Q')
     session = None
     if all_ok and sess_col == sess_col[:2] * n:
         session = int.from_bytes(sess_col[:2], 'big')
@@ -399,8 +425,7 @@ def _tagged(col, l4, n, proto):
         # The source port is 32768 | (session & 0x7fff).
         bad |= (_differ(col(l4), s_hi.translate(_T_PORT_HI)) |
                 _differ(col(l4 + 1), s_lo))
-    seqs = ints(col(l4 + 14, 4), 'I', True)
-    return bad, interleave(s_hi, s_lo), seqs, replies
+    return bad, interleave(s_hi, s_lo), col(l4 + 14, 4), replies
 
 
 def _tcp(col, l4, n):
@@ -412,17 +437,11 @@ def _tcp(col, l4, n):
     if n_replies == 0:
         value, port = col(l4 + 4, 4), col(l4, 2)
     else:
-        acks = ints(col(l4 + 8, 4), 'I', True)
-        if 0 in acks:
-            minus = map(operator.and_, map(operator.sub, acks,
-                                           itertools.repeat(1)),
-                        itertools.repeat(0xffffffff))
-        else:
-            minus = map(operator.sub, acks, itertools.repeat(1))
-        acked = array.array('I', minus)
-        if not _HOST_BE:
-            acked.byteswap()
-        acked = acked.tobytes()
+        # (ack - 1) mod 2**32 for every record: add 2**32 - 1 in 64-bit
+        # lanes (no carry leaves a lane), keep each lane's low 4 bytes.
+        wide = (lanes(col(l4 + 8, 4), 4, True) +
+                repunit(n) * 0xffffffff).to_bytes(8 * n, 'little')
+        acked = interleave(wide[3::8], wide[2::8], wide[1::8], wide[0::8])
         if n_replies == n:
             value, port = acked, col(l4 + 2, 2)
         else:
@@ -433,8 +452,8 @@ def _tcp(col, l4, n):
     s_hi, s_lo = value[0::4], value[1::4]
     bad |= (_differ(port[0::2], s_hi.translate(_T_PORT_HI)) |
             _differ(port[1::2], s_lo))
-    seqs = ints(interleave(value[2::4], value[3::4]), 'H', True)
-    return bad, interleave(s_hi, s_lo), seqs, replies
+    return (bad, interleave(s_hi, s_lo), interleave(value[2::4], value[3::4]),
+            replies)
 
 
 def _blend(a, b, mask):
