@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import secrets
-import select
 import shutil
 import subprocess
 import sys
@@ -134,20 +133,23 @@ class SSHLab:
             lines.append(f'SetEnv PATH={path}')
         with open(conf, 'w') as f:
             f.write('\n'.join(lines) + '\n')
-        proc = subprocess.Popen(
-            ['ip', 'netns', 'exec', ns, SSHD, '-D', '-e', '-f', conf],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+        log_path = os.path.join(self.workdir, f'sshd_{ns}_{port}.log')
+        with open(log_path, 'wb') as log_file:   # never a pipe left unread
+            proc = subprocess.Popen(
+                ['ip', 'netns', 'exec', ns, SSHD, '-D', '-e', '-f', conf],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=log_file)
         self.procs.append(proc)
-        buf = b''
         deadline = time.monotonic() + 10
-        while b'Server listening' not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
+        while True:
+            with open(log_path, 'rb') as f:
+                text = f.read().decode(errors='replace')
+            if 'Server listening' in text:
+                return
+            if time.monotonic() > deadline or proc.poll() is not None:
                 pytest.fail(f'sshd in {ns} on {addr}:{port} did not start: '
-                            f'{buf.decode(errors="replace")}')
-            if select.select([proc.stderr], [], [], left)[0]:
-                buf += os.read(proc.stderr.fileno(), 4096)
+                            f'{text}')
+            time.sleep(0.05)
 
     # -- tearing down -----------------------------------------------------
     def destroy(self):
