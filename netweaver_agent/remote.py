@@ -34,7 +34,6 @@ from oslo_log import log
 import paramiko
 
 from netweaver_agent import netns
-from netweaver_agent import probe
 from netweaver_agent import sources
 
 LOG = log.getLogger(__name__)
@@ -570,10 +569,11 @@ class SSHSource(sources.ProbeSource):
 
     The remote host tells which source address it routes each target
     from (``ip route get``); the probes are built here with
-    :func:`probe.build_ip` and streamed to a small ``python3`` sender on
-    the remote host, which writes them to a raw socket at their offsets,
-    bounded by count and deadline.  The remote user needs CAP_NET_RAW
-    (root) and ``python3``.
+    :func:`sources.build_packets` and streamed to a small ``python3``
+    sender on the remote host, which writes them to a raw socket at their
+    offsets, bounded by count and deadline.  :meth:`prepare` does the
+    connect, the route lookups and the building before the capture opens.
+    The remote user needs CAP_NET_RAW (root) and ``python3``.
 
     :param options: :class:`SSHOptions`; keyword arguments named after its
         fields override it
@@ -589,6 +589,7 @@ class SSHSource(sources.ProbeSource):
                                  netns_name=netns_name)
         self.name = f'ssh://{self.remote.name}'
         self._src = {}
+        self._prepared = None
 
     def source_address(self, dst_ip):
         if dst_ip not in self._src:
@@ -601,24 +602,27 @@ class SSHSource(sources.ProbeSource):
 
     def build(self, plan):
         """``[(offset_ns, dst_ip, bytes)]`` for every probe of ``plan``."""
-        out = []
-        for p in plan.probes:
-            src = socket.inet_aton(self.source_address(p.dst_ip))
-            out.append((p.offset_ns, p.dst_ip, probe.build_ip(
-                plan.protocol, plan.session, p.seq, src,
-                socket.inet_aton(p.dst_ip), size=plan.size,
-                port=plan.port)))
-        return out
+        try:
+            self.remote.connect()
+            packets = sources.build_packets(plan, self.source_address)
+        except RemoteError as exc:
+            raise sources.SourceError(
+                f"probe source {self.name}: {exc}") from exc
+        return [(p.offset_ns, dst, data)
+                for p, (dst, data) in zip(plan.probes, packets)]
+
+    def prepare(self, plan):
+        """Connect, learn source addresses and build, before the capture."""
+        self._prepared = (plan, self.build(plan))
 
     def send(self, plan, deadline_s):
         if not plan.probes:
             return sources.SendResult(sent=0)
-        try:
-            self.remote.connect()
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is plan:
+            packets = prepared[1]
+        else:
             packets = self.build(plan)
-        except RemoteError as exc:
-            raise sources.SourceError(
-                f"probe source {self.name}: {exc}") from exc
         budget = deadline_s - time.monotonic()
         if budget <= 0:
             return sources.SendResult(sent=0, failed=0,
