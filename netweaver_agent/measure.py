@@ -140,8 +140,15 @@ def run_window(paths, source, settings=None, capture_netns=None,
     with capture.LiveCapture(session, settings.protocol,
                              netns_name=capture_netns,
                              interfaces=interfaces) as cap:
+        # The window runs from here: building packets and opening the
+        # capture do not eat its time (a cycle's deadline_s still holds).
+        deadline = time.monotonic() + settings.max_window_ms / 1000.0
+        if deadline_s is not None:
+            deadline = min(deadline, deadline_s)
         try:
-            sent = source.send(plan, deadline - timeout_s)
+            # A source running late may still send until half the timeout
+            # is left; later probes are cut (and left out of the reports).
+            sent = source.send(plan, deadline - timeout_s / 2)
         finally:
             remaining = max(0.0, deadline - time.monotonic())
             cap.settle(min(timeout_s, remaining), max_s=remaining)
