@@ -275,6 +275,7 @@ class Runner:
         job = self.job
         bpf = capture_filter(source_ip, job.destination)
         limit = 2 * job.count + CAPTURE_MARGIN
+        plan = self._plan(src_source)
         with hv.tempdir() as tmp:
             procs = []
             try:
@@ -287,7 +288,7 @@ class Runner:
                 for proc in procs:
                     proc.wait_for_stderr(b'listening on',
                                          self.options.command_timeout_s)
-                session, sent, output = self._send(src, src_source,
+                session, sent, output = self._send(src, src_source, plan,
                                                    source_ip)
                 time.sleep(job.settle_s)
                 for proc in procs:
@@ -310,26 +311,32 @@ class Runner:
                     proc.close()
         return session, sent, output
 
-    def _send(self, src, src_source, source_ip):
-        job = self.job
+    def _plan(self, src_source):
+        """Our probes' plan, built on the way in (None: source command)."""
         if src_source is None:
+            return None
+        plan, _ = sources.interleaved_plan(
+            measure.new_session(), self.job.protocol,
+            [self.job.destination], self.job.count,
+            int(self.job.interval_ms * 1e6))
+        src_source.prepare(plan)
+        return plan
+
+    def _send(self, src, src_source, plan, source_ip):
+        job = self.job
+        if plan is None:
             argv = source_argv(job.source_command, job.count,
                                job.destination, source_ip)
-            budget = job.capture_timeout_s
-            result = src.run(argv, timeout_s=budget)
+            result = src.run(argv, timeout_s=job.capture_timeout_s)
             return None, None, result.text + result.stderr.decode(
                 'utf-8', 'replace')
-        session = measure.new_session()
-        plan, _ = sources.interleaved_plan(
-            session, job.protocol, [job.destination], job.count,
-            int(job.interval_ms * 1e6))
         deadline = time.monotonic() + job.capture_timeout_s
         sent = src_source.send(plan, deadline)
         if sent.failed:
             LOG.warning('%(n)d probes failed to send from %(src)s: %(err)s',
                         {'n': sent.failed, 'src': src.name,
                          'err': '; '.join(sent.errors)})
-        return session, sent, ''
+        return plan.session, sent, ''
 
 
 def run(job, workdir, options=None, netns_name=None):
