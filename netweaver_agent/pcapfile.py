@@ -256,65 +256,138 @@ def _pcap_times(secs, fracs, mult, big):
     return pcapkeys.from_lanes(t, n, 'q')
 
 
-def _read_pcap(buf, rows):
-    path = rows.path
-    end = len(buf)
-    if end < 24:
-        raise PcapError(f"{path}: truncated pcap file header "
-                        f"({end} of 24 bytes)")
-    order, nano, snaplen, network = _pcap_header(buf, path)
-    linktype = network & 0x0fffffff
-    rows.linktypes.add(linktype)
-    link = pcapkeys.LINKS.get(linktype)
-    if link is None:
-        LOG.warning('%(path)s: link type %(lt)d is not supported; no probe '
-                    'can be read from it', {'path': path, 'lt': linktype})
-    mult = 1 if nano else 1000
-    big = order == '>'
-    hdr = struct.Struct(order + 'IIII')
-    limit = max(snaplen, MAX_CAPLEN)
-    ifindex = rows.interface(_stem(path))
-    pkttype = None if link is None else link.pkttype_off
-    o = 24
-    backoff = 0
-    while o < end:
+class _PcapFile:
+    """Walks the records of a classic pcap file.
+
+    Runs of equal-length records are read as columns in place.  Records
+    outside runs (lengths alternating, say probes and ICMP errors) are set
+    aside by length, copied together and read as columns too, so the
+    batch's rows are not in the file's order.
+    """
+
+    def __init__(self, buf, rows):
+        self.buf = buf
+        self.rows = rows
+        self.path = rows.path
+        end = len(buf)
+        if end < 24:
+            raise PcapError(f"{self.path}: truncated pcap file header "
+                            f"({end} of 24 bytes)")
+        order, nano, self.snaplen, network = _pcap_header(buf, self.path)
+        linktype = network & 0x0fffffff
+        rows.linktypes.add(linktype)
+        self.link = pcapkeys.LINKS.get(linktype)
+        if self.link is None:
+            LOG.warning('%(path)s: link type %(lt)d is not supported; no '
+                        'probe can be read from it',
+                        {'path': self.path, 'lt': linktype})
+        self.mult = 1 if nano else 1000
+        self.big = order == '>'
+        self.hdr = struct.Struct(order + 'IIII')
+        self.hdr_caplen = struct.Struct(order + 'I').unpack_from
+        self.ifindex = rows.interface(_stem(self.path))
+        self.aside = {}                 # caplen -> [record offsets]
+
+    def read(self):
+        buf, rows = self.buf, self.rows
+        end = len(buf)
+        columnar = rows.columnar and self.link is not None
+        o = 24
+        while o < end:
+            caplen = self._caplen(o, end)
+            if caplen is None:
+                break
+            stride = 16 + caplen
+            n = 1
+            if columnar:
+                n = rows.run_length(buf, o, stride, end, 8,
+                                    bytes(buf[o + 8:o + 12]))
+            if n > 1:
+                self._run(buf, o, stride, n)
+                o += stride * n
+            elif columnar:
+                o = self._walk(o, end)
+            else:
+                self._one(buf, o)
+                o += stride
+        for caplen in list(self.aside):
+            self._set_aside(caplen)
+
+    def _caplen(self, o, end):
+        """The capture length of the record at ``o``; None: cut short."""
         if end - o < 16:
-            rows.truncate(o, 'record header')
-            return
-        sec, frac, caplen, _orig = hdr.unpack_from(buf, o)
+            self.rows.truncate(o, 'record header')
+            return None
+        caplen, = self.hdr_caplen(self.buf, o + 8)
+        limit = max(self.snaplen, MAX_CAPLEN)
         if caplen > limit:
-            raise PcapError(f"{path}: corrupt record header at byte {o}: "
-                            f"capture length {caplen} exceeds {limit}")
-        stride = 16 + caplen
-        if o + stride > end:
-            rows.truncate(o, 'record')
-            return
-        n = 1
-        if backoff:
-            backoff -= 1
-        elif link is not None:
-            n = rows.run_length(buf, o, stride, end, 8,
-                                bytes(buf[o + 8:o + 12]))
-            if n == 1:
-                backoff = BACKOFF
-        if n == 1:
-            direction = capture.DIR_UNKNOWN
-            if pkttype is not None and caplen > pkttype:
-                direction = _PKTTYPE_DIR[buf[o + 16 + pkttype]]
-            rows.one(buf, o + 16, caplen, link, sec * NS + frac * mult,
-                     ifindex, direction)
-            o += stride
-            continue
-        t_ns = _pcap_times(pcapkeys.column(buf, o, stride, n, 4),
-                           pcapkeys.column(buf, o + 4, stride, n, 4),
-                           mult, big)
+            raise PcapError(f"{self.path}: corrupt record header at byte "
+                            f"{o}: capture length {caplen} exceeds {limit}")
+        if o + 16 + caplen > end:
+            self.rows.truncate(o, 'record')
+            return None
+        return caplen
+
+    def _walk(self, o, end):
+        """Set aside up to :data:`BACKOFF` records from ``o``; the next
+        record's offset (``end`` when the file ends or is cut short)."""
+        buf, aside = self.buf, self.aside
+        get = self.hdr_caplen
+        limit = max(self.snaplen, MAX_CAPLEN)
+        for _ in range(BACKOFF):
+            if o + 16 > end:
+                break
+            caplen, = get(buf, o + 8)
+            nxt = o + 16 + caplen
+            if caplen > limit or nxt > end:
+                break
+            bucket = aside.get(caplen)
+            if bucket is None:
+                bucket = aside[caplen] = []
+            bucket.append(o)
+            if len(bucket) == MAX_RUN:
+                self._set_aside(caplen)
+            o = nxt
+        else:
+            return o
+        if o < end and self._caplen(o, end) is None:
+            return end
+        return o
+
+    def _one(self, buf, o):
+        sec, frac, caplen, _orig = self.hdr.unpack_from(buf, o)
+        link = self.link
         direction = capture.DIR_UNKNOWN
-        if pkttype is not None:
-            direction = pcapkeys.column(buf, o + 16 + pkttype, stride,
-                                        n).translate(_PKTTYPE_DIR)
-        rows.run(buf, o + 16, stride, n, caplen, link, t_ns, ifindex,
-                 direction)
-        o += stride * n
+        if link is not None and link.pkttype_off is not None \
+                and caplen > link.pkttype_off:
+            direction = _PKTTYPE_DIR[buf[o + 16 + link.pkttype_off]]
+        self.rows.one(buf, o + 16, caplen, link, sec * NS + frac * self.mult,
+                      self.ifindex, direction)
+
+    def _run(self, buf, o, stride, n):
+        """``n`` records of one length from ``o``."""
+        column = pcapkeys.column
+        t_ns = _pcap_times(column(buf, o, stride, n, 4),
+                           column(buf, o + 4, stride, n, 4), self.mult,
+                           self.big)
+        direction = capture.DIR_UNKNOWN
+        if self.link.pkttype_off is not None:
+            direction = column(buf, o + 16 + self.link.pkttype_off, stride,
+                               n).translate(_PKTTYPE_DIR)
+        self.rows.run(buf, o + 16, stride, n, stride - 16, self.link, t_ns,
+                      self.ifindex, direction)
+
+    def _set_aside(self, caplen):
+        """Read the records set aside with this length, as one run."""
+        offsets = self.aside.pop(caplen)
+        buf = self.buf
+        if len(offsets) < MIN_RUN:
+            for o in offsets:
+                self._one(buf, o)
+            return
+        stride = 16 + caplen
+        packed = b''.join([buf[o:o + stride] for o in offsets])
+        self._run(packed, 0, stride, len(offsets))
 
 
 # --------------------------------------------------------------------------
@@ -616,7 +689,7 @@ def read_pcap(path, ifname=None, session=None, fingerprint=False,
                     _Pcapng(buf, rows).read()
                 else:
                     fmt = 'pcap'
-                    _read_pcap(buf, rows)
+                    _PcapFile(buf, rows).read()
     except OSError as exc:
         raise PcapError(f"{path}: cannot read: {exc.strerror or exc}") \
             from exc

@@ -38,6 +38,7 @@ _MAGIC = probe.MAGIC
 _SYN, _RST, _ACK = 0x02, 0x04, 0x10
 _TAG_NEED = 20 + 8 + probe.TAG_LEN       # IP length to hold a tagged probe
 _TCP_NEED = 20 + 20
+_UNREACH_NEED = 20 + 8 + _TAG_NEED       # ICMP error quoting a UDP probe
 
 for _code, _size in (('H', 2), ('I', 4), ('Q', 8), ('q', 8), ('i', 4)):
     assert array.array(_code).itemsize == _size, _code
@@ -317,6 +318,7 @@ _T_ZERO = _table(lambda b: b == 0)
 _T_NONZERO = _table(lambda b: b != 0)
 _T_DOFF_BAD = _table(lambda b: b < 0x50)
 _T_TWO = _table(lambda b: b == 2)
+_T_NOT_03 = _table(lambda b: b != 3)
 _T_ONE_FF = bytes(0xff if b == 1 else 0 for b in range(256))
 _T_PORT_HI = bytes((b & 0x7f) | 0x80 for b in range(256))
 _T_BIT = bytes(b & 1 for b in range(256))
@@ -376,6 +378,11 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET):
     if proto == 6:
         found = _tcp(col, l4, n)
         need = _TCP_NEED
+    elif proto == 1 and buf[l4] == 3:
+        if caplen - link.ip_off < _UNREACH_NEED:
+            return None
+        found = _unreach(col, l4, n)
+        need = _UNREACH_NEED
     else:
         found = _tagged(col, l4, n, proto)
         need = _TAG_NEED
@@ -426,6 +433,20 @@ def _tagged(col, l4, n, proto):
         bad |= (_differ(col(l4), s_hi.translate(_T_PORT_HI)) |
                 _differ(col(l4 + 1), s_lo))
     return bad, interleave(s_hi, s_lo), col(l4 + 14, 4), replies
+
+
+def _unreach(col, l4, n):
+    """ICMP unreachable errors quoting a UDP probe (IP header without
+    options, then the UDP header and the tag)."""
+    inner = l4 + 8
+    bad = (_mask(col(l4), _T_NOT_03) | _mask(col(inner), _T_NOT_45) |
+           _mask(col(inner + 9), _T_PROTO[17]) |
+           _short(col(inner + 2), col(inner + 3), _TAG_NEED))
+    if col(inner + 28, 4) != _MAGIC * n:
+        for j in range(4):
+            bad |= _differ(col(inner + 28 + j), _MAGIC[j:j + 1] * n)
+    return (bad, interleave(col(inner + 32), col(inner + 33)),
+            col(inner + 34, 4), b'\x01' * n)
 
 
 def _tcp(col, l4, n):
