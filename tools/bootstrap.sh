@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iptables tcpdump openssh-server openssh-client
-              libvirt0 libvirt-dev pkg-config gcc python3-dev
+              libvirt0 libvirt-dev libvirt-clients pkg-config gcc python3-dev
               libnetfilter-queue-dev libnfnetlink-dev procps kmod hping3)
 
 missing=()
