@@ -14,8 +14,11 @@ arithmetic, never a float); resolutions finer than 1 ns are truncated.
 **Fast path.**  Per-packet Python objects cap near 0.3M packets/s, so the
 file is mapped into memory and read as *runs* of equal-length records (a
 probe capture is mostly that): every field of a whole run is pulled out
-at once and turned into keys by :func:`pcapkeys.run_keys`.  Short runs,
-VLAN tags, IP options and foreign traffic are read one record at a time by
+at once and turned into keys by :func:`pcapkeys.run_keys`.  Records
+outside runs (a pif capture of UDP probes and the guest's ICMP errors
+alternates two lengths) are set aside by length, copied together and read
+the same way, so a batch's rows are *not* in the file's order.  VLAN tags,
+IP options and foreign traffic are read one record at a time by
 :func:`pcapkeys.frame_key`.  Both give exactly the keys
 :func:`probe.parse_key` gives.
 
