@@ -1,0 +1,325 @@
+"""One polling cycle over every vNIC of a busy compute host: its cost.
+
+Builds the namespace lab with ``--guests`` guests (64), then starts a
+*worker* process inside the lab's hypervisor namespace that does what
+``ceilometer-polling`` does for our meters: loads them through
+stevedore from ``ceilometer.poll.compute`` with a real Ceilometer
+configuration (``labagent.write_files``: libvirt ``test:///`` node of the
+lab's guests, probe source = the lab's source namespace), discovers the
+instances with Ceilometer's ``libvirt_metadata`` discovery and calls
+``get_samples`` once per meter on one cache.  The worker measures itself
+only (never the lab or this parent):
+
+* wall time of discovery + ``get_samples`` of every meter;
+* CPU seconds (``getrusage(RUSAGE_SELF)``, all its threads), and of any
+  child process it ran (``RUSAGE_CHILDREN``, shown apart);
+* peak RSS rise: ``VmHWM`` after the cycle (reset through
+  ``/proc/self/clear_refs`` just before) minus ``VmRSS`` before;
+* probes sent, probes/s, kernel capture drops, packet sockets left open.
+
+Then, in the same worker, the vNICs are probed one after another (the
+seed's way: one capture and one probe run per vNIC, same settings) and the
+ratio is printed.
+
+Run as root::
+
+    .venv/bin/python benchmarks/bench_cycle.py [--guests 64] [--count 50]
+
+The lab is removed on exit, also on failure or Ctrl-C.
+"""
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+TARGETS = {'wall_s': 3.0, 'cpu_s': 1.0, 'rss_rise_mb': 50.0, 'drops': 0}
+
+
+# -- the worker: runs inside the hypervisor namespace -------------------------
+
+def _status_kb(field):
+    with open('/proc/self/status', encoding='ascii') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss():
+    # "5" resets the peak resident set size (VmHWM) to the current RSS.
+    with open('/proc/self/clear_refs', 'w', encoding='ascii') as f:
+        f.write('5')
+
+
+def _cpu(usage):
+    return usage.ru_utime + usage.ru_stime
+
+
+def packet_sockets():
+    """Packet sockets of this network namespace (``/proc/net/packet``)."""
+    with open('/proc/self/net/packet', encoding='ascii') as f:
+        return len(f.read().splitlines()) - 1
+
+
+class Meter:
+    """Wall, CPU, child CPU and peak-RSS rise of a block of this process."""
+
+    def __enter__(self):
+        self.rss_kb = _status_kb('VmRSS')
+        _reset_peak_rss()
+        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.main0 = time.thread_time()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self.t0
+        self.main_cpu_s = time.thread_time() - self.main0
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu_s = _cpu(self1) - _cpu(self.self0)
+        self.user_s = self1.ru_utime - self.self0.ru_utime
+        self.sys_s = self1.ru_stime - self.self0.ru_stime
+        self.children_cpu_s = _cpu(resource.getrusage(
+            resource.RUSAGE_CHILDREN)) - _cpu(self.children0)
+        self.hwm_kb = _status_kb('VmHWM')
+        self.rss_rise_mb = (self.hwm_kb - self.rss_kb) / 1024.0
+        return False
+
+    def figures(self):
+        return {'wall_s': self.wall_s, 'cpu_s': self.cpu_s,
+                'user_s': self.user_s, 'sys_s': self.sys_s,
+                'main_thread_cpu_s': self.main_cpu_s,
+                'children_cpu_s': self.children_cpu_s,
+                'rss_before_mb': self.rss_kb / 1024.0,
+                'peak_rss_mb': self.hwm_kb / 1024.0,
+                'rss_rise_mb': self.rss_rise_mb}
+
+
+def worker(config, cycles, sequential, profile):
+    """Load the meters as the agent does, poll ``cycles`` times; JSON out."""
+    rss_start = _status_kb('VmRSS')
+    from ceilometer.compute import discovery
+    from ceilometer import service
+    from stevedore import named
+
+    from netweaver_agent import labagent
+    from netweaver_agent import measure
+    from netweaver_agent import pollsters
+
+    conf = service.prepare_service(argv=['bench-worker'],
+                                   config_files=[config])
+
+    def failed(_manager, entrypoint, exc):
+        raise RuntimeError(f"pollster {entrypoint} did not load: {exc}")
+
+    meters = named.NamedExtensionManager(
+        'ceilometer.poll.compute', names=list(labagent.LATENCY_METERS),
+        invoke_on_load=True, invoke_args=(conf,),
+        on_load_failure_callback=failed, name_order=True)
+    finder = discovery.InstanceDiscovery(conf)
+    out = {'rss_after_import_mb': _status_kb('VmRSS') / 1024.0,
+           'rss_start_mb': rss_start / 1024.0, 'cycles': []}
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+    instances = []
+    for _ in range(cycles):
+        cache = {}
+        samples = 0
+        with Meter() as m:
+            if prof:
+                prof.enable()
+            instances = finder.discover(None)
+            t_disc = time.perf_counter() - m.t0
+            for ext in meters:
+                samples += sum(1 for _ in ext.obj.get_samples(
+                    None, cache, instances))
+            if prof:
+                prof.disable()
+        entry = cache[pollsters.CACHE_KEY]
+        windows = []
+        for w in entry.windows:
+            meta = [x.metadata for x in w.measurements]
+            windows.append({
+                'vnics': len(w.measurements),
+                'sent': sum(x['probe_sent'] for x in meta),
+                'measured': sum(x['latency_ingress']['count'] for x in meta),
+                'drops': max((x['capture_drops'] for x in meta), default=0),
+                'window_ms': max((x['window_ms'] for x in meta), default=0),
+            })
+        figures = m.figures()
+        figures.update(discovery_s=t_disc, instances=len(instances),
+                       samples=samples, windows=windows,
+                       packet_sockets_after=packet_sockets())
+        out['cycles'].append(figures)
+    if prof:
+        prof.dump_stats(profile)
+    if sequential:
+        prober = pollsters.VifLatencyBase._prober
+        found = prober.paths(instances)
+        sent = measured = drops = 0
+        with Meter() as m:
+            for _, _, path in found:
+                w = measure.run_window([path], prober.source,
+                                       prober.settings)
+                sent += w.send.sent
+                drops += w.capture.drops
+                measured += sum(r.ingress.count for r in w.reports.values())
+        figures = m.figures()
+        figures.update(vnics=len(found), sent=sent, measured=measured,
+                       drops=drops)
+        out['sequential'] = figures
+    out['packet_sockets_end'] = packet_sockets()
+    json.dump(out, sys.stdout)
+    return 0
+
+
+# -- the parent: lab, worker, figures -----------------------------------------
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def run_worker(lab, args, workdir):
+    from netweaver_agent import labagent
+    from netweaver_agent import netns
+
+    probe = {'probe_count': args.count,
+             'probe_interval_ms': args.interval_ms,
+             'per_vnic_interval_ms': args.per_vnic_interval_ms,
+             'probe_timeout_ms': args.timeout_ms,
+             'max_window_ms': args.max_window_ms}
+    files = labagent.write_files(lab, workdir, interval_s=60, probe=probe,
+                                 debug=args.debug)
+    argv = [sys.executable, os.path.abspath(__file__), '--worker',
+            files.config, '--cycles', str(args.cycles)]
+    if not args.sequential:
+        argv.append('--no-sequential')
+    if args.profile:
+        argv += ['--profile', os.path.abspath(args.profile)]
+    proc = subprocess.run(netns.netns_argv(lab.hv_netns, argv),
+                          capture_output=True, text=True,
+                          timeout=args.worker_timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def _verdict(figures, key, fmt):
+    value, target = figures[key], TARGETS[key]
+    mark = 'ok' if value <= target else 'MISSED'
+    return f'{fmt.format(value)} (target <= {fmt.format(target)}: {mark})'
+
+
+def report(args, result, build_s):
+    vnics = args.guests
+    print(f'lab: {vnics} guests built in {build_s:.2f} s; '
+          f'{args.count} probes per vNIC every {args.interval_ms} ms '
+          f'(per vNIC >= {args.per_vnic_interval_ms} ms), timeout '
+          f'{args.timeout_ms} ms, max window {args.max_window_ms} ms')
+    print(f'worker RSS: {result["rss_start_mb"]:.1f} MB at start, '
+          f'{result["rss_after_import_mb"]:.1f} MB with Ceilometer and the '
+          f'meters loaded')
+    for n, c in enumerate(result['cycles'], 1):
+        (w,) = c['windows'] or [{'sent': 0, 'measured': 0, 'drops': 0,
+                                 'window_ms': 0, 'vnics': 0}]
+        print(f'cycle {n}: {c["instances"]} instances, {w["vnics"]} vNICs, '
+              f'{c["samples"]} samples, {len(c["windows"])} window(s)')
+        print(f'  wall         {_verdict(c, "wall_s", "{:.3f} s")}'
+              f'  [discovery {c["discovery_s"]:.3f} s, window '
+              f'{w["window_ms"] / 1000:.3f} s]')
+        print(f'  cpu          {_verdict(c, "cpu_s", "{:.3f} s")}'
+              f'  [user {c["user_s"]:.3f} s, sys {c["sys_s"]:.3f} s; '
+              f'main thread {c["main_thread_cpu_s"]:.3f} s, capture and '
+              f'other threads {c["cpu_s"] - c["main_thread_cpu_s"]:.3f} s; '
+              f'+ {c["children_cpu_s"]:.3f} s in child processes]')
+        print(f'  peak RSS     {_verdict(c, "rss_rise_mb", "{:.1f} MB")}'
+              f' rise, {c["peak_rss_mb"]:.1f} MB peak')
+        print(f'  probes       {w["sent"]} sent, {w["measured"]} measured, '
+              f'{w["sent"] / c["wall_s"]:.0f} probes/s of cycle, '
+              f'{w["sent"] / max(w["window_ms"] / 1000, 1e-9):.0f} '
+              'probes/s of window')
+        print(f'  drops        {_verdict(w, "drops", "{:d}")}')
+        print(f'  packet sockets open after the cycle: '
+              f'{c["packet_sockets_after"]}')
+    seq = result.get('sequential')
+    if seq:
+        last = result['cycles'][-1]
+        print(f'one after another (seed): {seq["vnics"]} windows, '
+              f'{seq["sent"]} sent, {seq["measured"]} measured, '
+              f'{seq["drops"]} drops')
+        print(f'  wall {seq["wall_s"]:.3f} s, cpu {seq["cpu_s"]:.3f} s, '
+              f'peak RSS rise {seq["rss_rise_mb"]:.1f} MB')
+        print(f'  ratio sequential / one window: wall '
+              f'{seq["wall_s"] / last["wall_s"]:.1f}x, cpu '
+              f'{seq["cpu_s"] / max(last["cpu_s"], 1e-9):.1f}x')
+    print(f'packet sockets open at the end: {result["packet_sockets_end"]}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--guests', type=int, default=64)
+    parser.add_argument('--count', type=int, default=50)
+    parser.add_argument('--interval-ms', type=float, default=0.5)
+    parser.add_argument('--per-vnic-interval-ms', type=float, default=0.0)
+    parser.add_argument('--timeout-ms', type=float, default=200.0)
+    parser.add_argument('--max-window-ms', type=float, default=2800.0)
+    parser.add_argument('--cycles', type=int, default=2,
+                        help='polling cycles in one worker (the first is '
+                             'cold: libvirt connection, lazy imports)')
+    parser.add_argument('--no-sequential', dest='sequential',
+                        action='store_false',
+                        help='skip probing the vNICs one after another')
+    parser.add_argument('--debug', action='store_true',
+                        help="the worker logs at debug level (to its "
+                             "agent.log)")
+    parser.add_argument('--profile', metavar='FILE',
+                        help='write a cProfile of the cycles to FILE')
+    parser.add_argument('--json', action='store_true',
+                        help="print the worker's figures as JSON")
+    parser.add_argument('--worker', metavar='CONFIG', help=argparse.SUPPRESS)
+    parser.add_argument('--worker-timeout-s', type=float, default=600.0)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.cycles, args.sequential,
+                      args.profile)
+
+    from netweaver_agent import lab as lab_mod
+
+    if os.geteuid() != 0:
+        print('bench_cycle needs root (it builds network namespaces)',
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    prefix = f'nwbench{os.getpid()}{secrets.token_hex(2)}-'
+    the_lab = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, guests=args.guests))
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    try:
+        t0 = time.perf_counter()
+        the_lab.build()
+        build_s = time.perf_counter() - t0
+        result = run_worker(the_lab, args, workdir)
+        if args.json:
+            json.dump(result, sys.stdout, indent=1)
+            print()
+        else:
+            report(args, result, build_s)
+    finally:
+        the_lab.teardown()
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
