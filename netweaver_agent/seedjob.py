@@ -40,6 +40,7 @@ _PLACEHOLDER_RE = re.compile(r'\{([^{}]*)\}')
 _IFNAME_RE = re.compile(r'^[A-Za-z0-9_.:@-]{1,15}$')
 # Extra packets each capture may hold beyond one probe and one answer each.
 CAPTURE_MARGIN = 64
+CAPTURE_BUFFER_KIB = 4096
 SNAPLEN = 256
 
 
@@ -210,11 +211,18 @@ def capture_filter(source_ip, destination):
 
 
 def capture_argv(interface, path, count, timeout_s, bpf):
-    """One bounded tcpdump: ns timestamps, stays root, count and time."""
+    """One bounded tcpdump: ns timestamps, stays root, count and time.
+
+    ``--immediate-mode`` writes each packet as it comes: without it a
+    tcpdump stopped right after a short window wrote 0 of 40 packets.
+    With it, a larger buffer (``-B``, KiB) keeps the kernel from dropping
+    bursts.
+    """
     return ['timeout', '-s', 'INT', str(max(1, int(timeout_s + 0.999))),
             'tcpdump', '-n', '-i', interface, '-w', path,
-            '--time-stamp-precision=nano', '-Z', 'root', '-s', str(SNAPLEN),
-            '-c', str(count), bpf]
+            '--time-stamp-precision=nano', '--immediate-mode',
+            '-B', str(CAPTURE_BUFFER_KIB), '-Z', 'root',
+            '-s', str(SNAPLEN), '-c', str(count), bpf]
 
 
 class Runner:
