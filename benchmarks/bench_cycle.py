@@ -315,6 +315,9 @@ def main(argv=None):
         else:
             report(args, result, build_s)
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the teardown short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         the_lab.teardown()
         import shutil
         shutil.rmtree(workdir, ignore_errors=True)
