@@ -7,7 +7,7 @@ pollsters, ``netweaver lab`` and the tests all measure through
 """
 
 import dataclasses
-import random
+import secrets
 import time
 
 from oslo_log import log
@@ -89,11 +89,11 @@ class WindowResult:
 
 def new_session():
     """A random 16-bit session number, never 0."""
-    return random.randint(1, 0xffff)
+    return secrets.randbelow(0xffff) + 1
 
 
 def run_window(paths, source, settings=None, capture_netns=None,
-               session=None, deadline_s=None):
+               session=None, deadline_s=None, capture_class=None):
     """Probe every :class:`topology.VifPath` of ``paths`` in one window.
 
     The probes are scheduled by :func:`sources.schedule` within the
@@ -108,6 +108,10 @@ def run_window(paths, source, settings=None, capture_netns=None,
     :param capture_netns: namespace of the host's interfaces (None: here)
     :param deadline_s: ``time.monotonic()`` by which the window must end
         (e.g. the polling cycle's); None: ``max_window_ms`` from now
+    :param capture_class: what opens the capture, with
+        :class:`capture.LiveCapture`'s signature and interface (None: that
+        class; the pollsters pass the privsep daemon's, see
+        :mod:`netweaver_agent.privileged`)
     """
     settings = settings or WindowSettings()
     paths = list(paths)
@@ -137,9 +141,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
     interfaces = {name for p in paths for name in p.interfaces}
     offset_before = clock_offset_ns()
     started_ns = time.time_ns()
-    with capture.LiveCapture(session, settings.protocol,
-                             netns_name=capture_netns,
-                             interfaces=interfaces) as cap:
+    capture_class = capture_class or capture.LiveCapture
+    with capture_class(session, settings.protocol, netns_name=capture_netns,
+                       interfaces=interfaces) as cap:
         # The window runs from here: building packets and opening the
         # capture do not eat its time (a cycle's deadline_s still holds).
         deadline = time.monotonic() + settings.max_window_ms / 1000.0
