@@ -93,6 +93,24 @@ OPTS = [
                     'and vifs) where probes are captured. Lab use only: '
                     'on a real compute host leave it unset. Needs '
                     'CAP_SYS_ADMIN to enter.'),
+    cfg.BoolOpt('privsep',
+                default=True,
+                help='Open the capture socket and the raw socket that sends '
+                     '"local" probes in an oslo.privsep daemon '
+                     '(privsep-helper) that keeps only CAP_NET_RAW, so the '
+                     'polling agent itself runs unprivileged. With '
+                     'capture_netns or a netns: probe source (the lab) the '
+                     'daemon also keeps CAP_SYS_ADMIN and CAP_NET_ADMIN. '
+                     "It is started with the agent's root helper (sudo "
+                     'ceilometer-rootwrap ... privsep-helper), or directly '
+                     'when the agent runs as root. False: the agent opens '
+                     'the sockets itself and needs CAP_NET_RAW.'),
+    cfg.StrOpt('privsep_helper_command',
+               help="Command that starts the privsep daemon, e.g. 'sudo "
+                    "privsep-helper'; --privsep_context and "
+                    '--privsep_sock_path are appended. Unset: the polling '
+                    "agent's root helper followed by privsep-helper (an "
+                    'agent running as root starts it without one).'),
 ]
 
 

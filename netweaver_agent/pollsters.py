@@ -33,6 +33,7 @@ from netweaver_agent import capture
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import opts
+from netweaver_agent import privileged
 from netweaver_agent import sources
 from netweaver_agent import topology
 
@@ -115,13 +116,23 @@ def latency_metadata(report, path, window, source_name):
 
 
 def _source(conf):
-    """The probe source of ``[netweaver] probe_source``."""
-    spec = conf[opts.GROUP].probe_source
+    """The probe source of ``[netweaver] probe_source``.
+
+    With ``privsep``, ``local`` and ``netns:`` probes are built and sent by
+    the privsep daemon (:class:`privileged.PrivsepLocalSource`).
+    """
+    group = conf[opts.GROUP]
+    spec = group.probe_source
     if spec and spec.startswith('ssh://'):
         from netweaver_agent import remote
         return sources.parse_source(
             spec, options=remote.SSHOptions.from_conf(conf))
-    return sources.parse_source(spec)
+    source = sources.parse_source(spec)
+    if group.privsep and isinstance(source, sources.LocalSource):
+        return privileged.PrivsepLocalSource(
+            source.netns_name, context=privileged.context_for(
+                group.capture_netns, source.netns_name))
+    return source
 
 
 def window_settings(conf):
@@ -162,6 +173,13 @@ class Prober:
         self.settings = window_settings(conf)
         self.resolver = topology.load_resolver(group.vif_resolver)
         self.source = _source(conf)
+        self.capture_class = None
+        if group.privsep:
+            privileged.configure(group.privsep_helper_command)
+            self.capture_class = privileged.capture_class(
+                privileged.context_for(
+                    group.capture_netns,
+                    getattr(self.source, 'netns_name', None)))
         self.sysfs_root = topology.SYSFS_NET
         self.inspector = self._new_inspector(conf)
         self._reported = set()
@@ -302,7 +320,8 @@ class Prober:
         try:
             return measure.run_window(
                 paths, self.source, self.settings,
-                capture_netns=self.group.capture_netns), None
+                capture_netns=self.group.capture_netns,
+                capture_class=self.capture_class), None
         except (capture.CaptureError, measure.ClockStepError,
                 sources.SourceError, netns.NetnsError, OSError,
                 ValueError) as exc:
@@ -319,7 +338,11 @@ class Prober:
                 isinstance(error, sources.SourceError)
                 and isinstance(error.__cause__, PermissionError)):
             return self._permanent(ids, error)
-        if isinstance(error, sources.SourceError):
+        if isinstance(error, measure.ClockStepError):
+            LOG.warning('Probe window for %(n)d vNICs discarded, no latency '
+                        'this cycle: %(exc)s', {'n': len(found),
+                                                'exc': error})
+        elif isinstance(error, sources.SourceError):
             LOG.error('Probe source %(src)s failed; no latency this cycle: '
                       '%(exc)s', {'src': self.source.name, 'exc': error})
         elif error is not None:
@@ -333,10 +356,27 @@ class Prober:
                  {'session': window.session, 'vnics': len(found),
                   'inst': len(instances), 'sent': window.send.sent,
                   'ms': window.duration_ns / 1e6})
+        if window.capture.drops:
+            LOG.warning('Probe window %(session)d: the capture dropped '
+                        '%(drops)d packets; %(unknown)d probes of unknown '
+                        'fate are left out of the loss (probe_unknown)',
+                        {'session': window.session,
+                         'drops': window.capture.drops,
+                         'unknown': sum(r.unknown for r in
+                                        window.reports.values())})
+        vanished = self._vanished([p for _, _, p in found])
         measurements = []
         for instance, stats, path in found:
             report = window.reports.get(path.vnic)
             if report is None:
+                continue
+            if path.vnic in vanished:
+                LOG.warning('Instance %(id)s vNIC %(vif)s: %(dev)s '
+                            'disappeared during probe window %(session)d; '
+                            'no sample this cycle',
+                            {'id': instance.id, 'vif': path.vnic,
+                             'dev': vanished[path.vnic],
+                             'session': window.session})
                 continue
             self._explain(instance, path, report)
             measurements.append(VnicMeasurement(
@@ -346,6 +386,26 @@ class Prober:
                                           self.source.name)))
         return CycleWindow(instance_ids=ids, measurements=tuple(measurements),
                            polled_at=polled_at)
+
+    def _vanished(self, paths):
+        """``{vnic: netdev}`` of paths that lost an interface meanwhile."""
+        try:
+            links = self.links()
+        except (topology.TopologyError, OSError) as exc:
+            error = exc
+        else:
+            error = None
+        if error is not None:
+            LOG.warning('Cannot list the host interfaces after the probe '
+                        'window: %s', error)
+            return {}
+        out = {}
+        for path in paths:
+            for dev in path.interfaces:
+                if not links.exists(dev):
+                    out[path.vnic] = dev
+                    break
+        return out
 
     def _explain(self, instance, path, report):
         """Log why a vNIC got no latency, naming instance and vNIC."""
@@ -372,9 +432,10 @@ class Prober:
                         'the tap', args)
 
     def _permanent(self, ids, exc):
-        LOG.error('netweaver latency pollsters disabled: %(exc)s. The '
-                  'polling agent needs CAP_NET_RAW (and CAP_NET_ADMIN for '
-                  'the capture buffer) to capture probes.', {'exc': exc})
+        LOG.error('netweaver latency pollsters disabled: %(exc)s. '
+                  'Capturing and sending probes needs CAP_NET_RAW: in the '
+                  'privsep daemon (privsep = True, see docs/deploying.md), '
+                  'else in the polling agent.', {'exc': exc})
         return CycleWindow(instance_ids=ids, permanent_error=str(exc),
                            polled_at=time.monotonic())
 

@@ -124,7 +124,8 @@ class FakeWindow:
         self.calls = []
         self.lock = threading.Lock()
 
-    def __call__(self, paths, source, settings=None, capture_netns=None):
+    def __call__(self, paths, source, settings=None, capture_netns=None,
+                 capture_class=None):
         with self.lock:
             self.calls.append(list(paths))
         if self.delay_s:
