@@ -42,6 +42,7 @@ SO_TIMESTAMPNS = 35
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 PACKET_OUTGOING = 4
+TP_STATUS_VLAN_VALID = 0x10
 
 # Direction column values.
 DIR_IN = 0       # received on that interface
@@ -49,6 +50,8 @@ DIR_OUT = 1      # sent by this host on that interface (PACKET_OUTGOING)
 DIR_UNKNOWN = 2  # pcap files without direction
 
 _TIMESPEC = struct.Struct('@qq')
+# struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, tpid.
+_AUXDATA = struct.Struct('@IIIHHHH')
 _TPACKET_STATS = struct.Struct('@II')
 _SOCK_FILTER = struct.Struct('HBBI')
 _SOCK_FPROG = struct.Struct('HL')
@@ -86,6 +89,10 @@ class SightingBatch:
     Row ``i`` is: key ``keys[i]`` (:meth:`ProbeKey.as_int`), seen on
     interface ``ifnames[ifindex[i]]`` at ``t_ns[i]`` (ns since the epoch,
     CLOCK_REALTIME) travelling ``direction[i]`` (``DIR_*``).
+
+    ``encap`` holds how the frame carried the probe, for the rows that
+    were VLAN-tagged or VXLAN only: ``{(key, ifindex): probe.Encap}``
+    (the first such sighting of that key on that interface).
     """
 
     session: int
@@ -98,6 +105,7 @@ class SightingBatch:
     direction: array.array = dataclasses.field(
         default_factory=lambda: array.array('B'))
     ifnames: dict = dataclasses.field(default_factory=dict)
+    encap: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self):
         return len(self.t_ns)
@@ -134,6 +142,8 @@ class SightingBatch:
         self.t_ns.extend(other.t_ns)
         self.direction.extend(other.direction)
         self.ifindex.extend(remap[i] for i in other.ifindex)
+        for (k, i), encap in other.encap.items():
+            self.encap.setdefault((k, remap[i]), encap)
 
     def sightings(self):
         """Rows as :class:`Sighting` objects (slow path)."""
@@ -153,30 +163,97 @@ class CaptureStats:
     foreign: int        # passed the filter but not a probe of this session
 
 
-def bpf_filter(protocol):
-    """A classic BPF program accepting IPv4 frames that may be probes.
+_PROTOS = {'icmp': (1,), 'udp': (17, 1), 'tcp': (6,)}
+_PROTOS6 = {'icmp': (58,), 'udp': (17, 58), 'tcp': (6,)}
+# Classic BPF opcodes.
+_LDH_ABS, _LDB_ABS, _LDH_IND, _LDB_IND = 0x28, 0x30, 0x48, 0x50
+_LDX_IMM, _JEQ, _RET = 0x01, 0x15, 0x06
+# Offsets of a VXLAN packet with an IPv4 underlay without options.
+_VX_UDP = 14 + 20
+_VX_INNER = _VX_UDP + 8 + probe.VXLAN_HDR_LEN
 
-    ``icmp`` accepts ICMP; ``udp`` accepts UDP and ICMP (port
-    unreachable replies); ``tcp`` accepts TCP.  The rest is verified in
-    user space by :func:`probe.parse_key`.  Returns ``(code, jt, jf, k)``
+
+def _assemble(code):
+    """``[(op, jt, jf, k)]`` from instructions whose jumps name labels.
+
+    ``code`` holds ``(op, jt, jf, k)`` with ``jt``/``jf`` label names (or
+    0: the next instruction) and ``'label'`` strings marking places.
+    """
+    where, n = {}, 0
+    for item in code:
+        if isinstance(item, str):
+            where[item] = n
+        else:
+            n += 1
+    prog = []
+    for item in code:
+        if isinstance(item, str):
+            continue
+        op, jt, jf, k = item
+        here = len(prog) + 1
+        jt = where[jt] - here if jt else 0
+        jf = where[jf] - here if jf else 0
+        if not 0 <= jt < 256 or not 0 <= jf < 256:
+            raise ValueError(f"BPF jump out of range in {item!r}")
+        prog.append((op, jt, jf, k))
+    return prog
+
+
+def _match_any(load, values, yes, no):
+    """Load with ``load``, go to ``yes`` if it equals one of ``values``."""
+    out = [load]
+    for i, v in enumerate(values):
+        last = i == len(values) - 1
+        out.append((_JEQ, yes, no if last else 0, v))
+    return out
+
+
+def bpf_filter(protocol, vxlan_port=None):
+    """A classic BPF program accepting frames that may be probes.
+
+    IPv4 and IPv6: ``icmp`` accepts ICMP and ICMPv6; ``udp`` accepts UDP
+    and ICMP/ICMPv6 (port unreachable replies); ``tcp`` accepts TCP.  Up to
+    two VLAN tags left in the frame are skipped (the kernel usually moves
+    the outer one out of it, see ``PACKET_AUXDATA``).  ``vxlan_port``: also
+    accept VXLAN packets to that UDP port over IPv4 whose inner frame
+    passes the same test.  The rest is verified in user space by
+    :func:`pcapkeys.frame_key`.  Returns ``(code, jt, jf, k)``
     instructions.
     """
-    protos = {'icmp': (1,), 'udp': (17, 1), 'tcp': (6,)}.get(protocol)
+    protos = _PROTOS.get(protocol)
     if protos is None:
         raise ValueError(f"unknown probe protocol {protocol!r}")
-    ld_h_abs, ld_b_abs, jeq, ret = 0x28, 0x30, 0x15, 0x06
-    n = len(protos)
-    # 0: ethertype; 1: IPv4?; 2: IP protocol; 3..3+n-1: one test each;
-    # 3+n: accept; 3+n+1: reject.
-    prog = [(ld_h_abs, 0, 0, 12),
-            (jeq, 0, n + 1, probe.ETH_P_IP),
-            (ld_b_abs, 0, 0, 23)]
-    for i, proto in enumerate(protos):
-        last = i == n - 1
-        prog.append((jeq, n - i - 1, 1 if last else 0, proto))
-    prog.append((ret, 0, 0, SNAPLEN))
-    prog.append((ret, 0, 0, 0))
-    return prog
+    protos6 = _PROTOS6[protocol]
+    vlan = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
+    code = [(_LDX_IMM, 0, 0, 0)]
+    # X: the bytes of VLAN tags before the ethertype.
+    code += _match_any((_LDH_ABS, 0, 0, 12), vlan, 'tag1', 'ether')
+    code += ['tag1', (_LDX_IMM, 0, 0, 4)]
+    code += _match_any((_LDH_ABS, 0, 0, 16), vlan, 'tag2', 'ether')
+    code += ['tag2', (_LDX_IMM, 0, 0, 8), (_LDH_ABS, 0, 0, 20)]
+    code += ['ether', (_JEQ, 'ip4', 0, probe.ETH_P_IP),
+             (_JEQ, 'ip6', 'reject', probe.ETH_P_IPV6)]
+    four = protos + ((17,) if vxlan_port and 17 not in protos else ())
+    code += ['ip4'] + _match_any((_LDB_IND, 0, 0, 23), four, 'l4', 'reject')
+    code += ['ip6'] + _match_any((_LDB_IND, 0, 0, 20), protos6, 'accept',
+                                 'reject')
+    if vxlan_port and 17 not in protos:
+        # Ours unless it is UDP: then VXLAN to vxlan_port only.
+        code += ['l4', (_JEQ, 'vxlan', 'accept', 17)]
+        code += ['vxlan', (_LDB_IND, 0, 0, 14), (_JEQ, 0, 'reject', 0x45),
+                 (_LDH_IND, 0, 0, _VX_UDP + 2),
+                 (_JEQ, 0, 'reject', vxlan_port),
+                 (_LDH_IND, 0, 0, _VX_INNER + 12),
+                 (_JEQ, 'in4', 0, probe.ETH_P_IP),
+                 (_JEQ, 'in6', 'reject', probe.ETH_P_IPV6)]
+        code += ['in4'] + _match_any((_LDB_IND, 0, 0, _VX_INNER + 23),
+                                     protos, 'accept', 'reject')
+        code += ['in6'] + _match_any((_LDB_IND, 0, 0, _VX_INNER + 20),
+                                     protos6, 'accept', 'reject')
+    else:
+        code += ['l4']
+    code += ['accept', (_RET, 0, 0, SNAPLEN), 'reject', (_RET, 0, 0, 0)]
+    return _assemble(code)
 
 
 def _attach_filter(sock, program):
@@ -186,10 +263,12 @@ def _attach_filter(sock, program):
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def open_packet_socket(netns_name=None, protocol='icmp'):
+def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None):
     """An ``AF_PACKET`` socket with ns timestamps and the probe filter.
 
     Created in network namespace ``netns_name`` (None: the current one).
+    ``PACKET_AUXDATA`` is on: the kernel takes a frame's (outer) VLAN tag
+    out of its bytes, and says so in each message's auxiliary data.
     """
     try:
         sock = netns.socket_in_netns(netns_name, socket.AF_PACKET,
@@ -200,7 +279,8 @@ def open_packet_socket(netns_name=None, protocol='icmp'):
             "opening an AF_PACKET capture socket needs CAP_NET_RAW "
             f"(namespace {netns_name or 'of this process'}): {exc}") from exc
     try:
-        _attach_filter(sock, bpf_filter(protocol))
+        _attach_filter(sock, bpf_filter(protocol, vxlan_port))
+        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
@@ -228,12 +308,14 @@ class LiveCapture:
         batch, stats = cap.batch, cap.stats
 
     Only sightings of ``session`` on interfaces in ``interfaces`` (all
-    when None) are kept.
+    when None) are kept.  ``vxlan_port``: probes may also come inside
+    VXLAN packets to that UDP port (see :func:`bpf_filter`).
     """
 
     def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None):
+                 interfaces=None, vxlan_port=None):
         self.session = session
+        self.vxlan_port = vxlan_port
         self.protocol = protocol
         self.netns_name = netns_name
         self.interfaces = frozenset(interfaces) if interfaces else None
@@ -255,7 +337,8 @@ class LiveCapture:
         return False
 
     def open(self):
-        self._sock = open_packet_socket(self.netns_name, self.protocol)
+        self._sock = open_packet_socket(self.netns_name, self.protocol,
+                                        self.vxlan_port)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='netweaver-capture')
         self._thread.start()
@@ -316,7 +399,8 @@ class LiveCapture:
         batch = self.batch
         session = self.session
         wanted = self.interfaces
-        cmsg_space = socket.CMSG_SPACE(_TIMESPEC.size)
+        cmsg_space = (socket.CMSG_SPACE(_TIMESPEC.size) +
+                      socket.CMSG_SPACE(_AUXDATA.size))
         while True:
             try:
                 data, ancdata, _flags, addr = sock.recvmsg(SNAPLEN,
@@ -336,13 +420,30 @@ class LiveCapture:
                 self._foreign += 1
                 continue
             t_ns = None
+            vid = None
             for level, ctype, cdata in ancdata:
                 if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS:
                     sec, nsec = _TIMESPEC.unpack_from(cdata)
                     t_ns = sec * 1_000_000_000 + nsec
+                elif level == SOL_PACKET and ctype == PACKET_AUXDATA:
+                    aux = _AUXDATA.unpack_from(cdata)
+                    if aux[0] & TP_STATUS_VLAN_VALID:
+                        vid = aux[5] & 0x0fff
             if t_ns is None:
                 t_ns = time.time_ns()
             direction = DIR_OUT if addr[2] == PACKET_OUTGOING else DIR_IN
-            batch.append(found[1], batch.interface_index(ifname), t_ns,
-                         direction)
+            index = batch.interface_index(ifname)
+            batch.append(found[1], index, t_ns, direction)
+            if vid is not None or len(found) > 2:
+                batch.encap.setdefault((found[1], index),
+                                       _live_encap(vid, found))
             self._last_probe_ns = time.monotonic_ns()
+
+
+def _live_encap(vid, found):
+    """The :class:`probe.Encap` of a live frame: the tag the kernel took
+    out (``vid``), then whatever :func:`pcapkeys.frame_key` read."""
+    encap = found[2] if len(found) > 2 else probe.NO_ENCAP
+    if vid is None:
+        return encap
+    return probe.Encap(vlan=(vid,) + encap.vlan, vni=encap.vni)

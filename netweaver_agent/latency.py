@@ -17,6 +17,7 @@ seen on the vif within ``timeout_ns`` is *lost*.  Probes never received on
 the pif are counted as ``unseen_at_pif`` and measure nothing.
 """
 
+import collections
 import dataclasses
 import math
 
@@ -96,7 +97,12 @@ class HopStats:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LatencyReport:
-    """What one probe window measured for one vNIC."""
+    """What one probe window measured for one vNIC.
+
+    ``vlan``/``vni``: how the probes were carried on the pif (the VLAN ids
+    of their tags, outermost first; the VXLAN network identifier), the
+    most common over the window; ``()``/None when plain.
+    """
 
     vnic: str
     pif: str
@@ -109,6 +115,8 @@ class LatencyReport:
     unseen_at_pif: int = 0
     late: int = 0
     unknown: int = 0
+    vlan: tuple = ()
+    vni: int | None = None
 
     @property
     def filtered(self):
@@ -165,6 +173,8 @@ class Matcher:
         self.capture_dropped = capture_dropped
         # (seq, reply) -> {ifname: t_ns}
         self._seen = {}
+        # (seq, reply) -> probe.Encap on the pif (tagged/VXLAN rows only)
+        self._encap = {}
 
     def feed(self, sighting):
         """Add one :class:`capture.Sighting`."""
@@ -182,6 +192,10 @@ class Matcher:
         for k, i, t, d in zip(batch.keys, batch.ifindex, batch.t_ns,
                               batch.direction):
             add(k >> 1, bool(k & 1), names[i], t, d)
+        for (k, i), encap in batch.encap.items():
+            vnic = self.plan.get(k >> 1)
+            if vnic is not None and names[i] == self.paths[vnic].pif:
+                self._encap.setdefault((k >> 1, bool(k & 1)), encap)
 
     def _add(self, seq, reply, ifname, t_ns, direction):
         vnic = self.plan.get(seq)
@@ -254,6 +268,7 @@ class Matcher:
                     egress.append(r_pif - r_vif)
                 if t_vif is not None:
                     turnaround.append(r_vif - t_vif)
+        vlan, vni = self._carried(seqs)
         hop_stats = tuple(
             HopStats(a, b, DirectionStats.from_ns(vals, lost))
             for (a, b), vals, lost in zip(hops, hop_values, hop_lost)
@@ -264,4 +279,17 @@ class Matcher:
             egress=DirectionStats.from_ns(egress, eg_lost),
             turnaround=DirectionStats.from_ns(turnaround),
             hops=hop_stats, unseen_at_pif=unseen, late=late,
-            unknown=unknown)
+            unknown=unknown, vlan=vlan, vni=vni)
+
+    def _carried(self, seqs):
+        """``(vlan, vni)`` most common on the pif among ``seqs``."""
+        if not self._encap:
+            return (), None
+        seen = self._encap
+        counts = collections.Counter(
+            e for seq in seqs for e in (seen.get((seq, False)),
+                                        seen.get((seq, True))) if e)
+        if not counts:
+            return (), None
+        encap = counts.most_common(1)[0][0]
+        return encap.vlan, encap.vni

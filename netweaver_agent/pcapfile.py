@@ -18,9 +18,14 @@ at once and turned into keys by :func:`pcapkeys.run_keys`.  Records
 outside runs (a pif capture of UDP probes and the guest's ICMP errors
 alternates two lengths) are set aside by length, copied together and read
 the same way, so a batch's rows are *not* in the file's order.  VLAN tags,
-IP options and foreign traffic are read one record at a time by
-:func:`pcapkeys.frame_key`.  Both give exactly the keys
+IP options, IPv6, VXLAN and foreign traffic are read one record at a time
+by :func:`pcapkeys.frame_key`.  Both give exactly the keys
 :func:`probe.parse_key` gives.
+
+**Encapsulation.**  VLAN tags stay in the frames tcpdump writes (libpcap
+puts back the tag the kernel took out); probes inside VXLAN are keyed by
+the inner frame.  The batch's ``encap`` holds the tags' VLAN ids and the
+VNI (see :class:`capture.SightingBatch`), as a live capture does.
 
 **Sessions.**  A file may hold probes of several windows (sessions); the
 most common one is kept unless another is asked for.
@@ -130,6 +135,7 @@ class _Rows:
         self.ifindex = array.array('i')
         self.direction = array.array('B')
         self.session_runs = []          # [[session, rows], ...]
+        self.encap = {}                 # (session, key, ifindex) -> Encap
         self.ifnames = {}
         self.records = 0
         self.untimed = 0
@@ -160,6 +166,9 @@ class _Rows:
             return
         found = self.keyfunc(buf, off, caplen, link)
         if found is not None:
+            if len(found) > 2:
+                self.encap.setdefault((found[0], found[1], ifindex),
+                                      found[2])
             self._sessions(found[0], 1)
             self.keys.append(found[1])
             self.t_ns.append(t_ns)
@@ -720,6 +729,8 @@ def _result(rows, fmt, session):
         for name, values in columns:
             getattr(batch, name).extend(itertools.compress(values, keep))
     batch.ifnames.update(rows.ifnames)
+    batch.encap.update({(k, i): e for (s, k, i), e in rows.encap.items()
+                        if s == session})
     found = len(rows.keys)
     return PcapRead(
         path=rows.path, format=fmt, linktypes=tuple(sorted(rows.linktypes)),

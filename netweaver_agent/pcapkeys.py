@@ -5,7 +5,7 @@
 
 * :func:`frame_key` reads one frame at fixed offsets when it is untagged
   Ethernet (or Linux cooked) + IPv4 without options, and hands anything
-  else to ``parse_key``;
+  else (VLAN tags, IPv6, VXLAN, IP options) to ``parse_frame``;
 * :func:`run_keys` reads ``n`` frames of equal length lying ``stride``
   bytes apart (a run of records in a capture file) as *columns*: each field
   is pulled out of all frames at once with a stepped slice
@@ -31,8 +31,9 @@ LINKTYPE_LINUX_SLL = 113
 LINKTYPE_LINUX_SLL2 = 276
 
 _HOST_BE = sys.byteorder == 'big'
-_NOT_IP_ETHERTYPES = frozenset((0x0806, 0x86dd))   # ARP, IPv6: never ours
-_ETH_P_IPV6 = 0x86dd
+_ETH_P_ARP = 0x0806                 # never ours
+_ETH_P_IPV6 = probe.ETH_P_IPV6
+_VXLAN_PORTS = frozenset(probe.VXLAN_PORTS)
 _ETH_VLAN = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
 _MAGIC = probe.MAGIC
 _SYN, _RST, _ACK = 0x02, 0x04, 0x10
@@ -76,7 +77,8 @@ _TCP = struct.Struct('!HHIIBB')             # sport dport seq ack off flags
 
 
 def _slow_key(buf, off, caplen, link):
-    """:func:`probe.parse_key` on the record, as ``(session, key)``."""
+    """:func:`probe.parse_frame` on the record, as ``(session, key)``, or
+    ``(session, key, encap)`` when the frame was tagged or VXLAN."""
     if link.linktype == LINKTYPE_ETHERNET:
         frame = bytes(buf[off:off + caplen])
     else:
@@ -84,15 +86,22 @@ def _slow_key(buf, off, caplen, link):
         et = off + link.ethertype_off
         frame = (bytes(12) + bytes(buf[et:et + 2]) +
                  bytes(buf[off + link.ip_off:off + caplen]))
-    key = probe.parse_key(frame)
-    return None if key is None else (key.session, key.as_int())
+    found = probe.parse_frame(frame)
+    if found is None:
+        return None
+    key, encap = found
+    if encap is probe.NO_ENCAP:
+        return key.session, key.as_int()
+    return key.session, key.as_int(), encap
 
 
 def frame_key(buf, off, caplen, link=ETHERNET):
     """The ``(session, key_int)`` of the frame at ``buf[off:off+caplen]``.
 
-    The same answer as :func:`probe.parse_key` (None for anything that is
-    not a probe or a reply).  dpkt's rules, mirrored here: IP data is cut
+    The same answer as :func:`probe.parse_frame` (None for anything that
+    is not a probe or a reply), with a third item, the
+    :class:`probe.Encap`, when the frame carries VLAN tags or VXLAN:
+    ``(session, key_int, encap)``.  dpkt's rules, mirrored here: IP data is cut
     to the IP total length (0: to the frame's end); fragments with a
     non-zero offset are not decoded; the UDP length field is ignored.
     """
@@ -102,7 +111,7 @@ def frame_key(buf, off, caplen, link=ETHERNET):
         return _slow_key(buf, off, caplen, link)
     etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
     if etype != probe.ETH_P_IP:
-        if etype in _NOT_IP_ETHERTYPES:
+        if etype == _ETH_P_ARP:
             return None
         return _slow_key(buf, off, caplen, link)
     vhl, length, frag, proto = _IPV4.unpack_from(buf, ip)
@@ -132,6 +141,8 @@ def frame_key(buf, off, caplen, link=ETHERNET):
         magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
         if (magic != _MAGIC or _U16.unpack_from(buf, l4)[0] !=
                 probe.udp_source_port(session)):
+            if _U16.unpack_from(buf, l4 + 2)[0] in _VXLAN_PORTS:
+                return _slow_key(buf, off, caplen, link)
             return None
         return session, seq << 1
     if proto == 6:

@@ -36,6 +36,17 @@ ETH_P_IP = 0x0800
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88a8
 TCP_SEQ_MASK = 0xffff
+ETH_P_IPV6 = 0x86dd
+IP6_HDR_LEN = 40
+IPPROTO_ICMPV6 = 58
+ICMP6_DST_UNREACH = 1
+ICMP6_ECHO_REQUEST = 128
+ICMP6_ECHO_REPLY = 129
+# UDP destination ports read as VXLAN (IANA's, and Linux's old default).
+VXLAN_PORTS = (4789, 8472)
+VXLAN_HDR_LEN = 8
+MAX_VLAN_TAGS = 2
+_VLAN_TAG = struct.Struct('!HH')            # TCI, next ethertype
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,11 +81,14 @@ def udp_source_port(session):
 
 def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
              port=None):
-    """Build one IPv4 probe packet (no Ethernet header) as bytes.
+    """Build one probe packet (no Ethernet header) as bytes.
+
+    IPv4, or IPv6 when the addresses are 16 bytes long (ICMPv6 echo for
+    ``icmp``; the hop limit is ``ttl``).
 
     :param proto: one of :data:`PROTOCOLS`
-    :param src_ip: source address, 4 bytes (``socket.inet_aton``)
-    :param dst_ip: destination address, 4 bytes
+    :param src_ip: source address, 4 or 16 bytes (``socket.inet_pton``)
+    :param dst_ip: destination address, as long as ``src_ip``
     :param size: total IP length wanted; the payload is padded to reach it
     :param port: destination port for ``udp``/``tcp``
     """
@@ -83,6 +97,9 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
     if not 0 <= seq <= 0xffffffff:
         raise ValueError(f"probe sequence {seq!r} is not a 32-bit value")
     tag = _TAG.pack(MAGIC, session, seq)
+    if len(dst_ip) == 16 or len(src_ip) == 16:
+        return _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size,
+                          ttl, port)
     if proto == 'icmp':
         pad = max(0, size - 20 - 8 - TAG_LEN)
         l4 = dpkt.icmp.ICMP(
@@ -114,6 +131,47 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
                     data=l4)
     ip.len = len(ip)
     return bytes(ip)
+
+
+def _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size, ttl, port):
+    if len(src_ip) != 16 or len(dst_ip) != 16:
+        raise ValueError(f"probe addresses {bytes(src_ip).hex()} and "
+                         f"{bytes(dst_ip).hex()} are not both IPv6")
+    pad = max(0, size - IP6_HDR_LEN - 8 - TAG_LEN)
+    if proto == 'icmp':
+        l4 = dpkt.icmp6.ICMP6(
+            type=ICMP6_ECHO_REQUEST,
+            data=dpkt.icmp6.ICMP6.Echo(id=session, seq=seq & 0xffff,
+                                       data=tag + bytes(pad)))
+        nxt = IPPROTO_ICMPV6
+    elif proto == 'udp':
+        l4 = dpkt.udp.UDP(sport=udp_source_port(session),
+                          dport=port or DEFAULT_UDP_PORT,
+                          data=tag + bytes(pad))
+        l4.ulen = len(l4)
+        nxt = dpkt.ip.IP_PROTO_UDP
+    elif proto == 'tcp':
+        if seq > TCP_SEQ_MASK:
+            raise ValueError(
+                f"TCP probe sequence {seq} exceeds {TCP_SEQ_MASK}: "
+                "a window carries at most 65536 TCP probes")
+        l4 = dpkt.tcp.TCP(sport=tcp_source_port(session),
+                          dport=port or DEFAULT_TCP_PORT,
+                          seq=(session << 16) | seq,
+                          flags=dpkt.tcp.TH_SYN, win=512)
+        nxt = dpkt.ip.IP_PROTO_TCP
+    else:
+        raise ValueError(f"unknown probe protocol {proto!r}; "
+                         f"expected one of {', '.join(PROTOCOLS)}")
+    # dpkt fills in the transport checksum over the IPv6 pseudo-header
+    # (RFC 8200 §8.1), so the raw socket sends the packet as built.
+    ip6 = dpkt.ip6.IP6(src=bytes(src_ip), dst=bytes(dst_ip), nxt=nxt,
+                       hlim=ttl, plen=len(l4), data=l4)
+    out = bytes(ip6)
+    if nxt == dpkt.ip.IP_PROTO_UDP and out[46:48] == b'\0\0':
+        # A computed UDP checksum of 0 is sent as 0xffff (RFC 768).
+        out = out[:46] + b'\xff\xff' + out[48:]
+    return out
 
 
 # Offsets (in an IPv4 packet without options) that change with ``seq``.
@@ -149,6 +207,9 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
     seqs = list(seqs)
     if not seqs:
         return []
+    if len(dst_ip) == 16:
+        return [build_ip(proto, session, seq, src_ip, dst_ip, size=size,
+                         ttl=ttl, port=port) for seq in seqs]
     first = build_ip(proto, session, seqs[0], src_ip, dst_ip, size=size,
                      ttl=ttl, port=port)
     out = [first]
@@ -185,10 +246,30 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
 
 def build_frame(proto, session, seq, src_ip, dst_ip, src_mac, dst_mac,
                 **kwargs):
-    """Build a probe as a whole Ethernet frame (for pcaps and tests)."""
+    """Build a probe as a whole Ethernet frame (for pcaps and tests).
+
+    ``vlan``: VLAN ids to tag it with, outermost first (the outer one with
+    an 802.1ad TPID when there are two); ``priority``: the tags' PCP.
+    """
+    vlan = kwargs.pop('vlan', ())
+    priority = kwargs.pop('priority', 0)
     ip = build_ip(proto, session, seq, src_ip, dst_ip, **kwargs)
-    return bytes(dpkt.ethernet.Ethernet(src=src_mac, dst=dst_mac,
-                                        type=ETH_P_IP, data=ip))
+    etype = ETH_P_IPV6 if len(dst_ip) == 16 else ETH_P_IP
+    return ethernet_frame(ip, etype, src_mac, dst_mac, vlan, priority)
+
+
+def ethernet_frame(payload, etype, src_mac, dst_mac, vlan=(), priority=0):
+    """``payload`` behind an Ethernet header with VLAN tags ``vlan``."""
+    if len(vlan) > MAX_VLAN_TAGS:
+        raise ValueError(f"{len(vlan)} VLAN tags: at most {MAX_VLAN_TAGS}")
+    tags = b''
+    for i, vid in enumerate(vlan):
+        if not 0 <= vid <= 0xfff:
+            raise ValueError(f"VLAN id {vid!r} is not within 0..4095")
+        tpid = ETH_P_8021AD if i == 0 and len(vlan) > 1 else ETH_P_8021Q
+        tags += _VLAN_TAG.pack(tpid, ((priority & 7) << 13) | vid)
+    return (bytes(dst_mac) + bytes(src_mac) + tags +
+            etype.to_bytes(2, 'big') + bytes(payload))
 
 
 def _key_from_tag(buf, session):
@@ -198,6 +279,27 @@ def _key_from_tag(buf, session):
     if magic != MAGIC or (session is not None and sess != session):
         return None
     return sess, seq
+
+
+def _tcp_key(sport, dport, tcp_seq, ack, flags, session):
+    """The key of a TCP probe (SYN) or of its answer (ACK + RST or SYN)."""
+    if flags & dpkt.tcp.TH_SYN and not flags & dpkt.tcp.TH_ACK:
+        sess, seq = tcp_seq >> 16, tcp_seq & TCP_SEQ_MASK
+        if sport != tcp_source_port(sess):
+            return None
+        reply = False
+    elif flags & dpkt.tcp.TH_ACK and flags & (dpkt.tcp.TH_RST |
+                                              dpkt.tcp.TH_SYN):
+        acked = (ack - 1) & 0xffffffff
+        sess, seq = acked >> 16, acked & TCP_SEQ_MASK
+        if dport != tcp_source_port(sess):
+            return None
+        reply = True
+    else:
+        return None
+    if session is not None and sess != session:
+        return None
+    return ProbeKey(sess, seq, reply=reply)
 
 
 def parse_ip_key(ip, session=None):
@@ -239,39 +341,189 @@ def parse_ip_key(ip, session=None):
             return None
         return ProbeKey(found[0], found[1], reply=False)
     if ip.p == dpkt.ip.IP_PROTO_TCP:
-        flags = l4.flags
-        if flags & dpkt.tcp.TH_SYN and not flags & dpkt.tcp.TH_ACK:
-            sess, seq = l4.seq >> 16, l4.seq & TCP_SEQ_MASK
-            if l4.sport != tcp_source_port(sess):
-                return None
-            reply = False
-        elif flags & dpkt.tcp.TH_ACK and flags & (dpkt.tcp.TH_RST |
-                                                  dpkt.tcp.TH_SYN):
-            acked = (l4.ack - 1) & 0xffffffff
-            sess, seq = acked >> 16, acked & TCP_SEQ_MASK
-            if l4.dport != tcp_source_port(sess):
-                return None
-            reply = True
-        else:
-            return None
-        if session is not None and sess != session:
-            return None
-        return ProbeKey(sess, seq, reply=reply)
+        return _tcp_key(l4.sport, l4.dport, l4.seq, l4.ack, l4.flags,
+                        session)
     return None
+
+
+# --------------------------------------------------------------------------
+# IPv6, read at fixed offsets (no extension headers: probes carry none).
+
+_IP6_HDR = struct.Struct('!BxxxHB')         # version..., payload length, nxt
+_TCP_HDR = struct.Struct('!HHIIBB')         # sport dport seq ack off flags
+
+
+def _ip6_payload(buf, off, end):
+    """``(next header, payload start, payload end)`` of the IPv6 header at
+    ``off``, or None.  The payload is cut to the payload length (0: to
+    ``end``, as for jumbograms)."""
+    if end - off < IP6_HDR_LEN:
+        return None
+    vtc, plen, nxt = _IP6_HDR.unpack_from(buf, off)
+    if vtc >> 4 != 6:
+        return None
+    start = off + IP6_HDR_LEN
+    return nxt, start, min(end, start + plen) if plen else end
+
+
+def ip6_key(buf, off=0, end=None, session=None):
+    """The :class:`ProbeKey` of the IPv6 packet at ``buf[off:end]``, or None.
+
+    ICMPv6 echo request/reply, UDP probes and the ICMPv6 port unreachable
+    quoting them, TCP SYN probes and their answers.  Packets with
+    extension headers are never probes.
+    """
+    end = len(buf) if end is None else min(end, len(buf))
+    found = _ip6_payload(buf, off, end)
+    if found is None:
+        return None
+    nxt, l4, stop = found
+    size = stop - l4
+    key = None
+    if nxt == IPPROTO_ICMPV6:
+        if size < 8 + TAG_LEN:
+            return None
+        kind = buf[l4]
+        if kind in (ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY):
+            magic, sess, seq = _TAG.unpack_from(buf, l4 + 8)
+            if magic == MAGIC and _U16.unpack_from(buf, l4 + 4)[0] == sess:
+                key = ProbeKey(sess, seq, reply=kind == ICMP6_ECHO_REPLY)
+        elif kind == ICMP6_DST_UNREACH:
+            inner = _ip6_payload(buf, l4 + 8, stop)
+            if (inner is not None and inner[0] == dpkt.ip.IP_PROTO_UDP and
+                    inner[2] - inner[1] >= 8 + TAG_LEN):
+                magic, sess, seq = _TAG.unpack_from(buf, inner[1] + 8)
+                if magic == MAGIC:
+                    key = ProbeKey(sess, seq, reply=True)
+    elif nxt == dpkt.ip.IP_PROTO_UDP:
+        if size < 8 + TAG_LEN:
+            return None
+        magic, sess, seq = _TAG.unpack_from(buf, l4 + 8)
+        if (magic == MAGIC and
+                _U16.unpack_from(buf, l4)[0] == udp_source_port(sess)):
+            key = ProbeKey(sess, seq, reply=False)
+    elif nxt == dpkt.ip.IP_PROTO_TCP:
+        if size < 20:
+            return None
+        sport, dport, seq, ack, doff, flags = _TCP_HDR.unpack_from(buf, l4)
+        if doff < 0x50:
+            return None
+        return _tcp_key(sport, dport, seq, ack, flags, session)
+    if key is None or (session is not None and key.session != session):
+        return None
+    return key
+
+
+def parse_packet_key(packet, session=None):
+    """The :class:`ProbeKey` of an IP packet (IPv4 or IPv6, no link
+    header), or None; never an exception."""
+    try:
+        if packet and packet[0] >> 4 == 6:
+            return ip6_key(packet, 0, len(packet), session)
+        return parse_ip_key(dpkt.ip.IP(bytes(packet)), session)
+    except _PARSE_ERRORS:
+        return None
+
+
+# --------------------------------------------------------------------------
+# Frames: VLAN tags and VXLAN around the probe.
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encap:
+    """How a frame carried a probe where it was seen.
+
+    ``vlan``: the VLAN ids of the frame's tags, outermost first (an
+    802.1ad S-tag, then the 802.1Q C-tag); ``()`` untagged.  ``vni``: the
+    VXLAN network identifier when the probe travelled inside a VXLAN
+    packet (its key is the inner frame's), else None.
+    """
+
+    vlan: tuple = ()
+    vni: int | None = None
+
+    def describe(self):
+        """``'vlan 100'``, ``'vlan 200.100 vni 4242'``, ``''``."""
+        parts = []
+        if self.vlan:
+            parts.append('vlan ' + '.'.join(str(v) for v in self.vlan))
+        if self.vni is not None:
+            parts.append(f'vni {self.vni}')
+        return ' '.join(parts)
+
+
+NO_ENCAP = Encap()
+_PARSE_ERRORS = (dpkt.Error, ValueError, struct.error, AttributeError,
+                 IndexError, TypeError, KeyError)
+
+
+def _vxlan_inner(data):
+    """``(vni, inner frame)`` of a VXLAN payload (after UDP), or None."""
+    if len(data) < VXLAN_HDR_LEN + ETH_HDR_LEN or not data[0] & 0x08:
+        return None
+    return int.from_bytes(data[4:7], 'big'), data[VXLAN_HDR_LEN:]
+
+
+def _frame_key(buf, session, decap):
+    """``(ProbeKey, Encap)`` of an Ethernet frame, or None (may raise)."""
+    if len(buf) < ETH_HDR_LEN:
+        return None
+    off = ETH_HDR_LEN
+    etype, = _U16.unpack_from(buf, 12)
+    vlan = ()
+    while etype in (ETH_P_8021Q, ETH_P_8021AD):
+        if len(vlan) == MAX_VLAN_TAGS or off + 4 > len(buf):
+            return None
+        tci, etype = _VLAN_TAG.unpack_from(buf, off)
+        vlan += (tci & 0x0fff,)
+        off += 4
+    vxlan = None
+    if etype == ETH_P_IP:
+        ip = dpkt.ip.IP(bytes(buf[off:]))
+        key = parse_ip_key(ip, session)
+        if (key is None and decap and ip.p == dpkt.ip.IP_PROTO_UDP and
+                isinstance(ip.data, dpkt.udp.UDP) and
+                ip.data.dport in VXLAN_PORTS):
+            vxlan = _vxlan_inner(bytes(ip.data.data))
+    elif etype == ETH_P_IPV6:
+        key = ip6_key(buf, off, len(buf), session)
+        if key is None and decap:
+            found = _ip6_payload(buf, off, len(buf))
+            if (found is not None and found[0] == dpkt.ip.IP_PROTO_UDP and
+                    found[2] - found[1] >= 8 and
+                    _U16.unpack_from(buf, found[1] + 2)[0] in VXLAN_PORTS):
+                vxlan = _vxlan_inner(bytes(buf[found[1] + 8:found[2]]))
+    else:
+        return None
+    if vxlan is not None:
+        inner = _frame_key(vxlan[1], session, decap=False)
+        if inner is None:
+            return None
+        return inner[0], Encap(vlan=vlan, vni=vxlan[0])
+    if key is None:
+        return None
+    return key, (Encap(vlan=vlan) if vlan else NO_ENCAP)
+
+
+def parse_frame(frame, session=None):
+    """``(ProbeKey, Encap)`` of an Ethernet frame, or None.
+
+    Up to :data:`MAX_VLAN_TAGS` VLAN tags are read (their ids go into the
+    :class:`Encap`), then IPv4 or IPv6.  A UDP packet to a VXLAN port
+    (:data:`VXLAN_PORTS`) that is not itself a probe is opened: the key is
+    the inner frame's, and the :class:`Encap` holds the VNI.  Foreign,
+    truncated or malformed frames give None, never an exception.
+    """
+    try:
+        return _frame_key(frame, session, decap=True)
+    except _PARSE_ERRORS:
+        return None
 
 
 def parse_key(frame, session=None):
     """Recover the :class:`ProbeKey` of an Ethernet frame, or None.
 
     Foreign, truncated or malformed frames give None, never an exception.
-    802.1Q/802.1ad tags in the frame are skipped.
+    VLAN tags and VXLAN are read through (see :func:`parse_frame`).
     """
-    try:
-        eth = dpkt.ethernet.Ethernet(frame)
-        ip = eth.data
-        if not isinstance(ip, dpkt.ip.IP):
-            return None
-        return parse_ip_key(ip, session)
-    except (dpkt.UnpackError, ValueError, struct.error, AttributeError,
-            IndexError):
-        return None
+    found = parse_frame(frame, session)
+    return None if found is None else found[0]

@@ -26,7 +26,8 @@ def report_to_dict(report):
            'protocol': report.protocol, 'sent': report.sent,
            'unseen_at_pif': report.unseen_at_pif, 'late': report.late,
            'unknown': report.unknown,
-           'filtered': report.filtered}
+           'filtered': report.filtered,
+           'vlan': list(report.vlan), 'vni': report.vni}
     for direction in DIRECTIONS:
         out[direction] = stats_to_dict(getattr(report, direction))
     out['hops'] = [{'src': h.src, 'dst': h.dst,
@@ -63,7 +64,10 @@ def format_table(reports, capture=None, title=None):
     lines.append(head + '   (µs)')
     lines.append('-' * len(head))
     for name, rep in reports.items():
-        lines.append(f'{name}  (pif {rep.pif}, {rep.protocol}, '
+        carried = ''.join(
+            [f', vlan {".".join(str(v) for v in rep.vlan)}' if rep.vlan
+             else '', f', vni {rep.vni}' if rep.vni is not None else ''])
+        lines.append(f'{name}  (pif {rep.pif}{carried}, {rep.protocol}, '
                      f'{rep.sent} sent, {rep.unseen_at_pif} not received '
                      'on the pif)')
         rows = [(d, getattr(rep, d)) for d in DIRECTIONS]

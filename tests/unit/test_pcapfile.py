@@ -27,8 +27,15 @@ SESSION = 4242
 
 
 def key_of(frame):
-    key = probe.parse_key(frame)
-    return None if key is None else (key.session, key.as_int())
+    """What pcapkeys.frame_key must give: parse_frame's answer, with the
+    Encap third when the frame was tagged or VXLAN."""
+    found = probe.parse_frame(frame)
+    if found is None:
+        return None
+    key, encap = found
+    if encap == probe.NO_ENCAP:
+        return key.session, key.as_int()
+    return key.session, key.as_int(), encap
 
 
 def probes(proto, n, session=SESSION, replies=False, first=0):
