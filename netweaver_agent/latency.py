@@ -208,6 +208,10 @@ class Matcher:
             # Probes must be received on the pif, replies sent out of it.
             if direction == (DIR_OUT if not reply else DIR_IN):
                 return
+        elif reply and direction == DIR_OUT and ifname == path.interfaces[-1]:
+            # A "reply" the host sends towards the guest is a look-alike
+            # (e.g. an echo reply nobody asked for), not the guest's.
+            return
         seen = self._seen.setdefault((seq, reply), {})
         old = seen.get(ifname)
         if old is None or t_ns < old:
