@@ -339,8 +339,10 @@ def _ensure_helper(ctx):
         return
     cfg.CONF.set_default(
         'helper_command',
-        shlex.join([sys.executable, '-W', 'ignore::DeprecationWarning',
-                    '-m', 'oslo_privsep.daemon']),
+        # -W ignore: the import-time deprecation notices of oslo.privsep's
+        # dependencies would land in the agent's log as warnings.
+        shlex.join([sys.executable, '-W', 'ignore', '-m',
+                    'oslo_privsep.daemon']),
         group=ctx.cfg_section)
 
 
