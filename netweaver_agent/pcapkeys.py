@@ -42,7 +42,8 @@ _TCP_NEED = 20 + 20
 _UNREACH_NEED = 20 + 8 + _TAG_NEED       # ICMP error quoting a UDP probe
 
 for _code, _size in (('H', 2), ('I', 4), ('Q', 8), ('q', 8), ('i', 4)):
-    assert array.array(_code).itemsize == _size, _code
+    if array.array(_code).itemsize != _size:
+        raise ImportError(f"array type {_code!r} is not {_size} bytes here")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
