@@ -5,7 +5,9 @@ a management network (``<p>mgmt``, from which the client connects) and a
 2 ms delay on the probes to guest 0.  Real ``/usr/sbin/sshd`` processes
 run in the source and hypervisor namespaces with host keys, a client key
 and a known_hosts file generated here; they are killed and the lab is
-removed on teardown, also on failure.
+removed on teardown, also on failure.  The hypervisor's instances are a
+libvirt ``test:///`` node (:mod:`labvirt`) written next to the keys: the
+real ``virsh`` (libvirt-clients) resolves ``--instance`` names there.
 """
 
 import argparse
@@ -18,25 +20,37 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
+from xml.etree import ElementTree
 
 import pytest
 
 from netweaver_agent import lab as lab_mod
+from netweaver_agent import labagent
+from netweaver_agent import labvirt
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import remote
+from netweaver_agent import seedjob
 from netweaver_agent import sources
 from netweaver_agent import topology
 from netweaver_agent.cmd import measure as cmd_measure
 
 SSHD = '/usr/sbin/sshd'
 PORT = 2222
-FAKE_PORT = 2223        # second sshd on the hypervisor with a fake virsh
 DELAY_MS = 2.0
 
 
 def _run(argv, **kw):
     return netns.run(argv, **kw)
+
+
+def _virsh():
+    virsh = shutil.which('virsh')
+    if not virsh:
+        pytest.fail('test_ssh needs the real virsh (libvirt-clients): '
+                    'run tools/bootstrap.sh')
+    return virsh
 
 
 def _fail_unless_possible():
@@ -47,6 +61,7 @@ def _fail_unless_possible():
         if not tool or not os.path.exists(tool):
             pytest.fail(f'test_ssh needs {tool or "tcpdump/iptables"}: '
                         'run tools/bootstrap.sh')
+    _virsh()
 
 
 class SSHLab:
@@ -63,8 +78,13 @@ class SSHLab:
         self.key = os.path.join(workdir, 'client_key')
         self.known_hosts = os.path.join(workdir, 'known_hosts')
         self.host_key = os.path.join(workdir, 'host_key')
-        self.fakebin = os.path.join(workdir, 'fakebin')
-        self.virsh_log = os.path.join(workdir, 'virsh-args')
+        # A file an injected shell command would create in the remote
+        # user's working directory (libvirt names cannot hold a '/').
+        self.marker = f'nwpwned{os.getpid()}{secrets.token_hex(3)}'
+        # A libvirt domain of that name is on the node: resolving it
+        # proves the name reached virsh as one intact argument.
+        self.hostile = (f'x;  touch {self.marker}; '
+                        f'echo $(touch {self.marker}) `touch {self.marker}` ')
 
     # -- building ---------------------------------------------------------
     def build(self):
@@ -77,14 +97,17 @@ class SSHLab:
         self.guests = self.lab.guests
         addrs = self.lab.mgmt_addresses
         self.src_mgmt, self.hv_mgmt = addrs.src, addrs.hv
+        # Unused addresses on the management network.  Each test that
+        # connects to one has its own: a neighbour entry still resolving
+        # for an earlier test fails later connects with "No route to host"
+        # (EHOSTUNREACH) instead of their own timeout.
         self.nobody = str(ipaddress.ip_address(addrs.mgmt) + 98)
+        self.nobody_too = str(ipaddress.ip_address(addrs.mgmt) + 97)
         self._keys()
-        self._fake_virsh()
+        self._libvirt_node()
         os.makedirs('/run/sshd', mode=0o755, exist_ok=True)  # privsep dir
         self.start_sshd(self.src, self.src_mgmt, PORT)
         self.start_sshd(self.hv, self.hv_mgmt, PORT)
-        self.start_sshd(self.hv, self.hv_mgmt, FAKE_PORT,
-                        path=f'{self.fakebin}:/usr/sbin:/usr/bin:/sbin:/bin')
 
     def _keys(self):
         for path in (self.key, self.host_key):
@@ -96,29 +119,21 @@ class SSHLab:
             kind, blob = f.read().split()[:2]
         with open(self.known_hosts, 'w') as f:
             for addr in (self.src_mgmt, self.hv_mgmt):
-                for port in (PORT, FAKE_PORT):
-                    f.write(f'[{addr}]:{port} {kind} {blob}\n')
+                f.write(f'[{addr}]:{PORT} {kind} {blob}\n')
 
-    def _fake_virsh(self):
-        # A faked boundary: libvirt-clients (virsh) is not installed here.
-        # It records its arguments (NUL-separated) and answers domiflist
-        # from a fixture naming the lab's real tap.
-        os.makedirs(self.fakebin)
-        fixture = os.path.join(self.workdir, 'domiflist.txt')
-        with open(fixture, 'w') as f:
-            f.write(' Interface   Type     Source   Model    MAC\n'
-                    + '-' * 60 + '\n'
-                    f' {self.guests[0].tap}        bridge   br0      virtio   '
-                    'fa:16:3e:00:00:10\n\n')
-        script = os.path.join(self.fakebin, 'virsh')
-        with open(script, 'w') as f:
-            f.write('#!/bin/sh\n'
-                    f'printf "%s\\0" "$@" > {self.virsh_log}\n'
-                    f'[ "$1" = domiflist ] && exec cat {fixture}\n'
-                    'echo "fake virsh: unsupported" >&2; exit 1\n')
-        os.chmod(script, 0o755)
+    def _libvirt_node(self):
+        # The lab's guests as the agent tests describe them (nova domain
+        # names instance-0000000N, the lab's taps on its bridge), and
+        # guest 1's tap once more under the hostile name.  No filterref
+        # there: libvirt formats the filter name unquoted.
+        hostile = labvirt.GuestDomain.from_guest(
+            self.guests[1], domain=self.hostile, uuid=str(uuid.uuid4()),
+            bridge=self.lab.bridge, filterref=False)
+        self.libvirt_uri = labvirt.write_node(
+            os.path.join(self.workdir, 'node.xml'),
+            [*labagent.guest_domains(self.lab), hostile])
 
-    def start_sshd(self, ns, addr, port, path=None):
+    def start_sshd(self, ns, addr, port):
         conf = os.path.join(self.workdir, f'sshd_{ns}_{port}.conf')
         lines = [f'Port {port}', f'ListenAddress {addr}',
                  f'HostKey {self.host_key}',
@@ -129,8 +144,6 @@ class SSHLab:
                  'PasswordAuthentication no',
                  'KbdInteractiveAuthentication no',
                  'Subsystem sftp internal-sftp', 'MaxSessions 32']
-        if path:
-            lines.append(f'SetEnv PATH={path}')
         with open(conf, 'w') as f:
             f.write('\n'.join(lines) + '\n')
         log_path = os.path.join(self.workdir, f'sshd_{ns}_{port}.log')
@@ -175,9 +188,9 @@ class SSHLab:
                                  self.options(**kw),
                                  netns_name=self.mgmt)
 
-    def measure_argv(self, *extra, hv_port=PORT):
+    def measure_argv(self, *extra):
         return ['measure', '--hv', self.hv_mgmt, '-s', self.src_mgmt,
-                '--hypervisor-port', str(hv_port),
+                '--hypervisor-port', str(PORT),
                 '--source-port', str(PORT), '-i', self.pif, '-k', self.key,
                 '--known-hosts', self.known_hosts, '--ssh-netns', self.mgmt,
                 '--connect-timeout', '5', *extra]
@@ -287,11 +300,11 @@ def test_unreachable_host_fails_within_timeout(lab):
 def test_unreachable_host_in_measure_names_it(lab, capsys):
     g = lab.guests[1]
     argv = lab.measure_argv('-d', g.address, '--vif', g.tap)
-    argv[argv.index(lab.hv_mgmt)] = lab.nobody
+    argv[argv.index(lab.hv_mgmt)] = lab.nobody_too
     argv[argv.index('--connect-timeout') + 1] = '1'
     status, out, err = _cli(argv, capsys)
     assert status == 1
-    assert lab.nobody in err and 'timed out' in err
+    assert lab.nobody_too in err and 'timed out' in err
 
 
 @contextlib.contextmanager
@@ -352,32 +365,124 @@ def test_measure_with_the_seeds_hping3(lab, capsys):
     assert summary.startswith("{'average': ") and "'stdev': " in summary
 
 
-def test_instance_name_runs_nothing(lab, tmp_path, capsys):
-    marker = tmp_path / 'pwned-marker'
-    name = f'x; touch {marker}'
-    with lab.host() as hv:
-        # Control: the same text given to a shell does create the marker,
-        # so its absence below means something.
-        hv.run(['sh', '-c', f'echo name-label={name}'])
-        assert marker.exists()
-        marker.unlink()
-    # No xe, no virsh on this hypervisor: a clear error, nothing run.
-    status, out, err = _cli(lab.measure_argv(
-        '-n', name, '-d', lab.guests[1].address, '--count', '5'), capsys)
+# -- resolving --instance with the real virsh -------------------------------
+
+def _domiflist(uri, domain):
+    """What the real ``virsh domiflist`` prints (local, no SSH)."""
+    return netns.run([_virsh(), '-c', uri, 'domiflist', '--domain',
+                      domain]).stdout
+
+
+def test_parse_domiflist_reads_the_real_virsh_output(tmp_path):
+    def guest(index, **kw):
+        return labvirt.GuestDomain(
+            index=index, name=f'g{index}', uuid=str(uuid.uuid4()),
+            tap=f'nwh8tap{index}', mac=f'fa:16:3e:00:00:{index + 16:02x}',
+            address=f'198.18.0.{index + 10}', **kw)
+
+    bridged = guest(0, bridge='nwh8br0')
+    plain = guest(1)                    # type='ethernet', Source '-'
+    two, second = guest(2, bridge='nwh8br0'), guest(3)
+    empty = guest(4)
+    node = ElementTree.Element('node')
+    for g in (bridged, plain, two, empty):
+        node.append(labvirt.domain_element(g))
+    devices = node[2].find('devices')     # two vNICs: nwh8tap2, nwh8tap3
+    devices.append(labvirt.domain_element(second).find('devices/interface'))
+    devices = node[3].find('devices')     # no vNIC at all
+    devices.remove(devices.find('interface'))
+    path = tmp_path / 'node.xml'
+    path.write_text(ElementTree.tostring(node, encoding='unicode'))
+    uri = labvirt.uri(str(path))
+
+    text = _domiflist(uri, bridged.domain_name)
+    # The real format: a header, a rule of dashes, one row per vNIC.
+    lines = text.splitlines()
+    assert lines[0].split() == ['Interface', 'Type', 'Source', 'Model',
+                                'MAC']
+    assert set(lines[1]) == {'-'}
+    assert seedjob.parse_domiflist(text, 0, bridged.domain_name) == \
+        'nwh8tap0'
+    with pytest.raises(seedjob.SeedJobError, match=r'has 1 interfaces .* '
+                       r'vif number 1 is not one of them'):
+        seedjob.parse_domiflist(text, 1, bridged.domain_name)
+    assert seedjob.parse_domiflist(_domiflist(uri, plain.domain_name), 0,
+                                   plain.domain_name) == 'nwh8tap1'
+    text = _domiflist(uri, two.domain_name)
+    assert [seedjob.parse_domiflist(text, n, two.domain_name)
+            for n in (0, 1)] == ['nwh8tap2', 'nwh8tap3']
+    with pytest.raises(seedjob.SeedJobError, match='has 2 interfaces'):
+        seedjob.parse_domiflist(text, 2, two.domain_name)
+    with pytest.raises(seedjob.SeedJobError) as err:
+        seedjob.parse_domiflist(_domiflist(uri, empty.domain_name), 0,
+                                empty.domain_name)
+    assert f"instance {empty.domain_name!r} has 0 interfaces" in \
+        str(err.value)
+
+
+def test_measure_resolves_the_instance_with_the_real_virsh(lab):
+    g = lab.guests[0]     # its probes are held DELAY_MS on the bridge
+    with _no_leftovers():
+        proc = _netweaver(lab.measure_argv(
+            '--instance', g.name, '--libvirt-uri', lab.libvirt_uri,
+            '-d', g.address, '--count', '20', '--interval-ms', '5',
+            '--json'))
+    got = json.loads(proc.stdout)
+    assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
+    assert got['sent'] == 20
+    rep = got['reports'][g.tap]
+    assert rep['ingress']['count'] == 20 and rep['ingress']['lost'] == 0
+    assert rep['egress']['count'] == 20
+    # The lab's truth: the delayer held each of these probes once.
+    held = [r for r in lab.lab.delay_records(0)
+            if r.session == got['session'] and not r.reply]
+    assert sorted(r.seq for r in held) == list(range(20))
+    assert rep['ingress']['mean_us'] >= DELAY_MS * 1000
+    assert rep['ingress']['min_us'] * 1000 >= min(r.hold_ns for r in held)
+
+
+def test_instance_vif_number_beyond_its_vnics_is_clear(lab, capsys):
+    g = lab.guests[1]
+    with _no_leftovers():
+        status, out, err = _cli(lab.measure_argv(
+            '-n', g.name, '--libvirt-uri', lab.libvirt_uri,
+            '--vif-number', '1', '-d', g.address, '--count', '5'), capsys)
     assert status == 1
-    assert f"cannot find the vif of instance {name!r}" in err
-    assert 'xe: not installed' in err and 'virsh: not installed' in err
-    assert not marker.exists()
-    # With a (fake) virsh: it gets the name as one argument.
-    status, out, err = _cli(lab.measure_argv(
-        '-n', name, '-d', lab.guests[0].address, '--count', '5', '--json',
-        '--interval-ms', '5', hv_port=FAKE_PORT), capsys)
-    with open(lab.virsh_log, 'rb') as f:
-        args = f.read().split(b'\0')[:-1]
-    assert args == [b'domiflist', b'--domain', name.encode()]
-    assert not marker.exists()
-    assert status == 0, err
-    assert json.loads(out)['vif'] == lab.guests[0].tap
+    assert (f"instance {g.name!r} has 1 interfaces in virsh domiflist; "
+            "vif number 1 is not one of them") in err
+
+
+def test_instance_name_runs_nothing(lab, capsys):
+    absent = lab.hostile.replace('x;', 'y;', 1)   # no such domain
+    with lab.host() as hv:
+        marker = os.path.join(hv.run(['pwd']).text.strip(), lab.marker)
+        try:
+            # Control: the same text given to a shell does create the
+            # marker, so its absence below means something.
+            hv.run(['sh', '-c', f'echo name-label={lab.hostile}'])
+            assert os.path.exists(marker)
+            os.unlink(marker)
+            # No xe, no such libvirt domain: a clear error, nothing run.
+            status, out, err = _cli(lab.measure_argv(
+                '-n', absent, '--libvirt-uri', lab.libvirt_uri,
+                '-d', lab.guests[1].address, '--count', '5'), capsys)
+            assert status == 1
+            assert f"cannot find the vif of instance {absent!r}" in err
+            assert 'xe: not installed' in err
+            assert 'virsh: exit status 1: error: failed to get domain' in err
+            assert not os.path.exists(marker)
+            # The real virsh finds the domain of exactly that name
+            # (spaces, ';', $(), backquotes and all): one argument.
+            status, out, err = _cli(lab.measure_argv(
+                '-n', lab.hostile, '--libvirt-uri', lab.libvirt_uri,
+                '-d', lab.guests[1].address, '--count', '5', '--json',
+                '--interval-ms', '5'), capsys)
+            assert not os.path.exists(marker)
+            assert status == 0, err
+            assert json.loads(out)['vif'] == lab.guests[1].tap
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
 
 
 def test_ssh_source_in_run_window_like_netns_source(lab):
