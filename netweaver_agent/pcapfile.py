@@ -569,9 +569,11 @@ class _Pcapng:
                 value, = struct.unpack(order + 'I', flags)
                 if value & 3:
                     direction = _EPB_DIR[value & 3]
-        self.rows.one(buf, data, caplen, link,
-                      _to_ns((hi << 32) | lo, iface.to_ns), iface.index,
-                      direction)
+        t_ns = _to_ns((hi << 32) | lo, iface.to_ns)
+        if not -(1 << 63) <= t_ns < 1 << 63:
+            raise PcapError(f"{self.path}: the timestamp of the packet "
+                            f"block at byte {o} is beyond the year 2262")
+        self.rows.one(buf, data, caplen, link, t_ns, iface.index, direction)
 
     def _epb_run(self, o, blen, end):
         """Read a run of like enhanced packet blocks from ``o``; its size.
@@ -641,7 +643,12 @@ class _Pcapng:
         mul, div, shift, add = conv = iface.to_ns
         if shift or div != 1 or add < 0:
             ts = pcapkeys.ints(both, 'Q', big)
-            t_ns = array.array('q', (_to_ns(t, conv) for t in ts))
+            try:
+                t_ns = array.array('q', (_to_ns(t, conv) for t in ts))
+            except OverflowError:
+                raise PcapError(f"{self.path}: timestamps in the packet "
+                                f"blocks from byte {o} are beyond the year "
+                                "2262") from None
         elif max(pcapkeys.ints(both, 'Q', big)) * mul + add >= 1 << 63:
             raise PcapError(f"{self.path}: timestamps in the packet blocks "
                             f"from byte {o} are beyond the year 2262")
