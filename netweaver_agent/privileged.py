@@ -361,7 +361,11 @@ def bounding_set(status_path='/proc/self/status'):
 
 
 def _start(ctx):
-    missing = set(ctx.conf.capabilities) - bounding_set()
+    # The default helpers (sudo, or this root process) start the daemon as
+    # our descendant: it can never hold what our bounding set lacks.
+    missing = set()
+    if not ctx.conf.helper_command:
+        missing = set(ctx.conf.capabilities) - bounding_set()
     if missing:
         raise PrivilegeError(
             f"the privsep daemon {ctx.pypath} needs {_cap_names(missing)}, "
