@@ -191,6 +191,19 @@ def interleaved_plan(session, protocol, targets, count, interval_ns,
     return sched.plan, sched.owner
 
 
+def family_of(address):
+    """``AF_INET6`` for an IPv6 address string, else ``AF_INET``."""
+    return socket.AF_INET6 if ':' in address else socket.AF_INET
+
+
+def pack_address(address):
+    """An IPv4 or IPv6 address string as packed bytes (4 or 16)."""
+    try:
+        return socket.inet_pton(family_of(address), address)
+    except OSError as exc:
+        raise ValueError(f"invalid probe address {address!r}") from exc
+
+
 def build_packets(plan, source_address):
     """``[(dst_ip, packet bytes)]`` of ``plan``, in plan order.
 
@@ -203,7 +216,7 @@ def build_packets(plan, source_address):
     for dst, numbers in seqs.items():
         built = probe.build_ip_seqs(
             plan.protocol, plan.session, numbers,
-            socket.inet_aton(source_address(dst)), socket.inet_aton(dst),
+            pack_address(source_address(dst)), pack_address(dst),
             size=plan.size, port=plan.port)
         packets.update(zip(numbers, built))
     return [(p.dst_ip, packets[p.seq]) for p in plan.probes]
@@ -231,7 +244,7 @@ class ProbeSource:
 
 def _source_address(dst_ip):
     """The address routing would use to reach ``dst_ip`` from here."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(family_of(dst_ip), socket.SOCK_DGRAM) as s:
         s.connect((dst_ip, 9))
         return s.getsockname()[0]
 
@@ -239,28 +252,35 @@ def _source_address(dst_ip):
 class LocalSource(ProbeSource):
     """Sends from this host's stack, or from a network namespace's.
 
-    Probes are complete IPv4 packets written to an ``IPPROTO_RAW`` socket,
-    so the kernel routes them and resolves neighbours as for any packet.
+    Probes are complete IPv4 or IPv6 packets written to an
+    ``IPPROTO_RAW`` socket of their family (the header included, the
+    transport checksum computed when built), so the kernel routes them and
+    resolves neighbours as for any packet.
     """
 
     def __init__(self, netns_name=None):
         self.netns_name = netns_name
         self.name = f'netns:{netns_name}' if netns_name else 'local'
         self._sock = None
+        self._sock6 = None
         self._src = {}
         self._prepared = None
 
-    def _open(self):
-        if self._sock is None:
+    def _open(self, family=socket.AF_INET):
+        attr = '_sock6' if family == socket.AF_INET6 else '_sock'
+        if getattr(self, attr) is None:
             try:
-                self._sock = netns.socket_in_netns(
-                    self.netns_name, socket.AF_INET, socket.SOCK_RAW,
-                    socket.IPPROTO_RAW)
+                setattr(self, attr, netns.socket_in_netns(
+                    self.netns_name, family, socket.SOCK_RAW,
+                    socket.IPPROTO_RAW))
             except PermissionError as exc:
                 raise SourceError(
                     f"probe source {self.name}: a raw socket needs "
                     f"CAP_NET_RAW: {exc}") from exc
-        return self._sock
+        return getattr(self, attr)
+
+    def _socket_for(self, dst_ip):
+        return self._open(family_of(dst_ip))
 
     def source_address(self, dst_ip):
         if dst_ip not in self._src:
@@ -278,11 +298,16 @@ class LocalSource(ProbeSource):
         return build_packets(plan, self.source_address)
 
     def prepare(self, plan):
-        self._open()
+        for dst in plan.targets():
+            self._socket_for(dst)
         self._prepared = (plan, self.build(plan))
 
+    def _transmit(self, sock, dst, data):
+        sock.sendto(data, (dst, 0))
+
     def send(self, plan, deadline_s):
-        sock = self._open()
+        socks = {dst: self._socket_for(dst) for dst in plan.targets()}
+        transmit = self._transmit
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] is plan:
             packets = prepared[1]
@@ -303,7 +328,7 @@ class LocalSource(ProbeSource):
             if due > now:
                 time.sleep(due - now)
             try:
-                sock.sendto(data, (dst, 0))
+                transmit(socks[dst], dst, data)
                 sent += 1
             except OSError as exc:
                 failed += 1
@@ -312,9 +337,11 @@ class LocalSource(ProbeSource):
         return SendResult(sent=sent, failed=failed, errors=tuple(errors))
 
     def close(self):
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for attr in ('_sock', '_sock6'):
+            sock = getattr(self, attr)
+            if sock is not None:
+                sock.close()
+                setattr(self, attr, None)
 
 
 def parse_source(spec, **ssh_options):
