@@ -33,7 +33,6 @@ import signal
 import sys
 import time
 
-import dpkt
 from oslo_log import log
 
 from netweaver_agent import probe
@@ -114,11 +113,8 @@ def read_records(path):
 
 
 def packet_key(payload):
-    """The probe key of an IPv4 packet's bytes, or None."""
-    try:
-        return probe.parse_ip_key(dpkt.ip.IP(payload))
-    except (dpkt.UnpackError, ValueError, AttributeError, IndexError):
-        return None
+    """The probe key of an IPv4 or IPv6 packet's bytes, or None."""
+    return probe.parse_packet_key(payload)
 
 
 def _set_realtime(priority):

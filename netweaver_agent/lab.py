@@ -17,6 +17,27 @@ Namespaces (all named ``<prefix>...``):
   bridged to ``mgmt0`` in the source (.2) and the hypervisor (.3); the
   management namespace itself is .1.
 
+Options:
+
+* ``ipv6=True``: the source and the guests also get IPv6 addresses in
+  ``network6`` (inside the benchmarking range 2001:2::/48, RFC 5180:
+  never routed anywhere), source ``::1``, guest ``i`` ``::(10+i)`` (hex),
+  static neighbours, no DAD, router solicitations or autoconfiguration;
+  :meth:`Lab.paths` ``(ipv6=True)`` gives the guests' IPv6 addresses.
+  Injected delay and loss apply to both families.  Without it IPv6 is
+  off in every namespace.
+* ``vxlan_vni=N``: the guests' network is a VXLAN overlay over the pif,
+  as Neutron's linuxbridge agent builds it: the pif is no bridge port but
+  the underlay (``underlay``, hypervisor .2, source .1), and
+  ``vxlan-<N>`` (UDP port 4789 over the pif) is the bridge's port.  The
+  source's ``vx0`` encapsulates; its ``eth0`` is the underlay.  Paths
+  are pif → ``vxlan-<N>`` → tap.
+* :meth:`Lab.vlan_source`: a probe source writing whole 802.1Q-tagged
+  frames on the source's ``eth0`` (the kernel here has no 802.1Q module,
+  so no VLAN device can tag them).  The bridge is VLAN-unaware: the
+  guests do not answer tagged probes; the pif and tap sightings are
+  what such a window measures.
+
 Neighbour entries and bridge forwarding entries are static, so no ARP
 and no flooding disturb a window.
 
@@ -65,6 +86,10 @@ from netweaver_agent import topology
 LOG = log.getLogger(__name__)
 
 LAB_NET = ipaddress.ip_network('198.18.0.0/15')
+# RFC 5180's IPv6 benchmarking range: never routed outside a lab.
+LAB_NET6 = ipaddress.ip_network('2001:2::/48')
+VXLAN_PORT = 4789
+VXLAN_DEV_PREFIX = 'vxlan-'
 STATE_ROOT = '/run/netweaver-lab'
 STATE_FILE = 'state.json'
 IFNAMSIZ = 15
@@ -154,6 +179,10 @@ class LabSpec:
     # Keep the lab's processes alive after the building process ends
     # (``netweaver lab --keep``); else they end with it.
     persistent: bool = False
+    ipv6: bool = False
+    network6: str = '2001:2::/64'
+    vxlan_vni: int | None = None
+    underlay: str = '198.18.254.0/24'
 
     def __post_init__(self):
         if not _PREFIX_RE.match(self.prefix or ''):
@@ -172,6 +201,21 @@ class LabSpec:
             if mnet.overlaps(net):
                 raise ValueError(f"management network {mnet} overlaps the "
                                  f"lab network {net}")
+        if self.ipv6:
+            net6 = self._net6(self.network6)
+            if net6.num_addresses - FIRST_GUEST_HOST - 1 < self.guests:
+                raise ValueError(f"lab network {net6} is too small for "
+                                 f"{self.guests} guests")
+        if self.vxlan_vni is not None:
+            if not 1 <= self.vxlan_vni <= 0xffffff:
+                raise ValueError(f"VXLAN VNI {self.vxlan_vni!r} is not "
+                                 "within 1..16777215")
+            under = self._net(self.underlay, 'underlay network')
+            others = [net] + ([self._net(self.mgmt_network, '')]
+                              if self.mgmt else [])
+            if any(under.overlaps(o) for o in others):
+                raise ValueError(f"underlay network {under} overlaps the "
+                                 "lab or management network")
         object.__setattr__(self, 'delays', tuple(self.delays))
         object.__setattr__(self, 'losses', tuple(self.losses))
         seen = set()
@@ -197,6 +241,17 @@ class LabSpec:
         if not net.subnet_of(LAB_NET) or net.prefixlen > 28:
             raise ValueError(f"{what} {net} must be a /28 or larger inside "
                              f"{LAB_NET}")
+        return net
+
+    @staticmethod
+    def _net6(text):
+        try:
+            net = ipaddress.IPv6Network(text)
+        except ValueError as exc:
+            raise ValueError(f"lab IPv6 network {text!r}: {exc}") from exc
+        if not net.subnet_of(LAB_NET6) or net.prefixlen > 120:
+            raise ValueError(f"lab IPv6 network {net} must be a /120 or "
+                             f"larger inside {LAB_NET6} (RFC 5180)")
         return net
 
     # -- names ---------------------------------------------------------------
@@ -241,6 +296,37 @@ class LabSpec:
     def src_mac(self):
         return _mac('02:00:c6', self.prefix, 'src')
 
+    @property
+    def src_address6(self):
+        return str(ipaddress.IPv6Network(self.network6)[1]) \
+            if self.ipv6 else None
+
+    @property
+    def prefixlen6(self):
+        return ipaddress.IPv6Network(self.network6).prefixlen
+
+    @property
+    def vxlan_dev(self):
+        """The hypervisor's VXLAN port of the bridge (Neutron's name)."""
+        if self.vxlan_vni is None:
+            return None
+        return f'{VXLAN_DEV_PREFIX}{self.vxlan_vni}'
+
+    def underlay_addresses(self):
+        """``(source, hypervisor, prefixlen)`` on the underlay, or None."""
+        if self.vxlan_vni is None:
+            return None
+        net = ipaddress.ip_network(self.underlay)
+        return str(net[1]), str(net[2]), net.prefixlen
+
+    @property
+    def src_underlay_mac(self):
+        return _mac('02:00:c6', self.prefix, 'src-underlay')
+
+    @property
+    def pif_mac(self):
+        return _mac('02:00:c6', self.prefix, 'pif')
+
     def guest(self, index):
         """The :class:`LabGuest` number ``index``."""
         if not 0 <= index < self.guests:
@@ -256,7 +342,9 @@ class LabSpec:
             tap_mac='fe' + mac[2:],
             address=str(ipaddress.ip_network(self.network)[
                 FIRST_GUEST_HOST + index]),
-            prefixlen=self.prefixlen)
+            prefixlen=self.prefixlen,
+            address6=str(ipaddress.IPv6Network(self.network6)[
+                FIRST_GUEST_HOST + index]) if self.ipv6 else None)
 
     def mgmt_addresses(self):
         """:class:`MgmtAddresses` of the management network, or None."""
@@ -295,6 +383,7 @@ class LabGuest:
     tap_mac: str       # the tap's MAC (``fe:16:3e:...``, as libvirt sets)
     address: str
     prefixlen: int = 24
+    address6: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -406,11 +495,11 @@ def _sysctl(ns, settings):
         raise LabError(f"sysctl in namespace {ns}: {exc}") from exc
 
 
-def _iptables(ns, rule):
+def _iptables(ns, rule, tool='iptables'):
     try:
-        netns.run(['iptables', '-w', '5', *rule], netns=ns)
+        netns.run([tool, '-w', '5', *rule], netns=ns)
     except netns.CommandError as exc:
-        raise LabError(f"iptables in namespace {ns}: {exc}") from exc
+        raise LabError(f"{tool} in namespace {ns}: {exc}") from exc
 
 
 def _existing_netns():
@@ -590,15 +679,39 @@ class Lab:
         """:class:`LossInjection` of every loss in place."""
         return tuple(self._losses)
 
-    def paths(self):
-        """One :class:`topology.VifPath` per guest: pif → tap."""
-        return [topology.VifPath(vnic=g.tap, address=g.address,
-                                 interfaces=(self.pif, g.tap), mac=g.mac)
+    def paths(self, ipv6=False):
+        """One :class:`topology.VifPath` per guest: pif → tap (pif →
+        ``vxlan-<VNI>`` → tap with VXLAN); ``ipv6``: to the guests' IPv6
+        addresses."""
+        if ipv6 and not self.spec.ipv6:
+            raise LabError(f"lab {self.prefix!r} was built without IPv6")
+        hops = (self.pif,) + ((self.spec.vxlan_dev,)
+                              if self.spec.vxlan_vni is not None else ())
+        return [topology.VifPath(vnic=g.tap,
+                                 address=g.address6 if ipv6 else g.address,
+                                 interfaces=hops + (g.tap,), mac=g.mac)
                 for g in self.guests]
 
     def source(self):
         """The probe source: the source namespace's own stack."""
         return sources.LocalSource(netns_name=self.src_netns)
+
+    def vlan_source(self, vlan=(100,), priority=0):
+        """A source sending 802.1Q-tagged probe frames (VLAN ids ``vlan``,
+        outermost first) out of the source's ``eth0``; see the module."""
+        from netweaver_agent import framesource
+        if self.spec.vxlan_vni is not None:
+            raise LabError(f"lab {self.prefix!r}: tagged frames on the "
+                           "VXLAN underlay would reach no bridge")
+        macs = {}
+        for g in self.guests:
+            macs[g.address] = g.mac
+            if g.address6:
+                macs[g.address6] = g.mac
+        return framesource.FrameSource(
+            netns_name=self.src_netns, ifname='eth0',
+            src_mac=self.spec.src_mac, macs=macs, vlan=tuple(vlan),
+            priority=priority)
 
     # -- building ------------------------------------------------------------
 
@@ -664,6 +777,13 @@ class Lab:
                  ('net.ipv4.ip_forward', 0)]
         host = quiet + [('net.ipv4.conf.all.rp_filter', 0),
                         ('net.ipv4.conf.default.rp_filter', 0)]
+        if self.spec.ipv6:
+            # Before the interfaces arrive: they take the defaults.
+            host = host + [
+                (f'net.ipv6.conf.{c}.{k}', v) for c in ('all', 'default')
+                for k, v in (('disable_ipv6', 0), ('accept_ra', 0),
+                             ('autoconf', 0), ('router_solicitations', 0),
+                             ('dad_transmits', 0))]
         _sysctl(self.src_netns, host)
         for g in self.guests:
             _sysctl(g.netns, host)
@@ -673,38 +793,82 @@ class Lab:
 
     def _build_hypervisor(self):
         br, pif, src = self.bridge, self.pif, self.src_netns
-        lines = [f'link add {br} type bridge stp_state 0 forward_delay 0',
-                 f'link add {pif} type veth peer name eth0 netns {src}',
-                 f'link set {pif} master {br}']
+        spec = self.spec
+        lines = [f'link add {br} type bridge stp_state 0 forward_delay 0']
+        port = pif
+        if spec.vxlan_vni is None:
+            lines += [f'link add {pif} type veth peer name eth0 netns {src}',
+                      f'link set {pif} master {br}']
+        else:
+            port = spec.vxlan_dev
+            src_u, hv_u, _ = spec.underlay_addresses()
+            lines += [f'link add {pif} address {spec.pif_mac} type veth '
+                      f'peer name eth0 address {spec.src_underlay_mac} '
+                      f'netns {src}',
+                      f'link add {port} type vxlan id {spec.vxlan_vni} '
+                      f'local {hv_u} remote {src_u} dstport {VXLAN_PORT} '
+                      f'dev {pif} nolearning',
+                      f'link set {port} master {br}']
         for g in self.guests:
             lines += [f'link add {g.tap} address {g.tap_mac} type veth '
                       f'peer name eth0 address {g.mac} netns {g.netns}',
                       f'link set {g.tap} master {br}']
         lines += [f'link set {n} up' for n in
                   ('lo', br, pif, *(g.tap for g in self.guests))]
+        if spec.vxlan_vni is not None:
+            lines += [f'addr add {hv_u}/{spec.underlay_addresses()[2]} '
+                      f'dev {pif}',
+                      f'neigh replace {src_u} lladdr {spec.src_underlay_mac}'
+                      f' dev {pif} nud permanent',
+                      f'link set {port} up']
         _ip_batch(self.hv_netns, lines)
         fdb = [f'fdb replace {g.mac} dev {g.tap} master static'
                for g in self.guests]
-        fdb.append(f'fdb replace {self.spec.src_mac} dev {pif} master static')
+        fdb.append(f'fdb replace {self.spec.src_mac} dev {port} master '
+                   'static')
         _ip_batch(self.hv_netns, fdb, tool='bridge')
 
     def _build_source(self):
-        plen = self.spec.prefixlen
-        lines = ['link set lo up',
-                 f'link set eth0 address {self.spec.src_mac}',
-                 f'addr add {self.src_address}/{plen} dev eth0',
-                 'link set eth0 up']
-        lines += [f'neigh replace {g.address} lladdr {g.mac} dev eth0 '
+        spec = self.spec
+        plen = spec.prefixlen
+        dev = 'eth0'
+        lines = ['link set lo up']
+        if spec.vxlan_vni is None:
+            lines.append(f'link set eth0 address {spec.src_mac}')
+        else:
+            src_u, hv_u, uplen = spec.underlay_addresses()
+            dev = 'vx0'
+            lines += [f'addr add {src_u}/{uplen} dev eth0', 'link set eth0 up',
+                      f'neigh replace {hv_u} lladdr {spec.pif_mac} dev eth0 '
+                      'nud permanent',
+                      f'link add vx0 address {spec.src_mac} type vxlan id '
+                      f'{spec.vxlan_vni} local {src_u} remote {hv_u} '
+                      f'dstport {VXLAN_PORT} dev eth0 nolearning']
+        lines += [f'addr add {self.src_address}/{plen} dev {dev}',
+                  f'link set {dev} up']
+        lines += [f'neigh replace {g.address} lladdr {g.mac} dev {dev} '
                   'nud permanent' for g in self.guests]
+        if spec.ipv6:
+            lines.append(f'addr add {spec.src_address6}/{spec.prefixlen6} '
+                         f'dev {dev} nodad')
+            lines += [f'neigh replace {g.address6} lladdr {g.mac} dev {dev} '
+                      'nud permanent' for g in self.guests]
         _ip_batch(self.src_netns, lines)
 
     def _build_guest(self, guest):
-        _ip_batch(guest.netns, [
+        lines = [
             'link set lo up',
             f'addr add {guest.address}/{guest.prefixlen} dev eth0',
             'link set eth0 up',
             f'neigh replace {self.src_address} lladdr {self.spec.src_mac} '
-            'dev eth0 nud permanent'])
+            'dev eth0 nud permanent']
+        if self.spec.ipv6:
+            lines += [
+                f'addr add {guest.address6}/{self.spec.prefixlen6} dev eth0 '
+                'nodad',
+                f'neigh replace {self.spec.src_address6} lladdr '
+                f'{self.spec.src_mac} dev eth0 nud permanent']
+        _ip_batch(guest.netns, lines)
 
     def _build_mgmt(self):
         m, a = self.mgmt_netns, self.mgmt_addresses
@@ -723,25 +887,40 @@ class Lab:
 
     # -- injected truth ------------------------------------------------------
 
-    def _match(self, guest_index, protocol):
+    def _match(self, guest_index, protocol, ipv6=False):
         g = self.guests[guest_index]
-        rule = ['-m', 'physdev', '--physdev-out', g.tap, '-d', g.address]
+        rule = ['-m', 'physdev', '--physdev-out', g.tap, '-d',
+                g.address6 if ipv6 else g.address]
         if protocol:
+            if ipv6 and protocol == 'icmp':
+                protocol = 'ipv6-icmp'
             rule[0:0] = ['-p', protocol]
         return rule
 
     def _bridge_netfilter(self):
-        _sysctl(self.hv_netns, [('net.bridge.bridge-nf-call-iptables', 1)])
+        _sysctl(self.hv_netns, [('net.bridge.bridge-nf-call-iptables', 1)] +
+                ([('net.bridge.bridge-nf-call-ip6tables', 1)]
+                 if self.spec.ipv6 else []))
+
+    def _filter_rule(self, position, guest, protocol, target):
+        """``position`` (e.g. ``['-A', 'FORWARD']``), the guest's match,
+        then ``target``: in iptables, and in ip6tables with IPv6."""
+        _iptables(self.hv_netns, [*position,
+                                  *self._match(guest, protocol), *target])
+        if self.spec.ipv6:
+            _iptables(self.hv_netns, [*position,
+                                      *self._match(guest, protocol, True),
+                                      *target], tool='ip6tables')
 
     def inject_loss(self, loss):
         """Drop every Nth probe to a guest, on the bridge (after the pif)."""
         self._check_injection(loss)
         self._bridge_netfilter()
-        _iptables(self.hv_netns, [
-            '-I', 'FORWARD', '1', *self._match(loss.guest, loss.protocol),
+        self._filter_rule(
+            ['-I', 'FORWARD', '1'], loss.guest, loss.protocol,
             # The counter starts so that --packet N-1 matches the Nth.
-            '-m', 'statistic', '--mode', 'nth', '--every', str(loss.every),
-            '--packet', str(loss.every - 1), '-j', 'DROP'])
+            ['-m', 'statistic', '--mode', 'nth', '--every', str(loss.every),
+             '--packet', str(loss.every - 1), '-j', 'DROP'])
         self._losses.append(loss)
         self._save_state()
         LOG.info('Lab %(prefix)s: every %(n)dth probe to %(tap)s dropped',
@@ -813,9 +992,8 @@ class Lab:
         self._save_state()
         self._wait_ready(proc, logfile)
         self._bridge_netfilter()
-        _iptables(self.hv_netns, [
-            '-A', 'FORWARD', *self._match(delay.guest, delay.protocol),
-            '-j', 'NFQUEUE', '--queue-num', str(queue)])
+        self._filter_rule(['-A', 'FORWARD'], delay.guest, delay.protocol,
+                          ['-j', 'NFQUEUE', '--queue-num', str(queue)])
         LOG.info('Lab %(prefix)s: probes to %(tap)s held %(ms)s ms by '
                  'delayer %(pid)d (queue %(q)d)',
                  {'prefix': self.prefix, 'tap': guest.tap,

@@ -44,6 +44,9 @@ class WindowSettings:
     max_window_ms: float = 10000.0
     size: int = 64
     port: int | None = None
+    # Probes may reach the pif inside VXLAN to this UDP port (the capture
+    # then lets those packets through too); None: no VXLAN.
+    vxlan_port: int | None = None
 
     def __post_init__(self):
         if self.count < 1:
@@ -142,8 +145,10 @@ def run_window(paths, source, settings=None, capture_netns=None,
     offset_before = clock_offset_ns()
     started_ns = time.time_ns()
     capture_class = capture_class or capture.LiveCapture
+    extra = ({'vxlan_port': settings.vxlan_port}
+             if settings.vxlan_port is not None else {})
     with capture_class(session, settings.protocol, netns_name=capture_netns,
-                       interfaces=interfaces) as cap:
+                       interfaces=interfaces, **extra) as cap:
         # The window runs from here: building packets and opening the
         # capture do not eat its time (a cycle's deadline_s still holds).
         deadline = time.monotonic() + settings.max_window_ms / 1000.0
