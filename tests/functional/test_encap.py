@@ -1,0 +1,146 @@
+"""Encapsulated probes on the namespace lab: 802.1Q/802.1ad tags, VXLAN.
+
+* VLAN: the kernel here has no 802.1Q module, so nothing can untag; the
+  lab's source writes whole tagged frames (:meth:`lab.Lab.vlan_source`)
+  through the pif.  The live capture reads the VLAN id the kernel moved
+  out of the frame from ``PACKET_AUXDATA``; tcpdump, on the same pif in
+  the same window, writes the tag back into its pcap.  Both must give the
+  same probes with the same VLAN ids.  The bridge is VLAN-unaware and
+  forwards the tagged frames to the taps, where they are seen (ingress is
+  measured, with its VID); the guests, with no VLAN device, drop them, so
+  nothing comes back: no egress, as expected.
+* VXLAN: the guests' network is an overlay over the pif (``vxlan-4242`` on
+  the bridge); probes cross the pif as UDP/4789 and are matched by their
+  inner identity, live and in tcpdump's pcap, with the VNI reported; the
+  2 ms delay injected on one guest is measured through the overlay.
+
+Needs root; fails (never skips) without a lab.
+"""
+
+import os
+
+import dpkt
+import pytest
+
+from netweaver_agent import lab as lab_mod
+from netweaver_agent import measure
+from netweaver_agent import pcapfile
+from netweaver_agent import probe
+from netweaver_agent import report
+from tests.functional.test_tcpdump_agreement import Tcpdump
+from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
+
+COUNT = 50
+VNI = 4242
+DELAY_MS = 2.0
+BASELINE_P50_US = 200.0
+
+
+def pif_rows(batch, pif):
+    """``{(key, encap)}`` of the batch's sightings on the pif."""
+    names = batch.ifnames
+    out = set()
+    for k, i in zip(batch.keys, batch.ifindex):
+        if names[i] == pif:
+            out.add((k, batch.encap.get((k, i), probe.NO_ENCAP)))
+    return out
+
+
+def run_with_tcpdump(the_lab, directory, source, limit, **settings):
+    """One window from ``source`` with tcpdump on the pif; the result and
+    tcpdump's pcap read back (same session)."""
+    path = os.path.join(directory, 'pif.pcap')
+    dump = Tcpdump(the_lab.hv_netns, the_lab.pif, path, [], limit=limit)
+    try:
+        dump.wait_listening()
+        try:
+            result = measure.run_window(
+                the_lab.paths(), source, measure.WindowSettings(**settings),
+                capture_netns=the_lab.hv_netns)
+        finally:
+            source.close()
+        status = dump.stop()
+    finally:
+        dump.kill()
+    assert status == 0, dump.stderr
+    read = pcapfile.read_pcap(path, ifname=the_lab.pif,
+                              session=result.session)
+    assert not read.truncated
+    return result, read, path
+
+
+@pytest.mark.parametrize('vlan', [(100,), (200, 100)],
+                         ids=['802.1Q', 'QinQ'])
+def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
+                                      vlan):
+    the_lab = lab_factory(guests=2)
+    result, read, path = run_with_tcpdump(
+        the_lab, workdir, the_lab.vlan_source(vlan), limit=8 * COUNT,
+        protocol='icmp', count=COUNT, timeout_ms=100)
+    assert result.capture.drops == 0
+    want = probe.Encap(vlan=vlan)
+    live = pif_rows(result.batch, the_lab.pif)
+    from_pcap = pif_rows(read.batch, the_lab.pif)
+    # Every probe, on the pif, once, with its tags: live == tcpdump.
+    assert len(live) == 2 * COUNT
+    assert live == from_pcap
+    assert {encap for _, encap in live} == {want}
+    # tcpdump's frames hold the tags themselves.
+    with open(path, 'rb') as f:
+        tagged = [bytes(buf) for _, buf in dpkt.pcap.UniversalReader(f)
+                  if probe.parse_key(buf, result.session)]
+    assert len(tagged) == 2 * COUNT
+    for frame in tagged:
+        tpid = int.from_bytes(frame[12:14], 'big')
+        assert tpid == (probe.ETH_P_8021AD if len(vlan) > 1 else
+                        probe.ETH_P_8021Q)
+        assert int.from_bytes(frame[14:16], 'big') & 0xfff == vlan[0]
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert rep.vlan == vlan
+        assert rep.unseen_at_pif == 0
+        # The VLAN-unaware bridge forwards the tagged probes to the tap.
+        assert rep.ingress.count == COUNT, rep
+        assert rep.ingress.p50_us < BASELINE_P50_US
+        # The guest has no VLAN device: it drops them, no answer.
+        assert rep.egress.count == 0
+    text = report.format_table(result.reports)
+    assert 'vlan ' + '.'.join(str(v) for v in vlan) in text
+    assert report.report_to_dict(result.reports[the_lab.guests[0].tap])[
+        'vlan'] == list(vlan)
+
+
+def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):  # noqa: F811
+    the_lab = lab_factory(guests=2, vxlan_vni=VNI, delays=(
+        lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS,
+                               backend='nfqueue'),))
+    fast, slow = the_lab.guests
+    vx = the_lab.spec.vxlan_dev
+    assert the_lab.paths()[0].interfaces == (the_lab.pif, vx, fast.tap)
+    result, read, _ = run_with_tcpdump(
+        the_lab, workdir, the_lab.source(), limit=8 * COUNT,
+        protocol='icmp', count=COUNT, per_vnic_interval_ms=5.0,
+        vxlan_port=lab_mod.VXLAN_PORT)
+    assert result.capture.drops == 0
+    want = probe.Encap(vni=VNI)
+    live = pif_rows(result.batch, the_lab.pif)
+    # Probes and replies crossed the pif inside VXLAN, keyed by the inner
+    # frame, live and in tcpdump's pcap alike.
+    assert len(live) == 2 * 2 * COUNT
+    assert live == pif_rows(read.batch, the_lab.pif)
+    assert {encap for _, encap in live} == {want}
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert rep.vni == VNI and rep.vlan == ()
+        assert rep.ingress.count == COUNT and rep.ingress.lost == 0, rep
+        assert rep.egress.count == COUNT, rep.egress
+        assert [(h.src, h.dst) for h in rep.hops] == [(the_lab.pif, vx),
+                                                      (vx, g.tap)]
+    assert result.reports[fast.tap].ingress.p50_us < BASELINE_P50_US
+    slow_rep = result.reports[slow.tap]
+    holds = [r.hold_ns for r in the_lab.delay_records(1)
+             if r.session == result.session and not r.reply]
+    assert len(holds) == COUNT
+    assert slow_rep.ingress.min_us * 1000 >= min(holds) - 2000
+    assert slow_rep.ingress.p50_us >= DELAY_MS * 1000
+    assert f'vni {VNI}' in report.format_table(result.reports)
