@@ -1,0 +1,209 @@
+"""IPv6, VLAN and VXLAN probes: keys, encapsulation, the capture filter.
+
+The capture's classic BPF program is run here by a small interpreter of
+the instructions it uses (the kernel runs it in the functional tests).
+"""
+
+import struct
+
+import pytest
+
+from netweaver_agent import capture
+from netweaver_agent import latency
+from netweaver_agent import pcapkeys
+from netweaver_agent import probe
+from netweaver_agent import report
+from tests.unit import test_fuzz as tf
+
+V6 = tf.V6
+V4 = tf.V4
+
+
+def frame6(proto, session, seq, **kwargs):
+    return probe.build_frame(proto, session, seq, V6[0], V6[1], tf.MAC_A,
+                             tf.MAC_B, **kwargs)
+
+
+def reply6(frame):
+    return probe.ethernet_frame(tf.icmp6_reply(frame[14:]),
+                                probe.ETH_P_IPV6, tf.MAC_B, tf.MAC_A)
+
+
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_ipv6_probe_and_reply_keys(proto):
+    f = frame6(proto, 4321, 99)
+    assert f[12:14] == b'\x86\xdd'
+    assert probe.parse_key(f) == probe.ProbeKey(4321, 99)
+    assert probe.parse_key(reply6(f)) == probe.ProbeKey(4321, 99, True)
+    assert probe.parse_key(f, session=4322) is None
+    assert probe.parse_packet_key(f[14:]) == probe.ProbeKey(4321, 99)
+    assert pcapkeys.frame_key(f, 0, len(f)) == (4321, 99 << 1)
+    # A valid transport checksum over the IPv6 pseudo-header.
+    ip = f[14:]
+    pseudo = ip[8:40] + struct.pack('!IxxxB', len(ip) - 40, ip[6])
+    data = pseudo + ip[40:]
+    data += bytes(len(data) % 2)
+    total = sum(struct.unpack(f'!{len(data) // 2}H', data))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    assert total == 0xffff
+
+
+def test_ipv6_extension_headers_are_not_probes():
+    f = bytearray(frame6('icmp', 1, 2))
+    f[20] = 0                       # hop-by-hop options in front
+    assert probe.parse_key(bytes(f)) is None
+
+
+@pytest.mark.parametrize('vlan', [(), (7,), (300, 7)])
+def test_vlan_tags_give_their_ids(vlan):
+    f = probe.build_frame('udp', 5, 6, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
+                          vlan=vlan, priority=5)
+    key, encap = probe.parse_frame(f)
+    assert key == probe.ProbeKey(5, 6)
+    assert encap == probe.Encap(vlan=vlan)
+    expect = (5, 12) if not vlan else (5, 12, probe.Encap(vlan=vlan))
+    assert pcapkeys.frame_key(f, 0, len(f)) == expect
+    # Three tags: more than we read.
+    triple = f[:12] + b'\x81\x00\x00\x01' * 3 + f[12:]
+    assert probe.parse_frame(triple) is None
+
+
+@pytest.mark.parametrize('v6_underlay', [False, True])
+@pytest.mark.parametrize('inner6', [False, True])
+def test_vxlan_keys_by_the_inner_frame(v6_underlay, inner6):
+    inner = (frame6('icmp', 9, 10, vlan=(12,)) if inner6 else
+             probe.build_frame('icmp', 9, 10, V4[0], V4[1], tf.MAC_A,
+                               tf.MAC_B))
+    outer = tf.vxlan(inner, 4242, v6_underlay=v6_underlay)
+    assert probe.parse_frame(outer) == (probe.ProbeKey(9, 10),
+                                        probe.Encap(vni=4242))
+    assert pcapkeys.frame_key(outer, 0, len(outer)) == (
+        9, 20, probe.Encap(vni=4242))
+    # Not to a VXLAN port, or no I flag: foreign.
+    other = tf.vxlan(inner, 4242, v6_underlay=v6_underlay, port=4790)
+    assert probe.parse_frame(other) is None
+
+
+def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
+    f = probe.build_frame('udp', 3, 4, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
+                          port=4789)
+    assert probe.parse_frame(f) == (probe.ProbeKey(3, 4), probe.NO_ENCAP)
+    assert pcapkeys.frame_key(f, 0, len(f)) == (3, 8)
+
+
+# --------------------------------------------------------------------------
+# The capture filter.
+
+def run_bpf(prog, pkt):
+    """The classic BPF subset the capture uses: ld[bh] abs/ind, ldx imm,
+    jeq, ret.  Out-of-frame loads reject, as in the kernel."""
+    a = x = 0
+    pc = 0
+    while True:
+        op, jt, jf, k = prog[pc]
+        pc += 1
+        if op in (0x28, 0x30, 0x48, 0x50):
+            at = k + (x if op & 0x40 else 0)
+            size = 2 if op & 0x08 else 1
+            if at + size > len(pkt):
+                return 0
+            a = int.from_bytes(pkt[at:at + size], 'big')
+        elif op == 0x01:
+            x = k
+        elif op == 0x15:
+            pc += jt if a == k else jf
+        elif op == 0x06:
+            return k
+        else:
+            raise AssertionError(f'unexpected BPF op {op:#x}')
+
+
+def frames_of(proto, vlan=()):
+    f4 = probe.build_frame(proto, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
+                           vlan=vlan)
+    f6 = frame6(proto, 1, 2, vlan=vlan)
+    return [f4, tp_reply(f4), f6, reply6(f6)]
+
+
+def tp_reply(f):
+    from tests.unit import test_probe as tp
+    return tp.reply(f)
+
+
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_bpf_accepts_probes_v4_v6_tagged(proto):
+    prog = capture.bpf_filter(proto)
+    for f in frames_of(proto):
+        assert run_bpf(prog, f) == capture.SNAPLEN
+    for vlan in ((5,), (6, 5)):
+        f = probe.build_frame(proto, 1, 2, V4[0], V4[1], tf.MAC_A,
+                              tf.MAC_B, vlan=vlan)
+        assert run_bpf(prog, f) == capture.SNAPLEN
+        assert run_bpf(prog, frame6(proto, 1, 2, vlan=vlan)) == \
+            capture.SNAPLEN
+    # Other protocols, ARP: rejected.
+    others = [p for p in probe.PROTOCOLS if p != proto and
+              not (proto == 'udp' and p == 'icmp')]
+    for p in others:
+        f = probe.build_frame(p, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B)
+        assert run_bpf(prog, f) == 0
+    assert run_bpf(prog, tf.MAC_A + tf.MAC_B + b'\x08\x06' +
+                   bytes(28)) == 0
+
+
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_bpf_vxlan_only_when_asked(proto):
+    inner = probe.build_frame(proto, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B)
+    outer = tf.vxlan(inner, 4242)
+    with_vx = capture.bpf_filter(proto, vxlan_port=4789)
+    assert run_bpf(with_vx, outer) == capture.SNAPLEN
+    assert run_bpf(with_vx, tf.vxlan(frame6(proto, 1, 2), 7)) == \
+        capture.SNAPLEN
+    if proto != 'udp':
+        assert run_bpf(capture.bpf_filter(proto), outer) == 0
+        # Another UDP port, or an inner frame of another protocol: no.
+        assert run_bpf(with_vx, tf.vxlan(inner, 1, port=8472)) == 0
+        wrong = 'udp' if proto == 'tcp' else 'tcp'
+        f = probe.build_frame(wrong, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B)
+        assert run_bpf(with_vx, tf.vxlan(f, 1)) == 0
+
+
+# --------------------------------------------------------------------------
+# Batches, the matcher and the report carry the encapsulation.
+
+def test_encap_reaches_the_report():
+    batch = capture.SightingBatch(7)
+    pif, tap = batch.interface_index('eth1'), batch.interface_index('tap0')
+    tagged = probe.Encap(vlan=(100,))
+    for seq in range(4):
+        batch.append(seq << 1, pif, 1000 * seq, capture.DIR_IN)
+        batch.append(seq << 1, tap, 1000 * seq + 10, capture.DIR_OUT)
+        batch.encap[(seq << 1, pif)] = tagged
+    merged = capture.SightingBatch(7)
+    merged.interface_index('other')
+    merged.extend(batch)
+    assert merged.encap[(0, merged.interface_index('eth1'))] == tagged
+    m = latency.Matcher(7, [latency.PathSpec('tap0', ('eth1', 'tap0'))],
+                        {s: 'tap0' for s in range(4)}, 10 ** 9)
+    m.feed_batch(merged)
+    rep = m.reports()['tap0']
+    assert (rep.vlan, rep.vni) == ((100,), None)
+    assert rep.ingress.count == 4
+    assert report.report_to_dict(rep)['vlan'] == [100]
+    assert 'vlan 100' in report.format_table({'tap0': rep})
+
+
+def test_plain_reports_have_no_encap():
+    m = latency.Matcher(7, [latency.PathSpec('tap0', ('eth1', 'tap0'))],
+                        {0: 'tap0'}, 10 ** 9)
+    rep = m.reports()['tap0']
+    assert (rep.vlan, rep.vni) == ((), None)
+    assert 'vlan' not in report.format_table({'tap0': rep})
+
+
+def test_live_encap_puts_the_kernel_tag_first():
+    assert capture._live_encap(None, (1, 2)) == probe.NO_ENCAP
+    assert capture._live_encap(200, (1, 2)) == probe.Encap(vlan=(200,))
+    assert capture._live_encap(200, (1, 2, probe.Encap(vlan=(100,)))) == \
+        probe.Encap(vlan=(200, 100))
