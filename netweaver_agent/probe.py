@@ -1,6 +1,6 @@
 """Probe packets: build them with dpkt, and recover their identity.
 
-A probe is a small IPv4 packet sent towards an instance.  Its identity
+A probe is a small IPv4 or IPv6 packet sent towards an instance.  Its identity
 (a 16-bit *session* chosen per probe window, and a per-window sequence
 number) survives every hop inside the compute host and comes back in the
 guest's answer:
@@ -15,8 +15,14 @@ guest's answer:
   source port is derived from the session.  The guest answers RST/ACK (or
   SYN/ACK) with ``ack = seq + 1``.
 
-:func:`parse_key` stays quiet on foreign traffic (returns ``None``), as
-dpkt's decoders do with unknown types.
+Over IPv6 the same: ICMPv6 echo (``icmp``), UDP answered by an ICMPv6
+port unreachable, TCP; probes carry no extension headers.
+
+:func:`parse_frame` reads through up to two VLAN tags and VXLAN (the key
+is the inner frame's) and says how the probe was carried
+(:class:`Encap`: VLAN ids, VNI).  It and :func:`parse_key` stay quiet on
+foreign, truncated or malformed traffic (``None``, never an exception),
+as dpkt's decoders do with unknown types.
 """
 
 import dataclasses
