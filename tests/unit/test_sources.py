@@ -8,8 +8,8 @@ from netweaver_agent import sources
 def test_plan_interleaves_targets_evenly():
     plan, owner = sources.interleaved_plan(
         7, 'icmp', ['198.18.0.10', '198.18.0.11'], 3, 1_000_000)
-    assert [p.dst_ip for p in plan.probes] == ['198.18.0.10',
-                                                '198.18.0.11'] * 3
+    targets = ['198.18.0.10', '198.18.0.11']
+    assert [p.dst_ip for p in plan.probes] == targets * 3
     assert [p.seq for p in plan.probes] == list(range(6))
     assert [p.offset_ns for p in plan.probes] == [i * 1_000_000
                                                   for i in range(6)]
