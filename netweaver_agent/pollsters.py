@@ -176,10 +176,10 @@ class Prober:
         self.capture_class = None
         if group.privsep:
             privileged.configure(group.privsep_helper_command)
-            self.capture_class = privileged.capture_class(
-                privileged.context_for(
-                    group.capture_netns,
-                    getattr(self.source, 'netns_name', None)))
+            context = privileged.context_for(
+                group.capture_netns, getattr(self.source, 'netns_name', None))
+            self.capture_class = privileged.capture_class(context)
+            privileged.warm_up(context)
         self.sysfs_root = topology.SYSFS_NET
         self.inspector = self._new_inspector(conf)
         self._reported = set()

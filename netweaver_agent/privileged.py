@@ -49,18 +49,21 @@ from netweaver_agent import sources
 
 LOG = log.getLogger(__name__)
 
+CAPTURE_CAPS = (caps.CAP_NET_RAW,)
+NETNS_CAPS = (caps.CAP_NET_RAW, caps.CAP_NET_ADMIN, caps.CAP_SYS_ADMIN)
+
 capture_pctxt = priv_context.PrivContext(
     'netweaver_agent',
     cfg_section='netweaver_privsep',
     pypath=__name__ + '.capture_pctxt',
-    capabilities=[caps.CAP_NET_RAW],
+    capabilities=list(CAPTURE_CAPS),
 )
 
 netns_pctxt = priv_context.PrivContext(
     'netweaver_agent',
     cfg_section='netweaver_privsep_netns',
     pypath=__name__ + '.netns_pctxt',
-    capabilities=[caps.CAP_NET_RAW, caps.CAP_NET_ADMIN, caps.CAP_SYS_ADMIN],
+    capabilities=list(NETNS_CAPS),
 )
 
 # A window lasts at most max_window_ms (300 s); whatever the daemon holds
@@ -307,6 +310,7 @@ def call_netns(op, *args):
 # --- the agent's side -------------------------------------------------------
 
 _ENTRYPOINTS = {capture_pctxt: call_capture, netns_pctxt: call_netns}
+_CAPS = {capture_pctxt: CAPTURE_CAPS, netns_pctxt: NETNS_CAPS}
 _start_lock = threading.Lock()
 
 
@@ -365,7 +369,7 @@ def _start(ctx):
     # our descendant: it can never hold what our bounding set lacks.
     missing = set()
     if not ctx.conf.helper_command:
-        missing = set(ctx.conf.capabilities) - bounding_set()
+        missing = set(_CAPS[ctx]) - bounding_set()
     if missing:
         raise PrivilegeError(
             f"the privsep daemon {ctx.pypath} needs {_cap_names(missing)}, "
@@ -381,7 +385,7 @@ def _start(ctx):
     ctx.stop()
     raise PrivilegeError(
         f"the privsep daemon {ctx.pypath} could not start with "
-        f"{_cap_names(ctx.conf.capabilities)}: {error}. The polling agent "
+        f"{_cap_names(_CAPS[ctx])}: {error}. The polling agent "
         "starts it with its root helper (sudo privsep-helper, see "
         "docs/deploying.md)") from error
 
@@ -396,6 +400,25 @@ def call(ctx, op, *args):
                 LOG.info('privsep daemon %(ctx)s started: %(status)s',
                          {'ctx': ctx.pypath, 'status': entry('status')})
     return entry(op, *args)
+
+
+def warm_up(ctx):
+    """Start ``ctx``'s daemon in the background, at agent start.
+
+    The first window then does not pay for it (nor shift the cycle's
+    other meters).  A failure is left for that window to report.
+    """
+    def start():
+        try:
+            call(ctx, 'status')
+        except Exception as exc:  # reported by the first window
+            LOG.debug('privsep daemon %(ctx)s not started yet: %(exc)s',
+                      {'ctx': ctx.pypath, 'exc': exc})
+
+    thread = threading.Thread(target=start, daemon=True,
+                              name='netweaver-privsep-start')
+    thread.start()
+    return thread
 
 
 def stop(ctx=None):

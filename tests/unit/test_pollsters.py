@@ -154,6 +154,9 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.useFixture(fixtures.MockPatchObject(
             pollsters.Prober, '_new_inspector',
             staticmethod(lambda conf: self.fake)))
+        # No privsep daemon in unit tests (run_window is faked below).
+        self.useFixture(fixtures.MockPatch(
+            'netweaver_agent.privileged.warm_up'))
         self.sysfs = self.useFixture(fixtures.TempDir()).path
         self.log = self.useFixture(fixtures.FakeLogger(
             name='netweaver_agent', level=logging.DEBUG))
