@@ -162,8 +162,11 @@ def _check_protocol(protocol):
     return protocol
 
 
-def _open_capture(session, protocol, netns_name, interfaces):
+def _open_capture(session, protocol, netns_name, interfaces,
+                  vxlan_port=None):
     session = _int(session, 'probe session', 1, 0xffff)
+    if vxlan_port is not None:
+        vxlan_port = _int(vxlan_port, 'VXLAN port', 1, 65535)
     protocol = _check_protocol(protocol)
     netns_name = _check_netns(netns_name)
     if interfaces is not None:
@@ -174,7 +177,7 @@ def _open_capture(session, protocol, netns_name, interfaces):
             raise ValueError(f"interfaces {interfaces[:5]!r}...: expected "
                              f"at most {MAX_INTERFACES} interface names")
     cap = capture.LiveCapture(session, protocol, netns_name=netns_name,
-                              interfaces=interfaces)
+                              interfaces=interfaces, vxlan_port=vxlan_port)
     cap.open()
     return _hold(cap, lambda c: c.close())
 
@@ -213,7 +216,7 @@ def _plan(session, protocol, size, port, probes):
     last = 0
     max_seq = probe.TCP_SEQ_MASK if protocol == 'tcp' else 0xffffffff
     for seq, dst, offset_ns in probes:
-        dst = str(ipaddress.IPv4Address(dst))
+        dst = str(ipaddress.ip_address(dst))
         offset_ns = _int(offset_ns, 'probe offset', last,
                          int(MAX_HOLD_S * 1e9))
         planned.append(sources.PlannedProbe(
@@ -453,8 +456,9 @@ class PrivsepCapture:
     """
 
     def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None, context=None):
+                 interfaces=None, context=None, vxlan_port=None):
         self.session = session
+        self.vxlan_port = vxlan_port
         self.protocol = protocol
         self.netns_name = netns_name
         self.interfaces = sorted(interfaces) if interfaces else None
@@ -473,7 +477,8 @@ class PrivsepCapture:
 
     def open(self):
         self._handle = call(self.context, 'open_capture', self.session,
-                            self.protocol, self.netns_name, self.interfaces)
+                            self.protocol, self.netns_name, self.interfaces,
+                            self.vxlan_port)
 
     def settle(self, quiet_s, max_s=None):
         call(self.context, 'settle_capture', self._handle, quiet_s, max_s)
@@ -496,9 +501,11 @@ class PrivsepCapture:
 
 def capture_class(context):
     """A ``capture_class`` for :func:`measure.run_window` using ``context``."""
-    def make(session, protocol='icmp', netns_name=None, interfaces=None):
+    def make(session, protocol='icmp', netns_name=None, interfaces=None,
+             vxlan_port=None):
         return PrivsepCapture(session, protocol, netns_name=netns_name,
-                              interfaces=interfaces, context=context)
+                              interfaces=interfaces, context=context,
+                              vxlan_port=vxlan_port)
     return make
 
 
