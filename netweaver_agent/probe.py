@@ -106,37 +106,44 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
     if len(dst_ip) == 16 or len(src_ip) == 16:
         return _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size,
                           ttl, port)
-    if proto == 'icmp':
-        pad = max(0, size - 20 - 8 - TAG_LEN)
-        l4 = dpkt.icmp.ICMP(
-            type=dpkt.icmp.ICMP_ECHO,
-            data=dpkt.icmp.ICMP.Echo(id=session, seq=seq & 0xffff,
-                                     data=tag + bytes(pad)))
-        p = dpkt.ip.IP_PROTO_ICMP
-    elif proto == 'udp':
-        pad = max(0, size - 20 - 8 - TAG_LEN)
-        l4 = dpkt.udp.UDP(sport=udp_source_port(session),
-                          dport=port or DEFAULT_UDP_PORT,
-                          data=tag + bytes(pad))
-        l4.ulen = len(l4)
-        p = dpkt.ip.IP_PROTO_UDP
-    elif proto == 'tcp':
-        if seq > TCP_SEQ_MASK:
-            raise ValueError(
-                f"TCP probe sequence {seq} exceeds {TCP_SEQ_MASK}: "
-                "a window carries at most 65536 TCP probes")
-        l4 = dpkt.tcp.TCP(sport=tcp_source_port(session),
-                          dport=port or DEFAULT_TCP_PORT,
-                          seq=(session << 16) | seq,
-                          flags=dpkt.tcp.TH_SYN, win=512)
-        p = dpkt.ip.IP_PROTO_TCP
-    else:
-        raise ValueError(f"unknown probe protocol {proto!r}; "
-                         f"expected one of {', '.join(PROTOCOLS)}")
+    pad = max(0, size - 20 - 8 - TAG_LEN)
+    l4, p = _transport(proto, session, seq, tag, pad, port, ipv6=False)
     ip = dpkt.ip.IP(src=src_ip, dst=dst_ip, p=p, ttl=ttl, id=seq & 0xffff,
                     data=l4)
     ip.len = len(ip)
     return bytes(ip)
+
+
+def _transport(proto, session, seq, tag, pad, port, ipv6):
+    """The probe's transport header and data, and its protocol number."""
+    if proto == 'icmp':
+        if ipv6:
+            echo = dpkt.icmp6.ICMP6.Echo(id=session, seq=seq & 0xffff,
+                                         data=tag + bytes(pad))
+            return (dpkt.icmp6.ICMP6(type=ICMP6_ECHO_REQUEST, data=echo),
+                    IPPROTO_ICMPV6)
+        echo = dpkt.icmp.ICMP.Echo(id=session, seq=seq & 0xffff,
+                                   data=tag + bytes(pad))
+        return (dpkt.icmp.ICMP(type=dpkt.icmp.ICMP_ECHO, data=echo),
+                dpkt.ip.IP_PROTO_ICMP)
+    if proto == 'udp':
+        l4 = dpkt.udp.UDP(sport=udp_source_port(session),
+                          dport=port or DEFAULT_UDP_PORT,
+                          data=tag + bytes(pad))
+        l4.ulen = len(l4)
+        return l4, dpkt.ip.IP_PROTO_UDP
+    if proto == 'tcp':
+        if seq > TCP_SEQ_MASK:
+            raise ValueError(
+                f"TCP probe sequence {seq} exceeds {TCP_SEQ_MASK}: "
+                "a window carries at most 65536 TCP probes")
+        return (dpkt.tcp.TCP(sport=tcp_source_port(session),
+                             dport=port or DEFAULT_TCP_PORT,
+                             seq=(session << 16) | seq,
+                             flags=dpkt.tcp.TH_SYN, win=512),
+                dpkt.ip.IP_PROTO_TCP)
+    raise ValueError(f"unknown probe protocol {proto!r}; "
+                     f"expected one of {', '.join(PROTOCOLS)}")
 
 
 def _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size, ttl, port):
@@ -144,31 +151,7 @@ def _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size, ttl, port):
         raise ValueError(f"probe addresses {bytes(src_ip).hex()} and "
                          f"{bytes(dst_ip).hex()} are not both IPv6")
     pad = max(0, size - IP6_HDR_LEN - 8 - TAG_LEN)
-    if proto == 'icmp':
-        l4 = dpkt.icmp6.ICMP6(
-            type=ICMP6_ECHO_REQUEST,
-            data=dpkt.icmp6.ICMP6.Echo(id=session, seq=seq & 0xffff,
-                                       data=tag + bytes(pad)))
-        nxt = IPPROTO_ICMPV6
-    elif proto == 'udp':
-        l4 = dpkt.udp.UDP(sport=udp_source_port(session),
-                          dport=port or DEFAULT_UDP_PORT,
-                          data=tag + bytes(pad))
-        l4.ulen = len(l4)
-        nxt = dpkt.ip.IP_PROTO_UDP
-    elif proto == 'tcp':
-        if seq > TCP_SEQ_MASK:
-            raise ValueError(
-                f"TCP probe sequence {seq} exceeds {TCP_SEQ_MASK}: "
-                "a window carries at most 65536 TCP probes")
-        l4 = dpkt.tcp.TCP(sport=tcp_source_port(session),
-                          dport=port or DEFAULT_TCP_PORT,
-                          seq=(session << 16) | seq,
-                          flags=dpkt.tcp.TH_SYN, win=512)
-        nxt = dpkt.ip.IP_PROTO_TCP
-    else:
-        raise ValueError(f"unknown probe protocol {proto!r}; "
-                         f"expected one of {', '.join(PROTOCOLS)}")
+    l4, nxt = _transport(proto, session, seq, tag, pad, port, ipv6=True)
     # dpkt fills in the transport checksum over the IPv6 pseudo-header
     # (RFC 8200 §8.1), so the raw socket sends the packet as built.
     ip6 = dpkt.ip6.IP6(src=bytes(src_ip), dst=bytes(dst_ip), nxt=nxt,
