@@ -16,8 +16,9 @@ lists and drops every other one:
 oslo.privsep passes neither sockets nor file descriptors, so the daemon
 holds the sockets for a whole window: :class:`PrivsepCapture` opens,
 settles and closes a :class:`capture.LiveCapture` there and gets the
-window's sightings back as columns (bytes); :class:`PrivsepLocalSource`
-has the daemon build the window's probes from the plan and send them.
+window's sightings back as columns (bytes), with the VLAN ids and VNIs
+they were carried with; :class:`PrivsepLocalSource` has the daemon build
+the window's probes from the plan and send them.
 The daemon sends nothing but probes it built itself, checks every
 argument, and forgets captures and prepared probes left behind after
 :data:`MAX_HOLD_S`.
@@ -191,15 +192,40 @@ def _settle_capture(handle, quiet_s, max_s):
 def _close_capture(handle):
     cap = _take(handle, capture.LiveCapture)
     cap.close()
-    batch, stats = cap.batch, cap.stats
+    return batch_to_wire(cap.batch, cap.stats)
+
+
+def batch_to_wire(batch, stats):
+    """A window's :class:`capture.SightingBatch` and
+    :class:`capture.CaptureStats` as the plain values privsep carries.
+
+    Columns travel as bytes; ``encap`` (VLAN ids, VNI of the few tagged or
+    VXLAN rows) as ``(key, ifindex, vlan ids, vni)`` rows.
+    """
     return {
         't_ns': batch.t_ns.tobytes(), 'keys': batch.keys.tobytes(),
         'ifindex': batch.ifindex.tobytes(),
         'direction': batch.direction.tobytes(),
         'ifnames': [batch.ifnames[i] for i in range(len(batch.ifnames))],
+        'encap': [(key, index, tuple(encap.vlan), encap.vni)
+                  for (key, index), encap in batch.encap.items()],
         'packets': stats.packets, 'drops': stats.drops,
         'probes': stats.probes, 'foreign': stats.foreign,
     }
+
+
+def batch_from_wire(raw, batch):
+    """Fill ``batch`` from :func:`batch_to_wire`'s values; the stats."""
+    batch.t_ns.frombytes(raw['t_ns'])
+    batch.keys.frombytes(raw['keys'])
+    batch.ifindex.frombytes(raw['ifindex'])
+    batch.direction.frombytes(raw['direction'])
+    batch.ifnames.update(enumerate(raw['ifnames']))
+    for key, index, vlan, vni in raw.get('encap', ()):
+        batch.encap[(key, index)] = probe.Encap(vlan=tuple(vlan), vni=vni)
+    return capture.CaptureStats(
+        packets=raw['packets'], drops=raw['drops'],
+        probes=raw['probes'], foreign=raw['foreign'])
 
 
 def _plan(session, protocol, size, port, probes):
@@ -488,15 +514,7 @@ class PrivsepCapture:
             return
         handle, self._handle = self._handle, None
         raw = call(self.context, 'close_capture', handle)
-        batch = self.batch
-        batch.t_ns.frombytes(raw['t_ns'])
-        batch.keys.frombytes(raw['keys'])
-        batch.ifindex.frombytes(raw['ifindex'])
-        batch.direction.frombytes(raw['direction'])
-        batch.ifnames.update(enumerate(raw['ifnames']))
-        self.stats = capture.CaptureStats(
-            packets=raw['packets'], drops=raw['drops'],
-            probes=raw['probes'], foreign=raw['foreign'])
+        self.stats = batch_from_wire(raw, self.batch)
 
 
 def capture_class(context):

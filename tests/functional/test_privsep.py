@@ -10,7 +10,8 @@ command is a small client of a broker this test runs as root, which
 checks the request and starts ``privsep-helper`` (``python -m
 oslo_privsep.daemon``) as sudo would.  ``netns:`` sources and
 ``capture_netns`` need CAP_SYS_ADMIN for ``setns``: the CAP_NET_RAW
-daemon refuses them, the lab's context does them.
+daemon refuses them, the lab's context does them.  VLAN ids and VNIs
+of the daemon's capture reach the agent.
 """
 
 import json
@@ -25,10 +26,12 @@ import threading
 
 import pytest
 
+from netweaver_agent import lab as lab_mod
 from netweaver_agent import labagent
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import privileged
+from netweaver_agent import probe
 
 NOBODY = 65534
 CAP_NET_RAW_MASK = 1 << 13
@@ -220,3 +223,66 @@ def test_netns_sources_need_cap_sys_admin(lab_factory):
         assert report.ingress.count == 5, report
     finally:
         privileged.stop()
+
+
+VNI = 4242
+
+
+def _pif_encaps(batch, pif):
+    names = batch.ifnames
+    return [batch.encap.get((k, i)) for k, i in zip(batch.keys,
+                                                    batch.ifindex)
+            if names[i] == pif]
+
+
+def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
+    """Probes cross the pif inside VXLAN: the daemon's capture (opened
+    with the VXLAN port) keys them by the inner frame and the VNI reaches
+    the agent's reports."""
+    the_lab = lab_factory(guests=2, vxlan_vni=VNI)
+    ctx = privileged.netns_pctxt
+    settings = measure.WindowSettings(
+        count=10, timeout_ms=100.0, max_window_ms=2000.0,
+        vxlan_port=lab_mod.VXLAN_PORT)
+    source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
+    try:
+        result = measure.run_window(
+            the_lab.paths(), source, settings,
+            capture_netns=the_lab.hv_netns,
+            capture_class=privileged.capture_class(ctx))
+    finally:
+        source.close()
+        privileged.stop()
+    on_pif = _pif_encaps(result.batch, the_lab.pif)
+    # Probes and replies of both guests, every one with its VNI.
+    assert len(on_pif) == 2 * 2 * 10, on_pif
+    assert set(on_pif) == {probe.Encap(vni=VNI)}
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert rep.vni == VNI and rep.vlan == (), rep
+        assert rep.ingress.count == 10 and rep.egress.count == 10, rep
+
+
+def test_vlan_ids_come_back_from_the_daemon(lab_factory):
+    """QinQ-tagged probe frames on the pif: the daemon's capture reads the
+    outer tag from PACKET_AUXDATA, the inner from the frame; both ids
+    reach the agent."""
+    the_lab = lab_factory(guests=1)
+    ctx = privileged.netns_pctxt
+    settings = measure.WindowSettings(count=10, timeout_ms=100.0,
+                                      max_window_ms=2000.0)
+    source = the_lab.vlan_source((200, 100))
+    try:
+        result = measure.run_window(
+            the_lab.paths(), source, settings,
+            capture_netns=the_lab.hv_netns,
+            capture_class=privileged.capture_class(ctx))
+    finally:
+        source.close()
+        privileged.stop()
+    on_pif = _pif_encaps(result.batch, the_lab.pif)
+    assert len(on_pif) == 10, on_pif
+    assert set(on_pif) == {probe.Encap(vlan=(200, 100))}
+    (rep,) = result.reports.values()
+    assert rep.vlan == (200, 100) and rep.vni is None, rep
+    assert rep.ingress.count == 10, rep
