@@ -88,6 +88,20 @@ OPTS = [
                     "(vif<domid>.<n>), or the name of another extension "
                     "in the 'netweaver_agent.vif_resolvers' entry point "
                     "namespace."),
+    cfg.PortOpt('vxlan_port',
+                help='UDP port of the VXLAN overlay that the pif carries, '
+                     'usually 4789 (IANA; Linux vxlan devices default to '
+                     "8472). Set it on hosts where the instances' network "
+                     'is a VXLAN overlay over the pif (e.g. Neutron '
+                     'linuxbridge or OVS with VXLAN tenant networks), so '
+                     'that probes arriving inside VXLAN packets are '
+                     'captured on the pif and matched by their inner '
+                     'frame; samples then carry the VNI. Set pif to the '
+                     'underlay netdev too: found from sysfs, the pif would '
+                     "be the bridge's VXLAN port, past decapsulation. "
+                     'Unset or 0: no VXLAN (probes reach the pif '
+                     'unencapsulated or VLAN-tagged, which needs no '
+                     'option).'),
     cfg.StrOpt('capture_netns',
                help='Network namespace holding the host interfaces (pif '
                     'and vifs) where probes are captured. Lab use only: '

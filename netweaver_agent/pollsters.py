@@ -104,6 +104,10 @@ def latency_metadata(report, path, window, source_name):
         'probe_filtered': report.filtered,
         'pif': report.pif,
         'vif': path.vnic,
+        # How probes were carried on the pif: VLAN ids (outermost first)
+        # and VXLAN network id; None when untagged / not VXLAN.
+        'vlan': list(report.vlan) if report.vlan else None,
+        'vni': report.vni,
         'latency_ingress': _stats_dict(report.ingress),
         'latency_egress': _stats_dict(report.egress),
         'latency_turnaround': _stats_dict(report.turnaround),
@@ -144,7 +148,7 @@ def window_settings(conf):
         per_vnic_interval_ms=group.per_vnic_interval_ms,
         timeout_ms=group.probe_timeout_ms,
         max_window_ms=group.max_window_ms, size=group.probe_size,
-        port=group.probe_port)
+        port=group.probe_port, vxlan_port=group.vxlan_port or None)
 
 
 def _open_rule(protocol, port, source_name):

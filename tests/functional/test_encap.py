@@ -13,6 +13,8 @@
   the bridge); probes cross the pif as UDP/4789 and are matched by their
   inner identity, live and in tcpdump's pcap, with the VNI reported; the
   2 ms delay injected on one guest is measured through the overlay.
+  Through the real pollsters and their privsep daemon, ``[netweaver]
+  vxlan_port`` puts the VNI in every sample's metadata.
 
 Needs root; fails (never skips) without a lab.
 """
@@ -25,8 +27,10 @@ import pytest
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import measure
 from netweaver_agent import pcapfile
+from netweaver_agent import pollsters
 from netweaver_agent import probe
 from netweaver_agent import report
+from tests.functional import inprocess
 from tests.functional.test_tcpdump_agreement import Tcpdump
 from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
 
@@ -144,3 +148,44 @@ def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):  # noqa: F811
     assert slow_rep.ingress.min_us * 1000 >= min(holds) - 2000
     assert slow_rep.ingress.p50_us >= DELAY_MS * 1000
     assert f'vni {VNI}' in report.format_table(result.reports)
+
+
+@pytest.fixture
+def cycle_factory(tmp_path):
+    yield from inprocess.cycles(tmp_path)
+
+
+def test_vxlan_port_option_gives_the_vni_in_metadata(lab_factory,
+                                                     cycle_factory):
+    """``[netweaver] vxlan_port`` through the real pollsters and their
+    privsep daemon: every sample of the overlay's vNICs carries the VNI;
+    without the option the pif sees no probe (nothing is measured).
+
+    ``pif`` names the underlay netdev: found from sysfs, the pif would be
+    the bridge's ``vxlan-<VNI>`` port, where probes are already plain.
+    """
+    the_lab = lab_factory(guests=2, vxlan_vni=VNI)
+    options = {'probe_count': 10, 'probe_timeout_ms': 100.0,
+               'max_window_ms': 2000.0, 'per_vnic_interval_ms': 2.0,
+               'pif': the_lab.pif}
+    cycle = cycle_factory(the_lab, vxlan_port=lab_mod.VXLAN_PORT, **options)
+    assert cycle.conf.netweaver.privsep
+    samples, _ = cycle.run()
+    want = {cycle.resource_of(i) for i in range(2)}
+    for name, found in samples.items():
+        if name == 'network.vif.outgoing.latency':
+            continue
+        assert {s.resource_id for s in found} == want, name
+    for found in samples.values():
+        for s in found:
+            md = s.resource_metadata
+            assert md['vni'] == VNI and md['vlan'] is None, md
+            assert md['pif'] == the_lab.pif, md
+            assert md['latency_ingress']['count'] == 10, md
+    # A new agent: the prober is one per process.
+    pollsters.VifLatencyBase._prober = None
+    plain = cycle_factory(the_lab, **options)
+    assert plain.conf.netweaver.vxlan_port is None
+    samples, _ = plain.run()
+    assert 'none of 10 probes' in plain.log_text()
+    assert not samples['network.vif.latency']

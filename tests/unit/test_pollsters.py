@@ -50,13 +50,13 @@ def stats(ingress_ns, lost=0):
 
 
 def report(vnic, ingress_ns=(), lost=0, egress_ns=(), unseen=0,
-           hops=()):
+           hops=(), vlan=(), vni=None):
     return latency.LatencyReport(
         vnic=vnic, pif='eth1', protocol='icmp',
         sent=len(ingress_ns) + lost + unseen,
         ingress=stats(list(ingress_ns), lost),
         egress=stats(list(egress_ns)), turnaround=stats([]),
-        hops=hops, unseen_at_pif=unseen)
+        hops=hops, unseen_at_pif=unseen, vlan=vlan, vni=vni)
 
 
 class FakeDomain:
@@ -122,12 +122,14 @@ class FakeWindow:
         self.delay_s = delay_s
         self.error = error
         self.calls = []
+        self.settings = []
         self.lock = threading.Lock()
 
     def __call__(self, paths, source, settings=None, capture_netns=None,
                  capture_class=None):
         with self.lock:
             self.calls.append(list(paths))
+            self.settings.append(settings)
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.error is not None:
@@ -246,7 +248,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         key_set = next(iter(keys))
         for key in ('probe_protocol', 'capture_drops', 'latency_hops',
                     'pif', 'vif', 'probe_address', 'mac', 'fref',
-                    'vnic_name', 'parameters'):
+                    'vnic_name', 'parameters', 'vlan', 'vni'):
             self.assertIn(key, key_set)
 
     def test_metadata_carries_the_rest(self):
@@ -262,6 +264,34 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.assertEqual(0, md['capture_drops'])
         self.assertEqual(7, md['window_session'])
         self.assertEqual([], md['latency_hops'])
+
+    def test_metadata_says_how_probes_were_carried(self):
+        self.window.reports['tapaaa'] = report('tapaaa', [10_000],
+                                               vni=4242)
+        self.window.reports[TAP_B] = report(TAP_B, [10_000],
+                                            vlan=(200, 100))
+        samples = self.by_tap(self.samples(pollsters.VifLatencyPollster))
+        self.assertEqual((None, 4242), (
+            samples['tapaaa'].resource_metadata['vlan'],
+            samples['tapaaa'].resource_metadata['vni']))
+        self.assertEqual(([200, 100], None), (
+            samples[TAP_B].resource_metadata['vlan'],
+            samples[TAP_B].resource_metadata['vni']))
+
+    def test_untagged_probes_give_none(self):
+        md = self.by_tap(self.samples(
+            pollsters.VifLatencyPollster))['tapaaa'].resource_metadata
+        self.assertIsNone(md['vlan'])
+        self.assertIsNone(md['vni'])
+
+    def test_vxlan_port_reaches_the_window(self):
+        self.samples(pollsters.VifLatencyPollster)
+        self.assertIsNone(self.window.settings[-1].vxlan_port)
+        for value, expected in ((4789, 4789), (0, None)):
+            self.CONF.set_override('vxlan_port', value, group='netweaver')
+            pollsters.VifLatencyBase._prober = None
+            self.samples(pollsters.VifLatencyPollster)
+            self.assertEqual(expected, self.window.settings[-1].vxlan_port)
 
     def test_addresses_come_from_filterref_then_nova_metadata(self):
         self.samples(pollsters.VifLatencyPollster)
