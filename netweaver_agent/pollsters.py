@@ -66,25 +66,40 @@ class CycleWindow:
 
 
 class CycleCache:
-    """The windows of one polling cycle, kept in Ceilometer's cache."""
+    """The windows of one polling cycle, kept in Ceilometer's cache.
+
+    Measurements are indexed by instance id as windows are added: each
+    meter looks up each of its instances once per cycle.
+    """
 
     def __init__(self):
-        self.windows = []
+        self._windows = []
+        self._by_instance = {}
+
+    @property
+    def windows(self):
+        """The cycle's :class:`CycleWindow` s, in the order they ran."""
+        return tuple(self._windows)
+
+    def add(self, window):
+        """Record one :class:`CycleWindow` of the cycle."""
+        self._windows.append(window)
+        for m in window.measurements:
+            self._by_instance.setdefault(m.instance_id, []).append(
+                (window, m))
 
     def covered(self):
-        return set().union(*(w.instance_ids for w in self.windows))
+        return set().union(*(w.instance_ids for w in self._windows))
 
     def permanent_error(self):
-        for w in self.windows:
+        for w in self._windows:
             if w.permanent_error:
                 return w.permanent_error
         return None
 
     def for_instance(self, instance_id):
-        for w in self.windows:
-            for m in w.measurements:
-                if m.instance_id == instance_id:
-                    yield w, m
+        """``(CycleWindow, VnicMeasurement)`` of one instance's vNICs."""
+        return iter(tuple(self._by_instance.get(instance_id, ())))
 
 
 def _stats_dict(stats):
@@ -234,7 +249,7 @@ class Prober:
                     window = CycleWindow(
                         instance_ids=frozenset(i.id for i in missing),
                         polled_at=time.monotonic())
-                entry.windows.append(window)
+                entry.add(window)
             return entry
 
     # Logging happens outside ``except`` blocks: oslo.log would append the

@@ -144,6 +144,37 @@ class FakeWindow:
             batch=capture.SightingBatch(7))
 
 
+def _measurement(instance_id, vnic):
+    return pollsters.VnicMeasurement(
+        instance_id=instance_id, stats=None, path=None,
+        report=report(vnic, [1_000]), metadata={'vif': vnic})
+
+
+def test_cycle_cache_finds_an_instances_measurements_in_window_order():
+    cache = pollsters.CycleCache()
+    first = pollsters.CycleWindow(
+        instance_ids=frozenset({'a', 'b', 'c'}), measurements=(
+            _measurement('a', 'tap1'), _measurement('b', 'tap2'),
+            _measurement('a', 'tap3')))
+    failed = pollsters.CycleWindow(instance_ids=frozenset({'d'}))
+    second = pollsters.CycleWindow(
+        instance_ids=frozenset({'e'}), measurements=(
+            _measurement('e', 'tap4'), _measurement('a', 'tap5')))
+    for w in (first, failed, second):
+        cache.add(w)
+    assert cache.windows == (first, failed, second)
+    assert cache.covered() == {'a', 'b', 'c', 'd', 'e'}
+    for instance_id in 'abcdef':
+        # What a scan of every window gives, in the same order.
+        scan = [(w, m) for w in cache.windows for m in w.measurements
+                if m.instance_id == instance_id]
+        assert list(cache.for_instance(instance_id)) == scan, instance_id
+    assert [m.report.vnic for _, m in cache.for_instance('a')] == [
+        'tap1', 'tap3', 'tap5']
+    assert list(cache.for_instance('c')) == []
+    assert cache.permanent_error() is None
+
+
 class TestLatencyPollsters(base.TestPollsterBase):
 
     def setUp(self):
