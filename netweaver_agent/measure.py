@@ -21,6 +21,9 @@ LOG = log.getLogger(__name__)
 # CLOCK_REALTIME may be slewed by NTP (at most 500 ppm) but not stepped.
 CLOCK_STEP_TOLERANCE_NS = 1_000_000
 CLOCK_SLEW_PPM = 500
+# Within a deadline_s, what preparing the probes and opening the capture
+# (which alone waits capture.TIMESTAMP_WARMUP_S) are given before sending.
+OPEN_RESERVE_S = capture.TIMESTAMP_WARMUP_S + 0.025
 
 
 class ClockStepError(RuntimeError):
@@ -110,7 +113,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
     :param source: a :class:`sources.ProbeSource`
     :param capture_netns: namespace of the host's interfaces (None: here)
     :param deadline_s: ``time.monotonic()`` by which the window must end
-        (e.g. the polling cycle's); None: ``max_window_ms`` from now
+        (e.g. the polling cycle's), opening the capture included: the
+        schedule keeps :data:`OPEN_RESERVE_S` for that; None:
+        ``max_window_ms`` from when the capture is open
     :param capture_class: what opens the capture, with
         :class:`capture.LiveCapture`'s signature and interface (None: that
         class; the pollsters pass the privsep daemon's, see
@@ -124,7 +129,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
     t0 = time.monotonic()
     deadline = t0 + settings.max_window_ms / 1000.0
     if deadline_s is not None:
-        deadline = min(deadline, deadline_s)
+        # The schedule leaves time to open the capture (which counts
+        # against deadline_s) so whole rounds fit.
+        deadline = min(deadline, deadline_s - OPEN_RESERVE_S)
     timeout_s = settings.timeout_ms / 1000.0
     sched = sources.schedule(
         session, settings.protocol, [p.address for p in paths],

@@ -63,7 +63,8 @@ OPTS = [
     cfg.FloatOpt('max_window_ms',
                  default=10000.0, min=10.0, max=300000.0,
                  help='Upper bound of one probe window (all vNICs of the '
-                      'host), in milliseconds; must exceed '
+                      'host), listing the vNICs included, in milliseconds; '
+                      'must exceed '
                       'probe_timeout_ms. When probe_count probes per vNIC '
                       'do not fit at the rate limits, the window sends as '
                       'many whole rounds as fit (every vNIC the same '

@@ -42,6 +42,8 @@ LOG = log.getLogger(__name__)
 CACHE_KEY = 'netweaver_agent.probe_window'
 _CYCLE_LOCK = threading.Lock()
 _PROBER_LOCK = threading.Lock()
+# How long the first cycle waits for the privsep daemon to start.
+WARM_UP_WAIT_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,12 +195,13 @@ class Prober:
         self.resolver = topology.load_resolver(group.vif_resolver)
         self.source = _source(conf)
         self.capture_class = None
+        self._warming = None
         if group.privsep:
             privileged.configure(group.privsep_helper_command)
             context = privileged.context_for(
                 group.capture_netns, getattr(self.source, 'netns_name', None))
             self.capture_class = privileged.capture_class(context)
-            privileged.warm_up(context)
+            self._warming = privileged.warm_up(context)
         self.sysfs_root = topology.SYSFS_NET
         self.inspector = self._new_inspector(conf)
         self._reported = set()
@@ -334,12 +337,13 @@ class Prober:
                                 'why': reason})
         return found
 
-    def _window(self, paths):
+    def _window(self, paths, deadline_s):
         """``(WindowResult, None)`` or ``(None, exception)``."""
         try:
             return measure.run_window(
                 paths, self.source, self.settings,
                 capture_netns=self.group.capture_netns,
+                deadline_s=deadline_s,
                 capture_class=self.capture_class), None
         except (capture.CaptureError, measure.ClockStepError,
                 sources.SourceError, netns.NetnsError, OSError,
@@ -347,12 +351,35 @@ class Prober:
             return None, exc
 
     def measure(self, instances):
-        """One window for every measurable vNIC of ``instances``."""
+        """One window for every measurable vNIC of ``instances``.
+
+        Listing the vNICs and the probe window together last at most
+        ``max_window_ms``: the window gets what the listing left.
+        """
         ids = frozenset(i.id for i in instances)
+        if self._warming is not None:
+            # Starting the privsep daemon (once) is not the cycle's work.
+            self._warming.join(WARM_UP_WAIT_S)
+            self._warming = None
+        deadline_s = time.monotonic() + self.settings.max_window_ms / 1000.0
         found = self.paths(instances)
         if not found:
             return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
-        window, error = self._window([p for _, _, p in found])
+        left_ms = (deadline_s - time.monotonic()) * 1000.0
+        open_ms = measure.OPEN_RESERVE_S * 1000.0
+        if left_ms <= self.settings.timeout_ms + open_ms:
+            LOG.warning('Listing %(n)d vNICs took %(took).0f ms of '
+                        'max_window_ms %(max).0f: no time left to probe '
+                        'them (the capture needs %(open).0f ms to open, '
+                        'probe_timeout_ms is %(timeout).0f); no latency '
+                        'this cycle. Raise max_window_ms.',
+                        {'n': len(found),
+                         'took': self.settings.max_window_ms - left_ms,
+                         'max': self.settings.max_window_ms,
+                         'open': open_ms,
+                         'timeout': self.settings.timeout_ms})
+            return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
+        window, error = self._window([p for _, _, p in found], deadline_s)
         if isinstance(error, capture.CapturePermissionError) or (
                 isinstance(error, sources.SourceError)
                 and isinstance(error.__cause__, PermissionError)):

@@ -28,6 +28,7 @@ from netweaver_agent import capture
 from netweaver_agent import labvirt
 from netweaver_agent import latency
 from netweaver_agent import measure
+from netweaver_agent import opts
 from netweaver_agent import pollsters
 from netweaver_agent import sources
 
@@ -78,6 +79,7 @@ class FakeInspector:
         self.vnics = {}
         self.domains = {}
         self.calls = 0
+        self.listed_at = []
         self.errors = {}
         self.connection = mock.Mock()
         self.connection.lookupByUUIDString.side_effect = self.domains.get
@@ -109,6 +111,7 @@ class FakeInspector:
 
     def inspect_vnics(self, instance, duration):
         self.calls += 1
+        self.listed_at.append(time.monotonic())
         if instance.id in self.errors:
             raise self.errors[instance.id]
         return iter(self.vnics[instance.id])
@@ -123,13 +126,15 @@ class FakeWindow:
         self.error = error
         self.calls = []
         self.settings = []
+        self.deadlines = []
         self.lock = threading.Lock()
 
     def __call__(self, paths, source, settings=None, capture_netns=None,
-                 capture_class=None):
+                 session=None, deadline_s=None, capture_class=None):
         with self.lock:
             self.calls.append(list(paths))
             self.settings.append(settings)
+            self.deadlines.append(deadline_s)
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.error is not None:
@@ -415,6 +420,40 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.assertEqual(['tapccc'], [p.vnic for p in self.window.calls[1]])
         self.assertEqual({'tapaaa', TAP_B, 'tapccc'},
                          set(self.by_tap(samples)))
+
+    # --- the cycle's deadline -----------------------------------------------
+
+    def test_listing_and_window_share_max_window_ms(self):
+        opts.register_opts(self.CONF)
+        self.CONF.set_override('max_window_ms', 3000.0, group='netweaver')
+        before = time.monotonic()
+        self.samples(pollsters.VifLatencyPollster)
+        after = time.monotonic()
+        (deadline,) = self.window.deadlines
+        # Counted from the cycle's start, before the vNICs were listed.
+        start = deadline - 3.0
+        self.assertLessEqual(before, start)
+        self.assertLessEqual(start, self.fake.listed_at[0])
+        self.assertLessEqual(start, after)
+
+    def test_no_time_left_after_listing_is_no_window(self):
+        opts.register_opts(self.CONF)
+        self.CONF.set_override('max_window_ms', 300.0, group='netweaver')
+        self.CONF.set_override('probe_timeout_ms', 200.0, group='netweaver')
+        clock = [1000.0]
+        listing = self.fake.inspect_vnics
+
+        def slow_listing(instance, duration):
+            clock[0] += 0.15    # 150 ms of a 300 ms bound
+            return listing(instance, duration)
+
+        self.fake.inspect_vnics = slow_listing
+        with mock.patch('time.monotonic', lambda: clock[0]):
+            samples = self.samples(pollsters.VifLatencyPollster)
+        self.assertEqual([], samples)
+        self.assertEqual(0, self.run_window.call_count)
+        self.assertIn('Listing 2 vNICs took 150 ms of max_window_ms 300: '
+                      'no time left to probe them', self.log.output)
 
     # --- failures ---------------------------------------------------------
 
