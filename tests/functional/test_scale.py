@@ -12,24 +12,14 @@ import os
 import re
 import threading
 
-from ceilometer.compute import discovery
-from ceilometer.compute import pollsters as compute_pollsters
-from ceilometer import service
 import pytest
 
-from netweaver_agent import labagent
-from netweaver_agent import labvirt
 from netweaver_agent import measure
 from netweaver_agent import netns
-from netweaver_agent import opts
-from netweaver_agent import pollsters
+from tests.functional import inprocess
 
 TRIMMED_RE = re.compile(r'sending (\d+) of 400 \((\d+) per vNIC\), (\d+) '
                         r'skipped')
-METERS = (pollsters.VifLatencyPollster, pollsters.VifLatencyP50Pollster,
-          pollsters.VifLatencyP99Pollster, pollsters.VifLatencyMaxPollster,
-          pollsters.VifOutgoingLatencyPollster,
-          pollsters.VifProbeLossPollster)
 
 
 # --- packet sockets ---------------------------------------------------------
@@ -61,70 +51,10 @@ def own_socket_inodes():
 
 # --- the real pollsters, in this process ------------------------------------
 
-class Cycle:
-    """Ceilometer's discovery and our six meters on one lab.
-
-    Like ``ceilometer-polling`` in the lab's hypervisor namespace, except
-    that this process stays where it is: the capture is opened in the
-    hypervisor namespace (``capture_netns``), the probes are sent from the
-    source namespace.
-    """
-
-    def __init__(self, the_lab, workdir, **options):
-        self.lab = the_lab
-        uri = labvirt.write_node(os.path.join(workdir, 'node.xml'),
-                                 labagent.guest_domains(the_lab))
-        conf = service.prepare_service([], [])
-        opts.register_opts(conf)
-        conf.set_override('libvirt_uri', uri)
-        conf.set_override('hypervisor_inspector', 'libvirt')
-        conf.set_override('instance_discovery_method', 'libvirt_metadata',
-                          group='compute')
-        options.setdefault('probe_source', f'netns:{the_lab.src_netns}')
-        options.setdefault('capture_netns', the_lab.hv_netns)
-        for name, value in options.items():
-            conf.set_override(name, value, group=opts.GROUP)
-        self.conf = conf
-        self.meters = [cls(conf) for cls in METERS]
-        self.discovery = discovery.InstanceDiscovery(conf)
-        self.prober = pollsters.VifLatencyBase._prober
-
-    def run(self):
-        """One polling cycle: ``({meter: [Sample]}, the cycle's cache)``."""
-        instances = self.discovery.discover(None)
-        cache = {}
-        samples = {m.sample_name: list(m.get_samples(None, cache, instances))
-                   for m in self.meters}
-        return samples, cache[pollsters.CACHE_KEY]
-
-
 @pytest.fixture
 def cycle_factory(tmp_path):
-    """``make(lab, **[netweaver] options) -> Cycle``, singletons reset."""
-    def reset():
-        pollsters.VifLatencyBase._prober = None
-        compute_pollsters.GenericComputePollster._inspector = None
-
-    reset()
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers))
-    made = []
-
-    def make(the_lab, **options):
-        c = Cycle(the_lab, str(tmp_path), **options)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.prober.source.close()
-    reset()
-    # prepare_service() set up Ceilometer's logging: give pytest its own.
-    root.setLevel(saved[0])
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in saved[1]:
-        root.addHandler(h)
+    """``make(lab, **[netweaver] options) -> inprocess.Cycle``."""
+    yield from inprocess.cycles(tmp_path)
 
 
 def _by_vif(samples, meter='network.vif.latency'):
