@@ -245,14 +245,7 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
         count=10, timeout_ms=100.0, max_window_ms=2000.0,
         vxlan_port=lab_mod.VXLAN_PORT)
     source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
-    try:
-        result = measure.run_window(
-            the_lab.paths(), source, settings,
-            capture_netns=the_lab.hv_netns,
-            capture_class=privileged.capture_class(ctx))
-    finally:
-        source.close()
-        privileged.stop()
+    result = _daemon_window(the_lab, source, settings, ctx)
     on_pif = _pif_encaps(result.batch, the_lab.pif)
     # Probes and replies of both guests, every one with its VNI.
     assert len(on_pif) == 2 * 2 * 10, on_pif
@@ -261,6 +254,18 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
         rep = result.reports[g.tap]
         assert rep.vni == VNI and rep.vlan == (), rep
         assert rep.ingress.count == 10 and rep.egress.count == 10, rep
+
+
+def _daemon_window(the_lab, source, settings, ctx):
+    """One window captured by ``ctx``'s daemon; source and daemon closed."""
+    try:
+        return measure.run_window(
+            the_lab.paths(), source, settings,
+            capture_netns=the_lab.hv_netns,
+            capture_class=privileged.capture_class(ctx))
+    finally:
+        source.close()
+        privileged.stop()
 
 
 def test_vlan_ids_come_back_from_the_daemon(lab_factory):
@@ -272,14 +277,7 @@ def test_vlan_ids_come_back_from_the_daemon(lab_factory):
     settings = measure.WindowSettings(count=10, timeout_ms=100.0,
                                       max_window_ms=2000.0)
     source = the_lab.vlan_source((200, 100))
-    try:
-        result = measure.run_window(
-            the_lab.paths(), source, settings,
-            capture_netns=the_lab.hv_netns,
-            capture_class=privileged.capture_class(ctx))
-    finally:
-        source.close()
-        privileged.stop()
+    result = _daemon_window(the_lab, source, settings, ctx)
     on_pif = _pif_encaps(result.batch, the_lab.pif)
     assert len(on_pif) == 10, on_pif
     assert set(on_pif) == {probe.Encap(vlan=(200, 100))}
