@@ -208,7 +208,7 @@ def _match_any(load, values, yes, no):
     return out
 
 
-def bpf_filter(protocol, vxlan_port=None):
+def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
     """A classic BPF program accepting frames that may be probes.
 
     IPv4 and IPv6: ``icmp`` accepts ICMP and ICMPv6; ``udp`` accepts UDP
@@ -263,7 +263,8 @@ def _attach_filter(sock, program):
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None):
+def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
+                       geneve_port=None):
     """An ``AF_PACKET`` socket with ns timestamps and the probe filter.
 
     Created in network namespace ``netns_name`` (None: the current one).
@@ -279,7 +280,7 @@ def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None):
             "opening an AF_PACKET capture socket needs CAP_NET_RAW "
             f"(namespace {netns_name or 'of this process'}): {exc}") from exc
     try:
-        _attach_filter(sock, bpf_filter(protocol, vxlan_port))
+        _attach_filter(sock, bpf_filter(protocol, vxlan_port, geneve_port))
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
@@ -308,14 +309,16 @@ class LiveCapture:
         batch, stats = cap.batch, cap.stats
 
     Only sightings of ``session`` on interfaces in ``interfaces`` (all
-    when None) are kept.  ``vxlan_port``: probes may also come inside
-    VXLAN packets to that UDP port (see :func:`bpf_filter`).
+    when None) are kept.  ``vxlan_port``, ``geneve_port``: probes may also
+    come inside VXLAN or Geneve packets to that UDP port (see
+    :func:`bpf_filter`).
     """
 
     def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None, vxlan_port=None):
+                 interfaces=None, vxlan_port=None, geneve_port=None):
         self.session = session
         self.vxlan_port = vxlan_port
+        self.geneve_port = geneve_port
         self.protocol = protocol
         self.netns_name = netns_name
         self.interfaces = frozenset(interfaces) if interfaces else None
@@ -338,7 +341,7 @@ class LiveCapture:
 
     def open(self):
         self._sock = open_packet_socket(self.netns_name, self.protocol,
-                                        self.vxlan_port)
+                                        self.vxlan_port, self.geneve_port)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='netweaver-capture')
         self._thread.start()

@@ -50,6 +50,8 @@ class WindowSettings:
     # Probes may reach the pif inside VXLAN to this UDP port (the capture
     # then lets those packets through too); None: no VXLAN.
     vxlan_port: int | None = None
+    # The same for Geneve (RFC 8926, OVN's tunnels; IANA port 6081).
+    geneve_port: int | None = None
 
     def __post_init__(self):
         if self.count < 1:
@@ -152,8 +154,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
     offset_before = clock_offset_ns()
     started_ns = time.time_ns()
     capture_class = capture_class or capture.LiveCapture
-    extra = ({'vxlan_port': settings.vxlan_port}
-             if settings.vxlan_port is not None else {})
+    extra = {name: getattr(settings, name)
+             for name in ('vxlan_port', 'geneve_port')
+             if getattr(settings, name) is not None}
     with capture_class(session, settings.protocol, netns_name=capture_netns,
                        interfaces=interfaces, **extra) as cap:
         # The window runs from here: building packets and opening the

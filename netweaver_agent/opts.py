@@ -103,6 +103,15 @@ OPTS = [
                      'Unset or 0: no VXLAN (probes reach the pif '
                      'unencapsulated or VLAN-tagged, which needs no '
                      'option).'),
+    cfg.PortOpt('geneve_port',
+                help='UDP port of the Geneve overlay that the pif carries, '
+                     'usually 6081 (IANA). Set it where the pif carries '
+                     'Geneve (e.g. OVN tenant networks between chassis), so '
+                     'that probes arriving inside Geneve packets are '
+                     'captured on the pif and matched by their inner '
+                     'frame; samples then carry the VNI. Where the OVSDB '
+                     'topology finds a Geneve tunnel port it fills this in '
+                     'for that window by itself. Unset or 0: no Geneve.'),
     cfg.StrOpt('capture_netns',
                help='Network namespace holding the host interfaces (pif '
                     'and vifs) where probes are captured. Lab use only: '

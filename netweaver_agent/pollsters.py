@@ -165,7 +165,8 @@ def window_settings(conf):
         per_vnic_interval_ms=group.per_vnic_interval_ms,
         timeout_ms=group.probe_timeout_ms,
         max_window_ms=group.max_window_ms, size=group.probe_size,
-        port=group.probe_port, vxlan_port=group.vxlan_port or None)
+        port=group.probe_port, vxlan_port=group.vxlan_port or None,
+        geneve_port=group.geneve_port or None)
 
 
 def _open_rule(protocol, port, source_name):

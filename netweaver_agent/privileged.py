@@ -164,10 +164,12 @@ def _check_protocol(protocol):
 
 
 def _open_capture(session, protocol, netns_name, interfaces,
-                  vxlan_port=None):
+                  vxlan_port=None, geneve_port=None):
     session = _int(session, 'probe session', 1, 0xffff)
     if vxlan_port is not None:
         vxlan_port = _int(vxlan_port, 'VXLAN port', 1, 65535)
+    if geneve_port is not None:
+        geneve_port = _int(geneve_port, 'Geneve port', 1, 65535)
     protocol = _check_protocol(protocol)
     netns_name = _check_netns(netns_name)
     if interfaces is not None:
@@ -178,7 +180,8 @@ def _open_capture(session, protocol, netns_name, interfaces,
             raise ValueError(f"interfaces {interfaces[:5]!r}...: expected "
                              f"at most {MAX_INTERFACES} interface names")
     cap = capture.LiveCapture(session, protocol, netns_name=netns_name,
-                              interfaces=interfaces, vxlan_port=vxlan_port)
+                              interfaces=interfaces, vxlan_port=vxlan_port,
+                              geneve_port=geneve_port)
     cap.open()
     return _hold(cap, lambda c: c.close())
 
@@ -482,9 +485,11 @@ class PrivsepCapture:
     """
 
     def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None, context=None, vxlan_port=None):
+                 interfaces=None, context=None, vxlan_port=None,
+                 geneve_port=None):
         self.session = session
         self.vxlan_port = vxlan_port
+        self.geneve_port = geneve_port
         self.protocol = protocol
         self.netns_name = netns_name
         self.interfaces = sorted(interfaces) if interfaces else None
@@ -504,7 +509,7 @@ class PrivsepCapture:
     def open(self):
         self._handle = call(self.context, 'open_capture', self.session,
                             self.protocol, self.netns_name, self.interfaces,
-                            self.vxlan_port)
+                            self.vxlan_port, self.geneve_port)
 
     def settle(self, quiet_s, max_s=None):
         call(self.context, 'settle_capture', self._handle, quiet_s, max_s)
@@ -520,10 +525,10 @@ class PrivsepCapture:
 def capture_class(context):
     """A ``capture_class`` for :func:`measure.run_window` using ``context``."""
     def make(session, protocol='icmp', netns_name=None, interfaces=None,
-             vxlan_port=None):
+             vxlan_port=None, geneve_port=None):
         return PrivsepCapture(session, protocol, netns_name=netns_name,
                               interfaces=interfaces, context=context,
-                              vxlan_port=vxlan_port)
+                              vxlan_port=vxlan_port, geneve_port=geneve_port)
     return make
 
 

@@ -207,3 +207,33 @@ def test_live_encap_puts_the_kernel_tag_first():
     assert capture._live_encap(200, (1, 2)) == probe.Encap(vlan=(200,))
     assert capture._live_encap(200, (1, 2, probe.Encap(vlan=(100,)))) == \
         probe.Encap(vlan=(200, 100))
+
+
+# --------------------------------------------------------------------------
+# geneve_port travels like vxlan_port: option → settings → (privsep) capture.
+
+def test_geneve_port_option_reaches_the_window_settings():
+    from oslo_config import cfg
+
+    from netweaver_agent import opts
+    from netweaver_agent import pollsters
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    conf([], project='netweaver-test')
+    assert pollsters.window_settings(conf).geneve_port is None
+    for value, expected in ((6081, 6081), (0, None)):
+        conf.set_override('geneve_port', value, group=opts.GROUP)
+        assert pollsters.window_settings(conf).geneve_port == expected
+
+
+def test_the_capture_classes_take_the_geneve_port():
+    from netweaver_agent import privileged
+    make = privileged.capture_class(privileged.netns_pctxt)
+    cap = make(9, 'icmp', netns_name='hv', vxlan_port=4789,
+               geneve_port=6081)
+    assert (cap.vxlan_port, cap.geneve_port) == (4789, 6081)
+    assert make(9).geneve_port is None
+    live = capture.LiveCapture(9, 'icmp', geneve_port=6081)
+    assert live.geneve_port == 6081
+    with pytest.raises(ValueError, match='Geneve port'):
+        privileged._open_capture(9, 'icmp', None, None, None, 70000)
