@@ -137,6 +137,7 @@ class _Rows:
         self.session_runs = []          # [[session, rows], ...]
         self.encap = {}                 # (session, key, ifindex) -> Encap
         self.ifnames = {}
+        self._index_of = {}             # name -> index: O(1) per block
         self.records = 0
         self.untimed = 0
         self.truncated = False
@@ -145,11 +146,10 @@ class _Rows:
     def interface(self, name):
         """The column index for interface ``name``."""
         name = self.forced_name or name
-        for index, known in self.ifnames.items():
-            if known == name:
-                return index
-        index = len(self.ifnames)
-        self.ifnames[index] = name
+        index = self._index_of.get(name)
+        if index is None:
+            index = self._index_of[name] = len(self.ifnames)
+            self.ifnames[index] = name
         return index
 
     def _sessions(self, session, count):
@@ -451,6 +451,7 @@ class _Pcapng:
         self.path = rows.path
         self.order = '<'
         self.ifaces = []
+        self.ifindex = []       # ifaces' column indexes, kept alongside
 
     def read(self):
         buf, path, rows = self.buf, self.path, self.rows
@@ -509,6 +510,7 @@ class _Pcapng:
             raise PcapError(f"{self.path}: corrupt pcapng section header at "
                             f"byte {o}: byte-order magic 0x{bom:08x}")
         self.ifaces = []
+        self.ifindex = []
 
     def _idb(self, o, blen):
         buf, order, rows = self.buf, self.order, self.rows
@@ -532,6 +534,7 @@ class _Pcapng:
                         {'path': self.path, 'name': name, 'lt': linktype})
         self.ifaces.append(_Iface(link, rows.interface(name),
                                   _ts_converter(tsresol, tsoffset)))
+        self.ifindex.append(self.ifaces[-1].index)
 
     def _iface(self, iface_id, o):
         if iface_id >= len(self.ifaces):
@@ -630,8 +633,8 @@ class _Pcapng:
                     self.ifaces[i].to_ns != iface.to_ns or
                     self.ifaces[i].link != iface.link for i in used):
                 return 1
-            index = [i.index for i in self.ifaces]
-            ifindex = array.array('i', map(index.__getitem__, ids))
+            # Not rebuilt per run: with many interfaces that was O(n) each
+            ifindex = array.array('i', map(self.ifindex.__getitem__, ids))
         hi_col = col(buf, o + 12, blen, n, 4)
         lo_col = col(buf, o + 16, blen, n, 4)
         if big:

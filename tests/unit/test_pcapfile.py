@@ -493,3 +493,72 @@ def test_corrupt_pcapng_blocks(tmp_path):
     path.write_bytes(good + _epb('<', 0, 2, f)[:30])
     read = pcapfile.read_pcap(path)
     assert read.truncated and read.probes == 1
+
+
+# --- work per block stays constant (no quadratic step) ----------------------
+
+class _TooMuchWork(Exception):
+    pass
+
+
+def _lines_run(path, budget):
+    """Lines of pcapfile/pcapkeys executed reading ``path`` (loop
+    iterations included); :class:`_TooMuchWork` past ``budget``."""
+    import sys
+    ours = {pcapfile.__file__, pcapkeys.__file__}
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == 'line':
+            count += 1
+            if count > budget:
+                raise _TooMuchWork(count)
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename in ours else None
+
+    sys.settrace(tracer)
+    try:
+        read = pcapfile.read_pcap(path)
+    finally:
+        sys.settrace(None)
+    return count, read
+
+
+def _many_interfaces(path, n):
+    """A pcapng of ``n`` unnamed interface blocks, then ``n`` packets in
+    runs of 16 that name several of those interfaces (every run its own
+    frame length, so no two runs merge)."""
+    unnamed = _block('<', pcapfile.PCAPNG_IDB,
+                     struct.pack('<HHI', 1, 0, 65535))
+    frame = probes('icmp', 1)[0]
+    out = [_shb('<'), unnamed * n]
+    for run in range(n // 16):
+        f = frame + bytes(4 * (run % 2))
+        out += [_epb('<', (run + j) % 3, T0 // 1000 + j, f)
+                for j in range(16)]
+    path.write_bytes(b''.join(out))
+    return path
+
+
+def test_pcapng_many_unnamed_interfaces_cost_the_same_per_block(tmp_path):
+    small, large = 2000, 8000
+    work_small, read = _lines_run(_many_interfaces(tmp_path / 's.pcapng',
+                                                   small), budget=10 ** 8)
+    assert len(read.batch.ifnames) == small
+    assert read.records == small // 16 * 16
+    # Four times the blocks may cost a little over four times the work
+    # (fixed costs aside), never the square.
+    limit = 5 * work_small
+    try:
+        work_large, read = _lines_run(
+            _many_interfaces(tmp_path / 'l.pcapng', large), budget=limit)
+    except _TooMuchWork:
+        pytest.fail(f'{large} interface blocks took more than {limit} '
+                    f'lines against {work_small} for {small}: not linear')
+    assert len(read.batch.ifnames) == large
+    assert {read.batch.ifnames[i] for i in set(read.batch.ifindex)} == {
+        'l#0', 'l#1', 'l#2'}
+    assert work_large <= limit
