@@ -7,6 +7,7 @@ pollsters, ``netweaver lab`` and the tests all measure through
 """
 
 import dataclasses
+import math
 import secrets
 import time
 
@@ -54,6 +55,11 @@ class WindowSettings:
     geneve_port: int | None = None
 
     def __post_init__(self):
+        for name in ('interval_ms', 'per_vnic_interval_ms', 'timeout_ms',
+                     'max_window_ms'):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a "
+                                 "finite number")
         if self.count < 1:
             raise ValueError(f"probe count {self.count!r} must be >= 1")
         if self.timeout_ms <= 0:
@@ -124,6 +130,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
         :mod:`netweaver_agent.privileged`)
     """
     settings = settings or WindowSettings()
+    if deadline_s is not None and not math.isfinite(deadline_s):
+        raise ValueError(f"probe window deadline_s {deadline_s!r} is not a "
+                         "finite time")
     paths = list(paths)
     if not paths:
         raise ValueError("a probe window needs at least one vNIC")

@@ -7,6 +7,7 @@ register them with :func:`register_opts` when the agent loads them.
 """
 
 import itertools
+import math
 
 from oslo_config import cfg
 
@@ -25,6 +26,18 @@ OPTS = [
                     "physical network, over SSH (see the ssh_* options). "
                     "Ingress latency is only real when probes enter the "
                     "host through the pif."),
+    cfg.ListOpt('probe_networks',
+                default=[],
+                help='Networks (CIDR, IPv4 or IPv6, comma-separated) that '
+                     'probes may be sent to, e.g. the provider networks '
+                     "of this host's instances. A vNIC whose address lies "
+                     'outside them is not measured (logged with the '
+                     "reason). With probe_source 'local' nothing is sent "
+                     'until they are set: the host\'s own stack would '
+                     'send tenant addresses by its default route. Whatever '
+                     'the setting, probes never go to loopback, '
+                     'link-local (169.254.169.254 included), multicast, '
+                     'broadcast, unspecified or reserved addresses.'),
     cfg.StrOpt('probe_protocol',
                default='icmp',
                choices=[('icmp', 'ICMP echo requests; the guest answers '
@@ -154,6 +167,83 @@ def all_opts():
 def register_opts(conf):
     """Register the ``[netweaver]`` options on ``conf`` (idempotent)."""
     conf.register_opts(all_opts(), group=GROUP)
+
+
+class OptionsError(ValueError):
+    """``[netweaver]`` options that can never work; names each option."""
+
+
+def _name(option):
+    return f'[{GROUP}] {option}'
+
+
+def _non_finite(group):
+    """Every float option must be a finite number (oslo.config takes
+    'nan', which no bound refuses)."""
+    out = []
+    for opt in all_opts():
+        if isinstance(opt.type, cfg.types.Float):
+            value = group[opt.dest]
+            if value is not None and not math.isfinite(value):
+                out.append(f"{_name(opt.name)} = {value!r} is not a finite "
+                           "number")
+    return out
+
+
+def _window_fits(group):
+    """An agent window must leave room for a probe: opening the capture
+    (measure.OPEN_RESERVE_S) and the last probe's timeout come out of
+    max_window_ms."""
+    from netweaver_agent import measure
+    timeout, window = group.probe_timeout_ms, group.max_window_ms
+    if not (math.isfinite(timeout) and math.isfinite(window)):
+        return []
+    reserve_ms = measure.OPEN_RESERVE_S * 1000.0
+    if window > timeout + reserve_ms:
+        return []
+    return [f"{_name('max_window_ms')} = {window:g} must exceed "
+            f"{_name('probe_timeout_ms')} = {timeout:g} plus "
+            f"{reserve_ms:g} ms to open the capture: no probe could ever be "
+            "sent (raise max_window_ms or lower probe_timeout_ms)"]
+
+
+def _ssh_known_hosts(group):
+    """accept-new records keys in the known_hosts file: without one, every
+    connection would trust any key, so it is refused."""
+    if (getattr(group, 'ssh_accept_new_host_key', False) and
+            not getattr(group, 'ssh_known_hosts_file', None)):
+        return [f"{_name('ssh_accept_new_host_key')} = True needs "
+                f"{_name('ssh_known_hosts_file')} (it is empty): without "
+                "a file to record keys in, any host key would be accepted "
+                "on every connection"]
+    return []
+
+
+# Checks of option values and combinations that can never work, run when
+# the pollsters load: each takes the [netweaver] group, returns messages.
+CHECKS = [_non_finite, _window_fits, _ssh_known_hosts]
+
+
+def problems(conf):
+    """Messages for every option (combination) of ``conf`` that can never
+    work; empty when all is well."""
+    group = conf[GROUP]
+    out = []
+    for check in CHECKS:
+        out.extend(check(group))
+    return out
+
+
+def validate(conf):
+    """Raise :class:`OptionsError` naming every option that can never work.
+
+    Called when the pollsters load, so a bad configuration stops the
+    agent at start-up with the reason rather than failing every cycle.
+    """
+    found = problems(conf)
+    if found:
+        raise OptionsError('invalid [netweaver] configuration: ' +
+                           '; '.join(found))
 
 
 def list_opts():

@@ -504,6 +504,14 @@ class VifLatencyBase(compute_pollsters.GenericComputePollster):
     def setup_environment(self):
         super().setup_environment()
         opts.register_opts(self.conf)
+        try:
+            # Refuse what can never work, at load.  Ceilometer turns any
+            # error here into a skip it logs at DEBUG only: say it loudly.
+            opts.validate(self.conf)
+        except opts.OptionsError as exc:
+            LOG.error('Meter %(meter)s not loaded: %(err)s',
+                      {'meter': self.sample_name, 'err': exc})
+            raise
         self.prober = self._get_prober(self.conf)
 
     @classmethod

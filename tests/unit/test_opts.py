@@ -151,3 +151,163 @@ def test_grafana_dashboard_queries_every_exported_series():
     for meter in METERS:
         series = 'ceilometer_' + meter.replace('.', '_') + '{'
         assert series in exprs, meter
+
+
+# --- start-up validation: values and combinations that can never work ------
+
+def _conf(**overrides):
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    conf([])
+    for name, value in overrides.items():
+        conf.set_override(name, value, group='netweaver')
+    return conf
+
+
+def test_defaults_validate():
+    assert opts.problems(_conf()) == []
+    opts.validate(_conf())
+
+
+@pytest.mark.parametrize('opt', [o for o in opts.all_opts()
+                                 if isinstance(o.type, types.Float)],
+                         ids=lambda o: o.name)
+@pytest.mark.parametrize('bad', ['nan', '-nan', 'NaN'])
+def test_nan_is_refused_for_every_float_option(opt, bad):
+    with pytest.raises(opts.OptionsError) as err:
+        opts.validate(_conf(**{opt.dest: bad}))
+    assert f'[netweaver] {opt.name} = nan is not a finite number' in \
+        str(err.value)
+
+
+def test_nan_in_a_config_file_is_refused(tmp_path):
+    conf_file = tmp_path / 'agent.conf'
+    conf_file.write_text('[netweaver]\nprobe_interval_ms = nan\n'
+                         'ssh_command_timeout_s = nan\n')
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    conf(['--config-file', str(conf_file)])
+    msg = '; '.join(opts.problems(conf))
+    assert 'probe_interval_ms = nan' in msg
+    assert 'ssh_command_timeout_s = nan' in msg
+
+
+def test_inf_is_refused_by_the_bounds_or_the_check():
+    for opt in opts.all_opts():
+        if not isinstance(opt.type, types.Float):
+            continue
+        conf = _conf()
+        try:
+            conf.set_override(opt.dest, 'inf', group='netweaver')
+        except ValueError:
+            continue                  # its max refuses it already
+        assert any(opt.name in p for p in opts.problems(conf)), opt.name
+
+
+def test_probe_timeout_not_below_the_window_is_refused():
+    for timeout, window in ((5000.0, 5000.0), (6000.0, 5000.0),
+                            (4990.0, 5000.0)):
+        with pytest.raises(opts.OptionsError) as err:
+            opts.validate(_conf(probe_timeout_ms=timeout,
+                                max_window_ms=window))
+        msg = str(err.value)
+        assert '[netweaver] max_window_ms' in msg
+        assert '[netweaver] probe_timeout_ms' in msg
+    # Room to open the capture and send: fine.
+    assert opts.problems(_conf(probe_timeout_ms=200.0,
+                               max_window_ms=1000.0)) == []
+
+
+def test_the_window_check_agrees_with_the_window_itself():
+    """Just above the refused combination, a window has room for a probe:
+    the check refuses exactly what run_window could never send."""
+    from netweaver_agent import measure
+    from netweaver_agent import sources
+    timeout = 200.0
+    edge = timeout + measure.OPEN_RESERVE_S * 1000.0
+    assert opts.problems(_conf(probe_timeout_ms=timeout,
+                               max_window_ms=edge))
+    ok = edge + 5.0
+    assert not opts.problems(_conf(probe_timeout_ms=timeout,
+                                   max_window_ms=ok))
+    budget_ns = int((ok - edge) * 1e6)
+    sched = sources.schedule(1, 'icmp', ['198.18.0.10'], 1, 1_000_000,
+                             0, budget_ns=budget_ns)
+    assert len(sched.plan.probes) == 1
+
+
+def test_accept_new_without_known_hosts_file_is_refused():
+    with pytest.raises(opts.OptionsError) as err:
+        opts.validate(_conf(ssh_accept_new_host_key=True,
+                            ssh_known_hosts_file=''))
+    msg = str(err.value)
+    assert '[netweaver] ssh_accept_new_host_key' in msg
+    assert '[netweaver] ssh_known_hosts_file' in msg
+    assert opts.problems(_conf(ssh_accept_new_host_key=True)) == []
+    assert opts.problems(_conf(ssh_known_hosts_file='')) == []
+
+
+def test_every_problem_is_named_at_once():
+    found = opts.problems(_conf(probe_interval_ms='nan',
+                                probe_timeout_ms=9990.0,
+                                ssh_accept_new_host_key=True,
+                                ssh_known_hosts_file=''))
+    assert len(found) == 3
+
+
+def test_the_pollsters_refuse_to_load_before_probing_anything(caplog):
+    """Loading a meter validates first: the meter is not loaded, an ERROR
+    names the options (Ceilometer itself logs a failed setup only at
+    DEBUG), and no Prober (no source, no privsep daemon) is made."""
+    from unittest import mock
+    from ceilometer.compute import pollsters as compute_pollsters
+    from ceilometer.polling import plugin_base
+    from netweaver_agent import pollsters
+    conf = _conf(max_window_ms=100.0, probe_timeout_ms=90.0)
+    with mock.patch.object(compute_pollsters.GenericComputePollster,
+                           '_get_inspector'), \
+            mock.patch.object(pollsters.VifLatencyBase,
+                              '_get_prober') as prober:
+        with caplog.at_level('ERROR'):
+            with pytest.raises(plugin_base.ExtensionLoadError,
+                               match='max_window_ms'):
+                pollsters.VifLatencyPollster(conf)
+        prober.assert_not_called()
+        errors = [r.getMessage() for r in caplog.records
+                  if r.levelname == 'ERROR']
+        assert any('network.vif.latency not loaded' in m and
+                   '[netweaver] probe_timeout_ms' in m for m in errors), \
+            errors
+        conf.clear_override('max_window_ms', group='netweaver')
+        pollsters.VifLatencyPollster(conf)
+        prober.assert_called_once()
+
+
+# --- the window itself refuses NaN/inf ---------------------------------------
+
+@pytest.mark.parametrize('field', ['interval_ms', 'per_vnic_interval_ms',
+                                   'timeout_ms', 'max_window_ms'])
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_window_settings_refuse_non_finite(field, bad):
+    from netweaver_agent import measure
+    with pytest.raises(ValueError, match=f'{field} .* finite'):
+        measure.WindowSettings(**{field: bad})
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'),
+                                 float('-inf')])
+def test_run_window_refuses_a_non_finite_deadline(bad):
+    from netweaver_agent import measure
+    from netweaver_agent import sources
+    from netweaver_agent import topology
+
+    class NeverSends(sources.ProbeSource):
+        def prepare(self, plan):
+            raise AssertionError('prepared with a non-finite deadline')
+
+        send = prepare
+
+    path = topology.VifPath(vnic='tap0', address='198.18.0.10',
+                            interfaces=('eth1', 'tap0'))
+    with pytest.raises(ValueError, match='deadline_s .* finite'):
+        measure.run_window([path], NeverSends(), deadline_s=bad)
