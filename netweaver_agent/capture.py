@@ -168,9 +168,13 @@ _PROTOS6 = {'icmp': (58,), 'udp': (17, 58), 'tcp': (6,)}
 # Classic BPF opcodes.
 _LDH_ABS, _LDB_ABS, _LDH_IND, _LDB_IND = 0x28, 0x30, 0x48, 0x50
 _LDX_IMM, _JEQ, _RET = 0x01, 0x15, 0x06
-# Offsets of a VXLAN packet with an IPv4 underlay without options.
+_JSET, _AND_K, _LSH_K, _ADD_X, _TAX = 0x45, 0x54, 0x64, 0x0c, 0x07
+# Offsets of a VXLAN packet with an IPv4 underlay without options; a
+# Geneve packet's inner frame is its options' length further.
 _VX_UDP = 14 + 20
 _VX_INNER = _VX_UDP + 8 + probe.VXLAN_HDR_LEN
+_GENEVE_BASE = _VX_UDP + 8
+assert probe.GENEVE_HDR_LEN == probe.VXLAN_HDR_LEN
 
 
 def _assemble(code):
@@ -216,9 +220,10 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
     two VLAN tags left in the frame are skipped (the kernel usually moves
     the outer one out of it, see ``PACKET_AUXDATA``).  ``vxlan_port``: also
     accept VXLAN packets to that UDP port over IPv4 whose inner frame
-    passes the same test.  The rest is verified in user space by
-    :func:`pcapkeys.frame_key`.  Returns ``(code, jt, jf, k)``
-    instructions.
+    passes the same test; ``geneve_port``: the same for Geneve (version 0,
+    Ethernet inside, the inner frame after the options).  The rest is
+    verified in user space by :func:`pcapkeys.frame_key`.  Returns
+    ``(code, jt, jf, k)`` instructions.
     """
     protos = _PROTOS.get(protocol)
     if protos is None:
@@ -233,17 +238,30 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
     code += ['tag2', (_LDX_IMM, 0, 0, 8), (_LDH_ABS, 0, 0, 20)]
     code += ['ether', (_JEQ, 'ip4', 0, probe.ETH_P_IP),
              (_JEQ, 'ip6', 'reject', probe.ETH_P_IPV6)]
-    four = protos + ((17,) if vxlan_port and 17 not in protos else ())
+    tunnels = (vxlan_port or geneve_port) and 17 not in protos
+    four = protos + ((17,) if tunnels else ())
     code += ['ip4'] + _match_any((_LDB_IND, 0, 0, 23), four, 'l4', 'reject')
     code += ['ip6'] + _match_any((_LDB_IND, 0, 0, 20), protos6, 'accept',
                                  'reject')
-    if vxlan_port and 17 not in protos:
-        # Ours unless it is UDP: then VXLAN to vxlan_port only.
-        code += ['l4', (_JEQ, 'vxlan', 'accept', 17)]
-        code += ['vxlan', (_LDB_IND, 0, 0, 14), (_JEQ, 0, 'reject', 0x45),
-                 (_LDH_IND, 0, 0, _VX_UDP + 2),
-                 (_JEQ, 0, 'reject', vxlan_port),
-                 (_LDH_IND, 0, 0, _VX_INNER + 12),
+    if tunnels:
+        # Ours unless it is UDP: then VXLAN to vxlan_port or Geneve to
+        # geneve_port only.
+        code += ['l4', (_JEQ, 'udp', 'accept', 17)]
+        code += ['udp', (_LDB_IND, 0, 0, 14), (_JEQ, 0, 'reject', 0x45),
+                 (_LDH_IND, 0, 0, _VX_UDP + 2)]
+        if vxlan_port:
+            code += [(_JEQ, 'inner', 0 if geneve_port else 'reject',
+                      vxlan_port)]
+        if geneve_port:
+            # Version 0 and Ethernet inside; X += the options' length.
+            code += [(_JEQ, 0, 'reject', geneve_port),
+                     (_LDH_IND, 0, 0, _GENEVE_BASE + 2),
+                     (_JEQ, 0, 'reject', probe.ETH_P_TEB),
+                     (_LDB_IND, 0, 0, _GENEVE_BASE),
+                     (_JSET, 'reject', 0, 0xc0),
+                     (_AND_K, 0, 0, 0x3f), (_LSH_K, 0, 0, 2),
+                     (_ADD_X, 0, 0, 0), (_TAX, 0, 0, 0)]
+        code += ['inner', (_LDH_IND, 0, 0, _VX_INNER + 12),
                  (_JEQ, 'in4', 0, probe.ETH_P_IP),
                  (_JEQ, 'in6', 'reject', probe.ETH_P_IPV6)]
         code += ['in4'] + _match_any((_LDB_IND, 0, 0, _VX_INNER + 23),

@@ -41,7 +41,19 @@ Options:
 Neighbour entries and bridge forwarding entries are static, so no ARP
 and no flooding disturb a window.
 
-Truth is injected on the bridge, after the pif, for probes bound to one
+``switch`` chooses what sits between the pif and the taps, a
+:class:`labswitch.SwitchLayout` found by name in :data:`SWITCHES` and
+imported lazily: ``linuxbridge`` (the default, described here and in
+:mod:`netweaver_agent.lablinuxbridge`), ``ovs-hybrid`` and ``ovs-native``
+(:mod:`netweaver_agent.labovs`), ``ovn``.  ``network_type`` is ``flat``,
+``vlan``, ``vxlan`` or ``geneve`` as the layout allows, with
+``segmentation_id`` its VLAN id or VNI (``vxlan_vni=N`` is the same as
+``network_type='vxlan', segmentation_id=N``).  The layout builds the
+hypervisor's switch and the source's side of the physical network, gives
+the paths and the probe source, and injects the truth it can
+(:meth:`Lab.truth`).
+
+On the Linux bridge, truth is injected after the pif, for probes bound to one
 guest (``-m physdev --physdev-out <tap> -d <address>``):
 
 * delay: ``tc netem`` on the tap where the kernel has it; else an
@@ -62,6 +74,7 @@ is described by a state file under ``/run/netweaver-lab/<prefix>/`` so
 
 import dataclasses
 import hashlib
+import importlib
 import ipaddress
 import json
 import os
@@ -78,17 +91,16 @@ import uuid
 from oslo_log import log
 
 from netweaver_agent import delayer
+from netweaver_agent import labswitch
 from netweaver_agent import netns
 from netweaver_agent import probe
-from netweaver_agent import sources
-from netweaver_agent import topology
 
 LOG = log.getLogger(__name__)
 
 LAB_NET = ipaddress.ip_network('198.18.0.0/15')
 # RFC 5180's IPv6 benchmarking range: never routed outside a lab.
 LAB_NET6 = ipaddress.ip_network('2001:2::/48')
-VXLAN_PORT = 4789
+VXLAN_PORT = labswitch.VXLAN_PORT
 VXLAN_DEV_PREFIX = 'vxlan-'
 STATE_ROOT = '/run/netweaver-lab'
 STATE_FILE = 'state.json'
@@ -99,10 +111,33 @@ KILL_GRACE_S = 3.0
 _PREFIX_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$')
 _LAB_UUID_NS = uuid.UUID('5d0f3c52-1f5e-4d8e-9f3a-6e6574776561')
 DELAY_BACKENDS = ('auto', 'netem', 'nfqueue')
+NETWORK_TYPES = ('flat', 'vlan', 'vxlan', 'geneve')
+DEFAULT_VLAN_ID = 100
+DEFAULT_VNI = 4242
+# ``--switch`` name -> 'module:Class' of its labswitch.SwitchLayout,
+# imported when a lab (or spec) of that switch is made.
+SWITCHES = {
+    'linuxbridge': 'netweaver_agent.lablinuxbridge:LinuxBridgeLayout',
+    'ovs-hybrid': 'netweaver_agent.labovs:OvsHybridLayout',
+    'ovs-native': 'netweaver_agent.labovs:OvsNativeLayout',
+    'ovn': 'netweaver_agent.labovn:OvnLayout',
+}
+
+LabError = labswitch.LabError
+ActiveDelay = labswitch.ActiveDelay
 
 
-class LabError(RuntimeError):
-    """The lab could not be built, changed or removed."""
+def layout_class(switch):
+    """The :class:`labswitch.SwitchLayout` subclass of ``switch``."""
+    if switch not in SWITCHES:
+        raise ValueError(f"unknown lab switch {switch!r}; expected one of "
+                         f"{', '.join(SWITCHES)}")
+    module, _, cls = SWITCHES[switch].partition(':')
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"lab switch {switch!r} is not available "
+                         f"({SWITCHES[switch]}): {exc}") from exc
 
 
 def _check_ifname(name, what):
@@ -183,6 +218,13 @@ class LabSpec:
     network6: str = '2001:2::/64'
     vxlan_vni: int | None = None
     underlay: str = '198.18.254.0/24'
+    # What sits between the pif and the taps: a key of SWITCHES.
+    switch: str = 'linuxbridge'
+    # flat, vlan, vxlan or geneve (None: vxlan with vxlan_vni, else flat).
+    network_type: str | None = None
+    # The VLAN id (vlan) or VNI (vxlan, geneve); None: vxlan_vni or a
+    # default.  ``vxlan_vni`` is set to it for vxlan.
+    segmentation_id: int | None = None
 
     def __post_init__(self):
         if not _PREFIX_RE.match(self.prefix or ''):
@@ -206,10 +248,8 @@ class LabSpec:
             if net6.num_addresses - FIRST_GUEST_HOST - 1 < self.guests:
                 raise ValueError(f"lab network {net6} is too small for "
                                  f"{self.guests} guests")
-        if self.vxlan_vni is not None:
-            if not 1 <= self.vxlan_vni <= 0xffffff:
-                raise ValueError(f"VXLAN VNI {self.vxlan_vni!r} is not "
-                                 "within 1..16777215")
+        self._check_network_type()
+        if self.tunnelled:
             under = self._net(self.underlay, 'underlay network')
             others = [net] + ([self._net(self.mgmt_network, '')]
                               if self.mgmt else [])
@@ -231,6 +271,52 @@ class LabSpec:
                 if inj.guest in seen:
                     raise ValueError(f"guest {inj.guest} has two delays")
                 seen.add(inj.guest)
+
+    def _check_network_type(self):
+        ntype = self.network_type
+        if ntype is None:
+            ntype = 'flat' if self.vxlan_vni is None else 'vxlan'
+        if ntype not in NETWORK_TYPES:
+            raise ValueError(f"unknown lab network type {ntype!r}; expected "
+                             f"one of {', '.join(NETWORK_TYPES)}")
+        if self.vxlan_vni is not None:
+            if ntype != 'vxlan':
+                raise ValueError(f"vxlan_vni {self.vxlan_vni!r} given for a "
+                                 f"{ntype} network")
+            if self.segmentation_id not in (None, self.vxlan_vni):
+                raise ValueError(f"vxlan_vni {self.vxlan_vni!r} and "
+                                 f"segmentation_id {self.segmentation_id!r} "
+                                 "differ")
+        seg = self.segmentation_id
+        if seg is None and self.vxlan_vni is not None:
+            seg = self.vxlan_vni
+        if ntype == 'flat':
+            if seg is not None:
+                raise ValueError(f"segmentation id {seg!r} given for a flat "
+                                 "network")
+        elif ntype == 'vlan':
+            seg = DEFAULT_VLAN_ID if seg is None else seg
+            if not 1 <= seg <= 4094:
+                raise ValueError(f"VLAN id {seg!r} is not within 1..4094")
+        else:
+            seg = DEFAULT_VNI if seg is None else seg
+            if not 1 <= seg <= 0xffffff:
+                raise ValueError(f"{ntype.upper()} VNI {seg!r} is not within "
+                                 "1..16777215")
+        layout = layout_class(self.switch)
+        if ntype not in layout.network_types:
+            raise ValueError(
+                f"lab switch {self.switch!r} builds no {ntype} network "
+                f"(it builds {', '.join(layout.network_types)})")
+        object.__setattr__(self, 'network_type', ntype)
+        object.__setattr__(self, 'segmentation_id', seg)
+        if ntype == 'vxlan':
+            object.__setattr__(self, 'vxlan_vni', seg)
+
+    @property
+    def tunnelled(self):
+        """Whether the guests' network is an overlay over the underlay."""
+        return self.network_type in ('vxlan', 'geneve')
 
     @staticmethod
     def _net(text, what):
@@ -307,14 +393,14 @@ class LabSpec:
 
     @property
     def vxlan_dev(self):
-        """The hypervisor's VXLAN port of the bridge (Neutron's name)."""
-        if self.vxlan_vni is None:
+        """The Linux bridge's VXLAN port (Neutron's linuxbridge name)."""
+        if self.network_type != 'vxlan':
             return None
         return f'{VXLAN_DEV_PREFIX}{self.vxlan_vni}'
 
     def underlay_addresses(self):
         """``(source, hypervisor, prefixlen)`` on the underlay, or None."""
-        if self.vxlan_vni is None:
+        if not self.tunnelled:
             return None
         net = ipaddress.ip_network(self.underlay)
         return str(net[1]), str(net[2]), net.prefixlen
@@ -396,17 +482,6 @@ class MgmtAddresses:
     prefixlen: int = 24
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ActiveDelay:
-    """A delay the lab put in place, and how."""
-
-    injection: DelayInjection
-    backend: str                 # 'netem' or 'nfqueue'
-    queue: int | None = None
-    records_path: str | None = None
-    pid: int | None = None
-
-
 # -- kept labs --------------------------------------------------------------
 
 def state_dir(prefix):
@@ -477,29 +552,8 @@ def teardown_kept(prefix=None):
 
 # -- commands ---------------------------------------------------------------
 
-def _ip_batch(ns, lines, tool='ip'):
-    """Run ``ip -batch -`` (or ``bridge``) lines inside namespace ``ns``."""
-    argv = [tool, *(['-n', ns] if ns else []), '-batch', '-']
-    try:
-        netns.run(argv, input='\n'.join(lines) + '\n')
-    except netns.CommandError as exc:
-        raise LabError(f"{tool} in namespace {ns or '(host)'}: "
-                       f"{exc}") from exc
-
-
-def _sysctl(ns, settings):
-    argv = ['sysctl', '-q', '-w', *(f'{k}={v}' for k, v in settings)]
-    try:
-        netns.run(argv, netns=ns)
-    except netns.CommandError as exc:
-        raise LabError(f"sysctl in namespace {ns}: {exc}") from exc
-
-
-def _iptables(ns, rule, tool='iptables'):
-    try:
-        netns.run([tool, '-w', '5', *rule], netns=ns)
-    except netns.CommandError as exc:
-        raise LabError(f"{tool} in namespace {ns}: {exc}") from exc
+_ip_batch = labswitch.ip_batch
+_sysctl = labswitch.sysctl
 
 
 def _existing_netns():
@@ -621,11 +675,15 @@ class Lab:
     """A built (or to be built) namespace lab; see the module docstring.
 
     Use as a context manager, or call :meth:`build` and :meth:`teardown`.
+    What sits between the pif and the taps is the spec's ``switch``: a
+    :class:`labswitch.SwitchLayout` (``layout``) builds it, and gives the
+    paths, the probe source and the injected truth.
     """
 
     def __init__(self, spec):
         self.spec = spec
         self.guests = tuple(spec.guest(i) for i in range(spec.guests))
+        self.layout = layout_class(spec.switch)(self)
         self._delays = []
         self._losses = []
         self._procs = []
@@ -655,7 +713,8 @@ class Lab:
 
     @property
     def bridge(self):
-        return self.spec.bridge
+        """The bridge the taps hang off (``brq…``, ``br-int``...)."""
+        return self.layout.bridge
 
     @property
     def src_address(self):
@@ -680,29 +739,35 @@ class Lab:
         return tuple(self._losses)
 
     def paths(self, ipv6=False):
-        """One :class:`topology.VifPath` per guest: pif → tap (pif →
-        ``vxlan-<VNI>`` → tap with VXLAN); ``ipv6``: to the guests' IPv6
-        addresses."""
+        """One :class:`topology.VifPath` per guest, the layout's seen hops:
+        pif → tap on a flat Linux bridge (pif → ``vxlan-<VNI>`` → tap with
+        VXLAN); ``ipv6``: to the guests' IPv6 addresses."""
         if ipv6 and not self.spec.ipv6:
             raise LabError(f"lab {self.prefix!r} was built without IPv6")
-        hops = (self.pif,) + ((self.spec.vxlan_dev,)
-                              if self.spec.vxlan_vni is not None else ())
-        return [topology.VifPath(vnic=g.tap,
-                                 address=g.address6 if ipv6 else g.address,
-                                 interfaces=hops + (g.tap,), mac=g.mac)
-                for g in self.guests]
+        return self.layout.paths(ipv6=ipv6)
+
+    def unseen(self, guest):
+        """:class:`labswitch.HopDevices` per hop of ``guest``'s path: the
+        devices crossed where no packet socket sees the probe."""
+        return self.layout.unseen(guest)
+
+    def truth(self):
+        """One line: which injected truth the lab's layout has."""
+        return self.layout.truth()
 
     def source(self):
-        """The probe source: the source namespace's own stack."""
-        return sources.LocalSource(netns_name=self.src_netns)
+        """The probe source of the layout: the source namespace's own
+        stack (tagged frames on a VLAN network)."""
+        return self.layout.source()
 
     def vlan_source(self, vlan=(100,), priority=0):
         """A source sending 802.1Q-tagged probe frames (VLAN ids ``vlan``,
         outermost first) out of the source's ``eth0``; see the module."""
         from netweaver_agent import framesource
-        if self.spec.vxlan_vni is not None:
+        if self.spec.tunnelled:
             raise LabError(f"lab {self.prefix!r}: tagged frames on the "
-                           "VXLAN underlay would reach no bridge")
+                           f"{self.spec.network_type} underlay would reach "
+                           "no bridge")
         macs = {}
         for g in self.guests:
             macs[g.address] = g.mac
@@ -712,6 +777,15 @@ class Lab:
             netns_name=self.src_netns, ifname='eth0',
             src_mac=self.spec.src_mac, macs=macs, vlan=tuple(vlan),
             priority=priority)
+
+    def guest_domain(self, guest, **overrides):
+        """``guest`` as a :class:`labvirt.GuestDomain` whose interface is
+        what Nova writes for this layout (bridge, virtualport)."""
+        from netweaver_agent import labvirt
+        bridge, interfaceid = self.layout.interface_xml(guest)
+        fields = {'bridge': bridge, 'interfaceid': interfaceid}
+        fields.update(overrides)
+        return labvirt.GuestDomain.from_guest(guest, **fields)
 
     # -- building ------------------------------------------------------------
 
@@ -761,9 +835,11 @@ class Lab:
                 raise
             raise LabError(f"lab {self.prefix!r} could not be built: "
                            f"{exc}") from exc
-        LOG.info('Lab %(prefix)s built: %(n)d guests behind %(pif)s',
+        LOG.info('Lab %(prefix)s built: %(n)d guests behind %(pif)s '
+                 '(%(switch)s, %(ntype)s)',
                  {'prefix': self.prefix, 'n': len(self.guests),
-                  'pif': self.pif})
+                  'pif': self.pif, 'switch': self.spec.switch,
+                  'ntype': self.spec.network_type})
         return self
 
     def _finish(self):
@@ -792,68 +868,11 @@ class Lab:
             _sysctl(self.mgmt_netns, quiet)
 
     def _build_hypervisor(self):
-        br, pif, src = self.bridge, self.pif, self.src_netns
-        spec = self.spec
-        lines = [f'link add {br} type bridge stp_state 0 forward_delay 0']
-        port = pif
-        if spec.vxlan_vni is None:
-            lines += [f'link add {pif} type veth peer name eth0 netns {src}',
-                      f'link set {pif} master {br}']
-        else:
-            port = spec.vxlan_dev
-            src_u, hv_u, _ = spec.underlay_addresses()
-            lines += [f'link add {pif} address {spec.pif_mac} type veth '
-                      f'peer name eth0 address {spec.src_underlay_mac} '
-                      f'netns {src}',
-                      f'link add {port} type vxlan id {spec.vxlan_vni} '
-                      f'local {hv_u} remote {src_u} dstport {VXLAN_PORT} '
-                      f'dev {pif} nolearning',
-                      f'link set {port} master {br}']
-        for g in self.guests:
-            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
-                      f'peer name eth0 address {g.mac} netns {g.netns}',
-                      f'link set {g.tap} master {br}']
-        lines += [f'link set {n} up' for n in
-                  ('lo', br, pif, *(g.tap for g in self.guests))]
-        if spec.vxlan_vni is not None:
-            lines += [f'addr add {hv_u}/{spec.underlay_addresses()[2]} '
-                      f'dev {pif}',
-                      f'neigh replace {src_u} lladdr {spec.src_underlay_mac}'
-                      f' dev {pif} nud permanent',
-                      f'link set {port} up']
-        _ip_batch(self.hv_netns, lines)
-        fdb = [f'fdb replace {g.mac} dev {g.tap} master static'
-               for g in self.guests]
-        fdb.append(f'fdb replace {self.spec.src_mac} dev {port} master '
-                   'static')
-        _ip_batch(self.hv_netns, fdb, tool='bridge')
+        self.layout.build_hypervisor()
+        self._save_state()
 
     def _build_source(self):
-        spec = self.spec
-        plen = spec.prefixlen
-        dev = 'eth0'
-        lines = ['link set lo up']
-        if spec.vxlan_vni is None:
-            lines.append(f'link set eth0 address {spec.src_mac}')
-        else:
-            src_u, hv_u, uplen = spec.underlay_addresses()
-            dev = 'vx0'
-            lines += [f'addr add {src_u}/{uplen} dev eth0', 'link set eth0 up',
-                      f'neigh replace {hv_u} lladdr {spec.pif_mac} dev eth0 '
-                      'nud permanent',
-                      f'link add vx0 address {spec.src_mac} type vxlan id '
-                      f'{spec.vxlan_vni} local {src_u} remote {hv_u} '
-                      f'dstport {VXLAN_PORT} dev eth0 nolearning']
-        lines += [f'addr add {self.src_address}/{plen} dev {dev}',
-                  f'link set {dev} up']
-        lines += [f'neigh replace {g.address} lladdr {g.mac} dev {dev} '
-                  'nud permanent' for g in self.guests]
-        if spec.ipv6:
-            lines.append(f'addr add {spec.src_address6}/{spec.prefixlen6} '
-                         f'dev {dev} nodad')
-            lines += [f'neigh replace {g.address6} lladdr {g.mac} dev {dev} '
-                      'nud permanent' for g in self.guests]
-        _ip_batch(self.src_netns, lines)
+        self.layout.build_source()
 
     def _build_guest(self, guest):
         lines = [
@@ -887,40 +906,11 @@ class Lab:
 
     # -- injected truth ------------------------------------------------------
 
-    def _match(self, guest_index, protocol, ipv6=False):
-        g = self.guests[guest_index]
-        rule = ['-m', 'physdev', '--physdev-out', g.tap, '-d',
-                g.address6 if ipv6 else g.address]
-        if protocol:
-            if ipv6 and protocol == 'icmp':
-                protocol = 'ipv6-icmp'
-            rule[0:0] = ['-p', protocol]
-        return rule
-
-    def _bridge_netfilter(self):
-        _sysctl(self.hv_netns, [('net.bridge.bridge-nf-call-iptables', 1)] +
-                ([('net.bridge.bridge-nf-call-ip6tables', 1)]
-                 if self.spec.ipv6 else []))
-
-    def _filter_rule(self, position, guest, protocol, target):
-        """``position`` (e.g. ``['-A', 'FORWARD']``), the guest's match,
-        then ``target``: in iptables, and in ip6tables with IPv6."""
-        _iptables(self.hv_netns, [*position,
-                                  *self._match(guest, protocol), *target])
-        if self.spec.ipv6:
-            _iptables(self.hv_netns, [*position,
-                                      *self._match(guest, protocol, True),
-                                      *target], tool='ip6tables')
-
     def inject_loss(self, loss):
-        """Drop every Nth probe to a guest, on the bridge (after the pif)."""
+        """Drop every Nth probe to a guest after the pif (the layout's
+        way: see :meth:`truth`)."""
         self._check_injection(loss)
-        self._bridge_netfilter()
-        self._filter_rule(
-            ['-I', 'FORWARD', '1'], loss.guest, loss.protocol,
-            # The counter starts so that --packet N-1 matches the Nth.
-            ['-m', 'statistic', '--mode', 'nth', '--every', str(loss.every),
-             '--packet', str(loss.every - 1), '-j', 'DROP'])
+        self.layout.inject_loss(loss)
         self._losses.append(loss)
         self._save_state()
         LOG.info('Lab %(prefix)s: every %(n)dth probe to %(tap)s dropped',
@@ -928,23 +918,13 @@ class Lab:
                   'tap': self.guests[loss.guest].tap})
 
     def inject_delay(self, delay):
-        """Hold every probe to a guest for ``delay.delay_ms``; see module."""
+        """Hold every probe to a guest for ``delay.delay_ms`` (the
+        layout's way: see :meth:`truth`); the :class:`ActiveDelay`."""
         self._check_injection(delay)
         if any(d.injection.guest == delay.guest for d in self._delays):
             raise LabError(f"lab {self.prefix!r}: guest {delay.guest} "
                            "already has a delay")
-        backend = delay.backend
-        if backend in ('auto', 'netem'):
-            if self._try_netem(delay):
-                active = ActiveDelay(injection=delay, backend='netem')
-                self._delays.append(active)
-                self._save_state()
-                return active
-            if backend == 'netem':
-                raise LabError(f"lab {self.prefix!r}: the kernel has no tc "
-                               "netem (CONFIG_NET_SCH_NETEM); use the "
-                               "nfqueue delay backend")
-        active = self._start_delayer(delay)
+        active = self.layout.inject_delay(delay)
         self._delays.append(active)
         self._save_state()
         return active
@@ -955,22 +935,10 @@ class Lab:
         if not 0 <= inj.guest < len(self.guests):
             raise LabError(f"lab {self.prefix!r} has no guest {inj.guest}")
 
-    def _try_netem(self, delay):
-        if delay.protocol is not None:
-            LOG.debug('netem cannot restrict a delay to %s probes; using '
-                      'nfqueue', delay.protocol)
-            return False
-        tap = self.guests[delay.guest].tap
-        proc = netns.run(['tc', 'qdisc', 'add', 'dev', tap, 'root', 'netem',
-                          'delay', f'{delay.delay_ms}ms'],
-                         netns=self.hv_netns, check=False)
-        if proc.returncode != 0:
-            LOG.debug('tc netem unavailable on %(tap)s: %(err)s',
-                      {'tap': tap, 'err': proc.stderr.strip()})
-            return False
-        return True
-
-    def _start_delayer(self, delay):
+    def start_delayer(self, delay):
+        """Start a :mod:`delayer` process on the next NFQUEUE number in
+        the hypervisor's namespace; its :class:`ActiveDelay` (the layout
+        sends packets to ``queue``)."""
         queue = len(self._delays)
         guest = self.guests[delay.guest]
         records = os.path.join(self.state_dir, f'delay-g{delay.guest}.records')
@@ -991,9 +959,6 @@ class Lab:
         self._procs.append(proc)
         self._save_state()
         self._wait_ready(proc, logfile)
-        self._bridge_netfilter()
-        self._filter_rule(['-A', 'FORWARD'], delay.guest, delay.protocol,
-                          ['-j', 'NFQUEUE', '--queue-num', str(queue)])
         LOG.info('Lab %(prefix)s: probes to %(tap)s held %(ms)s ms by '
                  'delayer %(pid)d (queue %(q)d)',
                  {'prefix': self.prefix, 'tap': guest.tap,
@@ -1042,16 +1007,21 @@ class Lab:
 
     # -- state and teardown --------------------------------------------------
 
+    def _pids(self):
+        return ([{'pid': p.pid, 'marker': 'netweaver_agent.delayer'}
+                 for p in self._procs] + self.layout.pids())
+
     def _save_state(self):
         if not os.path.isdir(self.state_dir):
             return
         _write_json(os.path.join(self.state_dir, STATE_FILE), {
             'prefix': self.prefix,
             'namespaces': self.spec.namespaces(),
-            'pids': [{'pid': p.pid, 'marker': 'netweaver_agent.delayer'}
-                     for p in self._procs],
+            'pids': self._pids(),
             'guests': [dataclasses.asdict(g) for g in self.guests],
             'pif': self.pif, 'bridge': self.bridge,
+            'switch': self.layout.state(),
+            'network_type': self.spec.network_type,
             'delays': [{'guest': d.injection.guest,
                         'delay_ms': d.injection.delay_ms,
                         'backend': d.backend,
@@ -1063,9 +1033,13 @@ class Lab:
 
     def teardown(self):
         """Remove everything the lab made; safe after a partial build."""
-        pids = [{'pid': p.pid, 'marker': 'netweaver_agent.delayer'}
-                for p in self._procs]
+        pids = self._pids()
         try:
+            try:
+                self.layout.teardown()
+            except Exception as exc:  # the namespaces must still go
+                LOG.warning('Lab %(prefix)s: switch teardown: %(exc)s',
+                            {'prefix': self.prefix, 'exc': exc})
             _remove(self.prefix, self.spec.namespaces(), pids)
         finally:
             for p in self._procs:

@@ -19,6 +19,10 @@ too):
 
 :class:`SwitchLayout` is what a lab layout (``--switch linuxbridge``,
 ``ovs-hybrid``, ``ovs-native``, ``ovn``) provides to :class:`lab.Lab`.
+Layout modules import this module (and the product's), never
+:mod:`netweaver_agent.lab`, which loads them lazily by name: everything a
+layout needs from the lab (errors, command helpers, :class:`ActiveDelay`)
+is here, and the lab itself is passed to the layout.
 """
 
 import dataclasses
@@ -30,6 +34,8 @@ import time
 from oslo_log import log
 
 from netweaver_agent import netns
+from netweaver_agent import sources
+from netweaver_agent import topology
 
 LOG = log.getLogger(__name__)
 
@@ -41,8 +47,68 @@ COMMAND_TIMEOUT_S = 20
 VSCTL_TIMEOUT_S = 10
 
 
-class SwitchError(RuntimeError):
+VXLAN_PORT = 4789
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, changed or removed."""
+
+
+class SwitchError(LabError):
     """A lab switch could not be started, configured or stopped."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActiveDelay:
+    """A delay the lab put in place, and how."""
+
+    injection: object            # lab.DelayInjection
+    backend: str                 # 'netem' or 'nfqueue'
+    queue: int | None = None
+    records_path: str | None = None
+    pid: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HopDevices:
+    """The devices a probe crosses between two seen interfaces.
+
+    ``unseen`` are the netdevs, bridges and (OVS) ports in between, in
+    path order, where no packet socket sees the probe.
+    """
+
+    src: str
+    dst: str
+    unseen: tuple = ()
+
+
+# -- commands ---------------------------------------------------------------
+
+def ip_batch(ns, lines, tool='ip'):
+    """Run ``ip -batch -`` (or ``bridge``) lines inside namespace ``ns``."""
+    argv = [tool, *(['-n', ns] if ns else []), '-batch', '-']
+    try:
+        netns.run(argv, input='\n'.join(lines) + '\n')
+    except netns.CommandError as exc:
+        raise LabError(f"{tool} in namespace {ns or '(host)'}: "
+                       f"{exc}") from exc
+
+
+def sysctl(ns, settings):
+    """``sysctl -w`` each ``(key, value)`` of ``settings`` inside ``ns``."""
+    argv = ['sysctl', '-q', '-w', *(f'{k}={v}' for k, v in settings)]
+    try:
+        netns.run(argv, netns=ns)
+    except netns.CommandError as exc:
+        raise LabError(f"sysctl in namespace {ns}: {exc}") from exc
+
+
+def iptables(ns, rule, tool='iptables'):
+    """One ``iptables`` (or ``ip6tables``) command inside ``ns``."""
+    try:
+        netns.run([tool, '-w', '5', *rule], netns=ns)
+    except netns.CommandError as exc:
+        raise LabError(f"{tool} in namespace {ns}: {exc}") from exc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -255,10 +321,17 @@ class OvsDaemons:
 class SwitchLayout:
     """What one lab layout builds between the pif and the guests' taps.
 
-    :class:`lab.Lab` builds the namespaces, the source and the guests, and
-    asks its layout for the rest.  A layout knows its truth: which
-    injections it can make, and the path (``VifPath``) every guest's
-    probes take, with the devices they cross but no packet socket sees.
+    :class:`lab.Lab` builds the namespaces, the guests and the management
+    network, and asks its layout for the rest: the hypervisor's switch,
+    the source's side of the physical network, the probe source, the
+    paths, the injected truth and the teardown of what the layout
+    started.  A layout knows its truth: which injections it can make
+    (``delay_truth``/``loss_truth``: how, or None when it cannot), and the
+    path every guest's probes take, with the devices they cross but no
+    packet socket sees (:meth:`unseen`).
+
+    ``lab`` is the :class:`lab.Lab` being built: ``spec``, ``guests``,
+    ``hv_netns``, ``src_netns``, ``state_dir``, ``start_delayer()``.
     """
 
     #: the ``--switch`` name
@@ -266,35 +339,109 @@ class SwitchLayout:
     #: network types this layout builds (``flat``, ``vlan``, ``vxlan``,
     #: ``geneve``)
     network_types = ()
+    #: how delay is injected (one phrase), or None: no delay truth
+    delay_truth = None
+    #: how loss is injected (one phrase), or None: no loss truth
+    loss_truth = None
 
     def __init__(self, lab):
         self.lab = lab
+
+    @property
+    def spec(self):
+        return self.lab.spec
+
+    @property
+    def bridge(self):
+        """The bridge the taps hang off (``Lab.bridge``)."""
+        raise NotImplementedError
 
     def build_hypervisor(self):
         """The pif, the switch and one tap per guest, in the hv namespace."""
         raise NotImplementedError
 
     def build_source(self):
-        """The probe source's side of the physical network."""
+        """The probe source's side of the physical network.
+
+        Default: the source namespace's own stack on ``eth0`` (flat and
+        VLAN), or over a kernel VXLAN device ``vx0`` whose underlay is
+        ``eth0`` (``vxlan``).  Static neighbours for every guest.
+        """
+        spec, lab = self.spec, self.lab
+        dev = 'eth0'
+        lines = ['link set lo up']
+        if spec.network_type == 'vxlan':
+            src_u, hv_u, uplen = spec.underlay_addresses()
+            dev = 'vx0'
+            lines += [f'addr add {src_u}/{uplen} dev eth0', 'link set eth0 up',
+                      f'neigh replace {hv_u} lladdr {spec.pif_mac} dev eth0 '
+                      'nud permanent',
+                      f'link add vx0 address {spec.src_mac} type vxlan id '
+                      f'{spec.segmentation_id} local {src_u} remote {hv_u} '
+                      f'dstport {VXLAN_PORT} dev eth0 nolearning']
+        else:
+            lines.append(f'link set eth0 address {spec.src_mac}')
+        lines += [f'addr add {spec.src_address}/{spec.prefixlen} dev {dev}',
+                  f'link set {dev} up']
+        lines += [f'neigh replace {g.address} lladdr {g.mac} dev {dev} '
+                  'nud permanent' for g in lab.guests]
+        if spec.ipv6:
+            lines.append(f'addr add {spec.src_address6}/{spec.prefixlen6} '
+                         f'dev {dev} nodad')
+            lines += [f'neigh replace {g.address6} lladdr {g.mac} dev {dev} '
+                      'nud permanent' for g in lab.guests]
+        ip_batch(lab.src_netns, lines)
+
+    def source(self):
+        """The probe source: the source namespace's stack; on a VLAN
+        network, tagged frames with the segmentation id."""
+        if self.spec.network_type == 'vlan':
+            return self.lab.vlan_source((self.spec.segmentation_id,))
+        return sources.LocalSource(netns_name=self.lab.src_netns)
+
+    def hops(self, guest):
+        """The interfaces where a packet socket sees ``guest``'s probes,
+        pif first, tap last."""
         raise NotImplementedError
+
+    def unseen(self, guest):
+        """One :class:`HopDevices` per hop of :meth:`hops`: what is
+        crossed in between (default: nothing)."""
+        seen = self.hops(guest)
+        return tuple(HopDevices(a, b) for a, b in zip(seen, seen[1:]))
 
     def paths(self, ipv6=False):
         """One ``topology.VifPath`` per guest: the truth of the layout."""
-        raise NotImplementedError
+        return [topology.VifPath(vnic=g.tap,
+                                 address=g.address6 if ipv6 else g.address,
+                                 interfaces=tuple(self.hops(g)), mac=g.mac)
+                for g in self.lab.guests]
+
+    def interface_xml(self, guest):
+        """``(bridge, virtualport interfaceid or None)`` of the guest's
+        ``<interface type='bridge'>`` as Nova writes it."""
+        return self.bridge, None
 
     def inject_loss(self, loss):
         """Drop every Nth probe to a guest after the pif (LabError if the
         layout cannot)."""
-        raise NotImplementedError
+        raise LabError(f"lab switch {self.name!r} has no loss truth")
 
     def inject_delay(self, delay):
         """Hold probes to a guest; an ``ActiveDelay`` (LabError if the
         layout has no delay truth)."""
-        raise NotImplementedError
+        raise LabError(f"lab switch {self.name!r} has no delay truth")
 
     def truth(self):
         """One line saying which injected truth this layout has."""
-        raise NotImplementedError
+        return (f"delay: {self.delay_truth or 'none on this layout'}; "
+                f"loss: {self.loss_truth or 'none on this layout'}")
+
+    def pids(self):
+        """``[{'pid': …, 'marker': …}]`` of the daemons the layout runs
+        (a kept lab's teardown kills a pid only if ``marker`` is one of
+        its command-line words)."""
+        return []
 
     def state(self):
         """What a kept lab's state file records of the layout (JSON)."""

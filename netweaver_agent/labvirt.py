@@ -9,6 +9,13 @@ Nova API is called, root image, ports with fixed addresses).
 
 Guest descriptions are anything with ``index``, ``name``, ``uuid``,
 ``tap``, ``mac`` and ``address`` attributes (e.g. ``lab.LabGuest``).
+
+The interface is what Nova's libvirt driver writes for the layout:
+``<interface type='bridge'>`` with the Linux bridge (``brq…``, or the
+hybrid plug's ``qbr…``) as source, or, with ``interfaceid`` (the tap
+directly on Open vSwitch: native firewall, OVN), source bridge
+``br-int`` and ``<virtualport type='openvswitch'>`` carrying the Neutron
+port id.
 """
 
 import dataclasses
@@ -38,6 +45,8 @@ class GuestDomain:
     mac: str
     address: str
     bridge: str | None = None
+    # Open vSwitch port: the Neutron port id in <virtualport>.
+    interfaceid: str | None = None
     filterref: bool = True
     port_uuid: str | None = None
     domain: str | None = None
@@ -132,6 +141,9 @@ def domain_element(guest):
     _sub(iface, 'mac', address=guest.mac)
     if guest.bridge:
         _sub(iface, 'source', bridge=guest.bridge)
+    if guest.interfaceid:
+        vport = _sub(iface, 'virtualport', type_='openvswitch')
+        _sub(vport, 'parameters', interfaceid=guest.interfaceid)
     _sub(iface, 'target', dev=guest.tap)
     _sub(iface, 'model', type_='virtio')
     if guest.filterref:

@@ -1,4 +1,5 @@
-"""IPv6, VLAN and VXLAN probes: keys, encapsulation, the capture filter.
+"""IPv6, VLAN, VXLAN and Geneve probes: keys, encapsulation, the capture
+filter.
 
 The capture's classic BPF program is run here by a small interpreter of
 the instructions it uses (the kernel runs it in the functional tests).
@@ -19,8 +20,21 @@ V6 = tf.V6
 V4 = tf.V4
 
 
+def seq_of(proto, n):
+    """A probe's ``seq``: TCP probes carry their source port too."""
+    if proto == 'tcp' and hasattr(probe, 'tcp_ident'):
+        return probe.tcp_ident(40000 + n, n)
+    return n
+
+
+def frame4(proto, session, seq, **kwargs):
+    return probe.build_frame(proto, session, seq_of(proto, seq), V4[0],
+                             V4[1], tf.MAC_A, tf.MAC_B, **kwargs)
+
+
 def frame6(proto, session, seq, **kwargs):
-    return probe.build_frame(proto, session, seq, V6[0], V6[1], tf.MAC_A,
+    return probe.build_frame(proto, session, seq_of(proto, seq), V6[0],
+                             V6[1], tf.MAC_A,
                              tf.MAC_B, **kwargs)
 
 
@@ -32,12 +46,13 @@ def reply6(frame):
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
 def test_ipv6_probe_and_reply_keys(proto):
     f = frame6(proto, 4321, 99)
+    seq = seq_of(proto, 99)
     assert f[12:14] == b'\x86\xdd'
-    assert probe.parse_key(f) == probe.ProbeKey(4321, 99)
-    assert probe.parse_key(reply6(f)) == probe.ProbeKey(4321, 99, True)
+    assert probe.parse_key(f) == probe.ProbeKey(4321, seq)
+    assert probe.parse_key(reply6(f)) == probe.ProbeKey(4321, seq, True)
     assert probe.parse_key(f, session=4322) is None
-    assert probe.parse_packet_key(f[14:]) == probe.ProbeKey(4321, 99)
-    assert pcapkeys.frame_key(f, 0, len(f)) == (4321, 99 << 1)
+    assert probe.parse_packet_key(f[14:]) == probe.ProbeKey(4321, seq)
+    assert pcapkeys.frame_key(f, 0, len(f)) == (4321, seq << 1)
     # A valid transport checksum over the IPv6 pseudo-header.
     ip = f[14:]
     pseudo = ip[8:40] + struct.pack('!IxxxB', len(ip) - 40, ip[6])
@@ -85,6 +100,89 @@ def test_vxlan_keys_by_the_inner_frame(v6_underlay, inner6):
     assert probe.parse_frame(other) is None
 
 
+OVN_OPTION = tf.geneve_option(0x0102, 0x80, b'\x00\x01\x00\x02')
+GENEVE_OPTIONS = {
+    0: b'',
+    8: OVN_OPTION,
+    24: OVN_OPTION + tf.geneve_option(0xffff, 0x01, bytes(12)),
+}
+
+
+def inner_frame(proto, inner6, vlan=()):
+    if inner6:
+        return frame6(proto, 9, 10, vlan=vlan)
+    return frame4(proto, 9, 10, vlan=vlan)
+
+
+@pytest.mark.parametrize('opt_len', sorted(GENEVE_OPTIONS))
+@pytest.mark.parametrize('v6_underlay', [False, True])
+@pytest.mark.parametrize('inner6', [False, True])
+def test_geneve_keys_by_the_inner_frame(opt_len, v6_underlay, inner6):
+    options = GENEVE_OPTIONS[opt_len]
+    assert len(options) == opt_len
+    want = probe.Encap(vni=0xabcdef, tunnel='geneve')
+    # (TCP keys hold the probe's port: their keys are checked elsewhere.)
+    for proto in ('icmp', 'udp'):
+        for inner in (inner_frame(proto, inner6),
+                      inner_frame(proto, inner6, vlan=(12,))):
+            outer = tf.geneve(inner, 0xabcdef, options=options,
+                              v6_underlay=v6_underlay)
+            assert probe.parse_frame(outer) == (probe.ProbeKey(9, 10), want)
+            assert pcapkeys.frame_key(outer, 0, len(outer)) == (9, 20, want)
+        # The guest's answer, carried back the same way.
+        inner = inner_frame(proto, inner6)
+        back = reply6(inner) if inner6 else tp_reply(inner)
+        outer = tf.geneve(back, 0xabcdef, options=options,
+                          v6_underlay=v6_underlay)
+        assert pcapkeys.frame_key(outer, 0, len(outer)) == (9, 21, want)
+    assert want.describe() == 'geneve vni 11259375'
+
+
+def test_geneve_and_vxlan_are_told_apart():
+    inner = inner_frame('icmp', False)
+    gen = probe.parse_frame(tf.geneve(inner, 5))[1]
+    vx = probe.parse_frame(tf.vxlan(inner, 5))[1]
+    assert (gen.tunnel, gen.vni) == ('geneve', 5)
+    assert (vx.tunnel, vx.vni) == ('vxlan', 5)
+    assert gen != vx
+    assert probe.Encap(vni=5) == vx
+    assert probe.Encap().tunnel is None
+    with pytest.raises(ValueError, match='gre'):
+        probe.Encap(vni=5, tunnel='gre')
+
+
+@pytest.mark.parametrize('v6_underlay', [False, True])
+def test_damaged_geneve_gives_no_key(v6_underlay):
+    inner = inner_frame('icmp', False)
+    opts24 = GENEVE_OPTIONS[24]
+
+    def gnv(frame, **kwargs):
+        return tf.geneve(frame, 1, v6_underlay=v6_underlay, **kwargs)
+
+    bad = [
+        # Options longer than the packet: the inner frame is not there.
+        gnv(inner[:10], options=opts24),
+        gnv(inner[:13], options=b''),
+        gnv(inner, options=opts24, first=63),
+        # Opt Len says 24 bytes, 8 are there: the inner frame is misread.
+        gnv(inner, options=OVN_OPTION, first=6),
+        # Version 1; not Ethernet inside; not to the Geneve port.
+        gnv(inner, first=0x40 | 2),
+        gnv(inner, ptype=probe.ETH_P_IP),
+        gnv(inner, port=6082),
+    ]
+    for frame in bad:
+        assert probe.parse_frame(frame) is None
+        assert pcapkeys.frame_key(frame, 0, len(frame)) is None
+    # Cut anywhere: no exception; the fast path agrees with the parser;
+    # a key only once the whole inner probe is there.
+    whole = gnv(inner, options=opts24)
+    for cut in range(len(whole)):
+        assert pcapkeys.frame_key(whole, 0, cut) == tf.key_of(whole[:cut])
+    assert probe.parse_frame(whole) is not None
+    assert probe.parse_frame(whole[:len(whole) - len(inner) + 40]) is None
+
+
 def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
     f = probe.build_frame('udp', 3, 4, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
                           port=4789)
@@ -97,7 +195,8 @@ def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
 
 def run_bpf(prog, pkt):
     """The classic BPF subset the capture uses: ld[bh] abs/ind, ldx imm,
-    jeq, ret.  Out-of-frame loads reject, as in the kernel."""
+    jeq, jset, and/lsh #k, add x, tax, ret.  Out-of-frame loads reject, as
+    in the kernel."""
     a = x = 0
     pc = 0
     while True:
@@ -113,6 +212,16 @@ def run_bpf(prog, pkt):
             x = k
         elif op == 0x15:
             pc += jt if a == k else jf
+        elif op == 0x45:                    # jset
+            pc += jt if a & k else jf
+        elif op == 0x54:                    # and #k
+            a &= k
+        elif op == 0x64:                    # lsh #k
+            a = (a << k) & 0xffffffff
+        elif op == 0x0c:                    # add x
+            a = (a + x) & 0xffffffff
+        elif op == 0x07:                    # tax
+            x = a
         elif op == 0x06:
             return k
         else:
@@ -120,8 +229,7 @@ def run_bpf(prog, pkt):
 
 
 def frames_of(proto, vlan=()):
-    f4 = probe.build_frame(proto, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
-                           vlan=vlan)
+    f4 = frame4(proto, 1, 2, vlan=vlan)
     f6 = frame6(proto, 1, 2, vlan=vlan)
     return [f4, tp_reply(f4), f6, reply6(f6)]
 
@@ -137,8 +245,7 @@ def test_bpf_accepts_probes_v4_v6_tagged(proto):
     for f in frames_of(proto):
         assert run_bpf(prog, f) == capture.SNAPLEN
     for vlan in ((5,), (6, 5)):
-        f = probe.build_frame(proto, 1, 2, V4[0], V4[1], tf.MAC_A,
-                              tf.MAC_B, vlan=vlan)
+        f = frame4(proto, 1, 2, vlan=vlan)
         assert run_bpf(prog, f) == capture.SNAPLEN
         assert run_bpf(prog, frame6(proto, 1, 2, vlan=vlan)) == \
             capture.SNAPLEN
@@ -146,7 +253,7 @@ def test_bpf_accepts_probes_v4_v6_tagged(proto):
     others = [p for p in probe.PROTOCOLS if p != proto and
               not (proto == 'udp' and p == 'icmp')]
     for p in others:
-        f = probe.build_frame(p, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B)
+        f = frame4(p, 1, 2)
         assert run_bpf(prog, f) == 0
     assert run_bpf(prog, tf.MAC_A + tf.MAC_B + b'\x08\x06' +
                    bytes(28)) == 0
@@ -154,7 +261,7 @@ def test_bpf_accepts_probes_v4_v6_tagged(proto):
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
 def test_bpf_vxlan_only_when_asked(proto):
-    inner = probe.build_frame(proto, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B)
+    inner = frame4(proto, 1, 2)
     outer = tf.vxlan(inner, 4242)
     with_vx = capture.bpf_filter(proto, vxlan_port=4789)
     assert run_bpf(with_vx, outer) == capture.SNAPLEN
@@ -165,8 +272,45 @@ def test_bpf_vxlan_only_when_asked(proto):
         # Another UDP port, or an inner frame of another protocol: no.
         assert run_bpf(with_vx, tf.vxlan(inner, 1, port=8472)) == 0
         wrong = 'udp' if proto == 'tcp' else 'tcp'
-        f = probe.build_frame(wrong, 1, 2, V4[0], V4[1], tf.MAC_A, tf.MAC_B)
+        f = frame4(wrong, 1, 2)
         assert run_bpf(with_vx, tf.vxlan(f, 1)) == 0
+
+
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_bpf_geneve_only_when_asked(proto):
+    inner = frame4(proto, 1, 2)
+    plain = capture.bpf_filter(proto)
+    with_gn = capture.bpf_filter(proto, geneve_port=6081)
+    both = capture.bpf_filter(proto, vxlan_port=4789, geneve_port=6081)
+    vx_only = capture.bpf_filter(proto, vxlan_port=4789)
+    for opt_len, options in GENEVE_OPTIONS.items():
+        # (Inner frames are untagged: the filter, as for VXLAN, does not
+        # read through an inner VLAN tag.)
+        for f in (inner, frame6(proto, 1, 2)):
+            outer = tf.geneve(f, 77, options=options)
+            assert run_bpf(with_gn, outer) == capture.SNAPLEN, opt_len
+            assert run_bpf(both, outer) == capture.SNAPLEN, opt_len
+        # VLAN-tagged underlay too.
+        tagged = outer[:12] + b'\x81\x00\x00\x07' + outer[12:]
+        assert run_bpf(with_gn, tagged) == capture.SNAPLEN
+    assert run_bpf(both, tf.vxlan(inner, 7)) == capture.SNAPLEN
+    if proto == 'udp':
+        return                          # UDP passes whole: nothing to check
+    outer = tf.geneve(inner, 77)
+    assert run_bpf(plain, outer) == 0
+    assert run_bpf(vx_only, outer) == 0
+    assert run_bpf(with_gn, tf.vxlan(inner, 7)) == 0
+    # Another port, version, payload type; an inner frame of another
+    # protocol; the options' length decides where the inner frame is.
+    assert run_bpf(with_gn, tf.geneve(inner, 1, port=6082)) == 0
+    assert run_bpf(with_gn, tf.geneve(inner, 1, first=0x80)) == 0
+    assert run_bpf(with_gn, tf.geneve(inner, 1, ptype=0x0800)) == 0
+    wrong = frame4('udp' if proto == 'tcp' else 'tcp', 1, 2)
+    assert run_bpf(with_gn, tf.geneve(wrong, 1)) == 0
+    assert run_bpf(with_gn, tf.geneve(inner, 1, options=GENEVE_OPTIONS[24],
+                                      first=2)) == 0
+    assert run_bpf(capture.bpf_filter(proto, geneve_port=7000),
+                   tf.geneve(inner, 1, port=7000)) == capture.SNAPLEN
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,8 @@ parsers' documented errors.
 * Frames (:func:`probe.parse_frame`, :func:`probe.parse_key`,
   :func:`probe.parse_packet_key`, :func:`pcapkeys.frame_key` on every link
   type): probes and replies of every protocol over IPv4 and IPv6, with VLAN
-  and QinQ tags, inside VXLAN, as IP fragments, with IP options, then
+  and QinQ tags, inside VXLAN or Geneve (with options), as IP fragments,
+  with IP options, then
   damaged (bytes changed at the fields that matter, lengths lied about,
   cut short, padded) or replaced by garbage.  The answer is a key or None,
   never an exception, and the fast path agrees with the reference parser
@@ -84,8 +85,34 @@ def icmp6_reply(ip6):
 
 def vxlan(frame, vni, v6_underlay=False, port=4789):
     """``frame`` inside VXLAN/UDP/IP/Ethernet, as a VTEP would send it."""
-    import dpkt
     payload = struct.pack('!B3xI', 0x08, vni << 8) + frame
+    return udp_underlay(payload, port, v6_underlay)
+
+
+def geneve_option(cls, kind, data):
+    """One Geneve TLV option (``data``: a multiple of 4 bytes)."""
+    return struct.pack('!HBB', cls, kind, len(data) // 4) + data
+
+
+# OVN's option: class 0x0102 (Open vSwitch), type 0x80, 4 bytes of
+# logical ingress/egress port keys.
+OVN_OPTION = geneve_option(0x0102, 0x80, b'\x00\x01\x00\x02')
+
+
+def geneve(frame, vni, options=OVN_OPTION, v6_underlay=False, port=6081,
+           first=None, ptype=0x6558):
+    """``frame`` inside Geneve/UDP/IP/Ethernet (RFC 8926), ``options``
+    after the 8-byte base header.  ``first``: the first byte as given
+    (version and option length), for damaged headers."""
+    if first is None:
+        first = len(options) // 4
+    payload = struct.pack('!BBHI', first, 0, ptype, vni << 8) + options
+    return udp_underlay(payload + frame, port, v6_underlay)
+
+
+def udp_underlay(payload, port, v6_underlay):
+    """``payload`` in UDP to ``port`` over IPv4 or IPv6 and Ethernet."""
+    import dpkt
     udp = dpkt.udp.UDP(sport=54321, dport=port, data=payload)
     udp.ulen = len(udp)
     if v6_underlay:
@@ -119,6 +146,8 @@ def make_frame(rnd):
     six = rnd.random() < 0.5
     session = rnd.randrange(0x10000)
     seq = rnd.randrange(0x10000 if proto == 'tcp' else 1 << 32)
+    if proto == 'tcp' and hasattr(probe, 'tcp_ident'):
+        seq = probe.tcp_ident(rnd.randrange(1, 0x10000), seq)
     size = rnd.randrange(20, 141)
     src, dst = V6 if six else V4
     ip = probe.build_ip(proto, session, seq, src, dst, size=size)
@@ -144,10 +173,18 @@ def make_frame(rnd):
     etype = probe.ETH_P_IPV6 if six else probe.ETH_P_IP
     vlan = tuple(rnd.randrange(4096) for _ in range(rnd.randrange(3)))
     frame = probe.ethernet_frame(ip, etype, MAC_A, MAC_B, vlan=vlan)
-    if rnd.random() < 0.25:
+    tunnel = rnd.random()
+    if tunnel < 0.2:
         frame = vxlan(frame, rnd.randrange(1 << 24),
                       v6_underlay=rnd.random() < 0.5,
                       port=rnd.choice(probe.VXLAN_PORTS))
+    elif tunnel < 0.4:
+        options = b''.join(
+            geneve_option(rnd.randrange(0x10000), rnd.randrange(256),
+                          rnd.randbytes(4 * rnd.randrange(4)))
+            for _ in range(rnd.randrange(4)))
+        frame = geneve(frame, rnd.randrange(1 << 24), options=options,
+                       v6_underlay=rnd.random() < 0.5)
     return frame
 
 

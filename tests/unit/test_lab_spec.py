@@ -115,3 +115,47 @@ def test_packet_key_of_a_probe(proto):
                           socket.inet_aton('198.18.0.10'))
     assert delayer.packet_key(data) == probe.ProbeKey(4242, 17)
     assert delayer.packet_key(b'\x45junk') is None
+
+
+def test_network_type_defaults_and_vxlan_vni_alias():
+    flat = lab.LabSpec(prefix='nwx-')
+    assert (flat.switch, flat.network_type, flat.segmentation_id) == \
+        ('linuxbridge', 'flat', None)
+    assert flat.underlay_addresses() is None and flat.vxlan_dev is None
+    old = lab.LabSpec(prefix='nwx-', vxlan_vni=4242)
+    new = lab.LabSpec(prefix='nwx-', network_type='vxlan',
+                      segmentation_id=4242)
+    for spec in (old, new):
+        assert spec.network_type == 'vxlan'
+        assert spec.segmentation_id == spec.vxlan_vni == 4242
+        assert spec.vxlan_dev == 'vxlan-4242'
+        assert spec.underlay_addresses() is not None
+    # A tunnel or VLAN with no id gets one, in range.
+    vx = lab.LabSpec(prefix='nwx-', network_type='vxlan')
+    assert vx.vxlan_vni == vx.segmentation_id and 1 <= vx.vxlan_vni
+    vlan = lab.LabSpec(prefix='nwx-', switch='ovs-hybrid',
+                       network_type='vlan')
+    assert 1 <= vlan.segmentation_id <= 4094
+    assert vlan.underlay_addresses() is None
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'switch': 'openflow'}, "unknown lab switch 'openflow'"),
+    ({'network_type': 'gre'}, "unknown lab network type 'gre'"),
+    ({'network_type': 'vlan'}, "'linuxbridge' builds no vlan"),
+    ({'switch': 'ovs-native', 'network_type': 'geneve'},
+     "'ovs-native' builds no geneve"),
+    ({'network_type': 'flat', 'segmentation_id': 5}, 'flat network'),
+    ({'switch': 'ovs-hybrid', 'network_type': 'vlan',
+      'segmentation_id': 4095}, 'VLAN id 4095'),
+    ({'switch': 'ovs-hybrid', 'network_type': 'vlan',
+      'segmentation_id': 0}, 'VLAN id 0'),
+    ({'network_type': 'vxlan', 'segmentation_id': 1 << 24}, 'VXLAN VNI'),
+    ({'vxlan_vni': 0}, 'VXLAN VNI 0'),
+    ({'vxlan_vni': 7, 'network_type': 'flat'}, 'vxlan_vni 7 given'),
+    ({'vxlan_vni': 7, 'segmentation_id': 8}, 'differ'),
+    ({'network_type': 'vxlan', 'underlay': '198.18.0.0/23'}, 'overlaps'),
+])
+def test_spec_rejects_switch_and_network(fields, message):
+    with pytest.raises(ValueError, match=message):
+        lab.LabSpec(prefix='nwx-', **fields)
