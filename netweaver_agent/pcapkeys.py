@@ -4,8 +4,9 @@
 :func:`probe.parse_key` gives, without building packet objects:
 
 * :func:`frame_key` reads one frame at fixed offsets when it is untagged
-  Ethernet (or Linux cooked) + IPv4 without options, and hands anything
-  else (VLAN tags, IPv6, VXLAN, IP options) to ``parse_frame``;
+  Ethernet (or Linux cooked) + IPv4 without options, VXLAN and Geneve
+  over such a frame included (the inner frame read the same way), and
+  hands anything else (VLAN tags, IPv6, IP options) to ``parse_frame``;
 * :func:`run_keys` reads ``n`` frames of equal length lying ``stride``
   bytes apart (a run of records in a capture file) as *columns*: each field
   is pulled out of all frames at once with a stepped slice
@@ -33,7 +34,8 @@ LINKTYPE_LINUX_SLL2 = 276
 _HOST_BE = sys.byteorder == 'big'
 _ETH_P_ARP = 0x0806                 # never ours
 _ETH_P_IPV6 = probe.ETH_P_IPV6
-_VXLAN_PORTS = frozenset(probe.VXLAN_PORTS)
+_TUNNEL_PORTS = {**{p: 'vxlan' for p in probe.VXLAN_PORTS},
+                 **{p: 'geneve' for p in probe.GENEVE_PORTS}}
 _ETH_VLAN = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
 _MAGIC = probe.MAGIC
 _SYN, _RST, _ACK = 0x02, 0x04, 0x10
@@ -77,9 +79,10 @@ _U16 = struct.Struct('!H')
 _TCP = struct.Struct('!HHIIBB')             # sport dport seq ack off flags
 
 
-def _slow_key(buf, off, caplen, link):
+def _slow_key(buf, off, caplen, link, decap=True):
     """:func:`probe.parse_frame` on the record, as ``(session, key)``, or
-    ``(session, key, encap)`` when the frame was tagged or VXLAN."""
+    ``(session, key, encap)`` when the frame was tagged or tunnelled.
+    ``decap`` False: tunnels are not opened (an inner frame's own)."""
     if link.linktype == LINKTYPE_ETHERNET:
         frame = bytes(buf[off:off + caplen])
     else:
@@ -87,7 +90,13 @@ def _slow_key(buf, off, caplen, link):
         et = off + link.ethertype_off
         frame = (bytes(12) + bytes(buf[et:et + 2]) +
                  bytes(buf[off + link.ip_off:off + caplen]))
-    found = probe.parse_frame(frame)
+    if decap:
+        found = probe.parse_frame(frame)
+    else:
+        try:
+            found = probe._frame_key(frame, None, decap=False)
+        except probe._PARSE_ERRORS:
+            return None
     if found is None:
         return None
     key, encap = found
@@ -96,28 +105,29 @@ def _slow_key(buf, off, caplen, link):
     return key.session, key.as_int(), encap
 
 
-def frame_key(buf, off, caplen, link=ETHERNET):
+def frame_key(buf, off, caplen, link=ETHERNET, decap=True):
     """The ``(session, key_int)`` of the frame at ``buf[off:off+caplen]``.
 
     The same answer as :func:`probe.parse_frame` (None for anything that
     is not a probe or a reply), with a third item, the
-    :class:`probe.Encap`, when the frame carries VLAN tags or VXLAN:
-    ``(session, key_int, encap)``.  dpkt's rules, mirrored here: IP data is cut
-    to the IP total length (0: to the frame's end); fragments with a
-    non-zero offset are not decoded; the UDP length field is ignored.
+    :class:`probe.Encap`, when the frame carries VLAN tags, VXLAN or
+    Geneve: ``(session, key_int, encap)``.  dpkt's rules, mirrored here: IP
+    data is cut to the IP total length (0: to the frame's end); fragments
+    with a non-zero offset are not decoded; the UDP length field is
+    ignored.  ``decap`` False: tunnels are not opened (for inner frames).
     """
     ip = off + link.ip_off
     avail = caplen - link.ip_off
     if avail < 20 or caplen < link.ethertype_off + 2:
-        return _slow_key(buf, off, caplen, link)
+        return _slow_key(buf, off, caplen, link, decap)
     etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
     if etype != probe.ETH_P_IP:
         if etype == _ETH_P_ARP:
             return None
-        return _slow_key(buf, off, caplen, link)
+        return _slow_key(buf, off, caplen, link, decap)
     vhl, length, frag, proto = _IPV4.unpack_from(buf, ip)
     if vhl != 0x45:
-        return _slow_key(buf, off, caplen, link)
+        return _slow_key(buf, off, caplen, link, decap)
     if frag & 0x1fff:
         return None
     plen = (min(length, avail) if length else avail) - 20
@@ -142,8 +152,9 @@ def frame_key(buf, off, caplen, link=ETHERNET):
         magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
         if (magic != _MAGIC or _U16.unpack_from(buf, l4)[0] !=
                 probe.udp_source_port(session)):
-            if _U16.unpack_from(buf, l4 + 2)[0] in _VXLAN_PORTS:
-                return _slow_key(buf, off, caplen, link)
+            kind = _TUNNEL_PORTS.get(_U16.unpack_from(buf, l4 + 2)[0])
+            if kind is not None and decap:
+                return _tunnel_key(buf, l4 + 8, l4 + plen, kind)
             return None
         return session, seq << 1
     if proto == 6:
@@ -163,6 +174,30 @@ def frame_key(buf, off, caplen, link=ETHERNET):
             return None
         return session, ((value & probe.TCP_SEQ_MASK) << 1) | reply
     return None
+
+
+def _tunnel_inner(buf, start, stop, kind):
+    """Offset of the inner frame of the VXLAN or Geneve header at
+    ``buf[start:stop]``, or None (the rules of :mod:`probe`)."""
+    if kind == 'vxlan':
+        if (stop - start < probe.VXLAN_HDR_LEN + probe.ETH_HDR_LEN or
+                not buf[start] & 0x08):
+            return None
+        return start + probe.VXLAN_HDR_LEN
+    return probe.geneve_inner_offset(buf, start, stop)
+
+
+def _tunnel_key(buf, start, stop, kind):
+    """The key of the frame inside the tunnel header at ``buf[start:]``
+    (the UDP payload, up to ``stop``), with its :class:`probe.Encap`."""
+    inner = _tunnel_inner(buf, start, stop, kind)
+    if inner is None:
+        return None
+    found = frame_key(buf, inner, stop - inner, ETHERNET, decap=False)
+    if found is None:
+        return None
+    vni = int.from_bytes(buf[start + 4:start + 7], 'big')
+    return found[0], found[1], probe.Encap(vni=vni, tunnel=kind)
 
 
 def _unreach_key(buf, l4, plen, off, caplen, link):

@@ -18,11 +18,11 @@ guest's answer:
 Over IPv6 the same: ICMPv6 echo (``icmp``), UDP answered by an ICMPv6
 port unreachable, TCP; probes carry no extension headers.
 
-:func:`parse_frame` reads through up to two VLAN tags and VXLAN (the key
-is the inner frame's) and says how the probe was carried
-(:class:`Encap`: VLAN ids, VNI).  It and :func:`parse_key` stay quiet on
-foreign, truncated or malformed traffic (``None``, never an exception),
-as dpkt's decoders do with unknown types.
+:func:`parse_frame` reads through up to two VLAN tags, VXLAN and Geneve
+(the key is the inner frame's) and says how the probe was carried
+(:class:`Encap`: VLAN ids, tunnel kind, VNI).  It and :func:`parse_key`
+stay quiet on foreign, truncated or malformed traffic (``None``, never an
+exception), as dpkt's decoders do with unknown types.
 """
 
 import dataclasses
@@ -51,6 +51,12 @@ ICMP6_ECHO_REPLY = 129
 # UDP destination ports read as VXLAN (IANA's, and Linux's old default).
 VXLAN_PORTS = (4789, 8472)
 VXLAN_HDR_LEN = 8
+# Geneve (RFC 8926): UDP destination port, base header (options follow,
+# their length in 4-byte words in the first byte), Ethernet payload type.
+GENEVE_PORTS = (6081,)
+GENEVE_HDR_LEN = 8
+ETH_P_TEB = 0x6558
+TUNNELS = ('vxlan', 'geneve')
 MAX_VLAN_TAGS = 2
 _VLAN_TAG = struct.Struct('!HH')            # TCI, next ethertype
 
@@ -415,7 +421,7 @@ def parse_packet_key(packet, session=None):
 
 
 # --------------------------------------------------------------------------
-# Frames: VLAN tags and VXLAN around the probe.
+# Frames: VLAN tags, VXLAN and Geneve around the probe.
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Encap:
@@ -423,20 +429,34 @@ class Encap:
 
     ``vlan``: the VLAN ids of the frame's tags, outermost first (an
     802.1ad S-tag, then the 802.1Q C-tag); ``()`` untagged.  ``vni``: the
-    VXLAN network identifier when the probe travelled inside a VXLAN
-    packet (its key is the inner frame's), else None.
+    virtual network identifier when the probe travelled inside a tunnel
+    packet (its key is the inner frame's), else None.  ``tunnel``: which
+    tunnel (one of :data:`TUNNELS`); ``'vxlan'`` when a VNI is given
+    without it, None without a VNI.
     """
 
     vlan: tuple = ()
     vni: int | None = None
+    tunnel: str | None = None
+
+    def __post_init__(self):
+        if self.vni is None:
+            if self.tunnel is not None:
+                raise ValueError(f"tunnel {self.tunnel!r} without a VNI")
+        elif self.tunnel is None:
+            object.__setattr__(self, 'tunnel', 'vxlan')
+        elif self.tunnel not in TUNNELS:
+            raise ValueError(f"unknown tunnel {self.tunnel!r}; expected "
+                             f"one of {', '.join(TUNNELS)}")
 
     def describe(self):
-        """``'vlan 100'``, ``'vlan 200.100 vni 4242'``, ``''``."""
+        """``'vlan 100'``, ``'vlan 200.100 vxlan vni 4242'``,
+        ``'geneve vni 7'``, ``''``."""
         parts = []
         if self.vlan:
             parts.append('vlan ' + '.'.join(str(v) for v in self.vlan))
         if self.vni is not None:
-            parts.append(f'vni {self.vni}')
+            parts.append(f'{self.tunnel} vni {self.vni}')
         return ' '.join(parts)
 
 
@@ -452,6 +472,49 @@ def _vxlan_inner(data):
     return int.from_bytes(data[4:7], 'big'), data[VXLAN_HDR_LEN:]
 
 
+def geneve_inner_offset(data, off=0, end=None):
+    """Where the inner Ethernet frame of the Geneve header at
+    ``data[off:]`` starts, or None.
+
+    Version 0 only, protocol type Ethernet (:data:`ETH_P_TEB`); the
+    options (``Opt Len`` 4-byte words) are skipped; the inner frame must
+    hold at least an Ethernet header before ``end``.
+    """
+    end = len(data) if end is None else end
+    if end - off < GENEVE_HDR_LEN:
+        return None
+    first = data[off]
+    if first >> 6 or _U16.unpack_from(data, off + 2)[0] != ETH_P_TEB:
+        return None
+    inner = off + GENEVE_HDR_LEN + (first & 0x3f) * 4
+    return inner if inner + ETH_HDR_LEN <= end else None
+
+
+def _geneve_inner(data):
+    """``(vni, inner frame)`` of a Geneve payload (after UDP), or None."""
+    inner = geneve_inner_offset(data)
+    if inner is None:
+        return None
+    return int.from_bytes(data[4:7], 'big'), data[inner:]
+
+
+def tunnel_kind(dport):
+    """``'vxlan'``/``'geneve'`` for a UDP destination port, else None."""
+    if dport in VXLAN_PORTS:
+        return 'vxlan'
+    if dport in GENEVE_PORTS:
+        return 'geneve'
+    return None
+
+
+def _tunnel_inner(kind, payload):
+    """``(kind, vni, inner frame)`` of a tunnel's UDP payload, or None."""
+    if kind is None:
+        return None
+    found = (_vxlan_inner if kind == 'vxlan' else _geneve_inner)(payload)
+    return None if found is None else (kind, *found)
+
+
 def _frame_key(buf, session, decap):
     """``(ProbeKey, Encap)`` of an Ethernet frame, or None (may raise)."""
     if len(buf) < ETH_HDR_LEN:
@@ -465,29 +528,30 @@ def _frame_key(buf, session, decap):
         tci, etype = _VLAN_TAG.unpack_from(buf, off)
         vlan += (tci & 0x0fff,)
         off += 4
-    vxlan = None
+    tunnel = None
     if etype == ETH_P_IP:
         ip = dpkt.ip.IP(bytes(buf[off:]))
         key = parse_ip_key(ip, session)
         if (key is None and decap and ip.p == dpkt.ip.IP_PROTO_UDP and
-                isinstance(ip.data, dpkt.udp.UDP) and
-                ip.data.dport in VXLAN_PORTS):
-            vxlan = _vxlan_inner(bytes(ip.data.data))
+                isinstance(ip.data, dpkt.udp.UDP)):
+            tunnel = _tunnel_inner(tunnel_kind(ip.data.dport),
+                                   bytes(ip.data.data))
     elif etype == ETH_P_IPV6:
         key = ip6_key(buf, off, len(buf), session)
         if key is None and decap:
             found = _ip6_payload(buf, off, len(buf))
             if (found is not None and found[0] == dpkt.ip.IP_PROTO_UDP and
-                    found[2] - found[1] >= 8 and
-                    _U16.unpack_from(buf, found[1] + 2)[0] in VXLAN_PORTS):
-                vxlan = _vxlan_inner(bytes(buf[found[1] + 8:found[2]]))
+                    found[2] - found[1] >= 8):
+                tunnel = _tunnel_inner(
+                    tunnel_kind(_U16.unpack_from(buf, found[1] + 2)[0]),
+                    bytes(buf[found[1] + 8:found[2]]))
     else:
         return None
-    if vxlan is not None:
-        inner = _frame_key(vxlan[1], session, decap=False)
+    if tunnel is not None:
+        inner = _frame_key(tunnel[2], session, decap=False)
         if inner is None:
             return None
-        return inner[0], Encap(vlan=vlan, vni=vxlan[0])
+        return inner[0], Encap(vlan=vlan, vni=tunnel[1], tunnel=tunnel[0])
     if key is None:
         return None
     return key, (Encap(vlan=vlan) if vlan else NO_ENCAP)
@@ -498,8 +562,9 @@ def parse_frame(frame, session=None):
 
     Up to :data:`MAX_VLAN_TAGS` VLAN tags are read (their ids go into the
     :class:`Encap`), then IPv4 or IPv6.  A UDP packet to a VXLAN port
-    (:data:`VXLAN_PORTS`) that is not itself a probe is opened: the key is
-    the inner frame's, and the :class:`Encap` holds the VNI.  Foreign,
+    (:data:`VXLAN_PORTS`) or a Geneve port (:data:`GENEVE_PORTS`) that is
+    not itself a probe is opened: the key is the inner frame's, and the
+    :class:`Encap` holds the tunnel kind and the VNI.  Foreign,
     truncated or malformed frames give None, never an exception.
     """
     try:
@@ -512,7 +577,7 @@ def parse_key(frame, session=None):
     """Recover the :class:`ProbeKey` of an Ethernet frame, or None.
 
     Foreign, truncated or malformed frames give None, never an exception.
-    VLAN tags and VXLAN are read through (see :func:`parse_frame`).
+    VLAN tags, VXLAN and Geneve are read through (see :func:`parse_frame`).
     """
     found = parse_frame(frame, session)
     return None if found is None else found[0]
