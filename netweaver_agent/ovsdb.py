@@ -56,6 +56,10 @@ class OvsdbError(Exception):
     """OVSDB could not be read; the message names the connection."""
 
 
+class OvsdbAbsent(OvsdbError):
+    """The unix socket does not exist: no Open vSwitch on this host."""
+
+
 # --- OVSDB JSON notation (RFC 7047 5.1) -----------------------------------
 
 def _atom(value):
@@ -352,6 +356,11 @@ class OvsdbClient:
         try:
             sock.settimeout(self.timeout_s)
             sock.connect(self.address)
+        except FileNotFoundError as exc:
+            sock.close()
+            raise OvsdbAbsent(
+                f"OVSDB at {self.connection}: cannot connect: {exc} (no "
+                "Open vSwitch here?)") from exc
         except OSError as exc:
             sock.close()
             raise self._error(f"cannot connect: {exc}") from exc

@@ -7,10 +7,19 @@ the :class:`VifPath` the rest of the agent passes around:
   vif_resolver``): ``libvirt`` takes the interface's target dev, ``xen``
   builds ``vif<domid>.<n>``; others plug in through the stevedore
   namespace ``netweaver_agent.vif_resolvers``.
-* **pif**: ``[netweaver] pif`` if set, else the one port of the vif's
-  master (bridge) that is not itself a vif, read from sysfs
+* **path from the pif** (:func:`find_path`): on a Linux bridge, the one
+  port of the vif's master that is not itself a vif, read from sysfs
   (``/sys/class/net/<vif>/master``) — or from ``ip -j link`` inside a
-  capture namespace, whose sysfs this process cannot see.
+  capture namespace, whose sysfs this process cannot see.  On Open
+  vSwitch, from the switch's database (:mod:`netweaver_agent.ovsdb`, one
+  snapshot per cycle): a tap that is an OVS interface (native firewall,
+  OVN) or a tap on a Linux bridge whose veth (``qvb…``) pairs with an
+  OVS interface (``qvo…``, the iptables hybrid plug); from its bridge,
+  through patch ports, to the physical bridge's uplink, or to the
+  netdev holding a tunnel's ``local_ip`` (the uplink of its bridge when
+  that is an OVS internal port).  ``[netweaver] pif`` still wins.  When
+  the pif cannot be told, the vNIC is not measured and the error says
+  why; never a guessed path.
 * **target address**, in this order: the filterref ``IP`` parameter
   (nova's nwfilter), the fixed IPv4 address of the matching port in the
   nova 1.1 metadata (``<nova:ports>``), the host's neighbour table by MAC.
@@ -29,6 +38,7 @@ import stevedore
 
 from netweaver_agent import latency
 from netweaver_agent import netns
+from netweaver_agent import ovsdb
 
 LOG = log.getLogger(__name__)
 
@@ -54,17 +64,33 @@ class NotMeasurable(TopologyError):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Encapsulation:
+    """A UDP tunnel that may carry a vNIC's probes on the pif."""
+
+    kind: str                 # 'vxlan' or 'geneve'
+    port: int                 # UDP destination port
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class VifPath:
     """One vNIC to measure.
 
     ``interfaces`` are host netdev names in the order a probe crosses
-    them: the pif first, the vif (tap) last, bridge ports in between.
+    them, every one where a packet socket sees it: the pif first, the vif
+    (tap) last, bridge ports in between (OVS hybrid plug: pif, qvo, qvb,
+    tap).  ``via`` holds, per hop, the devices crossed in between where
+    no packet socket sees the probe (bridges, OVS patch and tunnel
+    ports, in path order; ``()`` when nothing is known).  ``encap``: the
+    UDP tunnels (:class:`Encapsulation`) that may carry the probes on the
+    pif.
     """
 
     vnic: str
     address: str
     interfaces: tuple
     mac: str | None = None
+    via: tuple = ()
+    encap: tuple = ()
 
     def __post_init__(self):
         if len(self.interfaces) < 2:
@@ -75,10 +101,31 @@ class VifPath:
             raise ValueError(
                 f"path of vNIC {self.vnic!r} must end at it, got "
                 f"{self.interfaces!r}")
+        if self.via and len(self.via) != len(self.interfaces) - 1:
+            raise ValueError(
+                f"path of vNIC {self.vnic!r}: {len(self.via)} via entries "
+                f"for {len(self.interfaces) - 1} hops")
 
     @property
     def pif(self):
         return self.interfaces[0]
+
+    @property
+    def unseen(self):
+        """Every device crossed and never seen, in path order."""
+        return tuple(dev for hop in self.via for dev in hop)
+
+    def hop_via(self):
+        """``{(src, dst): devices crossed in between}`` per hop."""
+        return dict(zip(zip(self.interfaces, self.interfaces[1:]),
+                        self.via))
+
+    def encap_port(self, kind):
+        """The UDP port of the ``kind`` tunnel carrying probes, or None."""
+        for found in self.encap:
+            if found.kind == kind:
+                return found.port
+        return None
 
     def spec(self):
         """The :class:`latency.PathSpec` the matcher needs."""
@@ -252,11 +299,14 @@ class SysfsLinks:
 
     A master's ports are read once per instance (one polling cycle's
     snapshot): listing them is a walk over every netdev of the host.
+    Veth peers come from ``ip -j link`` (sysfs ``iflink`` cannot tell a
+    peer in another namespace), read once, only when asked.
     """
 
     def __init__(self, root=SYSFS_NET):
         self.root = root
         self._ports = {}
+        self._ip = None
 
     def exists(self, dev):
         return os.path.exists(os.path.join(self.root, dev))
@@ -280,20 +330,37 @@ class SysfsLinks:
                                    if self.master(d) == master]
         return list(self._ports[master])
 
+    def peer(self, dev):
+        """The veth peer of ``dev`` in this namespace, or None."""
+        if self._ip is None:
+            self._ip = IpLinks()
+        return self._ip.peer(dev)
+
 
 class IpLinks:
     """The same, from ``ip -j link show`` run inside a namespace."""
 
-    def __init__(self, netns_name=None):
-        proc = netns.run(['ip', '-j', 'link', 'show'], netns=netns_name)
+    def __init__(self, netns_name=None, text=None, where=None):
+        if text is None:
+            proc = netns.run(['ip', '-j', 'link', 'show'], netns=netns_name)
+            text = proc.stdout
+        where = where or f'namespace {netns_name}'
         try:
-            links = json.loads(proc.stdout or '[]')
-        except ValueError as exc:
+            links = json.loads(text or '[]')
+            self._master = {link['ifname']: link.get('master')
+                            for link in links if 'ifname' in link}
+        except (ValueError, TypeError, AttributeError) as exc:
             raise TopologyError(
-                f"unreadable 'ip -j link show' output in namespace "
-                f"{netns_name}: {exc}") from exc
-        self._master = {link['ifname']: link.get('master')
-                        for link in links if 'ifname' in link}
+                f"unreadable 'ip -j link show' output in {where}: "
+                f"{exc}") from exc
+        # A veth whose peer is in this namespace names it in "link" (one
+        # in another namespace has "link_netnsid" and only an index); VLAN
+        # and macvlan devices name their parent there too, which does not
+        # name them back.
+        link_of = {link['ifname']: link.get('link') for link in links
+                   if 'ifname' in link and 'link_netnsid' not in link}
+        self._peer = {dev: other for dev, other in link_of.items()
+                      if other and link_of.get(other) == dev}
 
     def exists(self, dev):
         return dev in self._master
@@ -306,6 +373,10 @@ class IpLinks:
 
     def ports(self, master):
         return [d for d, m in sorted(self._master.items()) if m == master]
+
+    def peer(self, dev):
+        """The veth peer of ``dev`` in this namespace, or None."""
+        return self._peer.get(dev)
 
 
 def find_pif(vif, links, vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
@@ -330,6 +401,396 @@ def find_pif(vif, links, vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
             f"{'no' if not ports else len(ports)} candidate pif "
             f"{ports!r}; set [netweaver] pif")
     return ports[0]
+
+
+# --- paths through Open vSwitch --------------------------------------------
+
+# Interface types that are a kernel netdev where a packet socket sees
+# frames ('' is 'system').
+_NETDEV_TYPES = ('', 'system')
+# Neutron's OVS agent records the port's network type in its other_config.
+_TUNNEL_NETWORKS = ('vxlan', 'geneve', 'gre', 'stt')
+_PROVIDER_NETWORKS = ('flat', 'vlan')
+_KERNEL_DATAPATH_MASTER = 'ovs-system'
+_warned = set()
+
+
+def parse_addresses(text, where='this host'):
+    """``{address: netdev}`` from ``ip -j addr show`` output."""
+    try:
+        links = json.loads(text or '[]')
+        out = {}
+        for link in links:
+            for addr in link.get('addr_info') or ():
+                if addr.get('local') and link.get('ifname'):
+                    out.setdefault(addr['local'], link['ifname'])
+        return out
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise TopologyError(
+            f"unreadable 'ip -j addr show' output in {where}: {exc}"
+        ) from exc
+
+
+def read_addresses(netns_name=None):
+    """``{address: netdev}`` of the host (or of namespace ``netns_name``)."""
+    proc = netns.run(['ip', '-j', 'addr', 'show'], netns=netns_name)
+    return parse_addresses(proc.stdout,
+                           f'namespace {netns_name}' if netns_name
+                           else 'this host')
+
+
+class SwitchView:
+    """What OVS-aware resolution reads, each at most once per cycle.
+
+    :param snapshot: a callable returning an :class:`ovsdb.OvsSnapshot`
+        (raising :class:`ovsdb.OvsdbError`); None: OVS lookup disabled
+    :param addresses: a callable returning ``{address: netdev}`` (see
+        :func:`read_addresses`)
+    :param where: what the error messages call the switch
+    """
+
+    def __init__(self, snapshot=None, addresses=None, where=None):
+        self._snapshot_fn = snapshot
+        self._addresses_fn = addresses or read_addresses
+        self.where = where
+        self._snapshot = None
+        self._error = None
+        self._addresses = None
+        self._uplinks = {}
+        self._absent = False
+        self.reads = 0
+
+    @property
+    def enabled(self):
+        return self._snapshot_fn is not None
+
+    def snapshot(self):
+        """The cycle's snapshot; TopologyError (the same one each time)
+        when the switch's database cannot be read."""
+        if self._snapshot_fn is None:
+            raise TopologyError(
+                "the Open vSwitch lookup is disabled ([netweaver] "
+                "ovsdb_connection is empty)")
+        if self._snapshot is None and self._error is None:
+            self.reads += 1
+            try:
+                self._snapshot = self._snapshot_fn()
+            except (ovsdb.OvsdbError, ValueError, OSError,
+                    netns.NetnsError) as exc:
+                self._error = TopologyError(
+                    f"cannot read Open vSwitch's database: {exc}")
+                self._absent = isinstance(exc, ovsdb.OvsdbAbsent)
+        if self._error is not None:
+            raise self._error
+        return self._snapshot
+
+    def absent(self):
+        """Whether this host has no Open vSwitch at all (its unix socket
+        does not exist): then a tap on a Linux bridge is plain Linux
+        bridge, whatever its bridge's ports."""
+        try:
+            self.snapshot()
+        except TopologyError:
+            return self._absent
+        return False
+
+    def uplinks(self, bridge, compute):
+        """``compute()`` once per bridge and snapshot (memo)."""
+        if bridge not in self._uplinks:
+            self._uplinks[bridge] = compute()
+        return self._uplinks[bridge]
+
+    def owner(self, address):
+        """The netdev holding ``address``, or None."""
+        if self._addresses is None:
+            self._addresses = self._addresses_fn()
+        return self._addresses.get(address)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SwitchPath:
+    """What :func:`find_path` found: seen interfaces, via, encapsulation."""
+
+    interfaces: tuple
+    via: tuple = ()
+    encap: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Uplink:
+    """One way from a pif to the vNIC's bridge (or why it is unusable)."""
+
+    kind: str                 # 'provider' or 'tunnel'
+    pif: str | None
+    via: tuple = ()           # devices from the pif to the vNIC's bridge
+    encap: Encapsulation | None = None
+    what: str = ''
+    error: str | None = None
+
+
+def _physical_ports(snap, bridge):
+    """Interfaces of ``bridge`` that are uplinks: ``[(iface, port)]``."""
+    out = []
+    for port, ifaces in snap.members(bridge):
+        if port.name == bridge.name:
+            continue
+        for iface in ifaces:
+            if iface.type in ('internal', 'patch') or iface.is_tunnel:
+                continue
+            if iface.iface_id or iface.attached_mac:
+                continue        # an instance's port, not an uplink
+            out.append((iface, port))
+    return out
+
+
+def _bridges_reached(snap, start):
+    """``[(bridge, chain)]``: every bridge patched to ``start``, with the
+    devices from it to ``start`` in ingress order (its own name first)."""
+    chains = {start.name: (start.name,)}
+    order = [start]
+    queue = [start]
+    while queue:
+        bridge = queue.pop(0)
+        for _, ifaces in snap.members(bridge):
+            for iface in ifaces:
+                peer = iface.peer
+                if not peer:
+                    continue
+                other = snap.bridge_of(peer)
+                if other is None or other.name in chains:
+                    continue
+                chains[other.name] = ((other.name, peer, iface.name)
+                                      + chains[bridge.name])
+                order.append(other)
+                queue.append(other)
+    return [(b, chains[b.name]) for b in order]
+
+
+def _uplinks_of(snap, bridge, chain, switch):
+    """Every :class:`_Uplink` of one reached bridge."""
+    out = []
+    for iface, _ in _physical_ports(snap, bridge):
+        error = None
+        if iface.type not in _NETDEV_TYPES:
+            error = (f"uplink {iface.name!r} of {bridge.name} is an OVS "
+                     f"{iface.type!r} port with no kernel netdev to "
+                     "capture on")
+        out.append(_Uplink('provider', iface.name, chain,
+                           what=f'{iface.name} (uplink of {bridge.name})',
+                           error=error))
+    tunnels = {}
+    for _, ifaces in snap.members(bridge):
+        for iface in ifaces:
+            if iface.is_tunnel:
+                tunnels.setdefault((iface.type, iface.dst_port,
+                                    iface.local_ip), []).append(iface)
+    for (kind, port, local_ip), ifaces in sorted(
+            tunnels.items(), key=lambda kv: str(kv[0])):
+        names = tuple(sorted(i.name for i in ifaces))
+        out.append(_tunnel_uplink(snap, bridge, chain, switch, kind, port,
+                                  local_ip, names))
+    return out
+
+
+def _tunnel_uplink(snap, bridge, chain, switch, kind, port, local_ip,
+                   names):
+    label = f"{kind} port {names[0]}" + (
+        f" (and {len(names) - 1} more)" if len(names) > 1 else '')
+    encap = Encapsulation(kind, port) if port else None
+    if kind not in ovsdb.UDP_TUNNELS or port is None:
+        return _Uplink('tunnel', None, what=label, error=(
+            f"{label} on {bridge.name}: only VXLAN and Geneve "
+            "encapsulation is decoded"))
+    if not local_ip:
+        # OVN's tunnels carry no local_ip unless asked to; the chassis's
+        # encapsulation address is in the Open_vSwitch row.
+        encap_ips = snap.external_ids.get('ovn-encap-ip', '').split(',')
+        local_ip = encap_ips[0].strip() if len(encap_ips) == 1 else ''
+    if not local_ip:
+        return _Uplink('tunnel', None, what=label, error=(
+            f"{label} on {bridge.name} has no options:local_ip (and no "
+            "single ovn-encap-ip): which netdev carries it is unknown"))
+    owner = switch.owner(local_ip)
+    what = f'{label} (local_ip {local_ip} on {owner})'
+    via = names + chain
+    if owner is None:
+        return _Uplink('tunnel', None, what=label, error=(
+            f"no netdev holds local_ip {local_ip} of {label}"))
+    underlay = snap.bridge_of(owner)
+    iface = snap.interface(owner)
+    if underlay is None or iface is None:
+        return _Uplink('tunnel', owner, via, encap, what)
+    if iface.type != 'internal':
+        return _Uplink('tunnel', owner, via, encap, what)
+    uplinks = [i.name for i, _ in _physical_ports(snap, underlay)]
+    if len(uplinks) != 1:
+        return _Uplink('tunnel', None, what=what, error=(
+            f"local_ip {local_ip} of {label} is on {owner}, an internal "
+            f"port of {underlay.name}, which has "
+            f"{'no' if not uplinks else len(uplinks)} uplinks "
+            f"{uplinks!r}"))
+    return _Uplink('tunnel', uplinks[0], (underlay.name,) + via, encap,
+                   f'{uplinks[0]} (uplink of {underlay.name}, holding '
+                   f'local_ip {local_ip} of {label})')
+
+
+def _uplinks(snap, entry, switch):
+    """Every :class:`_Uplink` from OVS interface ``entry``'s bridge."""
+    start = snap.bridge_of(entry)
+
+    def compute():
+        out = []
+        for bridge, chain in _bridges_reached(snap, start):
+            out.extend(_uplinks_of(snap, bridge, chain, switch))
+        return out
+    return list(switch.uplinks(start.name, compute))
+
+
+def _merge_via(vias):
+    """One device tuple from several ways in: each device once, in the
+    order first met."""
+    out = []
+    for via in vias:
+        for dev in via:
+            if dev not in out:
+                out.append(dev)
+    return tuple(out)
+
+
+def _choose(vif, snap, entry, switch, configured):
+    """``(pif, via from the pif to the vNIC's bridge, encap)``."""
+    uplinks = _uplinks(snap, entry, switch)
+    port = snap.port_of(entry)
+    network_type = port.network_type if port is not None else None
+    if network_type == 'local':
+        raise NotMeasurable(
+            f"vif {vif!r} is on a Neutron 'local' network: its packets "
+            "never cross a pif")
+    if network_type in _TUNNEL_NETWORKS:
+        uplinks = [u for u in uplinks if u.kind == 'tunnel']
+    elif network_type in _PROVIDER_NETWORKS:
+        uplinks = [u for u in uplinks if u.kind == 'provider']
+    bridge = snap.bridge_of(entry).name
+    if configured:
+        return _configured(vif, bridge, uplinks, configured)
+    broken = [u for u in uplinks if u.error]
+    if broken:
+        raise TopologyError(
+            f"vif {vif!r} (OVS {entry} on {bridge}): cannot tell its pif: "
+            f"{'; '.join(u.error for u in broken)}; set [netweaver] pif")
+    pifs = sorted({u.pif for u in uplinks})
+    if len(pifs) != 1:
+        what = '; '.join(u.what for u in uplinks) or 'none'
+        raise TopologyError(
+            f"vif {vif!r} (OVS {entry} on {bridge}) reaches "
+            f"{'no' if not pifs else len(pifs)} pifs through the switch "
+            f"({what}): which one carries its probes is not known; set "
+            "[netweaver] pif")
+    chosen = [u for u in uplinks if u.pif == pifs[0]]
+    return (pifs[0], _merge_via(u.via for u in chosen),
+            tuple(dict.fromkeys(u.encap for u in chosen if u.encap)))
+
+
+def _configured(vif, bridge, uplinks, configured):
+    """The configured pif, checked against what the switch says."""
+    found = sorted({u.pif for u in uplinks if not u.error})
+    chosen = [u for u in uplinks if u.pif == configured]
+    if found and not chosen:
+        key = (vif, configured, tuple(found))
+        if key not in _warned:
+            _warned.add(key)
+            LOG.warning('vif %(vif)s: [netweaver] pif is %(pif)s, but '
+                        'Open vSwitch connects %(bridge)s to %(found)s; '
+                        'measuring from %(pif)s as configured',
+                        {'vif': vif, 'pif': configured, 'bridge': bridge,
+                         'found': ', '.join(found)})
+    if chosen:
+        return (configured, _merge_via(u.via for u in chosen),
+                tuple(dict.fromkeys(u.encap for u in chosen if u.encap)))
+    # Not one of the switch's ways in: the devices in between are not
+    # known, any UDP tunnel of the switch may carry the probes.
+    return (configured, (),
+            tuple(dict.fromkeys(u.encap for u in uplinks if u.encap)))
+
+
+def _hybrid_entry(vif, master, links, switch):
+    """``(qvb, qvo)`` if ``master`` is the hybrid plug's qbr, else None.
+
+    A port of the vif's Linux bridge that is a veth whose peer is an OVS
+    interface (by the kernel's link, not by name).
+    """
+    veths = [(p, links.peer(p)) for p in links.ports(master) if p != vif]
+    veths = [(p, peer) for p, peer in veths if peer]
+    if not veths or switch.absent():
+        return None
+    snap = switch.snapshot()
+    on_ovs = [(p, peer) for p, peer in veths if snap.interface(peer)]
+    if len(on_ovs) > 1:
+        raise TopologyError(
+            f"bridge {master!r} of vif {vif!r} has {len(on_ovs)} veths to "
+            f"Open vSwitch {on_ovs!r}: which one its probes cross is not "
+            "known")
+    return on_ovs[0] if on_ovs else None
+
+
+def find_path(vif, links, switch=None,
+              vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
+              configured=None):
+    """The :class:`SwitchPath` of ``vif``, pif first.
+
+    * Linux bridge: ``(pif, vif)`` via the bridge (:func:`find_pif`).
+    * OVS hybrid plug (a tap on ``qbr…`` whose ``qvb…`` veth pairs with an
+      OVS interface ``qvo…``): ``(pif, qvo, qvb, vif)``.
+    * OVS native / OVN (the tap is an OVS interface): ``(pif, vif)``.
+
+    :param switch: a :class:`SwitchView` (None: Linux bridge only)
+    :param configured: ``[netweaver] pif``, which wins
+    """
+    switch = switch or SwitchView()
+    if configured and not links.exists(configured):
+        raise TopologyError(
+            f"configured pif {configured!r} does not exist on this host")
+    master = links.master(vif)
+    if master and master != _KERNEL_DATAPATH_MASTER:
+        try:
+            hybrid = (_hybrid_entry(vif, master, links, switch)
+                      if switch.enabled else None)
+        except TopologyError:
+            if not configured:
+                raise
+            # Which devices lie in between is not known.
+            return SwitchPath((configured, vif))
+        if hybrid is None:
+            pif = find_pif(vif, links, vif_prefixes, configured)
+            return SwitchPath((pif, vif), ((master,),))
+        qvb, qvo = hybrid
+        tail, tail_via = (qvo, qvb, vif), ((), (master,))
+        entry = qvo
+    else:
+        entry = vif
+        tail, tail_via = (vif,), ()
+        try:
+            snap = switch.snapshot()
+        except TopologyError as exc:
+            if configured:
+                return SwitchPath((configured, vif))
+            raise TopologyError(
+                f"vif {vif!r} has no Linux bridge master and {exc}; set "
+                "[netweaver] pif") from exc
+        if snap.interface(vif) is None:
+            if configured:
+                return SwitchPath((configured, vif))
+            raise TopologyError(
+                f"vif {vif!r} has no master (bridge) and is not an "
+                f"interface of Open vSwitch ({snap.source}); set "
+                "[netweaver] pif")
+    snap = switch.snapshot()
+    pif, via, encap = _choose(vif, snap, entry, switch, configured)
+    if not links.exists(pif):
+        raise TopologyError(
+            f"pif {pif!r} of vif {vif!r}, found in Open vSwitch, does not "
+            "exist on this host (another namespace?)")
+    return SwitchPath((pif, *tail), (via, *tail_via), encap)
 
 
 # --- target address -------------------------------------------------------
@@ -386,8 +847,12 @@ def target_address(domain, iface, neighbours=None):
 
 
 def resolve(domain, iface, resolver, links, vif_prefixes=('tap', 'vif'),
-            pif=None, neighbours=None):
-    """The :class:`VifPath` of one domain interface."""
+            pif=None, neighbours=None, switch=None):
+    """The :class:`VifPath` of one domain interface.
+
+    :param switch: a :class:`SwitchView` for taps on Open vSwitch (None:
+        Linux bridge only)
+    """
     reason = iface.unmeasurable_reason
     if reason:
         raise NotMeasurable(
@@ -399,11 +864,12 @@ def resolve(domain, iface, resolver, links, vif_prefixes=('tap', 'vif'),
         raise TopologyError(
             f"vif {vif!r} of domain {domain.name} does not exist on this "
             "host (gone, or another network namespace)")
-    pif_name = find_pif(vif, links, vif_prefixes, configured=pif)
+    found = find_path(vif, links, switch, vif_prefixes, configured=pif)
     address, how = target_address(domain, iface, neighbours)
-    LOG.debug('vNIC %(vif)s of %(domain)s: pif %(pif)s, address %(addr)s '
-              'from %(how)s', {'vif': vif, 'domain': domain.name,
-                               'pif': pif_name, 'addr': address,
-                               'how': how})
-    return VifPath(vnic=vif, address=address, interfaces=(pif_name, vif),
-                   mac=iface.mac)
+    LOG.debug('vNIC %(vif)s of %(domain)s: path %(path)s (via %(via)s), '
+              'address %(addr)s from %(how)s',
+              {'vif': vif, 'domain': domain.name,
+               'path': found.interfaces, 'via': found.via, 'addr': address,
+               'how': how})
+    return VifPath(vnic=vif, address=address, interfaces=found.interfaces,
+                   mac=iface.mac, via=found.via, encap=found.encap)

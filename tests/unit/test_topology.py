@@ -1,5 +1,6 @@
 """From a libvirt domain to a VifPath: netdev, pif, address."""
 
+import json
 import os
 import subprocess
 from xml.etree import ElementTree
@@ -7,6 +8,7 @@ from xml.etree import ElementTree
 import pytest
 
 from netweaver_agent import labvirt
+from netweaver_agent import ovsdb
 from netweaver_agent import topology
 
 NOVA = labvirt.NOVA_NS
@@ -262,7 +264,9 @@ def test_resolve_builds_the_path(sysfs):
                             vif_prefixes=('tap',))
     assert path == topology.VifPath(vnic='tapaaa', address='198.18.1.10',
                                     interfaces=('eth1', 'tapaaa'),
-                                    mac='fa:16:3e:00:00:01')
+                                    mac='fa:16:3e:00:00:01',
+                                    via=(('brq1',),))
+    assert path.unseen == ('brq1',) and path.encap == ()
     assert path.spec().interfaces == ('eth1', 'tapaaa')
 
 
@@ -293,3 +297,412 @@ def test_ip_links_reads_a_real_bridge_in_a_namespace():
         assert topology.find_pif('tapx', links, ('tap',)) == 'eth1'
     finally:
         subprocess.run(['ip', 'netns', 'del', ns], check=True)
+
+
+# --- Open vSwitch: paths from the switch's database ------------------------
+#
+# Snapshots are built from rows shaped as ovs-vsctl / ovsdb-server return
+# them (see tests/unit/test_ovsdb.py for verbatim output); links from
+# ``ip -j link`` shapes (a veth peer in the same namespace is named in
+# "link", one elsewhere has "link_netnsid").
+
+class Switch:
+    """OVSDB rows of a made-up host, in the server's JSON notation."""
+
+    def __init__(self, external_ids=None):
+        self.rows = {'Open_vSwitch': [{
+            '_uuid': ['uuid', 'root'], 'bridges': ['set', []],
+            'external_ids': ['map', sorted((external_ids or {}).items())]}],
+            'Bridge': [], 'Port': [], 'Interface': []}
+        self._n = 0
+
+    def _uuid(self):
+        self._n += 1
+        return f'00000000-0000-4000-8000-{self._n:012d}'
+
+    def bridge(self, name, datapath='netdev'):
+        uuid = self._uuid()
+        self.rows['Bridge'].append({'_uuid': ['uuid', uuid], 'name': name,
+                                    'ports': ['set', []],
+                                    'datapath_type': datapath})
+        self.rows['Open_vSwitch'][0]['bridges'][1].append(['uuid', uuid])
+        self.port(name, name, type='internal')
+        return self
+
+    def port(self, bridge, name, type='', options=None, external_ids=None,
+             tag=None, other_config=None, members=None):
+        iface_uuids = []
+        for member in members or (name,):
+            uuid = self._uuid()
+            iface_uuids.append(uuid)
+            self.rows['Interface'].append({
+                '_uuid': ['uuid', uuid], 'name': member, 'type': type,
+                'options': ['map', sorted((options or {}).items())],
+                'external_ids': ['map',
+                                 sorted((external_ids or {}).items())]})
+        port_uuid = self._uuid()
+        self.rows['Port'].append({
+            '_uuid': ['uuid', port_uuid], 'name': name,
+            'interfaces': (['uuid', iface_uuids[0]] if len(iface_uuids) == 1
+                           else ['set', [['uuid', u] for u in iface_uuids]]),
+            'tag': tag if tag is not None else ['set', []],
+            'other_config': ['map', sorted((other_config or {}).items())]})
+        row = next(b for b in self.rows['Bridge'] if b['name'] == bridge)
+        row['ports'][1].append(['uuid', port_uuid])
+        return self
+
+    def patch(self, bridge_a, port_a, bridge_b, port_b):
+        self.port(bridge_a, port_a, type='patch', options={'peer': port_b})
+        return self.port(bridge_b, port_b, type='patch',
+                         options={'peer': port_a})
+
+    def vm(self, bridge, name, **other_config):
+        return self.port(bridge, name, tag=1, other_config=other_config,
+                         external_ids={'iface-id': 'port-' + name,
+                                       'attached-mac': 'fa:16:3e:00:00:01',
+                                       'vm-uuid': 'vm-1'})
+
+    def snapshot(self):
+        return ovsdb.snapshot_from_rows(self.rows, source='unix:/test.sock')
+
+    def view(self, addresses=None):
+        return topology.SwitchView(self.snapshot,
+                                   lambda: dict(addresses or {}))
+
+
+def ip_links(*links):
+    """IpLinks from ``(ifname, master, link)`` as ``ip -j link`` shows."""
+    rows = []
+    for index, (name, master, link) in enumerate(links, start=2):
+        row = {'ifindex': index, 'ifname': name,
+               'flags': ['BROADCAST', 'UP'], 'address': '02:00:00:00:00:01'}
+        if master:
+            row['master'] = master
+        if link == 'elsewhere':
+            row.update(link_index=4, link_netnsid=0)
+        elif link:
+            row['link'] = link
+        rows.append(row)
+    return topology.IpLinks(text=json.dumps(rows), where='test')
+
+
+def provider_switch():
+    """br-int patched to br-ex, whose uplink is eth1 (ML2/OVS, flat)."""
+    return (Switch().bridge('br-int').bridge('br-ex')
+            .port('br-ex', 'eth1')
+            .patch('br-int', 'int-br-ex', 'br-ex', 'phy-br-int'))
+
+
+HYBRID_LINKS = (('eth1', None, 'elsewhere'), ('qbr1', None, None),
+                ('qvb1', 'qbr1', 'qvo1'), ('qvo1', None, 'qvb1'),
+                ('tap1', 'qbr1', None), ('br-int', None, None),
+                ('br-ex', None, None))
+TO_BR_INT = ('br-ex', 'phy-br-int', 'int-br-ex', 'br-int')
+
+
+def test_hybrid_plug_path_is_pif_qvo_qvb_tap():
+    switch = provider_switch().vm('br-int', 'qvo1').view()
+    found = topology.find_path('tap1', ip_links(*HYBRID_LINKS), switch)
+    assert found.interfaces == ('eth1', 'qvo1', 'qvb1', 'tap1')
+    assert found.via == (TO_BR_INT, (), ('qbr1',))
+    assert found.encap == ()
+
+
+def test_hybrid_is_told_by_the_veth_peer_not_by_names():
+    # A veth named nothing like qvb/qvo is still the hybrid chain; a port
+    # named qvb… that is no veth to the switch is a plain pif.
+    switch = provider_switch().vm('br-int', 'ovsside').view()
+    links = ip_links(('eth1', None, 'elsewhere'), ('brx', None, None),
+                     ('lbside', 'brx', 'ovsside'),
+                     ('ovsside', None, 'lbside'), ('tap1', 'brx', None))
+    assert topology.find_path('tap1', links, switch).interfaces == (
+        'eth1', 'ovsside', 'lbside', 'tap1')
+    plain = ip_links(('qvbfake', 'brq', 'elsewhere'), ('brq', None, None),
+                     ('tap1', 'brq', None))
+    assert topology.find_path('tap1', plain, switch).interfaces == (
+        'qvbfake', 'tap1')
+
+
+def test_vlan_parent_is_not_a_veth_peer():
+    links = ip_links(('eth1', None, None), ('eth1.100', 'brq', 'eth1'),
+                     ('brq', None, None), ('tap1', 'brq', None))
+    assert links.peer('eth1.100') is None
+    found = topology.find_path('tap1', links, provider_switch().view())
+    assert found.interfaces == ('eth1.100', 'tap1')
+
+
+def test_native_ovs_and_ovn_path_is_pif_tap():
+    switch = provider_switch().vm('br-int', 'tap1').view()
+    links = ip_links(('eth1', None, 'elsewhere'), ('tap1', None, None))
+    found = topology.find_path('tap1', links, switch)
+    assert found.interfaces == ('eth1', 'tap1')
+    assert found.via == (TO_BR_INT,)
+
+
+def test_kernel_datapath_master_is_not_a_linux_bridge():
+    switch = provider_switch().vm('br-int', 'tap1').view()
+    links = ip_links(('eth1', 'ovs-system', 'elsewhere'),
+                     ('ovs-system', None, None),
+                     ('tap1', 'ovs-system', None))
+    assert topology.find_path('tap1', links, switch).interfaces == (
+        'eth1', 'tap1')
+
+
+def test_vxlan_pif_is_the_netdev_holding_local_ip():
+    switch = (Switch().bridge('br-int').bridge('br-tun')
+              .patch('br-int', 'patch-tun', 'br-tun', 'patch-int')
+              .port('br-tun', 'vxlan-c6120002', type='vxlan',
+                    options={'local_ip': '198.18.0.1',
+                             'remote_ip': '198.18.0.2'})
+              .vm('br-int', 'tap1'))
+    links = ip_links(('eth1', None, 'elsewhere'), ('eth2', None, None),
+                     ('tap1', None, None))
+    found = topology.find_path('tap1', links, switch.view(
+        {'198.18.0.1': 'eth1', '198.18.5.5': 'eth2'}))
+    assert found.interfaces == ('eth1', 'tap1')
+    assert found.encap == (topology.Encapsulation('vxlan', 4789),)
+    assert found.via == (('vxlan-c6120002', 'br-tun', 'patch-int',
+                          'patch-tun', 'br-int'),)
+
+
+def test_tunnel_local_ip_on_an_internal_port_gives_its_bridge_uplink():
+    switch = (Switch().bridge('br-int').bridge('br-tun').bridge('br-phy')
+              .port('br-phy', 'eth1')
+              .patch('br-int', 'patch-tun', 'br-tun', 'patch-int')
+              .port('br-tun', 'vxlan-1', type='vxlan',
+                    options={'local_ip': '198.18.0.1', 'dst_port': '8472',
+                             'remote_ip': '198.18.0.2'})
+              .port('br-tun', 'vxlan-2', type='vxlan',
+                    options={'local_ip': '198.18.0.1', 'dst_port': '8472',
+                             'remote_ip': '198.18.0.3'})
+              .vm('br-int', 'tap1'))
+    links = ip_links(('eth1', None, 'elsewhere'), ('br-phy', None, None),
+                     ('tap1', None, None))
+    found = topology.find_path('tap1', links,
+                               switch.view({'198.18.0.1': 'br-phy'}))
+    assert found.interfaces == ('eth1', 'tap1')
+    assert found.encap == (topology.Encapsulation('vxlan', 8472),)
+    assert found.via == (('br-phy', 'vxlan-1', 'vxlan-2', 'br-tun',
+                          'patch-int', 'patch-tun', 'br-int'),)
+
+
+def test_ovn_geneve_local_ip_from_ovn_encap_ip():
+    switch = (Switch(external_ids={'ovn-encap-ip': '198.18.0.1',
+                                   'ovn-encap-type': 'geneve'})
+              .bridge('br-int')
+              .port('br-int', 'ovn-chass2-0', type='geneve',
+                    options={'remote_ip': '198.18.0.2', 'key': 'flow',
+                             'csum': 'true'})
+              .vm('br-int', 'tap1'))
+    links = ip_links(('eth1', None, 'elsewhere'), ('tap1', None, None))
+    found = topology.find_path('tap1', links,
+                               switch.view({'198.18.0.1': 'eth1'}))
+    assert found.interfaces == ('eth1', 'tap1')
+    assert found.encap == (topology.Encapsulation('geneve', 6081),)
+    assert found.via == (('ovn-chass2-0', 'br-int'),)
+
+
+def test_provider_and_tunnel_on_the_same_pif_merge():
+    # OVN with a localnet port on br-ex and Geneve whose encap address is
+    # on br-ex's internal port: one pif either way.
+    switch = (Switch(external_ids={'ovn-encap-ip': '198.18.0.1'})
+              .bridge('br-int').bridge('br-ex').port('br-ex', 'eth1')
+              .patch('br-int', 'patch-br-int-to-provnet',
+                     'br-ex', 'patch-provnet-to-br-int')
+              .port('br-int', 'ovn-chass2-0', type='geneve',
+                    options={'remote_ip': '198.18.0.2'})
+              .vm('br-int', 'tap1'))
+    links = ip_links(('eth1', None, 'elsewhere'), ('tap1', None, None))
+    found = topology.find_path('tap1', links,
+                               switch.view({'198.18.0.1': 'br-ex'}))
+    assert found.interfaces == ('eth1', 'tap1')
+    assert found.encap == (topology.Encapsulation('geneve', 6081),)
+    assert set(found.via[0]) == {
+        'br-ex', 'patch-provnet-to-br-int', 'patch-br-int-to-provnet',
+        'ovn-chass2-0', 'br-int'}
+
+
+def two_uplinks():
+    return (provider_switch().bridge('br-ex2').port('br-ex2', 'eth2')
+            .patch('br-int', 'int-br-ex2', 'br-ex2', 'phy-br-int2'))
+
+
+def test_two_uplinks_are_not_guessed():
+    switch = two_uplinks().vm('br-int', 'tap1').view()
+    links = ip_links(('eth1', None, None), ('eth2', None, None),
+                     ('tap1', None, None))
+    with pytest.raises(topology.TopologyError) as err:
+        topology.find_path('tap1', links, switch)
+    message = str(err.value)
+    assert "'tap1'" in message and 'eth1' in message and 'eth2' in message
+    assert 'set [netweaver] pif' in message
+
+
+def test_bond_uplink_is_not_guessed():
+    switch = (Switch().bridge('br-int').bridge('br-ex')
+              .port('br-ex', 'bond0', members=('eth1', 'eth2'))
+              .patch('br-int', 'int-br-ex', 'br-ex', 'phy-br-int')
+              .vm('br-int', 'tap1').view())
+    links = ip_links(('eth1', None, None), ('eth2', None, None),
+                     ('tap1', None, None))
+    with pytest.raises(topology.TopologyError, match='2 pifs'):
+        topology.find_path('tap1', links, switch)
+
+
+@pytest.mark.parametrize('network_type, pif, encap', [
+    ('vlan', 'eth1', ()),
+    ('flat', 'eth1', ()),
+    ('vxlan', 'eth2', (topology.Encapsulation('vxlan', 4789),)),
+])
+def test_neutron_network_type_picks_the_uplink(network_type, pif, encap):
+    switch = (provider_switch().bridge('br-tun')
+              .patch('br-int', 'patch-tun', 'br-tun', 'patch-int')
+              .port('br-tun', 'vxlan-1', type='vxlan',
+                    options={'local_ip': '198.18.9.1'})
+              .vm('br-int', 'qvo1', network_type=network_type))
+    links = ip_links(*HYBRID_LINKS, ('eth2', None, None))
+    found = topology.find_path('tap1', links,
+                               switch.view({'198.18.9.1': 'eth2'}))
+    assert found.interfaces == (pif, 'qvo1', 'qvb1', 'tap1')
+    assert found.encap == encap
+
+
+def test_neutron_local_network_is_not_measurable():
+    switch = provider_switch().vm('br-int', 'tap1', network_type='local')
+    links = ip_links(('eth1', None, None), ('tap1', None, None))
+    with pytest.raises(topology.NotMeasurable, match="'local' network"):
+        topology.find_path('tap1', links, switch.view())
+
+
+def test_tunnel_without_local_ip_owner_is_not_guessed():
+    switch = (Switch().bridge('br-int')
+              .port('br-int', 'vxlan-1', type='vxlan',
+                    options={'local_ip': '198.18.0.1'})
+              .vm('br-int', 'tap1'))
+    links = ip_links(('eth1', None, None), ('tap1', None, None))
+    with pytest.raises(topology.TopologyError,
+                       match='no netdev holds local_ip 198.18.0.1'):
+        topology.find_path('tap1', links, switch.view({}))
+
+
+def test_dpdk_uplink_has_no_netdev():
+    switch = (Switch().bridge('br-int').port('br-int', 'dpdk0',
+                                             type='dpdk')
+              .vm('br-int', 'tap1'))
+    links = ip_links(('tap1', None, None))
+    with pytest.raises(topology.TopologyError, match="'dpdk' port"):
+        topology.find_path('tap1', links, switch.view())
+
+
+def test_tap_neither_bridged_nor_on_the_switch():
+    links = ip_links(('eth1', None, None), ('tap1', None, None))
+    with pytest.raises(topology.TopologyError,
+                       match='not an interface of Open vSwitch'):
+        topology.find_path('tap1', links, provider_switch().view())
+
+
+def failing_view(exc):
+    def snapshot():
+        raise exc
+    return topology.SwitchView(snapshot, dict)
+
+
+def test_unreadable_ovsdb_makes_ovs_vnics_unmeasurable_only():
+    view = failing_view(ovsdb.OvsdbError(
+        'OVSDB at tcp:127.0.0.1:6640: cannot connect: refused'))
+    links = ip_links(('eth1', 'brq', 'elsewhere'), ('brq', None, None),
+                     ('tapl', 'brq', None), ('tapo', None, None),
+                     *HYBRID_LINKS[1:])
+    # A tap on a Linux bridge with a plain pif never reads the switch.
+    assert topology.find_path('tapl', links, view).interfaces == (
+        'eth1', 'tapl')
+    assert view.reads == 0
+    for tap in ('tapo', 'tap1'):
+        with pytest.raises(topology.TopologyError) as err:
+            topology.find_path(tap, links, view)
+        assert "cannot read Open vSwitch's database" in str(err.value)
+        assert 'tcp:127.0.0.1:6640' in str(err.value)
+    assert view.reads == 1
+
+
+def test_no_ovs_on_the_host_keeps_linux_bridge_behaviour():
+    view = failing_view(ovsdb.OvsdbAbsent('OVSDB at unix:/x: no such file'))
+    links = ip_links(('qbr1', None, None), ('qvb1', 'qbr1', 'qvo1'),
+                     ('qvo1', None, 'qvb1'), ('tap1', 'qbr1', None))
+    assert topology.find_path('tap1', links, view).interfaces == (
+        'qvb1', 'tap1')
+
+
+def test_disabled_ovs_lookup_names_the_option():
+    links = ip_links(('eth1', None, None), ('tap1', None, None))
+    with pytest.raises(topology.TopologyError, match='ovsdb_connection'):
+        topology.find_path('tap1', links, topology.SwitchView())
+
+
+def test_one_snapshot_for_many_vnics():
+    switch = provider_switch().vm('br-int', 'tap1').vm('br-int', 'tap2')
+    calls = []
+
+    def snapshot():
+        calls.append(1)
+        return switch.snapshot()
+    view = topology.SwitchView(snapshot, dict)
+    links = ip_links(('eth1', None, None), ('tap1', None, None),
+                     ('tap2', None, None))
+    for tap in ('tap1', 'tap2', 'tap1'):
+        assert topology.find_path(tap, links, view).interfaces[0] == 'eth1'
+    assert len(calls) == 1
+
+
+def test_configured_pif_wins_and_keeps_the_switch_hops():
+    switch = two_uplinks().vm('br-int', 'qvo1').view()
+    links = ip_links(*HYBRID_LINKS, ('eth2', None, None))
+    found = topology.find_path('tap1', links, switch, configured='eth2')
+    assert found.interfaces == ('eth2', 'qvo1', 'qvb1', 'tap1')
+    assert found.via[0] == ('br-ex2', 'phy-br-int2', 'int-br-ex2', 'br-int')
+
+
+def test_configured_pif_contradicting_the_switch_is_warned(caplog):
+    switch = provider_switch().vm('br-int', 'tap9').view()
+    links = ip_links(('eth1', None, None), ('eth7', None, None),
+                     ('tap9', None, None))
+    found = topology.find_path('tap9', links, switch, configured='eth7')
+    assert found.interfaces == ('eth7', 'tap9') and found.via == ((),)
+    assert 'eth7' in caplog.text and 'eth1' in caplog.text
+    with pytest.raises(topology.TopologyError, match='does not exist'):
+        topology.find_path('tap9', links, switch, configured='eth8')
+
+
+def test_configured_pif_without_the_switch():
+    view = failing_view(ovsdb.OvsdbError('OVSDB at unix:/x: refused'))
+    links = ip_links(*HYBRID_LINKS, ('tapo', None, None))
+    for tap in ('tap1', 'tapo'):
+        found = topology.find_path(tap, links, view, configured='eth1')
+        assert found.interfaces == ('eth1', tap) and found.via == ()
+
+
+def test_vif_path_via_and_unseen():
+    path = topology.VifPath(
+        vnic='tap1', address='198.18.0.10',
+        interfaces=('eth1', 'qvo1', 'qvb1', 'tap1'),
+        via=(TO_BR_INT, (), ('qbr1',)))
+    assert path.unseen == TO_BR_INT + ('qbr1',)
+    assert path.hop_via()[('qvb1', 'tap1')] == ('qbr1',)
+    assert path.encap_port('vxlan') is None
+    with pytest.raises(ValueError, match='via entries'):
+        topology.VifPath(vnic='tap1', address='198.18.0.10',
+                         interfaces=('eth1', 'tap1'), via=((), ()))
+
+
+def test_parse_addresses_of_ip_j_addr():
+    text = json.dumps([
+        {'ifname': 'lo', 'addr_info': [{'family': 'inet',
+                                        'local': '127.0.0.1'}]},
+        {'ifname': 'br-phy', 'addr_info': [
+            {'family': 'inet', 'local': '198.18.0.1', 'prefixlen': 24},
+            {'family': 'inet6', 'local': '2001:2::1'}]},
+        {'ifname': 'eth9'}])
+    assert topology.parse_addresses(text) == {
+        '127.0.0.1': 'lo', '198.18.0.1': 'br-phy', '2001:2::1': 'br-phy'}
+    with pytest.raises(topology.TopologyError, match='ip -j addr'):
+        topology.parse_addresses('nope', 'host x')
