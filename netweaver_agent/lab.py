@@ -220,7 +220,8 @@ class LabSpec:
     underlay: str = '198.18.254.0/24'
     # What sits between the pif and the taps: a key of SWITCHES.
     switch: str = 'linuxbridge'
-    # flat, vlan, vxlan or geneve (None: vxlan with vxlan_vni, else flat).
+    # flat, vlan, vxlan or geneve (None: vxlan with vxlan_vni, else the
+    # switch's default: its first network type, flat but for ovn).
     network_type: str | None = None
     # The VLAN id (vlan) or VNI (vxlan, geneve); None: vxlan_vni or a
     # default.  ``vxlan_vni`` is set to it for vxlan.
@@ -275,7 +276,9 @@ class LabSpec:
     def _check_network_type(self):
         ntype = self.network_type
         if ntype is None:
-            ntype = 'flat' if self.vxlan_vni is None else 'vxlan'
+            # vxlan with vxlan_vni, else the layout's first (its default).
+            ntype = ('vxlan' if self.vxlan_vni is not None
+                     else layout_class(self.switch).network_types[0])
         if ntype not in NETWORK_TYPES:
             raise ValueError(f"unknown lab network type {ntype!r}; expected "
                              f"one of {', '.join(NETWORK_TYPES)}")
