@@ -88,9 +88,14 @@ OPTS = [
                help='Total IP length of a probe, in bytes.'),
     cfg.StrOpt('pif',
                help='Host netdev where probes enter the host (e.g. eth1, '
-                    'bond0). Unset: found per vNIC from sysfs, as the one '
-                    "port of the vif's bridge that is not itself a vif "
-                    '(see vif_prefixes).'),
+                    'bond0). Unset: found per vNIC. On a Linux bridge, '
+                    "from sysfs: the one port of the vif's bridge that is "
+                    'not itself a vif (see vif_prefixes). On Open vSwitch '
+                    '(hybrid plug, native firewall, OVN), from its '
+                    'database (see ovsdb_connection): the uplink of the '
+                    'physical bridge patched to the vif\'s bridge, or the '
+                    "netdev holding a tunnel's local_ip. Set, it wins; a "
+                    'warning is logged when Open vSwitch says otherwise.'),
     cfg.ListOpt('vif_prefixes',
                 default=['tap', 'vif', 'vnet', 'macvtap'],
                 help='Name prefixes of instance vifs. Bridge ports with '
@@ -125,6 +130,21 @@ OPTS = [
                      'frame; samples then carry the VNI. Where the OVSDB '
                      'topology finds a Geneve tunnel port it fills this in '
                      'for that window by itself. Unset or 0: no Geneve.'),
+    cfg.StrOpt('ovsdb_connection',
+               default='unix:/run/openvswitch/db.sock',
+               help="Open vSwitch's database, read (never written) to find "
+                    'the path of vNICs on Open vSwitch: unix:PATH or '
+                    'tcp:HOST:PORT (Neutron\'s OVS agent listens on '
+                    'tcp:127.0.0.1:6640). Read once per polling cycle, '
+                    'only when some vif is not on a Linux bridge with a '
+                    'plain pif; where the unix socket does not exist the '
+                    'host is taken to have no Open vSwitch. The agent\'s '
+                    'user needs read access to the socket, no capability. '
+                    'When it cannot be read, vNICs on Open vSwitch are not '
+                    'measured that cycle (logged with the reason). With '
+                    'capture_netns, a tcp: connection is opened inside that '
+                    'namespace. Empty: no Open vSwitch lookup (Linux bridge '
+                    'only).'),
     cfg.StrOpt('capture_netns',
                help='Network namespace holding the host interfaces (pif '
                     'and vifs) where probes are captured. Lab use only: '

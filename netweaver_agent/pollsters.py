@@ -16,6 +16,7 @@ one keeps per-tap counters for the ``*.delta`` meters, which an extra
 call would cut short.
 """
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -33,6 +34,7 @@ from netweaver_agent import capture
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import opts
+from netweaver_agent import ovsdb
 from netweaver_agent import privileged
 from netweaver_agent import sources
 from netweaver_agent import topology
@@ -110,6 +112,7 @@ def _stats_dict(stats):
 
 def latency_metadata(report, path, window, source_name):
     """Our resource_metadata keys for one vNIC (the same every time)."""
+    via = path.hop_via()
     return {
         'probe_protocol': report.protocol,
         'probe_source': source_name,
@@ -128,8 +131,13 @@ def latency_metadata(report, path, window, source_name):
         'latency_ingress': _stats_dict(report.ingress),
         'latency_egress': _stats_dict(report.egress),
         'latency_turnaround': _stats_dict(report.turnaround),
+        # Per hop between seen interfaces, the devices crossed unseen.
         'latency_hops': [{'src': h.src, 'dst': h.dst,
+                          'via': list(via.get((h.src, h.dst), ())),
                           **_stats_dict(h.stats)} for h in report.hops],
+        # Every device between pif and vif where no packet socket sees
+        # the probes (bridges, OVS patch and tunnel ports), in path order.
+        'path_unseen': list(path.unseen),
         'capture_drops': window.capture.drops,
         'window_session': window.session,
         'window_ms': window.duration_ns / 1e6,
@@ -219,6 +227,47 @@ class Prober:
             return topology.IpLinks(self.group.capture_netns)
         return topology.SysfsLinks(self.sysfs_root)
 
+    def switch_view(self):
+        """A cycle's :class:`topology.SwitchView`: Open vSwitch's database
+        (``[netweaver] ovsdb_connection``) and the host's addresses, each
+        read at most once, and only if some vif needs them."""
+        netns_name = self.group.capture_netns
+        addresses = functools.partial(topology.read_addresses, netns_name)
+        connection = self.group.ovsdb_connection
+        if not connection:
+            return topology.SwitchView(addresses=addresses)
+        # Listing the vNICs counts against the window's bound.
+        timeout_s = min(ovsdb.DEFAULT_TIMEOUT_S,
+                        self.settings.max_window_ms / 4000.0)
+        return topology.SwitchView(
+            functools.partial(ovsdb.read_snapshot, connection,
+                              timeout_s=timeout_s, netns_name=netns_name),
+            addresses, where=connection)
+
+    def window_settings(self, paths):
+        """The settings of a window over ``paths``: the tunnels their
+        switch carries them in (``VifPath.encap``) open the capture for
+        what ``[netweaver] vxlan_port`` / ``geneve_port`` leave unset."""
+        found = {}
+        for kind in ('vxlan', 'geneve'):
+            name = f'{kind}_port'
+            if getattr(self.settings, name) is not None:
+                continue
+            ports = collections.Counter(
+                p.encap_port(kind) for p in paths
+                if p.encap_port(kind) is not None)
+            if not ports:
+                continue
+            found[name] = ports.most_common(1)[0][0]
+            if len(ports) > 1:
+                self._once(('encap', kind, tuple(sorted(ports))),
+                           'vNICs of this host are carried in %(kind)s on '
+                           'UDP ports %(ports)s; one window captures one: '
+                           '%(port)d. Set [netweaver] %(name)s to choose.',
+                           {'kind': kind, 'ports': sorted(ports),
+                            'port': found[name], 'name': name})
+        return dataclasses.replace(self.settings, **found)
+
     def domain(self, instance):
         """The :class:`topology.DomainInfo` of an instance."""
         dom = self.inspector.connection.lookupByUUIDString(instance.id)
@@ -277,13 +326,14 @@ class Prober:
                         '%(exc)s', {'id': instance.id, 'exc': error})
         return None
 
-    def _resolve(self, instance, domain, iface, stats, links, neighbours):
+    def _resolve(self, instance, domain, iface, stats, links, neighbours,
+                 switch=None):
         """The :class:`topology.VifPath` of one vNIC, or None (logged)."""
         try:
             return topology.resolve(
                 domain, iface, self.resolver, links,
                 vif_prefixes=self.group.vif_prefixes, pif=self.group.pif,
-                neighbours=neighbours)
+                neighbours=neighbours, switch=switch)
         except topology.TopologyError as exc:
             error = exc
         if isinstance(error, topology.NotMeasurable):
@@ -299,6 +349,7 @@ class Prober:
     def paths(self, instances):
         """``[(instance, InterfaceStats, VifPath)]`` of measurable vNICs."""
         links = self.links()
+        switch = self.switch_view()
         neighbours = functools.cache(functools.partial(
             topology.read_neighbours, self.group.capture_netns))
         found = []
@@ -318,7 +369,7 @@ class Prober:
                     continue
                 listed.add(iface.index)
                 path = self._resolve(instance, domain, iface, stats, links,
-                                     neighbours)
+                                     neighbours, switch)
                 if path is None:
                     continue
                 if path.vnic in seen_vifs:
@@ -342,7 +393,7 @@ class Prober:
         """``(WindowResult, None)`` or ``(None, exception)``."""
         try:
             return measure.run_window(
-                paths, self.source, self.settings,
+                paths, self.source, self.window_settings(paths),
                 capture_netns=self.group.capture_netns,
                 deadline_s=deadline_s,
                 capture_class=self.capture_class), None
