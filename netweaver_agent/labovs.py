@@ -1,28 +1,514 @@
-"""The lab's Open vSwitch layouts (``--switch ovs-hybrid|ovs-native``)."""
+"""The lab's Open vSwitch layouts: ML2/OVS compute nodes in miniature.
 
+``--switch ovs-hybrid`` (the iptables hybrid plug) and ``--switch
+ovs-native`` (the tap on ``br-int``), built as Nova/os-vif and Neutron's
+OVS agent build them, on a private ovsdb-server and ovs-vswitchd with
+the userspace datapath inside the hypervisor's namespace
+(:class:`labswitch.OvsDaemons`).  Every veth is created inside that
+namespace first and then added to a bridge; no port moves afterwards.
+
+Per guest (``<id>`` = the first 11 characters of its Neutron port id):
+
+* hybrid: ``tap<id>`` → ``qbr<id>`` (a Linux bridge) → ``qvb<id>`` ~veth~
+  ``qvo<id>`` → ``br-int``;
+* native: ``tap<id>`` → ``br-int``;
+
+the ``br-int`` port (``qvo`` or ``tap``) carries the local VLAN tag the
+OVS agent gives the network and ``external_ids`` ``iface-id`` (port id),
+``attached-mac`` (guest MAC), ``iface-status=active`` and ``vm-uuid``, as
+os-vif sets them.
+
+Between ``br-int`` and the pif, by network type:
+
+* ``flat``: patch ports ``int-br-ex``/``phy-br-ex`` to ``br-ex``, which
+  holds the pif; br-int tags untagged frames from br-ex with the local
+  VLAN, br-ex strips it (the agent's provisioning flows);
+* ``vlan``: the same bridges; br-int turns the segmentation id into the
+  local VLAN, br-ex back.  The kernel has no 802.1Q devices: the lab's
+  source writes tagged frames (:meth:`lab.Lab.vlan_source`);
+* ``vxlan``: ``patch-tun``/``patch-int`` to ``br-tun``, whose
+  ``vxlan-<remote ip hex>`` port (``in_key``/``out_key=flow``) maps the
+  VNI to the local VLAN and back (tables 0, 2, 4, 10, 20, 22 as the agent
+  installs them, with the source's MAC l2pop'd); ``local_ip`` is on the
+  internal port of ``br-phy``, which holds the pif, so userspace tunnels
+  route through it (``ovs/route``; the source's underlay MAC set with
+  ``tnl/arp/set``).  The source encapsulates with a kernel VXLAN device.
+
+Forwarding is deterministic: ``fail_mode=secure`` on the agent's bridges,
+static FDB entries (``fdb/add``) for the source's and the guests' MACs,
+no flooding, no MAC learning surprises.  No conntrack (repeated TCP SYNs
+on one 5-tuple crashed ovs-vswitchd 3.1's userspace conntrack).
+
+Truth:
+
+* hybrid: the Linux-bridge lab's netfilter truth on ``qbr`` (br_netfilter,
+  ``-m physdev --physdev-out <tap>``), where Neutron's iptables firewall
+  lives: the NFQUEUE delayer (shows in the ``qvb → tap`` hop only) and the
+  nth drop;
+* native: the userspace datapath never passes netfilter and the kernel
+  has neither netem nor act_gact: exact loss by an OpenFlow drop on
+  ``br-int`` of the probes the lab's source marks (every Nth probe to the
+  guest gets DSCP :data:`LOSS_DSCP`: :class:`MarkingSource`); no delay
+  truth.
+"""
+
+import os
+import struct
+
+from oslo_log import log
+
+from netweaver_agent import framesource
+from netweaver_agent import lablinuxbridge
 from netweaver_agent import labswitch
+from netweaver_agent import sources
+
+LOG = log.getLogger(__name__)
+
+# The OVS agent's local VLAN of the lab's one network.
+LOCAL_VLAN = 1
+# DSCP of a probe the OpenFlow loss rule drops (lab only).
+LOSS_DSCP = 0x2d
+LOSS_FLOW_PRIORITY = 200
+_IP_PROTOCOLS = {'icmp': (1, 58), 'udp': (17, 17), 'tcp': (6, 6)}
+_ETH_P_8021Q = (0x8100, 0x88a8)
+
+
+def port_names(guest):
+    """``(qbr, qvb, qvo)`` names of ``guest``'s hybrid plug (os-vif)."""
+    short = guest.port_id[:11]
+    return f'qbr{short}', f'qvb{short}', f'qvo{short}'
+
+
+def tunnel_port_name(network_type, remote_ip):
+    """Neutron's tunnel port name: ``vxlan-`` + the remote IP in hex."""
+    return f'{network_type}-' + ''.join(
+        f'{int(b):02x}' for b in remote_ip.split('.'))
 
 
 class OvsLayout(labswitch.SwitchLayout):
-    """ML2/OVS on the userspace datapath (being written)."""
+    """ML2/OVS on the userspace datapath; see the module docstring."""
 
     network_types = ('flat', 'vlan', 'vxlan')
+    # The source's veth leaves UDP checksums partial (offloaded) and the
+    # userspace datapath's tnl_pop drops those: the source sends none,
+    # as a VXLAN endpoint over IPv4 may.
+    source_vxlan_options = ('noudpcsum',)
+    INT = 'br-int'
+    EX = 'br-ex'
+    TUN = 'br-tun'
+    PHY = 'br-phy'
+
+    def __init__(self, lab):
+        super().__init__(lab)
+        self.ovs = labswitch.OvsDaemons(
+            lab.hv_netns, os.path.join(lab.state_dir, 'ovs'))
 
     @property
     def bridge(self):
-        return 'br-int'
+        return self.INT
+
+    @property
+    def tunnel_port(self):
+        if not self.spec.tunnelled:
+            return None
+        src_u, _, _ = self.spec.underlay_addresses()
+        return tunnel_port_name(self.spec.network_type, src_u)
+
+    def int_port(self, guest):
+        """``guest``'s port on br-int (``qvo…`` or the tap)."""
+        raise NotImplementedError
+
+    def switch_devices(self):
+        """The OVS bridges and ports a probe crosses from the pif to
+        br-int, none of them seen by a packet socket."""
+        if self.spec.tunnelled:
+            return (self.PHY, self.tunnel_port, self.TUN, 'patch-int',
+                    'patch-tun', self.INT)
+        return (self.EX, 'phy-br-ex', 'int-br-ex', self.INT)
+
+    # -- building ------------------------------------------------------------
+
+    def _veths(self):
+        """``ip`` lines making the guests' veths (and their bridges)."""
+        raise NotImplementedError
 
     def build_hypervisor(self):
-        raise labswitch.LabError(f"lab switch {self.name!r}: not yet built")
+        lab, spec = self.lab, self.spec
+        pif = spec.pif
+        lines = ['link set lo up',
+                 f'link add {pif} type veth peer name eth0 netns '
+                 f'{lab.src_netns}' +
+                 (f' address {spec.src_underlay_mac}'
+                  if spec.tunnelled else ''),
+                 f'link set {pif} up']
+        lines += self._veths()
+        labswitch.ip_batch(lab.hv_netns, lines)
+        self.ovs.start()
+        lab._save_state()
+        vs = []
+        for br in (self.INT,) + ((self.TUN,) if spec.tunnelled
+                                 else (self.EX,)):
+            vs += ['--', '--may-exist', 'add-br', br, '--', 'set', 'bridge',
+                   br, 'datapath_type=netdev', 'fail_mode=secure']
+        for g in lab.guests:
+            port = self.int_port(g)
+            vs += ['--', '--may-exist', 'add-port', self.INT, port,
+                   f'tag={LOCAL_VLAN}', '--', 'set', 'Interface', port,
+                   f'external_ids:iface-id={g.port_id}',
+                   f'external_ids:attached-mac={g.mac}',
+                   'external_ids:iface-status=active',
+                   f'external_ids:vm-uuid={g.uuid}']
+        if spec.tunnelled:
+            vs += self._tunnel_ports()
+        else:
+            vs += (self._patch(self.INT, 'int-br-ex', 'phy-br-ex') +
+                   self._patch(self.EX, 'phy-br-ex', 'int-br-ex') +
+                   ['--', '--may-exist', 'add-port', self.EX, pif])
+        self.ovs.vsctl(*vs[1:])
+        if spec.tunnelled:
+            self._underlay()
+        self._flows()
+        self._fdb()
+
+    @staticmethod
+    def _patch(bridge, port, peer):
+        return ['--', '--may-exist', 'add-port', bridge, port, '--', 'set',
+                'Interface', port, 'type=patch', f'options:peer={peer}']
+
+    def _tunnel_ports(self):
+        src_u, hv_u, _ = self.spec.underlay_addresses()
+        tun = self.tunnel_port
+        return (self._patch(self.INT, 'patch-tun', 'patch-int') +
+                self._patch(self.TUN, 'patch-int', 'patch-tun') +
+                ['--', '--may-exist', 'add-port', self.TUN, tun, '--', 'set',
+                 'Interface', tun, f'type={self.spec.network_type}',
+                 f'options:remote_ip={src_u}', f'options:local_ip={hv_u}',
+                 'options:in_key=flow', 'options:out_key=flow',
+                 f'options:dst_port={labswitch.VXLAN_PORT}',
+                 'options:df_default=true',
+                 # br-phy: the bridge owning local_ip, with the pif.
+                 '--', '--may-exist', 'add-br', self.PHY, '--', 'set',
+                 'bridge', self.PHY, 'datapath_type=netdev',
+                 f'other_config:hwaddr={self.spec.pif_mac}',
+                 '--', '--may-exist', 'add-port', self.PHY, self.spec.pif])
+
+    def _underlay(self):
+        spec, ns = self.spec, self.lab.hv_netns
+        src_u, hv_u, plen = spec.underlay_addresses()
+        labswitch.ip_batch(ns, [
+            f'link set {self.PHY} address {spec.pif_mac}',
+            f'addr add {hv_u}/{plen} dev {self.PHY}',
+            f'link set {self.PHY} up',
+            f'neigh replace {src_u} lladdr {spec.src_underlay_mac} '
+            f'dev {self.PHY} nud permanent'])
+        routes = self.ovs.appctl('ovs/route/show')
+        if f'{src_u}' not in routes and f'{hv_u}' not in routes:
+            self.ovs.appctl('ovs/route/add', f'{src_u}/32', self.PHY)
+        self.ovs.appctl('tnl/arp/set', self.PHY, src_u,
+                        spec.src_underlay_mac)
+
+    def _flows(self):
+        """The OVS agent's flows for the lab's one network."""
+        spec = self.spec
+        seg = spec.segmentation_id
+        lv = LOCAL_VLAN
+        flows = {self.INT: ['table=0,priority=0,actions=resubmit(,60)',
+                            'table=60,priority=3,actions=NORMAL']}
+        if spec.tunnelled:
+            tun = self.tunnel_port
+            push = (f'strip_vlan,load:0->NXM_OF_IN_PORT[],set_tunnel:{seg},'
+                    f'output:{tun}')
+            flows[self.TUN] = [
+                'table=0,priority=1,in_port=patch-int,actions=resubmit(,2)',
+                f'table=0,priority=1,in_port={tun},actions=resubmit(,4)',
+                'table=0,priority=0,actions=drop',
+                'table=2,priority=0,dl_dst=00:00:00:00:00:00/'
+                '01:00:00:00:00:00,actions=resubmit(,20)',
+                'table=2,priority=0,dl_dst=01:00:00:00:00:00/'
+                '01:00:00:00:00:00,actions=resubmit(,22)',
+                'table=3,priority=0,actions=drop',
+                f'table=4,priority=1,tun_id={seg},'
+                f'actions=mod_vlan_vid:{lv},resubmit(,10)',
+                'table=4,priority=0,actions=drop',
+                'table=10,priority=1,actions=output:patch-int',
+                f'table=20,priority=2,dl_vlan={lv},dl_dst={spec.src_mac},'
+                f'actions={push}',
+                'table=20,priority=0,actions=resubmit(,22)',
+                f'table=22,priority=1,dl_vlan={lv},actions={push}',
+                'table=22,priority=0,actions=drop']
+        else:
+            untagged = ('vlan_tci=0x0000/0x1fff' if spec.network_type ==
+                        'flat' else f'dl_vlan={seg}')
+            out = ('strip_vlan' if spec.network_type == 'flat'
+                   else f'mod_vlan_vid:{seg}')
+            flows[self.INT] += [
+                f'table=0,priority=3,in_port=int-br-ex,{untagged},'
+                f'actions=mod_vlan_vid:{lv},resubmit(,60)',
+                'table=0,priority=2,in_port=int-br-ex,actions=drop']
+            flows[self.EX] = [
+                f'table=0,priority=4,in_port=phy-br-ex,dl_vlan={lv},'
+                f'actions={out},NORMAL',
+                'table=0,priority=2,in_port=phy-br-ex,actions=drop',
+                'table=0,priority=0,actions=NORMAL']
+        for bridge, lines in flows.items():
+            path = os.path.join(self.ovs.paths.root, f'{bridge}.flows')
+            with open(path, 'w', encoding='ascii') as f:
+                f.write('\n'.join(lines) + '\n')
+            self.ovs.ofctl('add-flows', bridge, path)
+
+    def _fdb(self):
+        """Static forwarding entries: no learning, no flooding."""
+        spec = self.spec
+        lv = LOCAL_VLAN
+        wire = 0 if spec.network_type == 'flat' else spec.segmentation_id
+        uplink = 'patch-tun' if spec.tunnelled else 'int-br-ex'
+        entries = [(self.INT, uplink, lv, spec.src_mac)]
+        for g in self.lab.guests:
+            entries.append((self.INT, self.int_port(g), lv, g.mac))
+            if not spec.tunnelled:
+                entries.append((self.EX, 'phy-br-ex', wire, g.mac))
+        if spec.tunnelled:
+            entries += [(self.PHY, spec.pif, 0, spec.src_underlay_mac),
+                        (self.PHY, self.PHY, 0, spec.pif_mac)]
+        else:
+            entries.append((self.EX, spec.pif, wire, spec.src_mac))
+        for bridge, port, vlan, mac in entries:
+            self.ovs.appctl('fdb/add', bridge, port, str(vlan), mac)
+
+    # -- truth, state --------------------------------------------------------
+
+    def unseen(self, guest):
+        seen = self.hops(guest)
+        out = [labswitch.HopDevices(seen[0], seen[1], self.switch_devices())]
+        for a, b in zip(seen[1:], seen[2:]):
+            out.append(labswitch.HopDevices(
+                a, b, (port_names(guest)[0],) if b == guest.tap else ()))
+        return tuple(out)
+
+    def pids(self):
+        paths = self.ovs.paths
+        return [{'pid': pid, 'marker': f'--pidfile={paths.pidfile(d)}'}
+                for d, pid in self.ovs.pids().items()]
+
+    def state(self):
+        return {'switch': self.name, 'ovs_root': self.ovs.paths.root,
+                'network_type': self.spec.network_type,
+                'segmentation_id': self.spec.segmentation_id}
+
+    def vswitchd_alive(self):
+        """Whether this lab's ovs-vswitchd still runs."""
+        pid = self.ovs.pids().get('ovs-vswitchd')
+        return pid is not None and labswitch._alive(pid)
+
+    def teardown(self):
+        self.ovs.stop()
 
 
-class OvsHybridLayout(OvsLayout):
-    """ML2/OVS with the iptables hybrid plug."""
+class OvsHybridLayout(lablinuxbridge.NetfilterTruth, OvsLayout):
+    """ML2/OVS with the iptables hybrid plug: tap → qbr → qvb/qvo →
+    br-int; netfilter truth on qbr."""
 
     name = 'ovs-hybrid'
+    delay_truth = ('NFQUEUE delayer on qbr (iptables physdev, where '
+                   "Neutron's iptables firewall lives), each hold recorded: "
+                   'it shows in the qvb → tap hop')
+    loss_truth = 'iptables nth drop on qbr (physdev)'
+
+    def int_port(self, guest):
+        return port_names(guest)[2]
+
+    def hops(self, guest):
+        _, qvb, qvo = port_names(guest)
+        return (self.spec.pif, qvo, qvb, guest.tap)
+
+    def interface_xml(self, guest):
+        return port_names(guest)[0], None
+
+    def _veths(self):
+        lines = []
+        for g in self.lab.guests:
+            qbr, qvb, qvo = port_names(g)
+            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+                      f'peer name eth0 address {g.mac} netns {g.netns}',
+                      f'link add {qbr} type bridge stp_state 0 '
+                      'forward_delay 0',
+                      f'link add {qvb} type veth peer name {qvo}',
+                      f'link set {g.tap} master {qbr}',
+                      f'link set {qvb} master {qbr}']
+            lines += [f'link set {n} up' for n in (qbr, qvb, qvo, g.tap)]
+        return lines
+
+    def build_hypervisor(self):
+        super().build_hypervisor()
+        fdb = []
+        for g in self.lab.guests:
+            qvb = port_names(g)[1]
+            fdb += [f'fdb replace {g.mac} dev {g.tap} master static',
+                    f'fdb replace {self.spec.src_mac} dev {qvb} master '
+                    'static']
+        labswitch.ip_batch(self.lab.hv_netns, fdb, tool='bridge')
 
 
 class OvsNativeLayout(OvsLayout):
-    """ML2/OVS with the native OVS firewall."""
+    """ML2/OVS with the native firewall: the tap on br-int; exact loss by
+    an OpenFlow drop of marked probes, no delay truth."""
 
     name = 'ovs-native'
+    loss_truth = (f'OpenFlow drop on br-int of the probes the lab source '
+                  f'marks (every Nth to the guest, DSCP {LOSS_DSCP})')
+
+    def __init__(self, lab):
+        super().__init__(lab)
+        # dst address -> MarkPlan; counters carry over windows.
+        self._marks = {}
+
+    def int_port(self, guest):
+        return guest.tap
+
+    def hops(self, guest):
+        return (self.spec.pif, guest.tap)
+
+    def interface_xml(self, guest):
+        return self.INT, guest.port_id
+
+    def _veths(self):
+        lines = []
+        for g in self.lab.guests:
+            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+                      f'peer name eth0 address {g.mac} netns {g.netns}',
+                      f'link set {g.tap} up']
+        return lines
+
+    def inject_loss(self, loss):
+        g = self.lab.guests[loss.guest]
+        if any(p.guest == loss.guest for p in self._marks.values()):
+            raise labswitch.LabError(
+                f"lab {self.lab.prefix!r}: guest {loss.guest} already has a "
+                "loss")
+        flows = [f'table=0,priority={LOSS_FLOW_PRIORITY},ip,nw_dst='
+                 f'{g.address},ip_dscp={LOSS_DSCP},actions=drop']
+        addresses = [g.address]
+        if g.address6:
+            flows.append(f'table=0,priority={LOSS_FLOW_PRIORITY},ipv6,'
+                         f'ipv6_dst={g.address6},ip_dscp={LOSS_DSCP},'
+                         'actions=drop')
+            addresses.append(g.address6)
+        for flow in flows:
+            self.ovs.ofctl('add-flow', self.INT, flow)
+        for address in addresses:
+            self._marks[address] = MarkPlan(guest=loss.guest,
+                                            every=loss.every,
+                                            protocol=loss.protocol)
+
+    def inject_delay(self, delay):
+        raise labswitch.LabError(
+            f"lab switch {self.name!r} has no delay truth: the userspace "
+            "datapath never passes netfilter (no NFQUEUE delayer) and the "
+            "kernel has no tc netem; inject delay on ovs-hybrid or "
+            "linuxbridge")
+
+    def source(self):
+        base = super().source()
+        if not self._marks:
+            return base
+        if isinstance(base, framesource.FrameSource):
+            return MarkingFrameSource(self._marks, netns_name=base.netns_name,
+                                      ifname=base.ifname,
+                                      src_mac=_mac_text(base.src_mac),
+                                      macs={a: _mac_text(m)
+                                            for a, m in base.macs.items()},
+                                      vlan=base.vlan,
+                                      priority=base.priority)
+        return MarkingSource(self._marks, netns_name=base.netns_name)
+
+
+def _mac_text(raw):
+    return ':'.join(f'{b:02x}' for b in raw)
+
+
+class MarkPlan:
+    """Mark every ``every``-th probe (of ``protocol``, None: any) sent to
+    one address; ``sent`` counts them across windows."""
+
+    __slots__ = ('guest', 'every', 'protocol', 'sent')
+
+    def __init__(self, guest, every, protocol=None):
+        self.guest = guest
+        self.every = every
+        self.protocol = protocol
+        self.sent = 0
+
+    def __repr__(self):
+        return (f'MarkPlan(guest={self.guest}, every={self.every}, '
+                f'protocol={self.protocol!r}, sent={self.sent})')
+
+
+def mark_dscp(packet, offset=0, dscp=LOSS_DSCP):
+    """``packet`` with the IP header at ``offset`` given DSCP ``dscp``
+    (IPv4: the header checksum recomputed)."""
+    data = bytearray(packet)
+    version = data[offset] >> 4
+    if version == 4:
+        data[offset + 1] = (dscp << 2) | (data[offset + 1] & 0x03)
+        ihl = (data[offset] & 0x0f) * 4
+        data[offset + 10:offset + 12] = b'\0\0'
+        total = 0
+        for (word,) in struct.iter_unpack('!H',
+                                          bytes(data[offset:offset + ihl])):
+            total += word
+        while total >> 16:
+            total = (total & 0xffff) + (total >> 16)
+        data[offset + 10:offset + 12] = struct.pack('!H', ~total & 0xffff)
+    elif version == 6:
+        tclass = (dscp << 2) | (((data[offset + 1] >> 4) & 0x03))
+        data[offset] = 0x60 | (tclass >> 4)
+        data[offset + 1] = ((tclass & 0x0f) << 4) | (data[offset + 1] & 0x0f)
+    else:
+        raise ValueError(f"not an IP packet at offset {offset} (version "
+                         f"{version})")
+    return bytes(data)
+
+
+def _ip_offset(frame):
+    """Offset of the IP header in an Ethernet frame (after any tags)."""
+    offset = 12
+    while struct.unpack_from('!H', frame, offset)[0] in _ETH_P_8021Q:
+        offset += 4
+    return offset + 2
+
+
+class _Marking:
+    """Marks every Nth probe per destination as it leaves (lab only)."""
+
+    def __init__(self, marks, **kwargs):
+        super().__init__(**kwargs)
+        self.marks = marks
+
+    def _ip_start(self, data):
+        return 0
+
+    def _transmit(self, sock, dst, data):
+        plan = self.marks.get(dst)
+        if plan is not None:
+            offset = self._ip_start(data)
+            version = data[offset] >> 4
+            proto = data[offset + (9 if version == 4 else 6)]
+            wanted = (None if plan.protocol is None else
+                      _IP_PROTOCOLS[plan.protocol][0 if version == 4 else 1])
+            if wanted is None or proto == wanted:
+                plan.sent += 1
+                if plan.sent % plan.every == 0:
+                    data = mark_dscp(data, offset)
+        super()._transmit(sock, dst, data)
+
+
+class MarkingSource(_Marking, sources.LocalSource):
+    """The source namespace's stack, marking every Nth probe to a guest
+    with DSCP :data:`LOSS_DSCP` for the OpenFlow loss rule."""
+
+
+class MarkingFrameSource(_Marking, framesource.FrameSource):
+    """Tagged frames (VLAN network), marked like :class:`MarkingSource`."""
+
+    def _ip_start(self, data):
+        return _ip_offset(data)

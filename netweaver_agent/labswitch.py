@@ -343,6 +343,8 @@ class SwitchLayout:
     delay_truth = None
     #: how loss is injected (one phrase), or None: no loss truth
     loss_truth = None
+    #: extra ``ip link add … type vxlan`` words of the source's ``vx0``
+    source_vxlan_options = ()
 
     def __init__(self, lab):
         self.lab = lab
@@ -378,7 +380,8 @@ class SwitchLayout:
                       'nud permanent',
                       f'link add vx0 address {spec.src_mac} type vxlan id '
                       f'{spec.segmentation_id} local {src_u} remote {hv_u} '
-                      f'dstport {VXLAN_PORT} dev eth0 nolearning']
+                      f'dstport {VXLAN_PORT} dev eth0 nolearning'
+                      + ''.join(f' {o}' for o in self.source_vxlan_options)]
         else:
             lines.append(f'link set eth0 address {spec.src_mac}')
         lines += [f'addr add {spec.src_address}/{spec.prefixlen} dev {dev}',
