@@ -72,6 +72,7 @@ from oslo_log import log
 from netweaver_agent import labmark
 from netweaver_agent import labswitch
 from netweaver_agent import netns
+from netweaver_agent import topology
 
 LOG = log.getLogger(__name__)
 
@@ -530,16 +531,44 @@ class OvnLayout(labswitch.SwitchLayout):
         return (self.spec.pif, guest.tap)
 
     def unseen_devices(self):
-        """What a probe crosses between the pif and the tap, unseen."""
+        """What a probe crosses between the pif and the tap, unseen, in
+        path order: ``br-phy`` (whose internal port holds the tunnel
+        address: ``tnl_pop``), the Geneve port ovn-controller made
+        (``ovn-src-0``; the datapath's ``genev_sys_6081`` is no netdev at
+        all on the userspace datapath) and ``br-int``; with ``flat``,
+        ``br-ex`` and ``br-int`` (joined by patch ports)."""
         if self.network_type == 'geneve':
             tunnels = self.hv.tunnel_ports() if self.hv else ()
-            return ('br-phy', *tunnels, f'genev_sys_{GENEVE_PORT}',
-                    'br-int')
-        return ('br-ex', 'br-int')
+            return ('br-phy', *tunnels, 'br-int')
+        return ('br-ex', *self._patch_ports(), 'br-int')
+
+    def _patch_ports(self):
+        if not self.hv:
+            return ()
+        out = self.hv.ovs.vsctl('--bare', '--columns=name', 'find',
+                                'Interface', 'type=patch')
+        # br-ex's side first: ovn-controller names it patch-br-ex-to-…
+        return tuple(sorted(out.split(), key=lambda n: not n.startswith(
+            'patch-br-ex')))
 
     def unseen(self, guest):
         return (labswitch.HopDevices(self.spec.pif, guest.tap,
                                      self.unseen_devices()),)
+
+    def paths(self, ipv6=False):
+        """pif → tap per guest, with the devices crossed unseen (``via``)
+        and, with Geneve, the tunnel that carries the probes on the pif
+        (``encap``)."""
+        if ipv6:
+            raise labswitch.LabError(f"lab {self.lab.prefix!r}: the OVN "
+                                     "layout is built for IPv4 only")
+        via = (self.unseen_devices(),)
+        encap = ((topology.Encapsulation('geneve', GENEVE_PORT),)
+                 if self.network_type == 'geneve' else ())
+        return [topology.VifPath(vnic=g.tap, address=g.address,
+                                 interfaces=self.hops(g), mac=g.mac,
+                                 via=via, encap=encap)
+                for g in self.lab.guests]
 
     def interface_xml(self, guest):
         """An openvswitch ``<virtualport>`` with the port id, as Nova

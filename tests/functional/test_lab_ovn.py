@@ -1,0 +1,192 @@
+"""The OVN lab layout (``LabSpec(switch='ovn')``), measured.
+
+Real daemons, started and removed by each test: private OVN Northbound
+and Southbound ovsdb-servers and ovn-northd, and two chassis (the
+hypervisor and the probe source), each a private ovsdb-server,
+ovs-vswitchd (userspace datapath) and ovn-controller inside its
+namespace; probes Geneve-encapsulated between them, captured with the
+project's AF_PACKET window in the hypervisor's namespace.  Needs root.
+"""
+
+import glob
+import os
+
+import pytest
+
+from netweaver_agent import capture
+from netweaver_agent import lab as lab_mod
+from netweaver_agent import labswitch
+from netweaver_agent import measure
+from netweaver_agent import ovsdb
+from netweaver_agent import topology
+from tests.functional import conftest
+
+
+def window(the_lab, **settings):
+    paths = the_lab.paths()
+    settings.setdefault('geneve_port', paths[0].encap_port('geneve'))
+    return measure.run_window(paths, the_lab.source(),
+                              measure.WindowSettings(**settings),
+                              capture_netns=the_lab.hv_netns)
+
+
+@pytest.fixture
+def ovn_lab(lab_factory):
+    def make(**fields):
+        return lab_factory(switch='ovn', **fields)
+    return make
+
+
+def daemon_pids(the_lab):
+    """Every pid in a pidfile under the lab's state directory."""
+    pids = {}
+    for path in glob.glob(os.path.join(the_lab.state_dir, '**', '*.pid'),
+                          recursive=True):
+        pid = labswitch.read_pid(path)
+        if pid is not None:
+            pids[path] = pid
+    return pids
+
+
+def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
+    the_lab = ovn_lab(guests=2)
+    assert the_lab.spec.network_type == 'geneve'
+    vni = the_lab.layout.tunnel_key()   # read from the Southbound DB
+    paths = the_lab.paths()
+    tunnels = the_lab.layout.hv.ovs.vsctl(
+        '--bare', '--columns=name', 'find', 'Interface',
+        'type=geneve').split()
+    assert len(tunnels) == 1
+    for path in paths:
+        assert path.interfaces == (the_lab.pif, path.vnic)
+        assert set(path.unseen) == {'br-phy', 'br-int', tunnels[0]}
+        assert the_lab.pif not in path.unseen
+
+    count = 20
+    result = window(the_lab, protocol='icmp', count=count)
+    assert result.capture.drops == 0
+    pif = result.batch.interface_index(the_lab.pif)
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert rep.sent == count
+        assert rep.unseen_at_pif == 0
+        assert rep.ingress.count == count, rep
+        assert rep.ingress.lost == 0
+        assert rep.egress.count == count, rep.egress
+        assert rep.vni == vni
+        tap = result.batch.interface_index(g.tap)
+        seen = conftest.probe_times(result.batch, the_lab.pif, g.tap)
+        assert len(seen) == count
+        for seq in seen:
+            key = seq << 1
+            on_pif = result.batch.encap.get((key, pif))
+            assert on_pif is not None and on_pif.vni == vni, seq
+            assert on_pif.tunnel == 'geneve'
+            assert (key, tap) not in result.batch.encap, 'plain on the tap'
+    # The pif received them (the capture counts only received ones).
+    received = [d for i, d in zip(result.batch.ifindex,
+                                  result.batch.direction) if i == pif]
+    assert capture.DIR_OUT in received, 'replies leave through the pif'
+
+
+def test_topology_finds_the_lab_path_from_the_switch(ovn_lab):
+    """The product's OVSDB topology agrees with the lab's truth."""
+    the_lab = ovn_lab(guests=1)
+    hv = the_lab.layout.hv
+    switch = topology.SwitchView(
+        snapshot=lambda: ovsdb.read_snapshot(hv.ovs.db_connection),
+        addresses=lambda: topology.read_addresses(the_lab.hv_netns))
+    links = topology.IpLinks(the_lab.hv_netns)
+    want, = the_lab.paths()
+    found = topology.find_path(want.vnic, links, switch)
+    assert found.interfaces == want.interfaces
+    assert tuple(d for hop in found.via for d in hop) == want.unseen
+    assert found.encap == want.encap
+
+
+def test_loss_exact_through_the_acl(ovn_lab):
+    the_lab = ovn_lab(guests=2, losses=(
+        lab_mod.LossInjection(guest=0, every=10, protocol='icmp'),))
+    lossy, clean = the_lab.guests
+    for _ in range(2):   # the count carries over windows exactly
+        result = window(the_lab, protocol='icmp', count=50)
+        rep = result.reports[lossy.tap]
+        assert rep.ingress.lost == 5, rep.ingress
+        assert rep.ingress.count == 45
+        assert result.reports[clean.tap].ingress.lost == 0
+        assert result.reports[clean.tap].ingress.count == 50
+        # Dropped after the pif, and the 10th, 20th... of the guest's.
+        at_pif = conftest.pif_times(result.batch, the_lab.pif)
+        assert len(at_pif) == 100
+        elsewhere = conftest.probe_times(result.batch, the_lab.pif,
+                                         clean.tap)
+        reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
+        sent = sorted((t, seq) for seq, t in at_pif.items()
+                      if seq not in elsewhere)
+        lost = [seq for _, seq in sent if seq not in reached]
+        assert lost == [seq for _, seq in sent[9::10]]
+    # UDP probes are not counted by an ICMP loss.
+    result = window(the_lab, protocol='udp', count=20)
+    assert result.reports[lossy.tap].ingress.lost == 0
+
+
+def test_udp_filtered_by_the_security_group(ovn_lab):
+    the_lab = ovn_lab(guests=2)
+    open_, closed = the_lab.guests
+    the_lab.layout.allow_only(closed.index, ('icmp', 'tcp'))
+    result = window(the_lab, protocol='udp', count=20)
+    rep = result.reports[closed.tap]
+    assert rep.filtered, rep
+    assert rep.ingress.lost == 20 and rep.unseen_at_pif == 0
+    assert not result.reports[open_.tap].filtered
+    assert result.reports[open_.tap].ingress.count == 20
+    # The rest of the group's rules still hold for that guest.
+    result = window(the_lab, protocol='icmp', count=10)
+    assert result.reports[closed.tap].ingress.count == 10
+
+
+def test_tcp_probes_through_conntrack_leave_vswitchd_alive(ovn_lab):
+    the_lab = ovn_lab(guests=2)
+    chassis = (the_lab.layout.hv, the_lab.layout.src)
+    for _ in range(2):
+        result = window(the_lab, protocol='tcp', count=30)
+        for g in the_lab.guests:
+            rep = result.reports[g.tap]
+            assert rep.ingress.count == 30, rep
+            assert rep.egress.count == 30, rep.egress
+    # They did go through the ACLs' conntrack (on both chassis).
+    for c in chassis:
+        entries = c.ovs.appctl('dpctl/dump-conntrack')
+        assert any(f'dst={g.address}' in entries and 'tcp' in entries
+                   for g in the_lab.guests), entries
+        pid = c.ovs.pids()['ovs-vswitchd']
+        assert labswitch._alive(pid), f'ovs-vswitchd of {c.name} died'
+        assert 'ovs-vswitchd' in c.ovs.appctl('version')
+
+
+def test_no_delay_truth_says_why(ovn_lab):
+    the_lab = ovn_lab(guests=1)
+    with pytest.raises(lab_mod.LabError, match='netfilter'):
+        the_lab.inject_delay(lab_mod.DelayInjection(guest=0, delay_ms=1.0))
+    assert 'delay: none' in the_lab.truth()
+    assert 'ACL' in the_lab.truth()
+
+
+def test_teardown_leaves_no_namespace_daemon_or_state(lab_factory):
+    conftest.require_root()
+    prefix = conftest.unique_prefix('ovn')
+    the_lab = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn'))
+    try:
+        the_lab.build()
+        pids = daemon_pids(the_lab)
+        # central (nb, sb, northd), two chassis (ovsdb-server,
+        # ovs-vswitchd, ovn-controller each)
+        assert len(pids) == 9, pids
+        assert all(labswitch._alive(p) for p in pids.values())
+        the_lab.teardown()
+        assert not [n for n in os.listdir('/run/netns')
+                    if n.startswith(prefix)]
+        assert [p for p in pids.values() if labswitch._alive(p)] == []
+        assert not os.path.exists(the_lab.state_dir)
+    finally:
+        lab_mod.teardown_kept(prefix)
