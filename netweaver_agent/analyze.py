@@ -17,7 +17,14 @@ Two ways to know a packet again on the other interface:
 * ``fingerprint`` mode: foreign traffic (the seed's hping3 SYNs), keyed by
   invariant header fields (see :mod:`netweaver_agent.pcapfile`).  Probes
   and replies cannot be paired there: ingress and egress are measured, the
-  guest's turnaround is not.
+  guest's turnaround is not.  Only request/response traffic to and from
+  the instance counts (never ARP, IGMP, neighbour discovery, DHCP...);
+  either file may carry it inside VXLAN or Geneve (the inner packet is
+  matched, the VNI reported).
+
+Either way a packet seen on the vif before the pif (or a reply on the pif
+before the vif) gives no latency: it is counted in the report's
+``anomalies`` and left out of the statistics.
 
 ``auto`` (the default) uses probe mode, or fingerprint mode when neither
 file holds a probe of ours and the instance's address is known.
@@ -152,8 +159,10 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
                                _replies_plan(batch, pif, vif), timeout_ns,
                                protocol=label)
         back.feed_batch(batch)
-        report = dataclasses.replace(report,
-                                     egress=back.reports()[vif].egress)
+        replies = back.reports()[vif]
+        report = dataclasses.replace(
+            report, egress=replies.egress,
+            anomalies=report.anomalies + replies.anomalies)
     LOG.debug('Analysed %(pif)s and %(vif)s (%(mode)s mode, session '
               '%(session)d): %(n)d probes', {
                   'pif': pif_path, 'vif': vif_path, 'mode': mode,

@@ -15,6 +15,12 @@ A pif sighting of a probe counts only if the kernel says the probe was
 pif never measured the in-host path.  A probe received on the pif and not
 seen on the vif within ``timeout_ns`` is *lost*.  Probes never received on
 the pif are counted as ``unseen_at_pif`` and measure nothing.
+
+One clock stamps every interface, so a packet seen on an interface of its
+path *before* one it crossed earlier (a vif sighting before the pif's, a
+reply on the pif before the tap) is no latency at all: a negative value is
+never reported; it is counted as an *anomaly* and left out of the
+statistics.
 """
 
 import collections
@@ -99,9 +105,13 @@ class HopStats:
 class LatencyReport:
     """What one probe window measured for one vNIC.
 
-    ``vlan``/``vni``: how the probes were carried on the pif (the VLAN ids
-    of their tags, outermost first; the VXLAN network identifier), the
-    most common over the window; ``()``/None when plain.
+    ``vlan``/``vni``/``tunnel``: how the probes were carried on the pif
+    (the VLAN ids of their tags, outermost first; the tunnel's network
+    identifier and kind, ``'vxlan'`` or ``'geneve'``), the most common
+    over the window; ``()``/None when plain.  ``anomalies``: probes or
+    replies seen out of path order (e.g. on the vif before the pif, which
+    one clock cannot do for one packet): no value, left out of the
+    statistics.
     """
 
     vnic: str
@@ -117,6 +127,8 @@ class LatencyReport:
     unknown: int = 0
     vlan: tuple = ()
     vni: int | None = None
+    tunnel: str | None = None
+    anomalies: int = 0
 
     @property
     def filtered(self):
@@ -229,7 +241,7 @@ class Matcher:
         pif, vif = path.pif, path.interfaces[-1]
         timeout = self.timeout_ns
         ingress, egress, turnaround = [], [], []
-        in_lost = eg_lost = unseen = late = unknown = 0
+        in_lost = eg_lost = unseen = late = unknown = anomalies = 0
         dropped = self.capture_dropped
         hops = list(zip(path.interfaces, path.interfaces[1:]))
         hop_values = [[] for _ in hops]
@@ -250,6 +262,8 @@ class Matcher:
             elif t_vif - t_pif > timeout:
                 in_lost += 1
                 late += 1
+            elif not _in_order(fwd, path.interfaces):
+                anomalies += 1
             else:
                 ingress.append(t_vif - t_pif)
                 if len(hops) > 1:
@@ -268,11 +282,16 @@ class Matcher:
                     pass
                 elif r_pif is None or r_pif - r_vif > timeout:
                     eg_lost += 1
+                elif r_pif < r_vif:
+                    anomalies += 1
                 else:
                     egress.append(r_pif - r_vif)
                 if t_vif is not None:
-                    turnaround.append(r_vif - t_vif)
-        vlan, vni = self._carried(seqs)
+                    if r_vif < t_vif:
+                        anomalies += 1
+                    else:
+                        turnaround.append(r_vif - t_vif)
+        vlan, vni, tunnel = self._carried(seqs)
         hop_stats = tuple(
             HopStats(a, b, DirectionStats.from_ns(vals, lost))
             for (a, b), vals, lost in zip(hops, hop_values, hop_lost)
@@ -283,17 +302,31 @@ class Matcher:
             egress=DirectionStats.from_ns(egress, eg_lost),
             turnaround=DirectionStats.from_ns(turnaround),
             hops=hop_stats, unseen_at_pif=unseen, late=late,
-            unknown=unknown, vlan=vlan, vni=vni)
+            unknown=unknown, vlan=vlan, vni=vni, tunnel=tunnel,
+            anomalies=anomalies)
 
     def _carried(self, seqs):
-        """``(vlan, vni)`` most common on the pif among ``seqs``."""
+        """``(vlan, vni, tunnel)`` most common on the pif among ``seqs``."""
         if not self._encap:
-            return (), None
+            return (), None, None
         seen = self._encap
         counts = collections.Counter(
             e for seq in seqs for e in (seen.get((seq, False)),
                                         seen.get((seq, True))) if e)
         if not counts:
-            return (), None
+            return (), None, None
         encap = counts.most_common(1)[0][0]
-        return encap.vlan, encap.vni
+        return encap.vlan, encap.vni, encap.tunnel
+
+
+def _in_order(seen, interfaces):
+    """Whether the interfaces in ``seen`` (``{ifname: t_ns}``) saw the
+    packet in the order of ``interfaces``."""
+    last = None
+    for name in interfaces:
+        t = seen.get(name)
+        if t is not None:
+            if last is not None and t < last:
+                return False
+            last = t
+    return True

@@ -18,14 +18,15 @@ at once and turned into keys by :func:`pcapkeys.run_keys`.  Records
 outside runs (a pif capture of UDP probes and the guest's ICMP errors
 alternates two lengths) are set aside by length, copied together and read
 the same way, so a batch's rows are *not* in the file's order.  VLAN tags,
-IP options, IPv6, VXLAN and foreign traffic are read one record at a time
-by :func:`pcapkeys.frame_key`.  Both give exactly the keys
+IP options, IPv6, VXLAN, Geneve and foreign traffic are read one record at
+a time by :func:`pcapkeys.frame_key`.  Both give exactly the keys
 :func:`probe.parse_key` gives.
 
 **Encapsulation.**  VLAN tags stay in the frames tcpdump writes (libpcap
-puts back the tag the kernel took out); probes inside VXLAN are keyed by
-the inner frame.  The batch's ``encap`` holds the tags' VLAN ids and the
-VNI (see :class:`capture.SightingBatch`), as a live capture does.
+puts back the tag the kernel took out); probes inside VXLAN or Geneve are
+keyed by the inner frame.  The batch's ``encap`` holds the tags' VLAN ids,
+the tunnel and its VNI (see :class:`capture.SightingBatch`), as a live
+capture does.
 
 **Sessions.**  A file may hold probes of several windows (sessions); the
 most common one is kept unless another is asked for.
@@ -38,9 +39,14 @@ sequence number; UDP ports, length and checksum; ICMP type, code, checksum,
 id and sequence): fields no bridge or veth changes.  IPv6: addresses, next
 header, payload length and the first 8 bytes after the fixed header.  The
 reply bit is set when the packet comes *from* ``dst_ip`` (the instance);
-without ``dst_ip`` every packet counts as a probe.  Fingerprint rows have
-session 0.  Packets with identical invariant fields (retransmissions)
-share a key: the matcher keeps the first sighting on each interface.
+without ``dst_ip`` every packet counts as a probe.  Only request/response
+traffic is keyed: unicast TCP, UDP (not DHCP), ICMP/ICMPv6 echo and the
+errors quoting a packet, to or from ``dst_ip``; ARP, IGMP, neighbour
+discovery, router solicitations, MLD and broadcast never are.  VXLAN and
+Geneve packets are keyed by their inner packet, the VNI kept in ``encap``.
+Fingerprint rows have session 0.  Packets with identical invariant fields
+(retransmissions) share a key: the matcher keeps the first sighting on
+each interface.
 
 **Errors.**  An empty, unknown or corrupt file raises :class:`PcapError`
 naming the file and the byte offset.  A *truncated last record* (tcpdump

@@ -16,7 +16,7 @@
   decide are left to :func:`frame_key`.
 
 :func:`fingerprint_key` keys *foreign* packets by their invariant fields
-(see :mod:`netweaver_agent.pcapfile`).
+(see :mod:`netweaver_agent.pcapfile`), request/response traffic only.
 """
 
 import array
@@ -219,45 +219,125 @@ def _unreach_key(buf, l4, plen, off, caplen, link):
     return session, (seq << 1) | 1
 
 
+# Fingerprint mode: which packets are request/response traffic.
+_ICMP_OK = frozenset((0, 8,             # echo reply, request
+                      3, 11, 12))       # errors quoting a packet
+_ICMP6_OK = frozenset((128, 129,        # echo request, reply
+                       1, 2, 3, 4))     # errors quoting a packet
+# DHCP and DHCPv6 (client/server ports): broadcast or link-local chatter.
+_DHCP_PORTS = frozenset((67, 68, 546, 547))
+_BROADCAST4 = b'\xff' * 4
+
+
 def fingerprint_key(buf, off, caplen, link=ETHERNET, dst_ip=None):
-    """The fingerprint ``(0, key_int)`` of an IPv4/IPv6 frame, or None.
+    """The fingerprint ``(0, key_int)`` of an IPv4/IPv6 frame, or None;
+    ``(0, key_int, encap)`` when it came inside a tunnel or VLAN tags.
 
     ``dst_ip``: the instance's address as packed bytes (4 or 16), or None.
-    Up to two VLAN tags are skipped.
+    Only request/response traffic counts: TCP, UDP (not DHCP), ICMP and
+    ICMPv6 echo requests/replies and the errors quoting a packet, unicast,
+    to or from ``dst_ip`` (any address when None).  ARP, IGMP, neighbour
+    discovery, router solicitations and advertisements, MLD, multicast
+    and broadcast are never keyed.  Up to two VLAN tags are skipped;
+    VXLAN and Geneve packets are keyed by their inner frame (the VNI goes
+    into the :class:`probe.Encap`).
     """
-    ip = off + link.ip_off
     end = off + caplen
     if off + link.ethertype_off + 2 > end:
         return None
-    etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
     if link.linktype == LINKTYPE_ETHERNET:
-        for _ in range(2):
-            if etype not in _ETH_VLAN or ip + 4 > end:
-                break
-            etype, = _ETHERTYPE.unpack_from(buf, ip + 2)
-            ip += 4
+        return _fingerprint_frame(buf, off, end, dst_ip, decap=True)
+    etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
+    return _fingerprint_ip(buf, etype, off + link.ip_off, end, dst_ip,
+                           decap=True)
+
+
+def _fingerprint_frame(buf, off, end, dst_ip, decap):
+    """:func:`fingerprint_key` of the Ethernet frame at ``buf[off:end]``."""
+    if off + ETHERNET.ip_off > end or buf[off] & 1:
+        return None                 # short, or to a group (bcast/mcast)
+    ip = off + ETHERNET.ip_off
+    etype, = _ETHERTYPE.unpack_from(buf, off + 12)
+    vlan = ()
+    while etype in _ETH_VLAN and len(vlan) < probe.MAX_VLAN_TAGS:
+        if ip + 4 > end:
+            return None
+        vlan += (_U16.unpack_from(buf, ip)[0] & 0x0fff,)
+        etype, = _ETHERTYPE.unpack_from(buf, ip + 2)
+        ip += 4
+    found = _fingerprint_ip(buf, etype, ip, end, dst_ip, decap)
+    if found is None or not vlan or not decap:
+        return found
+    inner = found[2] if len(found) > 2 else probe.NO_ENCAP
+    return found[0], found[1], probe.Encap(vlan=vlan, vni=inner.vni,
+                                           tunnel=inner.tunnel)
+
+
+def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
+    """:func:`fingerprint_key` of the IP packet at ``buf[ip:end]``."""
     if etype == probe.ETH_P_IP:
-        if ip + 20 > end:
+        if ip + 20 > end or buf[ip] >> 4 != 4:
             return None
         hl = (buf[ip] & 0x0f) * 4
-        if hl < 20 or ip + hl + 8 > end:
+        total, = _U16.unpack_from(buf, ip + 2)
+        stop = min(end, ip + total) if total else end
+        l4 = ip + hl
+        if hl < 20 or l4 + 8 > stop:
             return None
+        if _U16.unpack_from(buf, ip + 6)[0] & 0x1fff:
+            return None             # a later fragment: no transport header
+        proto = buf[ip + 9]
         src = bytes(buf[ip + 12:ip + 16])
-        fields = (src + bytes(buf[ip + 16:ip + 20]) +
-                  bytes(buf[ip + 4:ip + 6]) + bytes(buf[ip + 9:ip + 10]) +
-                  bytes(buf[ip + hl:ip + hl + 8]))
-    elif etype == _ETH_P_IPV6:
-        if ip + 48 > end:
+        dst = bytes(buf[ip + 16:ip + 20])
+        if dst[0] >= 224 or dst == _BROADCAST4:
             return None
+        icmp_ok = proto == 1 and buf[l4] in _ICMP_OK
+        head = (bytes(buf[ip + 4:ip + 6]) + bytes(buf[ip + 9:ip + 10]))
+    elif etype == _ETH_P_IPV6:
+        if ip + 48 > end or buf[ip] >> 4 != 6:
+            return None
+        l4 = ip + 40
+        plen, = _U16.unpack_from(buf, ip + 4)
+        stop = min(end, l4 + plen) if plen else end
+        if l4 + 8 > stop:
+            return None
+        proto = buf[ip + 6]
         src = bytes(buf[ip + 8:ip + 24])
-        fields = (src + bytes(buf[ip + 24:ip + 40]) +
-                  bytes(buf[ip + 6:ip + 7]) + bytes(buf[ip + 4:ip + 6]) +
-                  bytes(buf[ip + 40:ip + 48]))
+        dst = bytes(buf[ip + 24:ip + 40])
+        if dst[0] == 0xff:
+            return None             # multicast: ND, RS, MLD...
+        icmp_ok = proto == probe.IPPROTO_ICMPV6 and buf[l4] in _ICMP6_OK
+        head = bytes(buf[ip + 6:ip + 7]) + bytes(buf[ip + 4:ip + 6])
     else:
         return None
+    if proto == 17:
+        sport, dport = _U16.unpack_from(buf, l4)[0], _U16.unpack_from(
+            buf, l4 + 2)[0]
+        kind = _TUNNEL_PORTS.get(dport)
+        if kind is not None and decap:
+            return _fingerprint_tunnel(buf, l4 + 8, stop, kind, dst_ip)
+        if sport in _DHCP_PORTS or dport in _DHCP_PORTS:
+            return None
+    elif proto != 6 and not icmp_ok:
+        return None                 # IGMP, ND/RA/RS, MLD, other protocols
+    if dst_ip is not None and dst != dst_ip and src != dst_ip:
+        return None
+    fields = src + dst + head + bytes(buf[l4:l4 + 8])
     digest = hashlib.blake2b(fields, digest_size=8).digest()
     h63 = int.from_bytes(digest, 'big') >> 1
     return 0, (h63 << 1) | (dst_ip is not None and src == dst_ip)
+
+
+def _fingerprint_tunnel(buf, start, stop, kind, dst_ip):
+    """The fingerprint of the frame inside a VXLAN/Geneve header."""
+    inner = _tunnel_inner(buf, start, stop, kind)
+    if inner is None:
+        return None
+    found = _fingerprint_frame(buf, inner, stop, dst_ip, decap=False)
+    if found is None:
+        return None
+    vni = int.from_bytes(buf[start + 4:start + 7], 'big')
+    return found[0], found[1], probe.Encap(vni=vni, tunnel=kind)
 
 
 # --------------------------------------------------------------------------

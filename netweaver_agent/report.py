@@ -25,9 +25,10 @@ def report_to_dict(report):
     out = {'vnic': report.vnic, 'pif': report.pif,
            'protocol': report.protocol, 'sent': report.sent,
            'unseen_at_pif': report.unseen_at_pif, 'late': report.late,
-           'unknown': report.unknown,
+           'unknown': report.unknown, 'anomalies': report.anomalies,
            'filtered': report.filtered,
-           'vlan': list(report.vlan), 'vni': report.vni}
+           'vlan': list(report.vlan), 'vni': report.vni,
+           'tunnel': report.tunnel}
     for direction in DIRECTIONS:
         out[direction] = stats_to_dict(getattr(report, direction))
     out['hops'] = [{'src': h.src, 'dst': h.dst,
@@ -66,7 +67,8 @@ def format_table(reports, capture=None, title=None):
     for name, rep in reports.items():
         carried = ''.join(
             [f', vlan {".".join(str(v) for v in rep.vlan)}' if rep.vlan
-             else '', f', vni {rep.vni}' if rep.vni is not None else ''])
+             else '', f', {rep.tunnel or "vxlan"} vni {rep.vni}'
+             if rep.vni is not None else ''])
         lines.append(f'{name}  (pif {rep.pif}{carried}, {rep.protocol}, '
                      f'{rep.sent} sent, {rep.unseen_at_pif} not received '
                      'on the pif)')
@@ -80,6 +82,11 @@ def format_table(reports, capture=None, title=None):
         if rep.unknown:
             lines.append(f'  ! {rep.unknown} probes of unknown fate (the '
                          'capture dropped packets): not counted as lost')
+        if rep.anomalies:
+            lines.append(f'  ! {rep.anomalies} anomalies: packets seen out '
+                         'of path order (on the vif before the pif, or a '
+                         'reply before its probe): no latency, left out '
+                         'of the statistics')
         if rep.filtered:
             lines.append('  ! probes reached the pif but none reached the '
                          'vif: filtered before the tap (security group or '

@@ -5,14 +5,19 @@ Every statistic is checked exactly against the timestamps written.
 
 import json
 import math
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 
+import dpkt
 import pytest
 
 from netweaver_agent import analyze
 from netweaver_agent import pcapfile
+from netweaver_agent import probe
+from tests.unit import test_fuzz as tf
 from tests.unit import test_pcapfile as tpf
 from tests.unit import test_probe as tp
 
@@ -210,3 +215,185 @@ def test_cli_missing_file(tmp_path):
 def test_pcap_error_is_a_value_error():
     # Callers catching ValueError (bad input) also catch file errors.
     assert issubclass(pcapfile.PcapError, ValueError)
+
+
+# --------------------------------------------------------------------------
+# Fingerprint mode on real-world files: noise, tunnels, out-of-order pairs.
+
+GUEST = '198.18.0.10'
+GUEST6 = socket.inet_pton(socket.AF_INET6, '2001:2::a')
+SRC6 = socket.inet_pton(socket.AF_INET6, '2001:2::1')
+LINK_LOCAL = socket.inet_pton(socket.AF_INET6, 'fe80::2')
+GROUP_MAC = bytes.fromhex('333300000002')
+BCAST_MAC = b'\xff' * 6
+
+
+def eth(payload, etype, dst=tp.MAC_B, src=tp.MAC_A):
+    return dst + src + struct.pack('!H', etype) + payload
+
+
+def ip4(src, dst, proto, l4, ip_id=1):
+    ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst),
+                    p=proto, id=ip_id, ttl=1, data=l4)
+    ip.len = len(ip)
+    return bytes(ip)
+
+
+def ip6(src, dst, nxt, l4):
+    return bytes(dpkt.ip6.IP6(src=src, dst=dst, nxt=nxt, hlim=255,
+                              plen=len(bytes(l4)), data=l4))
+
+
+def noise():
+    """What a vif and a pif carry besides the traffic measured: each frame
+    is the same on both (so the old fingerprint matched it)."""
+    igmp = struct.pack('!BBH4s', 0x16, 0, 0, socket.inet_aton('224.0.0.251'))
+    rs = bytes([133, 0, 0, 0]) + bytes(4)
+    ns = bytes([135, 0, 0, 0]) + bytes(4) + GUEST6
+    mld = bytes([143, 0, 0, 0]) + bytes(4)
+    hbh_mld = bytes([58, 0, 5, 2, 0, 0, 1, 0]) + mld   # router alert
+    dhcp = dpkt.udp.UDP(sport=68, dport=67, data=bytes(240))
+    dhcp.ulen = len(dhcp)
+    return [
+        # The guest's IGMP report (from the instance's address!).
+        eth(ip4(GUEST, '224.0.0.22', 2, igmp), probe.ETH_P_IP,
+            dst=bytes.fromhex('01005e000016')),
+        # The same, unicast MAC and all (a broken switch): still IGMP.
+        eth(ip4(GUEST, '198.18.0.1', 2, igmp, ip_id=9), probe.ETH_P_IP),
+        # Router solicitation, neighbour solicitation, MLD report.
+        eth(ip6(LINK_LOCAL, socket.inet_pton(socket.AF_INET6, 'ff02::2'),
+                58, rs), probe.ETH_P_IPV6, dst=GROUP_MAC),
+        eth(ip6(SRC6, GUEST6, 58, ns), probe.ETH_P_IPV6),
+        eth(ip6(LINK_LOCAL, socket.inet_pton(socket.AF_INET6, 'ff02::16'),
+                0, hbh_mld), probe.ETH_P_IPV6, dst=GROUP_MAC),
+        # ARP who-has, DHCP discover (broadcast) and renewal (unicast).
+        eth(struct.pack('!HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, tp.MAC_A,
+                        socket.inet_aton(GUEST), bytes(6),
+                        socket.inet_aton('198.18.0.1')), 0x0806,
+            dst=BCAST_MAC),
+        eth(ip4('0.0.0.0', '255.255.255.255', 17, dhcp), probe.ETH_P_IP,
+            dst=BCAST_MAC),
+        eth(ip4(GUEST, '198.18.0.1', 17, dhcp, ip_id=3), probe.ETH_P_IP),
+        # Traffic of another instance.
+        _hping_syn_to('198.18.0.20', 7),
+    ]
+
+
+def _hping_syn_to(dst, i):
+    return tpf._hping_syn(3000 + i, 1000 + i, 500 + i,
+                          dst=socket.inet_aton(dst))
+
+
+def hping_pair(n=20, vif_first=(), lose=()):
+    """hping3 SYNs to GUEST and its RSTs, with every noise frame on both
+    sides, the guest's noise seen on the vif first (as it would be).
+
+    ``vif_first``: SYNs whose vif sighting comes 5 µs before the pif's.
+    """
+    pif, vif = [], []
+    for i in range(n):
+        syn = tpf._hping_syn(2911 + i, (36550021 + i * 7919) & 0xffffffff,
+                             i)
+        rst = tp.reply(syn)
+        t = T0 + i * MS
+        pif.append((t, syn))
+        if i in lose:
+            continue
+        vif.append((t - 5_000 if i in vif_first else t + 9_000 + i, syn))
+        vif.append((t + 60_000, rst))
+        pif.append((t + 63_000, rst))
+    for j, frame in enumerate(noise()):
+        t = T0 + (n + j) * MS
+        vif.append((t, frame))
+        pif.append((t + 20_000, frame))
+    return pif, vif
+
+
+def test_fingerprint_counts_only_traffic_to_and_from_the_instance(tmp_path):
+    pif, vif = hping_pair(vif_first={4}, lose={7})
+    result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
+                                   write(tmp_path / 'v.pcap', sorted(vif)),
+                                   destination=GUEST)
+    rep = result.report
+    assert result.mode == 'fingerprint'
+    assert rep.sent == 20                       # the SYNs, nothing else
+    assert (rep.ingress.count, rep.ingress.lost) == (18, 1)
+    assert rep.anomalies == 1
+    assert rep.ingress.min_us == 9.0 and rep.ingress.max_us == 9.019
+    assert (rep.egress.count, rep.egress.min_us, rep.egress.max_us) == \
+        (19, 3.0, 3.0)
+    assert (rep.vni, rep.tunnel) == (None, None)
+    # Every noise frame is in both files and matched by neither.
+    assert result.pif.probes == 20 + 19 and result.vif.probes == 19 + 19
+    assert result.pif.foreign == len(noise())
+
+
+@pytest.mark.parametrize('tunnel', ['vxlan', 'geneve'])
+@pytest.mark.parametrize('where', ['pif', 'vif', 'both'])
+def test_fingerprint_reads_through_tunnels(tmp_path, tunnel, where):
+    def wrap(records):
+        if tunnel == 'vxlan':
+            return [(t, tf.vxlan(f, 4242)) for t, f in records]
+        return [(t, tf.geneve(f, 4242, options=tf.OVN_OPTION * 6))
+                for t, f in records]
+    pif, vif = hping_pair(vif_first={2})
+    if where in ('pif', 'both'):
+        pif = wrap(pif)
+    if where in ('vif', 'both'):
+        vif = wrap(vif)
+    result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
+                                   write(tmp_path / 'v.pcap', sorted(vif)),
+                                   destination=GUEST)
+    rep = result.report
+    assert rep.sent == 20 and rep.anomalies == 1
+    assert (rep.ingress.count, rep.ingress.lost) == (19, 0)
+    assert rep.ingress.min_us == 9.0
+    assert rep.egress.count == 20 and rep.egress.min_us == 3.0
+    if where == 'vif':
+        assert (rep.vni, rep.tunnel) == (None, None)
+    else:
+        assert (rep.vni, rep.tunnel) == (4242, tunnel)
+
+
+def test_fingerprint_ipv6_with_router_solicitations(tmp_path):
+    pif, vif = [], []
+    for i in range(6):
+        def echo(kind):
+            return dpkt.icmp6.ICMP6(type=kind, data=dpkt.icmp6.ICMP6.Echo(
+                id=77, seq=i, data=b'x' * 16))
+        req = eth(ip6(SRC6, GUEST6, 58, echo(128)), probe.ETH_P_IPV6)
+        rep = eth(ip6(GUEST6, SRC6, 58, echo(129)), probe.ETH_P_IPV6)
+        t = T0 + i * MS
+        pif += [(t, req), (t + 40_000, rep)]
+        vif += [(t + 10_000, req), (t + 30_000, rep)]
+    for j, frame in enumerate(noise()):
+        vif.append((T0 + (10 + j) * MS, frame))
+        pif.append((T0 + (10 + j) * MS + 7_000, frame))
+    result = analyze.analyze_pcaps(
+        write(tmp_path / 'p.pcap', sorted(pif)),
+        write(tmp_path / 'v.pcap', sorted(vif)), destination='2001:2::a')
+    r = result.report
+    assert (r.sent, r.anomalies) == (6, 0)
+    assert (r.ingress.count, r.ingress.mean_us) == (6, 10.0)
+    assert (r.egress.count, r.egress.mean_us) == (6, 10.0)
+
+
+def test_cli_fingerprint_shows_anomalies_and_the_vni(tmp_path):
+    pif, vif = hping_pair(vif_first={3, 5})
+    pif = [(t, tf.geneve(f, 99)) for t, f in pif]
+    p = write(tmp_path / 'eth1.pcap', sorted(pif))
+    v = write(tmp_path / 'tap0.pcap', sorted(vif))
+    proc = netweaver('analyze', '--fingerprint', '-d', GUEST, p, v)
+    assert proc.returncode == 0, proc.stderr
+    assert 'geneve vni 99' in proc.stdout
+    assert '20 sent' in proc.stdout
+    assert '2 anomalies' in proc.stdout
+    assert '-' not in ''.join(
+        line.split()[3] for line in proc.stdout.splitlines()
+        if line.strip().startswith(('ingress', 'egress')))
+    proc = netweaver('analyze', '--fingerprint', '-d', GUEST, '--json', p, v)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)['report']
+    assert (out['anomalies'], out['vni'], out['tunnel']) == (2, 99,
+                                                             'geneve')
+    assert out['ingress']['count'] == 18 and out['ingress']['min_us'] > 0

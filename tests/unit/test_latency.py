@@ -202,3 +202,104 @@ def test_capture_drops_make_missing_probes_unknown_not_lost():
     m.feed(sighting(1, 'eth0', 0))
     rep = m.reports()['tap0']
     assert (rep.ingress.count, rep.ingress.lost, rep.unknown) == (1, 0, 1)
+
+
+# --------------------------------------------------------------------------
+# One clock: a packet seen out of path order is an anomaly, never a value.
+
+def test_vif_before_pif_is_an_anomaly_not_a_negative_latency():
+    m = one_path_matcher(range(4))
+    t0 = 1_000_000_000
+    rows = round_trip(0, t0, 10 * US, 50 * US, 4 * US)
+    rows += round_trip(1, t0 + 1000 * US, 20 * US, 50 * US, 6 * US)
+    # Probe 2 on the tap 30 µs before the pif; its reply is in order.
+    rows += [sighting(2, 'eth0', t0 + 2000 * US),
+             sighting(2, 'tap0', t0 + 1970 * US, direction=capture.DIR_OUT),
+             sighting(2, 'tap0', t0 + 2100 * US, reply=True),
+             sighting(2, 'eth0', t0 + 2108 * US, reply=True,
+                      direction=capture.DIR_OUT)]
+    # Probe 3 in order; its reply leaves the pif 5 µs before the tap saw it.
+    rows += [sighting(3, 'eth0', t0 + 3000 * US),
+             sighting(3, 'tap0', t0 + 3040 * US, direction=capture.DIR_OUT),
+             sighting(3, 'tap0', t0 + 3100 * US, reply=True),
+             sighting(3, 'eth0', t0 + 3095 * US, reply=True,
+                      direction=capture.DIR_OUT)]
+    for row in rows:
+        m.feed(row)
+    rep = m.reports()['tap0']
+    assert rep.anomalies == 2
+    ing, eg = rep.ingress, rep.egress
+    assert (ing.count, ing.lost, ing.min_us, ing.max_us) == (3, 0, 10.0,
+                                                             40.0)
+    assert (eg.count, eg.lost, eg.min_us, eg.max_us) == (3, 0, 4.0, 8.0)
+    for stats in (ing, eg, rep.turnaround):
+        assert stats.min_us >= 0
+    # Turnaround of probe 2 (its tap sightings are in order) still counts.
+    assert rep.turnaround.count == 4
+
+
+def test_reply_before_its_probe_and_hops_out_of_order_are_anomalies():
+    m = one_path_matcher([0, 1], hops=('qvo', 'qvb'))
+    t0 = 5_000_000_000
+    # Probe 0: qvb before qvo, though the tap is after the pif.
+    for name, dt in (('eth0', 0), ('qvo', 300), ('qvb', 290), ('tap0', 310)):
+        m.feed(sighting(0, name, t0 + dt * US))
+    # Probe 1 fine, but the tap sees the guest's reply before the probe.
+    for name, dt in (('eth0', 1000), ('qvo', 1200), ('qvb', 1205),
+                     ('tap0', 1215)):
+        m.feed(sighting(1, name, t0 + dt * US))
+    m.feed(sighting(1, 'tap0', t0 + 1214 * US, reply=True))
+    m.feed(sighting(1, 'eth0', t0 + 1220 * US, reply=True,
+                    direction=capture.DIR_OUT))
+    rep = m.reports()['tap0']
+    assert rep.anomalies == 2
+    assert (rep.ingress.count, rep.ingress.min_us) == (1, 215.0)
+    assert [h.stats.count for h in rep.hops] == [1, 1, 1]
+    assert [h.stats.min_us for h in rep.hops] == [200.0, 5.0, 10.0]
+    assert (rep.egress.count, rep.egress.min_us) == (1, 6.0)
+    assert rep.turnaround.count == 0
+
+
+def test_anomalies_reach_the_report_json_and_metadata():
+    import types
+
+    from netweaver_agent import pollsters
+    from netweaver_agent import report
+    m = one_path_matcher([0, 1])
+    for row in round_trip(0, 10 ** 9, 10 * US, 5 * US, 2 * US):
+        m.feed(row)
+    m.feed(sighting(1, 'eth0', 2 * 10 ** 9))
+    m.feed(sighting(1, 'tap0', 2 * 10 ** 9 - 7 * US,
+                    direction=capture.DIR_OUT))
+    rep = m.reports()['tap0']
+    assert rep.anomalies == 1 and rep.ingress.count == 1
+    assert report.report_to_dict(rep)['anomalies'] == 1
+    assert '1 anomalies' in report.format_table({'tap0': rep})
+    clean = one_path_matcher([0])
+    assert 'anomal' not in report.format_table(
+        {'tap0': clean.reports()['tap0']})
+    window = types.SimpleNamespace(capture=capture.CaptureStats(1, 0, 1, 0),
+                                   session=SESSION, duration_ns=10 ** 6)
+    from netweaver_agent import topology
+    path = topology.VifPath(vnic='tap0', address='198.18.0.10',
+                            interfaces=('eth0', 'tap0'))
+    md = pollsters.latency_metadata(rep, path, window, 'local')
+    assert md['probe_anomalies'] == 1
+    assert md['tunnel'] is None
+
+
+def test_the_tunnel_kind_reaches_the_report():
+    from netweaver_agent import report
+    batch = capture.SightingBatch(SESSION)
+    pif, tap = batch.interface_index('eth0'), batch.interface_index('tap0')
+    gen = probe.Encap(vni=77, tunnel='geneve')
+    for seq in range(3):
+        batch.append(seq << 1, pif, 1000 * seq, capture.DIR_IN)
+        batch.append(seq << 1, tap, 1000 * seq + 10, capture.DIR_OUT)
+        batch.encap[(seq << 1, pif)] = gen
+    m = one_path_matcher(range(3))
+    m.feed_batch(batch)
+    rep = m.reports()['tap0']
+    assert (rep.vni, rep.tunnel) == (77, 'geneve')
+    assert report.report_to_dict(rep)['tunnel'] == 'geneve'
+    assert 'geneve vni 77' in report.format_table({'tap0': rep})
