@@ -543,13 +543,15 @@ class OvnLayout(labswitch.SwitchLayout):
         return ('br-ex', *self._patch_ports(), 'br-int')
 
     def _patch_ports(self):
+        """br-ex's patch port to br-int, then br-int's to br-ex."""
         if not self.hv:
             return ()
-        out = self.hv.ovs.vsctl('--bare', '--columns=name', 'find',
-                                'Interface', 'type=patch')
-        # br-ex's side first: ovn-controller names it patch-br-ex-to-…
-        return tuple(sorted(out.split(), key=lambda n: not n.startswith(
-            'patch-br-ex')))
+        patches = set(self.hv.ovs.vsctl(
+            '--bare', '--columns=name', 'find', 'Interface',
+            'type=patch').split())
+        return tuple(p for bridge in ('br-ex', 'br-int')
+                     for p in self.hv.ovs.vsctl('list-ports', bridge).split()
+                     if p in patches)
 
     def unseen(self, guest):
         return (labswitch.HopDevices(self.spec.pif, guest.tap,
