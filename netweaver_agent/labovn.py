@@ -309,12 +309,11 @@ class OvnLayout(labswitch.SwitchLayout):
     name = 'ovn'
     network_types = ('geneve', 'flat')
     delay_truth = None
-    loss_truth = ('OVN ACL (to-lport, above the security group) dropping '
-                  'the probes the lab source marks with an IP TTL, every '
-                  'Nth to the guest')
-    no_delay_reason = (
-        'the OVN layout has no delay truth: its userspace datapath never '
-        'passes netfilter (no NFQUEUE delayer) and the kernel has no netem')
+    loss_truth = ('an OVN ACL drops every Nth probe to the guest, marked '
+                  'by the lab source (IP TTL)')
+    no_delay_reason = ('no delay truth on the OVN layout: its userspace '
+                       'datapath never passes netfilter (no NFQUEUE '
+                       'delayer) and the kernel has no netem')
 
     def __init__(self, lab):
         super().__init__(lab)
@@ -643,8 +642,9 @@ class OvnLayout(labswitch.SwitchLayout):
                 if group == pg and p != but]
 
     def truth(self):
-        return (f"delay: none on this layout ({self.no_delay_reason}); "
-                f"loss: {self.loss_truth}")
+        return ('delay: none (the userspace datapath never passes '
+                'netfilter, and the kernel has no netem); loss: '
+                f'{self.loss_truth}')
 
     # -- state and teardown --------------------------------------------------
 

@@ -9,7 +9,10 @@ project's AF_PACKET window in the hypervisor's namespace.  Needs root.
 """
 
 import glob
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -198,5 +201,52 @@ def test_teardown_leaves_no_namespace_daemon_or_state(lab_factory):
                     if n.startswith(prefix)]
         assert [p for p in pids.values() if labswitch._alive(p)] == []
         assert not os.path.exists(the_lab.state_dir)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_kept_lab_down_stops_every_daemon():
+    """``netweaver lab --keep`` then ``netweaver lab down``: the daemons
+    of a kept lab end with it, though no Lab object is left."""
+    conftest.require_root()
+    prefix = conftest.unique_prefix('ovk')
+    try:
+        the_lab = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn',
+                                              persistent=True)).build()
+        pids = daemon_pids(the_lab)
+        assert pids and all(labswitch._alive(p) for p in pids.values())
+        assert prefix in lab_mod.kept_prefixes()
+        assert lab_mod.teardown_kept(prefix) == [prefix]
+        assert [p for p in pids.values() if labswitch._alive(p)] == []
+        assert not [n for n in os.listdir('/run/netns')
+                    if n.startswith(prefix)]
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_cli_ovn_json_hops_truth_and_loss():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('ovc')
+    try:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
+             'ovn', '--json', '--count', '20', '--loss-every', '5',
+             '--loss-guest', '1', '--prefix', prefix],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert (out['switch'], out['network_type']) == ('ovn', 'geneve')
+        assert 'delay: none' in out['truth']
+        clean, lossy = out['guests']
+        assert clean['injected']['delay_ms'] is None
+        assert clean['report']['ingress']['count'] == 20
+        assert lossy['report']['ingress']['lost'] == 4
+        assert lossy['injected']['expected_lost'] == 4
+        hop, = lossy['hops']
+        assert (hop['src'], hop['dst']) == (out['pif'], lossy['tap'])
+        assert 'br-int' in hop['unseen']
+        assert lossy['report']['vni'] == out['segmentation_id']
+        assert not [n for n in os.listdir('/run/netns')
+                    if n.startswith(prefix)]
     finally:
         lab_mod.teardown_kept(prefix)
