@@ -101,6 +101,7 @@ LAB_NET = ipaddress.ip_network('198.18.0.0/15')
 # RFC 5180's IPv6 benchmarking range: never routed outside a lab.
 LAB_NET6 = ipaddress.ip_network('2001:2::/48')
 VXLAN_PORT = labswitch.VXLAN_PORT
+GENEVE_PORT = labswitch.GENEVE_PORT
 VXLAN_DEV_PREFIX = 'vxlan-'
 STATE_ROOT = '/run/netweaver-lab'
 STATE_FILE = 'state.json'

@@ -48,6 +48,7 @@ VSCTL_TIMEOUT_S = 10
 
 
 VXLAN_PORT = 4789
+GENEVE_PORT = 6081
 
 
 class LabError(RuntimeError):

@@ -1,8 +1,12 @@
 """``netweaver lab``: build the namespace lab, probe it, print the report.
 
-By default: two guests, probes to guest 1 held 2 ms on the bridge, no
-loss; the injected truth is printed next to what was measured, so one
-run shows the measurement catching a known delay.  Everything the lab
+By default: two guests on a Linux bridge, probes to guest 1 held 2 ms on
+the bridge, no loss; the injected truth is printed next to what was
+measured, so one run shows the measurement catching a known delay.
+``--switch`` builds an Open vSwitch (hybrid plug or native) or OVN
+compute node instead, ``--network-type`` a VLAN or tunnelled network;
+the output then names each hop, the devices crossed but never seen, and
+which truth the layout can inject.  Everything the lab
 made is removed at the end, also on Ctrl-C, SIGTERM or error, unless
 ``--keep`` (then ``netweaver lab down`` removes it).
 """
@@ -33,15 +37,24 @@ def add_parser(subparsers):
                         help='run (default): build, measure, remove; '
                              'down: remove kept labs (--prefix: one); '
                              'list: show kept labs')
+    parser.add_argument('--switch', choices=tuple(lab.SWITCHES),
+                        default='linuxbridge',
+                        help='what connects the pif to the taps (default '
+                             'linuxbridge)')
+    parser.add_argument('--network-type', choices=lab.NETWORK_TYPES,
+                        default=None,
+                        help='the guests\' network: flat (default), vlan, '
+                             'vxlan or geneve, as the switch allows')
     parser.add_argument('--guests', type=int, default=2,
                         help='number of guests (default 2)')
     parser.add_argument('--count', type=int, default=50,
                         help='probes per guest (default 50)')
     parser.add_argument('--protocol', choices=probe.PROTOCOLS,
                         default='icmp', help='probe protocol')
-    parser.add_argument('--delay-ms', type=float, default=DEFAULT_DELAY_MS,
+    parser.add_argument('--delay-ms', type=float, default=None,
                         help='delay injected on the bridge for probes to '
-                             '--delay-guest (default 2; 0: none)')
+                             '--delay-guest (default 2 where the switch has '
+                             'delay truth, else none; 0: none)')
     parser.add_argument('--delay-guest', type=int, default=None,
                         help='guest index to delay (default 1, or 0 with '
                              'one guest)')
@@ -80,11 +93,15 @@ def _spec(args):
     if args.guests < 1:
         raise ValueError(f"--guests {args.guests} must be at least 1")
     delays, losses = (), ()
-    if args.delay_ms and args.delay_ms > 0:
+    delay_ms = args.delay_ms
+    if delay_ms is None:
+        has_delay = lab.layout_class(args.switch).delay_truth is not None
+        delay_ms = DEFAULT_DELAY_MS if has_delay else 0.0
+    if delay_ms and delay_ms > 0:
         guest = args.delay_guest
         if guest is None:
             guest = 1 if args.guests > 1 else 0
-        delays = (lab.DelayInjection(guest=guest, delay_ms=args.delay_ms,
+        delays = (lab.DelayInjection(guest=guest, delay_ms=delay_ms,
                                      protocol=args.protocol,
                                      backend=args.delay_backend),)
     if args.loss_every:
@@ -93,7 +110,8 @@ def _spec(args):
                                     protocol=args.protocol),)
     return lab.LabSpec(prefix=args.prefix or f'nwlab{os.getpid()}-',
                        guests=args.guests, delays=delays, losses=losses,
-                       mgmt=args.mgmt, persistent=args.keep)
+                       mgmt=args.mgmt, persistent=args.keep,
+                       switch=args.switch, network_type=args.network_type)
 
 
 def _settings(args, spec):
@@ -116,7 +134,11 @@ def _settings(args, spec):
     return measure.WindowSettings(
         protocol=args.protocol, count=args.count,
         interval_ms=args.interval_ms, per_vnic_interval_ms=per_vnic,
-        timeout_ms=timeout, max_window_ms=window)
+        timeout_ms=timeout, max_window_ms=window,
+        vxlan_port=(lab.VXLAN_PORT if spec.network_type == 'vxlan'
+                    else None),
+        geneve_port=(lab.GENEVE_PORT if spec.network_type == 'geneve'
+                     else None))
 
 
 def _truth(the_lab, guest, session, sent):
@@ -165,6 +187,23 @@ def _truth_line(guest, truth, rep):
             f"{injected}; measured {measured}")
 
 
+def _hops(the_lab, guest):
+    """The guest's path hop by hop, with what is crossed unseen."""
+    return [{'src': h.src, 'dst': h.dst, 'unseen': list(h.unseen)}
+            for h in the_lab.unseen(guest)]
+
+
+def _path_line(the_lab, guest):
+    parts = []
+    for h in the_lab.unseen(guest):
+        if not parts:
+            parts.append(h.src)
+        if h.unseen:
+            parts.append(f"[{', '.join(h.unseen)}]")
+        parts.append(h.dst)
+    return f"  {guest.tap}: {' → '.join(parts)}"
+
+
 def _measure(the_lab, args):
     settings = _settings(args, the_lab.spec)
     result = measure.run_window(the_lab.paths(), the_lab.source(), settings,
@@ -182,10 +221,15 @@ def _measure(the_lab, args):
             'src_netns': the_lab.src_netns,
             'pif': the_lab.pif,
             'bridge': the_lab.bridge,
+            'switch': the_lab.spec.switch,
+            'network_type': the_lab.spec.network_type,
+            'segmentation_id': the_lab.spec.segmentation_id,
+            'truth': the_lab.truth(),
             'settings': report.to_jsonable(settings),
             'guests': [{'index': g.index, 'name': g.name, 'uuid': g.uuid,
                         'tap': g.tap, 'mac': g.mac, 'address': g.address,
                         'netns': g.netns, 'injected': truth,
+                        'hops': _hops(the_lab, g),
                         'report': report.report_to_dict(rep)}
                        for g, truth, rep in guests],
             'capture': report.to_jsonable(result.capture),
@@ -199,7 +243,15 @@ def _measure(the_lab, args):
                  f"{the_lab.hv_netns}")
         print(report.format_table(result.reports, result.capture,
                                   title=title))
-        print('truth (injected on the bridge, after the pif):')
+        if the_lab.spec.switch == 'linuxbridge':
+            print('truth (injected on the bridge, after the pif):')
+        else:
+            print(f'path ({the_lab.spec.switch}, '
+                  f'{the_lab.spec.network_type}; [crossed, never seen by a '
+                  'packet socket]):')
+            for g, _, _ in guests:
+                print(_path_line(the_lab, g))
+            print(f'truth ({the_lab.truth()}):')
         for g, truth, rep in guests:
             print(_truth_line(g, truth, rep))
     return 0

@@ -1,0 +1,290 @@
+"""The Open vSwitch lab layouts, measured against the truth they inject.
+
+Real private ovsdb-server and ovs-vswitchd (userspace datapath) in the
+lab's hypervisor namespace, veth pairs, the hybrid plug's Linux bridge
+with iptables and the NFQUEUE delayer, OpenFlow rules; probes from the
+lab's source namespace (tagged frames on VLAN networks, a kernel VXLAN
+device on VXLAN ones), captured in the hypervisor's namespace.  Every
+daemon a test starts is stopped by it.  Needs root.
+
+Userspace OVS is 10-25x slower than the kernel and the machine is
+shared: timings are compared with injected truth or with the undelayed
+guest of the same window, never with fixed numbers.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from netweaver_agent import capture
+from netweaver_agent import lab as lab_mod
+from netweaver_agent import labswitch
+from netweaver_agent import measure
+from tests.functional import conftest
+from tests.functional.test_lab import assert_gone
+from tests.functional.test_lab import lab_namespaces
+
+CLI = [sys.executable, '-m', 'netweaver_agent.cli']
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+# The Linux-bridge lab's tolerances (tests/functional/test_lab.py).
+OVERHEAD_MEDIAN_US = 200.0
+CLOCK_TOLERANCE_NS = 2000
+COUNT = 10
+LAYOUTS = [(s, n) for s in ('ovs-hybrid', 'ovs-native')
+           for n in ('flat', 'vxlan', 'vlan')]
+
+
+def window(the_lab, **settings):
+    if the_lab.spec.network_type == 'vxlan':
+        settings.setdefault('vxlan_port', lab_mod.VXLAN_PORT)
+    return measure.run_window(the_lab.paths(), the_lab.source(),
+                              measure.WindowSettings(**settings),
+                              capture_netns=the_lab.hv_netns)
+
+
+def sightings(batch, probes=True):
+    """``{seq: [(ifname, t_ns, direction), ...]}`` in time order."""
+    out = {}
+    names = batch.ifnames
+    for key, index, t_ns, direction in zip(batch.keys, batch.ifindex,
+                                           batch.t_ns, batch.direction):
+        if bool(key & 1) != (not probes):
+            continue
+        out.setdefault(key >> 1, []).append((names[index], t_ns, direction))
+    return {seq: sorted(s, key=lambda x: x[1]) for seq, s in out.items()}
+
+
+def hop_times(batch, guest_path):
+    """``{seq: {ifname: t_ns}}`` of the probes seen on ``guest_path``."""
+    out = {}
+    for seq, seen in sightings(batch).items():
+        names = [name for name, _, _ in seen]
+        if guest_path[-1] in names:
+            out[seq] = {name: t for name, t, _ in reversed(seen)}
+    return out
+
+
+def vswitchd_alive(the_lab):
+    return the_lab.layout.vswitchd_alive()
+
+
+@pytest.mark.parametrize('switch, network_type', LAYOUTS)
+def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
+                                                network_type):
+    the_lab = lab_factory(guests=2, switch=switch,
+                          network_type=network_type)
+    hybrid = switch == 'ovs-hybrid'
+    result = window(the_lab, protocol='icmp', count=COUNT)
+    assert result.capture.drops == 0
+    # The facts of issue 11: pif received → qvo sent → qvb received →
+    # tap sent (hybrid); pif received → tap sent (native).
+    want_dirs = ((capture.DIR_IN, capture.DIR_OUT, capture.DIR_IN,
+                  capture.DIR_OUT) if hybrid else
+                 (capture.DIR_IN, capture.DIR_OUT))
+    by_seq = sightings(result.batch)
+    for path, g in zip(the_lab.paths(), the_lab.guests):
+        assert path.interfaces[0] == the_lab.pif
+        assert path.interfaces[-1] == g.tap
+        assert len(path.interfaces) == (4 if hybrid else 2)
+        rep = result.reports[g.tap]
+        assert rep.sent == COUNT and rep.unseen_at_pif == 0
+        assert rep.ingress.count == COUNT and rep.ingress.lost == 0, rep
+        assert rep.egress.count == COUNT, rep.egress
+        # Hops are reported for paths longer than pif → tap.
+        assert [(h.src, h.dst) for h in rep.hops] == (list(
+            zip(path.interfaces, path.interfaces[1:])) if hybrid else [])
+        mine = [seen for seen in by_seq.values()
+                if any(name == g.tap for name, _, _ in seen)]
+        assert len(mine) == COUNT
+        for seen in mine:
+            # Exactly the path's interfaces, once each, in path order.
+            assert tuple(name for name, _, _ in seen) == path.interfaces
+            assert tuple(d for _, _, d in seen) == want_dirs
+        if network_type == 'vlan':
+            assert rep.vlan == (the_lab.spec.segmentation_id,)
+        if network_type == 'vxlan':
+            assert rep.vni == the_lab.spec.segmentation_id
+    # The devices in between exist and are never where a probe is seen.
+    seen_names = set(result.batch.ifnames)
+    g = the_lab.guests[0]
+    unseen = [d for hop in the_lab.unseen(g) for d in hop.unseen]
+    assert 'br-int' in unseen
+    if hybrid:
+        assert any(d.startswith('qbr') for d in unseen)
+    assert not seen_names & set(unseen)
+    # Nova/os-vif's external_ids on the br-int port.
+    port = the_lab.paths()[0].interfaces[1 if hybrid else -1]
+    ids = dict(the_lab.layout.ovs.interface(port)['external_ids'][1])
+    assert ids == {'iface-id': g.port_id, 'attached-mac': g.mac,
+                   'iface-status': 'active', 'vm-uuid': g.uuid}
+    assert vswitchd_alive(the_lab)
+
+
+def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory):
+    delay_ms, count = 2.0, 20
+    the_lab = lab_factory(guests=2, switch='ovs-hybrid', delays=(
+        lab_mod.DelayInjection(guest=1, delay_ms=delay_ms,
+                               backend='nfqueue'),))
+    assert [d.backend for d in the_lab.delays] == ['nfqueue']
+    result = window(the_lab, protocol='icmp', count=count,
+                    per_vnic_interval_ms=5.0)
+    fast, slow = the_lab.guests
+    pif, qvo, qvb, tap = the_lab.paths()[1].interfaces
+    assert tap == slow.tap
+    holds = {r.seq: r for r in the_lab.delay_records(1)
+             if r.session == result.session and not r.reply}
+    times = hop_times(result.batch, (pif, qvo, qvb, tap))
+    assert sorted(holds) == sorted(times), 'every probe held exactly once'
+    overheads = []
+    for seq, t in times.items():
+        rec = holds[seq]
+        assert rec.hold_ns >= delay_ms * 1e6, rec
+        # The hold sits between qvb and the tap (qbr's netfilter).
+        assert t[qvb] <= rec.received_ns + CLOCK_TOLERANCE_NS, (seq, rec)
+        assert rec.released_ns <= t[tap] + CLOCK_TOLERANCE_NS, (seq, rec)
+        measured = t[tap] - t[qvb]
+        assert measured >= rec.hold_ns - CLOCK_TOLERANCE_NS, (seq, rec)
+        overheads.append(measured - rec.hold_ns)
+    assert statistics.median(overheads) / 1000 <= OVERHEAD_MEDIAN_US
+    # Every other hop looks like the undelayed guest's, same window.
+    slow_hops = {(h.src[:3], h.dst[:3]): h.stats
+                 for h in result.reports[slow.tap].hops}
+    fast_hops = {(h.src[:3], h.dst[:3]): h.stats
+                 for h in result.reports[fast.tap].hops}
+    assert slow_hops[('qvb', 'tap')].p50_us >= delay_ms * 1000
+    assert fast_hops[('qvb', 'tap')].p50_us < delay_ms * 1000
+    for hop in (('eth', 'qvo'), ('qvo', 'qvb')):
+        assert slow_hops[hop].count == count
+        assert (slow_hops[hop].p50_us <=
+                2 * fast_hops[hop].p50_us + 50), (hop, slow_hops, fast_hops)
+    assert not the_lab.delay_records(0)
+    assert vswitchd_alive(the_lab)
+
+
+@pytest.mark.parametrize('switch, network_type',
+                         [('ovs-hybrid', 'flat'), ('ovs-native', 'flat'),
+                          ('ovs-native', 'vlan')])
+def test_loss_exact(lab_factory, switch, network_type):
+    the_lab = lab_factory(guests=2, switch=switch, network_type=network_type,
+                          losses=(lab_mod.LossInjection(
+                              guest=0, every=10, protocol='icmp'),))
+    lossy, clean = the_lab.guests
+    for _ in range(2):  # the count carries over windows exactly
+        result = window(the_lab, protocol='icmp', count=50)
+        rep = result.reports[lossy.tap]
+        assert rep.ingress.lost == 5, rep.ingress
+        assert rep.ingress.count == 45
+        assert result.reports[clean.tap].ingress.lost == 0
+        # The 10th, 20th... probe to the guest is the one dropped.
+        at_pif = conftest.pif_times(result.batch, the_lab.pif)
+        assert len(at_pif) == 100
+        elsewhere = conftest.probe_times(result.batch, the_lab.pif,
+                                         clean.tap)
+        reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
+        sent = sorted((t, seq) for seq, t in at_pif.items()
+                      if seq not in elsewhere)
+        lost = [seq for _, seq in sent if seq not in reached]
+        assert lost == [seq for _, seq in sent[9::10]]
+    assert vswitchd_alive(the_lab)
+
+
+def test_native_has_no_delay_truth(lab_factory):
+    the_lab = lab_factory(guests=1, switch='ovs-native')
+    with pytest.raises(lab_mod.LabError, match='no delay truth'):
+        the_lab.inject_delay(lab_mod.DelayInjection(guest=0, delay_ms=1.0))
+    assert 'delay: none' in the_lab.truth()
+
+
+def test_teardown_stops_the_daemons_and_removes_everything():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('o')
+    the_lab = lab_mod.Lab(lab_mod.LabSpec(
+        prefix=prefix, guests=1, switch='ovs-hybrid', network_type='vxlan',
+        delays=(lab_mod.DelayInjection(guest=0, delay_ms=1.0,
+                                       backend='nfqueue'),)))
+    try:
+        the_lab.build()
+        root = the_lab.layout.ovs.paths.root
+        pids = [p['pid'] for p in the_lab.layout.pids()]
+        pids += [d.pid for d in the_lab.delays]
+        assert len(pids) == 3 and all(lab_mod._alive(p) for p in pids)
+        assert os.path.exists(the_lab.layout.ovs.paths.db_sock)
+    finally:
+        the_lab.teardown()
+    assert_gone(prefix, pids)
+    assert not os.path.exists(root)
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_json_hops_truth_and_loss():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('c')
+    try:
+        proc = run_cli('lab', '--switch', 'ovs-native', '--network-type',
+                       'vxlan', '--json', '--count', '20', '--delay-ms', '0',
+                       '--loss-every', '5', '--prefix', prefix)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert (out['switch'], out['network_type']) == ('ovs-native',
+                                                        'vxlan')
+        assert 'delay: none' in out['truth']
+        lossy, other = out['guests']
+        assert lossy['report']['ingress']['lost'] == 4
+        assert other['report']['ingress']['lost'] == 0
+        assert lossy['report']['vni'] == out['segmentation_id']
+        hops = lossy['hops']
+        assert [h['src'] for h in hops] == [out['pif']]
+        assert 'br-tun' in hops[0]['unseen']
+        assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_cli_table_names_the_unseen_devices():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('c')
+    try:
+        proc = run_cli('lab', '--switch', 'ovs-hybrid', '--count', '10',
+                       '--prefix', prefix)
+        assert proc.returncode == 0, proc.stderr
+        assert 'qvb' in proc.stdout and 'qvo' in proc.stdout
+        assert '→ [qbr' in proc.stdout, proc.stdout
+        assert '[br-ex, phy-br-ex, int-br-ex, br-int]' in proc.stdout
+        assert 'NFQUEUE delayer on qbr' in proc.stdout
+        assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
+def test_cli_keep_then_down_stops_the_daemons():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('k')
+    try:
+        proc = run_cli('lab', '--switch', 'ovs-hybrid', '--keep', '--count',
+                       '5', '--delay-ms', '0', '--prefix', prefix)
+        assert proc.returncode == 0, proc.stderr
+        assert len(lab_namespaces(prefix)) == 4
+        with open(os.path.join(lab_mod.state_dir(prefix),
+                               lab_mod.STATE_FILE)) as f:
+            state = json.load(f)
+        pids = [p['pid'] for p in state['pids']]
+        assert len(pids) == 2 and all(lab_mod._alive(p) for p in pids), \
+            'a kept lab keeps its ovsdb-server and ovs-vswitchd'
+        assert state['switch']['switch'] == 'ovs-hybrid'
+        root = state['switch']['ovs_root']
+        assert os.path.exists(labswitch.OvsPaths(root).db_sock)
+        down = run_cli('lab', 'down', '--prefix', prefix)
+        assert down.returncode == 0, down.stderr
+        assert_gone(prefix, pids)
+        assert not os.path.exists(root)
+    finally:
+        lab_mod.teardown_kept(prefix)
