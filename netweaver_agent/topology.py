@@ -720,8 +720,15 @@ def _hybrid_entry(vif, master, links, switch):
     interface (by the kernel's link, not by name).
     """
     veths = [(p, links.peer(p)) for p in links.ports(master) if p != vif]
-    veths = [(p, peer) for p, peer in veths if peer]
-    if not veths or switch.absent():
+    # A peer on another Linux bridge is Linux bridge all the way.
+    veths = [(p, peer) for p, peer in veths if peer and links.master(peer)
+             in (None, _KERNEL_DATAPATH_MASTER)]
+    if not veths:
+        return None
+    if switch.absent() and not any(
+            links.master(peer) == _KERNEL_DATAPATH_MASTER
+            for _, peer in veths):
+        # No Open vSwitch on this host: a veth to the host's own stack.
         return None
     snap = switch.snapshot()
     on_ovs = [(p, peer) for p, peer in veths if snap.interface(peer)]

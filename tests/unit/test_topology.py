@@ -706,3 +706,24 @@ def test_parse_addresses_of_ip_j_addr():
         '127.0.0.1': 'lo', '198.18.0.1': 'br-phy', '2001:2::1': 'br-phy'}
     with pytest.raises(topology.TopologyError, match='ip -j addr'):
         topology.parse_addresses('nope', 'host x')
+
+
+def test_kernel_datapath_hybrid_needs_the_switch_even_without_socket():
+    # qvo enslaved to ovs-system: Open vSwitch is there, whatever the
+    # socket says; the path is not guessed as Linux bridge.
+    view = failing_view(ovsdb.OvsdbAbsent('OVSDB at unix:/x: no such file'))
+    links = ip_links(('qbr1', None, None), ('qvb1', 'qbr1', 'qvo1'),
+                     ('qvo1', 'ovs-system', 'qvb1'), ('tap1', 'qbr1', None),
+                     ('ovs-system', None, None))
+    with pytest.raises(topology.TopologyError, match='unix:/x'):
+        topology.find_path('tap1', links, view)
+
+
+def test_veth_to_another_linux_bridge_stays_linux_bridge():
+    view = failing_view(ovsdb.OvsdbError('OVSDB at unix:/x: refused'))
+    links = ip_links(('brq', None, None), ('brx', None, None),
+                     ('v1', 'brq', 'v2'), ('v2', 'brx', 'v1'),
+                     ('tap1', 'brq', None))
+    assert topology.find_path('tap1', links, view).interfaces == (
+        'v1', 'tap1')
+    assert view.reads == 0
