@@ -6,6 +6,7 @@ pollsters, ``netweaver lab`` and the tests all measure through
 :func:`run_window`.
 """
 
+import contextlib
 import dataclasses
 import math
 import secrets
@@ -14,6 +15,7 @@ import time
 from oslo_log import log
 
 from netweaver_agent import capture
+from netweaver_agent import destinations
 from netweaver_agent import latency
 from netweaver_agent import sources
 
@@ -94,6 +96,8 @@ class WindowResult:
     wanted: int = 0          # probes asked for: count × vNICs
     skipped: int = 0         # of those, not sent (window bound)
     skipped_vnics: tuple = ()  # vNICs that got no probe (no report)
+    # destinations.Refusal of vNICs the source's policy left out.
+    refused: tuple = ()
 
     @property
     def trimmed(self):
@@ -136,6 +140,7 @@ def run_window(paths, source, settings=None, capture_netns=None,
     paths = list(paths)
     if not paths:
         raise ValueError("a probe window needs at least one vNIC")
+    paths, refused = allowed_paths(paths, source)
     session = session if session is not None else new_session()
     t0 = time.monotonic()
     deadline = t0 + settings.max_window_ms / 1000.0
@@ -166,8 +171,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
     extra = {name: getattr(settings, name)
              for name in ('vxlan_port', 'geneve_port')
              if getattr(settings, name) is not None}
-    with capture_class(session, settings.protocol, netns_name=capture_netns,
-                       interfaces=interfaces, **extra) as cap:
+    with _discard_on_error(source, capture_class(
+            session, settings.protocol, netns_name=capture_netns,
+            interfaces=interfaces, **extra)) as cap:
         # The window runs from here: building packets and opening the
         # capture do not eat its time (a cycle's deadline_s still holds).
         deadline = time.monotonic() + settings.max_window_ms / 1000.0
@@ -220,7 +226,44 @@ def run_window(paths, source, settings=None, capture_netns=None,
                         duration_ns=duration_ns, reports=reports,
                         capture=cap.stats, send=sent, batch=cap.batch,
                         wanted=sched.wanted, skipped=skipped,
-                        skipped_vnics=skipped_vnics)
+                        skipped_vnics=skipped_vnics, refused=refused)
+
+
+def allowed_paths(paths, source):
+    """``(paths the source may probe, destinations.Refusal of the rest)``.
+
+    A refused address (see :mod:`destinations`) leaves out its vNIC
+    alone; when every one is refused, the first refusal is raised.
+    """
+    policy = getattr(source, 'policy', None) or destinations.DEFAULT
+    kept, refused = [], []
+    for path in paths:
+        why = policy.refusal(path.address)
+        if why is None:
+            kept.append(path)
+            continue
+        refused.append(destinations.Refusal(vnic=path.vnic,
+                                            address=path.address,
+                                            reason=why))
+        LOG.warning('vNIC %(vnic)s not probed: destination %(addr)r '
+                    'refused: %(why)s',
+                    {'vnic': path.vnic, 'addr': path.address, 'why': why})
+    if not kept:
+        first = refused[0]
+        raise destinations.RefusedDestination(first.address, first.reason)
+    return kept, tuple(refused)
+
+
+@contextlib.contextmanager
+def _discard_on_error(source, cap):
+    """``cap`` open for the window; if the window fails (the capture
+    cannot open, ...) the source forgets the probes it prepared."""
+    try:
+        with cap:
+            yield cap
+    except BaseException:
+        source.discard()
+        raise
 
 
 def _log_trimmed(session, settings, paths, sched):

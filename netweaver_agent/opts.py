@@ -239,9 +239,34 @@ def _ssh_known_hosts(group):
     return []
 
 
+def _probe_networks(group):
+    """Every probe_networks entry must be a network in CIDR notation."""
+    from netweaver_agent import destinations
+    try:
+        destinations.parse_networks(group.probe_networks)
+    except ValueError as exc:
+        return [f"{_name('probe_networks')}: {exc}"]
+    return []
+
+
+def _daemon_limits(group):
+    """With privsep, 'local' and 'netns:' probes are built and sent by the
+    daemon: no window may plan more, or faster, than its built-in limits
+    (privileged.DaemonLimits) take."""
+    spec = group.probe_source or 'local'
+    if not group.privsep or not (spec == 'local' or
+                                 spec.startswith('netns:')):
+        return []
+    from netweaver_agent import privileged
+    return privileged.settings_problems(
+        group.probe_interval_ms, group.probe_size, group.max_window_ms,
+        group.probe_timeout_ms)
+
+
 # Checks of option values and combinations that can never work, run when
 # the pollsters load: each takes the [netweaver] group, returns messages.
-CHECKS = [_non_finite, _window_fits, _ssh_known_hosts]
+CHECKS = [_non_finite, _window_fits, _ssh_known_hosts, _probe_networks,
+          _daemon_limits]
 
 
 def problems(conf):

@@ -31,6 +31,7 @@ from ceilometer import sample
 from oslo_log import log
 
 from netweaver_agent import capture
+from netweaver_agent import destinations
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import opts
@@ -156,11 +157,12 @@ def _source(conf):
         from netweaver_agent import remote
         return sources.parse_source(
             spec, options=remote.SSHOptions.from_conf(conf))
-    source = sources.parse_source(spec)
+    policy = destinations.for_source(spec, group.probe_networks)
+    source = sources.parse_source(spec, policy=policy)
     if group.privsep and isinstance(source, sources.LocalSource):
         return privileged.PrivsepLocalSource(
             source.netns_name, context=privileged.context_for(
-                group.capture_netns, source.netns_name))
+                group.capture_netns, source.netns_name), policy=policy)
     return source
 
 
@@ -203,6 +205,9 @@ class Prober:
         self.settings = window_settings(conf)
         self.resolver = topology.load_resolver(group.vif_resolver)
         self.source = _source(conf)
+        # Where probes may go, whatever the source (ssh:// included).
+        self.policy = destinations.for_source(group.probe_source,
+                                              group.probe_networks)
         self.capture_class = None
         self._warming = None
         if group.privsep:
@@ -346,6 +351,20 @@ class Prober:
                                     'exc': error})
         return None
 
+    def _allowed(self, instance, path):
+        """Whether probes may go to ``path``'s address (else logged)."""
+        try:
+            self.policy.check(path.address)
+        except destinations.RefusedDestination as exc:
+            error = exc
+        else:
+            return True
+        self._once(('refused', instance.id, path.vnic, path.address),
+                   'Instance %(id)s vNIC %(vif)s is not measurable: '
+                   '%(exc)s', {'id': instance.id, 'vif': path.vnic,
+                               'exc': error})
+        return False
+
     def paths(self, instances):
         """``[(instance, InterfaceStats, VifPath)]`` of measurable vNICs."""
         links = self.links()
@@ -370,7 +389,7 @@ class Prober:
                 listed.add(iface.index)
                 path = self._resolve(instance, domain, iface, stats, links,
                                      neighbours, switch)
-                if path is None:
+                if path is None or not self._allowed(instance, path):
                     continue
                 if path.vnic in seen_vifs:
                     LOG.warning('vif %(vif)s of instance %(id)s is listed '

@@ -29,8 +29,8 @@ keeps only its context's capabilities.
 """
 
 import dataclasses
-import ipaddress
 import itertools
+import math
 import os
 import shlex
 import sys
@@ -44,6 +44,7 @@ from oslo_privsep import daemon as privsep_daemon
 from oslo_privsep import priv_context
 
 from netweaver_agent import capture
+from netweaver_agent import destinations
 from netweaver_agent import netns
 from netweaver_agent import probe
 from netweaver_agent import sources
@@ -70,59 +71,272 @@ netns_pctxt = priv_context.PrivContext(
 # A window lasts at most max_window_ms (300 s); whatever the daemon holds
 # longer than this was left behind by a client that went away.
 MAX_HOLD_S = 330.0
-MAX_PROBES = 1_000_000
 MAX_INTERFACES = 4096
+# Memory of one prepared probe beyond its packet bytes (its plan entry,
+# the bytes object, list slots): measured 220-290 B with tracemalloc.
+PROBE_OVERHEAD_B = 320
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DaemonLimits:
+    """The privsep daemon's maxima; built in, configuration only lowers.
+
+    They bound what the daemon does for the agent: probes per second and
+    bytes per second (over all windows together), probes per window,
+    handles held (captures and prepared probes), captures open, memory
+    of prepared probes (``PROBE_OVERHEAD_B`` + size per probe) and the
+    threads it starts (one per capture, one reaper).  Under rootwrap
+    (OpenStack's model) whoever runs as the agent's user can start a
+    daemon of their own: the maxima guard against agent bugs, not
+    against a compromised agent user.
+    """
+
+    probes_per_s: int = 100_000
+    bytes_per_s: int = 25_000_000          # 200 Mbit/s
+    probes_per_window: int = 500_000
+    prepared_bytes: int = 256 * 2**20
+    handles: int = 16
+    captures: int = 4
+    threads: int = 8
+
+    def lowered(self, **values):
+        """These limits with some lowered (a higher value is ignored)."""
+        for name, value in values.items():
+            if value is not None and value < getattr(self, name):
+                if value < 1:
+                    raise ValueError(f"daemon limit {name} {value!r} must "
+                                     "be >= 1")
+                self = dataclasses.replace(self, **{name: int(value)})
+        return self
+
+    def min_step_ns(self, size):
+        """Shortest spacing of two probes of ``size`` bytes."""
+        return max(-(-10**9 // self.probes_per_s),
+                   -(-size * 10**9 // self.bytes_per_s))
+
+    def max_planned(self, size):
+        """Most probes of ``size`` bytes one window may prepare."""
+        return min(self.probes_per_window,
+                   self.prepared_bytes // (size + PROBE_OVERHEAD_B))
+
+
+LIMITS = DaemonLimits()
 
 
 class PrivilegeError(capture.CapturePermissionError):
     """The privsep daemon lacks a capability, or could not be started."""
 
 
+class LimitError(ValueError):
+    """A request beyond the privsep daemon's :class:`DaemonLimits`."""
+
+
+def settings_problems(interval_ms, size, max_window_ms, timeout_ms,
+                      limits=LIMITS):
+    """Why windows of these settings would exceed the daemon's limits.
+
+    The schedule spaces probes at least ``interval_ms`` apart within
+    ``max_window_ms`` less the timeout: that bounds the plan whatever the
+    number of vNICs.  Returns messages naming the options (empty: fine).
+    """
+    out = []
+    values = (interval_ms, max_window_ms, timeout_ms)
+    if not all(math.isfinite(v) for v in values) or interval_ms <= 0:
+        return out
+    step_ns = int(interval_ms * 1e6)
+    need_ns = limits.min_step_ns(size)
+    if step_ns < need_ns:
+        out.append(
+            f"[netweaver] probe_interval_ms = {interval_ms:g} with "
+            f"probe_size = {size} sends faster than the privsep daemon's "
+            f"{limits.probes_per_s} probes/s and {limits.bytes_per_s} "
+            f"bytes/s: raise probe_interval_ms to at least "
+            f"{need_ns / 1e6:g}")
+    budget_ns = max(0, int((max_window_ms - timeout_ms) * 1e6))
+    planned = budget_ns // max(1, step_ns) + 1
+    most = limits.max_planned(size)
+    if planned > most:
+        out.append(
+            f"[netweaver] max_window_ms = {max_window_ms:g} with "
+            f"probe_interval_ms = {interval_ms:g} lets one window plan "
+            f"{planned} probes of {size} bytes; the privsep daemon takes "
+            f"at most {most}: raise probe_interval_ms to at least "
+            f"{budget_ns / max(1, most - 1) / 1e6:g} or lower "
+            f"max_window_ms to at most "
+            f"{(most - 1) * step_ns / 1e6 + timeout_ms:g}")
+    return out
+
+
 # --- the daemon's side ------------------------------------------------------
 
-_held = {}
-_held_lock = threading.Lock()
-_handles = itertools.count(1)
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    kind: str              # 'capture' or 'probes'
+    obj: object            # None while being opened / built
+    closer: object         # closer(obj) releases it
+    cost: int              # bytes of prepared probes
+    expires: float
 
 
-def _hold(obj, closer):
-    """Keep ``obj`` under a new handle; ``closer(obj)`` runs if forgotten."""
-    handle = next(_handles)
+class HandleTable:
+    """What the daemon holds for the agent between calls, capped.
 
-    def expire():
-        with _held_lock:
-            entry = _held.pop(handle, None)
-        if entry is not None:
+    A handle is reserved (counted against the limits) before its object
+    is opened or built, filled when ready, and taken or peeked only with
+    its own kind: a wrong-kind call raises and leaves it in place.  One
+    reaper thread closes what is held longer than ``hold_s`` (a client
+    that went away).
+    """
+
+    KINDS = ('capture', 'probes')
+
+    def __init__(self, limits=LIMITS, hold_s=MAX_HOLD_S):
+        self.limits = limits
+        self.hold_s = hold_s
+        self._entries = {}
+        self._numbers = itertools.count(1)
+        self._cond = threading.Condition()
+        self._reaper = None
+
+    def counts(self):
+        """``{kind: handles held}``, and the prepared bytes under 'bytes'."""
+        with self._cond:
+            out = {k: 0 for k in self.KINDS}
+            for e in self._entries.values():
+                out[e.kind] += 1
+            out['bytes'] = sum(e.cost for e in self._entries.values())
+            return out
+
+    def reserve(self, kind, cost=0):
+        """A new handle of ``kind``, or :class:`LimitError`."""
+        lim = self.limits
+        with self._cond:
+            held = self._entries.values()
+            if len(self._entries) >= lim.handles:
+                raise LimitError(f"the privsep daemon holds {lim.handles} "
+                                 "handles already, its maximum")
+            if kind == 'capture':
+                open_caps = sum(e.kind == 'capture' for e in held)
+                if open_caps >= lim.captures:
+                    raise LimitError(
+                        f"the privsep daemon has {lim.captures} captures "
+                        "open already, its maximum")
+                threads = sum(t.name.startswith('netweaver-')
+                              for t in threading.enumerate())
+                if threads + 1 > lim.threads:
+                    raise LimitError(
+                        f"the privsep daemon runs {threads} threads of its "
+                        f"own; at most {lim.threads}")
+            total = sum(e.cost for e in held) + cost
+            if total > lim.prepared_bytes:
+                raise LimitError(
+                    f"prepared probes would take {total} bytes in the "
+                    f"privsep daemon; at most {lim.prepared_bytes}")
+            handle = next(self._numbers)
+            self._entries[handle] = _Entry(
+                kind, None, None, cost, time.monotonic() + self.hold_s)
+            self._start_reaper()
+            return handle
+
+    def fill(self, handle, obj, closer):
+        """Make a reserved handle usable."""
+        with self._cond:
+            entry = self._entries[handle]
+            entry.obj, entry.closer = obj, closer
+            entry.expires = time.monotonic() + self.hold_s
+            self._cond.notify()
+
+    def release(self, handle):
+        """Drop a reserved handle whose object could not be made."""
+        with self._cond:
+            self._entries.pop(handle, None)
+
+    def _entry(self, handle, kind):
+        handle = _int(handle, 'handle', 1, 2**62)
+        entry = self._entries.get(handle)
+        if entry is None or entry.kind != kind or entry.obj is None:
+            what = 'prepared probes' if kind == 'probes' else f'open {kind}'
+            raise ValueError(f"no {what} with handle {handle!r}")
+        return handle, entry
+
+    def peek(self, handle, kind):
+        """The object of ``handle``, left held; ValueError if not ``kind``."""
+        with self._cond:
+            return self._entry(handle, kind)[1].obj
+
+    def take(self, handle, kind):
+        """The object of ``handle``, no longer held (the caller closes it).
+
+        :raises ValueError: no such handle of this kind; nothing changes
+        """
+        with self._cond:
+            handle, entry = self._entry(handle, kind)
+            del self._entries[handle]
+            return entry.obj
+
+    def kind_of(self, handle):
+        """The kind of a held handle, or None."""
+        with self._cond:
+            entry = self._entries.get(_int(handle, 'handle', 1, 2**62))
+            return None if entry is None else entry.kind
+
+    def _start_reaper(self):
+        if self._reaper is None or not self._reaper.is_alive():
+            self._reaper = threading.Thread(
+                target=self._reap, daemon=True,
+                name='netweaver-privsep-reaper')
+            self._reaper.start()
+
+    def expire(self, now=None):
+        """Close what is held past its time; how many were closed."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            due = [(h, e) for h, e in self._entries.items()
+                   if e.expires <= now and e.obj is not None]
+            for h, _ in due:
+                del self._entries[h]
+        for h, e in due:
             LOG.warning('privsep: handle %d left open for %.0f s; closed',
-                        handle, MAX_HOLD_S)
+                        h, self.hold_s)
             try:
-                closer(entry[0])
+                e.closer(e.obj)
             except Exception as exc:  # logged: nobody is waiting for it
-                LOG.warning('privsep: closing handle %d: %s', handle, exc)
+                LOG.warning('privsep: closing handle %d: %s', h, exc)
+        return len(due)
 
-    timer = threading.Timer(MAX_HOLD_S, expire)
-    timer.daemon = True
-    with _held_lock:
-        _held[handle] = (obj, timer)
-    timer.start()
-    return handle
-
-
-def _take(handle, kind):
-    with _held_lock:
-        entry = _held.pop(_int(handle, 'handle', 1, 2**62), None)
-    if entry is None or not isinstance(entry[0], kind):
-        raise ValueError(f"no open {kind.__name__} with handle {handle!r}")
-    entry[1].cancel()
-    return entry[0]
+    def _reap(self):
+        while True:
+            with self._cond:
+                soonest = min((e.expires for e in self._entries.values()),
+                              default=None)
+                wait = 60.0 if soonest is None else max(
+                    0.0, soonest - time.monotonic())
+                self._cond.wait(min(wait, 60.0) + 0.01)
+            self.expire()
 
 
-def _peek(handle, kind):
-    with _held_lock:
-        entry = _held.get(_int(handle, 'handle', 1, 2**62))
-    if entry is None or not isinstance(entry[0], kind):
-        raise ValueError(f"no open {kind.__name__} with handle {handle!r}")
-    return entry[0]
+_table = HandleTable()
+
+
+class _Pacer:
+    """Spaces every probe the daemon sends, over all windows together."""
+
+    def __init__(self, limits=LIMITS):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self, nbytes):
+        step = self.limits.min_step_ns(nbytes) / 1e9
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next)
+            self._next = at + step
+        if at > now:
+            time.sleep(at - now)
+
+
+_pacer = _Pacer()
 
 
 def _int(value, what, low, high):
@@ -179,21 +393,28 @@ def _open_capture(session, protocol, netns_name, interfaces,
                 for i in interfaces):
             raise ValueError(f"interfaces {interfaces[:5]!r}...: expected "
                              f"at most {MAX_INTERFACES} interface names")
+    handle = _table.reserve('capture')
     cap = capture.LiveCapture(session, protocol, netns_name=netns_name,
                               interfaces=interfaces, vxlan_port=vxlan_port,
                               geneve_port=geneve_port)
-    cap.open()
-    return _hold(cap, lambda c: c.close())
+    try:
+        cap.open()
+    except BaseException:
+        _table.release(handle)
+        cap.close()
+        raise
+    _table.fill(handle, cap, lambda c: c.close())
+    return handle
 
 
 def _settle_capture(handle, quiet_s, max_s):
-    cap = _peek(handle, capture.LiveCapture)
+    cap = _table.peek(handle, 'capture')
     cap.settle(_seconds(quiet_s, 'quiet time'),
                max_s=None if max_s is None else _seconds(max_s, 'settle'))
 
 
 def _close_capture(handle):
-    cap = _take(handle, capture.LiveCapture)
+    cap = _table.take(handle, 'capture')
     cap.close()
     return batch_to_wire(cap.batch, cap.stats)
 
@@ -231,22 +452,42 @@ def batch_from_wire(raw, batch):
         probes=raw['probes'], foreign=raw['foreign'])
 
 
-def _plan(session, protocol, size, port, probes):
-    """A :class:`sources.ProbePlan` from checked plain values."""
+def _plan(session, protocol, size, port, probes, policy=None,
+          limits=LIMITS):
+    """A :class:`sources.ProbePlan` from checked plain values.
+
+    Every destination passes ``policy`` (None: the built-in classes
+    only), probes are at least ``limits.min_step_ns`` apart and no more
+    than ``limits.max_planned`` of them.
+    """
     session = _int(session, 'probe session', 1, 0xffff)
     protocol = _check_protocol(protocol)
     size = _int(size, 'probe size', 64, 1500)
     if port is not None:
         port = _int(port, 'probe port', 1, 65535)
-    if len(probes) > MAX_PROBES:
-        raise ValueError(f"{len(probes)} probes in one window: at most "
-                         f"{MAX_PROBES}")
+    if not isinstance(probes, (list, tuple)):
+        raise ValueError(f"probes {type(probes).__name__}: expected a list")
+    most = limits.max_planned(size)
+    if len(probes) > most:
+        raise LimitError(f"{len(probes)} probes of {size} bytes in one "
+                         f"window: the privsep daemon takes at most {most}")
+    policy = policy or destinations.DEFAULT
+    min_step = limits.min_step_ns(size)
+    checked = {}
     planned = []
     last = 0
     max_seq = probe.TCP_SEQ_MASK if protocol == 'tcp' else 0xffffffff
     for seq, dst, offset_ns in probes:
-        dst = str(ipaddress.ip_address(dst))
-        offset_ns = _int(offset_ns, 'probe offset', last,
+        if dst not in checked:
+            # One str per destination, checked once, before anything is
+            # built.
+            if not isinstance(dst, str):
+                raise ValueError(f"probe destination {dst!r} is not an "
+                                 "address string")
+            checked[dst] = policy.check(dst)
+        dst = checked[dst]
+        offset_ns = _int(offset_ns, 'probe offset',
+                         last + min_step if planned else 0,
                          int(MAX_HOLD_S * 1e9))
         planned.append(sources.PlannedProbe(
             seq=_int(seq, 'probe sequence', 0, max_seq), dst_ip=dst,
@@ -256,38 +497,69 @@ def _plan(session, protocol, size, port, probes):
                              probes=tuple(planned), size=size, port=port)
 
 
-def _raw_source(netns_name):
+class _DaemonSource(sources.LocalSource):
+    """The daemon's sender: each probe paced by the daemon-wide limits."""
+
+    def _transmit(self, sock, dst, data):
+        _pacer.wait(len(data))
+        super()._transmit(sock, dst, data)
+
+
+def _policy(netns_name, networks):
+    """The daemon's destination policy: the built-in classes, and the
+    agent's probe_networks (required for the host's own stack)."""
+    if networks is not None and (
+            not isinstance(networks, (list, tuple)) or len(networks) > 1024
+            or not all(isinstance(n, str) for n in networks)):
+        raise ValueError(f"probe networks {networks!r}: expected a list of "
+                         "CIDR strings")
+    return destinations.policy(networks or (),
+                               require_networks=netns_name is None)
+
+
+def _raw_source(netns_name, policy):
     """A LocalSource whose errors say what the daemon lacks."""
-    return sources.LocalSource(netns_name=_check_netns(netns_name))
+    return _DaemonSource(netns_name=_check_netns(netns_name), policy=policy)
 
 
-def _prepare_probes(netns_name, session, protocol, size, port, probes):
-    plan = _plan(session, protocol, size, port, probes)
-    src = _raw_source(netns_name)
+def _prepare_probes(netns_name, session, protocol, size, port, probes,
+                    networks=None):
+    policy = _policy(netns_name, networks)
+    size = _int(size, 'probe size', 64, 1500)
+    if not isinstance(probes, (list, tuple)):
+        raise ValueError(f"probes {type(probes).__name__}: expected a list")
+    handle = _table.reserve(
+        'probes', cost=len(probes) * (size + PROBE_OVERHEAD_B))
+    src = None
     try:
+        plan = _plan(session, protocol, size, port, probes, policy)
+        src = _raw_source(netns_name, policy)
         src.prepare(plan)
     except sources.SourceError as exc:
-        src.close()
+        _table.release(handle)
+        if src is not None:
+            src.close()
         if isinstance(exc.__cause__, PermissionError):
             raise PrivilegeError(str(exc)) from exc
         raise
     except BaseException:
-        src.close()
+        _table.release(handle)
+        if src is not None:
+            src.close()
         raise
-    return _hold((src, plan), lambda held: held[0].close())
+    _table.fill(handle, (src, plan), lambda held: held[0].close())
+    return handle
 
 
 def _send_probes(handle, deadline_s):
-    with _held_lock:
-        entry = _held.pop(_int(handle, 'handle', 1, 2**62), None)
-    if entry is None or not isinstance(entry[0], tuple):
-        raise ValueError(f"no prepared probes with handle {handle!r}")
-    entry[1].cancel()
-    src, plan = entry[0]
-    if not isinstance(deadline_s, (int, float)) or \
+    # Checked before the handle is taken: a bad call leaves it held.
+    if isinstance(deadline_s, bool) or \
+            not isinstance(deadline_s, (int, float)) or \
+            not math.isfinite(deadline_s) or \
             deadline_s > time.monotonic() + MAX_HOLD_S:
         raise ValueError(f"send deadline {deadline_s!r} is not within "
                          f"{MAX_HOLD_S} s from now")
+    src, plan = _table.take(handle, 'probes')
     try:
         result = src.send(plan, float(deadline_s))
     finally:
@@ -296,17 +568,19 @@ def _send_probes(handle, deadline_s):
 
 
 def _discard(handle):
-    try:
-        src, _plan = _take(handle, tuple)
-    except ValueError:
-        return
+    if _table.kind_of(handle) is None:
+        return      # sent, discarded or expired already
+    # Prepared probes only: another kind raises and stays held.
+    src, _plan = _table.take(handle, 'probes')
     src.close()
 
 
 def _status():
     effective, permitted, _ = caps.get_caps()
     return {'pid': os.getpid(), 'uid': os.getuid(),
-            'effective': sorted(effective), 'permitted': sorted(permitted)}
+            'effective': sorted(effective), 'permitted': sorted(permitted),
+            'held': _table.counts(),
+            'threads': sorted(t.name for t in threading.enumerate())}
 
 
 _OPS = {
@@ -537,32 +811,41 @@ class PrivsepLocalSource(sources.ProbeSource):
 
     The daemon builds the packets of the plan itself (it sends nothing
     else) in :meth:`prepare`, before the capture opens, and paces them in
-    :meth:`send`.
+    :meth:`send`.  ``policy`` (:class:`destinations.DestinationPolicy`)
+    is checked here first, and its networks again by the daemon.
     """
 
-    def __init__(self, netns_name=None, context=None):
+    def __init__(self, netns_name=None, context=None, policy=None):
         self.netns_name = netns_name
         self.name = f'netns:{netns_name}' if netns_name else 'local'
         self.context = context or context_for(source_netns=netns_name)
+        self.policy = policy or destinations.DestinationPolicy(
+            require_networks=netns_name is None)
         self._prepared = None
 
     def prepare(self, plan):
+        self.discard()
+        self.policy.check_all(plan.targets())
         handle = call(self.context, 'prepare_probes', self.netns_name,
                       plan.session, plan.protocol, plan.size, plan.port,
-                      [(p.seq, p.dst_ip, p.offset_ns) for p in plan.probes])
+                      [(p.seq, p.dst_ip, p.offset_ns) for p in plan.probes],
+                      self.policy.cidrs())
         self._prepared = (plan, handle)
 
-    def send(self, plan, deadline_s):
+    def discard(self):
+        """Have the daemon forget the prepared probes (window failed)."""
         prepared, self._prepared = self._prepared, None
-        if prepared is None or prepared[0] is not plan:
+        if prepared is not None and self.context.channel is not None:
+            call(self.context, 'discard_probes', prepared[1])
+
+    def send(self, plan, deadline_s):
+        if self._prepared is None or self._prepared[0] is not plan:
             self.prepare(plan)
-            prepared, self._prepared = self._prepared, None
+        prepared, self._prepared = self._prepared, None
         sent, failed, errors = call(self.context, 'send_probes',
                                     prepared[1], deadline_s)
         return sources.SendResult(sent=sent, failed=failed,
                                   errors=tuple(errors))
 
     def close(self):
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and self.context.channel is not None:
-            call(self.context, 'discard_probes', prepared[1])
+        self.discard()

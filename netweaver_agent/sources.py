@@ -18,6 +18,7 @@ import urllib.parse
 
 from oslo_log import log
 
+from netweaver_agent import destinations
 from netweaver_agent import netns
 from netweaver_agent import probe
 
@@ -223,9 +224,15 @@ def build_packets(plan, source_address):
 
 
 class ProbeSource:
-    """Base class: sends a :class:`ProbePlan`."""
+    """Base class: sends a :class:`ProbePlan`.
+
+    ``policy`` (a :class:`destinations.DestinationPolicy`) says where its
+    probes may go; :func:`measure.run_window` leaves out the vNICs it
+    refuses.
+    """
 
     name = 'abstract'
+    policy = destinations.DEFAULT
 
     def prepare(self, plan):
         """Get ready to send ``plan`` (e.g. build its packets).
@@ -237,6 +244,9 @@ class ProbeSource:
     def send(self, plan, deadline_s):
         """Send the plan; stop at ``deadline_s`` (time.monotonic())."""
         raise NotImplementedError
+
+    def discard(self):
+        """Forget what :meth:`prepare` built: the window failed first."""
 
     def close(self):
         pass
@@ -258,9 +268,12 @@ class LocalSource(ProbeSource):
     resolves neighbours as for any packet.
     """
 
-    def __init__(self, netns_name=None):
+    def __init__(self, netns_name=None, policy=None):
         self.netns_name = netns_name
         self.name = f'netns:{netns_name}' if netns_name else 'local'
+        # 'local' sends from the host's stack: only to probe_networks.
+        self.policy = policy or destinations.DestinationPolicy(
+            require_networks=netns_name is None)
         self._sock = None
         self._sock6 = None
         self._src = {}
@@ -294,25 +307,35 @@ class LocalSource(ProbeSource):
         return self._src[dst_ip]
 
     def build(self, plan):
-        """The packets of ``plan`` as ``[(dst_ip, bytes)]``, in plan order."""
+        """The packets of ``plan`` as ``[(dst_ip, bytes)]``, in plan order.
+
+        :raises destinations.RefusedDestination: a target the policy
+            refuses (before anything is built)
+        """
+        self.policy.check_all(plan.targets())
         return build_packets(plan, self.source_address)
 
     def prepare(self, plan):
+        self._prepared = None
+        self.policy.check_all(plan.targets())
         for dst in plan.targets():
             self._socket_for(dst)
         self._prepared = (plan, self.build(plan))
+
+    def discard(self):
+        self._prepared = None
 
     def _transmit(self, sock, dst, data):
         sock.sendto(data, (dst, 0))
 
     def send(self, plan, deadline_s):
-        socks = {dst: self._socket_for(dst) for dst in plan.targets()}
-        transmit = self._transmit
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] is plan:
             packets = prepared[1]
         else:
             packets = self.build(plan)
+        socks = {dst: self._socket_for(dst) for dst in plan.targets()}
+        transmit = self._transmit
         start = time.monotonic()
         sent = failed = 0
         errors = []
@@ -344,14 +367,19 @@ class LocalSource(ProbeSource):
                 setattr(self, attr, None)
 
 
-def parse_source(spec, **ssh_options):
-    """A :class:`ProbeSource` from ``local``, ``netns:NAME`` or ``ssh://``."""
+def parse_source(spec, policy=None, **ssh_options):
+    """A :class:`ProbeSource` from ``local``, ``netns:NAME`` or ``ssh://``.
+
+    ``policy``: where ``local`` and ``netns:`` probes may go (None: the
+    built-in classes only; ``local`` then sends nothing, see
+    :class:`destinations.DestinationPolicy`).
+    """
     if not spec or spec == 'local':
-        return LocalSource()
+        return LocalSource(policy=policy)
     if spec.startswith('netns:'):
         name = spec[len('netns:'):]
         netns.netns_path(name)
-        return LocalSource(netns_name=name)
+        return LocalSource(netns_name=name, policy=policy)
     if spec.startswith('ssh://'):
         url = urllib.parse.urlsplit(spec)
         if not url.hostname:

@@ -195,6 +195,10 @@ class TestLatencyPollsters(base.TestPollsterBase):
         # No privsep daemon in unit tests (run_window is faked below).
         self.useFixture(fixtures.MockPatch(
             'netweaver_agent.privileged.warm_up'))
+        # probe_source 'local' (the default) probes only probe_networks.
+        opts.register_opts(self.CONF)
+        self.CONF.set_override('probe_networks', ['198.18.0.0/15'],
+                               group='netweaver')
         self.sysfs = self.useFixture(fixtures.TempDir()).path
         self.log = self.useFixture(fixtures.FakeLogger(
             name='netweaver_agent', level=logging.DEBUG))

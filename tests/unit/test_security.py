@@ -115,8 +115,9 @@ def test_the_daemon_refuses_what_it_is_not_for():
     with pytest.raises(ValueError, match='probe offset'):
         privileged._dispatch('prepare_probes', (
             None, 7, 'icmp', 64, None,
-            [(0, '198.18.0.10', 5), (1, '198.18.0.10', 1)]))
-    with pytest.raises(ValueError, match='no open LiveCapture'):
+            [(0, '198.18.0.10', 5), (1, '198.18.0.10', 1)],
+            ['198.18.0.0/15']))
+    with pytest.raises(ValueError, match='no open capture'):
         privileged._dispatch('close_capture', (12345,))
     with pytest.raises(ValueError, match='no prepared probes'):
         privileged._dispatch('send_probes', (12345, 0.0))
