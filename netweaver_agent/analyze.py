@@ -38,6 +38,7 @@ from oslo_log import log
 from netweaver_agent import capture
 from netweaver_agent import latency
 from netweaver_agent import pcapfile
+from netweaver_agent import probe
 
 LOG = log.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def _replies_plan(batch, pif, vif):
 
 def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
                   protocol=None, mode='auto', timeout_ms=DEFAULT_TIMEOUT_MS,
-                  pif_name=None, vif_name=None):
+                  pif_name=None, vif_name=None,
+                  tcp_ports=probe.DEFAULT_TCP_SOURCE_PORTS):
     """Match the probes of a pif capture and a vif capture.
 
     :param destination: the instance's address (fingerprint mode: tells
@@ -110,6 +112,10 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
         in the pif file, else in the vif file)
     :param protocol: shown in the report (default: the mode's name)
     :param timeout_ms: a probe (or reply) slower than this is lost
+    :param tcp_ports: the range TCP probes' source ports come from
+        (``[netweaver] tcp_source_ports``); in probe mode, TCP packets from
+        (or answers to) other ports are not ours (see
+        :func:`pcapfile.read_pcap`)
     :returns: :class:`Analysis`
     :raises pcapfile.PcapError: a file is unreadable or corrupt
     :raises AnalyzeError: nothing to measure, or a bad combination
@@ -122,7 +128,8 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
     pif, vif = interface_names(pif_path, vif_path, pif_name, vif_name)
     reads = None
     if mode in ('auto', 'probe'):
-        reads = _read_probes(pif_path, vif_path, pif, vif, session)
+        reads = _read_probes(pif_path, vif_path, pif, vif, session,
+                             tcp_ports)
         if reads is None and (mode == 'probe' or destination is None):
             hint = ('' if mode == 'probe' else
                     '; for foreign traffic (e.g. hping3) give the '
@@ -171,17 +178,20 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
                     session=batch.session)
 
 
-def _read_probes(pif_path, vif_path, pif, vif, session):
+def _read_probes(pif_path, vif_path, pif, vif, session, tcp_ports):
     """Both files in probe mode, one session; None if neither has probes."""
-    pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session)
+    pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session,
+                                  tcp_ports=tcp_ports)
     if session is None and pif_read.sessions:
         session = pif_read.session
-    vif_read = pcapfile.read_pcap(vif_path, ifname=vif, session=session)
+    vif_read = pcapfile.read_pcap(vif_path, ifname=vif, session=session,
+                                  tcp_ports=tcp_ports)
     if session is None:
         if not vif_read.sessions:
             return None
         session = vif_read.session
-        pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session)
+        pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session,
+                                      tcp_ports=tcp_ports)
     for read in (pif_read, vif_read):
         others = [s for s, _ in read.sessions if s != session]
         if others:

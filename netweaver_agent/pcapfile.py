@@ -67,6 +67,7 @@ from oslo_log import log
 
 from netweaver_agent import capture
 from netweaver_agent import pcapkeys
+from netweaver_agent import probe
 
 LOG = log.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class _Rows:
         self.untimed = 0
         self.truncated = False
         self.linktypes = set()
+        # TCP probes' source port range (probe.tcp_ident keys), or None.
+        self.tcp_ports = None
 
     def interface(self, name):
         """The column index for interface ``name``."""
@@ -171,6 +174,8 @@ class _Rows:
         if link is None:
             return
         found = self.keyfunc(buf, off, caplen, link)
+        if found is not None and not self._tcp_port_ok(found[1]):
+            found = None
         if found is not None:
             if len(found) > 2:
                 self.encap.setdefault((found[0], found[1], ifindex),
@@ -180,6 +185,13 @@ class _Rows:
             self.t_ns.append(t_ns)
             self.ifindex.append(ifindex)
             self.direction.append(direction)
+
+    def _tcp_port_ok(self, key):
+        """False for a TCP probe key whose port lies outside the range."""
+        if self.tcp_ports is None or not key >> 33:
+            return True
+        port = probe.tcp_ident_port(key >> 1)
+        return port is None or port in self.tcp_ports
 
     def run(self, buf, first, stride, n, caplen, link, t_ns, ifindex,
             direction):
@@ -194,6 +206,13 @@ class _Rows:
             direction = bytes([direction]) * n
         direction = array.array('B', direction)
         found = pcapkeys.run_keys(buf, first, stride, n, caplen, link)
+        if (found is not None and self.tcp_ports is not None and
+                max(found.keys) >> 33):
+            # TCP keys hold the port: rows from outside the range go to
+            # one(), which leaves them out.
+            ok = bytes(a and self._tcp_port_ok(k)
+                       for a, k in zip(found.ok, found.keys))
+            found = dataclasses.replace(found, ok=ok, all_ok=ok.count(0) == 0)
         if found is not None and found.all_ok:
             self.records += n
             self.t_ns.extend(t_ns)
@@ -679,7 +698,7 @@ class _Pcapng:
 # The entry point.
 
 def read_pcap(path, ifname=None, session=None, fingerprint=False,
-              dst_ip=None):
+              dst_ip=None, tcp_ports=None):
     """Read one capture file into a :class:`PcapRead`.
 
     :param ifname: the interface name for every record (one file = one
@@ -689,6 +708,10 @@ def read_pcap(path, ifname=None, session=None, fingerprint=False,
     :param fingerprint: key foreign packets by their invariant fields (see
         the module docstring) instead of our probes' tags
     :param dst_ip: (fingerprint) the instance's address, as a string
+    :param tcp_ports: the source ports our TCP probes come from (a range,
+        ``[netweaver] tcp_source_ports``): with no plan to check each
+        probe's own port against, TCP packets from (answers to) other
+        ports are not ours.  None: any port.
     :raises PcapError: the file is empty, unknown, corrupt or unreadable
     """
     path = os.fspath(path)
@@ -707,6 +730,8 @@ def read_pcap(path, ifname=None, session=None, fingerprint=False,
         def keyfunc(buf, off, caplen, link):
             return pcapkeys.fingerprint_key(buf, off, caplen, link, packed)
     rows = _Rows(path, keyfunc, ifname)
+    if not fingerprint:
+        rows.tcp_ports = tcp_ports
     try:
         with open(path, 'rb') as f:
             if os.fstat(f.fileno()).st_size == 0:

@@ -169,10 +169,12 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True):
             value, port, reply = (ack - 1) & 0xffffffff, dport, 1
         else:
             return None
-        session = value >> 16
-        if port != probe.tcp_source_port(session):
+        if not port:
             return None
-        return session, ((value & probe.TCP_SEQ_MASK) << 1) | reply
+        # The key holds the port (probe.tcp_ident): an ISN of ours from
+        # another port is another key, which no plan holds.
+        return value >> 16, ((probe.TCP_IDENT | port << 16 |
+                              (value & probe.TCP_SEQ_MASK)) << 1) | reply
     return None
 
 
@@ -578,7 +580,8 @@ def _unreach(col, l4, n):
 
 def _tcp(col, l4, n):
     """TCP SYN probes (sequence number ``session << 16 | seq``) and replies
-    acknowledging it (``ack - 1``)."""
+    acknowledging it (``ack - 1``); the key's seq is
+    :func:`probe.tcp_ident` of the probe's source port and ``seq``."""
     replies = col(l4 + 13).translate(_T_TCP)
     bad = _mask(replies, _T_TWO) | _mask(col(l4 + 12), _T_DOFF_BAD)
     n_replies = replies.count(1)
@@ -597,11 +600,11 @@ def _tcp(col, l4, n):
             m1 = replies.translate(_T_ONE_FF)
             value = _blend(col(l4 + 4, 4), acked, interleave(m1, m1, m1, m1))
             port = _blend(col(l4, 2), col(l4 + 2, 2), interleave(m1, m1))
-    s_hi, s_lo = value[0::4], value[1::4]
-    bad |= (_differ(port[0::2], s_hi.translate(_T_PORT_HI)) |
-            _differ(port[1::2], s_lo))
-    return (bad, interleave(s_hi, s_lo), interleave(value[2::4], value[3::4]),
-            replies)
+    p_hi, p_lo = port[0::2], port[1::2]
+    bad |= _mask(p_hi, _T_ZERO) & _mask(p_lo, _T_ZERO)
+    # seq = TCP_IDENT | port << 16 | low half of the ISN: 5 bytes, BE.
+    ident = interleave(b'\x01' * n, p_hi, p_lo, value[2::4], value[3::4])
+    return bad, interleave(value[0::4], value[1::4]), ident, replies
 
 
 def _blend(a, b, mask):

@@ -476,7 +476,10 @@ def _plan(session, protocol, size, port, probes, policy=None,
     checked = {}
     planned = []
     last = 0
-    max_seq = probe.TCP_SEQ_MASK if protocol == 'tcp' else 0xffffffff
+    # A TCP probe's seq is probe.tcp_ident(source port 1.., number): the
+    # plan hands each probe's own source port to the daemon.
+    low, high = ((probe.TCP_IDENT | 1 << 16, probe.TCP_IDENT | 0xffffffff)
+                 if protocol == 'tcp' else (0, 0xffffffff))
     for seq, dst, offset_ns in probes:
         if dst not in checked:
             # One str per destination, checked once, before anything is
@@ -490,7 +493,7 @@ def _plan(session, protocol, size, port, probes, policy=None,
                          last + min_step if planned else 0,
                          int(MAX_HOLD_S * 1e9))
         planned.append(sources.PlannedProbe(
-            seq=_int(seq, 'probe sequence', 0, max_seq), dst_ip=dst,
+            seq=_int(seq, 'probe sequence', low, high), dst_ip=dst,
             offset_ns=offset_ns))
         last = offset_ns
     return sources.ProbePlan(session=session, protocol=protocol,

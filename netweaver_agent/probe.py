@@ -11,9 +11,14 @@ guest's answer:
 * ``udp``: datagram to a closed port; the payload carries the identity,
   and the guest's ICMP port unreachable quotes it back.  Guests rate-limit
   ICMP errors, so replies are sampled.
-* ``tcp``: SYN; the TCP sequence number is ``session << 16 | seq`` and the
-  source port is derived from the session.  The guest answers RST/ACK (or
-  SYN/ACK) with ``ack = seq + 1``.
+* ``tcp``: SYN; the initial sequence number (ISN) is ``session << 16 | n``
+  and every probe has a 5-tuple of its own: its source port comes from the
+  plan (a per-destination cursor, see :mod:`netweaver_agent.sources`), so
+  no stateful firewall on the way sees a SYN repeated on one connection
+  (ovs-vswitchd 3.1's userspace conntrack crashed on that).  The port is
+  part of the identity: a TCP probe's ``seq`` is :func:`tcp_ident`
+  ``(port, n)``.  The guest answers RST/ACK (or SYN/ACK) with
+  ``ack = ISN + 1``, to that port.
 
 Over IPv6 the same: ICMPv6 echo (``icmp``), UDP answered by an ICMPv6
 port unreachable, TCP; probes carry no extension headers.
@@ -42,6 +47,13 @@ ETH_P_IP = 0x0800
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88a8
 TCP_SEQ_MASK = 0xffff
+# A TCP probe's seq: this flag, its source port << 16, its ISN's low half.
+TCP_IDENT = 1 << 32
+# Source ports of TCP probes unless configured ([netweaver]
+# tcp_source_ports): above Linux's and Windows' ephemeral ranges' starts,
+# clear of the traceroute ports (33434..) that UDP probes use as
+# destinations only.
+DEFAULT_TCP_SOURCE_PORTS = range(33000, 61000)
 ETH_P_IPV6 = 0x86dd
 IP6_HDR_LEN = 40
 IPPROTO_ICMPV6 = 58
@@ -69,6 +81,11 @@ class ProbeKey:
     seq: int
     reply: bool = False
 
+    @property
+    def port(self):
+        """The probe's TCP source port (see :func:`tcp_ident`), else None."""
+        return tcp_ident_port(self.seq)
+
     def as_int(self):
         """The integer key used in columnar batches: ``seq << 1 | reply``.
 
@@ -81,9 +98,28 @@ class ProbeKey:
         return cls(session=session, seq=key >> 1, reply=bool(key & 1))
 
 
-def tcp_source_port(session):
-    """The TCP source port used by probes of ``session`` (32768..65535)."""
-    return 32768 | (session & 0x7fff)
+def tcp_ident(port, n):
+    """The ``seq`` of a TCP probe: source ``port`` and number ``n``.
+
+    ``TCP_IDENT | port << 16 | n``: the ISN carries the session and ``n``
+    (16 bits each), the port is the probe's own; the flag keeps TCP
+    identities apart from the 32-bit sequence numbers of ICMP/UDP probes.
+    """
+    if not 1 <= port <= 0xffff:
+        raise ValueError(f"TCP probe source port {port!r} is not within "
+                         "1..65535")
+    if not 0 <= n <= TCP_SEQ_MASK:
+        raise ValueError(
+            f"TCP probe number {n!r} exceeds {TCP_SEQ_MASK}: a window "
+            "carries at most 65536 TCP probes")
+    return TCP_IDENT | port << 16 | n
+
+
+def tcp_ident_port(seq):
+    """The source port of a TCP identity (:func:`tcp_ident`), else None."""
+    if seq >> 32 != 1 or not (seq >> 16) & 0xffff:
+        return None
+    return (seq >> 16) & 0xffff
 
 
 def udp_source_port(session):
@@ -103,12 +139,19 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
     :param dst_ip: destination address, as long as ``src_ip``
     :param size: total IP length wanted; the payload is padded to reach it
     :param port: destination port for ``udp``/``tcp``
+
+    For ``tcp``, ``seq`` is a :func:`tcp_ident` (source port and number).
     """
     if not 0 <= session <= 0xffff:
         raise ValueError(f"probe session {session!r} is not a 16-bit value")
-    if not 0 <= seq <= 0xffffffff:
+    if proto == 'tcp':
+        if tcp_ident_port(seq) is None:
+            raise ValueError(
+                f"TCP probe sequence {seq!r} is not a tcp_ident(port, n): "
+                "every TCP probe needs a source port of its own")
+    elif not 0 <= seq <= 0xffffffff:
         raise ValueError(f"probe sequence {seq!r} is not a 32-bit value")
-    tag = _TAG.pack(MAGIC, session, seq)
+    tag = _TAG.pack(MAGIC, session, seq & 0xffffffff)
     if len(dst_ip) == 16 or len(src_ip) == 16:
         return _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size,
                           ttl, port)
@@ -139,13 +182,9 @@ def _transport(proto, session, seq, tag, pad, port, ipv6):
         l4.ulen = len(l4)
         return l4, dpkt.ip.IP_PROTO_UDP
     if proto == 'tcp':
-        if seq > TCP_SEQ_MASK:
-            raise ValueError(
-                f"TCP probe sequence {seq} exceeds {TCP_SEQ_MASK}: "
-                "a window carries at most 65536 TCP probes")
-        return (dpkt.tcp.TCP(sport=tcp_source_port(session),
+        return (dpkt.tcp.TCP(sport=tcp_ident_port(seq),
                              dport=port or DEFAULT_TCP_PORT,
-                             seq=(session << 16) | seq,
+                             seq=(session << 16) | (seq & TCP_SEQ_MASK),
                              flags=dpkt.tcp.TH_SYN, win=512),
                 dpkt.ip.IP_PROTO_TCP)
     raise ValueError(f"unknown probe protocol {proto!r}; "
@@ -197,7 +236,8 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
 
     The same bytes, about ten times faster: one packet is built with dpkt,
     then the fields that depend on the sequence number (IP id, ICMP echo
-    sequence, payload tag, TCP sequence) and the checksums are rewritten.
+    sequence, payload tag, TCP source port and sequence) and the checksums
+    are rewritten.
     """
     seqs = list(seqs)
     if not seqs:
@@ -212,15 +252,17 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
         _U16.pack(len(first) - _L4)
     at = _SUM_AT[proto]
     for seq in seqs[1:]:
-        if not 0 <= seq <= (TCP_SEQ_MASK if proto == 'tcp'
-                            else 0xffffffff):
+        sport = tcp_ident_port(seq) if proto == 'tcp' else None
+        if (not 0 <= seq <= 0xffffffff) if proto != 'tcp' else sport is None:
             out.append(build_ip(proto, session, seq, src_ip, dst_ip,
                                 size=size, ttl=ttl, port=port))
             continue
         buf = bytearray(first)
         _U16.pack_into(buf, _IP_ID, seq & 0xffff)
         if proto == 'tcp':
-            _U32.pack_into(buf, _TCP_SEQ, (session << 16) | seq)
+            _U16.pack_into(buf, _L4, sport)
+            _U32.pack_into(buf, _TCP_SEQ,
+                           (session << 16) | (seq & TCP_SEQ_MASK))
         else:
             _U32.pack_into(buf, _TAG_SEQ, seq)
             if proto == 'icmp':
@@ -277,24 +319,22 @@ def _key_from_tag(buf, session):
 
 
 def _tcp_key(sport, dport, tcp_seq, ack, flags, session):
-    """The key of a TCP probe (SYN) or of its answer (ACK + RST or SYN)."""
+    """The key of a TCP probe (SYN) or of its answer (ACK + RST or SYN).
+
+    The probe's source port (the answer's destination port) is part of it
+    (:func:`tcp_ident`): the same ISN from another port is another key.
+    """
     if flags & dpkt.tcp.TH_SYN and not flags & dpkt.tcp.TH_ACK:
-        sess, seq = tcp_seq >> 16, tcp_seq & TCP_SEQ_MASK
-        if sport != tcp_source_port(sess):
-            return None
-        reply = False
+        isn, port, reply = tcp_seq, sport, False
     elif flags & dpkt.tcp.TH_ACK and flags & (dpkt.tcp.TH_RST |
                                               dpkt.tcp.TH_SYN):
-        acked = (ack - 1) & 0xffffffff
-        sess, seq = acked >> 16, acked & TCP_SEQ_MASK
-        if dport != tcp_source_port(sess):
-            return None
-        reply = True
+        isn, port, reply = (ack - 1) & 0xffffffff, dport, True
     else:
         return None
-    if session is not None and sess != session:
+    sess = isn >> 16
+    if not port or (session is not None and sess != session):
         return None
-    return ProbeKey(sess, seq, reply=reply)
+    return ProbeKey(sess, tcp_ident(port, isn & TCP_SEQ_MASK), reply=reply)
 
 
 def parse_ip_key(ip, session=None):

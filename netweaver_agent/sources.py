@@ -9,10 +9,21 @@
 
 A source takes a :class:`ProbePlan` (which packet, to which address, at
 which offset in the window) and sends it, bounded in count and time.
+
+TCP probes each get a 5-tuple of their own: :func:`schedule` takes their
+source ports from a :class:`PortCursor` that walks the configured range
+per destination and is kept across windows (one per process by default),
+so a port comes back for the same destination only when the cursor wraps.
+Stateful firewalls (conntrack keeps a SYN_SENT entry 120 s) then never see
+a SYN repeated on one connection.
 """
 
+import collections
 import dataclasses
+import re
+import secrets
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -29,13 +40,116 @@ class SourceError(RuntimeError):
     """A probe source could not send."""
 
 
+# Linux's conntrack keeps a TCP connection in SYN_SENT this long
+# (nf_conntrack_tcp_timeout_syn_sent): a port must not come back for the
+# same destination sooner.
+SYN_SENT_TIMEOUT_S = 120
+# Destinations a PortCursor remembers; the oldest is forgotten past this
+# (it then starts again at a random place of the range).
+MAX_CURSOR_DESTINATIONS = 65536
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PlannedProbe:
-    """One probe to send: sequence, destination, offset in the window."""
+    """One probe to send: sequence, destination, offset in the window.
+
+    For TCP, ``seq`` is a :func:`probe.tcp_ident`: it holds the probe's
+    own source port (:attr:`sport`), which the matcher's key holds too.
+    """
 
     seq: int
     dst_ip: str
     offset_ns: int
+
+    @property
+    def sport(self):
+        """The TCP source port of this probe; None for ICMP/UDP."""
+        return probe.tcp_ident_port(self.seq)
+
+
+def parse_port_range(text, name='tcp_source_ports'):
+    """A :class:`range` of ports from ``'LOW-HIGH'`` (both included).
+
+    :param name: the option or flag that gave ``text``, for the error
+    """
+    found = re.fullmatch(r'\s*(\d{1,5})\s*-\s*(\d{1,5})\s*', text or '')
+    if not found:
+        raise ValueError(f"{name} {text!r} is not a port range like "
+                         "'33000-60999'")
+    low, high = int(found.group(1)), int(found.group(2))
+    if not 1 <= low <= high <= 0xffff:
+        raise ValueError(f"{name} {text!r}: need 1 <= first port <= last "
+                         "port <= 65535")
+    return range(low, high + 1)
+
+
+def tcp_ports_needed(count, intervals_s):
+    """Source ports one destination uses within a SYN_SENT timeout.
+
+    ``count`` probes per window, one window per polling cycle of each
+    interval in ``intervals_s`` (seconds; the polling task of each
+    distinct interval runs its own window): at most
+    ``ceil(SYN_SENT_TIMEOUT_S / interval)`` windows of each fall within
+    :data:`SYN_SENT_TIMEOUT_S`.
+    """
+    return sum(count * -(-SYN_SENT_TIMEOUT_S // max(1, int(i)))
+               for i in set(intervals_s))
+
+
+class PortCursor:
+    """Source ports for TCP probes: one cursor per destination.
+
+    Each destination's ports walk ``ports`` in order from a random start
+    (so two processes, or a restarted agent, do not walk in step), and a
+    port comes back for that destination only after the whole range.
+    Thread-safe; remembers :data:`MAX_CURSOR_DESTINATIONS` destinations.
+
+    :param start: ``f(len(ports)) -> index`` of a new destination's first
+        port (default: a random one)
+    """
+
+    def __init__(self, ports=probe.DEFAULT_TCP_SOURCE_PORTS, start=None):
+        ports = range(ports.start, ports.stop)
+        if not ports or ports[0] < 1 or ports[-1] > 0xffff:
+            raise ValueError(f"TCP source port range {ports!r} is not a "
+                             "non-empty range within 1..65535")
+        self.ports = ports
+        self._start = start or secrets.randbelow
+        self._next = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, dst_ip, n):
+        """The next ``n`` source ports for ``dst_ip``, in order."""
+        size = len(self.ports)
+        with self._lock:
+            at = self._next.pop(dst_ip, None)
+            if at is None:
+                at = self._start(size) % size
+            self._next[dst_ip] = (at + n) % size
+            while len(self._next) > MAX_CURSOR_DESTINATIONS:
+                self._next.popitem(last=False)
+        return [self.ports[(at + k) % size] for k in range(n)]
+
+
+_cursor_lock = threading.Lock()
+_cursor = None
+
+
+def tcp_port_cursor(ports=None):
+    """The process's :class:`PortCursor`, kept across windows.
+
+    ``ports``: the configured range; a different range than the current
+    cursor's starts a new cursor (None: keep the current one, or the
+    default range).
+    """
+    global _cursor
+    with _cursor_lock:
+        if _cursor is None or (ports is not None and
+                               range(ports.start, ports.stop) !=
+                               _cursor.ports):
+            _cursor = PortCursor(ports if ports is not None
+                                 else probe.DEFAULT_TCP_SOURCE_PORTS)
+        return _cursor
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,7 +238,7 @@ def probe_step_ns(targets, interval_ns, per_target_interval_ns=0):
 
 def schedule(session, protocol, targets, count, interval_ns,
              per_target_interval_ns=0, budget_ns=None, size=64, port=None,
-             first_seq=0, rotate=0):
+             first_seq=0, rotate=0, tcp_ports=None):
     """Plan ``count`` probes per target, round-robin, within a budget.
 
     Probes go out every :func:`probe_step_ns`, so neither the host's nor
@@ -136,6 +250,10 @@ def schedule(session, protocol, targets, count, interval_ns,
     the order rotated by ``rotate``, so that cycles differ in which are
     left out) get one probe each and the others are skipped; otherwise
     targets are probed in the order given.
+
+    TCP probes get their source ports from ``tcp_ports`` (a
+    :class:`PortCursor`; None: the process's, :func:`tcp_port_cursor`),
+    and their ``seq`` is :func:`probe.tcp_ident` of port and number.
 
     :param targets: destination addresses (strings), one per vNIC
     :returns: a :class:`Schedule`
@@ -160,11 +278,15 @@ def schedule(session, protocol, targets, count, interval_ns,
     probes = []
     owner = {}
     seq = first_seq
+    ports = _tcp_source_ports(protocol, tcp_ports, targets,
+                              [order[k % n] for k in range(fit)])
     for k in range(fit):
         index = order[k % n]
-        probes.append(PlannedProbe(seq=seq, dst_ip=targets[index],
+        ident = (seq if ports is None else
+                 probe.tcp_ident(next(ports[index]), seq))
+        probes.append(PlannedProbe(seq=ident, dst_ip=targets[index],
                                    offset_ns=k * step))
-        owner[seq] = index
+        owner[ident] = index
         seq += 1
     covered = set(owner.values())
     skipped = tuple(i for i in order if i not in covered) if count else ()
@@ -174,9 +296,26 @@ def schedule(session, protocol, targets, count, interval_ns,
                     skipped_targets=skipped)
 
 
+def _tcp_source_ports(protocol, cursor, targets, indexes):
+    """``{target index: iterator of its ports}`` for a TCP plan, else None.
+
+    Each target takes as many ports as it has probes in ``indexes``; a
+    target listed twice shares one cursor entry.
+    """
+    if protocol != 'tcp':
+        return None
+    cursor = cursor or tcp_port_cursor()
+    wanted = collections.Counter(indexes)
+    by_dst = collections.Counter()
+    for index, k in wanted.items():
+        by_dst[targets[index]] += k
+    taken = {dst: iter(cursor.take(dst, k)) for dst, k in by_dst.items()}
+    return {index: taken[targets[index]] for index in wanted}
+
+
 def interleaved_plan(session, protocol, targets, count, interval_ns,
                      per_target_interval_ns=0, size=64, port=None,
-                     first_seq=0, budget_ns=None):
+                     first_seq=0, budget_ns=None, tcp_ports=None):
     """Plan ``count`` probes per target, round-robin, evenly spaced.
 
     :param targets: destination addresses (strings), one per vNIC
@@ -184,11 +323,12 @@ def interleaved_plan(session, protocol, targets, count, interval_ns,
     :param per_target_interval_ns: minimum spacing between two probes to
         the same target (the window stretches to honour it)
     :param budget_ns: if given, see :func:`schedule`
+    :param tcp_ports: a :class:`PortCursor` (see :func:`schedule`)
     Returns ``(plan, {seq: index of target})``.
     """
     sched = schedule(session, protocol, targets, count, interval_ns,
                      per_target_interval_ns, budget_ns=budget_ns, size=size,
-                     port=port, first_seq=first_seq)
+                     port=port, first_seq=first_seq, tcp_ports=tcp_ports)
     return sched.plan, sched.owner
 
 

@@ -9,7 +9,9 @@ import sys
 
 from netweaver_agent import analyze
 from netweaver_agent import pcapfile
+from netweaver_agent import probe
 from netweaver_agent import report
+from netweaver_agent import sources
 
 
 def add_parser(subparsers):
@@ -50,6 +52,14 @@ def add_parser(subparsers):
                    help='name shown for the vif (default: its file name)')
     p.add_argument('--protocol', metavar='NAME',
                    help='label shown for the traffic (default: the mode)')
+    p.add_argument('--tcp-source-ports', metavar='LOW-HIGH',
+                   default='{}-{}'.format(
+                       probe.DEFAULT_TCP_SOURCE_PORTS[0],
+                       probe.DEFAULT_TCP_SOURCE_PORTS[-1]),
+                   help='source ports of the TCP probes ([netweaver] '
+                        'tcp_source_ports of the agent that sent them); TCP '
+                        'probes from other ports are not ours (default: '
+                        '%(default)s)')
     p.add_argument('--json', action='store_true',
                    help='print JSON instead of a table')
     p.set_defaults(run=run)
@@ -75,7 +85,9 @@ def run(args):
             args.pif_pcap, args.vif_pcap, destination=args.destination,
             session=args.session, protocol=args.protocol, mode=args.mode,
             timeout_ms=args.timeout_ms, pif_name=args.pif_name,
-            vif_name=args.vif_name)
+            vif_name=args.vif_name,
+            tcp_ports=sources.parse_port_range(args.tcp_source_ports,
+                                               '--tcp-source-ports'))
     except (pcapfile.PcapError, analyze.AnalyzeError, ValueError) as exc:
         print(f'netweaver analyze: {exc}', file=sys.stderr)
         return 1

@@ -72,7 +72,9 @@ def look_alikes(session, planned, src, dst, rng_seq):
     wrong = (session + 1 + rng_seq % 0xfffe) % 0xffff + 1
     seq = rng_seq % max(1, planned)
     udp_port = probe.udp_source_port(session)
-    tcp_port = probe.tcp_source_port(session)
+    # TCP probes take their source ports from the plan (within
+    # probe.DEFAULT_TCP_SOURCE_PORTS): these are never a planned one.
+    tcp_port = probe.DEFAULT_TCP_SOURCE_PORTS[0] - 1 - rng_seq % 1000
     return [
         # Our MAGIC, another session.
         _ip(src, dst, _icmp(dpkt.icmp.ICMP_ECHO, wrong, seq), 1),
@@ -90,13 +92,17 @@ def look_alikes(session, planned, src, dst, rng_seq):
                                    ulen=8 + 32,
                                    data=_tag(session, UNPLANNED_SEQ + seq)
                                    + bytes(22)), 17),
-        # TCP SYN from our port, the sequence of another session.
+        # TCP SYN from an unplanned port, another session's ISN.
         _ip(src, dst, dpkt.tcp.TCP(sport=tcp_port, dport=9,
                                    seq=(wrong << 16) | seq,
                                    flags=dpkt.tcp.TH_SYN, win=512), 6),
-        # TCP SYN from our port, our session, unplanned number.
+        # TCP SYN from an unplanned port, our session, unplanned number.
         _ip(src, dst, dpkt.tcp.TCP(sport=tcp_port, dport=9,
                                    seq=(session << 16) | UNPLANNED_SEQ,
+                                   flags=dpkt.tcp.TH_SYN, win=512), 6),
+        # A planned probe's ISN from a port the plan did not give it.
+        _ip(src, dst, dpkt.tcp.TCP(sport=tcp_port, dport=9,
+                                   seq=(session << 16) | seq,
                                    flags=dpkt.tcp.TH_SYN, win=512), 6),
         # Plain traffic.
         _ip(src, dst, dpkt.udp.UDP(sport=40000 + seq % 1000, dport=5001,

@@ -33,7 +33,7 @@ def answered(proto, ingress_ns, turnaround_ns, egress_ns, session=4242,
     """
     pif, vif = [], []
     for seq, (ing, eg) in enumerate(zip(ingress_ns, egress_ns)):
-        f = tp.frame(proto, session, seq)
+        f = tp.frame(proto, session, tp.ident(proto, seq))
         t = T0 + seq * MS
         pif.append((t, f))
         if seq in lose:

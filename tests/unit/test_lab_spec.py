@@ -111,9 +111,10 @@ def test_read_records_ignores_a_partial_last_line(tmp_path):
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
 def test_packet_key_of_a_probe(proto):
-    data = probe.build_ip(proto, 4242, 17, socket.inet_aton('198.18.0.1'),
+    seq = probe.tcp_ident(40000, 17) if proto == 'tcp' else 17
+    data = probe.build_ip(proto, 4242, seq, socket.inet_aton('198.18.0.1'),
                           socket.inet_aton('198.18.0.10'))
-    assert delayer.packet_key(data) == probe.ProbeKey(4242, 17)
+    assert delayer.packet_key(data) == probe.ProbeKey(4242, seq)
     assert delayer.packet_key(b'\x45junk') is None
 
 

@@ -41,7 +41,7 @@ def key_of(frame):
 def probes(proto, n, session=SESSION, replies=False, first=0):
     out = []
     for seq in range(first, first + n):
-        f = tp.frame(proto, session, seq)
+        f = tp.frame(proto, session, tp.ident(proto, seq))
         out.append(f)
         if replies:
             out.append(tp.reply(f))
@@ -90,6 +90,8 @@ def frames(draw):
     proto = draw(st.sampled_from(probe.PROTOCOLS))
     session = draw(st.integers(0, 0xffff))
     seq = draw(st.integers(0, 0xffff if proto == 'tcp' else 0xffffffff))
+    if proto == 'tcp':
+        seq = probe.tcp_ident(draw(st.integers(1, 0xffff)), seq)
     f = tp.frame(proto, session, seq, size=draw(st.integers(20, 120)))
     if draw(st.booleans()):
         f = tp.reply(f, draw(st.sampled_from(['rst', 'synack'])))
@@ -392,7 +394,10 @@ def test_fingerprint_keys_foreign_traffic(tmp_path):
     records = [x for pair in zip(syns, rsts) for x in pair]
     path = write_pcap(tmp_path / 'h.pcap', records,
                       [T0 + i for i in range(60)])
-    assert pcapfile.read_pcap(path).probes == 0           # not our tags
+    # Not ours: no tag, and TCP from ports (hping3's 1024..) outside the
+    # range our TCP probes come from.
+    assert pcapfile.read_pcap(
+        path, tcp_ports=probe.DEFAULT_TCP_SOURCE_PORTS).probes == 0
     read = pcapfile.read_pcap(path, fingerprint=True, dst_ip='198.18.0.10')
     keys = list(read.batch.keys)
     assert read.probes == 60 and read.session == 0

@@ -15,6 +15,15 @@ MAC_A = bytes.fromhex('020000000001')
 MAC_B = bytes.fromhex('020000000002')
 
 
+# A TCP probe's own source port (see test_tcp_ports.py for the ports).
+PORT = 40000
+
+
+def ident(proto, n, port=PORT):
+    """The seq of probe ``n``: TCP probes carry their source port in it."""
+    return probe.tcp_ident(port, n) if proto == 'tcp' else n
+
+
 def frame(proto, session, seq, **kwargs):
     return probe.build_frame(proto, session, seq, SRC, DST, MAC_A, MAC_B,
                              **kwargs)
@@ -61,6 +70,7 @@ def reply(probe_frame, kind=None):
 sessions = st.integers(0, 0xffff)
 seqs = st.integers(0, 0xffffffff)
 tcp_seqs = st.integers(0, probe.TCP_SEQ_MASK)
+ports = st.integers(1, 0xffff)
 sizes = st.integers(20, 300)
 
 
@@ -73,18 +83,22 @@ def test_tagged_probe_and_reply_round_trip(proto, session, seq, size):
     assert probe.parse_key(f, session) == probe.ProbeKey(session, seq)
 
 
-@given(session=sessions, seq=tcp_seqs, kind=st.sampled_from(['rst', 'synack']))
-def test_tcp_probe_and_reply_round_trip(session, seq, kind):
-    f = frame('tcp', session, seq)
-    assert probe.parse_key(f) == probe.ProbeKey(session, seq)
-    assert probe.parse_key(reply(f, kind)) == probe.ProbeKey(session, seq,
-                                                             True)
+@given(session=sessions, seq=tcp_seqs, port=ports,
+       kind=st.sampled_from(['rst', 'synack']))
+def test_tcp_probe_and_reply_round_trip(session, seq, port, kind):
+    f = frame('tcp', session, probe.tcp_ident(port, seq))
+    key = probe.ProbeKey(session, probe.tcp_ident(port, seq))
+    assert probe.parse_key(f) == key
+    assert key.port == port
+    assert probe.parse_key(reply(f, kind)) == probe.ProbeKey(
+        session, key.seq, True)
 
 
 def test_tcp_seq_0xffff_wraps_ack_into_next_session_number():
     # ack = seq + 1 carries into the session half; parse undoes it.
-    f = frame('tcp', 0xffff, 0xffff)
-    assert probe.parse_key(reply(f)) == probe.ProbeKey(0xffff, 0xffff, True)
+    f = frame('tcp', 0xffff, ident('tcp', 0xffff))
+    assert probe.parse_key(reply(f)) == probe.ProbeKey(
+        0xffff, ident('tcp', 0xffff), True)
 
 
 @given(session=sessions, seq=seqs)
@@ -108,19 +122,23 @@ GOLDEN = {
 
 @pytest.mark.parametrize('proto', sorted(GOLDEN))
 def test_golden_bytes(proto):
-    raw = frame(proto, 1234, 7)
+    # TCP from port 0x84d2, the port older agents derived from session 1234.
+    raw = frame(proto, 1234, ident(proto, 7, port=0x84d2))
     assert raw.hex() == GOLDEN[proto]
     assert dpkt.in_cksum(raw[14:34]) == 0          # valid IP checksum
     if proto == 'icmp':
         assert dpkt.in_cksum(raw[34:]) == 0
-    assert probe.parse_key(raw) == probe.ProbeKey(1234, 7)
+    assert probe.parse_key(raw) == probe.ProbeKey(
+        1234, ident(proto, 7, port=0x84d2))
 
 
 def test_foreign_traffic_is_none():
     ping = dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo(
         id=1, seq=1, data=b'abcdefghijklmnopqrstuvwabcdefghi'))
+    # Any TCP SYN is keyed (its ISN is all there is to read); the plan,
+    # or offline the source port range, tells ours (test_tcp_ports.py).
     tcp = dpkt.tcp.TCP(sport=40000, dport=22, seq=123456789,
-                       flags=dpkt.tcp.TH_SYN)
+                       flags=dpkt.tcp.TH_ACK)
     udp = dpkt.udp.UDP(sport=5353, dport=5353, data=b'x' * 20)
     for l4, p in ((ping, 1), (tcp, 6), (udp, 17)):
         ip = dpkt.ip.IP(src=SRC, dst=DST, p=p, data=l4)
@@ -141,17 +159,21 @@ def test_magic_without_matching_identity_is_none():
     f = bytearray(frame('udp', 5, 9))
     f[34:36] = b'\x13\x88'
     assert probe.parse_key(bytes(f)) is None
-    # A SYN whose source port does not match the session in its seq.
-    f = bytearray(frame('tcp', 5, 9))
+    # A SYN with our ISN from another source port: another key.
+    f = bytearray(frame('tcp', 5, ident('tcp', 9)))
     f[34:36] = b'\x13\x88'
+    assert probe.parse_key(bytes(f)) == probe.ProbeKey(
+        5, probe.tcp_ident(0x1388, 9))
+    # ... and from port 0: nothing.
+    f[34:36] = b'\x00\x00'
     assert probe.parse_key(bytes(f)) is None
 
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
 def test_truncated_frames_are_none(proto):
-    f = frame(proto, 77, 3)
+    f = frame(proto, 77, ident(proto, 3))
     full = probe.parse_key(f)
-    assert full == probe.ProbeKey(77, 3)
+    assert full == probe.ProbeKey(77, ident(proto, 3))
     for cut in range(len(f)):
         key = probe.parse_key(f[:cut])
         # Either nothing, or (IP length ignored when cut) still the key.
@@ -163,11 +185,11 @@ def test_truncated_frames_are_none(proto):
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
 def test_wrong_session_is_none(proto):
-    f = frame(proto, 77, 3)
+    f = frame(proto, 77, ident(proto, 3))
     assert probe.parse_key(f, session=78) is None
     assert probe.parse_key(reply(f), session=78) is None
     assert probe.parse_key(reply(f), session=77) == \
-        probe.ProbeKey(77, 3, True)
+        probe.ProbeKey(77, ident(proto, 3), True)
 
 
 def test_vlan_tagged_frame():
@@ -182,6 +204,8 @@ def test_build_rejects_out_of_range():
     with pytest.raises(ValueError, match='32-bit'):
         frame('icmp', 1, 1 << 32)
     with pytest.raises(ValueError, match='65536 TCP probes'):
-        frame('tcp', 1, 0x10000)
+        probe.tcp_ident(PORT, 0x10000)
+    with pytest.raises(ValueError, match='source port of its own'):
+        frame('tcp', 1, 7)
     with pytest.raises(ValueError, match="unknown probe protocol 'sctp'"):
         frame('sctp', 1, 1)
