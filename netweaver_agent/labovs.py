@@ -48,8 +48,8 @@ Truth:
 * native: the userspace datapath never passes netfilter and the kernel
   has neither netem nor act_gact: exact loss by an OpenFlow drop on
   ``br-int`` of the probes the lab's source marks (every Nth probe to the
-  guest gets DSCP :data:`LOSS_DSCP`: :class:`MarkingSource`); no delay
-  truth.
+  guest gets a TTL of its own: :mod:`netweaver_agent.labmark`, and
+  :class:`MarkingFrameSource` for VLAN frames); no delay truth.
 """
 
 import os
@@ -59,17 +59,14 @@ from oslo_log import log
 
 from netweaver_agent import framesource
 from netweaver_agent import lablinuxbridge
+from netweaver_agent import labmark
 from netweaver_agent import labswitch
-from netweaver_agent import sources
 
 LOG = log.getLogger(__name__)
 
 # The OVS agent's local VLAN of the lab's one network.
 LOCAL_VLAN = 1
-# DSCP of a probe the OpenFlow loss rule drops (lab only).
-LOSS_DSCP = 0x2d
 LOSS_FLOW_PRIORITY = 200
-_IP_PROTOCOLS = {'icmp': (1, 58), 'udp': (17, 17), 'tcp': (6, 6)}
 _ETH_P_8021Q = (0x8100, 0x88a8)
 
 
@@ -354,13 +351,13 @@ class OvsNativeLayout(OvsLayout):
     an OpenFlow drop of marked probes, no delay truth."""
 
     name = 'ovs-native'
-    loss_truth = (f'OpenFlow drop on br-int of the probes the lab source '
-                  f'marks (every Nth to the guest, DSCP {LOSS_DSCP})')
+    loss_truth = ('OpenFlow drop on br-int of the probes the lab source '
+                  'marks (every Nth to the guest, by IP TTL)')
 
     def __init__(self, lab):
         super().__init__(lab)
-        # dst address -> MarkPlan; counters carry over windows.
-        self._marks = {}
+        # Shared by every source made: counts carry over windows.
+        self.marks = labmark.MarkTable()
 
     def int_port(self, guest):
         return guest.tap
@@ -381,24 +378,24 @@ class OvsNativeLayout(OvsLayout):
 
     def inject_loss(self, loss):
         g = self.lab.guests[loss.guest]
-        if any(p.guest == loss.guest for p in self._marks.values()):
-            raise labswitch.LabError(
-                f"lab {self.lab.prefix!r}: guest {loss.guest} already has a "
-                "loss")
-        flows = [f'table=0,priority={LOSS_FLOW_PRIORITY},ip,nw_dst='
-                 f'{g.address},ip_dscp={LOSS_DSCP},actions=drop']
-        addresses = [g.address]
-        if g.address6:
-            flows.append(f'table=0,priority={LOSS_FLOW_PRIORITY},ipv6,'
-                         f'ipv6_dst={g.address6},ip_dscp={LOSS_DSCP},'
-                         'actions=drop')
-            addresses.append(g.address6)
+        flows = []
+        for address, match in ((g.address, f'ip,nw_dst={g.address}'),
+                               (g.address6, f'ipv6,ipv6_dst={g.address6}')):
+            if not address:
+                continue
+            mark = labmark.Mark(dst_ip=address, every=loss.every,
+                                ttl=self.marks.free_ttl(),
+                                protocol=loss.protocol)
+            try:
+                self.marks.add(mark)
+            except ValueError as exc:
+                raise labswitch.LabError(
+                    f"lab {self.lab.prefix!r}: guest {loss.guest}: "
+                    f"{exc}") from exc
+            flows.append(f'table=0,priority={LOSS_FLOW_PRIORITY},{match},'
+                         f'nw_ttl={mark.ttl},actions=drop')
         for flow in flows:
             self.ovs.ofctl('add-flow', self.INT, flow)
-        for address in addresses:
-            self._marks[address] = MarkPlan(guest=loss.guest,
-                                            every=loss.every,
-                                            protocol=loss.protocol)
 
     def inject_delay(self, delay):
         raise labswitch.LabError(
@@ -408,65 +405,22 @@ class OvsNativeLayout(OvsLayout):
             "linuxbridge")
 
     def source(self):
+        """The layout's source, marking every Nth probe to a guest with
+        loss (its frames on a VLAN network)."""
         base = super().source()
-        if not self._marks:
+        if not self.marks.marks():
             return base
         if isinstance(base, framesource.FrameSource):
-            return MarkingFrameSource(self._marks, netns_name=base.netns_name,
-                                      ifname=base.ifname,
-                                      src_mac=_mac_text(base.src_mac),
-                                      macs={a: _mac_text(m)
-                                            for a, m in base.macs.items()},
-                                      vlan=base.vlan,
-                                      priority=base.priority)
-        return MarkingSource(self._marks, netns_name=base.netns_name)
+            return MarkingFrameSource(
+                self.marks, netns_name=base.netns_name, ifname=base.ifname,
+                src_mac=_mac_text(base.src_mac),
+                macs={a: _mac_text(m) for a, m in base.macs.items()},
+                vlan=base.vlan, priority=base.priority)
+        return labmark.MarkingSource(base.netns_name, self.marks)
 
 
 def _mac_text(raw):
     return ':'.join(f'{b:02x}' for b in raw)
-
-
-class MarkPlan:
-    """Mark every ``every``-th probe (of ``protocol``, None: any) sent to
-    one address; ``sent`` counts them across windows."""
-
-    __slots__ = ('guest', 'every', 'protocol', 'sent')
-
-    def __init__(self, guest, every, protocol=None):
-        self.guest = guest
-        self.every = every
-        self.protocol = protocol
-        self.sent = 0
-
-    def __repr__(self):
-        return (f'MarkPlan(guest={self.guest}, every={self.every}, '
-                f'protocol={self.protocol!r}, sent={self.sent})')
-
-
-def mark_dscp(packet, offset=0, dscp=LOSS_DSCP):
-    """``packet`` with the IP header at ``offset`` given DSCP ``dscp``
-    (IPv4: the header checksum recomputed)."""
-    data = bytearray(packet)
-    version = data[offset] >> 4
-    if version == 4:
-        data[offset + 1] = (dscp << 2) | (data[offset + 1] & 0x03)
-        ihl = (data[offset] & 0x0f) * 4
-        data[offset + 10:offset + 12] = b'\0\0'
-        total = 0
-        for (word,) in struct.iter_unpack('!H',
-                                          bytes(data[offset:offset + ihl])):
-            total += word
-        while total >> 16:
-            total = (total & 0xffff) + (total >> 16)
-        data[offset + 10:offset + 12] = struct.pack('!H', ~total & 0xffff)
-    elif version == 6:
-        tclass = (dscp << 2) | (((data[offset + 1] >> 4) & 0x03))
-        data[offset] = 0x60 | (tclass >> 4)
-        data[offset + 1] = ((tclass & 0x0f) << 4) | (data[offset + 1] & 0x0f)
-    else:
-        raise ValueError(f"not an IP packet at offset {offset} (version "
-                         f"{version})")
-    return bytes(data)
 
 
 def _ip_offset(frame):
@@ -477,38 +431,20 @@ def _ip_offset(frame):
     return offset + 2
 
 
-class _Marking:
-    """Marks every Nth probe per destination as it leaves (lab only)."""
+class MarkingFrameSource(framesource.FrameSource):
+    """Tagged probe frames (VLAN network), every Nth to a guest marked as
+    :class:`labmark.MarkingSource` marks its packets."""
 
-    def __init__(self, marks, **kwargs):
+    def __init__(self, table, **kwargs):
         super().__init__(**kwargs)
-        self.marks = marks
+        self.table = table
+        self._protocol = None
 
-    def _ip_start(self, data):
-        return 0
+    def send(self, plan, deadline_s):
+        self._protocol = plan.protocol
+        return super().send(plan, deadline_s)
 
     def _transmit(self, sock, dst, data):
-        plan = self.marks.get(dst)
-        if plan is not None:
-            offset = self._ip_start(data)
-            version = data[offset] >> 4
-            proto = data[offset + (9 if version == 4 else 6)]
-            wanted = (None if plan.protocol is None else
-                      _IP_PROTOCOLS[plan.protocol][0 if version == 4 else 1])
-            if wanted is None or proto == wanted:
-                plan.sent += 1
-                if plan.sent % plan.every == 0:
-                    data = mark_dscp(data, offset)
-        super()._transmit(sock, dst, data)
-
-
-class MarkingSource(_Marking, sources.LocalSource):
-    """The source namespace's stack, marking every Nth probe to a guest
-    with DSCP :data:`LOSS_DSCP` for the OpenFlow loss rule."""
-
-
-class MarkingFrameSource(_Marking, framesource.FrameSource):
-    """Tagged frames (VLAN network), marked like :class:`MarkingSource`."""
-
-    def _ip_start(self, data):
-        return _ip_offset(data)
+        offset = _ip_offset(data)
+        super()._transmit(sock, dst, data[:offset] + self.table.apply(
+            self._protocol, dst, data[offset:]))

@@ -414,11 +414,21 @@ class SwitchLayout:
         seen = self.hops(guest)
         return tuple(HopDevices(a, b) for a, b in zip(seen, seen[1:]))
 
+    def encap(self):
+        """The ``topology.Encapsulation`` carrying probes on the pif."""
+        kind = self.spec.network_type
+        port = {'vxlan': VXLAN_PORT, 'geneve': GENEVE_PORT}.get(kind)
+        return (topology.Encapsulation(kind=kind, port=port),) if port \
+            else ()
+
     def paths(self, ipv6=False):
-        """One ``topology.VifPath`` per guest: the truth of the layout."""
+        """One ``topology.VifPath`` per guest: the truth of the layout,
+        with the devices crossed unseen (``via``) and the tunnel."""
         return [topology.VifPath(vnic=g.tap,
                                  address=g.address6 if ipv6 else g.address,
-                                 interfaces=tuple(self.hops(g)), mac=g.mac)
+                                 interfaces=tuple(self.hops(g)), mac=g.mac,
+                                 via=tuple(h.unseen for h in self.unseen(g)),
+                                 encap=self.encap())
                 for g in self.lab.guests]
 
     def interface_xml(self, guest):

@@ -294,9 +294,10 @@ def snapshot_from_vsctl(outputs, source='ovs-vsctl'):
     return snapshot_from_rows(tables, source=source)
 
 
-def vsctl_argv(table, db=None):
-    """``ovs-vsctl`` argument list listing ``table``'s :data:`COLUMNS`."""
-    argv = ['ovs-vsctl']
+def vsctl_argv(table, db=None, timeout_s=10):
+    """``ovs-vsctl`` argument list listing ``table``'s :data:`COLUMNS`
+    (giving up after ``timeout_s`` if the database does not answer)."""
+    argv = ['ovs-vsctl', f'--timeout={max(1, int(timeout_s))}']
     if db:
         argv.append(f'--db={db}')
     return argv + ['--format=json', '--data=json',

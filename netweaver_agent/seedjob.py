@@ -27,9 +27,11 @@ from oslo_log import log
 
 from netweaver_agent import analyze
 from netweaver_agent import measure
+from netweaver_agent import ovsdb
 from netweaver_agent import probe
 from netweaver_agent import remote
 from netweaver_agent import sources
+from netweaver_agent import topology
 
 LOG = log.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class SeedJob:
     destination: str
     instance: str | None = None
     vif: str | None = None
-    interface: str = 'eth0'
+    interface: str | None = None     # None: found on the hypervisor
     vif_number: int = 0
     count: int = 100
     protocol: str = 'icmp'
@@ -202,6 +204,52 @@ def resolve_vif(host, instance, vif_number=0, libvirt_uri=None):
         f"{'; '.join(tried)}. Give the host device with --vif")
 
 
+def _vsctl_snapshot(host):
+    """An :class:`ovsdb.OvsSnapshot` from ``ovs-vsctl`` on ``host``."""
+    outputs = {}
+    for table in ovsdb.COLUMNS:
+        result = host.run(ovsdb.vsctl_argv(table), check=False)
+        err = result.stderr.decode('utf-8', 'replace')
+        if result.exit_status == 127 or 'No such file or directory' in err:
+            # Not installed, or no database socket: no Open vSwitch there.
+            raise ovsdb.OvsdbAbsent(f"ovs-vsctl on {host.name}: "
+                                    f"{_why(result)}")
+        if result.exit_status != 0:
+            raise ovsdb.OvsdbError(f"ovs-vsctl on {host.name}: "
+                                   f"{_why(result)}")
+        outputs[table] = result.text
+    return ovsdb.snapshot_from_vsctl(outputs,
+                                     source=f'ovs-vsctl on {host.name}')
+
+
+def discover_path(host, vif):
+    """The :class:`topology.SwitchPath` of ``vif`` on ``host``, pif first.
+
+    The agent's rules (:func:`topology.find_path`) on what ``ip -j link``,
+    ``ip -j addr`` and, for a vif on Open vSwitch, ``ovs-vsctl --format
+    json list`` print there: a Linux bridge's one non-vif port, or the
+    switch's uplink or tunnel underlay.  Argument lists only.
+    """
+    links = topology.IpLinks(
+        text=host.run(['ip', '-j', 'link', 'show']).text, where=host.name)
+    view = topology.SwitchView(
+        lambda: _vsctl_snapshot(host),
+        lambda: topology.parse_addresses(
+            host.run(['ip', '-j', 'addr', 'show']).text, host.name),
+        where=f'ovs-vsctl on {host.name}')
+    try:
+        found = topology.find_path(vif, links, view)
+    except topology.TopologyError as exc:
+        raise SeedJobError(
+            f"cannot find the pif of {vif} on {host.name}: {exc} (give it "
+            "with --interface)") from exc
+    LOG.info('%(vif)s on %(hv)s: path %(path)s, crossing unseen %(via)s',
+             {'vif': vif, 'hv': host.name, 'path': ' > '.join(
+                 found.interfaces),
+              'via': ', '.join(d for hop in found.via for d in hop) or '-'})
+    return found
+
+
 def capture_filter(source_ip, destination):
     """tcpdump filter: traffic between the two (validated) addresses."""
     s = str(ipaddress.IPv4Address(source_ip))
@@ -255,16 +303,18 @@ class Runner:
         try:
             vif = job.vif or resolve_vif(hv, job.instance, job.vif_number,
                                          job.libvirt_uri)
+            pif = job.interface or discover_path(hv, vif).pif
             source_ip = src.route_source(job.destination)
             LOG.info('Measuring %(dst)s from %(src)s (%(sip)s): captures on '
                      '%(pif)s and %(vif)s of %(hv)s',
                      {'dst': job.destination, 'src': src.name,
-                      'sip': source_ip, 'pif': job.interface, 'vif': vif,
+                      'sip': source_ip, 'pif': pif, 'vif': vif,
                       'hv': hv.name})
             pif_pcap = os.path.join(workdir, 'pif.pcap')
             vif_pcap = os.path.join(workdir, 'vif.pcap')
             session, sent, output = self._capture_and_send(
-                hv, src, src_source, vif, source_ip, pif_pcap, vif_pcap)
+                hv, src, src_source, pif, vif, source_ip, pif_pcap,
+                vif_pcap)
         finally:
             hv.close()
             src.close()
@@ -272,13 +322,13 @@ class Runner:
             pif_pcap, vif_pcap, destination=job.destination, session=session,
             protocol=job.protocol if session is not None else None,
             mode='probe' if session is not None else 'auto',
-            pif_name=job.interface, vif_name=vif)
-        return SeedResult(job=job, pif=job.interface, vif=vif,
+            pif_name=pif, vif_name=vif)
+        return SeedResult(job=job, pif=pif, vif=vif,
                           source_ip=source_ip, session=session, send=sent,
                           source_output=output, pif_pcap=pif_pcap,
                           vif_pcap=vif_pcap, analysis=result)
 
-    def _capture_and_send(self, hv, src, src_source, vif, source_ip,
+    def _capture_and_send(self, hv, src, src_source, pif, vif, source_ip,
                           pif_pcap, vif_pcap):
         job = self.job
         bpf = capture_filter(source_ip, job.destination)
@@ -287,7 +337,7 @@ class Runner:
         with hv.tempdir() as tmp:
             procs = []
             try:
-                for iface, name in ((job.interface, 'pif'), (vif, 'vif')):
+                for iface, name in ((pif, 'pif'), (vif, 'vif')):
                     # Outlives the sender's deadline by the settle time
                     # and a margin; stopped earlier by SIGINT.
                     procs.append(hv.start(capture_argv(

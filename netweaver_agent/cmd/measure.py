@@ -40,9 +40,11 @@ def add_parser(subparsers):
     which.add_argument('--vif', metavar='DEV',
                        help='the instance\'s host device (e.g. vif3.0, '
                             'tap…), instead of --instance')
-    p.add_argument('--interface', '-i', default='eth0', metavar='DEV',
-                   help='the hypervisor\'s physical interface '
-                        '(default: %(default)s)')
+    p.add_argument('--interface', '-i', metavar='DEV',
+                   help='the hypervisor\'s physical interface (pif; '
+                        'default: found there, as the agent does: the '
+                        'vif\'s Linux bridge\'s other port, or from '
+                        'ovs-vsctl on Open vSwitch)')
     p.add_argument('--vif-number', '--num', type=int, default=0,
                    metavar='N', help='which vNIC of the instance: x in '
                                      'vif<domid>.x (default: %(default)s)')
@@ -101,7 +103,7 @@ def job_from_args(args):
     return seedjob.SeedJob(
         hypervisor=args.hypervisor, source=args.source,
         destination=args.destination, instance=args.instance, vif=args.vif,
-        interface=args.interface, vif_number=args.vif_number,
+        interface=args.interface or None, vif_number=args.vif_number,
         count=args.count, protocol=args.protocol,
         interval_ms=args.interval_ms, source_command=args.source_command,
         username=args.user, hypervisor_port=args.hypervisor_port,

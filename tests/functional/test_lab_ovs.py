@@ -24,6 +24,7 @@ from netweaver_agent import capture
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labswitch
 from netweaver_agent import measure
+from netweaver_agent import netns
 from tests.functional import conftest
 from tests.functional.test_lab import assert_gone
 from tests.functional.test_lab import lab_namespaces
@@ -117,7 +118,33 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
     if hybrid:
         assert any(d.startswith('qbr') for d in unseen)
     assert not seen_names & set(unseen)
+    # Each hop's unseen devices are what the switch really holds there.
+    ovs = the_lab.layout.ovs
+    links = {d['ifname']: d for d in json.loads(netns.run(
+        ['ip', '-j', 'link', 'show'], netns=the_lab.hv_netns).stdout)}
+    port_names = set(ovs.vsctl('--bare', '--columns=name', 'list',
+                               'Port').split())
+    for path, g in zip(the_lab.paths(), the_lab.guests):
+        assert len(path.via) == len(path.interfaces) - 1
+        first = path.via[0]
+        assert first[0] == ovs.vsctl('port-to-br', the_lab.pif).strip()
+        assert first[-1] == ovs.vsctl('port-to-br', path.interfaces[1]
+                                      if hybrid else g.tap).strip()
+        assert set(first) <= port_names | set(ovs.vsctl('list-br').split())
+        if hybrid:
+            assert path.via[1:] == ((), (links[g.tap]['master'],))
+            assert links[path.interfaces[2]]['master'] == \
+                links[g.tap]['master']
+        if network_type == 'vxlan':
+            tunnels = [p for p in first
+                       if ovs.interface(p)['type'] == 'vxlan']
+            assert len(tunnels) == 1
+            opts = dict(ovs.interface(tunnels[0])['options'][1])
+            assert path.encap_port('vxlan') == int(opts['dst_port'])
+        else:
+            assert path.encap == ()
     # Nova/os-vif's external_ids on the br-int port.
+    g = the_lab.guests[0]
     port = the_lab.paths()[0].interfaces[1 if hybrid else -1]
     ids = dict(the_lab.layout.ovs.interface(port)['external_ids'][1])
     assert ids == {'iface-id': g.port_id, 'attached-mac': g.mac,

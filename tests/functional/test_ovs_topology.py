@@ -31,6 +31,8 @@ from netweaver_agent import labvirt
 from netweaver_agent import opts
 from netweaver_agent import ovsdb
 from netweaver_agent import pollsters
+from netweaver_agent import remote
+from netweaver_agent import seedjob
 from netweaver_agent import topology
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
@@ -52,6 +54,7 @@ class OvsHost:
         self.log = os.path.join(self.dir, 'ovsdb-server.log')
         self.tcp_port = None
         self.namespaces = []
+        self.procs = []
 
     @property
     def unix(self):
@@ -130,8 +133,63 @@ class OvsHost:
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
 
+    def start_sshd(self):
+        """An sshd inside the namespace on 127.0.0.1:2222 whose sessions
+        find this host's database as ovs-vsctl's default (OVS_RUNDIR);
+        returns :class:`remote.SSHOptions` to reach it."""
+        key = os.path.join(self.dir, 'client_key')
+        host_key = os.path.join(self.dir, 'host_key')
+        for path in (key, host_key):
+            self.run('ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C',
+                     'netweaver-test', '-f', path)
+        shutil.copy(key + '.pub', os.path.join(self.dir, 'authorized_keys'))
+        with open(host_key + '.pub', encoding='utf-8') as f:
+            kind, blob = f.read().split()[:2]
+        known_hosts = os.path.join(self.dir, 'known_hosts')
+        with open(known_hosts, 'w', encoding='utf-8') as f:
+            f.write(f'[127.0.0.1]:2222 {kind} {blob}\n')
+        conf = os.path.join(self.dir, 'sshd.conf')
+        with open(conf, 'w', encoding='utf-8') as f:
+            f.write('\n'.join([
+                'Port 2222', 'ListenAddress 127.0.0.1',
+                f'HostKey {host_key}',
+                f'AuthorizedKeysFile {self.dir}/authorized_keys',
+                f'PidFile {self.dir}/sshd.pid', 'UsePAM no',
+                'StrictModes no', 'PermitRootLogin prohibit-password',
+                'PasswordAuthentication no',
+                'KbdInteractiveAuthentication no',
+                f'SetEnv OVS_RUNDIR={self.dir}']) + '\n')
+        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)
+        log_path = os.path.join(self.dir, 'sshd.log')
+        with open(log_path, 'wb') as log_file:
+            self.procs.append(subprocess.Popen(
+                ['ip', 'netns', 'exec', self.ns, '/usr/sbin/sshd', '-D',
+                 '-e', '-f', conf], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log_file))
+        deadline = time.monotonic() + 10
+        while True:
+            with open(log_path, 'rb') as f:
+                text = f.read().decode(errors='replace')
+            if 'Server listening' in text:
+                break
+            if time.monotonic() > deadline or self.procs[-1].poll() is not \
+                    None:
+                pytest.fail(f'sshd in {self.ns} did not start: {text}')
+            time.sleep(0.05)
+        return remote.SSHOptions(key_file=key, known_hosts_file=known_hosts,
+                                 connect_timeout_s=5.0,
+                                 command_timeout_s=30.0)
+
     def close(self):
         errors = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
         self.stop_server()
         for ns in reversed(self.namespaces):
             proc = subprocess.run(['ip', 'netns', 'del', ns],
@@ -457,3 +515,38 @@ def test_snapshot_over_unix_and_tcp_agree(host):
     assert (qvo.iface_id, qvo.attached_mac, qvo.vm_uuid) == (
         'port-1', 'fa:16:3e:00:00:01', 'vm-1')
     assert by_unix.port_of('qvo1').tag == 1
+
+
+# --- netweaver measure: ovs-vsctl over SSH ---------------------------------
+
+def test_measure_finds_the_pif_with_ovs_vsctl_over_ssh(host):
+    h = host()
+    h.provider()
+    h.hybrid(1)
+    h.native(2)
+    h.linux_bridge(5, 'eth5')
+    h.pif('eth2', address='198.18.7.1')
+    h.bridge('br-tun')
+    h.patch('br-int', 'patch-tun', 'br-tun', 'patch-int')
+    h.vsctl('add-port', 'br-tun', 'vxlan-1', '--', 'set', 'Interface',
+            'vxlan-1', 'type=vxlan', 'options:local_ip=198.18.7.1',
+            'options:remote_ip=198.18.7.2')
+    # Neutron's OVS agent records each port's network type.
+    h.vsctl('set', 'Port', 'qvo1', 'other_config:network_type=flat')
+    h.vsctl('set', 'Port', 'tap2', 'other_config:network_type=vxlan')
+    options = h.start_sshd()
+    with remote.RemoteHost('127.0.0.1', 2222, 'root', options,
+                           netns_name=h.ns) as hv:
+        hybrid = seedjob.discover_path(hv, 'tap1')
+        tunnel = seedjob.discover_path(hv, 'tap2')
+        bridged = seedjob.discover_path(hv, 'tap5')
+        h.stop_server()
+        with pytest.raises(seedjob.SeedJobError) as err:
+            seedjob.discover_path(hv, 'tap2')
+    assert hybrid.interfaces == ('eth1', 'qvo1', 'qvb1', 'tap1')
+    assert hybrid.via == (TO_BR_INT, (), ('qbr1',))
+    assert tunnel.interfaces == ('eth2', 'tap2')
+    assert tunnel.encap == (topology.Encapsulation('vxlan', 4789),)
+    assert bridged.interfaces == ('eth5', 'tap5')
+    assert 'tap2' in str(err.value) and '--interface' in str(err.value)
+    assert "ovs-vsctl on root@127.0.0.1:2222" in str(err.value)
