@@ -11,6 +11,8 @@ import math
 
 from oslo_config import cfg
 
+from netweaver_agent import probe
+
 GROUP = 'netweaver'
 
 PROTOCOLS = ('icmp', 'udp', 'tcp')
@@ -52,6 +54,24 @@ OPTS = [
                 help='Destination port of UDP and TCP probes. Unset: 33434 '
                      'for UDP (traceroute\'s, usually closed: the guest '
                      'answers port unreachable), 9 for TCP (discard).'),
+    cfg.StrOpt('tcp_source_ports',
+               default='{}-{}'.format(probe.DEFAULT_TCP_SOURCE_PORTS[0],
+                                      probe.DEFAULT_TCP_SOURCE_PORTS[-1]),
+               regex=r'^\s*\d{1,5}\s*-\s*\d{1,5}\s*$',
+               help='Source ports of TCP probes, as FIRST-LAST (both '
+                    'included). Every TCP probe has a connection (5-tuple) '
+                    'of its own: each instance address walks this range, '
+                    'across polling cycles, so a port comes back for the '
+                    "same address only after the whole range and stateful "
+                    'firewalls on the way (conntrack, OVN ACLs, security '
+                    'groups) never see a SYN repeated on one connection. '
+                    'With probe_protocol = tcp the agent refuses to start '
+                    'when probe_count probes per cycle would reuse a port '
+                    'within 120 s (conntrack\'s SYN_SENT timeout), i.e. '
+                    'when probe_count x ceil(120 / polling interval) '
+                    'exceeds the size of this range; the polling interval '
+                    "is read from polling.yaml ([polling] cfg_file) for "
+                    'these meters.'),
     cfg.IntOpt('probe_count',
                default=20, min=1, max=10000,
                help='Probes sent to each vNIC in one polling cycle.'),

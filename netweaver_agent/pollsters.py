@@ -166,6 +166,86 @@ def _source(conf):
     return source
 
 
+class TcpPortsError(ValueError):
+    """TCP probes would reuse a source port within the SYN_SENT timeout."""
+
+
+def meter_names():
+    """The names of this module's meters (what polling.yaml lists)."""
+    found, todo = set(), [VifLatencyBase]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if 'sample_name' in vars(cls):
+            found.add(cls.sample_name)
+    return found
+
+
+def polling_intervals(conf):
+    """The polling intervals (s) of the polling.yaml sources with our meters.
+
+    Ceilometer 27 tells a pollster nothing of its interval: the agent
+    loads the pollsters, then reads polling.yaml ([polling] cfg_file) with
+    ``PollingManager`` and runs one polling task per distinct interval.
+    This reads the same file with the same class.  When it cannot be read,
+    the most conservative interval Ceilometer accepts (1 s) is assumed.
+    """
+    from ceilometer.polling import manager
+    try:
+        polling = manager.PollingManager(conf)
+    except Exception as exc:
+        error = exc
+    else:
+        error = None
+    if error is not None:
+        LOG.warning('Cannot read the polling intervals from %(file)s '
+                    '(%(err)s): assuming 1 s, the shortest Ceilometer '
+                    'accepts', {'file': conf.polling.cfg_file, 'err': error})
+        return (1,)
+    ours = meter_names()
+    return tuple(sorted({src.get_interval() for src in polling.sources
+                         if any(src.support_meter(m) for m in ours)}))
+
+
+def check_tcp_ports(conf, intervals=None):
+    """``[netweaver] tcp_source_ports`` as a range, checked for the window.
+
+    With ``probe_protocol = tcp``, raises :class:`TcpPortsError` when one
+    vNIC's probes within conntrack's SYN_SENT timeout (probe_count per
+    window, one window per polling cycle of each interval) need more
+    source ports than the range holds: ports would come back while the
+    firewalls on the way still track them.
+
+    :param intervals: polling intervals in seconds (None: read them,
+        :func:`polling_intervals`)
+    """
+    group = conf[opts.GROUP]
+    name = f'[{opts.GROUP}] tcp_source_ports'
+    try:
+        ports = sources.parse_port_range(group.tcp_source_ports, name)
+    except ValueError as exc:
+        raise TcpPortsError(str(exc)) from None
+    if group.probe_protocol != 'tcp':
+        return ports
+    if intervals is None:
+        intervals = polling_intervals(conf)
+    needed = sources.tcp_ports_needed(group.probe_count, intervals)
+    if needed > len(ports):
+        every = ', '.join(f'{i} s' for i in sorted(set(intervals)))
+        raise TcpPortsError(
+            f"[{opts.GROUP}] probe_protocol = tcp: each TCP probe needs a "
+            f"source port that no other probe to the same vNIC uses within "
+            f"{sources.SYN_SENT_TIMEOUT_S} s (conntrack's SYN_SENT "
+            f"timeout), but [{opts.GROUP}] probe_count = "
+            f"{group.probe_count} per polling cycle (polling interval "
+            f"{every} for these meters in {conf.polling.cfg_file}) needs "
+            f"{needed} ports within {sources.SYN_SENT_TIMEOUT_S} s and "
+            f"{name} = {group.tcp_source_ports} holds {len(ports)}. "
+            f"Lower probe_count, widen tcp_source_ports, lengthen the "
+            f"polling interval, or use probe_protocol icmp or udp")
+    return ports
+
+
 def window_settings(conf):
     """:class:`measure.WindowSettings` from ``[netweaver]``."""
     group = conf[opts.GROUP]
@@ -202,6 +282,14 @@ class Prober:
         self.conf = conf
         group = conf[opts.GROUP]
         self.group = group
+        try:
+            ports = check_tcp_ports(conf)
+        except TcpPortsError as exc:
+            # Ceilometer logs a pollster that fails to load at DEBUG only.
+            LOG.error('netweaver latency meters not loaded: %s', exc)
+            raise
+        # The process's cursor walks the configured range, across windows.
+        self.tcp_ports = sources.tcp_port_cursor(ports)
         self.settings = window_settings(conf)
         self.resolver = topology.load_resolver(group.vif_resolver)
         self.source = _source(conf)

@@ -18,6 +18,7 @@ its hypervisor's pif and vif, fetch both pcaps, analyse them.
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import shlex
@@ -44,6 +45,9 @@ _IFNAME_RE = re.compile(r'^[A-Za-z0-9_.:@-]{1,15}$')
 CAPTURE_MARGIN = 64
 CAPTURE_BUFFER_KIB = 4096
 SNAPLEN = 256
+# What the operator's source command (e.g. hping3, a line per packet) may
+# print; it is kept for the report.
+SOURCE_OUTPUT_BYTES = 16 << 20
 
 
 class SeedJobError(RuntimeError):
@@ -74,11 +78,15 @@ class SeedJob:
 
     def __post_init__(self):
         try:
-            ipaddress.IPv4Address(self.destination)
+            ipaddress.ip_address(self.destination)
         except ValueError as exc:
             raise ValueError(
-                f"destination {self.destination!r} is not an IPv4 "
+                f"destination {self.destination!r} is not an IPv4 or IPv6 "
                 "address") from exc
+        for name in ('interval_ms', 'capture_timeout_s', 'settle_s'):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} {value!r} is not a finite number")
         if (self.instance is None) == (self.vif is None):
             raise ValueError("give exactly one of an instance name or a vif")
         for name in ('interface', 'vif'):
@@ -180,15 +188,18 @@ def resolve_vif(host, instance, vif_number=0, libvirt_uri=None):
     xe = host.run(['xe', 'vm-list', f'name-label={instance}',
                    'params=dom-id', '--minimal'], check=False)
     if xe.exit_status == 0:
-        domid = xe.text.strip()
-        if not domid:
+        text = xe.text.strip()
+        domid = remote.parse_uint(text)
+        if not text:
             tried.append(f'xe: no VM named {instance!r}')
-        elif not domid.isdigit():
+        elif domid is None:
+            shown = text if len(text) <= 40 else f'{text[:40]}... ' \
+                f'({len(text)} characters)'
             raise SeedJobError(
-                f"xe on {host.name}: VM {instance!r} has dom-id {domid!r} "
+                f"xe on {host.name}: VM {instance!r} has dom-id {shown!r} "
                 "(not running, or more than one VM of that name)")
         else:
-            return f'vif{int(domid)}.{vif_number}'
+            return f'vif{domid}.{vif_number}'
     else:
         tried.append(f'xe: {_why(xe)}')
     argv = ['virsh']
@@ -251,9 +262,12 @@ def discover_path(host, vif):
 
 
 def capture_filter(source_ip, destination):
-    """tcpdump filter: traffic between the two (validated) addresses."""
-    s = str(ipaddress.IPv4Address(source_ip))
-    d = str(ipaddress.IPv4Address(destination))
+    """tcpdump filter: traffic between the two (validated) addresses, both
+    IPv4 or both IPv6."""
+    s, d = ipaddress.ip_address(source_ip), ipaddress.ip_address(destination)
+    if s.version != d.version:
+        raise ValueError(f"source {s} and destination {d} are not of one "
+                         "IP version")
     return (f'(src host {s} and dst host {d}) or '
             f'(src host {d} and dst host {s})')
 
@@ -385,7 +399,8 @@ class Runner:
         if plan is None:
             argv = source_argv(job.source_command, job.count,
                                job.destination, source_ip)
-            result = src.run(argv, timeout_s=job.capture_timeout_s)
+            result = src.run(argv, timeout_s=job.capture_timeout_s,
+                             max_output=SOURCE_OUTPUT_BYTES)
             return None, None, result.text + result.stderr.decode(
                 'utf-8', 'replace')
         deadline = time.monotonic() + job.capture_timeout_s

@@ -32,7 +32,7 @@ def add_parser(subparsers):
     p.add_argument('--source', '-s', required=True, metavar='HOST',
                    help='the host that sends (the seed\'s source VM)')
     p.add_argument('--destination', '-d', required=True, metavar='IP',
-                   help='the instance\'s IPv4 address')
+                   help='the instance\'s IPv4 or IPv6 address')
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--instance', '-n', metavar='NAME',
                        help='instance name on the hypervisor (XenServer '
@@ -81,6 +81,10 @@ def add_parser(subparsers):
     p.add_argument('--command-timeout', type=float, default=60.0,
                    metavar='S', help='remote command timeout (default: '
                                      '%(default)s s)')
+    p.add_argument('--max-capture-mb', type=int,
+                   default=remote.DEFAULT_MAX_CAPTURE_MB, metavar='MB',
+                   help='refuse a fetched capture larger than this (MiB; '
+                        'default: %(default)s)')
     p.add_argument('--capture-timeout', type=float, default=60.0,
                    metavar='S', help='longest the sending may take '
                                      '(default: %(default)s s)')
@@ -116,7 +120,8 @@ def options_from_args(args):
         key_file=args.key, known_hosts_file=args.known_hosts,
         accept_new_host_key=args.accept_new_host_key,
         connect_timeout_s=args.connect_timeout,
-        command_timeout_s=args.command_timeout)
+        command_timeout_s=args.command_timeout,
+        max_capture_mb=args.max_capture_mb)
 
 
 def result_to_dict(result):

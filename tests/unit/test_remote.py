@@ -6,6 +6,7 @@ are in tests/functional/test_ssh.py.
 
 import os
 import shlex
+import socket
 import struct
 import subprocess
 
@@ -135,17 +136,148 @@ class TestSenderInput(testtools.TestCase):
 
     def test_encode_plan_records(self):
         data = remote.encode_plan([(0, '198.18.0.10', b'\x45abc'),
-                                   (1500, '198.18.0.11', b'\x45')])
-        head = struct.Struct('!QH4s')
-        off, n, dst = head.unpack_from(data, 0)
-        self.assertEqual((0, 4, bytes([198, 18, 0, 10])), (off, n, dst))
+                                   (1500, '2001:2::b', b'\x60')])
+        head = struct.Struct('!QHB16s')
+        off, n, version, dst = head.unpack_from(data, 0)
+        self.assertEqual((0, 4, 4, bytes([198, 18, 0, 10]) + bytes(12)),
+                         (off, n, version, dst))
         self.assertEqual(b'\x45abc', data[head.size:head.size + 4])
-        off, n, dst = head.unpack_from(data, head.size + 4)
-        self.assertEqual((1500, 1, bytes([198, 18, 0, 11])), (off, n, dst))
+        off, n, version, dst = head.unpack_from(data, head.size + 4)
+        v6 = socket.inet_pton(socket.AF_INET6, '2001:2::b')
+        self.assertEqual((1500, 1, 6, v6), (off, n, version, dst))
         self.assertEqual(2 * head.size + 5, len(data))
+
+    def test_encode_plan_refuses_a_non_address(self):
+        self.assertRaises(ValueError, remote.encode_plan,
+                          [(0, '198.18.0.300', b'\x45')])
 
     def test_sender_script_compiles(self):
         compile(remote.SENDER, '<sender>', 'exec')
+
+    def _sender(self, stdin, *argv):
+        """The real sender script, run here by python3 (nothing sent: the
+        inputs below stop it before any socket opens)."""
+        return subprocess.run(['python3', '-c', remote.SENDER, *argv],
+                              input=stdin, capture_output=True, timeout=30)
+
+    def test_sender_refuses_a_non_finite_or_huge_budget(self):
+        for budget in ('nan', 'inf', '-1', '1e9'):
+            proc = self._sender(b'', '10', budget)
+            self.assertNotEqual(0, proc.returncode, budget)
+            self.assertIn(b'bad time budget', proc.stderr)
+
+    def test_sender_refuses_bad_records(self):
+        good = remote.encode_plan([(0, '2001:2::b', b'\x60' * 40)])
+        proc = self._sender(good[:-1], '1', '1.0')       # cut packet
+        self.assertIn(b'truncated packet', proc.stderr)
+        bad = bytearray(good)
+        bad[10] = 5                                      # IP version 5
+        proc = self._sender(bytes(bad), '1', '1.0')
+        self.assertIn(b'bad IP version 5', proc.stderr)
+        proc = self._sender(good * 2, '1', '1.0')        # over the limit
+        self.assertIn(b'more than 1 packets', proc.stderr)
+
+    def test_sender_with_nothing_to_send_answers_its_json(self):
+        proc = self._sender(b'', '0', '1.0')
+        self.assertEqual(0, proc.returncode, proc.stderr)
+        result, left = remote.parse_sender_output(proc.stdout, 0)
+        self.assertEqual((remote.sources.SendResult(sent=0), 0),
+                         (result, left))
+
+
+class TestSenderOutput(testtools.TestCase):
+
+    def test_what_the_sender_prints(self):
+        out = b'{"sent": 7, "failed": 1, "errors": ["x: boom"], "left": 2}'
+        result, left = remote.parse_sender_output(out, 10)
+        self.assertEqual(7, result.sent)
+        self.assertEqual(1, result.failed)
+        self.assertEqual(('x: boom',), result.errors)
+        self.assertEqual(2, left)
+
+    def test_anything_else_is_refused(self):
+        for out in (b'[]', b'{"sent": 1}', b'"x"', b'[' * 5000,
+                    b'{"sent": 99999999999, "failed": 0, "errors": [], '
+                    b'"left": 0}',
+                    b'{"sent": -1, "failed": 1, "errors": [], "left": 0}',
+                    b'{"sent": 1.5, "failed": 0, "errors": [], "left": 0}',
+                    b'{"sent": 1, "failed": 0, "errors": {}, "left": 0}',
+                    b'{"sent": 1, "failed": 0, "errors": [1], "left": 0}',
+                    b'{"sent": 0, "failed": 0, "errors": [], "left": 0}',
+                    b'{"sent": 1, "failed": 0, "errors": ["' +
+                    b'e' * 1000 + b'"], "left": 0}'):
+            self.assertRaises(ValueError, remote.parse_sender_output, out,
+                              1)
+
+
+class TestParseUint(testtools.TestCase):
+
+    def test_small_numbers(self):
+        self.assertEqual(7, remote.parse_uint('7\n'))
+        self.assertEqual(4294967295, remote.parse_uint(b' 4294967295 '))
+        self.assertEqual(0, remote.parse_uint('0'))
+
+    def test_refused(self):
+        for text in ('', ' ', '-1', '+1', '1.0', '0x10', '\u00b2', '\u0663',
+                     '1 2', '9' * 11, '9' * 1_000_000):
+            self.assertIsNone(remote.parse_uint(text), text[:20])
+
+
+class FakeChannel:
+    """A channel with a stream of ``total`` bytes ready on stdout (a faked
+    boundary: the real server is in tests/functional/test_ssh_limits.py).
+    Records the sizes asked for."""
+
+    def __init__(self, total):
+        self.left = total
+        self.asked = []
+
+    def recv_ready(self):
+        return self.left > 0
+
+    def recv_stderr_ready(self):
+        return False
+
+    def recv_stderr(self, n):
+        raise AssertionError('nothing is ready on stderr')
+
+    def recv(self, n):
+        self.asked.append(n)
+        n = min(n, self.left)
+        self.left -= n
+        return b'7' * n
+
+
+class TestOutputCap(testtools.TestCase):
+
+    def read_all(self, total, cap):
+        io = remote._Output('root@hv', ('xe', 'vm-list'), cap)
+        ch = FakeChannel(total)
+        while ch.recv_ready():
+            io.read_ready(ch)
+        return io, ch
+
+    def test_exactly_the_cap_is_fine(self):
+        io, ch = self.read_all(1000, 1000)
+        self.assertEqual(1000, len(io.out))
+
+    def test_past_the_cap_stops_there(self):
+        err = self.assertRaises(remote.OutputTooLarge, self.read_all,
+                                10 ** 9, 1000)
+        self.assertIn('root@hv', str(err))
+        self.assertIn("'xe vm-list'", str(err))
+        self.assertIn('more than 1000 bytes', str(err))
+
+    def test_never_asks_for_more_than_the_cap_leaves(self):
+        io = remote._Output('h', ('c',), 100_000)
+        ch = FakeChannel(10 ** 9)
+        try:
+            while True:
+                io.read_ready(ch)
+        except remote.OutputTooLarge:
+            pass
+        self.assertLessEqual(sum(ch.asked), 100_001)
+        self.assertLessEqual(len(io.out), 100_000)
 
 
 class FakeHost:
@@ -260,3 +392,86 @@ class TestSeedJob(testtools.TestCase):
         for flag in ('--time-stamp-precision=nano', '-Z', '-c', '-w'):
             self.assertIn(flag, argv)
         self.assertEqual(bpf, argv[-1])
+
+
+class TestLimitsAndIPv6(testtools.TestCase):
+    """Options that can never be safe, remote numbers, IPv6 jobs."""
+
+    def test_options_refuse_non_finite_and_accept_new_without_file(self):
+        for name in ('connect_timeout_s', 'command_timeout_s',
+                     'max_capture_mb'):
+            for bad in (float('nan'), float('inf'), 0, -1):
+                err = self.assertRaises(ValueError, remote.SSHOptions,
+                                        **{name: bad})
+                self.assertIn(name, str(err))
+        for empty in ('', None):
+            err = self.assertRaises(ValueError, remote.SSHOptions,
+                                    known_hosts_file=empty,
+                                    accept_new_host_key=True)
+            self.assertIn('known_hosts', str(err))
+        remote.SSHOptions(known_hosts_file='', accept_new_host_key=False)
+
+    def test_max_capture_mb_from_the_config(self):
+        from netweaver_agent import opts
+        conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
+        opts.register_opts(conf.conf)
+        self.assertEqual(remote.SSHOptions().max_capture_mb,
+                         remote.SSHOptions.from_conf(conf.conf)
+                         .max_capture_mb)
+        conf.config(group='netweaver', max_capture_mb=3)
+        got = remote.SSHOptions.from_conf(conf.conf)
+        self.assertEqual(3 << 20, got.max_capture_bytes)
+
+    def test_connect_fails_closed_before_any_socket(self):
+        # Built past the dataclass check: connect() refuses by itself.
+        opts = remote.SSHOptions()
+        object.__setattr__(opts, 'known_hosts_file', '')
+        object.__setattr__(opts, 'accept_new_host_key', True)
+        host = remote.RemoteHost('198.18.0.1', 2222, options=opts)
+        host._socket = lambda: self.fail('connected anyway')
+        err = self.assertRaises(remote.HostKeyError, host.connect)
+        self.assertIn('known_hosts', str(err))
+        self.assertIn('198.18.0.1', str(err))
+
+    def test_ipv6_host_names_are_bracketed_with_a_port(self):
+        self.assertEqual('root@[2001:2::1]:2222',
+                         remote.RemoteHost('2001:2::1', 2222).name)
+        self.assertEqual('root@2001:2::1',
+                         remote.RemoteHost('2001:2::1').name)
+
+    def test_huge_or_odd_dom_ids_are_a_clear_error(self):
+        for domid in ('9' * 100_000, '\u0663', '12 13', '-1'):
+            host = FakeHost({'xe': (0, domid + '\n', '')})
+            err = self.assertRaises(seedjob.SeedJobError,
+                                    seedjob.resolve_vif, host, 'vm1')
+            self.assertIn('root@hv-fake', str(err))
+            self.assertLess(len(str(err)), 400)
+
+    def test_ipv6_job_and_filter(self):
+        job = seedjob.SeedJob(hypervisor='hv', source='src',
+                              destination='2001:2::b', vif='tap0')
+        self.assertEqual('2001:2::b', job.destination)
+        self.assertEqual('(src host 2001:2::1 and dst host 2001:2::b) or '
+                         '(src host 2001:2::b and dst host 2001:2::1)',
+                         seedjob.capture_filter('2001:2::1', '2001:2::b'))
+        self.assertRaises(ValueError, seedjob.capture_filter, '198.18.0.1',
+                          '2001:2::b')
+
+    def test_job_refuses_non_finite_times(self):
+        for name in ('interval_ms', 'capture_timeout_s', 'settle_s'):
+            err = self.assertRaises(
+                ValueError, seedjob.SeedJob, hypervisor='hv', source='src',
+                destination='198.18.0.10', vif='tap0',
+                **{name: float('nan')})
+            self.assertIn(name, str(err))
+
+    def test_ssh_source_refuses_a_non_finite_deadline(self):
+        from netweaver_agent import sources
+        src = remote.SSHSource('198.18.0.1', 2222)
+        plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
+                                           1_000_000)
+        src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
+        src.remote.run = lambda *a, **k: self.fail('sent anyway')
+        for bad in (float('nan'), float('inf')):
+            src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
+            self.assertRaises(ValueError, src.send, plan, bad)
