@@ -509,10 +509,19 @@ class OvnLayout(labswitch.SwitchLayout):
         ports = [g.port_id for g in self.lab.guests]
         if self.src:
             ports.append(SOURCE_PORT)
-        for port in ports:
-            self.central.nbctl(f'--timeout={int(READY_TIMEOUT_S)}',
-                               'wait-until', 'Logical_Switch_Port', port,
-                               'up=true', timeout=READY_TIMEOUT_S)
+
+        def down():
+            out = self.central.nbctl('--bare', '--columns=name', 'find',
+                                     'Logical_Switch_Port', 'up=true')
+            return sorted(set(ports) - set(out.split()))
+
+        try:
+            _wait(lambda: not down(), 'OVN logical ports')
+        except labswitch.SwitchError as exc:
+            raise labswitch.SwitchError(
+                f"{exc}: {', '.join(down())} not up (no OVS interface with "
+                "that external_ids:iface-id on a chassis?); see "
+                f"{self.lab.state_dir}/ovs-*/ovn-controller.log") from exc
         self.central.nbctl('--wait=hv', 'sync', timeout=READY_TIMEOUT_S)
         if self.src:
             _wait(lambda: bool(self.hv.tunnel_ports()),

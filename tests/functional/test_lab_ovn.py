@@ -19,6 +19,7 @@ import pytest
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labswitch
 from netweaver_agent import measure
+from netweaver_agent import netns
 from netweaver_agent import ovsdb
 from netweaver_agent import topology
 from tests.functional import conftest
@@ -84,6 +85,17 @@ def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
             assert on_pif is not None and on_pif.vni == vni, seq
             assert on_pif.tunnel == 'geneve'
             assert (key, tap) not in result.batch.encap, 'plain on the tap'
+    # Only the userspace datapath took the Geneve packets in: the kernel
+    # of neither side answered one (ICMP port unreachable).
+    for ns in (the_lab.hv_netns, the_lab.src_netns):
+        assert icmp_errors_sent(ns) == 0, ns
+
+
+def icmp_errors_sent(ns):
+    text = netns.run(['cat', '/proc/net/snmp'], netns=ns).stdout
+    head, values = [line.split() for line in text.splitlines()
+                    if line.startswith('Icmp:')][:2]
+    return int(dict(zip(head, values))['OutDestUnreachs'])
 
 
 def test_flat_localnet_probes_plain_on_pif_and_tap(ovn_lab):
@@ -196,6 +208,10 @@ def test_teardown_leaves_no_namespace_daemon_or_state(lab_factory):
         # ovs-vswitchd, ovn-controller each)
         assert len(pids) == 9, pids
         assert all(labswitch._alive(p) for p in pids.values())
+        # The layout stops its daemons itself, before the lab ends what
+        # is left in its namespaces.
+        the_lab.layout.teardown()
+        assert [p for p in pids.values() if labswitch._alive(p)] == []
         the_lab.teardown()
         assert not [n for n in os.listdir('/run/netns')
                     if n.startswith(prefix)]
