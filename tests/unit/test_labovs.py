@@ -1,0 +1,153 @@
+"""The lab's switch layouts without namespaces: names, paths, libvirt XML,
+marked VLAN frames, the ``netweaver lab`` switch options.
+
+The layouts themselves run in tests/functional/test_lab_ovs.py.
+"""
+
+import socket
+import struct
+from xml.etree import ElementTree  # nosec B405: our own XML
+
+import dpkt
+import pytest
+
+from netweaver_agent import cli
+from netweaver_agent import lab
+from netweaver_agent import labmark
+from netweaver_agent import labovs
+from netweaver_agent import labvirt
+from netweaver_agent import probe
+from netweaver_agent import topology
+from netweaver_agent.cmd import lab as cmd_lab
+
+
+def make_lab(**fields):
+    return lab.Lab(lab.LabSpec(prefix='nwu-', guests=2, **fields))
+
+
+def interface_of(the_lab, guest):
+    xml = ElementTree.tostring(
+        labvirt.domain_element(the_lab.guest_domain(guest)), 'unicode')
+    dom = topology.parse_domain(xml)
+    (iface,) = dom.interfaces
+    return iface
+
+
+def test_hybrid_names_and_path_are_os_vif_s():
+    the_lab = make_lab(switch='ovs-hybrid')
+    g = the_lab.guests[0]
+    qbr, qvb, qvo = labovs.port_names(g)
+    # os-vif: the 11 characters of the port id after the prefix, 14 in all.
+    for name, prefix in ((qbr, 'qbr'), (qvb, 'qvb'), (qvo, 'qvo')):
+        assert name == prefix + g.tap[3:] and len(name) == 14
+    path = the_lab.paths()[0]
+    assert path.interfaces == (the_lab.pif, qvo, qvb, g.tap)
+    assert path.via[1:] == ((), (qbr,))
+    assert 'br-int' in path.via[0] and 'br-ex' in path.via[0]
+    assert path.encap == ()
+    assert the_lab.bridge == 'br-int'
+
+
+def test_native_vxlan_path_crosses_the_tunnel_unseen():
+    the_lab = make_lab(switch='ovs-native', network_type='vxlan')
+    path = the_lab.paths()[1]
+    assert path.interfaces == (the_lab.pif, the_lab.guests[1].tap)
+    (via,) = path.via
+    src_u, _, _ = the_lab.spec.underlay_addresses()
+    tunnel = 'vxlan-' + socket.inet_aton(src_u).hex()
+    assert tunnel in via and 'br-tun' in via and via[-1] == 'br-int'
+    assert path.encap_port('vxlan') == lab.VXLAN_PORT
+
+
+def test_linuxbridge_path_unchanged_with_its_bridge_named():
+    the_lab = make_lab()
+    g = the_lab.guests[0]
+    path = the_lab.paths()[0]
+    assert path.interfaces == (the_lab.pif, g.tap)
+    assert path.via == ((the_lab.spec.bridge,),)
+
+
+def test_domain_xml_per_layout_as_nova_writes_it():
+    lb, hybrid, native = (make_lab(switch=s) for s in
+                          ('linuxbridge', 'ovs-hybrid', 'ovs-native'))
+    g = lb.guests[0]
+    iface = interface_of(lb, g)
+    assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
+        ('bridge', lb.spec.bridge, g.tap, None)
+    iface = interface_of(hybrid, g)
+    assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
+        ('bridge', labovs.port_names(g)[0], g.tap, None)
+    iface = interface_of(native, g)
+    assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
+        ('bridge', 'br-int', g.tap, g.port_id)
+
+
+class FakeSocket:
+    def __init__(self):
+        self.frames = []
+
+    def send(self, data):
+        self.frames.append(data)
+
+
+def test_vlan_frames_every_nth_to_the_guest_marked():
+    table = labmark.MarkTable()
+    table.add(labmark.Mark(dst_ip='198.18.0.10', every=3, ttl=40,
+                           protocol='icmp'))
+    src = labovs.MarkingFrameSource(
+        table, netns_name=None, ifname='eth0', src_mac='02:00:00:00:00:01',
+        macs={'198.18.0.10': 'fa:16:3e:00:00:00',
+              '198.18.0.11': 'fa:16:3e:00:00:01'}, vlan=(100,))
+    src._protocol = 'icmp'
+    sock = FakeSocket()
+    sent = []
+    for seq in range(7):
+        for dst in ('198.18.0.10', '198.18.0.11'):
+            ip = probe.build_ip('icmp', 7, seq, socket.inet_aton('198.18.0.1'),
+                                socket.inet_aton(dst))
+            frame = probe.ethernet_frame(ip, probe.ETH_P_IP, src.src_mac,
+                                         src.macs[dst], (100,), 0)
+            sent.append((dst, seq, frame))
+            src._transmit(sock, dst, frame)
+    marked = []
+    for (dst, seq, before), after in zip(sent, sock.frames):
+        eth = dpkt.ethernet.Ethernet(after)
+        assert [t.id for t in eth.vlan_tags] == [100]
+        ip = eth.data
+        header = after[18:18 + ip.hl * 4]
+        assert sum(struct.unpack('!10H', header)) % 0xffff == 0, 'checksum'
+        assert probe.parse_key(after) == probe.parse_key(before)
+        if ip.ttl != 64:
+            marked.append((dst, seq, ip.ttl))
+        else:
+            assert after == before
+    assert marked == [('198.18.0.10', 2, 40), ('198.18.0.10', 5, 40)]
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(['lab', *argv])
+
+
+def test_cli_switch_defaults():
+    spec = cmd_lab._spec(parse('--prefix', 'nwu-'))
+    assert (spec.switch, spec.network_type) == ('linuxbridge', 'flat')
+    assert [d.delay_ms for d in spec.delays] == [cmd_lab.DEFAULT_DELAY_MS]
+    # No delay truth on ovs-native: no default delay; one asked for is
+    # kept (the build then says why it cannot be made).
+    native = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch',
+                                 'ovs-native', '--network-type', 'vlan'))
+    assert (native.switch, native.network_type, native.delays) == \
+        ('ovs-native', 'vlan', ())
+    asked = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch', 'ovs-native',
+                                '--delay-ms', '1'))
+    assert [d.delay_ms for d in asked.delays] == [1.0]
+    hybrid = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch',
+                                 'ovs-hybrid'))
+    assert [d.delay_ms for d in hybrid.delays] == [cmd_lab.DEFAULT_DELAY_MS]
+
+
+def test_cli_rejects_a_network_the_switch_cannot_build():
+    with pytest.raises(ValueError, match="'linuxbridge' builds no vlan"):
+        cmd_lab._spec(parse('--prefix', 'nwu-', '--network-type', 'vlan'))
+    with pytest.raises(SystemExit):
+        parse('--switch', 'openflow')
