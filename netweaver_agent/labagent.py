@@ -80,13 +80,15 @@ def guest_domains(lab):
 
 def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
                 probe=None, threads=1, port=PROMETHEUS_PORT, debug=True,
-                extra_domains=()):
+                extra_domains=(), extra=None):
     """Write node XML, ceilometer.conf and polling.yaml; :class:`AgentFiles`.
 
     :param probe: extra ``[netweaver]`` options (name → value)
     :param threads: ``[polling] threads_to_process_pollsters``
     :param extra_domains: more :class:`labvirt.GuestDomain` for the node,
         beyond the lab's guests (e.g. an SR-IOV one)
+    :param extra: more options, ``{section: {name: value}}`` (e.g.
+        ``{'DEFAULT': {'rootwrap_config': path}}``), set last
     """
     if not 1 <= interval_s <= 3600:
         raise ValueError(f"polling interval {interval_s!r} s must be "
@@ -122,6 +124,10 @@ def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
     options = {'probe_source': f'netns:{lab.src_netns}'}
     options.update({k: str(v) for k, v in (probe or {}).items()})
     conf['netweaver'] = options
+    for section, values in (extra or {}).items():
+        if section not in conf:
+            conf[section] = {}
+        conf[section].update({k: str(v) for k, v in values.items()})
     config = os.path.join(workdir, 'ceilometer.conf')
     with open(config, 'w', encoding='utf-8') as f:
         conf.write(f)
