@@ -168,9 +168,11 @@ _PROTOS6 = {'icmp': (58,), 'udp': (17, 58), 'tcp': (6,)}
 # Classic BPF opcodes.
 _LDH_ABS, _LDB_ABS, _LDH_IND, _LDB_IND = 0x28, 0x30, 0x48, 0x50
 _LDX_IMM, _JEQ, _RET = 0x01, 0x15, 0x06
-_JSET, _AND_K, _LSH_K, _ADD_X, _TAX = 0x45, 0x54, 0x64, 0x0c, 0x07
-# Offsets of a VXLAN packet with an IPv4 underlay without options; a
-# Geneve packet's inner frame is its options' length further.
+_JSET, _AND_K, _LSH_K, _ADD_X, _ADD_K = 0x45, 0x54, 0x64, 0x0c, 0x04
+_TAX, _TXA = 0x07, 0x87
+# Offsets of a VXLAN packet with an IPv4 underlay without options (an IPv6
+# underlay is 20 bytes longer); a Geneve packet's inner frame is its
+# options' length further.
 _VX_UDP = 14 + 20
 _VX_INNER = _VX_UDP + 8 + probe.VXLAN_HDR_LEN
 _GENEVE_BASE = _VX_UDP + 8
@@ -219,9 +221,10 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
     and ICMP/ICMPv6 (port unreachable replies); ``tcp`` accepts TCP.  Up to
     two VLAN tags left in the frame are skipped (the kernel usually moves
     the outer one out of it, see ``PACKET_AUXDATA``).  ``vxlan_port``: also
-    accept VXLAN packets to that UDP port over IPv4 whose inner frame
-    passes the same test; ``geneve_port``: the same for Geneve (version 0,
-    Ethernet inside, the inner frame after the options).  The rest is
+    accept VXLAN packets to that UDP port (over IPv4 without options or
+    IPv6 without extension headers) whose inner frame passes the same
+    test; ``geneve_port``: the same for Geneve (version 0, Ethernet
+    inside, the inner frame after the options).  The rest is
     verified in user space by :func:`pcapkeys.frame_key`.  Returns
     ``(code, jt, jf, k)`` instructions.
     """
@@ -241,14 +244,18 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
     tunnels = (vxlan_port or geneve_port) and 17 not in protos
     four = protos + ((17,) if tunnels else ())
     code += ['ip4'] + _match_any((_LDB_IND, 0, 0, 23), four, 'l4', 'reject')
-    code += ['ip6'] + _match_any((_LDB_IND, 0, 0, 20), protos6, 'accept',
-                                 'reject')
+    six = protos6 + ((17,) if tunnels else ())
+    code += ['ip6'] + _match_any((_LDB_IND, 0, 0, 20), six,
+                                 'l6' if tunnels else 'accept', 'reject')
     if tunnels:
         # Ours unless it is UDP: then VXLAN to vxlan_port or Geneve to
-        # geneve_port only.
-        code += ['l4', (_JEQ, 'udp', 'accept', 17)]
-        code += ['udp', (_LDB_IND, 0, 0, 14), (_JEQ, 0, 'reject', 0x45),
-                 (_LDH_IND, 0, 0, _VX_UDP + 2)]
+        # geneve_port only.  IPv6: X += 20, then as IPv4.
+        code += ['l6', (_JEQ, 0, 'accept', 17),
+                 (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 20), (_TAX, 0, 0, 0),
+                 (_JEQ, 'udp', 'udp', 0)]
+        code += ['l4', (_JEQ, 0, 'accept', 17),
+                 (_LDB_IND, 0, 0, 14), (_JEQ, 0, 'reject', 0x45)]
+        code += ['udp', (_LDH_IND, 0, 0, _VX_UDP + 2)]
         if vxlan_port:
             code += [(_JEQ, 'inner', 0 if geneve_port else 'reject',
                       vxlan_port)]

@@ -5,6 +5,7 @@ The capture's classic BPF program is run here by a small interpreter of
 the instructions it uses (the kernel runs it in the functional tests).
 """
 
+import itertools
 import struct
 
 import pytest
@@ -195,8 +196,8 @@ def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
 
 def run_bpf(prog, pkt):
     """The classic BPF subset the capture uses: ld[bh] abs/ind, ldx imm,
-    jeq, jset, and/lsh #k, add x, tax, ret.  Out-of-frame loads reject, as
-    in the kernel."""
+    jeq, jset, and/lsh/add #k, add x, tax, txa, ret.  Out-of-frame loads
+    reject, as in the kernel."""
     a = x = 0
     pc = 0
     while True:
@@ -220,8 +221,12 @@ def run_bpf(prog, pkt):
             a = (a << k) & 0xffffffff
         elif op == 0x0c:                    # add x
             a = (a + x) & 0xffffffff
+        elif op == 0x04:                    # add #k
+            a = (a + k) & 0xffffffff
         elif op == 0x07:                    # tax
             x = a
+        elif op == 0x87:                    # txa
+            a = x
         elif op == 0x06:
             return k
         else:
@@ -286,14 +291,20 @@ def test_bpf_geneve_only_when_asked(proto):
     for opt_len, options in GENEVE_OPTIONS.items():
         # (Inner frames are untagged: the filter, as for VXLAN, does not
         # read through an inner VLAN tag.)
-        for f in (inner, frame6(proto, 1, 2)):
-            outer = tf.geneve(f, 77, options=options)
+        for f, v6 in itertools.product((inner, frame6(proto, 1, 2)),
+                                       (False, True)):
+            outer = tf.geneve(f, 77, options=options, v6_underlay=v6)
             assert run_bpf(with_gn, outer) == capture.SNAPLEN, opt_len
             assert run_bpf(both, outer) == capture.SNAPLEN, opt_len
+            if proto != 'udp':
+                assert run_bpf(plain, outer) == 0
+                assert run_bpf(vx_only, outer) == 0
         # VLAN-tagged underlay too.
         tagged = outer[:12] + b'\x81\x00\x00\x07' + outer[12:]
         assert run_bpf(with_gn, tagged) == capture.SNAPLEN
     assert run_bpf(both, tf.vxlan(inner, 7)) == capture.SNAPLEN
+    assert run_bpf(both, tf.vxlan(inner, 7, v6_underlay=True)) == \
+        capture.SNAPLEN
     if proto == 'udp':
         return                          # UDP passes whole: nothing to check
     outer = tf.geneve(inner, 77)
@@ -309,6 +320,15 @@ def test_bpf_geneve_only_when_asked(proto):
     assert run_bpf(with_gn, tf.geneve(wrong, 1)) == 0
     assert run_bpf(with_gn, tf.geneve(inner, 1, options=GENEVE_OPTIONS[24],
                                       first=2)) == 0
+    for v6 in (False, True):
+        assert run_bpf(with_gn, tf.geneve(wrong, 1, v6_underlay=v6)) == 0
+        assert run_bpf(with_gn, tf.geneve(inner, 1, v6_underlay=v6,
+                                          port=4789)) == 0
+        assert run_bpf(vx_only, tf.vxlan(wrong, 1, v6_underlay=v6)) == 0
+        assert run_bpf(vx_only, tf.vxlan(inner, 1, v6_underlay=v6)) == \
+            capture.SNAPLEN
+    # Plain IPv6 UDP that is no tunnel: not an ICMP/TCP probe.
+    assert run_bpf(with_gn, frame6('udp', 1, 2)) == 0
     assert run_bpf(capture.bpf_filter(proto, geneve_port=7000),
                    tf.geneve(inner, 1, port=7000)) == capture.SNAPLEN
 
