@@ -183,11 +183,16 @@ OPTS = [
                      'when the agent runs as root. False: the agent opens '
                      'the sockets itself and needs CAP_NET_RAW.'),
     cfg.StrOpt('privsep_helper_command',
-               help="Command that starts the privsep daemon, e.g. 'sudo "
-                    "privsep-helper'; --privsep_context and "
-                    '--privsep_sock_path are appended. Unset: the polling '
-                    "agent's root helper followed by privsep-helper (an "
-                    'agent running as root starts it without one).'),
+               help='Command that starts the privsep daemon; oslo.privsep '
+                    'appends --privsep_context and --privsep_sock_path. '
+                    'With the sudoers file etc/sudoers.d/netweaver-agent '
+                    '(sudo >= 1.9.10), which admits exactly one command '
+                    "line: 'sudo -n /usr/bin/privsep-helper --config-file "
+                    "/etc/ceilometer/ceilometer.conf' (see "
+                    'docs/deploying.md). Unset: the polling agent\'s root '
+                    'helper (sudo ceilometer-rootwrap ...) followed by '
+                    'privsep-helper (an agent running as root starts it '
+                    'without one).'),
 ]
 
 

@@ -107,3 +107,10 @@ def test_the_rule_admits_nothing_else(sock_path):
     conf = privsetup.config_file(command)
     other_conf = [w if w != conf else '/tmp/evil.conf' for w in good]
     assert not _admitted(other_conf, text)
+
+
+def test_the_option_help_names_the_documented_command():
+    from netweaver_agent import opts
+    (opt,) = [o for o in opts.OPTS if o.name == 'privsep_helper_command']
+    assert privsetup.documented_helper_command() in opt.help
+    assert os.path.relpath(privsetup.SUDOERS, privsetup.REPO) in opt.help
