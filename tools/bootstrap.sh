@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(iproute2 iptables tcpdump openssh-server openssh-client
               libvirt0 libvirt-dev libvirt-clients pkg-config gcc python3-dev
               libnetfilter-queue-dev libnfnetlink-dev procps kmod hping3
-              openvswitch-switch ovn-central ovn-host)
+              openvswitch-switch ovn-central ovn-host sudo passwd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
