@@ -156,8 +156,7 @@ def _source(conf):
     if spec and spec.startswith('ssh://'):
         from netweaver_agent import remote
         return sources.parse_source(
-            spec, options=remote.SSHOptions.from_conf(conf))
-    policy = destinations.for_source(spec, group.probe_networks)
+            spec, policy=policy, options=remote.SSHOptions.from_conf(conf))
     source = sources.parse_source(spec, policy=policy)
     if group.privsep and isinstance(source, sources.LocalSource):
         return privileged.PrivsepLocalSource(

@@ -45,6 +45,7 @@ from oslo_config import cfg
 from oslo_log import log
 import paramiko
 
+from netweaver_agent import destinations
 from netweaver_agent import netns
 from netweaver_agent import sources
 
@@ -927,13 +928,19 @@ class SSHSource(sources.ProbeSource):
     :param options: :class:`SSHOptions`; keyword arguments named after its
         fields override it
     :param netns_name: open the SSH connection from this namespace
+    :param policy: where probes may go (a
+        :class:`destinations.DestinationPolicy`; None: the built-in classes
+        only): :func:`measure.run_window` leaves out the vNICs it refuses,
+        and :meth:`build` refuses a plan to any of them before asking the
+        remote host anything
     """
 
     def __init__(self, host, port=22, username='root', options=None,
-                 netns_name=None, **overrides):
+                 netns_name=None, policy=None, **overrides):
         options = options or SSHOptions()
         if overrides:
             options = dataclasses.replace(options, **overrides)
+        self.policy = policy or destinations.DEFAULT
         self.remote = RemoteHost(host, port, username, options,
                                  netns_name=netns_name)
         self.name = f'ssh://{self.remote.name}'
@@ -950,7 +957,12 @@ class SSHSource(sources.ProbeSource):
         return self._src[dst_ip]
 
     def build(self, plan):
-        """``[(offset_ns, dst_ip, bytes)]`` for every probe of ``plan``."""
+        """``[(offset_ns, dst_ip, bytes)]`` for every probe of ``plan``.
+
+        :raises destinations.RefusedDestination: a target the policy
+            refuses (before any remote command)
+        """
+        self.policy.check_all(plan.targets())
         try:
             self.remote.connect()
             packets = sources.build_packets(plan, self.source_address)

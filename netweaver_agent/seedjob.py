@@ -27,6 +27,7 @@ import time
 from oslo_log import log
 
 from netweaver_agent import analyze
+from netweaver_agent import destinations
 from netweaver_agent import measure
 from netweaver_agent import ovsdb
 from netweaver_agent import probe
@@ -87,6 +88,9 @@ class SeedJob:
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"{name} {value!r} is not a finite number")
+        # Probes (ours or the source command's) go only where any source's
+        # may: destinations.RefusedDestination names the reason.
+        destinations.check(self.destination)
         if (self.instance is None) == (self.vif is None):
             raise ValueError("give exactly one of an instance name or a vif")
         for name in ('interface', 'vif'):

@@ -510,7 +510,7 @@ class LocalSource(ProbeSource):
 def parse_source(spec, policy=None, **ssh_options):
     """A :class:`ProbeSource` from ``local``, ``netns:NAME`` or ``ssh://``.
 
-    ``policy``: where ``local`` and ``netns:`` probes may go (None: the
+    ``policy``: where probes of any source may go (None: the
     built-in classes only; ``local`` then sends nothing, see
     :class:`destinations.DestinationPolicy`).
     """
@@ -527,6 +527,6 @@ def parse_source(spec, policy=None, **ssh_options):
         from netweaver_agent import remote
         return remote.SSHSource(host=url.hostname, port=url.port or 22,
                                 username=url.username or 'root',
-                                **ssh_options)
+                                policy=policy, **ssh_options)
     raise ValueError(f"unknown probe source {spec!r}: expected 'local', "
                      "'netns:NAME' or 'ssh://user@host[:port]'")

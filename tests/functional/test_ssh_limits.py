@@ -24,6 +24,7 @@ import time
 import paramiko
 import pytest
 
+from netweaver_agent import destinations
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import measure
 from netweaver_agent import remote
@@ -437,6 +438,44 @@ def test_measure_refuses_accept_new_without_known_hosts(capsys):
          '--accept-new-host-key'], capsys)
     assert status == 2
     assert 'known_hosts' in err
+
+
+# -- destinations ------------------------------------------------------------
+
+def test_ssh_source_refuses_a_destination_before_reaching_the_host(hostile):
+    """The same destination policy as every source: a refused address
+    never reaches the remote host (not even a route lookup)."""
+    src = remote.SSHSource('127.0.0.1', hostile.port, 'root',
+                           key_file=hostile.key_file,
+                           known_hosts_file=hostile.known_hosts,
+                           policy=destinations.policy(['198.18.0.0/24']))
+    connections, commands = hostile.connections, len(hostile.commands)
+    try:
+        for dst in ('169.254.169.254', '198.19.0.10', '224.0.0.1'):
+            plan, _ = sources.interleaved_plan(1, 'icmp', [dst], 3,
+                                               1_000_000)
+            with pytest.raises(destinations.RefusedDestination,
+                               match=dst.replace('.', r'\.')):
+                src.prepare(plan)
+            with pytest.raises(destinations.RefusedDestination):
+                src.send(plan, time.monotonic() + 5)
+    finally:
+        src.close()
+    assert (hostile.connections, len(hostile.commands)) == (connections,
+                                                            commands)
+
+
+def test_measure_refuses_a_metadata_destination(hostile, capsys):
+    connections = hostile.connections
+    status, out, err = test_ssh._cli(
+        ['measure', '--hv', '127.0.0.1', '--hypervisor-port',
+         str(hostile.port), '-s', '127.0.0.1', '--source-port',
+         str(hostile.port), '-k', hostile.key_file, '--known-hosts',
+         hostile.known_hosts, '-d', '169.254.169.254', '--vif', 'tap0'],
+        capsys)
+    assert status == 2
+    assert "'169.254.169.254' refused" in err
+    assert hostile.connections == connections
 
 
 # -- IPv6: the SSH probe source through real sshd -----------------------------

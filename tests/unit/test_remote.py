@@ -475,3 +475,37 @@ class TestLimitsAndIPv6(testtools.TestCase):
         for bad in (float('nan'), float('inf')):
             src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
             self.assertRaises(ValueError, src.send, plan, bad)
+
+
+class TestDestinationPolicy(testtools.TestCase):
+    """The ssh:// source and the measure job send only where any source
+    may (destinations): refused before anything reaches a remote host."""
+
+    def test_ssh_source_refuses_before_any_remote_command(self):
+        from netweaver_agent import destinations
+        from netweaver_agent import sources
+        src = sources.parse_source(
+            'ssh://root@198.18.0.1:2222',
+            policy=destinations.policy(['198.18.0.0/24']))
+        src.remote.connect = lambda: self.fail('connected anyway')
+        src.remote.run = lambda *a, **k: self.fail('ran anyway')
+        for dst in ('169.254.169.254', '127.0.0.1', '224.0.0.1',
+                    '198.19.0.10', 'fe80::1'):
+            plan, _ = sources.interleaved_plan(1, 'icmp', [dst], 1,
+                                               1_000_000)
+            err = self.assertRaises(destinations.RefusedDestination,
+                                    src.prepare, plan)
+            self.assertIn(dst, str(err))
+
+    def test_ssh_source_default_policy_is_the_classes(self):
+        from netweaver_agent import destinations
+        src = remote.SSHSource('198.18.0.1')
+        self.assertEqual(destinations.DEFAULT, src.policy)
+
+    def test_measure_job_refuses_such_destinations(self):
+        from netweaver_agent import destinations
+        for dst in ('169.254.169.254', '127.0.0.1', '255.255.255.255',
+                    '::1', 'ff02::1'):
+            self.assertRaises(destinations.RefusedDestination,
+                              seedjob.SeedJob, hypervisor='hv', source='src',
+                              destination=dst, vif='tap0')
