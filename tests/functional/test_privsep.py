@@ -150,7 +150,10 @@ def test_unprivileged_agent_and_a_cap_net_raw_daemon(lab_factory):
         agent_dir = os.path.join(workdir, 'agent')
         files = labagent.write_files(
             the_lab, agent_dir, interval_s=3,
-            probe={'probe_source': 'local', 'probe_count': 10,
+            probe={'probe_source': 'local',
+                   # 'local' sends only to the operator's networks.
+                   'probe_networks': the_lab.spec.network,
+                   'probe_count': 10,
                    'probe_timeout_ms': 100.0, 'max_window_ms': 2000.0,
                    'privsep_helper_command':
                        f'{_plain_python()} {helper} {broker.path}'})
