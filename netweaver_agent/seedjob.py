@@ -276,6 +276,38 @@ def capture_filter(source_ip, destination):
             f'(src host {d} and dst host {s})')
 
 
+def tunnel_filter(source_ip, destination, encap=()):
+    """tcpdump filter for the pif: :func:`capture_filter`, or the same
+    addresses inside the VXLAN/Geneve tunnels of ``encap`` (a sequence of
+    :class:`topology.Encapsulation`) to their UDP port.
+
+    The inner frame is found at fixed offsets over an IPv4 underlay
+    without IP options (Geneve: past its options, ``Opt Len`` × 4 bytes);
+    an IPv6 destination gets the plain filter only.
+    """
+    plain = capture_filter(source_ip, destination)
+    s, d = ipaddress.ip_address(source_ip), ipaddress.ip_address(destination)
+    if not encap or s.version != 4:
+        return plain
+    parts = [f'({plain})']
+    for tunnel in encap:
+        if tunnel.kind not in ('vxlan', 'geneve') or not tunnel.port:
+            continue
+        # Outer Ethernet 14 + IPv4 20 + UDP 8 + tunnel header 8 = 50.
+        inner = ('50' if tunnel.kind == 'vxlan'
+                 else '(50 + (ether[42] & 0x3f) * 4)')
+        sx, dx = f'0x{int(s):08x}', f'0x{int(d):08x}'
+
+        def at(off, size=4):
+            return f'ether[{inner} + {off}:{size}]'
+        parts.append(
+            f'(ether[12:2] = 0x0800 and ip[0] = 0x45 and udp dst port '
+            f'{int(tunnel.port)} and {at(12, 2)} = 0x0800 and (({at(26)} = '
+            f'{sx} and {at(30)} = {dx}) or ({at(26)} = {dx} and '
+            f'{at(30)} = {sx})))')
+    return ' or '.join(parts)
+
+
 def capture_argv(interface, path, count, timeout_s, bpf):
     """One bounded tcpdump: ns timestamps, stays root, count and time.
 
@@ -321,7 +353,9 @@ class Runner:
         try:
             vif = job.vif or resolve_vif(hv, job.instance, job.vif_number,
                                          job.libvirt_uri)
-            pif = job.interface or discover_path(hv, vif).pif
+            found = None if job.interface else discover_path(hv, vif)
+            pif = job.interface or found.pif
+            encap = found.encap if found is not None else ()
             source_ip = src.route_source(job.destination)
             LOG.info('Measuring %(dst)s from %(src)s (%(sip)s): captures on '
                      '%(pif)s and %(vif)s of %(hv)s',
@@ -332,7 +366,7 @@ class Runner:
             vif_pcap = os.path.join(workdir, 'vif.pcap')
             session, sent, output = self._capture_and_send(
                 hv, src, src_source, pif, vif, source_ip, pif_pcap,
-                vif_pcap)
+                vif_pcap, encap)
         finally:
             hv.close()
             src.close()
@@ -347,20 +381,22 @@ class Runner:
                           vif_pcap=vif_pcap, analysis=result)
 
     def _capture_and_send(self, hv, src, src_source, pif, vif, source_ip,
-                          pif_pcap, vif_pcap):
+                          pif_pcap, vif_pcap, encap=()):
         job = self.job
         bpf = capture_filter(source_ip, job.destination)
+        pif_bpf = tunnel_filter(source_ip, job.destination, encap)
         limit = 2 * job.count + CAPTURE_MARGIN
         plan = self._plan(src_source)
         with hv.tempdir() as tmp:
             procs = []
             try:
-                for iface, name in ((pif, 'pif'), (vif, 'vif')):
+                for iface, name, flt in ((pif, 'pif', pif_bpf),
+                                         (vif, 'vif', bpf)):
                     # Outlives the sender's deadline by the settle time
                     # and a margin; stopped earlier by SIGINT.
                     procs.append(hv.start(capture_argv(
                         iface, f'{tmp}/{name}.pcap', limit,
-                        job.capture_timeout_s + job.settle_s + 10, bpf)))
+                        job.capture_timeout_s + job.settle_s + 10, flt)))
                 for proc in procs:
                     proc.wait_for_stderr(b'listening on',
                                          self.options.command_timeout_s)

@@ -550,3 +550,68 @@ def test_measure_finds_the_pif_with_ovs_vsctl_over_ssh(host):
     assert bridged.interfaces == ('eth5', 'tap5')
     assert 'tap2' in str(err.value) and '--interface' in str(err.value)
     assert "ovs-vsctl on root@127.0.0.1:2222" in str(err.value)
+
+
+def _frame(src, dst, inner=None, udp_port=None, header=b''):
+    """An Ethernet frame: ICMP echo ``src`` → ``dst``, or that frame
+    inside UDP to ``udp_port`` after ``header`` (a tunnel's)."""
+    import socket as sk
+
+    import dpkt
+    icmp = dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo(id=1, seq=1))
+    ip = dpkt.ip.IP(src=sk.inet_aton(src), dst=sk.inet_aton(dst), p=1,
+                    data=icmp)
+    eth = dpkt.ethernet.Ethernet(src=b'\x02' * 6, dst=b'\x04' * 6,
+                                 data=ip)
+    if udp_port is None:
+        return bytes(eth)
+    udp = dpkt.udp.UDP(sport=40000, dport=udp_port, data=header +
+                       bytes(eth))
+    udp.ulen = len(bytes(udp))
+    outer = dpkt.ip.IP(src=sk.inet_aton('198.18.7.2'),
+                       dst=sk.inet_aton('198.18.7.1'), p=17, data=udp)
+    return bytes(dpkt.ethernet.Ethernet(src=b'\x06' * 6, dst=b'\x08' * 6,
+                                        data=outer))
+
+
+def test_measure_pif_filter_opens_the_tunnels_found(tmp_path):
+    import dpkt
+    vxlan = b'\x08\x00\x00\x00\x00\x10\x00\x00'
+    geneve = b'\x00\x00\x65\x58\x00\x10\x00\x00'
+    geneve_opts = b'\x02\x00\x65\x58\x00\x10\x00\x00' + b'\x01' * 8
+    src, dst, other = '198.18.0.2', '198.18.1.10', '198.18.1.99'
+    frames = {
+        'plain': (_frame(src, dst), True),
+        'vxlan': (_frame(src, dst, udp_port=4789, header=vxlan), True),
+        'vxlan reply': (_frame(dst, src, udp_port=4789, header=vxlan),
+                        True),
+        'vxlan other guest': (_frame(src, other, udp_port=4789,
+                                     header=vxlan), False),
+        'vxlan other port': (_frame(src, dst, udp_port=4790, header=vxlan),
+                             False),
+        'geneve': (_frame(src, dst, udp_port=6081, header=geneve), True),
+        'geneve options': (_frame(src, dst, udp_port=6081,
+                                  header=geneve_opts), True),
+        'geneve other guest': (_frame(src, other, udp_port=6081,
+                                      header=geneve_opts), False),
+    }
+    encap = (topology.Encapsulation('vxlan', 4789),
+             topology.Encapsulation('geneve', 6081))
+    for name, (frame, wanted) in frames.items():
+        path = tmp_path / 'one.pcap'
+        with open(path, 'wb') as f:
+            writer = dpkt.pcap.Writer(f)
+            writer.writepkt(frame, ts=1.0)
+        kept = []
+        for flt in (seedjob.tunnel_filter(src, dst, encap),
+                    seedjob.capture_filter(src, dst)):
+            out = tmp_path / 'kept.pcap'
+            proc = subprocess.run(['tcpdump', '-n', '-r', str(path), '-w',
+                                   str(out), flt], capture_output=True,
+                                  text=True, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            with open(out, 'rb') as f:
+                kept.append(len(list(dpkt.pcap.Reader(f))))
+        assert kept[0] == int(wanted), name
+        # The plain filter alone misses every encapsulated probe.
+        assert kept[1] == int(name == 'plain'), name
