@@ -176,7 +176,9 @@ _TAX, _TXA = 0x07, 0x87
 _VX_UDP = 14 + 20
 _VX_INNER = _VX_UDP + 8 + probe.VXLAN_HDR_LEN
 _GENEVE_BASE = _VX_UDP + 8
-assert probe.GENEVE_HDR_LEN == probe.VXLAN_HDR_LEN
+if probe.GENEVE_HDR_LEN != probe.VXLAN_HDR_LEN:
+    raise ImportError("the capture filter reads a Geneve packet's inner "
+                      "frame at VXLAN's offset plus the options")
 
 
 def _assemble(code):
