@@ -32,6 +32,7 @@ from netweaver_agent import netns
 from netweaver_agent import privileged
 from netweaver_agent import sources
 from netweaver_agent import topology
+from tests.functional import inprocess
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
 
@@ -349,3 +350,30 @@ def test_one_refused_vnic_leaves_the_others_measured(lab_factory):
     assert set(result.reports) == {p.vnic for p in good}
     for rep in result.reports.values():
         assert rep.ingress.count == 5, rep
+
+
+@pytest.fixture
+def cycle_factory(tmp_path):
+    yield from inprocess.cycles(tmp_path)
+
+
+def test_the_agent_measures_only_the_vnics_inside_probe_networks(
+        lab_factory, cycle_factory):
+    """Ceilometer's discovery and our pollsters: guest 1's address is
+    outside probe_networks, so only guest 0 is probed and published;
+    guest 1 is logged as not measurable, with the reason."""
+    the_lab = lab_factory(guests=2)
+    inside, outside = the_lab.guests
+    cycle = cycle_factory(the_lab, probe_networks=[f'{inside.address}/32'],
+                          probe_count=5, probe_timeout_ms=100.0,
+                          max_window_ms=3000.0)
+    samples, cache = cycle.run()
+    latency = inprocess.by_resource(samples)['network.vif.latency']
+    assert set(latency) == {cycle.resource_of(0)}, latency
+    (window,) = cache.windows
+    assert [m.path.vnic for m in window.measurements] == [inside.tap]
+    assert window.measurements[0].report.sent == 5
+    log = cycle.log_text()
+    assert f'vNIC {outside.tap} is not measurable' in log, log
+    assert f"'{outside.address}' refused: outside [netweaver] " \
+           'probe_networks' in log, log
