@@ -339,6 +339,12 @@ class OvnLayout(labswitch.SwitchLayout):
         return 'br-int'
 
     @property
+    def ovsdb_connection(self):
+        """The hypervisor chassis' Open vSwitch database (what the
+        agent's ``[netweaver] ovsdb_connection`` names on this host)."""
+        return self.hv.ovs.db_connection if self.hv else None
+
+    @property
     def logical_switch(self):
         """Neutron's name of the network's logical switch."""
         return f'neutron-{self.spec.network_id}'

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from netweaver_agent import lab as lab_mod
+from netweaver_agent import labagent
 from netweaver_agent import labswitch
 from netweaver_agent import measure
 from netweaver_agent import netns
@@ -266,3 +267,29 @@ def test_cli_ovn_json_hops_truth_and_loss():
                     if n.startswith(prefix)]
     finally:
         lab_mod.teardown_kept(prefix)
+
+
+def test_ceilometer_polling_measures_the_ovn_host(ovn_lab, tmp_path):
+    """The real agent, told only where the switch's database is, finds
+    the pif (and Geneve) from OVSDB and publishes latency under the
+    resource ids of Ceilometer's own network.incoming.bytes."""
+    the_lab = ovn_lab(guests=2)
+    files = labagent.write_files(
+        the_lab, str(tmp_path / 'agent'), interval_s=3,
+        meters=('network.incoming.bytes', *labagent.LATENCY_METERS),
+        probe={'probe_count': 10, 'max_window_ms': 2000.0,
+               'ovsdb_connection': the_lab.layout.ovsdb_connection})
+    expected = set(labagent.resource_ids(the_lab).values())
+
+    def ready(series):
+        got = {(s.name, s.label('resource')) for s in series}
+        return series if all(
+            (name, rid) in got for rid in expected
+            for name in ('ceilometer_network_vif_latency',
+                         'ceilometer_network_incoming_bytes')) else None
+
+    with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+        series = agent.wait_for(ready, 60)
+    for s in series:
+        if s.name == 'ceilometer_network_vif_latency':
+            assert s.value > 0, s
