@@ -110,8 +110,24 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
             assert rep.vlan == (the_lab.spec.segmentation_id,)
         if network_type == 'vxlan':
             assert rep.vni == the_lab.spec.segmentation_id
+    # The guests' replies leave the pif as the network carries them.
+    batch = result.batch
+    (pif_index,) = [i for i, name in batch.ifnames.items()
+                    if name == the_lab.pif]
+    replies = [k for k, i, d in zip(batch.keys, batch.ifindex,
+                                    batch.direction)
+               if k & 1 and i == pif_index and d == capture.DIR_OUT]
+    assert len(replies) == 2 * COUNT
+    for k in replies:
+        encap = batch.encap.get((k, pif_index))
+        vlan = encap.vlan if encap else ()
+        vni = encap.vni if encap else None
+        assert vlan == ((the_lab.spec.segmentation_id,)
+                        if network_type == 'vlan' else ()), encap
+        assert vni == (the_lab.spec.segmentation_id
+                       if network_type == 'vxlan' else None), encap
     # The devices in between exist and are never where a probe is seen.
-    seen_names = set(result.batch.ifnames)
+    seen_names = set(result.batch.ifnames.values())
     g = the_lab.guests[0]
     unseen = [d for hop in the_lab.unseen(g) for d in hop.unseen]
     assert 'br-int' in unseen
@@ -193,9 +209,7 @@ def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory):
     assert vswitchd_alive(the_lab)
 
 
-@pytest.mark.parametrize('switch, network_type',
-                         [('ovs-hybrid', 'flat'), ('ovs-native', 'flat'),
-                          ('ovs-native', 'vlan')])
+@pytest.mark.parametrize('switch, network_type', LAYOUTS)
 def test_loss_exact(lab_factory, switch, network_type):
     the_lab = lab_factory(guests=2, switch=switch, network_type=network_type,
                           losses=(lab_mod.LossInjection(
