@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import types
 
 import pytest
 
@@ -364,11 +365,14 @@ def prober_for(tmp_path):
     logger = logging.getLogger('netweaver_agent')
 
     def make(h, taps, **options):
-        guests = [labvirt.GuestDomain(
-            index=i, name=f'vm{n}', uuid=f'3f2d6c1e-8a4b-4c5d-9e6f-{n:012d}',
-            tap=f'tap{n}', mac=f'fa:16:3e:00:00:{n:02x}',
-            address=f'198.18.9.{10 + n}', bridge='br-int')
-            for i, n in enumerate(taps)]
+        """``taps``: numbers of :class:`OvsHost` taps, or GuestDomains."""
+        guests = [n if isinstance(n, labvirt.GuestDomain) else
+                  labvirt.GuestDomain(
+                      index=i, name=f'vm{n}',
+                      uuid=f'3f2d6c1e-8a4b-4c5d-9e6f-{n:012d}',
+                      tap=f'tap{n}', mac=f'fa:16:3e:00:00:{n:02x}',
+                      address=f'198.18.9.{10 + n}', bridge='br-int')
+                  for i, n in enumerate(taps)]
         uri = labvirt.write_node(str(tmp_path / 'node.xml'), guests)
         conf = service.prepare_service([], [])
         opts.register_opts(conf)
@@ -615,3 +619,42 @@ def test_measure_pif_filter_opens_the_tunnels_found(tmp_path):
         assert kept[0] == int(wanted), name
         # The plain filter alone misses every encapsulated probe.
         assert kept[1] == int(name == 'plain'), name
+
+
+# --- the lab's layouts: what the switch says against what the lab built -----
+
+LAB_LAYOUTS = [('ovs-hybrid', 'flat'), ('ovs-hybrid', 'vlan'),
+               ('ovs-hybrid', 'vxlan'), ('ovs-native', 'flat'),
+               ('ovs-native', 'vxlan'), ('ovn', 'flat'), ('ovn', 'geneve')]
+
+
+def _lab_ovsdb(the_lab):
+    """The unix: connection of the lab's hypervisor ovsdb-server."""
+    layout = the_lab.layout
+    daemons = getattr(layout, 'ovs', None) or layout.hv.ovs
+    return daemons.db_connection
+
+
+@pytest.mark.parametrize('switch, network_type', LAB_LAYOUTS)
+def test_prober_finds_what_the_lab_built(lab_factory, prober_for, switch,
+                                         network_type):
+    from netweaver_agent import labagent
+    the_lab = lab_factory(guests=2, switch=switch,
+                          network_type=network_type)
+    lab_host = types.SimpleNamespace(ns=the_lab.hv_netns,
+                                     ext=the_lab.src_netns,
+                                     unix=_lab_ovsdb(the_lab))
+    prober, instances, _ = prober_for(
+        lab_host, labagent.guest_domains(the_lab))
+    found = by_tap(prober.paths(instances))
+    truth = {p.vnic: p for p in the_lab.paths()}
+    assert set(found) == set(truth)
+    for tap, path in found.items():
+        assert path.interfaces == truth[tap].interfaces, tap
+        assert path.via == truth[tap].via, tap
+        assert path.encap == truth[tap].encap, tap
+    settings = prober.window_settings(list(found.values()))
+    for kind in ('vxlan', 'geneve'):
+        want = {p.encap_port(kind) for p in truth.values()} - {None}
+        assert getattr(settings, f'{kind}_port') == (
+            want.pop() if want else None), kind
