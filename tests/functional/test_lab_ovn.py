@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from netweaver_agent import analyze
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labagent
 from netweaver_agent import labswitch
@@ -24,6 +25,7 @@ from netweaver_agent import netns
 from netweaver_agent import ovsdb
 from netweaver_agent import topology
 from tests.functional import conftest
+from tests.functional import test_tcpdump_agreement as tcpdump_agreement
 
 
 def window(the_lab, **settings):
@@ -293,3 +295,41 @@ def test_ceilometer_polling_measures_the_ovn_host(ovn_lab, tmp_path):
     for s in series:
         if s.name == 'ceilometer_network_vif_latency':
             assert s.value > 0, s
+
+
+@pytest.mark.parametrize('mode', ['probe', 'fingerprint'])
+def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
+        ovn_lab, tmp_path, mode):
+    """``netweaver analyze`` on tcpdump's pcaps of the pif (Geneve) and
+    the tap finds the live window's probes, VNI and latencies."""
+    the_lab = ovn_lab(guests=1)
+    guest, = the_lab.guests
+    count = 100
+    dumps = []
+    try:
+        for iface, bpf in ((the_lab.pif, ['udp', 'port', '6081']),
+                           (guest.tap, ['icmp'])):
+            dumps.append(tcpdump_agreement.Tcpdump(
+                the_lab.hv_netns, iface, str(tmp_path / f'{iface}.pcap'),
+                bpf, limit=2 * count + 50))
+        for dump in dumps:
+            dump.wait_listening()
+        result = window(the_lab, protocol='icmp', count=count,
+                        interval_ms=0.5)
+        for dump in dumps:
+            assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        for dump in dumps:
+            dump.kill()
+    live = result.reports[guest.tap]
+    assert live.ingress.count == count
+    found = analyze.analyze_pcaps(
+        dumps[0].path, dumps[1].path, mode=mode,
+        destination=guest.address if mode == 'fingerprint' else None,
+        session=result.session if mode == 'probe' else None,
+        pif_name=the_lab.pif, vif_name=guest.tap)
+    assert found.mode == mode
+    assert found.report.ingress.count == count, found.report
+    assert found.report.vni == live.vni
+    assert found.report.ingress.p50_us == pytest.approx(
+        live.ingress.p50_us, abs=1.0)
