@@ -24,8 +24,9 @@ daemon holds exactly CAP_NET_RAW.  Through the sudo line, sudo itself
 refuses every widened command line (and nothing those name is created or
 run), and the other groupings of the admitted words, which sudo's
 space-joined match lets through, are refused by ``privsep-helper``
-before it connects anywhere.  Through rootwrap, any ``privsep-helper``
-command line runs, as the docs say.
+before it connects anywhere.  A ``netns:`` source needs the lab's
+context, which sudo refuses: the pollsters disable themselves.  Through
+rootwrap, any ``privsep-helper`` command line runs, as the docs say.
 
 Every file installed under /etc is removed at the end (a file that was
 there before is put back), also on failure; runs of this module on one
@@ -45,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -59,8 +61,8 @@ CEILOMETER_ETC = os.path.join(sys.prefix, 'etc', 'ceilometer')
 LOCK = '/run/netweaver-privsetup.lock'
 SUDO_WAIT_S = 60
 AGENT_WAIT_S = 60.0
-PROBE = {'probe_source': 'local', 'probe_count': 10,
-         'probe_timeout_ms': 100.0, 'max_window_ms': 2000.0}
+PROBE = {'probe_count': 10, 'probe_timeout_ms': 100.0,
+         'max_window_ms': 2000.0}
 
 
 # --- installing files under /etc, and putting things back ----------------
@@ -401,21 +403,18 @@ class AgentRun:
     agent_status: list
 
 
-def run_agent(the_lab, user, conf_path, probe, extra=None):
+@contextlib.contextmanager
+def running_agent(the_lab, user, conf_path, probe, extra=None):
     """The real ceilometer-polling as ``user`` (no capability) in the
-    lab's hypervisor, its configuration installed at ``conf_path``."""
-    privsep_tests._route_local_through_the_pif(the_lab)
+    lab's hypervisor, its configuration installed at ``conf_path``; on
+    exit the agent, its daemons and its files are gone."""
     workdir = tempfile.mkdtemp(prefix='nwprivsetup')
     agent = None
     try:
         os.chmod(workdir, 0o755)
         agent_dir = os.path.join(workdir, 'agent')
         files = labagent.write_files(the_lab, agent_dir, interval_s=3,
-                                     probe={**PROBE, **probe,
-                                            # 'local' sends only there
-                                            'probe_networks':
-                                                the_lab.spec.network},
-                                     extra=extra)
+                                     probe={**PROBE, **probe}, extra=extra)
         for root, dirs, names in os.walk(agent_dir):
             for name in [*dirs, *names, '.']:
                 os.chown(os.path.join(root, name), user.pw_uid,
@@ -426,30 +425,7 @@ def run_agent(the_lab, user, conf_path, probe, extra=None):
             agent = labagent.PollingAgent(
                 files, the_lab.hv_netns, wrapper=as_user(user, []))
             agent.start()
-            ids = labagent.resource_ids(the_lab)
-            try:
-                series = agent.wait_for(
-                    labagent.latency_ready(set(ids.values())), AGENT_WAIT_S)
-            except labagent.AgentError as exc:
-                lines = [line for line in agent.log_text().splitlines()
-                         if 'privsep' in line or 'netweaver_agent' in line
-                         or 'sudo' in line or 'rootwrap' in line]
-                pytest.fail(f'{exc}: ' + '\n'.join(lines[-20:]))
-            daemons = privsep_tests._processes(the_lab.hv_netns,
-                                               '--privsep_context')
-            agents = privsep_tests._processes(the_lab.hv_netns,
-                                              'ceilometer-polling')
-            assert len(daemons) == 1, daemons
-            with open(f'/proc/{daemons[0]}/cmdline', 'rb') as f:
-                argv = [a.decode() for a in f.read().split(b'\0')[:-1]]
-            log = agent.log_text()
-            assert 'Traceback' not in log, log[-3000:]
-            return AgentRun(
-                latency={s.label('resource'): s.value for s in series
-                         if s.name == 'ceilometer_network_vif_latency'},
-                daemon_argv=argv[argv.index(VENV_HELPER):],
-                daemon_status=privsep_tests._status(daemons[0]),
-                agent_status=[privsep_tests._status(p) for p in agents])
+            yield agent
     finally:
         if agent is not None:
             agent.stop()
@@ -457,6 +433,42 @@ def run_agent(the_lab, user, conf_path, probe, extra=None):
                                             '--privsep_context'):
             _kill([pid])
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _log_lines(agent):
+    return [line for line in agent.log_text().splitlines()
+            if 'privsep' in line or 'netweaver_agent' in line
+            or 'sudo' in line or 'rootwrap' in line]
+
+
+def run_agent(the_lab, user, conf_path, probe, extra=None):
+    """:class:`AgentRun` of the agent probing ``local`` through the pif."""
+    privsep_tests._route_local_through_the_pif(the_lab)
+    # 'local' sends only to probe_networks.
+    probe = {**probe, 'probe_source': 'local',
+             'probe_networks': the_lab.spec.network}
+    with running_agent(the_lab, user, conf_path, probe, extra) as agent:
+        ids = labagent.resource_ids(the_lab)
+        try:
+            series = agent.wait_for(
+                labagent.latency_ready(set(ids.values())), AGENT_WAIT_S)
+        except labagent.AgentError as exc:
+            pytest.fail(f'{exc}: ' + '\n'.join(_log_lines(agent)[-20:]))
+        daemons = privsep_tests._processes(the_lab.hv_netns,
+                                           '--privsep_context')
+        agents = privsep_tests._processes(the_lab.hv_netns,
+                                          'ceilometer-polling')
+        assert len(daemons) == 1, daemons
+        with open(f'/proc/{daemons[0]}/cmdline', 'rb') as f:
+            argv = [a.decode() for a in f.read().split(b'\0')[:-1]]
+        log = agent.log_text()
+        assert 'Traceback' not in log, log[-3000:]
+        return AgentRun(
+            latency={s.label('resource'): s.value for s in series
+                     if s.name == 'ceilometer_network_vif_latency'},
+            daemon_argv=argv[argv.index(VENV_HELPER):],
+            daemon_status=privsep_tests._status(daemons[0]),
+            agent_status=[privsep_tests._status(p) for p in agents])
 
 
 def check_run(run, the_lab, user):
@@ -486,6 +498,30 @@ def test_agent_starts_its_daemon_through_the_sudo_line(
     expected = oslo_privsep_argv(privileged.capture_pctxt, command,
                                  run.daemon_argv[-1])
     assert run.daemon_argv == expected[expected.index(VENV_HELPER):]
+
+
+def test_netns_sources_need_what_the_sudo_line_refuses(
+        lab_factory, agent_user, sudo_setup):
+    """A ``netns:`` source needs the lab's context (CAP_SYS_ADMIN): sudo
+    refuses to start it, and the pollsters say so and disable themselves."""
+    command = sudo_setup
+    the_lab = lab_factory(guests=1)
+    lab_ctx = privileged.netns_pctxt.pypath
+    with running_agent(the_lab, agent_user, privsetup.config_file(command),
+                       {'probe_source': f'netns:{the_lab.src_netns}',
+                        'privsep_helper_command': command}) as agent:
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while not any('pollsters disabled' in line and lab_ctx in line
+                      for line in _log_lines(agent)):
+            assert agent.alive() and time.monotonic() < deadline, \
+                _log_lines(agent)[-20:]
+            time.sleep(0.5)
+        assert privsep_tests._processes(the_lab.hv_netns,
+                                        '--privsep_context') == []
+        assert agent.series('ceilometer_network_vif_latency') == []
+        # sudo itself refused it (oslo.privsep logs the helper's stderr).
+        assert any('privsep log: sudo: ' in line
+                   for line in _log_lines(agent)), _log_lines(agent)[-20:]
 
 
 @pytest.fixture
