@@ -19,6 +19,7 @@ import pytest
 from netweaver_agent import analyze
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labagent
+from netweaver_agent import labovn
 from netweaver_agent import labswitch
 from netweaver_agent import measure
 from netweaver_agent import netns
@@ -333,3 +334,25 @@ def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
     assert found.report.vni == live.vni
     assert found.report.ingress.p50_us == pytest.approx(
         live.ingress.p50_us, abs=1.0)
+
+
+def test_failed_build_stops_the_daemons_it_started(monkeypatch):
+    conftest.require_root()
+    prefix = conftest.unique_prefix('ovf')
+    started = {}
+
+    def broken(layout):
+        started.update(daemon_pids(layout.lab))
+        raise labswitch.SwitchError('injected failure once the daemons run')
+
+    monkeypatch.setattr(labovn.OvnLayout, '_wait_ready', broken)
+    try:
+        with pytest.raises(lab_mod.LabError, match='injected failure'):
+            lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn')).build()
+        assert len(started) == 9, started
+        assert [p for p in started.values() if labswitch._alive(p)] == []
+        assert not [n for n in os.listdir('/run/netns')
+                    if n.startswith(prefix)]
+        assert not os.path.exists(lab_mod.state_dir(prefix))
+    finally:
+        lab_mod.teardown_kept(prefix)
