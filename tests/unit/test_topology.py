@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import types
 from xml.etree import ElementTree
 
 import pytest
@@ -727,3 +728,31 @@ def test_veth_to_another_linux_bridge_stays_linux_bridge():
     assert topology.find_path('tap1', links, view).interfaces == (
         'v1', 'tap1')
     assert view.reads == 0
+
+
+# --- what the pollsters publish of a path ----------------------------------
+
+def test_samples_name_the_devices_crossed_unseen():
+    from netweaver_agent import latency
+    from netweaver_agent import pollsters
+    path = topology.VifPath(
+        vnic='tap1', address='198.18.0.10',
+        interfaces=('eth1', 'qvo1', 'qvb1', 'tap1'),
+        via=(TO_BR_INT, (), ('qbr1',)))
+    stats = latency.DirectionStats.from_ns([5000, 7000])
+    report = latency.LatencyReport(
+        vnic='tap1', pif='eth1', protocol='icmp', sent=2, ingress=stats,
+        egress=stats, turnaround=stats,
+        hops=tuple(latency.HopStats(a, b, stats) for a, b in
+                   zip(path.interfaces, path.interfaces[1:])))
+    window = types.SimpleNamespace(capture=types.SimpleNamespace(drops=0),
+                                   session=7, duration_ns=1_000_000)
+    md = pollsters.latency_metadata(report, path, window, 'local')
+    assert [(h['src'], h['dst'], h['via']) for h in md['latency_hops']] == [
+        ('eth1', 'qvo1', list(TO_BR_INT)), ('qvo1', 'qvb1', []),
+        ('qvb1', 'tap1', ['qbr1'])]
+    assert md['path_unseen'] == list(TO_BR_INT) + ['qbr1']
+    plain = topology.VifPath(vnic='tap1', address='198.18.0.10',
+                             interfaces=('eth1', 'tap1'))
+    md = pollsters.latency_metadata(report, plain, window, 'local')
+    assert md['path_unseen'] == []
