@@ -284,11 +284,12 @@ def _hping_syn_to(dst, i):
                           dst=socket.inet_aton(dst))
 
 
-def hping_pair(n=20, vif_first=(), lose=()):
+def hping_pair(n=20, vif_first=(), lose=(), pif_first=()):
     """hping3 SYNs to GUEST and its RSTs, with every noise frame on both
     sides, the guest's noise seen on the vif first (as it would be).
 
-    ``vif_first``: SYNs whose vif sighting comes 5 µs before the pif's.
+    ``vif_first``: SYNs whose vif sighting comes 5 µs before the pif's;
+    ``pif_first``: SYNs whose RST leaves the pif 2 µs before the vif.
     """
     pif, vif = [], []
     for i in range(n):
@@ -301,7 +302,7 @@ def hping_pair(n=20, vif_first=(), lose=()):
             continue
         vif.append((t - 5_000 if i in vif_first else t + 9_000 + i, syn))
         vif.append((t + 60_000, rst))
-        pif.append((t + 63_000, rst))
+        pif.append((t + (58_000 if i in pif_first else 63_000), rst))
     for j, frame in enumerate(noise()):
         t = T0 + (n + j) * MS
         vif.append((t, frame))
@@ -310,7 +311,7 @@ def hping_pair(n=20, vif_first=(), lose=()):
 
 
 def test_fingerprint_counts_only_traffic_to_and_from_the_instance(tmp_path):
-    pif, vif = hping_pair(vif_first={4}, lose={7})
+    pif, vif = hping_pair(vif_first={4}, lose={7}, pif_first={12})
     result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
                                    write(tmp_path / 'v.pcap', sorted(vif)),
                                    destination=GUEST)
@@ -318,10 +319,10 @@ def test_fingerprint_counts_only_traffic_to_and_from_the_instance(tmp_path):
     assert result.mode == 'fingerprint'
     assert rep.sent == 20                       # the SYNs, nothing else
     assert (rep.ingress.count, rep.ingress.lost) == (18, 1)
-    assert rep.anomalies == 1
+    assert rep.anomalies == 2                   # SYN 4 in, RST 12 out
     assert rep.ingress.min_us == 9.0 and rep.ingress.max_us == 9.019
     assert (rep.egress.count, rep.egress.min_us, rep.egress.max_us) == \
-        (19, 3.0, 3.0)
+        (18, 3.0, 3.0)
     assert (rep.vni, rep.tunnel) == (None, None)
     # Every noise frame is in both files and matched by neither.
     assert result.pif.probes == 20 + 19 and result.vif.probes == 19 + 19

@@ -152,6 +152,17 @@ def test_geneve_and_vxlan_are_told_apart():
         probe.Encap(vni=5, tunnel='gre')
 
 
+def test_tunnels_are_opened_once_not_nested():
+    """A tunnel inside a tunnel is not a probe of ours (a guest's own
+    overlay): neither the parser nor the fast path opens the inner one."""
+    inner = inner_frame('icmp', False)
+    for nested in (tf.geneve(tf.vxlan(inner, 1), 2),
+                   tf.vxlan(tf.geneve(inner, 1), 2),
+                   tf.geneve(tf.geneve(inner, 1), 2)):
+        assert probe.parse_frame(nested) is None
+        assert pcapkeys.frame_key(nested, 0, len(nested)) is None
+
+
 @pytest.mark.parametrize('v6_underlay', [False, True])
 def test_damaged_geneve_gives_no_key(v6_underlay):
     inner = inner_frame('icmp', False)
@@ -401,3 +412,76 @@ def test_the_capture_classes_take_the_geneve_port():
     assert live.geneve_port == 6081
     with pytest.raises(ValueError, match='Geneve port'):
         privileged._open_capture(9, 'icmp', None, None, None, 70000)
+
+
+class _RecordingCapture:
+    """A capture class that opens nothing and records how it was made."""
+
+    made = []
+
+    def __init__(self, session, protocol='icmp', netns_name=None,
+                 interfaces=None, **ports):
+        self.made.append(ports)
+        self.batch = capture.SightingBatch(session)
+        self.stats = capture.CaptureStats(0, 0, 0, 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def settle(self, quiet_s, max_s=None):
+        pass
+
+
+def test_run_window_opens_the_capture_with_the_tunnel_ports():
+    from netweaver_agent import measure
+    from netweaver_agent import sources
+    from netweaver_agent import topology
+
+    class Source(sources.ProbeSource):
+        name = 'recorder'
+
+        def prepare(self, plan):
+            pass
+
+        def send(self, plan, deadline_s):
+            return sources.SendResult(sent=len(plan.probes))
+
+        def discard(self):
+            pass
+
+    path = topology.VifPath(vnic='tap0', address='198.18.0.10',
+                            interfaces=('eth1', 'tap0'))
+    for ports in ({}, {'geneve_port': 6081},
+                  {'vxlan_port': 4789, 'geneve_port': 7000}):
+        _RecordingCapture.made.clear()
+        settings = measure.WindowSettings(count=1, timeout_ms=5.0,
+                                          max_window_ms=200.0, **ports)
+        measure.run_window([path], Source(), settings,
+                           capture_class=_RecordingCapture)
+        assert _RecordingCapture.made == [ports]
+
+
+def test_the_tunnel_kind_survives_privsep():
+    from netweaver_agent import privileged
+    from tests.unit import test_privileged as tpriv
+    batch = capture.SightingBatch(5)
+    pif = batch.interface_index('eth1')
+    kinds = {2: probe.Encap(vni=7, tunnel='geneve'),
+             4: probe.Encap(vni=7), 6: probe.Encap(vlan=(3,))}
+    for key, encap in kinds.items():
+        batch.append(key, pif, 1000 + key, capture.DIR_IN)
+        batch.encap[(key, pif)] = encap
+    stats = capture.CaptureStats(3, 0, 3, 0)
+    raw = tpriv._through_privsep_wire(privileged.batch_to_wire(batch, stats))
+    got = capture.SightingBatch(5)
+    privileged.batch_from_wire(raw, got)
+    assert got.encap == batch.encap
+    assert got.encap[(2, pif)].tunnel == 'geneve'
+    # Rows of a daemon that sends no tunnel kind are VXLAN (as before).
+    raw['encap'] = [row[:4] for row in raw['encap']]
+    old = capture.SightingBatch(5)
+    privileged.batch_from_wire(raw, old)
+    assert old.encap[(2, pif)] == probe.Encap(vni=7, tunnel='vxlan')
