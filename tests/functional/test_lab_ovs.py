@@ -329,3 +329,24 @@ def test_cli_keep_then_down_stops_the_daemons():
         assert not os.path.exists(root)
     finally:
         lab_mod.teardown_kept(prefix)
+
+
+@pytest.mark.parametrize('switch, network_type', [('ovs-hybrid', 'vlan'),
+                                                  ('ovs-native', 'vxlan')])
+def test_ipv6_probes_with_loss(lab_factory, switch, network_type):
+    the_lab = lab_factory(guests=2, switch=switch, network_type=network_type,
+                          ipv6=True, losses=(lab_mod.LossInjection(
+                              guest=0, every=5, protocol='icmp'),))
+    settings = measure.WindowSettings(
+        protocol='icmp', count=COUNT, vxlan_port=(
+            lab_mod.VXLAN_PORT if network_type == 'vxlan' else None))
+    paths = the_lab.paths(ipv6=True)
+    assert [p.address for p in paths] == [g.address6
+                                          for g in the_lab.guests]
+    result = measure.run_window(paths, the_lab.source(), settings,
+                                capture_netns=the_lab.hv_netns)
+    lossy, clean = (result.reports[g.tap] for g in the_lab.guests)
+    assert (lossy.ingress.count, lossy.ingress.lost) == (COUNT - COUNT // 5,
+                                                         COUNT // 5)
+    assert (clean.ingress.count, clean.ingress.lost) == (COUNT, 0)
+    assert clean.egress.count == COUNT
