@@ -348,6 +348,7 @@ def test_sudo_line_admits_exactly_the_agents_command_line(
             regrouped = _regroupings(good[at + 1:])
             ran = [run_as(agent_user, good[:at + 1] + args)
                    for args in regrouped]
+            connected_before = good_sock.connected() + evil_sock.connected()
             admitted = run_as(agent_user, good)
             uids_after_admitted = good_sock.connected()
 
@@ -355,7 +356,7 @@ def test_sudo_line_admits_exactly_the_agents_command_line(
                        for what, p in refusals.items()
                        if not sudo_refused(p)}
         assert not not_refused, not_refused
-        assert good_sock.connected() == [] and evil_sock.connected() == []
+        assert connected_before == []
         assert [m for m in markers.values() if os.path.exists(m)] == []
         # sudo admits the same words grouped otherwise; the helper ran
         # (no sudo refusal) and refused them before connecting.
