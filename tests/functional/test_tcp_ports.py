@@ -1,0 +1,192 @@
+"""TCP probes through a stateful firewall: one connection per probe.
+
+In the Linux-bridge lab the hypervisor's bridge passes netfilter
+(``bridge-nf-call-iptables``) and its FORWARD chain is a stateful firewall
+as a security group is: conntrack ``INVALID`` is dropped.  Two counters
+watch the probes' SYNs: those conntrack files under a connection it had
+already confirmed (``--ctstatus CONFIRMED``: a retransmission as far as
+the firewall knows), and all of them.  tcpdump records the pif.
+
+* Answered probes (the guest's closed port answers RST): several windows,
+  every probe measured both ways, every SYN from a source port of its own
+  (read from tcpdump's pcap), exactly the ports the windows' keys hold; no
+  SYN taken for a retransmission, nothing dropped as INVALID.
+* Unanswered probes (the guest drops them, as a filtering guest or a slow
+  one does for 120 s): each probe is a SYN_SENT connection of its own in
+  the kernel's conntrack table; the old behaviour, one 5-tuple for every
+  probe (a cursor over one port), makes every SYN but the first a
+  retransmission of one connection.
+
+Needs root; fails (never skips) without a lab.
+"""
+
+import collections
+import os
+import subprocess
+import time
+
+import dpkt
+import pytest
+
+from netweaver_agent import measure
+from netweaver_agent import netns
+from netweaver_agent import probe
+from netweaver_agent import sources
+from tests.functional import test_tcpdump_agreement as agreement
+
+COUNT = 20
+WINDOWS = 3
+RETRANSMITTED = ['-p', 'tcp', '--tcp-flags', 'SYN,ACK,RST', 'SYN',
+                 '-m', 'conntrack', '--ctstatus', 'CONFIRMED']
+SYNS = ['-p', 'tcp', '--tcp-flags', 'SYN,ACK,RST', 'SYN']
+INVALID = ['-m', 'conntrack', '--ctstate', 'INVALID', '-j', 'DROP']
+
+
+def run(ns, *argv):
+    return subprocess.run(netns.netns_argv(ns, list(argv)),
+                          capture_output=True, text=True, check=True).stdout
+
+
+class Firewall:
+    """The stateful FORWARD chain of the lab's hypervisor, and counters."""
+
+    RULES = {'retransmitted': RETRANSMITTED, 'syns': SYNS,
+             'invalid': INVALID}
+
+    def __init__(self, hv):
+        self.hv = hv
+        run(hv, 'sysctl', '-q', '-w', 'net.bridge.bridge-nf-call-iptables=1')
+        for name, rule in self.RULES.items():
+            run(hv, 'iptables', '-I', 'FORWARD', '1', '-m', 'comment',
+                '--comment', f'nw-{name}', *rule)
+
+    def counters(self):
+        """``{name: packets}`` of our rules, read and zeroed."""
+        out = {}
+        listing = run(self.hv, 'iptables', '-L', 'FORWARD', '-v', '-x',
+                      '-n', '-Z')
+        for line in listing.splitlines():
+            for name in self.RULES:
+                if f'/* nw-{name} */' in line:
+                    out[name] = int(line.split()[0])
+        assert set(out) == set(self.RULES), listing
+        return out
+
+    def syn_sent(self, dst):
+        """Source ports of the SYN_SENT connections to ``dst`` that the
+        kernel's conntrack table holds."""
+        ports = []
+        table = run(self.hv, 'cat', '/proc/net/nf_conntrack')
+        for line in table.splitlines():
+            fields = line.split()
+            if 'tcp' in fields and 'SYN_SENT' in fields and \
+                    f'dst={dst}' in fields:
+                ports.append(int(next(f for f in fields
+                                      if f.startswith('sport='))[6:]))
+        return ports
+
+
+@pytest.fixture
+def cursor():
+    """The process's port cursor: ``set(range)``; the default afterwards."""
+    def set_range(ports):
+        sources._cursor = None
+        return sources.tcp_port_cursor(ports)
+    yield set_range
+    set_range(probe.DEFAULT_TCP_SOURCE_PORTS)
+
+
+def windows(the_lab, n, count=COUNT):
+    settings = measure.WindowSettings(protocol='tcp', count=count,
+                                      interval_ms=1.0, timeout_ms=150)
+    return [measure.run_window(the_lab.paths(), the_lab.source(), settings,
+                               capture_netns=the_lab.hv_netns)
+            for _ in range(n)]
+
+
+def key_ports(result, vif):
+    """The source ports of the probes a window's capture saw on ``vif``."""
+    names = result.batch.ifnames
+    return {probe.tcp_ident_port(k >> 1)
+            for k, i in zip(result.batch.keys, result.batch.ifindex)
+            if not k & 1 and names[i] == vif}
+
+
+def pcap_syns(path, dst):
+    """``[source port]`` of the SYNs to ``dst`` in a pcap, in order."""
+    out = []
+    with open(path, 'rb') as f:
+        for _ts, buf in dpkt.pcap.Reader(f):
+            ip = dpkt.ethernet.Ethernet(buf).data
+            if (isinstance(ip, dpkt.ip.IP) and
+                    isinstance(ip.data, dpkt.tcp.TCP) and
+                    ip.dst == bytes(map(int, dst.split('.'))) and
+                    ip.data.flags & dpkt.tcp.TH_SYN and
+                    not ip.data.flags & dpkt.tcp.TH_ACK):
+                out.append(ip.data.sport)
+    return out
+
+
+def test_every_probe_is_a_connection_of_its_own(lab_factory, cursor,
+                                                tmp_path):
+    cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
+    the_lab = lab_factory(guests=1)
+    guest = the_lab.guests[0]
+    firewall = Firewall(the_lab.hv_netns)
+    dump = agreement.Tcpdump(the_lab.hv_netns, the_lab.pif,
+                             os.path.join(tmp_path, 'pif.pcap'),
+                             ['tcp', 'and', 'host', guest.address],
+                             limit=2 * WINDOWS * COUNT + 50)
+    try:
+        dump.wait_listening()
+        results = windows(the_lab, WINDOWS)
+        time.sleep(0.2)
+        assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        dump.kill()
+    for result in results:
+        rep = result.reports[guest.tap]
+        assert rep.sent == COUNT
+        assert (rep.ingress.count, rep.egress.count,
+                rep.turnaround.count) == (COUNT, COUNT, COUNT), rep
+    counted = firewall.counters()
+    assert counted['syns'] == WINDOWS * COUNT
+    assert counted['retransmitted'] == 0
+    assert counted['invalid'] == 0
+    # tcpdump saw every SYN come in, each from a port no other used, and
+    # those are the ports the windows matched.
+    seen = pcap_syns(dump.path, guest.address)
+    assert len(seen) == WINDOWS * COUNT
+    assert len(set(seen)) == len(seen), collections.Counter(seen)
+    assert set(seen) == set().union(*(key_ports(r, guest.tap)
+                                      for r in results))
+    assert set(seen) <= set(probe.DEFAULT_TCP_SOURCE_PORTS)
+
+
+def test_unanswered_probes_are_never_retransmissions(lab_factory, cursor):
+    the_lab = lab_factory(guests=1)
+    guest = the_lab.guests[0]
+    firewall = Firewall(the_lab.hv_netns)
+    # The guest drops the probes: each connection stays SYN_SENT (120 s).
+    run(guest.netns, 'iptables', '-A', 'INPUT', '-p', 'tcp', '--dport',
+        str(probe.DEFAULT_TCP_PORT), '-j', 'DROP')
+
+    cursor(range(41000, 42000))
+    for result in windows(the_lab, 2):
+        rep = result.reports[guest.tap]
+        assert (rep.ingress.count, rep.turnaround.count) == (COUNT, 0)
+    counted = firewall.counters()
+    assert (counted['syns'], counted['retransmitted']) == (2 * COUNT, 0)
+    held = firewall.syn_sent(guest.address)
+    assert len(held) == len(set(held)) == 2 * COUNT
+    assert set(held) <= set(range(41000, 42000))
+
+    # The old behaviour: every probe on one 5-tuple.
+    old_port = 43000
+    cursor(range(old_port, old_port + 1))
+    for result in windows(the_lab, 2):
+        assert result.reports[guest.tap].ingress.count == COUNT
+    counted = firewall.counters()
+    assert counted['syns'] == 2 * COUNT
+    assert counted['retransmitted'] == 2 * COUNT - 1
+    assert firewall.syn_sent(guest.address).count(old_port) == 1
