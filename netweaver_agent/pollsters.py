@@ -153,6 +153,7 @@ def _source(conf):
     """
     group = conf[opts.GROUP]
     spec = group.probe_source
+    policy = destinations.for_source(spec, group.probe_networks)
     if spec and spec.startswith('ssh://'):
         from netweaver_agent import remote
         return sources.parse_source(
