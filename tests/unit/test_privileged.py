@@ -11,11 +11,13 @@ import socket
 import threading
 import time
 
+from oslo_config import cfg
 from oslo_privsep import comm
 import pytest
 
 from netweaver_agent import capture
 from netweaver_agent import destinations
+from netweaver_agent import opts
 from netweaver_agent import privileged
 from netweaver_agent import probe
 from netweaver_agent import sources
@@ -344,3 +346,34 @@ def test_a_new_plan_discards_the_one_prepared_before(monkeypatch):
 
 def _plan_to(targets):
     return sources.schedule(9, 'icmp', targets, 1, 10**6).plan
+
+
+def _conf(**values):
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    conf([])
+    for name, value in values.items():
+        conf.set_override(name, value, group=opts.GROUP)
+    return conf
+
+
+def test_the_agent_refuses_options_beyond_the_daemons_limits_at_start():
+    step_ms = LIMITS.min_step_ns(64) / 1e6
+    window_ms = step_ms * LIMITS.max_planned(64) * 2
+    bad = dict(probe_interval_ms=step_ms, max_window_ms=window_ms)
+    for source in ('local', 'netns:lab-src'):
+        (msg,) = opts.problems(_conf(probe_source=source, **bad))
+        assert 'max_window_ms' in msg and 'privsep' in msg
+    # The daemon does not send for ssh://, nor without privsep.
+    assert opts.problems(_conf(probe_source='ssh://p@198.18.0.1', **bad)) \
+        == []
+    assert opts.problems(_conf(privsep=False, **bad)) == []
+    assert opts.problems(_conf()) == []
+
+
+def test_the_agent_refuses_a_bad_probe_network_at_start():
+    (msg,) = opts.problems(_conf(probe_networks=['198.18.0.0/15',
+                                                 '198.18.0.1/24']))
+    assert 'probe_networks' in msg and "'198.18.0.1/24'" in msg
+    assert opts.problems(_conf(probe_networks=['198.18.0.0/15',
+                                               '2001:2::/48'])) == []
