@@ -295,6 +295,10 @@ def sudo_setup(agent_user):
 
 def test_sudo_line_admits_exactly_the_agents_command_line(
         agent_user, sudo_setup, scratch):
+    """Run as the agent's user: sudo refuses each widened command line
+    (markers prove nothing ran as root, listeners that nothing connected),
+    the helper refuses each regrouping sudo lets through, and the command
+    line oslo.privsep builds starts a root daemon that connects."""
     make_dir, listen = scratch
     command = sudo_setup
     conf = privsetup.config_file(command)
