@@ -346,6 +346,8 @@ class LiveCapture:
         self.session = session
         self.vxlan_port = vxlan_port
         self.geneve_port = geneve_port
+        # Frames to these ports are opened (standard ones and ours).
+        self._tunnels = probe.tunnel_ports(vxlan_port, geneve_port)
         self.protocol = protocol
         self.netns_name = netns_name
         self.interfaces = frozenset(interfaces) if interfaces else None
@@ -429,6 +431,7 @@ class LiveCapture:
         batch = self.batch
         session = self.session
         wanted = self.interfaces
+        tunnels = self._tunnels
         cmsg_space = (socket.CMSG_SPACE(_TIMESPEC.size) +
                       socket.CMSG_SPACE(_AUXDATA.size))
         while True:
@@ -445,7 +448,7 @@ class LiveCapture:
             if wanted is not None and ifname not in wanted:
                 continue
             # Fixed-offset parse (no packet objects): ~10x parse_key.
-            found = pcapkeys.frame_key(data, 0, len(data))
+            found = pcapkeys.frame_key(data, 0, len(data), tunnels=tunnels)
             if found is None or found[0] != session:
                 self._foreign += 1
                 continue
@@ -476,4 +479,5 @@ def _live_encap(vid, found):
     encap = found[2] if len(found) > 2 else probe.NO_ENCAP
     if vid is None:
         return encap
-    return probe.Encap(vlan=(vid,) + encap.vlan, vni=encap.vni)
+    return probe.Encap(vlan=(vid,) + encap.vlan, vni=encap.vni,
+                       tunnel=encap.tunnel)

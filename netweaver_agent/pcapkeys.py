@@ -34,8 +34,7 @@ LINKTYPE_LINUX_SLL2 = 276
 _HOST_BE = sys.byteorder == 'big'
 _ETH_P_ARP = 0x0806                 # never ours
 _ETH_P_IPV6 = probe.ETH_P_IPV6
-_TUNNEL_PORTS = {**{p: 'vxlan' for p in probe.VXLAN_PORTS},
-                 **{p: 'geneve' for p in probe.GENEVE_PORTS}}
+_TUNNEL_PORTS = probe.TUNNEL_PORTS
 _ETH_VLAN = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
 _MAGIC = probe.MAGIC
 _SYN, _RST, _ACK = 0x02, 0x04, 0x10
@@ -79,7 +78,7 @@ _U16 = struct.Struct('!H')
 _TCP = struct.Struct('!HHIIBB')             # sport dport seq ack off flags
 
 
-def _slow_key(buf, off, caplen, link, decap=True):
+def _slow_key(buf, off, caplen, link, decap=True, tunnels=None):
     """:func:`probe.parse_frame` on the record, as ``(session, key)``, or
     ``(session, key, encap)`` when the frame was tagged or tunnelled.
     ``decap`` False: tunnels are not opened (an inner frame's own)."""
@@ -91,7 +90,7 @@ def _slow_key(buf, off, caplen, link, decap=True):
         frame = (bytes(12) + bytes(buf[et:et + 2]) +
                  bytes(buf[off + link.ip_off:off + caplen]))
     if decap:
-        found = probe.parse_frame(frame)
+        found = probe.parse_frame(frame, tunnels=tunnels)
     else:
         try:
             found = probe._frame_key(frame, None, decap=False)
@@ -105,7 +104,7 @@ def _slow_key(buf, off, caplen, link, decap=True):
     return key.session, key.as_int(), encap
 
 
-def frame_key(buf, off, caplen, link=ETHERNET, decap=True):
+def frame_key(buf, off, caplen, link=ETHERNET, decap=True, tunnels=None):
     """The ``(session, key_int)`` of the frame at ``buf[off:off+caplen]``.
 
     The same answer as :func:`probe.parse_frame` (None for anything that
@@ -114,20 +113,22 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True):
     Geneve: ``(session, key_int, encap)``.  dpkt's rules, mirrored here: IP
     data is cut to the IP total length (0: to the frame's end); fragments
     with a non-zero offset are not decoded; the UDP length field is
-    ignored.  ``decap`` False: tunnels are not opened (for inner frames).
+    ignored.  ``decap`` False: tunnels are not opened (for inner frames);
+    ``tunnels``: their UDP ports (:func:`probe.tunnel_ports`; None: the
+    standard ones).
     """
     ip = off + link.ip_off
     avail = caplen - link.ip_off
     if avail < 20 or caplen < link.ethertype_off + 2:
-        return _slow_key(buf, off, caplen, link, decap)
+        return _slow_key(buf, off, caplen, link, decap, tunnels)
     etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
     if etype != probe.ETH_P_IP:
         if etype == _ETH_P_ARP:
             return None
-        return _slow_key(buf, off, caplen, link, decap)
+        return _slow_key(buf, off, caplen, link, decap, tunnels)
     vhl, length, frag, proto = _IPV4.unpack_from(buf, ip)
     if vhl != 0x45:
-        return _slow_key(buf, off, caplen, link, decap)
+        return _slow_key(buf, off, caplen, link, decap, tunnels)
     if frag & 0x1fff:
         return None
     plen = (min(length, avail) if length else avail) - 20
@@ -152,7 +153,8 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True):
         magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
         if (magic != _MAGIC or _U16.unpack_from(buf, l4)[0] !=
                 probe.udp_source_port(session)):
-            kind = _TUNNEL_PORTS.get(_U16.unpack_from(buf, l4 + 2)[0])
+            kind = (_TUNNEL_PORTS if tunnels is None else tunnels).get(
+                _U16.unpack_from(buf, l4 + 2)[0])
             if kind is not None and decap:
                 return _tunnel_key(buf, l4 + 8, l4 + plen, kind)
             return None

@@ -538,13 +538,28 @@ def _geneve_inner(data):
     return int.from_bytes(data[4:7], 'big'), data[inner:]
 
 
-def tunnel_kind(dport):
-    """``'vxlan'``/``'geneve'`` for a UDP destination port, else None."""
-    if dport in VXLAN_PORTS:
-        return 'vxlan'
-    if dport in GENEVE_PORTS:
-        return 'geneve'
-    return None
+TUNNEL_PORTS = {**{p: 'vxlan' for p in VXLAN_PORTS},
+                **{p: 'geneve' for p in GENEVE_PORTS}}
+
+
+def tunnel_ports(vxlan_port=None, geneve_port=None):
+    """``{UDP port: 'vxlan'/'geneve'}``: :data:`TUNNEL_PORTS` and the
+    configured ports (a host's tunnels may use others)."""
+    ports = dict(TUNNEL_PORTS)
+    if vxlan_port:
+        ports[vxlan_port] = 'vxlan'
+    if geneve_port:
+        ports[geneve_port] = 'geneve'
+    return ports
+
+
+def tunnel_kind(dport, tunnels=None):
+    """``'vxlan'``/``'geneve'`` for a UDP destination port, else None.
+
+    ``tunnels``: ``{port: kind}`` (see :func:`tunnel_ports`); None: the
+    standard ports.
+    """
+    return (TUNNEL_PORTS if tunnels is None else tunnels).get(dport)
 
 
 def _tunnel_inner(kind, payload):
@@ -555,7 +570,7 @@ def _tunnel_inner(kind, payload):
     return None if found is None else (kind, *found)
 
 
-def _frame_key(buf, session, decap):
+def _frame_key(buf, session, decap, tunnels=None):
     """``(ProbeKey, Encap)`` of an Ethernet frame, or None (may raise)."""
     if len(buf) < ETH_HDR_LEN:
         return None
@@ -574,7 +589,7 @@ def _frame_key(buf, session, decap):
         key = parse_ip_key(ip, session)
         if (key is None and decap and ip.p == dpkt.ip.IP_PROTO_UDP and
                 isinstance(ip.data, dpkt.udp.UDP)):
-            tunnel = _tunnel_inner(tunnel_kind(ip.data.dport),
+            tunnel = _tunnel_inner(tunnel_kind(ip.data.dport, tunnels),
                                    bytes(ip.data.data))
     elif etype == ETH_P_IPV6:
         key = ip6_key(buf, off, len(buf), session)
@@ -583,7 +598,8 @@ def _frame_key(buf, session, decap):
             if (found is not None and found[0] == dpkt.ip.IP_PROTO_UDP and
                     found[2] - found[1] >= 8):
                 tunnel = _tunnel_inner(
-                    tunnel_kind(_U16.unpack_from(buf, found[1] + 2)[0]),
+                    tunnel_kind(_U16.unpack_from(buf, found[1] + 2)[0],
+                                tunnels),
                     bytes(buf[found[1] + 8:found[2]]))
     else:
         return None
@@ -597,18 +613,19 @@ def _frame_key(buf, session, decap):
     return key, (Encap(vlan=vlan) if vlan else NO_ENCAP)
 
 
-def parse_frame(frame, session=None):
+def parse_frame(frame, session=None, tunnels=None):
     """``(ProbeKey, Encap)`` of an Ethernet frame, or None.
 
     Up to :data:`MAX_VLAN_TAGS` VLAN tags are read (their ids go into the
     :class:`Encap`), then IPv4 or IPv6.  A UDP packet to a VXLAN port
     (:data:`VXLAN_PORTS`) or a Geneve port (:data:`GENEVE_PORTS`) that is
     not itself a probe is opened: the key is the inner frame's, and the
-    :class:`Encap` holds the tunnel kind and the VNI.  Foreign,
+    :class:`Encap` holds the tunnel kind and the VNI (``tunnels``: other
+    ports, see :func:`tunnel_ports`).  Foreign,
     truncated or malformed frames give None, never an exception.
     """
     try:
-        return _frame_key(frame, session, decap=True)
+        return _frame_key(frame, session, decap=True, tunnels=tunnels)
     except _PARSE_ERRORS:
         return None
 

@@ -230,6 +230,22 @@ def test_no_geneve_port_keeps_geneve_out(spaces, workdir):  # noqa: F811
         rows(pcap, spaces.pif))
 
 
+def test_geneve_on_a_configured_port(spaces, workdir):  # noqa: F811
+    """A tunnel on another UDP port (OVSDB's options:dst_port) is captured
+    and opened live when geneve_port names it."""
+    session = secrets.randbelow(0xfffe) + 1
+    port = GENEVE_PORT + 1000
+    frames = [(session, tf.geneve(inner_probe(session, i, i % 2, False),
+                                  VNI, options=OVN_OPTION, port=port))
+              for i in range(6)]
+    live, stats, _ = live_and_tcpdump(spaces, workdir, frames,
+                                      geneve_port=port)
+    on_live = rows(live, spaces.pif)
+    assert set(on_live) == {i << 1 for i in range(6)}
+    assert {e for _, e in on_live.values()} == {
+        probe.Encap(vni=VNI, tunnel='geneve')}
+
+
 # --------------------------------------------------------------------------
 # Fingerprint mode: foreign traffic, tunnelled on the pif, plain on the vif.
 

@@ -164,6 +164,37 @@ def test_tunnels_are_opened_once_not_nested():
 
 
 @pytest.mark.parametrize('v6_underlay', [False, True])
+def test_tunnels_on_configured_ports(v6_underlay):
+    inner = inner_frame('icmp', False)
+    gen = tf.geneve(inner, 5, port=7000, v6_underlay=v6_underlay)
+    vx = tf.vxlan(inner, 6, port=4790, v6_underlay=v6_underlay)
+    for frame in (gen, vx):
+        assert probe.parse_frame(frame) is None
+        assert pcapkeys.frame_key(frame, 0, len(frame)) is None
+    ports = probe.tunnel_ports(vxlan_port=4790, geneve_port=7000)
+    assert probe.tunnel_ports() == probe.TUNNEL_PORTS
+    for frame, want in ((gen, probe.Encap(vni=5, tunnel='geneve')),
+                        (vx, probe.Encap(vni=6, tunnel='vxlan'))):
+        assert probe.parse_frame(frame, tunnels=ports) == (
+            probe.ProbeKey(9, 10), want)
+        for cut in range(len(frame) + 1):
+            found = probe.parse_frame(frame[:cut], tunnels=ports)
+            expect = None if found is None else (
+                found[0].session, found[0].as_int(), found[1])
+            assert pcapkeys.frame_key(frame, 0, cut, tunnels=ports) == \
+                expect
+    # The standard ports stay open beside the configured ones.
+    std = tf.geneve(inner, 5)
+    assert pcapkeys.frame_key(std, 0, len(std), tunnels=ports)[2].vni == 5
+
+
+def test_live_encap_keeps_the_tunnel_kind():
+    gen = probe.Encap(vni=9, tunnel='geneve')
+    assert capture._live_encap(30, (1, 2, gen)) == probe.Encap(
+        vlan=(30,), vni=9, tunnel='geneve')
+
+
+@pytest.mark.parametrize('v6_underlay', [False, True])
 def test_damaged_geneve_gives_no_key(v6_underlay):
     inner = inner_frame('icmp', False)
     opts24 = GENEVE_OPTIONS[24]
