@@ -122,13 +122,17 @@ def latency_metadata(report, path, window, source_name):
         'probe_unseen_at_pif': report.unseen_at_pif,
         'probe_late': report.late,
         'probe_unknown': report.unknown,
+        # Seen out of path order (vif before pif): no value, not in stats.
+        'probe_anomalies': report.anomalies,
         'probe_filtered': report.filtered,
         'pif': report.pif,
         'vif': path.vnic,
-        # How probes were carried on the pif: VLAN ids (outermost first)
-        # and VXLAN network id; None when untagged / not VXLAN.
+        # How probes were carried on the pif: VLAN ids (outermost first),
+        # tunnel network id and kind (vxlan, geneve); None when untagged /
+        # not tunnelled.
         'vlan': list(report.vlan) if report.vlan else None,
         'vni': report.vni,
+        'tunnel': report.tunnel,
         'latency_ingress': _stats_dict(report.ingress),
         'latency_egress': _stats_dict(report.egress),
         'latency_turnaround': _stats_dict(report.turnaround),

@@ -423,15 +423,16 @@ def batch_to_wire(batch, stats):
     """A window's :class:`capture.SightingBatch` and
     :class:`capture.CaptureStats` as the plain values privsep carries.
 
-    Columns travel as bytes; ``encap`` (VLAN ids, VNI of the few tagged or
-    VXLAN rows) as ``(key, ifindex, vlan ids, vni)`` rows.
+    Columns travel as bytes; ``encap`` (VLAN ids, VNI, tunnel of the few
+    tagged or tunnelled rows) as ``(key, ifindex, vlan ids, vni, tunnel)``
+    rows.
     """
     return {
         't_ns': batch.t_ns.tobytes(), 'keys': batch.keys.tobytes(),
         'ifindex': batch.ifindex.tobytes(),
         'direction': batch.direction.tobytes(),
         'ifnames': [batch.ifnames[i] for i in range(len(batch.ifnames))],
-        'encap': [(key, index, tuple(encap.vlan), encap.vni)
+        'encap': [(key, index, tuple(encap.vlan), encap.vni, encap.tunnel)
                   for (key, index), encap in batch.encap.items()],
         'packets': stats.packets, 'drops': stats.drops,
         'probes': stats.probes, 'foreign': stats.foreign,
@@ -445,8 +446,9 @@ def batch_from_wire(raw, batch):
     batch.ifindex.frombytes(raw['ifindex'])
     batch.direction.frombytes(raw['direction'])
     batch.ifnames.update(enumerate(raw['ifnames']))
-    for key, index, vlan, vni in raw.get('encap', ()):
-        batch.encap[(key, index)] = probe.Encap(vlan=tuple(vlan), vni=vni)
+    for key, index, vlan, vni, *tunnel in raw.get('encap', ()):
+        batch.encap[(key, index)] = probe.Encap(
+            vlan=tuple(vlan), vni=vni, tunnel=tunnel[0] if tunnel else None)
     return capture.CaptureStats(
         packets=raw['packets'], drops=raw['drops'],
         probes=raw['probes'], foreign=raw['foreign'])
