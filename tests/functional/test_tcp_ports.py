@@ -16,11 +16,14 @@ the firewall knows), and all of them.  tcpdump records the pif.
   the kernel's conntrack table; the old behaviour, one 5-tuple for every
   probe (a cursor over one port), makes every SYN but the first a
   retransmission of one connection.
+* The other senders: the ``ssh://`` source (a real sshd) and
+  ``netweaver measure --protocol tcp`` send from the plan's ports too.
 
 Needs root; fails (never skips) without a lab.
 """
 
 import collections
+import json
 import os
 import subprocess
 import time
@@ -32,6 +35,8 @@ from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import probe
 from netweaver_agent import sources
+from netweaver_agent import topology
+from tests.functional import test_ssh
 from tests.functional import test_tcpdump_agreement as agreement
 
 COUNT = 20
@@ -190,3 +195,61 @@ def test_unanswered_probes_are_never_retransmissions(lab_factory, cursor):
     assert counted['syns'] == 2 * COUNT
     assert counted['retransmitted'] == 2 * COUNT - 1
     assert firewall.syn_sent(guest.address).count(old_port) == 1
+
+
+# -- the SSH sender and netweaver measure -------------------------------------
+
+@pytest.fixture(scope='module')
+def ssh_lab(tmp_path_factory):
+    """test_ssh's lab: sshd in the source and hypervisor namespaces."""
+    test_ssh._fail_unless_possible()
+    workdir = str(tmp_path_factory.mktemp('ssh'))
+    os.chmod(workdir, 0o755)
+    built = test_ssh.SSHLab(workdir)
+    try:
+        built.build()
+        yield built
+    finally:
+        built.destroy()
+
+
+def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
+    cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
+    g = ssh_lab.guests[1]
+    paths = [topology.VifPath(vnic=g.tap, address=g.address,
+                              interfaces=(ssh_lab.pif, g.tap))]
+    source = sources.parse_source(
+        f'ssh://root@{ssh_lab.src_mgmt}:{test_ssh.PORT}',
+        options=ssh_lab.options(), netns_name=ssh_lab.mgmt)
+    settings = measure.WindowSettings(protocol='tcp', count=COUNT,
+                                      interval_ms=1.0)
+    try:
+        results = [measure.run_window(paths, source, settings,
+                                      capture_netns=ssh_lab.hv)
+                   for _ in range(2)]
+    finally:
+        source.close()
+    ports = []
+    for result in results:
+        rep = result.reports[g.tap]
+        assert (rep.sent, rep.ingress.count, rep.egress.count) == \
+            (COUNT, COUNT, COUNT), rep
+        ports += key_ports(result, g.tap)
+    assert len(ports) == len(set(ports)) == 2 * COUNT
+
+
+def test_measure_sends_tcp_from_its_own_ports(ssh_lab, tmp_path):
+    g = ssh_lab.guests[1]
+    pcaps = tmp_path / 'pcaps'
+    proc = test_ssh._netweaver(ssh_lab.measure_argv(
+        '--vif', g.tap, '-d', g.address, '--protocol', 'tcp', '--count',
+        str(COUNT), '--interval-ms', '2', '--json', '--output-dir',
+        str(pcaps)))
+    got = json.loads(proc.stdout)
+    rep = got['reports'][g.tap]
+    assert (got['sent'], got['mode']) == (COUNT, 'probe')
+    assert rep['ingress']['count'] == COUNT and rep['ingress']['lost'] == 0
+    assert rep['egress']['count'] == COUNT
+    seen = pcap_syns(str(pcaps / 'pif.pcap'), g.address)
+    assert len(seen) == len(set(seen)) == COUNT
+    assert set(seen) <= set(probe.DEFAULT_TCP_SOURCE_PORTS)
