@@ -16,8 +16,9 @@ the firewall knows), and all of them.  tcpdump records the pif.
   the kernel's conntrack table; the old behaviour, one 5-tuple for every
   probe (a cursor over one port), makes every SYN but the first a
   retransmission of one connection.
-* The other senders: the ``ssh://`` source (a real sshd) and
-  ``netweaver measure --protocol tcp`` send from the plan's ports too.
+* The other senders: the privsep daemon (the plan handed over with each
+  probe's port), the ``ssh://`` source (a real sshd) and ``netweaver
+  measure --protocol tcp`` send from the plan's ports too.
 
 Needs root; fails (never skips) without a lab.
 """
@@ -33,9 +34,11 @@ import pytest
 
 from netweaver_agent import measure
 from netweaver_agent import netns
+from netweaver_agent import privileged
 from netweaver_agent import probe
 from netweaver_agent import sources
 from netweaver_agent import topology
+from tests.functional import test_privsep
 from tests.functional import test_ssh
 from tests.functional import test_tcpdump_agreement as agreement
 
@@ -197,7 +200,27 @@ def test_unanswered_probes_are_never_retransmissions(lab_factory, cursor):
     assert firewall.syn_sent(guest.address).count(old_port) == 1
 
 
-# -- the SSH sender and netweaver measure -------------------------------------
+# -- the privsep daemon, the SSH sender and netweaver measure ----------------
+
+def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
+    cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
+    the_lab = lab_factory(guests=2)
+    ctx = privileged.netns_pctxt
+    settings = measure.WindowSettings(protocol='tcp', count=COUNT,
+                                      timeout_ms=100.0, max_window_ms=3000.0)
+    ports = collections.defaultdict(list)
+    for _ in range(2):
+        source = privileged.PrivsepLocalSource(the_lab.src_netns,
+                                               context=ctx)
+        result = test_privsep._daemon_window(the_lab, source, settings, ctx)
+        for g in the_lab.guests:
+            rep = result.reports[g.tap]
+            assert (rep.sent, rep.ingress.count, rep.egress.count) == \
+                (COUNT, COUNT, COUNT), rep
+            ports[g.address] += key_ports(result, g.tap)
+    for got in ports.values():
+        assert len(got) == len(set(got)) == 2 * COUNT
+
 
 @pytest.fixture(scope='module')
 def ssh_lab(tmp_path_factory):
