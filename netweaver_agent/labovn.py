@@ -58,9 +58,22 @@ the logical switch's VNI) and on the tap (plain); ``br-phy``, the tunnel
 port (``ovn-src-0``, datapath port ``genev_sys_6081``), ``br-ex`` and
 ``br-int`` are crossed unseen (:meth:`OvnLayout.unseen`).
 
-Truth: loss only, exact: the lab source marks every Nth probe to a guest
-(:mod:`netweaver_agent.labmark`: the IP TTL) and an ACL ``to-lport``
-above the allows drops what carries the mark.  No delay truth: the
+With ``ipv6=True`` the logical ports also carry the guests' (and the
+source's) IPv6 addresses, the security group has the same rules for
+``ip6`` (``icmp6``), and :meth:`OvnLayout.paths` ``(ipv6=True)`` gives
+the guests' IPv6 addresses.  :meth:`OvnLayout.allow_only` moves a guest
+into a security group without some rules (its probes of the other
+protocols are then dropped by the ACLs: *filtered*).
+
+Truth: loss only, exact on ingress: the lab source marks every Nth
+probe to a guest (:mod:`netweaver_agent.labmark`: the IP TTL, or IPv6
+hop limit, counted per address) and an ACL ``to-lport`` above the
+allows drops what carries the mark.  The drop is stateful, as every OVN
+ACL on a switch with ``allow-related`` rules: it marks the ICMP echo
+conversation's conntrack entry blocked (``ct_mark.blocked``), and on the
+userspace datapath, with probes 1 ms apart, some of the guest's
+*replies* to the next probes are dropped too (seen on the tap, never on
+the pif): the lossy guest's egress is not truth.  No delay truth: the
 userspace datapath never passes netfilter and the kernel has no netem.
 """
 
@@ -91,6 +104,7 @@ ACL_ALLOW_PRIORITY = 1002
 ACL_LOSS_PRIORITY = 1003
 DROP_PG = 'neutron_pg_drop'
 _ACL_MATCH = {'icmp': 'icmp4', 'udp': 'udp', 'tcp': 'tcp'}
+_ACL_MATCH6 = {'icmp': 'icmp6', 'udp': 'udp', 'tcp': 'tcp'}
 
 
 def _env(root):
@@ -381,9 +395,6 @@ class OvnLayout(labswitch.SwitchLayout):
                 f"lab switch 'ovn' builds network types "
                 f"{', '.join(self.network_types)}, not "
                 f"{self.network_type!r}")
-        if spec.ipv6:
-            raise labswitch.LabError("lab switch 'ovn' is built for IPv4 "
-                                     "only")
         lines = [f'link add {spec.pif} address {spec.pif_mac} type veth peer '
                  f'name eth0 address {spec.src_underlay_mac} netns '
                  f'{lab.src_netns}', 'link set lo up',
@@ -430,8 +441,9 @@ class OvnLayout(labswitch.SwitchLayout):
                          f'{spec.segmentation_id}'])
         if self.network_type == 'geneve':
             cmds += [['lsp-add', ls, SOURCE_PORT],
-                     ['lsp-set-addresses', SOURCE_PORT,
-                      f'{spec.src_mac} {spec.src_address}']]
+                     ['lsp-set-addresses', SOURCE_PORT, ' '.join(
+                         filter(None, (spec.src_mac, spec.src_address,
+                                       spec.src_address6)))]]
         else:
             cmds += [['lsp-add', ls, f'provnet-{spec.network_id}'],
                      ['lsp-set-type', f'provnet-{spec.network_id}',
@@ -441,11 +453,11 @@ class OvnLayout(labswitch.SwitchLayout):
                      ['lsp-set-options', f'provnet-{spec.network_id}',
                       f'network_name={PHYSNET}']]
         for g in guests:
+            addresses = ' '.join(filter(None, (g.mac, g.address,
+                                               g.address6)))
             cmds += [['lsp-add', ls, g.port_id],
-                     ['lsp-set-addresses', g.port_id,
-                      f'{g.mac} {g.address}'],
-                     ['lsp-set-port-security', g.port_id,
-                      f'{g.mac} {g.address}']]
+                     ['lsp-set-addresses', g.port_id, addresses],
+                     ['lsp-set-port-security', g.port_id, addresses]]
         ports = [g.port_id for g in guests]
         cmds += [['pg-add', DROP_PG, *ports],
                  ['acl-add', DROP_PG, 'to-lport', str(ACL_DROP_PRIORITY),
@@ -460,14 +472,21 @@ class OvnLayout(labswitch.SwitchLayout):
         ``protocols`` (None: all) from the source, with ``ports``."""
         pg = self.port_group(protocols)
         allowed = sorted(_ACL_MATCH) if protocols is None else protocols
-        cmds = [['pg-add', pg, *ports],
-                ['acl-add', pg, 'from-lport', str(ACL_ALLOW_PRIORITY),
-                 f'inport == @{pg} && ip4', 'allow-related']]
-        for proto in allowed:
-            cmds.append(['acl-add', pg, 'to-lport', str(ACL_ALLOW_PRIORITY),
-                         f'outport == @{pg} && ip4 && ip4.src == '
-                         f'{self.spec.src_address}/{self.spec.prefixlen} && '
-                         f'{_ACL_MATCH[proto]}', 'allow-related'])
+        spec = self.spec
+        families = [('ip4', f'{spec.src_address}/{spec.prefixlen}',
+                     _ACL_MATCH)]
+        if spec.ipv6:
+            families.append(('ip6', f'{spec.src_address6}/{spec.prefixlen6}',
+                             _ACL_MATCH6))
+        cmds = [['pg-add', pg, *ports]]
+        for ip, src, match in families:
+            cmds.append(['acl-add', pg, 'from-lport', str(ACL_ALLOW_PRIORITY),
+                         f'inport == @{pg} && {ip}', 'allow-related'])
+            for proto in allowed:
+                cmds.append(['acl-add', pg, 'to-lport',
+                             str(ACL_ALLOW_PRIORITY),
+                             f'outport == @{pg} && {ip} && {ip}.src == {src}'
+                             f' && {match[proto]}', 'allow-related'])
         self._allowed[pg] = tuple(allowed)
         self._member.update((p, pg) for p in ports)
         return cmds
@@ -503,6 +522,11 @@ class OvnLayout(labswitch.SwitchLayout):
                      f'{SOURCE_DEV}', f'link set {SOURCE_DEV} up']
             lines += [f'neigh replace {g.address} lladdr {g.mac} dev '
                       f'{SOURCE_DEV} nud permanent' for g in lab.guests]
+            if spec.ipv6:
+                lines.append(f'addr add {spec.src_address6}/'
+                             f'{spec.prefixlen6} dev {SOURCE_DEV} nodad')
+                lines += [f'neigh replace {g.address6} lladdr {g.mac} dev '
+                          f'{SOURCE_DEV} nud permanent' for g in lab.guests]
             labswitch.ip_batch(lab.src_netns, lines)
         self._wait_ready()
 
@@ -575,13 +599,14 @@ class OvnLayout(labswitch.SwitchLayout):
         """pif → tap per guest, with the devices crossed unseen (``via``)
         and, with Geneve, the tunnel that carries the probes on the pif
         (``encap``)."""
-        if ipv6:
-            raise labswitch.LabError(f"lab {self.lab.prefix!r}: the OVN "
-                                     "layout is built for IPv4 only")
+        if ipv6 and not self.spec.ipv6:
+            raise labswitch.LabError(f"lab {self.lab.prefix!r} was built "
+                                     "without IPv6")
         via = (self.unseen_devices(),)
         encap = ((topology.Encapsulation('geneve', GENEVE_PORT),)
                  if self.network_type == 'geneve' else ())
-        return [topology.VifPath(vnic=g.tap, address=g.address,
+        return [topology.VifPath(vnic=g.tap,
+                                 address=g.address6 if ipv6 else g.address,
                                  interfaces=self.hops(g), mac=g.mac,
                                  via=via, encap=encap)
                 for g in self.lab.guests]
@@ -602,15 +627,24 @@ class OvnLayout(labswitch.SwitchLayout):
                 f"lab {self.lab.prefix!r}: guest {loss.guest} already has "
                 "a loss")
         ttl = self.marks.free_ttl()
-        match = (f'outport == "{g.port_id}" && ip4.dst == {g.address} && '
-                 f'ip.ttl == {ttl}')
-        if loss.protocol:
-            match += f' && {_ACL_MATCH[loss.protocol]}'
         pg = self._port_group_of(g.port_id)
-        self._nb_batch([['acl-add', pg, 'to-lport', str(ACL_LOSS_PRIORITY),
-                         match, 'drop']])
-        self.marks.add(labmark.Mark(dst_ip=g.address, every=loss.every,
-                                    ttl=ttl, protocol=loss.protocol))
+        # One mark and one ACL per address family (the IPv6 hop limit is
+        # ip.ttl too); each family's probes are counted on their own.
+        targets = [('ip4', g.address, _ACL_MATCH)]
+        if g.address6:
+            targets.append(('ip6', g.address6, _ACL_MATCH6))
+        cmds = []
+        for ip, address, protos in targets:
+            match = (f'outport == "{g.port_id}" && {ip}.dst == {address} && '
+                     f'ip.ttl == {ttl}')
+            if loss.protocol:
+                match += f' && {protos[loss.protocol]}'
+            cmds.append(['acl-add', pg, 'to-lport', str(ACL_LOSS_PRIORITY),
+                         match, 'drop'])
+        self._nb_batch(cmds)
+        for _, address, _ in targets:
+            self.marks.add(labmark.Mark(dst_ip=address, every=loss.every,
+                                        ttl=ttl, protocol=loss.protocol))
         self._losses.append((loss, ttl))
         LOG.info('Lab %(prefix)s: every %(n)dth probe to %(tap)s marked '
                  'TTL %(ttl)d and dropped by an OVN ACL',

@@ -356,3 +356,26 @@ def test_failed_build_stops_the_daemons_it_started(monkeypatch):
         assert not os.path.exists(lab_mod.state_dir(prefix))
     finally:
         lab_mod.teardown_kept(prefix)
+
+
+@pytest.mark.parametrize('network_type', ['geneve', 'flat'])
+def test_ipv6_probes_and_exact_loss(ovn_lab, network_type):
+    the_lab = ovn_lab(guests=2, ipv6=True, network_type=network_type,
+                      losses=(lab_mod.LossInjection(guest=0, every=10,
+                                                    protocol='icmp'),))
+    lossy, clean = the_lab.guests
+    paths = the_lab.paths(ipv6=True)
+    assert [p.address for p in paths] == [lossy.address6, clean.address6]
+    settings = {'geneve_port': paths[0].encap_port('geneve')}
+    for protocol in ('icmp', 'udp'):
+        result = measure.run_window(
+            paths, the_lab.source(),
+            measure.WindowSettings(protocol=protocol, count=30, **settings),
+            capture_netns=the_lab.hv_netns)
+        lost = 3 if protocol == 'icmp' else 0
+        assert result.reports[lossy.tap].ingress.lost == lost
+        assert result.reports[lossy.tap].ingress.count == 30 - lost
+        assert result.reports[clean.tap].ingress.count == 30
+    # The IPv4 probes to the same guest are counted on their own.
+    result = window(the_lab, protocol='icmp', count=10)
+    assert result.reports[lossy.tap].ingress.lost == 1
