@@ -516,3 +516,39 @@ def test_the_tunnel_kind_survives_privsep():
     old = capture.SightingBatch(5)
     privileged.batch_from_wire(raw, old)
     assert old.encap[(2, pif)] == probe.Encap(vni=7, tunnel='vxlan')
+
+
+def cooked(frame, v2=False):
+    """``frame`` as ``tcpdump -i any`` writes it (Linux cooked v1/v2)."""
+    etype = frame[12:14]
+    if v2:
+        head = etype + bytes(2) + struct.pack('!I', 3) + struct.pack(
+            '!HBB', 1, 0, 6) + frame[6:12] + bytes(2)
+    else:
+        head = struct.pack('!HHH', 0, 1, 6) + frame[6:12] + bytes(2) + etype
+    return head + frame[14:]
+
+
+@pytest.mark.parametrize('v2', [False, True])
+def test_cooked_captures_read_tunnels_the_same(v2):
+    link = pcapkeys.LINKS[pcapkeys.LINKTYPE_LINUX_SLL2 if v2 else
+                          pcapkeys.LINKTYPE_LINUX_SLL]
+    inner = inner_frame('icmp', False)
+    for frame in (tf.geneve(inner, 8, options=GENEVE_OPTIONS[24]),
+                  tf.geneve(inner, 8, v6_underlay=True),
+                  tf.vxlan(inner, 8)):
+        c = cooked(frame, v2)
+        assert pcapkeys.frame_key(c, 0, len(c), link) == \
+            pcapkeys.frame_key(frame, 0, len(frame))
+        assert pcapkeys.frame_key(c, 0, len(c), link)[2].vni == 8
+    # Fingerprints: the same key through either link type; noise is none.
+    from tests.unit import test_pcapfile as tpf
+    syn = tf.geneve(tpf._hping_syn(1234, 99, 7), 8)
+    c = cooked(syn, v2)
+    want = pcapkeys.fingerprint_key(syn, 0, len(syn), dst_ip=tf.V4[1])
+    assert want[2] == probe.Encap(vni=8, tunnel='geneve')
+    assert pcapkeys.fingerprint_key(c, 0, len(c), link, tf.V4[1]) == want
+    igmp = bytearray(tpf._hping_syn(1234, 99, 7))
+    igmp[23] = 2                                   # IP protocol: IGMP
+    c = cooked(tf.geneve(bytes(igmp), 8), v2)
+    assert pcapkeys.fingerprint_key(c, 0, len(c), link, tf.V4[1]) is None
