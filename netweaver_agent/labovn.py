@@ -83,6 +83,7 @@ import os
 import socket
 import struct
 import time
+import uuid
 
 from oslo_log import log
 
@@ -395,15 +396,17 @@ class OvnLayout(labswitch.SwitchLayout):
     def security_group(self):
         """The id of the guests' security group (its port group is
         ``pg_`` + the id with ``_`` for ``-``, as Neutron names it)."""
-        return str(self.spec._uuid('security-group'))
+        return str(uuid.uuid5(uuid.UUID(self.spec.network_id),
+                              'security-group'))
 
     def port_group(self, protocols=None):
         """The port group of the security group allowing ``protocols``
         from the source (None: all probe protocols)."""
         sg = self.security_group
         if protocols is not None:
-            sg = str(self.spec._uuid('security-group/' +
-                                     ','.join(sorted(protocols))))
+            sg = str(uuid.uuid5(uuid.UUID(self.spec.network_id),
+                                'security-group/' +
+                                ','.join(sorted(protocols))))
         return 'pg_' + sg.replace('-', '_')
 
     def tunnel_key(self):
