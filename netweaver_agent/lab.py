@@ -939,18 +939,24 @@ class Lab:
         if not 0 <= inj.guest < len(self.guests):
             raise LabError(f"lab {self.prefix!r} has no guest {inj.guest}")
 
-    def start_delayer(self, delay):
-        """Start a :mod:`delayer` process on the next NFQUEUE number in
-        the hypervisor's namespace; its :class:`ActiveDelay` (the layout
-        sends packets to ``queue``)."""
-        queue = len(self._delays)
+    def start_delayer(self, delay, module='netweaver_agent.delayer',
+                      args=None, backend='nfqueue'):
+        """Start a delayer process in the hypervisor's namespace; its
+        :class:`ActiveDelay`.
+
+        Default: a :mod:`delayer` on the next NFQUEUE number (the layout
+        sends packets to ``queue``).  ``module``/``args``: another delayer
+        taking the same ``--delay-ms``, ``--records`` and ``--watch-pid``
+        and printing :data:`delayer.READY` (``backend`` names it).
+        """
+        queue = len(self._delays) if args is None else None
         guest = self.guests[delay.guest]
         records = os.path.join(self.state_dir, f'delay-g{delay.guest}.records')
         logfile = os.path.join(self.state_dir, f'delayer-g{delay.guest}.log')
         open(records, 'w').close()
-        argv = [sys.executable, '-m', 'netweaver_agent.delayer',
-                '--queue', str(queue), '--delay-ms', str(delay.delay_ms),
-                '--records', records]
+        argv = [sys.executable, '-m', module,
+                *(['--queue', str(queue)] if args is None else args),
+                '--delay-ms', str(delay.delay_ms), '--records', records]
         if not self.spec.persistent:
             argv += ['--watch-pid', str(os.getpid())]
         with open(logfile, 'ab') as log_f:
@@ -960,14 +966,14 @@ class Lab:
                 netns.netns_argv(self.hv_netns, argv),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=log_f, start_new_session=True)
-        self._procs.append(proc)
+        self._procs.append((proc, module))
         self._save_state()
         self._wait_ready(proc, logfile)
         LOG.info('Lab %(prefix)s: probes to %(tap)s held %(ms)s ms by '
-                 'delayer %(pid)d (queue %(q)d)',
+                 '%(backend)s delayer %(pid)d',
                  {'prefix': self.prefix, 'tap': guest.tap,
-                  'ms': delay.delay_ms, 'pid': proc.pid, 'q': queue})
-        return ActiveDelay(injection=delay, backend='nfqueue', queue=queue,
+                  'ms': delay.delay_ms, 'pid': proc.pid, 'backend': backend})
+        return ActiveDelay(injection=delay, backend=backend, queue=queue,
                            records_path=records, pid=proc.pid)
 
     def _wait_ready(self, proc, logfile):
@@ -1012,8 +1018,8 @@ class Lab:
     # -- state and teardown --------------------------------------------------
 
     def _pids(self):
-        return ([{'pid': p.pid, 'marker': 'netweaver_agent.delayer'}
-                 for p in self._procs] + self.layout.pids())
+        return ([{'pid': p.pid, 'marker': module}
+                 for p, module in self._procs] + self.layout.pids())
 
     def _save_state(self):
         if not os.path.isdir(self.state_dir):
@@ -1046,7 +1052,7 @@ class Lab:
                             {'prefix': self.prefix, 'exc': exc})
             _remove(self.prefix, self.spec.namespaces(), pids)
         finally:
-            for p in self._procs:
+            for p, _ in self._procs:
                 if p.stdout is not None:
                     p.stdout.close()
                 if p.poll() is None:

@@ -49,17 +49,22 @@ Truth:
   has neither netem nor act_gact: exact loss by an OpenFlow drop on
   ``br-int`` of the probes the lab's source marks (every Nth probe to the
   guest gets a TTL of its own: :mod:`netweaver_agent.labmark`, and
-  :class:`MarkingFrameSource` for VLAN frames); no delay truth.
+  :class:`MarkingFrameSource` for VLAN frames); delay by an OpenFlow
+  controller (:mod:`netweaver_agent.labofdelay`) that br-int sends the
+  guest's probes to (table 60, after the local VLAN is set): it holds
+  each packet-in, records the hold, and sends it to the guest's port.
 """
 
 import os
 import struct
+import time
 
 from oslo_log import log
 
 from netweaver_agent import framesource
 from netweaver_agent import lablinuxbridge
 from netweaver_agent import labmark
+from netweaver_agent import labofdelay
 from netweaver_agent import labswitch
 
 LOG = log.getLogger(__name__)
@@ -67,6 +72,9 @@ LOG = log.getLogger(__name__)
 # The OVS agent's local VLAN of the lab's one network.
 LOCAL_VLAN = 1
 LOSS_FLOW_PRIORITY = 200
+DELAY_FLOW_PRIORITY = 150
+CONTROLLER_CONNECT_TIMEOUT_S = 10.0
+_IP6_PROTOCOLS = {'icmp': 'icmp6', 'udp': 'udp6', 'tcp': 'tcp6'}
 _ETH_P_8021Q = (0x8100, 0x88a8)
 
 
@@ -99,6 +107,9 @@ class OvsLayout(labswitch.SwitchLayout):
         super().__init__(lab)
         self.ovs = labswitch.OvsDaemons(
             lab.hv_netns, os.path.join(lab.state_dir, 'ovs'))
+        # bridge -> the OpenFlow rules installed (replayed when a first
+        # controller makes ovs-vswitchd flush the bridge's flows).
+        self.flows = {}
 
     @property
     def bridge(self):
@@ -247,11 +258,21 @@ class OvsLayout(labswitch.SwitchLayout):
                 f'actions={out},NORMAL',
                 'table=0,priority=2,in_port=phy-br-ex,actions=drop',
                 'table=0,priority=0,actions=NORMAL']
-        for bridge, lines in flows.items():
-            path = os.path.join(self.ovs.paths.root, f'{bridge}.flows')
-            with open(path, 'w', encoding='ascii') as f:
-                f.write('\n'.join(lines) + '\n')
-            self.ovs.ofctl('add-flows', bridge, path)
+        self.flows = flows
+        for bridge in flows:
+            self._install(bridge)
+
+    def _install(self, bridge):
+        """Add every flow of ``bridge`` in :attr:`flows` (again)."""
+        path = os.path.join(self.ovs.paths.root, f'{bridge}.flows')
+        with open(path, 'w', encoding='ascii') as f:
+            f.write('\n'.join(self.flows[bridge]) + '\n')
+        self.ovs.ofctl('add-flows', bridge, path)
+
+    def add_flow(self, bridge, flow):
+        """Add one flow, and keep it in :attr:`flows`."""
+        self.flows[bridge].append(flow)
+        self.ovs.ofctl('add-flow', bridge, flow)
 
     def _fdb(self):
         """Static forwarding entries: no learning, no flooding."""
@@ -353,11 +374,14 @@ class OvsNativeLayout(OvsLayout):
     name = 'ovs-native'
     loss_truth = ('OpenFlow drop on br-int of the probes the lab source '
                   'marks (every Nth to the guest, by IP TTL)')
+    delay_truth = ('OpenFlow controller delayer on br-int (packet-in, '
+                   'hold, packet-out), each hold recorded')
 
     def __init__(self, lab):
         super().__init__(lab)
         # Shared by every source made: counts carry over windows.
         self.marks = labmark.MarkTable()
+        self._controller = None
 
     def int_port(self, guest):
         return guest.tap
@@ -395,14 +419,57 @@ class OvsNativeLayout(OvsLayout):
             flows.append(f'table=0,priority={LOSS_FLOW_PRIORITY},{match},'
                          f'nw_ttl={mark.ttl},actions=drop')
         for flow in flows:
-            self.ovs.ofctl('add-flow', self.INT, flow)
+            self.add_flow(self.INT, flow)
 
     def inject_delay(self, delay):
+        """Hold every probe to a guest in an OpenFlow controller
+        (:mod:`netweaver_agent.labofdelay`): a flow on br-int sends them
+        to it, it sends each back to the guest's port after the delay."""
+        if delay.backend == 'netem':
+            raise labswitch.LabError(
+                f"lab switch {self.name!r}: no tc netem here (and the "
+                "userspace datapath would bypass it); use the auto backend")
+        if self._controller:
+            raise labswitch.LabError(
+                f"lab {self.lab.prefix!r}: {self.name} delays one guest "
+                "(one controller on br-int)")
+        g = self.lab.guests[delay.guest]
+        ofport = int(self.ovs.vsctl('get', 'Interface', g.tap, 'ofport'))
+        listen = os.path.join(self.ovs.paths.root,
+                              f'ofdelay-g{delay.guest}.sock')
+        active = self.lab.start_delayer(
+            delay, module='netweaver_agent.labofdelay',
+            args=['--listen', listen, '--output-port', str(ofport)],
+            backend='openflow')
+        self._controller = f'unix:{listen}'
+        # A bridge's first controller makes ovs-vswitchd flush its flows
+        # (connmgr_set_controllers): install them again, then the delay's.
+        self.ovs.vsctl('set-controller', self.INT, self._controller)
+        self._wait_connected(listen + labofdelay.CONNECTED_SUFFIX)
+        self._install(self.INT)
+        matches = [delay.protocol or 'ip', f'nw_dst={g.address}']
+        flows = [','.join(matches)]
+        if g.address6:
+            flows.append(','.join([_IP6_PROTOCOLS.get(delay.protocol,
+                                                      'ipv6'),
+                                   f'ipv6_dst={g.address6}']))
+        for match in flows:
+            self.add_flow(self.INT,
+                          f'table=60,priority={DELAY_FLOW_PRIORITY},'
+                          f'dl_vlan={LOCAL_VLAN},{match},'
+                          'actions=CONTROLLER:65535')
+        return active
+
+    def _wait_connected(self, marker):
+        end = time.monotonic() + CONTROLLER_CONNECT_TIMEOUT_S
+        while time.monotonic() < end:
+            if os.path.exists(marker):
+                return
+            time.sleep(0.01)
         raise labswitch.LabError(
-            f"lab switch {self.name!r} has no delay truth: the userspace "
-            "datapath never passes netfilter (no NFQUEUE delayer) and the "
-            "kernel has no tc netem; inject delay on ovs-hybrid or "
-            "linuxbridge")
+            f"lab {self.lab.prefix!r}: br-int did not connect to the "
+            f"delaying controller {self._controller} within "
+            f"{CONTROLLER_CONNECT_TIMEOUT_S:.0f} s")
 
     def source(self):
         """The layout's source, marking every Nth probe to a guest with

@@ -19,6 +19,7 @@ import sys
 from netweaver_agent import lab
 from netweaver_agent import latency
 from netweaver_agent import measure
+from netweaver_agent import opts
 from netweaver_agent import probe
 from netweaver_agent import report
 
@@ -51,7 +52,7 @@ def add_parser(subparsers):
                         help='probes per guest (default 50)')
     parser.add_argument('--protocol', choices=probe.PROTOCOLS,
                         default='icmp', help='probe protocol')
-    parser.add_argument('--delay-ms', type=float, default=None,
+    parser.add_argument('--delay-ms', type=opts.finite_float, default=None,
                         help='delay injected on the bridge for probes to '
                              '--delay-guest (default 2 where the switch has '
                              'delay truth, else none; 0: none)')
@@ -67,9 +68,9 @@ def add_parser(subparsers):
                              '(default 0: no loss)')
     parser.add_argument('--loss-guest', type=int, default=0,
                         help='guest index to drop probes of (default 0)')
-    parser.add_argument('--interval-ms', type=float, default=1.0,
+    parser.add_argument('--interval-ms', type=opts.finite_float, default=1.0,
                         help='spacing between probes of the window')
-    parser.add_argument('--timeout-ms', type=float, default=None,
+    parser.add_argument('--timeout-ms', type=opts.finite_float, default=None,
                         help='a probe later than this is lost (default '
                              '200, or more than twice the delay)')
     parser.add_argument('--prefix', default=None,
@@ -151,7 +152,7 @@ def _truth(the_lab, guest, session, sent):
             out['delay_backend'] = d.backend
             holds = [r.hold_ns for r in the_lab.delay_records(guest.index)
                      if r.session == session and not r.reply]
-            if d.backend == 'nfqueue':
+            if d.records_path:
                 out['holds'] = report.stats_to_dict(
                     latency.DirectionStats.from_ns(holds))
     for loss in the_lab.losses:

@@ -234,11 +234,41 @@ def test_loss_exact(lab_factory, switch, network_type):
     assert vswitchd_alive(the_lab)
 
 
-def test_native_has_no_delay_truth(lab_factory):
-    the_lab = lab_factory(guests=1, switch='ovs-native')
-    with pytest.raises(lab_mod.LabError, match='no delay truth'):
-        the_lab.inject_delay(lab_mod.DelayInjection(guest=0, delay_ms=1.0))
-    assert 'delay: none' in the_lab.truth()
+@pytest.mark.parametrize('network_type', ['flat', 'vxlan', 'vlan'])
+def test_native_delay_held_by_the_openflow_controller(lab_factory,
+                                                      network_type):
+    delay_ms, count = 2.0, 20
+    the_lab = lab_factory(guests=2, switch='ovs-native',
+                          network_type=network_type, delays=(
+                              lab_mod.DelayInjection(guest=1,
+                                                     delay_ms=delay_ms),))
+    assert [d.backend for d in the_lab.delays] == ['openflow']
+    result = window(the_lab, protocol='icmp', count=count,
+                    per_vnic_interval_ms=5.0)
+    fast, slow = the_lab.guests
+    holds = {r.seq: r for r in the_lab.delay_records(1)
+             if r.session == result.session and not r.reply}
+    seen = conftest.probe_times(result.batch, the_lab.pif, slow.tap)
+    assert len(seen) == count
+    assert sorted(holds) == sorted(seen), 'every probe held exactly once'
+    overheads = []
+    for seq, (t_pif, t_vif) in seen.items():
+        rec = holds[seq]
+        assert rec.hold_ns >= delay_ms * 1e6, rec
+        # The hold sits inside pif → tap (same clock).
+        assert t_pif <= rec.received_ns + CLOCK_TOLERANCE_NS, (seq, rec)
+        assert rec.released_ns <= t_vif + CLOCK_TOLERANCE_NS, (seq, rec)
+        overheads.append(t_vif - t_pif - rec.hold_ns)
+    fast_p50 = result.reports[fast.tap].ingress.p50_us
+    assert fast_p50 < delay_ms * 1000
+    # Beyond the hold: two passes through the switch (to the controller,
+    # and the packet-out), each with a socket hop to and from userspace:
+    # twice the undelayed path and twice the Linux-bridge lab's tolerance.
+    assert (statistics.median(overheads) / 1000 <=
+            2 * (fast_p50 + OVERHEAD_MEDIAN_US)), (overheads, fast_p50)
+    assert result.reports[slow.tap].egress.count == count
+    assert not the_lab.delay_records(0)
+    assert vswitchd_alive(the_lab)
 
 
 def test_teardown_stops_the_daemons_and_removes_everything():
@@ -271,16 +301,22 @@ def test_cli_json_hops_truth_and_loss():
     prefix = conftest.unique_prefix('c')
     try:
         proc = run_cli('lab', '--switch', 'ovs-native', '--network-type',
-                       'vxlan', '--json', '--count', '20', '--delay-ms', '0',
+                       'vxlan', '--json', '--count', '20',
                        '--loss-every', '5', '--prefix', prefix)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert (out['switch'], out['network_type']) == ('ovs-native',
                                                         'vxlan')
-        assert 'delay: none' in out['truth']
-        lossy, other = out['guests']
+        assert out['truth'].startswith('delay: ') and 'loss: ' in \
+            out['truth']
+        lossy, slow = out['guests']
         assert lossy['report']['ingress']['lost'] == 4
-        assert other['report']['ingress']['lost'] == 0
+        assert slow['report']['ingress']['lost'] == 0
+        # The default delay, held by the OpenFlow controller.
+        assert slow['injected']['delay_backend'] == 'openflow'
+        assert slow['injected']['holds']['count'] == 20
+        assert slow['report']['ingress']['min_us'] >= \
+            slow['injected']['holds']['min_us'] - 2
         assert lossy['report']['vni'] == out['segmentation_id']
         hops = lossy['hops']
         assert [h['src'] for h in hops] == [out['pif']]

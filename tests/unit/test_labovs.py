@@ -14,6 +14,7 @@ import pytest
 from netweaver_agent import cli
 from netweaver_agent import lab
 from netweaver_agent import labmark
+from netweaver_agent import labofdelay
 from netweaver_agent import labovs
 from netweaver_agent import labvirt
 from netweaver_agent import probe
@@ -128,16 +129,20 @@ def parse(*argv):
     return cli.build_parser().parse_args(['lab', *argv])
 
 
-def test_cli_switch_defaults():
+def test_cli_switch_defaults(monkeypatch):
     spec = cmd_lab._spec(parse('--prefix', 'nwu-'))
     assert (spec.switch, spec.network_type) == ('linuxbridge', 'flat')
     assert [d.delay_ms for d in spec.delays] == [cmd_lab.DEFAULT_DELAY_MS]
-    # No delay truth on ovs-native: no default delay; one asked for is
-    # kept (the build then says why it cannot be made).
     native = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch',
                                  'ovs-native', '--network-type', 'vlan'))
-    assert (native.switch, native.network_type, native.delays) == \
-        ('ovs-native', 'vlan', ())
+    assert (native.switch, native.network_type) == ('ovs-native', 'vlan')
+    assert [d.delay_ms for d in native.delays] == [cmd_lab.DEFAULT_DELAY_MS]
+    # A layout without delay truth: no default delay; one asked for is
+    # kept (the build then says why it cannot be made).
+    monkeypatch.setattr(labovs.OvsNativeLayout, 'delay_truth', None)
+    native = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch',
+                                 'ovs-native'))
+    assert native.delays == ()
     asked = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch', 'ovs-native',
                                 '--delay-ms', '1'))
     assert [d.delay_ms for d in asked.delays] == [1.0]
@@ -151,3 +156,27 @@ def test_cli_rejects_a_network_the_switch_cannot_build():
         cmd_lab._spec(parse('--prefix', 'nwu-', '--network-type', 'vlan'))
     with pytest.raises(SystemExit):
         parse('--switch', 'openflow')
+
+
+def test_openflow_packet_in_and_out_wire_format():
+    frame = bytes(range(60))
+    # OXM match: in_port=7 and eth_type=0x0800: 18 bytes, padded to 24.
+    oxms = struct.pack('!IIIH', 0x80000004, 7, 0x80000a02, 0x0800)
+    match = struct.pack('!HH', 1, 4 + len(oxms)) + oxms
+    match += b'\0' * (-len(match) % 8)
+    body = struct.pack('!IHBBQ', 0xffffffff, len(frame), 1, 60, 0) + \
+        match + b'\0\0' + frame
+    assert labofdelay.parse_packet_in(body) == (7, frame)
+    with pytest.raises(ValueError, match='in_port'):
+        labofdelay.parse_packet_in(body[:16] + struct.pack('!HH4x', 1, 4)
+                                   + b'\0\0' + frame)
+    out = labofdelay.packet_out(9, 7, 3, frame)
+    version, msg_type, length, xid = struct.unpack_from('!BBHI', out)
+    assert (version, msg_type, length, xid) == (4, 13, len(out), 9)
+    buffer_id, in_port, actions_len = struct.unpack_from('!IIH', out, 8)
+    assert (buffer_id, in_port) == (0xffffffff, 7)
+    actions = out[24:24 + actions_len]
+    # POP_VLAN, then OUTPUT to port 3.
+    assert struct.unpack_from('!HH', actions) == (18, 8)
+    assert struct.unpack_from('!HHI', actions, 8) == (0, 16, 3)
+    assert out[24 + actions_len:] == frame
