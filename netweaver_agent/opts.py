@@ -325,6 +325,20 @@ def validate(conf):
                            '; '.join(found))
 
 
+def finite_float(text):
+    """``float(text)`` for a command-line flag (argparse ``type=``), but
+    never NaN or infinite (``float`` takes 'nan' and 'inf')."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") \
+            from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def list_opts():
     """The options, as ``oslo-config-generator`` wants them."""
     return [(GROUP, all_opts())]

@@ -8,6 +8,7 @@ import json
 import sys
 
 from netweaver_agent import analyze
+from netweaver_agent import opts
 from netweaver_agent import pcapfile
 from netweaver_agent import probe
 from netweaver_agent import report
@@ -42,7 +43,7 @@ def add_parser(subparsers):
     p.add_argument('--session', type=int, metavar='N',
                    help='probe window to analyse (default: the most common '
                         'in the pif file)')
-    p.add_argument('--timeout-ms', type=float,
+    p.add_argument('--timeout-ms', type=opts.finite_float,
                    default=analyze.DEFAULT_TIMEOUT_MS, metavar='MS',
                    help='slower than this counts as lost (default: '
                         '%(default)s)')

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 
+from netweaver_agent import opts
 from netweaver_agent import remote
 from netweaver_agent import report
 from netweaver_agent import seedjob
@@ -65,7 +66,7 @@ def add_parser(subparsers):
     p.add_argument('--protocol', default='icmp',
                    choices=('icmp', 'udp', 'tcp'),
                    help='protocol of our probes (default: %(default)s)')
-    p.add_argument('--interval-ms', type=float, default=1.0,
+    p.add_argument('--interval-ms', type=opts.finite_float, default=1.0,
                    help='spacing of our probes (default: %(default)s)')
     p.add_argument('--source-command', metavar='TEMPLATE',
                    help='send with this command on the source host instead '
@@ -75,20 +76,21 @@ def add_parser(subparsers):
                         .replace('%', '%%'))
     p.add_argument('--libvirt-uri', metavar='URI',
                    help='virsh -c URI, when libvirt resolves the vif')
-    p.add_argument('--connect-timeout', type=float, default=10.0,
+    p.add_argument('--connect-timeout', type=opts.finite_float, default=10.0,
                    metavar='S', help='SSH connect timeout (default: '
                                      '%(default)s s)')
-    p.add_argument('--command-timeout', type=float, default=60.0,
+    p.add_argument('--command-timeout', type=opts.finite_float, default=60.0,
                    metavar='S', help='remote command timeout (default: '
                                      '%(default)s s)')
     p.add_argument('--max-capture-mb', type=int,
                    default=remote.DEFAULT_MAX_CAPTURE_MB, metavar='MB',
                    help='refuse a fetched capture larger than this (MiB; '
                         'default: %(default)s)')
-    p.add_argument('--capture-timeout', type=float, default=60.0,
+    p.add_argument('--capture-timeout', type=opts.finite_float, default=60.0,
                    metavar='S', help='longest the sending may take '
                                      '(default: %(default)s s)')
-    p.add_argument('--settle', type=float, default=0.5, metavar='S',
+    p.add_argument('--settle', type=opts.finite_float, default=0.5,
+                   metavar='S',
                    help='wait for late answers before stopping the '
                         'captures (default: %(default)s s)')
     p.add_argument('--output-dir', metavar='DIR',

@@ -311,3 +311,34 @@ def test_run_window_refuses_a_non_finite_deadline(bad):
                             interfaces=('eth1', 'tap0'))
     with pytest.raises(ValueError, match='deadline_s .* finite'):
         measure.run_window([path], NeverSends(), deadline_s=bad)
+
+
+# --- the command's float flags ----------------------------------------------
+
+def test_finite_float_flag_type():
+    import argparse
+    assert opts.finite_float('2.5') == 2.5
+    for bad in ('nan', 'NaN', 'inf', '-inf', 'Infinity', 'x'):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            opts.finite_float(bad)
+
+
+@pytest.mark.parametrize('argv', [
+    ['measure', '--hv', 'h', '-s', 's', '-d', '198.18.0.10', '--vif', 't',
+     '--interval-ms', 'nan'],
+    ['measure', '--hv', 'h', '-s', 's', '-d', '198.18.0.10', '--vif', 't',
+     '--command-timeout', 'inf'],
+    ['analyze', 'a.pcap', 'b.pcap', '--timeout-ms', 'nan'],
+    ['lab', '--timeout-ms', 'nan'],
+])
+def test_the_command_refuses_non_finite_flags(argv):
+    """The real `netweaver` command line: argparse exits 2 naming the flag,
+    before anything runs."""
+    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+                           *argv], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    flag = next(a for a in argv if a.startswith('--') and
+                argv[argv.index(a) + 1] in ('nan', 'inf'))
+    assert f'argument {flag}' in proc.stderr
+    assert 'is not a finite number' in proc.stderr
