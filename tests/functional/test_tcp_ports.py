@@ -16,6 +16,10 @@ the firewall knows), and all of them.  tcpdump records the pif.
   the kernel's conntrack table; the old behaviour, one 5-tuple for every
   probe (a cursor over one port), makes every SYN but the first a
   retransmission of one connection.
+* The real ``ceilometer-polling``: its windows walk ``[netweaver]
+  tcp_source_ports`` across cycles; it refuses to load the meters, with an
+  ERROR naming the options, when the range is too small for the polling
+  interval read from polling.yaml.
 * The other senders: the privsep daemon (the plan handed over with each
   probe's port), the ``ssh://`` source (a real sshd) and ``netweaver
   measure --protocol tcp`` send from the plan's ports too.
@@ -26,12 +30,14 @@ Needs root; fails (never skips) without a lab.
 import collections
 import json
 import os
+import re
 import subprocess
 import time
 
 import dpkt
 import pytest
 
+from netweaver_agent import labagent
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import privileged
@@ -276,3 +282,77 @@ def test_measure_sends_tcp_from_its_own_ports(ssh_lab, tmp_path):
     seen = pcap_syns(str(pcaps / 'pif.pcap'), g.address)
     assert len(seen) == len(set(seen)) == COUNT
     assert set(seen) <= set(probe.DEFAULT_TCP_SOURCE_PORTS)
+
+
+# -- the real ceilometer-polling
+
+AGENT_RANGE = range(47000, 48000)
+AGENT_INTERVAL_S = 3
+AGENT_WAIT_S = 90.0
+AGENT_PROBE = {'probe_protocol': 'tcp', 'probe_interval_ms': 1.0,
+               'probe_timeout_ms': 100.0, 'max_window_ms': 2000.0,
+               'tcp_source_ports': f'{AGENT_RANGE[0]}-{AGENT_RANGE[-1]}'}
+WINDOW_RE = re.compile(r'Probe window \d+: \d+ probes to')
+
+
+def _wait_log(agent, predicate, what):
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while not predicate(agent.log_text()):
+        if time.monotonic() > deadline or not agent.alive():
+            pytest.fail(f'ceilometer-polling: no {what} within '
+                        f'{AGENT_WAIT_S:.0f} s (alive: {agent.alive()}); '
+                        f'see {agent.files.log}')
+        time.sleep(0.5)
+
+
+def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
+    the_lab = lab_factory(guests=1)
+    guest = the_lab.guests[0]
+    files = labagent.write_files(
+        the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
+        probe=dict(AGENT_PROBE, probe_count=COUNT))
+    dump = agreement.Tcpdump(the_lab.hv_netns, the_lab.pif,
+                             os.path.join(tmp_path, 'pif.pcap'),
+                             ['tcp', 'and', 'dst', 'host', guest.address],
+                             limit=20 * COUNT)
+    try:
+        dump.wait_listening()
+        with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+            rid = labagent.resource_ids(the_lab)[guest.tap]
+            agent.wait_for(labagent.latency_ready({rid}), AGENT_WAIT_S)
+            _wait_log(agent, lambda log: len(WINDOW_RE.findall(log)) >= 3,
+                      'three probe windows')
+            log = agent.log_text()
+        time.sleep(0.2)
+        assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        dump.kill()
+    assert 'Traceback' not in log and 'not loaded' not in log
+    seen = pcap_syns(dump.path, guest.address)
+    # Three cycles or more, each probe from a port of its own, all from
+    # the configured range (no wrap: 1000 ports, 20 per cycle).
+    assert len(seen) >= 3 * COUNT
+    assert len(set(seen)) == len(seen), collections.Counter(seen)
+    assert set(seen) <= set(AGENT_RANGE)
+
+
+def test_the_real_agent_refuses_a_range_too_small(lab_factory, tmp_path):
+    the_lab = lab_factory(guests=1)
+    # 30 probes every 3 s: 40 windows, 1200 ports within 120 s > 1000.
+    files = labagent.write_files(
+        the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
+        probe=dict(AGENT_PROBE, probe_count=30))
+    with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+        _wait_log(agent, lambda log: 'not loaded' in log, 'refusal')
+        time.sleep(2 * AGENT_INTERVAL_S)
+        log = agent.log_text()
+        assert not agent.series('ceilometer_network_vif_latency')
+    errors = [line for line in log.splitlines()
+              if 'ERROR' in line and 'not loaded' in line]
+    assert errors, log[-2000:]
+    for word in ('probe_protocol = tcp', 'probe_count = 30',
+                 f'tcp_source_ports = {AGENT_PROBE["tcp_source_ports"]}',
+                 f'polling interval {AGENT_INTERVAL_S} s', files.polling,
+                 'needs 1200 ports', 'holds 1000'):
+        assert word in errors[0], (word, errors[0])
+    assert not WINDOW_RE.search(log)
