@@ -168,11 +168,14 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
     assert vswitchd_alive(the_lab)
 
 
-def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory):
+@pytest.mark.parametrize('network_type', ['flat', 'vxlan', 'vlan'])
+def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory,
+                                                    network_type):
     delay_ms, count = 2.0, 20
-    the_lab = lab_factory(guests=2, switch='ovs-hybrid', delays=(
-        lab_mod.DelayInjection(guest=1, delay_ms=delay_ms,
-                               backend='nfqueue'),))
+    delay = lab_mod.DelayInjection(guest=1, delay_ms=delay_ms,
+                                   backend='nfqueue')
+    the_lab = lab_factory(guests=2, switch='ovs-hybrid',
+                          network_type=network_type, delays=(delay,))
     assert [d.backend for d in the_lab.delays] == ['nfqueue']
     result = window(the_lab, protocol='icmp', count=count,
                     per_vnic_interval_ms=5.0)
@@ -342,21 +345,24 @@ def test_cli_table_names_the_unseen_devices():
         lab_mod.teardown_kept(prefix)
 
 
-def test_cli_keep_then_down_stops_the_daemons():
+@pytest.mark.parametrize('switch', ['ovs-hybrid', 'ovs-native'])
+def test_cli_keep_then_down_stops_the_daemons(switch):
     conftest.require_root()
     prefix = conftest.unique_prefix('k')
     try:
-        proc = run_cli('lab', '--switch', 'ovs-hybrid', '--keep', '--count',
-                       '5', '--delay-ms', '0', '--prefix', prefix)
+        # The default delay: the NFQUEUE delayer (hybrid) or the OpenFlow
+        # controller (native) beside ovsdb-server and ovs-vswitchd.
+        proc = run_cli('lab', '--switch', switch, '--keep', '--count',
+                       '5', '--prefix', prefix)
         assert proc.returncode == 0, proc.stderr
         assert len(lab_namespaces(prefix)) == 4
         with open(os.path.join(lab_mod.state_dir(prefix),
                                lab_mod.STATE_FILE)) as f:
             state = json.load(f)
         pids = [p['pid'] for p in state['pids']]
-        assert len(pids) == 2 and all(lab_mod._alive(p) for p in pids), \
-            'a kept lab keeps its ovsdb-server and ovs-vswitchd'
-        assert state['switch']['switch'] == 'ovs-hybrid'
+        assert len(pids) == 3 and all(lab_mod._alive(p) for p in pids), \
+            'a kept lab keeps its daemons and its delayer'
+        assert state['switch']['switch'] == switch
         root = state['switch']['ovs_root']
         assert os.path.exists(labswitch.OvsPaths(root).db_sock)
         down = run_cli('lab', 'down', '--prefix', prefix)
