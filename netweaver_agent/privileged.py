@@ -19,9 +19,11 @@ settles and closes a :class:`capture.LiveCapture` there and gets the
 window's sightings back as columns (bytes), with the VLAN ids and VNIs
 they were carried with; :class:`PrivsepLocalSource` has the daemon build
 the window's probes from the plan and send them.
-The daemon sends nothing but probes it built itself, checks every
-argument, and forgets captures and prepared probes left behind after
-:data:`MAX_HOLD_S`.
+The daemon sends nothing but probes it built itself, only to addresses
+the :mod:`destinations` policy admits (checked again in the daemon, with
+the agent's ``probe_networks``), checks every argument, stays within its
+built-in :class:`DaemonLimits`, and forgets captures and prepared probes
+left behind after :data:`MAX_HOLD_S`.
 
 When the agent runs as root and no helper command is configured, the
 daemon is started as ``python -m oslo_privsep.daemon`` (no sudo): it still
@@ -831,6 +833,13 @@ class PrivsepLocalSource(sources.ProbeSource):
     def prepare(self, plan):
         self.discard()
         self.policy.check_all(plan.targets())
+        most = LIMITS.max_planned(plan.size)
+        if len(plan.probes) > most:
+            # Not sent at all: the daemon would refuse it after receiving
+            # every probe of it.
+            raise LimitError(
+                f"{len(plan.probes)} probes of {plan.size} bytes in one "
+                f"window: the privsep daemon takes at most {most}")
         handle = call(self.context, 'prepare_probes', self.netns_name,
                       plan.session, plan.protocol, plan.size, plan.port,
                       [(p.seq, p.dst_ip, p.offset_ns) for p in plan.probes],

@@ -377,3 +377,19 @@ def test_the_agent_refuses_a_bad_probe_network_at_start():
     assert 'probe_networks' in msg and "'198.18.0.1/24'" in msg
     assert opts.problems(_conf(probe_networks=['198.18.0.0/15',
                                                '2001:2::/48'])) == []
+
+
+def test_the_agents_side_does_not_send_a_plan_the_daemon_would_refuse(
+        monkeypatch):
+    calls = []
+    monkeypatch.setattr(privileged, 'call',
+                        lambda *args: calls.append(args) or 1)
+    src = privileged.PrivsepLocalSource('src', context=privileged.netns_pctxt)
+    one = sources.PlannedProbe(seq=0, dst_ip='198.18.0.10', offset_ns=0)
+    for size in (64, 1500):
+        most = LIMITS.max_planned(size)
+        plan = sources.ProbePlan(session=9, protocol='icmp', size=size,
+                                 probes=(one,) * (most + 1))
+        with pytest.raises(privileged.LimitError, match=f'at most {most}'):
+            src.prepare(plan)
+    assert calls == []
