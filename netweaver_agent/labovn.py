@@ -65,16 +65,16 @@ the guests' IPv6 addresses.  :meth:`OvnLayout.allow_only` moves a guest
 into a security group without some rules (its probes of the other
 protocols are then dropped by the ACLs: *filtered*).
 
-Truth: loss only, exact on ingress: the lab source marks every Nth
-probe to a guest (:mod:`netweaver_agent.labmark`: the IP TTL, or IPv6
-hop limit, counted per address) and an ACL ``to-lport`` above the
-allows drops what carries the mark.  The drop is stateful, as every OVN
-ACL on a switch with ``allow-related`` rules: it marks the ICMP echo
-conversation's conntrack entry blocked (``ct_mark.blocked``), and on the
-userspace datapath, with probes 1 ms apart, some of the guest's
-*replies* to the next probes are dropped too (seen on the tap, never on
-the pif): the lossy guest's egress is not truth.  No delay truth: the
-userspace datapath never passes netfilter and the kernel has no netem.
+Truth: loss only, exact: the lab source marks every Nth probe to a
+guest (:mod:`netweaver_agent.labmark`: the IP TTL, or IPv6 hop limit,
+counted per address) and an ACL ``to-lport`` above the allows drops
+what carries the mark.  A second, ``allow-stateless`` ACL with the same
+match keeps the marked probes out of conntrack: a stateful drop would
+mark the whole ICMP echo conversation's entry blocked
+(``ct_mark.blocked``), and on the userspace datapath some of the guest's
+replies to the next, unmarked probes were then dropped too (seen on the
+tap, never on the pif).  No delay truth: the userspace datapath never
+passes netfilter and the kernel has no netem.
 """
 
 import array
@@ -107,6 +107,7 @@ READY_TIMEOUT_S = 30.0
 ACL_DROP_PRIORITY = 1001
 ACL_ALLOW_PRIORITY = 1002
 ACL_LOSS_PRIORITY = 1003
+ACL_STATELESS_PRIORITY = 1000
 DROP_PG = 'neutron_pg_drop'
 _ACL_MATCH = {'icmp': 'icmp4', 'udp': 'udp', 'tcp': 'tcp'}
 _ACL_MATCH6 = {'icmp': 'icmp6', 'udp': 'udp', 'tcp': 'tcp'}
@@ -680,6 +681,11 @@ class OvnLayout(labswitch.SwitchLayout):
                 match += f' && {protos[loss.protocol]}'
             cmds.append(['acl-add', pg, 'to-lport', str(ACL_LOSS_PRIORITY),
                          match, 'drop'])
+            # Below every other rule: it only keeps them out of
+            # conntrack (see the module).
+            cmds.append(['acl-add', pg, 'to-lport',
+                         str(ACL_STATELESS_PRIORITY), match,
+                         'allow-stateless'])
         self._nb_batch(cmds)
         for _, address, _ in targets:
             self.marks.add(labmark.Mark(dst_ip=address, every=loss.every,

@@ -142,6 +142,9 @@ def test_loss_exact_through_the_acl(ovn_lab, network_type):
         rep = result.reports[lossy.tap]
         assert rep.ingress.lost == 5, rep.ingress
         assert rep.ingress.count == 45
+        # The drops touch nothing else: every probe that passed is
+        # answered through the switch.
+        assert (rep.egress.count, rep.egress.lost) == (45, 0), rep.egress
         assert result.reports[clean.tap].ingress.lost == 0
         assert result.reports[clean.tap].ingress.count == 50
         # Dropped after the pif, and the 10th, 20th... of the guest's.
