@@ -294,6 +294,28 @@ def test_teardown_stops_the_daemons_and_removes_everything():
     assert not os.path.exists(root)
 
 
+def test_failed_build_stops_the_daemons():
+    conftest.require_root()
+
+    class Broken(lab_mod.Lab):
+        def _finish(self):
+            self.started = [p['pid'] for p in self._pids()]
+            raise RuntimeError('injected failure at the last build step')
+
+    prefix = conftest.unique_prefix('f')
+    broken = Broken(lab_mod.LabSpec(
+        prefix=prefix, guests=1, switch='ovs-native', delays=(
+            lab_mod.DelayInjection(guest=0, delay_ms=1.0),)))
+    try:
+        with pytest.raises(lab_mod.LabError, match='injected failure'):
+            broken.build()
+        # ovsdb-server, ovs-vswitchd and the OpenFlow delayer.
+        assert len(broken.started) == 3
+        assert_gone(prefix, broken.started)
+    finally:
+        lab_mod.teardown_kept(prefix)
+
+
 def run_cli(*args, timeout=120):
     return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
