@@ -276,6 +276,13 @@ class OvnChassis:
     def controller_pidfile(self):
         return os.path.join(self.root, 'ovn-controller.pid')
 
+    def pidfile(self, daemon):
+        """The pidfile of ``daemon`` (ovsdb-server, ovs-vswitchd or
+        ovn-controller)."""
+        if daemon == 'ovn-controller':
+            return self.controller_pidfile
+        return self.ovs.paths.pidfile(daemon)
+
     def pids(self):
         """``{daemon: pid}`` of the chassis' daemons with a pidfile."""
         out = self.ovs.pids()
@@ -743,14 +750,16 @@ class OvnLayout(labswitch.SwitchLayout):
     # -- state and teardown --------------------------------------------------
 
     def pids(self):
+        """Every daemon of the layout; its marker is the ``--pidfile=``
+        word of its command line, which names this lab's state folder."""
         out = []
-        for daemon, pid in self.central.pids().items():
-            out.append({'pid': pid, 'marker': daemon.rsplit('-', 1)[0]
-                        if daemon.startswith('ovsdb-server') else daemon})
+        parts = [(self.central, self.central.pidfile)]
         for chassis in (self.hv, self.src):
             if chassis:
-                out += [{'pid': pid, 'marker': daemon}
-                        for daemon, pid in chassis.pids().items()]
+                parts.append((chassis, chassis.pidfile))
+        for part, pidfile in parts:
+            out += [{'pid': pid, 'marker': f'--pidfile={pidfile(daemon)}'}
+                    for daemon, pid in part.pids().items()]
         return out
 
     def state(self):

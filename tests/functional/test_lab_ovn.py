@@ -239,6 +239,15 @@ def test_kept_lab_down_stops_every_daemon():
         pids = daemon_pids(the_lab)
         assert pids and all(labswitch._alive(p) for p in pids.values())
         assert prefix in lab_mod.kept_prefixes()
+        # The state file names each daemon by a word of its own command
+        # line: 'lab down' ends exactly those (and what else runs in the
+        # lab's namespaces).
+        with open(os.path.join(the_lab.state_dir, lab_mod.STATE_FILE)) as f:
+            recorded = json.load(f)['pids']
+        assert sorted(e['pid'] for e in recorded) == sorted(pids.values())
+        for entry in recorded:
+            with open(f"/proc/{entry['pid']}/cmdline", 'rb') as f:
+                assert entry['marker'].encode() in f.read().split(b'\0')
         assert lab_mod.teardown_kept(prefix) == [prefix]
         assert [p for p in pids.values() if labswitch._alive(p)] == []
         assert not [n for n in os.listdir('/run/netns')
