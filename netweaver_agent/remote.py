@@ -88,8 +88,9 @@ MAX_INT_DIGITS = 10
 # Fetched files (captures): default bound, MiB.
 DEFAULT_MAX_CAPTURE_MB = 512
 _UINT_RE = re.compile(rb'[0-9]{1,%d}' % MAX_INT_DIGITS)
-# Outstanding SFTP read requests of one fetch (each answer <= 16 MiB).
-_SFTP_REQUESTS = 16
+# Outstanding SFTP read requests of one fetch (32 KiB each: 2 MiB in
+# flight).  Answers are taken in only as the copy reads them.
+_SFTP_REQUESTS = 64
 # The longest stderr an error message quotes (the tail).
 _STDERR_QUOTE = 2000
 # bandit B108: the remote host's mktemp -d template (random, 0700), checked by
@@ -725,8 +726,9 @@ class RemoteHost:
             with _Watchdog(self, timeout_s) as watch:
                 try:
                     self._copy(remote_path, local_path, cap, watch)
-                except (OSError, EOFError, paramiko.SSHException) as exc:
-                    if watch.fired.is_set():
+                except (OSError, EOFError, paramiko.SSHException,
+                        paramiko.SFTPError) as exc:
+                    if watch.fired.is_set() or watch.left() <= 0:
                         raise RemoteError(
                             f"cannot fetch {what}: did not finish within "
                             f"{timeout_s} s") from None
@@ -747,38 +749,43 @@ class RemoteHost:
         sftp = self._client.open_sftp()
         try:
             channel = sftp.get_channel()
-            with sftp.open(remote_path, 'rb') as src:
-                size = src.stat().st_size
-                if size is not None and size > cap:
-                    raise RemoteError(
-                        f"cannot fetch {remote_path} from {self.name}: it "
-                        f"holds {size} bytes, more than the {cap} allowed "
-                        "(max_capture_mb)")
-                if size:
-                    src.prefetch(size, _SFTP_REQUESTS)
-                total = 0
-                with open(local_path, 'wb') as dst:
-                    while True:
-                        left = watch.left()
-                        if left <= 0:
-                            raise RemoteError(
-                                f"cannot fetch {remote_path} from "
-                                f"{self.name}: did not finish within "
-                                f"{watch.timeout_s} s")
-                        channel.settimeout(left)
-                        data = src.read(min(_CHUNK, cap + 1 - total))
-                        if not data:
-                            break
-                        total += len(data)
-                        if total > cap:
-                            raise RemoteError(
-                                f"cannot fetch {remote_path} from "
-                                f"{self.name}: more than the {cap} bytes "
-                                "allowed (max_capture_mb; the host "
-                                f"announced {size}); stopped there")
-                        dst.write(data)
+            src = sftp.open(remote_path, 'rb')
+            size = src.stat().st_size
+            if size is not None and size > cap:
+                raise RemoteError(
+                    f"cannot fetch {remote_path} from {self.name}: it "
+                    f"holds {size} bytes, more than the {cap} allowed "
+                    "(max_capture_mb)")
+            if size:
+                src.prefetch(size, _SFTP_REQUESTS)
+            total = 0
+            with open(local_path, 'wb') as dst:
+                while True:
+                    left = watch.left()
+                    if left <= 0:
+                        raise RemoteError(
+                            f"cannot fetch {remote_path} from {self.name}: "
+                            f"did not finish within {watch.timeout_s} s")
+                    channel.settimeout(left)
+                    data = src.read(min(_CHUNK, cap + 1 - total))
+                    if not data:
+                        break
+                    total += len(data)
+                    if total > cap:
+                        raise RemoteError(
+                            f"cannot fetch {remote_path} from {self.name}: "
+                            f"more than the {cap} bytes allowed "
+                            f"(max_capture_mb; the host announced {size}); "
+                            "stopped there")
+                    dst.write(data)
+            # Closed politely only when all went well: after a timeout or a
+            # cap the SFTP stream may hold half an answer.
+            src.close()
         finally:
-            sftp.close()
+            try:
+                sftp.close()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
 
     @contextlib.contextmanager
     def tempdir(self):
