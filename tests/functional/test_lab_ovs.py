@@ -414,3 +414,18 @@ def test_ipv6_probes_with_loss(lab_factory, switch, network_type):
                                                          COUNT // 5)
     assert (clean.ingress.count, clean.ingress.lost) == (COUNT, 0)
     assert clean.egress.count == COUNT
+
+
+@pytest.mark.parametrize('switch, network_type, protocol', [
+    ('ovs-hybrid', 'flat', 'tcp'), ('ovs-native', 'vxlan', 'tcp'),
+    ('ovs-hybrid', 'vxlan', 'udp'), ('ovs-native', 'vlan', 'udp')])
+def test_udp_and_tcp_probes(lab_factory, switch, network_type, protocol):
+    the_lab = lab_factory(guests=2, switch=switch, network_type=network_type)
+    result = window(the_lab, protocol=protocol, count=COUNT)
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert (rep.ingress.count, rep.ingress.lost) == (COUNT, 0), rep
+        # Port unreachable answers are rate-limited by the guest.
+        assert rep.egress.count == COUNT if protocol == 'tcp' else \
+            rep.egress.count >= 1
+    assert vswitchd_alive(the_lab)
