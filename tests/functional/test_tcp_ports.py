@@ -16,6 +16,10 @@ the firewall knows), and all of them.  tcpdump records the pif.
   the kernel's conntrack table; the old behaviour, one 5-tuple for every
   probe (a cursor over one port), makes every SYN but the first a
   retransmission of one connection.
+* OVN: through the ACLs' userspace conntrack of ovs-vswitchd 3.1 (which
+  one 5-tuple for every probe crashed: both chassis' daemons died in the
+  first window when tried), each probe is a conntrack connection of its
+  own and ovs-vswitchd stays alive.
 * The real ``ceilometer-polling``: its windows walk ``[netweaver]
   tcp_source_ports`` across cycles; it refuses to load the meters, with an
   ERROR naming the options, when the range is too small for the polling
@@ -38,6 +42,7 @@ import dpkt
 import pytest
 
 from netweaver_agent import labagent
+from netweaver_agent import labswitch
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import privileged
@@ -356,3 +361,40 @@ def test_the_real_agent_refuses_a_range_too_small(lab_factory, tmp_path):
                  'needs 1200 ports', 'holds 1000'):
         assert word in errors[0], (word, errors[0])
     assert not WINDOW_RE.search(log)
+
+
+# -- OVN: ovs-vswitchd's userspace conntrack behind the ACLs
+
+CT_RE = re.compile(r'^tcp,orig=\(src=[^,]+,dst=([^,]+),sport=(\d+),')
+
+
+def test_ovn_acl_conntrack_holds_one_connection_per_probe(lab_factory,
+                                                          cursor):
+    cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
+    the_lab = lab_factory(switch='ovn', guests=2)
+    paths = the_lab.paths()
+    settings = measure.WindowSettings(
+        protocol='tcp', count=COUNT,
+        geneve_port=paths[0].encap_port('geneve'))
+    ports = collections.defaultdict(list)
+    for _ in range(WINDOWS):
+        result = measure.run_window(paths, the_lab.source(), settings,
+                                    capture_netns=the_lab.hv_netns)
+        for g in the_lab.guests:
+            rep = result.reports[g.tap]
+            assert (rep.ingress.count, rep.egress.count) == (COUNT, COUNT)
+            ports[g.address] += key_ports(result, g.tap)
+    chassis = (the_lab.layout.hv, the_lab.layout.src)
+    for c in chassis:
+        assert labswitch._alive(c.ovs.pids()['ovs-vswitchd']), \
+            f'ovs-vswitchd of chassis {c.name} died'
+    tracked = collections.defaultdict(set)
+    for line in the_lab.layout.hv.ovs.appctl(
+            'dpctl/dump-conntrack').splitlines():
+        found = CT_RE.match(line)
+        if found:
+            tracked[found.group(1)].add(int(found.group(2)))
+    for dst, got in ports.items():
+        assert len(got) == len(set(got)) == WINDOWS * COUNT
+        # Each probe is a conntrack connection of its own.
+        assert set(got) <= tracked[dst], sorted(set(got) - tracked[dst])
