@@ -23,12 +23,14 @@ import sys
 import threading
 import time
 
+from ceilometer.polling import plugin_base
 import pytest
 
 from netweaver_agent import capture
 from netweaver_agent import destinations
 from netweaver_agent import measure
 from netweaver_agent import netns
+from netweaver_agent import opts
 from netweaver_agent import privileged
 from netweaver_agent import sources
 from netweaver_agent import topology
@@ -387,3 +389,19 @@ def test_the_agent_measures_only_the_vnics_inside_probe_networks(
     assert f'vNIC {outside.tap} is not measurable' in log, log
     assert f"'{outside.address}' refused: outside [netweaver] " \
            'probe_networks' in log, log
+
+
+def test_the_agent_refuses_to_load_options_beyond_the_daemons_limits(
+        lab_factory, cycle_factory):
+    """Ceilometer loading our meters: probe_interval_ms at its minimum
+    with max_window_ms at its maximum would plan more probes than the
+    daemon takes; the meters refuse to load, naming the options."""
+    the_lab = lab_factory(guests=1)
+    # Ceilometer skips a meter whose setup raises ExtensionLoadError.
+    with pytest.raises((opts.OptionsError,
+                        plugin_base.ExtensionLoadError)) as err:
+        cycle_factory(the_lab, probe_interval_ms=0.01,
+                      max_window_ms=300000.0)
+    msg = str(getattr(err.value, 'msg', err.value))
+    assert 'max_window_ms' in msg and 'privsep daemon' in msg, msg
+    assert 'probe_interval_ms' in msg, msg
