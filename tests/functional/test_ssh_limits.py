@@ -550,3 +550,46 @@ def test_measure_of_an_ipv6_destination(lab6, tmp_path):
     rep = got['reports'][g.tap]
     assert rep['ingress']['count'] == 20 and rep['ingress']['lost'] == 0
     assert rep['egress']['count'] == 20
+
+
+# -- start-up validation in the real agent ------------------------------------
+
+AGENT_INTERVAL_S = 3
+AGENT_WAIT_S = 90.0
+
+
+def test_the_real_agent_refuses_options_that_can_never_work(lab_factory,
+                                                            tmp_path):
+    """ceilometer-polling with a NaN float, a window with no room for a
+    probe and accept-new without a known_hosts file: the meters are not
+    loaded, one ERROR names every option, nothing is probed."""
+    from netweaver_agent import labagent
+    the_lab = lab_factory(guests=1)
+    files = labagent.write_files(
+        the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
+        probe={'probe_interval_ms': 'nan', 'probe_timeout_ms': 990,
+               'max_window_ms': 1000,
+               'probe_source': 'ssh://root@198.18.0.1:2222',
+               'ssh_accept_new_host_key': 'true',
+               'ssh_known_hosts_file': ''})
+    with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while 'not loaded' not in agent.log_text():
+            if time.monotonic() > deadline or not agent.alive():
+                pytest.fail('ceilometer-polling logged no refusal within '
+                            f'{AGENT_WAIT_S:.0f} s (alive: {agent.alive()});'
+                            f' see {files.log}')
+            time.sleep(0.5)
+        time.sleep(2 * AGENT_INTERVAL_S)
+        log = agent.log_text()
+        assert not agent.series('ceilometer_network_vif_latency')
+    errors = [line for line in log.splitlines()
+              if 'ERROR' in line and 'not loaded' in line]
+    assert errors, log[-2000:]
+    for words in ('[netweaver] probe_interval_ms = nan is not a finite',
+                  '[netweaver] max_window_ms = 1000 must exceed '
+                  '[netweaver] probe_timeout_ms = 990',
+                  '[netweaver] ssh_accept_new_host_key = True needs '
+                  '[netweaver] ssh_known_hosts_file'):
+        assert words in errors[0], (words, errors[0])
+    assert 'Probe window' not in log
