@@ -1021,6 +1021,11 @@ class Lab:
         return ([{'pid': p.pid, 'marker': module}
                  for p, module in self._procs] + self.layout.pids())
 
+    def save_state(self):
+        """Record the lab's state now (a layout calls it once it started
+        daemons, so a kept or failed lab ends them)."""
+        self._save_state()
+
     def _save_state(self):
         if not os.path.isdir(self.state_dir):
             return

@@ -74,6 +74,7 @@ LOCAL_VLAN = 1
 LOSS_FLOW_PRIORITY = 200
 DELAY_FLOW_PRIORITY = 150
 CONTROLLER_CONNECT_TIMEOUT_S = 10.0
+ROUTE_LEARN_TIMEOUT_S = 2.0
 _IP6_PROTOCOLS = {'icmp': 'icmp6', 'udp': 'udp6', 'tcp': 'tcp6'}
 _ETH_P_8021Q = (0x8100, 0x88a8)
 
@@ -152,7 +153,7 @@ class OvsLayout(labswitch.SwitchLayout):
         lines += self._veths()
         labswitch.ip_batch(lab.hv_netns, lines)
         self.ovs.start()
-        lab._save_state()
+        lab.save_state()
         vs = []
         for br in (self.INT,) + ((self.TUN,) if spec.tunnelled
                                  else (self.EX,)):
@@ -209,9 +210,15 @@ class OvsLayout(labswitch.SwitchLayout):
             f'link set {self.PHY} up',
             f'neigh replace {src_u} lladdr {spec.src_underlay_mac} '
             f'dev {self.PHY} nud permanent'])
-        routes = self.ovs.appctl('ovs/route/show')
-        if f'{src_u}' not in routes and f'{hv_u}' not in routes:
-            self.ovs.appctl('ovs/route/add', f'{src_u}/32', self.PHY)
+        # ovs-vswitchd learns br-phy's route from the kernel (netlink);
+        # userspace tunnels need it to send to the source.
+        end = time.monotonic() + ROUTE_LEARN_TIMEOUT_S
+        while f'dev {self.PHY} SRC {hv_u}' not in self.ovs.appctl(
+                'ovs/route/show'):
+            if time.monotonic() > end:
+                self.ovs.appctl('ovs/route/add', f'{src_u}/32', self.PHY)
+                break
+            time.sleep(0.01)
         self.ovs.appctl('tnl/arp/set', self.PHY, src_u,
                         spec.src_underlay_mac)
 
