@@ -512,16 +512,64 @@ class _DaemonSource(sources.LocalSource):
         super()._transmit(sock, dst, data)
 
 
+def configured_networks(conf=None):
+    """``[netweaver] probe_networks`` of the daemon's own configuration.
+
+    privsep-helper parses the configuration files on its command line:
+    the sudo line of docs/deploying.md gives it
+    /etc/ceilometer/ceilometer.conf, which the agent's user cannot
+    change, so these bound what even a compromised agent can ask for.
+    Empty when none is set (the daemon then takes the agent's).
+    """
+    conf = conf or cfg.CONF
+    try:
+        conf.register_opt(cfg.ListOpt('probe_networks', default=[]),
+                          group='netweaver')
+    except cfg.DuplicateOptError:
+        pass     # registered already, e.g. by the agent in this process
+    try:
+        values = conf.netweaver.probe_networks
+    except cfg.Error as exc:
+        raise ValueError(f"the privsep daemon cannot read [netweaver] "
+                         f"probe_networks: {exc}") from exc
+    return destinations.parse_networks(values)
+
+
+def _narrowed(agent, configured):
+    """The parts of the agent's networks inside the configured ones."""
+    if not configured:
+        return agent
+    if not agent:
+        return configured
+    out = []
+    for a in agent:
+        for c in configured:
+            if a.version == c.version:
+                if a.subnet_of(c):
+                    out.append(a)
+                elif c.subnet_of(a):
+                    out.append(c)
+    if not out:
+        raise destinations.RefusedDestination(
+            ', '.join(str(a) for a in agent),
+            'outside the privsep daemon\'s configured probe_networks (' +
+            ', '.join(str(c) for c in configured) + ')')
+    return tuple(dict.fromkeys(out))
+
+
 def _policy(netns_name, networks):
     """The daemon's destination policy: the built-in classes, and the
-    agent's probe_networks (required for the host's own stack)."""
+    agent's probe_networks (required for the host's own stack), within
+    the daemon's own :func:`configured_networks` when set."""
     if networks is not None and (
             not isinstance(networks, (list, tuple)) or len(networks) > 1024
             or not all(isinstance(n, str) for n in networks)):
         raise ValueError(f"probe networks {networks!r}: expected a list of "
                          "CIDR strings")
-    return destinations.policy(networks or (),
-                               require_networks=netns_name is None)
+    return destinations.DestinationPolicy(
+        networks=_narrowed(destinations.parse_networks(networks),
+                           configured_networks()),
+        require_networks=netns_name is None)
 
 
 def _raw_source(netns_name, policy):

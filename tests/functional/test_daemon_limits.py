@@ -51,8 +51,9 @@ NEVER = ['127.0.0.1', '169.254.169.254', '224.0.0.1', '255.255.255.255',
 class Box:
     """A namespace with no route out, and the real daemon inside it."""
 
-    def __init__(self):
+    def __init__(self, config_file=None):
         self.name = unique_prefix('dl') + 'box'
+        self.config_file = config_file
         self.pid = None
 
     def start(self):
@@ -77,9 +78,11 @@ class Box:
         # The agent starts the daemon this way when it runs as root; here
         # inside the box.
         privileged.stop()
+        extra = ['--config-file', self.config_file] if self.config_file \
+            else []
         privileged.configure(shlex.join(netns.netns_argv(
             self.name, [sys.executable, '-W', 'ignore', '-m',
-                        'oslo_privsep.daemon'])))
+                        'oslo_privsep.daemon', *extra])))
         self.pid = privileged.status(CTX).pid
 
     def close(self):
@@ -116,6 +119,21 @@ def _proc(pid, what):
 def box():
     require_root()
     b = Box()
+    try:
+        b.start()
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def narrow_box(tmp_path):
+    """The box, its daemon started with a configuration file of its own
+    (as the sudo line gives it /etc/ceilometer/ceilometer.conf)."""
+    require_root()
+    conf = tmp_path / 'ceilometer.conf'
+    conf.write_text('[netweaver]\nprobe_networks = 198.18.0.0/28\n')
+    b = Box(str(conf))
     try:
         b.start()
         yield b
@@ -405,3 +423,24 @@ def test_the_agent_refuses_to_load_options_beyond_the_daemons_limits(
     msg = str(getattr(err.value, 'msg', err.value))
     assert 'max_window_ms' in msg and 'privsep daemon' in msg, msg
     assert 'probe_interval_ms' in msg, msg
+
+
+def test_the_daemons_own_probe_networks_bound_what_the_agent_asks(
+        narrow_box):
+    """The agent asks for 198.18.0.0/24; the daemon's configuration says
+    198.18.0.0/28: .20 is refused, .10 goes out; without the agent's
+    networks the configured ones apply."""
+    session = measure.new_session()
+    inside, outside = GOOD, '198.18.0.20'
+    with narrow_box.watch(session) as cap:
+        with pytest.raises(destinations.RefusedDestination,
+                           match='outside'):
+            _prepare(session, _wire([inside, outside]))
+        with pytest.raises(destinations.RefusedDestination,
+                           match='configured probe_networks'):
+            _prepare(session, _wire([inside]), networks=['198.19.0.0/24'])
+        sent, failed, errors = _send(_prepare(session, _wire([inside] * 2),
+                                              networks=None))
+        assert (sent, failed) == (2, 0), errors
+        cap.settle(0.2)
+    assert {key >> 1 for key in cap.batch.keys} == {0, 1}

@@ -393,3 +393,37 @@ def test_the_agents_side_does_not_send_a_plan_the_daemon_would_refuse(
         with pytest.raises(privileged.LimitError, match=f'at most {most}'):
             src.prepare(plan)
     assert calls == []
+
+
+def test_the_daemons_own_probe_networks_narrow_the_agents(tmp_path):
+    path = tmp_path / 'ceilometer.conf'
+    path.write_text('[netweaver]\nprobe_networks = 198.18.0.0/28, '
+                    '2001:2::/64\n')
+    conf = cfg.ConfigOpts()
+    conf(['--config-file', str(path)])
+    configured = privileged.configured_networks(conf)
+    assert [str(n) for n in configured] == ['198.18.0.0/28', '2001:2::/64']
+    narrow = privileged._narrowed
+    nets = destinations.parse_networks
+    # The agent's wider network is cut to the configured one, a narrower
+    # one kept; without the agent's, the configured ones apply.
+    assert narrow(nets(['198.18.0.0/24']), configured) == nets(
+        ['198.18.0.0/28'])
+    assert narrow(nets(['198.18.0.4/30', '2001:2::/48']), configured) == \
+        nets(['198.18.0.4/30', '2001:2::/64'])
+    assert narrow((), configured) == configured
+    assert narrow(nets(['198.19.0.0/24']), ()) == nets(['198.19.0.0/24'])
+    with pytest.raises(destinations.RefusedDestination, match='configured'):
+        narrow(nets(['198.19.0.0/24']), configured)
+
+
+def test_no_configured_networks_and_a_bad_one(tmp_path):
+    conf = cfg.ConfigOpts()
+    conf([])
+    assert privileged.configured_networks(conf) == ()
+    path = tmp_path / 'bad.conf'
+    path.write_text('[netweaver]\nprobe_networks = 198.18.0.1/24\n')
+    conf = cfg.ConfigOpts()
+    conf(['--config-file', str(path)])
+    with pytest.raises(ValueError, match='198.18.0.1/24'):
+        privileged.configured_networks(conf)
