@@ -73,9 +73,8 @@ def guest_domains(lab):
     resource id is Ceilometer's ``<instance>-<uuid>-<tap>`` form: the lab
     exercises both.
     """
-    return [labvirt.GuestDomain.from_guest(
-        g, bridge=lab.bridge, filterref=(g.index != 1))
-        for g in lab.guests]
+    return [lab.guest_domain(g, filterref=(g.index != 1))
+            for g in lab.guests]
 
 
 def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
