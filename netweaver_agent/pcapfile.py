@@ -213,6 +213,8 @@ class _Rows:
             ok = bytes(a and self._tcp_port_ok(k)
                        for a, k in zip(found.ok, found.keys))
             found = dataclasses.replace(found, ok=ok, all_ok=ok.count(0) == 0)
+        if found is not None and found.encaps is not None:
+            self._run_encap(found, ifindex)
         if found is not None and found.all_ok:
             self.records += n
             self.t_ns.extend(t_ns)
@@ -240,6 +242,14 @@ class _Rows:
             self.one(buf, first + i * stride, caplen, link, t_ns[i],
                      ifindex[i], direction[i])
             i = ok.find(0, i + 1)
+
+    def _run_encap(self, found, ifindex):
+        """The tunnel of each decided record of a run (first per key)."""
+        encap = self.encap
+        for ok, s, k, i, e in zip(found.ok, found.sessions, found.keys,
+                                  ifindex, found.encaps):
+            if ok:
+                encap.setdefault((s, k, i), e)
 
     def run_length(self, buf, start, stride, end, at, pattern):
         """How many records from ``start`` have ``pattern`` at ``+at``.

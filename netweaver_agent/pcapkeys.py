@@ -12,8 +12,10 @@
   is pulled out of all frames at once with a stepped slice
   (``buf[off::stride]``, done in C), checked with ``bytes.translate``
   tables and big-integer bit operations (one byte per frame), and turned
-  into keys with ``map`` over :mod:`operator` functions.  Frames it cannot
-  decide are left to :func:`frame_key`.
+  into keys with ``map`` over :mod:`operator` functions.  A run of VXLAN
+  or Geneve packets whose outer headers agree is read the same way at
+  the inner frames' offset.  Frames it cannot decide are left to
+  :func:`frame_key`.
 
 :func:`fingerprint_key` keys *foreign* packets by their invariant fields
 (see :mod:`netweaver_agent.pcapfile`), request/response traffic only.
@@ -450,6 +452,8 @@ _T_NONZERO = _table(lambda b: b != 0)
 _T_DOFF_BAD = _table(lambda b: b < 0x50)
 _T_TWO = _table(lambda b: b == 2)
 _T_NOT_03 = _table(lambda b: b != 3)
+_T_NO_VXLAN_I = _table(lambda b: not b & 0x08)
+_T_TAG_LEAD = _table(lambda b: b == probe.MAGIC[0])
 _T_ONE_FF = bytes(0xff if b == 1 else 0 for b in range(256))
 _T_PORT_HI = bytes((b & 0x7f) | 0x80 for b in range(256))
 _T_BIT = bytes(b & 1 for b in range(256))
@@ -481,13 +485,17 @@ class RunKeys:
     keys: array.array
     all_ok: bool
     session: int | None
+    # Per record, the probe.Encap of a run of tunnelled frames (what
+    # frame_key gives third); None when the run is not tunnelled.
+    encaps: list | None = None
 
 
-def run_keys(buf, first, stride, n, caplen, link=ETHERNET):
+def run_keys(buf, first, stride, n, caplen, link=ETHERNET, decap=True):
     """Keys of ``n`` frames at ``first + i * stride``, each ``caplen`` long.
 
     Handles runs of one protocol: ICMP echo requests/replies, UDP probes,
-    or TCP SYN probes and their RST/ACK or SYN/ACK replies.  Returns a
+    or TCP SYN probes and their RST/ACK or SYN/ACK replies, also inside
+    VXLAN or Geneve over IPv4 (``decap``; the standard ports).  Returns a
     :class:`RunKeys`, or None when no record can be decided here.
     """
     if caplen - link.ip_off < _TCP_NEED:
@@ -506,6 +514,9 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET):
            _mask(col(ip), _T_NOT_45) | _mask(col(ip + 6), _T_FRAG_HI) |
            _mask(col(ip + 7), _T_NOT_00) |
            _mask(col(ip + 9), _T_PROTO[proto]))
+    if (proto == 17 and decap and buf[l4 + 8] != _MAGIC[0] and
+            _U16.unpack_from(buf, l4 + 2)[0] in _TUNNEL_PORTS):
+        return _tunnel_run(buf, col, first, stride, n, caplen, link, bad)
     if proto == 6:
         found = _tcp(col, l4, n)
         need = _TCP_NEED
@@ -535,6 +546,72 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET):
         session = int.from_bytes(sess_col[:2], 'big')
     return RunKeys(ok=ok, sessions=ints(sess_col, 'H', True), keys=keys,
                    all_ok=all_ok, session=session)
+
+
+def _tunnel_run(buf, col, first, stride, n, caplen, link, bad):
+    """:func:`run_keys` of VXLAN/Geneve packets over IPv4: the outer
+    headers are checked as columns against the first record's layout (the
+    same port, the same Geneve options length, the same IP length, within
+    the record), then the inner frames are read as a run of their own."""
+    l4 = first + link.ip_off + 20
+    start = l4 + 8
+    dport = _U16.unpack_from(buf, l4 + 2)[0]
+    kind = _TUNNEL_PORTS[dport]
+    lead = buf[start]
+    if kind == 'vxlan':
+        if not lead & 0x08:
+            return None
+        hdr = probe.VXLAN_HDR_LEN
+        bad |= _mask(col(start), _T_NO_VXLAN_I)
+    else:
+        if lead >> 6:
+            return None
+        hdr = probe.GENEVE_HDR_LEN + (lead & 0x3f) * 4
+        bad |= (_differ(col(start), bytes([lead]) * n) |
+                _differ(col(start + 2), bytes([probe.ETH_P_TEB >> 8]) * n) |
+                _differ(col(start + 3), bytes([probe.ETH_P_TEB & 0xff]) * n))
+    ip = first + link.ip_off
+    total = _U16.unpack_from(buf, ip + 2)[0]
+    if not 0 < total <= caplen - link.ip_off:
+        return None
+    bad |= (_differ(col(l4 + 2), bytes([dport >> 8]) * n) |
+            _differ(col(l4 + 3), bytes([dport & 0xff]) * n) |
+            # A UDP probe of ours to that port is one: frame_key's.
+            _mask(col(start), _T_TAG_LEAD) |
+            # The IP packet (and the inner frame) ends where the first's.
+            _differ(col(ip + 2), bytes([total >> 8]) * n) |
+            _differ(col(ip + 3), bytes([total & 0xff]) * n))
+    off = start + hdr - first
+    inner = run_keys(buf, first + off, stride, n,
+                     link.ip_off + total - off, ETHERNET, decap=False)
+    if inner is None:
+        return None
+    ok = _ok_bytes(bad, n)
+    if bad:
+        ok = (int.from_bytes(ok, 'little') &
+              int.from_bytes(inner.ok, 'little')).to_bytes(n, 'little')
+        if not ok.count(1):
+            return None
+    else:
+        ok = inner.ok
+    all_ok = ok.count(0) == 0
+    vnis = col(start + 4, 3)
+    if vnis == vnis[:3] * n:
+        encaps = [probe.Encap(vni=int.from_bytes(vnis[:3], 'big'),
+                              tunnel=kind)] * n
+    else:
+        made = {}
+        encaps = []
+        for i in range(0, 3 * n, 3):
+            vni = vnis[i:i + 3]
+            encap = made.get(vni)
+            if encap is None:
+                encap = made[vni] = probe.Encap(
+                    vni=int.from_bytes(vni, 'big'), tunnel=kind)
+            encaps.append(encap)
+    return RunKeys(ok=ok, sessions=inner.sessions, keys=inner.keys,
+                   all_ok=all_ok, session=inner.session if all_ok else None,
+                   encaps=encaps)
 
 
 def _ok_bytes(bad, n):

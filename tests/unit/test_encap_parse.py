@@ -552,3 +552,31 @@ def test_cooked_captures_read_tunnels_the_same(v2):
     igmp[23] = 2                                   # IP protocol: IGMP
     c = cooked(tf.geneve(bytes(igmp), 8), v2)
     assert pcapkeys.fingerprint_key(c, 0, len(c), link, tf.V4[1]) is None
+
+
+def test_pcap_runs_of_tunnelled_probes_keep_each_vni(tmp_path):
+    """A capture of a Geneve pif is read as runs: every probe keyed, with
+    its own VNI and tunnel, as frame by frame."""
+    from netweaver_agent import pcapfile
+    from tests.unit import test_pcapfile as tpf
+    frames = []
+    for seq in range(64):
+        inner = probe.build_frame('icmp', 321, seq, V4[0], V4[1], tf.MAC_A,
+                                  tf.MAC_B)
+        vni = 100 if seq < 40 else 200 + seq % 3
+        frames.append(tf.geneve(inner, vni, options=OVN_OPTION))
+    for seq in range(64, 96):
+        inner = probe.build_frame('icmp', 321, seq, V4[0], V4[1], tf.MAC_A,
+                                  tf.MAC_B)
+        frames.append(tf.vxlan(inner, 4242))
+    path = tpf.write_pcap_raw(tmp_path / 'pif.pcap', frames,
+                              [10 ** 18 + i for i in range(len(frames))])
+    read = pcapfile.read_pcap(path, ifname='eth1')
+    assert read.probes == len(frames) and read.session == 321
+    index = read.batch.interface_index('eth1')
+    want = {}
+    for f in frames:
+        session, key, encap = pcapkeys.frame_key(f, 0, len(f))
+        want[(key, index)] = encap
+    assert read.batch.encap == want
+    assert {e.tunnel for e in want.values()} == {'geneve', 'vxlan'}
