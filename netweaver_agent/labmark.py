@@ -29,6 +29,9 @@ from netweaver_agent import sources
 
 LOG = log.getLogger(__name__)
 
+# The TTL probes are built with (probe.build_ip_seqs' default); a switch
+# that passes a marked probe on puts it back.
+PROBE_TTL = 64
 # TTL values used as marks: far from the probes' 64 and from common
 # operating-system defaults (64, 128, 255).
 FIRST_MARK = 33
@@ -42,7 +45,9 @@ _IP6_HLIM = 7
 class Mark:
     """Give every ``every``-th probe to ``dst_ip`` the TTL ``ttl``.
 
-    ``protocol``: count only probes of that protocol (None: all).
+    ``every`` 1 marks every probe (a switch then picks out the probes to
+    that guest, e.g. to delay them).  ``protocol``: count only probes of
+    that protocol (None: all).
     """
 
     dst_ip: str
@@ -51,9 +56,9 @@ class Mark:
     protocol: str | None = None
 
     def __post_init__(self):
-        if self.every < 2:
+        if self.every < 1:
             raise ValueError(f"mark every {self.every!r} probes: must be "
-                             ">= 2")
+                             ">= 1")
         if not FIRST_MARK <= self.ttl <= LAST_MARK:
             raise ValueError(f"mark TTL {self.ttl!r} is not within "
                              f"{FIRST_MARK}..{LAST_MARK}")

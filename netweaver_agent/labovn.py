@@ -65,16 +65,24 @@ the guests' IPv6 addresses.  :meth:`OvnLayout.allow_only` moves a guest
 into a security group without some rules (its probes of the other
 protocols are then dropped by the ACLs: *filtered*).
 
-Truth: loss only, exact: the lab source marks every Nth probe to a
-guest (:mod:`netweaver_agent.labmark`: the IP TTL, or IPv6 hop limit,
-counted per address) and an ACL ``to-lport`` above the allows drops
-what carries the mark.  A second, ``allow-stateless`` ACL with the same
-match keeps the marked probes out of conntrack: a stateful drop would
-mark the whole ICMP echo conversation's entry blocked
-(``ct_mark.blocked``), and on the userspace datapath some of the guest's
-replies to the next, unmarked probes were then dropped too (seen on the
-tap, never on the pif).  No delay truth: the userspace datapath never
-passes netfilter and the kernel has no netem.
+Truth (the userspace datapath never passes netfilter and the kernel has
+no netem, so both are made in the switch, on probes the lab source
+marks: :mod:`netweaver_agent.labmark`, the IP TTL or IPv6 hop limit,
+counted per address; one loss or delay per guest):
+
+* loss, exact: every Nth probe to a guest is marked and an ACL
+  ``to-lport`` above the allows drops what carries the mark.  A second,
+  ``allow-stateless`` ACL with the same match keeps the marked probes
+  out of conntrack: a stateful drop would mark the whole ICMP echo
+  conversation's entry blocked (``ct_mark.blocked``), and on the
+  userspace datapath some of the guest's replies to the next, unmarked
+  probes were then dropped too (seen on the tap, never on the pif);
+* delay, each hold recorded: every probe to the guest is marked; a flow
+  in ``br-int``'s table 0 above ovn-controller's pauses the marked ones
+  as they enter from the tunnel (or the localnet patch port) to
+  :mod:`netweaver_agent.labovndelay`, which resumes each after the delay
+  (OVN's pipeline then runs as for any probe: the flow puts the TTL back
+  and resubmits).  The hold sits between the pif and the tap sightings.
 """
 
 import array
@@ -108,6 +116,10 @@ ACL_DROP_PRIORITY = 1001
 ACL_ALLOW_PRIORITY = 1002
 ACL_LOSS_PRIORITY = 1003
 ACL_STATELESS_PRIORITY = 1000
+# The delay's flow in br-int's table 0, above ovn-controller's (<= 150);
+# its controller ids (0 is ovn-controller's own).
+DELAY_FLOW_PRIORITY = 1000
+DELAY_CONTROLLER_ID = 4242
 DROP_PG = 'neutron_pg_drop'
 _ACL_MATCH = {'icmp': 'icmp4', 'udp': 'udp', 'tcp': 'tcp'}
 _ACL_MATCH6 = {'icmp': 'icmp6', 'udp': 'udp', 'tcp': 'tcp'}
@@ -359,12 +371,12 @@ class OvnLayout(labswitch.SwitchLayout):
 
     name = 'ovn'
     network_types = ('geneve', 'flat')
-    delay_truth = None
+    delay_truth = ('OpenFlow pause/resume in br-int (the probes the lab '
+                   'source marks), each hold recorded')
     loss_truth = ('an OVN ACL drops every Nth probe to the guest, marked '
                   'by the lab source (IP TTL)')
-    no_delay_reason = ('no delay truth on the OVN layout: its userspace '
-                       'datapath never passes netfilter (no NFQUEUE '
-                       'delayer) and the kernel has no netem')
+    no_netfilter = ('the userspace datapath never passes netfilter and '
+                    'the kernel has no netem')
 
     def __init__(self, lab):
         super().__init__(lab)
@@ -375,6 +387,7 @@ class OvnLayout(labswitch.SwitchLayout):
         self.src = None
         self.marks = labmark.MarkTable()
         self._losses = []
+        self._delays = []
         # port group -> protocols it allows; logical port -> its group
         self._allowed = {}
         self._member = {}
@@ -671,8 +684,8 @@ class OvnLayout(labswitch.SwitchLayout):
         g = self.lab.guests[loss.guest]
         if any(m.dst_ip == g.address for m in self.marks.marks()):
             raise labswitch.LabError(
-                f"lab {self.lab.prefix!r}: guest {loss.guest} already has "
-                "a loss")
+                f"lab {self.lab.prefix!r}: probes to guest {loss.guest} are "
+                "already marked (one loss or delay per guest)")
         ttl = self.marks.free_ttl()
         pg = self._port_group_of(g.port_id)
         # One mark and one ACL per address family (the IPv6 hop limit is
@@ -704,8 +717,57 @@ class OvnLayout(labswitch.SwitchLayout):
                   'ttl': ttl})
 
     def inject_delay(self, delay):
-        raise labswitch.LabError(f"lab {self.lab.prefix!r}: "
-                                 f"{self.no_delay_reason}")
+        """Hold every probe to a guest in br-int, mid-pipeline: the lab
+        source marks them (IP TTL), a table-0 flow above ovn-controller's
+        pauses the marked ones to :mod:`netweaver_agent.labovndelay`,
+        which resumes each after the delay and records it."""
+        if delay.backend not in ('auto', 'openflow'):
+            raise labswitch.LabError(
+                f"lab {self.lab.prefix!r}: the OVN layout delays with "
+                f"OpenFlow pause/resume, not {delay.backend!r} "
+                f"({self.no_netfilter})")
+        g = self.lab.guests[delay.guest]
+        addresses = [a for a in (g.address, g.address6) if a]
+        if any(m.dst_ip in addresses for m in self.marks.marks()):
+            raise labswitch.LabError(
+                f"lab {self.lab.prefix!r}: probes to guest {delay.guest} "
+                "are already marked (one loss or delay per guest)")
+        ttl = self.marks.free_ttl()
+        controller_id = DELAY_CONTROLLER_ID + len(self._delays)
+        mgmt = self.hv.ovs.paths.mgmt(self.bridge)[len('unix:'):]
+        active = self.lab.start_delayer(
+            delay, module='netweaver_agent.labovndelay',
+            args=['--connect', mgmt, '--controller-id', str(controller_id)],
+            backend='openflow')
+        flows = []
+        for port in self._entry_ports():
+            for address in addresses:
+                ip = (f'ipv6,ipv6_dst={address}' if ':' in address
+                      else f'ip,nw_dst={address}')
+                flows.append(
+                    f'table=0,priority={DELAY_FLOW_PRIORITY},in_port={port},'
+                    f'{ip},nw_ttl={ttl},actions=controller(pause,'
+                    f'id={controller_id},max_len=65535),'
+                    f'mod_nw_ttl:{labmark.PROBE_TTL},resubmit(,0)')
+        for flow in flows:
+            self.hv.ovs.ofctl('add-flow', self.bridge, flow)
+        for address in addresses:
+            self.marks.add(labmark.Mark(dst_ip=address, every=1, ttl=ttl,
+                                        protocol=delay.protocol))
+        self._delays.append((delay, ttl))
+        return active
+
+    def _entry_ports(self):
+        """br-int's OpenFlow ports where probes enter it: the Geneve
+        port(s), or the patch port from br-ex."""
+        if self.network_type == 'geneve':
+            names = self.hv.tunnel_ports()
+        else:
+            names = [p for p in self._patch_ports()
+                     if p in self.hv.ovs.vsctl('list-ports',
+                                               self.bridge).split()]
+        return [int(self.hv.ovs.vsctl('get', 'Interface', n, 'ofport'))
+                for n in names]
 
     def _port_group_of(self, port):
         return self._member[port]
@@ -741,11 +803,6 @@ class OvnLayout(labswitch.SwitchLayout):
     def _members(self, pg, but=None):
         return [p for p, group in self._member.items()
                 if group == pg and p != but]
-
-    def truth(self):
-        return ('delay: none (the userspace datapath never passes '
-                'netfilter, and the kernel has no netem); loss: '
-                f'{self.loss_truth}')
 
     # -- state and teardown --------------------------------------------------
 

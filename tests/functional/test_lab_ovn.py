@@ -11,6 +11,7 @@ project's AF_PACKET window in the hypervisor's namespace.  Needs root.
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -27,6 +28,9 @@ from netweaver_agent import ovsdb
 from netweaver_agent import topology
 from tests.functional import conftest
 from tests.functional import test_tcpdump_agreement as tcpdump_agreement
+
+
+CLOCK_TOLERANCE_NS = 2000
 
 
 def window(the_lab, **settings):
@@ -196,12 +200,43 @@ def test_tcp_probes_through_conntrack_leave_vswitchd_alive(ovn_lab):
         assert 'ovs-vswitchd' in c.ovs.appctl('version')
 
 
-def test_no_delay_truth_says_why(ovn_lab):
-    the_lab = ovn_lab(guests=1)
+@pytest.mark.parametrize('network_type', ['geneve', 'flat'])
+def test_delay_held_mid_pipeline_each_hold_recorded(ovn_lab, network_type):
+    delay_ms, count = 2.0, 30
+    the_lab = ovn_lab(guests=2, network_type=network_type, delays=(
+        lab_mod.DelayInjection(guest=1, delay_ms=delay_ms),))
+    fast, slow = the_lab.guests
+    result = window(the_lab, protocol='icmp', count=count,
+                    per_vnic_interval_ms=5.0)
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        # Resumed into OVN's pipeline: conntrack saw the probes, so the
+        # guest's answers pass the ACLs too.
+        assert (rep.ingress.count, rep.egress.count) == (count, count), rep
+    holds = {r.seq: r for r in the_lab.delay_records(1)
+             if r.session == result.session and not r.reply}
+    seen = conftest.probe_times(result.batch, the_lab.pif, slow.tap)
+    assert sorted(holds) == sorted(seen), 'every probe held exactly once'
+    overheads = []
+    for seq, (t_pif, t_vif) in seen.items():
+        rec = holds[seq]
+        assert rec.hold_ns >= delay_ms * 1e6, rec
+        # Same clock: the hold sits inside pif → tap.
+        assert t_pif <= rec.received_ns + CLOCK_TOLERANCE_NS, (seq, rec)
+        assert rec.released_ns <= t_vif + CLOCK_TOLERANCE_NS, (seq, rec)
+        overheads.append(t_vif - t_pif - rec.hold_ns)
+    # Pausing costs a trip through ovs-vswitchd's slow path, well under
+    # the delay itself.
+    assert statistics.median(overheads) < delay_ms * 1e6 / 2, overheads
+    assert not the_lab.delay_records(0)
+    assert result.reports[fast.tap].ingress.p50_us < delay_ms * 1000 / 2
+    # One mark per guest: no loss where the delay is; and only the
+    # switch's own way.
+    with pytest.raises(lab_mod.LabError, match='already marked'):
+        the_lab.inject_loss(lab_mod.LossInjection(guest=1, every=5))
     with pytest.raises(lab_mod.LabError, match='netfilter'):
-        the_lab.inject_delay(lab_mod.DelayInjection(guest=0, delay_ms=1.0))
-    assert 'delay: none' in the_lab.truth()
-    assert 'ACL' in the_lab.truth()
+        the_lab.inject_delay(lab_mod.DelayInjection(
+            guest=0, delay_ms=1.0, backend='nfqueue'))
 
 
 def test_teardown_leaves_no_namespace_daemon_or_state(lab_factory):
@@ -256,24 +291,27 @@ def test_kept_lab_down_stops_every_daemon():
         lab_mod.teardown_kept(prefix)
 
 
-def test_cli_ovn_json_hops_truth_and_loss():
+def test_cli_ovn_json_hops_truth_delay_and_loss():
     conftest.require_root()
     prefix = conftest.unique_prefix('ovc')
     try:
         proc = subprocess.run(
             [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
              'ovn', '--json', '--count', '20', '--loss-every', '5',
-             '--loss-guest', '1', '--prefix', prefix],
+             '--loss-guest', '0', '--prefix', prefix],
             capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert (out['switch'], out['network_type']) == ('ovn', 'geneve')
-        assert 'delay: none' in out['truth']
-        clean, lossy = out['guests']
-        assert clean['injected']['delay_ms'] is None
-        assert clean['report']['ingress']['count'] == 20
+        assert 'ACL' in out['truth'] and 'pause' in out['truth']
+        lossy, slow = out['guests']
         assert lossy['report']['ingress']['lost'] == 4
         assert lossy['injected']['expected_lost'] == 4
+        # The default delay where the layout has delay truth.
+        holds = slow['injected']['holds']
+        assert holds['count'] == 20
+        assert slow['report']['ingress']['count'] == 20
+        assert slow['report']['ingress']['min_us'] >= holds['min_us']
         hop, = lossy['hops']
         assert (hop['src'], hop['dst']) == (out['pif'], lossy['tap'])
         assert 'br-int' in hop['unseen']

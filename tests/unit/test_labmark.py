@@ -70,5 +70,10 @@ def test_marks_are_distinct_and_one_per_destination():
         table.add(labmark.Mark(dst_ip=DST, every=3, ttl=table.free_ttl()))
     with pytest.raises(ValueError, match='64'):
         labmark.Mark(dst_ip=OTHER, every=2, ttl=64)
-    with pytest.raises(ValueError, match='1'):
-        labmark.Mark(dst_ip=OTHER, every=1, ttl=first)
+    with pytest.raises(ValueError, match='0'):
+        labmark.Mark(dst_ip=OTHER, every=0, ttl=first)
+    # Every probe.
+    table.add(labmark.Mark(dst_ip=OTHER, every=1, ttl=table.free_ttl()))
+    data = packets('udp', OTHER, 1)[0]
+    assert all(dpkt.ip.IP(table.apply('udp', OTHER, data)).ttl !=
+               dpkt.ip.IP(data).ttl for _ in range(3))
