@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh
+# RabbitMQ, PostgreSQL, Prometheus, the Gnocchi and Aodh venvs: the pipeline
+# tests (tests/functional/test_pipeline.py, test_dashboard.py) run them.
+bash tools/pipeline-bootstrap.sh
 exec .venv/bin/python -m pytest "$@"
