@@ -86,6 +86,12 @@ def add_parser(subparsers):
     parser.add_argument('--agent', action='store_true',
                         help='run the Ceilometer polling agent against the '
                              'lab instead of one probe window')
+    parser.add_argument('--pipeline', action='store_true',
+                        help='run the agent with the telemetry pipeline in '
+                             'the management namespace (RabbitMQ, Gnocchi, '
+                             'Aodh, Prometheus; tools/pipeline-bootstrap.sh '
+                             'installs them) and print each guest\'s value '
+                             'as each of them sees it')
     parser.set_defaults(run=run)
     return parser
 
@@ -111,7 +117,7 @@ def _spec(args):
                                     protocol=args.protocol),)
     return lab.LabSpec(prefix=args.prefix or f'nwlab{os.getpid()}-',
                        guests=args.guests, delays=delays, losses=losses,
-                       mgmt=args.mgmt, persistent=args.keep,
+                       mgmt=args.mgmt or args.pipeline, persistent=args.keep,
                        switch=args.switch, network_type=args.network_type)
 
 
@@ -288,7 +294,7 @@ def run(args):
         return 0
     try:
         spec = _spec(args)
-        if not args.agent:
+        if not (args.agent or args.pipeline):
             _settings(args, spec)
     except ValueError as exc:
         print(f'netweaver lab: {exc}', file=sys.stderr)
@@ -302,7 +308,10 @@ def run(args):
         except lab.LabError as exc:
             print(f'netweaver lab: {exc}', file=sys.stderr)
             return 1
-        if args.agent:
+        if args.pipeline:
+            from netweaver_agent import labpipeline
+            status = labpipeline.run(the_lab, args)
+        elif args.agent:
             status = _run_agent(the_lab, args)
         else:
             status = _measure(the_lab, args)
