@@ -62,6 +62,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 
 from oslo_log import log
 
@@ -206,13 +207,12 @@ class _Rows:
             direction = bytes([direction]) * n
         direction = array.array('B', direction)
         found = pcapkeys.run_keys(buf, first, stride, n, caplen, link)
+        foreign = None
         if (found is not None and self.tcp_ports is not None and
                 max(found.keys) >> 33):
-            # TCP keys hold the port: rows from outside the range go to
-            # one(), which leaves them out.
-            ok = bytes(a and self._tcp_port_ok(k)
-                       for a, k in zip(found.ok, found.keys))
-            found = dataclasses.replace(found, ok=ok, all_ok=ok.count(0) == 0)
+            # TCP keys hold the port: rows from outside the range are
+            # decided, and not ours.
+            found, foreign = self._tcp_in_range(found, n)
         if found is not None and found.encaps is not None:
             self._run_encap(found, ifindex)
         if found is not None and found.all_ok:
@@ -239,9 +239,47 @@ class _Rows:
             self.records += n - ok.count(0)
         i = ok.find(0)
         while i >= 0:
-            self.one(buf, first + i * stride, caplen, link, t_ns[i],
-                     ifindex[i], direction[i])
+            if foreign is not None and foreign[i]:
+                self.records += 1
+            else:
+                self.one(buf, first + i * stride, caplen, link, t_ns[i],
+                         ifindex[i], direction[i])
             i = ok.find(0, i + 1)
+
+    def _tcp_in_range(self, found, n):
+        """``(found, foreign)``: ``found`` keeping the rows whose TCP port
+        lies in the range, and the rows it left out (one byte per record,
+        1 = not ours), or None when it kept them all.
+
+        Every record at once: the keys as 64-bit lanes of one integer, the
+        port (``key >> 17``) and the TCP_IDENT flag (``key >> 33``) cut
+        out as byte columns, compared with translate tables.
+        """
+        keys = int.from_bytes(found.keys.tobytes(), sys.byteorder)
+        ones = pcapkeys.repunit(n)
+        port = ((keys >> 17) & ones * 0xffff).to_bytes(8 * n, 'little')
+        flag = ((keys >> 33) & ones).to_bytes(8 * n, 'little')[0::8]
+        hi, lo = port[1::8], port[0::8]
+        first, last = self.tcp_ports[0], self.tcp_ports[-1]
+        fh, fl = divmod(first, 256)
+        lh, ll = divmod(last, 256)
+
+        def test(col, pred):
+            table = bytes(1 if pred(b) else 0 for b in range(256))
+            return int.from_bytes(col.translate(table), 'little')
+
+        above = test(hi, lambda b: b > fh) | (
+            test(hi, lambda b: b == fh) & test(lo, lambda b: b >= fl))
+        below = test(hi, lambda b: b < lh) | (
+            test(hi, lambda b: b == lh) & test(lo, lambda b: b <= ll))
+        inside = (above & below) | test(flag, lambda b: b != 1)
+        ok = int.from_bytes(found.ok, 'little')
+        keep = ok & inside
+        if keep == ok:
+            return found, None
+        return (dataclasses.replace(found, ok=keep.to_bytes(n, 'little'),
+                                    all_ok=False),
+                (ok & ~keep).to_bytes(n, 'little'))
 
     def _run_encap(self, found, ifindex):
         """The tunnel of each decided record of a run (first per key)."""

@@ -11,6 +11,9 @@ import socket
 import dpkt
 import pytest
 from ceilometer import service
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from netweaver_agent import analyze
 from netweaver_agent import capture
@@ -219,7 +222,7 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
         pif += [(t, good), (t + 10, bad)]
         vif.append((t + 30_000 + i, good))
         t += 1_000_000
-    # Equal-length TCP records make runs: the columnar path checks too.
+    # Record by record here (fewer than pcapfile.MIN_RUN); runs: below.
     pif_path = tpf.write_pcap_raw(tmp_path / 'eth1.pcap',
                                   [f for _, f in pif], [t for t, _ in pif])
     vif_path = tpf.write_pcap_raw(tmp_path / 'tap0.pcap',
@@ -236,6 +239,45 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
     with pytest.raises(analyze.AnalyzeError, match='no netweaver probe'):
         analyze.analyze_pcaps(pif_path, vif_path, mode='probe',
                               tcp_ports=range(1000, 2000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ports=st.lists(st.integers(1, 0xffff), min_size=pcapfile.MIN_RUN,
+                      max_size=4 * pcapfile.MIN_RUN),
+       bounds=st.tuples(st.integers(1, 0xffff), st.integers(1, 0xffff)),
+       replies=st.booleans())
+def test_offline_range_check_is_exact_in_runs(ports, bounds, replies,
+                                              tmp_path_factory):
+    """Equal-length records (read as columns) against any range, its
+    bounds on or off byte boundaries: exactly the rows inside are kept."""
+    first, last = sorted(bounds)
+    allowed = range(first, last + 1)
+    frames = []
+    for n, port in enumerate(ports):
+        f = frame(0x4444, probe.tcp_ident(port, n))
+        frames.append(rst_for(f) if replies and n % 2 else f)
+    path = tpf.write_pcap_raw(tmp_path_factory.mktemp('r') / 'p.pcap',
+                              frames, [tpf.T0 + i for i in range(len(frames))])
+    read = pcapfile.read_pcap(path, tcp_ports=allowed)
+    want = sorted(probe.tcp_ident(p, n) for n, p in enumerate(ports)
+                  if p in allowed)
+    assert sorted(k >> 1 for k in read.batch.keys) == want
+    assert read.foreign == len(ports) - len(want)
+
+
+@pytest.mark.parametrize('first, last', [(33000, 60999), (0x1200, 0x12ff),
+                                         (0x12ff, 0x1300), (7, 7)])
+def test_offline_range_bounds_are_inclusive_in_runs(first, last, tmp_path):
+    # Enough equal records to be read as columns.
+    ports = [first - 1, first, first + 1, last - 1, last, last + 1] * \
+        pcapfile.MIN_RUN
+    frames = [frame(0x4545, probe.tcp_ident(p, n))
+              for n, p in enumerate(ports)]
+    path = tpf.write_pcap_raw(tmp_path / 'p.pcap', frames,
+                              [tpf.T0 + i for i in range(len(frames))])
+    read = pcapfile.read_pcap(path, tcp_ports=range(first, last + 1))
+    assert sorted({probe.tcp_ident_port(k >> 1) for k in read.batch.keys}) \
+        == sorted({p for p in ports if first <= p <= last})
 
 
 # --- the privsep daemon: the plan hands over each probe's port
