@@ -17,6 +17,7 @@ from oslo_log import log
 from netweaver_agent import capture
 from netweaver_agent import destinations
 from netweaver_agent import latency
+from netweaver_agent import routes
 from netweaver_agent import sources
 
 LOG = log.getLogger(__name__)
@@ -248,10 +249,30 @@ def allowed_paths(paths, source):
         LOG.warning('vNIC %(vnic)s not probed: destination %(addr)r '
                     'refused: %(why)s',
                     {'vnic': path.vnic, 'addr': path.address, 'why': why})
+    if kept and getattr(source, 'routes_here', False):
+        kept, unroutable = _routable(kept, source)
+        refused += unroutable
     if not kept:
         first = refused[0]
         raise destinations.RefusedDestination(first.address, first.reason)
     return kept, tuple(refused)
+
+
+def _routable(paths, source):
+    """``(paths, refusals)``: a ``local``/``netns:`` source's routing
+    checked per vNIC (see :mod:`routes`); unreadable routes skip it."""
+    try:
+        bad = routes.refusals(paths, source.netns_name,
+                              local=source.netns_name is None)
+    except routes.RouteLookupError as exc:
+        LOG.warning('Probe source %(src)s: routes not checked: %(exc)s',
+                    {'src': source.name, 'exc': exc})
+        return paths, []
+    for why in bad:
+        LOG.warning('vNIC %(vnic)s not probed: %(why)s',
+                    {'vnic': why.vnic, 'why': why.reason})
+    out = {r.vnic for r in bad}
+    return [p for p in paths if p.vnic not in out], bad
 
 
 @contextlib.contextmanager

@@ -423,14 +423,13 @@ class Prober:
                         '%(exc)s', {'id': instance.id, 'exc': error})
         return None
 
-    def _resolve(self, instance, domain, iface, stats, links, neighbours,
-                 switch=None):
+    def _resolve(self, instance, domain, iface, stats, links, switch=None):
         """The :class:`topology.VifPath` of one vNIC, or None (logged)."""
         try:
             return topology.resolve(
                 domain, iface, self.resolver, links,
                 vif_prefixes=self.group.vif_prefixes, pif=self.group.pif,
-                neighbours=neighbours, switch=switch)
+                switch=switch)
         except topology.TopologyError as exc:
             error = exc
         if isinstance(error, topology.NotMeasurable):
@@ -461,8 +460,6 @@ class Prober:
         """``[(instance, InterfaceStats, VifPath)]`` of measurable vNICs."""
         links = self.links()
         switch = self.switch_view()
-        neighbours = functools.cache(functools.partial(
-            topology.read_neighbours, self.group.capture_netns))
         found = []
         seen_vifs = set()
         for instance in instances:
@@ -480,7 +477,7 @@ class Prober:
                     continue
                 listed.add(iface.index)
                 path = self._resolve(instance, domain, iface, stats, links,
-                                     neighbours, switch)
+                                     switch)
                 if path is None or not self._allowed(instance, path):
                     continue
                 if path.vnic in seen_vifs:

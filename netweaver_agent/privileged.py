@@ -870,6 +870,8 @@ class PrivsepLocalSource(sources.ProbeSource):
     is checked here first, and its networks again by the daemon.
     """
 
+    routes_here = True
+
     def __init__(self, netns_name=None, context=None, policy=None):
         self.netns_name = netns_name
         self.name = f'netns:{netns_name}' if netns_name else 'local'

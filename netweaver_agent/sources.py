@@ -373,6 +373,9 @@ class ProbeSource:
 
     name = 'abstract'
     policy = destinations.DEFAULT
+    #: its routing is this host's (or a namespace's of it): measure.py
+    #: checks each vNIC's route before a window (see :mod:`routes`)
+    routes_here = False
 
     def prepare(self, plan):
         """Get ready to send ``plan`` (e.g. build its packets).
@@ -407,6 +410,8 @@ class LocalSource(ProbeSource):
     transport checksum computed when built), so the kernel routes them and
     resolves neighbours as for any packet.
     """
+
+    routes_here = True
 
     def __init__(self, netns_name=None, policy=None):
         self.netns_name = netns_name

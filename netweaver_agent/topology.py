@@ -20,14 +20,19 @@ the :class:`VifPath` the rest of the agent passes around:
   that is an OVS internal port).  ``[netweaver] pif`` still wins.  When
   the pif cannot be told, the vNIC is not measured and the error says
   why; never a guessed path.
-* **target address**, in this order: the filterref ``IP`` parameter
-  (nova's nwfilter), the fixed IPv4 address of the matching port in the
-  nova 1.1 metadata (``<nova:ports>``), the host's neighbour table by MAC.
+* **target address**: one of the port's fixed IPs as Nova and Neutron
+  recorded them: the filterref ``IP`` parameter (nova's nwfilter), else
+  the fixed IPv4 address of the matching port in the nova 1.1 metadata
+  (``<nova:ports>``).  A filterref address that is not one of that
+  port's fixed IPs, or a value that is no address, makes the vNIC not
+  measurable.  The host's neighbour table never supplies an address: a
+  tenant's guest answers ARP for whatever address it likes.
 * vNIC types with no host netdev (vhost-user, SR-IOV hostdev, vDPA,
   macvtap passthrough) are :class:`NotMeasurable`.
 """
 
 import dataclasses
+import ipaddress
 import json
 import os
 # bandit B405: see parse_domain
@@ -802,24 +807,6 @@ def find_path(vif, links, switch=None,
 
 # --- target address -------------------------------------------------------
 
-def read_neighbours(netns_name=None):
-    """``{mac: IPv4 address}`` of the host's neighbour table."""
-    proc = netns.run(['ip', '-j', '-4', 'neigh', 'show'], netns=netns_name,
-                     check=False)
-    try:
-        entries = json.loads(proc.stdout or '[]')
-    except ValueError:
-        return {}
-    out = {}
-    for entry in entries:
-        mac = entry.get('lladdr')
-        states = set(entry.get('state') or ())
-        if mac and entry.get('dst') and not states & {'FAILED',
-                                                      'INCOMPLETE'}:
-            out.setdefault(mac.lower(), entry['dst'])
-    return out
-
-
 def _port_of(domain, iface):
     for port in domain.ports:
         if iface.interface_id and port.uuid == iface.interface_id:
@@ -832,29 +819,44 @@ def _port_of(domain, iface):
     return None
 
 
-def target_address(domain, iface, neighbours=None):
+def _checked(address, what, iface, domain):
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        raise TopologyError(
+            f"vNIC {iface.target or iface.mac} of domain {domain.name}: "
+            f"its {what} {address!r} is not an IP address") from None
+
+
+def target_address(domain, iface):
     """``(address, how)`` to probe ``iface`` at; see the module doc.
 
-    :param neighbours: a callable returning ``{mac: ip}``, called only
-        when the first two sources have no address
+    :raises TopologyError: no address recorded for the port, or one that
+        contradicts the port's fixed IPs or is no address
     """
-    if iface.filter_ip:
-        return iface.filter_ip, 'filterref'
     port = _port_of(domain, iface)
-    if port is not None and port.addresses:
-        return port.addresses[0], 'nova-metadata'
-    if neighbours is not None and iface.mac:
-        found = neighbours().get(iface.mac.lower())
-        if found:
-            return found, 'neighbours'
+    fixed = port.addresses if port is not None else ()
+    if iface.filter_ip:
+        address = _checked(iface.filter_ip, 'filterref IP', iface, domain)
+        if fixed and address not in {_checked(a, 'fixed IP', iface, domain)
+                                     for a in fixed}:
+            raise TopologyError(
+                f"vNIC {iface.target or iface.mac} of domain {domain.name}: "
+                f"filterref IP {address} is not one of port {port.uuid}'s "
+                f"fixed IPs {list(fixed)}")
+        return address, 'filterref'
+    if fixed:
+        return _checked(fixed[0], 'fixed IP', iface, domain), \
+            'nova-metadata'
     raise TopologyError(
-        f"no IPv4 address for vNIC {iface.target or iface.mac} of domain "
-        f"{domain.name}: no filterref IP parameter, no fixed address in "
-        "the nova metadata ports, no neighbour entry for its MAC")
+        f"no address recorded for vNIC {iface.target or iface.mac} of "
+        f"domain {domain.name}: no filterref IP parameter and no fixed IP "
+        "of its port in the nova metadata (the neighbour table is never "
+        "used: a guest answers for any address)")
 
 
 def resolve(domain, iface, resolver, links, vif_prefixes=('tap', 'vif'),
-            pif=None, neighbours=None, switch=None):
+            pif=None, switch=None):
     """The :class:`VifPath` of one domain interface.
 
     :param switch: a :class:`SwitchView` for taps on Open vSwitch (None:
@@ -872,7 +874,7 @@ def resolve(domain, iface, resolver, links, vif_prefixes=('tap', 'vif'),
             f"vif {vif!r} of domain {domain.name} does not exist on this "
             "host (gone, or another network namespace)")
     found = find_path(vif, links, switch, vif_prefixes, configured=pif)
-    address, how = target_address(domain, iface, neighbours)
+    address, how = target_address(domain, iface)
     LOG.debug('vNIC %(vif)s of %(domain)s: path %(path)s (via %(via)s), '
               'address %(addr)s from %(how)s',
               {'vif': vif, 'domain': domain.name,

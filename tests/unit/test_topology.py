@@ -205,13 +205,7 @@ def test_real_sysfs_and_ip_link_agree_on_loopback():
 
 # --- address -------------------------------------------------------------
 
-def test_address_order_filterref_then_nova_then_neighbours():
-    calls = []
-
-    def neighbours():
-        calls.append(1)
-        return {'fa:16:3e:00:00:03': '198.18.1.13'}
-
+def test_address_order_filterref_then_nova_never_neighbours():
     xml = domain_xml(
         bridge_iface('tapaaa', 'fa:16:3e:00:00:01', ip='198.18.1.10') +
         bridge_iface('tap' + 'p2xxxxxxxxx-yyyy'[:11], 'fa:16:3e:00:00:02') +
@@ -220,16 +214,16 @@ def test_address_order_filterref_then_nova_then_neighbours():
         port('fa-16-3e-01', '198.18.1.99'))
     dom = topology.parse_domain(xml)
     a, b, c = dom.interfaces
-    # The filterref wins even when a nova port also matches.
-    assert topology.target_address(dom, a, neighbours) == ('198.18.1.10',
-                                                           'filterref')
+    # The filterref wins (no port of its own to contradict it).
+    assert topology.target_address(dom, a) == ('198.18.1.10', 'filterref')
     # tap + 11 characters of the port uuid: nova's tap naming.
-    assert topology.target_address(dom, b, neighbours) == (
-        '198.18.1.11', 'nova-metadata')
-    assert calls == []
-    assert topology.target_address(dom, c, neighbours) == ('198.18.1.13',
-                                                           'neighbours')
-    assert calls == [1]
+    assert topology.target_address(dom, b) == ('198.18.1.11',
+                                               'nova-metadata')
+    # No recorded address: not measurable, whatever the guest answers ARP
+    # for (the neighbour table is never a source).
+    with pytest.raises(topology.TopologyError,
+                       match='tapccc.*filterref.*nova.*neighbour'):
+        topology.target_address(dom, c)
 
 
 def test_address_from_port_by_interfaceid():
@@ -240,20 +234,38 @@ def test_address_from_port_by_interfaceid():
         '198.18.1.11', 'nova-metadata')
 
 
-def test_no_address_names_the_vnic_and_sources():
+def test_filterref_must_be_one_of_the_ports_fixed_ips():
+    # A filterref naming another vNIC's address while the port records
+    # its own: not measurable (probes would be steered to the other).
+    tap = 'tap' + 'p2xxxxxxxxx-yyyy'[:11]
     dom = topology.parse_domain(domain_xml(
-        bridge_iface('tapaaa', 'fa:16:3e:00:00:01') +
-        bridge_iface('tapbbb', 'fa:16:3e:00:00:02'),
-        port('p1', '198.18.1.10')))
+        bridge_iface(tap, 'fa:16:3e:00:00:02', ip='198.18.1.77'),
+        port('p2xxxxxxxxx-yyyy', '198.18.1.11')))
     with pytest.raises(topology.TopologyError,
-                       match='tapaaa.*filterref.*nova.*neighbour'):
-        topology.target_address(dom, dom.interfaces[0], lambda: {})
+                       match=r"198\.18\.1\.77 is not one of port "
+                             r"p2xxxxxxxxx-yyyy's fixed IPs"):
+        topology.target_address(dom, dom.interfaces[0])
+    ok = topology.parse_domain(domain_xml(
+        bridge_iface(tap, 'fa:16:3e:00:00:02', ip='198.18.1.11'),
+        port('p2xxxxxxxxx-yyyy', '198.18.1.11')))
+    assert topology.target_address(ok, ok.interfaces[0]) == (
+        '198.18.1.11', 'filterref')
 
 
-def test_read_neighbours_of_a_real_namespace():
-    # Our own namespace's table: whatever it holds, the shape is right.
-    table = topology.read_neighbours()
-    assert all(':' in mac and '.' in ip for mac, ip in table.items())
+@pytest.mark.parametrize('bad', ['198.18.0.300', 'guest1', '198.18.0.1 x',
+                                 ''])
+def test_an_address_that_is_no_address_names_it(bad):
+    dom = topology.parse_domain(domain_xml(
+        bridge_iface('tapaaa', 'fa:16:3e:00:00:01'),
+        port('p1', bad or '-')))
+    with pytest.raises(topology.TopologyError,
+                       match='tapaaa.*is not an IP address'):
+        topology.target_address(dom, dom.interfaces[0])
+    filt = topology.parse_domain(domain_xml(
+        bridge_iface('tapaaa', 'fa:16:3e:00:00:01', ip=bad or '-')))
+    with pytest.raises(topology.TopologyError,
+                       match='tapaaa.*filterref IP.*is not an IP address'):
+        topology.target_address(filt, filt.interfaces[0])
 
 
 def test_resolve_builds_the_path(sysfs):
