@@ -17,12 +17,17 @@ vSwitch module nor a Geneve device):
   (the logical port: the Neutron port id), ``attached-mac``,
   ``iface-status=active`` and ``vm-uuid``, as os-vif sets them;
 * the Northbound database: one logical switch ``neutron-<network id>``
-  (its tunnel key is the Geneve VNI on the wire), one logical port per
+  (its tunnel key, requested as the spec's ``segmentation_id``, is the
+  Geneve VNI on the wire), one logical port per
   guest (addresses ``"<mac> <ip>"``) and one, ``source``, for the probe
   source; port groups as Neutron makes security groups: ``pg_<sg id>``
-  with ``allow-related`` ACLs (egress: all IPv4; ingress: ICMP, UDP and
+  with ``allow-related`` ACLs (egress: all IP; ingress: ICMP, UDP and
   TCP from the source), and ``neutron_pg_drop`` (priority 1001 drop both
-  ways).
+  ways);
+* each guest's ``eth0`` (the tap's veth peer) computes its transport
+  checksums itself: a veth leaves them partial (IPv6 TCP resets, for
+  one), the netdev datapath reads the tap with a packet socket, so its
+  conntrack found them wrong and OVN dropped the packets as ``ct.inv``.
 
 ``network_type`` ``geneve`` (the default): the source runs its own
 chassis ``src`` (ovsdb-server, ovs-vswitchd and ovn-controller in the
@@ -55,8 +60,9 @@ lab.
 
 A window sees each probe on the pif (received; Geneve-encapsulated with
 the logical switch's VNI) and on the tap (plain); ``br-phy``, the tunnel
-port (``ovn-src-0``, datapath port ``genev_sys_6081``), ``br-ex`` and
-``br-int`` are crossed unseen (:meth:`OvnLayout.unseen`).
+port (``ovn-src-0``; the datapath's ``genev_sys_6081`` is no netdev on
+the userspace datapath), ``br-ex`` and its patch ports, and ``br-int``
+are crossed unseen (:meth:`OvnLayout.unseen`, ``VifPath.via``).
 
 With ``ipv6=True`` the logical ports also carry the guests' (and the
 source's) IPv6 addresses, the security group has the same rules for
