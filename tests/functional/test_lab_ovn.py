@@ -225,9 +225,9 @@ def test_delay_held_mid_pipeline_each_hold_recorded(ovn_lab, network_type):
         assert t_pif <= rec.received_ns + CLOCK_TOLERANCE_NS, (seq, rec)
         assert rec.released_ns <= t_vif + CLOCK_TOLERANCE_NS, (seq, rec)
         overheads.append(t_vif - t_pif - rec.hold_ns)
-    # Pausing costs a trip through ovs-vswitchd's slow path, well under
-    # the delay itself.
-    assert statistics.median(overheads) < delay_ms * 1e6 / 2, overheads
+    # Pausing costs a trip through ovs-vswitchd's slow path (~0.3-0.5 ms
+    # on a loaded 2-core machine), less than the delay itself.
+    assert statistics.median(overheads) < delay_ms * 1e6, overheads
     assert not the_lab.delay_records(0)
     assert result.reports[fast.tap].ingress.p50_us < delay_ms * 1000 / 2
     # One mark per guest: no loss where the delay is; and only the
