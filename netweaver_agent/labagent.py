@@ -23,6 +23,7 @@ import time
 
 from oslo_log import log
 
+from netweaver_agent import labswitch
 from netweaver_agent import labvirt
 from netweaver_agent import netns
 
@@ -121,6 +122,12 @@ def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
         'pollsters_definitions_dirs': os.path.join(workdir, 'pollsters.d'),
     }
     options = {'probe_source': f'netns:{lab.src_netns}'}
+    # On an Open vSwitch layout, its private database: the topology comes
+    # from the switch, as on a compute host.
+    connection = getattr(getattr(lab, 'layout', None), 'ovsdb_connection',
+                         None)
+    if connection:
+        options['ovsdb_connection'] = connection
     options.update({k: str(v) for k, v in (probe or {}).items()})
     conf['netweaver'] = options
     for section, values in (extra or {}).items():
@@ -132,6 +139,64 @@ def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
         conf.write(f)
     return AgentFiles(workdir=workdir, config=config, polling=polling,
                       node=node, log=log_path, libvirt_uri=uri, port=port)
+
+
+# ``iptables`` words of the probes a lab mark counts, by family and
+# protocol (None: any probe protocol): requests only, never the source
+# kernel's own answers (e.g. its RST to a guest's SYN/ACK).
+_MARK_MATCHES = {
+    4: {'icmp': (('-p', 'icmp', '--icmp-type', 'echo-request'),),
+        'udp': (('-p', 'udp'),),
+        'tcp': (('-p', 'tcp', '--tcp-flags', 'SYN,ACK,RST', 'SYN'),)},
+    6: {'icmp': (('-p', 'ipv6-icmp', '--icmpv6-type', 'echo-request'),),
+        'udp': (('-p', 'udp'),),
+        'tcp': (('-p', 'tcp', '--tcp-flags', 'SYN,ACK,RST', 'SYN'),)},
+}
+
+
+def mark_rules(mark):
+    """``(tool, [rule argv, ...])``: iptables (or ip6tables) rules that
+    give every ``mark.every``-th probe to ``mark.dst_ip`` the TTL (hop
+    limit) ``mark.ttl`` as the source namespace's kernel sends it.
+
+    One chain per mark holds one ``nth`` counter, so probes of every
+    protocol the mark counts share it, as :class:`labmark.MarkTable` does.
+    """
+    family = 6 if ':' in mark.dst_ip else 4
+    tool = 'ip6tables' if family == 6 else 'iptables'
+    chain = f'NW-MARK-{mark.ttl}'
+    target = (['-j', 'HL', '--hl-set', str(mark.ttl)] if family == 6 else
+              ['-j', 'TTL', '--ttl-set', str(mark.ttl)])
+    nth = (['-m', 'statistic', '--mode', 'nth', '--every', str(mark.every),
+            '--packet', str(mark.every - 1)] if mark.every > 1 else [])
+    rules = [['-t', 'mangle', '-N', chain],
+             ['-t', 'mangle', '-A', chain, *nth, *target]]
+    protocols = ([mark.protocol] if mark.protocol
+                 else list(_MARK_MATCHES[family]))
+    for protocol in protocols:
+        for match in _MARK_MATCHES[family][protocol]:
+            rules.append(['-t', 'mangle', '-A', 'OUTPUT', '-d', mark.dst_ip,
+                          *match, '-j', chain])
+    return tool, rules
+
+
+def mark_in_kernel(lab):
+    """Apply the lab layout's probe marks in the source namespace's kernel.
+
+    On ovs-native and OVN, loss (and OVN's delay) is injected by a switch
+    rule on probes the lab's own source marks (:mod:`labmark`).  The
+    agent's ``netns:`` probe source is the product's, which marks nothing:
+    the same marks are set by netfilter (mangle ``OUTPUT``, which the
+    source's raw sockets pass) instead.  Returns the marks applied.  Use
+    it once the lab's own windows are done, or both would mark.
+    """
+    table = getattr(getattr(lab, 'layout', None), 'marks', None)
+    marks = table.marks() if table is not None else ()
+    for mark in marks:
+        tool, rules = mark_rules(mark)
+        for rule in rules:
+            labswitch.iptables(lab.src_netns, rule, tool=tool)
+    return marks
 
 
 def polling_command():
@@ -354,6 +419,7 @@ def run(lab, args, out=None, interval_s=5, timeout_s=60.0):
     workdir = tempfile.mkdtemp(prefix=f'{lab.prefix}agent-')
     try:
         files = write_files(lab, workdir, interval_s=interval_s, probe=probe)
+        mark_in_kernel(lab)
         expected = resource_ids(lab)
         with PollingAgent(files, lab.hv_netns) as agent:
             try:

@@ -117,6 +117,11 @@ class OvsLayout(labswitch.SwitchLayout):
         return self.INT
 
     @property
+    def ovsdb_connection(self):
+        """The private ovsdb-server of the hypervisor (``unix:…``)."""
+        return self.ovs.db_connection
+
+    @property
     def tunnel_port(self):
         if not self.spec.tunnelled:
             return None

@@ -431,6 +431,13 @@ class SwitchLayout:
                                  encap=self.encap())
                 for g in self.lab.guests]
 
+    @property
+    def ovsdb_connection(self):
+        """The OVSDB connection (``unix:…``) of the hypervisor's Open
+        vSwitch, what ``[netweaver] ovsdb_connection`` names on such a
+        host; None without Open vSwitch."""
+        return None
+
     def interface_xml(self, guest):
         """``(bridge, virtualport interfaceid or None)`` of the guest's
         ``<interface type='bridge'>`` as Nova writes it."""

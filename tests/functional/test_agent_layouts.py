@@ -1,0 +1,257 @@
+"""The real Ceilometer polling agent on the Open vSwitch and OVN layouts.
+
+One agent run per layout (ovs-hybrid flat, ovs-native VXLAN, OVN
+Geneve): the lab's private ovsdb-server / ovs-vswitchd (and OVN's
+daemons), the unmodified ``ceilometer-polling`` in the hypervisor's
+namespace with our pollsters, told no ``pif``: only where the switch's
+database is (``[netweaver] ovsdb_connection``, written by
+:func:`labagent.write_files` from the layout), ``probe_networks`` and the
+lab's source namespace as ``netns:`` probe source.  Checked against what
+the lab built and injected (:meth:`lab.Lab.paths`, the delayer's holds,
+the nth loss):
+
+* every guest gets latency; the samples' metadata names the pif, the
+  hops (hybrid: pif, qvo, qvb, tap; native and OVN: pif, tap) with the
+  devices crossed unseen, and the tunnel with its VNI;
+* the resource id of ``network.vif.latency`` is the one Ceilometer's own
+  ``network.incoming.bytes`` gives the same vNIC;
+* ``network.vif.probe.loss`` is the injected loss, exactly, every window
+  (native and OVN: the switch drops probes the source's kernel marks,
+  :func:`labagent.mark_in_kernel`);
+* hybrid: the NFQUEUE delay on qbr shows in the qvb → tap hop (within
+  the Linux-bridge lab's tolerance over each window's holds), every other
+  hop is like the undelayed guest's of the same window.
+
+The samples are read as Ceilometer publishes them: notifications through
+oslo.messaging's ``log`` driver into the agent's log.  That driver calls
+``logger.sample()`` for Ceilometer's SAMPLE priority, a method Python's
+logging lacks; a ``sitecustomize`` on the agent's PYTHONPATH adds it (an
+alias of ``info``): the only thing added to the agent's process.
+"""
+
+import json
+import statistics
+import time
+
+import pytest
+
+from netweaver_agent import lab as lab_mod
+from netweaver_agent import labagent
+
+INTERVAL_S = 3
+WINDOWS = 2
+WAIT_S = 75.0
+COUNT = 20
+EVERY = 4
+DELAY_MS = 2.0
+# The Linux-bridge lab's tolerance of measured - hold (test_lab.py).
+OVERHEAD_MEDIAN_US = 200.0
+LAYOUTS = [('ovs-hybrid', 'flat'), ('ovs-native', 'vxlan'),
+           ('ovn', 'geneve')]
+NOTIFICATION_LOGGER = 'oslo.messaging.notification.telemetry.polling'
+SHIM = '''"""Test shim: Python's logging has no Logger.sample(), which
+oslo.messaging's log notification driver calls for SAMPLE notifications;
+log them at INFO."""
+import logging
+
+if not hasattr(logging.Logger, 'sample'):
+    def _sample(self, msg, *args, **kwargs):
+        self.info(msg, *args, **kwargs)
+    logging.Logger.sample = _sample
+'''
+
+
+def published_samples(log_text):
+    """Every sample dict Ceilometer published, from the agent's log."""
+    decoder = json.JSONDecoder()
+    out = []
+    for line in log_text.splitlines():
+        at = line.find(NOTIFICATION_LOGGER)
+        if at < 0:
+            continue
+        start = line.find('{', at)
+        if start < 0:
+            continue
+        try:
+            message, _ = decoder.raw_decode(line, start)
+        except ValueError:
+            continue   # a line still being written
+        out.extend(message.get('payload', {}).get('samples', ()))
+    return out
+
+
+def by_window(samples):
+    """``{window_session: {(meter, vNIC name): sample}}`` of our meters."""
+    out = {}
+    for s in samples:
+        md = s['resource_metadata']
+        if 'window_session' in md:
+            out.setdefault(md['window_session'], {})[
+                (s['counter_name'], md['name'])] = s
+    return out
+
+
+def complete_windows(samples, taps):
+    """Windows in which every tap got latency and loss samples."""
+    want = {(m, t) for t in taps
+            for m in ('network.vif.latency', 'network.vif.probe.loss')}
+    return {session: got for session, got in by_window(samples).items()
+            if want <= got.keys()}
+
+
+@pytest.fixture
+def shim(tmp_path):
+    path = tmp_path / 'shim'
+    path.mkdir()
+    (path / 'sitecustomize.py').write_text(SHIM, encoding='utf-8')
+    return str(path)
+
+
+def build(lab_factory, switch, network_type):
+    losses = (lab_mod.LossInjection(guest=0, every=EVERY, protocol='icmp'),)
+    delays = ((lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS,
+                                      backend='nfqueue'),)
+              if switch == 'ovs-hybrid' else ())
+    return lab_factory(guests=2, switch=switch, network_type=network_type,
+                       losses=losses, delays=delays)
+
+
+def switch_socket(the_lab):
+    """The hypervisor's ovsdb-server socket, found by its pidfile's
+    folder (not through the layout property the agent's files use)."""
+    layout = the_lab.layout
+    ovs = layout.hv.ovs if the_lab.spec.switch == 'ovn' else layout.ovs
+    return ovs.paths.db_sock
+
+
+@pytest.mark.parametrize('switch, network_type', LAYOUTS)
+def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
+    t0 = time.monotonic()
+    the_lab = build(lab_factory, switch, network_type)
+    lossy, other = the_lab.guests
+    truth = {p.vnic: p for p in the_lab.paths()}
+    taps = set(truth)
+    marks = labagent.mark_in_kernel(the_lab)
+    # Native and OVN drop marked probes; the hybrid plug drops on qbr.
+    assert bool(marks) == (switch != 'ovs-hybrid'), marks
+    files = labagent.write_files(
+        the_lab, str(tmp_path / 'agent'), interval_s=INTERVAL_S,
+        meters=('network.incoming.bytes', *labagent.LATENCY_METERS),
+        probe={'probe_count': COUNT, 'probe_interval_ms': 1.0,
+               'per_vnic_interval_ms': 4 * DELAY_MS,
+               'probe_timeout_ms': 100.0, 'max_window_ms': 2000.0,
+               'probe_networks': the_lab.spec.network},
+        extra={'polling': {'enable_notifications': 'true'},
+               'publisher_notifier': {'telemetry_driver': 'log'}})
+    with open(files.config, encoding='utf-8') as f:
+        config = f.read()
+    assert (f'ovsdb_connection = unix:{switch_socket(the_lab)}\n'
+            in config), config
+    assert '\npif =' not in config
+
+    agent = labagent.PollingAgent(files, the_lab.hv_netns,
+                                  wrapper=('env', f'PYTHONPATH={shim}'))
+    with agent:
+        agent.wait_for(lambda _series: len(complete_windows(
+            published_samples(agent.log_text()), taps)) >= WINDOWS,
+            WAIT_S)
+        exported = agent.series()
+    log = agent.log_text()
+    took = time.monotonic() - t0
+    samples = published_samples(log)
+    windows = complete_windows(samples, taps)
+    assert 'Traceback' not in log
+    assert 'not measurable' not in log
+
+    # Ceilometer's own network.incoming.bytes: its resource id per vNIC.
+    incoming = {s['resource_metadata']['name']: s['resource_id']
+                for s in samples
+                if s['counter_name'] == 'network.incoming.bytes'}
+    assert incoming.keys() == taps, incoming
+
+    vni = (the_lab.layout.tunnel_key() if switch == 'ovn'
+           else the_lab.spec.segmentation_id)
+    hop_p50 = {}
+    for session, got in sorted(windows.items()):
+        for tap, path in truth.items():
+            s = got[('network.vif.latency', tap)]
+            md = s['resource_metadata']
+            # The same vNIC, the same resource as Ceilometer's meters.
+            assert md['vif'] == tap
+            assert s['resource_id'] == incoming[tap], (s, incoming)
+            assert s['counter_unit'] == 'us' and s['counter_volume'] > 0
+            # Found from OVSDB, no pif option: the lab's own truth.
+            assert md['pif'] == the_lab.pif
+            hops = md['latency_hops']
+            if len(path.interfaces) > 2:
+                assert [(h['src'], h['dst']) for h in hops] == list(
+                    zip(path.interfaces, path.interfaces[1:])), hops
+                assert [tuple(h['via']) for h in hops] == list(path.via)
+            else:
+                # pif → tap: the one hop is ingress (documented).
+                assert hops == [], hops
+            # Every device crossed unseen, in path order.
+            assert tuple(md['path_unseen']) == path.unseen
+            assert path.unseen, path
+            if path.encap:
+                assert md['tunnel'] == path.encap[0].kind
+                assert md['vni'] == vni
+            else:
+                assert md['tunnel'] is None and md['vni'] is None
+            ingress = md['latency_ingress']
+            assert ingress['count'] + ingress['lost'] == COUNT, ingress
+            for h in hops:
+                assert h['count'] == ingress['count'] and h['min_us'] >= 0
+            hop_p50[(session, tap)] = {(h['src'], h['dst']): h['p50_us']
+                                       for h in hops} or {
+                (path.interfaces[0], tap): ingress['p50_us']}
+            # Loss: exactly the injected share, every window.
+            loss = got[('network.vif.probe.loss', tap)]
+            assert loss['resource_id'] == incoming[tap]
+            want = 100.0 / EVERY if tap == lossy.tap else 0.0
+            assert loss['counter_volume'] == want, (tap, loss)
+            if tap == lossy.tap:
+                assert ingress['lost'] == COUNT // EVERY, ingress
+        # Replies of every passed probe came back out through the pif.
+        assert got[('network.vif.latency', other.tap)][
+            'resource_metadata']['latency_egress']['count'] == COUNT
+
+    # Prometheus: latency for every guest, under the same resources.
+    exported_ids = {s.label('resource') for s in exported
+                    if s.name == 'ceilometer_network_vif_latency'}
+    assert exported_ids == set(incoming.values())
+
+    if switch == 'ovs-hybrid':
+        check_hybrid_delay(the_lab, windows, hop_p50)
+    p50 = {tap: {hop: round(statistics.median(
+        hop_p50[(s, tap)][hop] for s in windows), 1)
+        for hop in hop_p50[(next(iter(windows)), tap)]} for tap in taps}
+    print(f'\n{switch}/{network_type}: {len(windows)} windows, '
+          f'{took:.1f} s; hop p50 (us) {p50}')
+
+
+def check_hybrid_delay(the_lab, windows, hop_p50):
+    fast, slow = the_lab.guests
+    pif, qvo, qvb, tap = the_lab.paths()[1].interfaces
+    records = the_lab.delay_records(1)
+    assert not the_lab.delay_records(0)
+    for session in windows:
+        holds = [r.hold_ns / 1000 for r in records
+                 if r.session == session and not r.reply]
+        assert len(holds) == COUNT, (session, len(holds))
+        assert min(holds) >= DELAY_MS * 1000
+        slow_p50 = hop_p50[(session, slow.tap)]
+        fast_p50 = hop_p50[(session, fast.tap)]
+        # The hold sits between qvb and the tap (qbr's netfilter).
+        over = slow_p50[(qvb, tap)] - statistics.median(holds)
+        assert 0 <= over <= OVERHEAD_MEDIAN_US, (over, slow_p50, holds)
+        fqvb = the_lab.paths()[0].interfaces[2]
+        assert fast_p50[(fqvb, fast.tap)] < DELAY_MS * 1000
+        # Every other hop like the undelayed guest's, same window.
+        for (a, b), p50 in slow_p50.items():
+            if b == tap:
+                continue
+            fa = {pif: pif, qvo: the_lab.paths()[0].interfaces[1],
+                  qvb: fqvb}
+            assert p50 <= 2 * fast_p50[(fa[a], fa[b])] + 50, (
+                (a, b), slow_p50, fast_p50)
