@@ -585,6 +585,10 @@ class Prober:
                              'session': window.session})
                 continue
             self._explain(instance, path, report)
+            if report.sent and report.entered_pif == 0:
+                # Probes that never entered through the pif measured no
+                # in-host path: not even the replies' egress is published.
+                continue
             measurements.append(VnicMeasurement(
                 instance_id=instance.id, stats=stats, path=path,
                 report=report,
@@ -627,12 +631,12 @@ class Prober:
                         'group / port security), not lost in the host. To '
                         'measure, %(rule)s.', args)
         elif report.entered_pif == 0:
-            LOG.warning('Instance %(id)s vNIC %(vif)s: none of %(sent)d '
-                        'probes to %(addr)s entered the host through pif '
-                        '%(pif)s; they do not come from the physical network '
-                        '(probe source %(src)s). Set [netweaver] '
-                        'probe_source to a host on the physical network, or '
-                        'pif to where they enter.', args)
+            LOG.warning('Instance %(id)s vNIC %(vif)s is not measurable: '
+                        'none of %(sent)d probes to %(addr)s entered the host '
+                        'through pif %(pif)s; they do not come from the '
+                        'physical network (probe source %(src)s). Set '
+                        '[netweaver] probe_source to a host on the physical '
+                        'network, or pif to where they enter.', args)
         elif report.ingress.count == 0:
             LOG.warning('Instance %(id)s vNIC %(vif)s: no probe reached '
                         'the tap', args)

@@ -488,8 +488,26 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.assertIn(f'vNIC tapnoip of instance {INSTANCE_ID} not probed',
                       out)
         self.assertIn('no address recorded for vNIC tapnoip', out)
-        self.assertIn(f'Instance {INSTANCE_ID} vNIC tapmute: none of 5 '
-                      'probes', out)
+        self.assertIn(f'Instance {INSTANCE_ID} vNIC tapmute is not '
+                      'measurable: none of 5 probes', out)
+
+    def test_probes_not_received_on_the_pif_publish_nothing(self):
+        # The guest answered and its replies left through the pif, but the
+        # probes never entered through it: no meter, not even egress.
+        mute = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                   tap='tapmute', mac='fa:16:3e:00:00:05',
+                                   address='198.18.1.14', bridge='brq1')
+        self.fake.add(INSTANCE_ID, self.guests + [mute])
+        self.sysfs_tree({'tapmute': 'brq1'})
+        self.window.reports['tapmute'] = report(
+            'tapmute', (), unseen=5, egress_ns=[4000, 5000])
+        egress = self.by_tap(self.samples(
+            pollsters.VifOutgoingLatencyPollster))
+        self.assertIn('tapaaa', egress)
+        for name, (meter, _) in METERS.items():
+            taps = set(self.by_tap(self.samples(meter)))
+            self.assertNotIn('tapmute', taps, name)
+        self.assertIn('Set [netweaver] probe_source', self.log.output)
 
     def test_a_failing_instance_does_not_stop_the_others(self):
         other = mock.MagicMock()
