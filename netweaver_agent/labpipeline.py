@@ -307,8 +307,8 @@ class Pipeline:
         # directory to reach its own.  bandit B103: search only, no read
         os.chmod(self.workdir, 0o711)  # nosec B103
         s = self.settings
-        self._step('rabbitmq', self._start_rabbitmq)
         if s.gnocchi:
+            self._step('rabbitmq', self._start_rabbitmq)
             self._step('postgresql', self._start_postgresql)
             self._step('gnocchi', self._start_gnocchi)
             self._step('notification agent', self._start_notification)
@@ -449,7 +449,8 @@ class Pipeline:
                                      'rabbitmq-server')], env=env, cwd=rdir)
         self._wait(rabbit, lambda: self._port_open(RABBIT_PORT),
                    f'AMQP listener on port {RABBIT_PORT}')
-        return f'pid {rabbit.pid}, amqp://{self.addresses.mgmt}:{RABBIT_PORT}'
+        return (f'pid {rabbit.pid}, epmd pid {epmd.pid}, '
+                f'amqp://{self.addresses.mgmt}:{RABBIT_PORT}')
 
     @property
     def transport_url(self):
@@ -671,18 +672,18 @@ class Pipeline:
     def agent_extra(self):
         """``extra=`` for :func:`labagent.write_files`.
 
-        Samples go to this RabbitMQ; the exporter listens on the
-        hypervisor's loopback (for the test's scrapes) and on its
+        Samples go to this RabbitMQ (with Gnocchi); the exporter listens
+        on the hypervisor's loopback (for the test's scrapes) and on its
         management address (for Prometheus).
         """
-        return {
-            'DEFAULT': {'transport_url': self.transport_url},
-            'polling': {
-                'enable_notifications': 'true',
-                'prometheus_listen_addresses':
-                    f'127.0.0.1:{EXPORTER_PORT},'
-                    f'{self.addresses.hv}:{EXPORTER_PORT}'},
-        }
+        extra = {'polling': {
+            'prometheus_listen_addresses':
+                f'127.0.0.1:{EXPORTER_PORT},'
+                f'{self.addresses.hv}:{EXPORTER_PORT}'}}
+        if self.settings.gnocchi:
+            extra['DEFAULT'] = {'transport_url': self.transport_url}
+            extra['polling']['enable_notifications'] = 'true'
+        return extra
 
     # -- HTTP clients -------------------------------------------------------
 

@@ -1,0 +1,285 @@
+"""The telemetry pipeline, for real: pollster → RabbitMQ → Gnocchi, Aodh;
+exporter → Prometheus with the project's alert rules.
+
+Everything runs: the namespace lab (a guest behind an injected 2 ms
+delay, another losing every 4th probe), the unmodified
+``ceilometer-polling`` in the hypervisor namespace, and in the lab's
+management namespace RabbitMQ, PostgreSQL, Gnocchi 4.7 (uwsgi, metricd),
+Ceilometer's notification agent with the project's resource definitions,
+Prometheus 2.42 with ``etc/prometheus/netweaver-alerts.yml`` and Aodh 23
+with alarms made from ``etc/aodh/*.json``.  Each daemon is started and
+stopped by pid; nothing the test made outlives it.  Needs root and
+``tools/pipeline-bootstrap.sh`` (``tools/test.sh`` runs it); fails, never
+skips, when a service cannot start.
+"""
+
+import json
+import os
+import re
+import signal
+# bandit B404: argument lists only
+import subprocess  # nosec B404
+import sys
+import time
+
+import pytest
+import yaml
+
+from netweaver_agent import lab as lab_mod
+from netweaver_agent import labagent
+from netweaver_agent import labpipeline
+from netweaver_agent import netns
+
+from tests.functional.conftest import require_root
+from tests.functional.conftest import unique_prefix
+
+DELAY_MS = 2.0
+LOSS_EVERY = 4
+INTERVAL_S = 3
+WAIT_S = 90.0
+# A multiple of LOSS_EVERY: every window loses exactly 1/LOSS_EVERY.
+PROBE_COUNT = 20
+
+
+def _dead(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie of ours is dead too.
+    try:
+        with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except OSError:
+        return True
+
+
+def _assert_cleaned(pids, workdir):
+    alive = [p for p in pids if not _dead(p)]
+    assert not alive, f'pipeline processes left running: {alive}'
+    assert workdir and not os.path.exists(workdir), workdir
+
+
+@pytest.fixture
+def pipeline_lab(lab_factory, tmp_path):
+    """``(lab, pipeline, agent)``: the whole pipeline on a two-guest lab."""
+    the_lab = lab_factory(
+        guests=2, mgmt=True,
+        delays=(lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS),),
+        losses=(lab_mod.LossInjection(guest=0, every=LOSS_EVERY),))
+    pipe = labpipeline.Pipeline(the_lab, logs_to=str(tmp_path / 'logs'),
+                                progress=print)
+    agent = None
+    try:
+        try:
+            pipe.start()
+        except labpipeline.PipelineError as exc:
+            pytest.fail(f'the pipeline could not start: {exc}')
+        probe = labpipeline.lab_probe_options(the_lab, INTERVAL_S)
+        probe['probe_count'] = PROBE_COUNT
+        files = labagent.write_files(
+            the_lab, str(tmp_path / 'agent'), interval_s=INTERVAL_S,
+            probe=probe, extra=pipe.agent_extra())
+        agent = labagent.PollingAgent(files, the_lab.hv_netns)
+        agent.start()
+        yield the_lab, pipe, agent
+    finally:
+        pids = [d.pid for d in pipe.daemons]
+        workdir = pipe.workdir
+        if agent is not None:
+            agent.stop()
+        pipe.stop()
+    _assert_cleaned(pids, workdir)
+
+
+def _policy_of(meter):
+    """The archive policy our resource definitions give ``meter``."""
+    with open(labpipeline.RESOURCES_FILE, encoding='utf-8') as f:
+        data = yaml.safe_load(f)
+    (res,) = [r for r in data['resources']
+              if r['resource_type'] == 'instance_network_interface']
+    return res['metrics'][meter]['archive_policy_name']
+
+
+def _seconds(text):
+    """Seconds of Gnocchi's ``H:MM:SS`` granularity."""
+    h, m, sec = text.split(':')
+    return int(h) * 3600 + int(m) * 60 + float(sec)
+
+
+def _alarm_example(name):
+    with open(os.path.join(labpipeline.ALARMS_DIR, f'{name}.json'),
+              encoding='utf-8') as f:
+        return json.load(f)['gnocchi_resources_threshold_rule']
+
+
+def _wait_firing(pipe, expected, timeout_s):
+    """Alert name → firing resources, once it equals ``expected``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = {name: labpipeline.firing(pipe, name) for name in expected}
+        if got == expected or time.monotonic() >= deadline:
+            return got
+        time.sleep(1.0)
+
+
+def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
+        pipeline_lab):
+    the_lab, pipe, agent = pipeline_lab
+    rids = labagent.resource_ids(the_lab)
+    lossy, delayed = the_lab.guests[0], the_lab.guests[1]
+    agent.wait_for(labagent.latency_ready(set(rids.values())), WAIT_S)
+
+    samples = {}
+    for g in the_lab.guests:
+        for meter in ('network.vif.latency', 'network.vif.probe.loss'):
+            s = labpipeline.follow(pipe, agent, rids[g.tap], meter,
+                                   timeout_s=WAIT_S)
+            samples[(g.tap, meter)] = s
+            # One sample, the same value everywhere.
+            assert s.exporter == s.gnocchi == s.prometheus, s
+            # Gnocchi's finest bucket holds that one sample only.
+            assert s.count == 1, s
+            # Prometheus scraped it after Ceilometer took it, within a
+            # polling interval (plus the delivery through RabbitMQ).
+            assert 0 <= s.scraped_at - s.timestamp <= INTERVAL_S + 5, s
+            assert s.archive_policy == _policy_of(meter), s
+
+    # The Gnocchi resource is Ceilometer's vNIC: its original id, and the
+    # name Ceilometer gives a vNIC (the filterref's, else the tap's).
+    domains = {d.tap: d for d in labagent.guest_domains(the_lab)}
+    for g in the_lab.guests:
+        res = pipe.gnocchi_resource(rids[g.tap])
+        assert res['original_resource_id'] == rids[g.tap]
+        dom = domains[g.tap]
+        assert res['name'] == (dom.filter_name if dom.filterref else g.tap)
+        assert res['type'] == 'instance_network_interface'
+        for meter in labagent.LATENCY_METERS:
+            assert meter in res['metrics'], (meter, res['metrics'])
+    # The lab's archive policy: buckets of 5 s or less.
+    policy = pipe.gnocchi('GET', f'/v1/archive_policy/'
+                          f'{_policy_of("network.vif.latency")}')
+    grans = sorted(_seconds(d['granularity']) for d in policy['definition'])
+    assert grans[0] <= 5, policy
+
+    # The injected truth, as Gnocchi holds it.
+    d = samples[(delayed.tap, 'network.vif.latency')].gnocchi
+    p = samples[(lossy.tap, 'network.vif.latency')].gnocchi
+    assert DELAY_MS * 1000 <= d <= DELAY_MS * 1000 + 1000, d
+    assert 0 < p < 500, p
+    assert samples[(lossy.tap, 'network.vif.probe.loss')].gnocchi == \
+        pytest.approx(100.0 / LOSS_EVERY)
+    assert samples[(delayed.tap, 'network.vif.probe.loss')].gnocchi == 0
+
+    # Aodh: the shipped alarms on every vNIC; the state follows Gnocchi.
+    alarms = {}
+    for g in the_lab.guests:
+        res = samples[(g.tap, 'network.vif.latency')].gnocchi_resource
+        for example in labpipeline.ALARM_EXAMPLES:
+            made = pipe.create_alarm(example, res, f'{example}-{g.tap}')
+            alarms[(g.tap, example)] = made['alarm_id']
+    states = {k: labpipeline.wait_alarm(pipe, a, WAIT_S)
+              for k, a in alarms.items()}
+    assert states == {
+        (lossy.tap, 'netweaver-vif-latency-high'): 'ok',
+        (delayed.tap, 'netweaver-vif-latency-high'): 'alarm',
+        (lossy.tap, 'netweaver-vif-probe-loss'): 'alarm',
+        (delayed.tap, 'netweaver-vif-probe-loss'): 'ok',
+    }, states
+    for (tap, example), state in states.items():
+        rule = _alarm_example(example)
+        value = samples[(tap, rule['metric'])].gnocchi
+        assert state == ('alarm' if value > rule['threshold'] else 'ok'), \
+            (tap, example, value, rule)
+
+    # Prometheus: the shipped rules fire for the right vNIC only.
+    expected = {'NetweaverVifLatencyHigh': {rids[delayed.tap]},
+                'NetweaverVifLatencyP99High': {rids[delayed.tap]},
+                'NetweaverVifProbeLoss': {rids[lossy.tap]},
+                'NetweaverVifLatencyAbsent': set()}
+    assert _wait_firing(pipe, expected, WAIT_S) == expected
+
+    # With Ceilometer's own definitions these meters would be dropped.
+    with open(pipe.notification_log, encoding='utf-8',
+              errors='replace') as f:
+        notification = f.read()
+    assert 'is not handled by Gnocchi' not in notification
+    assert 'Traceback' not in agent.log_text()
+
+
+def test_a_service_failing_to_start_stops_the_others(lab_factory, tmp_path):
+    """Prometheus cannot bind (the port is taken): RabbitMQ, PostgreSQL,
+    Gnocchi and the notification agent, already up, are stopped by pid
+    and the work directory is removed."""
+    the_lab = lab_factory(guests=1, mgmt=True)
+    import socket
+    blocker = netns.socket_in_netns(the_lab.mgmt_netns, socket.AF_INET,
+                                    socket.SOCK_STREAM)
+    with blocker:
+        blocker.bind(('127.0.0.1', labpipeline.PROMETHEUS_PORT))
+        blocker.listen(1)
+        lines = []
+        pipe = labpipeline.Pipeline(
+            the_lab, labpipeline.PipelineSettings(aodh=False),
+            progress=lines.append)
+        with pytest.raises(labpipeline.PipelineError) as err:
+            with pipe:
+                pass
+    assert 'prometheus' in str(err.value)
+    assert lines[-1] == 'pipeline: starting prometheus...', lines
+    assert 'pipeline: starting gnocchi...' in lines, lines
+    assert pipe.daemons == []
+    assert not os.path.exists(pipe.workdir)
+    # Every daemon that was started is gone (their pids were logged).
+    assert not _pids_in_netns(the_lab.mgmt_netns), \
+        'processes left in the management namespace'
+
+
+def _pids_in_netns(name):
+    target = os.stat(netns.netns_path(name)).st_ino
+    out = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f'/proc/{entry}/ns/net').st_ino == target:
+                out.append(int(entry))
+        except OSError:
+            continue
+    return [p for p in out if not _dead(p)]
+
+
+def test_lab_pipeline_command_cleans_up_on_ctrl_c():
+    """``netweaver lab --pipeline``: Ctrl-C while services start removes
+    every daemon it started (by the pids its progress lines name), the
+    namespaces and the work directory."""
+    require_root()
+    prefix = unique_prefix('pc')
+    argv = [sys.executable, '-m', 'netweaver_agent.cli', 'lab',
+            '--pipeline', '--prefix', prefix]
+    # bandit B603: our own command, an argument list
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,  # nosec B603
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + WAIT_S
+        for line in proc.stdout:
+            lines.append(line)
+            if 'postgresql up' in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = ''.join(lines)
+    assert 'postgresql up' in text, text
+    pids = [int(p) for p in re.findall(r'\bpid (\d+)', text)]
+    assert len(pids) >= 2, text
+    assert not [p for p in pids if not _dead(p)], text
+    assert not [n for n in os.listdir(netns.NETNS_RUN_DIR)
+                if n.startswith(prefix)]
+    assert not [n for n in os.listdir('/tmp')
+                if n.startswith(f'{prefix}pipeline-')]
