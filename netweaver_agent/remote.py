@@ -995,7 +995,7 @@ class SSHSource(sources.ProbeSource):
             raise ValueError(f"probe source {self.name}: deadline_s "
                              f"{deadline_s!r} is not a finite time")
         budget = deadline_s - time.monotonic()
-        if budget <= 0:
+        if budget < 0.001:      # the sender takes milliseconds (%.3f)
             return sources.SendResult(sent=0, failed=0,
                                       errors=('deadline already passed',))
         argv = ['python3', '-c', SENDER, str(len(packets)),

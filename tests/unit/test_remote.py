@@ -9,6 +9,7 @@ import shlex
 import socket
 import struct
 import subprocess
+import time
 
 import fixtures
 from hypothesis import given
@@ -476,6 +477,18 @@ class TestLimitsAndIPv6(testtools.TestCase):
         for bad in (float('nan'), float('inf')):
             src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
             self.assertRaises(ValueError, src.send, plan, bad)
+
+    def test_ssh_source_with_no_time_left_sends_nothing(self):
+        from netweaver_agent import sources
+        src = remote.SSHSource('198.18.0.1', 2222)
+        plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
+                                           1_000_000)
+        src.remote.run = lambda *a, **k: self.fail('sent anyway')
+        # Less than the sender's millisecond resolution is no time at all.
+        for left in (-1.0, 0.0, 0.0004):
+            src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
+            got = src.send(plan, time.monotonic() + left)
+            self.assertEqual(0, got.attempted)
 
 
 class TestDestinationPolicy(testtools.TestCase):
