@@ -515,12 +515,13 @@ class Pipeline:
         self._run('gnocchi-upgrade', [venv_bin('gnocchi', 'gnocchi-upgrade'),
                                       '--config-file', conf])
         api = self._daemon('gnocchi-api', [
-            venv_bin('gnocchi', 'uwsgi'), '--http',
+            _system_bin('/usr/bin/uwsgi-core'), '--plugins', 'http,python3',
+            '--http',
             f'127.0.0.1:{GNOCCHI_PORT}', '--http-keepalive',
             '--so-keepalive', '--add-header', 'Connection: Keep-Alive',
             '--wsgi', 'gnocchi.rest.wsgi', '--chdir', '/',
             '-H', os.path.dirname(os.path.dirname(
-                venv_bin('gnocchi', 'gnocchi-api'))),
+                venv_bin('gnocchi', 'gnocchi-upgrade'))),
             '--master', '--die-on-term', '--enable-threads',
             '--processes', '1', '--threads', '4', '--lazy-apps',
             '--pyargv', f'--config-file {conf}'])
