@@ -193,6 +193,15 @@ OPTS = [
                     'helper (sudo ceilometer-rootwrap ...) followed by '
                     'privsep-helper (an agent running as root starts it '
                     'without one).'),
+    cfg.IntOpt('max_capture_mb',
+               default=512, min=1, max=65536,
+               help='Largest capture file fetched from a remote host over '
+                    'SFTP, in MiB: a larger one is refused, and a copy '
+                    'stops there whatever size the host announced. '
+                    'Each remote command may print at most 1 MiB (the '
+                    'commands of ours print a line or a table) and both '
+                    'end within ssh_command_timeout_s in all. A capture of '
+                    'N probes is at most about (2N + 64) x 272 bytes.'),
 ]
 
 
@@ -213,15 +222,6 @@ def register_opts(conf):
     """Register the ``[netweaver]`` options on ``conf`` (idempotent)."""
     conf.register_opts(all_opts(), group=GROUP)
 
-    cfg.IntOpt('max_capture_mb',
-               default=512, min=1, max=65536,
-               help='Largest capture file fetched from a remote host over '
-                    'SFTP, in MiB: a larger one is refused, and a copy '
-                    'stops there whatever size the host announced. '
-                    'Each remote command may print at most 1 MiB (the '
-                    'commands of ours print a line or a table) and both '
-                    'end within ssh_command_timeout_s in all. A capture of '
-                    'N probes is at most about (2N + 64) x 272 bytes.'),
 
 class OptionsError(ValueError):
     """``[netweaver]`` options that can never work; names each option."""
