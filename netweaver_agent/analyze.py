@@ -28,6 +28,14 @@ before the vif) gives no latency: it is counted in the report's
 
 ``auto`` (the default) uses probe mode, or fingerprint mode when neither
 file holds a probe of ours and the instance's address is known.
+
+Authentication: with the window's secret (``key``, ``netweaver analyze
+--key HEX``; ``netweaver measure`` passes its own) and the instance's
+address, probe mode counts only sightings whose tag and address verify
+(see :mod:`netweaver_agent.probe`); TCP probes also need the plan that
+sent them (their ISN is the tag).  Without a key, probes are matched
+*unauthenticated*: anyone who saw one probe of the window could have
+added look-alikes, and the report says so.
 """
 
 import dataclasses
@@ -59,6 +67,8 @@ class Analysis:
     vif: pcapfile.PcapRead
     mode: str
     session: int
+    # Sightings verified with the window's secret (tags and addresses).
+    authenticated: bool = False
 
     @property
     def reports(self):
@@ -103,7 +113,8 @@ def _replies_plan(batch, pif, vif):
 def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
                   protocol=None, mode='auto', timeout_ms=DEFAULT_TIMEOUT_MS,
                   pif_name=None, vif_name=None,
-                  tcp_ports=probe.DEFAULT_TCP_SOURCE_PORTS):
+                  tcp_ports=probe.DEFAULT_TCP_SOURCE_PORTS, key=None,
+                  plan=None):
     """Match the probes of a pif capture and a vif capture.
 
     :param destination: the instance's address (fingerprint mode: tells
@@ -116,6 +127,12 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
         (``[netweaver] tcp_source_ports``); in probe mode, TCP packets from
         (or answers to) other ports are not ours (see
         :func:`pcapfile.read_pcap`)
+    :param key: the probe window's secret (bytes): probe mode then
+        accepts only sightings whose tag and address verify (needs
+        ``destination``); None: unauthenticated matching
+    :param plan: the :class:`sources.ProbePlan` that sent the probes
+        (``netweaver measure``): its probes are the report's, its session
+        the one analysed (TCP probes are verified only with it)
     :returns: :class:`Analysis`
     :raises pcapfile.PcapError: a file is unreadable or corrupt
     :raises AnalyzeError: nothing to measure, or a bad combination
@@ -126,6 +143,16 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
     if timeout_ms <= 0:
         raise ValueError(f"timeout {timeout_ms!r} ms must be > 0")
     pif, vif = interface_names(pif_path, vif_path, pif_name, vif_name)
+    if key is not None:
+        key = probe.check_secret(key, '--key')
+        if destination is None:
+            raise AnalyzeError("verifying probes with a key needs the "
+                               "instance's address (--destination): the "
+                               "tags bind it")
+    if plan is not None:
+        # TCP keys carry no session on the wire.
+        session = (probe.TCP_SESSION if plan.protocol == 'tcp' else
+                   plan.session)
     reads = None
     if mode in ('auto', 'probe'):
         reads = _read_probes(pif_path, vif_path, pif, vif, session,
@@ -156,15 +183,25 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
     timeout_ns = int(timeout_ms * 1_000_000)
     label = protocol or mode
     path = latency.PathSpec(vnic=vif, interfaces=(pif, vif))
-    matcher = latency.Matcher(batch.session, [path],
-                              build_plan(batch, pif, vif), timeout_ns,
-                              protocol=label)
+    verify = key if mode == 'probe' else None
+    session = batch.session
+    if plan is not None and mode == 'probe':
+        seqs = {p.seq: vif for p in plan.probes}
+        session, kind = plan.session, plan.protocol
+    else:
+        seqs = build_plan(batch, pif, vif)
+        kind = (_protocol_of(batch, seqs, protocol, verify, destination)
+                if mode == 'probe' else None)
+    matcher = latency.Matcher(
+        session, [path], seqs, timeout_ns, protocol=kind or 'icmp',
+        secret=verify, addresses={vif: destination} if verify else None,
+        label=label)
     matcher.feed_batch(batch)
     report = matcher.reports()[vif]
     if mode == 'fingerprint':
         back = latency.Matcher(batch.session, [path],
                                _replies_plan(batch, pif, vif), timeout_ns,
-                               protocol=label)
+                               label=label)
         back.feed_batch(batch)
         replies = back.reports()[vif]
         report = dataclasses.replace(
@@ -175,7 +212,32 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
                   'pif': pif_path, 'vif': vif_path, 'mode': mode,
                   'session': batch.session, 'n': report.sent})
     return Analysis(report=report, pif=pif_read, vif=vif_read, mode=mode,
-                    session=batch.session)
+                    session=session, authenticated=verify is not None)
+
+
+def _protocol_of(batch, seqs, protocol, key, destination):
+    """The probes' protocol (their tags are keyed with it): ``'tcp'`` for
+    TCP keys; else ``protocol`` if it names one, else, with a ``key``, the
+    one whose tags verify on more of the first rows; None unverified."""
+    for seq in seqs:
+        if probe.tcp_ident_port(seq) is not None:
+            if key is not None:
+                raise AnalyzeError(
+                    "TCP probes carry their tag in the ISN, which only the "
+                    "plan that sent them can check: analyse TCP captures "
+                    "without --key (unauthenticated)")
+            return 'tcp'
+        break
+    if protocol in ('icmp', 'udp') or key is None:
+        return protocol if protocol in ('icmp', 'udp') else None
+    packed = latency._packed(destination)
+    votes = {'icmp': 0, 'udp': 0}
+    for k, a in zip(batch.keys[:64], batch.auth_column()[:64]):
+        for kind in votes:
+            if a == probe.expected_auth(key, kind, batch.session, k >> 1,
+                                        packed):
+                votes[kind] += 1
+    return 'udp' if votes['udp'] > votes['icmp'] else 'icmp'
 
 
 def _read_probes(pif_path, vif_path, pif, vif, session, tcp_ports):

@@ -80,6 +80,8 @@ class Sighting:
     ifname: str
     t_ns: int
     direction: int = DIR_IN
+    # probe.auth_value of the packet (its tag and address).
+    auth: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,6 +95,11 @@ class SightingBatch:
     ``encap`` holds how the frame carried the probe, for the rows that
     were VLAN-tagged or VXLAN only: ``{(key, ifindex): probe.Encap}``
     (the first such sighting of that key on that interface).
+
+    ``auth[i]``: :func:`probe.auth_value` of the row's packet (the tag it
+    carries XOR a fold of its address), which the matcher checks against
+    the planned probe's.  TCP rows (session :data:`probe.TCP_SESSION` on
+    the wire) are kept in any window's batch: their ISN is the key.
     """
 
     session: int
@@ -104,6 +111,8 @@ class SightingBatch:
         default_factory=lambda: array.array('i'))
     direction: array.array = dataclasses.field(
         default_factory=lambda: array.array('B'))
+    auth: array.array = dataclasses.field(
+        default_factory=lambda: array.array('Q'))
     ifnames: dict = dataclasses.field(default_factory=dict)
     encap: dict = dataclasses.field(default_factory=dict)
 
@@ -119,17 +128,18 @@ class SightingBatch:
         self.ifnames[index] = ifname
         return index
 
-    def append(self, key_int, ifindex, t_ns, direction):
+    def append(self, key_int, ifindex, t_ns, direction, auth=0):
         self.keys.append(key_int)
         self.ifindex.append(ifindex)
         self.t_ns.append(t_ns)
         self.direction.append(direction)
+        self.auth.append(auth)
 
     def add(self, sighting):
         """Append one :class:`Sighting` (slow path, for tests and tools)."""
         self.append(sighting.key.as_int(),
                     self.interface_index(sighting.ifname),
-                    sighting.t_ns, sighting.direction)
+                    sighting.t_ns, sighting.direction, sighting.auth)
 
     def extend(self, other):
         """Append every row of ``other`` (same session), remapping names."""
@@ -141,16 +151,28 @@ class SightingBatch:
         self.keys.extend(other.keys)
         self.t_ns.extend(other.t_ns)
         self.direction.extend(other.direction)
+        self.auth.extend(other.auth)
+        if len(other.auth) < len(other.keys):      # filled without auth
+            self.auth.extend(bytes(len(other.keys) - len(other.auth)))
         self.ifindex.extend(remap[i] for i in other.ifindex)
         for (k, i), encap in other.encap.items():
             self.encap.setdefault((k, remap[i]), encap)
 
     def sightings(self):
         """Rows as :class:`Sighting` objects (slow path)."""
-        for k, i, t, d in zip(self.keys, self.ifindex, self.t_ns,
-                              self.direction):
+        auth = self.auth_column()
+        for k, i, t, d, a in zip(self.keys, self.ifindex, self.t_ns,
+                                 self.direction, auth):
             yield Sighting(probe.ProbeKey.from_int(self.session, k),
-                           self.ifnames[i], t, d)
+                           self.ifnames[i], t, d, a)
+
+    def auth_column(self):
+        """``auth``, padded with zeros to the rows' number (columns
+        filled by hand may lack it)."""
+        short = len(self.keys) - len(self.auth)
+        if short > 0:
+            self.auth.extend(bytes(short))
+        return self.auth
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -449,9 +471,13 @@ class LiveCapture:
                 continue
             # Fixed-offset parse (no packet objects): ~10x parse_key.
             found = pcapkeys.frame_key(data, 0, len(data), tunnels=tunnels)
-            if found is None or found[0] != session:
+            if found is None or (found[0] != session and
+                                 found[0] != probe.TCP_SESSION):
                 self._foreign += 1
                 continue
+            auth = pcapkeys.frame_auth(
+                data, 0, len(data),
+                tunnel=found[2].tunnel if len(found) > 2 else None) or 0
             t_ns = None
             vid = None
             for level, ctype, cdata in ancdata:
@@ -466,7 +492,7 @@ class LiveCapture:
                 t_ns = time.time_ns()
             direction = DIR_OUT if addr[2] == PACKET_OUTGOING else DIR_IN
             index = batch.interface_index(ifname)
-            batch.append(found[1], index, t_ns, direction)
+            batch.append(found[1], index, t_ns, direction, auth)
             if vid is not None or len(found) > 2:
                 batch.encap.setdefault((found[1], index),
                                        _live_encap(vid, found))

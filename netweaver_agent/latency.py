@@ -16,6 +16,14 @@ pif never measured the in-host path.  A probe received on the pif and not
 seen on the vif within ``timeout_ns`` is *lost*.  Probes never received on
 the pif are counted as ``unseen_at_pif`` and measure nothing.
 
+Tenants see their own probes and may send look-alikes.  With the window's
+secret, a sighting counts only if it is authentic: its auth (tag and
+address, see :mod:`netweaver_agent.probe`) is the one the planned probe to
+the planned address carries (computed once per probe, then compared per
+row), and a TCP key is found through the plan's ISNs.  Rows that fail are
+counted per vNIC as ``rejected``.  Without a secret (offline files with no
+key) sightings are matched unverified.
+
 One clock stamps every interface, so a packet seen on an interface of its
 path *before* one it crossed earlier (a vif sighting before the pif's, a
 reply on the pif before the tap) is no latency at all: a negative value is
@@ -26,8 +34,10 @@ statistics.
 import collections
 import dataclasses
 import math
+import socket
 
 from netweaver_agent import capture
+from netweaver_agent import probe
 
 DIR_IN = capture.DIR_IN
 DIR_OUT = capture.DIR_OUT
@@ -111,7 +121,9 @@ class LatencyReport:
     over the window; ``()``/None when plain.  ``anomalies``: probes or
     replies seen out of path order (e.g. on the vif before the pif, which
     one clock cannot do for one packet): no value, left out of the
-    statistics.
+    statistics.  ``rejected``: sightings of this vNIC's probes whose tag
+    or address did not verify (look-alikes), ignored.  ``authenticated``:
+    whether sightings were verified at all.
     """
 
     vnic: str
@@ -129,6 +141,8 @@ class LatencyReport:
     vni: int | None = None
     tunnel: str | None = None
     anomalies: int = 0
+    rejected: int = 0
+    authenticated: bool = False
 
     @property
     def filtered(self):
@@ -169,10 +183,21 @@ class Matcher:
     :param capture_dropped: the capture lost packets in this window, so a
         probe missing on the vif may have been dropped by the capture, not
         by the host: such probes are counted as ``unknown``, never as lost
+    :param secret: the window's secret (the probes' tags and TCP ISNs);
+        None: sightings are not verified (the reports say so)
+    :param addresses: ``{vnic: address string}``, the planned destination
+        of each vNIC's probes (needed with ``secret``)
+    :param label: the protocol shown in the reports (default:
+        ``protocol``, which is the probes' and keys their tags)
+
+    TCP: ``plan`` holds :func:`probe.tcp_ident` sequence numbers (or keys
+    as read, :func:`probe.tcp_wire_ident`); the ISN each probe carried is
+    computed once, and sightings are found through it.
     """
 
     def __init__(self, session, paths, plan, timeout_ns, protocol='icmp',
-                 capture_dropped=False):
+                 capture_dropped=False, secret=None, addresses=None,
+                 label=None):
         self.session = session
         self.paths = {p.vnic: p for p in paths}
         self.plan = dict(plan)
@@ -182,36 +207,86 @@ class Matcher:
                 f"probes planned for vNICs with no path: {sorted(unknown)}")
         self.timeout_ns = timeout_ns
         self.protocol = protocol
+        self.label = label or protocol
         self.capture_dropped = capture_dropped
+        self.secret = (None if secret is None else
+                       probe.check_secret(secret, 'window secret'))
+        self._dst = {}
+        if self.secret is not None:
+            addresses = addresses or {}
+            missing = set(self.plan.values()) - set(addresses)
+            if missing:
+                raise ValueError("verified matching needs the address of "
+                                 f"every vNIC; none for {sorted(missing)}")
+            self._dst = {v: _packed(a) for v, a in addresses.items()}
         # (seq, reply) -> {ifname: t_ns}
         self._seen = {}
         # (seq, reply) -> probe.Encap on the pif (tagged/VXLAN rows only)
         self._encap = {}
+        # seq -> the auth a genuine sighting carries (computed once).
+        self._expected = {}
+        self.verifications = 0
+        self._rejected = collections.Counter()
+        # TCP: the key as read (port and ISN) -> the plan's seq.
+        self._wire = self._tcp_keys() if protocol == 'tcp' else None
+
+    def _tcp_keys(self):
+        """``{wire seq: plan seq}``: each planned TCP probe's key as read
+        from the wire (its port and the ISN it carried)."""
+        wire = {}
+        for seq, vnic in self.plan.items():
+            port = probe.tcp_ident_port(seq)
+            if port is None or seq >> 40:
+                wire[seq] = seq             # a key as read already
+                continue
+            isn = probe.tcp_isn(self.secret, self.session, seq,
+                                self._dst.get(vnic))
+            wire[probe.tcp_wire_ident(port, isn)] = seq
+        return wire
+
+    def _authentic(self, seq, auth):
+        """Whether ``auth`` is what planned probe ``seq`` carries."""
+        want = self._expected.get(seq)
+        if want is None:
+            self.verifications += 1
+            want = self._expected[seq] = probe.expected_auth(
+                self.secret, self.protocol, self.session, seq,
+                self._dst[self.plan[seq]])
+        return auth == want
 
     def feed(self, sighting):
         """Add one :class:`capture.Sighting`."""
-        if sighting.key.session != self.session:
+        key = sighting.key
+        if key.session != self.session and not (
+                self._wire is not None and key.session == probe.TCP_SESSION):
             return
-        self._add(sighting.key.seq, sighting.key.reply, sighting.ifname,
-                  sighting.t_ns, sighting.direction)
+        self._add(key.seq, key.reply, sighting.ifname, sighting.t_ns,
+                  sighting.direction, sighting.auth)
 
     def feed_batch(self, batch):
         """Add every row of a :class:`capture.SightingBatch`."""
-        if batch.session != self.session:
+        if batch.session != self.session and self._wire is None:
             return
         names = batch.ifnames
         add = self._add
-        for k, i, t, d in zip(batch.keys, batch.ifindex, batch.t_ns,
-                              batch.direction):
-            add(k >> 1, bool(k & 1), names[i], t, d)
+        for k, i, t, d, a in zip(batch.keys, batch.ifindex, batch.t_ns,
+                                 batch.direction, batch.auth_column()):
+            add(k >> 1, bool(k & 1), names[i], t, d, a)
+        wire = self._wire
         for (k, i), encap in batch.encap.items():
-            vnic = self.plan.get(k >> 1)
+            seq = k >> 1 if wire is None else wire.get(k >> 1)
+            vnic = self.plan.get(seq)
             if vnic is not None and names[i] == self.paths[vnic].pif:
-                self._encap.setdefault((k >> 1, bool(k & 1)), encap)
+                self._encap.setdefault((seq, bool(k & 1)), encap)
 
-    def _add(self, seq, reply, ifname, t_ns, direction):
+    def _add(self, seq, reply, ifname, t_ns, direction, auth=0):
+        if self._wire is not None:
+            seq = self._wire.get(seq)
         vnic = self.plan.get(seq)
         if vnic is None:
+            return
+        if self.secret is not None and not self._authentic(seq, auth):
+            self._rejected[vnic] += 1
             return
         path = self.paths[vnic]
         if ifname not in path.interfaces:
@@ -297,13 +372,14 @@ class Matcher:
             for (a, b), vals, lost in zip(hops, hop_values, hop_lost)
         ) if len(hops) > 1 else ()
         return LatencyReport(
-            vnic=path.vnic, pif=pif, protocol=self.protocol, sent=len(seqs),
+            vnic=path.vnic, pif=pif, protocol=self.label, sent=len(seqs),
             ingress=DirectionStats.from_ns(ingress, in_lost),
             egress=DirectionStats.from_ns(egress, eg_lost),
             turnaround=DirectionStats.from_ns(turnaround),
             hops=hop_stats, unseen_at_pif=unseen, late=late,
             unknown=unknown, vlan=vlan, vni=vni, tunnel=tunnel,
-            anomalies=anomalies)
+            anomalies=anomalies, rejected=self._rejected[path.vnic],
+            authenticated=self.secret is not None)
 
     def _carried(self, seqs):
         """``(vlan, vni, tunnel)`` most common on the pif among ``seqs``."""
@@ -317,6 +393,17 @@ class Matcher:
             return (), None, None
         encap = counts.most_common(1)[0][0]
         return encap.vlan, encap.vni, encap.tunnel
+
+
+def _packed(address):
+    """An address string (or packed bytes) as packed bytes."""
+    if isinstance(address, (bytes, bytearray)):
+        return bytes(address)
+    family = socket.AF_INET6 if ':' in address else socket.AF_INET
+    try:
+        return socket.inet_pton(family, address)
+    except OSError as exc:
+        raise ValueError(f"invalid vNIC address {address!r}") from exc
 
 
 def _in_order(seen, interfaces):

@@ -17,6 +17,7 @@ from oslo_log import log
 from netweaver_agent import capture
 from netweaver_agent import destinations
 from netweaver_agent import latency
+from netweaver_agent import probe
 from netweaver_agent import routes
 from netweaver_agent import sources
 
@@ -99,6 +100,9 @@ class WindowResult:
     skipped_vnics: tuple = ()  # vNICs that got no probe (no report)
     # destinations.Refusal of vNICs the source's policy left out.
     refused: tuple = ()
+    # The window's secret (its probes' tags): for re-checking the batch
+    # afterwards (tests, tools); never shown.
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def trimmed(self):
@@ -109,6 +113,11 @@ class WindowResult:
 def new_session():
     """A random 16-bit session number, never 0."""
     return secrets.randbelow(0xffff) + 1
+
+
+def new_secret():
+    """A random secret for one window's probe tags (never logged)."""
+    return secrets.token_bytes(probe.SECRET_LEN)
 
 
 def run_window(paths, source, settings=None, capture_netns=None,
@@ -143,6 +152,9 @@ def run_window(paths, source, settings=None, capture_netns=None,
         raise ValueError("a probe window needs at least one vNIC")
     paths, refused = allowed_paths(paths, source)
     session = session if session is not None else new_session()
+    # Tenants see their own probes: only this secret tells ours from
+    # their look-alikes (see netweaver_agent.probe).
+    secret = new_secret()
     t0 = time.monotonic()
     deadline = t0 + settings.max_window_ms / 1000.0
     if deadline_s is not None:
@@ -155,7 +167,8 @@ def run_window(paths, source, settings=None, capture_netns=None,
         settings.count, int(settings.interval_ms * 1e6),
         int(settings.per_vnic_interval_ms * 1e6),
         budget_ns=int((deadline - t0 - timeout_s) * 1e9),
-        size=settings.size, port=settings.port, rotate=session)
+        size=settings.size, port=settings.port, rotate=session,
+        secret=secret)
     plan = sched.plan
     if sched.skipped:
         _log_trimmed(session, settings, paths, sched)
@@ -172,6 +185,10 @@ def run_window(paths, source, settings=None, capture_netns=None,
     extra = {name: getattr(settings, name)
              for name in ('vxlan_port', 'geneve_port')
              if getattr(settings, name) is not None}
+    # Each probe and its answer, once on every interface of a path: what
+    # the capture's receive ring is sized for.
+    extra['expected_packets'] = 2 * len(plan.probes) * max(
+        len(p.interfaces) for p in paths)
     with _discard_on_error(source, capture_class(
             session, settings.protocol, netns_name=capture_netns,
             interfaces=interfaces, **extra)) as cap:
@@ -209,7 +226,8 @@ def run_window(paths, source, settings=None, capture_netns=None,
         session, [paths[i].spec() for i in probed],
         {seq: paths[i].vnic for seq, i in owner.items()},
         int(settings.timeout_ms * 1e6), protocol=settings.protocol,
-        capture_dropped=cap.stats.drops > 0)
+        capture_dropped=cap.stats.drops > 0, secret=secret,
+        addresses={paths[i].vnic: paths[i].address for i in probed})
     matcher.feed_batch(cap.batch)
     reports = matcher.reports()
     skipped = sched.wanted - len(tried)
@@ -227,7 +245,8 @@ def run_window(paths, source, settings=None, capture_netns=None,
                         duration_ns=duration_ns, reports=reports,
                         capture=cap.stats, send=sent, batch=cap.batch,
                         wanted=sched.wanted, skipped=skipped,
-                        skipped_vnics=skipped_vnics, refused=refused)
+                        skipped_vnics=skipped_vnics, refused=refused,
+                        secret=secret)
 
 
 def allowed_paths(paths, source):

@@ -142,6 +142,7 @@ class _Rows:
         self.keys = array.array('Q')
         self.ifindex = array.array('i')
         self.direction = array.array('B')
+        self.auth = array.array('Q')    # probe.auth_value per row
         self.session_runs = []          # [[session, rows], ...]
         self.encap = {}                 # (session, key, ifindex) -> Encap
         self.ifnames = {}
@@ -186,6 +187,10 @@ class _Rows:
             self.t_ns.append(t_ns)
             self.ifindex.append(ifindex)
             self.direction.append(direction)
+            self.auth.append((pcapkeys.frame_auth(
+                buf, off, caplen, link,
+                found[2].tunnel if len(found) > 2 else None) or 0)
+                if self.columnar else 0)
 
     def _tcp_port_ok(self, key):
         """False for a TCP probe key whose port lies outside the range."""
@@ -221,6 +226,7 @@ class _Rows:
             self.keys.extend(found.keys)
             self.ifindex.extend(ifindex)
             self.direction.extend(direction)
+            self.auth.extend(found.auth)
             if found.session is not None:
                 self._sessions(found.session, n)
             else:
@@ -234,6 +240,7 @@ class _Rows:
             self.keys.extend(compress(found.keys, ok))
             self.ifindex.extend(compress(ifindex, ok))
             self.direction.extend(compress(direction, ok))
+            self.auth.extend(compress(found.auth, ok))
             for s in compress(found.sessions, ok):
                 self._sessions(s, 1)
             self.records += n - ok.count(0)
@@ -808,7 +815,8 @@ def _result(rows, fmt, session):
         session = ranked[0][0] if ranked else 0
     batch = capture.SightingBatch(session)
     columns = (('t_ns', rows.t_ns), ('keys', rows.keys),
-               ('ifindex', rows.ifindex), ('direction', rows.direction))
+               ('ifindex', rows.ifindex), ('direction', rows.direction),
+               ('auth', rows.auth))
     if all(s == session for s, _ in rows.session_runs):
         for name, values in columns:
             getattr(batch, name).extend(values)

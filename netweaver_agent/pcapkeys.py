@@ -43,6 +43,9 @@ _SYN, _RST, _ACK = 0x02, 0x04, 0x10
 _TAG_NEED = 20 + 8 + probe.TAG_LEN       # IP length to hold a tagged probe
 _TCP_NEED = 20 + 20
 _UNREACH_NEED = 20 + 8 + _TAG_NEED       # ICMP error quoting a UDP probe
+# With the keyed tag too (run_keys decides only rows holding all of it).
+_AUTH_NEED = _TAG_NEED + probe.AUTH_LEN
+_UNREACH_AUTH_NEED = _UNREACH_NEED + probe.AUTH_LEN
 
 for _code, _size in (('H', 2), ('I', 4), ('Q', 8), ('q', 8), ('i', 4)):
     if array.array(_code).itemsize != _size:
@@ -175,11 +178,55 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True, tunnels=None):
             return None
         if not port:
             return None
-        # The key holds the port (probe.tcp_ident): an ISN of ours from
-        # another port is another key, which no plan holds.
-        return value >> 16, ((probe.TCP_IDENT | port << 16 |
-                              (value & probe.TCP_SEQ_MASK)) << 1) | reply
+        # The key holds the port and the ISN (probe.tcp_wire_ident), no
+        # session: an ISN of ours from another port is another key, which
+        # no plan holds.
+        return probe.TCP_SESSION, (probe.tcp_wire_ident(port, value) << 1 |
+                                   reply)
     return None
+
+
+def frame_auth(buf, off, caplen, link=ETHERNET, tunnel=None):
+    """The auth (:func:`probe.auth_value`) of the probe or answer in the
+    frame at ``buf[off:off+caplen]``, or None.
+
+    Call it on frames :func:`frame_key` keyed; ``tunnel``: the tunnel
+    kind of the :class:`probe.Encap` it gave (the probe is then the inner
+    frame's).  VLAN tags are read through.
+    """
+    end = off + caplen
+    et = off + link.ethertype_off
+    if et + 2 > end:
+        return None
+    etype, = _ETHERTYPE.unpack_from(buf, et)
+    ip = off + link.ip_off
+    tags = 0
+    while etype in _ETH_VLAN and tags < probe.MAX_VLAN_TAGS:
+        if ip + 4 > end:
+            return None
+        etype, = _ETHERTYPE.unpack_from(buf, ip + 2)
+        ip += 4
+        tags += 1
+    if tunnel is None:
+        return probe.ip_auth(buf, ip, end, etype)
+    # The UDP payload of the outer packet, then the inner frame.
+    if etype == probe.ETH_P_IP:
+        if ip + 20 > end:
+            return None
+        total, = _U16.unpack_from(buf, ip + 2)
+        stop = min(end, ip + total) if total else end
+        l4 = ip + (buf[ip] & 0x0f) * 4
+    elif etype == _ETH_P_IPV6:
+        found = probe._ip6_payload(buf, ip, end)
+        if found is None:
+            return None
+        l4, stop = found[1], found[2]
+    else:
+        return None
+    inner = _tunnel_inner(buf, l4 + 8, stop, tunnel)
+    if inner is None:
+        return None
+    return frame_auth(buf, inner, stop - inner, ETHERNET)
 
 
 def _tunnel_inner(buf, start, stop, kind):
@@ -488,6 +535,8 @@ class RunKeys:
     # Per record, the probe.Encap of a run of tunnelled frames (what
     # frame_key gives third); None when the run is not tunnelled.
     encaps: list | None = None
+    # Per record, what frame_auth gives (array 'Q'; garbage where not ok).
+    auth: array.array | None = None
 
 
 def run_keys(buf, first, stride, n, caplen, link=ETHERNET, decap=True):
@@ -517,17 +566,22 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET, decap=True):
     if (proto == 17 and decap and buf[l4 + 8] != _MAGIC[0] and
             _U16.unpack_from(buf, l4 + 2)[0] in _TUNNEL_PORTS):
         return _tunnel_run(buf, col, first, stride, n, caplen, link, bad)
+    tag_at = None
     if proto == 6:
         found = _tcp(col, l4, n)
         need = _TCP_NEED
     elif proto == 1 and buf[l4] == 3:
-        if caplen - link.ip_off < _UNREACH_NEED:
+        if caplen - link.ip_off < _UNREACH_AUTH_NEED:
             return None
         found = _unreach(col, l4, n)
-        need = _UNREACH_NEED
+        need = _UNREACH_AUTH_NEED
+        tag_at = l4 + 8 + _TAG_NEED
     else:
+        if caplen - link.ip_off < _AUTH_NEED:
+            return None
         found = _tagged(col, l4, n, proto)
-        need = _TAG_NEED
+        need = _AUTH_NEED
+        tag_at = l4 + 8 + probe.TAG_LEN
     if found is None:
         return None
     more_bad, sess_col, seq_col, replies = found
@@ -545,7 +599,27 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET, decap=True):
     if all_ok and sess_col == sess_col[:2] * n:
         session = int.from_bytes(sess_col[:2], 'big')
     return RunKeys(ok=ok, sessions=ints(sess_col, 'H', True), keys=keys,
-                   all_ok=all_ok, session=session)
+                   all_ok=all_ok, session=session,
+                   auth=_run_auth(col, ip, tag_at, replies, proto, n))
+
+
+def _run_auth(col, ip, tag_at, replies, proto, n):
+    """frame_auth of every record: the tag (at ``tag_at``; None: TCP,
+    no tag) XOR the address, the destination of probes and the source of
+    answers (``replies``: one byte per record, 1 = answer)."""
+    n_replies = 0 if proto == 17 else replies.count(1)
+    if n_replies == n:
+        addr = col(ip + 12, 4)
+    elif n_replies == 0:
+        addr = col(ip + 16, 4)
+    else:
+        m1 = replies.translate(_T_ONE_FF)
+        addr = _blend(col(ip + 16, 4), col(ip + 12, 4),
+                      interleave(m1, m1, m1, m1))
+    value = lanes(addr, 4, True)
+    if tag_at is not None:
+        value ^= lanes(col(tag_at, 8), 8, True)
+    return from_lanes(value, n, 'Q')
 
 
 def _tunnel_run(buf, col, first, stride, n, caplen, link, bad):
@@ -611,7 +685,7 @@ def _tunnel_run(buf, col, first, stride, n, caplen, link, bad):
             encaps.append(encap)
     return RunKeys(ok=ok, sessions=inner.sessions, keys=inner.keys,
                    all_ok=all_ok, session=inner.session if all_ok else None,
-                   encaps=encaps)
+                   encaps=encaps, auth=inner.auth)
 
 
 def _ok_bytes(bad, n):
@@ -658,9 +732,9 @@ def _unreach(col, l4, n):
 
 
 def _tcp(col, l4, n):
-    """TCP SYN probes (sequence number ``session << 16 | seq``) and replies
-    acknowledging it (``ack - 1``); the key's seq is
-    :func:`probe.tcp_ident` of the probe's source port and ``seq``."""
+    """TCP SYN probes and replies acknowledging their ISN (``ack - 1``);
+    the key's seq is :func:`probe.tcp_wire_ident` of the probe's source
+    port and ISN, its session :data:`probe.TCP_SESSION`."""
     replies = col(l4 + 13).translate(_T_TCP)
     bad = _mask(replies, _T_TWO) | _mask(col(l4 + 12), _T_DOFF_BAD)
     n_replies = replies.count(1)
@@ -681,9 +755,12 @@ def _tcp(col, l4, n):
             port = _blend(col(l4, 2), col(l4 + 2, 2), interleave(m1, m1))
     p_hi, p_lo = port[0::2], port[1::2]
     bad |= _mask(p_hi, _T_ZERO) & _mask(p_lo, _T_ZERO)
-    # seq = TCP_IDENT | port << 16 | low half of the ISN: 5 bytes, BE.
-    ident = interleave(b'\x01' * n, p_hi, p_lo, value[2::4], value[3::4])
-    return bad, interleave(value[0::4], value[1::4]), ident, replies
+    # seq = probe.tcp_wire_ident(port, ISN): the ISN's high half, the
+    # TCP_IDENT flag, the port, the ISN's low half: 7 bytes, BE.  TCP
+    # keys carry no session.
+    ident = interleave(value[0::4], value[1::4], b'\x01' * n, p_hi, p_lo,
+                       value[2::4], value[3::4])
+    return bad, bytes(2 * n), ident, replies
 
 
 def _blend(a, b, mask):

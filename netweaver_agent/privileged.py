@@ -433,6 +433,7 @@ def batch_to_wire(batch, stats):
         't_ns': batch.t_ns.tobytes(), 'keys': batch.keys.tobytes(),
         'ifindex': batch.ifindex.tobytes(),
         'direction': batch.direction.tobytes(),
+        'auth': batch.auth_column().tobytes(),
         'ifnames': [batch.ifnames[i] for i in range(len(batch.ifnames))],
         'encap': [(key, index, tuple(encap.vlan), encap.vni, encap.tunnel)
                   for (key, index), encap in batch.encap.items()],
@@ -447,6 +448,8 @@ def batch_from_wire(raw, batch):
     batch.keys.frombytes(raw['keys'])
     batch.ifindex.frombytes(raw['ifindex'])
     batch.direction.frombytes(raw['direction'])
+    batch.auth.frombytes(raw.get('auth', b''))
+    batch.auth_column()     # a daemon sending no auth: zeros
     batch.ifnames.update(enumerate(raw['ifnames']))
     for key, index, vlan, vni, *tunnel in raw.get('encap', ()):
         batch.encap[(key, index)] = probe.Encap(
@@ -457,13 +460,16 @@ def batch_from_wire(raw, batch):
 
 
 def _plan(session, protocol, size, port, probes, policy=None,
-          limits=LIMITS):
+          limits=LIMITS, secret=None):
     """A :class:`sources.ProbePlan` from checked plain values.
 
     Every destination passes ``policy`` (None: the built-in classes
     only), probes are at least ``limits.min_step_ns`` apart and no more
-    than ``limits.max_planned`` of them.
+    than ``limits.max_planned`` of them.  ``secret``: the window's, which
+    tags the probes (16 to 64 bytes; None: untagged).
     """
+    if secret is not None:
+        secret = probe.check_secret(secret, 'window secret')
     session = _int(session, 'probe session', 1, 0xffff)
     protocol = _check_protocol(protocol)
     size = _int(size, 'probe size', 64, 1500)
@@ -501,7 +507,8 @@ def _plan(session, protocol, size, port, probes, policy=None,
             offset_ns=offset_ns))
         last = offset_ns
     return sources.ProbePlan(session=session, protocol=protocol,
-                             probes=tuple(planned), size=size, port=port)
+                             probes=tuple(planned), size=size, port=port,
+                             secret=secret)
 
 
 class _DaemonSource(sources.LocalSource):
@@ -578,7 +585,7 @@ def _raw_source(netns_name, policy):
 
 
 def _prepare_probes(netns_name, session, protocol, size, port, probes,
-                    networks=None):
+                    networks=None, secret=None):
     policy = _policy(netns_name, networks)
     size = _int(size, 'probe size', 64, 1500)
     if not isinstance(probes, (list, tuple)):
@@ -587,7 +594,8 @@ def _prepare_probes(netns_name, session, protocol, size, port, probes,
         'probes', cost=len(probes) * (size + PROBE_OVERHEAD_B))
     src = None
     try:
-        plan = _plan(session, protocol, size, port, probes, policy)
+        plan = _plan(session, protocol, size, port, probes, policy,
+                     secret=secret)
         src = _raw_source(netns_name, policy)
         src.prepare(plan)
     except sources.SourceError as exc:
@@ -893,7 +901,7 @@ class PrivsepLocalSource(sources.ProbeSource):
         handle = call(self.context, 'prepare_probes', self.netns_name,
                       plan.session, plan.protocol, plan.size, plan.port,
                       [(p.seq, p.dst_ip, p.offset_ns) for p in plan.probes],
-                      self.policy.cidrs())
+                      self.policy.cidrs(), plan.secret)
         self._prepared = (plan, handle)
 
     def discard(self):

@@ -11,14 +11,30 @@ guest's answer:
 * ``udp``: datagram to a closed port; the payload carries the identity,
   and the guest's ICMP port unreachable quotes it back.  Guests rate-limit
   ICMP errors, so replies are sampled.
-* ``tcp``: SYN; the initial sequence number (ISN) is ``session << 16 | n``
-  and every probe has a 5-tuple of its own: its source port comes from the
-  plan (a per-destination cursor, see :mod:`netweaver_agent.sources`), so
-  no stateful firewall on the way sees a SYN repeated on one connection
-  (ovs-vswitchd 3.1's userspace conntrack crashed on that).  The port is
-  part of the identity: a TCP probe's ``seq`` is :func:`tcp_ident`
-  ``(port, n)``.  The guest answers RST/ACK (or SYN/ACK) with
-  ``ack = ISN + 1``, to that port.
+* ``tcp``: SYN; every probe has a 5-tuple of its own: its source port
+  comes from the plan (a per-destination cursor, see
+  :mod:`netweaver_agent.sources`), so no stateful firewall on the way sees
+  a SYN repeated on one connection (ovs-vswitchd 3.1's userspace conntrack
+  crashed on that).  In the plan a TCP probe's ``seq`` is
+  :func:`tcp_ident` ``(port, n)``.  The guest answers RST/ACK (or
+  SYN/ACK) with ``ack = ISN + 1``, to that port.
+
+Authentication: tenants see their own probes, so session and sequence
+number are no secret.  Each window has a random *secret*; a probe built
+with it carries a *tag*, a keyed BLAKE2b of (session, sequence number,
+destination address, protocol), 64 bits (:data:`AUTH_LEN`), after the
+identity in the payload (ICMP echo copies it, and the ICMP port
+unreachable answering a UDP probe quotes it: Linux quotes up to 576 bytes
+of IPv4, 1280 of IPv6).  A TCP answer echoes only ``ISN + 1`` and the
+ports, so a TCP probe's ISN *is* a keyed hash (32 bits) of (session,
+``tcp_ident(port, n)``, destination) (:func:`tcp_isn`); its key on the wire
+is :func:`tcp_wire_ident` ``(port, ISN)`` with no session
+(:data:`TCP_SESSION`), which the matcher maps back to the plan's ``seq``.
+Readers return, per sighting, an *auth* value (:func:`auth_value`: the tag
+read XOR a fold of the address read, the probe's destination or the
+reply's source) that the matcher compares with the one it expects for the
+planned destination (:func:`expected_auth`).  Without a secret the tag is
+zeros and the ISN ``session << 16 | n`` (unauthenticated probes).
 
 Over IPv6 the same: ICMPv6 echo (``icmp``), UDP answered by an ICMPv6
 port unreachable, TCP; probes carry no extension headers.
@@ -31,6 +47,7 @@ exception), as dpkt's decoders do with unknown types.
 """
 
 import dataclasses
+import hashlib
 import struct
 
 import dpkt
@@ -42,6 +59,11 @@ DEFAULT_TCP_PORT = 9
 # Payload: MAGIC, session (H), seq (I), then padding.
 _TAG = struct.Struct('!4sHI')
 TAG_LEN = _TAG.size
+# The keyed tag after the identity (ICMP/UDP), and the window secret's size.
+AUTH_LEN = 8
+SECRET_LEN = 32
+# TCP keys carry no session: the ISN is a keyed hash.
+TCP_SESSION = 0
 ETH_HDR_LEN = 14
 ETH_P_IP = 0x0800
 ETH_P_8021Q = 0x8100
@@ -83,7 +105,8 @@ class ProbeKey:
 
     @property
     def port(self):
-        """The probe's TCP source port (see :func:`tcp_ident`), else None."""
+        """The probe's TCP source port (:func:`tcp_ident`,
+        :func:`tcp_wire_ident`), else None."""
         return tcp_ident_port(self.seq)
 
     def as_int(self):
@@ -116,10 +139,81 @@ def tcp_ident(port, n):
 
 
 def tcp_ident_port(seq):
-    """The source port of a TCP identity (:func:`tcp_ident`), else None."""
-    if seq >> 32 != 1 or not (seq >> 16) & 0xffff:
+    """The source port of a TCP identity (:func:`tcp_ident` or
+    :func:`tcp_wire_ident`), else None."""
+    if (seq >> 32) & 0xff != 1 or not (seq >> 16) & 0xffff:
         return None
     return (seq >> 16) & 0xffff
+
+
+def tcp_wire_ident(port, isn):
+    """The ``seq`` of a TCP key as read from the wire: ``port`` and the
+    32-bit ``isn``, laid out as :func:`tcp_ident` with the ISN's high half
+    above (``isn >> 16 << 40 | TCP_IDENT | port << 16 | isn & 0xffff``),
+    so the port and the flag sit where :func:`tcp_ident` has them."""
+    high, low = isn >> 16, isn & TCP_SEQ_MASK
+    return (high << 40) | TCP_IDENT | (port << 16) | low
+
+
+_PROTO_CODE = {name: i + 1 for i, name in enumerate(PROTOCOLS)}
+_MAC_MSG = struct.Struct('!BHQ')
+
+
+def check_secret(secret, what='probe secret'):
+    """``secret`` as bytes, or ValueError (never showing it)."""
+    if not isinstance(secret, (bytes, bytearray)) or \
+            not 16 <= len(secret) <= 64:
+        raise ValueError(f"{what}: expected 16 to 64 bytes")
+    return bytes(secret)
+
+
+def _mac(secret, proto, session, seq, dst_ip, size):
+    msg = _MAC_MSG.pack(_PROTO_CODE[proto], session, seq) + bytes(dst_ip)
+    return hashlib.blake2b(msg, key=secret, digest_size=size).digest()
+
+
+def probe_tag(secret, proto, session, seq, dst_ip):
+    """The :data:`AUTH_LEN`-byte tag of an ICMP/UDP probe: a keyed
+    BLAKE2b of protocol, session, ``seq`` and the packed ``dst_ip``;
+    zeros without a secret."""
+    if secret is None:
+        return bytes(AUTH_LEN)
+    return _mac(secret, proto, session, seq, dst_ip, AUTH_LEN)
+
+
+def tcp_isn(secret, session, seq, dst_ip):
+    """The ISN of a TCP probe (``seq`` a :func:`tcp_ident`): a keyed
+    hash of session, ``seq`` (port and number) and the packed ``dst_ip``,
+    32 bits; ``session << 16 | n`` without a secret."""
+    if secret is None:
+        return (session << 16) | (seq & TCP_SEQ_MASK)
+    return int.from_bytes(_mac(secret, 'tcp', session, seq, dst_ip, 4),
+                          'big')
+
+
+def address_fold(address):
+    """64 bits standing for a packed address: an IPv4 address itself,
+    an IPv6 one's (unkeyed) BLAKE2b, so no other address folds alike."""
+    if len(address) == 4:
+        return int.from_bytes(address, 'big')
+    return int.from_bytes(hashlib.blake2b(bytes(address), digest_size=8,
+                                          person=b'nw-addr').digest(),
+                          'big')
+
+
+def auth_value(address, tag=b''):
+    """A sighting's auth: the tag read (0 when absent) XOR the fold of
+    the address read (:func:`address_fold`)."""
+    value = int.from_bytes(tag, 'big') if len(tag) == AUTH_LEN else 0
+    return value ^ address_fold(address)
+
+
+def expected_auth(secret, proto, session, seq, dst_ip):
+    """The auth a genuine sighting of planned probe ``seq`` (or its
+    answer) to ``dst_ip`` (packed) carries (see :func:`auth_value`)."""
+    if proto == 'tcp':
+        return address_fold(dst_ip)
+    return auth_value(dst_ip, probe_tag(secret, proto, session, seq, dst_ip))
 
 
 def udp_source_port(session):
@@ -128,7 +222,7 @@ def udp_source_port(session):
 
 
 def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
-             port=None):
+             port=None, secret=None):
     """Build one probe packet (no Ethernet header) as bytes.
 
     IPv4, or IPv6 when the addresses are 16 bytes long (ICMPv6 echo for
@@ -141,6 +235,8 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
     :param port: destination port for ``udp``/``tcp``
 
     For ``tcp``, ``seq`` is a :func:`tcp_ident` (source port and number).
+    ``secret``: the window's (see the module docstring); None: an
+    unauthenticated probe.
     """
     if not 0 <= session <= 0xffff:
         raise ValueError(f"probe session {session!r} is not a 16-bit value")
@@ -151,11 +247,17 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
                 "every TCP probe needs a source port of its own")
     elif not 0 <= seq <= 0xffffffff:
         raise ValueError(f"probe sequence {seq!r} is not a 32-bit value")
-    tag = _TAG.pack(MAGIC, session, seq & 0xffffffff)
+    if secret is not None:
+        secret = check_secret(secret)
+    if proto == 'tcp':
+        tag = tcp_isn(secret, session, seq, dst_ip)
+    else:
+        tag = (_TAG.pack(MAGIC, session, seq & 0xffffffff) +
+               probe_tag(secret, proto, session, seq, dst_ip))
     if len(dst_ip) == 16 or len(src_ip) == 16:
         return _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size,
                           ttl, port)
-    pad = max(0, size - 20 - 8 - TAG_LEN)
+    pad = max(0, size - 20 - 8 - TAG_LEN - AUTH_LEN)
     l4, p = _transport(proto, session, seq, tag, pad, port, ipv6=False)
     ip = dpkt.ip.IP(src=src_ip, dst=dst_ip, p=p, ttl=ttl, id=seq & 0xffff,
                     data=l4)
@@ -164,7 +266,10 @@ def build_ip(proto, session, seq, src_ip, dst_ip, size=64, ttl=64,
 
 
 def _transport(proto, session, seq, tag, pad, port, ipv6):
-    """The probe's transport header and data, and its protocol number."""
+    """The probe's transport header and data, and its protocol number.
+
+    ``tag``: identity and tag (ICMP/UDP payload), or the ISN (TCP).
+    """
     if proto == 'icmp':
         if ipv6:
             echo = dpkt.icmp6.ICMP6.Echo(id=session, seq=seq & 0xffff,
@@ -184,7 +289,7 @@ def _transport(proto, session, seq, tag, pad, port, ipv6):
     if proto == 'tcp':
         return (dpkt.tcp.TCP(sport=tcp_ident_port(seq),
                              dport=port or DEFAULT_TCP_PORT,
-                             seq=(session << 16) | (seq & TCP_SEQ_MASK),
+                             seq=tag,
                              flags=dpkt.tcp.TH_SYN, win=512),
                 dpkt.ip.IP_PROTO_TCP)
     raise ValueError(f"unknown probe protocol {proto!r}; "
@@ -195,7 +300,7 @@ def _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size, ttl, port):
     if len(src_ip) != 16 or len(dst_ip) != 16:
         raise ValueError(f"probe addresses {bytes(src_ip).hex()} and "
                          f"{bytes(dst_ip).hex()} are not both IPv6")
-    pad = max(0, size - IP6_HDR_LEN - 8 - TAG_LEN)
+    pad = max(0, size - IP6_HDR_LEN - 8 - TAG_LEN - AUTH_LEN)
     l4, nxt = _transport(proto, session, seq, tag, pad, port, ipv6=True)
     # dpkt fills in the transport checksum over the IPv6 pseudo-header
     # (RFC 8200 §8.1), so the raw socket sends the packet as built.
@@ -213,6 +318,7 @@ _IP_ID, _IP_SUM = 4, 10
 _L4 = 20
 _SUM_AT = {'icmp': _L4 + 2, 'udp': _L4 + 6, 'tcp': _L4 + 16}
 _TAG_SEQ = _L4 + 8 + 6          # after the ICMP/UDP header, MAGIC, session
+_TAG_MAC = _TAG_SEQ + 4         # the keyed tag after the identity
 _ICMP_SEQ = _L4 + 6
 _TCP_SEQ = _L4 + 4
 _U16 = struct.Struct('!H')
@@ -231,7 +337,7 @@ def _native_sum(data):
 
 
 def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
-                  port=None):
+                  port=None, secret=None):
     """:func:`build_ip` for every sequence number of ``seqs``: a list.
 
     The same bytes, about ten times faster: one packet is built with dpkt,
@@ -242,11 +348,13 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
     seqs = list(seqs)
     if not seqs:
         return []
+    if secret is not None:
+        secret = check_secret(secret)
     if len(dst_ip) == 16:
         return [build_ip(proto, session, seq, src_ip, dst_ip, size=size,
-                         ttl=ttl, port=port) for seq in seqs]
+                         ttl=ttl, port=port, secret=secret) for seq in seqs]
     first = build_ip(proto, session, seqs[0], src_ip, dst_ip, size=size,
-                     ttl=ttl, port=port)
+                     ttl=ttl, port=port, secret=secret)
     out = [first]
     pseudo = bytes(src_ip) + bytes(dst_ip) + bytes((0, first[9])) + \
         _U16.pack(len(first) - _L4)
@@ -255,16 +363,19 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
         sport = tcp_ident_port(seq) if proto == 'tcp' else None
         if (not 0 <= seq <= 0xffffffff) if proto != 'tcp' else sport is None:
             out.append(build_ip(proto, session, seq, src_ip, dst_ip,
-                                size=size, ttl=ttl, port=port))
+                                size=size, ttl=ttl, port=port,
+                                secret=secret))
             continue
         buf = bytearray(first)
         _U16.pack_into(buf, _IP_ID, seq & 0xffff)
         if proto == 'tcp':
             _U16.pack_into(buf, _L4, sport)
             _U32.pack_into(buf, _TCP_SEQ,
-                           (session << 16) | (seq & TCP_SEQ_MASK))
+                           tcp_isn(secret, session, seq, dst_ip))
         else:
             _U32.pack_into(buf, _TAG_SEQ, seq)
+            buf[_TAG_MAC:_TAG_MAC + AUTH_LEN] = probe_tag(
+                secret, proto, session, seq, dst_ip)
             if proto == 'icmp':
                 _U16.pack_into(buf, _ICMP_SEQ, seq & 0xffff)
         buf[_IP_SUM:_IP_SUM + 2] = b'\0\0'
@@ -322,7 +433,9 @@ def _tcp_key(sport, dport, tcp_seq, ack, flags, session):
     """The key of a TCP probe (SYN) or of its answer (ACK + RST or SYN).
 
     The probe's source port (the answer's destination port) is part of it
-    (:func:`tcp_ident`): the same ISN from another port is another key.
+    (:func:`tcp_wire_ident`): the same ISN from another port is another
+    key.  TCP carries no session (:data:`TCP_SESSION`; ``session`` does
+    not filter): the matcher finds the probe through its plan.
     """
     if flags & dpkt.tcp.TH_SYN and not flags & dpkt.tcp.TH_ACK:
         isn, port, reply = tcp_seq, sport, False
@@ -331,10 +444,9 @@ def _tcp_key(sport, dport, tcp_seq, ack, flags, session):
         isn, port, reply = (ack - 1) & 0xffffffff, dport, True
     else:
         return None
-    sess = isn >> 16
-    if not port or (session is not None and sess != session):
+    if not port:
         return None
-    return ProbeKey(sess, tcp_ident(port, isn & TCP_SEQ_MASK), reply=reply)
+    return ProbeKey(TCP_SESSION, tcp_wire_ident(port, isn), reply=reply)
 
 
 def parse_ip_key(ip, session=None):
@@ -458,6 +570,81 @@ def parse_packet_key(packet, session=None):
         return parse_ip_key(dpkt.ip.IP(bytes(packet)), session)
     except _PARSE_ERRORS:
         return None
+
+
+def ip_auth(buf, ip, end, etype):
+    """The auth (:func:`auth_value`) of the probe or answer in the IP
+    packet at ``buf[ip:end]`` (``etype``: :data:`ETH_P_IP` or
+    :data:`ETH_P_IPV6`), or None when no address can be read.
+
+    The address is the probe's destination or the answer's source (the
+    outer one of an ICMP error); the tag is read where the probe carries
+    it (ICMP echo and UDP payloads, the UDP probe an ICMP error quotes),
+    when the packet holds all of it; TCP has none (its ISN is a key).
+    """
+    if etype == ETH_P_IP:
+        if ip + 20 > end:
+            return None
+        hl = (buf[ip] & 0x0f) * 4
+        total = _U16.unpack_from(buf, ip + 2)[0]
+        stop = min(end, ip + total) if total else end
+        proto = buf[ip + 9]
+        src, dst = bytes(buf[ip + 12:ip + 16]), bytes(buf[ip + 16:ip + 20])
+        l4 = ip + hl
+        icmp, echo_req, echo_rep, unreach, inner_hl = (
+            dpkt.ip.IP_PROTO_ICMP, 8, 0, 3, None)
+    elif etype == ETH_P_IPV6:
+        if ip + IP6_HDR_LEN > end:
+            return None
+        plen = _U16.unpack_from(buf, ip + 4)[0]
+        l4 = ip + IP6_HDR_LEN
+        stop = min(end, l4 + plen) if plen else end
+        proto = buf[ip + 6]
+        src, dst = bytes(buf[ip + 8:ip + 24]), bytes(buf[ip + 24:ip + 40])
+        icmp, echo_req, echo_rep, unreach, inner_hl = (
+            IPPROTO_ICMPV6, ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY,
+            ICMP6_DST_UNREACH, IP6_HDR_LEN)
+    else:
+        return None
+    tag_at = None
+    if l4 >= stop:
+        return None
+    if proto == icmp:
+        kind = buf[l4]
+        if kind == echo_req:
+            addr, tag_at = dst, l4 + 8 + TAG_LEN
+        elif kind == echo_rep:
+            addr, tag_at = src, l4 + 8 + TAG_LEN
+        elif kind == unreach:
+            inner = l4 + 8
+            if inner >= stop:
+                return None
+            hl_in = inner_hl or (buf[inner] & 0x0f) * 4
+            addr, tag_at = src, inner + hl_in + 8 + TAG_LEN
+        else:
+            return None
+    elif proto == dpkt.ip.IP_PROTO_UDP:
+        addr, tag_at = dst, l4 + 8 + TAG_LEN
+    elif proto == dpkt.ip.IP_PROTO_TCP:
+        if l4 + 14 > stop:
+            return None
+        flags = buf[l4 + 13]
+        addr = dst if flags & dpkt.tcp.TH_SYN and \
+            not flags & dpkt.tcp.TH_ACK else src
+    else:
+        return None
+    tag = b''
+    if tag_at is not None and tag_at + AUTH_LEN <= stop:
+        tag = bytes(buf[tag_at:tag_at + AUTH_LEN])
+    return auth_value(addr, tag)
+
+
+def packet_auth(packet):
+    """:func:`ip_auth` of an IP packet (no link header), or None."""
+    if not packet:
+        return None
+    etype = ETH_P_IPV6 if packet[0] >> 4 == 6 else ETH_P_IP
+    return ip_auth(packet, 0, len(packet), etype)
 
 
 # --------------------------------------------------------------------------

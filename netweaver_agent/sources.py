@@ -154,13 +154,19 @@ def tcp_port_cursor(ports=None):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProbePlan:
-    """Every probe of one window, in sending order."""
+    """Every probe of one window, in sending order.
+
+    ``secret``: the window's secret, which tags its probes (see
+    :mod:`netweaver_agent.probe`); never shown (not in the repr).  None:
+    unauthenticated probes.
+    """
 
     session: int
     protocol: str
     probes: tuple
     size: int = 64
     port: int | None = None
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def duration_ns(self):
@@ -238,7 +244,7 @@ def probe_step_ns(targets, interval_ns, per_target_interval_ns=0):
 
 def schedule(session, protocol, targets, count, interval_ns,
              per_target_interval_ns=0, budget_ns=None, size=64, port=None,
-             first_seq=0, rotate=0, tcp_ports=None):
+             first_seq=0, rotate=0, tcp_ports=None, secret=None):
     """Plan ``count`` probes per target, round-robin, within a budget.
 
     Probes go out every :func:`probe_step_ns`, so neither the host's nor
@@ -256,6 +262,7 @@ def schedule(session, protocol, targets, count, interval_ns,
     and their ``seq`` is :func:`probe.tcp_ident` of port and number.
 
     :param targets: destination addresses (strings), one per vNIC
+    :param secret: the window's secret (:attr:`ProbePlan.secret`)
     :returns: a :class:`Schedule`
     """
     if count < 0:
@@ -291,7 +298,8 @@ def schedule(session, protocol, targets, count, interval_ns,
     covered = set(owner.values())
     skipped = tuple(i for i in order if i not in covered) if count else ()
     plan = ProbePlan(session=session, protocol=protocol,
-                     probes=tuple(probes), size=size, port=port)
+                     probes=tuple(probes), size=size, port=port,
+                     secret=secret)
     return Schedule(plan=plan, owner=owner, wanted=wanted, step_ns=step,
                     skipped_targets=skipped)
 
@@ -315,7 +323,8 @@ def _tcp_source_ports(protocol, cursor, targets, indexes):
 
 def interleaved_plan(session, protocol, targets, count, interval_ns,
                      per_target_interval_ns=0, size=64, port=None,
-                     first_seq=0, budget_ns=None, tcp_ports=None):
+                     first_seq=0, budget_ns=None, tcp_ports=None,
+                     secret=None):
     """Plan ``count`` probes per target, round-robin, evenly spaced.
 
     :param targets: destination addresses (strings), one per vNIC
@@ -324,11 +333,13 @@ def interleaved_plan(session, protocol, targets, count, interval_ns,
         the same target (the window stretches to honour it)
     :param budget_ns: if given, see :func:`schedule`
     :param tcp_ports: a :class:`PortCursor` (see :func:`schedule`)
+    :param secret: the window's secret (:attr:`ProbePlan.secret`)
     Returns ``(plan, {seq: index of target})``.
     """
     sched = schedule(session, protocol, targets, count, interval_ns,
                      per_target_interval_ns, budget_ns=budget_ns, size=size,
-                     port=port, first_seq=first_seq, tcp_ports=tcp_ports)
+                     port=port, first_seq=first_seq, tcp_ports=tcp_ports,
+                     secret=secret)
     return sched.plan, sched.owner
 
 
@@ -346,7 +357,8 @@ def pack_address(address):
 
 
 def build_packets(plan, source_address):
-    """``[(dst_ip, packet bytes)]`` of ``plan``, in plan order.
+    """``[(dst_ip, packet bytes)]`` of ``plan``, in plan order, tagged
+    with the plan's secret.
 
     :param source_address: ``dst_ip -> source address`` (string)
     """
@@ -358,7 +370,7 @@ def build_packets(plan, source_address):
         built = probe.build_ip_seqs(
             plan.protocol, plan.session, numbers,
             pack_address(source_address(dst)), pack_address(dst),
-            size=plan.size, port=plan.port)
+            size=plan.size, port=plan.port, secret=plan.secret)
         packets.update(zip(numbers, built))
     return [(p.dst_ip, packets[p.seq]) for p in plan.probes]
 

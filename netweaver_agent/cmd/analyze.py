@@ -61,6 +61,11 @@ def add_parser(subparsers):
                         'tcp_source_ports of the agent that sent them); TCP '
                         'probes from other ports are not ours (default: '
                         '%(default)s)')
+    p.add_argument('--key', metavar='HEX',
+                   help='the probe window\'s secret (hex): probe mode then '
+                        'counts only probes whose tags verify for '
+                        '--destination (needed); without it probes are '
+                        'matched unauthenticated (look-alikes would count)')
     p.add_argument('--json', action='store_true',
                    help='print JSON instead of a table')
     p.set_defaults(run=run)
@@ -80,6 +85,17 @@ def _file_line(role, read):
             f'{read.probes} matched, {read.foreign} other{extra}')
 
 
+def _key(text):
+    """``--key HEX`` as bytes (the error never shows it)."""
+    if text is None:
+        return None
+    try:
+        return probe.check_secret(bytes.fromhex(text.strip()), '--key')
+    except ValueError:
+        raise ValueError('--key: expected 32 to 128 hex digits (the probe '
+                         'window\'s secret)') from None
+
+
 def run(args):
     try:
         result = analyze.analyze_pcaps(
@@ -88,7 +104,8 @@ def run(args):
             timeout_ms=args.timeout_ms, pif_name=args.pif_name,
             vif_name=args.vif_name,
             tcp_ports=sources.parse_port_range(args.tcp_source_ports,
-                                               '--tcp-source-ports'))
+                                               '--tcp-source-ports'),
+            key=_key(args.key))
     except (pcapfile.PcapError, analyze.AnalyzeError, ValueError) as exc:
         print(f'netweaver analyze: {exc}', file=sys.stderr)
         return 1
@@ -97,16 +114,27 @@ def run(args):
     if args.json:
         print(json.dumps({
             'mode': result.mode, 'session': result.session,
+            'authenticated': result.authenticated,
+            'authentication': _authentication(result),
+            'rejected': result.report.rejected,
             'pif': _read_to_dict(result.pif),
             'vif': _read_to_dict(result.vif),
             'report': report.to_jsonable(rep), 'summary': summary},
             indent=2, sort_keys=True))
         return 0
     title = f'{rep.pif} → {rep.vnic} ({result.mode} mode'
-    if result.mode == 'probe':
+    if result.mode == 'probe' and result.session != probe.TCP_SESSION:
         title += f', session {result.session}'
+    if result.mode == 'probe':
+        title += f', {_authentication(result)}'
+        if result.authenticated:
+            title += f', {rep.rejected} rejected'
     print(report.format_table(result.reports, title=title + ')'))
     print(_file_line('pif', result.pif))
     print(_file_line('vif', result.vif))
     print(summary)
     return 0
+
+
+def _authentication(result):
+    return 'authenticated' if result.authenticated else 'unauthenticated'

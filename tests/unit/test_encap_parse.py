@@ -16,6 +16,7 @@ from netweaver_agent import pcapkeys
 from netweaver_agent import probe
 from netweaver_agent import report
 from tests.unit import test_fuzz as tf
+from tests.unit import test_probe as tp
 
 V6 = tf.V6
 V4 = tf.V4
@@ -49,11 +50,13 @@ def test_ipv6_probe_and_reply_keys(proto):
     f = frame6(proto, 4321, 99)
     seq = seq_of(proto, 99)
     assert f[12:14] == b'\x86\xdd'
-    assert probe.parse_key(f) == probe.ProbeKey(4321, seq)
-    assert probe.parse_key(reply6(f)) == probe.ProbeKey(4321, seq, True)
-    assert probe.parse_key(f, session=4322) is None
-    assert probe.parse_packet_key(f[14:]) == probe.ProbeKey(4321, seq)
-    assert pcapkeys.frame_key(f, 0, len(f)) == (4321, seq << 1)
+    key = tp.wire_key(proto, 4321, seq)
+    assert probe.parse_key(f) == key
+    assert probe.parse_key(reply6(f)) == tp.wire_key(proto, 4321, seq, True)
+    if proto != 'tcp':          # TCP carries no session
+        assert probe.parse_key(f, session=4322) is None
+    assert probe.parse_packet_key(f[14:]) == key
+    assert pcapkeys.frame_key(f, 0, len(f)) == (key.session, key.seq << 1)
     # A valid transport checksum over the IPv6 pseudo-header.
     ip = f[14:]
     pseudo = ip[8:40] + struct.pack('!IxxxB', len(ip) - 40, ip[6])
@@ -451,8 +454,9 @@ class _RecordingCapture:
     made = []
 
     def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None, **ports):
-        self.made.append(ports)
+                 interfaces=None, **extra):
+        self.made.append({k: v for k, v in extra.items()
+                          if k.endswith('_port')})
         self.batch = capture.SightingBatch(session)
         self.stats = capture.CaptureStats(0, 0, 0, 0)
 

@@ -11,6 +11,7 @@ import pytest
 from netweaver_agent import delayer
 from netweaver_agent import lab
 from netweaver_agent import probe
+from tests.unit import test_probe as tp
 
 
 def test_names_are_nova_like_and_deterministic():
@@ -114,7 +115,7 @@ def test_packet_key_of_a_probe(proto):
     seq = probe.tcp_ident(40000, 17) if proto == 'tcp' else 17
     data = probe.build_ip(proto, 4242, seq, socket.inet_aton('198.18.0.1'),
                           socket.inet_aton('198.18.0.10'))
-    assert delayer.packet_key(data) == probe.ProbeKey(4242, seq)
+    assert delayer.packet_key(data) == tp.wire_key(proto, 4242, seq)
     assert delayer.packet_key(b'\x45junk') is None
 
 

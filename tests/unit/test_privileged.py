@@ -323,7 +323,8 @@ def test_the_agents_side_refuses_before_calling_the_daemon(monkeypatch):
     assert calls == []
     src.prepare(_plan_to(['198.18.0.10']))
     (call,) = calls
-    assert call[1] == 'prepare_probes' and call[-1] == ['198.18.0.0/24']
+    # The daemon gets the probe networks, then the window's secret.
+    assert call[1] == 'prepare_probes' and call[-2] == ['198.18.0.0/24']
 
 
 def test_a_new_plan_discards_the_one_prepared_before(monkeypatch):
