@@ -86,8 +86,10 @@ class DaemonLimits:
     They bound what the daemon does for the agent: probes per second and
     bytes per second (over all windows together), probes per window,
     handles held (captures and prepared probes), captures open, memory
-    of prepared probes (``PROBE_OVERHEAD_B`` + size per probe) and the
-    threads it starts (one per capture, one reaper).  Under rootwrap
+    of prepared probes (``PROBE_OVERHEAD_B`` + size per probe), the
+    receive ring of one capture (sized from the window's expected
+    sightings, never above ``ring_bytes``) and the threads it starts (one
+    per capture, one reaper).  Under rootwrap
     (OpenStack's model) whoever runs as the agent's user can start a
     daemon of their own: the maxima guard against agent bugs, not
     against a compromised agent user.
@@ -100,6 +102,7 @@ class DaemonLimits:
     handles: int = 16
     captures: int = 4
     threads: int = 8
+    ring_bytes: int = 64 * 2**20
 
     def lowered(self, **values):
         """These limits with some lowered (a higher value is ignored)."""
@@ -380,8 +383,11 @@ def _check_protocol(protocol):
 
 
 def _open_capture(session, protocol, netns_name, interfaces,
-                  vxlan_port=None, geneve_port=None):
+                  vxlan_port=None, geneve_port=None, expected_packets=None):
     session = _int(session, 'probe session', 1, 0xffff)
+    if expected_packets is not None:
+        expected_packets = _int(expected_packets, 'expected packets', 0,
+                                2**40)
     if vxlan_port is not None:
         vxlan_port = _int(vxlan_port, 'VXLAN port', 1, 65535)
     if geneve_port is not None:
@@ -398,7 +404,9 @@ def _open_capture(session, protocol, netns_name, interfaces,
     handle = _table.reserve('capture')
     cap = capture.LiveCapture(session, protocol, netns_name=netns_name,
                               interfaces=interfaces, vxlan_port=vxlan_port,
-                              geneve_port=geneve_port)
+                              geneve_port=geneve_port,
+                              expected_packets=expected_packets,
+                              max_ring_bytes=_table.limits.ring_bytes)
     try:
         cap.open()
     except BaseException:
@@ -439,6 +447,7 @@ def batch_to_wire(batch, stats):
                   for (key, index), encap in batch.encap.items()],
         'packets': stats.packets, 'drops': stats.drops,
         'probes': stats.probes, 'foreign': stats.foreign,
+        'reader': stats.reader,
     }
 
 
@@ -456,7 +465,8 @@ def batch_from_wire(raw, batch):
             vlan=tuple(vlan), vni=vni, tunnel=tunnel[0] if tunnel else None)
     return capture.CaptureStats(
         packets=raw['packets'], drops=raw['drops'],
-        probes=raw['probes'], foreign=raw['foreign'])
+        probes=raw['probes'], foreign=raw['foreign'],
+        reader=raw.get('reader', ''))
 
 
 def _plan(session, protocol, size, port, probes, policy=None,
@@ -823,8 +833,9 @@ class PrivsepCapture:
 
     def __init__(self, session, protocol='icmp', netns_name=None,
                  interfaces=None, context=None, vxlan_port=None,
-                 geneve_port=None):
+                 geneve_port=None, expected_packets=None):
         self.session = session
+        self.expected_packets = expected_packets
         self.vxlan_port = vxlan_port
         self.geneve_port = geneve_port
         self.protocol = protocol
@@ -846,7 +857,8 @@ class PrivsepCapture:
     def open(self):
         self._handle = call(self.context, 'open_capture', self.session,
                             self.protocol, self.netns_name, self.interfaces,
-                            self.vxlan_port, self.geneve_port)
+                            self.vxlan_port, self.geneve_port,
+                            self.expected_packets)
 
     def settle(self, quiet_s, max_s=None):
         call(self.context, 'settle_capture', self._handle, quiet_s, max_s)
@@ -862,10 +874,11 @@ class PrivsepCapture:
 def capture_class(context):
     """A ``capture_class`` for :func:`measure.run_window` using ``context``."""
     def make(session, protocol='icmp', netns_name=None, interfaces=None,
-             vxlan_port=None, geneve_port=None):
+             vxlan_port=None, geneve_port=None, expected_packets=None):
         return PrivsepCapture(session, protocol, netns_name=netns_name,
                               interfaces=interfaces, context=context,
-                              vxlan_port=vxlan_port, geneve_port=geneve_port)
+                              vxlan_port=vxlan_port, geneve_port=geneve_port,
+                              expected_packets=expected_packets)
     return make
 
 

@@ -1,0 +1,217 @@
+"""The TPACKET_V3 ring against recvmsg and tcpdump, on one window.
+
+In one probe window of the namespace lab, three instruments watch the same
+packets: the capture reading its receive ring, a second capture forced to
+``recvmsg``, and tcpdump (``--time-stamp-precision=nano``) on the pif and
+every tap.  Keys, interfaces, directions, VLAN ids and timestamps must be
+the same, row for row; the pcaps must hold the same sightings at the same
+nanoseconds.  Then the daemon's capture (privsep) reads a ring too, and a
+ring the kernel refuses is an error naming it.  Needs root; fails (never
+skips) without a lab.
+"""
+
+import collections
+import os
+import socket
+
+import pytest
+
+from netweaver_agent import capture
+from netweaver_agent import measure
+from netweaver_agent import netns
+from netweaver_agent import pcapfile
+from netweaver_agent import privileged
+from netweaver_agent import probe
+from netweaver_agent import ring
+from tests.functional.test_tcpdump_agreement import Tcpdump
+from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
+
+COUNT = 40
+
+
+class Twin:
+    """A ``capture_class``: the ring capture, and beside it a capture of
+    the same window forced to recvmsg (``self.other``)."""
+
+    made = []
+
+    def __init__(self, session, protocol='icmp', netns_name=None,
+                 interfaces=None, **extra):
+        self.ring = capture.LiveCapture(session, protocol, netns_name,
+                                        interfaces, **extra)
+        self.other = capture.LiveCapture(session, protocol, netns_name,
+                                         interfaces, use_ring=False,
+                                         **extra)
+        self.made.append(self)
+
+    @property
+    def batch(self):
+        return self.ring.batch
+
+    @property
+    def stats(self):
+        return self.ring.stats
+
+    def __enter__(self):
+        self.other.open()
+        try:
+            self.ring.open()
+        except BaseException:
+            self.other.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.ring.close()
+        finally:
+            self.other.close()
+        return False
+
+    def settle(self, quiet_s, max_s=None):
+        self.ring.settle(quiet_s, max_s)
+        self.other.settle(quiet_s, max_s)
+
+
+def rows(batch):
+    """The multiset of (key, interface, direction, t_ns, VLAN ids)."""
+    names = batch.ifnames
+    return collections.Counter(
+        (k, names[i], d, t, batch.encap.get((k, i), probe.NO_ENCAP).vlan)
+        for k, i, d, t in zip(batch.keys, batch.ifindex, batch.direction,
+                              batch.t_ns))
+
+
+def pcap_rows(paths, session):
+    """``{(key, interface, t_ns, VLAN ids)}`` read from tcpdump's pcaps."""
+    out = collections.Counter()
+    for name, path in paths.items():
+        read = pcapfile.read_pcap(path, ifname=name, session=session)
+        assert not read.truncated, path
+        b = read.batch
+        for k, i, t in zip(b.keys, b.ifindex, b.t_ns):
+            vlan = b.encap.get((k, i), probe.NO_ENCAP).vlan
+            out[(k, name, t, vlan)] += 1
+    return out
+
+
+@pytest.mark.parametrize('vlan', [None, (100,)], ids=['plain', '802.1Q'])
+def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
+                                        vlan):
+    the_lab = lab_factory(guests=2)
+    source = (the_lab.source() if vlan is None
+              else the_lab.vlan_source(vlan))
+    ifaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    paths = {i: os.path.join(workdir, f'{i}.pcap') for i in ifaces}
+    dumps = []
+    Twin.made.clear()
+    try:
+        for name, path in paths.items():
+            dumps.append(Tcpdump(the_lab.hv_netns, name, path, [],
+                                 limit=20 * COUNT))
+        for dump in dumps:
+            dump.wait_listening()
+        try:
+            result = measure.run_window(
+                the_lab.paths(), source,
+                measure.WindowSettings(count=COUNT, interval_ms=0.5,
+                                       timeout_ms=100),
+                capture_netns=the_lab.hv_netns, capture_class=Twin)
+        finally:
+            source.close()
+        for dump in dumps:
+            assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        for dump in dumps:
+            dump.kill()
+    (twin,) = Twin.made
+    assert twin.ring.stats.reader == 'ring'
+    assert twin.other.stats.reader == 'recvmsg'
+    assert twin.ring.stats.drops == 0 and twin.other.stats.drops == 0
+    from_ring = rows(twin.ring.batch)
+    from_recvmsg = rows(twin.other.batch)
+    # Probes (and, untagged, answers) of both guests on pif and tap.
+    per_probe = 2 if vlan else 4
+    assert sum(from_ring.values()) == per_probe * 2 * COUNT, from_ring
+    assert from_ring == from_recvmsg
+    assert {r[2] for r in from_ring} == {capture.DIR_IN, capture.DIR_OUT}
+    assert {r[4] for r in from_ring} == {vlan or ()}
+    # tcpdump's pcaps: the same sightings at the same nanoseconds.
+    assert pcap_rows(paths, result.session) == collections.Counter(
+        (k, name, t, v) for (k, name, _d, t, v) in from_ring.elements())
+    for g in the_lab.guests:
+        assert result.reports[g.tap].ingress.count == COUNT
+
+
+def test_daemon_reads_a_ring(lab_factory):
+    """The privsep daemon's capture reads a ring; its sightings reach the
+    agent like recvmsg's did."""
+    the_lab = lab_factory(guests=2)
+    ctx = privileged.netns_pctxt
+    source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
+    try:
+        result = measure.run_window(
+            the_lab.paths(), source,
+            measure.WindowSettings(count=COUNT, timeout_ms=100.0,
+                                   max_window_ms=2000.0),
+            capture_netns=the_lab.hv_netns,
+            capture_class=privileged.capture_class(ctx))
+    finally:
+        source.close()
+        privileged.stop()
+    assert result.capture.reader == 'ring'
+    assert result.capture.drops == 0
+    assert len(result.batch) == 4 * 2 * COUNT
+    for g in the_lab.guests:
+        rep = result.reports[g.tap]
+        assert rep.ingress.count == COUNT and rep.egress.count == COUNT
+
+
+def test_a_refused_ring_is_an_error_naming_it(lab_factory):
+    """A geometry the kernel refuses (blocks not a multiple of the page
+    size) raises RingError with the ring's size; the socket stays usable."""
+    the_lab = lab_factory(guests=1)
+    sock = netns.socket_in_netns(the_lab.hv_netns, socket.AF_PACKET,
+                                 socket.SOCK_RAW,
+                                 socket.htons(capture.ETH_P_ALL))
+    try:
+        with pytest.raises(ring.RingError, match='TPACKET_V3 receive ring'):
+            ring.PacketRing(sock, 1 << 20, block_bytes=4096 + 16)
+    finally:
+        sock.close()
+
+
+class NoSettle(capture.LiveCapture):
+    """Closed as soon as the probes are sent: the ring's last block is
+    still the kernel's then."""
+
+    made = []
+
+    def __init__(self, session, protocol='icmp', netns_name=None,
+                 interfaces=None, **extra):
+        super().__init__(session, protocol, netns_name, None, **extra)
+        self.made.append(self)
+
+    def settle(self, quiet_s, max_s=None):
+        pass
+
+
+def test_close_reads_what_the_kernel_still_holds(lab_factory):
+    """Every packet the kernel put in the ring is read at close, the last
+    block included: kept or foreign, none left over."""
+    the_lab = lab_factory(guests=2)
+    NoSettle.made.clear()
+    source = the_lab.source()
+    try:
+        measure.run_window(
+            the_lab.paths(), source,
+            measure.WindowSettings(count=COUNT, interval_ms=0.2,
+                                   timeout_ms=100),
+            capture_netns=the_lab.hv_netns, capture_class=NoSettle)
+    finally:
+        source.close()
+    (cap,) = NoSettle.made
+    stats = cap.stats
+    assert stats.reader == 'ring' and stats.drops == 0
+    assert stats.probes >= 2 * 2 * COUNT
+    assert stats.probes + stats.foreign == stats.packets - stats.drops
