@@ -30,13 +30,18 @@ alias of ``info``): the only thing added to the agent's process.
 """
 
 import json
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
 
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labagent
+from tests.functional import conftest
+from tests.functional import test_lab
 
 INTERVAL_S = 3
 WINDOWS = 2
@@ -260,3 +265,32 @@ def check_hybrid_delay(the_lab, windows, hop_p50):
             assert p50 <= 2 * fast_p50[(fa[a], fa[b])] + 50, (
                 (a, b), slow_p50, fast_p50)
     return '; delay: ' + '; '.join(figures)
+
+
+@pytest.mark.parametrize('switch', ['ovs-native', 'ovn'])
+def test_cli_lab_agent_on_the_switch(switch):
+    """``netweaver lab --agent --switch``: the agent finds the taps on the
+    switch (its database) and meets the layout's default delay, which on
+    OVN holds only the probes the source's kernel marks."""
+    conftest.require_root()
+    prefix = conftest.unique_prefix('ja')
+    try:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
+             switch, '--agent', '--count', '10', '--prefix', prefix],
+            capture_output=True, text=True, timeout=180)
+        # The command removed its lab, daemons included.
+        test_lab.assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)   # only if the command left it
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
+    values = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith('ceilometer_network_vif_latency{'):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            guest = labels['resource_name'].split(':')[0]
+            values[guest] = float(line.rsplit(' ', 1)[1])
+    # The CLI's default: 2 ms on guest 1 where the layout has delay truth.
+    assert values.keys() == {'lab-guest-0', 'lab-guest-1'}, proc.stdout
+    assert values['lab-guest-1'] >= DELAY_MS * 1000, values
+    assert values['lab-guest-0'] < DELAY_MS * 1000, values
