@@ -39,6 +39,7 @@ added look-alikes, and the report says so.
 """
 
 import dataclasses
+import functools
 import os
 
 from oslo_log import log
@@ -114,7 +115,7 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
                   protocol=None, mode='auto', timeout_ms=DEFAULT_TIMEOUT_MS,
                   pif_name=None, vif_name=None,
                   tcp_ports=probe.DEFAULT_TCP_SOURCE_PORTS, key=None,
-                  plan=None):
+                  plan=None, lenient=False, progress=None):
     """Match the probes of a pif capture and a vif capture.
 
     :param destination: the instance's address (fingerprint mode: tells
@@ -133,6 +134,10 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
     :param plan: the :class:`sources.ProbePlan` that sent the probes
         (``netweaver measure``): its probes are the report's, its session
         the one analysed (TCP probes are verified only with it)
+    :param lenient: records with a timestamp field out of range are
+        skipped and counted instead of refusing the file
+    :param progress: ``callable(path, done_bytes, total_bytes)``, called
+        about once a second while a long file is read
     :returns: :class:`Analysis`
     :raises pcapfile.PcapError: a file is unreadable or corrupt
     :raises AnalyzeError: nothing to measure, or a bad combination
@@ -153,28 +158,9 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
         # TCP keys carry no session on the wire.
         session = (probe.TCP_SESSION if plan.protocol == 'tcp' else
                    plan.session)
-    reads = None
-    if mode in ('auto', 'probe'):
-        reads = _read_probes(pif_path, vif_path, pif, vif, session,
-                             tcp_ports)
-        if reads is None and (mode == 'probe' or destination is None):
-            hint = ('' if mode == 'probe' else
-                    '; for foreign traffic (e.g. hping3) give the '
-                    'instance\'s address to use fingerprint mode')
-            raise AnalyzeError(
-                f"no netweaver probe in {pif_path} or {vif_path}{hint}")
-    if reads is None:
-        if destination is None:
-            raise AnalyzeError(
-                "fingerprint mode needs the instance's address to tell "
-                f"probes from replies ({pif_path}, {vif_path})")
-        kwargs = dict(fingerprint=True, dst_ip=destination)
-        reads = (pcapfile.read_pcap(pif_path, ifname=pif, **kwargs),
-                 pcapfile.read_pcap(vif_path, ifname=vif, **kwargs))
-        mode = 'fingerprint'
-    else:
-        mode = 'probe'
-    pif_read, vif_read = reads
+    pif_read, vif_read, mode = _read(
+        pif_path, vif_path, pif, vif, mode, session, destination,
+        tcp_ports, lenient, progress)
     if pif_read.probes == 0 and vif_read.probes == 0:
         raise AnalyzeError(f"no packet to match in {pif_path} or {vif_path}")
     batch = capture.SightingBatch(pif_read.session)
@@ -240,25 +226,47 @@ def _protocol_of(batch, seqs, protocol, key, destination):
     return 'udp' if votes['udp'] > votes['icmp'] else 'icmp'
 
 
-def _read_probes(pif_path, vif_path, pif, vif, session, tcp_ports):
-    """Both files in probe mode, one session; None if neither has probes."""
-    pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session,
-                                  tcp_ports=tcp_ports)
-    if session is None and pif_read.sessions:
-        session = pif_read.session
-    vif_read = pcapfile.read_pcap(vif_path, ifname=vif, session=session,
-                                  tcp_ports=tcp_ports)
-    if session is None:
-        if not vif_read.sessions:
-            return None
-        session = vif_read.session
-        pif_read = pcapfile.read_pcap(pif_path, ifname=pif, session=session,
-                                      tcp_ports=tcp_ports)
-    for read in (pif_read, vif_read):
-        others = [s for s, _ in read.sessions if s != session]
-        if others:
-            LOG.warning('%(path)s also holds probes of session(s) '
+def _read(pif_path, vif_path, pif, vif, mode, session, destination,
+          tcp_ports, lenient, progress):
+    """Each file read once, for what ``mode`` may need (auto mode: probes,
+    and fingerprints of the rest when the instance's address is known);
+    ``(pif PcapRead, vif PcapRead, mode)``, the mode decided."""
+    if mode == 'fingerprint' and destination is None:
+        raise AnalyzeError(
+            "fingerprint mode needs the instance's address to tell "
+            f"probes from replies ({pif_path}, {vif_path})")
+    if pif_path == vif_path == pcapfile.STDIN:
+        raise AnalyzeError("standard input (-) can hold only one of the "
+                           "two captures")
+    probes = mode != 'fingerprint'
+    prints = destination is not None and mode != 'probe'
+    caps = []
+    for path, name in ((pif_path, pif), (vif_path, vif)):
+        told = None if progress is None else functools.partial(progress,
+                                                               path)
+        caps.append(pcapfile.read_capture(
+            path, ifname=name, probes=probes, fingerprint=prints,
+            dst_ip=destination, tcp_ports=tcp_ports, lenient=lenient,
+            progress=told))
+    if probes:
+        if session is None:
+            ranked = caps[0].sessions or caps[1].sessions
+            session = ranked[0][0] if ranked else None
+        if session is not None:
+            reads = [c.probes(session) for c in caps]
+            for read in reads:
+                others = [s for s, _ in read.sessions if s != session]
+                if others:
+                    LOG.warning(
+                        '%(path)s also holds probes of session(s) '
                         '%(others)s, not analysed (session %(session)d is)',
                         {'path': read.path, 'session': session,
                          'others': ', '.join(map(str, others))})
-    return pif_read, vif_read
+            return reads[0], reads[1], 'probe'
+        if not prints:
+            hint = ('' if mode == 'probe' else
+                    '; for foreign traffic (e.g. hping3) give the '
+                    'instance\'s address to use fingerprint mode')
+            raise AnalyzeError(
+                f"no netweaver probe in {pif_path} or {vif_path}{hint}")
+    return caps[0].fingerprints(), caps[1].fingerprints(), 'fingerprint'

@@ -8,10 +8,17 @@ Subcommands live in :mod:`netweaver_agent.cmd`, one module each, with
 * ``measure``: the seed's job, over SSH, on a real hypervisor
 
 Only this command writes to stdout; the agent path logs.
+
+Standard output is the operator's: a closed one (``netweaver … | head``)
+ends the command silently with status 141, as SIGPIPE ends tcpdump; any
+other failure to write (a full disk) is one line on stderr, status 1.
+Never a traceback.
 """
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from oslo_config import cfg
@@ -19,6 +26,50 @@ from oslo_log import log
 
 COMMANDS = ('lab', 'analyze', 'measure')
 LOG = log.getLogger(__name__)
+EXIT_PIPE = 128 + 13        # killed by SIGPIPE, as a shell reports it
+
+
+class OutputError(Exception):
+    """Writing to standard output failed (``errno`` says why)."""
+
+    def __init__(self, exc):
+        super().__init__(exc.strerror or str(exc))
+        self.errno = exc.errno
+        self.strerror = exc.strerror or os.strerror(exc.errno or 0)
+
+
+class _Output:
+    """Standard output whose write errors are :class:`OutputError`, so
+    they are told apart from every other ``OSError`` of a command."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise OutputError(exc) from exc
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise OutputError(exc) from exc
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _discard_stdout():
+    """Point fd 1 at /dev/null: what is still buffered for a closed or
+    full output must not fail again when Python exits."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def build_parser():
@@ -47,6 +98,29 @@ def setup_logging(debug):
 
 
 def main(argv=None):
+    real = sys.stdout
+    if real is not None:
+        sys.stdout = _Output(real)
+    try:
+        try:
+            status = _main(argv)
+        except SystemExit as exc:       # argparse: --help, usage errors
+            status = exc.code
+        if real is not None:
+            sys.stdout.flush()
+        return status
+    except OutputError as exc:
+        _discard_stdout()
+        if exc.errno == errno.EPIPE:
+            return EXIT_PIPE
+        print(f'netweaver: writing output: {exc.strerror}', file=sys.stderr)
+        return 1
+    finally:
+        if real is not None:
+            sys.stdout = real
+
+
+def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

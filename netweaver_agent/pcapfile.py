@@ -48,21 +48,37 @@ Fingerprint rows have session 0.  Packets with identical invariant fields
 (retransmissions) share a key: the matcher keeps the first sighting on
 each interface.
 
+**One read.**  :func:`read_capture` reads a file once, whatever the
+analysis needs: probe rows of every session and, asked for, fingerprint
+rows of the records that are no probe (what auto mode falls back on), so
+a pipe, a fifo, process substitution or ``-`` (standard input) is read
+like a file (those are copied into memory; files are mapped).
+
 **Errors.**  An empty, unknown or corrupt file raises :class:`PcapError`
-naming the file and the byte offset.  A *truncated last record* (tcpdump
-killed mid-write) is a warning, not an error: the records before it are
-kept, the partial one is dropped and :attr:`PcapRead.truncated` is set.
+naming the file and the byte offset, as do what tcpdump refuses (a pcap
+version other than 2.3/2.4, a pcapng section version other than 1.0/1.2)
+and what it would misread: a link type netweaver does not read (the
+message says which it reads) and a timestamp whose fraction is out of
+range (µs >= 1,000,000, ns >= 10**9), named by record number and byte;
+with ``lenient`` such records are skipped and counted
+(:attr:`PcapRead.invalid_times`) instead.  A *truncated last record*
+(tcpdump killed mid-write) is a warning, not an error: the records before
+it are kept, the partial one is dropped and :attr:`PcapRead.truncated` is
+set.
 """
 
 import array
 import collections
+import contextlib
 import dataclasses
 import itertools
 import mmap
 import os
 import socket
+import stat
 import struct
 import sys
+import time
 
 from oslo_log import log
 
@@ -87,6 +103,12 @@ MIN_RUN = 16                # shorter runs are read record by record
 MAX_RUN = 1 << 16           # records per columnar step
 BACKOFF = 64                # records read one by one after a failed run
 NS = 1_000_000_000
+STDIN = '-'
+PCAP_VERSIONS = ((2, 3), (2, 4))        # tcpdump writes 2.4
+PCAPNG_VERSIONS = ((1, 0), (1, 2))      # what libpcap reads
+LINK_NAMES = {0: 'BSD loopback', 101: 'raw IP', 105: 'IEEE 802.11',
+              127: '802.11 radiotap', 228: 'raw IPv4', 229: 'raw IPv6'}
+PROGRESS_EVERY_S = 1.0
 
 # Linux packet type -> direction (4 is PACKET_OUTGOING).
 _PKTTYPE_DIR = bytes(capture.DIR_IN if b < 4 else
@@ -124,10 +146,21 @@ class PcapRead:
     sessions: tuple
     untimed: int = 0
     truncated: bool = False
+    # Records skipped for a timestamp field out of range (lenient reads).
+    invalid_times: int = 0
 
     @property
     def session(self):
         return self.batch.session
+
+    @property
+    def directions_known(self):
+        """Whether the file says which way its rows went (pcapng
+        ``epb_flags``, Linux cooked packet types); None without rows."""
+        d = self.batch.direction
+        if not d:
+            return None
+        return d.count(capture.DIR_UNKNOWN) == 0
 
 
 class _Rows:
@@ -153,6 +186,32 @@ class _Rows:
         self.linktypes = set()
         # TCP probes' source port range (probe.tcp_ident keys), or None.
         self.tcp_ports = None
+        # Fingerprint rows of the records that are no probe (a _Rows
+        # sharing the interfaces), or None.
+        self.prints = None
+        self.lenient = False
+        self.invalid_times = 0
+        self.progress = None            # callable(done_bytes, total)
+        self._tick = 0
+        self._last_report = None
+
+    def fingerprint_too(self, keyfunc):
+        """Also key the records that are no probe with ``keyfunc``."""
+        self.prints = _Rows(self.path, keyfunc, self.forced_name)
+        self.prints.ifnames = self.ifnames
+        self.prints._index_of = self._index_of
+
+    def report_progress(self, done, total):
+        """Call ``progress`` about once a second after the first second."""
+        self._tick += 1
+        if self.progress is None or self._tick & 63:
+            return
+        now = time.monotonic()
+        if self._last_report is None:
+            self._last_report = now
+        elif now - self._last_report >= PROGRESS_EVERY_S:
+            self._last_report = now
+            self.progress(done, total)
 
     def interface(self, name):
         """The column index for interface ``name``."""
@@ -178,6 +237,8 @@ class _Rows:
         found = self.keyfunc(buf, off, caplen, link)
         if found is not None and not self._tcp_port_ok(found[1]):
             found = None
+        if found is None and self.prints is not None:
+            self.prints.one(buf, off, caplen, link, t_ns, ifindex, direction)
         if found is not None:
             if len(found) > 2:
                 self.encap.setdefault((found[0], found[1], ifindex),
@@ -248,6 +309,9 @@ class _Rows:
         while i >= 0:
             if foreign is not None and foreign[i]:
                 self.records += 1
+                if self.prints is not None:
+                    self.prints.one(buf, first + i * stride, caplen, link,
+                                    t_ns[i], ifindex[i], direction[i])
             else:
                 self.one(buf, first + i * stride, caplen, link, t_ns[i],
                          ifindex[i], direction[i])
@@ -329,10 +393,25 @@ def _stem(path):
 # --------------------------------------------------------------------------
 # Classic pcap.
 
+def _link_refusal(path, linktype, where=''):
+    name = LINK_NAMES.get(linktype)
+    name = f' ({name})' if name else ''
+    return PcapError(
+        f"{path}: {where}link type {linktype}{name} is not read by "
+        "netweaver (it reads Ethernet (1), Linux cooked SLL (113) and "
+        "SLL2 (276): capture on an Ethernet interface or with -i any)")
+
+
 def _pcap_header(buf, path):
     for order in ('<', '>'):
         magic, = struct.unpack_from(order + 'I', buf, 0)
         if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            version = struct.unpack_from(order + 'HH', buf, 4)
+            if version not in PCAP_VERSIONS:
+                raise PcapError(
+                    f"{path}: pcap version {version[0]}.{version[1]} is not "
+                    "supported (2.4 is what tcpdump writes; 2.3 is read "
+                    "too)")
             snaplen, network = struct.unpack_from(order + 'II', buf, 16)
             return order, magic == PCAP_MAGIC_NS, snaplen, network
     raise PcapError(f"{path}: not a pcap or pcapng file (starts with "
@@ -370,10 +449,10 @@ class _PcapFile:
         rows.linktypes.add(linktype)
         self.link = pcapkeys.LINKS.get(linktype)
         if self.link is None:
-            LOG.warning('%(path)s: link type %(lt)d is not supported; no '
-                        'probe can be read from it',
-                        {'path': self.path, 'lt': linktype})
+            raise _link_refusal(self.path, linktype)
         self.mult = 1 if nano else 1000
+        self.frac_limit = NS if nano else 1_000_000
+        self.unit = 'ns' if nano else 'µs'
         self.big = order == '>'
         self.hdr = struct.Struct(order + 'IIII')
         self.hdr_caplen = struct.Struct(order + 'I').unpack_from
@@ -386,6 +465,7 @@ class _PcapFile:
         columnar = rows.columnar and self.link is not None
         o = 24
         while o < end:
+            rows.report_progress(o, end)
             caplen = self._caplen(o, end)
             if caplen is None:
                 break
@@ -446,8 +526,34 @@ class _PcapFile:
             return end
         return o
 
-    def _one(self, buf, o):
+    def _record_number(self, offset):
+        """The 1-based number of the record at byte ``offset`` (walks the
+        record headers from the start: for error messages only)."""
+        o, n, get = 24, 1, self.hdr_caplen
+        while o < offset:
+            o += 16 + get(self.buf, o + 8)[0]
+            n += 1
+        return n
+
+    def _bad_time(self, offset, frac):
+        """A record whose fraction field is out of range: an error, or
+        (lenient) skipped and counted."""
+        if self.rows.lenient:
+            self.rows.records += 1
+            self.rows.invalid_times += 1
+            return
+        raise PcapError(
+            f"{self.path}: record {self._record_number(offset)} (byte "
+            f"{offset}) has an invalid timestamp: fraction {frac} "
+            f"{self.unit} is not below {self.frac_limit:,} (use --lenient "
+            "to skip such records)")
+
+    def _one(self, buf, o, at=None):
+        """The record at ``buf[o:]`` (``at``: its offset in the file when
+        ``buf`` is a copy)."""
         sec, frac, caplen, _orig = self.hdr.unpack_from(buf, o)
+        if frac >= self.frac_limit:
+            return self._bad_time(o if at is None else at, frac)
         link = self.link
         direction = capture.DIR_UNKNOWN
         if link is not None and link.pkttype_off is not None \
@@ -456,11 +562,17 @@ class _PcapFile:
         self.rows.one(buf, o + 16, caplen, link, sec * NS + frac * self.mult,
                       self.ifindex, direction)
 
-    def _run(self, buf, o, stride, n):
-        """``n`` records of one length from ``o``."""
+    def _run(self, buf, o, stride, n, offsets=None):
+        """``n`` records of one length from ``o`` (``offsets``: theirs in
+        the file when ``buf`` is a copy)."""
         column = pcapkeys.column
-        t_ns = _pcap_times(column(buf, o, stride, n, 4),
-                           column(buf, o + 4, stride, n, 4), self.mult,
+        fracs = column(buf, o + 4, stride, n, 4)
+        if max(pcapkeys.ints(fracs, 'I', self.big)) >= self.frac_limit:
+            for i in range(n):
+                self._one(buf, o + i * stride,
+                          o + i * stride if offsets is None else offsets[i])
+            return
+        t_ns = _pcap_times(column(buf, o, stride, n, 4), fracs, self.mult,
                            self.big)
         direction = capture.DIR_UNKNOWN
         if self.link.pkttype_off is not None:
@@ -479,7 +591,7 @@ class _PcapFile:
             return
         stride = 16 + caplen
         packed = b''.join([buf[o:o + stride] for o in offsets])
-        self._run(packed, 0, stride, len(offsets))
+        self._run(packed, 0, stride, len(offsets), offsets)
 
 
 # --------------------------------------------------------------------------
@@ -492,6 +604,7 @@ class _Iface:
     link: pcapkeys.Link | None
     index: int
     to_ns: tuple          # (mul, div, shift, add), see _ts_converter
+    linktype: int = 1
 
 
 def _ts_converter(tsresol, tsoffset):
@@ -532,13 +645,25 @@ class _Pcapng:
         self.order = '<'
         self.ifaces = []
         self.ifindex = []       # ifaces' column indexes, kept alongside
+        self.linktypes = {}     # linktype -> packets (unread link types)
 
     def read(self):
+        self._read()
+        unread = sum(self.linktypes.values())
+        if unread and unread == self.rows.records - self.rows.untimed:
+            raise _link_refusal(self.path, min(self.linktypes),
+                                "every packet's ")
+
+    def _read(self):
         buf, path, rows = self.buf, self.path, self.rows
         end = len(buf)
+        if end < 28:
+            raise PcapError(f"{path}: truncated pcapng section header "
+                            f"({end} of 28 bytes)")
         o = 0
         backoff = 0
         while o < end:
+            rows.report_progress(o, end)
             if end - o < 12:
                 rows.truncate(o, 'block header')
                 return
@@ -549,6 +674,9 @@ class _Pcapng:
                 raise PcapError(f"{path}: corrupt pcapng block at byte {o}: "
                                 f"length {blen}")
             if o + blen > end:
+                if o == 0:
+                    raise PcapError(f"{path}: truncated pcapng section "
+                                    f"header ({end} of {blen} bytes)")
                 rows.truncate(o, 'block')
                 return
             trailer, = struct.unpack_from(self.order + 'I', buf,
@@ -589,6 +717,12 @@ class _Pcapng:
         else:
             raise PcapError(f"{self.path}: corrupt pcapng section header at "
                             f"byte {o}: byte-order magic 0x{bom:08x}")
+        version = struct.unpack_from(self.order + 'HH', self.buf, o + 12)
+        if version not in PCAPNG_VERSIONS:
+            raise PcapError(
+                f"{self.path}: pcapng section version {version[0]}."
+                f"{version[1]} (at byte {o}) is not supported (1.0 is what "
+                "tcpdump writes; 1.2 is read too)")
         self.ifaces = []
         self.ifindex = []
 
@@ -613,7 +747,8 @@ class _Pcapng:
                         'which is not supported',
                         {'path': self.path, 'name': name, 'lt': linktype})
         self.ifaces.append(_Iface(link, rows.interface(name),
-                                  _ts_converter(tsresol, tsoffset)))
+                                  _ts_converter(tsresol, tsoffset),
+                                  linktype))
         self.ifindex.append(self.ifaces[-1].index)
 
     def _iface(self, iface_id, o):
@@ -642,6 +777,9 @@ class _Pcapng:
                             f" capture length {caplen} exceeds the block")
         iface = self._iface(iface_id, o)
         link = iface.link
+        if link is None:
+            self.linktypes[iface.linktype] = \
+                self.linktypes.get(iface.linktype, 0) + 1
         direction = capture.DIR_UNKNOWN
         if link is not None and link.pkttype_off is not None \
                 and caplen > link.pkttype_off:
@@ -753,7 +891,7 @@ class _Pcapng:
 # The entry point.
 
 def read_pcap(path, ifname=None, session=None, fingerprint=False,
-              dst_ip=None, tcp_ports=None):
+              dst_ip=None, tcp_ports=None, lenient=False):
     """Read one capture file into a :class:`PcapRead`.
 
     :param ifname: the interface name for every record (one file = one
@@ -767,50 +905,141 @@ def read_pcap(path, ifname=None, session=None, fingerprint=False,
         ``[netweaver] tcp_source_ports``): with no plan to check each
         probe's own port against, TCP packets from (answers to) other
         ports are not ours.  None: any port.
+    :param lenient: skip (and count) records whose timestamp field is out
+        of range instead of refusing the file
+    :raises PcapError: the file is empty, unknown, corrupt or unreadable
+    """
+    cap = read_capture(path, ifname=ifname, probes=not fingerprint,
+                       fingerprint=fingerprint, dst_ip=dst_ip,
+                       tcp_ports=tcp_ports, lenient=lenient)
+    return cap.fingerprints() if fingerprint else cap.probes(session)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capture:
+    """One capture file, read once: :meth:`probes` of any session and,
+    when asked for, :meth:`fingerprints` of the records that are no probe.
+    """
+
+    path: str
+    format: str
+    _rows: _Rows
+    _keyed_probes: bool = True
+
+    @property
+    def sessions(self):
+        """``((session, probe rows), ...)``, most common first."""
+        return _ranked(self._rows)
+
+    def probes(self, session=None):
+        """The probe rows of ``session`` (default: the most common); None
+        unless read with ``probes``."""
+        if not self._keyed_probes:
+            return None
+        return _result(self._rows, self.format, session)
+
+    def fingerprints(self):
+        """The fingerprint rows (None unless read with ``fingerprint``)."""
+        rows = self._rows
+        if not self._keyed_probes:
+            return _result(rows, self.format, 0)
+        if rows.prints is None:
+            return None
+        prints = rows.prints
+        prints.records, prints.untimed = rows.records, rows.untimed
+        prints.truncated, prints.linktypes = rows.truncated, rows.linktypes
+        prints.invalid_times = rows.invalid_times
+        return _result(prints, self.format, 0)
+
+
+def _fingerprint_keyfunc(dst_ip):
+    packed = None
+    if dst_ip is not None:
+        family = socket.AF_INET6 if ':' in dst_ip else socket.AF_INET
+        try:
+            packed = socket.inet_pton(family, dst_ip)
+        except OSError as exc:
+            raise ValueError(
+                f"invalid instance address {dst_ip!r}") from exc
+
+    def keyfunc(buf, off, caplen, link):
+        return pcapkeys.fingerprint_key(buf, off, caplen, link, packed)
+    return keyfunc
+
+
+def read_capture(path, ifname=None, probes=True, fingerprint=False,
+                 dst_ip=None, tcp_ports=None, lenient=False, progress=None):
+    """Read one capture file once into a :class:`Capture`.
+
+    ``path`` may be a regular file (mapped), or ``-`` (standard input), a
+    pipe or a fifo (read whole into memory).
+
+    :param probes: key our probes (see :func:`read_pcap` for ``ifname``,
+        ``tcp_ports`` and ``lenient``)
+    :param fingerprint: key by fingerprint (``dst_ip``: the instance's
+        address): every record, or with ``probes`` those that are no probe
+    :param progress: ``callable(done_bytes, total_bytes)``, called about
+        once a second on files that take longer than a second
     :raises PcapError: the file is empty, unknown, corrupt or unreadable
     """
     path = os.fspath(path)
-    if not fingerprint:
-        keyfunc = pcapkeys.frame_key
-    else:
-        packed = None
-        if dst_ip is not None:
-            family = socket.AF_INET6 if ':' in dst_ip else socket.AF_INET
-            try:
-                packed = socket.inet_pton(family, dst_ip)
-            except OSError as exc:
-                raise ValueError(
-                    f"invalid instance address {dst_ip!r}") from exc
-
-        def keyfunc(buf, off, caplen, link):
-            return pcapkeys.fingerprint_key(buf, off, caplen, link, packed)
-    rows = _Rows(path, keyfunc, ifname)
-    if not fingerprint:
+    if not probes and not fingerprint:
+        raise ValueError("read_capture: nothing to key (neither probes "
+                         "nor fingerprints)")
+    if probes:
+        rows = _Rows(path, pcapkeys.frame_key, ifname)
         rows.tcp_ports = tcp_ports
+        if fingerprint:
+            rows.fingerprint_too(_fingerprint_keyfunc(dst_ip))
+    else:
+        rows = _Rows(path, _fingerprint_keyfunc(dst_ip), ifname)
+    rows.lenient = lenient
+    rows.progress = progress
     try:
-        with open(path, 'rb') as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        with _open(path) as buf:
+            if not len(buf):
                 raise PcapError(f"{path}: empty file (no pcap header)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                if buf[:4] == PCAPNG_SHB.to_bytes(4, 'little'):
-                    fmt = 'pcapng'
-                    _Pcapng(buf, rows).read()
-                else:
-                    fmt = 'pcap'
-                    _PcapFile(buf, rows).read()
+            if buf[:4] == PCAPNG_SHB.to_bytes(4, 'little'):
+                fmt = 'pcapng'
+                _Pcapng(buf, rows).read()
+            else:
+                fmt = 'pcap'
+                _PcapFile(buf, rows).read()
     except OSError as exc:
         raise PcapError(f"{path}: cannot read: {exc.strerror or exc}") \
             from exc
     except (struct.error, IndexError) as exc:
         raise PcapError(f"{path}: corrupt capture: {exc}") from exc
-    return _result(rows, fmt, session)
+    return Capture(path=path, format=fmt, _rows=rows, _keyed_probes=probes)
 
 
-def _result(rows, fmt, session):
+@contextlib.contextmanager
+def _open(path):
+    """The bytes of ``path``: a map of a regular file; standard input
+    (``-``), pipes, fifos and character devices read whole."""
+    if path == STDIN:
+        yield sys.stdin.buffer.read()
+        return
+    with open(path, 'rb') as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            yield f.read()
+        elif info.st_size == 0:
+            yield b''
+        else:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                yield buf
+
+
+def _ranked(rows):
     counts = collections.Counter()
     for s, count in rows.session_runs:
         counts[s] += count
-    ranked = tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _result(rows, fmt, session):
+    ranked = _ranked(rows)
     if session is None:
         session = ranked[0][0] if ranked else 0
     batch = capture.SightingBatch(session)
@@ -832,6 +1061,7 @@ def _result(rows, fmt, session):
     return PcapRead(
         path=rows.path, format=fmt, linktypes=tuple(sorted(rows.linktypes)),
         batch=batch, records=rows.records, probes=len(batch),
-        foreign=rows.records - rows.untimed - found,
+        foreign=rows.records - rows.untimed - rows.invalid_times - found,
         other_sessions=found - len(batch), sessions=ranked,
-        untimed=rows.untimed, truncated=rows.truncated)
+        untimed=rows.untimed, truncated=rows.truncated,
+        invalid_times=rows.invalid_times)

@@ -2,9 +2,15 @@
 
 Prints the report table (or ``--json``) and, for old habits, the seed's
 ``{'average', 'minimum', 'maximum', 'stdev'}`` line (ingress, µs).
+
+Either capture may be ``-`` (standard input), a pipe, a fifo or process
+substitution (``<(ssh hv cat pif.pcap)``).  Reading a file that takes
+more than a second shows a progress line on stderr when stderr is a
+terminal.
 """
 
 import json
+import os
 import sys
 
 from netweaver_agent import analyze
@@ -28,9 +34,13 @@ def add_parser(subparsers):
                     'fingerprint of invariant header fields, which needs '
                     '--destination.')
     p.add_argument('pif_pcap', metavar='PIF.pcap',
-                   help='capture taken on the physical interface')
+                   help='capture taken on the physical interface ("-": '
+                        'standard input; pipes and fifos are read too)')
     p.add_argument('vif_pcap', metavar='VIF.pcap',
                    help='capture taken on the instance\'s vif (tap)')
+    p.add_argument('--lenient', action='store_true',
+                   help='skip (and count) records whose timestamp field '
+                        'is out of range instead of refusing the file')
     p.add_argument('--destination', '-d', metavar='IP',
                    help='the instance\'s address: in fingerprint mode, '
                         'packets from it are replies')
@@ -76,11 +86,41 @@ def _read_to_dict(read):
     return {'path': read.path, 'format': read.format,
             'records': read.records, 'matched': read.probes,
             'foreign': read.foreign, 'other_sessions': read.other_sessions,
-            'untimed': read.untimed, 'truncated': read.truncated}
+            'untimed': read.untimed, 'truncated': read.truncated,
+            'invalid_times': read.invalid_times}
+
+
+def _progress_line():
+    """A ``progress(path, done, total)`` writing one self-overwriting line
+    to stderr, or None when stderr is no terminal."""
+    err = sys.stderr
+    if err is None or not err.isatty():
+        return None
+
+    def progress(path, done, total):
+        pct = 100 * done // total if total else 0
+        name = os.path.basename(os.fspath(path)) or path
+        err.write(f'\rnetweaver analyze: reading {name}: {pct}% '
+                  f'({done >> 20} of {total >> 20} MiB)\x1b[K')
+        err.flush()
+        progress.shown = True
+
+    progress.shown = False
+    return progress
+
+
+def _clear(progress):
+    """Remove the progress line, if one was shown."""
+    if progress is not None and progress.shown:
+        sys.stderr.write('\r\x1b[K')
+        sys.stderr.flush()
 
 
 def _file_line(role, read):
     extra = ', last record cut short (ignored)' if read.truncated else ''
+    if read.invalid_times:
+        extra += (f', {read.invalid_times} records with an invalid '
+                  'timestamp skipped')
     return (f'{role} {read.path}: {read.format}, {read.records} records, '
             f'{read.probes} matched, {read.foreign} other{extra}')
 
@@ -97,6 +137,7 @@ def _key(text):
 
 
 def run(args):
+    progress = _progress_line()
     try:
         result = analyze.analyze_pcaps(
             args.pif_pcap, args.vif_pcap, destination=args.destination,
@@ -105,10 +146,13 @@ def run(args):
             vif_name=args.vif_name,
             tcp_ports=sources.parse_port_range(args.tcp_source_ports,
                                                '--tcp-source-ports'),
-            key=_key(args.key))
+            key=_key(args.key), lenient=args.lenient,
+            progress=progress)
     except (pcapfile.PcapError, analyze.AnalyzeError, ValueError) as exc:
+        _clear(progress)
         print(f'netweaver analyze: {exc}', file=sys.stderr)
         return 1
+    _clear(progress)
     rep = result.report
     summary = report.seed_summary(rep.ingress)
     if args.json:

@@ -1,0 +1,178 @@
+"""The ``netweaver`` command on real standard streams.
+
+Real pipes (the read end closed before the command starts, as ``| head
+-c0`` ends up), ``/dev/full``, a fifo, bash process substitution and
+standard input: a closed output ends silently with 141, a full one says
+so in one line with 1, and every kind of input is read as a file is.
+The captures are written by the test (tests/unit/test_analyze helpers).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.unit import test_analyze as ta
+
+SIGPIPE_STATUS = 141
+
+
+def _captures(tmp_path, n=40):
+    pif, vif = ta.answered('icmp', [10_000 + 1_000 * (i % 7)
+                                    for i in range(n)], 3_000, [2_000] * n)
+    return (ta.write(tmp_path / 'eth0.pcap', pif),
+            ta.write(tmp_path / 'tap0.pcap', vif))
+
+
+def _env(buffered):
+    """The environment with Python's stdout buffered (the default) or not
+    (PYTHONUNBUFFERED: every print is a write of its own)."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
+    if not buffered:
+        env['PYTHONUNBUFFERED'] = '1'
+    return env
+
+
+def _command(*argv):
+    return [sys.executable, '-m', 'netweaver_agent.cli', *map(str, argv)]
+
+
+def _expected(pif, vif):
+    """What the command prints on the files themselves."""
+    proc = subprocess.run(_command('analyze', '--json', pif, vif),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _same_report(got, want):
+    """The same report but for the interface names (from file names)."""
+    def unnamed(rep):
+        return {k: v for k, v in rep.items() if k not in ('vnic', 'pif')}
+    assert unnamed(got['report']) == unnamed(want['report'])
+    assert got['summary'] == want['summary']
+    assert got['report']['ingress']['count'] == want['pif']['matched'] // 2
+    for role in ('pif', 'vif'):
+        assert {k: v for k, v in got[role].items() if k != 'path'} == \
+            {k: v for k, v in want[role].items() if k != 'path'}
+
+
+@pytest.mark.parametrize('argv', [
+    ('analyze', '--json', '{pif}', '{vif}'),
+    ('analyze', '{pif}', '{vif}'),
+    ('--help',),
+    ('analyze', '--help'),
+])
+@pytest.mark.parametrize('buffered', [True, False])
+def test_closed_stdout_ends_silently_with_141(argv, buffered, tmp_path):
+    pif, vif = _captures(tmp_path)
+    argv = [a.format(pif=pif, vif=vif) for a in argv]
+    read_end, write_end = os.pipe()
+    os.close(read_end)          # nobody will ever read: EPIPE on write
+    try:
+        proc = subprocess.run(_command(*argv), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=_env(buffered))
+    finally:
+        os.close(write_end)
+    assert proc.returncode == SIGPIPE_STATUS
+    assert proc.stderr == ''
+
+
+def test_head_c0_in_a_real_shell_pipeline(tmp_path):
+    pif, vif = _captures(tmp_path)
+    script = ('"$@" | head -c0; echo "${PIPESTATUS[0]}"')
+    proc = subprocess.run(['bash', '-c', script, 'bash',
+                           *_command('analyze', '--json', pif, vif)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == str(SIGPIPE_STATUS)
+    assert 'Traceback' not in proc.stderr and 'Error' not in proc.stderr
+
+
+@pytest.mark.parametrize('argv', [
+    ('analyze', '--json', '{pif}', '{vif}'),
+    ('analyze', '{pif}', '{vif}'),
+    ('--help',),
+])
+@pytest.mark.parametrize('buffered', [True, False])
+def test_full_stdout_is_one_line_and_status_1(argv, buffered, tmp_path):
+    pif, vif = _captures(tmp_path)
+    argv = [a.format(pif=pif, vif=vif) for a in argv]
+    with open('/dev/full', 'w') as full:
+        proc = subprocess.run(_command(*argv), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=_env(buffered))
+    assert proc.returncode == 1
+    assert proc.stderr == ('netweaver: writing output: No space left on '
+                           'device\n')
+
+
+def test_standard_input_as_either_capture(tmp_path):
+    pif, vif = _captures(tmp_path)
+    want = _expected(pif, vif)
+    for argv, feed in ((('-', vif), pif), ((pif, '-'), vif)):
+        with open(feed, 'rb') as f:
+            proc = subprocess.run(_command('analyze', '--json', *argv),
+                                  stdin=f, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        _same_report(json.loads(proc.stdout), want)
+
+
+def test_both_captures_from_standard_input_is_refused(tmp_path):
+    pif, _ = _captures(tmp_path)
+    with open(pif, 'rb') as f:
+        proc = subprocess.run(_command('analyze', '-', '-'), stdin=f,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and 'standard input' in lines[0], proc.stderr
+
+
+def test_process_substitution(tmp_path):
+    pif, vif = _captures(tmp_path)
+    want = _expected(pif, vif)
+    script = '"$@" --json <(cat "$P") <(cat "$V")'
+    proc = subprocess.run(['bash', '-c', script, 'bash',
+                           *_command('analyze')],
+                          env={**os.environ, 'P': pif, 'V': vif},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    _same_report(got, want)
+    assert got['pif']['path'].startswith('/dev/fd/')
+
+
+def test_fifos(tmp_path):
+    pif, vif = _captures(tmp_path)
+    want = _expected(pif, vif)
+    fifos = [tmp_path / 'pif.fifo', tmp_path / 'vif.fifo']
+    for fifo in fifos:
+        os.mkfifo(fifo)
+
+    def feed(src, fifo):
+        with open(src, 'rb') as s, open(fifo, 'wb') as d:
+            d.write(s.read())
+
+    writers = [threading.Thread(target=feed, args=pair, daemon=True)
+               for pair in zip((pif, vif), fifos)]
+    for w in writers:
+        w.start()
+    proc = subprocess.run(_command('analyze', '--json', *fifos),
+                          capture_output=True, text=True, timeout=60)
+    for w in writers:
+        w.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    _same_report(json.loads(proc.stdout), want)
+
+
+def test_empty_pipe_is_one_clear_line(tmp_path):
+    _, vif = _captures(tmp_path)
+    proc = subprocess.run(_command('analyze', '-', vif),
+                          stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == 'netweaver analyze: -: empty file (no pcap ' \
+        'header)\n'
