@@ -513,9 +513,14 @@ _T_TCP = bytes(0 if b & _SYN and not b & _ACK else
                for b in range(256))
 
 
+_T_SHORT = {}        # need -> its table (built once: runs call this a lot)
+
+
 def _short(hi, lo, need):
     """Mask of IP total lengths with ``0 < length < need`` (need < 256)."""
-    t_lo = _table(lambda b: 0 < b < need)
+    t_lo = _T_SHORT.get(need)
+    if t_lo is None:
+        t_lo = _T_SHORT[need] = _table(lambda b: 0 < b < need)
     return _mask(hi, _T_ZERO) & _mask(lo, t_lo)
 
 

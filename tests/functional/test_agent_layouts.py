@@ -1,7 +1,7 @@
 """The real Ceilometer polling agent on the Open vSwitch and OVN layouts.
 
-One agent run per layout (ovs-hybrid flat, ovs-native VXLAN, OVN
-Geneve): the lab's private ovsdb-server / ovs-vswitchd (and OVN's
+One agent run per layout (ovs-hybrid flat and VXLAN, ovs-native VXLAN,
+OVN Geneve and flat): the lab's private ovsdb-server / ovs-vswitchd (and OVN's
 daemons), the unmodified ``ceilometer-polling`` in the hypervisor's
 namespace with our pollsters, told no ``pif``: only where the switch's
 database is (``[netweaver] ovsdb_connection``, written by
@@ -18,6 +18,8 @@ the nth loss):
 * ``network.vif.probe.loss`` is the injected loss, exactly, every window
   (native and OVN: the switch drops probes the source's kernel marks,
   :func:`labagent.mark_in_kernel`);
+* OVN: a guest whose security group lacks ICMP is reported filtered by
+  the ACLs (logged with the rule to add), with no latency and no loss;
 * hybrid: the NFQUEUE delay on qbr shows in the qvb → tap hop (within
   the Linux-bridge lab's tolerance over each window's holds), every other
   hop is like the undelayed guest's of the same window.
@@ -117,8 +119,13 @@ def build(lab_factory, switch, network_type):
     delays = ((lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS,
                                       backend='nfqueue'),)
               if switch == 'ovs-hybrid' else ())
-    return lab_factory(guests=2, switch=switch, network_type=network_type,
-                       losses=losses, delays=delays)
+    the_lab = lab_factory(guests=3 if switch == 'ovn' else 2, switch=switch,
+                          network_type=network_type, losses=losses,
+                          delays=delays)
+    if switch == 'ovn':
+        # A security group without ICMP: the ACLs drop guest 2's probes.
+        the_lab.layout.allow_only(2, ('tcp',))
+    return the_lab
 
 
 def switch_socket(the_lab):
@@ -133,9 +140,10 @@ def switch_socket(the_lab):
 def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
     t0 = time.monotonic()
     the_lab = build(lab_factory, switch, network_type)
-    lossy, other = the_lab.guests
+    lossy, other, *closed = the_lab.guests
     truth = {p.vnic: p for p in the_lab.paths()}
-    taps = set(truth)
+    filtered = {g.tap for g in closed}
+    taps = set(truth) - filtered
     marks = labagent.mark_in_kernel(the_lab)
     # Native and OVN drop marked probes; the hybrid plug drops on qbr.
     assert bool(marks) == (switch != 'ovs-hybrid'), marks
@@ -158,8 +166,9 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
                                   wrapper=('env', f'PYTHONPATH={shim}'))
     with agent:
         agent.wait_for(lambda _series: len(complete_windows(
-            published_samples(agent.log_text()), taps)) >= WINDOWS,
-            WAIT_S)
+            published_samples(agent.log_text()), taps)) >= WINDOWS and (
+                not filtered or 'filtered before the tap' in
+                agent.log_text()), WAIT_S)
         exported = agent.series()
     log = agent.log_text()
     took = time.monotonic() - t0
@@ -172,13 +181,25 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
     incoming = {s['resource_metadata']['name']: s['resource_id']
                 for s in samples
                 if s['counter_name'] == 'network.incoming.bytes'}
-    assert incoming.keys() == taps, incoming
+    assert incoming.keys() == taps | filtered, incoming
+
+    # Probes an ACL drops: filtered, said so, no latency and no loss.
+    for tap in filtered:
+        assert not any(s['resource_metadata'].get('vif') == tap
+                       for s in samples), tap
+        lines = [line for line in log.splitlines()
+                 if f'vNIC {tap}: {COUNT} probes' in line
+                 and 'filtered before the tap' in line]
+        assert lines and all('security group rule create' in line
+                             for line in lines), lines
 
     vni = (the_lab.layout.tunnel_key() if switch == 'ovn'
            else the_lab.spec.segmentation_id)
     hop_p50 = {}
     for session, got in sorted(windows.items()):
         for tap, path in truth.items():
+            if tap in filtered:
+                continue
             s = got[('network.vif.latency', tap)]
             md = s['resource_metadata']
             # The same vNIC, the same resource as Ceilometer's meters.
@@ -224,7 +245,7 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
     # Prometheus: latency for every guest, under the same resources.
     exported_ids = {s.label('resource') for s in exported
                     if s.name == 'ceilometer_network_vif_latency'}
-    assert exported_ids == set(incoming.values())
+    assert exported_ids == {incoming[tap] for tap in taps}
 
     delay = (check_hybrid_delay(the_lab, windows, hop_p50)
              if switch == 'ovs-hybrid' else '')
