@@ -55,8 +55,10 @@ _T_VLAN = bytes(1 if b & TP_STATUS_VLAN_VALID else 0 for b in range(256))
 BLOCK_BYTES = 256 * 1024
 FRAME_BYTES = 2048
 MIN_BLOCKS = 4
-# A block goes to the reader at most this long after its first packet.
-BLOCK_TOV_MS = 8
+# A block goes to the reader at most this long after its first packet:
+# long enough for hundreds of probes per block at a few thousand per
+# second (its cost is per block), short beside any probe timeout.
+BLOCK_TOV_MS = 32
 # Bytes one packet takes in a block at most: its header, its address
 # and SNAPLEN bytes of frame, aligned (see SLOT_BYTES in capture).
 HEADER_BYTES = 96
