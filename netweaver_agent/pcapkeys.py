@@ -192,9 +192,16 @@ def frame_auth(buf, off, caplen, link=ETHERNET, tunnel=None):
 
     Call it on frames :func:`frame_key` keyed; ``tunnel``: the tunnel
     kind of the :class:`probe.Encap` it gave (the probe is then the inner
-    frame's).  VLAN tags are read through.
+    frame's).  VLAN tags are read through.  Never an exception.
     """
-    end = off + caplen
+    try:
+        return _frame_auth(buf, off, caplen, link, tunnel)
+    except (struct.error, IndexError):
+        return None
+
+
+def _frame_auth(buf, off, caplen, link, tunnel):
+    end = min(off + caplen, len(buf))
     et = off + link.ethertype_off
     if et + 2 > end:
         return None
@@ -226,7 +233,7 @@ def frame_auth(buf, off, caplen, link=ETHERNET, tunnel=None):
     inner = _tunnel_inner(buf, l4 + 8, stop, tunnel)
     if inner is None:
         return None
-    return frame_auth(buf, inner, stop - inner, ETHERNET)
+    return _frame_auth(buf, inner, stop - inner, ETHERNET, None)
 
 
 def _tunnel_inner(buf, start, stop, kind):
@@ -291,26 +298,41 @@ def fingerprint_key(buf, off, caplen, link=ETHERNET, dst_ip=None):
     ICMPv6 echo requests/replies and the errors quoting a packet, unicast,
     to or from ``dst_ip`` (any address when None).  ARP, IGMP, neighbour
     discovery, router solicitations and advertisements, MLD, multicast
-    and broadcast are never keyed.  Up to two VLAN tags are skipped;
-    VXLAN and Geneve packets are keyed by their inner frame (the VNI goes
-    into the :class:`probe.Encap`).
+    and broadcast are never keyed.  Up to two VLAN tags are skipped,
+    on Ethernet and in Linux cooked captures alike (libpcap puts the tag
+    the kernel took out back after the cooked header: its protocol field
+    then says 802.1Q); VXLAN and Geneve packets are keyed by their inner
+    frame (the VNI goes into the :class:`probe.Encap`).
     """
     end = off + caplen
     if off + link.ethertype_off + 2 > end:
         return None
     if link.linktype == LINKTYPE_ETHERNET:
         return _fingerprint_frame(buf, off, end, dst_ip, decap=True)
+    if off + link.pkttype_off >= end or \
+            buf[off + link.pkttype_off] in _GROUP_PKTTYPES:
+        return None                 # to a group, as Ethernet's bit says
     etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
-    return _fingerprint_ip(buf, etype, off + link.ip_off, end, dst_ip,
-                           decap=True)
+    return _fingerprint_tagged(buf, etype, off + link.ip_off, end, dst_ip,
+                               decap=True)
+
+
+# Linux packet types PACKET_BROADCAST and PACKET_MULTICAST.
+_GROUP_PKTTYPES = (1, 2)
 
 
 def _fingerprint_frame(buf, off, end, dst_ip, decap):
     """:func:`fingerprint_key` of the Ethernet frame at ``buf[off:end]``."""
     if off + ETHERNET.ip_off > end or buf[off] & 1:
         return None                 # short, or to a group (bcast/mcast)
-    ip = off + ETHERNET.ip_off
     etype, = _ETHERTYPE.unpack_from(buf, off + 12)
+    return _fingerprint_tagged(buf, etype, off + ETHERNET.ip_off, end,
+                               dst_ip, decap)
+
+
+def _fingerprint_tagged(buf, etype, ip, end, dst_ip, decap):
+    """:func:`fingerprint_key` of what follows an ethertype ``etype``
+    (VLAN tags, up to two, then IP at ``ip``)."""
     vlan = ()
     while etype in _ETH_VLAN and len(vlan) < probe.MAX_VLAN_TAGS:
         if ip + 4 > end:

@@ -140,6 +140,11 @@ HOT = sorted({12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
               94, 98, 102})
 
 
+def secret_of(rnd):
+    """A window secret (tagged probes, keyed TCP ISNs), or None."""
+    return rnd.randbytes(probe.SECRET_LEN) if rnd.random() < 0.5 else None
+
+
 def make_frame(rnd):
     """A probe or reply frame, maybe tagged, maybe inside VXLAN."""
     proto = rnd.choice(probe.PROTOCOLS)
@@ -150,7 +155,8 @@ def make_frame(rnd):
         seq = probe.tcp_ident(rnd.randrange(1, 0x10000), seq)
     size = rnd.randrange(20, 141)
     src, dst = V6 if six else V4
-    ip = probe.build_ip(proto, session, seq, src, dst, size=size)
+    ip = probe.build_ip(proto, session, seq, src, dst, size=size,
+                        secret=secret_of(rnd))
     if rnd.random() < 0.5:
         if six:
             ip = icmp6_reply(ip)
@@ -241,6 +247,11 @@ def check_frame(frame):
     for link in pcapkeys.LINKS.values():
         got = pcapkeys.frame_key(frame, 0, len(frame), link)
         assert got is None or len(got) in (2, 3)
+        if got is not None:
+            auth = pcapkeys.frame_auth(
+                frame, 0, len(frame), link,
+                got[2].tunnel if len(got) > 2 else None)
+            assert auth is None or 0 <= auth < 1 << 64
         pcapkeys.fingerprint_key(frame, 0, len(frame), link, V4[1])
     probe.parse_packet_key(frame[14:])
     probe.ip6_key(frame, 14)
@@ -269,7 +280,8 @@ def make_tunnel_frame(rnd):
     if proto == 'tcp' and hasattr(probe, 'tcp_ident'):
         seq = probe.tcp_ident(rnd.randrange(1, 0x10000), seq)
     frame = probe.build_frame(proto, rnd.randrange(0x10000), seq, *V4,
-                              MAC_A, MAC_B, size=rnd.randrange(20, 141))
+                              MAC_A, MAC_B, size=rnd.randrange(20, 141),
+                              secret=secret_of(rnd))
     if rnd.random() < 0.5:
         frame = tp.reply(frame, rnd.choice(['rst', 'synack']))
     if rnd.random() < 0.5:
@@ -322,6 +334,10 @@ def check_run(rnd, base):
                     want += (found.encaps[i],)
                 assert pcapkeys.frame_key(buf, i * size, size, link) == \
                     want, i
+                # ... and the auth (tag and address) frame_auth reads.
+                assert found.auth[i] == pcapkeys.frame_auth(
+                    buf, i * size, size, link,
+                    found.encaps[i].tunnel if found.encaps else None), i
 
 
 # --------------------------------------------------------------------------
