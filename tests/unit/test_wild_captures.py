@@ -13,9 +13,14 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from netweaver_agent import analyze
 from netweaver_agent import pcapfile
+from netweaver_agent import probe
+from tests.unit import test_analyze as ta
 from tests.unit import test_pcapfile as tpf
 from tests.unit import test_probe as tp
 
@@ -276,3 +281,183 @@ def test_probe_mode_session_from_the_vif_file_reads_once(tmp_path,
     result = analyze.analyze_pcaps(pif, vif)
     assert (result.session, result.report.unseen_at_pif) == (77, 5)
     assert len(opened) == 2
+
+
+# --------------------------------------------------------------------------
+# The same records in every format tcpdump writes.
+
+PKT_HOST, PKT_BROADCAST, PKT_MULTICAST, PKT_OUTGOING = 0, 1, 2, 4
+
+
+def _pkttype(frame, outgoing):
+    if frame[0] & 1:
+        return PKT_BROADCAST if frame[:6] == b'\xff' * 6 else PKT_MULTICAST
+    return PKT_OUTGOING if outgoing else PKT_HOST
+
+
+def to_sll(frame, outgoing=False):
+    """The Ethernet frame as tcpdump -i any writes it (LINUX_SLL): the
+    cooked header's protocol is the frame's first ethertype, so a VLAN tag
+    follows the header (libpcap puts back the tag the kernel took out)."""
+    return struct.pack('!HHH8sH', _pkttype(frame, outgoing), 1, 6,
+                       frame[6:12] + b'\0\0', *struct.unpack(
+                           '!H', frame[12:14])) + frame[14:]
+
+
+def to_sll2(frame, outgoing=False):
+    return struct.pack('!HHIHBB8s', *struct.unpack('!H', frame[12:14]), 0,
+                       3, 1, _pkttype(frame, outgoing), 6,
+                       frame[6:12] + b'\0\0') + frame[14:]
+
+
+def tagged(frame, *vids):
+    """``frame`` with 802.1Q tags (802.1ad outermost when two)."""
+    tags = b''
+    for n, vid in enumerate(vids):
+        tpid = probe.ETH_P_8021AD if n == 0 and len(vids) > 1 else \
+            probe.ETH_P_8021Q
+        tags += struct.pack('!HH', tpid, vid)
+    return frame[:12] + tags + frame[12:]
+
+
+def pcapng(frames, times, order='<', tsresol=9, linktype=1, flags=None):
+    unit = 10 ** (9 - tsresol)
+    blocks = [shb(order), tpf._idb(order, 'eth0', tsresol=tsresol,
+                                   linktype=linktype)]
+    for i, (f, t) in enumerate(zip(frames, times)):
+        blocks.append(tpf._epb(order, 0, t // unit, f,
+                               None if flags is None else flags[i]))
+    return b''.join(blocks)
+
+
+def pcap_of(frames, times, order='<', nano=True, linktype=1):
+    unit = 1 if nano else 1000
+    return pcap([(t // 10 ** 9, t % 10 ** 9 // unit, f)
+                 for f, t in zip(frames, times)], order, nano,
+                linktype=linktype)
+
+
+FORMATS = {
+    'pcap us': lambda fr, ts, out: pcap_of(fr, ts, nano=False),
+    'pcap ns': lambda fr, ts, out: pcap_of(fr, ts),
+    'pcap ns big-endian': lambda fr, ts, out: pcap_of(fr, ts, '>'),
+    'pcap us big-endian': lambda fr, ts, out: pcap_of(fr, ts, '>', False),
+    'pcapng': lambda fr, ts, out: pcapng(fr, ts, tsresol=6),
+    'pcapng ns big-endian': lambda fr, ts, out: pcapng(fr, ts, '>'),
+    'pcapng flags': lambda fr, ts, out: pcapng(
+        fr, ts, flags=[2 if o else 1 for o in out]),
+    'sll': lambda fr, ts, out: pcap_of(
+        [to_sll(f, o) for f, o in zip(fr, out)], ts, linktype=113),
+    'sll2': lambda fr, ts, out: pcap_of(
+        [to_sll2(f, o) for f, o in zip(fr, out)], ts, linktype=276),
+    'sll2 pcapng big-endian': lambda fr, ts, out: pcapng(
+        [to_sll2(f, o) for f, o in zip(fr, out)], ts, '>', linktype=276),
+}
+
+
+def _keyed_rows(read):
+    """Rows as ``(key, t_ns, encap)``, sorted: what must not depend on
+    the format (direction aside: only some formats carry it)."""
+    b = read.batch
+    return sorted((k, t, b.encap.get((k, i))) for k, i, t in
+                  zip(b.keys, b.ifindex, b.t_ns))
+
+
+# NetBIOS-style chatter to the subnet's broadcast address: only the
+# link layer says it went to a group (Ethernet's I/G bit, the cooked
+# packet type), the IP header does not.
+SUBNET_BROADCAST = ta.eth(
+    ta.ip4(ta.GUEST, '198.18.0.255', 17,
+           struct.pack('!HHHH', 137, 137, 8 + 4, 0) + bytes(4), ip_id=77),
+    0x0800, dst=ta.BCAST_MAC)
+
+
+@st.composite
+def wild_records(draw):
+    """Probes, replies, hping3 traffic and noise, some VLAN or QinQ
+    tagged, with µs timestamps (every format holds them exactly)."""
+    kinds = draw(st.lists(st.integers(0, 5), min_size=1, max_size=50))
+    noise = ta.noise() + [SUBNET_BROADCAST]
+    frames, outgoing = [], []
+    for n, kind in enumerate(kinds):
+        if kind <= 2:
+            proto = ('icmp', 'udp', 'tcp')[kind]
+            f = tp.frame(proto, 4242, tp.ident(proto, n))
+            if draw(st.booleans()):
+                f = tp.reply(f)
+        elif kind == 3:
+            f = tpf._hping_syn(2000 + n, draw(st.integers(0, 2 ** 32 - 1)),
+                               n)
+            if draw(st.booleans()):
+                f = tp.reply(f)
+        else:
+            f = draw(st.sampled_from(noise))
+        vids = draw(st.sampled_from([(), (), (100,), (7, 100)]))
+        frames.append(tagged(f, *vids) if vids else f)
+        outgoing.append(draw(st.booleans()))
+    start = T0 - T0 % 1000
+    gaps = draw(st.lists(st.integers(0, 5_000), min_size=len(frames),
+                         max_size=len(frames)))
+    times, t = [], start
+    for g in gaps:
+        t += g * 1000
+        times.append(t)
+    return frames, times, outgoing
+
+
+@settings(max_examples=60, deadline=None)
+@given(wild_records(), st.booleans())
+def test_every_format_gives_the_same_rows(tmp_path_factory, records,
+                                          fingerprint):
+    frames, times, outgoing = records
+    tmp = tmp_path_factory.mktemp('formats')
+    kwargs = dict(fingerprint=True, dst_ip='198.18.0.10') if fingerprint \
+        else {}
+    seen = {}
+    for name, write in FORMATS.items():
+        path = _write(tmp / 'f', write(frames, times, outgoing))
+        read = pcapfile.read_pcap(path, ifname='eth0', **kwargs)
+        assert read.records == len(frames), name
+        seen[name] = _keyed_rows(read)
+    want = seen.pop('pcap ns')
+    for name, got in seen.items():
+        assert got == want, name
+
+
+@pytest.mark.parametrize('fmt', ['sll', 'sll2', 'sll2 pcapng big-endian',
+                                 'pcap ns'])
+@pytest.mark.parametrize('vids', [(100,), (7, 100)])
+def test_fingerprint_reads_vlan_frames_in_cooked_captures(fmt, vids,
+                                                          tmp_path):
+    """hping3 SYNs tagged on a VLAN, as tcpdump -i any writes them: the
+    fingerprint analysis matches them all, VLAN reported."""
+    n = 20
+    syns = [tagged(tpf._hping_syn(2911 + i, 1000 * i, i), *vids)
+            for i in range(n)]
+    rsts = [tagged(tp.reply(tpf._hping_syn(2911 + i, 1000 * i, i)), *vids)
+            for i in range(n)]
+    base = T0 - T0 % 1000
+    pif_frames, pif_times, pif_out = [], [], []
+    vif_frames, vif_times, vif_out = [], [], []
+    for i in range(n):
+        t = base + i * 1_000_000
+        pif_frames += [syns[i], rsts[i]]
+        pif_times += [t, t + 30_000]
+        pif_out += [False, True]
+        vif_frames += [syns[i], rsts[i]]
+        vif_times += [t + 8_000, t + 25_000]
+        vif_out += [True, False]
+    write = FORMATS[fmt]
+    pif = _write(tmp_path / 'pif.pcap', write(pif_frames, pif_times,
+                                              pif_out))
+    vif = _write(tmp_path / 'vif.pcap', write(vif_frames, vif_times,
+                                              vif_out))
+    read = pcapfile.read_pcap(pif, fingerprint=True, dst_ip='198.18.0.10')
+    assert read.probes == 2 * n
+    result = analyze.analyze_pcaps(pif, vif, destination='198.18.0.10')
+    rep = result.report
+    assert result.mode == 'fingerprint'
+    assert rep.vlan == vids
+    assert (rep.ingress.count, rep.ingress.min_us, rep.ingress.max_us) == \
+        (n, 8.0, 8.0)
+    assert (rep.egress.count, rep.egress.min_us) == (n, 5.0)
