@@ -407,6 +407,15 @@ def run(lab, args, out=None, interval_s=5, timeout_s=60.0):
     command's stdout).  Returns an exit status.
     """
     out = out or sys.stdout
+    if lab.spec.network_type == 'vlan':
+        # The lab tags VLAN probes itself (framesource); the agent's
+        # netns: source sends through the source's stack, untagged.
+        sys.stderr.write(
+            'netweaver lab --agent: --network-type vlan: the agent\'s probe '
+            f'source (netns:{lab.src_netns}) sends untagged packets and '
+            "this kernel has no 802.1Q device to tag them, so they would "
+            'never reach a guest; use --network-type flat or vxlan\n')
+        return 2
     delay = max((d.injection.delay_ms for d in lab.delays), default=0.0)
     timeout_ms = getattr(args, 'timeout_ms', None) or max(
         200.0, 2 * delay + 100.0)

@@ -315,3 +315,19 @@ def test_cli_lab_agent_on_the_switch(switch):
     assert values.keys() == {'lab-guest-0', 'lab-guest-1'}, proc.stdout
     assert values['lab-guest-1'] >= DELAY_MS * 1000, values
     assert values['lab-guest-0'] < DELAY_MS * 1000, values
+
+
+def test_cli_lab_agent_refuses_a_vlan_network():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('jv')
+    try:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
+             'ovs-native', '--network-type', 'vlan', '--agent', '--prefix',
+             prefix], capture_output=True, text=True, timeout=60)
+        test_lab.assert_gone(prefix)
+    finally:
+        lab_mod.teardown_kept(prefix)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
+    assert '--network-type vlan' in proc.stderr
+    assert 'ceilometer_network_vif_latency' not in proc.stdout
