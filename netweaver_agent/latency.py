@@ -304,6 +304,12 @@ class Matcher:
         if old is None or t_ns < old:
             seen[ifname] = t_ns
 
+    def accepted(self):
+        """``{(seq, reply): {ifname: t_ns}}``: the first sighting per
+        interface of every planned probe and answer that was accepted
+        (verified, on its path, in the right direction)."""
+        return {k: dict(v) for k, v in self._seen.items()}
+
     def reports(self):
         """``{vnic: LatencyReport}`` for every vNIC with a path."""
         per_vnic = {v: [] for v in self.paths}

@@ -103,6 +103,8 @@ class WindowResult:
     # The window's secret (its probes' tags): for re-checking the batch
     # afterwards (tests, tools); never shown.
     secret: bytes | None = dataclasses.field(default=None, repr=False)
+    # latency.Matcher.accepted(): the sightings the reports rest on.
+    accepted: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def trimmed(self):
@@ -246,7 +248,7 @@ def run_window(paths, source, settings=None, capture_netns=None,
                         capture=cap.stats, send=sent, batch=cap.batch,
                         wanted=sched.wanted, skipped=skipped,
                         skipped_vnics=skipped_vnics, refused=refused,
-                        secret=secret)
+                        secret=secret, accepted=matcher.accepted())
 
 
 def allowed_paths(paths, source):
