@@ -262,6 +262,7 @@ def _read(pif_path, vif_path, pif, vif, mode, session, destination,
                         '%(others)s, not analysed (session %(session)d is)',
                         {'path': read.path, 'session': session,
                          'others': ', '.join(map(str, others))})
+            _not_the_same(pif_path, vif_path, *reads)
             return reads[0], reads[1], 'probe'
         if not prints:
             hint = ('' if mode == 'probe' else
@@ -269,4 +270,28 @@ def _read(pif_path, vif_path, pif, vif, mode, session, destination,
                     'instance\'s address to use fingerprint mode')
             raise AnalyzeError(
                 f"no netweaver probe in {pif_path} or {vif_path}{hint}")
-    return caps[0].fingerprints(), caps[1].fingerprints(), 'fingerprint'
+    reads = caps[0].fingerprints(), caps[1].fingerprints()
+    _not_the_same(pif_path, vif_path, *reads)
+    return reads[0], reads[1], 'fingerprint'
+
+
+def _not_the_same(pif_path, vif_path, pif_read, vif_read):
+    """Refuse one capture given as both: each packet's two sightings would
+    be one, every latency 0 and, where the file says which way packets
+    went, the vif's outgoing probes "not received on the pif"."""
+    same = False
+    if pcapfile.STDIN not in (pif_path, vif_path):
+        try:
+            same = os.path.samefile(pif_path, vif_path)
+        except OSError:
+            same = False
+    if not same and pif_read.records and len(pif_read.batch):
+        a, b = pif_read.batch, vif_read.batch
+        same = (pif_read.records == vif_read.records and
+                a.t_ns == b.t_ns and a.keys == b.keys)
+    if same:
+        raise AnalyzeError(
+            f"{pif_path} and {vif_path} are the same capture (the same "
+            "packets at the same times): nothing in-host can be measured "
+            "from one capture; give the one taken on the pif and the one "
+            "taken on the vif")

@@ -50,11 +50,14 @@ def _fmt(value, width=9):
     return f'{value:{width}d}'
 
 
-def format_table(reports, capture=None, title=None):
+def format_table(reports, capture=None, title=None, undirected=()):
     """A readable table: one block per vNIC, one row per direction.
 
     :param reports: ``{name: LatencyReport}`` (name is shown as given)
     :param capture: optional :class:`capture.CaptureStats`
+    :param undirected: pifs whose capture does not say which way packets
+        went (classic pcap on Ethernet): "received" cannot be known there,
+        so the table says "seen" and why
     """
     lines = []
     if title:
@@ -69,8 +72,9 @@ def format_table(reports, capture=None, title=None):
             [f', vlan {".".join(str(v) for v in rep.vlan)}' if rep.vlan
              else '', f', {rep.tunnel or "vxlan"} vni {rep.vni}'
              if rep.vni is not None else ''])
+        verb = 'seen' if rep.pif in undirected else 'received'
         lines.append(f'{name}  (pif {rep.pif}{carried}, {rep.protocol}, '
-                     f'{rep.sent} sent, {rep.unseen_at_pif} not received '
+                     f'{rep.sent} sent, {rep.unseen_at_pif} not {verb} '
                      'on the pif)')
         rows = [(d, getattr(rep, d)) for d in DIRECTIONS]
         rows += [(f'  {h.src}→{h.dst}', h.stats) for h in rep.hops]
@@ -79,6 +83,13 @@ def format_table(reports, capture=None, title=None):
                 _fmt(v) for v in (s.count, s.lost, s.min_us, s.mean_us,
                                   s.stdev_us, s.p50_us, s.p90_us, s.p99_us,
                                   s.max_us)))
+        if rep.pif in undirected:
+            lines.append('  ! the pif\'s capture does not say which way '
+                         'packets went (classic pcap on Ethernet): whether '
+                         'a probe was received on the pif or sent out of '
+                         'it by this host cannot be known; pcapng with '
+                         'epb_flags or tcpdump -i any (Linux cooked) '
+                         'says it')
         if rep.unknown:
             lines.append(f'  ! {rep.unknown} probes of unknown fate (the '
                          'capture dropped packets): not counted as lost')

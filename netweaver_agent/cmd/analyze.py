@@ -87,7 +87,8 @@ def _read_to_dict(read):
             'records': read.records, 'matched': read.probes,
             'foreign': read.foreign, 'other_sessions': read.other_sessions,
             'untimed': read.untimed, 'truncated': read.truncated,
-            'invalid_times': read.invalid_times}
+            'invalid_times': read.invalid_times,
+            'directions_known': read.directions_known}
 
 
 def _progress_line():
@@ -173,7 +174,10 @@ def run(args):
         title += f', {_authentication(result)}'
         if result.authenticated:
             title += f', {rep.rejected} rejected'
-    print(report.format_table(result.reports, title=title + ')'))
+    undirected = () if result.pif.directions_known is not False else (
+        rep.pif,)
+    print(report.format_table(result.reports, title=title + ')',
+                              undirected=undirected))
     print(_file_line('pif', result.pif))
     print(_file_line('vif', result.vif))
     print(summary)

@@ -7,6 +7,7 @@ format tcpdump writes (pcap µs/ns, either byte order, pcapng, SLL, SLL2),
 which must give the same rows.
 """
 
+import json
 import socket
 import struct
 import subprocess
@@ -461,3 +462,58 @@ def test_fingerprint_reads_vlan_frames_in_cooked_captures(fmt, vids,
     assert (rep.ingress.count, rep.ingress.min_us, rep.ingress.max_us) == \
         (n, 8.0, 8.0)
     assert (rep.egress.count, rep.egress.min_us) == (n, 5.0)
+
+
+# --------------------------------------------------------------------------
+# What one capture, or a capture without direction, cannot tell.
+
+def _probe_pair(n=12):
+    """Probe and reply frames with pif/vif times and directions."""
+    pif, vif = ta.answered('icmp', [9_000] * n, 4_000, [3_000] * n)
+    # On the pif probes come in and replies go out; on the tap the reverse.
+    pif_out = [bool(tpf.key_of(f)[1] & 1) for _, f in pif]
+    vif_out = [not bool(tpf.key_of(f)[1] & 1) for _, f in vif]
+    return pif, pif_out, vif, vif_out
+
+
+def _files(tmp_path, fmt):
+    pif, pif_out, vif, vif_out = _probe_pair()
+    write = FORMATS[fmt]
+    return (_write(tmp_path / 'eth0.cap', write([f for _, f in pif],
+                                                [t for t, _ in pif],
+                                                pif_out)),
+            _write(tmp_path / 'tap0.cap', write([f for _, f in vif],
+                                                [t for t, _ in vif],
+                                                vif_out)))
+
+
+@pytest.mark.parametrize('fmt', ['pcap ns', 'sll', 'pcapng flags'])
+@pytest.mark.parametrize('fingerprint', [False, True])
+def test_one_capture_as_both_is_refused(fmt, fingerprint, tmp_path):
+    _, vif = _files(tmp_path, fmt)
+    copy = _write(tmp_path / 'copy.cap', vif.read_bytes())
+    extra = ['--fingerprint', '-d', ta.GUEST] if fingerprint else []
+    for other in (vif, copy):
+        line = one_line(netweaver('analyze', *extra, vif, other))
+        assert line == (
+            f'netweaver analyze: {vif} and {other} are the same capture '
+            '(the same packets at the same times): nothing in-host can be '
+            'measured from one capture; give the one taken on the pif and '
+            'the one taken on the vif')
+
+
+@pytest.mark.parametrize('fmt, known', [('pcap ns', False), ('pcap us', False),
+                                        ('sll', True), ('sll2', True),
+                                        ('pcapng flags', True)])
+def test_a_pif_capture_without_direction_says_so(fmt, known, tmp_path):
+    pif, vif = _files(tmp_path, fmt)
+    proc = netweaver('analyze', pif, vif)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert ('0 not received on the pif' in out) is known
+    assert ('0 not seen on the pif' in out) is not known
+    assert ("the pif's capture does not say which way" in out) is not known
+    assert 'ingress                          12        0      9.0' in out
+    data = json.loads(netweaver('analyze', '--json', pif, vif).stdout)
+    assert data['pif']['directions_known'] is known
+    assert data['report']['ingress']['count'] == 12
