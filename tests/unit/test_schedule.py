@@ -194,7 +194,7 @@ class SilentCapture:
     """A capture that sees nothing (the network boundary, faked)."""
 
     def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None):
+                 interfaces=None, **extra):
         self.batch = capture.SightingBatch(session)
         self.stats = capture.CaptureStats(packets=0, drops=0, probes=0,
                                           foreign=0)
