@@ -370,8 +370,10 @@ class Runner:
         finally:
             hv.close()
             src.close()
+        plan = getattr(self, 'plan', None) if session is not None else None
         result = analyze.analyze_pcaps(
             pif_pcap, vif_pcap, destination=job.destination, session=session,
+            key=plan.secret if plan is not None else None, plan=plan,
             protocol=job.protocol if session is not None else None,
             mode='probe' if session is not None else 'auto',
             pif_name=pif, vif_name=vif)
@@ -427,11 +429,14 @@ class Runner:
         """Our probes' plan, built on the way in (None: source command)."""
         if src_source is None:
             return None
+        # The window's secret tags the probes; the analysis verifies with
+        # it (tenants may send look-alikes).
         plan, _ = sources.interleaved_plan(
             measure.new_session(), self.job.protocol,
             [self.job.destination], self.job.count,
-            int(self.job.interval_ms * 1e6))
+            int(self.job.interval_ms * 1e6), secret=measure.new_secret())
         src_source.prepare(plan)
+        self.plan = plan
         return plan
 
     def _send(self, src, src_source, plan, source_ip):

@@ -134,11 +134,19 @@ def result_to_dict(result):
            'vif': result.vif, 'session': result.session,
            'sent': result.send.sent if result.send else None,
            'mode': result.analysis.mode,
+           'authenticated': result.analysis.authenticated,
            'reports': report.to_jsonable(reports)}
     first = next(iter(reports.values()), None)
     if first is not None:
         out['summary'] = report.seed_summary(first.ingress)
     return out
+
+
+def _authentication(result):
+    """Our probes are verified with the window's secret; a source
+    command's traffic (fingerprints) cannot be."""
+    return ('authenticated' if result.analysis.authenticated else
+            'unauthenticated')
 
 
 def print_result(result, as_json, kept):
@@ -152,7 +160,8 @@ def print_result(result, as_json, kept):
     print(report.format_table(
         reports, title=f'{result.job.destination} on {result.job.hypervisor}'
                        f': {result.pif} → {result.vif}, from '
-                       f'{result.source_ip} ({result.job.source})'))
+                       f'{result.source_ip} ({result.job.source}), '
+                       f'{_authentication(result)}'))
     for rep in reports.values():
         print(report.seed_summary(rep.ingress))
     if kept:

@@ -328,6 +328,8 @@ def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
             '--interval-ms', '5', '--json', '--output-dir', str(pcaps)))
     got = json.loads(proc.stdout)
     assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
+    # Verified with the window's own secret (its probes' tags).
+    assert got['authenticated'] is True
     assert got['source_ip'] == lab.lab.src_address
     assert got['sent'] == 40
     rep = got['reports'][g.tap]
