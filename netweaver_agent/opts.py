@@ -80,7 +80,11 @@ OPTS = [
                  help='Spacing between two consecutive probes of a window '
                       '(all vNICs interleaved), in milliseconds: the '
                       "host's probe rate limit (1000 / probe_interval_ms "
-                      'probes per second).'),
+                      'probes per second). The sender wakes up once for '
+                      'the probes due within 2 ms and sends them together '
+                      '(each to a different vNIC, never closer to its '
+                      "vNIC's previous probe than planned): the rate holds "
+                      'over any 2 ms.'),
     cfg.FloatOpt('per_vnic_interval_ms',
                  default=0.0, min=0.0, max=60000.0,
                  help='Minimum spacing between two probes to the same '

@@ -324,10 +324,13 @@ _table = HandleTable()
 
 
 class _Pacer:
-    """Spaces every probe the daemon sends, over all windows together."""
+    """Spaces every probe the daemon sends, over all windows together:
+    the limits hold over any ``burst_s`` (a source's several probes of
+    one wake-up pass without a sleep each)."""
 
-    def __init__(self, limits=LIMITS):
+    def __init__(self, limits=LIMITS, burst_s=sources.SEND_QUANTUM_S):
         self.limits = limits
+        self.burst_s = burst_s
         self._lock = threading.Lock()
         self._next = 0.0
 
@@ -335,7 +338,7 @@ class _Pacer:
         step = self.limits.min_step_ns(nbytes) / 1e9
         with self._lock:
             now = time.monotonic()
-            at = max(now, self._next)
+            at = max(now - self.burst_s, self._next)
             self._next = at + step
         if at > now:
             time.sleep(at - now)

@@ -1,0 +1,120 @@
+"""Several probes per timer wake-up, with the rates kept.
+
+The send loop of :class:`sources.LocalSource` (the privsep daemon's
+sender is one) and the daemon's pacer run against a fake clock whose
+``sleep`` oversleeps as a loaded host does: the number of wake-ups, when
+each probe leaves and how far apart one vNIC's probes are, are then exact.
+"""
+
+import types
+
+import pytest
+
+from netweaver_agent import privileged
+from netweaver_agent import sources
+
+OVERSLEEP_S = 80e-6
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+        self.sleeps = 0
+
+    def monotonic(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.sleeps += 1
+        self.t += max(seconds, 0.0) + OVERSLEEP_S
+
+
+class Recorder(sources.LocalSource):
+    """Records ``(time, destination)`` of every probe, sends nothing."""
+
+    def __init__(self, clock):
+        super().__init__(netns_name='recorder')
+        self.clock = clock
+        self.log = []
+
+    def build(self, plan):
+        return [(p.dst_ip, b'') for p in plan.probes]
+
+    def _socket_for(self, dst_ip):
+        return None
+
+    def _transmit(self, sock, dst, data):
+        self.log.append((self.clock.t, dst))
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    fake = types.SimpleNamespace(monotonic=c.monotonic, sleep=c.sleep)
+    monkeypatch.setattr(sources, 'time', fake)
+    monkeypatch.setattr(privileged, 'time', fake)
+    return c
+
+
+def _send(clock, vnics, count, interval_ms, per_vnic_ms=0.0):
+    addresses = [f'198.18.{i // 200}.{10 + i % 200}' for i in range(vnics)]
+    plan = sources.schedule(1, 'icmp', addresses, count,
+                            int(interval_ms * 1e6), int(per_vnic_ms * 1e6),
+                            budget_ns=10**11).plan
+    src = Recorder(clock)
+    start = clock.t
+    result = src.send(plan, start + 100.0)
+    return plan, src.log, start, result
+
+
+@pytest.mark.parametrize('vnics,count,interval_ms,per_vnic_ms', [
+    (64, 10, 0.5, 0.0), (2, 20, 0.5, 3.0), (1, 10, 0.5, 0.0),
+    (5, 10, 0.1, 1.0)])
+def test_bursts_keep_each_vnics_spacing_and_the_host_rate(
+        clock, vnics, count, interval_ms, per_vnic_ms):
+    plan, log, start, result = _send(clock, vnics, count, interval_ms,
+                                     per_vnic_ms)
+    assert result.sent == len(plan.probes) == len(log)
+    quantum = sources.SEND_QUANTUM_S
+    last = {}
+    for p, (t, dst) in zip(plan.probes, log):
+        assert dst == p.dst_ip
+        due = start + p.offset_ns / 1e9
+        # Never more than the quantum early.
+        assert t >= due - quantum - 1e-12
+        if dst in last:
+            t0, off0 = last[dst]
+            # One vNIC's probes at least as far apart as planned.
+            assert t - t0 >= (p.offset_ns - off0) / 1e9 - 1e-12
+        last[dst] = (t, p.offset_ns)
+    # The host's rate over any quantum-long stretch: what the plan puts
+    # in two quanta at most.
+    step = interval_ms / 1000.0
+    times = [t for t, _ in log]
+    for i, t in enumerate(times):
+        inside = sum(1 for u in times[i:] if u < t + quantum)
+        assert inside <= 2 * quantum / step + 1
+
+
+def test_several_probes_per_wake_up(clock):
+    plan, log, _, _ = _send(clock, 64, 10, 0.5)
+    # One sleep per probe before; now one per quantum's worth of them.
+    assert clock.sleeps <= len(plan.probes) / 2, clock.sleeps
+
+
+def test_one_vnic_alone_gets_no_burst(clock):
+    """Probes to one vNIC planned closer than the quantum: never sent
+    closer than planned, so one wake-up each."""
+    plan, log, _, _ = _send(clock, 1, 10, 0.5)
+    assert clock.sleeps >= len(plan.probes) - 1
+
+
+def test_the_daemon_pacer_passes_a_burst_and_keeps_the_rate(clock):
+    limits = privileged.DaemonLimits(probes_per_s=1000)
+    pacer = privileged._Pacer(limits, burst_s=0.005)
+    start = clock.t
+    for _ in range(100):
+        pacer.wait(64)
+    # A burst of 5 ms worth passes without sleeping; then 1 ms apart.
+    assert clock.sleeps <= 100 - 5
+    assert clock.t - start >= (100 - 5 - 1) * 0.001
