@@ -156,8 +156,10 @@ def _truth(the_lab, guest, session, sent):
         if d.injection.guest == guest.index:
             out['delay_ms'] = d.injection.delay_ms
             out['delay_backend'] = d.backend
+            # TCP keys carry no session (the ISN is a keyed hash).
             holds = [r.hold_ns for r in the_lab.delay_records(guest.index)
-                     if r.session == session and not r.reply]
+                     if r.session in (session, probe.TCP_SESSION)
+                     and not r.reply]
             if d.records_path:
                 out['holds'] = report.stats_to_dict(
                     latency.DirectionStats.from_ns(holds))

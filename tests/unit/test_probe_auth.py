@@ -5,17 +5,21 @@ may send look-alikes of another vNIC's.  With the window's secret, only
 sightings carrying the planned probe's tag and address count.
 """
 
+import json
 import socket
 
 import dpkt
 import pytest
 
+from netweaver_agent import analyze
 from netweaver_agent import capture
 from netweaver_agent import latency
 from netweaver_agent import pcapkeys
 from netweaver_agent import probe
 from netweaver_agent import sources
+from tests.unit import test_analyze as ta
 from tests.unit import test_fuzz as tf
+from tests.unit import test_pcapfile as tpf
 from tests.unit import test_probe as tp
 
 SECRET = bytes(range(32))
@@ -295,3 +299,94 @@ def test_socket_family_helpers():
         int.from_bytes(socket.inet_aton('198.18.0.10'), 'big')
     six = socket.inet_pton(socket.AF_INET6, '2001:2::a')
     assert 0 <= probe.address_fold(six) < 1 << 64
+
+
+# --- netweaver analyze --key -----------------------------------------------
+
+def pcaps(tmp_path, proto='icmp', forge=True, n=6):
+    """pif/vif captures of ``n`` tagged probes to guest 1 (10 µs in,
+    20 µs turnaround, 3 µs out), and, with ``forge``, look-alikes a
+    tenant could add: untagged copies on the vif 1 ms early and answers
+    on the pif (vif before pif: negative if matched)."""
+    pif, vif = [], []
+    t = tpf.T0
+    for k in range(n):
+        f = probe_frame(proto, 4, k)
+        r = answer(f)
+        pif += [(t, f), (t + 10_033, r)]
+        vif += [(t + 10_000, f), (t + 10_030, r)]
+        if forge:
+            fake = probe_frame(proto, 4, k, secret=None)
+            vif.append((t - 1_000_000, fake))
+            pif.append((t + 10_001, answer(fake)))
+        t += 1_000_000
+    out = []
+    for name, rows in (('eth1', pif), ('tap1', vif)):
+        rows.sort(key=lambda row: row[0])
+        out.append(tpf.write_pcap_raw(tmp_path / f'{name}.pcap',
+                                      [f for _, f in rows],
+                                      [t for t, _ in rows]))
+    return out
+
+
+def test_analyze_with_the_key_rejects_look_alikes(tmp_path):
+    pif, vif = pcaps(tmp_path)
+    naive = analyze.analyze_pcaps(pif, vif)
+    assert not naive.authenticated
+    # Unverified, the look-alikes win (earliest sighting): every ingress
+    # is negative (anomaly), the egress 1 ns.
+    assert naive.report.anomalies > 0 and naive.report.ingress.count == 0
+    got = analyze.analyze_pcaps(pif, vif, destination=ADDR[4][1],
+                                key=SECRET)
+    rep = got.report
+    assert got.authenticated and rep.authenticated
+    assert (rep.ingress.count, rep.ingress.min_us, rep.ingress.max_us) == \
+        (6, 10.0, 10.0)
+    assert (rep.egress.count, rep.egress.min_us) == (6, 0.003)
+    assert rep.anomalies == 0 and rep.rejected == 12
+    # The wrong key verifies nothing.
+    wrong = analyze.analyze_pcaps(pif, vif, destination=ADDR[4][1],
+                                  key=OTHER).report
+    assert wrong.ingress.count == 0 and wrong.rejected == 36      # all
+
+
+def test_analyze_key_needs_the_address_and_the_tcp_plan(tmp_path):
+    pif, vif = pcaps(tmp_path, forge=False)
+    with pytest.raises(analyze.AnalyzeError, match='--destination'):
+        analyze.analyze_pcaps(pif, vif, key=SECRET)
+    (tmp_path / 'tcp').mkdir()
+    tpif, tvif = pcaps(tmp_path / 'tcp', proto='tcp', forge=False)
+    with pytest.raises(analyze.AnalyzeError, match='plan'):
+        analyze.analyze_pcaps(tpif, tvif, destination=ADDR[4][1],
+                              key=SECRET)
+    # With the plan that sent them (netweaver measure), TCP verifies.
+    plan = sources.ProbePlan(
+        session=SESSION, protocol='tcp', secret=SECRET,
+        probes=tuple(sources.PlannedProbe(ident('tcp', k), ADDR[4][1], k)
+                     for k in range(6)))
+    rep = analyze.analyze_pcaps(tpif, tvif, destination=ADDR[4][1],
+                                key=SECRET, plan=plan).report
+    assert (rep.ingress.count, rep.egress.count, rep.sent) == (6, 6, 6)
+    assert rep.authenticated
+
+
+def test_cli_says_unauthenticated_without_key(tmp_path):
+    pif, vif = pcaps(tmp_path)
+    plain = ta.netweaver('analyze', pif, vif, '--json')
+    assert plain.returncode == 0, plain.stderr
+    got = json.loads(plain.stdout)
+    assert (got['authenticated'], got['authentication']) == \
+        (False, 'unauthenticated')
+    text = ta.netweaver('analyze', pif, vif).stdout
+    assert 'unauthenticated' in text
+    keyed = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
+                         SECRET.hex(), '--json')
+    got = json.loads(keyed.stdout)
+    assert (got['authenticated'], got['rejected']) == (True, 12)
+    assert got['report']['ingress']['count'] == 6
+    text = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
+                        SECRET.hex()).stdout
+    assert 'authenticated, 12 rejected' in text
+    bad = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key', 'zz')
+    assert bad.returncode == 1 and '--key' in bad.stderr
+    assert 'zz' not in bad.stderr.replace('--key', '')
