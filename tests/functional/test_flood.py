@@ -190,8 +190,10 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
                             for r in result.reports.values()))
     LOG.info('%s', figures)
     assert rate >= MIN_PPS, figures
-    # The look-alikes did reach the matcher...
-    assert result.capture.foreign > 0, figures
+    # The look-alikes did reach the matcher (TCP keys carry no session,
+    # its ISN is a keyed hash: the capture keeps them all for the plan's
+    # ISNs to sort out)...
+    assert result.capture.foreign > 0 or protocol == 'tcp', figures
     assert unplanned > 0, figures
     if protocol == 'icmp':
         assert replies_in > 0, figures
