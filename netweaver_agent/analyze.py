@@ -15,9 +15,11 @@ Two ways to know a packet again on the other interface:
 * ``probe`` mode: our probes' tags (any ``netweaver`` probe window; one
   session is analysed, by default the most common one in the pif file);
 * ``fingerprint`` mode: foreign traffic (the seed's hping3 SYNs), keyed by
-  invariant header fields (see :mod:`netweaver_agent.pcapfile`).  Probes
-  and replies cannot be paired there: ingress and egress are measured, the
-  guest's turnaround is not.  Only request/response traffic to and from
+  invariant header fields (see :mod:`netweaver_agent.pcapfile`).  Where
+  the protocol pairs an answer with its request (ICMP echo id/seq, TCP
+  SYN -> SYN-ACK/RST with ack = seq + 1) the two share a key and the
+  guest's turnaround is measured too; other replies give egress only.
+  Only request/response traffic to and from
   the instance counts (never ARP, IGMP, neighbour discovery, DHCP...);
   either file may carry it inside VXLAN or Geneve (the inner packet is
   matched, the VNI reported).
@@ -185,14 +187,16 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
     matcher.feed_batch(batch)
     report = matcher.reports()[vif]
     if mode == 'fingerprint':
+        # Every reply seen on the vif, with the requests it answers (the
+        # same key): its egress and all anomalies, each counted once.
         back = latency.Matcher(batch.session, [path],
-                               _replies_plan(batch, pif, vif), timeout_ns,
+                               {**_replies_plan(batch, pif, vif),
+                                **matcher.plan}, timeout_ns,
                                label=label)
         back.feed_batch(batch)
         replies = back.reports()[vif]
         report = dataclasses.replace(
-            report, egress=replies.egress,
-            anomalies=report.anomalies + replies.anomalies)
+            report, egress=replies.egress, anomalies=replies.anomalies)
     LOG.debug('Analysed %(pif)s and %(vif)s (%(mode)s mode, session '
               '%(session)d): %(n)d probes', {
                   'pif': pif_path, 'vif': vif_path, 'mode': mode,

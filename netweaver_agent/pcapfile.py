@@ -44,6 +44,10 @@ traffic is keyed: unicast TCP, UDP (not DHCP), ICMP/ICMPv6 echo and the
 errors quoting a packet, to or from ``dst_ip``; ARP, IGMP, neighbour
 discovery, router solicitations, MLD and broadcast never are.  VXLAN and
 Geneve packets are keyed by their inner packet, the VNI kept in ``encap``.
+A request to ``dst_ip`` and the instance's answer to it (ICMP/ICMPv6 echo:
+addresses, id and sequence; TCP SYN and the SYN-ACK or RST-ACK with ack =
+seq + 1: addresses, ports, the SYN's sequence number) share their key but
+for the reply bit, so the guest's turnaround is measured as for probes.
 Fingerprint rows have session 0.  Packets with identical invariant fields
 (retransmissions) share a key: the matcher keeps the first sighting on
 each interface.

@@ -397,10 +397,51 @@ def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
         return None                 # IGMP, ND/RA/RS, MLD, other protocols
     if dst_ip is not None and dst != dst_ip and src != dst_ip:
         return None
-    fields = src + dst + head + bytes(buf[l4:l4 + 8])
+    reply = dst_ip is not None and src == dst_ip
+    fields = None
+    if dst_ip is not None:
+        fields = _pair_fields(buf, proto, l4, stop, src, dst, reply)
+    if fields is None:
+        fields = src + dst + head + bytes(buf[l4:l4 + 8])
     digest = hashlib.blake2b(fields, digest_size=8).digest()
     h63 = int.from_bytes(digest, 'big') >> 1
-    return 0, (h63 << 1) | (dst_ip is not None and src == dst_ip)
+    return 0, (h63 << 1) | reply
+
+
+_PAIR = b'P'                # keeps pair fields apart from packet fields
+_ECHO_REQUEST = {1: 8, probe.IPPROTO_ICMPV6: 128}
+_ECHO_REPLY = {1: 0, probe.IPPROTO_ICMPV6: 129}
+
+
+def _pair_fields(buf, proto, l4, stop, src, dst, reply):
+    """What a request to the instance and the instance's answer to it
+    have in common, or None: such packets share their fingerprint but for
+    the reply bit, so the guest's turnaround is measured as for probes.
+
+    ICMP/ICMPv6 echo: the addresses (requester first), id and sequence.
+    TCP: a SYN (no ACK) and the SYN-ACK or RST-ACK acknowledging it (ack =
+    seq + 1): addresses and ports (requester first) and the SYN's
+    sequence number.  Anything else, or traffic the instance started:
+    None (the packet's own fields key it).
+    """
+    client, server = (dst, src) if reply else (src, dst)
+    if proto == 6:
+        if l4 + 14 > stop:
+            return None
+        flags = buf[l4 + 13]
+        a, b = bytes(buf[l4:l4 + 2]), bytes(buf[l4 + 2:l4 + 4])
+        if not reply and flags & _SYN and not flags & (_ACK | _RST):
+            return _PAIR + client + server + a + b + bytes(buf[l4 + 4:l4 + 8])
+        if reply and flags & _ACK and flags & (_SYN | _RST):
+            acked = (int.from_bytes(buf[l4 + 8:l4 + 12], 'big') -
+                     1) & 0xffffffff
+            return _PAIR + client + server + b + a + acked.to_bytes(4, 'big')
+        return None
+    want = _ECHO_REPLY if reply else _ECHO_REQUEST
+    if want.get(proto) == buf[l4] and buf[l4 + 1] == 0:
+        return (_PAIR + client + server + bytes([proto]) +
+                bytes(buf[l4 + 4:l4 + 8]))
+    return None
 
 
 def _fingerprint_tunnel(buf, start, stop, kind, dst_ip):

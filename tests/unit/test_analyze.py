@@ -139,7 +139,10 @@ def test_fingerprint_mode_for_hping3_syns(tmp_path):
     assert (rep.ingress.count, rep.ingress.lost) == (19, 1)
     assert rep.ingress.min_us == 9.0 and rep.ingress.max_us == 9.019
     assert (rep.egress.count, rep.egress.mean_us) == (19, 3.0)
-    assert rep.turnaround.count == 0
+    # Each RST acknowledges its SYN (ack = seq + 1): the guest's
+    # turnaround, tap to tap.
+    assert (rep.turnaround.count, rep.turnaround.min_us,
+            rep.turnaround.max_us) == (19, 50.981, 51.0)
 
 
 def test_nothing_to_match(tmp_path):

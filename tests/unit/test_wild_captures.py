@@ -517,3 +517,118 @@ def test_a_pif_capture_without_direction_says_so(fmt, known, tmp_path):
     data = json.loads(netweaver('analyze', '--json', pif, vif).stdout)
     assert data['pif']['directions_known'] is known
     assert data['report']['ingress']['count'] == 12
+
+
+# --------------------------------------------------------------------------
+# Turnaround in fingerprint mode.
+
+def _icmp(kind, ident, seq, v6=False):
+    """A ping (not ours: no tag) request or reply, to or from the guest."""
+    if v6:
+        body = struct.pack('!BBHHH', 128 if kind == 'request' else 129, 0,
+                           0, ident, seq) + b'ping6 payload'
+        src, dst = ta.SRC6, ta.GUEST6
+        if kind == 'reply':
+            src, dst = dst, src
+        return ta.eth(ta.ip6(src, dst, 58, body), probe.ETH_P_IPV6)
+    body = struct.pack('!BBHHH', 8 if kind == 'request' else 0, 0, 0,
+                       ident, seq) + b'ping payload'
+    src, dst = '198.18.0.1', ta.GUEST
+    if kind == 'reply':
+        src, dst = dst, src
+    ip_id = seq + 17 * (kind == 'reply')
+    return ta.eth(ta.ip4(src, dst, 1, body, ip_id=ip_id), probe.ETH_P_IP)
+
+
+def _tcp(sport, dport, seq, ack, flags, from_guest, ip_id):
+    src, dst = ('198.18.0.1', ta.GUEST)
+    if from_guest:
+        src, dst = dst, src
+    head = struct.pack('!HHIIBBHHH', sport, dport, seq, ack, 0x50, flags,
+                       512, 0, 0)
+    return ta.eth(ta.ip4(src, dst, 6, head, ip_id=ip_id), probe.ETH_P_IP)
+
+
+SYN, RST, ACK = 0x02, 0x04, 0x10
+
+
+def _exchanges(kind, n):
+    """``[(request, answer)]``: requests to the guest and its answers."""
+    out = []
+    for i in range(n):
+        if kind in ('ping', 'ping6'):
+            out.append((_icmp('request', 77, i, kind == 'ping6'),
+                        _icmp('reply', 77, i, kind == 'ping6')))
+        else:
+            seq = (0xfffffff0 + 1000 * i) & 0xffffffff    # wraps at 2**32
+            answer = SYN | ACK if kind == 'synack' else RST | ACK
+            out.append((_tcp(40000 + i, 80, seq, 0, SYN, False, i),
+                        _tcp(80, 40000 + i, 555 + i, (seq + 1) & 0xffffffff,
+                             answer, True, 900 + i)))
+    return out
+
+
+def _timeline(exchanges, ingress, turnaround, egress, outward=()):
+    """pif and vif records; ``outward``: exchanges the guest started (its
+    request leaves through the vif, then the pif; the answer comes back)."""
+    pif, vif = [], []
+    for i, (req, ans) in enumerate(exchanges):
+        t = T0 + i * 1_000_000
+        if i in outward:
+            vif.append((t, req))
+            pif.append((t + egress, req))
+            pif.append((t + egress + turnaround, ans))
+            vif.append((t + egress + turnaround + ingress, ans))
+            continue
+        pif.append((t, req))
+        vif.append((t + ingress, req))
+        vif.append((t + ingress + turnaround + i, ans))
+        pif.append((t + ingress + turnaround + i + egress, ans))
+    return sorted(pif), sorted(vif)
+
+
+@pytest.mark.parametrize('kind', ['ping', 'ping6', 'synack', 'rst'])
+def test_fingerprint_turnaround(kind, tmp_path):
+    n = 12
+    pif, vif = _timeline(_exchanges(kind, n), 7_000, 40_000, 2_000)
+    dest = '2001:2::a' if kind == 'ping6' else ta.GUEST
+    result = analyze.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
+                                   ta.write(tmp_path / 'v.pcap', vif),
+                                   destination=dest, mode='fingerprint')
+    rep = result.report
+    assert result.mode == 'fingerprint'
+    assert (rep.sent, rep.ingress.count, rep.ingress.min_us) == (n, n, 7.0)
+    assert (rep.egress.count, rep.egress.max_us) == (n, 2.0)
+    assert (rep.turnaround.count, rep.turnaround.min_us,
+            rep.turnaround.max_us) == (n, 40.0, 40.0 + (n - 1) / 1000)
+    assert rep.anomalies == 0
+
+
+def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
+    """A RST acknowledging another number, UDP answers and a connection
+    the guest opened give no turnaround (and no anomaly)."""
+    exchanges = []
+    for i in range(6):
+        syn = _tcp(41000 + i, 22, 5000 * i, 0, SYN, False, i)
+        wrong = _tcp(22, 41000 + i, 0, 5000 * i + 2, RST | ACK, True, 50 + i)
+        exchanges.append((syn, wrong))
+        out = _tcp(33000 + i, 443, 777 * i, 0, SYN, True, 70 + i)
+        back = _tcp(443, 33000 + i, 99, 777 * i + 1, SYN | ACK, False, 90 + i)
+        exchanges.append((out, back))
+        udp = ta.eth(ta.ip4('198.18.0.1', ta.GUEST, 17, struct.pack(
+            '!HHHH', 5353 + i, 9999, 8 + 3, 0) + b'abc', ip_id=30 + i),
+            probe.ETH_P_IP)
+        udp_ans = ta.eth(ta.ip4(ta.GUEST, '198.18.0.1', 17, struct.pack(
+            '!HHHH', 9999, 5353 + i, 8 + 3, 0) + b'xyz', ip_id=40 + i),
+            probe.ETH_P_IP)
+        exchanges.append((udp, udp_ans))
+    pif, vif = _timeline(exchanges, 5_000, 30_000, 1_000,
+                         outward=range(1, len(exchanges), 3))
+    rep = analyze.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
+                                ta.write(tmp_path / 'v.pcap', vif),
+                                destination=ta.GUEST,
+                                mode='fingerprint').report
+    assert rep.turnaround.count == 0
+    assert rep.anomalies == 0
+    # Every packet is still measured on its own way.
+    assert rep.ingress.count + rep.egress.count == len(exchanges) * 2
