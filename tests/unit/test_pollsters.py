@@ -8,6 +8,7 @@ links, and the probe window is patched to return canned
 """
 
 import concurrent.futures
+import gc
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ import fixtures
 import stevedore
 
 from ceilometer.compute.pollsters import net
+from ceilometer.compute.pollsters import util
 from ceilometer.compute.virt import inspector as virt_inspector
 from ceilometer.polling import manager
 from ceilometer.polling import plugin_base
@@ -290,6 +292,52 @@ class TestLatencyPollsters(base.TestPollsterBase):
                     'pif', 'vif', 'probe_address', 'mac', 'fref',
                     'vnic_name', 'parameters', 'vlan', 'vni'):
             self.assertIn(key, key_set)
+
+    def test_samples_equal_ceilometers_and_share_one_build_per_vnic(self):
+        """Six meters on one cache: each sample is what Ceilometer's
+        make_sample_from_instance gives for it, the shared part is built
+        once per vNIC, and every sample owns its metadata."""
+        calls = []
+        real = util.make_sample_from_instance
+
+        def counting(*args, **kwargs):
+            calls.append(kwargs.get('resource_id'))
+            return real(*args, **kwargs)
+
+        self.useFixture(fixtures.MockPatch(
+            'ceilometer.compute.pollsters.util.make_sample_from_instance',
+            side_effect=counting))
+        cache = {}
+        out = []
+        for factory, _ in METERS.values():
+            out += self.samples(factory, cache=cache)
+        self.assertEqual(11, len(out))
+        self.assertEqual(2, len(calls))      # two vNICs, six meters
+        entry = cache[pollsters.CACHE_KEY]
+        for s in out:
+            (window, m), = [
+                wm for wm in entry.for_instance(INSTANCE_ID)
+                if wm[1].path.vnic == s.resource_metadata['vif']]
+            metadata = net.NetworkPollster.get_additional_metadata(
+                self.instance, m.stats)
+            metadata.update(m.metadata)
+            want = real(self.CONF, self.instance, name=s.name,
+                        type=s.type, unit=s.unit, volume=s.volume,
+                        resource_id=net.NetworkPollster.get_resource_id(
+                            self.instance, m.stats),
+                        additional_metadata=metadata,
+                        monotonic_time=window.polled_at)
+            got, want = s.as_dict(), want.as_dict()
+            self.assertNotEqual(want.pop('id'), got.pop('id'))
+            self.assertEqual(want, got)
+        self.assertEqual(len(out), len({s.id for s in out}))
+        out[0].resource_metadata['vif'] = 'changed'
+        self.assertNotIn('changed',
+                         {s.resource_metadata['vif'] for s in out[1:]})
+
+    def test_the_loaded_agent_is_frozen_for_the_collector(self):
+        self.samples(pollsters.VifLatencyPollster)
+        self.assertGreater(gc.get_freeze_count(), 0)
 
     def test_metadata_carries_the_rest(self):
         s = self.by_tap(self.samples(pollsters.VifLatencyPollster))['tapaaa']
