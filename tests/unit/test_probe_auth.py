@@ -390,3 +390,15 @@ def test_cli_says_unauthenticated_without_key(tmp_path):
     bad = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key', 'zz')
     assert bad.returncode == 1 and '--key' in bad.stderr
     assert 'zz' not in bad.stderr.replace('--key', '')
+
+
+@pytest.mark.parametrize('family', [4, 6])
+@pytest.mark.parametrize('proto', probe.PROTOCOLS)
+def test_fast_builder_tags_every_probe_as_build_ip(proto, family):
+    src, dst = packed(ADDR[family][0]), packed(ADDR[family][1])
+    seqs = [ident(proto, n) for n in range(1, 9)]
+    fast = probe.build_ip_seqs(proto, SESSION, seqs, src, dst,
+                               secret=SECRET)
+    assert fast == [probe.build_ip(proto, SESSION, s, src, dst,
+                                   secret=SECRET) for s in seqs]
+    assert len(set(fast)) == len(seqs)
