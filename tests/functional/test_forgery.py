@@ -26,6 +26,7 @@ from netweaver_agent import netns
 from netweaver_agent import pcapfile
 from netweaver_agent import probe
 from netweaver_agent import sources
+from tests.functional import inprocess
 
 LOG = logging.getLogger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -231,3 +232,49 @@ def test_guest_cannot_forge_another_guests_latency(
                  if (k >> 1) in want and a != want[k >> 1]
                  and names[i] in (pif, tap))
     assert forged > 0, figures
+
+
+@pytest.fixture
+def cycle_factory(tmp_path):
+    yield from inprocess.cycles(tmp_path)
+
+
+def test_forgery_through_the_real_pollsters(lab_factory, cycle_factory,
+                                            tmp_path):
+    """The same attack while our pollsters poll (privsep daemon building
+    and tagging the probes): guest 1's published samples are a clean
+    cycle's, and its window rejected the look-alikes."""
+    the_lab = lab_factory(guests=2)
+    cycle = cycle_factory(the_lab, probe_count=COUNT, probe_interval_ms=1.0,
+                          probe_timeout_ms=100.0, max_window_ms=2000.0)
+    victim = cycle.resource_of(1)
+    tap = the_lab.guests[1].tap
+
+    def poll():
+        samples, cache = cycle.run()
+        (window,) = cache.windows
+        reports = {m.path.vnic: m.report for m in window.measurements}
+        return inprocess.by_resource(samples), reports[tap]
+
+    clean, clean_rep = poll()
+    with Forger(the_lab, str(tmp_path), 'icmp') as forger:
+        attacked, rep = poll()
+
+    def mine(samples):
+        return {m: v[victim] for m, v in samples.items() if victim in v}
+
+    figures = (f'forger {forger.result}\n clean {describe(clean_rep)}\n '
+               f'attacked {describe(rep)}\n samples clean {mine(clean)}'
+               f'\n samples attacked {mine(attacked)}')
+    LOG.info('%s', figures)
+    print(figures)
+    assert forger.result['sniffed'] and forger.result['sent'] > 0, figures
+    assert rep.authenticated and rep.rejected > 0, figures
+    assert (rep.ingress.count, rep.ingress.lost, rep.anomalies) == \
+        (COUNT, 0, 0), figures
+    assert rep.egress.count == COUNT, figures
+    for meter in ('network.vif.latency', 'network.vif.outgoing.latency'):
+        a, c = attacked[meter][victim], clean[meter][victim]
+        assert 0 < a <= 5 * c + 100, (meter, figures)
+        assert a >= c / 5 - 5, (meter, figures)
+    assert attacked['network.vif.probe.loss'][victim] == 0.0, figures
