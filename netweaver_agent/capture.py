@@ -274,7 +274,55 @@ def _match_any(load, values, yes, no):
     return out
 
 
-def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
+def _narrow(session, protocol, v6, tunnel_ports):
+    """Checks keeping only ``session``'s ICMP/UDP probes and answers of an
+    IPv4 (``v6``: IPv6) packet behind X bytes of VLAN tags; they end at
+    ``accept`` or ``reject``.  What user space keys is never refused here:
+    an IPv4 header with options is left to it, and in ``udp`` mode so is
+    UDP to ``tunnel_ports`` (probes inside VXLAN/Geneve).
+    """
+    n = 'n6' if v6 else 'n4'
+    l4 = 14 + (40 if v6 else 20)
+    magic_hi, magic_lo = struct.unpack('!HH', probe.MAGIC)
+
+    def identity(at):
+        # MAGIC and the session, where the payload starts.
+        return [(_LDH_IND, 0, 0, at), (_JEQ, 0, 'reject', magic_hi),
+                (_LDH_IND, 0, 0, at + 2), (_JEQ, 0, 'reject', magic_lo),
+                (_LDH_IND, 0, 0, at + 4),
+                (_JEQ, 'accept', 'reject', session)]
+
+    code = [n]
+    if not v6:
+        code += [(_LDB_IND, 0, 0, 14), (_JEQ, 0, 'accept', 0x45)]
+    code += [(_LDB_IND, 0, 0, 20 if v6 else 23)]
+    if protocol == 'udp':
+        code += [(_JEQ, n + 'udp', 0, 17)]
+    # ICMP: echo (request or reply) of the session, or an unreachable
+    # quoting a UDP probe of it (user space keys both in either mode).
+    echo = ((probe.ICMP6_ECHO_REQUEST, probe.ICMP6_ECHO_REPLY) if v6
+            else (8, 0))
+    code += [(_JEQ, 0, 'reject', 58 if v6 else 1), (_LDB_IND, 0, 0, l4),
+             (_JEQ, n + 'echo', 0, echo[0]), (_JEQ, n + 'echo', 0, echo[1]),
+             (_JEQ, 0, 'reject', probe.ICMP6_DST_UNREACH if v6 else 3)]
+    inner = l4 + 8
+    if not v6:
+        code += [(_LDB_IND, 0, 0, inner), (_JEQ, 0, 'accept', 0x45)]
+    code += identity(inner + (40 if v6 else 20) + 8)
+    code += [n + 'echo', (_LDH_IND, 0, 0, l4 + 4),
+             (_JEQ, 0, 'reject', session)]
+    code += identity(l4 + 8)
+    if protocol != 'udp':
+        return code
+    code += [n + 'udp', (_LDH_IND, 0, 0, l4 + 2)]
+    for port in sorted(tunnel_ports):
+        code += [(_JEQ, 'accept', 0, port)]
+    code += [(_LDH_IND, 0, 0, l4),
+             (_JEQ, 0, 'reject', probe.udp_source_port(session))]
+    return code + identity(l4 + 8)
+
+
+def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None):
     """A classic BPF program accepting frames that may be probes.
 
     IPv4 and IPv6: ``icmp`` accepts ICMP and ICMPv6; ``udp`` accepts UDP
@@ -284,9 +332,13 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
     accept VXLAN packets to that UDP port (over IPv4 without options or
     IPv6 without extension headers) whose inner frame passes the same
     test; ``geneve_port``: the same for Geneve (version 0, Ethernet
-    inside, the inner frame after the options).  The rest is
-    verified in user space by :func:`pcapkeys.frame_key`.  Returns
-    ``(code, jt, jf, k)`` instructions.
+    inside, the inner frame after the options).  ``session``: of plain
+    (untunnelled) ICMP and UDP packets, keep only that window's probes
+    and answers (:func:`_narrow`), so tenants' traffic stays out of the
+    ring; TCP probes carry no session (their ISN is a keyed hash) and
+    tunnelled frames are not narrowed.  The rest is verified in user
+    space by :func:`pcapkeys.frame_key`.  Returns ``(code, jt, jf, k)``
+    instructions.
     """
     protos = _PROTOS.get(protocol)
     if protos is None:
@@ -303,17 +355,19 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
              (_JEQ, 'ip6', 'reject', probe.ETH_P_IPV6)]
     tunnels = (vxlan_port or geneve_port) and 17 not in protos
     four = protos + ((17,) if tunnels else ())
+    narrow = session is not None and protocol != 'tcp'
+    plain4, plain6 = ('n4', 'n6') if narrow else ('accept', 'accept')
     code += ['ip4'] + _match_any((_LDB_IND, 0, 0, 23), four, 'l4', 'reject')
     six = protos6 + ((17,) if tunnels else ())
     code += ['ip6'] + _match_any((_LDB_IND, 0, 0, 20), six,
-                                 'l6' if tunnels else 'accept', 'reject')
+                                 'l6' if tunnels else plain6, 'reject')
     if tunnels:
         # Ours unless it is UDP: then VXLAN to vxlan_port or Geneve to
         # geneve_port only.  IPv6: X += 20, then as IPv4.
-        code += ['l6', (_JEQ, 0, 'accept', 17),
+        code += ['l6', (_JEQ, 0, plain6, 17),
                  (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 20), (_TAX, 0, 0, 0),
                  (_JEQ, 'udp', 'udp', 0)]
-        code += ['l4', (_JEQ, 0, 'accept', 17),
+        code += ['l4', (_JEQ, 0, plain4, 17),
                  (_LDB_IND, 0, 0, 14), (_JEQ, 0, 'reject', 0x45)]
         code += ['udp', (_LDH_IND, 0, 0, _VX_UDP + 2)]
         if vxlan_port:
@@ -337,6 +391,10 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None):
                                      protos6, 'accept', 'reject')
     else:
         code += ['l4']
+    if narrow:
+        ports = probe.tunnel_ports(vxlan_port, geneve_port)
+        code += _narrow(session, protocol, False, ports)
+        code += _narrow(session, protocol, True, ports)
     code += ['accept', (_RET, 0, 0, SNAPLEN), 'reject', (_RET, 0, 0, 0)]
     return _assemble(code)
 
@@ -349,7 +407,7 @@ def _attach_filter(sock, program):
 
 
 def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
-                       geneve_port=None):
+                       geneve_port=None, session=None):
     """An ``AF_PACKET`` socket with ns timestamps and the probe filter.
 
     Created in network namespace ``netns_name`` (None: the current one).
@@ -365,7 +423,8 @@ def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
             "opening an AF_PACKET capture socket needs CAP_NET_RAW "
             f"(namespace {netns_name or 'of this process'}): {exc}") from exc
     try:
-        _attach_filter(sock, bpf_filter(protocol, vxlan_port, geneve_port))
+        _attach_filter(sock, bpf_filter(protocol, vxlan_port, geneve_port,
+                                        session))
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
@@ -444,7 +503,8 @@ class LiveCapture:
 
     def open(self):
         self._sock = open_packet_socket(self.netns_name, self.protocol,
-                                        self.vxlan_port, self.geneve_port)
+                                        self.vxlan_port, self.geneve_port,
+                                        self.session)
         try:
             self._ring = self._open_ring()
         except BaseException:
@@ -475,7 +535,8 @@ class LiveCapture:
                     {'session': self.session, 'reason': reason})
         self._sock.close()
         self._sock = open_packet_socket(self.netns_name, self.protocol,
-                                        self.vxlan_port, self.geneve_port)
+                                        self.vxlan_port, self.geneve_port,
+                                        self.session)
         return None
 
     def settle(self, quiet_s, max_s=None):

@@ -13,7 +13,10 @@ skips) without a lab.
 import collections
 import os
 import socket
+import threading
+import time
 
+import dpkt
 import pytest
 
 from netweaver_agent import capture
@@ -215,3 +218,61 @@ def test_close_reads_what_the_kernel_still_holds(lab_factory):
     assert stats.reader == 'ring' and stats.drops == 0
     assert stats.probes >= 2 * 2 * COUNT
     assert stats.probes + stats.foreign == stats.packets - stats.drops
+
+
+def tenant_pings(netns_name, address, count):
+    """``count`` plain ICMP echo requests (a guest's own id and data),
+    5 ms apart, from namespace ``netns_name``."""
+    sock = netns.socket_in_netns(netns_name, socket.AF_INET,
+                                 socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        for n in range(count):
+            echo = dpkt.icmp.ICMP(
+                type=dpkt.icmp.ICMP_ECHO,
+                data=dpkt.icmp.ICMP.Echo(id=0x4242, seq=n,
+                                         data=b'tenant ping ' * 4))
+            sock.sendto(bytes(echo), (address, 0))
+            time.sleep(0.005)
+    finally:
+        sock.close()
+
+
+def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):  # noqa: F811
+    """A guest's own pings cross the pif and the tap during the window:
+    tcpdump sees them, the window's capture (ring and recvmsg alike) is
+    never handed one: its kernel filter keeps only the window's probes
+    and answers."""
+    the_lab = lab_factory(guests=1)
+    guest = the_lab.guests[0]
+    path = os.path.join(workdir, 'pif.pcap')
+    dump = Tcpdump(the_lab.hv_netns, the_lab.pif, path, ['icmp'],
+                   limit=20 * COUNT)
+    source = the_lab.source()
+    Twin.made.clear()
+    pinger = threading.Thread(target=tenant_pings,
+                              args=(the_lab.src_netns, guest.address,
+                                    2 * COUNT))
+    try:
+        dump.wait_listening()
+        pinger.start()
+        time.sleep(0.05)
+        measure.run_window(
+            the_lab.paths(), source,
+            measure.WindowSettings(count=COUNT, interval_ms=2.0,
+                                   timeout_ms=100),
+            capture_netns=the_lab.hv_netns, capture_class=Twin)
+        pinger.join(timeout=30)
+        assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        source.close()
+        pinger.join(timeout=30)
+        dump.kill()
+    with open(path, 'rb') as f:
+        seen = sum(1 for _ in dpkt.pcap.UniversalReader(f))
+    # Probes and answers on the pif, and the guest's pings beside them.
+    assert seen >= 2 * COUNT + 2 * COUNT
+    (twin,) = Twin.made
+    for cap in (twin.ring, twin.other):
+        s = cap.stats
+        assert s.probes == 4 * COUNT, s
+        assert s.foreign == 0 and s.packets - s.drops == s.probes, s
