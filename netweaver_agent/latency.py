@@ -244,15 +244,13 @@ class Matcher:
             wire[probe.tcp_wire_ident(port, isn)] = seq
         return wire
 
-    def _authentic(self, seq, auth):
-        """Whether ``auth`` is what planned probe ``seq`` carries."""
-        want = self._expected.get(seq)
-        if want is None:
-            self.verifications += 1
-            want = self._expected[seq] = probe.expected_auth(
-                self.secret, self.protocol, self.session, seq,
-                self._dst[self.plan[seq]])
-        return auth == want
+    def _expect(self, seq):
+        """The auth planned probe ``seq`` carries (computed once)."""
+        self.verifications += 1
+        want = self._expected[seq] = probe.expected_auth(
+            self.secret, self.protocol, self.session, seq,
+            self._dst[self.plan[seq]])
+        return want
 
     def feed(self, sighting):
         """Add one :class:`capture.Sighting`."""
@@ -285,9 +283,11 @@ class Matcher:
         vnic = self.plan.get(seq)
         if vnic is None:
             return
-        if self.secret is not None and not self._authentic(seq, auth):
-            self._rejected[vnic] += 1
-            return
+        if self.secret is not None:
+            want = self._expected.get(seq)
+            if auth != (self._expect(seq) if want is None else want):
+                self._rejected[vnic] += 1
+                return
         path = self.paths[vnic]
         if ifname not in path.interfaces:
             return
