@@ -926,13 +926,15 @@ def _downstream(pipeline, resource, meter, value):
             'archive_policy': metric['archive_policy']['name']}
 
 
-def wait_alarm(pipeline, alarm_id, timeout_s=60.0):
-    """Aodh's state of an alarm once it left ``insufficient data``."""
+def wait_alarms(pipeline, alarm_ids, timeout_s=60.0):
+    """Aodh's state of each alarm (key → state) once none is still
+    ``insufficient data``, or as they are after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        state = pipeline.alarm_state(alarm_id)
-        if state != 'insufficient data' or time.monotonic() >= deadline:
-            return state
+        states = {k: pipeline.alarm_state(a) for k, a in alarm_ids.items()}
+        if ('insufficient data' not in states.values()
+                or time.monotonic() >= deadline):
+            return states
         time.sleep(1.0)
 
 
@@ -986,8 +988,7 @@ def run(lab, args, out=None, interval_s=3, timeout_s=90.0):
                     alarm = pipe.create_alarm(example, lat.gnocchi_resource,
                                               f'{example}-{g.tap}')
                     alarms[(g.tap, example)] = alarm['alarm_id']
-            states = {k: wait_alarm(pipe, a, timeout_s)
-                      for k, a in alarms.items()}
+            states = wait_alarms(pipe, alarms, timeout_s)
             time.sleep(pipe.settings.alert_for_s + 2 *
                        pipe.settings.scrape_interval_s)
             alerts = {name: firing(pipe, name) for name in ALERTS}

@@ -178,8 +178,7 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
         for example in labpipeline.ALARM_EXAMPLES:
             made = pipe.create_alarm(example, res, f'{example}-{g.tap}')
             alarms[(g.tap, example)] = made['alarm_id']
-    states = {k: labpipeline.wait_alarm(pipe, a, WAIT_S)
-              for k, a in alarms.items()}
+    states = labpipeline.wait_alarms(pipe, alarms, WAIT_S)
     assert states == {
         (lossy.tap, 'netweaver-vif-latency-high'): 'ok',
         (delayed.tap, 'netweaver-vif-latency-high'): 'alarm',
@@ -283,3 +282,18 @@ def test_lab_pipeline_command_cleans_up_on_ctrl_c():
                 if n.startswith(prefix)]
     assert not [n for n in os.listdir('/tmp')
                 if n.startswith(f'{prefix}pipeline-')]
+
+
+def test_alert_rules_pass_promtool():
+    """The shipped rules load, and their unit tests (thresholds, ``for``,
+    labels, annotations) pass in Debian's promtool."""
+    rules = labpipeline.RULES_FILE
+    tests = os.path.join(os.path.dirname(rules), 'netweaver-alerts.test.yml')
+    for argv in (['promtool', 'check', 'rules', rules],
+                 ['promtool', 'test', 'rules', tests]):
+        # bandit B603: promtool with our files
+        proc = subprocess.run(argv, capture_output=True,  # nosec B603
+                              text=True, timeout=60,
+                              cwd=os.path.dirname(rules))
+        assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+        assert 'SUCCESS' in proc.stdout + proc.stderr, proc
