@@ -160,6 +160,9 @@ def latency_metadata(report, path, window, source_name):
         'probe_unknown': report.unknown,
         # Seen out of path order (vif before pif): no value, not in stats.
         'probe_anomalies': report.anomalies,
+        # Look-alikes of this vNIC's probes whose tag or address did not
+        # verify (see netweaver_agent.probe): ignored, counted.
+        'probe_rejected': report.rejected,
         'probe_filtered': report.filtered,
         'pif': report.pif,
         'vif': path.vnic,

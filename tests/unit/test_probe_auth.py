@@ -402,3 +402,24 @@ def test_fast_builder_tags_every_probe_as_build_ip(proto, family):
     assert fast == [probe.build_ip(proto, SESSION, s, src, dst,
                                    secret=SECRET) for s in seqs]
     assert len(set(fast)) == len(seqs)
+
+
+def test_rejected_look_alikes_reach_the_samples_metadata():
+    import types
+
+    from netweaver_agent import pollsters
+    from netweaver_agent import topology
+    f1 = probe_frame('icmp', 4, 1, dst=2)
+    fake = probe_frame('icmp', 4, 1, dst=2, secret=OTHER)
+    m = matcher('icmp', {1: 'tap1'})
+    m.feed_batch(batch_of([(fake, 'eth1', 50, 0), (f1, 'eth1', 100, 0),
+                           (f1, 'tap1', 110, 1)]))
+    rep = m.reports()['tap1']
+    assert rep.rejected == 1 and rep.ingress.count == 1
+    window = types.SimpleNamespace(
+        capture=capture.CaptureStats(3, 0, 3, 0), session=SESSION,
+        duration_ns=10 ** 6)
+    path = topology.VifPath(vnic='tap1', address=ADDR[4][2],
+                            interfaces=('eth1', 'tap1'))
+    md = pollsters.latency_metadata(rep, path, window, 'local')
+    assert md['probe_rejected'] == 1
