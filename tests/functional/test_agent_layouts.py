@@ -1,7 +1,7 @@
 """The real Ceilometer polling agent on the Open vSwitch and OVN layouts.
 
-One agent run per layout (ovs-hybrid flat and VXLAN, ovs-native VXLAN,
-OVN Geneve and flat): the lab's private ovsdb-server / ovs-vswitchd (and OVN's
+One agent run per layout (ovs-hybrid flat, ovs-native VXLAN, OVN Geneve
+and flat): the lab's private ovsdb-server / ovs-vswitchd (and OVN's
 daemons), the unmodified ``ceilometer-polling`` in the hypervisor's
 namespace with our pollsters, told no ``pif``: only where the switch's
 database is (``[netweaver] ovsdb_connection``, written by
@@ -53,8 +53,9 @@ EVERY = 4
 DELAY_MS = 2.0
 # The Linux-bridge lab's tolerance of measured - hold (test_lab.py).
 OVERHEAD_MEDIAN_US = 200.0
-LAYOUTS = [('ovs-hybrid', 'flat'), ('ovs-hybrid', 'vxlan'),
-           ('ovs-native', 'vxlan'), ('ovn', 'geneve'), ('ovn', 'flat')]
+# (ovs-hybrid over VXLAN: test_lab_ovs measures its delay; CI time.)
+LAYOUTS = [('ovs-hybrid', 'flat'), ('ovs-native', 'vxlan'),
+           ('ovn', 'geneve'), ('ovn', 'flat')]
 NOTIFICATION_LOGGER = 'oslo.messaging.notification.telemetry.polling'
 SHIM = '''"""Test shim: Python's logging has no Logger.sample(), which
 oslo.messaging's log notification driver calls for SAMPLE notifications;
@@ -104,6 +105,21 @@ def complete_windows(samples, taps):
             for m in ('network.vif.latency', 'network.vif.probe.loss')}
     return {session: got for session, got in by_window(samples).items()
             if want <= got.keys()}
+
+
+def explain(log_text, taps):
+    """What the agent did: its warnings and errors, and per window the
+    samples it published."""
+    lines = [line[:600] for line in log_text.splitlines()
+             if ' WARNING ' in line or ' ERROR ' in line
+             or 'Probe window' in line][-40:]
+    for session, got in sorted(by_window(
+            published_samples(log_text)).items()):
+        lines.append(f'window {session}: ' + ', '.join(
+            f'{m} {t}={s["counter_volume"]}'
+            for (m, t), s in sorted(got.items())
+            if m in ('network.vif.latency', 'network.vif.probe.loss')))
+    return '\n'.join(lines) + f'\n(expected taps {sorted(taps)})'
 
 
 @pytest.fixture
@@ -165,10 +181,13 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
     agent = labagent.PollingAgent(files, the_lab.hv_netns,
                                   wrapper=('env', f'PYTHONPATH={shim}'))
     with agent:
-        agent.wait_for(lambda _series: len(complete_windows(
-            published_samples(agent.log_text()), taps)) >= WINDOWS and (
-                not filtered or 'filtered before the tap' in
-                agent.log_text()), WAIT_S)
+        try:
+            agent.wait_for(lambda _series: len(complete_windows(
+                published_samples(agent.log_text()), taps)) >= WINDOWS and (
+                    not filtered or 'filtered before the tap' in
+                    agent.log_text()), WAIT_S)
+        except labagent.AgentError as exc:
+            pytest.fail(f'{exc}:\n' + explain(agent.log_text(), taps))
         exported = agent.series()
     log = agent.log_text()
     took = time.monotonic() - t0
@@ -288,11 +307,11 @@ def check_hybrid_delay(the_lab, windows, hop_p50):
     return '; delay: ' + '; '.join(figures)
 
 
-@pytest.mark.parametrize('switch', ['ovs-native', 'ovn'])
-def test_cli_lab_agent_on_the_switch(switch):
-    """``netweaver lab --agent --switch``: the agent finds the taps on the
-    switch (its database) and meets the layout's default delay, which on
-    OVN holds only the probes the source's kernel marks."""
+def test_cli_lab_agent_on_ovn():
+    """``netweaver lab --agent --switch ovn``: the agent finds the taps in
+    the chassis' database and meets the layout's default delay, which
+    holds only the probes the source's kernel marks."""
+    switch = 'ovn'
     conftest.require_root()
     prefix = conftest.unique_prefix('ja')
     try:
