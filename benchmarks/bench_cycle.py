@@ -215,6 +215,7 @@ def worker(config, cycles, sequential, profile):
         out['cycles'].append(figures)
     if prof:
         prof.dump_stats(profile)
+    out['send_only'] = send_only(instances)
     if sequential:
         prober = pollsters.VifLatencyBase._prober
         found = prober.paths(instances)
@@ -234,6 +235,34 @@ def worker(config, cycles, sequential, profile):
     out['packet_sockets_end'] = packet_sockets()
     json.dump(out, sys.stdout)
     return 0
+
+
+def send_only(instances):
+    """The cycle's probes built and sent by the same source, no capture,
+    no matching: the floor of sending (in the lab, with its forwarding:
+    the probe and its answer cross veth, bridge and guest in the
+    sender's system time)."""
+    from netweaver_agent import measure
+    from netweaver_agent import pollsters
+    from netweaver_agent import sources
+    prober = pollsters.VifLatencyBase._prober
+    st = prober.settings
+    paths = [p for _, _, p in prober.paths(instances)]
+    plan = sources.schedule(
+        measure.new_session(), st.protocol, [p.address for p in paths],
+        st.count, int(st.interval_ms * 1e6),
+        int(st.per_vnic_interval_ms * 1e6),
+        budget_ns=int((st.max_window_ms - st.timeout_ms) * 1e6),
+        size=st.size, port=st.port).plan
+    with DaemonMeter() as dm, Meter() as m:
+        prober.source.prepare(plan)
+        result = prober.source.send(
+            plan, time.monotonic() + st.max_window_ms / 1000.0)
+    figures = m.figures()
+    figures.update(sent=result.sent, daemons=dm.figures,
+                   daemon_cpu_s=dm.cpu_s,
+                   total_cpu_s=m.cpu_s + m.children_cpu_s + dm.cpu_s)
+    return figures
 
 
 # -- the parent: lab, worker, figures -----------------------------------------
@@ -322,6 +351,15 @@ def report(args, result, build_s):
         print(f'  drops        {_verdict(w, "drops", "{:d}")}')
         print(f'  packet sockets open after the cycle: '
               f'{c["packet_sockets_after"]}')
+    so = result.get('send_only')
+    if so:
+        daemon = '; '.join(
+            f'{name}: {d["cpu_s"]:.3f} s (user {d["user_s"]:.2f} s, sys '
+            f'{d["sys_s"]:.2f} s)' for name, d in sorted(
+                so['daemons'].items()))
+        print(f'send only (same plan, no capture, no matching): '
+              f'{so["sent"]} probes, cpu {so["total_cpu_s"]:.3f} s = agent '
+              f'{so["cpu_s"]:.3f} s + privsep {daemon or "none"}')
     seq = result.get('sequential')
     if seq:
         last = result['cycles'][-1]
