@@ -17,7 +17,13 @@ probe capture is mostly that): every field of a whole run is pulled out
 at once and turned into keys by :func:`pcapkeys.run_keys`.  Records
 outside runs (a pif capture of UDP probes and the guest's ICMP errors
 alternates two lengths) are set aside by length, copied together and read
-the same way, so a batch's rows are *not* in the file's order.  VLAN tags,
+the same way, so a batch's rows are *not* in the file's order.  Everyday
+traffic (a pif's TCP, ARP, DNS, IPv6, VLANs, all lengths) is mostly no
+probe: blocks of up to :data:`MAX_BLOCK` records of mixed lengths have
+their first :data:`PREFIX` bytes copied side by side, and the prefilters
+(:func:`pcapkeys.probe_candidates`, :func:`pcapkeys.fingerprint_candidates`)
+rule out in columns what cannot be a probe (or a fingerprint to or from
+the instance); only the rest is set aside and read.  VLAN tags,
 IP options, IPv6, VXLAN, Geneve and foreign traffic are read one record at
 a time by :func:`pcapkeys.frame_key`.  Both give exactly the keys
 :func:`probe.parse_key` gives.
@@ -106,6 +112,8 @@ MAX_CAPLEN = 0x40000        # tcpdump's largest snapshot length
 MIN_RUN = 16                # shorter runs are read record by record
 MAX_RUN = 1 << 16           # records per columnar step
 BACKOFF = 64                # records read one by one after a failed run
+MAX_BLOCK = 4096            # records of mixed lengths sorted at once
+PREFIX = 80                 # bytes of each frame the prefilters read
 NS = 1_000_000_000
 STDIN = '-'
 PCAP_VERSIONS = ((2, 3), (2, 4))        # tcpdump writes 2.4
@@ -196,12 +204,15 @@ class _Rows:
         self.lenient = False
         self.invalid_times = 0
         self.progress = None            # callable(done_bytes, total)
+        # Prefilter of a run for fingerprint keys (see pcapkeys).
+        self.fp_filter = None
         self._tick = 0
         self._last_report = None
 
-    def fingerprint_too(self, keyfunc):
+    def fingerprint_too(self, keyfunc, fp_filter):
         """Also key the records that are no probe with ``keyfunc``."""
         self.prints = _Rows(self.path, keyfunc, self.forced_name)
+        self.prints.fp_filter = fp_filter
         self.prints.ifnames = self.ifnames
         self.prints._index_of = self._index_of
 
@@ -276,7 +287,8 @@ class _Rows:
         if isinstance(direction, int):
             direction = bytes([direction]) * n
         direction = array.array('B', direction)
-        found = pcapkeys.run_keys(buf, first, stride, n, caplen, link)
+        found = (pcapkeys.run_keys(buf, first, stride, n, caplen, link)
+                 if self.columnar else None)
         foreign = None
         if (found is not None and self.tcp_ports is not None and
                 max(found.keys) >> 33):
@@ -309,17 +321,44 @@ class _Rows:
             for s in compress(found.sessions, ok):
                 self._sessions(s, 1)
             self.records += n - ok.count(0)
-        i = ok.find(0)
-        while i >= 0:
-            if foreign is not None and foreign[i]:
-                self.records += 1
-                if self.prints is not None:
-                    self.prints.one(buf, first + i * stride, caplen, link,
-                                    t_ns[i], ifindex[i], direction[i])
-            else:
-                self.one(buf, first + i * stride, caplen, link, t_ns[i],
-                         ifindex[i], direction[i])
-            i = ok.find(0, i + 1)
+        self._undecided(buf, first, stride, n, caplen, link, t_ns, ifindex,
+                        direction, ok, foreign)
+
+    def _undecided(self, buf, first, stride, n, caplen, link, t_ns,
+                   ifindex, direction, ok, foreign):
+        """The records of a run ``ok`` leaves (0): those the prefilters
+        cannot rule out are read one by one (:meth:`one`), the rest are
+        counted, and fingerprinted where that may find something."""
+        ones = int.from_bytes(b'\x01' * n, 'little')      # a byte per row
+        left = int.from_bytes(ok, 'little') ^ ones
+        if not left:
+            return
+        if foreign is not None:
+            foreign = int.from_bytes(foreign, 'little')
+            left &= ~foreign
+        prefilter = (pcapkeys.probe_candidates if self.columnar else
+                     self.fp_filter)
+        one = left & int.from_bytes(
+            prefilter(buf, first, stride, n, caplen, link), 'little')
+        rest = (left & ~one) | (foreign or 0)
+        self.records += bin(rest).count('1')
+        prints = self.prints
+        if prints is not None and rest:
+            rest &= int.from_bytes(prints.fp_filter(
+                buf, first, stride, n, caplen, link), 'little')
+        for mask, reader in ((one, self.one), (rest, None)):
+            if not mask:
+                continue
+            if reader is None:
+                if prints is None:
+                    continue
+                reader = prints.one
+            flags = mask.to_bytes(n, 'little')
+            i = flags.find(1)
+            while i >= 0:
+                reader(buf, first + i * stride, caplen, link, t_ns[i],
+                       ifindex[i], direction[i])
+                i = flags.find(1, i + 1)
 
     def _tcp_in_range(self, found, n):
         """``(found, foreign)``: ``found`` keeping the rows whose TCP port
@@ -372,7 +411,7 @@ class _Rows:
         doubling sizes, so a short run costs little.
         """
         n_max = min(MAX_RUN, (end - start) // stride)
-        if not self.columnar or n_max < MIN_RUN:
+        if n_max < MIN_RUN:
             return 1
         size = len(pattern)
         n = MIN_RUN
@@ -466,8 +505,9 @@ class _PcapFile:
     def read(self):
         buf, rows = self.buf, self.rows
         end = len(buf)
-        columnar = rows.columnar and self.link is not None
+        columnar = self.link is not None
         o = 24
+        block = BACKOFF
         while o < end:
             rows.report_progress(o, end)
             caplen = self._caplen(o, end)
@@ -481,8 +521,10 @@ class _PcapFile:
             if n > 1:
                 self._run(buf, o, stride, n)
                 o += stride * n
+                block = BACKOFF
             elif columnar:
-                o = self._walk(o, end)
+                o = self._walk(o, end, block)
+                block = min(2 * block, MAX_BLOCK)
             else:
                 self._one(buf, o)
                 o += stride
@@ -504,31 +546,100 @@ class _PcapFile:
             return None
         return caplen
 
-    def _walk(self, o, end):
-        """Set aside up to :data:`BACKOFF` records from ``o``; the next
-        record's offset (``end`` when the file ends or is cut short)."""
-        buf, aside = self.buf, self.aside
+    def _walk(self, o, end, count=BACKOFF):
+        """Sort up to ``count`` records from ``o`` (:meth:`_sort`); the
+        next record's offset (``end`` when the file ends or is cut
+        short)."""
+        buf = self.buf
         get = self.hdr_caplen
         limit = max(self.snaplen, MAX_CAPLEN)
-        for _ in range(BACKOFF):
+        offsets = []
+        append = offsets.append
+        for _ in range(count):
             if o + 16 > end:
                 break
             caplen, = get(buf, o + 8)
             nxt = o + 16 + caplen
             if caplen > limit or nxt > end:
                 break
+            append(o)
+            o = nxt
+        else:
+            self._sort(offsets)
+            return o
+        self._sort(offsets)
+        if o < end and self._caplen(o, end) is None:
+            return end
+        return o
+
+    def _sort(self, offsets):
+        """Records of mixed lengths: those the prefilters rule out are
+        counted (and fingerprinted where that may find something) from a
+        copy of their first bytes, read as columns; the rest are set
+        aside by length (:meth:`_set_aside` reads them as runs)."""
+        if len(offsets) > BACKOFF:
+            offsets = self._rule_out(offsets)
+        buf, aside, get = self.buf, self.aside, self.hdr_caplen
+        for o in offsets:
+            caplen, = get(buf, o + 8)
             bucket = aside.get(caplen)
             if bucket is None:
                 bucket = aside[caplen] = []
             bucket.append(o)
             if len(bucket) == MAX_RUN:
                 self._set_aside(caplen)
-            o = nxt
+
+    def _rule_out(self, offsets):
+        """The records of ``offsets`` the prefilters cannot rule out."""
+        buf, rows, link = self.buf, self.rows, self.link
+        n = len(offsets)
+        size = 16 + PREFIX
+        packed = b''.join([buf[o:o + size] for o in offsets])
+        if len(packed) != size * n:         # the last ones are shorter
+            packed = b''.join([buf[o:o + size].ljust(size, b'\0')
+                               for o in offsets])
+        column = pcapkeys.column
+        fracs = column(packed, 4, size, n, 4)
+        if max(pcapkeys.ints(fracs, 'I', self.big)) >= self.frac_limit:
+            return offsets                  # _one says which, or skips
+        low, high = (11, 8) if self.big else (8, 11)
+        wide = pcapkeys.zero(column(packed, high, size, n))
+        for at in (9, 10):
+            wide &= pcapkeys.zero(column(packed, at, size, n))
+
+        def short(need):
+            return wide & pcapkeys.below(column(packed, low, size, n), need)
+
+        if rows.columnar:
+            maybe = pcapkeys.probe_candidates(packed, 16, size, n, PREFIX,
+                                              link, short=short)
         else:
-            return o
-        if o < end and self._caplen(o, end) is None:
-            return end
-        return o
+            maybe = rows.fp_filter(packed, 16, size, n, PREFIX, link,
+                                   short=short)
+        if maybe.count(0) == 0:
+            return offsets
+        rows.records += maybe.count(0)
+        prints = rows.prints
+        if prints is not None:
+            found = prints.fp_filter(packed, 16, size, n, PREFIX, link,
+                                     short=short)
+            flags = (int.from_bytes(found, 'little') &
+                     ~int.from_bytes(maybe, 'little')).to_bytes(n, 'little')
+            i = flags.find(1)
+            if i >= 0:
+                t_ns = _pcap_times(column(packed, 0, size, n, 4), fracs,
+                                   self.mult, self.big)
+                caps = pcapkeys.ints(column(packed, 8, size, n, 4), 'I',
+                                     self.big)
+                off = 16 + (link.pkttype_off or 0)
+                direction = (column(packed, off, size, n).translate(
+                    _PKTTYPE_DIR) if link.pkttype_off is not None else
+                    bytes([capture.DIR_UNKNOWN]) * n)
+            while i >= 0:
+                prints.one(buf, offsets[i] + 16, caps[i], link, t_ns[i],
+                           self.ifindex, direction[i])
+                i = flags.find(1, i + 1)
+        return list(itertools.compress(offsets, maybe))
 
     def _record_number(self, offset):
         """The 1-based number of the record at byte ``offset`` (walks the
@@ -807,7 +918,7 @@ class _Pcapng:
         options layout (none, or ``epb_flags`` alone).  1: not read.
         """
         buf, order, rows = self.buf, self.order, self.rows
-        if not rows.columnar or blen < 32:
+        if blen < 32:
             return 1
         iface_id, _hi, _lo, caplen, _orig = struct.unpack_from(
             order + 'IIIII', buf, o + 8)
@@ -957,6 +1068,7 @@ class Capture:
 
 
 def _fingerprint_keyfunc(dst_ip):
+    """``(keyfunc, prefilter)`` of fingerprints for instance ``dst_ip``."""
     packed = None
     if dst_ip is not None:
         family = socket.AF_INET6 if ':' in dst_ip else socket.AF_INET
@@ -968,7 +1080,11 @@ def _fingerprint_keyfunc(dst_ip):
 
     def keyfunc(buf, off, caplen, link):
         return pcapkeys.fingerprint_key(buf, off, caplen, link, packed)
-    return keyfunc
+
+    def prefilter(buf, first, stride, n, caplen, link, short=None):
+        return pcapkeys.fingerprint_candidates(buf, first, stride, n, caplen,
+                                               link, packed, short)
+    return keyfunc, prefilter
 
 
 def read_capture(path, ifname=None, probes=True, fingerprint=False,
@@ -994,9 +1110,11 @@ def read_capture(path, ifname=None, probes=True, fingerprint=False,
         rows = _Rows(path, pcapkeys.frame_key, ifname)
         rows.tcp_ports = tcp_ports
         if fingerprint:
-            rows.fingerprint_too(_fingerprint_keyfunc(dst_ip))
+            rows.fingerprint_too(*_fingerprint_keyfunc(dst_ip))
     else:
-        rows = _Rows(path, _fingerprint_keyfunc(dst_ip), ifname)
+        keyfunc, prefilter = _fingerprint_keyfunc(dst_ip)
+        rows = _Rows(path, keyfunc, ifname)
+        rows.fp_filter = prefilter
     rows.lenient = lenient
     rows.progress = progress
     try:

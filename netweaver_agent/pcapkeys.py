@@ -837,3 +837,191 @@ def _blend(a, b, mask):
     a_int = int.from_bytes(a, 'little')
     b_int = int.from_bytes(b, 'little')
     return ((a_int & ~m) | (b_int & m)).to_bytes(len(a), 'little')
+
+
+# --------------------------------------------------------------------------
+# Prefilters: which records of a run need a look of their own.
+#
+# Real traffic (TCP data and ACKs, ARP, DNS, IPv6, VLANs...) is mostly no
+# probe and, to the instance, mostly no fingerprint either.  These decide
+# that for a whole run in columns, from the bytes frame_key and
+# fingerprint_key decide on, so only the rest is read one record at a
+# time.  They only ever say "certainly nothing": anything they cannot
+# tell (IP options, fragments, QinQ, records too short for the test) is
+# left to the per-record functions.
+
+_T_EQ = [bytes(1 if b == v else 0 for b in range(256)) for v in range(256)]
+_T_IP6_BAD = _table(lambda b: b >> 4 != 6)
+_T_ICMP_ECHO = _table(lambda b: b in (0, 8))
+_T_ICMP6_ECHO = _table(lambda b: b in (128, 129))
+_T_TCP_CAND = _table(lambda b: _T_TCP[b] != 2)
+
+
+def _eq(col, value):
+    return _mask(col, _T_EQ[value])
+
+
+def _eq16(hi, lo, value):
+    return _eq(hi, value >> 8) & _eq(lo, value & 0xff)
+
+
+def _tunnel_ports(col, l4):
+    """Records whose UDP destination port is a tunnel's."""
+    hi, lo = col(l4 + 2), col(l4 + 3)
+    found = 0
+    for port in _TUNNEL_PORTS:
+        found |= _eq16(hi, lo, port)
+    return found
+
+
+_T_BELOW = {}
+
+
+def below(col, need):
+    """Mask (a byte per record) of the bytes of ``col`` below ``need``."""
+    table = _T_BELOW.get(need)
+    if table is None:
+        table = _T_BELOW[need] = _table(lambda b: b < need)
+    return _mask(col, table)
+
+
+def zero(col):
+    """Mask (a byte per record) of the zero bytes of ``col``."""
+    return _mask(col, _T_ZERO)
+
+
+def _short_of(caplen, short, n):
+    """``short(need)``: the mask of records shorter than ``need`` bytes,
+    from the run's one ``caplen`` unless the caller knows each."""
+    if short is not None:
+        return short
+    ones = int.from_bytes(b'\x01' * n, 'little')
+    return lambda need: ones if need > caplen else 0
+
+
+def _layouts(col, first, n, short, link):
+    """``[(kind, mask, ip)]``: the records whose IP header (``kind`` 4 or
+    6) starts at ``ip``, untagged or under one VLAN tag, and a mask of
+    the records frame_key reads some other way (QinQ: left to it)."""
+    et = first + link.ethertype_off
+    ip0 = first + link.ip_off
+    hi, lo = col(et), col(et + 1)
+    out = [(4, _eq16(hi, lo, probe.ETH_P_IP), ip0),
+           (6, _eq16(hi, lo, _ETH_P_IPV6), ip0)]
+    tagged = 0
+    for tpid in _ETH_VLAN:
+        tagged |= _eq16(hi, lo, tpid)
+    other = short(link.ethertype_off + 2)
+    if tagged:
+        other |= tagged & short(link.ip_off + 4)
+        ihi, ilo = col(ip0 + 2), col(ip0 + 3)
+        out += [(4, tagged & _eq16(ihi, ilo, probe.ETH_P_IP), ip0 + 4),
+                (6, tagged & _eq16(ihi, ilo, _ETH_P_IPV6), ip0 + 4)]
+        for tpid in _ETH_VLAN:
+            other |= tagged & _eq16(ihi, ilo, tpid)
+    return out, other
+
+
+def probe_candidates(buf, first, stride, n, caplen, link=ETHERNET,
+                     short=None):
+    """One byte per record of a run (``n`` records ``stride`` apart, each
+    ``caplen`` long): 0 where :func:`frame_key` certainly gives None.
+
+    ``short``: for records of several lengths (``caplen`` then bounds
+    them), ``short(need)`` gives the mask (a byte per record) of those
+    shorter than ``need``; each record's bytes up to ``caplen`` must be
+    readable at its place (a copy of its first ``caplen`` bytes will do).
+    """
+    def col(at):
+        return column(buf, at, stride, n)
+
+    short = _short_of(caplen, short, n)
+    layouts, cand = _layouts(col, first, n, short, link)
+    for kind, mask, ip in layouts:
+        if not mask:
+            continue
+        l4 = ip + (20 if kind == 4 else 40)
+        cut = mask & short(l4 + 14 - first)
+        cand |= cut                     # too short to tell here
+        mask &= ~cut
+        if not mask:
+            continue
+        if kind == 4:
+            maybe = (_mask(col(ip), _T_NOT_45) |
+                     _mask(col(ip + 6), _T_FRAG_HI) |
+                     _mask(col(ip + 7), _T_NONZERO))
+            proto = col(ip + 9)
+            icmp = _eq(proto, 1)
+            echo, error = _T_ICMP_ECHO, 3
+        else:
+            maybe = _mask(col(ip), _T_IP6_BAD)
+            proto = col(ip + 6)
+            icmp = _eq(proto, probe.IPPROTO_ICMPV6)
+            echo, error = _T_ICMP6_ECHO, 1
+        if icmp:
+            # Echoes of ours carry the tag; errors quote what they quote.
+            kind = col(l4)
+            icmp &= (_mask(kind, echo) & _eq(col(l4 + 8), _MAGIC[0]) |
+                     _eq(kind, error))
+        udp = _eq(proto, 17)
+        if udp:
+            udp &= (_eq(col(l4 + 8), _MAGIC[0]) | _tunnel_ports(col, l4))
+        tcp = _eq(proto, 6)
+        if tcp:
+            tcp &= _mask(col(l4 + 13), _T_TCP_CAND)
+        cand |= mask & (maybe | icmp | udp | tcp)
+    return _flags(cand, n)
+
+
+def fingerprint_candidates(buf, first, stride, n, caplen, link=ETHERNET,
+                           dst_ip=None, short=None):
+    """One byte per record of a run: 0 where :func:`fingerprint_key` with
+    ``dst_ip`` (packed) certainly gives None: no IP, or IP neither to nor
+    from ``dst_ip`` and no tunnel.  Without ``dst_ip``: IP ones only.
+    ``short``: see :func:`probe_candidates`."""
+    def col(at):
+        return column(buf, at, stride, n)
+
+    short = _short_of(caplen, short, n)
+    layouts, cand = _layouts(col, first, n, short, link)
+    for kind, mask, ip in layouts:
+        if not mask:
+            continue
+        size = 4 if kind == 4 else 16
+        src = ip + (12 if kind == 4 else 8)
+        l4 = ip + (20 if kind == 4 else 40)
+        cut = mask & short(max(src + 2 * size, l4 + 4) - first)
+        cand |= cut
+        mask &= ~cut
+        if not mask:
+            continue
+        if dst_ip is None:
+            cand |= mask
+            continue
+        ours = 0
+        if len(dst_ip) == size:
+            is_src = is_dst = mask
+            for j in range(size):
+                is_src &= _eq(col(src + j), dst_ip[j])
+                is_dst &= _eq(col(src + size + j), dst_ip[j])
+            ours = is_src | is_dst
+        if kind == 4:
+            maybe = (_mask(col(ip), _T_NOT_45) |
+                     _mask(col(ip + 6), _T_FRAG_HI) |
+                     _mask(col(ip + 7), _T_NONZERO))
+            proto = col(ip + 9)
+        else:
+            maybe = _mask(col(ip), _T_IP6_BAD)
+            proto = col(ip + 6)
+        # Tunnels carry any inner address (IPv4 options shift the UDP
+        # header: those are in maybe).
+        tunnel = _eq(proto, 17)
+        if tunnel:
+            tunnel &= _tunnel_ports(col, l4)
+        cand |= mask & (ours | maybe | tunnel)
+    return _flags(cand, n)
+
+
+def _flags(mask, n):
+    """A big-int mask (one 0/1 byte per record) as ``n`` bytes."""
+    return mask.to_bytes(n, 'little') if mask else bytes(n)

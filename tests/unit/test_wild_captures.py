@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from netweaver_agent import analyze
 from netweaver_agent import pcapfile
+from netweaver_agent import pcapkeys
 from netweaver_agent import probe
 from tests.unit import test_analyze as ta
+from tests.unit import test_fuzz as tf
 from tests.unit import test_pcapfile as tpf
 from tests.unit import test_probe as tp
 
@@ -632,3 +634,78 @@ def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
     assert rep.anomalies == 0
     # Every packet is still measured on its own way.
     assert rep.ingress.count + rep.egress.count == len(exchanges) * 2
+
+
+# --------------------------------------------------------------------------
+# The columnar prefilters of real traffic never rule out a key.
+
+def _wild_frame(rnd):
+    """Probes (maybe damaged, tunnelled, tagged) or everyday traffic."""
+    pick = rnd.random()
+    if pick < 0.4:
+        return tf.damage(rnd, tf.make_frame(rnd))
+    if pick < 0.55:
+        return rnd.choice(ta.noise() + [SUBNET_BROADCAST])
+    exchange = rnd.choice(_exchanges(rnd.choice(
+        ['ping', 'ping6', 'synack', 'rst']), 3))
+    frame = exchange[rnd.randrange(2)]
+    if rnd.random() < 0.3:
+        frame = tagged(frame, *rnd.choice([(5,), (7, 100)]))
+    if rnd.random() < 0.3:
+        frame = tf.damage(rnd, frame)
+    return frame
+
+
+@settings(max_examples=400, deadline=None)
+@given(tf.randoms, st.sampled_from([1, 113, 276]),
+       st.sampled_from([None, ta.GUEST, '2001:2::a', '198.18.0.1']))
+def test_prefilters_never_rule_out_a_key(rnd, linktype, dst):
+    link = pcapkeys.LINKS[linktype]
+    dst_ip = None if dst is None else socket.inet_pton(
+        socket.AF_INET6 if ':' in dst else socket.AF_INET, dst)
+    same = rnd.random() < 0.3          # runs of one kind, as in real files
+    first = _wild_frame(rnd)
+    frames = [first if same and rnd.random() < 0.8 else _wild_frame(rnd)
+              for _ in range(rnd.randrange(1, 40))]
+    frames = [f for f in frames if len(f) >= 14]
+    if linktype == 113:
+        frames = [to_sll(f, rnd.random() < 0.5) for f in frames]
+    elif linktype == 276:
+        frames = [to_sll2(f, rnd.random() < 0.5) for f in frames]
+    if not frames:
+        return
+    caplen = rnd.choice([len(f) for f in frames] + [rnd.randrange(200)])
+    frames = [(f + bytes(caplen))[:caplen] for f in frames]
+    stride = caplen + rnd.randrange(0, 24)
+    buf = b''.join(f + rnd.randbytes(stride - caplen) for f in frames)
+    n = len(frames)
+    maybe_probe = pcapkeys.probe_candidates(buf, 0, stride, n, caplen, link)
+    maybe_print = pcapkeys.fingerprint_candidates(buf, 0, stride, n, caplen,
+                                                  link, dst_ip)
+    assert len(maybe_probe) == len(maybe_print) == n
+    for i in range(n):
+        off = i * stride
+        if not maybe_probe[i]:
+            assert pcapkeys.frame_key(buf, off, caplen, link) is None
+        if not maybe_print[i]:
+            assert pcapkeys.fingerprint_key(buf, off, caplen, link,
+                                            dst_ip) is None
+
+
+def test_prefilters_rule_out_everyday_traffic():
+    """What they are for: TCP data and ACKs, ARP, DNS, IPv6 of other
+    hosts, tagged or not, are ruled out without a per-record look."""
+    data = ta.eth(ta.ip4('198.18.0.1', '198.18.0.20', 6, struct.pack(
+        '!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08, 512, 0, 0) +
+        bytes(100)), probe.ETH_P_IP)
+    arp = ta.noise()[5]
+    dns = ta.eth(ta.ip4('198.18.0.1', '198.18.0.53', 17, struct.pack(
+        '!HHHH', 5353, 53, 8 + 20, 0) + bytes(20)), probe.ETH_P_IP)
+    frames = [data, tagged(data, 5), arp, dns, tagged(dns, 9)]
+    caplen = max(map(len, frames))
+    buf = b''.join((f + bytes(caplen))[:caplen] for f in frames)
+    n = len(frames)
+    assert pcapkeys.probe_candidates(buf, 0, caplen, n, caplen) == bytes(n)
+    guest = socket.inet_aton(ta.GUEST)
+    assert pcapkeys.fingerprint_candidates(buf, 0, caplen, n, caplen,
+                                           dst_ip=guest) == bytes(n)
