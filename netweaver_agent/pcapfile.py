@@ -206,7 +206,6 @@ class _Rows:
         self.progress = None            # callable(done_bytes, total)
         # Prefilter of a run for fingerprint keys (see pcapkeys).
         self.fp_filter = None
-        self._tick = 0
         self._last_report = None
 
     def fingerprint_too(self, keyfunc, fp_filter):
@@ -218,8 +217,7 @@ class _Rows:
 
     def report_progress(self, done, total):
         """Call ``progress`` about once a second after the first second."""
-        self._tick += 1
-        if self.progress is None or self._tick & 63:
+        if self.progress is None:
             return
         now = time.monotonic()
         if self._last_report is None:

@@ -16,6 +16,7 @@ import threading
 import pytest
 
 from tests.unit import test_analyze as ta
+from tests.unit import test_probe as tp
 
 SIGPIPE_STATUS = 141
 
@@ -176,3 +177,70 @@ def test_empty_pipe_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == 'netweaver analyze: -: empty file (no pcap ' \
         'header)\n'
+
+
+_WITH_SECONDS = ('import sys\n'
+                 'from netweaver_agent import cli, pcapfile\n'
+                 'pcapfile.PROGRESS_EVERY_S = float(sys.argv[1])\n'
+                 'sys.exit(cli.main(sys.argv[2:]))\n')
+
+
+def _progress_run(tmp_path, stderr_tty, seconds=0.0):
+    """The command with a progress interval of ``seconds``, stderr on a
+    real pseudo-terminal or a pipe; ``(status, stdout, stderr)``."""
+    # Probes of many lengths: the reader goes through the file in many
+    # steps (a file of equal records is one step: no time to report).
+    pif, vif = [], []
+    for seq in range(3000):
+        f = tp.frame('icmp', 4242, seq, size=20 + seq % 50)
+        pif.append((ta.T0 + seq * 1000, f))
+        vif.append((ta.T0 + seq * 1000 + 9000, f))
+    pif = ta.write(tmp_path / 'eth0.pcap', pif)
+    vif = ta.write(tmp_path / 'tap0.pcap', vif)
+    argv = [sys.executable, '-c', _WITH_SECONDS, str(seconds), 'analyze',
+            pif, vif]
+    if not stderr_tty:
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=60)
+        return proc.returncode, proc.stdout, proc.stderr
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave,
+                              text=True, timeout=60)
+        os.close(slave)
+        slave = None
+        err = b''
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:         # EIO: the terminal's other end closed
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    return proc.returncode, proc.stdout, err.decode()
+
+
+def test_progress_line_on_a_terminal(tmp_path):
+    status, out, err = _progress_run(tmp_path, stderr_tty=True)
+    assert status == 0
+    assert '\rnetweaver analyze: reading eth0.pcap: ' in err
+    assert '% (0 of 0 MiB)' in err
+    assert err.endswith('\r\x1b[K')         # the line is wiped at the end
+    assert 'eth0 → tap0 (probe mode' in out and '\r' not in out
+
+
+def test_no_progress_line_when_stderr_is_no_terminal(tmp_path):
+    status, out, err = _progress_run(tmp_path, stderr_tty=False)
+    assert status == 0 and err == ''
+    assert 'eth0 → tap0 (probe mode' in out
+
+
+def test_no_progress_line_for_files_read_within_a_second(tmp_path):
+    status, out, err = _progress_run(tmp_path, stderr_tty=True,
+                                     seconds=3600)
+    assert status == 0 and 'reading' not in err
