@@ -458,14 +458,19 @@ class LiveCapture:
     :func:`bpf_filter`).  ``expected_packets``: sightings the window
     expects, to size the receive ring (:func:`ring_bytes`, at most
     ``max_ring_bytes``); ``use_ring`` False: read with ``recvmsg``.
-    ``reader`` says which one is in use once open.
+    ``reader`` says which one is in use once open.  ``tcp_ports``: the
+    source ports of the window's TCP probes; TCP keys carry no session
+    (their ISN is keyed), so other TCP handshakes on the host are told
+    apart by port here, not kept for the matcher to sort out (None: all
+    kept).
     """
 
     def __init__(self, session, protocol='icmp', netns_name=None,
                  interfaces=None, vxlan_port=None, geneve_port=None,
                  expected_packets=None, max_ring_bytes=MAX_RING_BYTES,
-                 use_ring=True):
+                 use_ring=True, tcp_ports=None):
         self.session = session
+        self.tcp_ports = frozenset(tcp_ports) if tcp_ports else None
         self.expected_packets = expected_packets
         self.max_ring_bytes = max_ring_bytes
         self.use_ring = use_ring
@@ -666,7 +671,8 @@ class LiveCapture:
             found = pcapkeys.run_keys(data, run.frame, run.stride, n,
                                       run.caplen)
         if (found is not None and found.all_ok and
-                found.session == self.session and found.encaps is None and
+                self._ours(found.session, found.keys) and
+                found.encaps is None and
                 found.auth is not None and run.vlan is None and
                 min(index) >= 0):
             batch = self.batch
@@ -677,13 +683,11 @@ class LiveCapture:
             batch.direction.frombytes(direction)
             self._last_probe_ns = time.monotonic_ns()
             return
-        session = self.session
         for i in range(n):
             if index[i] < 0:
                 continue
-            if found is not None and found.ok[i] and \
-                    found.sessions[i] != session and \
-                    found.sessions[i] != probe.TCP_SESSION:
+            if found is not None and found.ok[i] and not self._ours(
+                    found.sessions[i], found.keys[i:i + 1]):
                 self._foreign += 1
                 continue
             self._frame(data, run.frame + i * run.stride, run.caplen,
@@ -726,6 +730,17 @@ class LiveCapture:
             direction = DIR_OUT if addr[2] == PACKET_OUTGOING else DIR_IN
             self._frame(data, 0, len(data), index, t_ns, direction, vid)
 
+    def _ours(self, session, keys):
+        """Whether rows of ``session`` with ``keys`` may be this window's:
+        its session, or TCP (no session) from one of ``tcp_ports``."""
+        if session == self.session:
+            return True
+        if session != probe.TCP_SESSION:
+            return False
+        ports = self.tcp_ports
+        return ports is None or all((k >> 17) & 0xffff in ports
+                                    for k in keys)
+
     def _frame(self, data, off, caplen, index, t_ns, direction, vid):
         """Keep the frame at ``data[off:off+caplen]`` (seen on batch
         column ``index``) if it is a probe or answer of this window; both
@@ -733,8 +748,7 @@ class LiveCapture:
         of it, or None."""
         # Fixed-offset parse (no packet objects): ~10x parse_key.
         found = pcapkeys.frame_key(data, off, caplen, tunnels=self._tunnels)
-        if found is None or (found[0] != self.session and
-                             found[0] != probe.TCP_SESSION):
+        if found is None or not self._ours(found[0], (found[1],)):
             self._foreign += 1
             return
         auth = pcapkeys.frame_auth(

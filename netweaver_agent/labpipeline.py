@@ -1042,8 +1042,13 @@ def _report(say, lab, rows, states, alerts):
         truth = []
         for d in lab.delays:
             if d.injection.guest == g.index:
+                holds = sorted(r.hold_ns for r in lab.delay_records(g.index)
+                               if not r.reply)
+                held = (f', {len(holds)} probes held, hold median '
+                        f'{holds[len(holds) // 2] / 1000:.1f} us'
+                        if holds else '')
                 truth.append(f'delay {d.injection.delay_ms:g} ms '
-                             f'({d.backend})')
+                             f'({d.backend}{held})')
         for loss_inj in lab.losses:
             if loss_inj.guest == g.index:
                 truth.append(f'drop every {loss_inj.every}th probe')

@@ -165,7 +165,12 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     # The injected truth, as Gnocchi holds it.
     d = samples[(delayed.tap, 'network.vif.latency')].gnocchi
     p = samples[(lossy.tap, 'network.vif.latency')].gnocchi
-    assert DELAY_MS * 1000 <= d <= DELAY_MS * 1000 + 1000, d
+    # No probe is faster than its hold; the mean is not slower than the
+    # longest hold the delayer recorded (a loaded machine holds longer).
+    holds_us = [r.hold_ns / 1000 for r in the_lab.delay_records(delayed.index)
+                if not r.reply]
+    assert holds_us, 'the delayer recorded no hold'
+    assert DELAY_MS * 1000 <= d <= max(holds_us) + 500, (d, max(holds_us))
     assert 0 < p < 500, p
     assert samples[(lossy.tap, 'network.vif.probe.loss')].gnocchi == \
         pytest.approx(100.0 / LOSS_EVERY)
@@ -197,6 +202,13 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
                 'NetweaverVifProbeLoss': {rids[lossy.tap]},
                 'NetweaverVifLatencyAbsent': set()}
     assert _wait_firing(pipe, expected, WAIT_S) == expected
+
+    # Every service listens on loopback or the lab's management address.
+    listening = netns.run(['ss', '-Hltnu'], netns=the_lab.mgmt_netns).stdout
+    local = [line.split()[4] for line in listening.splitlines()]
+    assert local, listening
+    allowed = ('127.0.0.1:', f'{the_lab.mgmt_addresses.mgmt}:')
+    assert [a for a in local if not a.startswith(allowed)] == [], listening
 
     # With Ceilometer's own definitions these meters would be dropped.
     with open(pipe.notification_log, encoding='utf-8',
