@@ -191,6 +191,10 @@ def run_window(paths, source, settings=None, capture_netns=None,
     # the capture's receive ring is sized for.
     extra['expected_packets'] = 2 * len(plan.probes) * max(
         len(p.interfaces) for p in paths)
+    if settings.protocol == 'tcp':
+        # TCP keys carry no session: the capture keeps the handshakes of
+        # the plan's source ports only.
+        extra['tcp_ports'] = sorted({p.sport for p in plan.probes})
     with _discard_on_error(source, capture_class(
             session, settings.protocol, netns_name=capture_netns,
             interfaces=interfaces, **extra)) as cap:

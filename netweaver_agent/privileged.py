@@ -386,8 +386,15 @@ def _check_protocol(protocol):
 
 
 def _open_capture(session, protocol, netns_name, interfaces,
-                  vxlan_port=None, geneve_port=None, expected_packets=None):
+                  vxlan_port=None, geneve_port=None, expected_packets=None,
+                  tcp_ports=None):
     session = _int(session, 'probe session', 1, 0xffff)
+    if tcp_ports is not None:
+        if not isinstance(tcp_ports, (list, tuple)) or \
+                len(tcp_ports) > 0xffff:
+            raise ValueError("TCP ports: expected a list of ports")
+        tcp_ports = [_int(p, 'TCP source port', 1, 65535)
+                     for p in tcp_ports]
     if expected_packets is not None:
         expected_packets = _int(expected_packets, 'expected packets', 0,
                                 2**40)
@@ -409,7 +416,8 @@ def _open_capture(session, protocol, netns_name, interfaces,
                               interfaces=interfaces, vxlan_port=vxlan_port,
                               geneve_port=geneve_port,
                               expected_packets=expected_packets,
-                              max_ring_bytes=_table.limits.ring_bytes)
+                              max_ring_bytes=_table.limits.ring_bytes,
+                              tcp_ports=tcp_ports)
     try:
         cap.open()
     except BaseException:
@@ -836,9 +844,10 @@ class PrivsepCapture:
 
     def __init__(self, session, protocol='icmp', netns_name=None,
                  interfaces=None, context=None, vxlan_port=None,
-                 geneve_port=None, expected_packets=None):
+                 geneve_port=None, expected_packets=None, tcp_ports=None):
         self.session = session
         self.expected_packets = expected_packets
+        self.tcp_ports = sorted(tcp_ports) if tcp_ports else None
         self.vxlan_port = vxlan_port
         self.geneve_port = geneve_port
         self.protocol = protocol
@@ -861,7 +870,7 @@ class PrivsepCapture:
         self._handle = call(self.context, 'open_capture', self.session,
                             self.protocol, self.netns_name, self.interfaces,
                             self.vxlan_port, self.geneve_port,
-                            self.expected_packets)
+                            self.expected_packets, self.tcp_ports)
 
     def settle(self, quiet_s, max_s=None):
         call(self.context, 'settle_capture', self._handle, quiet_s, max_s)
@@ -877,11 +886,13 @@ class PrivsepCapture:
 def capture_class(context):
     """A ``capture_class`` for :func:`measure.run_window` using ``context``."""
     def make(session, protocol='icmp', netns_name=None, interfaces=None,
-             vxlan_port=None, geneve_port=None, expected_packets=None):
+             vxlan_port=None, geneve_port=None, expected_packets=None,
+             tcp_ports=None):
         return PrivsepCapture(session, protocol, netns_name=netns_name,
                               interfaces=interfaces, context=context,
                               vxlan_port=vxlan_port, geneve_port=geneve_port,
-                              expected_packets=expected_packets)
+                              expected_packets=expected_packets,
+                              tcp_ports=tcp_ports)
     return make
 
 

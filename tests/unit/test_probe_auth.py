@@ -423,3 +423,26 @@ def test_rejected_look_alikes_reach_the_samples_metadata():
                             interfaces=('eth1', 'tap1'))
     md = pollsters.latency_metadata(rep, path, window, 'local')
     assert md['probe_rejected'] == 1
+
+
+def test_capture_keeps_tcp_of_the_plans_ports_only():
+    """TCP keys carry no session: other handshakes on the host are told
+    apart by the plan's source ports (40000..40003 here)."""
+    cap = capture.LiveCapture(SESSION, 'tcp', tcp_ports=[40000, 40002])
+    rows = []
+    for n in range(4):
+        f = probe_frame('tcp', 4, n)
+        rows += [f, answer(f)]
+    for f in rows:
+        cap._frame(f, 0, len(f), cap.batch.interface_index('eth1'), 1, 0,
+                   None)
+    ports = sorted({(k >> 17) & 0xffff for k in cap.batch.keys})
+    assert ports == [40000, 40002] and cap._foreign == 4
+    everything = capture.LiveCapture(SESSION, 'tcp')
+    for f in rows:
+        everything._frame(f, 0, len(f), 0, 1, 0, None)
+    assert len(everything.batch) == 8
+    # ICMP rows of another session stay foreign.
+    other = probe_frame('icmp', 4, 1, session=SESSION + 1)
+    cap._frame(other, 0, len(other), 0, 1, 0, None)
+    assert cap._foreign == 5
