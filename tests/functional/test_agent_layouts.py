@@ -145,8 +145,8 @@ def build(lab_factory, switch, network_type):
 
 
 def switch_socket(the_lab):
-    """The hypervisor's ovsdb-server socket, found by its pidfile's
-    folder (not through the layout property the agent's files use)."""
+    """The hypervisor's ovsdb-server socket, from its daemons' own paths
+    (not through the layout property the agent's files are written from)."""
     layout = the_lab.layout
     ovs = layout.hv.ovs if the_lab.spec.switch == 'ovn' else layout.ovs
     return ovs.paths.db_sock
