@@ -457,23 +457,26 @@ class LiveCapture:
     come inside VXLAN or Geneve packets to that UDP port (see
     :func:`bpf_filter`).  ``expected_packets``: sightings the window
     expects, to size the receive ring (:func:`ring_bytes`, at most
-    ``max_ring_bytes``); ``use_ring`` False: read with ``recvmsg``.
-    ``reader`` says which one is in use once open.  ``tcp_ports``: the
+    ``max_ring_bytes``); ``use_ring`` False: read with ``recvmsg``
+    (None: :attr:`USE_RING`).  ``reader`` says which one is in use once
+    open.  ``tcp_ports``: the
     source ports of the window's TCP probes; TCP keys carry no session
     (their ISN is keyed), so other TCP handshakes on the host are told
     apart by port here, not kept for the matcher to sort out (None: all
     kept).
     """
 
+    USE_RING = True
+
     def __init__(self, session, protocol='icmp', netns_name=None,
                  interfaces=None, vxlan_port=None, geneve_port=None,
                  expected_packets=None, max_ring_bytes=MAX_RING_BYTES,
-                 use_ring=True, tcp_ports=None):
+                 use_ring=None, tcp_ports=None):
         self.session = session
         self.tcp_ports = frozenset(tcp_ports) if tcp_ports else None
         self.expected_packets = expected_packets
         self.max_ring_bytes = max_ring_bytes
-        self.use_ring = use_ring
+        self.use_ring = self.USE_RING if use_ring is None else use_ring
         self.reader = None
         self._ring = None
         # Kernel ifindex (ring) or name (recvmsg) -> batch column, -1 for

@@ -203,10 +203,15 @@ def test_handles_and_captures_are_capped_and_all_come_back(box):
         for _ in range(lim.captures):
             caps.append(privileged.call(CTX, 'open_capture', session,
                                         'icmp', None, None))
+            if len(caps) == 1:
+                # The socket, and its receive ring's mapping (Python's
+                # mmap keeps a duplicate of the socket's descriptor).
+                per = box.fds() - fds
         with pytest.raises(privileged.LimitError, match='captures'):
             privileged.call(CTX, 'open_capture', session, 'icmp', None,
                             None)
-        assert box.fds() == fds + lim.captures
+        assert 1 <= per <= 2
+        assert box.fds() == fds + lim.captures * per
         prepared = []
         while len(caps) + len(prepared) < lim.handles:
             prepared.append(_prepare(session, _wire([GOOD])))

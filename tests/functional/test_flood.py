@@ -190,10 +190,12 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
                             for r in result.reports.values()))
     LOG.info('%s', figures)
     assert rate >= MIN_PPS, figures
-    # The look-alikes did reach the matcher (TCP keys carry no session,
-    # its ISN is a keyed hash: the capture keeps them all for the plan's
-    # ISNs to sort out)...
-    assert result.capture.foreign > 0 or protocol == 'tcp', figures
+    # The look-alikes did reach the capture: those of the window's
+    # session as rows; ICMP and UDP ones of other sessions are kept out
+    # by the kernel filter; TCP ones (no session on the wire: the capture
+    # tells them by the plan's ports) reach it as foreign packets...
+    if protocol == 'tcp':
+        assert result.capture.foreign > 0, figures
     assert unplanned > 0, figures
     if protocol == 'icmp':
         assert replies_in > 0, figures
@@ -230,10 +232,12 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
 def test_capture_drops_give_unknown_fate_not_loss(lab_factory,
                                                   cycle_factory,
                                                   tmp_path, monkeypatch):
-    # The real pollsters, capturing in this process (privsep off) with a
-    # receive buffer of the kernel's minimum: under the flood the capture
-    # itself drops packets.
+    # The real pollsters, capturing in this process (privsep off) with
+    # recvmsg (as where the kernel gives no ring: the ring would not drop
+    # here) and a receive buffer of the kernel's minimum: under the flood
+    # the capture itself drops packets.
     monkeypatch.setattr(capture, 'RCVBUF_BYTES', 1)
+    monkeypatch.setattr(capture.LiveCapture, 'USE_RING', False)
     the_lab = lab_factory(guests=2, losses=(
         lab_mod.LossInjection(guest=1, every=EVERY, protocol='icmp'),))
     count = 100
