@@ -36,6 +36,14 @@ for pkg in "${APT_PACKAGES[@]}"; do
         || missing+=("$pkg")
 done
 
+# Pids of the daemons the packages of this install could start.
+daemon_pids() {
+    local name
+    for name in epmd beam.smp prometheus postgres; do
+        pgrep -x "$name" || true
+    done | tr '\n' ' '
+}
+
 apt_install() {
     local start=$SECONDS
     export DEBIAN_FRONTEND=noninteractive
@@ -45,6 +53,8 @@ apt_install() {
         chmod 755 "$policy"
         made_policy=1
     fi
+    local before
+    before=" $(daemon_pids) "
     apt-get -o DPkg::Lock::Timeout=300 update -qq || status=$?
     if [ "$status" -eq 0 ]; then
         apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
@@ -53,19 +63,19 @@ apt_install() {
     if [ -n "$made_policy" ]; then
         rm -f "$policy"
     fi
-    # A postinst that started a host-wide daemon anyway: stop it.  The lab
-    # and the tests run their own inside namespaces, never in this one.
-    local name pid here
+    # A postinst that started a host-wide daemon anyway: stop it (only what
+    # appeared during this install).  The lab and the tests run their own
+    # inside namespaces, never in this one.
+    local pid here
     here=$(readlink /proc/self/ns/net)
-    for name in epmd beam.smp prometheus postgres; do
-        for pid in $(pgrep -x "$name" 2>/dev/null || true); do
-            if [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$here" ]
-            then
-                echo "pipeline-bootstrap: stopping host-wide $name" \
-                     "(pid $pid) started by its package" >&2
-                kill "$pid" 2>/dev/null || true
-            fi
-        done
+    for pid in $(daemon_pids); do
+        case "$before" in *" $pid "*) continue ;; esac
+        if [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$here" ]; then
+            echo "pipeline-bootstrap: stopping host-wide" \
+                 "$(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) started" \
+                 "by its package" >&2
+            kill "$pid" 2>/dev/null || true
+        fi
     done
     echo "pipeline-bootstrap: apt ${missing[*]}: $((SECONDS - start)) s"
     return "$status"
