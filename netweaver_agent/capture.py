@@ -227,6 +227,7 @@ _PROTOS6 = {'icmp': (58,), 'udp': (17, 58), 'tcp': (6,)}
 _LDH_ABS, _LDB_ABS, _LDH_IND, _LDB_IND = 0x28, 0x30, 0x48, 0x50
 _LDX_IMM, _JEQ, _RET = 0x01, 0x15, 0x06
 _JSET, _AND_K, _LSH_K, _ADD_X, _ADD_K = 0x45, 0x54, 0x64, 0x0c, 0x04
+_JGT, _JGE = 0x25, 0x35
 _TAX, _TXA = 0x07, 0x87
 # Offsets of a VXLAN packet with an IPv4 underlay without options (an IPv6
 # underlay is 20 bytes longer); a Geneve packet's inner frame is its
@@ -322,7 +323,26 @@ def _narrow(session, protocol, v6, tunnel_ports):
     return code + identity(l4 + 8)
 
 
-def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None):
+def _narrow_tcp(v6, ports):
+    """Checks keeping TCP packets whose source or destination port lies
+    in ``ports``' range (a probe from one of them, or an answer to one),
+    behind X bytes of VLAN tags; an IPv4 header with options is left to
+    user space."""
+    n = 'n6' if v6 else 'n4'
+    l4 = 14 + (40 if v6 else 20)
+    low, high = min(ports), max(ports)
+    code = [n]
+    if not v6:
+        code += [(_LDB_IND, 0, 0, 14), (_JEQ, 0, 'accept', 0x45)]
+    return code + [
+        (_LDH_IND, 0, 0, l4), (_JGE, 0, n + 'dst', low),
+        (_JGT, 0, 'accept', high),
+        n + 'dst', (_LDH_IND, 0, 0, l4 + 2), (_JGE, 0, 'reject', low),
+        (_JGT, 'reject', 'accept', high)]
+
+
+def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None,
+               tcp_ports=None):
     """A classic BPF program accepting frames that may be probes.
 
     IPv4 and IPv6: ``icmp`` accepts ICMP and ICMPv6; ``udp`` accepts UDP
@@ -335,8 +355,10 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None):
     inside, the inner frame after the options).  ``session``: of plain
     (untunnelled) ICMP and UDP packets, keep only that window's probes
     and answers (:func:`_narrow`), so tenants' traffic stays out of the
-    ring; TCP probes carry no session (their ISN is a keyed hash) and
-    tunnelled frames are not narrowed.  The rest is verified in user
+    ring; ``tcp_ports``: of plain TCP packets, keep those from or to the
+    range of the window's probe source ports (TCP probes carry no
+    session: their ISN is a keyed hash).  Tunnelled frames are not
+    narrowed.  The rest is verified in user
     space by :func:`pcapkeys.frame_key`.  Returns ``(code, jt, jf, k)``
     instructions.
     """
@@ -355,7 +377,8 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None):
              (_JEQ, 'ip6', 'reject', probe.ETH_P_IPV6)]
     tunnels = (vxlan_port or geneve_port) and 17 not in protos
     four = protos + ((17,) if tunnels else ())
-    narrow = session is not None and protocol != 'tcp'
+    narrow = (session is not None and protocol != 'tcp') or bool(
+        protocol == 'tcp' and tcp_ports)
     plain4, plain6 = ('n4', 'n6') if narrow else ('accept', 'accept')
     code += ['ip4'] + _match_any((_LDB_IND, 0, 0, 23), four, 'l4', 'reject')
     six = protos6 + ((17,) if tunnels else ())
@@ -391,7 +414,9 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None):
                                      protos6, 'accept', 'reject')
     else:
         code += ['l4']
-    if narrow:
+    if narrow and protocol == 'tcp':
+        code += _narrow_tcp(False, tcp_ports) + _narrow_tcp(True, tcp_ports)
+    elif narrow:
         ports = probe.tunnel_ports(vxlan_port, geneve_port)
         code += _narrow(session, protocol, False, ports)
         code += _narrow(session, protocol, True, ports)
@@ -407,7 +432,7 @@ def _attach_filter(sock, program):
 
 
 def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
-                       geneve_port=None, session=None):
+                       geneve_port=None, session=None, tcp_ports=None):
     """An ``AF_PACKET`` socket with ns timestamps and the probe filter.
 
     Created in network namespace ``netns_name`` (None: the current one).
@@ -424,7 +449,7 @@ def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
             f"(namespace {netns_name or 'of this process'}): {exc}") from exc
     try:
         _attach_filter(sock, bpf_filter(protocol, vxlan_port, geneve_port,
-                                        session))
+                                        session, tcp_ports))
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
@@ -512,7 +537,7 @@ class LiveCapture:
     def open(self):
         self._sock = open_packet_socket(self.netns_name, self.protocol,
                                         self.vxlan_port, self.geneve_port,
-                                        self.session)
+                                        self.session, self.tcp_ports)
         try:
             self._ring = self._open_ring()
         except BaseException:
@@ -544,7 +569,7 @@ class LiveCapture:
         self._sock.close()
         self._sock = open_packet_socket(self.netns_name, self.protocol,
                                         self.vxlan_port, self.geneve_port,
-                                        self.session)
+                                        self.session, self.tcp_ports)
         return None
 
     def settle(self, quiet_s, max_s=None):

@@ -24,6 +24,7 @@ from tests.unit.test_encap_parse import tp_reply
 from tests.unit.test_pcapfile import frames
 
 SESSION = 0x2345
+ADDRS = (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 10]))
 
 
 def ours_and_answers(proto, session, vlan=()):
@@ -68,7 +69,7 @@ def test_udp_mode_keeps_tunnels_for_user_space():
         assert run_bpf(prog, outer) == capture.SNAPLEN
 
 
-def test_tcp_and_no_session_are_not_narrowed():
+def test_no_session_and_no_tcp_ports_are_not_narrowed():
     for proto in probe.PROTOCOLS:
         assert capture.bpf_filter(proto) == capture.bpf_filter(
             proto, session=None)
@@ -86,4 +87,38 @@ def test_nothing_user_space_keeps_is_refused(frame, proto, vxlan_port):
         return
     narrow = capture.bpf_filter(proto, vxlan_port=vxlan_port,
                                 session=found[0])
+    assert run_bpf(narrow, frame) == capture.SNAPLEN, frame.hex()
+
+
+def test_tcp_keeps_the_plans_ports_only():
+    ports = range(40000, 40010)
+    prog = capture.bpf_filter('tcp', session=SESSION, tcp_ports=ports)
+    for vlan in ((), (5,)):
+        for port in (ports[0], ports[-1]):
+            syn = probe.build_frame('tcp', SESSION, probe.tcp_ident(port, 1),
+                                    *ADDRS, tf.MAC_A, tf.MAC_B, vlan=vlan)
+            assert run_bpf(prog, syn) == capture.SNAPLEN
+            if not vlan:
+                assert run_bpf(prog, tp_reply(syn)) == capture.SNAPLEN
+                six = frame6('tcp', SESSION, 1)
+                assert run_bpf(capture.bpf_filter(
+                    'tcp', tcp_ports=[40001]), six) == capture.SNAPLEN
+        for port in (ports[0] - 1, ports[-1] + 1):
+            syn = probe.build_frame('tcp', SESSION, probe.tcp_ident(port, 1),
+                                    *ADDRS, tf.MAC_A, tf.MAC_B, vlan=vlan)
+            assert run_bpf(prog, syn) == 0
+            if not vlan:
+                assert run_bpf(prog, tp_reply(syn)) == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(frames(), st.sampled_from([None, 4789]))
+def test_tcp_nothing_of_the_plans_ports_is_refused(frame, vxlan_port):
+    found = pcapkeys.frame_key(frame, 0, len(frame))
+    broad = capture.bpf_filter('tcp', vxlan_port=vxlan_port)
+    if found is None or not found[1] >> 33 or not run_bpf(broad, frame):
+        return
+    port = probe.tcp_ident_port(found[1] >> 1)
+    narrow = capture.bpf_filter('tcp', vxlan_port=vxlan_port,
+                                tcp_ports=[port])
     assert run_bpf(narrow, frame) == capture.SNAPLEN, frame.hex()

@@ -241,8 +241,8 @@ def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
 
 def run_bpf(prog, pkt):
     """The classic BPF subset the capture uses: ld[bh] abs/ind, ldx imm,
-    jeq, jset, and/lsh/add #k, add x, tax, txa, ret.  Out-of-frame loads
-    reject, as in the kernel."""
+    jeq, jset, jgt, jge, and/lsh/add #k, add x, tax, txa, ret.
+    Out-of-frame loads reject, as in the kernel."""
     a = x = 0
     pc = 0
     while True:
@@ -260,6 +260,10 @@ def run_bpf(prog, pkt):
             pc += jt if a == k else jf
         elif op == 0x45:                    # jset
             pc += jt if a & k else jf
+        elif op == 0x25:                    # jgt
+            pc += jt if a > k else jf
+        elif op == 0x35:                    # jge
+            pc += jt if a >= k else jf
         elif op == 0x54:                    # and #k
             a &= k
         elif op == 0x64:                    # lsh #k
