@@ -15,7 +15,8 @@ d) the whole command, ``netweaver analyze --json PIF VIF -d IP``;
 e) ``tcpdump -r PIF -w /dev/null`` (reading and writing every record, no
    decoding: the floor of any reader).
 
-Prints records/s for each and the ratio to tcpdump.  A figure, not a
+Prints wall and CPU seconds and records/s (by CPU time: on a loaded
+machine wall time mostly measures the neighbours).  A figure, not a
 test: nothing here asserts on speed.  ``--python DIR`` runs a)-c) with
 the package found in DIR instead (e.g. an older commit from ``git
 archive``), for a before/after figure.  Usage::
@@ -26,6 +27,7 @@ archive``), for a before/after figure.  Usage::
 import argparse
 import os
 import random
+import resource
 import shutil
 import socket
 import struct
@@ -177,21 +179,28 @@ for name, kw in modes:
     read = getattr(pcapfile, 'read_capture', None)
     if read is None:            # before read_capture: read_pcap only
         if 'b)' in name:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             pcapfile.read_pcap(path)
             pcapfile.read_pcap(path, fingerprint=True,
                                dst_ip='198.18.0.10')
             took = time.perf_counter() - start
-            print(f'{name:52s} {took:7.2f} s {n / took / 1e6:6.2f} M/s'
-                  ' (two reads)')
+            cpu = time.process_time() - cpu
+            print(f'{name:52s} {took:6.2f} s {cpu:6.2f} s '
+                  f'{n / cpu / 1e6:5.2f} M/s (two reads)')
             continue
         kw = {k: v for k, v in kw.items() if k != 'probes'}
         read = pcapfile.read_pcap
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     read(path, **kw)
     took = time.perf_counter() - start
-    print(f'{name:52s} {took:7.2f} s {n / took / 1e6:6.2f} M/s')
+    cpu = time.process_time() - cpu
+    print(f'{name:52s} {took:6.2f} s {cpu:6.2f} s {n / cpu / 1e6:5.2f} M/s')
 '''
+
+
+def _children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main():
@@ -213,31 +222,36 @@ def main():
               f'{os.path.getsize(vif) / 1e6:.0f} MB')
         n = args.packets
         env = dict(os.environ)
+        print(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} '
+              'CPUs')
+        print(f'{"":52s} {"wall":>8s} {"CPU":>8s} {"by CPU":>9s}')
         print('this tree:')
+        # From the capture's directory: '' on sys.path must not be a tree.
         subprocess.run([sys.executable, '-c', _READERS, pif, str(n)],
-                       check=True, env=env)
+                       check=True, env=env, cwd=tmp)
         if args.python:
             print(f'package in {args.python}:')
             subprocess.run([sys.executable, '-c', _READERS, pif, str(n)],
-                           check=True, env={**env,
-                                            'PYTHONPATH': args.python})
-        start = time.perf_counter()
+                           check=True, cwd=tmp,
+                           env={**env, 'PYTHONPATH': args.python})
+        start, cpu = time.perf_counter(), _children_cpu()
         proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
                                'analyze', '--json', pif, vif, '-d', GUEST],
                               capture_output=True, text=True)
-        took = time.perf_counter() - start
+        took, cpu = time.perf_counter() - start, _children_cpu() - cpu
         print(f'{"d) netweaver analyze --json PIF VIF -d IP":52s} '
-              f'{took:7.2f} s (both files, exit {proc.returncode})')
+              f'{took:6.2f} s {cpu:6.2f} s (both files, exit '
+              f'{proc.returncode})')
         tcpdump = shutil.which('tcpdump')
         if tcpdump is None:
             print('e) tcpdump: not installed')
             return
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu()
         subprocess.run([tcpdump, '-r', pif, '-w', '/dev/null'],
                        check=True, capture_output=True)
-        took = time.perf_counter() - start
-        print(f'{"e) tcpdump -r PIF -w /dev/null":52s} {took:7.2f} s '
-              f'{n / took / 1e6:6.2f} M/s')
+        took, cpu = time.perf_counter() - start, _children_cpu() - cpu
+        print(f'{"e) tcpdump -r PIF -w /dev/null":52s} {took:6.2f} s '
+              f'{cpu:6.2f} s {n / cpu / 1e6:5.2f} M/s')
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -196,7 +196,9 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
         back.feed_batch(batch)
         replies = back.reports()[vif]
         report = dataclasses.replace(
-            report, egress=replies.egress, anomalies=replies.anomalies)
+            report, egress=replies.egress, anomalies=replies.anomalies,
+            histograms=tuple((d, replies.histogram(d) if d == 'egress'
+                              else h) for d, h in report.histograms))
     LOG.debug('Analysed %(pif)s and %(vif)s (%(mode)s mode, session '
               '%(session)d): %(n)d probes', {
                   'pif': pif_path, 'vif': vif_path, 'mode': mode,

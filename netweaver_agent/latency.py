@@ -42,6 +42,19 @@ from netweaver_agent import probe
 DIR_IN = capture.DIR_IN
 DIR_OUT = capture.DIR_OUT
 
+# Latency histogram buckets, log2 µs: bucket 0 holds [0, 1) µs, bucket k
+# (1..20) [2**(k-1), 2**k) µs, bucket 21 everything from 2**20 µs (~1 s).
+HISTOGRAM_EDGES_US = (0,) + tuple(1 << k for k in range(21))
+
+
+def log2_histogram(values_ns):
+    """Counts per :data:`HISTOGRAM_EDGES_US` bucket of latencies in ns."""
+    counts = [0] * len(HISTOGRAM_EDGES_US)
+    last = len(counts) - 1
+    for v in values_ns:
+        counts[min(max(int(v) // 1000, 0).bit_length(), last)] += 1
+    return tuple(counts)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DirectionStats:
@@ -143,6 +156,14 @@ class LatencyReport:
     anomalies: int = 0
     rejected: int = 0
     authenticated: bool = False
+    # ((direction, counts per HISTOGRAM_EDGES_US bucket), ...): the
+    # distribution behind ingress, egress and turnaround.
+    histograms: tuple = ()
+
+    def histogram(self, direction):
+        """Counts per :data:`HISTOGRAM_EDGES_US` bucket of ``direction``
+        (``'ingress'``, ``'egress'``, ``'turnaround'``); () if unknown."""
+        return dict(self.histograms).get(direction, ())
 
     @property
     def filtered(self):
@@ -385,7 +406,10 @@ class Matcher:
             hops=hop_stats, unseen_at_pif=unseen, late=late,
             unknown=unknown, vlan=vlan, vni=vni, tunnel=tunnel,
             anomalies=anomalies, rejected=self._rejected[path.vnic],
-            authenticated=self.secret is not None)
+            authenticated=self.secret is not None,
+            histograms=(('ingress', log2_histogram(ingress)),
+                        ('egress', log2_histogram(egress)),
+                        ('turnaround', log2_histogram(turnaround))))
 
     def _carried(self, seqs):
         """``(vlan, vni, tunnel)`` most common on the pif among ``seqs``."""

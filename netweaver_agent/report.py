@@ -2,6 +2,12 @@
 
 Used by every ``netweaver`` command, so ``lab``, ``analyze`` and
 ``measure`` print the same shape.
+
+Each direction's latencies are also counted on fixed log2 µs buckets
+(:data:`latency.HISTOGRAM_EDGES_US`: [0, 1), [1, 2), [2, 4) ... [2**19,
+2**20) µs, then everything above): JSON carries the counts
+(``histogram``, with the edges as ``histogram_edges_us``), the table a
+one-line picture of them, so a bimodal path or a long tail shows.
 """
 
 import dataclasses
@@ -20,6 +26,33 @@ def stats_to_dict(stats):
     return out
 
 
+_LEVELS = '▁▂▃▄▅▆▇█'
+
+
+def _edge(us):
+    if us >= 1000:
+        return f'{us / 1000:g} ms'
+    return f'{us} µs'
+
+
+def histogram_line(counts):
+    """One line picturing histogram ``counts`` (see
+    :meth:`latency.LatencyReport.histogram`) from its first to its last
+    non-empty bucket (each character one bucket, twice the one before;
+    ``·`` empty), or None when nothing was measured."""
+    if not counts or not any(counts):
+        return None
+    edges = latency.HISTOGRAM_EDGES_US
+    first = next(i for i, c in enumerate(counts) if c)
+    last = max(i for i, c in enumerate(counts) if c)
+    top = max(counts)
+    bar = ''.join(
+        '·' if not c else _LEVELS[-(-c * len(_LEVELS) // top) - 1]
+        for c in counts[first:last + 1])
+    high = _edge(edges[last + 1]) if last + 1 < len(edges) else '∞'
+    return f'{_edge(edges[first])} {bar} {high}'
+
+
 def report_to_dict(report):
     """A :class:`latency.LatencyReport` as a plain dict (for JSON)."""
     out = {'vnic': report.vnic, 'pif': report.pif,
@@ -28,9 +61,13 @@ def report_to_dict(report):
            'unknown': report.unknown, 'anomalies': report.anomalies,
            'filtered': report.filtered,
            'vlan': list(report.vlan), 'vni': report.vni,
-           'tunnel': report.tunnel}
+           'tunnel': report.tunnel,
+           'histogram_edges_us': list(latency.HISTOGRAM_EDGES_US)}
     for direction in DIRECTIONS:
         out[direction] = stats_to_dict(getattr(report, direction))
+        out[direction]['histogram'] = list(
+            report.histogram(direction) or
+            [0] * len(latency.HISTOGRAM_EDGES_US))
     out['hops'] = [{'src': h.src, 'dst': h.dst,
                     **stats_to_dict(h.stats)} for h in report.hops]
     return out
@@ -83,6 +120,13 @@ def format_table(reports, capture=None, title=None, undirected=()):
                 _fmt(v) for v in (s.count, s.lost, s.min_us, s.mean_us,
                                   s.stdev_us, s.p50_us, s.p90_us, s.p99_us,
                                   s.max_us)))
+        pictures = [(d, histogram_line(rep.histogram(d)))
+                    for d in DIRECTIONS]
+        if any(p for _, p in pictures):
+            lines.append('  distribution (log2 buckets, each twice the '
+                         'one before):')
+            lines.extend(('    ' + d).ljust(28) + p for d, p in pictures
+                         if p)
         if rep.pif in undirected:
             lines.append('  ! the pif\'s capture does not say which way '
                          'packets went (classic pcap on Ethernet): whether '

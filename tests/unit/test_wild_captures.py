@@ -604,6 +604,11 @@ def test_fingerprint_turnaround(kind, tmp_path):
     assert (rep.turnaround.count, rep.turnaround.min_us,
             rep.turnaround.max_us) == (n, 40.0, 40.0 + (n - 1) / 1000)
     assert rep.anomalies == 0
+    # The pictures follow: egress from the replies' matcher too.
+    for direction, stats in (('ingress', rep.ingress),
+                             ('egress', rep.egress),
+                             ('turnaround', rep.turnaround)):
+        assert sum(rep.histogram(direction)) == stats.count == n
 
 
 def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
@@ -634,6 +639,7 @@ def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
     assert rep.anomalies == 0
     # Every packet is still measured on its own way.
     assert rep.ingress.count + rep.egress.count == len(exchanges) * 2
+    assert sum(rep.histogram('egress')) == rep.egress.count > 0
 
 
 # --------------------------------------------------------------------------
@@ -709,3 +715,49 @@ def test_prefilters_rule_out_everyday_traffic():
     guest = socket.inet_aton(ta.GUEST)
     assert pcapkeys.fingerprint_candidates(buf, 0, caplen, n, caplen,
                                            dst_ip=guest) == bytes(n)
+
+
+# --------------------------------------------------------------------------
+# The distribution: log2 µs buckets in JSON and as a picture.
+
+def test_histogram_buckets_are_log2_microseconds():
+    from netweaver_agent import latency
+    edges = latency.HISTOGRAM_EDGES_US
+    assert edges[0] == 0 and edges[1] == 1
+    assert all(b == 2 * a for a, b in zip(edges[1:], edges[2:]))
+    for k, edge in enumerate(edges):
+        at = latency.log2_histogram([edge * 1000])
+        assert at[k] == 1 and sum(at) == 1
+        if k:
+            below = latency.log2_histogram([edge * 1000 - 1])
+            assert below[k - 1] == 1
+    huge = latency.log2_histogram([10 ** 15])
+    assert huge[-1] == 1
+    assert sum(latency.log2_histogram([])) == 0
+
+
+def test_bimodal_path_in_json_and_table(tmp_path):
+    """30 probes through a fast path (5 µs), 10 through a slow one (2 ms):
+    the table's picture and the JSON counts show both modes."""
+    fast, slow = [5_000] * 30, [2_000_000] * 10
+    pif, vif = ta.answered('icmp', fast + slow, 3_000, [1_500] * 40)
+    p = ta.write(tmp_path / 'eth0.pcap', pif)
+    v = ta.write(tmp_path / 'tap0.pcap', vif)
+    data = json.loads(netweaver('analyze', '--json', p, v).stdout)
+    rep = data['report']
+    edges = rep['histogram_edges_us']
+    counts = rep['ingress']['histogram']
+    assert len(counts) == len(edges) and sum(counts) == 40
+    lows = [edges[i] for i, c in enumerate(counts) if c]
+    assert lows == [4, 1024]                   # [4, 8) and [1024, 2048)
+    assert [c for c in counts if c] == [30, 10]
+    assert sum(rep['turnaround']['histogram']) == 40
+    assert [edges[i] for i, c in enumerate(rep['egress']['histogram'])
+            if c] == [1]                        # 1.5 µs: [1, 2)
+    out = netweaver('analyze', p, v).stdout
+    line = next(x for x in out.splitlines()
+                if x.startswith('    ingress'))
+    # From the 4 µs bucket to the one ending at 2.048 ms: the two modes
+    # and the empty buckets between them.
+    assert line.split()[1:] == ['4', 'µs', '█' + '·' * 7 + '▃', '2.048',
+                                'ms']
