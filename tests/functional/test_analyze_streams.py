@@ -1,10 +1,17 @@
-"""The ``netweaver`` command on real standard streams.
+"""The ``netweaver`` command on real standard streams, and on what the
+real tcpdump writes.
 
 Real pipes (the read end closed before the command starts, as ``| head
--c0`` ends up), ``/dev/full``, a fifo, bash process substitution and
-standard input: a closed output ends silently with 141, a full one says
-so in one line with 1, and every kind of input is read as a file is.
-The captures are written by the test (tests/unit/test_analyze helpers).
+-c0`` ends up), ``/dev/full``, a fifo, bash process substitution, standard
+input and a pseudo-terminal for the progress line: a closed output ends
+silently with 141, a full one says so in one line with 1, and every kind
+of input is read as a file is (captures written by the test).  Then real
+traffic in the namespace lab (pings and SYNs to a closed port, not probes
+of ours) captured by tcpdump as Ethernet pcaps and as Linux cooked v2
+(``-i any``, one file per interface by ifindex): fingerprint mode
+measures all three directions from either, and says what a format
+without direction cannot tell.  Needs root for the lab; fails (never
+skips) without it.
 """
 
 import json
@@ -15,6 +22,7 @@ import threading
 
 import pytest
 
+from netweaver_agent import analyze
 from tests.unit import test_analyze as ta
 from tests.unit import test_probe as tp
 
@@ -244,3 +252,99 @@ def test_no_progress_line_for_files_read_within_a_second(tmp_path):
     status, out, err = _progress_run(tmp_path, stderr_tty=True,
                                      seconds=3600)
     assert status == 0 and 'reading' not in err
+
+
+# --------------------------------------------------------------------------
+# Captures the real tcpdump writes of real traffic (the namespace lab):
+# Ethernet pcaps of the pif and the tap, and Linux cooked v2 captures of
+# "-i any" cut to each interface by ifindex.
+
+TRAFFIC = r'''
+import socket, struct, sys, time
+addr, n = sys.argv[1], int(sys.argv[2])
+
+def csum(data):
+    total = sum(struct.unpack('!%dH' % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return ~total & 0xffff
+
+ping = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+for seq in range(n):
+    body = struct.pack('!BBHHH', 8, 0, 0, 0x4b4b, seq) + b'wild' * 8
+    body = body[:2] + struct.pack('!H', csum(body)) + body[4:]
+    ping.sendto(body, (addr, 0))
+    time.sleep(0.01)
+for _ in range(n):
+    syn = socket.socket()
+    syn.settimeout(1)
+    syn.connect_ex((addr, 9))       # closed: the guest answers RST-ACK
+    syn.close()
+    time.sleep(0.01)
+time.sleep(0.2)
+'''
+EXCHANGES = 15
+
+
+def _ifindex(netns_name, dev):
+    out = subprocess.run(['ip', '-n', netns_name, '-j', 'link', 'show',
+                          'dev', dev], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out)[0]['ifindex']
+
+
+def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
+    from tests.functional import test_tcpdump_agreement as tta
+    the_lab = lab_factory(guests=1)
+    guest = the_lab.guests[0]
+    hv, pif, tap = the_lab.hv_netns, the_lab.pif, guest.tap
+    host = ['host', guest.address]
+    files = {
+        ('eth', 'pif'): (pif, host),
+        ('eth', 'vif'): (tap, host),
+        ('sll2', 'pif'): ('any', ['-y', 'LINUX_SLL2', 'ifindex',
+                                  str(_ifindex(hv, pif)), 'and', *host]),
+        ('sll2', 'vif'): ('any', ['-y', 'LINUX_SLL2', 'ifindex',
+                                  str(_ifindex(hv, tap)), 'and', *host]),
+    }
+    dumps = {}
+    try:
+        for (kind, role), (iface, bpf) in files.items():
+            dumps[kind, role] = tta.Tcpdump(
+                hv, iface, str(tmp_path / f'{kind}-{role}.pcap'), bpf,
+                limit=8 * EXCHANGES + 50)
+        for dump in dumps.values():
+            dump.wait_listening()
+        subprocess.run(['ip', 'netns', 'exec', the_lab.src_netns,
+                        sys.executable, '-c', TRAFFIC, guest.address,
+                        str(EXCHANGES)], check=True, timeout=60)
+        for dump in dumps.values():
+            assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        for dump in dumps.values():
+            dump.kill()
+    for kind in ('eth', 'sll2'):
+        p, v = dumps[kind, 'pif'].path, dumps[kind, 'vif'].path
+        result = analyze.analyze_pcaps(p, v, destination=guest.address,
+                                       mode='fingerprint')
+        rep = result.report
+        # Every ping and every SYN in, every answer out, and the guest's
+        # turnaround of each (echo id/seq; RST ack = SYN seq + 1).
+        assert rep.sent == 2 * EXCHANGES, (kind, rep)
+        assert rep.ingress.count == 2 * EXCHANGES, (kind, rep)
+        assert rep.egress.count == 2 * EXCHANGES, (kind, rep)
+        assert rep.turnaround.count == 2 * EXCHANGES, (kind, rep)
+        assert rep.anomalies == 0
+        assert result.pif.directions_known is (kind == 'sll2')
+        out = subprocess.run(_command('analyze', '--fingerprint', '-d',
+                                      guest.address, p, v),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        word = 'received' if kind == 'sll2' else 'seen'
+        assert f'0 not {word} on the pif' in out.stdout
+        # One capture as both: refused, whatever its format.
+        same = subprocess.run(_command('analyze', '--fingerprint', '-d',
+                                       guest.address, v, v),
+                              capture_output=True, text=True, timeout=60)
+        assert same.returncode == 1 and 'are the same capture' in \
+            same.stderr
