@@ -559,7 +559,8 @@ class LiveCapture:
             return None
         size = ring_bytes(self.expected_packets, self.max_ring_bytes)
         try:
-            return ring.PacketRing(self._sock, size)
+            return ring.PacketRing(self._sock, size,
+                                   block_bytes=ring.BLOCK_BYTES)
         except ring.RingError as exc:
             reason = exc
         LOG.warning('Probe window %(session)d: the kernel gave no packet '

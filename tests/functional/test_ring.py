@@ -11,6 +11,7 @@ skips) without a lab.
 """
 
 import collections
+import logging
 import os
 import socket
 import threading
@@ -276,3 +277,26 @@ def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):  # noqa: F811
         s = cap.stats
         assert s.probes == 4 * COUNT, s
         assert s.foreign == 0 and s.packets - s.drops == s.probes, s
+
+
+def test_without_a_ring_the_window_reads_with_recvmsg(lab_factory, caplog,
+                                                      monkeypatch):
+    """The kernel refuses the ring (blocks not a multiple of the page
+    size): the reason is logged and the same window is read with recvmsg,
+    every probe measured."""
+    monkeypatch.setattr(ring, 'BLOCK_BYTES', 4096 + 16)
+    the_lab = lab_factory(guests=1)
+    source = the_lab.source()
+    caplog.set_level(logging.WARNING, logger='netweaver_agent.capture')
+    try:
+        result = measure.run_window(
+            the_lab.paths(), source,
+            measure.WindowSettings(count=COUNT, timeout_ms=100),
+            capture_netns=the_lab.hv_netns)
+    finally:
+        source.close()
+    assert result.capture.reader == 'recvmsg'
+    (rep,) = result.reports.values()
+    assert rep.ingress.count == COUNT and rep.egress.count == COUNT
+    assert 'TPACKET_V3 receive ring' in caplog.text
+    assert 'recvmsg instead' in caplog.text
