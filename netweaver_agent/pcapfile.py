@@ -204,16 +204,30 @@ class _Rows:
         self.lenient = False
         self.invalid_times = 0
         self.progress = None            # callable(done_bytes, total)
-        # Prefilter of a run for fingerprint keys (see pcapkeys).
+        # Prefilter of a run for fingerprint keys (see pcapkeys), and the
+        # instance's address (packed) they are for.
         self.fp_filter = None
+        self.fp_dst = None
         self._last_report = None
 
-    def fingerprint_too(self, keyfunc, fp_filter):
+    def fingerprint_too(self, keyfunc, fp_filter, fp_dst):
         """Also key the records that are no probe with ``keyfunc``."""
         self.prints = _Rows(self.path, keyfunc, self.forced_name)
         self.prints.fp_filter = fp_filter
+        self.prints.fp_dst = fp_dst
         self.prints.ifnames = self.ifnames
         self.prints._index_of = self._index_of
+
+    def keyed(self, flags, keys, t_ns, ifindex, direction):
+        """Fingerprint rows decided in columns: the records whose byte in
+        ``flags`` is 1, with ``keys`` in their order (session 0)."""
+        compress = itertools.compress
+        self.t_ns.extend(compress(t_ns, flags))
+        self.keys.extend(keys)
+        self.ifindex.extend([ifindex] * len(keys))
+        self.direction.extend(compress(direction, flags))
+        self.auth.extend([0] * len(keys))
+        self._sessions(0, len(keys))
 
     def report_progress(self, done, total):
         """Call ``progress`` about once a second after the first second."""
@@ -608,12 +622,41 @@ class _PcapFile:
         def short(need):
             return wide & pcapkeys.below(column(packed, low, size, n), need)
 
+        columns = {}
+
+        def rows_of():
+            """Times, capture lengths and directions of the block."""
+            if not columns:
+                columns['t'] = _pcap_times(column(packed, 0, size, n, 4),
+                                           fracs, self.mult, self.big)
+                columns['caps'] = pcapkeys.ints(
+                    column(packed, 8, size, n, 4), 'I', self.big)
+                off = 16 + (link.pkttype_off or 0)
+                columns['dir'] = (column(packed, off, size, n).translate(
+                    _PKTTYPE_DIR) if link.pkttype_off is not None else
+                    bytes([capture.DIR_UNKNOWN]) * n)
+            return columns['t'], columns['caps'], columns['dir']
+
+        def plain(target, flags):
+            """Key the plainest of ``flags`` into ``target`` in columns;
+            the flags left to read one by one."""
+            decided, keyed, keys = pcapkeys.fingerprint_plain(
+                packed, 16, size, n, link, target.fp_dst, short, flags)
+            if keys:
+                t_ns, _, direction = rows_of()
+                target.keyed(keyed, keys, t_ns, self.ifindex, direction)
+            return (int.from_bytes(flags, 'little') &
+                    ~int.from_bytes(decided, 'little')).to_bytes(
+                        n, 'little'), keys
+
         if rows.columnar:
             maybe = pcapkeys.probe_candidates(packed, 16, size, n, PREFIX,
                                               link, short=short)
         else:
-            maybe = rows.fp_filter(packed, 16, size, n, PREFIX, link,
+            found = rows.fp_filter(packed, 16, size, n, PREFIX, link,
                                    short=short)
+            # What plain() decides is counted with what found rules out.
+            maybe, _ = plain(rows, found)
         if maybe.count(0) == 0:
             return offsets
         rows.records += maybe.count(0)
@@ -623,16 +666,10 @@ class _PcapFile:
                                      short=short)
             flags = (int.from_bytes(found, 'little') &
                      ~int.from_bytes(maybe, 'little')).to_bytes(n, 'little')
+            flags, _ = plain(prints, flags)
             i = flags.find(1)
             if i >= 0:
-                t_ns = _pcap_times(column(packed, 0, size, n, 4), fracs,
-                                   self.mult, self.big)
-                caps = pcapkeys.ints(column(packed, 8, size, n, 4), 'I',
-                                     self.big)
-                off = 16 + (link.pkttype_off or 0)
-                direction = (column(packed, off, size, n).translate(
-                    _PKTTYPE_DIR) if link.pkttype_off is not None else
-                    bytes([capture.DIR_UNKNOWN]) * n)
+                t_ns, caps, direction = rows_of()
             while i >= 0:
                 prints.one(buf, offsets[i] + 16, caps[i], link, t_ns[i],
                            self.ifindex, direction[i])
@@ -1066,7 +1103,8 @@ class Capture:
 
 
 def _fingerprint_keyfunc(dst_ip):
-    """``(keyfunc, prefilter)`` of fingerprints for instance ``dst_ip``."""
+    """``(keyfunc, prefilter, packed address)`` of fingerprints for
+    instance ``dst_ip``."""
     packed = None
     if dst_ip is not None:
         family = socket.AF_INET6 if ':' in dst_ip else socket.AF_INET
@@ -1082,7 +1120,7 @@ def _fingerprint_keyfunc(dst_ip):
     def prefilter(buf, first, stride, n, caplen, link, short=None):
         return pcapkeys.fingerprint_candidates(buf, first, stride, n, caplen,
                                                link, packed, short)
-    return keyfunc, prefilter
+    return keyfunc, prefilter, packed
 
 
 def read_capture(path, ifname=None, probes=True, fingerprint=False,
@@ -1110,9 +1148,9 @@ def read_capture(path, ifname=None, probes=True, fingerprint=False,
         if fingerprint:
             rows.fingerprint_too(*_fingerprint_keyfunc(dst_ip))
     else:
-        keyfunc, prefilter = _fingerprint_keyfunc(dst_ip)
+        keyfunc, prefilter, packed = _fingerprint_keyfunc(dst_ip)
         rows = _Rows(path, keyfunc, ifname)
-        rows.fp_filter = prefilter
+        rows.fp_filter, rows.fp_dst = prefilter, packed
     rows.lenient = lenient
     rows.progress = progress
     try:

@@ -1025,3 +1025,102 @@ def fingerprint_candidates(buf, first, stride, n, caplen, link=ETHERNET,
 def _flags(mask, n):
     """A big-int mask (one 0/1 byte per record) as ``n`` bytes."""
     return mask.to_bytes(n, 'little') if mask else bytes(n)
+
+
+_T_ICMP_OK = _table(lambda b: b in _ICMP_OK)
+_T_GROUP_BIT = _table(lambda b: b & 1)
+_T_MCAST4 = _table(lambda b: b >= 224)
+_T_NOT_FF = _table(lambda b: b != 0xff)
+_T_SYN_ONLY = _table(lambda b: b & _SYN and not b & (_ACK | _RST))
+_T_ANSWER = _table(lambda b: b & _ACK and b & (_SYN | _RST))
+_T_GROUP_PKTTYPE = _table(lambda b: b in _GROUP_PKTTYPES)
+
+
+def fingerprint_plain(buf, first, stride, n, link, dst_ip, short, want):
+    """Fingerprints of the plainest records of a run, in columns.
+
+    ``want``: a byte per record, 1 for those to key.  Decided here are the
+    untagged IPv4 records without options or a fragment offset, long
+    enough for the fields, not to a tunnel port and not a request/answer
+    pair (see :func:`_pair_fields`): for those :func:`fingerprint_key`'s
+    answer is computed from columns (a BLAKE2b per keyed record).
+    Returns ``(decided, keyed, keys)``: a byte per record each (1 =
+    decided here; 1 = decided with a key) and the keys of the keyed
+    records in order.  ``short``: see :func:`probe_candidates`.
+    """
+    def col(at):
+        return column(buf, at, stride, n)
+
+    ones = int.from_bytes(b'\x01' * n, 'little')
+    want = int.from_bytes(want, 'little')
+    et, ip = first + link.ethertype_off, first + link.ip_off
+    l4 = ip + 20
+    plain = (want & _eq16(col(et), col(et + 1), probe.ETH_P_IP) &
+             _eq(col(ip), 0x45) & ~_mask(col(ip + 6), _T_FRAG_HI) &
+             _eq(col(ip + 7), 0) & ~short(l4 + 14 - first))
+    # The IP total length holds the 8 transport bytes read (0: the
+    # record's end, which short() checked).
+    hi, lo = col(ip + 2), col(ip + 3)
+    plain &= ~(zero(hi) & ~zero(lo) & below(lo, 28)) & ones
+    if not plain:
+        return bytes(n), bytes(n), []
+    proto = col(ip + 9)
+    udp = _eq(proto, 17)
+    plain &= ~(udp & _tunnel_ports(col, l4))
+    src = [col(ip + 12 + j) for j in range(4)]
+    dst = [col(ip + 16 + j) for j in range(4)]
+    reply = 0
+    if dst_ip is not None:
+        from_it = to_it = ones
+        for j in range(4):
+            from_it &= _eq(src[j], dst_ip[j])
+            to_it &= _eq(dst[j], dst_ip[j])
+        reply = from_it
+        # Pairs (their key is the pair's) are left to fingerprint_key.
+        tcp = _eq(proto, 6)
+        flags = col(l4 + 13)
+        syn = _mask(flags, _T_SYN_ONLY)
+        answer = _mask(flags, _T_ANSWER)
+        kind, code = col(l4), col(l4 + 1)
+        pairs = (tcp & ((to_it & ~from_it & syn) | (from_it & answer)) |
+                 _eq(proto, 1) & zero(code) &
+                 ((to_it & ~from_it & _eq(kind, 8)) |
+                  (from_it & _eq(kind, 0))))
+        plain &= ~pairs
+        ours = from_it | to_it
+    else:
+        ours = ones
+    if link.linktype == LINKTYPE_ETHERNET:
+        group = _mask(col(first), _T_GROUP_BIT)
+    else:
+        group = _mask(col(first + link.pkttype_off), _T_GROUP_PKTTYPE)
+    sport_hi, sport_lo = col(l4), col(l4 + 1)
+    dport_hi, dport_lo = col(l4 + 2), col(l4 + 3)
+    dhcp = 0
+    for port in _DHCP_PORTS:
+        dhcp |= (_eq16(sport_hi, sport_lo, port) |
+                 _eq16(dport_hi, dport_lo, port))
+    broadcast = ones
+    for j in range(4):
+        broadcast &= ~_mask(dst[j], _T_NOT_FF)
+    keyed = (plain & ours & ~group & ~_mask(dst[0], _T_MCAST4) &
+             ~broadcast & (_eq(proto, 6) | udp & ~dhcp |
+                           _eq(proto, 1) & _mask(col(l4), _T_ICMP_OK)))
+    keyed &= ones
+    decided = plain.to_bytes(n, 'little')
+    keyed_b = keyed.to_bytes(n, 'little')
+    if not keyed:
+        return decided, keyed_b, []
+    fields = interleave(*src, *dst, col(ip + 4), col(ip + 5), proto,
+                        *(col(l4 + j) for j in range(8)))
+    bits = reply.to_bytes(n, 'little')
+    blake = hashlib.blake2b
+    keys = []
+    append = keys.append
+    i = keyed_b.find(1)
+    while i >= 0:
+        h63 = int.from_bytes(blake(fields[19 * i:19 * i + 19],
+                                   digest_size=8).digest(), 'big') >> 1
+        append((h63 << 1) | bits[i])
+        i = keyed_b.find(1, i + 1)
+    return decided, keyed_b, keys

@@ -680,7 +680,7 @@ def test_prefilters_never_rule_out_a_key(rnd, linktype, dst):
         frames = [to_sll2(f, rnd.random() < 0.5) for f in frames]
     if not frames:
         return
-    caplen = rnd.choice([len(f) for f in frames] + [rnd.randrange(200)])
+    caplen = rnd.choice([len(f) for f in frames] + [rnd.randrange(1, 200)])
     frames = [(f + bytes(caplen))[:caplen] for f in frames]
     stride = caplen + rnd.randrange(0, 24)
     buf = b''.join(f + rnd.randbytes(stride - caplen) for f in frames)
