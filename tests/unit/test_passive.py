@@ -1,0 +1,244 @@
+"""Passive matching of the instances' own packets (netweaver_agent.passive).
+
+Frames are built with dpkt (an independent encoder); sightings are what
+the capture would give.  The matcher must pair the same packet on the pif
+and the tap by fields the host keeps, whatever offload does to segments
+and checksums, and must never pair two different packets.
+"""
+
+import dpkt
+import pytest
+
+from netweaver_agent import capture
+from netweaver_agent import passive
+
+GUEST = bytes([198, 18, 0, 10])
+OTHER = bytes([198, 18, 0, 11])
+PEER = bytes([198, 19, 0, 1])
+G6 = bytes.fromhex('20010002000000000000000000000010')
+P6 = bytes.fromhex('20010002000000000000000000000001')
+IN, OUT = capture.DIR_IN, capture.DIR_OUT
+
+
+def tcp(src, dst, sport, dport, seq, ack, payload=b'', vlan=(), sum_=0):
+    seg = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, ack=ack,
+                       flags=dpkt.tcp.TH_ACK, data=payload)
+    return _ip(src, dst, seg, dpkt.ip.IP_PROTO_TCP, vlan, 7, sum_)
+
+
+def udp(src, dst, sport, dport, ipid, payload=b'x', vlan=()):
+    dg = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+    return _ip(src, dst, dg, dpkt.ip.IP_PROTO_UDP, vlan, ipid)
+
+
+def _ip(src, dst, l4, proto, vlan, ipid, sum_=0):
+    if len(src) == 16:
+        pkt = dpkt.ip6.IP6(src=src, dst=dst, nxt=proto, hlim=64, data=l4)
+        pkt.plen = len(bytes(l4))
+        etype = dpkt.ethernet.ETH_TYPE_IP6
+    else:
+        pkt = dpkt.ip.IP(src=src, dst=dst, p=proto, id=ipid, data=l4)
+        etype = dpkt.ethernet.ETH_TYPE_IP
+    raw = bytes(pkt)
+    if sum_ and len(src) == 4:
+        # A checksum the offload left unfilled or filled differently.
+        raw = raw[:20 + 16] + sum_.to_bytes(2, 'big') + raw[20 + 18:]
+    eth = b'\x02' * 6 + b'\x04' * 6
+    for vid in vlan:
+        eth += b'\x81\x00' + vid.to_bytes(2, 'big')
+    return eth + etype.to_bytes(2, 'big') + raw
+
+
+def seen(ifname, t_ns, direction, frame):
+    h = passive.parse(frame)
+    assert h is not None
+    return passive.Sighting(ifname, t_ns, direction, h)
+
+
+VNIC = passive.VnicSpec('vnic0', 'eth1', 'tap0', frozenset({GUEST, G6}))
+
+
+def one(sightings, spec=VNIC):
+    return passive.match(sightings, [spec])[spec.vnic]
+
+
+def test_parse_keys_tcp_on_seq_ack_and_ports():
+    h = passive.parse(tcp(PEER, GUEST, 4000, 80, 1000, 77, b'a' * 10))
+    assert h.flow == (6, PEER, GUEST, 4000, 80)
+    assert h.ident == (1000, 77)
+    assert h.length == 10
+
+
+def test_parse_keys_udp_on_ip_id_and_skips_vlan_tags():
+    plain = passive.parse(udp(PEER, GUEST, 5, 6, 4242))
+    tagged = passive.parse(udp(PEER, GUEST, 5, 6, 4242, vlan=(100, 7)))
+    assert plain == tagged
+    assert plain.ident == (4242, 0)
+
+
+def test_ipv6_udp_has_no_key_but_tcp_has():
+    assert passive.parse(udp(P6, G6, 5, 6, 1)).ident is None
+    assert passive.parse(tcp(P6, G6, 5, 6, 9, 8, b'xy')).length == 2
+
+
+def test_parse_reads_vxlan_inner_frame():
+    inner = udp(PEER, GUEST, 5, 6, 99)
+    vx = udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), 33333, 4789,
+             5, payload=b'\x08\0\0\0\0\0\x07\0' + inner)
+    assert passive.parse(vx) == passive.parse(inner)
+
+
+def test_not_ip_is_none():
+    assert passive.parse(b'\x02' * 12 + b'\x08\x06' + b'\0' * 28) is None
+    assert passive.parse(b'\x02' * 10) is None
+
+
+def test_ingress_and_egress_of_matched_packets():
+    f_in = tcp(PEER, GUEST, 4000, 80, 1000, 5, b'q' * 100)
+    f_out = tcp(GUEST, PEER, 80, 4000, 5, 1100, b'r' * 50)
+    r = one([seen('eth1', 1_000, IN, f_in), seen('tap0', 4_000, OUT, f_in),
+             seen('tap0', 10_000, IN, f_out),
+             seen('eth1', 12_500, OUT, f_out)])
+    assert r.report.protocol == 'passive'
+    assert r.report.ingress.count == 1 and r.report.ingress.p50_us == 3.0
+    assert r.report.egress.count == 1 and r.report.egress.p50_us == 2.5
+    assert r.packets == 2
+    assert r.report.ingress.lost == 0 and r.unmatched == 0
+
+
+def test_checksums_differ_yet_packets_match():
+    a = tcp(PEER, GUEST, 1, 2, 3, 4, b'z', sum_=0x1234)
+    b = tcp(PEER, GUEST, 1, 2, 3, 4, b'z', sum_=0xbeef)
+    r = one([seen('eth1', 0, IN, a), seen('tap0', 7_000, OUT, b)])
+    assert r.report.ingress.count == 1
+
+
+def test_idle_vnic_has_no_report():
+    r = one([seen('eth1', 0, IN, udp(PEER, OTHER, 1, 2, 3))])
+    assert r.report is None and r.packets == 0
+
+
+def test_unmatched_is_counted_never_loss():
+    r = one([seen('eth1', 0, IN, udp(PEER, GUEST, 1, 2, 3)),
+             seen('eth1', 5, IN, udp(PEER, GUEST, 1, 2, 4)),
+             seen('tap0', 900, OUT, udp(PEER, GUEST, 1, 2, 4))])
+    assert r.unmatched == 1
+    assert r.report.ingress.lost == 0 and r.report.ingress.count == 1
+
+
+def test_traffic_never_crossing_the_pif_is_local():
+    # Another instance on the host, and the host's DHCP answer.
+    r = one([seen('tap0', 0, OUT, udp(OTHER, GUEST, 1, 2, 3)),
+             seen('tap0', 0, OUT,
+                  udp(bytes([198, 18, 0, 2]), GUEST, 67, 68, 9)),
+             seen('tap0', 0, IN, udp(GUEST, OTHER, 2, 1, 4))])
+    assert r.local == 3 and r.unmatched == 0 and r.packets == 0
+    assert r.report.ingress.count == 0
+
+
+def test_retransmission_is_ambiguous_and_dropped():
+    f = tcp(PEER, GUEST, 4000, 80, 1000, 5, b'q' * 100)
+    r = one([seen('eth1', 0, IN, f), seen('tap0', 3_000, OUT, f),
+             seen('eth1', 200_000, IN, f), seen('tap0', 203_000, OUT, f)])
+    assert r.ambiguous == 1
+    assert r.report.ingress.count == 0
+    assert r.unmatched == 0 and r.local == 0
+
+
+def test_lookalike_on_one_side_makes_the_key_ambiguous():
+    f = udp(PEER, GUEST, 1, 2, 77)
+    r = one([seen('eth1', 0, IN, f), seen('eth1', 10, IN, f),
+             seen('tap0', 3_000, OUT, f)])
+    assert r.ambiguous == 1 and r.report.ingress.count == 0
+    assert r.local == 0
+
+
+def test_gro_super_packet_matches_first_segment_rest_covered():
+    mss = 1448
+    big = tcp(PEER, GUEST, 4000, 80, 10_000, 5, b'd' * (4 * mss))
+    segs = [tcp(PEER, GUEST, 4000, 80, 10_000 + i * mss, 5, b'd' * mss)
+            for i in range(4)]
+    r = one([seen('eth1', 0, IN, big)] +
+            [seen('tap0', 5_000 + i, OUT, s) for i, s in enumerate(segs)])
+    assert r.report.ingress.count == 1
+    assert r.report.ingress.min_us == 5.0
+    assert r.covered == 3 and r.local == 0 and r.unmatched == 0
+
+
+def test_segments_on_pif_super_packet_on_tap():
+    mss = 1000
+    big = tcp(PEER, GUEST, 4000, 80, 2**32 - 1500, 5, b'd' * (3 * mss))
+    segs = [tcp(PEER, GUEST, 4000, 80, (2**32 - 1500 + i * mss) % 2**32, 5,
+                b'd' * mss) for i in range(3)]
+    r = one([seen('eth1', i, IN, s) for i, s in enumerate(segs)] +
+            [seen('tap0', 9_000, OUT, big)])
+    assert r.report.ingress.count == 1
+    assert r.covered == 2 and r.unmatched == 0
+
+
+def test_different_ack_is_not_covered():
+    big = tcp(PEER, GUEST, 4000, 80, 100, 5, b'd' * 3000)
+    seg = tcp(PEER, GUEST, 4000, 80, 1100, 6, b'd' * 1000)
+    r = one([seen('eth1', 0, IN, big), seen('tap0', 9, OUT, seg)])
+    assert r.covered == 0 and r.local == 1 and r.unmatched == 1
+
+
+def test_negative_is_an_anomaly_not_a_value():
+    f = udp(PEER, GUEST, 1, 2, 3)
+    r = one([seen('eth1', 5_000, IN, f), seen('tap0', 1_000, OUT, f)])
+    assert r.report.ingress.count == 0 and r.report.anomalies == 1
+
+
+def test_other_vnics_traffic_never_counts_here():
+    f = udp(PEER, OTHER, 1, 2, 3)
+    spec2 = passive.VnicSpec('vnic1', 'eth1', 'tap1', frozenset({OTHER}))
+    out = passive.match([seen('eth1', 0, IN, f), seen('tap1', 4_000, OUT, f),
+                         seen('tap0', 4_000, OUT, udp(PEER, GUEST, 1, 2, 3))],
+                        [VNIC, spec2])
+    assert out['vnic1'].report.ingress.count == 1
+    assert out['vnic0'].report.ingress.count == 0
+    assert out['vnic0'].local == 1 and out['vnic0'].unmatched == 0
+
+
+def test_ipv6_udp_counted_unkeyable():
+    f = udp(P6, G6, 1, 2, 0)
+    r = one([seen('eth1', 0, IN, f), seen('tap0', 10, OUT, f)])
+    assert r.unkeyable == 2 and r.packets == 0
+
+
+def test_ipv4_later_fragments_keyed_by_id_and_offset():
+    a = passive.parse(udp(PEER, GUEST, 1, 2, 3))
+    raw = bytearray(udp(PEER, GUEST, 1, 2, 3))
+    raw[14 + 6:14 + 8] = (185).to_bytes(2, 'big')
+    b = passive.parse(bytes(raw))
+    assert b.ident == (3, 185) and b.flow[3:] == (0, 0)
+    assert (a.flow, a.ident) != (b.flow, b.ident)
+
+
+@pytest.mark.parametrize('pif,tap,addr', [
+    ('eth1', 'eth1', GUEST), ('', 'tap0', GUEST), ('eth1', 'tap0', b'x')])
+def test_bad_vnic_spec_names_it(pif, tap, addr):
+    with pytest.raises(passive.PassiveError, match='vnicX'):
+        passive.VnicSpec('vnicX', pif, tap, frozenset({addr}))
+
+
+def test_shared_tap_refused():
+    s2 = passive.VnicSpec('vnic1', 'eth1', 'tap0', frozenset({OTHER}))
+    with pytest.raises(passive.PassiveError, match='tap0'):
+        passive.match([], [VNIC, s2])
+
+
+def test_address_parsing():
+    assert passive.address('198.18.0.10') == GUEST
+    assert passive.address('2001:2::10') == G6
+    with pytest.raises(passive.PassiveError, match='nope'):
+        passive.address('nope')
+
+
+def test_parse_reads_geneve_inner_frame_after_options():
+    inner = tcp(PEER, GUEST, 5, 6, 1, 2, b'k')
+    opts = b'\x01\x02\x80\x01' + b'\0' * 4           # one 8-byte option
+    gen = bytes([2, 0]) + b'\x65\x58' + b'\0\0\x07\0' + opts + inner
+    outer = udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), 40000,
+                6081, 5, payload=gen)
+    assert passive.parse(outer) == passive.parse(inner)
