@@ -297,6 +297,35 @@ def load_resolver(name):
     return mgr.driver
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class VxlanPort:
+    """A Linux VXLAN netdev (a Linux bridge's overlay port): the underlay
+    device it was created on (``dev``), its local address and UDP port."""
+
+    name: str
+    link: str | None = None
+    local: str | None = None
+    port: int = 4789
+
+
+def read_vxlan(dev, netns_name=None):
+    """The :class:`VxlanPort` of ``dev``, or None if it is no VXLAN."""
+    proc = netns.run(['ip', '-d', '-j', 'link', 'show', 'dev', dev],
+                     netns=netns_name, check=False)
+    try:
+        info = (json.loads(proc.stdout or '[]') or [{}])[0].get(
+            'linkinfo') or {}
+    except (ValueError, AttributeError, IndexError):
+        return None
+    if info.get('info_kind') != 'vxlan':
+        return None
+    data = info.get('info_data') or {}
+    port = data.get('port')
+    return VxlanPort(name=dev, link=data.get('link'),
+                     local=data.get('local') or data.get('local6'),
+                     port=port if isinstance(port, int) and port else 4789)
+
+
 # --- links: which netdev is enslaved to which -----------------------------
 
 class SysfsLinks:
@@ -341,6 +370,18 @@ class SysfsLinks:
             self._ip = IpLinks()
         return self._ip.peer(dev)
 
+    def vxlan(self, dev):
+        """:class:`VxlanPort` of ``dev`` (sysfs ``DEVTYPE=vxlan``), or
+        None."""
+        try:
+            with open(os.path.join(self.root, dev, 'uevent'),
+                      encoding='ascii', errors='replace') as f:
+                if 'DEVTYPE=vxlan' not in f.read().split():
+                    return None
+        except OSError:
+            return None
+        return read_vxlan(dev)
+
 
 class IpLinks:
     """The same, from ``ip -j link show`` run inside a namespace."""
@@ -350,6 +391,7 @@ class IpLinks:
             proc = netns.run(['ip', '-j', 'link', 'show'], netns=netns_name)
             text = proc.stdout
         where = where or f'namespace {netns_name}'
+        self.netns_name = netns_name
         try:
             links = json.loads(text or '[]')
             self._master = {link['ifname']: link.get('master')
@@ -382,6 +424,12 @@ class IpLinks:
     def peer(self, dev):
         """The veth peer of ``dev`` in this namespace, or None."""
         return self._peer.get(dev)
+
+    def vxlan(self, dev):
+        """:class:`VxlanPort` of ``dev``, or None if it is no VXLAN."""
+        if dev not in self._master:
+            return None
+        return read_vxlan(dev, self.netns_name)
 
 
 def find_pif(vif, links, vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
@@ -745,12 +793,44 @@ def _hybrid_entry(vif, master, links, switch):
     return on_ovs[0] if on_ovs else None
 
 
+def _linux_vxlan(vif, bridge, links, switch, vif_prefixes, configured):
+    """The path of a tap on a Linux bridge whose uplink is a VXLAN port
+    (Neutron's linuxbridge agent: ``vxlan-<VNI>``): probes enter through
+    the underlay netdev (the VXLAN's ``dev``, else the one holding its
+    local address), are decapsulated by the VXLAN port and bridged:
+    ``(underlay, vxlan, vif)``.  None when the uplink is no VXLAN (or a
+    configured pif is not its underlay)."""
+    vxlan_of = getattr(links, 'vxlan', None)
+    if vxlan_of is None:
+        return None
+    try:
+        port = find_pif(vif, links, vif_prefixes)
+    except TopologyError:
+        return None
+    found = vxlan_of(port)
+    if found is None:
+        return None
+    under = found.link or (switch.owner(found.local) if found.local
+                           else None)
+    if configured and configured != under:
+        return None
+    if not under or not links.exists(under):
+        raise TopologyError(
+            f"vif {vif!r}: bridge {bridge!r} reaches the network through "
+            f"VXLAN port {port!r}, whose underlay netdev cannot be told "
+            f"(dev {found.link!r}, local {found.local!r}); set "
+            "[netweaver] pif to it")
+    return SwitchPath((under, port, vif), ((), (bridge,)),
+                      (Encapsulation('vxlan', found.port),))
+
+
 def find_path(vif, links, switch=None,
               vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
               configured=None):
     """The :class:`SwitchPath` of ``vif``, pif first.
 
-    * Linux bridge: ``(pif, vif)`` via the bridge (:func:`find_pif`).
+    * Linux bridge: ``(pif, vif)`` via the bridge (:func:`find_pif`);
+      with a VXLAN uplink, ``(underlay, vxlan-<VNI>, vif)``.
     * OVS hybrid plug (a tap on ``qbr…`` whose ``qvb…`` veth pairs with an
       OVS interface ``qvo…``): ``(pif, qvo, qvb, vif)``.
     * OVS native / OVN (the tap is an OVS interface): ``(pif, vif)``.
@@ -773,6 +853,10 @@ def find_path(vif, links, switch=None,
             # Which devices lie in between is not known.
             return SwitchPath((configured, vif))
         if hybrid is None:
+            overlay = _linux_vxlan(vif, master, links, switch, vif_prefixes,
+                                   configured)
+            if overlay is not None:
+                return overlay
             pif = find_pif(vif, links, vif_prefixes, configured)
             return SwitchPath((pif, vif), ((master,),))
         qvb, qvo = hybrid

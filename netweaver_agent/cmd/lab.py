@@ -11,6 +11,8 @@ made is removed at the end, also on Ctrl-C, SIGTERM or error, unless
 ``--keep`` (then ``netweaver lab down`` removes it).
 """
 
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -20,8 +22,10 @@ from netweaver_agent import lab
 from netweaver_agent import latency
 from netweaver_agent import measure
 from netweaver_agent import opts
+from netweaver_agent import ovsdb
 from netweaver_agent import probe
 from netweaver_agent import report
+from netweaver_agent import topology
 
 DEFAULT_DELAY_MS = 2.0
 # The NFQUEUE delayer handles probes one at a time: space them.
@@ -213,9 +217,44 @@ def _path_line(the_lab, guest):
     return f"  {guest.tap}: {' → '.join(parts)}"
 
 
+def discovered_paths(the_lab):
+    """The lab's paths as the product finds them: from the hypervisor's
+    links and its Open vSwitch database (:func:`topology.find_path`), the
+    way the pollsters do, with no ``pif`` given.
+
+    :raises topology.TopologyError: a path not found, or not the one the
+        lab built (the lab's truth): a product bug, never measured
+    """
+    hv = the_lab.hv_netns
+    connection = getattr(the_lab.layout, 'ovsdb_connection', None)
+    switch = topology.SwitchView(
+        functools.partial(ovsdb.read_snapshot, connection, netns_name=hv)
+        if connection else None,
+        functools.partial(topology.read_addresses, hv), where=connection)
+    links = topology.IpLinks(hv)
+    out = []
+    for truth in the_lab.paths():
+        found = topology.find_path(truth.vnic, links, switch)
+        path = dataclasses.replace(truth, interfaces=found.interfaces,
+                                   via=found.via, encap=found.encap)
+        if path != truth:
+            raise topology.TopologyError(
+                f"{truth.vnic}: found {found.interfaces} via {found.via} "
+                f"({found.encap}), the lab built {truth.interfaces} via "
+                f"{truth.via} ({truth.encap})")
+        out.append(path)
+    return out
+
+
 def _measure(the_lab, args):
     settings = _settings(args, the_lab.spec)
-    result = measure.run_window(the_lab.paths(), the_lab.source(), settings,
+    try:
+        paths = discovered_paths(the_lab)
+    except topology.TopologyError as exc:
+        print(f'netweaver lab: the topology found is not the lab\'s: {exc}',
+              file=sys.stderr)
+        return 1
+    result = measure.run_window(paths, the_lab.source(), settings,
                                 capture_netns=the_lab.hv_netns)
     guests = []
     for g in the_lab.guests:

@@ -768,3 +768,76 @@ def test_samples_name_the_devices_crossed_unseen():
                              interfaces=('eth1', 'tap1'))
     md = pollsters.latency_metadata(report, plain, window, 'local')
     assert md['path_unseen'] == []
+
+
+# --- Linux bridge with a VXLAN uplink (Neutron's linuxbridge agent) ----------
+
+class VxlanLinks:
+    """``ip_links`` rows plus :class:`topology.VxlanPort` of some ports."""
+
+    def __init__(self, vxlans, *links):
+        self._rows = ip_links(*links)
+        self._vxlans = vxlans
+
+    def exists(self, dev):
+        return self._rows.exists(dev)
+
+    def master(self, dev):
+        return self._rows.master(dev)
+
+    def ports(self, master):
+        return self._rows.ports(master)
+
+    def peer(self, dev):
+        return self._rows.peer(dev)
+
+    def vxlan(self, dev):
+        return self._vxlans.get(dev)
+
+
+def linuxbridge_vxlan(vxlan):
+    return VxlanLinks({'vxlan-42': vxlan},
+                      ('eth1', None, None), ('eth2', None, None),
+                      ('brq1', None, None), ('vxlan-42', 'brq1', None),
+                      ('tapaaa', 'brq1', None))
+
+
+def test_linux_bridge_vxlan_uplink_enters_through_its_dev():
+    links = linuxbridge_vxlan(topology.VxlanPort('vxlan-42', link='eth1',
+                                                 local='198.18.254.2',
+                                                 port=8472))
+    found = topology.find_path('tapaaa', links, topology.SwitchView(
+        addresses=lambda: {'198.18.254.2': 'eth2'}))
+    assert found.interfaces == ('eth1', 'vxlan-42', 'tapaaa')
+    assert found.via == ((), ('brq1',))
+    assert found.encap == (topology.Encapsulation('vxlan', 8472),)
+
+
+def test_linux_bridge_vxlan_without_dev_uses_the_local_address_owner():
+    links = linuxbridge_vxlan(topology.VxlanPort('vxlan-42',
+                                                 local='198.18.254.2'))
+    found = topology.find_path('tapaaa', links, topology.SwitchView(
+        addresses=lambda: {'198.18.254.2': 'eth2'}))
+    assert found.interfaces == ('eth2', 'vxlan-42', 'tapaaa')
+
+
+def test_linux_bridge_vxlan_with_no_known_underlay_is_not_guessed():
+    links = linuxbridge_vxlan(topology.VxlanPort('vxlan-42',
+                                                 local='198.18.254.9'))
+    with pytest.raises(topology.TopologyError,
+                       match="VXLAN port 'vxlan-42'.*set \\[netweaver\\] pif"):
+        topology.find_path('tapaaa', links, topology.SwitchView(
+            addresses=lambda: {}))
+
+
+def test_linux_bridge_vxlan_configured_pif():
+    links = linuxbridge_vxlan(topology.VxlanPort('vxlan-42', link='eth1'))
+    view = topology.SwitchView(addresses=lambda: {})
+    # The operator names the underlay: the VXLAN hop is kept.
+    assert topology.find_path('tapaaa', links, view,
+                              configured='eth1').interfaces == (
+        'eth1', 'vxlan-42', 'tapaaa')
+    # Another pif wins as configured, with nothing guessed in between.
+    assert topology.find_path('tapaaa', links, view,
+                              configured='eth2').interfaces == (
+        'eth2', 'tapaaa')

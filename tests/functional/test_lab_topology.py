@@ -1,0 +1,53 @@
+"""The lab's paths as the product finds them (``netweaver lab`` measures
+along these), on the Linux-bridge layouts: the VXLAN overlay's underlay is
+the pif, never the VXLAN port past decapsulation."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from netweaver_agent.cmd import lab as cmd_lab
+from netweaver_agent import topology
+
+
+def test_linux_bridge_flat_and_vxlan_found_as_built(lab_factory):
+    for network_type in ('flat', 'vxlan'):
+        the_lab = lab_factory(guests=2, network_type=network_type)
+        assert cmd_lab.discovered_paths(the_lab) == the_lab.paths()
+    # The VXLAN lab: pif → vxlan-<VNI> → tap, the tunnel's port known.
+    path = the_lab.paths()[0]
+    assert path.interfaces[0] == the_lab.pif
+    assert path.interfaces[1].startswith('vxlan-')
+    assert path.encap_port('vxlan') == 4789
+
+
+def test_sysfs_tells_a_vxlan_port_in_its_own_namespace(lab_factory):
+    # sysfs shows the namespace that mounted it: 'ip netns exec' mounts
+    # the hypervisor's, as the agent on a compute node sees its own.
+    the_lab = lab_factory(guests=1, network_type='vxlan')
+    vxlan = the_lab.paths()[0].interfaces[1]
+    code = ('import sys; from netweaver_agent import topology as t; '
+            'l = t.SysfsLinks(); '
+            'print(l.vxlan(sys.argv[1]), l.vxlan(sys.argv[2]))')
+    out = subprocess.run(
+        ['ip', 'netns', 'exec', the_lab.hv_netns, sys.executable, '-c',
+         code, vxlan, the_lab.guests[0].tap], check=True,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, 'PYTHONPATH': os.getcwd()}).stdout
+    expected = topology.VxlanPort(name=vxlan, link=the_lab.pif,
+                                  local=the_lab.spec.underlay_addresses()[1],
+                                  port=4789)
+    assert out.strip() == f'{expected} None'
+
+
+def test_a_path_found_unlike_the_lab_is_refused(lab_factory, monkeypatch):
+    the_lab = lab_factory(guests=1)
+    [truth] = the_lab.paths()
+    wrong = dataclasses.replace(truth, interfaces=('eth9', truth.vnic))
+    monkeypatch.setattr(the_lab, 'paths', lambda: [wrong])
+    with pytest.raises(topology.TopologyError,
+                       match=f"{truth.vnic}: found \\('{the_lab.pif}'"):
+        cmd_lab.discovered_paths(the_lab)
