@@ -424,6 +424,121 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None,
     return _assemble(code)
 
 
+# More classic BPF opcodes (the passive sampling filter): scratch memory,
+# xor, right shift, return A.
+_ST, _LD_MEM, _LDX_MEM = 0x02, 0x60, 0x61
+_XOR_X, _RSH_K, _RET_A = 0xac, 0x74, 0x16
+# Scratch cells: L3 offset, L4 offset, one port (or ethertype), protocol.
+_M_L3, _M_L4, _M_PORT, _M_PROTO = 0, 1, 2, 3
+
+
+def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
+    """A classic BPF program sampling whole flows for passive matching.
+
+    Keeps the IPv4/IPv6 packets whose flow hash, masked to
+    ``sample - 1`` (a power of two), equals ``value``: for TCP and UDP
+    ``sport XOR dport``, otherwise (ICMP, later fragments, other
+    protocols) the low bytes of the source and destination addresses
+    XORed.  Those fields are the same on the pif and on the tap, and in
+    every segment of a GSO/GRO packet, so one flow is kept on both
+    interfaces or on neither.  Up to two VLAN tags left in the frame are
+    skipped; VXLAN (IPv4 underlay, to ``vxlan_port`` and the standard
+    ports) and Geneve packets are sampled on their inner frame, as the tap
+    sees it.  The snapshot returned ends where the transport header ends
+    (the IP header for other protocols): no payload byte is kept.
+    Returns ``(code, jt, jf, k)`` instructions.
+    """
+    if (not isinstance(sample, int) or isinstance(sample, bool) or
+            sample < 1 or sample & (sample - 1) or sample > 1 << 16):
+        raise ValueError(f"passive sample {sample!r} is not a power of two "
+                         "from 1 to 65536 (keep 1 flow in sample)")
+    if not isinstance(value, int) or not 0 <= value < sample:
+        raise ValueError(f"passive sample value {value!r} is not within "
+                         f"0..{sample - 1}")
+    ports = probe.tunnel_ports(vxlan_port, geneve_port)
+    vlan = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
+    code = [(_LDX_IMM, 0, 0, 0)]
+    code += _match_any((_LDH_ABS, 0, 0, 12), vlan, 'ptag1', 'pether')
+    code += ['ptag1', (_LDX_IMM, 0, 0, 4)]
+    code += _match_any((_LDH_ABS, 0, 0, 16), vlan, 'ptag2', 'pether')
+    code += ['ptag2', (_LDX_IMM, 0, 0, 8), (_LDH_ABS, 0, 0, 20)]
+    code += ['pether', (_JEQ, 'o4', 0, probe.ETH_P_IP),
+             (_JEQ, 'o6', 'reject', probe.ETH_P_IPV6)]
+    # Outer IPv4: X := L3 offset; UDP to a tunnel port goes inside.
+    code += ['o4', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0)]
+    code += [(_LDB_IND, 0, 0, 9), (_JEQ, 0, 'i4', 17),
+             (_LDB_IND, 0, 0, 0), (_JEQ, 0, 'i4', 0x45),
+             (_LDH_IND, 0, 0, 6), (_JSET, 'i4', 0, 0x1fff),
+             (_LDH_IND, 0, 0, 20 + 2)]
+    for port, kind in sorted(ports.items()):
+        code += [(_JEQ, 'vx' if kind == 'vxlan' else 'gen', 0, port)]
+    code += [(_JEQ, 'i4', 'i4', 0)]
+    # Inner frame after 20 + 8 + 8 bytes (+ Geneve options): X := inner L3.
+    code += ['gen', (_LDB_IND, 0, 0, 28), (_AND_K, 0, 0, 0x3f),
+             (_LSH_K, 0, 0, 2), (_ADD_X, 0, 0, 0), (_TAX, 0, 0, 0)]
+    code += ['vx', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 20 + 8 + 8),
+             (_TAX, 0, 0, 0), (_LDH_IND, 0, 0, 12), (_ST, 0, 0, _M_PORT),
+             (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
+             (_LD_MEM, 0, 0, _M_PORT)]
+    code += [(_JEQ, 'i4', 0, probe.ETH_P_IP),
+             (_JEQ, 'i6', 'reject', probe.ETH_P_IPV6)]
+    code += ['o6', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
+             (_JEQ, 'i6', 'i6', 0)]
+    code += _passive_l3(sample - 1, value, False)
+    code += _passive_l3(sample - 1, value, True)
+    code += _passive_l4(sample - 1, value)
+    code += ['reject', (_RET, 0, 0, 0)]
+    return _assemble(code)
+
+
+def _passive_l3(mask, value, v6):
+    """From X = the IP header's offset: TCP/UDP to ``pl4``, the rest kept
+    by their addresses' hash, snapshot to the end of the IP (+ ICMP)
+    header."""
+    n = 'i6' if v6 else 'i4'
+    src, dst = (8 + 15, 24 + 15) if v6 else (12 + 3, 16 + 3)
+    code = [n, (_TXA, 0, 0, 0), (_ST, 0, 0, _M_L3)]
+    if v6:
+        code += [(_ADD_K, 0, 0, 40), (_ST, 0, 0, _M_L4),
+                 (_LDB_IND, 0, 0, 6)]
+    else:
+        code += [(_LDB_IND, 0, 0, 0), (_AND_K, 0, 0, 0xf),
+                 (_LSH_K, 0, 0, 2), (_ADD_X, 0, 0, 0), (_ST, 0, 0, _M_L4),
+                 (_LDH_IND, 0, 0, 6), (_JSET, n + 'addr', 0, 0x1fff),
+                 (_LDB_IND, 0, 0, 9)]
+    code += [(_JEQ, 'pl4', 0, 6), (_JEQ, 'pl4', 0, 17)]
+    code += [n + 'addr', (_LDB_IND, 0, 0, dst), (_ST, 0, 0, _M_PORT),
+             (_LDB_IND, 0, 0, src), (_LDX_MEM, 0, 0, _M_PORT),
+             (_XOR_X, 0, 0, 0), (_AND_K, 0, 0, mask),
+             (_JEQ, 0, 'reject', value)]
+    # ICMP/ICMPv6 (unfragmented or first fragment): its 8-byte header too.
+    code += [(_LDX_MEM, 0, 0, _M_L3)]
+    if v6:
+        code += [(_LDB_IND, 0, 0, 6), (_JEQ, n + 'icmp', 0, 58)]
+    else:
+        code += [(_LDH_IND, 0, 0, 6), (_JSET, n + 'ip', 0, 0x1fff),
+                 (_LDB_IND, 0, 0, 9), (_JEQ, n + 'icmp', 0, 1)]
+    code += [n + 'ip', (_LD_MEM, 0, 0, _M_L4), (_RET_A, 0, 0, 0),
+             n + 'icmp', (_LD_MEM, 0, 0, _M_L4), (_ADD_K, 0, 0, 8),
+             (_RET_A, 0, 0, 0)]
+    return code
+
+
+def _passive_l4(mask, value):
+    """TCP or UDP with ``_M_L4`` set and A its protocol: keep the flow by
+    ``sport XOR dport``; snapshot to the end of its header."""
+    return ['pl4', (_LDX_MEM, 0, 0, _M_L4), (_ST, 0, 0, _M_PROTO),
+            (_LDH_IND, 0, 0, 2), (_ST, 0, 0, _M_PORT),
+            (_LDH_IND, 0, 0, 0), (_LDX_MEM, 0, 0, _M_PORT),
+            (_XOR_X, 0, 0, 0), (_AND_K, 0, 0, mask),
+            (_JEQ, 0, 'reject', value),
+            (_LDX_MEM, 0, 0, _M_L4), (_LD_MEM, 0, 0, _M_PROTO),
+            (_JEQ, 0, 'pudp', 6),
+            (_LDB_IND, 0, 0, 12), (_RSH_K, 0, 0, 2), (_AND_K, 0, 0, 0x3c),
+            (_ADD_X, 0, 0, 0), (_RET_A, 0, 0, 0),
+            'pudp', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 8), (_RET_A, 0, 0, 0)]
+
+
 def _attach_filter(sock, program):
     blob = b''.join(_SOCK_FILTER.pack(*ins) for ins in program)
     cbuf = ctypes.create_string_buffer(blob, len(blob))

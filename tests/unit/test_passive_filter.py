@@ -1,0 +1,162 @@
+"""The passive sampling filter (capture.passive_filter) in a classic-BPF
+interpreter: whole flows kept or refused alike on every interface (plain,
+VLAN-tagged, inside VXLAN/Geneve, every GSO segment), and the snapshot
+ending where the transport header ends, so no payload byte is kept."""
+
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from netweaver_agent import capture
+from netweaver_agent import passive
+from tests.unit.test_passive import G6
+from tests.unit.test_passive import GUEST
+from tests.unit.test_passive import P6
+from tests.unit.test_passive import PEER
+from tests.unit.test_passive import tcp
+from tests.unit.test_passive import udp
+
+MARKER = b'PAYLOAD-MARKER-7f3a'
+
+
+def run(prog, pkt):
+    """Classic BPF with scratch memory (the kernel's semantics for the
+    opcodes the filters use); out-of-frame loads reject."""
+    a = x = 0
+    mem = [0] * 16
+    pc = 0
+    while True:
+        op, jt, jf, k = prog[pc]
+        pc += 1
+        if op in (0x28, 0x30, 0x48, 0x50):
+            at = k + (x if op & 0x40 else 0)
+            size = 2 if op & 0x08 else 1
+            if at + size > len(pkt):
+                return 0
+            a = int.from_bytes(pkt[at:at + size], 'big')
+        elif op == 0x01:
+            x = k
+        elif op == 0x02:
+            mem[k] = a
+        elif op == 0x60:
+            a = mem[k]
+        elif op == 0x61:
+            x = mem[k]
+        elif op == 0x15:
+            pc += jt if a == k else jf
+        elif op == 0x45:
+            pc += jt if a & k else jf
+        elif op == 0x54:
+            a &= k
+        elif op == 0x64:
+            a = (a << k) & 0xffffffff
+        elif op == 0x74:
+            a >>= k
+        elif op == 0xac:
+            a ^= x
+        elif op == 0x0c:
+            a = (a + x) & 0xffffffff
+        elif op == 0x04:
+            a = (a + k) & 0xffffffff
+        elif op == 0x07:
+            x = a
+        elif op == 0x87:
+            a = x
+        elif op == 0x06:
+            return k
+        elif op == 0x16:
+            return a
+        else:
+            raise AssertionError(f'unexpected BPF op {op:#x}')
+
+
+def vxlan(inner, sport=33333):
+    return udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), sport, 4789,
+               5, payload=b'\x08\0\0\0\0\0\x07\0' + inner)
+
+
+def geneve(inner, opt_words=2):
+    gen = bytes([opt_words, 0]) + b'\x65\x58' + b'\0\0\x07\0'
+    return udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), 40000, 6081,
+               5, payload=gen + b'\x01' * (4 * opt_words) + inner)
+
+
+def kept_by_python(frame, sample, value):
+    h = passive.parse(frame)
+    proto, src, dst, sport, dport = h.flow
+    if proto in (6, 17):            # (no later fragments here)
+        return (sport ^ dport) % sample == value
+    return (src[-1] ^ dst[-1]) % sample == value
+
+
+ports = st.integers(0, 65535)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sport=ports, dport=ports, seq=st.integers(0, 2**32 - 1),
+       size=st.integers(0, 200), bits=st.integers(0, 8),
+       v6=st.booleans(), proto=st.sampled_from(['tcp', 'udp']))
+def test_flow_kept_alike_everywhere_and_no_payload(
+        sport, dport, seq, size, bits, v6, proto):
+    sample = 1 << bits
+    src, dst = (P6, G6) if v6 else (PEER, GUEST)
+    body = (MARKER * 20)[:size]
+    if proto == 'tcp':
+        f = tcp(src, dst, sport, dport, seq, 1, body)
+        segs = [tcp(src, dst, sport, dport, (seq + i) % 2**32, 1, body[i:])
+                for i in range(0, size, 64)]
+    else:
+        f = udp(src, dst, sport, dport, seq & 0xffff, body)
+        segs = []
+    value = (sport ^ dport) % sample
+    for v in (value, (value + 1) % sample):
+        prog = capture.passive_filter(sample, v)
+        want = kept_by_python(f, sample, v)
+        framings = [f, f[:12] + b'\x81\x00\x00\x64' + f[12:]] + segs
+        if not v6:
+            framings += [vxlan(f), geneve(f), geneve(f, 0)]
+        for g in framings:
+            snap = run(prog, g)
+            assert bool(snap) == want, g.hex()
+            if snap:
+                assert snap == len(g) - len(body) or g in segs
+                assert MARKER[:4] not in g[:snap]
+                hdr = passive.parse(g[:snap])
+                assert hdr is not None and hdr.flow == passive.parse(g).flow
+        if sample == 1:
+            break
+
+
+def test_snapshot_ends_at_the_transport_header():
+    body = MARKER * 3
+    f = tcp(PEER, GUEST, 1, 2, 3, 4, body)
+    assert run(capture.passive_filter(1), f) == len(f) - len(body)
+    u = udp(PEER, GUEST, 1, 2, 3, body)
+    assert run(capture.passive_filter(1), u) == len(u) - len(body)
+    v = vxlan(u)
+    assert run(capture.passive_filter(1), v) == len(v) - len(body)
+
+
+def test_icmp_sampled_by_addresses():
+    from tests.unit.test_passive import _ip
+    import dpkt
+    echo = dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo(
+        id=1, seq=2, data=MARKER))
+    f = _ip(PEER, GUEST, echo, 1, (), 9)
+    h = (PEER[-1] ^ GUEST[-1]) % 4
+    assert run(capture.passive_filter(4, h), f) == len(f) - len(MARKER)
+    assert run(capture.passive_filter(4, (h + 1) % 4), f) == 0
+
+
+def test_not_ip_refused():
+    arp = b'\xff' * 6 + b'\x02' * 6 + b'\x08\x06' + b'\0' * 28
+    assert run(capture.passive_filter(1), arp) == 0
+
+
+@pytest.mark.parametrize('sample,value', [
+    (0, 0), (3, 0), (96, 0), (1 << 17, 0), (True, 0), (4, 4), (4, -1),
+    ('64', 0)])
+def test_bad_sample_names_itself(sample, value):
+    with pytest.raises(ValueError, match='sample'):
+        capture.passive_filter(sample, value)
