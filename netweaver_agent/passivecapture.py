@@ -1,0 +1,210 @@
+"""Live capture for passive mode: sampled flows' keys and timestamps.
+
+One ``AF_PACKET`` socket in the hypervisor's namespace, opened for one
+passive window, with :func:`capture.passive_filter`: the kernel keeps a
+consistent sample of flows (the same on the pif and on every tap) and cuts
+each kept packet where its transport header ends, so no payload byte is
+ever copied to user space.  Packets are read from a ``TPACKET_V3`` ring
+(:mod:`netweaver_agent.ring`); each becomes a :class:`passive.Sighting`
+(interface, kernel ns timestamp, direction, key fields), at most ``cap``
+of them per window (the rest counted, not kept).
+"""
+
+import dataclasses
+import fcntl
+import select
+import socket
+import struct
+import threading
+import time
+
+from oslo_log import log
+
+from netweaver_agent import capture
+from netweaver_agent import netns
+from netweaver_agent import passive
+from netweaver_agent import probe
+from netweaver_agent import ring
+
+LOG = log.getLogger(__name__)
+
+# Largest cap on sampled packets per window the capture accepts.
+MAX_CAP = 1_000_000
+# Bytes of ring per kept packet (header, address, headers-only snapshot).
+_SLOT = ring.HEADER_BYTES + 128
+_IFINDEX = struct.Struct('@i')
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PassiveStats:
+    """What the kernel and the reader counted in one passive window.
+
+    ``packets``/``drops``: the kernel's (sampled packets passed to the
+    socket, and dropped for want of room); ``kept``: sightings returned;
+    ``over_cap``: sampled packets read past the cap, not kept;
+    ``unparsed``: kept by the filter, no key in user space.
+    """
+
+    packets: int = 0
+    drops: int = 0
+    kept: int = 0
+    over_cap: int = 0
+    unparsed: int = 0
+
+
+class PassiveCapture:
+    """One passive window's capture: open, read in a thread, close.
+
+    ::
+
+        with PassiveCapture(64, netns_name='hv', cap=20000) as cap:
+            time.sleep(window_s)
+        sightings, stats = cap.sightings, cap.stats
+
+    ``sample``: keep one flow in ``sample`` (a power of two), those whose
+    hash is ``value``; ``interfaces``: keep sightings of these only (None:
+    all); ``cap``: at most this many sightings.
+    """
+
+    def __init__(self, sample, netns_name=None, interfaces=None,
+                 cap=100_000, value=0, vxlan_port=None, geneve_port=None):
+        if (not isinstance(cap, int) or isinstance(cap, bool) or
+                not 0 < cap <= MAX_CAP):
+            raise ValueError(f"passive capture cap {cap!r} is not within "
+                             f"1..{MAX_CAP} packets")
+        self.program = capture.passive_filter(sample, value, vxlan_port,
+                                              geneve_port)
+        self.netns_name = netns_name
+        self.interfaces = frozenset(interfaces) if interfaces else None
+        self.cap = cap
+        self._tunnels = probe.tunnel_ports(vxlan_port, geneve_port)
+        self.sightings = []
+        self.stats = None
+        self._names = {}
+        self._sock = None
+        self._ring = None
+        self._thread = None
+        self._stop = threading.Event()
+        self._read = 0
+        self._over = 0
+        self._unparsed = 0
+        self._kernel = [0, 0]
+        self._error = None
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def open(self):
+        try:
+            sock = netns.socket_in_netns(
+                self.netns_name, socket.AF_PACKET, socket.SOCK_RAW,
+                socket.htons(capture.ETH_P_ALL))
+        except PermissionError as exc:
+            raise capture.CapturePermissionError(
+                "opening an AF_PACKET capture socket needs CAP_NET_RAW "
+                f"(namespace {self.netns_name or 'of this process'}): "
+                f"{exc}") from exc
+        try:
+            capture._attach_filter(sock, self.program)
+            sock.getsockopt(capture.SOL_PACKET, capture.PACKET_STATISTICS,
+                            ring.STATS_V3.size)
+            size = max(capture.MIN_RING_BYTES,
+                       min(capture.MAX_RING_BYTES,
+                           capture.RING_MARGIN * self.cap * _SLOT))
+            self._ring = ring.PacketRing(sock, size)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='netweaver-passive')
+        self._thread.start()
+        time.sleep(capture.TIMESTAMP_WARMUP_S)
+
+    def close(self):
+        if self._sock is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            limit = time.monotonic() + capture.RING_FINISH_S
+            while True:
+                packets, drops = self._kernel_stats()
+                self._read_ring()
+                if (self._read >= packets - drops or
+                        time.monotonic() >= limit):
+                    break
+                time.sleep(0.002)
+        finally:
+            self._ring.close()
+            self._sock.close()
+            self._sock = None
+        self.stats = PassiveStats(packets=packets, drops=drops,
+                                  kept=len(self.sightings),
+                                  over_cap=self._over,
+                                  unparsed=self._unparsed)
+        if self._error is not None:
+            raise capture.CaptureError(
+                f"reading the passive capture failed: {self._error}")
+
+    def _kernel_stats(self):
+        raw = self._sock.getsockopt(capture.SOL_PACKET,
+                                    capture.PACKET_STATISTICS,
+                                    ring.STATS_V3.size)
+        packets, drops, _freeze = ring.STATS_V3.unpack_from(raw)
+        self._kernel[0] += packets
+        self._kernel[1] += drops
+        return tuple(self._kernel)
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self._sock], [], [], 0.02)
+                if ready:
+                    self._read_ring()
+        except OSError as exc:
+            self._error = exc
+
+    def _ifname(self, ifindex):
+        name = self._names.get(ifindex)
+        if name is None:
+            try:
+                out = fcntl.ioctl(self._sock.fileno(), capture.SIOCGIFNAME,
+                                  capture._IFREQ.pack(b'', ifindex))
+                name = out[:16].split(b'\0', 1)[0].decode('ascii',
+                                                          'replace')
+            except OSError:
+                name = f'#{ifindex}'
+            self._names[ifindex] = name
+        return name
+
+    def _read_ring(self):
+        out = self.sightings
+        for block in self._ring.blocks():
+            for run in ring.decode_block(block):
+                self._read += run.n
+                for i in range(run.n):
+                    if len(out) >= self.cap:
+                        self._over += 1
+                        continue
+                    name = self._ifname(run.ifindex[i])
+                    if (self.interfaces is not None and
+                            name not in self.interfaces):
+                        continue
+                    at = run.frame + i * run.stride
+                    header = passive.parse(block[at:at + run.caplen],
+                                           self._tunnels)
+                    if header is None:
+                        self._unparsed += 1
+                        continue
+                    out.append(passive.Sighting(
+                        name, run.t_ns[i],
+                        capture.DIR_OUT if run.pkttype[i] == 4
+                        else capture.DIR_IN, header))
