@@ -14,15 +14,13 @@ import configparser
 import dataclasses
 import os
 import shutil
-import signal
-# bandit B404: argument lists only, never a shell
-import subprocess  # nosec B404
 import sys
 import tempfile
 import time
 
 from oslo_log import log
 
+from netweaver_agent import labproc
 from netweaver_agent import labswitch
 from netweaver_agent import labvirt
 from netweaver_agent import netns
@@ -283,38 +281,19 @@ class PollingAgent:
             'compute',
             '--config-file', self.files.config])
         LOG.info('Starting %s', ' '.join(argv))
-        with open(os.path.join(self.files.workdir, 'agent.out'), 'wb') as out:
-            # bandit B603: a fixed argv: ceilometer-polling with our files
-            self.proc = subprocess.Popen(  # nosec B603
-                argv, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = labproc.start(
+            argv, os.path.join(self.files.workdir, 'agent.out'),
+            log_mode='wb')
 
     def alive(self):
-        return self.proc is not None and self.proc.poll() is None
+        return labproc.alive(self.proc)
 
     def stop(self):
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=AGENT_STOP_S)
-            except subprocess.TimeoutExpired:
-                LOG.warning('ceilometer-polling %d did not stop on SIGTERM; '
-                            'killing it', self.proc.pid)
-        # Workers cotyledon forked share the group: end them too.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=AGENT_STOP_S)
-        except subprocess.TimeoutExpired:
-            raise AgentError(
-                f"ceilometer-polling {self.proc.pid} survived SIGKILL")
+        # Workers cotyledon forked share the group: they end too.
+        labproc.stop(self.proc, 'ceilometer-polling', AGENT_STOP_S,
+                     AgentError)
         self.proc = None
 
     def scrape(self, timeout_s=SCRAPE_TIMEOUT_S):

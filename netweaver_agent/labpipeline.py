@@ -40,7 +40,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 # bandit B404: argument lists only, never a shell
 import subprocess  # nosec B404
@@ -52,6 +51,7 @@ import urllib.parse
 from oslo_log import log
 import yaml
 
+from netweaver_agent import labproc
 from netweaver_agent import netns
 
 LOG = log.getLogger(__name__)
@@ -200,39 +200,17 @@ class Daemon:
                     f'--regid={self.user}', '--init-groups', *argv]
         argv = netns.netns_argv(self.netns_name, argv)
         LOG.debug('Starting %s: %s', self.name, ' '.join(argv))
-        with open(self.log_path, 'ab') as out:
-            # bandit B603: a fixed argument list of a lab service
-            self.proc = subprocess.Popen(  # nosec B603
-                argv, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                env=self.env, cwd=self.cwd)
+        self.proc = labproc.start(argv, self.log_path, env=self.env,
+                                  cwd=self.cwd)
         return self
 
     def alive(self):
-        return self.proc is not None and self.proc.poll() is None
+        return labproc.alive(self.proc)
 
     def stop(self):
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                LOG.warning('%s (pid %d) did not stop on SIGTERM; killing '
-                            'it', self.name, self.proc.pid)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise PipelineError(
-                f"{self.name} (pid {self.proc.pid}) survived SIGKILL")
+        labproc.stop(self.proc, self.name, STOP_TIMEOUT_S, PipelineError)
         self.proc = None
 
     def tail(self, lines=15):
