@@ -143,15 +143,16 @@ class MarkTable:
         return set_ttl(data, mark.ttl) if nth else data
 
 
-class MarkingSource(sources.LocalSource):
-    """A namespace's stack sending probes, every Nth marked (see module).
+class Marking:
+    """Mixin of a probe source (before it in the bases) that marks the
+    IP packets it transmits through :meth:`mark`.
 
     :param table: the :class:`MarkTable` to apply (shared with the switch
         that drops the marked probes)
     """
 
-    def __init__(self, netns_name, table):
-        super().__init__(netns_name=netns_name)
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
         self.table = table
         self._protocol = None
 
@@ -159,5 +160,19 @@ class MarkingSource(sources.LocalSource):
         self._protocol = plan.protocol
         return super().send(plan, deadline_s)
 
+    def mark(self, dst, packet):
+        """The IP ``packet`` to ``dst``, marked if it is the Nth."""
+        return self.table.apply(self._protocol, dst, packet)
+
+
+class MarkingSource(Marking, sources.LocalSource):
+    """A namespace's stack sending probes, every Nth marked (see module).
+
+    :param table: the :class:`MarkTable` to apply
+    """
+
+    def __init__(self, netns_name, table):
+        super().__init__(table, netns_name=netns_name)
+
     def _transmit(self, sock, dst, data):
-        sock.sendto(self.table.apply(self._protocol, dst, data), (dst, 0))
+        sock.sendto(self.mark(dst, data), (dst, 0))

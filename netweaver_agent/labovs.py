@@ -510,20 +510,11 @@ def _ip_offset(frame):
     return offset + 2
 
 
-class MarkingFrameSource(framesource.FrameSource):
+class MarkingFrameSource(labmark.Marking, framesource.FrameSource):
     """Tagged probe frames (VLAN network), every Nth to a guest marked as
     :class:`labmark.MarkingSource` marks its packets."""
 
-    def __init__(self, table, **kwargs):
-        super().__init__(**kwargs)
-        self.table = table
-        self._protocol = None
-
-    def send(self, plan, deadline_s):
-        self._protocol = plan.protocol
-        return super().send(plan, deadline_s)
-
     def _transmit(self, sock, dst, data):
         offset = _ip_offset(data)
-        super()._transmit(sock, dst, data[:offset] + self.table.apply(
-            self._protocol, dst, data[offset:]))
+        super()._transmit(sock, dst,
+                          data[:offset] + self.mark(dst, data[offset:]))
