@@ -67,7 +67,8 @@ class PassiveCapture:
     """
 
     def __init__(self, sample, netns_name=None, interfaces=None,
-                 cap=100_000, value=0, vxlan_port=None, geneve_port=None):
+                 cap=100_000, value=0, vxlan_port=None, geneve_port=None,
+                 max_ring_bytes=capture.MAX_RING_BYTES):
         if (not isinstance(cap, int) or isinstance(cap, bool) or
                 not 0 < cap <= MAX_CAP):
             raise ValueError(f"passive capture cap {cap!r} is not within "
@@ -77,6 +78,7 @@ class PassiveCapture:
         self.netns_name = netns_name
         self.interfaces = frozenset(interfaces) if interfaces else None
         self.cap = cap
+        self.max_ring_bytes = max_ring_bytes
         self._tunnels = probe.tunnel_ports(vxlan_port, geneve_port)
         self.sightings = []
         self.stats = None
@@ -114,7 +116,7 @@ class PassiveCapture:
             sock.getsockopt(capture.SOL_PACKET, capture.PACKET_STATISTICS,
                             ring.STATS_V3.size)
             size = max(capture.MIN_RING_BYTES,
-                       min(capture.MAX_RING_BYTES,
+                       min(self.max_ring_bytes,
                            capture.RING_MARGIN * self.cap * _SLOT))
             self._ring = ring.PacketRing(sock, size)
             sock.setblocking(False)
@@ -208,3 +210,28 @@ class PassiveCapture:
                         name, run.t_ns[i],
                         capture.DIR_OUT if run.pkttype[i] == 4
                         else capture.DIR_IN, header))
+
+
+def to_wire(sightings, stats):
+    """A window's sightings and :class:`PassiveStats` as the plain values
+    privsep carries: key fields and timestamps, no payload."""
+    names = sorted({s.ifname for s in sightings})
+    index = {n: i for i, n in enumerate(names)}
+    rows = [(index[s.ifname], s.t_ns, s.direction) + s.header.flow +
+            (s.header.ident, s.header.length) for s in sightings]
+    return {'ifnames': names, 'rows': rows,
+            'stats': dataclasses.astuple(stats)}
+
+
+def from_wire(raw):
+    """``(sightings, stats)`` from :func:`to_wire`'s values."""
+    names = raw['ifnames']
+    out = []
+    for (i, t_ns, direction, proto, src, dst, sport, dport, ident,
+         length) in raw['rows']:
+        out.append(passive.Sighting(
+            names[i], t_ns, direction,
+            passive.Header((proto, bytes(src), bytes(dst), sport, dport),
+                           None if ident is None else tuple(ident),
+                           length)))
+    return out, PassiveStats(*raw['stats'])

@@ -48,6 +48,7 @@ from oslo_privsep import priv_context
 from netweaver_agent import capture
 from netweaver_agent import destinations
 from netweaver_agent import netns
+from netweaver_agent import passivecapture
 from netweaver_agent import probe
 from netweaver_agent import sources
 
@@ -428,6 +429,44 @@ def _open_capture(session, protocol, netns_name, interfaces,
     return handle
 
 
+def _passive_window(netns_name, interfaces, sample, window_ms, cap,
+                    vxlan_port=None, geneve_port=None):
+    """One passive window (:class:`passivecapture.PassiveCapture`):
+    open, wait ``window_ms``, close; the sampled packets' key fields and
+    timestamps (never payload), as :func:`passivecapture.to_wire`."""
+    netns_name = _check_netns(netns_name)
+    sample = _int(sample, 'passive sample', 1, 1 << 16)
+    window_s = _seconds(_int(window_ms, 'passive window (ms)', 1,
+                             int(MAX_HOLD_S * 1000)) / 1000.0,
+                        'passive window')
+    cap = _int(cap, 'passive packet cap', 1, passivecapture.MAX_CAP)
+    if vxlan_port is not None:
+        vxlan_port = _int(vxlan_port, 'VXLAN port', 1, 65535)
+    if geneve_port is not None:
+        geneve_port = _int(geneve_port, 'Geneve port', 1, 65535)
+    if interfaces is not None:
+        interfaces = list(interfaces)
+        if len(interfaces) > MAX_INTERFACES or not all(
+                isinstance(i, str) and 0 < len(i) <= 15
+                for i in interfaces):
+            raise ValueError(f"interfaces {interfaces[:5]!r}...: expected "
+                             f"at most {MAX_INTERFACES} interface names")
+    handle = _table.reserve('capture')
+    try:
+        cap = passivecapture.PassiveCapture(
+            sample, netns_name=netns_name, interfaces=interfaces, cap=cap,
+            vxlan_port=vxlan_port, geneve_port=geneve_port,
+            max_ring_bytes=_table.limits.ring_bytes)
+        cap.open()
+        try:
+            time.sleep(window_s)
+        finally:
+            cap.close()
+    finally:
+        _table.release(handle)
+    return passivecapture.to_wire(cap.sightings, cap.stats)
+
+
 def _settle_capture(handle, quiet_s, max_s):
     cap = _table.peek(handle, 'capture')
     cap.settle(_seconds(quiet_s, 'quiet time'),
@@ -671,6 +710,7 @@ _OPS = {
     'open_capture': _open_capture,
     'settle_capture': _settle_capture,
     'close_capture': _close_capture,
+    'passive_window': _passive_window,
     'prepare_probes': _prepare_probes,
     'send_probes': _send_probes,
     'discard_probes': _discard,
@@ -881,6 +921,16 @@ class PrivsepCapture:
         handle, self._handle = self._handle, None
         raw = call(self.context, 'close_capture', handle)
         self.stats = batch_from_wire(raw, self.batch)
+
+
+def passive_window(context, netns_name, interfaces, sample, window_ms,
+                   cap, vxlan_port=None, geneve_port=None):
+    """Run one passive window in ``context``'s daemon: ``(sightings,
+    passivecapture.PassiveStats)``."""
+    raw = call(context, 'passive_window', netns_name,
+               sorted(interfaces) if interfaces else None, sample,
+               window_ms, cap, vxlan_port, geneve_port)
+    return passivecapture.from_wire(raw)
 
 
 def capture_class(context):

@@ -14,6 +14,7 @@ import socket
 import time
 
 from netweaver_agent import capture
+from netweaver_agent import lab as lab_mod
 from netweaver_agent import labtraffic
 from netweaver_agent import netns
 from netweaver_agent import passive
@@ -116,3 +117,79 @@ def test_sampling_same_flows_on_pif_and_tap(lab_factory):
     assert r.report.ingress.count >= 0.99 * to_guest
     print(f'sampled flows {len(flows)}, ingress matched '
           f'{r.report.ingress.count}/{to_guest}, covered {r.covered}')
+
+
+def _daemon_window(the_lab, guest, window_ms=1500, sample=1, **traffic):
+    """A passive window in the lab's privsep daemon while ``guest``
+    exchanges traffic with the source; ``(sightings, stats, result)``."""
+    from netweaver_agent import privileged
+    box = {}
+
+    def run():
+        box['out'] = privileged.passive_window(
+            privileged.netns_pctxt, the_lab.hv_netns,
+            [the_lab.pif, guest.tap], sample, window_ms, 50_000,
+            lab_mod.VXLAN_PORT if the_lab.spec.vxlan_vni else None)
+
+    import threading
+    t = threading.Thread(target=run)
+    try:
+        privileged.status(privileged.netns_pctxt)     # the daemon is up
+        t.start()
+        time.sleep(0.4)     # the daemon opens its socket
+        res = labtraffic.exchange(the_lab.src_netns, guest.netns,
+                                  guest.address, payload=MARKER, **traffic)
+        t.join(30)
+    finally:
+        privileged.stop()
+    assert 'out' in box, 'the passive window did not return'
+    return box['out'] + (res,)
+
+
+def test_daemon_returns_keys_only_and_they_match(lab_factory):
+    the_lab = lab_factory(guests=1)
+    g = the_lab.guests[0]
+    sightings, stats, res = _daemon_window(the_lab, g, tcp_bytes=300_000,
+                                           udp_count=40)
+    assert stats.kept == len(sightings) > 0 and stats.drops == 0
+    assert MARKER[:6] not in repr(sightings).encode()
+    spec = specs(the_lab)[0]
+    r = passive.match(sightings, [spec])[spec.vnic]
+    assert r.report.ingress.count >= res.udp_received
+    assert r.report.egress.count >= res.udp_back_received
+    assert r.report.anomalies == 0 and r.unmatched == 0
+
+
+def test_vxlan_sampled_and_matched_on_the_inner_frame(lab_factory):
+    """The pif sees the guests' traffic inside VXLAN, the tap plain: the
+    kernel samples both on the inner headers and they match."""
+    the_lab = lab_factory(guests=1, vxlan_vni=4242)
+    g = the_lab.guests[0]
+    sightings, stats, res = _daemon_window(the_lab, g, tcp_bytes=100_000,
+                                           udp_count=40)
+    on_pif = [s for s in sightings if s.ifname == the_lab.pif]
+    # Keyed on the inner flow: the guest's address, not the underlay's.
+    assert on_pif and all(g.address in (socket.inet_ntoa(s.header.flow[1]),
+                                        socket.inet_ntoa(s.header.flow[2]))
+                          for s in on_pif)
+    spec = specs(the_lab)[0]
+    r = passive.match(sightings, [spec])[spec.vnic]
+    print(f'vxlan: {r.report.ingress.count} in, {r.report.egress.count} '
+          f'out, unmatched {r.unmatched}, local {r.local}')
+    assert r.report.ingress.count >= res.udp_received
+    assert r.report.egress.count >= res.udp_back_received
+    assert r.report.anomalies == 0 and r.unmatched == 0
+
+
+def test_daemon_refuses_bad_windows_by_name():
+    from netweaver_agent import privileged
+    for args, name in (((None, None, 3, 100, 10), 'sample'),
+                       ((None, None, 4, 0, 10), 'passive window'),
+                       ((None, None, 4, 100, 0), 'cap'),
+                       ((None, ['x' * 16], 4, 100, 10), 'interfaces')):
+        try:
+            privileged._passive_window(*args)
+        except ValueError as exc:
+            assert name in str(exc), exc
+        else:
+            raise AssertionError(f'{args} accepted')
