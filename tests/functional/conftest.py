@@ -7,11 +7,18 @@ reason (never skip): a skipped real test hides a broken product.
 import itertools
 import os
 import secrets
+import subprocess
+import sys
 
 import pytest
 
 from netweaver_agent import capture
 from netweaver_agent import lab as lab_mod
+from netweaver_agent import netns
+
+CLI = [sys.executable, '-m', 'netweaver_agent.cli']
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 _counter = itertools.count()
 
@@ -55,6 +62,39 @@ def lab_factory():
             errors.append(str(exc))
     if errors:
         pytest.fail('lab teardown left things behind: ' + '; '.join(errors))
+
+
+def run_cli(*args, timeout=120):
+    """``netweaver *args`` from the repository; the completed process."""
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def lab_namespaces(prefix):
+    return sorted(n for n in os.listdir(netns.NETNS_RUN_DIR)
+                  if n.startswith(prefix))
+
+
+def assert_gone(prefix, pids=()):
+    """Nothing of the lab ``prefix`` is left: namespaces, state, ``pids``."""
+    assert lab_namespaces(prefix) == [], f'namespaces of {prefix} left'
+    assert not os.path.exists(lab_mod.state_dir(prefix))
+    for pid in pids:
+        assert not lab_mod._alive(pid), f'lab process {pid} still runs'
+
+
+def assert_every_nth_lost(result, the_lab, lossy, clean, every, probes):
+    """Of a window's ``probes`` (all received on the pif), the ones that
+    never reached ``lossy``'s tap are its ``every``-th, ``2 * every``-th...
+    in the order they reached the pif (``clean``'s probes set aside)."""
+    at_pif = pif_times(result.batch, the_lab.pif)
+    assert len(at_pif) == probes
+    elsewhere = probe_times(result.batch, the_lab.pif, clean.tap)
+    reached = probe_times(result.batch, the_lab.pif, lossy.tap)
+    sent = sorted((t, seq) for seq, t in at_pif.items()
+                  if seq not in elsewhere)
+    lost = [seq for _, seq in sent if seq not in reached]
+    assert lost == [seq for _, seq in sent[every - 1::every]]
 
 
 def pif_times(batch, pif):

@@ -38,8 +38,6 @@ alias of ``info``): the only thing added to the agent's process.
 import json
 import re
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
@@ -47,7 +45,6 @@ import pytest
 from netweaver_agent import lab as lab_mod
 from netweaver_agent import labagent
 from tests.functional import conftest
-from tests.functional import test_lab
 
 INTERVAL_S = 3
 WINDOWS = 2
@@ -335,12 +332,11 @@ def test_cli_lab_agent_on_ovn():
     conftest.require_root()
     prefix = conftest.unique_prefix('ja')
     try:
-        proc = subprocess.run(
-            [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
-             switch, '--agent', '--count', '10', '--prefix', prefix],
-            capture_output=True, text=True, timeout=180)
+        proc = conftest.run_cli('lab', '--switch', switch, '--agent',
+                                '--count', '10', '--prefix', prefix,
+                                timeout=180)
         # The command removed its lab, daemons included.
-        test_lab.assert_gone(prefix)
+        conftest.assert_gone(prefix)
     finally:
         lab_mod.teardown_kept(prefix)   # only if the command left it
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
@@ -360,11 +356,10 @@ def test_cli_lab_agent_refuses_a_vlan_network():
     conftest.require_root()
     prefix = conftest.unique_prefix('jv')
     try:
-        proc = subprocess.run(
-            [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
-             'ovs-native', '--network-type', 'vlan', '--agent', '--prefix',
-             prefix], capture_output=True, text=True, timeout=60)
-        test_lab.assert_gone(prefix)
+        proc = conftest.run_cli('lab', '--switch', 'ovs-native',
+                                '--network-type', 'vlan', '--agent',
+                                '--prefix', prefix, timeout=60)
+        conftest.assert_gone(prefix)
     finally:
         lab_mod.teardown_kept(prefix)
     assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])

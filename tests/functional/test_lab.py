@@ -21,10 +21,11 @@ from netweaver_agent import lab as lab_mod
 from netweaver_agent import measure
 from netweaver_agent import netns
 from tests.functional import conftest
-
-CLI = [sys.executable, '-m', 'netweaver_agent.cli']
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests.functional.conftest import assert_gone
+from tests.functional.conftest import CLI
+from tests.functional.conftest import lab_namespaces
+from tests.functional.conftest import REPO
+from tests.functional.conftest import run_cli
 # Generous bounds: these check accuracy against injected truth, on a
 # shared, loaded machine; they are not speed benchmarks.
 BASELINE_P50_US = 200.0
@@ -36,18 +37,6 @@ def window(the_lab, **settings):
     return measure.run_window(the_lab.paths(), the_lab.source(),
                               measure.WindowSettings(**settings),
                               capture_netns=the_lab.hv_netns)
-
-
-def lab_namespaces(prefix):
-    return sorted(n for n in os.listdir(netns.NETNS_RUN_DIR)
-                  if n.startswith(prefix))
-
-
-def assert_gone(prefix, pids=()):
-    assert lab_namespaces(prefix) == [], f'namespaces of {prefix} left'
-    assert not os.path.exists(lab_mod.state_dir(prefix))
-    for pid in pids:
-        assert not lab_mod._alive(pid), f'lab process {pid} still runs'
 
 
 def wait_until(predicate, timeout_s, what):
@@ -125,15 +114,8 @@ def test_loss_every_tenth_probe(lab_factory):
         assert result.reports[clean.tap].ingress.lost == 0
         assert result.reports[clean.tap].ingress.loss_pct == 0.0
         # The 10th, 20th... probe to the guest is the one dropped.
-        at_pif = conftest.pif_times(result.batch, the_lab.pif)
-        assert len(at_pif) == 100
-        elsewhere = conftest.probe_times(result.batch, the_lab.pif,
-                                         clean.tap)
-        reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
-        sent = sorted((t, seq) for seq, t in at_pif.items()
-                      if seq not in elsewhere)
-        lost = [seq for _, seq in sent if seq not in reached]
-        assert lost == [seq for _, seq in sent[9::10]]
+        conftest.assert_every_nth_lost(result, the_lab, lossy, clean,
+                                       every=10, probes=100)
 
 
 def test_mgmt_network_reaches_source_and_hypervisor(lab_factory):
@@ -245,11 +227,6 @@ def test_delayer_ends_with_the_process_that_built_the_lab():
         proc.stdout.close()
         lab_mod.teardown_kept(prefix)
     assert_gone(prefix)
-
-
-def run_cli(*args, timeout=120):
-    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def test_cli_json_end_to_end():

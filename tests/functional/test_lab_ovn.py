@@ -12,8 +12,6 @@ import glob
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 
@@ -152,15 +150,8 @@ def test_loss_exact_through_the_acl(ovn_lab, network_type):
         assert result.reports[clean.tap].ingress.lost == 0
         assert result.reports[clean.tap].ingress.count == 50
         # Dropped after the pif, and the 10th, 20th... of the guest's.
-        at_pif = conftest.pif_times(result.batch, the_lab.pif)
-        assert len(at_pif) == 100
-        elsewhere = conftest.probe_times(result.batch, the_lab.pif,
-                                         clean.tap)
-        reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
-        sent = sorted((t, seq) for seq, t in at_pif.items()
-                      if seq not in elsewhere)
-        lost = [seq for _, seq in sent if seq not in reached]
-        assert lost == [seq for _, seq in sent[9::10]]
+        conftest.assert_every_nth_lost(result, the_lab, lossy, clean,
+                                       every=10, probes=100)
     # UDP probes are not counted by an ICMP loss.
     result = window(the_lab, protocol='udp', count=20)
     assert result.reports[lossy.tap].ingress.lost == 0
@@ -295,11 +286,9 @@ def test_cli_ovn_json_hops_truth_delay_and_loss():
     conftest.require_root()
     prefix = conftest.unique_prefix('ovc')
     try:
-        proc = subprocess.run(
-            [sys.executable, '-m', 'netweaver_agent.cli', 'lab', '--switch',
-             'ovn', '--json', '--count', '20', '--loss-every', '5',
-             '--loss-guest', '0', '--prefix', prefix],
-            capture_output=True, text=True, timeout=120)
+        proc = conftest.run_cli(
+            'lab', '--switch', 'ovn', '--json', '--count', '20',
+            '--loss-every', '5', '--loss-guest', '0', '--prefix', prefix)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert (out['switch'], out['network_type']) == ('ovn', 'geneve')

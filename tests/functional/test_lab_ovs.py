@@ -15,8 +15,6 @@ guest of the same window, never with fixed numbers.
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 
@@ -26,12 +24,9 @@ from netweaver_agent import labswitch
 from netweaver_agent import measure
 from netweaver_agent import netns
 from tests.functional import conftest
-from tests.functional.test_lab import assert_gone
-from tests.functional.test_lab import lab_namespaces
-
-CLI = [sys.executable, '-m', 'netweaver_agent.cli']
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests.functional.conftest import assert_gone
+from tests.functional.conftest import lab_namespaces
+from tests.functional.conftest import run_cli
 # The Linux-bridge lab's tolerances (tests/functional/test_lab.py).
 OVERHEAD_MEDIAN_US = 200.0
 CLOCK_TOLERANCE_NS = 2000
@@ -225,15 +220,8 @@ def test_loss_exact(lab_factory, switch, network_type):
         assert rep.ingress.count == 45
         assert result.reports[clean.tap].ingress.lost == 0
         # The 10th, 20th... probe to the guest is the one dropped.
-        at_pif = conftest.pif_times(result.batch, the_lab.pif)
-        assert len(at_pif) == 100
-        elsewhere = conftest.probe_times(result.batch, the_lab.pif,
-                                         clean.tap)
-        reached = conftest.probe_times(result.batch, the_lab.pif, lossy.tap)
-        sent = sorted((t, seq) for seq, t in at_pif.items()
-                      if seq not in elsewhere)
-        lost = [seq for _, seq in sent if seq not in reached]
-        assert lost == [seq for _, seq in sent[9::10]]
+        conftest.assert_every_nth_lost(result, the_lab, lossy, clean,
+                                       every=10, probes=100)
     assert vswitchd_alive(the_lab)
 
 
@@ -314,11 +302,6 @@ def test_failed_build_stops_the_daemons():
         assert_gone(prefix, broken.started)
     finally:
         lab_mod.teardown_kept(prefix)
-
-
-def run_cli(*args, timeout=120):
-    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def test_cli_json_hops_truth_and_loss():
