@@ -5,6 +5,7 @@ reason (never skip): a skipped real test hides a broken product.
 """
 
 import itertools
+import json
 import os
 import secrets
 import subprocess
@@ -95,6 +96,51 @@ def assert_every_nth_lost(result, the_lab, lossy, clean, every, probes):
                   if seq not in elsewhere)
     lost = [seq for _, seq in sent if seq not in reached]
     assert lost == [seq for _, seq in sent[every - 1::every]]
+
+
+class NetnsScript:
+    """``python -m <module> <spec_path>`` in namespace ``netns_name`` for
+    the span of a ``with``; always stopped.
+
+    The script prints a line with ``"running"`` once it runs, and its
+    result as its last line, in JSON (:attr:`result`), when it ends on
+    its own within ``timeout_s`` of the ``with``'s end.
+
+    :param what: what the failures call the script
+    """
+
+    def __init__(self, netns_name, module, spec_path, timeout_s, what):
+        self.argv = netns.netns_argv(netns_name, [
+            sys.executable, '-m', module, spec_path])
+        self.timeout_s = timeout_s
+        self.what = what
+        self.proc = None
+        self.result = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, text=True,
+                                     stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        line = self.proc.stdout.readline()
+        if '"running"' not in line:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            pytest.fail(f'the {self.what} did not start: {line} '
+                        f'{err[-2000:]}')
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        if self.proc.returncode == 0 and out.strip():
+            self.result = json.loads(out.strip().splitlines()[-1])
+        elif exc[0] is None:
+            pytest.fail(f'the {self.what} failed ({self.proc.returncode}): '
+                        f'{err[-2000:]}')
+        return False
 
 
 def pif_times(batch, pif):

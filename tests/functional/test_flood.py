@@ -13,8 +13,6 @@ what the test asked, since it is the test's input.
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -24,11 +22,10 @@ from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import privileged
 from tests.functional import flood as flood_mod
+from tests.functional import conftest
 from tests.functional import inprocess
 
 LOG = logging.getLogger(__name__)
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 FLOOD_PPS = 100_000
 MIN_PPS = 50_000
 FLOOD_S = 4.0
@@ -44,7 +41,7 @@ def cycle_factory(tmp_path):
     yield from inprocess.cycles(tmp_path)
 
 
-class Flood:
+class Flood(conftest.NetnsScript):
     """The flooder running in the source namespace; always stopped."""
 
     def __init__(self, the_lab, workdir, session, planned, lossy):
@@ -65,35 +62,8 @@ class Flood:
                        'session': session, 'planned': planned,
                        'count': int(FLOOD_PPS * FLOOD_S),
                        'duration_s': FLOOD_S, 'rate_pps': FLOOD_PPS}, f)
-        self.argv = netns.netns_argv(the_lab.src_netns, [
-            sys.executable, '-m', 'tests.functional.flood', self.spec_path])
-        self.proc = None
-        self.result = None
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, text=True,
-                                     stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        line = self.proc.stdout.readline()
-        if '"running"' not in line:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f'the flooder did not start: {line} '
-                        f'{self.proc.stderr.read()[-2000:]}')
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            out, err = self.proc.communicate(timeout=FLOOD_S + 10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        if self.proc.returncode == 0 and out.strip():
-            self.result = json.loads(out.strip().splitlines()[-1])
-        elif exc[0] is None:
-            pytest.fail(f'the flooder failed ({self.proc.returncode}): '
-                        f'{err[-2000:]}')
-        return False
+        super().__init__(the_lab.src_netns, 'tests.functional.flood',
+                         self.spec_path, FLOOD_S + 10, 'flooder')
 
 
 def _link_drops(ns):

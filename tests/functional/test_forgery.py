@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -26,11 +25,10 @@ from netweaver_agent import netns
 from netweaver_agent import pcapfile
 from netweaver_agent import probe
 from netweaver_agent import sources
+from tests.functional import conftest
 from tests.functional import inprocess
 
 LOG = logging.getLogger(__name__)
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 COUNT = 40
 FORGE_S = 4.0
 MAX_FRAMES = 100_000
@@ -39,7 +37,7 @@ MAX_FRAMES = 100_000
 PAUSE_S = 0.02
 
 
-class Forger:
+class Forger(conftest.NetnsScript):
     """forger.py in guest 0's namespace; always stopped."""
 
     def __init__(self, the_lab, workdir, protocol):
@@ -53,34 +51,8 @@ class Forger:
         self.path = os.path.join(workdir, 'forger.json')
         with open(self.path, 'w', encoding='utf-8') as f:
             json.dump(spec, f)
-        self.argv = netns.netns_argv(attacker.netns, [
-            sys.executable, '-m', 'tests.functional.forger', self.path])
-        self.proc = None
-        self.result = None
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, text=True,
-                                     stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        line = self.proc.stdout.readline()
-        if '"running"' not in line:
-            self.proc.kill()
-            self.proc.communicate()
-            pytest.fail(f'the forger did not start: {line}')
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            out, err = self.proc.communicate(timeout=FORGE_S + 10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        if self.proc.returncode == 0 and out.strip():
-            self.result = json.loads(out.strip().splitlines()[-1])
-        elif exc[0] is None:
-            pytest.fail(f'the forger failed ({self.proc.returncode}): '
-                        f'{err[-2000:]}')
-        return False
+        super().__init__(attacker.netns, 'tests.functional.forger',
+                         self.path, FORGE_S + 10, 'forger')
 
 
 class SourceDump:
