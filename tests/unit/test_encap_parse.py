@@ -15,6 +15,7 @@ from netweaver_agent import latency
 from netweaver_agent import pcapkeys
 from netweaver_agent import probe
 from netweaver_agent import report
+from tests.unit import fakes
 from tests.unit import test_fuzz as tf
 from tests.unit import test_probe as tp
 
@@ -452,55 +453,21 @@ def test_the_capture_classes_take_the_geneve_port():
         privileged._open_capture(9, 'icmp', None, None, None, 70000)
 
 
-class _RecordingCapture:
-    """A capture class that opens nothing and records how it was made."""
-
-    made = []
-
-    def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None, **extra):
-        self.made.append({k: v for k, v in extra.items()
-                          if k.endswith('_port')})
-        self.batch = capture.SightingBatch(session)
-        self.stats = capture.CaptureStats(0, 0, 0, 0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def settle(self, quiet_s, max_s=None):
-        pass
-
-
 def test_run_window_opens_the_capture_with_the_tunnel_ports():
     from netweaver_agent import measure
-    from netweaver_agent import sources
     from netweaver_agent import topology
-
-    class Source(sources.ProbeSource):
-        name = 'recorder'
-
-        def prepare(self, plan):
-            pass
-
-        def send(self, plan, deadline_s):
-            return sources.SendResult(sent=len(plan.probes))
-
-        def discard(self):
-            pass
 
     path = topology.VifPath(vnic='tap0', address='198.18.0.10',
                             interfaces=('eth1', 'tap0'))
     for ports in ({}, {'geneve_port': 6081},
                   {'vxlan_port': 4789, 'geneve_port': 7000}):
-        _RecordingCapture.made.clear()
+        made = []
         settings = measure.WindowSettings(count=1, timeout_ms=5.0,
                                           max_window_ms=200.0, **ports)
-        measure.run_window([path], Source(), settings,
-                           capture_class=_RecordingCapture)
-        assert _RecordingCapture.made == [ports]
+        measure.run_window([path], fakes.AllSentSource(), settings,
+                           capture_class=fakes.recording_capture(made))
+        assert [{k: v for k, v in extra.items() if k.endswith('_port')}
+                for extra in made] == [ports]
 
 
 def test_the_tunnel_kind_survives_privsep():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from netweaver_agent import capture
 from netweaver_agent import probe
 from netweaver_agent import ring
+from tests.unit import fakes
 from tests.unit import test_probe as tp
 
 SESSION = 0x1234
@@ -178,41 +179,14 @@ def test_ring_size_holds_the_window_within_the_cap():
 
 def test_run_window_sizes_the_ring_from_the_plan():
     from netweaver_agent import measure
-    from netweaver_agent import sources
     from netweaver_agent import topology
 
     made = []
-
-    class Recording:
-        def __init__(self, session, protocol='icmp', netns_name=None,
-                     interfaces=None, **extra):
-            made.append(extra)
-            self.batch = capture.SightingBatch(session)
-            self.stats = capture.CaptureStats(0, 0, 0, 0)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def settle(self, quiet_s, max_s=None):
-            pass
-
-    class Source(sources.ProbeSource):
-        name = 'recorder'
-
-        def prepare(self, plan):
-            pass
-
-        def send(self, plan, deadline_s):
-            return sources.SendResult(sent=len(plan.probes))
-
     paths = [topology.VifPath(vnic=f'tap{i}', address=f'198.18.0.{10 + i}',
                               interfaces=('eth1', 'qvo', 'qvb', f'tap{i}'))
              for i in range(3)]
-    measure.run_window(paths, Source(), measure.WindowSettings(
+    measure.run_window(paths, fakes.AllSentSource(), measure.WindowSettings(
         count=5, timeout_ms=5.0, max_window_ms=500.0),
-        capture_class=Recording)
+        capture_class=fakes.recording_capture(made))
     # 15 probes and 15 answers, each on 4 interfaces.
     assert made[0]['expected_packets'] >= 2 * 15 * 4

@@ -17,6 +17,7 @@ from netweaver_agent import measure
 from netweaver_agent import probe
 from netweaver_agent import sources
 from netweaver_agent import topology
+from tests.unit import fakes
 
 MS = 1_000_000
 TARGETS = [f'198.18.0.{10 + i}' for i in range(8)]
@@ -190,25 +191,6 @@ class StoppingSource(sources.ProbeSource):
         return sources.SendResult(sent=min(self.tried, len(plan.probes)))
 
 
-class SilentCapture:
-    """A capture that sees nothing (the network boundary, faked)."""
-
-    def __init__(self, session, protocol='icmp', netns_name=None,
-                 interfaces=None, **extra):
-        self.batch = capture.SightingBatch(session)
-        self.stats = capture.CaptureStats(packets=0, drops=0, probes=0,
-                                          foreign=0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def settle(self, quiet_s, max_s=None):
-        pass
-
-
 def _paths(n):
     return [topology.VifPath(vnic=f'tap{i}', address=TARGETS[i],
                              interfaces=('eth1', f'tap{i}'))
@@ -217,7 +199,7 @@ def _paths(n):
 
 @pytest.fixture
 def silent(monkeypatch):
-    monkeypatch.setattr(capture, 'LiveCapture', SilentCapture)
+    monkeypatch.setattr(capture, 'LiveCapture', fakes.SilentCapture)
 
 
 def test_probes_not_sent_are_not_reported(silent):

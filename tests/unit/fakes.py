@@ -1,0 +1,49 @@
+"""Fakes of a window's network boundary shared by unit tests of
+:func:`measure.run_window`: a capture that sees nothing and a source
+that sends everything, both without sockets."""
+
+from netweaver_agent import capture
+from netweaver_agent import sources
+
+
+class SilentCapture:
+    """A capture that opens nothing and sees nothing; :attr:`extra` is
+    what it was made with beyond session, protocol, namespace and
+    interfaces."""
+
+    def __init__(self, session, protocol='icmp', netns_name=None,
+                 interfaces=None, **extra):
+        self.extra = extra
+        self.batch = capture.SightingBatch(session)
+        self.stats = capture.CaptureStats(packets=0, drops=0, probes=0,
+                                          foreign=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def settle(self, quiet_s, max_s=None):
+        pass
+
+
+def recording_capture(made):
+    """A :class:`SilentCapture` class whose captures append their
+    :attr:`SilentCapture.extra` to the list ``made``."""
+
+    class RecordingCapture(SilentCapture):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.extra)
+
+    return RecordingCapture
+
+
+class AllSentSource(sources.ProbeSource):
+    """Says it sent every probe of the plan (sends nothing)."""
+
+    name = 'recorder'
+
+    def send(self, plan, deadline_s):
+        return sources.SendResult(sent=len(plan.probes))
