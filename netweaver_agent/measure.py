@@ -335,3 +335,53 @@ def _log_trimmed(session, settings, paths, sched):
                      'n': len(paths),
                      'vnics': ', '.join(paths[i].vnic
                                         for i in sched.skipped_targets)})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PassiveWindowResult:
+    """One passive window: ``{vnic: passive.PassiveResult}`` and the
+    capture's :class:`passivecapture.PassiveStats`."""
+
+    results: dict
+    stats: object
+    sample: int
+    duration_ns: int
+
+
+def passive_specs(paths):
+    """:class:`passive.VnicSpec` of each path (pif, tap, its address)."""
+    from netweaver_agent import passive
+    return [passive.VnicSpec(p.vnic, p.pif, p.vnic,
+                             frozenset({passive.address(p.address)}))
+            for p in paths]
+
+
+def run_passive_window(paths, sample, window_ms, max_packets,
+                       capture_netns=None, context=None, vxlan_port=None,
+                       geneve_port=None):
+    """Watch the instances' own traffic for ``window_ms`` (no probe
+    sent) and match it per vNIC (:mod:`passive`).
+
+    ``context``: a privsep context whose daemon captures
+    (:func:`privileged.passive_window`); None: captured in this process.
+    """
+    from netweaver_agent import passive
+    from netweaver_agent import passivecapture
+    specs = passive_specs(paths)
+    interfaces = sorted({s.pif for s in specs} | {s.tap for s in specs})
+    start = time.monotonic_ns()
+    if context is not None:
+        from netweaver_agent import privileged
+        sightings, stats = privileged.passive_window(
+            context, capture_netns, interfaces, sample, int(window_ms),
+            max_packets, vxlan_port, geneve_port)
+    else:
+        with passivecapture.PassiveCapture(
+                sample, netns_name=capture_netns, interfaces=interfaces,
+                cap=max_packets, vxlan_port=vxlan_port,
+                geneve_port=geneve_port) as cap:
+            time.sleep(window_ms / 1000.0)
+        sightings, stats = cap.sightings, cap.stats
+    return PassiveWindowResult(results=passive.match(sightings, specs),
+                               stats=stats, sample=sample,
+                               duration_ns=time.monotonic_ns() - start)

@@ -206,6 +206,43 @@ OPTS = [
                     'commands of ours print a line or a table) and both '
                     'end within ssh_command_timeout_s in all. A capture of '
                     'N probes is at most about (2N + 64) x 272 bytes.'),
+    cfg.StrOpt('mode',
+               default='probe',
+               choices=[('probe', 'synthetic probes from probe_source '
+                                  '(the only mode that publishes loss)'),
+                        ('passive', "no probe: the instances' own "
+                                    'traffic, sampled pif <-> tap for '
+                                    'passive_window_ms each cycle'),
+                        ('both', 'probes, and a passive window after '
+                                 'them; one sample per meter and vNIC: '
+                                 'the probes\' where they reached the '
+                                 "vNIC, else the passive one "
+                                 '(probe_protocol says which)')],
+               help='What measures the in-host latency. passive needs no '
+                    'probe source (tenant overlay networks no host outside '
+                    'can reach) and measures only vNICs carrying traffic '
+                    'in the window: idle is no sample, and a packet seen '
+                    'on the pif and never on the tap is counted in '
+                    'passive_unmatched, never as loss. See '
+                    'docs/deploying.md.'),
+    cfg.FloatOpt('passive_window_ms',
+                 default=1000.0, min=1.0, max=300000.0,
+                 help='How long each cycle watches the instances\' own '
+                      'traffic in passive (and both) mode, in ms. In both '
+                      'mode it comes after the probe window (which '
+                      'max_window_ms bounds), adding to the cycle.'),
+    cfg.IntOpt('passive_sample',
+               default=64, min=1, max=65536,
+               help='Passive mode keeps 1 flow in passive_sample (a power '
+                    'of two), chosen in the kernel by a hash of its ports '
+                    '(or addresses) that is the same on the pif and on '
+                    'every tap, so a kept flow is seen on both. 1 keeps '
+                    'every packet.'),
+    cfg.IntOpt('passive_max_packets',
+               default=100000, min=1, max=1000000,
+               help='Most sampled packets one passive window keeps (the '
+                    'rest are counted and left out); with the headers-only '
+                    'snapshot each takes about 200 bytes of ring.'),
 ]
 
 
@@ -301,10 +338,19 @@ def _daemon_limits(group):
         group.probe_timeout_ms)
 
 
+def _passive_sample(group):
+    """The kernel samples flows by masking a hash: a power of two."""
+    sample = getattr(group, 'passive_sample', 1)
+    if sample & (sample - 1):
+        return [f"{_name('passive_sample')} = {sample} is not a power of "
+                "two (1, 2, 4, ... 65536)"]
+    return []
+
+
 # Checks of option values and combinations that can never work, run when
 # the pollsters load: each takes the [netweaver] group, returns messages.
 CHECKS = [_non_finite, _window_fits, _ssh_known_hosts, _probe_networks,
-          _daemon_limits]
+          _daemon_limits, _passive_sample]
 
 
 def problems(conf):

@@ -188,6 +188,61 @@ def latency_metadata(report, path, window, source_name):
     }
 
 
+def passive_summary(result, pw):
+    """The passive-only keys of one vNIC's passive result."""
+    return {
+        'passive_packets': result.packets,
+        # Seen on the pif and never on the tap (or the reverse for what
+        # the guest sent): counted, never loss.
+        'passive_unmatched': result.unmatched,
+        # Never crossed the pif (instance to instance, DHCP, metadata).
+        'passive_local': result.local,
+        'passive_ambiguous': result.ambiguous,
+        'passive_covered': result.covered,
+        'passive_unkeyable': result.unkeyable,
+        'passive_sample': pw.sample,
+        'passive_over_cap': pw.stats.over_cap,
+        'latency_ingress': None if result.report is None else
+        _stats_dict(result.report.ingress),
+        'latency_egress': None if result.report is None else
+        _stats_dict(result.report.egress),
+    }
+
+
+def passive_metadata(result, path, pw):
+    """Our resource_metadata keys for a passive measurement: those of
+    :func:`latency_metadata` (nothing was sent) and the passive counts."""
+    report = result.report
+    out = {
+        'probe_protocol': report.protocol,
+        'probe_source': None,
+        'probe_address': path.address,
+        'probe_sent': 0, 'probe_unseen_at_pif': 0, 'probe_late': 0,
+        'probe_unknown': 0,
+        'probe_anomalies': report.anomalies,
+        'probe_rejected': 0, 'probe_filtered': False,
+        'pif': report.pif, 'vif': path.vnic,
+        'vlan': None, 'vni': None, 'tunnel': None,
+        'latency_turnaround': _stats_dict(report.turnaround),
+        'latency_hops': [],
+        'path_unseen': list(path.unseen),
+        'capture_drops': pw.stats.drops,
+        'window_session': None,
+        'window_ms': pw.duration_ns / 1e6,
+    }
+    out.update(passive_summary(result, pw))
+    return out
+
+
+def probe_summary(m):
+    """The probe result of a vNIC the passive one stands in for."""
+    r = m.report
+    return {'probe_protocol': r.protocol, 'probe_sent': r.sent,
+            'probe_entered_pif': r.entered_pif,
+            'probe_filtered': r.filtered,
+            'latency_ingress': _stats_dict(r.ingress)}
+
+
 def _source(conf):
     """The probe source of ``[netweaver] probe_source``.
 
@@ -340,12 +395,14 @@ class Prober:
         self.policy = destinations.for_source(group.probe_source,
                                               group.probe_networks)
         self.capture_class = None
+        self.passive_context = None
         self._warming = None
         if group.privsep:
             privileged.configure(group.privsep_helper_command)
             context = privileged.context_for(
                 group.capture_netns, getattr(self.source, 'netns_name', None))
             self.capture_class = privileged.capture_class(context)
+            self.passive_context = context
             self._warming = privileged.warm_up(context)
         self.sysfs_root = topology.SYSFS_NET
         self.inspector = self._new_inspector(conf)
@@ -571,6 +628,16 @@ class Prober:
         found = self.paths(instances)
         if not found:
             return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
+        mode = getattr(self.group, 'mode', 'probe')
+        if mode == 'passive':
+            return self._passive_cycle(ids, found, None)
+        window = self._probe_cycle(ids, instances, found, deadline_s)
+        if mode == 'both' and not window.permanent_error:
+            return self._passive_cycle(ids, found, window)
+        return window
+
+    def _probe_cycle(self, ids, instances, found, deadline_s):
+        """The probe window over ``found`` (probe and both modes)."""
         left_ms = (deadline_s - time.monotonic()) * 1000.0
         open_ms = measure.OPEN_RESERVE_S * 1000.0
         if left_ms <= self.settings.timeout_ms + open_ms:
@@ -640,6 +707,65 @@ class Prober:
                 report=report,
                 metadata=latency_metadata(report, path, window,
                                           self.source.name)))
+        return CycleWindow(instance_ids=ids, measurements=tuple(measurements),
+                           polled_at=polled_at)
+
+    def _passive_window(self, paths):
+        """A :class:`measure.PassiveWindowResult`, or None (logged)."""
+        group = self.group
+        settings = self.window_settings(paths)
+        try:
+            return measure.run_passive_window(
+                paths, group.passive_sample, group.passive_window_ms,
+                group.passive_max_packets,
+                capture_netns=group.capture_netns,
+                context=self.passive_context,
+                vxlan_port=settings.vxlan_port,
+                geneve_port=settings.geneve_port)
+        except (capture.CaptureError, netns.NetnsError, OSError,
+                ValueError) as exc:
+            error = exc
+        LOG.error('Passive window for %(n)d vNICs failed; no passive '
+                  'latency this cycle: %(exc)s',
+                  {'n': len(paths), 'exc': error})
+        return None
+
+    def _passive_cycle(self, ids, found, probed):
+        """One passive window over ``found``.  ``probed``: the cycle's
+        probe window (both mode): each vNIC whose probes reached its tap
+        keeps the probe measurement, the others get the passive one; the
+        other result goes in metadata (``other_result``)."""
+        pw = self._passive_window([p for _, _, p in found])
+        polled_at = time.monotonic()
+        by_vnic = {} if probed is None else {
+            m.path.vnic: m for m in probed.measurements}
+        measurements = []
+        for instance, stats, path in found:
+            result = None if pw is None else pw.results.get(path.vnic)
+            probe_m = by_vnic.get(path.vnic)
+            if probe_m is not None and probe_m.report.ingress.count:
+                metadata = dict(probe_m.metadata, other_result=None if
+                                result is None else
+                                passive_summary(result, pw))
+                measurements.append(dataclasses.replace(
+                    probe_m, metadata=metadata))
+                continue
+            if result is None or result.report is None or not (
+                    result.report.ingress.count or
+                    result.report.egress.count):
+                continue        # idle (or nothing matched): no sample
+            metadata = passive_metadata(result, path, pw)
+            if probed is not None:
+                metadata['other_result'] = (
+                    None if probe_m is None else probe_summary(probe_m))
+            measurements.append(VnicMeasurement(
+                instance_id=instance.id, stats=stats, path=path,
+                report=result.report, metadata=metadata))
+        if pw is not None:
+            LOG.info('Passive window: %(vnics)d vNICs, %(kept)d sampled '
+                     'packets (1 flow in %(sample)d) in %(ms).1f ms',
+                     {'vnics': len(found), 'kept': pw.stats.kept,
+                      'sample': pw.sample, 'ms': pw.duration_ns / 1e6})
         return CycleWindow(instance_ids=ids, measurements=tuple(measurements),
                            polled_at=polled_at)
 
@@ -789,6 +915,6 @@ class VifProbeLossPollster(VifLatencyBase):
     statistic = 'loss_pct'
 
     def volume(self, report):
-        if report.filtered:
-            return None
+        if report.filtered or report.protocol == 'passive':
+            return None     # passive matching never claims loss
         return super().volume(report)

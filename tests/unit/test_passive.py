@@ -242,3 +242,116 @@ def test_parse_reads_geneve_inner_frame_after_options():
     outer = udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), 40000,
                 6081, 5, payload=gen)
     assert passive.parse(outer) == passive.parse(inner)
+
+
+# --- [netweaver] mode in the pollsters ---------------------------------------
+
+import fixtures  # noqa: E402
+
+from netweaver_agent import measure  # noqa: E402
+from netweaver_agent import opts  # noqa: E402
+from netweaver_agent import passivecapture  # noqa: E402
+from netweaver_agent import pollsters  # noqa: E402
+from tests.unit import test_pollsters as tpoll  # noqa: E402
+
+A_ADDR = bytes([198, 18, 1, 10])        # tapaaa's guest (test_pollsters)
+
+
+class FakePassive:
+    """Stands in for measure.run_passive_window: tapaaa's guest received
+    2 packets (3 and 5 us in the host) and sent 1 (4 us), one more packet
+    to it never reached its tap; TAP_B's guest is idle.  Matched by the
+    real passive.match."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, paths, sample, window_ms, max_packets, **kw):
+        self.calls.append((list(paths), sample, window_ms, max_packets, kw))
+        s = [seen('eth1', 0, IN, udp(PEER, A_ADDR, 1, 2, 10)),
+             seen('tapaaa', 3_000, OUT, udp(PEER, A_ADDR, 1, 2, 10)),
+             seen('eth1', 10, IN, udp(PEER, A_ADDR, 1, 2, 11)),
+             seen('tapaaa', 5_010, OUT, udp(PEER, A_ADDR, 1, 2, 11)),
+             seen('eth1', 20, IN, udp(PEER, A_ADDR, 1, 2, 12)),
+             seen('tapaaa', 100, IN, udp(A_ADDR, PEER, 2, 1, 13)),
+             seen('eth1', 4_100, OUT, udp(A_ADDR, PEER, 2, 1, 13))]
+        return measure.PassiveWindowResult(
+            results=passive.match(s, measure.passive_specs(paths)),
+            stats=passivecapture.PassiveStats(kept=len(s)), sample=sample,
+            duration_ns=1_000_000)
+
+
+class TestModes(tpoll.TestLatencyPollsters):
+    """test_pollsters' fixture (fake inspector, sysfs, probe window),
+    none of its tests (they run there), and a faked passive window."""
+
+    def setUp(self):
+        super().setUp()
+        self.passive = FakePassive()
+        self.useFixture(fixtures.MockPatch(
+            'netweaver_agent.measure.run_passive_window',
+            side_effect=self.passive))
+
+    def all_samples(self, mode):
+        self.CONF.set_override('mode', mode, group='netweaver')
+        out = {}
+        for name, (factory, _unit) in tpoll.METERS.items():
+            pollsters.VifLatencyBase._prober = None
+            for s in self.samples(factory):
+                out.setdefault(name, {})[s.resource_metadata['vif']] = s
+        return out
+
+    def test_probe_is_the_default_and_runs_no_passive_window(self):
+        assert self.CONF.netweaver.mode == 'probe'
+        out = self.all_samples('probe')
+        assert not self.passive.calls
+        assert out['network.vif.latency']['tapaaa'].volume == 20.0
+        md = out['network.vif.latency']['tapaaa'].resource_metadata
+        assert not any(k.startswith('passive') or k == 'other_result'
+                       for k in md)
+
+    def test_passive_sends_nothing_and_measures_the_traffic(self):
+        out = self.all_samples('passive')
+        assert not self.run_window.called
+        lat = out['network.vif.latency']
+        assert set(lat) == {'tapaaa'}          # TAP_B idle: no sample
+        assert lat['tapaaa'].volume == 4.0     # mean of 3 and 5 us
+        assert out['network.vif.outgoing.latency']['tapaaa'].volume == 4.0
+        assert 'network.vif.probe.loss' not in out
+        md = lat['tapaaa'].resource_metadata
+        assert md['probe_protocol'] == 'passive'
+        assert md['passive_packets'] == 3
+        assert md['passive_unmatched'] == 1
+        assert md['latency_ingress']['lost'] == 0
+        paths, sample, window_ms, cap, _kw = self.passive.calls[0]
+        assert (sample, window_ms, cap) == (
+            self.CONF.netweaver.passive_sample,
+            self.CONF.netweaver.passive_window_ms,
+            self.CONF.netweaver.passive_max_packets)
+
+    def test_both_takes_probes_where_they_reached_else_passive(self):
+        self.window.reports['tapaaa'] = tpoll.report('tapaaa', [], lost=5)
+        self.window.reports[tpoll.TAP_B] = tpoll.report(tpoll.TAP_B,
+                                                        [40_000])
+        out = self.all_samples('both')
+        lat = out['network.vif.latency']
+        assert set(lat) == {'tapaaa', tpoll.TAP_B}
+        a, b = lat['tapaaa'], lat[tpoll.TAP_B]
+        assert a.resource_metadata['probe_protocol'] == 'passive'
+        assert a.volume == 4.0
+        assert a.resource_metadata['other_result']['probe_sent'] == 5
+        assert b.resource_metadata['probe_protocol'] == 'icmp'
+        assert b.volume == 40.0
+        assert b.resource_metadata['other_result'] is not None
+        # Loss comes from probes only: the probed vNIC.
+        assert set(out['network.vif.probe.loss']) == {tpoll.TAP_B}
+
+    def test_passive_sample_must_be_a_power_of_two(self):
+        self.CONF.set_override('passive_sample', 48, group='netweaver')
+        with self.assertRaisesRegex(opts.OptionsError, 'passive_sample'):
+            opts.validate(self.CONF)
+
+
+for _name in dir(tpoll.TestLatencyPollsters):
+    if _name.startswith('test_') and _name not in vars(TestModes):
+        setattr(TestModes, _name, None)
