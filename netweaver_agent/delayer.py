@@ -17,6 +17,11 @@ Held packets wait in a heap, so overlapping probes are each held for the
 full delay; one Python handler still costs tens of microseconds per
 packet, so the lab spaces probes to a delayed guest by a few ms.
 
+With ``--keys passive`` (passive mode's truth) it records instead each
+packet's passive key (:func:`passive.parse_ip`: flow, TCP seq/ack or IPv4
+id, TCP payload length) as a :class:`PassiveHold` line, for every packet
+the queue gets: the guest's own traffic as well as probes.
+
 Run as ``python -m netweaver_agent.delayer --queue N --delay-ms D
 --records FILE``; it prints ``ready`` on stdout once the queue is bound.
 """
@@ -35,11 +40,13 @@ import time
 
 from oslo_log import log
 
+from netweaver_agent import passive
 from netweaver_agent import probe
 
 LOG = log.getLogger(__name__)
 
 READY = 'ready'
+KEYS = ('probe', 'passive')
 PR_SET_TIMERSLACK = 29
 DEFAULT_MAX_LIFETIME_S = 24 * 3600
 QUEUE_MAX_LEN = 4096
@@ -91,6 +98,64 @@ class DelayRecord:
             return cls(None, None, False, received, released, hold)
         return cls(int(session), int(seq), reply == '1', received, released,
                    hold)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PassiveHold:
+    """One packet the delayer held, by its passive key (``--keys
+    passive``): ``header`` a :class:`passive.Header` (None: not IP)."""
+
+    header: passive.Header | None
+    received_ns: int
+    released_ns: int
+    hold_ns: int
+
+    def to_line(self):
+        h = self.header
+        if h is None:
+            key = 'P - - - - - - - -'
+        else:
+            proto, src, dst, sport, dport = h.flow
+            ident = ('- -' if h.ident is None else
+                     f'{h.ident[0]} {h.ident[1]}')
+            key = (f'P {proto} {src.hex()} {dst.hex()} {sport} {dport} '
+                   f'{ident} {h.length}')
+        return (f'{key} {self.received_ns} {self.released_ns} '
+                f'{self.hold_ns}\n')
+
+    @classmethod
+    def from_line(cls, line):
+        f = line.split()
+        if len(f) != 12 or f[0] != 'P':
+            raise ValueError(f"passive hold record {line!r}: expected 12 "
+                             "fields starting with P")
+        times = [int(x) for x in f[9:]]
+        if f[1] == '-':
+            return cls(None, *times)
+        ident = None if f[6] == '-' else (int(f[6]), int(f[7]))
+        header = passive.Header(
+            (int(f[1]), bytes.fromhex(f[2]), bytes.fromhex(f[3]), int(f[4]),
+             int(f[5])), ident, int(f[8]))
+        return cls(header, *times)
+
+
+def read_passive_records(path):
+    """Every complete :class:`PassiveHold` written to ``path`` so far."""
+    try:
+        with open(path, encoding='ascii') as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise DelayerError(f"cannot read delay records {path!r}: "
+                           f"{exc}") from exc
+    out = []
+    for number, line in enumerate(data.split('\n')[:-1], 1):
+        try:
+            out.append(PassiveHold.from_line(line))
+        except ValueError as exc:
+            raise DelayerError(f"{path}:{number}: {exc}") from exc
+    return out
 
 
 def read_records(path):
@@ -149,13 +214,19 @@ class Delayer:
     :param records: a text file object; one line per released packet
     :param watch_pid: exit when this process ends (None: never)
     :param max_lifetime_s: exit after this long, whatever happens
+    :param keys: ``'probe'`` (records :class:`DelayRecord`) or
+        ``'passive'`` (records :class:`PassiveHold`)
     """
 
     def __init__(self, queue_num, delay_ns, records, watch_pid=None,
                  max_lifetime_s=DEFAULT_MAX_LIFETIME_S,
-                 rt_priority=DEFAULT_RT_PRIORITY):
+                 rt_priority=DEFAULT_RT_PRIORITY, keys='probe'):
         if delay_ns < 0:
             raise ValueError(f"delay {delay_ns!r} ns is negative")
+        if keys not in KEYS:
+            raise ValueError(f"delayer keys {keys!r}: expected one of "
+                             f"{', '.join(KEYS)}")
+        self.keys = keys
         self.queue_num = queue_num
         self.delay_ns = delay_ns
         self.records = records
@@ -169,7 +240,10 @@ class Delayer:
     def _on_packet(self, pkt):
         mono = time.monotonic_ns()
         real = time.time_ns()
-        key = packet_key(pkt.get_payload())
+        if self.keys == 'passive':
+            key = passive.parse_ip(pkt.get_payload())
+        else:
+            key = packet_key(pkt.get_payload())
         heapq.heappush(self._held, (mono + self.delay_ns, next(self._order),
                                     pkt, key, real, mono))
 
@@ -177,7 +251,10 @@ class Delayer:
         released_real = time.time_ns()
         released_mono = time.monotonic_ns()
         pkt.accept()
-        if key is None:
+        if self.keys == 'passive':
+            rec = PassiveHold(key, received_real, released_real,
+                              released_mono - received_mono)
+        elif key is None:
             rec = DelayRecord(None, None, False, received_real,
                               released_real, released_mono - received_mono)
         else:
@@ -280,6 +357,10 @@ def build_parser():
                         default=DEFAULT_RT_PRIORITY,
                         help='SCHED_FIFO priority, 0 for none (default '
                              f'{DEFAULT_RT_PRIORITY})')
+    parser.add_argument('--keys', choices=KEYS, default='probe',
+                        help="what each record names: the probe's "
+                             "identity (default) or every packet's passive "
+                             "key (passive mode's truth)")
     return parser
 
 
@@ -297,7 +378,7 @@ def main(argv=None):
             delayer = Delayer(args.queue, int(args.delay_ms * 1e6), rec,
                               watch_pid=args.watch_pid,
                               max_lifetime_s=args.max_lifetime_s,
-                              rt_priority=args.rt_priority)
+                              rt_priority=args.rt_priority, keys=args.keys)
 
             def ready():
                 sys.stdout.write(READY + '\n')

@@ -159,13 +159,16 @@ class DelayInjection:
 
     ``protocol`` restricts it to one probe protocol (None: all IPv4 to the
     guest); ``backend`` is ``auto`` (netem if the kernel has it, else
-    nfqueue), ``netem`` or ``nfqueue``.
+    nfqueue), ``netem`` or ``nfqueue``.  ``record``: what the NFQUEUE
+    delayer records of each packet, ``'probe'`` (its probe identity) or
+    ``'passive'`` (its passive key, for the guest's own traffic).
     """
 
     guest: int
     delay_ms: float
     protocol: str | None = None
     backend: str = 'auto'
+    record: str = 'probe'
 
     def __post_init__(self):
         if not 0 < self.delay_ms <= 10000:
@@ -175,6 +178,9 @@ class DelayInjection:
             raise ValueError(f"unknown delay backend {self.backend!r}; "
                              f"expected one of {', '.join(DELAY_BACKENDS)}")
         _check_protocol(self.protocol)
+        if self.record not in delayer.KEYS:
+            raise ValueError(f"delay record {self.record!r}: expected one "
+                             f"of {', '.join(delayer.KEYS)}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -957,6 +963,8 @@ class Lab:
         argv = [sys.executable, '-m', module,
                 *(['--queue', str(queue)] if args is None else args),
                 '--delay-ms', str(delay.delay_ms), '--records', records]
+        if args is None and getattr(delay, 'record', 'probe') != 'probe':
+            argv += ['--keys', delay.record]
         if not self.spec.persistent:
             argv += ['--watch-pid', str(os.getpid())]
         with open(logfile, 'ab') as log_f:
@@ -1013,6 +1021,16 @@ class Lab:
             if d.records_path and (guest is None or
                                    d.injection.guest == guest):
                 out.extend(delayer.read_records(d.records_path))
+        return out
+
+    def passive_holds(self, guest):
+        """The :class:`delayer.PassiveHold` of every packet guest
+        ``guest``'s passive-recording delayer held so far."""
+        out = []
+        for d in self._delays:
+            if (d.records_path and d.injection.guest == guest and
+                    getattr(d.injection, 'record', 'probe') == 'passive'):
+                out.extend(delayer.read_passive_records(d.records_path))
         return out
 
     # -- state and teardown --------------------------------------------------

@@ -136,6 +136,18 @@ def parse(frame, tunnel_ports=None):
     return _parse(memoryview(frame), 0, tunnel_ports, 1)
 
 
+def parse_ip(packet, tunnel_ports=None):
+    """The :class:`Header` of an IPv4 or IPv6 packet (no link layer, as
+    NFQUEUE gives it), None if it is neither."""
+    if tunnel_ports is None:
+        tunnel_ports = probe.tunnel_ports()
+    mv = memoryview(packet)
+    if not len(mv):
+        return None
+    etype = {4: probe.ETH_P_IP, 6: probe.ETH_P_IPV6}.get(mv[0] >> 4)
+    return _parse_l3(mv, 0, etype, tunnel_ports, 1)
+
+
 def _parse(mv, off, tunnel_ports, depth):
     if len(mv) < off + _ETH.size:
         return None
@@ -148,6 +160,10 @@ def _parse(mv, off, tunnel_ports, depth):
             return None
         etype = struct.unpack_from('!H', mv, off + 2)[0]
         off += 4
+    return _parse_l3(mv, off, etype, tunnel_ports, depth)
+
+
+def _parse_l3(mv, off, etype, tunnel_ports, depth):
     if etype == probe.ETH_P_IP:
         if len(mv) < off + _IP4.size:
             return None
@@ -238,6 +254,19 @@ def _match_vnic(spec, pif_seen, tap_seen):
         unmatched=counts['unmatched'], local=counts['local'],
         ambiguous=counts['ambiguous'], covered=counts['covered'],
         unkeyable=counts['unkeyable'])
+
+
+def ingress_pairs(sightings, spec):
+    """``{(flow, ident): (t_pif, t_tap)}`` of the packets to ``spec``'s
+    vNIC matched pif → tap (keys seen once on each side), the pairs
+    :func:`match`'s ingress statistics rest on."""
+    counts = collections.Counter()
+    a, _ = _index([s for s in sightings if s.ifname == spec.pif and
+                   s.direction == capture.DIR_IN and
+                   s.header.flow[2] in spec.addresses], counts)
+    b, _ = _index([s for s in sightings if s.ifname == spec.tap and
+                   s.direction == capture.DIR_OUT], counts)
+    return {k: (s.t_ns, b[k].t_ns) for k, s in a.items() if k in b}
 
 
 def _index(seen, counts):

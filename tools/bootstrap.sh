@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what netweaver-agent needs on a fresh Debian 12 machine, as root:
 # the kernel tools the lab and the tests drive (iproute2, iptables, tcpdump,
-# openssh-server, libvirt for its test:/// driver, Open vSwitch and OVN whose
+# ethtool, openssh-server, libvirt for its test:/// driver, Open vSwitch and OVN whose
 # daemons the lab runs privately in its namespaces), the headers that
 # libvirt-python and NetfilterQueue build against, and a venv at .venv with
 # the package installed in editable mode.  Safe to run again: it only
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(iproute2 iptables tcpdump openssh-server openssh-client
               libvirt0 libvirt-dev libvirt-clients pkg-config gcc python3-dev
               libnetfilter-queue-dev libnfnetlink-dev procps kmod hping3
-              openvswitch-switch ovn-central ovn-host sudo passwd)
+              openvswitch-switch ovn-central ovn-host sudo passwd ethtool)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -195,3 +195,152 @@ def test_daemon_refuses_bad_windows_by_name():
             assert name in str(exc), exc
         else:
             raise AssertionError(f'{args} accepted')
+
+
+# --- the lab's injected delay on the guest's own traffic ---------------------
+
+import dpkt  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+
+DELAY_MS = 2.0
+CLOCK_TOLERANCE_NS = 2000       # as test_lab: one clock, two readings
+OVERHEAD_MEDIAN_US = 200.0      # as test_lab's probes through the delayer
+BASELINE_P50_US = 200.0
+
+
+def delayed_lab(lab_factory):
+    return lab_factory(guests=2, delays=(lab_mod.DelayInjection(
+        guest=1, delay_ms=DELAY_MS, backend='nfqueue', record='passive'),))
+
+
+def offload(the_lab, on):
+    """GRO, GSO and TSO on (or off) on every interface the streams cross."""
+    state = 'on' if on else 'off'
+    devs = [(the_lab.src_netns, 'eth0'), (the_lab.hv_netns, the_lab.pif)]
+    for g in the_lab.guests:
+        devs += [(the_lab.hv_netns, g.tap), (g.netns, 'eth0')]
+    for ns, dev in devs:
+        subprocess.run(['ip', 'netns', 'exec', ns, 'ethtool', '-K', dev,
+                        'gro', state, 'gso', state, 'tso', state],
+                       check=True, capture_output=True, timeout=10)
+
+
+def replay(the_lab, keys):
+    """Send look-alikes from the source: UDP datagrams with the flows and
+    IPv4 ids of ``keys`` (duplicates of packets the guest already got)."""
+    raw = netns.socket_in_netns(the_lab.src_netns, socket.AF_INET,
+                                socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with raw:
+        for flow, ident in keys:
+            _p, src, dst, sport, dport = flow
+            pkt = dpkt.ip.IP(src=src, dst=dst, p=17, id=ident[0], ttl=64,
+                             data=dpkt.udp.UDP(sport=sport, dport=dport,
+                                               data=b'look-alike'))
+            raw.sendto(bytes(pkt), (socket.inet_ntoa(dst), 0))
+            time.sleep(0.002)
+
+
+def passive_window(the_lab, gro=False, look_alikes=0):
+    """Both guests exchange streams with the source under one passive
+    window (every flow kept); ``(sightings, {tap: StreamResult})``."""
+    if gro:
+        offload(the_lab, True)
+    interfaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    results = {}
+    with passivecapture.PassiveCapture(
+            1, netns_name=the_lab.hv_netns, interfaces=interfaces,
+            cap=200_000) as cap:
+        for g in the_lab.guests:
+            results[g.tap] = labtraffic.exchange(
+                the_lab.src_netns, g.netns, g.address, tcp_bytes=300_000,
+                udp_count=60, payload=MARKER, udp_gap_s=0.002)
+        if look_alikes:
+            slow = the_lab.guests[1]
+            udp_keys = [(s.header.flow, s.header.ident)
+                        for s in cap.sightings
+                        if s.ifname == slow.tap and s.header.flow[0] == 17
+                        and s.direction == capture.DIR_OUT][:look_alikes]
+            replay(the_lab, udp_keys)
+            time.sleep(0.1)
+    assert cap.stats.drops == 0 and cap.stats.over_cap == 0
+    return cap.sightings, results
+
+
+def check_against_holds(the_lab, sightings, accuracy=True):
+    """Every matched ingress packet of the delayed guest against the
+    delayer's hold of the packet with that key (``accuracy``: and the
+    median overhead within the probes' bound); the per-packet overheads
+    (measured - hold) in ns."""
+    slow = the_lab.guests[1]
+    spec = specs(the_lab)[1]
+    pairs = passive.ingress_pairs(sightings, spec)
+    holds = {}
+    for h in the_lab.passive_holds(1):
+        if h.header is not None and h.header.ident is not None:
+            holds.setdefault((h.header.flow, h.header.ident), []).append(h)
+    assert pairs, 'nothing matched for the delayed guest'
+    overheads = []
+    for key, (t_pif, t_tap) in pairs.items():
+        held = holds.get(key, [])
+        # Each matched packet was held once (the delayer saw it once).
+        assert len(held) == 1, (key, held)
+        rec = held[0]
+        assert rec.hold_ns >= DELAY_MS * 1e6, rec
+        measured = t_tap - t_pif
+        assert t_pif <= rec.received_ns + CLOCK_TOLERANCE_NS, (key, rec)
+        assert rec.released_ns <= t_tap + CLOCK_TOLERANCE_NS, (key, rec)
+        assert measured >= rec.hold_ns - CLOCK_TOLERANCE_NS
+        overheads.append(measured - rec.hold_ns)
+    print(f'{slow.tap}: {len(pairs)} packets matched against their holds, '
+          f'overhead median {statistics.median(overheads) / 1000:.1f} us')
+    if accuracy:
+        assert statistics.median(overheads) / 1000 <= OVERHEAD_MEDIAN_US
+    return overheads
+
+
+def test_delayed_guest_recovers_each_hold(lab_factory):
+    the_lab = delayed_lab(lab_factory)
+    sightings, results = passive_window(the_lab)
+    out = passive.match(sightings, specs(the_lab))
+    fast, slow = the_lab.guests
+    rs, rf = out[slow.tap], out[fast.tap]
+    print(f'delayed: {rs.report.ingress}\nother: {rf.report.ingress}')
+    assert rs.report.ingress.count >= results[slow.tap].udp_received
+    assert rs.report.ingress.min_us >= DELAY_MS * 1000 - 2
+    assert rs.report.anomalies == 0 and rs.unmatched == 0
+    assert rf.report.ingress.p50_us < BASELINE_P50_US
+    assert rf.report.ingress.count >= results[fast.tap].udp_received
+    check_against_holds(the_lab, sightings)
+    # The other guest's traffic was never held.
+    assert not the_lab.passive_holds(0)
+
+
+def test_gro_and_tso_on_no_mismatch(lab_factory):
+    the_lab = delayed_lab(lab_factory)
+    sightings, _results = passive_window(the_lab, gro=True)
+    out = passive.match(sightings, specs(the_lab))
+    for g in the_lab.guests:
+        r = out[g.tap]
+        rep = r.report
+        on_pif = rep.ingress.count + r.unmatched
+        # Covered: the segments of a super-packet matched by its first.
+        print(f'{g.tap} GRO/TSO on: ingress {rep.ingress.count}, egress '
+              f'{rep.egress.count}, covered {r.covered}, unmatched '
+              f'{r.unmatched}, ambiguous {r.ambiguous}; matched fraction '
+              f'of pif packets {rep.ingress.count / max(on_pif, 1):.3f}')
+        assert rep.anomalies == 0
+        assert rep.ingress.count > 0 and rep.egress.count > 0
+    check_against_holds(the_lab, sightings)
+
+
+def test_look_alikes_never_match(lab_factory):
+    the_lab = delayed_lab(lab_factory)
+    sightings, _results = passive_window(the_lab, look_alikes=20)
+    slow = the_lab.guests[1]
+    r = passive.match(sightings, specs(the_lab))[slow.tap]
+    assert r.ambiguous >= 20, r
+    assert r.report.anomalies == 0
+    # Every pair left is one packet held once, inside pif -> tap (the
+    # look-alikes queue in the delayer too: no accuracy bound here).
+    check_against_holds(the_lab, sightings, accuracy=False)

@@ -355,3 +355,29 @@ class TestModes(tpoll.TestLatencyPollsters):
 for _name in dir(tpoll.TestLatencyPollsters):
     if _name.startswith('test_') and _name not in vars(TestModes):
         setattr(TestModes, _name, None)
+
+
+def test_parse_ip_equals_parse_of_the_frame():
+    for f in (tcp(PEER, GUEST, 1, 2, 3, 4, b'abc'), udp(PEER, GUEST, 5, 6, 7),
+              tcp(P6, G6, 1, 2, 3, 4, b'x')):
+        assert passive.parse_ip(f[14:]) == passive.parse(f)
+    assert passive.parse_ip(b'') is None
+    assert passive.parse_ip(b'\x50' + b'\0' * 30) is None
+
+
+def test_delayer_passive_hold_lines_round_trip():
+    from netweaver_agent import delayer
+    h = passive.parse(tcp(PEER, GUEST, 4000, 80, 2**32 - 1, 5, b'abc'))
+    u6 = passive.parse(udp(P6, G6, 1, 2, 0))
+    for header in (h, u6, None):
+        rec = delayer.PassiveHold(header, 10, 2_000_020, 2_000_010)
+        assert delayer.PassiveHold.from_line(rec.to_line()) == rec
+    with pytest.raises(ValueError, match='12 fields'):
+        delayer.PassiveHold.from_line('7 12 0 1 2 3\n')
+
+
+def test_delay_injection_record_is_checked():
+    from netweaver_agent import lab
+    assert lab.DelayInjection(guest=0, delay_ms=1).record == 'probe'
+    with pytest.raises(ValueError, match='record'):
+        lab.DelayInjection(guest=0, delay_ms=1, record='all')
