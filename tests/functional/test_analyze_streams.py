@@ -307,22 +307,14 @@ def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
         ('sll2', 'vif'): ('any', ['-y', 'LINUX_SLL2', 'ifindex',
                                   str(_ifindex(hv, tap)), 'and', *host]),
     }
-    dumps = {}
-    try:
-        for (kind, role), (iface, bpf) in files.items():
-            dumps[kind, role] = tta.Tcpdump(
-                hv, iface, str(tmp_path / f'{kind}-{role}.pcap'), bpf,
-                limit=8 * EXCHANGES + 50)
-        for dump in dumps.values():
-            dump.wait_listening()
+    with tta.recording(
+            tta.Tcpdump(hv, iface, str(tmp_path / f'{kind}-{role}.pcap'),
+                        bpf, limit=8 * EXCHANGES + 50)
+            for (kind, role), (iface, bpf) in files.items()) as started:
         subprocess.run(['ip', 'netns', 'exec', the_lab.src_netns,
                         sys.executable, '-c', TRAFFIC, guest.address,
                         str(EXCHANGES)], check=True, timeout=60)
-        for dump in dumps.values():
-            assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        for dump in dumps.values():
-            dump.kill()
+    dumps = dict(zip(files, started))
     for kind in ('eth', 'sll2'):
         p, v = dumps[kind, 'pif'].path, dumps[kind, 'vif'].path
         result = analyze.analyze_pcaps(p, v, destination=guest.address,

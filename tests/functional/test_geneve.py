@@ -44,6 +44,7 @@ from netweaver_agent import netns
 from netweaver_agent import pcapfile
 from netweaver_agent import probe
 from tests.functional import conftest
+from tests.functional.test_tcpdump_agreement import recording
 from tests.functional.test_tcpdump_agreement import Tcpdump
 from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
 from tests.unit import test_fuzz as tf
@@ -158,9 +159,8 @@ def live_and_tcpdump(spaces, directory, frames, **ports):
     it; ``(live batch, capture stats, pcap batch)``."""
     session = frames[0][0]
     path = os.path.join(directory, f'pif-{secrets.token_hex(3)}.pcap')
-    dump = Tcpdump(spaces.hv, spaces.pif, path, [], limit=10 * len(frames))
-    try:
-        dump.wait_listening()
+    with recording([Tcpdump(spaces.hv, spaces.pif, path, [],
+                            limit=10 * len(frames))]):
         with capture.LiveCapture(session, 'icmp', netns_name=spaces.hv,
                                  interfaces={spaces.pif}, **ports) as cap:
             for _, frame in frames:
@@ -168,10 +168,6 @@ def live_and_tcpdump(spaces, directory, frames, **ports):
                 time.sleep(SPACING_S)
             cap.settle(0.2)
         time.sleep(0.2)
-        status = dump.stop()
-    finally:
-        dump.kill()
-    assert status in (0, 124), dump.stderr
     read = pcapfile.read_pcap(path, ifname=spaces.pif, session=session)
     assert not read.truncated
     return cap.batch, cap.stats, read.batch
@@ -296,12 +292,9 @@ def fingerprint_traffic(spaces, directory, wrap):
     ``{i: (before the first send, after the second)}`` of the SYNs."""
     paths = {name: os.path.join(directory, f'{name}.pcap')
              for name in (spaces.pif, spaces.vif)}
-    dumps = [Tcpdump(spaces.hv, name, path, [], limit=20 * N_SYNS)
-             for name, path in paths.items()]
     windows = {}
-    try:
-        for dump in dumps:
-            dump.wait_listening()
+    with recording(Tcpdump(spaces.hv, name, path, [], limit=20 * N_SYNS)
+                   for name, path in paths.items()):
         for i in range(N_SYNS):
             syn = hping_syn(i)
             first, second = (('s0', wrap(syn)), ('s1', syn))
@@ -323,11 +316,6 @@ def fingerprint_traffic(spaces, directory, wrap):
         spaces.send('s0', wrap(other))
         spaces.send('s1', other)
         time.sleep(0.3)
-        for dump in dumps:
-            assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        for dump in dumps:
-            dump.kill()
     return paths[spaces.pif], paths[spaces.vif], windows
 
 
@@ -412,18 +400,11 @@ def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):  # noqa: F811
     guest = the_lab.guests[0]
     paths = {name: os.path.join(workdir, f'{name}.pcap')
              for name in (the_lab.pif, guest.tap)}
-    dumps = [Tcpdump(the_lab.hv_netns, name, path, [], limit=20 * count)
-             for name, path in paths.items()]
-    try:
-        for dump in dumps:
-            dump.wait_listening()
+    with recording(Tcpdump(the_lab.hv_netns, name, path, [],
+                           limit=20 * count)
+                   for name, path in paths.items()):
         hping = hping3_syns(the_lab.src_netns, guest.address, count)
         time.sleep(0.2)
-        for dump in dumps:
-            assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        for dump in dumps:
-            dump.kill()
     assert f'{count} packets received' in hping.stdout + hping.stderr, (
         hping.stdout + hping.stderr)
     result = analyze.analyze_pcaps(paths[the_lab.pif], paths[guest.tap],

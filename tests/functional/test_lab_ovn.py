@@ -345,22 +345,14 @@ def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
     the_lab = ovn_lab(guests=1)
     guest, = the_lab.guests
     count = 100
-    dumps = []
-    try:
-        for iface, bpf in ((the_lab.pif, ['udp', 'port', '6081']),
-                           (guest.tap, ['icmp'])):
-            dumps.append(tcpdump_agreement.Tcpdump(
+    with tcpdump_agreement.recording(
+            tcpdump_agreement.Tcpdump(
                 the_lab.hv_netns, iface, str(tmp_path / f'{iface}.pcap'),
-                bpf, limit=2 * count + 50))
-        for dump in dumps:
-            dump.wait_listening()
+                bpf, limit=2 * count + 50)
+            for iface, bpf in ((the_lab.pif, ['udp', 'port', '6081']),
+                               (guest.tap, ['icmp']))) as dumps:
         result = window(the_lab, protocol='icmp', count=count,
                         interval_ms=0.5)
-        for dump in dumps:
-            assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        for dump in dumps:
-            dump.kill()
     live = result.reports[guest.tap]
     assert live.ingress.count == count
     found = analyze.analyze_pcaps(

@@ -118,23 +118,15 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     pif, tap = the_lab.pif, guest.tap
     pif_pcap, tap_pcap = str(tmp_path / f'{pif}.pcap'), str(
         tmp_path / f'{tap}.pcap')
-    dumps = []
-    try:
-        # No filter on the pif: the lab's static neighbours leave only
-        # probes and answers there, in whatever the layout wraps them.
-        for iface, out, bpf in ((pif, pif_pcap, []),
-                                (tap, tap_pcap, ['icmp'])):
-            dumps.append(agreement.Tcpdump(the_lab.hv_netns, iface, out,
-                                           bpf, limit=2 * COUNT + 50))
-        for dump in dumps:
-            dump.wait_listening()
+    # No filter on the pif: the lab's static neighbours leave only
+    # probes and answers there, in whatever the layout wraps them.
+    with agreement.recording(
+            agreement.Tcpdump(the_lab.hv_netns, iface, out, bpf,
+                              limit=2 * COUNT + 50)
+            for iface, out, bpf in ((pif, pif_pcap, []),
+                                    (tap, tap_pcap, ['icmp']))):
         result = live_window(the_lab)
         time.sleep(0.2)
-        for dump in dumps:
-            assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        for dump in dumps:
-            dump.kill()
     live = result.reports[tap]
     assert result.capture.drops == 0
     assert (live.ingress.count, live.egress.count) == (COUNT, COUNT), live

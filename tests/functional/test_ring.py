@@ -27,6 +27,7 @@ from netweaver_agent import pcapfile
 from netweaver_agent import privileged
 from netweaver_agent import probe
 from netweaver_agent import ring
+from tests.functional.test_tcpdump_agreement import recording
 from tests.functional.test_tcpdump_agreement import Tcpdump
 from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
 
@@ -107,14 +108,10 @@ def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
               else the_lab.vlan_source(vlan))
     ifaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
     paths = {i: os.path.join(workdir, f'{i}.pcap') for i in ifaces}
-    dumps = []
     Twin.made.clear()
-    try:
-        for name, path in paths.items():
-            dumps.append(Tcpdump(the_lab.hv_netns, name, path, [],
-                                 limit=20 * COUNT))
-        for dump in dumps:
-            dump.wait_listening()
+    with recording(Tcpdump(the_lab.hv_netns, name, path, [],
+                           limit=20 * COUNT)
+                   for name, path in paths.items()):
         try:
             result = measure.run_window(
                 the_lab.paths(), source,
@@ -123,11 +120,6 @@ def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
                 capture_netns=the_lab.hv_netns, capture_class=Twin)
         finally:
             source.close()
-        for dump in dumps:
-            assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        for dump in dumps:
-            dump.kill()
     (twin,) = Twin.made
     assert twin.ring.stats.reader == 'ring'
     assert twin.other.stats.reader == 'recvmsg'

@@ -152,17 +152,13 @@ def test_every_probe_is_a_connection_of_its_own(lab_factory, cursor,
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
     firewall = Firewall(the_lab.hv_netns)
-    dump = agreement.Tcpdump(the_lab.hv_netns, the_lab.pif,
-                             os.path.join(tmp_path, 'pif.pcap'),
-                             ['tcp', 'and', 'host', guest.address],
-                             limit=2 * WINDOWS * COUNT + 50)
-    try:
-        dump.wait_listening()
+    with agreement.recording([agreement.Tcpdump(
+            the_lab.hv_netns, the_lab.pif,
+            os.path.join(tmp_path, 'pif.pcap'),
+            ['tcp', 'and', 'host', guest.address],
+            limit=2 * WINDOWS * COUNT + 50)]) as (dump,):
         results = windows(the_lab, WINDOWS)
         time.sleep(0.2)
-        assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        dump.kill()
     for result in results:
         rep = result.reports[guest.tap]
         assert rep.sent == COUNT
@@ -316,12 +312,11 @@ def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
     files = labagent.write_files(
         the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
         probe=dict(AGENT_PROBE, probe_count=COUNT))
-    dump = agreement.Tcpdump(the_lab.hv_netns, the_lab.pif,
-                             os.path.join(tmp_path, 'pif.pcap'),
-                             ['tcp', 'and', 'dst', 'host', guest.address],
-                             limit=20 * COUNT)
-    try:
-        dump.wait_listening()
+    with agreement.recording([agreement.Tcpdump(
+            the_lab.hv_netns, the_lab.pif,
+            os.path.join(tmp_path, 'pif.pcap'),
+            ['tcp', 'and', 'dst', 'host', guest.address],
+            limit=20 * COUNT)]) as (dump,):
         with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
             rid = labagent.resource_ids(the_lab)[guest.tap]
             agent.wait_for(labagent.latency_ready({rid}), AGENT_WAIT_S)
@@ -329,9 +324,6 @@ def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
                       'three probe windows')
             log = agent.log_text()
         time.sleep(0.2)
-        assert dump.stop() in (0, 124), dump.stderr
-    finally:
-        dump.kill()
     assert 'Traceback' not in log and 'not loaded' not in log
     seen = pcap_syns(dump.path, guest.address)
     # Three cycles or more, each probe from a port of its own, all from

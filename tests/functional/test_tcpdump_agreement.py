@@ -8,6 +8,7 @@ within 1 µs for at least 99 % of the probes, and ``analyze_pcaps`` must
 find the same probes.  Needs root; fails (never skips) without a lab.
 """
 
+import contextlib
 import os
 import select
 import shutil
@@ -92,6 +93,27 @@ class Tcpdump:
         self.proc.stderr.close()
 
 
+@contextlib.contextmanager
+def recording(dumps):
+    """The :class:`Tcpdump` s of the iterable ``dumps`` (made one by one
+    here, so one that fails leaves none running) listening for the span
+    of a ``with``, which gets them as a list.  At its end each is stopped
+    and its exit checked (0, or 124 from ``timeout``); if it fails, each
+    is killed."""
+    started = []
+    try:
+        for dump in dumps:
+            started.append(dump)
+        for dump in started:
+            dump.wait_listening()
+        yield started
+        for dump in started:
+            assert dump.stop() in (0, 124), dump.stderr
+    finally:
+        for dump in started:
+            dump.kill()
+
+
 @pytest.fixture
 def workdir():
     path = tempfile.mkdtemp(prefix='nw-tcpdump-')
@@ -115,26 +137,16 @@ def test_pcaps_agree_with_live_capture(lab_factory, workdir, protocol):
     guest = the_lab.guests[0]
     pif, vif = the_lab.pif, guest.tap
     bpf = FILTERS[protocol] + ['and', 'host', guest.address]
-    dumps = []
-    try:
-        for iface in (pif, vif):
-            dumps.append(Tcpdump(the_lab.hv_netns, iface,
-                                 os.path.join(workdir, f'{iface}.pcap'),
-                                 bpf, limit=2 * COUNT + 50))
-        for dump in dumps:
-            dump.wait_listening()
+    with recording(Tcpdump(the_lab.hv_netns, iface,
+                           os.path.join(workdir, f'{iface}.pcap'),
+                           bpf, limit=2 * COUNT + 50)
+                   for iface in (pif, vif)) as dumps:
         result = measure.run_window(
             the_lab.paths(), the_lab.source(),
             measure.WindowSettings(protocol=protocol, count=COUNT,
                                    interval_ms=0.5, timeout_ms=200),
             capture_netns=the_lab.hv_netns)
         time.sleep(0.2)
-        for dump in dumps:
-            status = dump.stop()
-            assert status in (0, 124), dump.stderr
-    finally:
-        for dump in dumps:
-            dump.kill()
 
     live = conftest.probe_times(result.batch, pif, vif)
     assert len(live) >= AGREEING * COUNT, result.reports[vif]
