@@ -9,6 +9,12 @@ the output then names each hop, the devices crossed but never seen, and
 which truth the layout can inject.  Everything the lab
 made is removed at the end, also on Ctrl-C, SIGTERM or error, unless
 ``--keep`` (then ``netweaver lab down`` removes it).
+
+``--passive`` sends no probe: bounded real TCP and UDP streams run between
+the source and each guest, both ways, under one passive window (the
+instances' own traffic, :mod:`netweaver_agent.passive`), and the delayed
+guest's report is printed beside the NFQUEUE delayer's hold of each
+packet it matched.
 """
 
 import dataclasses
@@ -19,6 +25,7 @@ import signal
 import sys
 
 from netweaver_agent import lab
+from netweaver_agent import labtraffic
 from netweaver_agent import latency
 from netweaver_agent import measure
 from netweaver_agent import opts
@@ -96,6 +103,21 @@ def add_parser(subparsers):
                              'Aodh, Prometheus; tools/pipeline-bootstrap.sh '
                              'installs them) and print each guest\'s value '
                              'as each of them sees it')
+    parser.add_argument('--passive', action='store_true',
+                        help='send no probe: run bounded real TCP and UDP '
+                             'streams (both ways) between the source and '
+                             'each guest and measure them passively, '
+                             'beside the delayer\'s hold of each packet '
+                             '(Linux bridge)')
+    parser.add_argument('--passive-sample', type=int, default=1,
+                        help='with --passive: keep 1 flow in N (a power of '
+                             'two; default 1, every flow)')
+    parser.add_argument('--stream-kb', type=int, default=256,
+                        help='with --passive: KiB sent over TCP to each '
+                             'guest and echoed back (default 256)')
+    parser.add_argument('--datagrams', type=int, default=60,
+                        help='with --passive: UDP datagrams each way per '
+                             'guest (default 60)')
     parser.set_defaults(run=run)
     return parser
 
@@ -112,9 +134,15 @@ def _spec(args):
         guest = args.delay_guest
         if guest is None:
             guest = 1 if args.guests > 1 else 0
-        delays = (lab.DelayInjection(guest=guest, delay_ms=delay_ms,
-                                     protocol=args.protocol,
-                                     backend=args.delay_backend),)
+        if getattr(args, 'passive', False):
+            # All the guest's traffic held, each packet's key recorded.
+            delays = (lab.DelayInjection(guest=guest, delay_ms=delay_ms,
+                                         backend='nfqueue',
+                                         record='passive'),)
+        else:
+            delays = (lab.DelayInjection(guest=guest, delay_ms=delay_ms,
+                                         protocol=args.protocol,
+                                         backend=args.delay_backend),)
     if args.loss_every:
         losses = (lab.LossInjection(guest=args.loss_guest,
                                     every=args.loss_every,
@@ -305,6 +333,134 @@ def _measure(the_lab, args):
     return 0
 
 
+def _check_passive(args):
+    """--passive's own checks (ValueError naming the flag)."""
+    if args.switch != 'linuxbridge':
+        raise ValueError(f"--passive needs the Linux bridge's NFQUEUE "
+                         f"delayer for its truth; --switch {args.switch} "
+                         "has none that records the guests' own packets")
+    if args.agent or args.pipeline:
+        raise ValueError("--passive runs one passive window; with --agent "
+                         "set [netweaver] mode = passive instead")
+    sample = args.passive_sample
+    if not 1 <= sample <= 65536 or sample & (sample - 1):
+        raise ValueError(f"--passive-sample {sample} is not a power of two "
+                         "within 1..65536")
+    if not 1 <= args.stream_kb <= 16384:
+        raise ValueError(f"--stream-kb {args.stream_kb} must be within "
+                         "1..16384")
+    if not 0 <= args.datagrams <= 10000:
+        raise ValueError(f"--datagrams {args.datagrams} must be within "
+                         "0..10000")
+
+
+def _passive_truth(the_lab, guest, sightings, spec):
+    """The delayer's holds of ``guest``'s packets and, per matched
+    packet, measured − hold (a plain dict, for output)."""
+    from netweaver_agent import passive
+    holds = the_lab.passive_holds(guest.index)
+    out = {'delay_ms': None, 'held': len(holds), 'holds': None,
+           'matched_held': 0, 'over_hold': None}
+    for d in the_lab.delays:
+        if d.injection.guest == guest.index:
+            out['delay_ms'] = d.injection.delay_ms
+    if not holds:
+        return out
+    out['holds'] = report.stats_to_dict(latency.DirectionStats.from_ns(
+        [h.hold_ns for h in holds]))
+    by_key = {}
+    for h in holds:
+        if h.header is not None and h.header.ident is not None:
+            by_key.setdefault((h.header.flow, h.header.ident), []).append(h)
+    over = []
+    pairs = passive.ingress_pairs(sightings, spec)
+    for key, (t_pif, t_tap) in pairs.items():
+        held = by_key.get(key, ())
+        if len(held) == 1:
+            over.append(t_tap - t_pif - held[0].hold_ns)
+    out['matched_held'] = len(over)
+    if over:
+        out['over_hold'] = report.stats_to_dict(
+            latency.DirectionStats.from_ns([max(v, 0) for v in over]))
+        out['over_hold_negative'] = sum(v < 0 for v in over)
+    return out
+
+
+def _measure_passive(the_lab, args):
+    from netweaver_agent import passive
+    from netweaver_agent import passivecapture
+    try:
+        paths = discovered_paths(the_lab)
+    except topology.TopologyError as exc:
+        print(f'netweaver lab: the topology found is not the lab\'s: {exc}',
+              file=sys.stderr)
+        return 1
+    specs = {s.vnic: s for s in measure.passive_specs(paths)}
+    interfaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    streams = {}
+    with passivecapture.PassiveCapture(
+            args.passive_sample, netns_name=the_lab.hv_netns,
+            interfaces=interfaces, cap=passivecapture.MAX_CAP) as cap:
+        for g in the_lab.guests:
+            streams[g.tap] = labtraffic.exchange(
+                the_lab.src_netns, g.netns, g.address,
+                tcp_bytes=args.stream_kb * 1024, udp_count=args.datagrams,
+                udp_gap_s=0.002)
+    results = passive.match(cap.sightings, list(specs.values()))
+    rows = []
+    for g in the_lab.guests:
+        r = results[g.tap]
+        rows.append((g, r, streams[g.tap],
+                     _passive_truth(the_lab, g, cap.sightings,
+                                    specs[g.tap])))
+    if args.json:
+        print(json.dumps({
+            'prefix': the_lab.prefix, 'mode': 'passive',
+            'hv_netns': the_lab.hv_netns, 'src_netns': the_lab.src_netns,
+            'pif': the_lab.pif, 'sample': args.passive_sample,
+            'capture': report.to_jsonable(cap.stats),
+            'guests': [{'index': g.index, 'name': g.name, 'tap': g.tap,
+                        'address': g.address,
+                        'streams': report.to_jsonable(st),
+                        'injected': truth,
+                        'counts': {k: getattr(r, k) for k in (
+                            'packets', 'unmatched', 'local', 'ambiguous',
+                            'covered', 'unkeyable')},
+                        'report': (None if r.report is None else
+                                   report.report_to_dict(r.report))}
+                       for g, r, st, truth in rows],
+            'kept': args.keep}, indent=1))
+        return 0
+    reports = {g.tap: r.report for g, r, _, _ in rows
+               if r.report is not None}
+    print(report.format_table(
+        reports, title=(f"netweaver lab {the_lab.prefix}: passive, no "
+                        f"probe; {args.stream_kb} KiB TCP echoed and "
+                        f"{args.datagrams} UDP datagrams each way per "
+                        f"guest, 1 flow in {args.passive_sample} sampled, "
+                        f"{cap.stats.kept} packets kept")))
+    print('passive counts and truth (NFQUEUE delayer on the bridge, each '
+          'packet\'s key recorded):')
+    for g, r, _st, truth in rows:
+        line = (f"  {g.name} {g.tap} {g.address}: {r.packets} matched, "
+                f"{r.unmatched} unmatched, {r.covered} covered, "
+                f"{r.ambiguous} ambiguous, {r.local} local")
+        if truth['delay_ms']:
+            holds = truth['holds'] or {}
+            line += (f"; injected delay {truth['delay_ms']:g} ms, "
+                     f"{truth['held']} packets held (hold p50 "
+                     f"{holds.get('p50_us') or 0:.1f} µs)")
+            over = truth['over_hold']
+            if over:
+                line += (f"; {truth['matched_held']} matched packets: "
+                         f"measured − hold p50 {over['p50_us']:.1f} µs, "
+                         f"p99 {over['p99_us']:.1f} µs")
+        else:
+            line += '; injected nothing'
+        print(line)
+    return 0
+
+
 def _run_agent(the_lab, args):
     try:
         from netweaver_agent import labagent
@@ -334,6 +490,8 @@ def run(args):
             print('no kept lab to remove')
         return 0
     try:
+        if getattr(args, 'passive', False):
+            _check_passive(args)
         spec = _spec(args)
         if not (args.agent or args.pipeline):
             _settings(args, spec)
@@ -354,6 +512,8 @@ def run(args):
             status = labpipeline.run(the_lab, args)
         elif args.agent:
             status = _run_agent(the_lab, args)
+        elif getattr(args, 'passive', False):
+            status = _measure_passive(the_lab, args)
         else:
             status = _measure(the_lab, args)
         done = True

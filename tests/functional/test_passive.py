@@ -344,3 +344,62 @@ def test_look_alikes_never_match(lab_factory):
     # Every pair left is one packet held once, inside pif -> tap (the
     # look-alikes queue in the delayer too: no accuracy bound here).
     check_against_holds(the_lab, sightings, accuracy=False)
+
+
+# --- netweaver lab --passive ------------------------------------------------
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from tests.functional import conftest  # noqa: E402
+
+
+def _lab_cli(*argv):
+    return subprocess.run(
+        [sys.executable, '-m', 'netweaver_agent.cli', 'lab', *argv],
+        capture_output=True, text=True, timeout=180)
+
+
+def _namespaces(prefix):
+    out = subprocess.run(['ip', 'netns', 'list'], capture_output=True,
+                         text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.startswith(prefix)]
+
+
+def test_lab_passive_json_beside_the_holds():
+    conftest.require_root()
+    prefix = conftest.unique_prefix('p')
+    try:
+        proc = _lab_cli('--passive', '--json', '--prefix', prefix,
+                        '--stream-kb', '128', '--datagrams', '40')
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout)
+    finally:
+        subprocess.run([sys.executable, '-m', 'netweaver_agent.cli', 'lab',
+                        'down', '--prefix', prefix], capture_output=True,
+                       timeout=60)
+    assert out['mode'] == 'passive'
+    fast, slow = out['guests']
+    assert slow['injected']['delay_ms'] == 2.0
+    assert slow['injected']['matched_held'] >= 40
+    assert slow['injected']['over_hold_negative'] == 0
+    assert slow['injected']['over_hold']['p50_us'] <= OVERHEAD_MEDIAN_US
+    ing = slow['report']['ingress']
+    assert ing['min_us'] >= 2000 - 2 and ing['lost'] == 0
+    assert fast['injected']['held'] == 0
+    assert fast['report']['ingress']['p50_us'] < BASELINE_P50_US
+    assert fast['counts']['unmatched'] == 0
+    assert slow['counts']['unmatched'] == 0
+    assert not _namespaces(prefix), 'the lab was not removed'
+
+
+def test_lab_passive_refuses_what_it_cannot_measure():
+    conftest.require_root()
+    for argv, flag in ((['--switch', 'ovs-native'], '--passive'),
+                       (['--passive-sample', '3'], '--passive-sample'),
+                       (['--agent'], '--passive')):
+        prefix = conftest.unique_prefix('p')
+        proc = _lab_cli('--passive', '--prefix', prefix, *argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert flag in proc.stderr, proc.stderr
+        assert not _namespaces(prefix)
