@@ -143,6 +143,26 @@ class NetnsScript:
         return False
 
 
+def held_probes(the_lab, result, guest, delay_ms, tolerance_ns):
+    """Every probe of ``result``'s window to ``guest`` (a
+    :class:`lab.LabGuest`) seen on the pif and its tap was held exactly
+    once by the lab's delayer, each hold at least
+    ``delay_ms`` and inside the probe's pif -> tap (same clock, within
+    ``tolerance_ns``).  ``{seq: (t_pif_ns, t_vif_ns, record)}``."""
+    holds = {r.seq: r for r in the_lab.delay_records(guest.index)
+             if r.session == result.session and not r.reply}
+    seen = probe_times(result.batch, the_lab.pif, guest.tap)
+    assert sorted(holds) == sorted(seen), 'every probe held exactly once'
+    out = {}
+    for seq, (t_pif, t_vif) in seen.items():
+        rec = holds[seq]
+        assert rec.hold_ns >= delay_ms * 1e6, rec
+        assert t_pif <= rec.received_ns + tolerance_ns, (seq, rec)
+        assert rec.released_ns <= t_vif + tolerance_ns, (seq, rec)
+        out[seq] = (t_pif, t_vif, rec)
+    return out
+
+
 def pif_times(batch, pif):
     """``{seq: t_ns}``: when each probe was first received on the pif."""
     out = {}
