@@ -39,6 +39,20 @@ class _Recorder(logging.Handler):
 RUNSTATE = '{http://libvirt.org/schemas/domain/test/1.0}runstate'
 
 
+def configure(uri, **options):
+    """A Ceilometer configuration discovering the guests of the libvirt
+    ``uri`` by their metadata, with our ``options`` (group netweaver)."""
+    conf = service.prepare_service([], [])
+    opts.register_opts(conf)
+    conf.set_override('libvirt_uri', uri)
+    conf.set_override('hypervisor_inspector', 'libvirt')
+    conf.set_override('instance_discovery_method', 'libvirt_metadata',
+                      group='compute')
+    for name, value in options.items():
+        conf.set_override(name, value, group=opts.GROUP)
+    return conf
+
+
 class Cycle:
     """One lab, one Ceilometer configuration; :meth:`run` polls once."""
 
@@ -47,16 +61,9 @@ class Cycle:
         self.domains = labagent.guest_domains(the_lab)
         self.node = os.path.join(workdir, 'node.xml')
         uri = labvirt.write_node(self.node, self.domains)
-        conf = service.prepare_service([], [])
-        opts.register_opts(conf)
-        conf.set_override('libvirt_uri', uri)
-        conf.set_override('hypervisor_inspector', 'libvirt')
-        conf.set_override('instance_discovery_method', 'libvirt_metadata',
-                          group='compute')
         options.setdefault('probe_source', f'netns:{the_lab.src_netns}')
         options.setdefault('capture_netns', the_lab.hv_netns)
-        for name, value in options.items():
-            conf.set_override(name, value, group=opts.GROUP)
+        conf = configure(uri, **options)
         self.conf = conf
         self.meters = [cls(conf) for cls in METERS]
         self.discovery = discovery.InstanceDiscovery(conf)

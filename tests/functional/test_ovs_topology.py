@@ -29,7 +29,6 @@ import types
 import pytest
 
 from netweaver_agent import labvirt
-from netweaver_agent import opts
 from netweaver_agent import ovsdb
 from netweaver_agent import pollsters
 from netweaver_agent import remote
@@ -359,7 +358,8 @@ class _Recorder(logging.Handler):
 def prober_for(tmp_path):
     """``make(host, taps, **options) -> (Prober, instances, log lines)``."""
     from ceilometer.compute import discovery
-    from ceilometer import service
+
+    from tests.functional import inprocess
     made = []
     recorder = _Recorder()
     logger = logging.getLogger('netweaver_agent')
@@ -374,17 +374,9 @@ def prober_for(tmp_path):
                       address=f'198.18.9.{10 + n}', bridge='br-int')
                   for i, n in enumerate(taps)]
         uri = labvirt.write_node(str(tmp_path / 'node.xml'), guests)
-        conf = service.prepare_service([], [])
-        opts.register_opts(conf)
-        conf.set_override('libvirt_uri', uri)
-        conf.set_override('hypervisor_inspector', 'libvirt')
-        conf.set_override('instance_discovery_method', 'libvirt_metadata',
-                          group='compute')
-        options = {'privsep': False, 'probe_source': f'netns:{h.ext}',
-                   'capture_netns': h.ns, 'ovsdb_connection': h.unix,
-                   **options}
-        for name, value in options.items():
-            conf.set_override(name, value, group=opts.GROUP)
+        conf = inprocess.configure(uri, **{
+            'privsep': False, 'probe_source': f'netns:{h.ext}',
+            'capture_netns': h.ns, 'ovsdb_connection': h.unix, **options})
         prober = pollsters.Prober(conf)
         made.append(prober)
         logger.setLevel(logging.DEBUG)
