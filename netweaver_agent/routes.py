@@ -68,11 +68,12 @@ def lookup(addresses, netns_name=None):
         raise RouteLookupError(
             f"cannot look up routes in {netns_name or 'this namespace'}: "
             f"{exc}") from exc
-    if not proc.stdout.strip() and 'Cannot open network namespace' in \
-            proc.stderr:
+    if not proc.stdout.strip() and 'RTNETLINK answers' not in proc.stderr:
+        # Nothing was looked up: 'ip' could not run there (e.g. entering
+        # the namespace needs CAP_SYS_ADMIN), not "no route" for each.
         raise RouteLookupError(
-            f"cannot look up routes in namespace {netns_name}: "
-            f"{proc.stderr.strip()}")
+            f"cannot look up routes in {netns_name or 'this namespace'}: "
+            f"{proc.stderr.strip() or f'exit status {proc.returncode}'}")
     routes = {a: Route(address=a) for a in addresses}
     for line in proc.stdout.splitlines():
         try:

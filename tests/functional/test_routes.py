@@ -7,6 +7,8 @@ own bridge (probes that would never enter through the pif) is refused.
 
 import dataclasses
 
+import pytest
+
 from netweaver_agent import measure
 from netweaver_agent import netns
 from netweaver_agent import routes
@@ -50,3 +52,25 @@ def test_local_route_onto_the_vnics_bridge_is_refused(lab_factory):
     # The same routes seen from a netns source: its device names are its
     # own namespace's, so only reachability counts.
     assert routes.refusals(paths, hv, local=False) == []
+
+
+def test_a_namespace_the_agent_cannot_enter_is_no_route_lookup(
+        lab_factory, monkeypatch):
+    # As the agent's unprivileged user, 'ip -n' cannot enter a netns:
+    # source's namespace.  That says nothing of the routes: the check is
+    # skipped (RouteLookupError, logged by measure), never every vNIC
+    # refused as unroutable.
+    the_lab = lab_factory(guests=1)
+    paths = the_lab.paths()
+    run = netns.run
+
+    def unprivileged(argv, **kwargs):
+        return run(['setpriv', '--reuid=65534', '--regid=65534',
+                    '--clear-groups', '--inh-caps=-all', *argv], **kwargs)
+
+    monkeypatch.setattr(routes.netns, 'run', unprivileged)
+    with pytest.raises(routes.RouteLookupError,
+                       match=f'{the_lab.src_netns}.*not permitted'):
+        routes.refusals(paths, the_lab.src_netns)
+    monkeypatch.setattr(routes.netns, 'run', run)
+    assert routes.refusals(paths, the_lab.src_netns) == []
