@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import socket
 import struct
+import typing
 
 from netweaver_agent import capture
 from netweaver_agent import latency
@@ -45,14 +46,18 @@ _IP6 = struct.Struct('!IHBB16s16s')
 _PORTS = struct.Struct('!HH')
 _TCP = struct.Struct('!HHIIB')
 _U32 = 1 << 32
+# The common case in one read: Ethernet, IPv4 without options, the ports
+# (ethertype, version/IHL, total length, id, fragment, protocol, source,
+# destination, sport, dport); then TCP's seq, ack and data offset.
+_FAST4 = struct.Struct('!12xHBxHHHxB2x4s4sHH')
+_FAST_TCP = struct.Struct('!IIB')
 
 
 class PassiveError(ValueError):
     """Input the passive matcher cannot use (named in the message)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Header:
+class Header(typing.NamedTuple):
     """What a frame's headers say for passive matching.
 
     ``flow``: ``(ip protocol, source, destination, sport, dport)`` with
@@ -60,7 +65,8 @@ class Header:
     ``ident``: the key within the flow, ``(seq, ack)`` for TCP,
     ``(ip id, fragment offset)`` for other IPv4, None if there is none
     (IPv6 other than TCP); ``length``: TCP payload bytes (the byte range
-    a super-packet covers), else 0.
+    a super-packet covers), else 0.  (A named tuple: one is made per
+    sampled packet.)
     """
 
     flow: tuple
@@ -68,8 +74,7 @@ class Header:
     length: int = 0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Sighting:
+class Sighting(typing.NamedTuple):
     """One packet seen on one interface (``direction``: capture.DIR_IN
     received there, capture.DIR_OUT sent there by the host)."""
 
@@ -134,6 +139,27 @@ def parse(frame, tunnel_ports=None):
     if tunnel_ports is None:
         tunnel_ports = probe.tunnel_ports()
     return _parse(memoryview(frame), 0, tunnel_ports, 1)
+
+
+def parse_at(buf, at, caplen, tunnel_ports):
+    """:func:`parse` of the ``caplen`` bytes of ``buf`` at ``at`` (a
+    capture ring's block), with no copy for plain IPv4."""
+    if caplen >= _FAST4.size:
+        (etype, vihl, tlen, ipid, frag, proto, src, dst, sport,
+         dport) = _FAST4.unpack_from(buf, at)
+        if etype == probe.ETH_P_IP and vihl == 0x45 and not frag & 0x1fff:
+            if proto == TCP:
+                if caplen >= _FAST4.size + _FAST_TCP.size:
+                    seq, ack, doff = _FAST_TCP.unpack_from(
+                        buf, at + _FAST4.size)
+                    return Header((proto, src, dst, sport, dport),
+                                  (seq, ack),
+                                  max(tlen - 20 - (doff >> 4) * 4, 0))
+            elif proto != UDP:
+                return Header((proto, src, dst, 0, 0), (ipid, 0))
+            elif dport not in tunnel_ports:
+                return Header((proto, src, dst, sport, dport), (ipid, 0))
+    return _parse(memoryview(buf)[at:at + caplen], 0, tunnel_ports, 1)
 
 
 def parse_ip(packet, tunnel_ports=None):

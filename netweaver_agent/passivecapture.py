@@ -189,26 +189,31 @@ class PassiveCapture:
 
     def _read_ring(self):
         out = self.sightings
+        names = self._names
+        wanted = self.interfaces
+        parse_at, sighting = passive.parse_at, passive.Sighting
+        tunnels = self._tunnels
         for block in self._ring.blocks():
             for run in ring.decode_block(block):
                 self._read += run.n
-                for i in range(run.n):
-                    if len(out) >= self.cap:
-                        self._over += 1
+                room = self.cap - len(out)
+                n = min(run.n, max(room, 0))
+                self._over += run.n - n
+                caplen, stride, frame = run.caplen, run.stride, run.frame
+                t_ns, ifindex, pkttype = run.t_ns, run.ifindex, run.pkttype
+                for i in range(n):
+                    index = ifindex[i]
+                    name = names.get(index) or self._ifname(index)
+                    if wanted is not None and name not in wanted:
                         continue
-                    name = self._ifname(run.ifindex[i])
-                    if (self.interfaces is not None and
-                            name not in self.interfaces):
-                        continue
-                    at = run.frame + i * run.stride
-                    header = passive.parse(block[at:at + run.caplen],
-                                           self._tunnels)
+                    header = parse_at(block, frame + i * stride, caplen,
+                                      tunnels)
                     if header is None:
                         self._unparsed += 1
                         continue
-                    out.append(passive.Sighting(
-                        name, run.t_ns[i],
-                        capture.DIR_OUT if run.pkttype[i] == 4
+                    out.append(sighting(
+                        name, t_ns[i],
+                        capture.DIR_OUT if pkttype[i] == 4
                         else capture.DIR_IN, header))
 
 

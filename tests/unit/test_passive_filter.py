@@ -160,3 +160,29 @@ def test_not_ip_refused():
 def test_bad_sample_names_itself(sample, value):
     with pytest.raises(ValueError, match='sample'):
         capture.passive_filter(sample, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sport=ports, dport=st.sampled_from([53, 4789, 6081, 80]),
+       size=st.integers(0, 40), v6=st.booleans(),
+       proto=st.sampled_from(['tcp', 'udp', 'vxlan', 'frag', 'opts']),
+       cut=st.integers(0, 80), pad=st.integers(0, 7))
+def test_parse_at_equals_parse(sport, dport, size, v6, proto, cut, pad):
+    """The ring reader's no-copy parse gives what parse gives, for any
+    frame, cut anywhere (headers-only snapshots), at any offset."""
+    src, dst = (P6, G6) if v6 else (PEER, GUEST)
+    body = b'b' * size
+    if proto == 'tcp':
+        f = tcp(src, dst, sport, dport, 7, 9, body)
+    else:
+        f = udp(src, dst, sport, dport, 1234, body)
+    if proto == 'vxlan' and not v6:
+        f = vxlan(f)
+    elif proto == 'frag' and not v6:
+        f = f[:20] + b'\x00\x10' + f[22:]       # a later fragment
+    elif proto == 'opts' and not v6:
+        f = f[:14] + b'\x46' + f[15:]           # IHL 6
+    f = f[:len(f) - cut] if cut < len(f) else f[:1]
+    buf = b'\xee' * pad + f + b'\xee' * 9
+    ports_ = passive.probe.tunnel_ports()
+    assert passive.parse_at(buf, pad, len(f), ports_) == passive.parse(f)
