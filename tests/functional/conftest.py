@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -161,6 +162,33 @@ def held_probes(the_lab, result, guest, delay_ms, tolerance_ns):
         assert rec.released_ns <= t_vif + tolerance_ns, (seq, rec)
         out[seq] = (t_pif, t_vif, rec)
     return out
+
+
+def wait_log(agent, predicate, what, timeout_s):
+    """Until ``predicate(log text)`` of the running
+    :class:`labagent.PollingAgent` ``agent``; fails naming ``what`` if it
+    does not come within ``timeout_s`` or the agent ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate(agent.log_text()):
+        if time.monotonic() > deadline or not agent.alive():
+            pytest.fail(f'ceilometer-polling: no {what} within '
+                        f'{timeout_s:.0f} s (alive: {agent.alive()}); '
+                        f'see {agent.files.log}')
+        time.sleep(0.5)
+
+
+def meters_refused(agent, interval_s, timeout_s):
+    """The running ``agent`` refused to load our meters: its ERROR lines
+    saying so (at least one) and its log, read two polling intervals
+    after the first; it published no latency."""
+    wait_log(agent, lambda log: 'not loaded' in log, 'refusal', timeout_s)
+    time.sleep(2 * interval_s)
+    log = agent.log_text()
+    assert not agent.series('ceilometer_network_vif_latency')
+    errors = [line for line in log.splitlines()
+              if 'ERROR' in line and 'not loaded' in line]
+    assert errors, log[-2000:]
+    return errors, log
 
 
 def pif_times(batch, pif):

@@ -30,6 +30,7 @@ from netweaver_agent import measure
 from netweaver_agent import remote
 from netweaver_agent import seedjob
 from netweaver_agent import sources
+from tests.functional import conftest
 from tests.functional import test_ssh
 
 MIB = 1 << 20
@@ -573,19 +574,8 @@ def test_the_real_agent_refuses_options_that_can_never_work(lab_factory,
                'ssh_accept_new_host_key': 'true',
                'ssh_known_hosts_file': ''})
     with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
-        deadline = time.monotonic() + AGENT_WAIT_S
-        while 'not loaded' not in agent.log_text():
-            if time.monotonic() > deadline or not agent.alive():
-                pytest.fail('ceilometer-polling logged no refusal within '
-                            f'{AGENT_WAIT_S:.0f} s (alive: {agent.alive()});'
-                            f' see {files.log}')
-            time.sleep(0.5)
-        time.sleep(2 * AGENT_INTERVAL_S)
-        log = agent.log_text()
-        assert not agent.series('ceilometer_network_vif_latency')
-    errors = [line for line in log.splitlines()
-              if 'ERROR' in line and 'not loaded' in line]
-    assert errors, log[-2000:]
+        errors, log = conftest.meters_refused(agent, AGENT_INTERVAL_S,
+                                              AGENT_WAIT_S)
     for words in ('[netweaver] probe_interval_ms = nan is not a finite',
                   '[netweaver] max_window_ms = 1000 must exceed '
                   '[netweaver] probe_timeout_ms = 990',

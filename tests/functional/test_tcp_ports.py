@@ -49,6 +49,7 @@ from netweaver_agent import privileged
 from netweaver_agent import probe
 from netweaver_agent import sources
 from netweaver_agent import topology
+from tests.functional import conftest
 from tests.functional import test_privsep
 from tests.functional import test_ssh
 from tests.functional import test_tcpdump_agreement as agreement
@@ -296,16 +297,6 @@ AGENT_PROBE = {'probe_protocol': 'tcp', 'probe_interval_ms': 1.0,
 WINDOW_RE = re.compile(r'Probe window \d+: \d+ probes to')
 
 
-def _wait_log(agent, predicate, what):
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while not predicate(agent.log_text()):
-        if time.monotonic() > deadline or not agent.alive():
-            pytest.fail(f'ceilometer-polling: no {what} within '
-                        f'{AGENT_WAIT_S:.0f} s (alive: {agent.alive()}); '
-                        f'see {agent.files.log}')
-        time.sleep(0.5)
-
-
 def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
@@ -320,8 +311,9 @@ def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
         with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
             rid = labagent.resource_ids(the_lab)[guest.tap]
             agent.wait_for(labagent.latency_ready({rid}), AGENT_WAIT_S)
-            _wait_log(agent, lambda log: len(WINDOW_RE.findall(log)) >= 3,
-                      'three probe windows')
+            conftest.wait_log(
+                agent, lambda log: len(WINDOW_RE.findall(log)) >= 3,
+                'three probe windows', AGENT_WAIT_S)
             log = agent.log_text()
         time.sleep(0.2)
     assert 'Traceback' not in log and 'not loaded' not in log
@@ -340,13 +332,8 @@ def test_the_real_agent_refuses_a_range_too_small(lab_factory, tmp_path):
         the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
         probe=dict(AGENT_PROBE, probe_count=30))
     with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
-        _wait_log(agent, lambda log: 'not loaded' in log, 'refusal')
-        time.sleep(2 * AGENT_INTERVAL_S)
-        log = agent.log_text()
-        assert not agent.series('ceilometer_network_vif_latency')
-    errors = [line for line in log.splitlines()
-              if 'ERROR' in line and 'not loaded' in line]
-    assert errors, log[-2000:]
+        errors, log = conftest.meters_refused(agent, AGENT_INTERVAL_S,
+                                              AGENT_WAIT_S)
     for word in ('probe_protocol = tcp', 'probe_count = 30',
                  f'tcp_source_ports = {AGENT_PROBE["tcp_source_ports"]}',
                  f'polling interval {AGENT_INTERVAL_S} s', files.polling,
