@@ -546,7 +546,12 @@ class Prober:
         return None
 
     def _allowed(self, instance, path):
-        """Whether probes may go to ``path``'s address (else logged)."""
+        """Whether probes may go to ``path``'s address (else logged).
+        Passive and both modes measure every vNIC: nothing or not only
+        probes (both mode leaves the refused ones out of the probe
+        window, :meth:`measure`)."""
+        if getattr(self.group, 'mode', 'probe') != 'probe':
+            return True
         try:
             self.policy.check(path.address)
         except destinations.RefusedDestination as exc:
@@ -631,10 +636,23 @@ class Prober:
         mode = getattr(self.group, 'mode', 'probe')
         if mode == 'passive':
             return self._passive_cycle(ids, found, None)
-        window = self._probe_cycle(ids, instances, found, deadline_s)
-        if mode == 'both' and not window.permanent_error:
+        if mode == 'both':
+            probed = [f for f in found
+                      if self.policy.refusal(f[2].address) is None]
+            for instance, _stats, path in found:
+                if self.policy.refusal(path.address) is not None:
+                    self._once(('refused', instance.id, path.vnic),
+                               'Instance %(id)s vNIC %(vif)s: %(addr)s '
+                               'is no probe destination; measured '
+                               'passively only',
+                               {'id': instance.id, 'vif': path.vnic,
+                                'addr': path.address})
+            window = (self._probe_cycle(ids, instances, probed, deadline_s)
+                      if probed else CycleWindow(instance_ids=ids))
+            if window.permanent_error:
+                return window
             return self._passive_cycle(ids, found, window)
-        return window
+        return self._probe_cycle(ids, instances, found, deadline_s)
 
     def _probe_cycle(self, ids, instances, found, deadline_s):
         """The probe window over ``found`` (probe and both modes)."""

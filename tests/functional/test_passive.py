@@ -403,3 +403,64 @@ def test_lab_passive_refuses_what_it_cannot_measure():
         assert proc.returncode == 2, (argv, proc.stderr)
         assert flag in proc.stderr, proc.stderr
         assert not _namespaces(prefix)
+
+
+# --- the real ceilometer-polling in passive mode --------------------------
+
+import threading  # noqa: E402
+
+from netweaver_agent import labagent  # noqa: E402
+
+
+def _background_traffic(the_lab, stop, bound_s=60.0):
+    """Bounded streams to every guest, again and again, until ``stop``."""
+    end = time.monotonic() + bound_s
+    port = 7000
+    while not stop.is_set() and time.monotonic() < end:
+        for g in the_lab.guests:
+            labtraffic.exchange(the_lab.src_netns, g.netns, g.address,
+                                tcp_bytes=32_000, udp_count=20,
+                                port=port, udp_gap_s=0.005)
+        port = 7000 + (port - 7000 + 3) % 900
+
+
+def test_real_agent_in_passive_mode(lab_factory, tmp_path):
+    """ceilometer-polling with [netweaver] mode = passive: no probe sent,
+    the guests' own traffic measured; the delayed guest's latency at
+    least the injected delay, the other low; no loss published."""
+    the_lab = lab_factory(guests=2, delays=(lab_mod.DelayInjection(
+        guest=1, delay_ms=DELAY_MS, backend='nfqueue'),))
+    files = labagent.write_files(
+        the_lab, str(tmp_path / 'agent'), interval_s=3,
+        probe={'mode': 'passive', 'passive_window_ms': 1500.0,
+               'passive_sample': 1, 'max_window_ms': 2000.0})
+    agent = labagent.PollingAgent(files, the_lab.hv_netns)
+    stop = threading.Event()
+    traffic = threading.Thread(target=_background_traffic,
+                               args=(the_lab, stop), daemon=True)
+    expected = labagent.resource_ids(the_lab)
+    try:
+        agent.start()
+        traffic.start()
+        series = agent.wait_for(
+            labagent.latency_ready(set(expected.values())), 50.0)
+        names = {s.name for s in agent.series()}
+    finally:
+        stop.set()
+        traffic.join(30)
+        agent.stop()
+    by_res = {s.label('resource'): s for s in series}
+    slow = by_res[expected[the_lab.guests[1].tap]]
+    fast = by_res[expected[the_lab.guests[0].tap]]
+    assert DELAY_MS * 1000 <= slow.value <= DELAY_MS * 1000 + 1000, slow
+    assert 0 < fast.value < BASELINE_P50_US, fast
+    assert 'ceilometer_network_vif_probe_loss' not in names
+    log = agent.log_text()
+    assert 'Traceback' not in log
+    assert 'Passive window' in log
+    assert 'Probe window' not in log, 'probes were sent in passive mode'
+    # The delayer read no ICMP probe (TCP segments of the streams parse
+    # as TCP probe keys, which carry no session).
+    from netweaver_agent import probe
+    assert not [r for r in the_lab.delay_records(1)
+                if r.session not in (None, probe.TCP_SESSION)]

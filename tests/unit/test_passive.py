@@ -346,6 +346,30 @@ class TestModes(tpoll.TestLatencyPollsters):
         # Loss comes from probes only: the probed vNIC.
         assert set(out['network.vif.probe.loss']) == {tpoll.TAP_B}
 
+    def test_passive_measures_vnics_no_probe_may_reach(self):
+        # probe_networks excludes both guests: probe mode measures none.
+        self.CONF.set_override('probe_networks', ['198.19.0.0/16'],
+                               group='netweaver')
+        assert not self.all_samples('probe')
+        out = self.all_samples('passive')
+        assert out['network.vif.latency']['tapaaa'].volume == 4.0
+
+    def test_both_probes_what_it_may_and_the_rest_passively(self):
+        self.CONF.set_override('probe_networks', ['198.18.1.11/32'],
+                               group='netweaver')
+        self.window.reports[tpoll.TAP_B] = tpoll.report(tpoll.TAP_B,
+                                                        [40_000])
+        out = self.all_samples('both')
+        lat = out['network.vif.latency']
+        assert lat['tapaaa'].resource_metadata['probe_protocol'] == \
+            'passive'
+        assert lat['tapaaa'].resource_metadata['other_result'] is None
+        assert lat[tpoll.TAP_B].resource_metadata['probe_protocol'] == \
+            'icmp'
+        # Only the admitted vNIC was in the probe window.
+        assert {p.vnic for call in self.window.calls for p in call} == \
+            {tpoll.TAP_B}
+
     def test_passive_sample_must_be_a_power_of_two(self):
         self.CONF.set_override('passive_sample', 48, group='netweaver')
         with self.assertRaisesRegex(opts.OptionsError, 'passive_sample'):
