@@ -218,9 +218,10 @@ class _Rows:
         self.prints.ifnames = self.ifnames
         self.prints._index_of = self._index_of
 
-    def keyed(self, flags, keys, t_ns, ifindex, direction):
+    def keyed(self, flags, keys, t_ns, ifindex, direction, encaps=None):
         """Fingerprint rows decided in columns: the records whose byte in
-        ``flags`` is 1, with ``keys`` in their order (session 0)."""
+        ``flags`` is 1, with ``keys`` in their order (session 0) and, when
+        they came under VLAN tags, ``encaps`` in the same order."""
         compress = itertools.compress
         self.t_ns.extend(compress(t_ns, flags))
         self.keys.extend(keys)
@@ -228,6 +229,10 @@ class _Rows:
         self.direction.extend(compress(direction, flags))
         self.auth.extend([0] * len(keys))
         self._sessions(0, len(keys))
+        if encaps is not None:
+            encap = self.encap
+            for key, found in zip(keys, encaps):
+                encap.setdefault((0, key, ifindex), found)
 
     def report_progress(self, done, total):
         """Call ``progress`` about once a second after the first second."""
@@ -624,7 +629,7 @@ class _PcapFile:
 
         columns = {}
 
-        def rows_of():
+        def rows_of(need=None):
             """Times, capture lengths and directions of the block."""
             if not columns:
                 columns['t'] = _pcap_times(column(packed, 0, size, n, 4),
@@ -637,44 +642,8 @@ class _PcapFile:
                     bytes([capture.DIR_UNKNOWN]) * n)
             return columns['t'], columns['caps'], columns['dir']
 
-        def plain(target, flags):
-            """Key the plainest of ``flags`` into ``target`` in columns;
-            the flags left to read one by one."""
-            decided, keyed, keys = pcapkeys.fingerprint_plain(
-                packed, 16, size, n, link, target.fp_dst, short, flags)
-            if keys:
-                t_ns, _, direction = rows_of()
-                target.keyed(keyed, keys, t_ns, self.ifindex, direction)
-            return (int.from_bytes(flags, 'little') &
-                    ~int.from_bytes(decided, 'little')).to_bytes(
-                        n, 'little'), keys
-
-        if rows.columnar:
-            maybe = pcapkeys.probe_candidates(packed, 16, size, n, PREFIX,
-                                              link, short=short)
-        else:
-            found = rows.fp_filter(packed, 16, size, n, PREFIX, link,
-                                   short=short)
-            # What plain() decides is counted with what found rules out.
-            maybe, _ = plain(rows, found)
-        if maybe.count(0) == 0:
-            return offsets
-        rows.records += maybe.count(0)
-        prints = rows.prints
-        if prints is not None:
-            found = prints.fp_filter(packed, 16, size, n, PREFIX, link,
-                                     short=short)
-            flags = (int.from_bytes(found, 'little') &
-                     ~int.from_bytes(maybe, 'little')).to_bytes(n, 'little')
-            flags, _ = plain(prints, flags)
-            i = flags.find(1)
-            if i >= 0:
-                t_ns, caps, direction = rows_of()
-            while i >= 0:
-                prints.one(buf, offsets[i] + 16, caps[i], link, t_ns[i],
-                           self.ifindex, direction[i])
-                i = flags.find(1, i + 1)
-        return list(itertools.compress(offsets, maybe))
+        return _prefilter(rows, buf, offsets, packed, 16, n, link,
+                          self.ifindex, short, rows_of)
 
     def _record_number(self, offset):
         """The 1-based number of the record at byte ``offset`` (walks the
@@ -742,6 +711,60 @@ class _PcapFile:
         stride = 16 + caplen
         packed = b''.join([buf[o:o + stride] for o in offsets])
         self._run(packed, 0, stride, len(offsets), offsets)
+
+
+def _prefilter(rows, buf, offsets, packed, head, n, link, ifindex, short,
+               rows_of):
+    """The records of a block of mixed lengths the prefilters cannot rule
+    out (their offsets in ``buf``).
+
+    ``packed``: each record's first ``head + PREFIX`` bytes side by side,
+    the frame at ``head``; ``rows_of(need)``: the block's times, capture
+    lengths and directions (right at least for the records ``need`` marks,
+    a byte each); ``short``: see :func:`pcapkeys.probe_candidates`.  What
+    is ruled out is counted, and fingerprinted where that may find
+    something (in columns where :func:`pcapkeys.fingerprint_plain` can,
+    else one by one).
+    """
+    size = head + PREFIX
+
+    def plain(target, flags):
+        """Key the plainest of ``flags`` into ``target`` in columns; the
+        flags left to read one by one."""
+        decided, parts = pcapkeys.fingerprint_plain(
+            packed, head, size, n, link, target.fp_dst, short, flags)
+        for keyed, keys, encaps in parts:
+            t_ns, _, direction = rows_of(keyed)
+            target.keyed(keyed, keys, t_ns, ifindex, direction, encaps)
+        return (int.from_bytes(flags, 'little') &
+                ~int.from_bytes(decided, 'little')).to_bytes(n, 'little')
+
+    if rows.columnar:
+        maybe = pcapkeys.probe_candidates(packed, head, size, n, PREFIX,
+                                          link, short=short)
+    else:
+        found = rows.fp_filter(packed, head, size, n, PREFIX, link,
+                               short=short)
+        # What plain() decides is counted with what found rules out.
+        maybe = plain(rows, found)
+    if maybe.count(0) == 0:
+        return offsets
+    rows.records += maybe.count(0)
+    prints = rows.prints
+    if prints is not None:
+        found = prints.fp_filter(packed, head, size, n, PREFIX, link,
+                                 short=short)
+        flags = (int.from_bytes(found, 'little') &
+                 ~int.from_bytes(maybe, 'little')).to_bytes(n, 'little')
+        flags = plain(prints, flags)
+        i = flags.find(1)
+        if i >= 0:
+            t_ns, caps, direction = rows_of(flags)
+        while i >= 0:
+            prints.one(buf, offsets[i] + head, caps[i], link, t_ns[i],
+                       ifindex, direction[i])
+            i = flags.find(1, i + 1)
+    return list(itertools.compress(offsets, maybe))
 
 
 # --------------------------------------------------------------------------
@@ -812,6 +835,7 @@ class _Pcapng:
                             f"({end} of 28 bytes)")
         o = 0
         backoff = 0
+        block = 2 * BACKOFF
         while o < end:
             rows.report_progress(o, end)
             if end - o < 12:
@@ -842,6 +866,14 @@ class _Pcapng:
                     n = self._epb_run(o, blen, end)
                     if n == 1:
                         backoff = BACKOFF
+                        nxt = self._epb_walk(o, end, min(block, MAX_BLOCK))
+                        if nxt > o:
+                            backoff = 0
+                            block = min(2 * block, MAX_BLOCK)
+                            o = nxt
+                            continue
+                    else:
+                        block = 2 * BACKOFF
                 if n == 1:
                     self._packet(o, blen, btype)
                 o += blen * n
@@ -946,6 +978,140 @@ class _Pcapng:
                             f"block at byte {o} is beyond the year 2262")
         self.rows.one(buf, data, caplen, link, t_ns, iface.index, direction)
 
+    def _epb_walk(self, o, end, count):
+        """Enhanced packet blocks of mixed lengths from ``o``, as
+        :meth:`_PcapFile._sort` reads records: up to ``count`` sound
+        blocks of one interface (of a link type read) are gathered, the
+        prefilters rule out in columns what they can (:func:`_prefilter`)
+        and the rest is read block by block.  The
+        offset after them; ``o`` when fewer than :data:`BACKOFF` qualify
+        (anything unusual ends the walk there and is read as before)."""
+        buf = self.buf
+        head = struct.Struct(self.order + 'IIIIII').unpack_from
+        trailer = struct.Struct(self.order + 'I').unpack_from
+        ifaces = self.ifaces
+        offsets = []
+        append = offsets.append
+        first_id = None
+        start = o
+        while len(offsets) < count and o + 32 <= end:
+            btype, blen, iface_id, _hi, _lo, caplen = head(buf, o)
+            nxt = o + blen
+            if (btype != PCAPNG_EPB or blen % 4 or nxt > end or
+                    32 + ((caplen + 3) & ~3) > blen or
+                    trailer(buf, nxt - 4)[0] != blen):
+                break
+            if iface_id != first_id:
+                if first_id is not None or iface_id >= len(ifaces):
+                    break
+                if ifaces[iface_id].link is None:
+                    break
+                first_id = iface_id
+            append(o)
+            o = nxt
+        if len(offsets) <= BACKOFF:
+            return start
+        rest = self._rule_out(offsets, ifaces[first_id])
+        for r in rest:
+            self._packet(r, trailer(buf, r + 4)[0], PCAPNG_EPB)
+        return o
+
+    def _rule_out(self, offsets, iface):
+        """:func:`_prefilter` of enhanced packet blocks of ``iface``."""
+        buf, rows, link, order = self.buf, self.rows, iface.link, self.order
+        big = order == '>'
+        n = len(offsets)
+        size = 28 + PREFIX
+        packed = b''.join([buf[o:o + size] for o in offsets])
+        if len(packed) != size * n:         # the last ones are shorter
+            packed = b''.join([buf[o:o + size].ljust(size, b'\0')
+                               for o in offsets])
+        column = pcapkeys.column
+        low, high = (23, 20) if big else (20, 23)
+        wide = pcapkeys.zero(column(packed, high, size, n))
+        for at in (21, 22):
+            wide &= pcapkeys.zero(column(packed, at, size, n))
+
+        def short(need):
+            return wide & pcapkeys.below(column(packed, low, size, n), need)
+
+        # Every block's time is checked, keyed or not (as runs do).
+        t_ns = self._times(column(packed, 12, size, n, 4),
+                           column(packed, 16, size, n, 4), iface.to_ns,
+                           offsets[0])
+        columns = {}
+        flags_of = struct.Struct(order + 'HHI').unpack_from
+
+        def rows_of(need):
+            """Times, capture lengths and directions (from ``epb_flags``
+            for the records ``need`` marks)."""
+            if not columns:
+                columns['t'] = t_ns
+                columns['caps'] = pcapkeys.ints(
+                    column(packed, 20, size, n, 4), 'I', big)
+                columns['blens'] = pcapkeys.ints(
+                    column(packed, 4, size, n, 4), 'I', big)
+                if link.pkttype_off is None:
+                    columns['dir'] = bytearray([capture.DIR_UNKNOWN]) * n
+                else:
+                    columns['dir'] = bytearray(column(
+                        packed, 28 + link.pkttype_off, size, n).translate(
+                            _PKTTYPE_DIR))
+                columns['done'] = bytearray(n)
+            caps, blens = columns['caps'], columns['blens']
+            direction, done = columns['dir'], columns['done']
+            i = need.find(1)
+            while i >= 0:
+                if not done[i]:
+                    done[i] = 1
+                    o = offsets[i]
+                    opt = o + 28 + ((caps[i] + 3) & ~3)
+                    stop = o + blens[i] - 4
+                    if opt < stop:
+                        code, length, value = (
+                            flags_of(buf, opt) if opt + 8 <= stop else
+                            (0, 0, 0))
+                        if code != 2 or length != 4:
+                            found = _options(buf, opt, stop, order).get(2)
+                            value = (struct.unpack(order + 'I', found)[0]
+                                     if found is not None and
+                                     len(found) == 4 else 0)
+                        if value & 3:
+                            direction[i] = _EPB_DIR[value & 3]
+                i = need.find(1, i + 1)
+            return columns['t'], caps, direction
+
+        return _prefilter(rows, buf, offsets, packed, 28, n, link,
+                          iface.index, short, rows_of)
+
+    def _times(self, hi_col, lo_col, conv, o):
+        """Nanoseconds of the blocks whose timestamp halves are in
+        ``hi_col`` and ``lo_col`` (``o``: the first one's offset)."""
+        big = self.order == '>'
+        n = len(hi_col) // 4
+        if big:
+            both = pcapkeys.interleave(*(hi_col[j::4] for j in range(4)),
+                                       *(lo_col[j::4] for j in range(4)))
+        else:
+            both = pcapkeys.interleave(*(lo_col[j::4] for j in range(4)),
+                                       *(hi_col[j::4] for j in range(4)))
+        mul, div, shift, add = conv
+        if shift or div != 1 or add < 0:
+            ts = pcapkeys.ints(both, 'Q', big)
+            try:
+                return array.array('q', (_to_ns(t, conv) for t in ts))
+            except OverflowError:
+                raise PcapError(f"{self.path}: timestamps in the packet "
+                                f"blocks from byte {o} are beyond the year "
+                                "2262") from None
+        if max(pcapkeys.ints(both, 'Q', big)) * mul + add >= 1 << 63:
+            raise PcapError(f"{self.path}: timestamps in the packet blocks "
+                            f"from byte {o} are beyond the year 2262")
+        t = pcapkeys.lanes(both, 8, big) * mul
+        if add:
+            t += pcapkeys.repunit(n) * add
+        return pcapkeys.from_lanes(t, n, 'q')
+
     def _epb_run(self, o, blen, end):
         """Read a run of like enhanced packet blocks from ``o``; its size.
 
@@ -1003,31 +1169,8 @@ class _Pcapng:
                 return 1
             # Not rebuilt per run: with many interfaces that was O(n) each
             ifindex = array.array('i', map(self.ifindex.__getitem__, ids))
-        hi_col = col(buf, o + 12, blen, n, 4)
-        lo_col = col(buf, o + 16, blen, n, 4)
-        if big:
-            both = pcapkeys.interleave(*(hi_col[j::4] for j in range(4)),
-                                       *(lo_col[j::4] for j in range(4)))
-        else:
-            both = pcapkeys.interleave(*(lo_col[j::4] for j in range(4)),
-                                       *(hi_col[j::4] for j in range(4)))
-        mul, div, shift, add = conv = iface.to_ns
-        if shift or div != 1 or add < 0:
-            ts = pcapkeys.ints(both, 'Q', big)
-            try:
-                t_ns = array.array('q', (_to_ns(t, conv) for t in ts))
-            except OverflowError:
-                raise PcapError(f"{self.path}: timestamps in the packet "
-                                f"blocks from byte {o} are beyond the year "
-                                "2262") from None
-        elif max(pcapkeys.ints(both, 'Q', big)) * mul + add >= 1 << 63:
-            raise PcapError(f"{self.path}: timestamps in the packet blocks "
-                            f"from byte {o} are beyond the year 2262")
-        else:
-            t = pcapkeys.lanes(both, 8, big) * mul
-            if add:
-                t += pcapkeys.repunit(n) * add
-            t_ns = pcapkeys.from_lanes(t, n, 'q')
+        t_ns = self._times(col(buf, o + 12, blen, n, 4),
+                           col(buf, o + 16, blen, n, 4), iface.to_ns, o)
         direction = capture.DIR_UNKNOWN
         if flags_at is not None:
             low = flags_at + (3 if big else 0)

@@ -24,6 +24,8 @@
 import array
 import dataclasses
 import hashlib
+import itertools
+import operator
 import struct
 import sys
 
@@ -1036,91 +1038,222 @@ _T_ANSWER = _table(lambda b: b & _ACK and b & (_SYN | _RST))
 _T_GROUP_PKTTYPE = _table(lambda b: b in _GROUP_PKTTYPES)
 
 
+_BLAKE8 = hashlib.blake2b(digest_size=8)     # copied: no keyword parsing
+
+
+def _digest8(data):
+    h = _BLAKE8.copy()
+    h.update(data)
+    return h.digest()
+
+
+_T_CLEAR_BIT0 = bytes(b & 0xfe for b in range(256))
+
+
+def fingerprint_hashes(cols, bits, keep):
+    """Fingerprint keys of the records ``keep`` marks (a byte per record,
+    1 = key it), in order, as an ``array('Q')``: ``(h63 << 1) | bit``,
+    ``h63`` the top 63 bits of the 8-byte BLAKE2b of the record's bytes
+    across ``cols`` (byte columns, in order) and ``bit`` its byte of
+    ``bits`` (0 or 1) -- what :func:`fingerprint_key` computes one by one.
+
+    No Python step per record: the columns are interleaved, the kept
+    records' bytes sliced out and hashed through ``map``,
+    and the digests read as big-endian 64-bit integers whose lowest bit
+    is replaced by ``bits``.
+    """
+    compress = itertools.compress
+    size = len(cols)
+    fields = interleave(*cols)
+    starts = list(compress(range(0, len(fields), size), keep))
+    chunks = map(fields.__getitem__, map(
+        slice, starts, map(operator.add, starts, itertools.repeat(size))))
+    digests = bytearray(b''.join(map(_digest8, chunks)))
+    low = (int.from_bytes(digests[7::8].translate(_T_CLEAR_BIT0), 'little') |
+           int.from_bytes(bytes(compress(bits, keep)), 'little'))
+    digests[7::8] = low.to_bytes(len(starts), 'little')
+    keys = array.array('Q', digests)
+    if not _HOST_BE:
+        keys.byteswap()
+    return keys
+
+
+_T_V6_NOT = _T_IP6_BAD
+_T_ICMP6_OK = _table(lambda b: b in _ICMP6_OK)
+# Per family: version byte table (bad), source offset, address size,
+# transport offset, protocol offset, ICMP protocol, echo request, reply,
+# the ICMP types keyed, shortest non-zero length field that holds 8
+# transport bytes (and its offset), multicast test of the first
+# destination byte.
+_PLAIN = {
+    4: (_T_NOT_45, 12, 4, 20, 9, 1, 8, 0, _T_ICMP_OK, 28, 2, _T_MCAST4),
+    6: (_T_V6_NOT, 8, 16, 40, 6, probe.IPPROTO_ICMPV6, 128, 129,
+        _T_ICMP6_OK, 8, 4, _T_EQ[0xff]),
+}
+
+
+def _vlan_encap(tci):
+    return probe.Encap(vlan=(tci & 0x0fff,), vni=probe.NO_ENCAP.vni,
+                       tunnel=probe.NO_ENCAP.tunnel)
+
+
 def fingerprint_plain(buf, first, stride, n, link, dst_ip, short, want):
     """Fingerprints of the plainest records of a run, in columns.
 
     ``want``: a byte per record, 1 for those to key.  Decided here are the
-    untagged IPv4 records without options or a fragment offset, long
-    enough for the fields, not to a tunnel port and not a request/answer
-    pair (see :func:`_pair_fields`): for those :func:`fingerprint_key`'s
-    answer is computed from columns (a BLAKE2b per keyed record).
-    Returns ``(decided, keyed, keys)``: a byte per record each (1 =
-    decided here; 1 = decided with a key) and the keys of the keyed
-    records in order.  ``short``: see :func:`probe_candidates`.
+    IPv4 (without options or a fragment offset) and IPv6 records,
+    untagged or under one VLAN tag, long enough for the fields, not to a
+    tunnel port and not a request/answer pair (see :func:`_pair_fields`):
+    for those :func:`fingerprint_key`'s answer is computed from columns
+    (:func:`fingerprint_hashes`).  Returns ``(decided, parts)``:
+    ``decided`` a byte per record (1 = decided here, with or without a
+    key) and ``parts`` a list of ``(keyed, keys, encaps)``, one per
+    layout that keyed any: ``keyed`` a byte per record (1 = keyed), the
+    keys of those records in order and, for tagged layouts, their
+    :class:`probe.Encap` in the same order (else None).  ``short``: see
+    :func:`probe_candidates`.
     """
     def col(at):
         return column(buf, at, stride, n)
 
     ones = int.from_bytes(b'\x01' * n, 'little')
     want = int.from_bytes(want, 'little')
-    et, ip = first + link.ethertype_off, first + link.ip_off
-    l4 = ip + 20
-    plain = (want & _eq16(col(et), col(et + 1), probe.ETH_P_IP) &
-             _eq(col(ip), 0x45) & ~_mask(col(ip + 6), _T_FRAG_HI) &
-             _eq(col(ip + 7), 0) & ~short(l4 + 14 - first))
-    # The IP total length holds the 8 transport bytes read (0: the
-    # record's end, which short() checked).
-    hi, lo = col(ip + 2), col(ip + 3)
-    plain &= ~(zero(hi) & ~zero(lo) & below(lo, 28)) & ones
-    if not plain:
-        return bytes(n), bytes(n), []
-    proto = col(ip + 9)
-    udp = _eq(proto, 17)
-    plain &= ~(udp & _tunnel_ports(col, l4))
-    src = [col(ip + 12 + j) for j in range(4)]
-    dst = [col(ip + 16 + j) for j in range(4)]
-    reply = 0
-    if dst_ip is not None:
-        from_it = to_it = ones
-        for j in range(4):
-            from_it &= _eq(src[j], dst_ip[j])
-            to_it &= _eq(dst[j], dst_ip[j])
-        reply = from_it
-        # Pairs (their key is the pair's) are left to fingerprint_key.
-        tcp = _eq(proto, 6)
-        flags = col(l4 + 13)
-        syn = _mask(flags, _T_SYN_ONLY)
-        answer = _mask(flags, _T_ANSWER)
-        kind, code = col(l4), col(l4 + 1)
-        pairs = (tcp & ((to_it & ~from_it & syn) | (from_it & answer)) |
-                 _eq(proto, 1) & zero(code) &
-                 ((to_it & ~from_it & _eq(kind, 8)) |
-                  (from_it & _eq(kind, 0))))
-        plain &= ~pairs
-        ours = from_it | to_it
-    else:
-        ours = ones
+    if not want:
+        return bytes(n), []
+    layouts, _ = _layouts(col, first, n, short, link)
     if link.linktype == LINKTYPE_ETHERNET:
         group = _mask(col(first), _T_GROUP_BIT)
     else:
         group = _mask(col(first + link.pkttype_off), _T_GROUP_PKTTYPE)
+    decided = 0
+    parts = []
+    for kind, mask, ip in layouts:
+        mask &= want
+        if not mask:
+            continue
+        if ip == first + link.ip_off and kind == 4:
+            found = _plain_layout(col, first, n, link, dst_ip, short, kind,
+                                  mask, ip, group)
+        else:
+            found = _plain_subset(buf, first, stride, n, link, dst_ip,
+                                  short, kind, mask, ip, group)
+        decided |= found[0]
+        if found[1] is not None:
+            parts.append(found[1:])
+    return (decided & ones).to_bytes(n, 'little'), parts
+
+
+def _plain_subset(buf, first, stride, n, link, dst_ip, short, kind, mask,
+                  ip, group):
+    """:func:`_plain_layout` of the few records ``mask`` holds (IPv6, VLAN
+    tags): their bytes copied together first, so each column is short."""
+    mask_b = mask.to_bytes(n, 'little')
+    rows = list(itertools.compress(range(n), mask_b))
+    m = len(rows)
+    sub = b''.join([buf[first + i * stride:first + (i + 1) * stride]
+                    for i in rows]).ljust(m * stride, b'\0')
+
+    def col(at):
+        return column(sub, at, stride, m)
+
+    def sub_short(need):
+        return int.from_bytes(bytes(itertools.compress(
+            _flags(short(need), n), mask_b)), 'little')
+
+    ones = int.from_bytes(b'\x01' * m, 'little')
+    decided, keyed_b, keys, encaps = _plain_layout(
+        col, 0, m, link, dst_ip, sub_short, kind, ones, ip - first,
+        int.from_bytes(bytes(itertools.compress(_flags(group, n), mask_b)),
+                       'little'))
+
+    def spread(flags):
+        out = bytearray(n)
+        for i in itertools.compress(rows, _flags(flags, m)):
+            out[i] = 1
+        return out
+
+    decided = int.from_bytes(spread(decided), 'little')
+    if keyed_b is None:
+        return decided, None, None, None
+    return decided, bytes(spread(int.from_bytes(keyed_b, 'little'))), \
+        keys, encaps
+
+
+def _plain_layout(col, first, n, link, dst_ip, short, kind, mask, ip,
+                  group):
+    """``(decided, keyed, keys, encaps)`` of :func:`fingerprint_plain` for
+    the records of one layout (``mask``; IP header at ``ip``); ``keyed``
+    None when none is keyed."""
+    ones = int.from_bytes(b'\x01' * n, 'little')
+    (version_bad, src_at, size, l4_at, proto_at, icmp_proto, echo_req,
+     echo_rep, icmp_ok, least, len_at, mcast) = _PLAIN[kind]
+    l4 = ip + l4_at
+    plain = mask & ~_mask(col(ip), version_bad) & ~short(l4 + 14 - first)
+    if kind == 4:
+        plain &= ~_mask(col(ip + 6), _T_FRAG_HI) & _eq(col(ip + 7), 0)
+    # The length field holds the 8 transport bytes read (0: the
+    # record's end, which short() checked).
+    hi, lo = col(ip + len_at), col(ip + len_at + 1)
+    plain &= ~(zero(hi) & ~zero(lo) & below(lo, least)) & ones
+    if not plain:
+        return 0, None, None, None
+    proto = col(ip + proto_at)
+    udp = _eq(proto, 17)
+    plain &= ~(udp & _tunnel_ports(col, l4))
+    src = [col(ip + src_at + j) for j in range(size)]
+    dst = [col(ip + src_at + size + j) for j in range(size)]
+    reply = 0
+    tcp = _eq(proto, 6)
+    icmp = _eq(proto, icmp_proto)
+    if dst_ip is None:
+        ours = ones
+    elif len(dst_ip) != size:
+        ours = 0
+    else:
+        from_it = to_it = ones
+        for j in range(size):
+            from_it &= _eq(src[j], dst_ip[j])
+            to_it &= _eq(dst[j], dst_ip[j])
+        reply = from_it
+        # Pairs (their key is the pair's) are left to fingerprint_key.
+        flags = col(l4 + 13)
+        syn = _mask(flags, _T_SYN_ONLY)
+        answer = _mask(flags, _T_ANSWER)
+        icmp_type, code = col(l4), col(l4 + 1)
+        pairs = (tcp & ((to_it & ~from_it & syn) | (from_it & answer)) |
+                 icmp & zero(code) &
+                 ((to_it & ~from_it & _eq(icmp_type, echo_req)) |
+                  (from_it & _eq(icmp_type, echo_rep))))
+        plain &= ~pairs
+        ours = from_it | to_it
+    decided = plain
     sport_hi, sport_lo = col(l4), col(l4 + 1)
     dport_hi, dport_lo = col(l4 + 2), col(l4 + 3)
     dhcp = 0
     for port in _DHCP_PORTS:
         dhcp |= (_eq16(sport_hi, sport_lo, port) |
                  _eq16(dport_hi, dport_lo, port))
-    broadcast = ones
-    for j in range(4):
-        broadcast &= ~_mask(dst[j], _T_NOT_FF)
-    keyed = (plain & ours & ~group & ~_mask(dst[0], _T_MCAST4) &
-             ~broadcast & (_eq(proto, 6) | udp & ~dhcp |
-                           _eq(proto, 1) & _mask(col(l4), _T_ICMP_OK)))
+    group_ip = _mask(dst[0], mcast)
+    if kind == 4:
+        broadcast = ones
+        for j in range(4):
+            broadcast &= ~_mask(dst[j], _T_NOT_FF)
+        group_ip |= broadcast
+    keyed = (plain & ours & ~group & ~group_ip &
+             (tcp | udp & ~dhcp | icmp & _mask(col(l4), icmp_ok)))
     keyed &= ones
-    decided = plain.to_bytes(n, 'little')
-    keyed_b = keyed.to_bytes(n, 'little')
     if not keyed:
-        return decided, keyed_b, []
-    fields = interleave(*src, *dst, col(ip + 4), col(ip + 5), proto,
-                        *(col(l4 + j) for j in range(8)))
-    bits = reply.to_bytes(n, 'little')
-    blake = hashlib.blake2b
-    keys = []
-    append = keys.append
-    i = keyed_b.find(1)
-    while i >= 0:
-        h63 = int.from_bytes(blake(fields[19 * i:19 * i + 19],
-                                   digest_size=8).digest(), 'big') >> 1
-        append((h63 << 1) | bits[i])
-        i = keyed_b.find(1, i + 1)
-    return decided, keyed_b, keys
+        return decided, None, None, None
+    keyed_b = keyed.to_bytes(n, 'little')
+    if kind == 4:
+        head = (col(ip + 4), col(ip + 5), proto)
+    else:
+        head = (proto, col(ip + 4), col(ip + 5))
+    keys = fingerprint_hashes(
+        (*src, *dst, *head, *(col(l4 + j) for j in range(8))),
+        reply.to_bytes(n, 'little'), keyed_b)
+    encaps = None
+    if ip != first + link.ip_off:           # under a VLAN tag
+        tci = ints(interleave(col(ip - 4), col(ip - 3)), 'H', True)
+        encaps = list(map(_vlan_encap, itertools.compress(tci, keyed_b)))
+    return decided, keyed_b, keys, encaps

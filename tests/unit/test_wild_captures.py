@@ -7,6 +7,7 @@ format tcpdump writes (pcap µs/ns, either byte order, pcapng, SLL, SLL2),
 which must give the same rows.
 """
 
+import collections
 import json
 import socket
 import struct
@@ -816,6 +817,191 @@ def test_mixed_blocks_read_as_record_by_record(tmp_path_factory, rnd,
                                         tcp_ports=range(1, 40000), **kw)
             out.append((_batch_rows(cap.probes()),
                         _batch_rows(cap.fingerprints())))
+        return out
+
+    blocks = read_all()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pcapfile, 'MAX_BLOCK', pcapfile.BACKOFF)
+        patch.setattr(pcapfile, 'PREFIX', None)         # never used
+        assert blocks == read_all()
+
+
+# --------------------------------------------------------------------------
+# Fingerprints in columns and pcapng blocks of mixed lengths: the same as
+# record by record.
+
+_PEERS = ['198.18.0.20', '198.18.0.21', '198.18.1.7']
+_PEERS6 = [socket.inet_pton(socket.AF_INET6, '2001:2::%x' % i)
+           for i in (0x20, 0x21)]
+
+
+def _everyday(rnd):
+    """One frame of a pif's everyday traffic, to, from or past the guest:
+    TCP of any flags (options or not), UDP (DHCP and tunnel ports too),
+    ICMP of any type and code, IPv6 of each kind, to groups and broadcast,
+    fragments, untagged, tagged or QinQ, some cut short."""
+    ours = rnd.random() < 0.6
+    v6 = rnd.random() < 0.35
+    if v6:
+        a, b = rnd.choice(_PEERS6), (ta.GUEST6 if ours else
+                                     rnd.choice(_PEERS6))
+        if rnd.random() < 0.05:
+            b = socket.inet_pton(socket.AF_INET6, 'ff02::1')
+    else:
+        a, b = rnd.choice(_PEERS), (ta.GUEST if ours else
+                                    rnd.choice(_PEERS))
+        if rnd.random() < 0.05:
+            b = rnd.choice(['255.255.255.255', '224.0.0.5'])
+    if rnd.random() < 0.5:
+        a, b = b, a
+    proto = rnd.choice([6, 6, 17, 1, 58 if v6 else 1, 2])
+    ports = rnd.choice([(40000, 443), (68, 67), (5000, 4789),
+                        (rnd.randrange(65536), rnd.randrange(65536))])
+    if proto == 6:
+        l4 = struct.pack('!HHIIBBHHH', *ports, rnd.randrange(1 << 32),
+                         rnd.randrange(1 << 32), rnd.choice([0x50, 0x80]),
+                         rnd.choice([SYN, SYN | ACK, RST | ACK, ACK, 0x18,
+                                     RST, rnd.randrange(256)]), 502, 0, 0)
+    elif proto == 17:
+        l4 = struct.pack('!HHHH', *ports, 8 + 30, rnd.randrange(65536))
+    else:
+        l4 = struct.pack('!BBHHH', rnd.choice([0, 8, 128, 129, 3, 11, 5]),
+                         rnd.choice([0, 0, 1]), 0, 77, rnd.randrange(9))
+    l4 += rnd.randbytes(rnd.randrange(0, 120))
+    if v6:
+        frame = ta.eth(ta.ip6(a, b, proto, l4), 0x86dd)
+    else:
+        frame = ta.eth(ta.ip4(a, b, proto, l4, ip_id=rnd.randrange(65536)),
+                       probe.ETH_P_IP)
+        if rnd.random() < 0.05:                   # a later fragment
+            frame = frame[:20] + b'\x00\x10' + frame[22:]
+        elif rnd.random() < 0.05:                 # total length too short
+            frame = frame[:16] + b'\x00\x14' + frame[18:]
+    if rnd.random() < 0.1:
+        frame = tf.damage(rnd, frame)
+    if rnd.random() < 0.1:
+        frame = ta.BCAST_MAC + frame[6:]
+    vids = rnd.choice([(), (), (), (100,), (4095,), (7, 100)])
+    return tagged(frame, *vids) if vids else frame
+
+
+@settings(max_examples=150, deadline=None)
+@given(tf.randoms, st.sampled_from([1, 113, 276]),
+       st.sampled_from([None, ta.GUEST, '2001:2::a', '198.18.0.1']))
+def test_fingerprints_in_columns_equal_fingerprint_key(rnd, linktype, dst):
+    """fingerprint_plain decides a record only as fingerprint_key would:
+    the same key (reply bit included), the same VLAN, or no key."""
+    link = pcapkeys.LINKS[linktype]
+    dst_ip = None if dst is None else socket.inet_pton(
+        socket.AF_INET6 if ':' in dst else socket.AF_INET, dst)
+    frames = [_everyday(rnd) for _ in range(rnd.randrange(1, 120))]
+    frames = [f for f in frames if len(f) >= 14]
+    if linktype == 113:
+        frames = [to_sll(f, rnd.random() < 0.5) for f in frames]
+    elif linktype == 276:
+        frames = [to_sll2(f, rnd.random() < 0.5) for f in frames]
+    if not frames:
+        return
+    head, prefix = rnd.choice([(16, 80), (28, 80), (0, 120)])
+    caps = [min(len(f), rnd.choice([len(f), rnd.randrange(1, 90)]))
+            for f in frames]
+    size = head + prefix
+    packed = b''.join((rnd.randbytes(head) + f[:c] + rnd.randbytes(size))
+                      [:size] for f, c in zip(frames, caps))
+    n = len(frames)
+
+    def short(need):
+        return int.from_bytes(bytes(c < need for c in caps), 'little')
+
+    want = bytes(rnd.random() < 0.9 for _ in range(n))
+    decided, parts = pcapkeys.fingerprint_plain(packed, head, size, n, link,
+                                                dst_ip, short, want)
+    got = {}
+    for keyed, keys, encaps in parts:
+        rows = [i for i in range(n) if keyed[i]]
+        assert len(rows) == len(keys)
+        for j, (i, key) in enumerate(zip(rows, keys)):
+            assert i not in got
+            got[i] = (key, encaps[j].vlan if encaps else ())
+    for i in range(n):
+        if not decided[i]:
+            assert i not in got
+            continue
+        assert want[i]
+        frame = frames[i][:caps[i]]
+        found = pcapkeys.fingerprint_key(frame, 0, len(frame), link, dst_ip)
+        if found is None:
+            assert i not in got, i
+        else:
+            encap = found[2] if len(found) > 2 else probe.NO_ENCAP
+            assert got[i] == (found[1], encap.vlan), i
+            assert encap.vni is None
+
+
+def test_fingerprints_in_columns_decide_everyday_traffic():
+    """What they are for: plain TCP/UDP/ICMP, IPv4 and IPv6, tagged or
+    not, to or from the guest, are keyed in columns, not one by one."""
+    guest = socket.inet_aton(ta.GUEST)
+    tcp = struct.pack('!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08,
+                      512, 0, 0) + bytes(60)
+    frames = [ta.eth(ta.ip4(ta.GUEST, '198.18.0.20', 6, tcp), 0x0800),
+              ta.eth(ta.ip6(_PEERS6[0], ta.GUEST6, 6, tcp), 0x86dd)]
+    frames += [tagged(f, 5) for f in frames]
+    size = max(map(len, frames))
+    packed = b''.join(f.ljust(size, b'\0') for f in frames)
+    n = len(frames)
+    lengths = [len(f) for f in frames]
+    decided, parts = pcapkeys.fingerprint_plain(
+        packed, 0, size, n, pcapkeys.ETHERNET, guest,
+        lambda need: int.from_bytes(bytes(c < need for c in lengths),
+                                    'little'), b'\x01' * n)
+    assert decided == b'\x01' * 4
+    keyed = [i for keyed, _, _ in parts for i in range(n) if keyed[i]]
+    assert sorted(keyed) == [0, 2]          # the IPv6 ones: not the guest
+
+
+@settings(max_examples=30, deadline=None)
+@given(tf.randoms, st.sampled_from([1, 113, 276]), st.sampled_from('<>'),
+       st.sampled_from([6, 9]), st.booleans())
+def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
+                                                linktype, order, tsresol,
+                                                with_flags):
+    """pcapng files of everyday traffic, probes and damaged frames (enough
+    for blocks of mixed lengths): the same rows, counts, directions and
+    encapsulations as reading every block on its own, in probe, auto and
+    fingerprint mode."""
+    frames = [_everyday(rnd) if rnd.random() < 0.6 else _wild_frame(rnd)
+              for _ in range(rnd.randrange(130, 500))]
+    frames = [f for f in frames if len(f) >= 14]
+    if linktype == 113:
+        frames = [to_sll(f, rnd.random() < 0.5) for f in frames]
+    elif linktype == 276:
+        frames = [to_sll2(f, rnd.random() < 0.5) for f in frames]
+    times = [T0 - T0 % 1000 + 1000 * rnd.randrange(10 ** 6) for _ in frames]
+    flags = [rnd.choice([0, 1, 2]) for _ in frames] if with_flags else None
+    path = _write(tmp_path_factory.mktemp('ng') / 'm.pcapng',
+                  pcapng(frames, times, order, tsresol, linktype, flags))
+    dst = rnd.choice([ta.GUEST, '2001:2::a'])
+    modes = [dict(), dict(fingerprint=True, dst_ip=dst),
+             dict(probes=False, fingerprint=True, dst_ip=dst)]
+
+    def rows(read):
+        """_batch_rows, the encapsulations of keys met once: of a key met
+        in several (a packet seen tagged and tunnelled), the first
+        processed is kept, which need not be the first in the file."""
+        if read is None:
+            return None
+        out = _batch_rows(read)
+        once = {k for k, c in collections.Counter(read.batch.keys).items()
+                if c == 1}
+        return out[:4] + ([e for e in out[4] if e[0] in once],)
+
+    def read_all():
+        out = []
+        for kw in modes:
+            cap = pcapfile.read_capture(path, ifname='x',
+                                        tcp_ports=range(1, 40000), **kw)
+            out.append((rows(cap.probes()), rows(cap.fingerprints())))
         return out
 
     blocks = read_all()
