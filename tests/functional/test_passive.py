@@ -464,3 +464,41 @@ def test_real_agent_in_passive_mode(lab_factory, tmp_path):
     from netweaver_agent import probe
     assert not [r for r in the_lab.delay_records(1)
                 if r.session not in (None, probe.TCP_SESSION)]
+
+
+def test_a_tenant_spoofing_another_moves_only_counters(lab_factory):
+    """Guest 0 sends datagrams from guest 1's address out through the
+    pif while both guests carry traffic: guest 1's latencies still rest
+    only on its own packets (each held once, inside pif -> tap), the
+    forgeries are counted (unmatched) and never measured."""
+    the_lab = delayed_lab(lab_factory)
+    g0, g1 = the_lab.guests
+    interfaces = [the_lab.pif, g0.tap, g1.tap]
+    with passivecapture.PassiveCapture(
+            1, netns_name=the_lab.hv_netns, interfaces=interfaces,
+            cap=200_000) as cap:
+        for g in the_lab.guests:
+            labtraffic.exchange(the_lab.src_netns, g.netns, g.address,
+                                tcp_bytes=100_000, udp_count=40,
+                                payload=MARKER, udp_gap_s=0.002)
+        raw = netns.socket_in_netns(g0.netns, socket.AF_INET,
+                                    socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with raw:
+            for ipid in range(1, 201):
+                pkt = dpkt.ip.IP(
+                    src=socket.inet_aton(g1.address),
+                    dst=socket.inet_aton(the_lab.src_address), p=17,
+                    id=ipid, ttl=64, data=dpkt.udp.UDP(
+                        sport=9999, dport=9998, data=b'forged'))
+                raw.sendto(bytes(pkt), (the_lab.src_address, 0))
+        time.sleep(0.1)
+    out = passive.match(cap.sightings, specs(the_lab))
+    r1 = out[g1.tap]
+    assert r1.unmatched >= 200, r1
+    assert r1.report.anomalies == 0
+    assert r1.report.ingress.min_us >= DELAY_MS * 1000 - 2
+    check_against_holds(the_lab, cap.sightings)
+    # Guest 0's own numbers: its forgeries left its tap and never came
+    # out of the pif under its address: counted local, not measured.
+    assert out[g0.tap].report.anomalies == 0
+    assert out[g0.tap].local >= 200
