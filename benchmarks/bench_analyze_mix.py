@@ -15,6 +15,9 @@ d) the whole command, ``netweaver analyze --json PIF VIF -d IP``;
 e) ``tcpdump -r PIF -w /dev/null`` (reading and writing every record, no
    decoding: the floor of any reader).
 
+a)-c) and e) run on the pcap and on the same records as pcapng
+(``epb_flags`` on every block, as dumpcap writes).
+
 Prints wall and CPU seconds and records/s (by CPU time: on a loaded
 machine wall time mostly measures the neighbours).  A figure, not a
 test: nothing here asserts on speed.  ``--python DIR`` runs a)-c) with
@@ -166,6 +169,37 @@ def write_mix(path, vif_path, n, seed=15):
         vif.write(b''.join(vchunk))
 
 
+def write_pcapng(pcap_path, path):
+    """The same records as pcapng (one interface, ns resolution), each
+    enhanced packet block with an ``epb_flags`` option (in/out
+    alternating), as dumpcap writes them: blocks of every length."""
+    data = open(pcap_path, 'rb').read()
+    shb = struct.pack('<IIIHHqI', 0x0a0d0d0a, 28, 0x1a2b3c4d, 1, 0, -1, 28)
+    body = struct.pack('<HHI', 1, 0, 262144) + struct.pack(
+        '<HHB3xHH', 9, 1, 9, 0, 0)
+    idb = struct.pack('<II', 1, 12 + len(body)) + body + struct.pack(
+        '<I', 12 + len(body))
+    head = struct.Struct('<IIII')
+    with open(path, 'wb') as out:
+        out.write(shb + idb)
+        o, i, chunk = 24, 0, []
+        while o < len(data):
+            sec, ns, cap, orig = head.unpack_from(data, o)
+            frame = data[o + 16:o + 16 + cap]
+            o += 16 + cap
+            ts = sec * 10 ** 9 + ns
+            opts = struct.pack('<HHIHH', 2, 4, 1 + i % 2, 0, 0)
+            blen = 32 + cap + (-cap) % 4 + len(opts)
+            chunk.append(struct.pack('<IIIIIII', 6, blen, 0, ts >> 32,
+                                     ts & 0xffffffff, cap, orig) + frame +
+                         bytes((-cap) % 4) + opts + struct.pack('<I', blen))
+            i += 1
+            if len(chunk) >= 65536:
+                out.write(b''.join(chunk))
+                chunk = []
+        out.write(b''.join(chunk))
+
+
 _READERS = r'''
 import sys, time
 from netweaver_agent import pcapfile
@@ -220,20 +254,27 @@ def main():
         print(f'wrote {args.packets:,} records, {size / 1e6:.0f} MB '
               f'({time.perf_counter() - start:.1f} s); vif share '
               f'{os.path.getsize(vif) / 1e6:.0f} MB')
+        ng = os.path.join(tmp, 'pif.pcapng')
+        write_pcapng(pif, ng)
+        print(f'and as pcapng (epb_flags on every block): '
+              f'{os.path.getsize(ng) / 1e6:.0f} MB')
         n = args.packets
         env = dict(os.environ)
         print(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} '
               'CPUs')
         print(f'{"":52s} {"wall":>8s} {"CPU":>8s} {"by CPU":>9s}')
-        print('this tree:')
-        # From the capture's directory: '' on sys.path must not be a tree.
-        subprocess.run([sys.executable, '-c', _READERS, pif, str(n)],
-                       check=True, env=env, cwd=tmp)
-        if args.python:
-            print(f'package in {args.python}:')
-            subprocess.run([sys.executable, '-c', _READERS, pif, str(n)],
-                           check=True, cwd=tmp,
-                           env={**env, 'PYTHONPATH': args.python})
+        for name, path in (('pcap', pif), ('pcapng', ng)):
+            # Before and after in turn, so both meet the same load.
+            print(f'{name}, this tree:')
+            # From the capture's directory: '' on sys.path must not be a
+            # tree.
+            subprocess.run([sys.executable, '-c', _READERS, path, str(n)],
+                           check=True, env=env, cwd=tmp)
+            if args.python:
+                print(f'{name}, package in {args.python}:')
+                subprocess.run([sys.executable, '-c', _READERS, path,
+                                str(n)], check=True, cwd=tmp,
+                               env={**env, 'PYTHONPATH': args.python})
         start, cpu = time.perf_counter(), _children_cpu()
         proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
                                'analyze', '--json', pif, vif, '-d', GUEST],
@@ -246,12 +287,14 @@ def main():
         if tcpdump is None:
             print('e) tcpdump: not installed')
             return
-        start, cpu = time.perf_counter(), _children_cpu()
-        subprocess.run([tcpdump, '-r', pif, '-w', '/dev/null'],
-                       check=True, capture_output=True)
-        took, cpu = time.perf_counter() - start, _children_cpu() - cpu
-        print(f'{"e) tcpdump -r PIF -w /dev/null":52s} {took:6.2f} s '
-              f'{cpu:6.2f} s {n / cpu / 1e6:5.2f} M/s')
+        for name, path in (('PIF', pif), ('PIF.pcapng', ng)):
+            start, cpu = time.perf_counter(), _children_cpu()
+            subprocess.run([tcpdump, '-r', path, '-w', '/dev/null'],
+                           check=True, capture_output=True)
+            took, cpu = time.perf_counter() - start, _children_cpu() - cpu
+            label = f'e) tcpdump -r {name} -w /dev/null'
+            print(f'{label:52s} {took:6.2f} s {cpu:6.2f} s '
+                  f'{n / cpu / 1e6:5.2f} M/s')
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
