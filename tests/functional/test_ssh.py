@@ -196,17 +196,23 @@ class SSHLab:
                 '--connect-timeout', '5', *extra]
 
 
-@pytest.fixture(scope='module')
-def lab(tmp_path_factory):
+def built(tmp_path_factory, lab_class=SSHLab, name='ssh'):
+    """For a module-scoped fixture: a ``lab_class`` built in a fresh
+    directory ``name``, yielded, then destroyed."""
     _fail_unless_possible()
-    workdir = str(tmp_path_factory.mktemp('ssh'))
+    workdir = str(tmp_path_factory.mktemp(name))
     os.chmod(workdir, 0o755)
-    ssh_lab = SSHLab(workdir)
+    ssh_lab = lab_class(workdir)
     try:
         ssh_lab.build()
         yield ssh_lab
     finally:
         ssh_lab.destroy()
+
+
+@pytest.fixture(scope='module')
+def lab(tmp_path_factory):
+    yield from built(tmp_path_factory)
 
 
 def _netweaver(argv):

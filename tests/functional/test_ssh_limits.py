@@ -501,15 +501,7 @@ class SSHLab6(test_ssh.SSHLab):
 
 @pytest.fixture(scope='module')
 def lab6(tmp_path_factory):
-    test_ssh._fail_unless_possible()
-    workdir = str(tmp_path_factory.mktemp('ssh6'))
-    os.chmod(workdir, 0o755)
-    ssh_lab = SSHLab6(workdir)
-    try:
-        ssh_lab.build()
-        yield ssh_lab
-    finally:
-        ssh_lab.destroy()
+    yield from test_ssh.built(tmp_path_factory, SSHLab6, 'ssh6')
 
 
 def test_ssh_source_sends_ipv6_probes(lab6):

@@ -233,15 +233,7 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
 @pytest.fixture(scope='module')
 def ssh_lab(tmp_path_factory):
     """test_ssh's lab: sshd in the source and hypervisor namespaces."""
-    test_ssh._fail_unless_possible()
-    workdir = str(tmp_path_factory.mktemp('ssh'))
-    os.chmod(workdir, 0o755)
-    built = test_ssh.SSHLab(workdir)
-    try:
-        built.build()
-        yield built
-    finally:
-        built.destroy()
+    yield from test_ssh.built(tmp_path_factory)
 
 
 def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
