@@ -72,6 +72,19 @@ def run_cli(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
+def stop_processes(procs):
+    """SIGTERM each of ``procs`` still running, in order; SIGKILL one
+    that has not ended 5 s later."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 def lab_namespaces(prefix):
     return sorted(n for n in os.listdir(netns.NETNS_RUN_DIR)
                   if n.startswith(prefix))

@@ -35,6 +35,7 @@ from netweaver_agent import remote
 from netweaver_agent import seedjob
 from netweaver_agent import topology
 from tests.functional.conftest import require_root
+from tests.functional.conftest import stop_processes
 from tests.functional.conftest import unique_prefix
 
 SCHEMA = '/usr/share/openvswitch/vswitch.ovsschema'
@@ -182,14 +183,7 @@ class OvsHost:
 
     def close(self):
         errors = []
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        stop_processes(self.procs)
         self.stop_server()
         for ns in reversed(self.namespaces):
             proc = subprocess.run(['ip', 'netns', 'del', ns],

@@ -35,6 +35,7 @@ from netweaver_agent import seedjob
 from netweaver_agent import sources
 from netweaver_agent import topology
 from netweaver_agent.cmd import measure as cmd_measure
+from tests.functional import conftest
 
 SSHD = '/usr/sbin/sshd'
 PORT = 2222
@@ -166,14 +167,7 @@ class SSHLab:
 
     # -- tearing down -----------------------------------------------------
     def destroy(self):
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        conftest.stop_processes(reversed(self.procs))
         self.lab.teardown()
 
     # -- using ------------------------------------------------------------
