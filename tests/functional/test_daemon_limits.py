@@ -35,6 +35,7 @@ from netweaver_agent import privileged
 from netweaver_agent import sources
 from netweaver_agent import topology
 from tests.functional import inprocess
+from tests.functional import test_privsep
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
 
@@ -373,14 +374,8 @@ def test_one_refused_vnic_leaves_the_others_measured(lab_factory):
                             interfaces=(pif, 'tapforeign'))]
     settings = measure.WindowSettings(count=5, timeout_ms=100.0,
                                       max_window_ms=2000.0)
-    try:
-        result = measure.run_window(
-            [bad[0], *good, bad[1]], source, settings,
-            capture_netns=the_lab.hv_netns,
-            capture_class=privileged.capture_class(ctx))
-    finally:
-        source.close()
-        privileged.stop()
+    result = test_privsep.daemon_window(the_lab, source, settings, ctx,
+                                        paths=[bad[0], *good, bad[1]])
     assert {r.vnic for r in result.refused} == {'tapbad', 'tapforeign'}
     assert set(result.reports) == {p.vnic for p in good}
     for rep in result.reports.values():

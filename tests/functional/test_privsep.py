@@ -248,7 +248,7 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
         count=10, timeout_ms=100.0, max_window_ms=2000.0,
         vxlan_port=lab_mod.VXLAN_PORT)
     source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
-    result = _daemon_window(the_lab, source, settings, ctx)
+    result = daemon_window(the_lab, source, settings, ctx)
     on_pif = _pif_encaps(result.batch, the_lab.pif)
     # Probes and replies of both guests, every one with its VNI.
     assert len(on_pif) == 2 * 2 * 10, on_pif
@@ -259,11 +259,12 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
         assert rep.ingress.count == 10 and rep.egress.count == 10, rep
 
 
-def _daemon_window(the_lab, source, settings, ctx):
-    """One window captured by ``ctx``'s daemon; source and daemon closed."""
+def daemon_window(the_lab, source, settings, ctx, paths=None):
+    """One window to ``paths`` (the lab's by default) captured by
+    ``ctx``'s daemon; source and daemon closed."""
     try:
         return measure.run_window(
-            the_lab.paths(), source, settings,
+            the_lab.paths() if paths is None else paths, source, settings,
             capture_netns=the_lab.hv_netns,
             capture_class=privileged.capture_class(ctx))
     finally:
@@ -280,7 +281,7 @@ def test_vlan_ids_come_back_from_the_daemon(lab_factory):
     settings = measure.WindowSettings(count=10, timeout_ms=100.0,
                                       max_window_ms=2000.0)
     source = the_lab.vlan_source((200, 100))
-    result = _daemon_window(the_lab, source, settings, ctx)
+    result = daemon_window(the_lab, source, settings, ctx)
     on_pif = _pif_encaps(result.batch, the_lab.pif)
     assert len(on_pif) == 10, on_pif
     assert set(on_pif) == {probe.Encap(vlan=(200, 100))}

@@ -27,6 +27,7 @@ from netweaver_agent import pcapfile
 from netweaver_agent import privileged
 from netweaver_agent import probe
 from netweaver_agent import ring
+from tests.functional import test_privsep
 from tests.functional.test_tcpdump_agreement import recording
 from tests.functional.test_tcpdump_agreement import Tcpdump
 from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
@@ -145,16 +146,9 @@ def test_daemon_reads_a_ring(lab_factory):
     the_lab = lab_factory(guests=2)
     ctx = privileged.netns_pctxt
     source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
-    try:
-        result = measure.run_window(
-            the_lab.paths(), source,
-            measure.WindowSettings(count=COUNT, timeout_ms=100.0,
-                                   max_window_ms=2000.0),
-            capture_netns=the_lab.hv_netns,
-            capture_class=privileged.capture_class(ctx))
-    finally:
-        source.close()
-        privileged.stop()
+    result = test_privsep.daemon_window(
+        the_lab, source, measure.WindowSettings(
+            count=COUNT, timeout_ms=100.0, max_window_ms=2000.0), ctx)
     assert result.capture.reader == 'ring'
     assert result.capture.drops == 0
     assert len(result.batch) == 4 * 2 * COUNT

@@ -220,7 +220,7 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
     for _ in range(2):
         source = privileged.PrivsepLocalSource(the_lab.src_netns,
                                                context=ctx)
-        result = test_privsep._daemon_window(the_lab, source, settings, ctx)
+        result = test_privsep.daemon_window(the_lab, source, settings, ctx)
         for g in the_lab.guests:
             rep = result.reports[g.tap]
             assert (rep.sent, rep.ingress.count, rep.egress.count) == \
