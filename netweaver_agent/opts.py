@@ -134,17 +134,16 @@ OPTS = [
     cfg.PortOpt('vxlan_port',
                 help='UDP port of the VXLAN overlay that the pif carries, '
                      'usually 4789 (IANA; Linux vxlan devices default to '
-                     "8472). Set it on hosts where the instances' network "
-                     'is a VXLAN overlay over the pif (e.g. Neutron '
-                     'linuxbridge or OVS with VXLAN tenant networks), so '
-                     'that probes arriving inside VXLAN packets are '
-                     'captured on the pif and matched by their inner '
-                     'frame; samples then carry the VNI. Set pif to the '
-                     'underlay netdev too: found from sysfs, the pif would '
-                     "be the bridge's VXLAN port, past decapsulation. "
-                     'Unset or 0: no VXLAN (probes reach the pif '
-                     'unencapsulated or VLAN-tagged, which needs no '
-                     'option).'),
+                     "8472). Set it only where the instances' network is "
+                     'a VXLAN overlay over the pif that the topology does '
+                     'not find, so that probes arriving inside VXLAN packets '
+                     'are captured on the pif and matched by their inner '
+                     'frame; samples then carry the VNI. Unset or 0: the '
+                     "port found with the vNIC's path (a Linux bridge's "
+                     'vxlan-<VNI> device, whose underlay netdev is then the '
+                     'pif; an Open vSwitch VXLAN tunnel port), else no VXLAN '
+                     '(probes reach the pif unencapsulated or VLAN-tagged, '
+                     'which needs no option).'),
     cfg.PortOpt('geneve_port',
                 help='UDP port of the Geneve overlay that the pif carries, '
                      'usually 6081 (IANA). Set it where the pif carries '
