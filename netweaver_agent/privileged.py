@@ -48,7 +48,6 @@ from oslo_privsep import priv_context
 from netweaver_agent import capture
 from netweaver_agent import destinations
 from netweaver_agent import netns
-from netweaver_agent import passivecapture
 from netweaver_agent import probe
 from netweaver_agent import sources
 
@@ -434,6 +433,8 @@ def _passive_window(netns_name, interfaces, sample, window_ms, cap,
     """One passive window (:class:`passivecapture.PassiveCapture`):
     open, wait ``window_ms``, close; the sampled packets' key fields and
     timestamps (never payload), as :func:`passivecapture.to_wire`."""
+    # Imported here: a daemon that only probes stays as it was.
+    from netweaver_agent import passivecapture
     netns_name = _check_netns(netns_name)
     sample = _int(sample, 'passive sample', 1, 1 << 16)
     window_s = _seconds(_int(window_ms, 'passive window (ms)', 1,
@@ -927,6 +928,7 @@ def passive_window(context, netns_name, interfaces, sample, window_ms,
                    cap, vxlan_port=None, geneve_port=None):
     """Run one passive window in ``context``'s daemon: ``(sightings,
     passivecapture.PassiveStats)``."""
+    from netweaver_agent import passivecapture
     raw = call(context, 'passive_window', netns_name,
                sorted(interfaces) if interfaces else None, sample,
                window_ms, cap, vxlan_port, geneve_port)
