@@ -175,6 +175,16 @@ class PcapRead:
         return d.count(capture.DIR_UNKNOWN) == 0
 
 
+def _keep_encap(encap, at, found):
+    """One encapsulation per (session, key, interface): the first met,
+    but a tunnel's (with its VNI) over tags alone, so a packet seen both
+    tunnelled and tagged reports its VNI whichever way the file was read
+    (blocks read in columns do not meet records in the file's order)."""
+    held = encap.get(at)
+    if held is None or (held.vni is None and found.vni is not None):
+        encap[at] = found
+
+
 class _Rows:
     """Columns being filled (every session), and counters."""
 
@@ -232,7 +242,7 @@ class _Rows:
         if encaps is not None:
             encap = self.encap
             for key, found in zip(keys, encaps):
-                encap.setdefault((0, key, ifindex), found)
+                _keep_encap(encap, (0, key, ifindex), found)
 
     def report_progress(self, done, total):
         """Call ``progress`` about once a second after the first second."""
@@ -273,8 +283,8 @@ class _Rows:
             self.prints.one(buf, off, caplen, link, t_ns, ifindex, direction)
         if found is not None:
             if len(found) > 2:
-                self.encap.setdefault((found[0], found[1], ifindex),
-                                      found[2])
+                _keep_encap(self.encap, (found[0], found[1], ifindex),
+                            found[2])
             self._sessions(found[0], 1)
             self.keys.append(found[1])
             self.t_ns.append(t_ns)
@@ -418,7 +428,7 @@ class _Rows:
         for ok, s, k, i, e in zip(found.ok, found.sessions, found.keys,
                                   ifindex, found.encaps):
             if ok:
-                encap.setdefault((s, k, i), e)
+                _keep_encap(encap, (s, k, i), e)
 
     def run_length(self, buf, start, stride, end, at, pattern):
         """How many records from ``start`` have ``pattern`` at ``+at``.

@@ -1131,7 +1131,7 @@ def fingerprint_plain(buf, first, stride, n, link, dst_ip, short, want):
         mask &= want
         if not mask:
             continue
-        if ip == first + link.ip_off and kind == 4:
+        if mask.bit_count() * 3 > n:           # many: columns of all
             found = _plain_layout(col, first, n, link, dst_ip, short, kind,
                                   mask, ip, group)
         else:
@@ -1145,8 +1145,9 @@ def fingerprint_plain(buf, first, stride, n, link, dst_ip, short, want):
 
 def _plain_subset(buf, first, stride, n, link, dst_ip, short, kind, mask,
                   ip, group):
-    """:func:`_plain_layout` of the few records ``mask`` holds (IPv6, VLAN
-    tags): their bytes copied together first, so each column is short."""
+    """:func:`_plain_layout` of the few records ``mask`` holds (a third
+    or less): their bytes copied together first, so each column is
+    short."""
     mask_b = mask.to_bytes(n, 'little')
     rows = list(itertools.compress(range(n), mask_b))
     m = len(rows)

@@ -7,8 +7,8 @@ format tcpdump writes (pcap µs/ns, either byte order, pcapng, SLL, SLL2),
 which must give the same rows.
 """
 
-import collections
 import json
+import random
 import socket
 import struct
 import subprocess
@@ -985,23 +985,13 @@ def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
     modes = [dict(), dict(fingerprint=True, dst_ip=dst),
              dict(probes=False, fingerprint=True, dst_ip=dst)]
 
-    def rows(read):
-        """_batch_rows, the encapsulations of keys met once: of a key met
-        in several (a packet seen tagged and tunnelled), the first
-        processed is kept, which need not be the first in the file."""
-        if read is None:
-            return None
-        out = _batch_rows(read)
-        once = {k for k, c in collections.Counter(read.batch.keys).items()
-                if c == 1}
-        return out[:4] + ([e for e in out[4] if e[0] in once],)
-
     def read_all():
         out = []
         for kw in modes:
             cap = pcapfile.read_capture(path, ifname='x',
                                         tcp_ports=range(1, 40000), **kw)
-            out.append((rows(cap.probes()), rows(cap.fingerprints())))
+            out.append((_batch_rows(cap.probes()),
+                        _batch_rows(cap.fingerprints())))
         return out
 
     blocks = read_all()
@@ -1009,3 +999,36 @@ def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
         patch.setattr(pcapfile, 'MAX_BLOCK', pcapfile.BACKOFF)
         patch.setattr(pcapfile, 'PREFIX', None)         # never used
         assert blocks == read_all()
+
+
+@pytest.mark.parametrize('tunnel_first', [True, False])
+@pytest.mark.parametrize('fmt', ['pcap ns', 'pcapng'])
+def test_packet_tunnelled_and_tagged_reports_its_vni(tunnel_first, fmt,
+                                                     tmp_path):
+    """The same packet to the guest seen in a Geneve tunnel and under a
+    VLAN tag, among enough everyday traffic for blocks read in columns:
+    its row reports the VNI whichever comes first, in blocks or one by
+    one."""
+    rnd = random.Random(7)
+    tcp = struct.pack('!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08,
+                      512, 0, 0) + bytes(60)
+    inner = ta.eth(ta.ip4('198.18.0.20', ta.GUEST, 6, tcp, ip_id=4321),
+                   probe.ETH_P_IP)
+    pair = [tf.geneve(inner, 0x123456), tagged(inner, 100)]
+    if not tunnel_first:
+        pair.reverse()
+    frames = [_everyday(rnd) for _ in range(300)]
+    frames[150:150] = pair
+    times = [T0 - T0 % 1000 + 1000 * i for i in range(len(frames))]
+    path = _write(tmp_path / 'm', FORMATS[fmt](frames, times,
+                                               [False] * len(frames)))
+
+    def vnis():
+        read = pcapfile.read_pcap(path, ifname='x', fingerprint=True,
+                                  dst_ip=ta.GUEST)
+        return {e.vni for e in read.batch.encap.values()} - {None}
+
+    assert vnis() == {0x123456}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pcapfile, 'MAX_BLOCK', pcapfile.BACKOFF)
+        assert vnis() == {0x123456}
