@@ -405,3 +405,21 @@ def test_delay_injection_record_is_checked():
     assert lab.DelayInjection(guest=0, delay_ms=1).record == 'probe'
     with pytest.raises(ValueError, match='record'):
         lab.DelayInjection(guest=0, delay_ms=1, record='all')
+
+
+def test_reading_leaves_the_collector_as_it_found_it():
+    import gc
+
+    class NoBlocks:
+        def blocks(self):
+            return iter(())
+
+    cap = passivecapture.PassiveCapture(1)
+    cap._ring = NoBlocks()
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            cap._read_ring()
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
