@@ -580,18 +580,8 @@ def _stale_names(prefix, names):
                    if pattern.match(n) or n in names})
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f'/proc/{pid}/stat', encoding='ascii') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, IndexError):
-        return False
+# Whether a pid is a live (not zombie) process: the layouts' check.
+_alive = labswitch._alive
 
 
 def _cmdline(pid):
