@@ -139,8 +139,8 @@ class PassiveHold:
         return cls(header, *times)
 
 
-def read_passive_records(path):
-    """Every complete :class:`PassiveHold` written to ``path`` so far."""
+def _read(path, parse):
+    """``parse(line)`` of every complete line written to ``path`` so far."""
     try:
         with open(path, encoding='ascii') as f:
             data = f.read()
@@ -152,29 +152,20 @@ def read_passive_records(path):
     out = []
     for number, line in enumerate(data.split('\n')[:-1], 1):
         try:
-            out.append(PassiveHold.from_line(line))
+            out.append(parse(line))
         except ValueError as exc:
             raise DelayerError(f"{path}:{number}: {exc}") from exc
     return out
 
 
+def read_passive_records(path):
+    """Every complete :class:`PassiveHold` written to ``path`` so far."""
+    return _read(path, PassiveHold.from_line)
+
+
 def read_records(path):
     """Every complete :class:`DelayRecord` written to ``path`` so far."""
-    try:
-        with open(path, encoding='ascii') as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise DelayerError(f"cannot read delay records {path!r}: "
-                           f"{exc}") from exc
-    records = []
-    for number, line in enumerate(data.split('\n')[:-1], 1):
-        try:
-            records.append(DelayRecord.from_line(line))
-        except ValueError as exc:
-            raise DelayerError(f"{path}:{number}: {exc}") from exc
-    return records
+    return _read(path, DelayRecord.from_line)
 
 
 def packet_key(payload):
