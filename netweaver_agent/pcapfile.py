@@ -175,13 +175,17 @@ class PcapRead:
         return d.count(capture.DIR_UNKNOWN) == 0
 
 
+def _encap_rank(e):
+    return (e.vni is None, len(e.vlan), e.vlan, e.vni or 0, e.tunnel or '')
+
+
 def _keep_encap(encap, at, found):
-    """One encapsulation per (session, key, interface): the first met,
-    but a tunnel's (with its VNI) over tags alone, so a packet seen both
-    tunnelled and tagged reports its VNI whichever way the file was read
-    (blocks read in columns do not meet records in the file's order)."""
+    """One encapsulation per (session, key, interface), chosen whatever
+    order the records are met in (blocks read in columns do not meet them
+    in the file's order): a tunnel's (with its VNI) over tags alone, then
+    the fewest and lowest VLAN ids."""
     held = encap.get(at)
-    if held is None or (held.vni is None and found.vni is not None):
+    if held is None or _encap_rank(found) < _encap_rank(held):
         encap[at] = found
 
 
