@@ -158,11 +158,10 @@ def cycle_factory(tmp_path):
 def test_vxlan_port_option_gives_the_vni_in_metadata(lab_factory,
                                                      cycle_factory):
     """``[netweaver] vxlan_port`` through the real pollsters and their
-    privsep daemon: every sample of the overlay's vNICs carries the VNI;
-    without the option the pif sees no probe (nothing is measured).
-
-    ``pif`` names the underlay netdev: found from sysfs, the pif would be
-    the bridge's ``vxlan-<VNI>`` port, where probes are already plain.
+    privsep daemon: every sample of the overlay's vNICs carries the VNI.
+    Without the option (and without ``pif``) the topology finds the
+    overlay itself: the bridge's ``vxlan-<VNI>`` port, its underlay as the
+    pif and its UDP port for the capture; the same samples, hop by hop.
     """
     the_lab = lab_factory(guests=2, vxlan_vni=VNI)
     options = {'probe_count': 10, 'probe_timeout_ms': 100.0,
@@ -184,8 +183,17 @@ def test_vxlan_port_option_gives_the_vni_in_metadata(lab_factory,
             assert md['latency_ingress']['count'] == 10, md
     # A new agent: the prober is one per process.
     pollsters.VifLatencyBase._prober = None
+    del options['pif']
     plain = cycle_factory(the_lab, **options)
     assert plain.conf.netweaver.vxlan_port is None
+    assert plain.conf.netweaver.pif is None
     samples, _ = plain.run()
-    assert 'none of 10 probes' in plain.log_text()
-    assert not samples['network.vif.latency']
+    assert {s.resource_id for s in samples['network.vif.latency']} == want
+    for found in samples.values():
+        for s in found:
+            md = s.resource_metadata
+            assert md['vni'] == VNI and md['pif'] == the_lab.pif, md
+            assert md['latency_ingress']['count'] == 10, md
+            assert [(h['src'], h['dst']) for h in md['latency_hops']] == [
+                (the_lab.pif, the_lab.spec.vxlan_dev),
+                (the_lab.spec.vxlan_dev, s.resource_metadata['vif'])], md
