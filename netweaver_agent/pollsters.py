@@ -715,10 +715,13 @@ class Prober:
                              'dev': vanished[path.vnic],
                              'session': window.session})
                 continue
-            self._explain(instance, path, report)
-            if report.sent and report.entered_pif == 0:
+            dropped = bool(window.capture.drops)
+            self._explain(instance, path, report, dropped)
+            if report.sent and report.entered_pif == 0 and not dropped:
                 # Probes that never entered through the pif measured no
                 # in-host path: not even the replies' egress is published.
+                # (When the capture dropped packets, the pif sightings may
+                # be what was lost: the report says so, probe_unknown.)
                 continue
             measurements.append(VnicMeasurement(
                 instance_id=instance.id, stats=stats, path=path,
@@ -807,7 +810,7 @@ class Prober:
                     break
         return out
 
-    def _explain(self, instance, path, report):
+    def _explain(self, instance, path, report, dropped=False):
         """Log why a vNIC got no latency, naming instance and vNIC."""
         args = {'id': instance.id, 'vif': path.vnic, 'pif': path.pif,
                 'addr': path.address, 'sent': report.sent,
@@ -820,7 +823,7 @@ class Prober:
                         'the tap: they were filtered before the tap (security '
                         'group / port security), not lost in the host. To '
                         'measure, %(rule)s.', args)
-        elif report.entered_pif == 0:
+        elif report.entered_pif == 0 and not dropped:
             LOG.warning('Instance %(id)s vNIC %(vif)s is not measurable: '
                         'none of %(sent)d probes to %(addr)s entered the host '
                         'through pif %(pif)s; they do not come from the '

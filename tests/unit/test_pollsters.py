@@ -123,6 +123,7 @@ class FakeWindow:
     """Stands in for :func:`measure.run_window`; counts its calls."""
 
     def __init__(self, reports, delay_s=0.0, error=None):
+        self.drops = 0
         self.reports = reports
         self.delay_s = delay_s
         self.error = error
@@ -145,8 +146,8 @@ class FakeWindow:
             session=7, started_ns=1, duration_ns=2_500_000,
             reports={p.vnic: self.reports[p.vnic] for p in paths
                      if p.vnic in self.reports},
-            capture=capture.CaptureStats(packets=10, drops=0, probes=10,
-                                         foreign=0),
+            capture=capture.CaptureStats(packets=10, drops=self.drops,
+                                         probes=10, foreign=0),
             send=sources.SendResult(sent=10),
             batch=capture.SightingBatch(7))
 
@@ -556,6 +557,23 @@ class TestLatencyPollsters(base.TestPollsterBase):
             taps = set(self.by_tap(self.samples(meter)))
             self.assertNotIn('tapmute', taps, name)
         self.assertIn('Set [netweaver] probe_source', self.log.output)
+
+    def test_no_pif_sighting_while_the_capture_dropped_is_no_verdict(self):
+        # The capture dropped packets: the pif sightings may be what was
+        # lost.  The vNIC keeps its measurement (metadata, probe_unknown)
+        # and nothing blames the probe source.
+        mute = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                   tap='tapmute', mac='fa:16:3e:00:00:05',
+                                   address='198.18.1.14', bridge='brq1')
+        self.fake.add(INSTANCE_ID, self.guests + [mute])
+        self.sysfs_tree({'tapmute': 'brq1'})
+        self.window.drops = 40
+        self.window.reports['tapmute'] = report(
+            'tapmute', (), unseen=5, egress_ns=[4000, 5000])
+        egress = self.by_tap(self.samples(
+            pollsters.VifOutgoingLatencyPollster))
+        self.assertIn('tapmute', egress)
+        self.assertNotIn('is not measurable', self.log.output)
 
     def test_a_failing_instance_does_not_stop_the_others(self):
         other = mock.MagicMock()
