@@ -19,7 +19,7 @@ from tests.unit import test_fuzz as tf
 from tests.unit.test_encap_parse import frame4
 from tests.unit.test_encap_parse import frame6
 from tests.unit.test_encap_parse import reply6
-from tests.unit.test_encap_parse import run_bpf
+from tests.unit.bpf import run_bpf
 from tests.unit.test_encap_parse import tp_reply
 from tests.unit.test_pcapfile import frames
 

@@ -15,6 +15,7 @@ from netweaver_agent import latency
 from netweaver_agent import pcapkeys
 from netweaver_agent import probe
 from netweaver_agent import report
+from tests.unit.bpf import run_bpf
 from tests.unit import fakes
 from tests.unit import test_fuzz as tf
 from tests.unit import test_probe as tp
@@ -239,49 +240,6 @@ def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
 
 # --------------------------------------------------------------------------
 # The capture filter.
-
-def run_bpf(prog, pkt):
-    """The classic BPF subset the capture uses: ld[bh] abs/ind, ldx imm,
-    jeq, jset, jgt, jge, and/lsh/add #k, add x, tax, txa, ret.
-    Out-of-frame loads reject, as in the kernel."""
-    a = x = 0
-    pc = 0
-    while True:
-        op, jt, jf, k = prog[pc]
-        pc += 1
-        if op in (0x28, 0x30, 0x48, 0x50):
-            at = k + (x if op & 0x40 else 0)
-            size = 2 if op & 0x08 else 1
-            if at + size > len(pkt):
-                return 0
-            a = int.from_bytes(pkt[at:at + size], 'big')
-        elif op == 0x01:
-            x = k
-        elif op == 0x15:
-            pc += jt if a == k else jf
-        elif op == 0x45:                    # jset
-            pc += jt if a & k else jf
-        elif op == 0x25:                    # jgt
-            pc += jt if a > k else jf
-        elif op == 0x35:                    # jge
-            pc += jt if a >= k else jf
-        elif op == 0x54:                    # and #k
-            a &= k
-        elif op == 0x64:                    # lsh #k
-            a = (a << k) & 0xffffffff
-        elif op == 0x0c:                    # add x
-            a = (a + x) & 0xffffffff
-        elif op == 0x04:                    # add #k
-            a = (a + k) & 0xffffffff
-        elif op == 0x07:                    # tax
-            x = a
-        elif op == 0x87:                    # txa
-            a = x
-        elif op == 0x06:
-            return k
-        else:
-            raise AssertionError(f'unexpected BPF op {op:#x}')
-
 
 def frames_of(proto, vlan=()):
     f4 = frame4(proto, 1, 2, vlan=vlan)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from netweaver_agent import capture
 from netweaver_agent import passive
+from netweaver_agent import probe
+from tests.unit.bpf import run_bpf as run
 from tests.unit.test_passive import G6
 from tests.unit.test_passive import GUEST
 from tests.unit.test_passive import P6
@@ -18,57 +20,6 @@ from tests.unit.test_passive import tcp
 from tests.unit.test_passive import udp
 
 MARKER = b'PAYLOAD-MARKER-7f3a'
-
-
-def run(prog, pkt):
-    """Classic BPF with scratch memory (the kernel's semantics for the
-    opcodes the filters use); out-of-frame loads reject."""
-    a = x = 0
-    mem = [0] * 16
-    pc = 0
-    while True:
-        op, jt, jf, k = prog[pc]
-        pc += 1
-        if op in (0x28, 0x30, 0x48, 0x50):
-            at = k + (x if op & 0x40 else 0)
-            size = 2 if op & 0x08 else 1
-            if at + size > len(pkt):
-                return 0
-            a = int.from_bytes(pkt[at:at + size], 'big')
-        elif op == 0x01:
-            x = k
-        elif op == 0x02:
-            mem[k] = a
-        elif op == 0x60:
-            a = mem[k]
-        elif op == 0x61:
-            x = mem[k]
-        elif op == 0x15:
-            pc += jt if a == k else jf
-        elif op == 0x45:
-            pc += jt if a & k else jf
-        elif op == 0x54:
-            a &= k
-        elif op == 0x64:
-            a = (a << k) & 0xffffffff
-        elif op == 0x74:
-            a >>= k
-        elif op == 0xac:
-            a ^= x
-        elif op == 0x0c:
-            a = (a + x) & 0xffffffff
-        elif op == 0x04:
-            a = (a + k) & 0xffffffff
-        elif op == 0x07:
-            x = a
-        elif op == 0x87:
-            a = x
-        elif op == 0x06:
-            return k
-        elif op == 0x16:
-            return a
-        else:
-            raise AssertionError(f'unexpected BPF op {op:#x}')
 
 
 def vxlan(inner, sport=33333):
@@ -93,8 +44,16 @@ def kept_by_python(frame, sample, value):
 ports = st.integers(0, 65535)
 
 
+def passive_tunnel_ports():
+    return set(probe.TUNNEL_PORTS)
+
+
 @settings(max_examples=300, deadline=None)
-@given(sport=ports, dport=ports, seq=st.integers(0, 2**32 - 1),
+# UDP to a tunnel port is read as the tunnel (a non-VXLAN datagram to 4789
+# is left unparsed, by design): plain flows use the other ports.
+@given(sport=ports,
+       dport=ports.filter(lambda p: p not in passive_tunnel_ports()),
+       seq=st.integers(0, 2**32 - 1),
        size=st.integers(0, 200), bits=st.integers(0, 8),
        v6=st.booleans(), proto=st.sampled_from(['tcp', 'udp']))
 def test_flow_kept_alike_everywhere_and_no_payload(
