@@ -202,7 +202,7 @@ def write_pcapng(pcap_path, path):
 
 _READERS = r'''
 import sys, time
-from netweaver_agent import pcapfile
+from netweaver_agent.core import pcapfile
 path, n = sys.argv[1], int(sys.argv[2])
 modes = [('a) probes (analyze)', {}),
          ('b) probes + fingerprints (analyze -d, one read)',
@@ -276,7 +276,8 @@ def main():
                                 str(n)], check=True, cwd=tmp,
                                env={**env, 'PYTHONPATH': args.python})
         start, cpu = time.perf_counter(), _children_cpu()
-        proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+        proc = subprocess.run([sys.executable, '-m',
+                               'netweaver_agent.cli.main',
                                'analyze', '--json', pif, vif, '-d', GUEST],
                               capture_output=True, text=True)
         took, cpu = time.perf_counter() - start, _children_cpu() - cpu

@@ -71,7 +71,7 @@ def _load():
 # -- the capture worker (in the capture namespace) ----------------------------
 
 def worker(mode, session, expected):
-    from netweaver_agent import capture
+    from netweaver_agent.core import capture
     cap = capture.LiveCapture(session, 'icmp', use_ring=mode == 'ring',
                               expected_packets=expected)
     cap.open()
@@ -92,7 +92,7 @@ def generate(session, pps, burst, seconds, ifname='eth0'):
     """Send probe frames out of ``ifname``: ``pps`` per second in bursts
     of ``burst`` (0: as fast as possible), for ``seconds``, at most
     MAX_PACKETS.  Prints the number sent."""
-    from netweaver_agent import probe
+    from netweaver_agent.core import probe
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((ifname, 0))
     src_mac = sock.getsockname()[4]
@@ -130,7 +130,7 @@ def blast(session, seconds, ifname='eth0'):
     """As many probe frames as the kernel takes, out of ``ifname``, for
     ``seconds`` (at most MAX_PACKETS): a PACKET_TX_RING is filled once
     and handed back to the kernel whole, one ``send`` per ring."""
-    from netweaver_agent import probe
+    from netweaver_agent.core import probe
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((ifname, 0))
     src_mac = sock.getsockname()[4]

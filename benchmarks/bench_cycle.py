@@ -4,7 +4,7 @@ Builds the namespace lab with ``--guests`` guests (64), then starts a
 *worker* process inside the lab's hypervisor namespace that does what
 ``ceilometer-polling`` does for our meters: loads them through
 stevedore from ``ceilometer.poll.compute`` with a real Ceilometer
-configuration (``labagent.write_files``: libvirt ``test:///`` node of the
+configuration (``agent.write_files``: libvirt ``test:///`` node of the
 lab's guests, probe source = the lab's source namespace), discovers the
 instances with Ceilometer's ``libvirt_metadata`` discovery and calls
 ``get_samples`` once per meter on one cache.  The worker measures itself
@@ -81,7 +81,7 @@ def process_cpu(pid):
 
 def daemons():
     """``{context: pid}`` of the privsep daemons running for us."""
-    from netweaver_agent import privileged
+    from netweaver_agent.agent import privileged
     out = {}
     for ctx in (privileged.capture_pctxt, privileged.netns_pctxt):
         if getattr(ctx, 'channel', None) is not None:
@@ -160,9 +160,9 @@ def worker(config, cycles, sequential, profile):
     from ceilometer import service
     from stevedore import named
 
-    from netweaver_agent import labagent
-    from netweaver_agent import measure
-    from netweaver_agent import pollsters
+    from netweaver_agent.agent import pollsters
+    from netweaver_agent.core import window
+    from netweaver_agent.lab import agent
 
     conf = service.prepare_service(argv=['bench-worker'],
                                    config_files=[config])
@@ -171,7 +171,7 @@ def worker(config, cycles, sequential, profile):
         raise RuntimeError(f"pollster {entrypoint} did not load: {exc}")
 
     meters = named.NamedExtensionManager(
-        'ceilometer.poll.compute', names=list(labagent.LATENCY_METERS),
+        'ceilometer.poll.compute', names=list(agent.LATENCY_METERS),
         invoke_on_load=True, invoke_args=(conf,),
         on_load_failure_callback=failed, name_order=True)
     finder = discovery.InstanceDiscovery(conf)
@@ -222,13 +222,13 @@ def worker(config, cycles, sequential, profile):
         sent = measured = drops = 0
         with DaemonMeter() as dm, Meter() as m:
             for _, _, path in found:
-                w = measure.run_window([path], prober.source,
-                                       prober.settings)
+                w = window.run_window([path], prober.source,
+                                      prober.settings)
                 sent += w.send.sent
                 drops += w.capture.drops
                 measured += sum(r.ingress.count for r in w.reports.values())
         figures = m.figures()
-        figures.update(vnics=len(found), sent=sent, measured=measured,
+        figures.update(vifs=len(found), sent=sent, measured=measured,
                        drops=drops, daemon_cpu_s=dm.cpu_s,
                        total_cpu_s=(m.cpu_s + m.children_cpu_s + dm.cpu_s))
         out['sequential'] = figures
@@ -242,14 +242,14 @@ def send_only(instances):
     no matching: the floor of sending (in the lab, with its forwarding:
     the probe and its answer cross veth, bridge and guest in the
     sender's system time)."""
-    from netweaver_agent import measure
-    from netweaver_agent import pollsters
-    from netweaver_agent import sources
+    from netweaver_agent.agent import pollsters
+    from netweaver_agent.core import sources
+    from netweaver_agent.core import window
     prober = pollsters.VifLatencyBase._prober
     st = prober.settings
     paths = [p for _, _, p in prober.paths(instances)]
     plan = sources.schedule(
-        measure.new_session(), st.protocol, [p.address for p in paths],
+        window.new_session(), st.protocol, [p.address for p in paths],
         st.count, int(st.interval_ms * 1e6),
         int(st.per_vnic_interval_ms * 1e6),
         budget_ns=int((st.max_window_ms - st.timeout_ms) * 1e6),
@@ -272,16 +272,16 @@ def _terminate(signum, _frame):
 
 
 def run_worker(lab, args, workdir):
-    from netweaver_agent import labagent
-    from netweaver_agent import netns
+    from netweaver_agent.core import netns
+    from netweaver_agent.lab import agent
 
     probe = {'probe_count': args.count,
              'probe_interval_ms': args.interval_ms,
              'per_vnic_interval_ms': args.per_vnic_interval_ms,
              'probe_timeout_ms': args.timeout_ms,
              'max_window_ms': args.max_window_ms}
-    files = labagent.write_files(lab, workdir, interval_s=60, probe=probe,
-                                 debug=args.debug)
+    files = agent.write_files(lab, workdir, interval_s=60, probe=probe,
+                              debug=args.debug)
     argv = [sys.executable, os.path.abspath(__file__), '--worker',
             files.config, '--cycles', str(args.cycles)]
     if not args.sequential:
@@ -304,12 +304,12 @@ def _verdict(figures, key, fmt):
 
 
 def report(args, result, build_s):
-    vnics = args.guests
+    vifs = args.guests
     with open('/proc/loadavg', encoding='ascii') as f:
         load = ' '.join(f.read().split()[:3])
     print(f'load average {load} ({os.cpu_count()} CPUs): absolute figures '
           'depend on it, ratios less')
-    print(f'lab: {vnics} guests built in {build_s:.2f} s; '
+    print(f'lab: {vifs} guests built in {build_s:.2f} s; '
           f'{args.count} probes per vNIC every {args.interval_ms} ms '
           f'(per vNIC >= {args.per_vnic_interval_ms} ms), timeout '
           f'{args.timeout_ms} ms, max window {args.max_window_ms} ms')
@@ -324,7 +324,7 @@ def report(args, result, build_s):
         print(f'  wall         {_verdict(c, "wall_s", "{:.3f} s")}'
               f'  [discovery {c["discovery_s"]:.3f} s, window '
               f'{w["window_ms"] / 1000:.3f} s]')
-        target = CPU_TARGETS.get((vnics, args.count))
+        target = CPU_TARGETS.get((vifs, args.count))
         verdict = ('' if target is None else
                    f' (target <= {target:.2f} s: '
                    f'{"ok" if c["total_cpu_s"] <= target else "MISSED"})')
@@ -404,7 +404,7 @@ def main(argv=None):
         return worker(args.worker, args.cycles, args.sequential,
                       args.profile)
 
-    from netweaver_agent import lab as lab_mod
+    from netweaver_agent.lab import build as lab_mod
 
     if os.geteuid() != 0:
         print('bench_cycle needs root (it builds network namespaces)',

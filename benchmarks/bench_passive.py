@@ -36,7 +36,7 @@ TARGET_RATIO = 1.5
 def worker(mode, session, expected):
     if mode == 'ring':
         return bc.worker('ring', session, expected)
-    from netweaver_agent import passivecapture
+    from netweaver_agent.core import passivecapture
     cap = passivecapture.PassiveCapture(1, cap=expected)
     cap.open()
     print('ready', flush=True)

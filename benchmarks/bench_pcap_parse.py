@@ -28,8 +28,8 @@ import time
 
 import dpkt
 
-from netweaver_agent import pcapfile
-from netweaver_agent import probe
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
 
 SESSION = 4242
 T0 = 1_763_900_000_000_000_000

@@ -19,8 +19,8 @@ import struct
 import tempfile
 import time
 
-from netweaver_agent import pcapfile
-from netweaver_agent import probe
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
 
 SESSION = 4242
 T0_US = 1_763_900_000_000_000

@@ -23,9 +23,9 @@ import struct
 import tempfile
 import time
 
-from netweaver_agent import pcapfile
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
 
 SESSION = 4242
 T0 = 1_763_900_000_000_000_000

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import netns
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.lab import build as lab_mod
 
-CLI = [sys.executable, '-m', 'netweaver_agent.cli']
+CLI = [sys.executable, '-m', 'netweaver_agent.cli.main']
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 

@@ -24,7 +24,7 @@ import time
 
 import dpkt
 
-from netweaver_agent import probe
+from netweaver_agent.core import probe
 
 LAB_NET = ipaddress.ip_network('198.18.0.0/15')
 BATCH = 256

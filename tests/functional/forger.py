@@ -23,7 +23,7 @@ import time
 
 import dpkt
 
-from netweaver_agent import probe
+from netweaver_agent.core import probe
 
 ETH_P_ALL = 0x0003
 

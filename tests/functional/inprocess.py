@@ -15,11 +15,11 @@ from ceilometer.compute import discovery
 from ceilometer.compute import pollsters as compute_pollsters
 from ceilometer import service
 
-from netweaver_agent import labagent
-from netweaver_agent import labvirt
-from netweaver_agent import opts
-from netweaver_agent import pollsters
-from netweaver_agent import privileged
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import pollsters
+from netweaver_agent.agent import privileged
+from netweaver_agent.lab import agent
+from netweaver_agent.lab import virt
 
 METERS = (pollsters.VifLatencyPollster, pollsters.VifLatencyP50Pollster,
           pollsters.VifLatencyP99Pollster, pollsters.VifLatencyMaxPollster,
@@ -58,9 +58,9 @@ class Cycle:
 
     def __init__(self, the_lab, workdir, **options):
         self.lab = the_lab
-        self.domains = labagent.guest_domains(the_lab)
+        self.domains = agent.guest_domains(the_lab)
         self.node = os.path.join(workdir, 'node.xml')
-        uri = labvirt.write_node(self.node, self.domains)
+        uri = virt.write_node(self.node, self.domains)
         options.setdefault('probe_source', f'netns:{the_lab.src_netns}')
         options.setdefault('capture_netns', the_lab.hv_netns)
         conf = configure(uri, **options)
@@ -102,7 +102,7 @@ class Cycle:
         for dom in self.domains:
             if dom.index in missing:
                 continue
-            element = labvirt.domain_element(dom)
+            element = virt.domain_element(dom)
             if dom.index in shut_off:
                 ElementTree.SubElement(element, RUNSTATE).text = '5'
             node.append(element)
@@ -122,7 +122,7 @@ class Cycle:
 
     def resource_of(self, guest_index):
         """The resource id our samples carry for one lab guest."""
-        return labagent.resource_ids(self.lab)[
+        return agent.resource_ids(self.lab)[
             self.lab.guests[guest_index].tap]
 
 

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
-from netweaver_agent import labvirt
-from netweaver_agent import netns
+from netweaver_agent.agent import libvirterrors
+from netweaver_agent.core import netns
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import virt
 
 DELAY_MS = 2.0
 INTERVAL_S = 3
@@ -23,7 +24,7 @@ WAIT_S = 45.0
 PROBE = {'probe_count': 20, 'probe_interval_ms': 1.0,
          'per_vnic_interval_ms': 8.0, 'probe_timeout_ms': 100.0,
          'max_window_ms': 2000.0}
-WINDOW_RE = re.compile(r'^(\S+ \S+) .*netweaver_agent\.pollsters .*'
+WINDOW_RE = re.compile(r'^(\S+ \S+) .*netweaver_agent\.agent\.pollsters .*'
                        r'Probe window (\d+): (\d+) vNICs')
 POLLING_RE = re.compile(r'^(\S+ \S+) .*(Polling|Finished polling) pollster '
                         r'(network\.vif\.\S+) ')
@@ -60,7 +61,7 @@ def test_agent_publishes_latency_of_every_guest(lab_factory, agent_lab):
     the_lab = lab_factory(guests=2, delays=(
         lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS),))
     expected = labagent.resource_ids(the_lab)
-    sriov = labvirt.GuestDomain(
+    sriov = virt.GuestDomain(
         index=5, name='sriov', uuid='5a1e0c3d-0000-4000-8000-00000000005f',
         tap='unused', mac='fa:16:3e:5f:00:05', address='198.18.0.205',
         interface_type='hostdev')
@@ -79,7 +80,7 @@ def test_agent_publishes_latency_of_every_guest(lab_factory, agent_lab):
         assert s.label('unit') == 'us'
         assert s.label('type') == 'vif'
     # Guest 0 has a filterref (id = filter name), guest 1 has none.
-    assert p.label('resource') == labvirt.GuestDomain.from_guest(
+    assert p.label('resource') == virt.GuestDomain.from_guest(
         the_lab.guests[0]).filter_name
     assert d.label('resource').endswith(f'-{the_lab.guests[1].uuid}-'
                                         f'{delayed}')
@@ -157,13 +158,13 @@ def test_one_window_per_cycle_with_parallel_pollsters(lab_factory,
 def _driver_rate():
     """Bytes per second of the test driver's fake rx counter."""
     import libvirt
-    labvirt.quiet_libvirt()
+    libvirterrors.quiet_libvirt()
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        guest = labvirt.GuestDomain(
+        guest = virt.GuestDomain(
             index=0, name='rate', uuid='00000000-0000-4000-8000-0000000000aa',
             tap='taprate', mac='fa:16:3e:00:00:aa', address='198.18.0.250')
-        conn = libvirt.openReadOnly(labvirt.write_node(
+        conn = libvirt.openReadOnly(virt.write_node(
             f'{tmp}/node.xml', [guest]))
         try:
             dom = conn.lookupByUUIDString(guest.uuid)

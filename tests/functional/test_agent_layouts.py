@@ -42,8 +42,8 @@ import time
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import build as lab_mod
 from tests.functional import conftest
 
 INTERVAL_S = 3
@@ -160,7 +160,7 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
     t0 = time.monotonic()
     the_lab = build(lab_factory, switch, network_type)
     lossy, other, *closed = the_lab.guests
-    truth = {p.vnic: p for p in the_lab.paths()}
+    truth = {p.vif: p for p in the_lab.paths()}
     filtered = {g.tap for g in closed}
     taps = set(truth) - filtered
     marks = labagent.mark_in_kernel(the_lab)
@@ -294,8 +294,8 @@ def check_delay(the_lab, switch, windows, hop_p50):
                  if r.session == session and not r.reply]
         assert len(holds) == COUNT, (session, len(holds))
         assert min(holds) >= DELAY_MS * 1000
-        slow_p50 = hop_p50[(session, slow_path.vnic)]
-        fast_p50 = hop_p50[(session, fast_path.vnic)]
+        slow_p50 = hop_p50[(session, slow_path.vif)]
+        fast_p50 = hop_p50[(session, fast_path.vif)]
         hold_p50 = statistics.median(holds)
         over = slow_p50[held] - hold_p50
         bound = {

@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from netweaver_agent import analyze
+from netweaver_agent.cli import offline
 from tests.unit import test_analyze as ta
 from tests.unit import test_probe as tp
 
@@ -46,7 +46,7 @@ def _env(buffered):
 
 
 def _command(*argv):
-    return [sys.executable, '-m', 'netweaver_agent.cli', *map(str, argv)]
+    return [sys.executable, '-m', 'netweaver_agent.cli.main', *map(str, argv)]
 
 
 def _expected(pif, vif):
@@ -188,9 +188,10 @@ def test_empty_pipe_is_one_clear_line(tmp_path):
 
 
 _WITH_SECONDS = ('import sys\n'
-                 'from netweaver_agent import cli, pcapfile\n'
+                 'from netweaver_agent.cli import main\n'
+                 'from netweaver_agent.core import pcapfile\n'
                  'pcapfile.PROGRESS_EVERY_S = float(sys.argv[1])\n'
-                 'sys.exit(cli.main(sys.argv[2:]))\n')
+                 'sys.exit(main.main(sys.argv[2:]))\n')
 
 
 def _progress_run(tmp_path, stderr_tty, seconds=0.0):
@@ -317,7 +318,7 @@ def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
     dumps = dict(zip(files, started))
     for kind in ('eth', 'sll2'):
         p, v = dumps[kind, 'pif'].path, dumps[kind, 'vif'].path
-        result = analyze.analyze_pcaps(p, v, destination=guest.address,
+        result = offline.analyze_pcaps(p, v, destination=guest.address,
                                        mode='fingerprint')
         rep = result.report
         # Every ping and every SYN in, every answer out, and the guest's

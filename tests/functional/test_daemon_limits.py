@@ -14,7 +14,7 @@ before anything is built, so nothing is ever sent to them.
 
 The daemon is called directly, as a buggy agent would call it, so that
 the daemon's own checks are what is tested; a last test goes through
-``measure.run_window`` in the lab.
+``probe_window.run_window`` in the lab.
 """
 
 import os
@@ -26,14 +26,14 @@ import time
 from ceilometer.polling import plugin_base
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import destinations
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import opts
-from netweaver_agent import privileged
-from netweaver_agent import sources
-from netweaver_agent import topology
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import capture
+from netweaver_agent.core import destinations
+from netweaver_agent.core import netns
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
+from netweaver_agent.core import window as probe_window
 from tests.functional import inprocess
 from tests.functional import test_privsep
 from tests.functional.conftest import require_root
@@ -157,7 +157,7 @@ def _send(handle, within_s=5.0):
 
 
 def test_refused_destinations_raise_in_the_daemon_before_any_send(box):
-    session = measure.new_session()
+    session = probe_window.new_session()
     with box.watch(session) as cap:
         for dst in [FOREIGN, *NEVER]:
             with pytest.raises(destinations.RefusedDestination) as err:
@@ -178,7 +178,7 @@ def test_refused_destinations_raise_in_the_daemon_before_any_send(box):
 
 
 def test_a_netns_source_refuses_foreign_destinations_before_sending(box):
-    session = measure.new_session()
+    session = probe_window.new_session()
     policy = destinations.policy(NETWORKS)
     src = sources.LocalSource(netns_name=box.name, policy=policy)
     plan = sources.schedule(session, 'icmp', [GOOD, FOREIGN], 3, 10**6).plan
@@ -198,7 +198,7 @@ def test_a_netns_source_refuses_foreign_destinations_before_sending(box):
 def test_handles_and_captures_are_capped_and_all_come_back(box):
     lim = privileged.LIMITS
     fds, tasks = box.fds(), box.tasks()
-    session = measure.new_session()
+    session = probe_window.new_session()
     caps = []
     try:
         for _ in range(lim.captures):
@@ -252,7 +252,7 @@ def _settle_threads(box, tasks, wait_s=10.0):
 
 def test_a_wrong_kind_call_is_an_error_and_leaks_nothing(box):
     fds, tasks = box.fds(), box.tasks()
-    session = measure.new_session()
+    session = probe_window.new_session()
     cap = privileged.call(CTX, 'open_capture', session, 'icmp', None, None)
     prepared = _prepare(session, _wire([GOOD]))
     for op, args in (('discard_probes', (cap,)),
@@ -276,22 +276,22 @@ def test_a_wrong_kind_call_is_an_error_and_leaks_nothing(box):
 def test_twenty_failing_windows_leave_no_fd_or_thread_behind(box):
     """The capture fails to open after the probes were prepared: this
     daemon (CAP_NET_RAW only) refuses to enter a namespace."""
-    path = topology.VifPath(vnic=OUT, address=GOOD,
-                            interfaces=('lo', OUT))
-    settings = measure.WindowSettings(count=3, timeout_ms=20.0,
-                                      max_window_ms=1000.0)
+    path = vifpath.VifPath(vif=OUT, address=GOOD,
+                           interfaces=('lo', OUT))
+    settings = probe_window.WindowSettings(count=3, timeout_ms=20.0,
+                                           max_window_ms=1000.0)
     source = privileged.PrivsepLocalSource(
         context=CTX, policy=destinations.policy(NETWORKS))
     make = privileged.capture_class(CTX)
     # One good window first: what a working window holds is not a leak.
-    measure.run_window([path], source, settings, capture_class=make)
+    probe_window.run_window([path], source, settings, capture_class=make)
     _settle_threads(box, box.tasks())
     fds, tasks = box.fds(), box.tasks()
     for _ in range(20):
         with pytest.raises(privileged.PrivilegeError,
                            match='CAP_SYS_ADMIN'):
-            measure.run_window([path], source, settings,
-                               capture_netns=box.name, capture_class=make)
+            probe_window.run_window([path], source, settings,
+                                    capture_netns=box.name, capture_class=make)
     assert box.status()['held'] == {'capture': 0, 'probes': 0, 'bytes': 0}
     assert (box.fds(), box.tasks()) == (fds, tasks)
 
@@ -303,14 +303,15 @@ def test_prepared_probes_are_capped_in_memory(box):
     assert n > lim.max_planned(size)
     rss = box.kib('VmRSS')
     with pytest.raises(privileged.LimitError):
-        _prepare(measure.new_session(), _wire([GOOD] * n, 10**5), size=size)
+        _prepare(probe_window.new_session(), _wire([GOOD] * n, 10**5),
+                 size=size)
     grown = box.kib('VmHWM') - rss
     # Receiving the list costs memory; building n packets would cost
     # n x size bytes at least.
     assert grown * 1024 < n * size / 4, grown
     # What fits is accounted, and given back when discarded.
     fits = 20_000
-    handle = _prepare(measure.new_session(), _wire([GOOD] * fits, 10**5),
+    handle = _prepare(probe_window.new_session(), _wire([GOOD] * fits, 10**5),
                       size=size)
     assert box.status()['held']['bytes'] >= fits * size
     privileged.call(CTX, 'discard_probes', handle)
@@ -325,7 +326,7 @@ def test_the_send_rate_is_bounded_over_concurrent_windows(box):
     window's rate allows."""
     size = 1500
     step = privileged.LIMITS.min_step_ns(size)
-    session = measure.new_session()
+    session = probe_window.new_session()
     # A plan faster than the daemon's rate is refused outright.
     with pytest.raises(ValueError, match='probe offset'):
         _prepare(session, _wire([GOOD] * 3, step - 1), size=size)
@@ -359,7 +360,7 @@ def _count_within(times, i, span):
 
 
 def test_one_refused_vnic_leaves_the_others_measured(lab_factory):
-    """Through measure.run_window and the real lab daemon: a bad address
+    """Through probe_window.run_window and the real lab daemon: a bad address
     and a foreign one are left out; the guests are measured."""
     the_lab = lab_factory(guests=2)
     ctx = privileged.netns_pctxt
@@ -368,16 +369,16 @@ def test_one_refused_vnic_leaves_the_others_measured(lab_factory):
                                            policy=policy)
     good = the_lab.paths()
     pif = the_lab.pif
-    bad = [topology.VifPath(vnic='tapbad', address='198.18.0.300',
-                            interfaces=(pif, 'tapbad')),
-           topology.VifPath(vnic='tapforeign', address=FOREIGN,
-                            interfaces=(pif, 'tapforeign'))]
-    settings = measure.WindowSettings(count=5, timeout_ms=100.0,
-                                      max_window_ms=2000.0)
+    bad = [vifpath.VifPath(vif='tapbad', address='198.18.0.300',
+                           interfaces=(pif, 'tapbad')),
+           vifpath.VifPath(vif='tapforeign', address=FOREIGN,
+                           interfaces=(pif, 'tapforeign'))]
+    settings = probe_window.WindowSettings(count=5, timeout_ms=100.0,
+                                           max_window_ms=2000.0)
     result = test_privsep.daemon_window(the_lab, source, settings, ctx,
                                         paths=[bad[0], *good, bad[1]])
-    assert {r.vnic for r in result.refused} == {'tapbad', 'tapforeign'}
-    assert set(result.reports) == {p.vnic for p in good}
+    assert {r.vif for r in result.refused} == {'tapbad', 'tapforeign'}
+    assert set(result.reports) == {p.vif for p in good}
     for rep in result.reports.values():
         assert rep.ingress.count == 5, rep
 
@@ -401,7 +402,7 @@ def test_the_agent_measures_only_the_vnics_inside_probe_networks(
     latency = inprocess.by_resource(samples)['network.vif.latency']
     assert set(latency) == {cycle.resource_of(0)}, latency
     (window,) = cache.windows
-    assert [m.path.vnic for m in window.measurements] == [inside.tap]
+    assert [m.path.vif for m in window.measurements] == [inside.tap]
     assert window.measurements[0].report.sent == 5
     log = cycle.log_text()
     assert f'vNIC {outside.tap} is not measurable' in log, log
@@ -430,7 +431,7 @@ def test_the_daemons_own_probe_networks_bound_what_the_agent_asks(
     """The agent asks for 198.18.0.0/24; the daemon's configuration says
     198.18.0.0/28: .20 is refused, .10 goes out; without the agent's
     networks the configured ones apply."""
-    session = measure.new_session()
+    session = probe_window.new_session()
     inside, outside = GOOD, '198.18.0.20'
     with narrow_box.watch(session) as cap:
         with pytest.raises(destinations.RefusedDestination,

@@ -14,11 +14,11 @@ import re
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
-from netweaver_agent import labpipeline
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import pipeline
 
-DASHBOARD = os.path.join(labpipeline.REPO, 'etc', 'grafana',
+DASHBOARD = os.path.join(pipeline.REPO, 'etc', 'grafana',
                          'netweaver-vif-latency.json')
 INTERVAL_S = 3
 WAIT_S = 60.0
@@ -66,18 +66,18 @@ def prometheus_lab(lab_factory, tmp_path):
         guests=2, mgmt=True,
         delays=(lab_mod.DelayInjection(guest=1, delay_ms=2.0),),
         losses=(lab_mod.LossInjection(guest=0, every=4),))
-    pipe = labpipeline.Pipeline(
-        the_lab, labpipeline.PipelineSettings(gnocchi=False, aodh=False),
+    pipe = pipeline.Pipeline(
+        the_lab, pipeline.PipelineSettings(gnocchi=False, aodh=False),
         logs_to=str(tmp_path / 'logs'), progress=print)
     agent = None
     try:
         try:
             pipe.start()
-        except labpipeline.PipelineError as exc:
+        except pipeline.PipelineError as exc:
             pytest.fail(f'Prometheus could not start: {exc}')
         files = labagent.write_files(
             the_lab, str(tmp_path / 'agent'), interval_s=INTERVAL_S,
-            probe=labpipeline.lab_probe_options(the_lab, INTERVAL_S),
+            probe=pipeline.lab_probe_options(the_lab, INTERVAL_S),
             extra=pipe.agent_extra())
         agent = labagent.PollingAgent(files, the_lab.hv_netns)
         agent.start()

@@ -24,12 +24,12 @@ import os
 import dpkt
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import measure
-from netweaver_agent import pcapfile
-from netweaver_agent import pollsters
-from netweaver_agent import probe
-from netweaver_agent import report
+from netweaver_agent.agent import pollsters
+from netweaver_agent.cli import report
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
+from netweaver_agent.core import window
+from netweaver_agent.lab import build as lab_mod
 from tests.functional import inprocess
 from tests.functional.test_tcpdump_agreement import Tcpdump
 from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
@@ -58,8 +58,8 @@ def run_with_tcpdump(the_lab, directory, source, limit, **settings):
     try:
         dump.wait_listening()
         try:
-            result = measure.run_window(
-                the_lab.paths(), source, measure.WindowSettings(**settings),
+            result = window.run_window(
+                the_lab.paths(), source, window.WindowSettings(**settings),
                 capture_netns=the_lab.hv_netns)
         finally:
             source.close()

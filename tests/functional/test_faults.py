@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from netweaver_agent import labagent
-from netweaver_agent import measure
-from netweaver_agent import netns
+from netweaver_agent.core import netns
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import agent as labagent
 from tests.functional import inprocess
 from tests.functional.inprocess import by_resource
 from tests.functional.inprocess import METERS
@@ -121,7 +121,7 @@ def test_faults_touch_only_their_vnic_and_the_next_cycle_is_normal(
     assert f'Instance {uuid[gone]} not probed' in log
     assert 'Traceback' not in log
     # Every probe of the healthy and the mute vNIC was measured.
-    by_vif = {m.path.vnic: m.report for m in window.measurements}
+    by_vif = {m.path.vif: m.report for m in window.measurements}
     for i in (healthy, mute):
         report = by_vif[the_lab.guests[i].tap]
         assert report.ingress.count == PROBE['probe_count'], report
@@ -145,7 +145,7 @@ def test_a_stepped_clock_voids_one_cycle_only(
         lab_factory, cycle_factory, monkeypatch):
     the_lab = lab_factory(guests=2)
     cycle = cycle_factory(the_lab, **PROBE)
-    real = measure.clock_offset_ns
+    real = probe_window.clock_offset_ns
     # CLOCK_REALTIME - CLOCK_MONOTONIC as read before and after the first
     # window: 40 ms apart, as if NTP had stepped the clock meanwhile.
     readings = [40_000_000, 0]
@@ -153,7 +153,7 @@ def test_a_stepped_clock_voids_one_cycle_only(
     def stepped_once():
         return readings.pop() if readings else real()
 
-    monkeypatch.setattr(measure, 'clock_offset_ns', stepped_once)
+    monkeypatch.setattr(probe_window, 'clock_offset_ns', stepped_once)
 
     samples, cache = cycle.run()
     assert all(found == [] for found in samples.values()), samples

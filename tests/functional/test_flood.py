@@ -16,11 +16,11 @@ import os
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import privileged
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import build as lab_mod
 from tests.functional import flood as flood_mod
 from tests.functional import conftest
 from tests.functional import inprocess
@@ -128,7 +128,7 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
     try:
         privileged.status(ctx)       # the daemon starts before the flood
         count = 50
-        settings = measure.WindowSettings(
+        settings = probe_window.WindowSettings(
             protocol=protocol, count=count, interval_ms=1.0,
             timeout_ms=100.0, max_window_ms=1000.0)
         planned = count * len(the_lab.guests)
@@ -137,7 +137,7 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
         drops_before = path_drops(the_lab)
         with Flood(the_lab, str(tmp_path), SESSION, planned, lossy=1):
             rx_before = pif_rx_packets(the_lab)
-            result = measure.run_window(
+            result = probe_window.run_window(
                 the_lab.paths(), source, settings,
                 capture_netns=the_lab.hv_netns, session=SESSION,
                 capture_class=privileged.capture_class(ctx))
@@ -153,7 +153,7 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
     unplanned, replies_in = _look_alike_rows(result.batch, planned)
     figures += (f', look-alike rows of the session: {unplanned} unplanned, '
                 f'{replies_in} replies towards guests; reports '
-                + '; '.join(f'{r.vnic} in={r.ingress.count} '
+                + '; '.join(f'{r.vif} in={r.ingress.count} '
                             f'lost={r.ingress.lost} unknown={r.unknown} '
                             f'unseen={r.unseen_at_pif} '
                             f'replies={r.turnaround.count}'
@@ -168,7 +168,7 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
         assert replies_in > 0, figures
     # ...and none of them was taken for a probe or a reply.
     dropped = result.capture.drops > 0
-    reports = {r.vnic: r for r in result.reports.values()}
+    reports = {r.vif: r for r in result.reports.values()}
     for guest in the_lab.guests:
         r = reports[guest.tap]
         ing = r.ingress
@@ -214,7 +214,7 @@ def test_capture_drops_give_unknown_fate_not_loss(lab_factory,
     with Flood(the_lab, str(tmp_path), SESSION, 2 * count, lossy=1):
         samples, cache = cycle.run()
     (window,) = cache.windows
-    reports = {m.path.vnic: m for m in window.measurements}
+    reports = {m.path.vif: m for m in window.measurements}
     assert reports, cycle.log_text()
     drops = {m.metadata['capture_drops'] for m in reports.values()}
     (capture_drops,) = drops

@@ -19,12 +19,12 @@ import time
 
 import pytest
 
-from netweaver_agent import latency
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import pcapfile
-from netweaver_agent import probe
-from netweaver_agent import sources
+from netweaver_agent.core import latency
+from netweaver_agent.core import netns
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
+from netweaver_agent.core import window as probe_window
 from tests.functional import conftest
 from tests.functional import inprocess
 
@@ -94,21 +94,21 @@ class SourceDump:
 
 
 def window(the_lab, protocol):
-    settings = measure.WindowSettings(
+    settings = probe_window.WindowSettings(
         protocol=protocol, count=COUNT, interval_ms=1.0,
         per_vnic_interval_ms=4.0, timeout_ms=100.0, max_window_ms=2000.0)
-    return measure.run_window(the_lab.paths(), the_lab.source(), settings,
-                              capture_netns=the_lab.hv_netns)
+    return probe_window.run_window(the_lab.paths(), the_lab.source(), settings,
+                                   capture_netns=the_lab.hv_netns)
 
 
 def unverified(result, the_lab, protocol):
     """The attack window matched as the landed matcher did: no secret,
     the same plan (each genuine probe's vNIC)."""
     paths = the_lab.paths()
-    taps = {p.interfaces[-1]: p.vnic for p in paths}
+    taps = {p.interfaces[-1]: p.vif for p in paths}
     plan = {seq: taps[name] for (seq, reply), seen in result.accepted.items()
             if not reply for name in seen if name in taps}
-    m = latency.Matcher(result.session, [p.spec() for p in paths], plan,
+    m = latency.Matcher(result.session, [p for p in paths], plan,
                         100 * 10**6, protocol=protocol)
     m.feed_batch(result.batch)
     return m.reports()
@@ -225,7 +225,7 @@ def test_forgery_through_the_real_pollsters(lab_factory, cycle_factory,
     def poll():
         samples, cache = cycle.run()
         (window,) = cache.windows
-        reports = {m.path.vnic: m.report for m in window.measurements}
+        reports = {m.path.vif: m.report for m in window.measurements}
         return inprocess.by_resource(samples), reports[tap]
 
     clean, clean_rep = poll()

@@ -38,11 +38,11 @@ import time
 import dpkt
 import pytest
 
-from netweaver_agent import analyze
-from netweaver_agent import capture
-from netweaver_agent import netns
-from netweaver_agent import pcapfile
-from netweaver_agent import probe
+from netweaver_agent.cli import offline
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
 from tests.functional import conftest
 from tests.functional.test_tcpdump_agreement import recording
 from tests.functional.test_tcpdump_agreement import Tcpdump
@@ -329,7 +329,7 @@ def test_fingerprint_tunnel_on_the_pif(spaces, workdir,  # noqa: F811
 
     pif_path, vif_path, windows = fingerprint_traffic(spaces, workdir,
                                                       wrap)
-    result = analyze.analyze_pcaps(pif_path, vif_path, destination=GUEST,
+    result = offline.analyze_pcaps(pif_path, vif_path, destination=GUEST,
                                    mode='fingerprint', pif_name=spaces.pif,
                                    vif_name=spaces.vif)
     rep = result.report
@@ -349,7 +349,7 @@ def test_fingerprint_tunnel_on_the_pif(spaces, workdir,  # noqa: F811
         assert 0 <= latency_ns <= after - before, (i, latency_ns)
     # The command prints the same, and says what it left out.
     proc = subprocess.run(
-        [sys.executable, '-m', 'netweaver_agent.cli', 'analyze',
+        [sys.executable, '-m', 'netweaver_agent.cli.main', 'analyze',
          '--fingerprint', '-d', GUEST, '--json', pif_path, vif_path],
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -378,7 +378,7 @@ def syn_latencies(result, spaces):
 
 
 def pcap_key(frame):
-    from netweaver_agent import pcapkeys
+    from netweaver_agent.core import pcapkeys
     return pcapkeys.fingerprint_key(frame, 0, len(frame),
                                     dst_ip=tf.V4[1])[1]
 
@@ -407,7 +407,7 @@ def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):  # noqa: F811
         time.sleep(0.2)
     assert f'{count} packets received' in hping.stdout + hping.stderr, (
         hping.stdout + hping.stderr)
-    result = analyze.analyze_pcaps(paths[the_lab.pif], paths[guest.tap],
+    result = offline.analyze_pcaps(paths[the_lab.pif], paths[guest.tap],
                                    destination=guest.address,
                                    mode='fingerprint',
                                    pif_name=the_lab.pif,

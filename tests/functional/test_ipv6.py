@@ -14,9 +14,9 @@ import ipaddress
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import measure
-from netweaver_agent import probe
+from netweaver_agent.core import probe
+from netweaver_agent.core import window
+from netweaver_agent.lab import build as lab_mod
 from tests.functional import conftest
 
 COUNT = 30
@@ -35,10 +35,10 @@ def test_ipv6_probes_measured_like_ipv4(lab_factory, protocol):
     for p, g in zip(paths, the_lab.guests):
         assert p.address == g.address6
         assert ipaddress.ip_address(p.address) in lab_mod.LAB_NET6
-    result = measure.run_window(
+    result = window.run_window(
         paths, the_lab.source(),
-        measure.WindowSettings(protocol=protocol, count=COUNT,
-                               per_vnic_interval_ms=5.0),
+        window.WindowSettings(protocol=protocol, count=COUNT,
+                              per_vnic_interval_ms=5.0),
         capture_netns=the_lab.hv_netns)
     assert result.capture.drops == 0
     for g in the_lab.guests:
@@ -66,12 +66,12 @@ def test_ipv6_probes_measured_like_ipv4(lab_factory, protocol):
 
 def test_dual_stack_lab_still_measures_ipv4(lab_factory):
     the_lab = lab_factory(guests=1, ipv6=True)
-    v4 = measure.run_window(the_lab.paths(), the_lab.source(),
-                            measure.WindowSettings(count=COUNT),
-                            capture_netns=the_lab.hv_netns)
-    v6 = measure.run_window(the_lab.paths(ipv6=True), the_lab.source(),
-                            measure.WindowSettings(count=COUNT),
-                            capture_netns=the_lab.hv_netns)
+    v4 = window.run_window(the_lab.paths(), the_lab.source(),
+                           window.WindowSettings(count=COUNT),
+                           capture_netns=the_lab.hv_netns)
+    v6 = window.run_window(the_lab.paths(ipv6=True), the_lab.source(),
+                           window.WindowSettings(count=COUNT),
+                           capture_netns=the_lab.hv_netns)
     tap = the_lab.guests[0].tap
     for result in (v4, v6):
         assert result.reports[tap].ingress.count == COUNT

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import measure
-from netweaver_agent import netns
+from netweaver_agent.core import netns
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import build as lab_mod
 from tests.functional import conftest
 from tests.functional.conftest import assert_gone
 from tests.functional.conftest import CLI
@@ -34,9 +34,9 @@ CLOCK_TOLERANCE_NS = 2000
 
 
 def window(the_lab, **settings):
-    return measure.run_window(the_lab.paths(), the_lab.source(),
-                              measure.WindowSettings(**settings),
-                              capture_netns=the_lab.hv_netns)
+    return probe_window.run_window(the_lab.paths(), the_lab.source(),
+                                   probe_window.WindowSettings(**settings),
+                                   capture_netns=the_lab.hv_netns)
 
 
 def wait_until(predicate, timeout_s, what):
@@ -196,10 +196,10 @@ def test_delayer_ends_with_the_process_that_built_the_lab():
     prefix = conftest.unique_prefix('o')
     script = textwrap.dedent(f'''
         import sys, time
-        from netweaver_agent import lab
-        spec = lab.LabSpec(prefix={prefix!r}, guests=1, delays=(
-            lab.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),))
-        the_lab = lab.Lab(spec).build()
+        from netweaver_agent.lab import build
+        spec = build.LabSpec(prefix={prefix!r}, guests=1, delays=(
+            build.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),))
+        the_lab = build.Lab(spec).build()
         print(the_lab.delays[0].pid, flush=True)
         time.sleep(60)
     ''')

@@ -15,15 +15,15 @@ import statistics
 
 import pytest
 
-from netweaver_agent import analyze
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
-from netweaver_agent import labovn
-from netweaver_agent import labswitch
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import ovsdb
-from netweaver_agent import topology
+from netweaver_agent.agent import ovsdb
+from netweaver_agent.agent import topology
+from netweaver_agent.cli import offline
+from netweaver_agent.core import netns
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import ovn
+from netweaver_agent.lab import switch as labswitch
 from tests.functional import conftest
 from tests.functional import test_tcpdump_agreement as tcpdump_agreement
 
@@ -34,9 +34,9 @@ CLOCK_TOLERANCE_NS = 2000
 def window(the_lab, **settings):
     paths = the_lab.paths()
     settings.setdefault('geneve_port', paths[0].encap_port('geneve'))
-    return measure.run_window(paths, the_lab.source(),
-                              measure.WindowSettings(**settings),
-                              capture_netns=the_lab.hv_netns)
+    return probe_window.run_window(paths, the_lab.source(),
+                                   probe_window.WindowSettings(**settings),
+                                   capture_netns=the_lab.hv_netns)
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
         'type=geneve').split()
     assert len(tunnels) == 1
     for path in paths:
-        assert path.interfaces == (the_lab.pif, path.vnic)
+        assert path.interfaces == (the_lab.pif, path.vif)
         assert set(path.unseen) == {'br-phy', 'br-int', tunnels[0]}
 
     count = 20
@@ -107,7 +107,7 @@ def icmp_errors_sent(ns):
 def test_flat_localnet_probes_plain_on_pif_and_tap(ovn_lab):
     the_lab = ovn_lab(guests=2, network_type='flat')
     for path in the_lab.paths():
-        assert path.interfaces == (the_lab.pif, path.vnic)
+        assert path.interfaces == (the_lab.pif, path.vif)
         assert path.encap == ()
         assert path.unseen[0] == 'br-ex' and path.unseen[-1] == 'br-int'
     result = window(the_lab, protocol='icmp', count=20)
@@ -128,7 +128,7 @@ def test_topology_finds_the_lab_path_from_the_switch(ovn_lab, network_type):
         addresses=lambda: topology.read_addresses(the_lab.hv_netns))
     links = topology.IpLinks(the_lab.hv_netns)
     want, = the_lab.paths()
-    found = topology.find_path(want.vnic, links, switch)
+    found = topology.find_path(want.vif, links, switch)
     assert found.interfaces == want.interfaces
     assert tuple(d for hop in found.via for d in hop) == want.unseen
     assert found.encap == want.encap
@@ -348,7 +348,7 @@ def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
                         interval_ms=0.5)
     live = result.reports[guest.tap]
     assert live.ingress.count == count
-    found = analyze.analyze_pcaps(
+    found = offline.analyze_pcaps(
         dumps[0].path, dumps[1].path, mode=mode,
         destination=guest.address if mode == 'fingerprint' else None,
         session=result.session if mode == 'probe' else None,
@@ -369,7 +369,7 @@ def test_failed_build_stops_the_daemons_it_started(monkeypatch):
         started.update(daemon_pids(layout.lab))
         raise labswitch.SwitchError('injected failure once the daemons run')
 
-    monkeypatch.setattr(labovn.OvnLayout, '_wait_ready', broken)
+    monkeypatch.setattr(ovn.OvnLayout, '_wait_ready', broken)
     try:
         with pytest.raises(lab_mod.LabError, match='injected failure'):
             lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn')).build()
@@ -392,9 +392,10 @@ def test_ipv6_probes_and_exact_loss(ovn_lab, network_type):
     assert [p.address for p in paths] == [lossy.address6, clean.address6]
     settings = {'geneve_port': paths[0].encap_port('geneve')}
     for protocol in ('icmp', 'udp', 'tcp'):
-        result = measure.run_window(
+        result = probe_window.run_window(
             paths, the_lab.source(),
-            measure.WindowSettings(protocol=protocol, count=30, **settings),
+            probe_window.WindowSettings(protocol=protocol, count=30,
+                                        **settings),
             capture_netns=the_lab.hv_netns)
         lost = 3 if protocol == 'icmp' else 0
         assert result.reports[lossy.tap].ingress.lost == lost

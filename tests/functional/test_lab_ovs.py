@@ -18,11 +18,11 @@ import statistics
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labswitch
-from netweaver_agent import measure
-from netweaver_agent import netns
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import switch as labswitch
 from tests.functional import conftest
 from tests.functional.conftest import assert_gone
 from tests.functional.conftest import lab_namespaces
@@ -38,9 +38,9 @@ LAYOUTS = [(s, n) for s in ('ovs-hybrid', 'ovs-native')
 def window(the_lab, **settings):
     if the_lab.spec.network_type == 'vxlan':
         settings.setdefault('vxlan_port', lab_mod.VXLAN_PORT)
-    return measure.run_window(the_lab.paths(), the_lab.source(),
-                              measure.WindowSettings(**settings),
-                              capture_netns=the_lab.hv_netns)
+    return probe_window.run_window(the_lab.paths(), the_lab.source(),
+                                   probe_window.WindowSettings(**settings),
+                                   capture_netns=the_lab.hv_netns)
 
 
 def sightings(batch, probes=True):
@@ -377,14 +377,14 @@ def test_ipv6_probes_with_loss(lab_factory, switch, network_type):
     the_lab = lab_factory(guests=2, switch=switch, network_type=network_type,
                           ipv6=True, losses=(lab_mod.LossInjection(
                               guest=0, every=5, protocol='icmp'),))
-    settings = measure.WindowSettings(
+    settings = probe_window.WindowSettings(
         protocol='icmp', count=COUNT, vxlan_port=(
             lab_mod.VXLAN_PORT if network_type == 'vxlan' else None))
     paths = the_lab.paths(ipv6=True)
     assert [p.address for p in paths] == [g.address6
                                           for g in the_lab.guests]
-    result = measure.run_window(paths, the_lab.source(), settings,
-                                capture_netns=the_lab.hv_netns)
+    result = probe_window.run_window(paths, the_lab.source(), settings,
+                                     capture_netns=the_lab.hv_netns)
     lossy, clean = (result.reports[g.tap] for g in the_lab.guests)
     assert (lossy.ingress.count, lossy.ingress.lost) == (COUNT - COUNT // 5,
                                                          COUNT // 5)

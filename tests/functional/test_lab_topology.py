@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from netweaver_agent.cmd import lab as cmd_lab
-from netweaver_agent import topology
+from netweaver_agent.agent import topology
+from netweaver_agent.cli import lab as cmd_lab
 
 
 def test_linux_bridge_flat_and_vxlan_found_as_built(lab_factory):
@@ -29,7 +29,7 @@ def test_sysfs_tells_a_vxlan_port_in_its_own_namespace(lab_factory):
     # the hypervisor's, as the agent on a compute node sees its own.
     the_lab = lab_factory(guests=1, network_type='vxlan')
     vxlan = the_lab.paths()[0].interfaces[1]
-    code = ('import sys; from netweaver_agent import topology as t; '
+    code = ('import sys; from netweaver_agent.agent import topology as t; '
             'l = t.SysfsLinks(); '
             'print(l.vxlan(sys.argv[1]), l.vxlan(sys.argv[2]))')
     out = subprocess.run(
@@ -46,8 +46,8 @@ def test_sysfs_tells_a_vxlan_port_in_its_own_namespace(lab_factory):
 def test_a_path_found_unlike_the_lab_is_refused(lab_factory, monkeypatch):
     the_lab = lab_factory(guests=1)
     [truth] = the_lab.paths()
-    wrong = dataclasses.replace(truth, interfaces=('eth9', truth.vnic))
+    wrong = dataclasses.replace(truth, interfaces=('eth9', truth.vif))
     monkeypatch.setattr(the_lab, 'paths', lambda: [wrong])
     with pytest.raises(topology.TopologyError,
-                       match=f"{truth.vnic}: found \\('{the_lab.pif}'"):
+                       match=f"{truth.vif}: found \\('{the_lab.pif}'"):
         cmd_lab.discovered_paths(the_lab)

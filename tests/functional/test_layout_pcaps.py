@@ -4,7 +4,7 @@ On each layout (ovs-hybrid VXLAN, ovs-native VLAN and VXLAN, OVN
 Geneve), the real ``tcpdump --time-stamp-precision=nano -w`` records the
 pif (where probes arrive encapsulated or tagged) and the guest's tap in
 the hypervisor's namespace during one live probe window
-(``measure.run_window`` over the lab's paths and source).  Then the
+(``window.run_window`` over the lab's paths and source).  Then the
 ``netweaver analyze PIF.pcap VIF.pcap --json`` command, in probe mode and
 in fingerprint mode (``--fingerprint -d <guest address>``), must agree
 with the live window: the same probes and answers counted, the same
@@ -19,13 +19,13 @@ import time
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import measure
-from netweaver_agent import pcapfile
+from netweaver_agent.core import capture
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import window
 from tests.functional import conftest
 from tests.functional import test_tcpdump_agreement as agreement
 
-CLI = [sys.executable, '-m', 'netweaver_agent.cli']
+CLI = [sys.executable, '-m', 'netweaver_agent.cli.main']
 COUNT = 100
 # tcpdump and the window read the same kernel timestamps (ns): a probe's
 # latency from the files may differ only by the clock's precision.
@@ -42,9 +42,9 @@ def live_window(the_lab):
         port = paths[0].encap_port(kind)
         if port is not None:
             settings[f'{kind}_port'] = port
-    return measure.run_window(paths, the_lab.source(),
-                              measure.WindowSettings(**settings),
-                              capture_netns=the_lab.hv_netns)
+    return window.run_window(paths, the_lab.source(),
+                             window.WindowSettings(**settings),
+                             capture_netns=the_lab.hv_netns)
 
 
 def analyze_cli(pif_pcap, vif_pcap, *extra):

@@ -28,12 +28,13 @@ import types
 
 import pytest
 
-from netweaver_agent import labvirt
-from netweaver_agent import ovsdb
-from netweaver_agent import pollsters
-from netweaver_agent import remote
-from netweaver_agent import seedjob
-from netweaver_agent import topology
+from netweaver_agent.agent import ovsdb
+from netweaver_agent.agent import pollsters
+from netweaver_agent.agent import topology
+from netweaver_agent.cli import seedjob
+from netweaver_agent.core import vifpath
+from netweaver_agent.lab import virt
+from netweaver_agent.ssh import remote
 from tests.functional.conftest import require_root
 from tests.functional.conftest import stop_processes
 from tests.functional.conftest import unique_prefix
@@ -308,7 +309,7 @@ def test_vxlan_pif_owns_local_ip(host):
     h.native(3)
     found = h.find('tap3', h.view())
     assert found.interfaces == ('eth2', 'tap3')
-    assert found.encap == (topology.Encapsulation('vxlan', 4789),)
+    assert found.encap == (vifpath.Encapsulation('vxlan', 4789),)
     assert found.via == (('vxlan-c6120702', 'br-tun', 'patch-int',
                           'patch-tun', 'br-int'),)
 
@@ -333,7 +334,7 @@ def test_geneve_local_ip_on_an_internal_port(host):
     h.native(4)
     found = h.find('tap4', h.view())
     assert found.interfaces == ('eth3', 'tap4')
-    assert found.encap == (topology.Encapsulation('geneve', 6081),)
+    assert found.encap == (vifpath.Encapsulation('geneve', 6081),)
     assert found.via == (('br-phy', 'ovn-chas02-0', 'br-int'),)
 
 
@@ -360,14 +361,14 @@ def prober_for(tmp_path):
 
     def make(h, taps, **options):
         """``taps``: numbers of :class:`OvsHost` taps, or GuestDomains."""
-        guests = [n if isinstance(n, labvirt.GuestDomain) else
-                  labvirt.GuestDomain(
+        guests = [n if isinstance(n, virt.GuestDomain) else
+                  virt.GuestDomain(
                       index=i, name=f'vm{n}',
                       uuid=f'3f2d6c1e-8a4b-4c5d-9e6f-{n:012d}',
                       tap=f'tap{n}', mac=f'fa:16:3e:00:00:{n:02x}',
                       address=f'198.18.9.{10 + n}', bridge='br-int')
                   for i, n in enumerate(taps)]
-        uri = labvirt.write_node(str(tmp_path / 'node.xml'), guests)
+        uri = virt.write_node(str(tmp_path / 'node.xml'), guests)
         conf = inprocess.configure(uri, **{
             'privsep': False, 'probe_source': f'netns:{h.ext}',
             'capture_netns': h.ns, 'ovsdb_connection': h.unix, **options})
@@ -385,7 +386,7 @@ def prober_for(tmp_path):
 
 
 def by_tap(found):
-    return {path.vnic: path for _, _, path in found}
+    return {path.vif: path for _, _, path in found}
 
 
 def test_prober_resolves_every_layout_with_one_snapshot(host, prober_for):
@@ -536,7 +537,7 @@ def test_measure_finds_the_pif_with_ovs_vsctl_over_ssh(host):
     assert hybrid.interfaces == ('eth1', 'qvo1', 'qvb1', 'tap1')
     assert hybrid.via == (TO_BR_INT, (), ('qbr1',))
     assert tunnel.interfaces == ('eth2', 'tap2')
-    assert tunnel.encap == (topology.Encapsulation('vxlan', 4789),)
+    assert tunnel.encap == (vifpath.Encapsulation('vxlan', 4789),)
     assert bridged.interfaces == ('eth5', 'tap5')
     assert 'tap2' in str(err.value) and '--interface' in str(err.value)
     assert "ovs-vsctl on root@127.0.0.1:2222" in str(err.value)
@@ -585,8 +586,8 @@ def test_measure_pif_filter_opens_the_tunnels_found(tmp_path):
         'geneve other guest': (_frame(src, other, udp_port=6081,
                                       header=geneve_opts), False),
     }
-    encap = (topology.Encapsulation('vxlan', 4789),
-             topology.Encapsulation('geneve', 6081))
+    encap = (vifpath.Encapsulation('vxlan', 4789),
+             vifpath.Encapsulation('geneve', 6081))
     for name, (frame, wanted) in frames.items():
         path = tmp_path / 'one.pcap'
         with open(path, 'wb') as f:
@@ -624,16 +625,16 @@ def _lab_ovsdb(the_lab):
 @pytest.mark.parametrize('switch, network_type', LAB_LAYOUTS)
 def test_prober_finds_what_the_lab_built(lab_factory, prober_for, switch,
                                          network_type):
-    from netweaver_agent import labagent
+    from netweaver_agent.lab import agent
     the_lab = lab_factory(guests=2, switch=switch,
                           network_type=network_type)
     lab_host = types.SimpleNamespace(ns=the_lab.hv_netns,
                                      ext=the_lab.src_netns,
                                      unix=_lab_ovsdb(the_lab))
     prober, instances, _ = prober_for(
-        lab_host, labagent.guest_domains(the_lab))
+        lab_host, agent.guest_domains(the_lab))
     found = by_tap(prober.paths(instances))
-    truth = {p.vnic: p for p in the_lab.paths()}
+    truth = {p.vif: p for p in the_lab.paths()}
     assert set(found) == set(truth)
     for tap, path in found.items():
         assert path.interfaces == truth[tap].interfaces, tap

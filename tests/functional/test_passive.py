@@ -13,19 +13,19 @@ import select
 import socket
 import time
 
-from netweaver_agent import capture
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labtraffic
-from netweaver_agent import netns
-from netweaver_agent import passive
-from netweaver_agent import passivecapture
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import passive
+from netweaver_agent.core import passivecapture
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import traffic as labtraffic
 
 MARKER = b'MARKER-9c1e-passive-'
 
 
 def specs(the_lab):
-    return [passive.VnicSpec(g.tap, the_lab.pif, g.tap,
-                             frozenset({passive.address(g.address)}))
+    return [passive.VifSpec(g.tap, the_lab.pif, g.tap,
+                            frozenset({passive.address(g.address)}))
             for g in the_lab.guests]
 
 
@@ -112,7 +112,7 @@ def test_sampling_same_flows_on_pif_and_tap(lab_factory):
     assert flows, 'no flow sampled'
     assert all(seen == {the_lab.pif, g.tap} for seen in flows.values())
     spec = specs(the_lab)[0]
-    r = passive.match(cap.sightings, [spec])[spec.vnic]
+    r = passive.match(cap.sightings, [spec])[spec.vif]
     to_guest = r.report.ingress.count + r.unmatched
     assert r.report.ingress.count >= 0.99 * to_guest
     print(f'sampled flows {len(flows)}, ingress matched '
@@ -122,7 +122,7 @@ def test_sampling_same_flows_on_pif_and_tap(lab_factory):
 def _daemon_window(the_lab, guest, window_ms=1500, sample=1, **traffic):
     """A passive window in the lab's privsep daemon while ``guest``
     exchanges traffic with the source; ``(sightings, stats, result)``."""
-    from netweaver_agent import privileged
+    from netweaver_agent.agent import privileged
     box = {}
 
     def run():
@@ -154,7 +154,7 @@ def test_daemon_returns_keys_only_and_they_match(lab_factory):
     assert stats.kept == len(sightings) > 0 and stats.drops == 0
     assert MARKER[:6] not in repr(sightings).encode()
     spec = specs(the_lab)[0]
-    r = passive.match(sightings, [spec])[spec.vnic]
+    r = passive.match(sightings, [spec])[spec.vif]
     assert r.report.ingress.count >= res.udp_received
     assert r.report.egress.count >= res.udp_back_received
     assert r.report.anomalies == 0 and r.unmatched == 0
@@ -175,7 +175,7 @@ def test_vxlan_sampled_and_matched_on_the_inner_frame(lab_factory):
                                         socket.inet_ntoa(s.header.flow[2]))
                           for s in on_pif)
     spec = specs(the_lab)[0]
-    r = passive.match(sightings, [spec])[spec.vnic]
+    r = passive.match(sightings, [spec])[spec.vif]
     print(f'vxlan: {r.report.ingress.count} in, {r.report.egress.count} '
           f'out, unmatched {r.unmatched}, local {r.local}')
     assert r.report.ingress.count >= res.udp_received
@@ -184,7 +184,7 @@ def test_vxlan_sampled_and_matched_on_the_inner_frame(lab_factory):
 
 
 def test_daemon_refuses_bad_windows_by_name():
-    from netweaver_agent import privileged
+    from netweaver_agent.agent import privileged
     for args, name in (((None, None, 3, 100, 10), 'sample'),
                        ((None, None, 4, 0, 10), 'passive window'),
                        ((None, None, 4, 100, 0), 'cap'),
@@ -356,7 +356,7 @@ from tests.functional import conftest  # noqa: E402
 
 def _lab_cli(*argv):
     return subprocess.run(
-        [sys.executable, '-m', 'netweaver_agent.cli', 'lab', *argv],
+        [sys.executable, '-m', 'netweaver_agent.cli.main', 'lab', *argv],
         capture_output=True, text=True, timeout=180)
 
 
@@ -375,7 +375,8 @@ def test_lab_passive_json_beside_the_holds():
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = json.loads(proc.stdout)
     finally:
-        subprocess.run([sys.executable, '-m', 'netweaver_agent.cli', 'lab',
+        subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
+                        'lab',
                         'down', '--prefix', prefix], capture_output=True,
                        timeout=60)
     assert out['mode'] == 'passive'
@@ -409,7 +410,7 @@ def test_lab_passive_refuses_what_it_cannot_measure():
 
 import threading  # noqa: E402
 
-from netweaver_agent import labagent  # noqa: E402
+from netweaver_agent.lab import agent as labagent  # noqa: E402
 
 
 def _background_traffic(the_lab, stop, bound_s=60.0):
@@ -461,7 +462,7 @@ def test_real_agent_in_passive_mode(lab_factory, tmp_path):
     assert 'Probe window' not in log, 'probes were sent in passive mode'
     # The delayer read no ICMP probe (TCP segments of the streams parse
     # as TCP probe keys, which carry no session).
-    from netweaver_agent import probe
+    from netweaver_agent.core import probe
     assert not [r for r in the_lab.delay_records(1)
                 if r.session not in (None, probe.TCP_SESSION)]
 

@@ -25,10 +25,10 @@ import time
 import pytest
 import yaml
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
-from netweaver_agent import labpipeline
-from netweaver_agent import netns
+from netweaver_agent.core import netns
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import pipeline
 
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
@@ -67,15 +67,15 @@ def pipeline_lab(lab_factory, tmp_path):
         guests=2, mgmt=True,
         delays=(lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS),),
         losses=(lab_mod.LossInjection(guest=0, every=LOSS_EVERY),))
-    pipe = labpipeline.Pipeline(the_lab, logs_to=str(tmp_path / 'logs'),
-                                progress=print)
+    pipe = pipeline.Pipeline(the_lab, logs_to=str(tmp_path / 'logs'),
+                             progress=print)
     agent = None
     try:
         try:
             pipe.start()
-        except labpipeline.PipelineError as exc:
+        except pipeline.PipelineError as exc:
             pytest.fail(f'the pipeline could not start: {exc}')
-        probe = labpipeline.lab_probe_options(the_lab, INTERVAL_S)
+        probe = pipeline.lab_probe_options(the_lab, INTERVAL_S)
         probe['probe_count'] = PROBE_COUNT
         files = labagent.write_files(
             the_lab, str(tmp_path / 'agent'), interval_s=INTERVAL_S,
@@ -94,7 +94,7 @@ def pipeline_lab(lab_factory, tmp_path):
 
 def _policy_of(meter):
     """The archive policy our resource definitions give ``meter``."""
-    with open(labpipeline.RESOURCES_FILE, encoding='utf-8') as f:
+    with open(pipeline.RESOURCES_FILE, encoding='utf-8') as f:
         data = yaml.safe_load(f)
     (res,) = [r for r in data['resources']
               if r['resource_type'] == 'instance_network_interface']
@@ -108,7 +108,7 @@ def _seconds(text):
 
 
 def _alarm_example(name):
-    with open(os.path.join(labpipeline.ALARMS_DIR, f'{name}.json'),
+    with open(os.path.join(pipeline.ALARMS_DIR, f'{name}.json'),
               encoding='utf-8') as f:
         return json.load(f)['gnocchi_resources_threshold_rule']
 
@@ -117,7 +117,7 @@ def _wait_firing(pipe, expected, timeout_s):
     """Alert name → firing resources, once it equals ``expected``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        got = {name: labpipeline.firing(pipe, name) for name in expected}
+        got = {name: pipeline.firing(pipe, name) for name in expected}
         if got == expected or time.monotonic() >= deadline:
             return got
         time.sleep(1.0)
@@ -133,8 +133,8 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     samples = {}
     for g in the_lab.guests:
         for meter in ('network.vif.latency', 'network.vif.probe.loss'):
-            s = labpipeline.follow(pipe, agent, rids[g.tap], meter,
-                                   timeout_s=WAIT_S)
+            s = pipeline.follow(pipe, agent, rids[g.tap], meter,
+                                timeout_s=WAIT_S)
             samples[(g.tap, meter)] = s
             # One sample, the same value everywhere.
             assert s.exporter == s.gnocchi == s.prometheus, s
@@ -180,10 +180,10 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     alarms = {}
     for g in the_lab.guests:
         res = samples[(g.tap, 'network.vif.latency')].gnocchi_resource
-        for example in labpipeline.ALARM_EXAMPLES:
+        for example in pipeline.ALARM_EXAMPLES:
             made = pipe.create_alarm(example, res, f'{example}-{g.tap}')
             alarms[(g.tap, example)] = made['alarm_id']
-    states = labpipeline.wait_alarms(pipe, alarms, WAIT_S)
+    states = pipeline.wait_alarms(pipe, alarms, WAIT_S)
     assert states == {
         (lossy.tap, 'netweaver-vif-latency-high'): 'ok',
         (delayed.tap, 'netweaver-vif-latency-high'): 'alarm',
@@ -227,13 +227,13 @@ def test_a_service_failing_to_start_stops_the_others(lab_factory, tmp_path):
     blocker = netns.socket_in_netns(the_lab.mgmt_netns, socket.AF_INET,
                                     socket.SOCK_STREAM)
     with blocker:
-        blocker.bind(('127.0.0.1', labpipeline.PROMETHEUS_PORT))
+        blocker.bind(('127.0.0.1', pipeline.PROMETHEUS_PORT))
         blocker.listen(1)
         lines = []
-        pipe = labpipeline.Pipeline(
-            the_lab, labpipeline.PipelineSettings(aodh=False),
+        pipe = pipeline.Pipeline(
+            the_lab, pipeline.PipelineSettings(aodh=False),
             progress=lines.append)
-        with pytest.raises(labpipeline.PipelineError) as err:
+        with pytest.raises(pipeline.PipelineError) as err:
             with pipe:
                 pass
     assert 'prometheus' in str(err.value)
@@ -266,7 +266,7 @@ def test_lab_pipeline_command_cleans_up_on_ctrl_c():
     namespaces and the work directory."""
     require_root()
     prefix = unique_prefix('pc')
-    argv = [sys.executable, '-m', 'netweaver_agent.cli', 'lab',
+    argv = [sys.executable, '-m', 'netweaver_agent.cli.main', 'lab',
             '--pipeline', '--prefix', prefix]
     # bandit B603: our own command, an argument list
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE,  # nosec B603
@@ -299,7 +299,7 @@ def test_lab_pipeline_command_cleans_up_on_ctrl_c():
 def test_alert_rules_pass_promtool():
     """The shipped rules load, and their unit tests (thresholds, ``for``,
     labels, annotations) pass in Debian's promtool."""
-    rules = labpipeline.RULES_FILE
+    rules = pipeline.RULES_FILE
     tests = os.path.join(os.path.dirname(rules), 'netweaver-alerts.test.yml')
     for argv in (['promtool', 'check', 'rules', rules],
                  ['promtool', 'test', 'rules', tests]):

@@ -26,12 +26,12 @@ import threading
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import privileged
-from netweaver_agent import probe
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import netns
+from netweaver_agent.core import probe
+from netweaver_agent.core import window
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import build as lab_mod
 
 NOBODY = 65534
 CAP_NET_RAW_MASK = 1 << 13
@@ -202,8 +202,8 @@ def test_unprivileged_agent_and_a_cap_net_raw_daemon(lab_factory):
 
 def test_netns_sources_need_cap_sys_admin(lab_factory):
     the_lab = lab_factory(guests=1)
-    settings = measure.WindowSettings(count=5, timeout_ms=100.0,
-                                      max_window_ms=1000.0)
+    settings = window.WindowSettings(count=5, timeout_ms=100.0,
+                                     max_window_ms=1000.0)
     try:
         prod = privileged.capture_pctxt
         assert privileged.status(prod).effective == (
@@ -212,13 +212,13 @@ def test_netns_sources_need_cap_sys_admin(lab_factory):
                                                context=prod)
         with pytest.raises(privileged.PrivilegeError,
                            match='needs CAP_SYS_ADMIN'):
-            measure.run_window(the_lab.paths(), source, settings,
-                               capture_netns=the_lab.hv_netns,
-                               capture_class=privileged.capture_class(prod))
+            window.run_window(the_lab.paths(), source, settings,
+                              capture_netns=the_lab.hv_netns,
+                              capture_class=privileged.capture_class(prod))
         lab_ctx = privileged.netns_pctxt
         source = privileged.PrivsepLocalSource(the_lab.src_netns,
                                                context=lab_ctx)
-        result = measure.run_window(
+        result = window.run_window(
             the_lab.paths(), source, settings,
             capture_netns=the_lab.hv_netns,
             capture_class=privileged.capture_class(lab_ctx))
@@ -244,7 +244,7 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
     the agent's reports."""
     the_lab = lab_factory(guests=2, vxlan_vni=VNI)
     ctx = privileged.netns_pctxt
-    settings = measure.WindowSettings(
+    settings = window.WindowSettings(
         count=10, timeout_ms=100.0, max_window_ms=2000.0,
         vxlan_port=lab_mod.VXLAN_PORT)
     source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
@@ -263,7 +263,7 @@ def daemon_window(the_lab, source, settings, ctx, paths=None):
     """One window to ``paths`` (the lab's by default) captured by
     ``ctx``'s daemon; source and daemon closed."""
     try:
-        return measure.run_window(
+        return window.run_window(
             the_lab.paths() if paths is None else paths, source, settings,
             capture_netns=the_lab.hv_netns,
             capture_class=privileged.capture_class(ctx))
@@ -278,8 +278,8 @@ def test_vlan_ids_come_back_from_the_daemon(lab_factory):
     reach the agent."""
     the_lab = lab_factory(guests=1)
     ctx = privileged.netns_pctxt
-    settings = measure.WindowSettings(count=10, timeout_ms=100.0,
-                                      max_window_ms=2000.0)
+    settings = window.WindowSettings(count=10, timeout_ms=100.0,
+                                     max_window_ms=2000.0)
     source = the_lab.vlan_source((200, 100))
     result = daemon_window(the_lab, source, settings, ctx)
     on_pif = _pif_encaps(result.batch, the_lab.pif)

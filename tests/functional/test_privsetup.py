@@ -50,8 +50,8 @@ import time
 
 import pytest
 
-from netweaver_agent import labagent
-from netweaver_agent import privileged
+from netweaver_agent.agent import privileged
+from netweaver_agent.lab import agent as labagent
 from tests import privsetup
 from tests.functional import test_privsep as privsep_tests
 

@@ -20,13 +20,13 @@ import time
 import dpkt
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import pcapfile
-from netweaver_agent import privileged
-from netweaver_agent import probe
-from netweaver_agent import ring
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
+from netweaver_agent.core import ring
+from netweaver_agent.core import window
 from tests.functional import test_privsep
 from tests.functional.test_tcpdump_agreement import recording
 from tests.functional.test_tcpdump_agreement import Tcpdump
@@ -114,10 +114,10 @@ def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
                            limit=20 * COUNT)
                    for name, path in paths.items()):
         try:
-            result = measure.run_window(
+            result = window.run_window(
                 the_lab.paths(), source,
-                measure.WindowSettings(count=COUNT, interval_ms=0.5,
-                                       timeout_ms=100),
+                window.WindowSettings(count=COUNT, interval_ms=0.5,
+                                      timeout_ms=100),
                 capture_netns=the_lab.hv_netns, capture_class=Twin)
         finally:
             source.close()
@@ -147,7 +147,7 @@ def test_daemon_reads_a_ring(lab_factory):
     ctx = privileged.netns_pctxt
     source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
     result = test_privsep.daemon_window(
-        the_lab, source, measure.WindowSettings(
+        the_lab, source, window.WindowSettings(
             count=COUNT, timeout_ms=100.0, max_window_ms=2000.0), ctx)
     assert result.capture.reader == 'ring'
     assert result.capture.drops == 0
@@ -193,10 +193,10 @@ def test_close_reads_what_the_kernel_still_holds(lab_factory):
     NoSettle.made.clear()
     source = the_lab.source()
     try:
-        measure.run_window(
+        window.run_window(
             the_lab.paths(), source,
-            measure.WindowSettings(count=COUNT, interval_ms=0.2,
-                                   timeout_ms=100),
+            window.WindowSettings(count=COUNT, interval_ms=0.2,
+                                  timeout_ms=100),
             capture_netns=the_lab.hv_netns, capture_class=NoSettle)
     finally:
         source.close()
@@ -243,10 +243,10 @@ def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):  # noqa: F811
         dump.wait_listening()
         pinger.start()
         time.sleep(0.05)
-        measure.run_window(
+        window.run_window(
             the_lab.paths(), source,
-            measure.WindowSettings(count=COUNT, interval_ms=2.0,
-                                   timeout_ms=100),
+            window.WindowSettings(count=COUNT, interval_ms=2.0,
+                                  timeout_ms=100),
             capture_netns=the_lab.hv_netns, capture_class=Twin)
         pinger.join(timeout=30)
         assert dump.stop() in (0, 124), dump.stderr
@@ -273,11 +273,11 @@ def test_without_a_ring_the_window_reads_with_recvmsg(lab_factory, caplog,
     monkeypatch.setattr(ring, 'BLOCK_BYTES', 4096 + 16)
     the_lab = lab_factory(guests=1)
     source = the_lab.source()
-    caplog.set_level(logging.WARNING, logger='netweaver_agent.capture')
+    caplog.set_level(logging.WARNING, logger='netweaver_agent.core.capture')
     try:
-        result = measure.run_window(
+        result = window.run_window(
             the_lab.paths(), source,
-            measure.WindowSettings(count=COUNT, timeout_ms=100),
+            window.WindowSettings(count=COUNT, timeout_ms=100),
             capture_netns=the_lab.hv_netns)
     finally:
         source.close()

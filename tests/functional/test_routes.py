@@ -1,4 +1,4 @@
-"""Per-vNIC route checks against real namespaces (netweaver_agent.routes).
+"""Per-vNIC route checks against real namespaces (netweaver_agent.core.routes).
 
 A tenant chooses its port's addresses: one that the probe source cannot
 reach leaves out that vNIC alone, and a host route leading onto a vNIC's
@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import routes
+from netweaver_agent.core import netns
+from netweaver_agent.core import routes
+from netweaver_agent.core import window
 
 
 def test_unroutable_address_leaves_out_one_vnic(lab_factory):
@@ -19,14 +19,14 @@ def test_unroutable_address_leaves_out_one_vnic(lab_factory):
     good, bad = the_lab.paths()
     # Inside 198.18.0.0/15, outside every route of the source namespace.
     bad = dataclasses.replace(bad, address='198.18.9.9')
-    result = measure.run_window(
+    result = window.run_window(
         [good, bad], the_lab.source(),
-        measure.WindowSettings(count=10, interval_ms=1.0),
+        window.WindowSettings(count=10, interval_ms=1.0),
         capture_netns=the_lab.hv_netns)
-    assert set(result.reports) == {good.vnic}
-    assert result.reports[good.vnic].ingress.count == 10
+    assert set(result.reports) == {good.vif}
+    assert result.reports[good.vif].ingress.count == 10
     [refused] = result.refused
-    assert refused.vnic == bad.vnic
+    assert refused.vif == bad.vif
     assert 'no route to 198.18.9.9' in refused.reason
 
 
@@ -38,14 +38,14 @@ def test_local_route_onto_the_vnics_bridge_is_refused(lab_factory):
     # guests at first, then an address on their bridge (probes would go
     # straight onto the bridge, never through the pif).
     first = routes.refusals(paths, hv, local=True)
-    assert [r.vnic for r in first] == [p.vnic for p in paths]
+    assert [r.vif for r in first] == [p.vif for p in paths]
     assert all('no route' in r.reason for r in first)
     netns.run(['ip', 'addr', 'add', '198.18.0.250/24', 'dev',
                the_lab.bridge], netns=hv)
     found = routes.lookup([p.address for p in paths], hv)
     assert {r.dev for r in found.values()} == {the_lab.bridge}
     onto = routes.refusals(paths, hv, local=True)
-    assert [r.vnic for r in onto] == [p.vnic for p in paths]
+    assert [r.vif for r in onto] == [p.vif for p in paths]
     for r in onto:
         assert f'leaves by {the_lab.bridge}' in r.reason
         assert f'pif {the_lab.pif}' in r.reason

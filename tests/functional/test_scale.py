@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from netweaver_agent import measure
-from netweaver_agent import netns
+from netweaver_agent.core import netns
+from netweaver_agent.core import window
 from tests.functional import inprocess
 
 TRIMMED_RE = re.compile(r'sending (\d+) of 400 \((\d+) per vNIC\), (\d+) '
@@ -134,7 +134,7 @@ def test_cycle_bound_sends_whole_rounds_and_reports_them(lab_factory,
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger('netweaver_agent.measure')
+    logger = logging.getLogger('netweaver_agent.core.window')
     logger.addHandler(handler)
     try:
         samples, _ = cycle.run()
@@ -144,7 +144,7 @@ def test_cycle_bound_sends_whole_rounds_and_reports_them(lab_factory,
     found = [m for m in map(TRIMMED_RE.search, lines) if m]
     assert len(found) == 1, lines
     planned, rounds, skipped = map(int, found[0].groups())
-    most = int((300 - 100 - measure.OPEN_RESERVE_S * 1000) / 1.0) + 1
+    most = int((300 - 100 - window.OPEN_RESERVE_S * 1000) / 1.0) + 1
     assert 1 <= rounds <= most // 8, lines
     assert (planned, skipped) == (8 * rounds, 400 - 8 * rounds)
     # The source was not cut short: the rounds stay whole.
@@ -163,16 +163,16 @@ def test_window_below_one_round_skips_vnics_in_turn(lab_factory):
     # 6 vNICs, a probe every 20 ms, 50 ms of sending: 3 probes fit, so 3
     # vNICs are probed and 3 skipped, and another session starts elsewhere.
     the_lab = lab_factory(guests=6)
-    settings = measure.WindowSettings(count=5, interval_ms=20.0,
-                                      timeout_ms=50.0, max_window_ms=100.0)
+    settings = window.WindowSettings(count=5, interval_ms=20.0,
+                                     timeout_ms=50.0, max_window_ms=100.0)
     paths = the_lab.paths()
     source = the_lab.source()
     try:
-        first = measure.run_window(paths, source, settings,
-                                   capture_netns=the_lab.hv_netns, session=6)
-        second = measure.run_window(paths, source, settings,
-                                    capture_netns=the_lab.hv_netns,
-                                    session=9)
+        first = window.run_window(paths, source, settings,
+                                  capture_netns=the_lab.hv_netns, session=6)
+        second = window.run_window(paths, source, settings,
+                                   capture_netns=the_lab.hv_netns,
+                                   session=9)
     finally:
         source.close()
     taps = [g.tap for g in the_lab.guests]

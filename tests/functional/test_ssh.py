@@ -25,16 +25,17 @@ from xml.etree import ElementTree
 
 import pytest
 
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import labagent
-from netweaver_agent import labvirt
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import remote
-from netweaver_agent import seedjob
-from netweaver_agent import sources
-from netweaver_agent import topology
-from netweaver_agent.cmd import measure as cmd_measure
+from netweaver_agent.cli import measure as cmd_measure
+from netweaver_agent.cli import seedjob
+from netweaver_agent.core import netns
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
+from netweaver_agent.core import window
+from netweaver_agent.lab import agent
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import virt
+from netweaver_agent.ssh import probesource
+from netweaver_agent.ssh import remote
 from tests.functional import conftest
 
 SSHD = '/usr/sbin/sshd'
@@ -127,12 +128,12 @@ class SSHLab:
         # names instance-0000000N, the lab's taps on its bridge), and
         # guest 1's tap once more under the hostile name.  No filterref
         # there: libvirt formats the filter name unquoted.
-        hostile = labvirt.GuestDomain.from_guest(
+        hostile = virt.GuestDomain.from_guest(
             self.guests[1], domain=self.hostile, uuid=str(uuid.uuid4()),
             bridge=self.lab.bridge, filterref=False)
-        self.libvirt_uri = labvirt.write_node(
+        self.libvirt_uri = virt.write_node(
             os.path.join(self.workdir, 'node.xml'),
-            [*labagent.guest_domains(self.lab), hostile])
+            [*agent.guest_domains(self.lab), hostile])
 
     def start_sshd(self, ns, addr, port):
         conf = os.path.join(self.workdir, f'sshd_{ns}_{port}.conf')
@@ -211,7 +212,7 @@ def lab(tmp_path_factory):
 
 def _netweaver(argv):
     """The ``netweaver`` command in a process of its own; must succeed."""
-    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
                            *argv], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, (argv, proc.stderr)
@@ -377,7 +378,7 @@ def _domiflist(uri, domain):
 
 def test_parse_domiflist_reads_the_real_virsh_output(tmp_path):
     def guest(index, **kw):
-        return labvirt.GuestDomain(
+        return virt.GuestDomain(
             index=index, name=f'g{index}', uuid=str(uuid.uuid4()),
             tap=f'nwh8tap{index}', mac=f'fa:16:3e:00:00:{index + 16:02x}',
             address=f'198.18.0.{index + 10}', **kw)
@@ -388,14 +389,14 @@ def test_parse_domiflist_reads_the_real_virsh_output(tmp_path):
     empty = guest(4)
     node = ElementTree.Element('node')
     for g in (bridged, plain, two, empty):
-        node.append(labvirt.domain_element(g))
+        node.append(virt.domain_element(g))
     devices = node[2].find('devices')     # two vNICs: nwh8tap2, nwh8tap3
-    devices.append(labvirt.domain_element(second).find('devices/interface'))
+    devices.append(virt.domain_element(second).find('devices/interface'))
     devices = node[3].find('devices')     # no vNIC at all
     devices.remove(devices.find('interface'))
     path = tmp_path / 'node.xml'
     path.write_text(ElementTree.tostring(node, encoding='unicode'))
-    uri = labvirt.uri(str(path))
+    uri = virt.uri(str(path))
 
     text = _domiflist(uri, bridged.domain_name)
     # The real format: a header, a rule of dashes, one row per vNIC.
@@ -489,18 +490,18 @@ def test_instance_name_runs_nothing(lab, capsys):
 
 def test_ssh_source_in_run_window_like_netns_source(lab):
     g = lab.guests[1]
-    paths = [topology.VifPath(vnic=g.tap, address=g.address,
-                              interfaces=(lab.pif, lab.guests[1].tap))]
-    settings = measure.WindowSettings(count=30, interval_ms=1.0)
-    ssh_source = sources.parse_source(
+    paths = [vifpath.VifPath(vif=g.tap, address=g.address,
+                             interfaces=(lab.pif, lab.guests[1].tap))]
+    settings = window.WindowSettings(count=30, interval_ms=1.0)
+    ssh_source = probesource.parse_source(
         f'ssh://root@{lab.src_mgmt}:{PORT}', options=lab.options(),
         netns_name=lab.mgmt)
-    local_source = sources.parse_source(f'netns:{lab.src}')
+    local_source = probesource.parse_source(f'netns:{lab.src}')
     try:
-        by_ssh = measure.run_window(paths, ssh_source, settings,
-                                    capture_netns=lab.hv)
-        by_netns = measure.run_window(paths, local_source, settings,
-                                      capture_netns=lab.hv)
+        by_ssh = window.run_window(paths, ssh_source, settings,
+                                   capture_netns=lab.hv)
+        by_netns = window.run_window(paths, local_source, settings,
+                                     capture_netns=lab.hv)
     finally:
         ssh_source.close()
         local_source.close()

@@ -24,12 +24,13 @@ import time
 import paramiko
 import pytest
 
-from netweaver_agent import destinations
-from netweaver_agent import lab as lab_mod
-from netweaver_agent import measure
-from netweaver_agent import remote
-from netweaver_agent import seedjob
-from netweaver_agent import sources
+from netweaver_agent.cli import seedjob
+from netweaver_agent.core import destinations
+from netweaver_agent.core import sources
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.ssh import probesource
+from netweaver_agent.ssh import remote
 from tests.functional import conftest
 from tests.functional import test_ssh
 
@@ -506,21 +507,22 @@ def lab6(tmp_path_factory):
 
 def test_ssh_source_sends_ipv6_probes(lab6):
     paths = lab6.lab.paths(ipv6=True)
-    settings = measure.WindowSettings(count=20, interval_ms=2.0)
-    src = sources.parse_source(f'ssh://root@{lab6.src_mgmt}:{test_ssh.PORT}',
-                               options=lab6.options(), netns_name=lab6.mgmt)
+    settings = probe_window.WindowSettings(count=20, interval_ms=2.0)
+    src = probesource.parse_source(
+        f'ssh://root@{lab6.src_mgmt}:{test_ssh.PORT}',
+        options=lab6.options(), netns_name=lab6.mgmt)
     try:
         assert src.remote.route_source(paths[0].address) == \
             lab6.lab.spec.src_address6
-        window = measure.run_window(paths, src, settings,
-                                    capture_netns=lab6.hv)
+        window = probe_window.run_window(paths, src, settings,
+                                         capture_netns=lab6.hv)
     finally:
         src.close()
     assert window.send == sources.SendResult(sent=40)
     delayed = lab6.lab.delay_records(0)
     for i, path in enumerate(paths):
         assert ':' in path.address
-        rep = window.reports[path.vnic]
+        rep = window.reports[path.vif]
         assert rep.ingress.count == 20 and rep.ingress.lost == 0, rep
         assert rep.egress.count == 20
     # Guest 0's probes are held DELAY_MS on the bridge (ip6tables and the
@@ -528,7 +530,7 @@ def test_ssh_source_sends_ipv6_probes(lab6):
     held = [r.hold_ns for r in delayed
             if r.session == window.session and not r.reply]
     assert len(held) == 20
-    assert window.reports[paths[0].vnic].ingress.min_us * 1000 >= min(held)
+    assert window.reports[paths[0].vif].ingress.min_us * 1000 >= min(held)
 
 
 def test_measure_of_an_ipv6_destination(lab6, tmp_path):
@@ -556,7 +558,7 @@ def test_the_real_agent_refuses_options_that_can_never_work(lab_factory,
     """ceilometer-polling with a NaN float, a window with no room for a
     probe and accept-new without a known_hosts file: the meters are not
     loaded, one ERROR names every option, nothing is probed."""
-    from netweaver_agent import labagent
+    from netweaver_agent.lab import agent as labagent
     the_lab = lab_factory(guests=1)
     files = labagent.write_files(
         the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,

@@ -9,7 +9,7 @@ reason, and guest 1 is measured with its own probes only.
 
 import pytest
 
-from netweaver_agent import netns
+from netweaver_agent.core import netns
 from tests.functional import inprocess
 from tests.functional.inprocess import by_resource
 from tests.functional.inprocess import METERS
@@ -71,7 +71,7 @@ def test_filterref_naming_another_guest_is_not_probed(lab_factory,
                    broken.index: set()}, got
     (window,) = cache.windows
     [measured] = window.measurements
-    assert measured.path.vnic == victim.tap
+    assert measured.path.vif == victim.tap
     assert measured.report.sent == PROBE['probe_count']
     assert measured.report.ingress.count == PROBE['probe_count']
     # The victim's guest received its own probes and none of the thief's

@@ -41,14 +41,15 @@ import time
 import dpkt
 import pytest
 
-from netweaver_agent import labagent
-from netweaver_agent import labswitch
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import privileged
-from netweaver_agent import probe
-from netweaver_agent import sources
-from netweaver_agent import topology
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import netns
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
+from netweaver_agent.core import window
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import switch
+from netweaver_agent.ssh import probesource
 from tests.functional import conftest
 from tests.functional import test_privsep
 from tests.functional import test_ssh
@@ -117,10 +118,10 @@ def cursor():
 
 
 def windows(the_lab, n, count=COUNT):
-    settings = measure.WindowSettings(protocol='tcp', count=count,
-                                      interval_ms=1.0, timeout_ms=150)
-    return [measure.run_window(the_lab.paths(), the_lab.source(), settings,
-                               capture_netns=the_lab.hv_netns)
+    settings = window.WindowSettings(protocol='tcp', count=count,
+                                     interval_ms=1.0, timeout_ms=150)
+    return [window.run_window(the_lab.paths(), the_lab.source(), settings,
+                              capture_netns=the_lab.hv_netns)
             for _ in range(n)]
 
 
@@ -214,8 +215,8 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
     cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
     the_lab = lab_factory(guests=2)
     ctx = privileged.netns_pctxt
-    settings = measure.WindowSettings(protocol='tcp', count=COUNT,
-                                      timeout_ms=100.0, max_window_ms=3000.0)
+    settings = window.WindowSettings(protocol='tcp', count=COUNT,
+                                     timeout_ms=100.0, max_window_ms=3000.0)
     ports = collections.defaultdict(list)
     for _ in range(2):
         source = privileged.PrivsepLocalSource(the_lab.src_netns,
@@ -239,16 +240,16 @@ def ssh_lab(tmp_path_factory):
 def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
     cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
     g = ssh_lab.guests[1]
-    paths = [topology.VifPath(vnic=g.tap, address=g.address,
-                              interfaces=(ssh_lab.pif, g.tap))]
-    source = sources.parse_source(
+    paths = [vifpath.VifPath(vif=g.tap, address=g.address,
+                             interfaces=(ssh_lab.pif, g.tap))]
+    source = probesource.parse_source(
         f'ssh://root@{ssh_lab.src_mgmt}:{test_ssh.PORT}',
         options=ssh_lab.options(), netns_name=ssh_lab.mgmt)
-    settings = measure.WindowSettings(protocol='tcp', count=COUNT,
-                                      interval_ms=1.0)
+    settings = window.WindowSettings(protocol='tcp', count=COUNT,
+                                     interval_ms=1.0)
     try:
-        results = [measure.run_window(paths, source, settings,
-                                      capture_netns=ssh_lab.hv)
+        results = [window.run_window(paths, source, settings,
+                                     capture_netns=ssh_lab.hv)
                    for _ in range(2)]
     finally:
         source.close()
@@ -344,20 +345,20 @@ def test_ovn_acl_conntrack_holds_one_connection_per_probe(lab_factory,
     cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
     the_lab = lab_factory(switch='ovn', guests=2)
     paths = the_lab.paths()
-    settings = measure.WindowSettings(
+    settings = window.WindowSettings(
         protocol='tcp', count=COUNT,
         geneve_port=paths[0].encap_port('geneve'))
     ports = collections.defaultdict(list)
     for _ in range(WINDOWS):
-        result = measure.run_window(paths, the_lab.source(), settings,
-                                    capture_netns=the_lab.hv_netns)
+        result = window.run_window(paths, the_lab.source(), settings,
+                                   capture_netns=the_lab.hv_netns)
         for g in the_lab.guests:
             rep = result.reports[g.tap]
             assert (rep.ingress.count, rep.egress.count) == (COUNT, COUNT)
             ports[g.address] += key_ports(result, g.tap)
     chassis = (the_lab.layout.hv, the_lab.layout.src)
     for c in chassis:
-        assert labswitch._alive(c.ovs.pids()['ovs-vswitchd']), \
+        assert switch._alive(c.ovs.pids()['ovs-vswitchd']), \
             f'ovs-vswitchd of chassis {c.name} died'
     tracked = collections.defaultdict(set)
     for line in the_lab.layout.hv.ovs.appctl(

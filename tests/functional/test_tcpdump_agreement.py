@@ -1,9 +1,9 @@
 """tcpdump as an independent instrument: its pcaps agree with our capture.
 
 In one probe window of the namespace lab, tcpdump records the pif and the
-guest's tap (``--time-stamp-precision=nano``) while ``measure.run_window``
+guest's tap (``--time-stamp-precision=nano``) while ``window.run_window``
 captures live.  The per-probe latency (tap − pif) read from the two pcaps
-by :mod:`netweaver_agent.pcapfile` must agree with the live capture's
+by :mod:`netweaver_agent.core.pcapfile` must agree with the live capture's
 within 1 µs for at least 99 % of the probes, and ``analyze_pcaps`` must
 find the same probes.  Needs root; fails (never skips) without a lab.
 """
@@ -19,12 +19,12 @@ import time
 
 import pytest
 
-from netweaver_agent import analyze
-from netweaver_agent import capture
-from netweaver_agent import measure
-from netweaver_agent import netns
-from netweaver_agent import pcapfile
-from netweaver_agent import probe
+from netweaver_agent.cli import offline
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
+from netweaver_agent.core import window
 from tests.functional import conftest
 
 COUNT = 300
@@ -141,10 +141,10 @@ def test_pcaps_agree_with_live_capture(lab_factory, workdir, protocol):
                            os.path.join(workdir, f'{iface}.pcap'),
                            bpf, limit=2 * COUNT + 50)
                    for iface in (pif, vif)) as dumps:
-        result = measure.run_window(
+        result = window.run_window(
             the_lab.paths(), the_lab.source(),
-            measure.WindowSettings(protocol=protocol, count=COUNT,
-                                   interval_ms=0.5, timeout_ms=200),
+            window.WindowSettings(protocol=protocol, count=COUNT,
+                                  interval_ms=0.5, timeout_ms=200),
             capture_netns=the_lab.hv_netns)
         time.sleep(0.2)
 
@@ -167,7 +167,7 @@ def test_pcaps_agree_with_live_capture(lab_factory, workdir, protocol):
         + ' | '.join(d.stderr.decode(errors='replace') for d in dumps))
 
     # The command's analysis of the same files finds the same probes.
-    found = analyze.analyze_pcaps(dumps[0].path, dumps[1].path,
+    found = offline.analyze_pcaps(dumps[0].path, dumps[1].path,
                                   session=session, pif_name=pif,
                                   vif_name=vif)
     live_rep = result.reports[vif]

@@ -2,8 +2,8 @@
 :func:`measure.run_window`: a capture that sees nothing and a source
 that sends everything, both without sockets."""
 
-from netweaver_agent import capture
-from netweaver_agent import sources
+from netweaver_agent.core import capture
+from netweaver_agent.core import sources
 
 
 class SilentCapture:

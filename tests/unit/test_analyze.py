@@ -14,9 +14,9 @@ import sys
 import dpkt
 import pytest
 
-from netweaver_agent import analyze
-from netweaver_agent import pcapfile
-from netweaver_agent import probe
+from netweaver_agent.cli import offline
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import probe
 from tests.unit import test_fuzz as tf
 from tests.unit import test_pcapfile as tpf
 from tests.unit import test_probe as tp
@@ -61,13 +61,13 @@ def test_exact_statistics_with_a_lost_probe(proto, tmp_path):
     ingress = [10_001, 20_002, 30_003, 99_999, 40_004, 7_123]
     egress = [2_000, 4_000, 6_000, 1, 8_000, 5_555]
     pif, vif = answered(proto, ingress, 50_000, egress, lose={3})
-    result = analyze.analyze_pcaps(write(tmp_path / 'PIF.pcap', pif),
+    result = offline.analyze_pcaps(write(tmp_path / 'PIF.pcap', pif),
                                    write(tmp_path / 'VIF.pcap', vif))
     rep = result.report
     # TCP keys carry no session on the wire (the ISN is a keyed hash).
     assert result.mode == 'probe' and result.session == (
         probe.TCP_SESSION if proto == 'tcp' else 4242)
-    assert (rep.pif, rep.vnic, rep.sent) == ('PIF', 'VIF', 6)
+    assert (rep.pif, rep.vif, rep.sent) == ('PIF', 'VIF', 6)
     kept_in = [v for i, v in enumerate(ingress) if i != 3]
     kept_eg = [v for i, v in enumerate(egress) if i != 3]
     ing, eg = rep.ingress, rep.egress
@@ -86,7 +86,7 @@ def test_exact_statistics_with_a_lost_probe(proto, tmp_path):
 def test_microsecond_and_big_endian_files_mix(tmp_path):
     ingress = [11_000, 12_000, 13_000]
     pif, vif = answered('icmp', ingress, 1_000, [3_000] * 3)
-    result = analyze.analyze_pcaps(
+    result = offline.analyze_pcaps(
         write(tmp_path / 'p.pcap', pif, nano=False),
         write(tmp_path / 'v.pcap', vif, order='>'))
     # The µs file lost T0's nanoseconds (789): exactly that much longer.
@@ -98,7 +98,7 @@ def test_late_probe_is_lost_and_seed_bugs_are_gone(tmp_path):
     """The seed stopped at the first missing packet and kept ms only."""
     ingress = [5_432, 5_000_000, 6_789, 8_001]        # 5 ms: late
     pif, vif = answered('udp', ingress, 0, [1] * 4, lose={0})
-    result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', pif),
+    result = offline.analyze_pcaps(write(tmp_path / 'p.pcap', pif),
                                    write(tmp_path / 'v.pcap', vif),
                                    timeout_ms=1.0)
     ing = result.report.ingress
@@ -111,8 +111,8 @@ def test_session_choice(tmp_path):
     p2, v2 = answered('icmp', [20_000] * 2, 0, [0] * 2, session=2)
     pif = write(tmp_path / 'p.pcap', sorted(p1 + p2))
     vif = write(tmp_path / 'v.pcap', sorted(v1 + v2))
-    assert analyze.analyze_pcaps(pif, vif).report.ingress.mean_us == 10.0
-    two = analyze.analyze_pcaps(pif, vif, session=2)
+    assert offline.analyze_pcaps(pif, vif).report.ingress.mean_us == 10.0
+    two = offline.analyze_pcaps(pif, vif, session=2)
     assert two.session == 2 and two.report.ingress.mean_us == 20.0
     assert two.report.sent == 2
 
@@ -130,9 +130,9 @@ def test_fingerprint_mode_for_hping3_syns(tmp_path):
         pif.append((t + 60_000 + 3_000, rst))
     pif_path = write(tmp_path / 'p.pcap', sorted(pif))
     vif_path = write(tmp_path / 'v.pcap', sorted(vif))
-    with pytest.raises(analyze.AnalyzeError, match='instance.s address'):
-        analyze.analyze_pcaps(pif_path, vif_path)
-    result = analyze.analyze_pcaps(pif_path, vif_path,
+    with pytest.raises(offline.AnalyzeError, match='instance.s address'):
+        offline.analyze_pcaps(pif_path, vif_path)
+    result = offline.analyze_pcaps(pif_path, vif_path,
                                    destination='198.18.0.10')
     rep = result.report
     assert result.mode == 'fingerprint'
@@ -147,10 +147,10 @@ def test_fingerprint_mode_for_hping3_syns(tmp_path):
 
 def test_nothing_to_match(tmp_path):
     empty = tpf.write_pcap(tmp_path / 'e.pcap', [], [])
-    with pytest.raises(analyze.AnalyzeError, match='no netweaver probe'):
-        analyze.analyze_pcaps(empty, empty)
-    with pytest.raises(analyze.AnalyzeError, match='no netweaver probe'):
-        analyze.analyze_pcaps(empty, empty, mode='probe',
+    with pytest.raises(offline.AnalyzeError, match='no netweaver probe'):
+        offline.analyze_pcaps(empty, empty)
+    with pytest.raises(offline.AnalyzeError, match='no netweaver probe'):
+        offline.analyze_pcaps(empty, empty, mode='probe',
                               destination='198.18.0.10')
 
 
@@ -158,9 +158,9 @@ def test_same_file_names_are_told_apart(tmp_path):
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
     pif, vif = answered('icmp', [10_000], 0, [0])
-    result = analyze.analyze_pcaps(write(tmp_path / 'a' / 'x.pcap', pif),
+    result = offline.analyze_pcaps(write(tmp_path / 'a' / 'x.pcap', pif),
                                    write(tmp_path / 'b' / 'x.pcap', vif))
-    assert (result.report.pif, result.report.vnic) == ('pif:x', 'vif:x')
+    assert (result.report.pif, result.report.vif) == ('pif:x', 'vif:x')
     assert result.report.ingress.count == 1
 
 
@@ -168,7 +168,7 @@ def test_same_file_names_are_told_apart(tmp_path):
 # The command, as a user runs it.
 
 def netweaver(*argv):
-    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
                            *map(str, argv)], capture_output=True, text=True,
                           timeout=60)
 
@@ -317,7 +317,7 @@ def hping_pair(n=20, vif_first=(), lose=(), pif_first=()):
 
 def test_fingerprint_counts_only_traffic_to_and_from_the_instance(tmp_path):
     pif, vif = hping_pair(vif_first={4}, lose={7}, pif_first={12})
-    result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
+    result = offline.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
                                    write(tmp_path / 'v.pcap', sorted(vif)),
                                    destination=GUEST)
     rep = result.report
@@ -347,7 +347,7 @@ def test_fingerprint_reads_through_tunnels(tmp_path, tunnel, where):
         pif = wrap(pif)
     if where in ('vif', 'both'):
         vif = wrap(vif)
-    result = analyze.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
+    result = offline.analyze_pcaps(write(tmp_path / 'p.pcap', sorted(pif)),
                                    write(tmp_path / 'v.pcap', sorted(vif)),
                                    destination=GUEST)
     rep = result.report
@@ -375,7 +375,7 @@ def test_fingerprint_ipv6_with_router_solicitations(tmp_path):
     for j, frame in enumerate(noise()):
         vif.append((T0 + (10 + j) * MS, frame))
         pif.append((T0 + (10 + j) * MS + 7_000, frame))
-    result = analyze.analyze_pcaps(
+    result = offline.analyze_pcaps(
         write(tmp_path / 'p.pcap', sorted(pif)),
         write(tmp_path / 'v.pcap', sorted(vif)), destination='2001:2::a')
     r = result.report

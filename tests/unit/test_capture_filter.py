@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import capture
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
+from netweaver_agent.core import capture
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
 from tests.unit import test_fuzz as tf
 from tests.unit.test_encap_parse import frame4
 from tests.unit.test_encap_parse import frame6

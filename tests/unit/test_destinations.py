@@ -8,11 +8,12 @@ same addresses in tests/functional/test_daemon_limits.py.
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import destinations
-from netweaver_agent import measure
-from netweaver_agent import sources
-from netweaver_agent import topology
+from netweaver_agent.core import capture
+from netweaver_agent.core import destinations
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
+from netweaver_agent.core import window
+from netweaver_agent.ssh import probesource
 
 REFUSED = {
     'loopback': ['127.0.0.1', '127.255.255.254', '::1'],
@@ -141,9 +142,9 @@ def test_the_refusal_is_rebuilt_from_its_args():
 # --- the window --------------------------------------------------------
 
 
-def _path(vnic, address):
-    return topology.VifPath(vnic=vnic, address=address,
-                            interfaces=('eth1', vnic))
+def _path(vif, address):
+    return vifpath.VifPath(vif=vif, address=address,
+                           interfaces=('eth1', vif))
 
 
 class _Source(sources.ProbeSource):
@@ -196,20 +197,20 @@ class _FailingCapture(_Capture):
     fail_open = True
 
 
-SETTINGS = measure.WindowSettings(count=2, timeout_ms=20.0,
-                                  max_window_ms=500.0)
+SETTINGS = window.WindowSettings(count=2, timeout_ms=20.0,
+                                 max_window_ms=500.0)
 
 
 def test_one_bad_address_drops_only_its_vnic():
     paths = [_path('tapgood', '198.18.0.10'), _path('tapbad', '198.18.0.300'),
              _path('tapmeta', '169.254.169.254'), _path('tapv6', '2001:2::10')]
     source = _Source()
-    result = measure.run_window(paths, source, SETTINGS,
-                                capture_class=_Capture)
+    result = window.run_window(paths, source, SETTINGS,
+                               capture_class=_Capture)
     (plan,) = source.sent
     assert set(plan.targets()) == {'198.18.0.10', '2001:2::10'}
     assert set(result.reports) == {'tapgood', 'tapv6'}
-    refused = {r.vnic: r for r in result.refused}
+    refused = {r.vif: r for r in result.refused}
     assert set(refused) == {'tapbad', 'tapmeta'}
     assert refused['tapbad'].address == '198.18.0.300'
     assert 'link-local' in refused['tapmeta'].reason
@@ -218,33 +219,33 @@ def test_one_bad_address_drops_only_its_vnic():
 def test_the_sources_policy_decides_probe_networks():
     paths = [_path('tapin', '198.18.0.10'), _path('tapout', '198.19.0.10')]
     source = _Source(destinations.policy(['198.18.0.0/24']))
-    result = measure.run_window(paths, source, SETTINGS,
-                                capture_class=_Capture)
+    result = window.run_window(paths, source, SETTINGS,
+                               capture_class=_Capture)
     assert set(result.reports) == {'tapin'}
-    assert [r.vnic for r in result.refused] == ['tapout']
+    assert [r.vif for r in result.refused] == ['tapout']
 
 
 def test_a_window_with_every_destination_refused_raises_the_refusal():
     source = _Source()
     with pytest.raises(destinations.RefusedDestination, match='224.0.0.1'):
-        measure.run_window([_path('tapm', '224.0.0.1')], source, SETTINGS,
-                           capture_class=_Capture)
+        window.run_window([_path('tapm', '224.0.0.1')], source, SETTINGS,
+                          capture_class=_Capture)
     assert source.prepared == [] and source.sent == []
 
 
 def test_a_capture_that_fails_to_open_discards_the_prepared_probes():
     source = _Source()
     with pytest.raises(capture.CaptureError):
-        measure.run_window([_path('tapa', '198.18.0.10')], source, SETTINGS,
-                           capture_class=_FailingCapture)
+        window.run_window([_path('tapa', '198.18.0.10')], source, SETTINGS,
+                          capture_class=_FailingCapture)
     assert len(source.prepared) == 1 and source.sent == []
     assert source.discarded == 1
 
 
 def test_a_window_that_ends_well_discards_nothing():
     source = _Source()
-    measure.run_window([_path('tapa', '198.18.0.10')], source, SETTINGS,
-                       capture_class=_Capture)
+    window.run_window([_path('tapa', '198.18.0.10')], source, SETTINGS,
+                      capture_class=_Capture)
     assert source.discarded == 0
 
 
@@ -276,5 +277,5 @@ def test_the_local_source_forgets_what_it_prepared_on_discard():
 
 def test_parse_source_hands_the_policy_on():
     policy = destinations.policy(['198.18.0.0/15'])
-    assert sources.parse_source('local', policy=policy).policy is policy
-    assert sources.parse_source('local').policy.require_networks
+    assert probesource.parse_source('local', policy=policy).policy is policy
+    assert probesource.parse_source('local').policy.require_networks

@@ -10,11 +10,12 @@ import struct
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import latency
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
-from netweaver_agent import report
+from netweaver_agent.cli import report
+from netweaver_agent.core import capture
+from netweaver_agent.core import latency
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
+from netweaver_agent.core import vifpath
 from tests.unit.bpf import run_bpf
 from tests.unit import fakes
 from tests.unit import test_fuzz as tf
@@ -356,7 +357,7 @@ def test_encap_reaches_the_report():
     merged.interface_index('other')
     merged.extend(batch)
     assert merged.encap[(0, merged.interface_index('eth1'))] == tagged
-    m = latency.Matcher(7, [latency.PathSpec('tap0', ('eth1', 'tap0'))],
+    m = latency.Matcher(7, [vifpath.VifPath('tap0', None, ('eth1', 'tap0'))],
                         {s: 'tap0' for s in range(4)}, 10 ** 9)
     m.feed_batch(merged)
     rep = m.reports()['tap0']
@@ -367,7 +368,7 @@ def test_encap_reaches_the_report():
 
 
 def test_plain_reports_have_no_encap():
-    m = latency.Matcher(7, [latency.PathSpec('tap0', ('eth1', 'tap0'))],
+    m = latency.Matcher(7, [vifpath.VifPath('tap0', None, ('eth1', 'tap0'))],
                         {0: 'tap0'}, 10 ** 9)
     rep = m.reports()['tap0']
     assert (rep.vlan, rep.vni) == ((), None)
@@ -387,8 +388,8 @@ def test_live_encap_puts_the_kernel_tag_first():
 def test_geneve_port_option_reaches_the_window_settings():
     from oslo_config import cfg
 
-    from netweaver_agent import opts
-    from netweaver_agent import pollsters
+    from netweaver_agent.agent import opts
+    from netweaver_agent.agent import pollsters
     conf = cfg.ConfigOpts()
     opts.register_opts(conf)
     conf([], project='netweaver-test')
@@ -399,7 +400,7 @@ def test_geneve_port_option_reaches_the_window_settings():
 
 
 def test_the_capture_classes_take_the_geneve_port():
-    from netweaver_agent import privileged
+    from netweaver_agent.agent import privileged
     make = privileged.capture_class(privileged.netns_pctxt)
     cap = make(9, 'icmp', netns_name='hv', vxlan_port=4789,
                geneve_port=6081)
@@ -412,24 +413,23 @@ def test_the_capture_classes_take_the_geneve_port():
 
 
 def test_run_window_opens_the_capture_with_the_tunnel_ports():
-    from netweaver_agent import measure
-    from netweaver_agent import topology
+    from netweaver_agent.core import window
 
-    path = topology.VifPath(vnic='tap0', address='198.18.0.10',
-                            interfaces=('eth1', 'tap0'))
+    path = vifpath.VifPath(vif='tap0', address='198.18.0.10',
+                           interfaces=('eth1', 'tap0'))
     for ports in ({}, {'geneve_port': 6081},
                   {'vxlan_port': 4789, 'geneve_port': 7000}):
         made = []
-        settings = measure.WindowSettings(count=1, timeout_ms=5.0,
-                                          max_window_ms=200.0, **ports)
-        measure.run_window([path], fakes.AllSentSource(), settings,
-                           capture_class=fakes.recording_capture(made))
+        settings = window.WindowSettings(count=1, timeout_ms=5.0,
+                                         max_window_ms=200.0, **ports)
+        window.run_window([path], fakes.AllSentSource(), settings,
+                          capture_class=fakes.recording_capture(made))
         assert [{k: v for k, v in extra.items() if k.endswith('_port')}
                 for extra in made] == [ports]
 
 
 def test_the_tunnel_kind_survives_privsep():
-    from netweaver_agent import privileged
+    from netweaver_agent.agent import privileged
     from tests.unit import test_privileged as tpriv
     batch = capture.SightingBatch(5)
     pif = batch.interface_index('eth1')
@@ -490,7 +490,7 @@ def test_cooked_captures_read_tunnels_the_same(v2):
 def test_pcap_runs_of_tunnelled_probes_keep_each_vni(tmp_path):
     """A capture of a Geneve pif is read as runs: every probe keyed, with
     its own VNI and tunnel, as frame by frame."""
-    from netweaver_agent import pcapfile
+    from netweaver_agent.core import pcapfile
     from tests.unit import test_pcapfile as tpf
     frames = []
     for seq in range(64):

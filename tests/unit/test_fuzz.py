@@ -30,10 +30,10 @@ from hypothesis import HealthCheck
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import capture
-from netweaver_agent import pcapfile
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
+from netweaver_agent.core import capture
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
 from tests.unit import test_pcapfile as tpf
 from tests.unit import test_probe as tp
 
@@ -347,7 +347,7 @@ def check_run(rnd, base):
 def pcap_path(tmp_path_factory):
     # Thousands of damaged files: their warnings (cut short, unknown link
     # type) are expected; keep them out of the log capture.
-    logger = logging.getLogger('netweaver_agent.pcapfile')
+    logger = logging.getLogger('netweaver_agent.core.pcapfile')
     level = logger.level
     logger.setLevel(logging.ERROR)
     yield str(tmp_path_factory.mktemp('fuzz') / 'fuzz.pcap')

@@ -8,16 +8,16 @@ import socket
 
 import pytest
 
-from netweaver_agent import delayer
-from netweaver_agent import lab
-from netweaver_agent import probe
+from netweaver_agent.core import probe
+from netweaver_agent.lab import build
+from netweaver_agent.lab import delayer
 from tests.unit import test_probe as tp
 
 
 def test_names_are_nova_like_and_deterministic():
-    spec = lab.LabSpec(prefix='nwx1-', guests=3)
-    again = lab.LabSpec(prefix='nwx1-', guests=3)
-    other = lab.LabSpec(prefix='nwx2-', guests=3)
+    spec = build.LabSpec(prefix='nwx1-', guests=3)
+    again = build.LabSpec(prefix='nwx1-', guests=3)
+    other = build.LabSpec(prefix='nwx2-', guests=3)
     guests = [spec.guest(i) for i in range(3)]
     assert guests == [again.guest(i) for i in range(3)]
     assert [g.uuid for g in guests] != [other.guest(i).uuid
@@ -32,21 +32,21 @@ def test_names_are_nova_like_and_deterministic():
     assert [x.address for x in guests] == [
         '198.18.0.10', '198.18.0.11', '198.18.0.12']
     assert spec.bridge == 'brq' + spec.network_id[:11]
-    assert len(spec.bridge) <= lab.IFNAMSIZ
+    assert len(spec.bridge) <= build.IFNAMSIZ
     assert spec.src_address == '198.18.0.1'
     assert spec.namespaces() == ['nwx1-src', 'nwx1-hv', 'nwx1-g0',
                                  'nwx1-g1', 'nwx1-g2']
 
 
 def test_every_address_is_in_the_lab_range():
-    spec = lab.LabSpec(prefix='nwx-', guests=5, mgmt=True)
+    spec = build.LabSpec(prefix='nwx-', guests=5, mgmt=True)
     addrs = [spec.src_address] + [spec.guest(i).address for i in range(5)]
     m = spec.mgmt_addresses()
     addrs += [m.mgmt, m.src, m.hv]
     for a in addrs:
-        assert ipaddress.ip_address(a) in lab.LAB_NET
+        assert ipaddress.ip_address(a) in build.LAB_NET
     assert spec.namespaces()[-1] == 'nwx-mgmt'
-    assert lab.LabSpec(prefix='nwx-').mgmt_addresses() is None
+    assert build.LabSpec(prefix='nwx-').mgmt_addresses() is None
 
 
 @pytest.mark.parametrize('fields, message', [
@@ -59,24 +59,24 @@ def test_every_address_is_in_the_lab_range():
     ({'guests': 300}, 'lab guests'),
     ({'pif': 'a-very-long-interface'}, 'pif name'),
     ({'mgmt': True, 'mgmt_network': '198.18.0.0/23'}, 'overlaps'),
-    ({'delays': (lab.DelayInjection(guest=2, delay_ms=1),)}, 'guest 2'),
-    ({'losses': (lab.LossInjection(guest=-1, every=10),)}, 'guest -1'),
-    ({'delays': (lab.DelayInjection(guest=0, delay_ms=1),
-                 lab.DelayInjection(guest=0, delay_ms=2))}, 'two delays'),
+    ({'delays': (build.DelayInjection(guest=2, delay_ms=1),)}, 'guest 2'),
+    ({'losses': (build.LossInjection(guest=-1, every=10),)}, 'guest -1'),
+    ({'delays': (build.DelayInjection(guest=0, delay_ms=1),
+                 build.DelayInjection(guest=0, delay_ms=2))}, 'two delays'),
 ])
 def test_spec_rejects(fields, message):
     fields.setdefault('prefix', 'nwx-')
     with pytest.raises(ValueError, match=message):
-        lab.LabSpec(**fields)
+        build.LabSpec(**fields)
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda: lab.DelayInjection(guest=0, delay_ms=0), 'injected delay'),
-    (lambda: lab.DelayInjection(guest=0, delay_ms=1, backend='x'),
+    (lambda: build.DelayInjection(guest=0, delay_ms=0), 'injected delay'),
+    (lambda: build.DelayInjection(guest=0, delay_ms=1, backend='x'),
      'backend'),
-    (lambda: lab.DelayInjection(guest=0, delay_ms=1, protocol='sctp'),
+    (lambda: build.DelayInjection(guest=0, delay_ms=1, protocol='sctp'),
      'protocol'),
-    (lambda: lab.LossInjection(guest=0, every=1), 'loss every'),
+    (lambda: build.LossInjection(guest=0, every=1), 'loss every'),
 ])
 def test_injection_rejects(make, message):
     with pytest.raises(ValueError, match=message):
@@ -84,7 +84,7 @@ def test_injection_rejects(make, message):
 
 
 def test_loss_pct():
-    assert lab.LossInjection(guest=0, every=10).loss_pct == 10.0
+    assert build.LossInjection(guest=0, every=10).loss_pct == 10.0
 
 
 def test_delay_record_lines_round_trip():
@@ -120,23 +120,23 @@ def test_packet_key_of_a_probe(proto):
 
 
 def test_network_type_defaults_and_vxlan_vni_alias():
-    flat = lab.LabSpec(prefix='nwx-')
+    flat = build.LabSpec(prefix='nwx-')
     assert (flat.switch, flat.network_type, flat.segmentation_id) == \
         ('linuxbridge', 'flat', None)
     assert flat.underlay_addresses() is None and flat.vxlan_dev is None
-    old = lab.LabSpec(prefix='nwx-', vxlan_vni=4242)
-    new = lab.LabSpec(prefix='nwx-', network_type='vxlan',
-                      segmentation_id=4242)
+    old = build.LabSpec(prefix='nwx-', vxlan_vni=4242)
+    new = build.LabSpec(prefix='nwx-', network_type='vxlan',
+                        segmentation_id=4242)
     for spec in (old, new):
         assert spec.network_type == 'vxlan'
         assert spec.segmentation_id == spec.vxlan_vni == 4242
         assert spec.vxlan_dev == 'vxlan-4242'
         assert spec.underlay_addresses() is not None
     # A tunnel or VLAN with no id gets one, in range.
-    vx = lab.LabSpec(prefix='nwx-', network_type='vxlan')
+    vx = build.LabSpec(prefix='nwx-', network_type='vxlan')
     assert vx.vxlan_vni == vx.segmentation_id and 1 <= vx.vxlan_vni
-    vlan = lab.LabSpec(prefix='nwx-', switch='ovs-hybrid',
-                       network_type='vlan')
+    vlan = build.LabSpec(prefix='nwx-', switch='ovs-hybrid',
+                         network_type='vlan')
     assert 1 <= vlan.segmentation_id <= 4094
     assert vlan.underlay_addresses() is None
 
@@ -160,4 +160,4 @@ def test_network_type_defaults_and_vxlan_vni_alias():
 ])
 def test_spec_rejects_switch_and_network(fields, message):
     with pytest.raises(ValueError, match=message):
-        lab.LabSpec(prefix='nwx-', **fields)
+        build.LabSpec(prefix='nwx-', **fields)

@@ -3,9 +3,9 @@
 import dpkt
 import pytest
 
-from netweaver_agent import labmark
-from netweaver_agent import probe
-from netweaver_agent import sources
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
+from netweaver_agent.lab import mark
 
 SRC, DST, OTHER = '198.18.0.1', '198.18.0.10', '198.18.0.11'
 
@@ -18,7 +18,7 @@ def packets(protocol, dst, n, session=7):
 @pytest.mark.parametrize('protocol', probe.PROTOCOLS)
 def test_set_ttl_keeps_the_packet_valid(protocol):
     data = packets(protocol, DST, 1)[0]
-    marked = labmark.set_ttl(data, 40)
+    marked = mark.set_ttl(data, 40)
     ip = dpkt.ip.IP(marked)
     assert ip.ttl == 40
     # dpkt recomputes the header checksum when it is zeroed: compare.
@@ -33,16 +33,16 @@ def test_set_ttl_keeps_the_packet_valid(protocol):
 
 def test_set_ttl_ipv6_hop_limit_and_bad_input():
     v6 = bytes([0x60]) + bytes(39)
-    assert labmark.set_ttl(v6, 50)[7] == 50
+    assert mark.set_ttl(v6, 50)[7] == 50
     for bad in (b'', b'\x45' + bytes(5), b'\x20' + bytes(40)):
         with pytest.raises(ValueError):
-            labmark.set_ttl(bad, 50)
+            mark.set_ttl(bad, 50)
 
 
 def test_every_nth_probe_to_the_destination_is_marked_across_windows():
-    table = labmark.MarkTable()
+    table = mark.MarkTable()
     ttl = table.free_ttl()
-    table.add(labmark.Mark(dst_ip=DST, every=4, ttl=ttl, protocol='icmp'))
+    table.add(mark.Mark(dst_ip=DST, every=4, ttl=ttl, protocol='icmp'))
     marked = []
     for window in range(3):   # the count carries over windows
         for data in packets('icmp', DST, 6, session=window):
@@ -62,18 +62,18 @@ def test_every_nth_probe_to_the_destination_is_marked_across_windows():
 
 
 def test_marks_are_distinct_and_one_per_destination():
-    table = labmark.MarkTable()
+    table = mark.MarkTable()
     first = table.free_ttl()
-    table.add(labmark.Mark(dst_ip=DST, every=2, ttl=first))
+    table.add(mark.Mark(dst_ip=DST, every=2, ttl=first))
     assert table.free_ttl() != first
     with pytest.raises(ValueError, match=DST):
-        table.add(labmark.Mark(dst_ip=DST, every=3, ttl=table.free_ttl()))
+        table.add(mark.Mark(dst_ip=DST, every=3, ttl=table.free_ttl()))
     with pytest.raises(ValueError, match='64'):
-        labmark.Mark(dst_ip=OTHER, every=2, ttl=64)
+        mark.Mark(dst_ip=OTHER, every=2, ttl=64)
     with pytest.raises(ValueError, match='0'):
-        labmark.Mark(dst_ip=OTHER, every=0, ttl=first)
+        mark.Mark(dst_ip=OTHER, every=0, ttl=first)
     # Every probe.
-    table.add(labmark.Mark(dst_ip=OTHER, every=1, ttl=table.free_ttl()))
+    table.add(mark.Mark(dst_ip=OTHER, every=1, ttl=table.free_ttl()))
     data = packets('udp', OTHER, 1)[0]
     assert all(dpkt.ip.IP(table.apply('udp', OTHER, data)).ttl !=
                dpkt.ip.IP(data).ttl for _ in range(3))

@@ -11,24 +11,24 @@ from xml.etree import ElementTree  # nosec B405: our own XML
 import dpkt
 import pytest
 
-from netweaver_agent import cli
-from netweaver_agent import lab
-from netweaver_agent import labmark
-from netweaver_agent import labofdelay
-from netweaver_agent import labovs
-from netweaver_agent import labvirt
-from netweaver_agent import probe
-from netweaver_agent import topology
-from netweaver_agent.cmd import lab as cmd_lab
+from netweaver_agent.agent import topology
+from netweaver_agent.cli import lab as cmd_lab
+from netweaver_agent.cli import main
+from netweaver_agent.core import probe
+from netweaver_agent.lab import build
+from netweaver_agent.lab import mark
+from netweaver_agent.lab import ofdelay
+from netweaver_agent.lab import ovs
+from netweaver_agent.lab import virt
 
 
 def make_lab(**fields):
-    return lab.Lab(lab.LabSpec(prefix='nwu-', guests=2, **fields))
+    return build.Lab(build.LabSpec(prefix='nwu-', guests=2, **fields))
 
 
 def interface_of(the_lab, guest):
     xml = ElementTree.tostring(
-        labvirt.domain_element(the_lab.guest_domain(guest)), 'unicode')
+        virt.domain_element(the_lab.guest_domain(guest)), 'unicode')
     dom = topology.parse_domain(xml)
     (iface,) = dom.interfaces
     return iface
@@ -37,7 +37,7 @@ def interface_of(the_lab, guest):
 def test_hybrid_names_and_path_are_os_vif_s():
     the_lab = make_lab(switch='ovs-hybrid')
     g = the_lab.guests[0]
-    qbr, qvb, qvo = labovs.port_names(g)
+    qbr, qvb, qvo = ovs.port_names(g)
     # os-vif: the 11 characters of the port id after the prefix, 14 in all.
     for name, prefix in ((qbr, 'qbr'), (qvb, 'qvb'), (qvo, 'qvo')):
         assert name == prefix + g.tap[3:] and len(name) == 14
@@ -57,7 +57,7 @@ def test_native_vxlan_path_crosses_the_tunnel_unseen():
     src_u, _, _ = the_lab.spec.underlay_addresses()
     tunnel = 'vxlan-' + socket.inet_aton(src_u).hex()
     assert tunnel in via and 'br-tun' in via and via[-1] == 'br-int'
-    assert path.encap_port('vxlan') == lab.VXLAN_PORT
+    assert path.encap_port('vxlan') == build.VXLAN_PORT
 
 
 def test_linuxbridge_path_unchanged_with_its_bridge_named():
@@ -77,7 +77,7 @@ def test_domain_xml_per_layout_as_nova_writes_it():
         ('bridge', lb.spec.bridge, g.tap, None)
     iface = interface_of(hybrid, g)
     assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
-        ('bridge', labovs.port_names(g)[0], g.tap, None)
+        ('bridge', ovs.port_names(g)[0], g.tap, None)
     iface = interface_of(native, g)
     assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
         ('bridge', 'br-int', g.tap, g.port_id)
@@ -92,10 +92,10 @@ class FakeSocket:
 
 
 def test_vlan_frames_every_nth_to_the_guest_marked():
-    table = labmark.MarkTable()
-    table.add(labmark.Mark(dst_ip='198.18.0.10', every=3, ttl=40,
-                           protocol='icmp'))
-    src = labovs.MarkingFrameSource(
+    table = mark.MarkTable()
+    table.add(mark.Mark(dst_ip='198.18.0.10', every=3, ttl=40,
+                        protocol='icmp'))
+    src = ovs.MarkingFrameSource(
         table, netns_name=None, ifname='eth0', src_mac='02:00:00:00:00:01',
         macs={'198.18.0.10': 'fa:16:3e:00:00:00',
               '198.18.0.11': 'fa:16:3e:00:00:01'}, vlan=(100,))
@@ -126,7 +126,7 @@ def test_vlan_frames_every_nth_to_the_guest_marked():
 
 
 def parse(*argv):
-    return cli.build_parser().parse_args(['lab', *argv])
+    return main.build_parser().parse_args(['lab', *argv])
 
 
 def test_cli_switch_defaults(monkeypatch):
@@ -139,7 +139,7 @@ def test_cli_switch_defaults(monkeypatch):
     assert [d.delay_ms for d in native.delays] == [cmd_lab.DEFAULT_DELAY_MS]
     # A layout without delay truth: no default delay; one asked for is
     # kept (the build then says why it cannot be made).
-    monkeypatch.setattr(labovs.OvsNativeLayout, 'delay_truth', None)
+    monkeypatch.setattr(ovs.OvsNativeLayout, 'delay_truth', None)
     native = cmd_lab._spec(parse('--prefix', 'nwu-', '--switch',
                                  'ovs-native'))
     assert native.delays == ()
@@ -166,11 +166,11 @@ def test_openflow_packet_in_and_out_wire_format():
     match += b'\0' * (-len(match) % 8)
     body = struct.pack('!IHBBQ', 0xffffffff, len(frame), 1, 60, 0) + \
         match + b'\0\0' + frame
-    assert labofdelay.parse_packet_in(body) == (7, frame)
+    assert ofdelay.parse_packet_in(body) == (7, frame)
     with pytest.raises(ValueError, match='in_port'):
-        labofdelay.parse_packet_in(body[:16] + struct.pack('!HH4x', 1, 4)
-                                   + b'\0\0' + frame)
-    out = labofdelay.packet_out(9, 7, 3, frame)
+        ofdelay.parse_packet_in(body[:16] + struct.pack('!HH4x', 1, 4)
+                                + b'\0\0' + frame)
+    out = ofdelay.packet_out(9, 7, 3, frame)
     version, msg_type, length, xid = struct.unpack_from('!BBHI', out)
     assert (version, msg_type, length, xid) == (4, 13, len(out), 9)
     buffer_id, in_port, actions_len = struct.unpack_from('!IIH', out, 8)

@@ -7,7 +7,7 @@ import types
 import pytest
 import yaml
 
-from netweaver_agent import labpipeline
+from netweaver_agent.lab import pipeline
 
 
 def _pipeline(tmp_path, **settings):
@@ -16,8 +16,8 @@ def _pipeline(tmp_path, **settings):
         mgmt_addresses=types.SimpleNamespace(mgmt='198.19.0.1',
                                              hv='198.19.0.3'),
         mgmt_netns='nwunit-mgmt')
-    pipe = labpipeline.Pipeline(
-        lab, labpipeline.PipelineSettings(**settings))
+    pipe = pipeline.Pipeline(
+        lab, pipeline.PipelineSettings(**settings))
     pipe.workdir = str(tmp_path)
     return pipe
 
@@ -29,12 +29,12 @@ def _load(path):
 
 def test_resources_copy_changes_only_the_latency_policy(tmp_path):
     pipe = _pipeline(tmp_path, fine_granularity_s=2, granularity_s=6)
-    shipped = _load(labpipeline.RESOURCES_FILE)
+    shipped = _load(pipeline.RESOURCES_FILE)
     copy = _load(pipe.resources_file())
     assert copy['resources'] == shipped['resources']
     for mine, theirs in zip(copy['archive_policies'],
                             shipped['archive_policies']):
-        if theirs['name'] == labpipeline.LATENCY_POLICY:
+        if theirs['name'] == pipeline.LATENCY_POLICY:
             assert [d['granularity'] for d in mine['definition']] == [2, 6]
             assert mine['aggregation_methods'] == \
                 theirs['aggregation_methods']
@@ -44,7 +44,7 @@ def test_resources_copy_changes_only_the_latency_policy(tmp_path):
 
 def test_rules_copy_changes_only_for(tmp_path):
     pipe = _pipeline(tmp_path, alert_for_s=7)
-    shipped = _load(labpipeline.RULES_FILE)
+    shipped = _load(pipeline.RULES_FILE)
     copy = _load(pipe.rules_file())
     rules = [r for g in copy['groups'] for r in g['rules']]
     theirs = [r for g in shipped['groups'] for r in g['rules']]
@@ -74,14 +74,14 @@ def test_agent_extra_sends_samples_only_with_gnocchi(tmp_path):
 ])
 def test_bad_settings_are_named(kwargs, word):
     with pytest.raises(ValueError, match=word):
-        labpipeline.PipelineSettings(**kwargs)
+        pipeline.PipelineSettings(**kwargs)
 
 
 def test_a_lab_without_mgmt_is_refused():
     lab = types.SimpleNamespace(spec=types.SimpleNamespace(mgmt=False))
-    with pytest.raises(labpipeline.PipelineError, match='mgmt=True'):
-        labpipeline.Pipeline(lab)
+    with pytest.raises(pipeline.PipelineError, match='mgmt=True'):
+        pipeline.Pipeline(lab)
 
 
 def test_gnocchi_timestamps():
-    assert labpipeline._epoch('2026-12-01T10:24:49+00:00') == 1796120689.0
+    assert pipeline._epoch('2026-12-01T10:24:49+00:00') == 1796120689.0

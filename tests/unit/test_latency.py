@@ -4,9 +4,10 @@ import random
 
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import latency
-from netweaver_agent import probe
+from netweaver_agent.core import capture
+from netweaver_agent.core import latency
+from netweaver_agent.core import probe
+from netweaver_agent.core import vifpath
 
 SESSION = 4242
 US = 1000  # ns
@@ -18,7 +19,7 @@ def sighting(seq, ifname, t_ns, reply=False, direction=capture.DIR_IN):
 
 
 def one_path_matcher(plan_seqs, timeout_ns=10_000 * US, hops=()):
-    spec = latency.PathSpec('tap0', ('eth0', *hops, 'tap0'))
+    spec = vifpath.VifPath('tap0', None, ('eth0', *hops, 'tap0'))
     return latency.Matcher(SESSION, [spec], {s: 'tap0' for s in plan_seqs},
                            timeout_ns)
 
@@ -141,8 +142,8 @@ def test_foreign_sessions_sequences_and_interfaces_are_ignored():
 
 
 def test_two_vnics_are_kept_apart():
-    specs = [latency.PathSpec('tap0', ('eth0', 'tap0')),
-             latency.PathSpec('tap1', ('eth0', 'tap1'))]
+    specs = [vifpath.VifPath('tap0', None, ('eth0', 'tap0')),
+             vifpath.VifPath('tap1', None, ('eth0', 'tap1'))]
     m = latency.Matcher(SESSION, specs, {0: 'tap0', 1: 'tap1'}, 10**9)
     m.feed(sighting(0, 'eth0', 0))
     m.feed(sighting(0, 'tap0', 5 * US))
@@ -173,7 +174,8 @@ def test_batch_and_objects_give_the_same_report():
 
 def test_plan_for_unknown_vnic_is_an_error_naming_it():
     with pytest.raises(ValueError, match='tap9'):
-        latency.Matcher(SESSION, [latency.PathSpec('tap0', ('e', 'tap0'))],
+        latency.Matcher(SESSION,
+                        [vifpath.VifPath('tap0', None, ('e', 'tap0'))],
                         {0: 'tap9'}, 1)
 
 
@@ -194,7 +196,7 @@ def test_percentile_interpolates_like_numpy():
 
 
 def test_capture_drops_make_missing_probes_unknown_not_lost():
-    spec = latency.PathSpec('tap0', ('eth0', 'tap0'))
+    spec = vifpath.VifPath('tap0', None, ('eth0', 'tap0'))
     m = latency.Matcher(SESSION, [spec], {0: 'tap0', 1: 'tap0'}, 10**9,
                         capture_dropped=True)
     m.feed(sighting(0, 'eth0', 0))
@@ -263,8 +265,8 @@ def test_reply_before_its_probe_and_hops_out_of_order_are_anomalies():
 def test_anomalies_reach_the_report_json_and_metadata():
     import types
 
-    from netweaver_agent import pollsters
-    from netweaver_agent import report
+    from netweaver_agent.agent import pollsters
+    from netweaver_agent.cli import report
     m = one_path_matcher([0, 1])
     for row in round_trip(0, 10 ** 9, 10 * US, 5 * US, 2 * US):
         m.feed(row)
@@ -280,16 +282,15 @@ def test_anomalies_reach_the_report_json_and_metadata():
         {'tap0': clean.reports()['tap0']})
     window = types.SimpleNamespace(capture=capture.CaptureStats(1, 0, 1, 0),
                                    session=SESSION, duration_ns=10 ** 6)
-    from netweaver_agent import topology
-    path = topology.VifPath(vnic='tap0', address='198.18.0.10',
-                            interfaces=('eth0', 'tap0'))
+    path = vifpath.VifPath(vif='tap0', address='198.18.0.10',
+                           interfaces=('eth0', 'tap0'))
     md = pollsters.latency_metadata(rep, path, window, 'local')
     assert md['probe_anomalies'] == 1
     assert md['tunnel'] is None
 
 
 def test_the_tunnel_kind_reaches_the_report():
-    from netweaver_agent import report
+    from netweaver_agent.cli import report
     batch = capture.SightingBatch(SESSION)
     pif, tap = batch.interface_index('eth0'), batch.interface_index('tap0')
     gen = probe.Encap(vni=77, tunnel='geneve')

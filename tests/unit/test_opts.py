@@ -10,8 +10,9 @@ from oslo_config import types
 import pytest
 import stevedore
 
-from netweaver_agent import opts
-from netweaver_agent import remote
+from netweaver_agent.agent import opts
+from netweaver_agent.core import vifpath
+from netweaver_agent.ssh import remote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -221,10 +222,10 @@ def test_probe_timeout_not_below_the_window_is_refused():
 def test_the_window_check_agrees_with_the_window_itself():
     """Just above the refused combination, a window has room for a probe:
     the check refuses exactly what run_window could never send."""
-    from netweaver_agent import measure
-    from netweaver_agent import sources
+    from netweaver_agent.core import sources
+    from netweaver_agent.core import window as probe_window
     timeout = 200.0
-    edge = timeout + measure.OPEN_RESERVE_S * 1000.0
+    edge = timeout + probe_window.OPEN_RESERVE_S * 1000.0
     assert opts.problems(_conf(probe_timeout_ms=timeout,
                                max_window_ms=edge))
     ok = edge + 5.0
@@ -262,7 +263,7 @@ def test_the_pollsters_refuse_to_load_before_probing_anything(caplog):
     from unittest import mock
     from ceilometer.compute import pollsters as compute_pollsters
     from ceilometer.polling import plugin_base
-    from netweaver_agent import pollsters
+    from netweaver_agent.agent import pollsters
     conf = _conf(max_window_ms=100.0, probe_timeout_ms=90.0)
     with mock.patch.object(compute_pollsters.GenericComputePollster,
                            '_get_inspector'), \
@@ -289,17 +290,16 @@ def test_the_pollsters_refuse_to_load_before_probing_anything(caplog):
                                    'timeout_ms', 'max_window_ms'])
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])
 def test_window_settings_refuse_non_finite(field, bad):
-    from netweaver_agent import measure
+    from netweaver_agent.core import window as probe_window
     with pytest.raises(ValueError, match=f'{field} .* finite'):
-        measure.WindowSettings(**{field: bad})
+        probe_window.WindowSettings(**{field: bad})
 
 
 @pytest.mark.parametrize('bad', [float('nan'), float('inf'),
                                  float('-inf')])
 def test_run_window_refuses_a_non_finite_deadline(bad):
-    from netweaver_agent import measure
-    from netweaver_agent import sources
-    from netweaver_agent import topology
+    from netweaver_agent.core import sources
+    from netweaver_agent.core import window as probe_window
 
     class NeverSends(sources.ProbeSource):
         def prepare(self, plan):
@@ -307,10 +307,10 @@ def test_run_window_refuses_a_non_finite_deadline(bad):
 
         send = prepare
 
-    path = topology.VifPath(vnic='tap0', address='198.18.0.10',
-                            interfaces=('eth1', 'tap0'))
+    path = vifpath.VifPath(vif='tap0', address='198.18.0.10',
+                           interfaces=('eth1', 'tap0'))
     with pytest.raises(ValueError, match='deadline_s .* finite'):
-        measure.run_window([path], NeverSends(), deadline_s=bad)
+        probe_window.run_window([path], NeverSends(), deadline_s=bad)
 
 
 # --- the command's float flags ----------------------------------------------
@@ -334,7 +334,7 @@ def test_finite_float_flag_type():
 def test_the_command_refuses_non_finite_flags(argv):
     """The real `netweaver` command line: argparse exits 2 naming the flag,
     before anything runs."""
-    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
                            *argv], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from netweaver_agent import ovsdb
+from netweaver_agent.agent import ovsdb
 
 VSCTL = {
     'Open_vSwitch': (

@@ -1,4 +1,4 @@
-"""Passive matching of the instances' own packets (netweaver_agent.passive).
+"""Passive matching of the instances' own packets (core.passive).
 
 Frames are built with dpkt (an independent encoder); sightings are what
 the capture would give.  The matcher must pair the same packet on the pif
@@ -9,8 +9,8 @@ and checksums, and must never pair two different packets.
 import dpkt
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import passive
+from netweaver_agent.core import capture
+from netweaver_agent.core import passive
 
 GUEST = bytes([198, 18, 0, 10])
 OTHER = bytes([198, 18, 0, 11])
@@ -55,11 +55,11 @@ def seen(ifname, t_ns, direction, frame):
     return passive.Sighting(ifname, t_ns, direction, h)
 
 
-VNIC = passive.VnicSpec('vnic0', 'eth1', 'tap0', frozenset({GUEST, G6}))
+VNIC = passive.VifSpec('vnic0', 'eth1', 'tap0', frozenset({GUEST, G6}))
 
 
 def one(sightings, spec=VNIC):
-    return passive.match(sightings, [spec])[spec.vnic]
+    return passive.match(sightings, [spec])[spec.vif]
 
 
 def test_parse_keys_tcp_on_seq_ack_and_ports():
@@ -191,7 +191,7 @@ def test_negative_is_an_anomaly_not_a_value():
 
 def test_other_vnics_traffic_never_counts_here():
     f = udp(PEER, OTHER, 1, 2, 3)
-    spec2 = passive.VnicSpec('vnic1', 'eth1', 'tap1', frozenset({OTHER}))
+    spec2 = passive.VifSpec('vnic1', 'eth1', 'tap1', frozenset({OTHER}))
     out = passive.match([seen('eth1', 0, IN, f), seen('tap1', 4_000, OUT, f),
                          seen('tap0', 4_000, OUT, udp(PEER, GUEST, 1, 2, 3))],
                         [VNIC, spec2])
@@ -219,11 +219,11 @@ def test_ipv4_later_fragments_keyed_by_id_and_offset():
     ('eth1', 'eth1', GUEST), ('', 'tap0', GUEST), ('eth1', 'tap0', b'x')])
 def test_bad_vnic_spec_names_it(pif, tap, addr):
     with pytest.raises(passive.PassiveError, match='vnicX'):
-        passive.VnicSpec('vnicX', pif, tap, frozenset({addr}))
+        passive.VifSpec('vnicX', pif, tap, frozenset({addr}))
 
 
 def test_shared_tap_refused():
-    s2 = passive.VnicSpec('vnic1', 'eth1', 'tap0', frozenset({OTHER}))
+    s2 = passive.VifSpec('vnic1', 'eth1', 'tap0', frozenset({OTHER}))
     with pytest.raises(passive.PassiveError, match='tap0'):
         passive.match([], [VNIC, s2])
 
@@ -248,17 +248,17 @@ def test_parse_reads_geneve_inner_frame_after_options():
 
 import fixtures  # noqa: E402
 
-from netweaver_agent import measure  # noqa: E402
-from netweaver_agent import opts  # noqa: E402
-from netweaver_agent import passivecapture  # noqa: E402
-from netweaver_agent import pollsters  # noqa: E402
+from netweaver_agent.agent import opts  # noqa: E402
+from netweaver_agent.agent import pollsters  # noqa: E402
+from netweaver_agent.core import passivecapture  # noqa: E402
+from netweaver_agent.core import window  # noqa: E402
 from tests.unit import test_pollsters as tpoll  # noqa: E402
 
 A_ADDR = bytes([198, 18, 1, 10])        # tapaaa's guest (test_pollsters)
 
 
 class FakePassive:
-    """Stands in for measure.run_passive_window: tapaaa's guest received
+    """Stands in for window.run_passive_window: tapaaa's guest received
     2 packets (3 and 5 us in the host) and sent 1 (4 us), one more packet
     to it never reached its tap; TAP_B's guest is idle.  Matched by the
     real passive.match."""
@@ -275,8 +275,8 @@ class FakePassive:
              seen('eth1', 20, IN, udp(PEER, A_ADDR, 1, 2, 12)),
              seen('tapaaa', 100, IN, udp(A_ADDR, PEER, 2, 1, 13)),
              seen('eth1', 4_100, OUT, udp(A_ADDR, PEER, 2, 1, 13))]
-        return measure.PassiveWindowResult(
-            results=passive.match(s, measure.passive_specs(paths)),
+        return window.PassiveWindowResult(
+            results=passive.match(s, window.passive_specs(paths)),
             stats=passivecapture.PassiveStats(kept=len(s)), sample=sample,
             duration_ns=1_000_000)
 
@@ -289,7 +289,7 @@ class TestModes(tpoll.TestLatencyPollsters):
         super().setUp()
         self.passive = FakePassive()
         self.useFixture(fixtures.MockPatch(
-            'netweaver_agent.measure.run_passive_window',
+            'netweaver_agent.core.window.run_passive_window',
             side_effect=self.passive))
 
     def all_samples(self, mode):
@@ -367,7 +367,7 @@ class TestModes(tpoll.TestLatencyPollsters):
         assert lat[tpoll.TAP_B].resource_metadata['probe_protocol'] == \
             'icmp'
         # Only the admitted vNIC was in the probe window.
-        assert {p.vnic for call in self.window.calls for p in call} == \
+        assert {p.vif for call in self.window.calls for p in call} == \
             {tpoll.TAP_B}
 
     def test_passive_sample_must_be_a_power_of_two(self):
@@ -390,7 +390,7 @@ def test_parse_ip_equals_parse_of_the_frame():
 
 
 def test_delayer_passive_hold_lines_round_trip():
-    from netweaver_agent import delayer
+    from netweaver_agent.lab import delayer
     h = passive.parse(tcp(PEER, GUEST, 4000, 80, 2**32 - 1, 5, b'abc'))
     u6 = passive.parse(udp(P6, G6, 1, 2, 0))
     for header in (h, u6, None):
@@ -401,10 +401,10 @@ def test_delayer_passive_hold_lines_round_trip():
 
 
 def test_delay_injection_record_is_checked():
-    from netweaver_agent import lab
-    assert lab.DelayInjection(guest=0, delay_ms=1).record == 'probe'
+    from netweaver_agent.lab import build
+    assert build.DelayInjection(guest=0, delay_ms=1).record == 'probe'
     with pytest.raises(ValueError, match='record'):
-        lab.DelayInjection(guest=0, delay_ms=1, record='all')
+        build.DelayInjection(guest=0, delay_ms=1, record='all')
 
 
 def test_reading_leaves_the_collector_as_it_found_it():

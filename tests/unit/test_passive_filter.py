@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import capture
-from netweaver_agent import passive
-from netweaver_agent import probe
+from netweaver_agent.core import capture
+from netweaver_agent.core import passive
+from netweaver_agent.core import probe
 from tests.unit.bpf import run_bpf as run
 from tests.unit.test_passive import G6
 from tests.unit.test_passive import GUEST

@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import capture
-from netweaver_agent import pcapfile
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
+from netweaver_agent.core import capture
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
 from tests.unit import test_probe as tp
 
 T0 = 1_763_900_000_123_456_789      # ns since the epoch (2025-11-23)

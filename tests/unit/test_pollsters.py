@@ -1,7 +1,7 @@
 """The latency pollsters, in Ceilometer's own pollster-test style.
 
 The libvirt inspector is a fake (vNICs and domain XML from
-:mod:`netweaver_agent.labvirt`), sysfs is a small tree of real files and
+:mod:`netweaver_agent.lab.virt`), sysfs is a small tree of real files and
 links, and the probe window is patched to return canned
 :class:`latency.LatencyReport` s: no sockets.  The real agent runs in
 ``tests/functional/test_agent.py``.
@@ -26,13 +26,13 @@ from ceilometer.polling import manager
 from ceilometer.polling import plugin_base
 from ceilometer.tests.unit.compute.pollsters import base
 
-from netweaver_agent import capture
-from netweaver_agent import labvirt
-from netweaver_agent import latency
-from netweaver_agent import measure
-from netweaver_agent import opts
-from netweaver_agent import pollsters
-from netweaver_agent import sources
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import pollsters
+from netweaver_agent.core import capture
+from netweaver_agent.core import latency
+from netweaver_agent.core import sources
+from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import virt
 
 METERS = {
     'network.vif.latency': (pollsters.VifLatencyPollster, 'us'),
@@ -52,10 +52,10 @@ def stats(ingress_ns, lost=0):
     return latency.DirectionStats.from_ns(ingress_ns, lost)
 
 
-def report(vnic, ingress_ns=(), lost=0, egress_ns=(), unseen=0,
+def report(vif, ingress_ns=(), lost=0, egress_ns=(), unseen=0,
            hops=(), vlan=(), vni=None):
     return latency.LatencyReport(
-        vnic=vnic, pif='eth1', protocol='icmp',
+        vif=vif, pif='eth1', protocol='icmp',
         sent=len(ingress_ns) + lost + unseen,
         ingress=stats(list(ingress_ns), lost),
         egress=stats(list(egress_ns)), turnaround=stats([]),
@@ -78,7 +78,7 @@ class FakeInspector:
     """``inspect_vnics`` and a connection serving domain XML."""
 
     def __init__(self):
-        self.vnics = {}
+        self.vifs = {}
         self.domains = {}
         self.calls = 0
         self.listed_at = []
@@ -88,11 +88,11 @@ class FakeInspector:
 
     def add(self, instance_id, guests, extra_interfaces=''):
         """One domain whose vNICs are those of ``guests``."""
-        dom = labvirt.domain_element(guests[0])
-        nova = '{%s}' % labvirt.NOVA_NS
+        dom = virt.domain_element(guests[0])
+        nova = '{%s}' % virt.NOVA_NS
         ports = dom.find(f'metadata/{nova}instance/{nova}ports')
         for g in guests[1:]:
-            other = labvirt.domain_element(g)
+            other = virt.domain_element(g)
             dom.find('devices').append(other.find('devices/interface'))
             ports.append(other.find(
                 f'metadata/{nova}instance/{nova}ports/{nova}port'))
@@ -100,7 +100,7 @@ class FakeInspector:
         if extra_interfaces:
             xml = xml.replace('</devices>', extra_interfaces + '</devices>')
         self.domains[instance_id] = FakeDomain(xml)
-        self.vnics[instance_id] = [
+        self.vifs[instance_id] = [
             virt_inspector.InterfaceStats(
                 name=g.tap, mac=g.mac,
                 fref=g.filter_name if g.filterref else None,
@@ -116,11 +116,11 @@ class FakeInspector:
         self.listed_at.append(time.monotonic())
         if instance.id in self.errors:
             raise self.errors[instance.id]
-        return iter(self.vnics[instance.id])
+        return iter(self.vifs[instance.id])
 
 
 class FakeWindow:
-    """Stands in for :func:`measure.run_window`; counts its calls."""
+    """Stands in for :func:`probe_window.run_window`; counts its calls."""
 
     def __init__(self, reports, delay_s=0.0, error=None):
         self.drops = 0
@@ -142,20 +142,20 @@ class FakeWindow:
             time.sleep(self.delay_s)
         if self.error is not None:
             raise self.error
-        return measure.WindowResult(
+        return probe_window.WindowResult(
             session=7, started_ns=1, duration_ns=2_500_000,
-            reports={p.vnic: self.reports[p.vnic] for p in paths
-                     if p.vnic in self.reports},
+            reports={p.vif: self.reports[p.vif] for p in paths
+                     if p.vif in self.reports},
             capture=capture.CaptureStats(packets=10, drops=self.drops,
                                          probes=10, foreign=0),
             send=sources.SendResult(sent=10),
             batch=capture.SightingBatch(7))
 
 
-def _measurement(instance_id, vnic):
+def _measurement(instance_id, vif):
     return pollsters.VnicMeasurement(
         instance_id=instance_id, stats=None, path=None,
-        report=report(vnic, [1_000]), metadata={'vif': vnic})
+        report=report(vif, [1_000]), metadata={'vif': vif})
 
 
 def test_cycle_cache_finds_an_instances_measurements_in_window_order():
@@ -177,7 +177,7 @@ def test_cycle_cache_finds_an_instances_measurements_in_window_order():
         scan = [(w, m) for w in cache.windows for m in w.measurements
                 if m.instance_id == instance_id]
         assert list(cache.for_instance(instance_id)) == scan, instance_id
-    assert [m.report.vnic for _, m in cache.for_instance('a')] == [
+    assert [m.report.vif for _, m in cache.for_instance('a')] == [
         'tap1', 'tap3', 'tap5']
     assert list(cache.for_instance('c')) == []
     assert cache.permanent_error() is None
@@ -197,7 +197,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
             staticmethod(lambda conf: self.fake)))
         # No privsep daemon in unit tests (run_window is faked below).
         self.useFixture(fixtures.MockPatch(
-            'netweaver_agent.privileged.warm_up'))
+            'netweaver_agent.agent.privileged.warm_up'))
         # probe_source 'local' (the default) probes only probe_networks.
         opts.register_opts(self.CONF)
         self.CONF.set_override('probe_networks', ['198.18.0.0/15'],
@@ -206,15 +206,15 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.log = self.useFixture(fixtures.FakeLogger(
             name='netweaver_agent', level=logging.DEBUG))
         self.guests = [
-            labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                tap='tapaaa', mac='fa:16:3e:00:00:01',
-                                address='198.18.1.10', bridge='brq1'),
+            virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                             tap='tapaaa', mac='fa:16:3e:00:00:01',
+                             address='198.18.1.10', bridge='brq1'),
             # No filterref: the address comes from the nova port whose
             # uuid names the tap, as nova names taps.
-            labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                tap=TAP_B, mac='fa:16:3e:00:00:02',
-                                address='198.18.1.11', bridge='brq1',
-                                filterref=False, port_uuid=PORT_B),
+            virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                             tap=TAP_B, mac='fa:16:3e:00:00:02',
+                             address='198.18.1.11', bridge='brq1',
+                             filterref=False, port_uuid=PORT_B),
         ]
         self.fake.add(INSTANCE_ID, self.guests)
         self.sysfs_tree({'eth1': 'brq1', 'tapaaa': 'brq1',
@@ -225,7 +225,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
             TAP_B: report(TAP_B, [40_000, 60_000]),
         })
         self.run_window = self.useFixture(fixtures.MockPatch(
-            'netweaver_agent.measure.run_window',
+            'netweaver_agent.core.window.run_window',
             side_effect=self.window)).mock
 
     def sysfs_tree(self, masters):
@@ -318,7 +318,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         for s in out:
             (window, m), = [
                 wm for wm in entry.for_instance(INSTANCE_ID)
-                if wm[1].path.vnic == s.resource_metadata['vif']]
+                if wm[1].path.vif == s.resource_metadata['vif']]
             metadata = net.NetworkPollster.get_additional_metadata(
                 self.instance, m.stats)
             metadata.update(m.metadata)
@@ -386,7 +386,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.samples(pollsters.VifLatencyPollster)
         (paths,) = self.window.calls
         self.assertEqual({'tapaaa': '198.18.1.10', TAP_B: '198.18.1.11'},
-                         {p.vnic: p.address for p in paths})
+                         {p.vif: p.address for p in paths})
         self.assertEqual({('eth1', 'tapaaa'), ('eth1', TAP_B)},
                          {p.interfaces for p in paths})
 
@@ -394,7 +394,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
 
     def test_resource_ids_match_network_pollster(self):
         self.inspector.inspect_vnics = mock.Mock(
-            return_value=self.fake.vnics[INSTANCE_ID])
+            return_value=self.fake.vifs[INSTANCE_ID])
         mgr = manager.AgentManager(0, self.CONF)
         theirs = {s.resource_metadata['name']: s
                   for s in net.IncomingBytesPollster(self.CONF).get_samples(
@@ -459,7 +459,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         other.image = self.instance.image
         other.status = 'active'
         other.metadata = {}
-        self.fake.add(other.id, [labvirt.GuestDomain(
+        self.fake.add(other.id, [virt.GuestDomain(
             index=1, name='db', uuid=other.id, tap='tapccc',
             mac='fa:16:3e:00:00:03', address='198.18.1.12',
             bridge='brq1')])
@@ -470,7 +470,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         samples = self.samples(pollsters.VifLatencyMaxPollster, cache=cache,
                                resources=[self.instance, other])
         self.assertEqual(2, self.run_window.call_count)
-        self.assertEqual(['tapccc'], [p.vnic for p in self.window.calls[1]])
+        self.assertEqual(['tapccc'], [p.vif for p in self.window.calls[1]])
         self.assertEqual({'tapaaa', TAP_B, 'tapccc'},
                          set(self.by_tap(samples)))
 
@@ -511,13 +511,13 @@ class TestLatencyPollsters(base.TestPollsterBase):
     # --- failures ---------------------------------------------------------
 
     def test_a_failing_vnic_does_not_stop_the_others(self):
-        gone = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                   tap='tapgone', mac='fa:16:3e:00:00:04',
-                                   address='198.18.1.13', bridge='brq1')
-        mute = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                   tap='tapmute', mac='fa:16:3e:00:00:05',
-                                   address='198.18.1.14', bridge='brq1')
-        nowhere = labvirt.GuestDomain(
+        gone = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                tap='tapgone', mac='fa:16:3e:00:00:04',
+                                address='198.18.1.13', bridge='brq1')
+        mute = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                tap='tapmute', mac='fa:16:3e:00:00:05',
+                                address='198.18.1.14', bridge='brq1')
+        nowhere = virt.GuestDomain(
             index=0, name='web', uuid=INSTANCE_ID, tap='tapnoip',
             mac='fa:16:3e:00:00:06', address='198.18.1.15', bridge='brq1',
             filterref=False)
@@ -543,9 +543,9 @@ class TestLatencyPollsters(base.TestPollsterBase):
     def test_probes_not_received_on_the_pif_publish_nothing(self):
         # The guest answered and its replies left through the pif, but the
         # probes never entered through it: no meter, not even egress.
-        mute = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                   tap='tapmute', mac='fa:16:3e:00:00:05',
-                                   address='198.18.1.14', bridge='brq1')
+        mute = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                tap='tapmute', mac='fa:16:3e:00:00:05',
+                                address='198.18.1.14', bridge='brq1')
         self.fake.add(INSTANCE_ID, self.guests + [mute])
         self.sysfs_tree({'tapmute': 'brq1'})
         self.window.reports['tapmute'] = report(
@@ -562,9 +562,9 @@ class TestLatencyPollsters(base.TestPollsterBase):
         # The capture dropped packets: the pif sightings may be what was
         # lost.  The vNIC keeps its measurement (metadata, probe_unknown)
         # and nothing blames the probe source.
-        mute = labvirt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                   tap='tapmute', mac='fa:16:3e:00:00:05',
-                                   address='198.18.1.14', bridge='brq1')
+        mute = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
+                                tap='tapmute', mac='fa:16:3e:00:00:05',
+                                address='198.18.1.14', bridge='brq1')
         self.fake.add(INSTANCE_ID, self.guests + [mute])
         self.sysfs_tree({'tapmute': 'brq1'})
         self.window.drops = 40
@@ -647,11 +647,11 @@ class TestLatencyPollsters(base.TestPollsterBase):
             "<source dev='eth2' mode='passthrough'/>"
             "<target dev='macvtap0'/></interface>")
         self.fake.add(INSTANCE_ID, self.guests, extra_interfaces=hostdev)
-        self.fake.vnics[INSTANCE_ID].append(
-            self.fake.vnics[INSTANCE_ID][0]._replace(
+        self.fake.vifs[INSTANCE_ID].append(
+            self.fake.vifs[INSTANCE_ID][0]._replace(
                 name='vhu0', mac='fa:16:3e:00:00:08', fref=None))
-        self.fake.vnics[INSTANCE_ID].append(
-            self.fake.vnics[INSTANCE_ID][0]._replace(
+        self.fake.vifs[INSTANCE_ID].append(
+            self.fake.vifs[INSTANCE_ID][0]._replace(
                 name='macvtap0', mac='fa:16:3e:00:00:09', fref=None))
         for _ in range(2):
             samples = self.samples(pollsters.VifLatencyPollster)
@@ -668,7 +668,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.fake.add(INSTANCE_ID, self.guests, extra_interfaces=(
             "<interface type='vdpa'><mac address='fa:16:3e:00:00:0a'/>"
             "<source dev='/dev/vhost-vdpa-0'/></interface>"))
-        with self.assertLogs('netweaver_agent.pollsters',
+        with self.assertLogs('netweaver_agent.agent.pollsters',
                              level='WARNING') as cm:
             self.samples(pollsters.VifLatencyPollster)
             self.samples(pollsters.VifLatencyPollster)

@@ -15,12 +15,12 @@ from oslo_config import cfg
 from oslo_privsep import comm
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import destinations
-from netweaver_agent import opts
-from netweaver_agent import privileged
-from netweaver_agent import probe
-from netweaver_agent import sources
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import capture
+from netweaver_agent.core import destinations
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
 
 
 def _through_privsep_wire(value):

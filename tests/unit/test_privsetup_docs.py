@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from netweaver_agent import privileged
+from netweaver_agent.agent import privileged
 from tests import privsetup
 
 
@@ -110,7 +110,7 @@ def test_the_rule_admits_nothing_else(sock_path):
 
 
 def test_the_option_help_names_the_documented_command():
-    from netweaver_agent import opts
+    from netweaver_agent.agent import opts
     (opt,) = [o for o in opts.OPTS if o.name == 'privsep_helper_command']
     assert privsetup.documented_helper_command() in opt.help
     assert os.path.relpath(privsetup.SUDOERS, privsetup.REPO) in opt.help

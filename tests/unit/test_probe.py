@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netweaver_agent import probe
+from netweaver_agent.core import probe
 
 SRC = socket.inet_aton('198.18.0.1')
 DST = socket.inet_aton('198.18.0.10')

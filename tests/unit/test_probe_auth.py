@@ -11,12 +11,13 @@ import socket
 import dpkt
 import pytest
 
-from netweaver_agent import analyze
-from netweaver_agent import capture
-from netweaver_agent import latency
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
-from netweaver_agent import sources
+from netweaver_agent.cli import offline
+from netweaver_agent.core import capture
+from netweaver_agent.core import latency
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
 from tests.unit import test_analyze as ta
 from tests.unit import test_fuzz as tf
 from tests.unit import test_pcapfile as tpf
@@ -135,8 +136,8 @@ def test_tcp_isn_is_keyed_and_found_through_the_plan(family):
 
 # --- the matcher --------------------------------------------------------
 
-PATHS = [latency.PathSpec('tap0', ('eth1', 'tap0')),
-         latency.PathSpec('tap1', ('eth1', 'tap1'))]
+PATHS = [vifpath.VifPath('tap0', None, ('eth1', 'tap0')),
+         vifpath.VifPath('tap1', None, ('eth1', 'tap1'))]
 ADDRESSES = {'tap0': ADDR[4][1], 'tap1': ADDR[4][2]}
 
 
@@ -331,12 +332,12 @@ def pcaps(tmp_path, proto='icmp', forge=True, n=6):
 
 def test_analyze_with_the_key_rejects_look_alikes(tmp_path):
     pif, vif = pcaps(tmp_path)
-    naive = analyze.analyze_pcaps(pif, vif)
+    naive = offline.analyze_pcaps(pif, vif)
     assert not naive.authenticated
     # Unverified, the look-alikes win (earliest sighting): every ingress
     # is negative (anomaly), the egress 1 ns.
     assert naive.report.anomalies > 0 and naive.report.ingress.count == 0
-    got = analyze.analyze_pcaps(pif, vif, destination=ADDR[4][1],
+    got = offline.analyze_pcaps(pif, vif, destination=ADDR[4][1],
                                 key=SECRET)
     rep = got.report
     assert got.authenticated and rep.authenticated
@@ -345,26 +346,26 @@ def test_analyze_with_the_key_rejects_look_alikes(tmp_path):
     assert (rep.egress.count, rep.egress.min_us) == (6, 0.003)
     assert rep.anomalies == 0 and rep.rejected == 12
     # The wrong key verifies nothing.
-    wrong = analyze.analyze_pcaps(pif, vif, destination=ADDR[4][1],
+    wrong = offline.analyze_pcaps(pif, vif, destination=ADDR[4][1],
                                   key=OTHER).report
     assert wrong.ingress.count == 0 and wrong.rejected == 36      # all
 
 
 def test_analyze_key_needs_the_address_and_the_tcp_plan(tmp_path):
     pif, vif = pcaps(tmp_path, forge=False)
-    with pytest.raises(analyze.AnalyzeError, match='--destination'):
-        analyze.analyze_pcaps(pif, vif, key=SECRET)
+    with pytest.raises(offline.AnalyzeError, match='--destination'):
+        offline.analyze_pcaps(pif, vif, key=SECRET)
     (tmp_path / 'tcp').mkdir()
     tpif, tvif = pcaps(tmp_path / 'tcp', proto='tcp', forge=False)
-    with pytest.raises(analyze.AnalyzeError, match='plan'):
-        analyze.analyze_pcaps(tpif, tvif, destination=ADDR[4][1],
+    with pytest.raises(offline.AnalyzeError, match='plan'):
+        offline.analyze_pcaps(tpif, tvif, destination=ADDR[4][1],
                               key=SECRET)
     # With the plan that sent them (netweaver measure), TCP verifies.
     plan = sources.ProbePlan(
         session=SESSION, protocol='tcp', secret=SECRET,
         probes=tuple(sources.PlannedProbe(ident('tcp', k), ADDR[4][1], k)
                      for k in range(6)))
-    rep = analyze.analyze_pcaps(tpif, tvif, destination=ADDR[4][1],
+    rep = offline.analyze_pcaps(tpif, tvif, destination=ADDR[4][1],
                                 key=SECRET, plan=plan).report
     assert (rep.ingress.count, rep.egress.count, rep.sent) == (6, 6, 6)
     assert rep.authenticated
@@ -407,8 +408,7 @@ def test_fast_builder_tags_every_probe_as_build_ip(proto, family):
 def test_rejected_look_alikes_reach_the_samples_metadata():
     import types
 
-    from netweaver_agent import pollsters
-    from netweaver_agent import topology
+    from netweaver_agent.agent import pollsters
     f1 = probe_frame('icmp', 4, 1, dst=2)
     fake = probe_frame('icmp', 4, 1, dst=2, secret=OTHER)
     m = matcher('icmp', {1: 'tap1'})
@@ -419,8 +419,8 @@ def test_rejected_look_alikes_reach_the_samples_metadata():
     window = types.SimpleNamespace(
         capture=capture.CaptureStats(3, 0, 3, 0), session=SESSION,
         duration_ns=10 ** 6)
-    path = topology.VifPath(vnic='tap1', address=ADDR[4][2],
-                            interfaces=('eth1', 'tap1'))
+    path = vifpath.VifPath(vif='tap1', address=ADDR[4][2],
+                           interfaces=('eth1', 'tap1'))
     md = pollsters.latency_metadata(rep, path, window, 'local')
     assert md['probe_rejected'] == 1
 

@@ -18,8 +18,9 @@ from oslo_config import cfg
 from oslo_config import fixture as config_fixture
 import testtools
 
-from netweaver_agent import remote
-from netweaver_agent import seedjob
+from netweaver_agent.cli import seedjob
+from netweaver_agent.ssh import probesource
+from netweaver_agent.ssh import remote
 
 EVIL = 'x; touch pwned-marker'
 EVIL_NAMES = [EVIL, "x' ; touch pwned-marker; '", 'x$(touch pwned-marker)',
@@ -125,9 +126,8 @@ class TestOptions(testtools.TestCase):
         self.assertEqual(1.0, src.remote.options.connect_timeout_s)
 
     def test_parse_source_builds_ssh_source(self):
-        from netweaver_agent import sources
-        src = sources.parse_source('ssh://probe@198.18.0.1:2200',
-                                   key_file='/k')
+        src = probesource.parse_source('ssh://probe@198.18.0.1:2200',
+                                       key_file='/k')
         self.assertIsInstance(src, remote.SSHSource)
         self.assertEqual('probe', src.remote.username)
         self.assertEqual(2200, src.remote.port)
@@ -414,7 +414,7 @@ class TestLimitsAndIPv6(testtools.TestCase):
         remote.SSHOptions(known_hosts_file='', accept_new_host_key=False)
 
     def test_max_capture_mb_from_the_config(self):
-        from netweaver_agent import opts
+        from netweaver_agent.agent import opts
         conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
         opts.register_opts(conf.conf)
         self.assertEqual(remote.SSHOptions().max_capture_mb,
@@ -468,7 +468,7 @@ class TestLimitsAndIPv6(testtools.TestCase):
             self.assertIn(name, str(err))
 
     def test_ssh_source_refuses_a_non_finite_deadline(self):
-        from netweaver_agent import sources
+        from netweaver_agent.core import sources
         src = remote.SSHSource('198.18.0.1', 2222)
         plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
                                            1_000_000)
@@ -479,7 +479,7 @@ class TestLimitsAndIPv6(testtools.TestCase):
             self.assertRaises(ValueError, src.send, plan, bad)
 
     def test_ssh_source_with_no_time_left_sends_nothing(self):
-        from netweaver_agent import sources
+        from netweaver_agent.core import sources
         src = remote.SSHSource('198.18.0.1', 2222)
         plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
                                            1_000_000)
@@ -496,9 +496,9 @@ class TestDestinationPolicy(testtools.TestCase):
     may (destinations): refused before anything reaches a remote host."""
 
     def test_ssh_source_refuses_before_any_remote_command(self):
-        from netweaver_agent import destinations
-        from netweaver_agent import sources
-        src = sources.parse_source(
+        from netweaver_agent.core import destinations
+        from netweaver_agent.core import sources
+        src = probesource.parse_source(
             'ssh://root@198.18.0.1:2222',
             policy=destinations.policy(['198.18.0.0/24']))
         src.remote.connect = lambda: self.fail('connected anyway')
@@ -512,12 +512,12 @@ class TestDestinationPolicy(testtools.TestCase):
             self.assertIn(dst, str(err))
 
     def test_ssh_source_default_policy_is_the_classes(self):
-        from netweaver_agent import destinations
+        from netweaver_agent.core import destinations
         src = remote.SSHSource('198.18.0.1')
         self.assertEqual(destinations.DEFAULT, src.policy)
 
     def test_measure_job_refuses_such_destinations(self):
-        from netweaver_agent import destinations
+        from netweaver_agent.core import destinations
         for dst in ('169.254.169.254', '127.0.0.1', '255.255.255.255',
                     '::1', 'ff02::1'):
             self.assertRaises(destinations.RefusedDestination,

@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import capture
-from netweaver_agent import probe
-from netweaver_agent import ring
+from netweaver_agent.core import capture
+from netweaver_agent.core import probe
+from netweaver_agent.core import ring
+from netweaver_agent.core import vifpath
 from tests.unit import fakes
 from tests.unit import test_probe as tp
 
@@ -178,14 +179,13 @@ def test_ring_size_holds_the_window_within_the_cap():
 
 
 def test_run_window_sizes_the_ring_from_the_plan():
-    from netweaver_agent import measure
-    from netweaver_agent import topology
+    from netweaver_agent.core import window
 
     made = []
-    paths = [topology.VifPath(vnic=f'tap{i}', address=f'198.18.0.{10 + i}',
-                              interfaces=('eth1', 'qvo', 'qvb', f'tap{i}'))
+    paths = [vifpath.VifPath(vif=f'tap{i}', address=f'198.18.0.{10 + i}',
+                             interfaces=('eth1', 'qvo', 'qvb', f'tap{i}'))
              for i in range(3)]
-    measure.run_window(paths, fakes.AllSentSource(), measure.WindowSettings(
+    window.run_window(paths, fakes.AllSentSource(), window.WindowSettings(
         count=5, timeout_ms=5.0, max_window_ms=500.0),
         capture_class=fakes.recording_capture(made))
     # 15 probes and 15 answers, each on 4 interfaces.

@@ -1,14 +1,14 @@
-"""Unit tests of the per-vNIC route check (netweaver_agent.routes)."""
+"""Unit tests of the per-vNIC route check (netweaver_agent.core.routes)."""
 
 import pytest
 
-from netweaver_agent import routes
-from netweaver_agent import topology
+from netweaver_agent.core import routes
+from netweaver_agent.core import vifpath
 
 
-def path(vnic='tapaaa', address='198.18.0.10', interfaces=None, via=()):
-    return topology.VifPath(vnic=vnic, address=address,
-                            interfaces=interfaces or ('eth1', vnic), via=via)
+def path(vif='tapaaa', address='198.18.0.10', interfaces=None, via=()):
+    return vifpath.VifPath(vif=vif, address=address,
+                           interfaces=interfaces or ('eth1', vif), via=via)
 
 
 def test_no_route_refuses_only_that_vnic():

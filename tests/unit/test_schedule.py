@@ -1,7 +1,7 @@
 """Probe scheduling: rate limits, spreading, the window's bound.
 
 Pure planning (no sockets): :func:`sources.schedule` and what
-:func:`measure.run_window` makes of a source that stops early, with a
+:func:`window.run_window` makes of a source that stops early, with a
 source and capture that stand in for the network boundary.  The same
 behaviour on real namespaces is in ``tests/functional/test_scale.py``.
 """
@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 import pytest
 
-from netweaver_agent import capture
-from netweaver_agent import measure
-from netweaver_agent import probe
-from netweaver_agent import sources
-from netweaver_agent import topology
+from netweaver_agent.core import capture
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
+from netweaver_agent.core import window
 from tests.unit import fakes
 
 MS = 1_000_000
@@ -135,8 +135,8 @@ def test_interleaved_plan_keeps_its_contract_and_takes_a_budget():
 
 def test_window_bound_must_leave_room_for_the_timeout():
     with pytest.raises(ValueError, match='200.0 ms'):
-        measure.WindowSettings(timeout_ms=200.0, max_window_ms=150.0)
-    settings = measure.WindowSettings(timeout_ms=200.0, max_window_ms=1000.0)
+        window.WindowSettings(timeout_ms=200.0, max_window_ms=150.0)
+    settings = window.WindowSettings(timeout_ms=200.0, max_window_ms=1000.0)
     assert settings.send_budget_ns == 800 * MS
 
 
@@ -192,8 +192,8 @@ class StoppingSource(sources.ProbeSource):
 
 
 def _paths(n):
-    return [topology.VifPath(vnic=f'tap{i}', address=TARGETS[i],
-                             interfaces=('eth1', f'tap{i}'))
+    return [vifpath.VifPath(vif=f'tap{i}', address=TARGETS[i],
+                            interfaces=('eth1', f'tap{i}'))
             for i in range(n)]
 
 
@@ -204,9 +204,9 @@ def silent(monkeypatch):
 
 def test_probes_not_sent_are_not_reported(silent):
     source = StoppingSource(tried=6)
-    settings = measure.WindowSettings(count=5, interval_ms=0.01,
-                                      timeout_ms=1.0, max_window_ms=100.0)
-    w = measure.run_window(_paths(4), source, settings, session=5)
+    settings = window.WindowSettings(count=5, interval_ms=0.01,
+                                     timeout_ms=1.0, max_window_ms=100.0)
+    w = window.run_window(_paths(4), source, settings, session=5)
     assert source.prepared is source.plan
     assert w.wanted == 20 and w.skipped == 14
     assert w.trimmed
@@ -218,29 +218,29 @@ def test_probes_not_sent_are_not_reported(silent):
 
 
 def test_vnics_without_a_probe_have_no_report(silent):
-    w = measure.run_window(_paths(4), StoppingSource(tried=2),
-                           measure.WindowSettings(count=5, timeout_ms=1.0,
-                                                  max_window_ms=100.0),
-                           session=4)
+    w = window.run_window(_paths(4), StoppingSource(tried=2),
+                          window.WindowSettings(count=5, timeout_ms=1.0,
+                                                max_window_ms=100.0),
+                          session=4)
     assert sorted(w.reports) == ['tap0', 'tap1']
     assert w.skipped_vnics == ('tap2', 'tap3')
 
 
 def test_trimmed_plan_is_logged(silent, caplog):
-    settings = measure.WindowSettings(count=50, interval_ms=1.0,
-                                      timeout_ms=10.0, max_window_ms=30.0)
+    settings = window.WindowSettings(count=50, interval_ms=1.0,
+                                     timeout_ms=10.0, max_window_ms=30.0)
     source = StoppingSource(tried=10 ** 6)
-    w = measure.run_window(_paths(4), source, settings, session=8)
+    w = window.run_window(_paths(4), source, settings, session=8)
     # 20 ms of sending at 1 ms: 21 probes fit, 5 whole rounds of 4.
     assert len(source.plan.probes) == 20
-    assert w.skipped == 180 and set(w.reports) == {p.vnic for p in _paths(4)}
+    assert w.skipped == 180 and set(w.reports) == {p.vif for p in _paths(4)}
     assert all(r.sent == 5 for r in w.reports.values())
     assert 'sending 20 of 200 (5 per vNIC), 180 skipped' in caplog.text
 
 
 def test_deadline_already_passed_is_an_error_naming_the_window(silent):
     with pytest.raises(ValueError, match='no probe fits'):
-        measure.run_window(_paths(2), StoppingSource(tried=1),
-                           measure.WindowSettings(timeout_ms=1.0,
-                                                  max_window_ms=100.0),
-                           session=3, deadline_s=0.0)
+        window.run_window(_paths(2), StoppingSource(tried=1),
+                          window.WindowSettings(timeout_ms=1.0,
+                                                max_window_ms=100.0),
+                          session=3, deadline_s=0.0)

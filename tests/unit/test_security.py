@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from netweaver_agent import privileged
+from netweaver_agent.agent import privileged
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'netweaver_agent')

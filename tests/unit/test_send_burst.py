@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from netweaver_agent import privileged
-from netweaver_agent import sources
+from netweaver_agent.agent import privileged
+from netweaver_agent.core import sources
 
 OVERSLEEP_S = 80e-6
 
@@ -56,8 +56,8 @@ def clock(monkeypatch):
     return c
 
 
-def _send(clock, vnics, count, interval_ms, per_vnic_ms=0.0):
-    addresses = [f'198.18.{i // 200}.{10 + i % 200}' for i in range(vnics)]
+def _send(clock, vifs, count, interval_ms, per_vnic_ms=0.0):
+    addresses = [f'198.18.{i // 200}.{10 + i % 200}' for i in range(vifs)]
     plan = sources.schedule(1, 'icmp', addresses, count,
                             int(interval_ms * 1e6), int(per_vnic_ms * 1e6),
                             budget_ns=10**11).plan
@@ -67,12 +67,12 @@ def _send(clock, vnics, count, interval_ms, per_vnic_ms=0.0):
     return plan, src.log, start, result
 
 
-@pytest.mark.parametrize('vnics,count,interval_ms,per_vnic_ms', [
+@pytest.mark.parametrize('vifs,count,interval_ms,per_vnic_ms', [
     (64, 10, 0.5, 0.0), (2, 20, 0.5, 3.0), (1, 10, 0.5, 0.0),
     (5, 10, 0.1, 1.0)])
 def test_bursts_keep_each_vnics_spacing_and_the_host_rate(
-        clock, vnics, count, interval_ms, per_vnic_ms):
-    plan, log, start, result = _send(clock, vnics, count, interval_ms,
+        clock, vifs, count, interval_ms, per_vnic_ms):
+    plan, log, start, result = _send(clock, vifs, count, interval_ms,
                                      per_vnic_ms)
     assert result.sent == len(plan.probes) == len(log)
     quantum = sources.SEND_QUANTUM_S

@@ -2,7 +2,8 @@
 
 import pytest
 
-from netweaver_agent import sources
+from netweaver_agent.core import sources
+from netweaver_agent.ssh import probesource
 
 
 def test_plan_interleaves_targets_evenly():
@@ -34,11 +35,11 @@ def test_negative_count_is_refused():
 @pytest.mark.parametrize('spec, name', [
     ('local', 'local'), ('', 'local'), ('netns:lab-src', 'netns:lab-src')])
 def test_parse_source(spec, name):
-    assert sources.parse_source(spec).name == name
+    assert probesource.parse_source(spec).name == name
 
 
 @pytest.mark.parametrize('spec', ['udp://x', 'netns:../etc', 'netns:',
                                   'ssh://'])
 def test_parse_source_names_bad_input(spec):
     with pytest.raises(Exception, match='(?i)source|namespace|host'):
-        sources.parse_source(spec)
+        probesource.parse_source(spec)

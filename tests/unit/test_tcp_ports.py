@@ -15,16 +15,17 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import analyze
-from netweaver_agent import capture
-from netweaver_agent import latency
-from netweaver_agent import opts
-from netweaver_agent import pcapfile
-from netweaver_agent import pcapkeys
-from netweaver_agent import pollsters
-from netweaver_agent import privileged
-from netweaver_agent import probe
-from netweaver_agent import sources
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import pollsters
+from netweaver_agent.agent import privileged
+from netweaver_agent.cli import offline
+from netweaver_agent.core import capture
+from netweaver_agent.core import latency
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
+from netweaver_agent.core import sources
+from netweaver_agent.core import vifpath
 from tests.unit import test_pcapfile as tpf
 
 A, B = '198.18.0.10', '198.18.0.11'
@@ -197,7 +198,7 @@ def test_right_isn_from_the_wrong_port_is_not_ours():
         (rst_for(frame(session, second.seq)), 'eth1', 2103, capture.DIR_OUT),
     ]
     matcher = latency.Matcher(
-        session, [latency.PathSpec('tap0', ('eth1', 'tap0'))],
+        session, [vifpath.VifPath('tap0', None, ('eth1', 'tap0'))],
         {p.seq: 'tap0' for p in plan.probes}, timeout_ns=10**9,
         protocol='tcp')
     matcher.feed_batch(sighted(session, rows))
@@ -235,12 +236,12 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
     assert {probe.tcp_ident_port(k >> 1) for k in read.batch.keys} == \
         {p.sport for p in plan.probes}
     assert pcapfile.read_pcap(pif_path).probes == 12        # no range
-    rep = analyze.analyze_pcaps(pif_path, vif_path, tcp_ports=ours).report
+    rep = offline.analyze_pcaps(pif_path, vif_path, tcp_ports=ours).report
     assert (rep.sent, rep.ingress.count, rep.ingress.lost) == (6, 6, 0)
     assert rep.ingress.min_us == 30.0 and rep.ingress.max_us == 30.005
     # Told another range, none of them is ours.
-    with pytest.raises(analyze.AnalyzeError, match='no netweaver probe'):
-        analyze.analyze_pcaps(pif_path, vif_path, mode='probe',
+    with pytest.raises(offline.AnalyzeError, match='no netweaver probe'):
+        offline.analyze_pcaps(pif_path, vif_path, mode='probe',
                               tcp_ports=range(1000, 2000))
 
 

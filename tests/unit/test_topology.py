@@ -8,11 +8,12 @@ from xml.etree import ElementTree
 
 import pytest
 
-from netweaver_agent import labvirt
-from netweaver_agent import ovsdb
-from netweaver_agent import topology
+from netweaver_agent.agent import ovsdb
+from netweaver_agent.agent import topology
+from netweaver_agent.core import vifpath
+from netweaver_agent.lab import virt
 
-NOVA = labvirt.NOVA_NS
+NOVA = virt.NOVA_NS
 
 
 def domain_xml(interfaces, ports=''):
@@ -85,11 +86,11 @@ def test_parse_domain_names_bad_xml():
 
 
 def test_labvirt_node_round_trips():
-    guest = labvirt.GuestDomain(index=2, name='web', uuid='u-1',
-                                tap='tapzzz', mac='fa:16:3e:00:00:09',
-                                address='198.18.1.12', bridge='brq1',
-                                port_uuid='pz')
-    node = ElementTree.fromstring(labvirt.node_xml([guest]))
+    guest = virt.GuestDomain(index=2, name='web', uuid='u-1',
+                             tap='tapzzz', mac='fa:16:3e:00:00:09',
+                             address='198.18.1.12', bridge='brq1',
+                             port_uuid='pz')
+    node = ElementTree.fromstring(virt.node_xml([guest]))
     dom = topology.parse_domain(
         ElementTree.tostring(node.find('domain'), encoding='unicode'))
     assert dom.name == 'instance-00000003'
@@ -275,12 +276,11 @@ def test_resolve_builds_the_path(sysfs):
     path = topology.resolve(dom, dom.interfaces[0],
                             topology.LibvirtResolver(), links,
                             vif_prefixes=('tap',))
-    assert path == topology.VifPath(vnic='tapaaa', address='198.18.1.10',
-                                    interfaces=('eth1', 'tapaaa'),
-                                    mac='fa:16:3e:00:00:01',
-                                    via=(('brq1',),))
+    assert path == vifpath.VifPath(vif='tapaaa', address='198.18.1.10',
+                                   interfaces=('eth1', 'tapaaa'),
+                                   mac='fa:16:3e:00:00:01',
+                                   via=(('brq1',),))
     assert path.unseen == ('brq1',) and path.encap == ()
-    assert path.spec().interfaces == ('eth1', 'tapaaa')
 
 
 def test_resolve_names_a_vanished_vif(sysfs):
@@ -473,7 +473,7 @@ def test_vxlan_pif_is_the_netdev_holding_local_ip():
     found = topology.find_path('tap1', links, switch.view(
         {'198.18.0.1': 'eth1', '198.18.5.5': 'eth2'}))
     assert found.interfaces == ('eth1', 'tap1')
-    assert found.encap == (topology.Encapsulation('vxlan', 4789),)
+    assert found.encap == (vifpath.Encapsulation('vxlan', 4789),)
     assert found.via == (('vxlan-c6120002', 'br-tun', 'patch-int',
                           'patch-tun', 'br-int'),)
 
@@ -494,7 +494,7 @@ def test_tunnel_local_ip_on_an_internal_port_gives_its_bridge_uplink():
     found = topology.find_path('tap1', links,
                                switch.view({'198.18.0.1': 'br-phy'}))
     assert found.interfaces == ('eth1', 'tap1')
-    assert found.encap == (topology.Encapsulation('vxlan', 8472),)
+    assert found.encap == (vifpath.Encapsulation('vxlan', 8472),)
     assert found.via == (('br-phy', 'vxlan-1', 'vxlan-2', 'br-tun',
                           'patch-int', 'patch-tun', 'br-int'),)
 
@@ -511,7 +511,7 @@ def test_ovn_geneve_local_ip_from_ovn_encap_ip():
     found = topology.find_path('tap1', links,
                                switch.view({'198.18.0.1': 'eth1'}))
     assert found.interfaces == ('eth1', 'tap1')
-    assert found.encap == (topology.Encapsulation('geneve', 6081),)
+    assert found.encap == (vifpath.Encapsulation('geneve', 6081),)
     assert found.via == (('ovn-chass2-0', 'br-int'),)
 
 
@@ -529,7 +529,7 @@ def test_provider_and_tunnel_on_the_same_pif_merge():
     found = topology.find_path('tap1', links,
                                switch.view({'198.18.0.1': 'br-ex'}))
     assert found.interfaces == ('eth1', 'tap1')
-    assert found.encap == (topology.Encapsulation('geneve', 6081),)
+    assert found.encap == (vifpath.Encapsulation('geneve', 6081),)
     assert set(found.via[0]) == {
         'br-ex', 'patch-provnet-to-br-int', 'patch-br-int-to-provnet',
         'ovn-chass2-0', 'br-int'}
@@ -565,7 +565,7 @@ def test_bond_uplink_is_not_guessed():
 @pytest.mark.parametrize('network_type, pif, encap', [
     ('vlan', 'eth1', ()),
     ('flat', 'eth1', ()),
-    ('vxlan', 'eth2', (topology.Encapsulation('vxlan', 4789),)),
+    ('vxlan', 'eth2', (vifpath.Encapsulation('vxlan', 4789),)),
 ])
 def test_neutron_network_type_picks_the_uplink(network_type, pif, encap):
     switch = (provider_switch().bridge('br-tun')
@@ -695,16 +695,16 @@ def test_configured_pif_without_the_switch():
 
 
 def test_vif_path_via_and_unseen():
-    path = topology.VifPath(
-        vnic='tap1', address='198.18.0.10',
+    path = vifpath.VifPath(
+        vif='tap1', address='198.18.0.10',
         interfaces=('eth1', 'qvo1', 'qvb1', 'tap1'),
         via=(TO_BR_INT, (), ('qbr1',)))
     assert path.unseen == TO_BR_INT + ('qbr1',)
     assert path.hop_via()[('qvb1', 'tap1')] == ('qbr1',)
     assert path.encap_port('vxlan') is None
     with pytest.raises(ValueError, match='via entries'):
-        topology.VifPath(vnic='tap1', address='198.18.0.10',
-                         interfaces=('eth1', 'tap1'), via=((), ()))
+        vifpath.VifPath(vif='tap1', address='198.18.0.10',
+                        interfaces=('eth1', 'tap1'), via=((), ()))
 
 
 def test_parse_addresses_of_ip_j_addr():
@@ -745,15 +745,15 @@ def test_veth_to_another_linux_bridge_stays_linux_bridge():
 # --- what the pollsters publish of a path ----------------------------------
 
 def test_samples_name_the_devices_crossed_unseen():
-    from netweaver_agent import latency
-    from netweaver_agent import pollsters
-    path = topology.VifPath(
-        vnic='tap1', address='198.18.0.10',
+    from netweaver_agent.agent import pollsters
+    from netweaver_agent.core import latency
+    path = vifpath.VifPath(
+        vif='tap1', address='198.18.0.10',
         interfaces=('eth1', 'qvo1', 'qvb1', 'tap1'),
         via=(TO_BR_INT, (), ('qbr1',)))
     stats = latency.DirectionStats.from_ns([5000, 7000])
     report = latency.LatencyReport(
-        vnic='tap1', pif='eth1', protocol='icmp', sent=2, ingress=stats,
+        vif='tap1', pif='eth1', protocol='icmp', sent=2, ingress=stats,
         egress=stats, turnaround=stats,
         hops=tuple(latency.HopStats(a, b, stats) for a, b in
                    zip(path.interfaces, path.interfaces[1:])))
@@ -764,8 +764,8 @@ def test_samples_name_the_devices_crossed_unseen():
         ('eth1', 'qvo1', list(TO_BR_INT)), ('qvo1', 'qvb1', []),
         ('qvb1', 'tap1', ['qbr1'])]
     assert md['path_unseen'] == list(TO_BR_INT) + ['qbr1']
-    plain = topology.VifPath(vnic='tap1', address='198.18.0.10',
-                             interfaces=('eth1', 'tap1'))
+    plain = vifpath.VifPath(vif='tap1', address='198.18.0.10',
+                            interfaces=('eth1', 'tap1'))
     md = pollsters.latency_metadata(report, plain, window, 'local')
     assert md['path_unseen'] == []
 
@@ -810,7 +810,7 @@ def test_linux_bridge_vxlan_uplink_enters_through_its_dev():
         addresses=lambda: {'198.18.254.2': 'eth2'}))
     assert found.interfaces == ('eth1', 'vxlan-42', 'tapaaa')
     assert found.via == ((), ('brq1',))
-    assert found.encap == (topology.Encapsulation('vxlan', 8472),)
+    assert found.encap == (vifpath.Encapsulation('vxlan', 8472),)
 
 
 def test_linux_bridge_vxlan_without_dev_uses_the_local_address_owner():

@@ -19,10 +19,10 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from netweaver_agent import analyze
-from netweaver_agent import pcapfile
-from netweaver_agent import pcapkeys
-from netweaver_agent import probe
+from netweaver_agent.cli import offline
+from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import probe
 from tests.unit import test_analyze as ta
 from tests.unit import test_fuzz as tf
 from tests.unit import test_pcapfile as tpf
@@ -50,7 +50,7 @@ def shb(order='<', version=(1, 0)):
 
 
 def netweaver(*argv, **kwargs):
-    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli',
+    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
                            *map(str, argv)], capture_output=True, text=True,
                           timeout=60, **kwargs)
 
@@ -263,7 +263,7 @@ def test_auto_mode_reads_each_file_once(tmp_path, monkeypatch):
         opened.append(path)
         return real(path)
     monkeypatch.setattr(pcapfile, '_open', counting)
-    result = analyze.analyze_pcaps(pif, vif,
+    result = offline.analyze_pcaps(pif, vif,
                                    destination=socket.inet_ntoa(tp.DST))
     assert result.mode == 'fingerprint'
     assert result.report.ingress.count == 10
@@ -282,7 +282,7 @@ def test_probe_mode_session_from_the_vif_file_reads_once(tmp_path,
     monkeypatch.setattr(pcapfile, '_open',
                         lambda path: opened.append(path) or real(path))
     # The vif's session is found without reading the pif again.
-    result = analyze.analyze_pcaps(pif, vif)
+    result = offline.analyze_pcaps(pif, vif)
     assert (result.session, result.report.unseen_at_pif) == (77, 5)
     assert len(opened) == 2
 
@@ -458,7 +458,7 @@ def test_fingerprint_reads_vlan_frames_in_cooked_captures(fmt, vids,
                                               vif_out))
     read = pcapfile.read_pcap(pif, fingerprint=True, dst_ip='198.18.0.10')
     assert read.probes == 2 * n
-    result = analyze.analyze_pcaps(pif, vif, destination='198.18.0.10')
+    result = offline.analyze_pcaps(pif, vif, destination='198.18.0.10')
     rep = result.report
     assert result.mode == 'fingerprint'
     assert rep.vlan == vids
@@ -595,7 +595,7 @@ def test_fingerprint_turnaround(kind, tmp_path):
     n = 12
     pif, vif = _timeline(_exchanges(kind, n), 7_000, 40_000, 2_000)
     dest = '2001:2::a' if kind == 'ping6' else ta.GUEST
-    result = analyze.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
+    result = offline.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
                                    ta.write(tmp_path / 'v.pcap', vif),
                                    destination=dest, mode='fingerprint')
     rep = result.report
@@ -632,7 +632,7 @@ def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
         exchanges.append((udp, udp_ans))
     pif, vif = _timeline(exchanges, 5_000, 30_000, 1_000,
                          outward=range(1, len(exchanges), 3))
-    rep = analyze.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
+    rep = offline.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
                                 ta.write(tmp_path / 'v.pcap', vif),
                                 destination=ta.GUEST,
                                 mode='fingerprint').report
@@ -722,7 +722,7 @@ def test_prefilters_rule_out_everyday_traffic():
 # The distribution: log2 µs buckets in JSON and as a picture.
 
 def test_histogram_buckets_are_log2_microseconds():
-    from netweaver_agent import latency
+    from netweaver_agent.core import latency
     edges = latency.HISTOGRAM_EDGES_US
     assert edges[0] == 0 and edges[1] == 1
     assert all(b == 2 * a for a, b in zip(edges[1:], edges[2:]))

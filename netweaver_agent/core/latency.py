@@ -1,0 +1,437 @@
+"""Match sightings of probes across interfaces; compute latency statistics.
+
+This module does no I/O (as h11 does none): sightings in, reports out.
+
+For each probe we keep its first timestamp on every interface of its
+path, ``pif → hop … → vif``, and the same for the guest's reply:
+
+* ingress    = t(vif, probe) − t(pif, probe)   (the seed's number)
+* egress     = t(pif, reply) − t(vif, reply)
+* turnaround = t(vif, reply) − t(vif, probe)  (guest + vhost/QEMU)
+* hops       = the ingress subtraction between neighbouring interfaces
+
+A pif sighting of a probe counts only if the kernel says the probe was
+*received* there (not ``DIR_OUT``): a probe the host itself sent out of the
+pif never measured the in-host path.  A probe received on the pif and not
+seen on the vif within ``timeout_ns`` is *lost*.  Probes never received on
+the pif are counted as ``unseen_at_pif`` and measure nothing.
+
+Tenants see their own probes and may send look-alikes.  With the window's
+secret, a sighting counts only if it is authentic: its auth (tag and
+address, see :mod:`netweaver_agent.core.probe`) is the one the planned probe to
+the planned address carries (computed once per probe, then compared per
+row), and a TCP key is found through the plan's ISNs.  Rows that fail are
+counted per vNIC as ``rejected``.  Without a secret (offline files with no
+key) sightings are matched unverified.
+
+One clock stamps every interface, so a packet seen on an interface of its
+path *before* one it crossed earlier (a vif sighting before the pif's, a
+reply on the pif before the tap) is no latency at all: a negative value is
+never reported; it is counted as an *anomaly* and left out of the
+statistics.
+"""
+
+import collections
+import dataclasses
+import math
+import socket
+
+from netweaver_agent.core import capture
+from netweaver_agent.core import probe
+
+DIR_IN = capture.DIR_IN
+DIR_OUT = capture.DIR_OUT
+
+# Latency histogram buckets, log2 µs: bucket 0 holds [0, 1) µs, bucket k
+# (1..20) [2**(k-1), 2**k) µs, bucket 21 everything from 2**20 µs (~1 s).
+HISTOGRAM_EDGES_US = (0,) + tuple(1 << k for k in range(21))
+
+
+def log2_histogram(values_ns):
+    """Counts per :data:`HISTOGRAM_EDGES_US` bucket of latencies in ns."""
+    counts = [0] * len(HISTOGRAM_EDGES_US)
+    last = len(counts) - 1
+    for v in values_ns:
+        counts[min(max(int(v) // 1000, 0).bit_length(), last)] += 1
+    return tuple(counts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirectionStats:
+    """Latency statistics of one direction, in microseconds.
+
+    ``count`` measured values; ``lost`` probes (or replies) that entered
+    the segment and did not leave it within the timeout.  The figures are
+    None when ``count`` is 0.
+    """
+
+    count: int = 0
+    lost: int = 0
+    min_us: float | None = None
+    max_us: float | None = None
+    mean_us: float | None = None
+    stdev_us: float | None = None
+    p50_us: float | None = None
+    p90_us: float | None = None
+    p99_us: float | None = None
+
+    @property
+    def loss_pct(self):
+        """Lost as a percentage of those that entered (None if none did)."""
+        total = self.count + self.lost
+        return 100.0 * self.lost / total if total else None
+
+    @classmethod
+    def from_ns(cls, values_ns, lost=0):
+        """Statistics of latencies given in nanoseconds."""
+        if not values_ns:
+            return cls(count=0, lost=lost)
+        values = sorted(v / 1000.0 for v in values_ns)
+        n = len(values)
+        mean = math.fsum(values) / n
+        if n > 1:
+            var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+            stdev = math.sqrt(var)
+        else:
+            stdev = 0.0
+        return cls(count=n, lost=lost, min_us=values[0], max_us=values[-1],
+                   mean_us=mean, stdev_us=stdev,
+                   p50_us=percentile(values, 50),
+                   p90_us=percentile(values, 90),
+                   p99_us=percentile(values, 99))
+
+
+def percentile(sorted_values, pct):
+    """Linear-interpolation percentile (numpy's default) of sorted values."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    if not 0 <= pct <= 100:
+        raise ValueError(f"percentile {pct!r} is not within 0..100")
+    rank = (len(sorted_values) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    frac = rank - low
+    return sorted_values[low] + (sorted_values[high] -
+                                 sorted_values[low]) * frac
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HopStats:
+    """Latency between two neighbouring interfaces of a path (ingress)."""
+
+    src: str
+    dst: str
+    stats: DirectionStats
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LatencyReport:
+    """What one probe window measured for one vNIC.
+
+    ``vlan``/``vni``/``tunnel``: how the probes were carried on the pif
+    (the VLAN ids of their tags, outermost first; the tunnel's network
+    identifier and kind, ``'vxlan'`` or ``'geneve'``), the most common
+    over the window; ``()``/None when plain.  ``anomalies``: probes or
+    replies seen out of path order (e.g. on the vif before the pif, which
+    one clock cannot do for one packet): no value, left out of the
+    statistics.  ``rejected``: sightings of this vNIC's probes whose tag
+    or address did not verify (look-alikes), ignored.  ``authenticated``:
+    whether sightings were verified at all.
+    """
+
+    vif: str
+    pif: str
+    protocol: str
+    sent: int
+    ingress: DirectionStats
+    egress: DirectionStats
+    turnaround: DirectionStats
+    hops: tuple = ()
+    unseen_at_pif: int = 0
+    late: int = 0
+    unknown: int = 0
+    vlan: tuple = ()
+    vni: int | None = None
+    tunnel: str | None = None
+    anomalies: int = 0
+    rejected: int = 0
+    authenticated: bool = False
+    # ((direction, counts per HISTOGRAM_EDGES_US bucket), ...): the
+    # distribution behind ingress, egress and turnaround.
+    histograms: tuple = ()
+
+    def histogram(self, direction):
+        """Counts per :data:`HISTOGRAM_EDGES_US` bucket of ``direction``
+        (``'ingress'``, ``'egress'``, ``'turnaround'``); () if unknown."""
+        return dict(self.histograms).get(direction, ())
+
+    @property
+    def filtered(self):
+        """Probes reached the pif, yet none reached the vif.
+
+        The usual cause is a security group or port security dropping
+        them before the tap, not in-host loss.
+        """
+        return self.ingress.count == 0 and self.ingress.lost > 0
+
+    @property
+    def entered_pif(self):
+        """How many probes the pif received."""
+        return self.ingress.count + self.ingress.lost
+
+
+class Matcher:
+    """Collects sightings of one window; :meth:`reports` gives the result.
+
+    :param session: the window's session (keys of other sessions ignored)
+    :param paths: :class:`vifpath.VifPath` per vNIC
+    :param plan: ``{seq: vnic}`` for every probe sent; sightings of other
+        sequence numbers are ignored
+    :param timeout_ns: a probe (or reply) later than this is lost
+    :param protocol: recorded in the reports
+    :param capture_dropped: the capture lost packets in this window, so a
+        probe missing on the vif may have been dropped by the capture, not
+        by the host: such probes are counted as ``unknown``, never as lost
+    :param secret: the window's secret (the probes' tags and TCP ISNs);
+        None: sightings are not verified (the reports say so)
+    :param addresses: ``{vnic: address string}``, the planned destination
+        of each vNIC's probes (needed with ``secret``)
+    :param label: the protocol shown in the reports (default:
+        ``protocol``, which is the probes' and keys their tags)
+
+    TCP: ``plan`` holds :func:`probe.tcp_ident` sequence numbers (or keys
+    as read, :func:`probe.tcp_wire_ident`); the ISN each probe carried is
+    computed once, and sightings are found through it.
+    """
+
+    def __init__(self, session, paths, plan, timeout_ns, protocol='icmp',
+                 capture_dropped=False, secret=None, addresses=None,
+                 label=None):
+        self.session = session
+        self.paths = {p.vif: p for p in paths}
+        self.plan = dict(plan)
+        unknown = set(self.plan.values()) - set(self.paths)
+        if unknown:
+            raise ValueError(
+                f"probes planned for vNICs with no path: {sorted(unknown)}")
+        self.timeout_ns = timeout_ns
+        self.protocol = protocol
+        self.label = label or protocol
+        self.capture_dropped = capture_dropped
+        self.secret = (None if secret is None else
+                       probe.check_secret(secret, 'window secret'))
+        self._dst = {}
+        if self.secret is not None:
+            addresses = addresses or {}
+            missing = set(self.plan.values()) - set(addresses)
+            if missing:
+                raise ValueError("verified matching needs the address of "
+                                 f"every vNIC; none for {sorted(missing)}")
+            self._dst = {v: _packed(a) for v, a in addresses.items()}
+        # (seq, reply) -> {ifname: t_ns}
+        self._seen = {}
+        # (seq, reply) -> probe.Encap on the pif (tagged/VXLAN rows only)
+        self._encap = {}
+        # seq -> the auth a genuine sighting carries (computed once).
+        self._expected = {}
+        self.verifications = 0
+        self._rejected = collections.Counter()
+        # TCP: the key as read (port and ISN) -> the plan's seq.
+        self._wire = self._tcp_keys() if protocol == 'tcp' else None
+
+    def _tcp_keys(self):
+        """``{wire seq: plan seq}``: each planned TCP probe's key as read
+        from the wire (its port and the ISN it carried)."""
+        wire = {}
+        for seq, vif in self.plan.items():
+            port = probe.tcp_ident_port(seq)
+            if port is None or seq >> 40:
+                wire[seq] = seq             # a key as read already
+                continue
+            isn = probe.tcp_isn(self.secret, self.session, seq,
+                                self._dst.get(vif))
+            wire[probe.tcp_wire_ident(port, isn)] = seq
+        return wire
+
+    def _expect(self, seq):
+        """The auth planned probe ``seq`` carries (computed once)."""
+        self.verifications += 1
+        want = self._expected[seq] = probe.expected_auth(
+            self.secret, self.protocol, self.session, seq,
+            self._dst[self.plan[seq]])
+        return want
+
+    def feed(self, sighting):
+        """Add one :class:`capture.Sighting`."""
+        key = sighting.key
+        if key.session != self.session and not (
+                self._wire is not None and key.session == probe.TCP_SESSION):
+            return
+        self._add(key.seq, key.reply, sighting.ifname, sighting.t_ns,
+                  sighting.direction, sighting.auth)
+
+    def feed_batch(self, batch):
+        """Add every row of a :class:`capture.SightingBatch`."""
+        if batch.session != self.session and self._wire is None:
+            return
+        names = batch.ifnames
+        add = self._add
+        for k, i, t, d, a in zip(batch.keys, batch.ifindex, batch.t_ns,
+                                 batch.direction, batch.auth_column()):
+            add(k >> 1, bool(k & 1), names[i], t, d, a)
+        wire = self._wire
+        for (k, i), encap in batch.encap.items():
+            seq = k >> 1 if wire is None else wire.get(k >> 1)
+            vif = self.plan.get(seq)
+            if vif is not None and names[i] == self.paths[vif].pif:
+                self._encap.setdefault((seq, bool(k & 1)), encap)
+
+    def _add(self, seq, reply, ifname, t_ns, direction, auth=0):
+        if self._wire is not None:
+            seq = self._wire.get(seq)
+        vif = self.plan.get(seq)
+        if vif is None:
+            return
+        if self.secret is not None:
+            want = self._expected.get(seq)
+            if auth != (self._expect(seq) if want is None else want):
+                self._rejected[vif] += 1
+                return
+        path = self.paths[vif]
+        if ifname not in path.interfaces:
+            return
+        if ifname == path.pif:
+            # Probes must be received on the pif, replies sent out of it.
+            if direction == (DIR_OUT if not reply else DIR_IN):
+                return
+        elif reply and direction == DIR_OUT and ifname == path.interfaces[-1]:
+            # A "reply" the host sends towards the guest is a look-alike
+            # (e.g. an echo reply nobody asked for), not the guest's.
+            return
+        seen = self._seen.setdefault((seq, reply), {})
+        old = seen.get(ifname)
+        if old is None or t_ns < old:
+            seen[ifname] = t_ns
+
+    def accepted(self):
+        """``{(seq, reply): {ifname: t_ns}}``: the first sighting per
+        interface of every planned probe and answer that was accepted
+        (verified, on its path, in the right direction)."""
+        return {k: dict(v) for k, v in self._seen.items()}
+
+    def reports(self):
+        """``{vnic: LatencyReport}`` for every vNIC with a path."""
+        per_vnic = {v: [] for v in self.paths}
+        for seq, vif in self.plan.items():
+            per_vnic[vif].append(seq)
+        return {v: self._report(self.paths[v], seqs)
+                for v, seqs in per_vnic.items()}
+
+    def _report(self, path, seqs):
+        pif, vif = path.pif, path.interfaces[-1]
+        timeout = self.timeout_ns
+        ingress, egress, turnaround = [], [], []
+        in_lost = eg_lost = unseen = late = unknown = anomalies = 0
+        dropped = self.capture_dropped
+        hops = list(zip(path.interfaces, path.interfaces[1:]))
+        hop_values = [[] for _ in hops]
+        hop_lost = [0] * len(hops)
+        empty = {}
+        for seq in seqs:
+            fwd = self._seen.get((seq, False), empty)
+            back = self._seen.get((seq, True), empty)
+            t_pif = fwd.get(pif)
+            t_vif = fwd.get(vif)
+            if t_pif is None:
+                unseen += 1
+            elif t_vif is None:
+                if dropped:
+                    unknown += 1
+                else:
+                    in_lost += 1
+            elif t_vif - t_pif > timeout:
+                in_lost += 1
+                late += 1
+            elif not _in_order(fwd, path.interfaces):
+                anomalies += 1
+            else:
+                ingress.append(t_vif - t_pif)
+                if len(hops) > 1:
+                    for n, (a, b) in enumerate(hops):
+                        ta, tb = fwd.get(a), fwd.get(b)
+                        if ta is None:
+                            continue
+                        if tb is None:
+                            hop_lost[n] += 1
+                        else:
+                            hop_values[n].append(tb - ta)
+            r_vif = back.get(vif)
+            r_pif = back.get(pif)
+            if r_vif is not None:
+                if r_pif is None and dropped:
+                    pass
+                elif r_pif is None or r_pif - r_vif > timeout:
+                    eg_lost += 1
+                elif r_pif < r_vif:
+                    anomalies += 1
+                else:
+                    egress.append(r_pif - r_vif)
+                if t_vif is not None:
+                    if r_vif < t_vif:
+                        anomalies += 1
+                    else:
+                        turnaround.append(r_vif - t_vif)
+        vlan, vni, tunnel = self._carried(seqs)
+        hop_stats = tuple(
+            HopStats(a, b, DirectionStats.from_ns(vals, lost))
+            for (a, b), vals, lost in zip(hops, hop_values, hop_lost)
+        ) if len(hops) > 1 else ()
+        return LatencyReport(
+            vif=path.vif, pif=pif, protocol=self.label, sent=len(seqs),
+            ingress=DirectionStats.from_ns(ingress, in_lost),
+            egress=DirectionStats.from_ns(egress, eg_lost),
+            turnaround=DirectionStats.from_ns(turnaround),
+            hops=hop_stats, unseen_at_pif=unseen, late=late,
+            unknown=unknown, vlan=vlan, vni=vni, tunnel=tunnel,
+            anomalies=anomalies, rejected=self._rejected[path.vif],
+            authenticated=self.secret is not None,
+            histograms=(('ingress', log2_histogram(ingress)),
+                        ('egress', log2_histogram(egress)),
+                        ('turnaround', log2_histogram(turnaround))))
+
+    def _carried(self, seqs):
+        """``(vlan, vni, tunnel)`` most common on the pif among ``seqs``."""
+        if not self._encap:
+            return (), None, None
+        seen = self._encap
+        counts = collections.Counter(
+            e for seq in seqs for e in (seen.get((seq, False)),
+                                        seen.get((seq, True))) if e)
+        if not counts:
+            return (), None, None
+        encap = counts.most_common(1)[0][0]
+        return encap.vlan, encap.vni, encap.tunnel
+
+
+def _packed(address):
+    """An address string (or packed bytes) as packed bytes."""
+    if isinstance(address, (bytes, bytearray)):
+        return bytes(address)
+    family = socket.AF_INET6 if ':' in address else socket.AF_INET
+    try:
+        return socket.inet_pton(family, address)
+    except OSError as exc:
+        raise ValueError(f"invalid vNIC address {address!r}") from exc
+
+
+def _in_order(seen, interfaces):
+    """Whether the interfaces in ``seen`` (``{ifname: t_ns}``) saw the
+    packet in the order of ``interfaces``."""
+    last = None
+    for name in interfaces:
+        t = seen.get(name)
+        if t is not None:
+            if last is not None and t < last:
+                return False
+            last = t
+    return True

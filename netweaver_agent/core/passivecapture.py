@@ -1,0 +1,254 @@
+"""Live capture for passive mode: sampled flows' keys and timestamps.
+
+One ``AF_PACKET`` socket in the hypervisor's namespace, opened for one
+passive window, with :func:`capture.passive_filter`: the kernel keeps a
+consistent sample of flows (the same on the pif and on every tap) and cuts
+each kept packet where its transport header ends, so no payload byte is
+ever copied to user space.  Packets are read from a ``TPACKET_V3`` ring
+(:mod:`netweaver_agent.core.ring`); each becomes a :class:`passive.Sighting`
+(interface, kernel ns timestamp, direction, key fields), at most ``cap``
+of them per window (the rest counted, not kept).
+"""
+
+import dataclasses
+import fcntl
+import gc
+import select
+import socket
+import struct
+import threading
+import time
+
+from oslo_log import log
+
+from netweaver_agent.core import capture
+from netweaver_agent.core import netns
+from netweaver_agent.core import passive
+from netweaver_agent.core import probe
+from netweaver_agent.core import ring
+
+LOG = log.getLogger(__name__)
+
+# Largest cap on sampled packets per window the capture accepts.
+MAX_CAP = 1_000_000
+# Bytes of ring per kept packet (header, address, headers-only snapshot).
+_SLOT = ring.HEADER_BYTES + 128
+_IFINDEX = struct.Struct('@i')
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PassiveStats:
+    """What the kernel and the reader counted in one passive window.
+
+    ``packets``/``drops``: the kernel's (sampled packets passed to the
+    socket, and dropped for want of room); ``kept``: sightings returned;
+    ``over_cap``: sampled packets read past the cap, not kept;
+    ``unparsed``: kept by the filter, no key in user space.
+    """
+
+    packets: int = 0
+    drops: int = 0
+    kept: int = 0
+    over_cap: int = 0
+    unparsed: int = 0
+
+
+class PassiveCapture:
+    """One passive window's capture: open, read in a thread, close.
+
+    ::
+
+        with PassiveCapture(64, netns_name='hv', cap=20000) as cap:
+            time.sleep(window_s)
+        sightings, stats = cap.sightings, cap.stats
+
+    ``sample``: keep one flow in ``sample`` (a power of two), those whose
+    hash is ``value``; ``interfaces``: keep sightings of these only (None:
+    all); ``cap``: at most this many sightings.
+    """
+
+    def __init__(self, sample, netns_name=None, interfaces=None,
+                 cap=100_000, value=0, vxlan_port=None, geneve_port=None,
+                 max_ring_bytes=capture.MAX_RING_BYTES):
+        if (not isinstance(cap, int) or isinstance(cap, bool) or
+                not 0 < cap <= MAX_CAP):
+            raise ValueError(f"passive capture cap {cap!r} is not within "
+                             f"1..{MAX_CAP} packets")
+        self.program = capture.passive_filter(sample, value, vxlan_port,
+                                              geneve_port)
+        self.netns_name = netns_name
+        self.interfaces = frozenset(interfaces) if interfaces else None
+        self.cap = cap
+        self.max_ring_bytes = max_ring_bytes
+        self._tunnels = probe.tunnel_ports(vxlan_port, geneve_port)
+        self.sightings = []
+        self.stats = None
+        self._names = {}
+        self._sock = None
+        self._ring = None
+        self._thread = None
+        self._stop = threading.Event()
+        self._read = 0
+        self._over = 0
+        self._unparsed = 0
+        self._kernel = [0, 0]
+        self._error = None
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def open(self):
+        try:
+            sock = netns.socket_in_netns(
+                self.netns_name, socket.AF_PACKET, socket.SOCK_RAW,
+                socket.htons(capture.ETH_P_ALL))
+        except PermissionError as exc:
+            raise capture.CapturePermissionError(
+                "opening an AF_PACKET capture socket needs CAP_NET_RAW "
+                f"(namespace {self.netns_name or 'of this process'}): "
+                f"{exc}") from exc
+        try:
+            capture._attach_filter(sock, self.program)
+            sock.getsockopt(capture.SOL_PACKET, capture.PACKET_STATISTICS,
+                            ring.STATS_V3.size)
+            size = max(capture.MIN_RING_BYTES,
+                       min(self.max_ring_bytes,
+                           capture.RING_MARGIN * self.cap * _SLOT))
+            self._ring = ring.PacketRing(sock, size)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='netweaver-passive')
+        self._thread.start()
+        time.sleep(capture.TIMESTAMP_WARMUP_S)
+
+    def close(self):
+        if self._sock is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            limit = time.monotonic() + capture.RING_FINISH_S
+            while True:
+                packets, drops = self._kernel_stats()
+                self._read_ring()
+                if (self._read >= packets - drops or
+                        time.monotonic() >= limit):
+                    break
+                time.sleep(0.002)
+        finally:
+            self._ring.close()
+            self._sock.close()
+            self._sock = None
+        self.stats = PassiveStats(packets=packets, drops=drops,
+                                  kept=len(self.sightings),
+                                  over_cap=self._over,
+                                  unparsed=self._unparsed)
+        if self._error is not None:
+            raise capture.CaptureError(
+                f"reading the passive capture failed: {self._error}")
+
+    def _kernel_stats(self):
+        raw = self._sock.getsockopt(capture.SOL_PACKET,
+                                    capture.PACKET_STATISTICS,
+                                    ring.STATS_V3.size)
+        packets, drops, _freeze = ring.STATS_V3.unpack_from(raw)
+        self._kernel[0] += packets
+        self._kernel[1] += drops
+        return tuple(self._kernel)
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self._sock], [], [], 0.02)
+                if ready:
+                    self._read_ring()
+        except OSError as exc:
+            self._error = exc
+
+    def _ifname(self, ifindex):
+        name = self._names.get(ifindex)
+        if name is None:
+            try:
+                out = fcntl.ioctl(self._sock.fileno(), capture.SIOCGIFNAME,
+                                  capture._IFREQ.pack(b'', ifindex))
+                name = out[:16].split(b'\0', 1)[0].decode('ascii',
+                                                          'replace')
+            except OSError:
+                name = f'#{ifindex}'
+            self._names[ifindex] = name
+        return name
+
+    def _read_ring(self):
+        # A block makes a few tuples per packet and keeps them all: the
+        # collector's passes over them would cost a third of the read.
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            self._read_blocks()
+        finally:
+            if collect:
+                gc.enable()
+
+    def _read_blocks(self):
+        out = self.sightings
+        names = self._names
+        wanted = self.interfaces
+        parse_at, sighting = passive.parse_at, passive.Sighting
+        tunnels = self._tunnels
+        for block in self._ring.blocks():
+            for run in ring.decode_block(block):
+                self._read += run.n
+                room = self.cap - len(out)
+                n = min(run.n, max(room, 0))
+                self._over += run.n - n
+                caplen, stride, frame = run.caplen, run.stride, run.frame
+                t_ns, ifindex, pkttype = run.t_ns, run.ifindex, run.pkttype
+                for i in range(n):
+                    index = ifindex[i]
+                    name = names.get(index) or self._ifname(index)
+                    if wanted is not None and name not in wanted:
+                        continue
+                    header = parse_at(block, frame + i * stride, caplen,
+                                      tunnels)
+                    if header is None:
+                        self._unparsed += 1
+                        continue
+                    out.append(sighting(
+                        name, t_ns[i],
+                        capture.DIR_OUT if pkttype[i] == 4
+                        else capture.DIR_IN, header))
+
+
+def to_wire(sightings, stats):
+    """A window's sightings and :class:`PassiveStats` as the plain values
+    privsep carries: key fields and timestamps, no payload."""
+    names = sorted({s.ifname for s in sightings})
+    index = {n: i for i, n in enumerate(names)}
+    rows = [(index[s.ifname], s.t_ns, s.direction) + s.header.flow +
+            (s.header.ident, s.header.length) for s in sightings]
+    return {'ifnames': names, 'rows': rows,
+            'stats': dataclasses.astuple(stats)}
+
+
+def from_wire(raw):
+    """``(sightings, stats)`` from :func:`to_wire`'s values."""
+    names = raw['ifnames']
+    out = []
+    for (i, t_ns, direction, proto, src, dst, sport, dport, ident,
+         length) in raw['rows']:
+        out.append(passive.Sighting(
+            names[i], t_ns, direction,
+            passive.Header((proto, bytes(src), bytes(dst), sport, dport),
+                           None if ident is None else tuple(ident),
+                           length)))
+    return out, PassiveStats(*raw['stats'])

@@ -1,0 +1,542 @@
+"""Probe sources: where probes are sent from.
+
+* ``local``: this host's own stack (valid only where routing takes the
+  probes out and back in through the pif);
+* ``netns:NAME``: a network namespace attached to the physical network
+  (the lab's source; needs CAP_SYS_ADMIN to enter it);
+* ``ssh://user@host[:port]``: a remote host, over SSH (see
+  :mod:`netweaver_agent.ssh.remote`).
+
+A source takes a :class:`ProbePlan` (which packet, to which address, at
+which offset in the window) and sends it, bounded in count and time.
+
+TCP probes each get a 5-tuple of their own: :func:`schedule` takes their
+source ports from a :class:`PortCursor` that walks the configured range
+per destination and is kept across windows (one per process by default),
+so a port comes back for the same destination only when the cursor wraps.
+Stateful firewalls (conntrack keeps a SYN_SENT entry 120 s) then never see
+a SYN repeated on one connection.
+"""
+
+import collections
+import dataclasses
+import re
+import secrets
+import socket
+import threading
+import time
+
+from oslo_log import log
+
+from netweaver_agent.core import destinations
+from netweaver_agent.core import netns
+from netweaver_agent.core import probe
+
+LOG = log.getLogger(__name__)
+
+
+class SourceError(RuntimeError):
+    """A probe source could not send."""
+
+
+# Linux's conntrack keeps a TCP connection in SYN_SENT this long
+# (nf_conntrack_tcp_timeout_syn_sent): a port must not come back for the
+# same destination sooner.
+SYN_SENT_TIMEOUT_S = 120
+# Destinations a PortCursor remembers; the oldest is forgotten past this
+# (it then starts again at a random place of the range).
+MAX_CURSOR_DESTINATIONS = 65536
+# Several probes per timer wake-up: a probe may leave up to this much
+# before its planned time, never closer to its vNIC's previous probe than
+# the plan put them.  The host's rate holds over any stretch of this
+# length; every wake-up sends what is due within it.
+SEND_QUANTUM_S = 0.002
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedProbe:
+    """One probe to send: sequence, destination, offset in the window.
+
+    For TCP, ``seq`` is a :func:`probe.tcp_ident`: it holds the probe's
+    own source port (:attr:`sport`), which the matcher's key holds too.
+    """
+
+    seq: int
+    dst_ip: str
+    offset_ns: int
+
+    @property
+    def sport(self):
+        """The TCP source port of this probe; None for ICMP/UDP."""
+        return probe.tcp_ident_port(self.seq)
+
+
+def parse_port_range(text, name='tcp_source_ports'):
+    """A :class:`range` of ports from ``'LOW-HIGH'`` (both included).
+
+    :param name: the option or flag that gave ``text``, for the error
+    """
+    found = re.fullmatch(r'\s*(\d{1,5})\s*-\s*(\d{1,5})\s*', text or '')
+    if not found:
+        raise ValueError(f"{name} {text!r} is not a port range like "
+                         "'33000-60999'")
+    low, high = int(found.group(1)), int(found.group(2))
+    if not 1 <= low <= high <= 0xffff:
+        raise ValueError(f"{name} {text!r}: need 1 <= first port <= last "
+                         "port <= 65535")
+    return range(low, high + 1)
+
+
+def tcp_ports_needed(count, intervals_s):
+    """Source ports one destination uses within a SYN_SENT timeout.
+
+    ``count`` probes per window, one window per polling cycle of each
+    interval in ``intervals_s`` (seconds; the polling task of each
+    distinct interval runs its own window): at most
+    ``ceil(SYN_SENT_TIMEOUT_S / interval)`` windows of each fall within
+    :data:`SYN_SENT_TIMEOUT_S`.
+    """
+    return sum(count * -(-SYN_SENT_TIMEOUT_S // max(1, int(i)))
+               for i in set(intervals_s))
+
+
+class PortCursor:
+    """Source ports for TCP probes: one cursor per destination.
+
+    Each destination's ports walk ``ports`` in order from a random start
+    (so two processes, or a restarted agent, do not walk in step), and a
+    port comes back for that destination only after the whole range.
+    Thread-safe; remembers :data:`MAX_CURSOR_DESTINATIONS` destinations.
+
+    :param start: ``f(len(ports)) -> index`` of a new destination's first
+        port (default: a random one)
+    """
+
+    def __init__(self, ports=probe.DEFAULT_TCP_SOURCE_PORTS, start=None):
+        ports = range(ports.start, ports.stop)
+        if not ports or ports[0] < 1 or ports[-1] > 0xffff:
+            raise ValueError(f"TCP source port range {ports!r} is not a "
+                             "non-empty range within 1..65535")
+        self.ports = ports
+        self._start = start or secrets.randbelow
+        self._next = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, dst_ip, n):
+        """The next ``n`` source ports for ``dst_ip``, in order."""
+        size = len(self.ports)
+        with self._lock:
+            at = self._next.pop(dst_ip, None)
+            if at is None:
+                at = self._start(size) % size
+            self._next[dst_ip] = (at + n) % size
+            while len(self._next) > MAX_CURSOR_DESTINATIONS:
+                self._next.popitem(last=False)
+        return [self.ports[(at + k) % size] for k in range(n)]
+
+
+_cursor_lock = threading.Lock()
+_cursor = None
+
+
+def tcp_port_cursor(ports=None):
+    """The process's :class:`PortCursor`, kept across windows.
+
+    ``ports``: the configured range; a different range than the current
+    cursor's starts a new cursor (None: keep the current one, or the
+    default range).
+    """
+    global _cursor
+    with _cursor_lock:
+        if _cursor is None or (ports is not None and
+                               range(ports.start, ports.stop) !=
+                               _cursor.ports):
+            _cursor = PortCursor(ports if ports is not None
+                                 else probe.DEFAULT_TCP_SOURCE_PORTS)
+        return _cursor
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProbePlan:
+    """Every probe of one window, in sending order.
+
+    ``secret``: the window's secret, which tags its probes (see
+    :mod:`netweaver_agent.core.probe`); never shown (not in the repr).  None:
+    unauthenticated probes.
+    """
+
+    session: int
+    protocol: str
+    probes: tuple
+    size: int = 64
+    port: int | None = None
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def duration_ns(self):
+        return self.probes[-1].offset_ns if self.probes else 0
+
+    def targets(self):
+        """The distinct destination addresses, in first-use order."""
+        return list(dict.fromkeys(p.dst_ip for p in self.probes))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendResult:
+    """What a source actually sent.
+
+    Sources send a plan in order and stop at a deadline, so the probes
+    they tried are the plan's first :attr:`attempted`.
+    """
+
+    sent: int
+    failed: int = 0
+    errors: tuple = ()
+
+    @property
+    def attempted(self):
+        """How many probes of the plan, from its start, were tried."""
+        return self.sent + self.failed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Schedule:
+    """One window's plan, and what its time budget left out.
+
+    ``owner`` maps each planned sequence number to the index of its
+    target; ``wanted`` is ``count × targets``; ``step_ns`` the spacing
+    between two consecutive probes; ``skipped_targets`` the indexes of
+    targets that got no probe at all.
+    """
+
+    plan: ProbePlan
+    owner: dict
+    wanted: int
+    step_ns: int
+    skipped_targets: tuple = ()
+
+    @property
+    def planned(self):
+        return len(self.plan.probes)
+
+    @property
+    def skipped(self):
+        """Probes wanted and left out of the plan by the budget."""
+        return self.wanted - self.planned
+
+    @property
+    def rounds(self):
+        """Probes every planned target gets (the last round may be short)."""
+        targets = max(1, len(self.plan.targets()))
+        return -(-self.planned // targets)
+
+
+def probe_step_ns(targets, interval_ns, per_target_interval_ns=0):
+    """Spacing of consecutive probes that honours both rate limits.
+
+    ``interval_ns`` bounds the host's rate (any two probes),
+    ``per_target_interval_ns`` one target's (two probes to one vNIC,
+    ``targets`` apart in a round-robin).
+    """
+    if interval_ns < 0 or per_target_interval_ns < 0:
+        raise ValueError(
+            f"probe intervals {interval_ns!r} ns and "
+            f"{per_target_interval_ns!r} ns must not be negative")
+    n = max(1, targets)
+    return max(int(interval_ns), -(-int(per_target_interval_ns) // n))
+
+
+def schedule(session, protocol, targets, count, interval_ns,
+             per_target_interval_ns=0, budget_ns=None, size=64, port=None,
+             first_seq=0, rotate=0, tcp_ports=None, secret=None):
+    """Plan ``count`` probes per target, round-robin, within a budget.
+
+    Probes go out every :func:`probe_step_ns`, so neither the host's nor
+    one target's rate limit is exceeded, and each target's probes are
+    spread evenly over the window.  When ``count`` rounds do not fit in
+    ``budget_ns`` (the time from the first probe to the last), the plan
+    keeps as many whole rounds as fit: every target gets the same, smaller
+    number of probes.  If not even one round fits, the first targets (in
+    the order rotated by ``rotate``, so that cycles differ in which are
+    left out) get one probe each and the others are skipped; otherwise
+    targets are probed in the order given.
+
+    TCP probes get their source ports from ``tcp_ports`` (a
+    :class:`PortCursor`; None: the process's, :func:`tcp_port_cursor`),
+    and their ``seq`` is :func:`probe.tcp_ident` of port and number.
+
+    :param targets: destination addresses (strings), one per vNIC
+    :param secret: the window's secret (:attr:`ProbePlan.secret`)
+    :returns: a :class:`Schedule`
+    """
+    if count < 0:
+        raise ValueError(f"probe count {count!r} is negative")
+    targets = list(targets)
+    n = len(targets)
+    step = probe_step_ns(n, interval_ns, per_target_interval_ns)
+    wanted = count * n
+    fit = wanted
+    if budget_ns is not None:
+        if budget_ns < 0:
+            fit = 0
+        elif step > 0:
+            fit = min(wanted, int(budget_ns) // step + 1)
+        if n and fit >= n:
+            fit -= fit % n
+    # Rotation only matters when some targets get no probe.
+    shift = rotate if fit < n else 0
+    order = [(shift + i) % n for i in range(n)] if n else []
+    probes = []
+    owner = {}
+    seq = first_seq
+    ports = _tcp_source_ports(protocol, tcp_ports, targets,
+                              [order[k % n] for k in range(fit)])
+    for k in range(fit):
+        index = order[k % n]
+        ident = (seq if ports is None else
+                 probe.tcp_ident(next(ports[index]), seq))
+        probes.append(PlannedProbe(seq=ident, dst_ip=targets[index],
+                                   offset_ns=k * step))
+        owner[ident] = index
+        seq += 1
+    covered = set(owner.values())
+    skipped = tuple(i for i in order if i not in covered) if count else ()
+    plan = ProbePlan(session=session, protocol=protocol,
+                     probes=tuple(probes), size=size, port=port,
+                     secret=secret)
+    return Schedule(plan=plan, owner=owner, wanted=wanted, step_ns=step,
+                    skipped_targets=skipped)
+
+
+def _tcp_source_ports(protocol, cursor, targets, indexes):
+    """``{target index: iterator of its ports}`` for a TCP plan, else None.
+
+    Each target takes as many ports as it has probes in ``indexes``; a
+    target listed twice shares one cursor entry.
+    """
+    if protocol != 'tcp':
+        return None
+    cursor = cursor or tcp_port_cursor()
+    wanted = collections.Counter(indexes)
+    by_dst = collections.Counter()
+    for index, k in wanted.items():
+        by_dst[targets[index]] += k
+    taken = {dst: iter(cursor.take(dst, k)) for dst, k in by_dst.items()}
+    return {index: taken[targets[index]] for index in wanted}
+
+
+def interleaved_plan(session, protocol, targets, count, interval_ns,
+                     per_target_interval_ns=0, size=64, port=None,
+                     first_seq=0, budget_ns=None, tcp_ports=None,
+                     secret=None):
+    """Plan ``count`` probes per target, round-robin, evenly spaced.
+
+    :param targets: destination addresses (strings), one per vNIC
+    :param interval_ns: spacing between consecutive probes of the window
+    :param per_target_interval_ns: minimum spacing between two probes to
+        the same target (the window stretches to honour it)
+    :param budget_ns: if given, see :func:`schedule`
+    :param tcp_ports: a :class:`PortCursor` (see :func:`schedule`)
+    :param secret: the window's secret (:attr:`ProbePlan.secret`)
+    Returns ``(plan, {seq: index of target})``.
+    """
+    sched = schedule(session, protocol, targets, count, interval_ns,
+                     per_target_interval_ns, budget_ns=budget_ns, size=size,
+                     port=port, first_seq=first_seq, tcp_ports=tcp_ports,
+                     secret=secret)
+    return sched.plan, sched.owner
+
+
+def family_of(address):
+    """``AF_INET6`` for an IPv6 address string, else ``AF_INET``."""
+    return socket.AF_INET6 if ':' in address else socket.AF_INET
+
+
+def pack_address(address):
+    """An IPv4 or IPv6 address string as packed bytes (4 or 16)."""
+    try:
+        return socket.inet_pton(family_of(address), address)
+    except OSError as exc:
+        raise ValueError(f"invalid probe address {address!r}") from exc
+
+
+def build_packets(plan, source_address):
+    """``[(dst_ip, packet bytes)]`` of ``plan``, in plan order, tagged
+    with the plan's secret.
+
+    :param source_address: ``dst_ip -> source address`` (string)
+    """
+    seqs = {}
+    for p in plan.probes:
+        seqs.setdefault(p.dst_ip, []).append(p.seq)
+    packets = {}
+    for dst, numbers in seqs.items():
+        built = probe.build_ip_seqs(
+            plan.protocol, plan.session, numbers,
+            pack_address(source_address(dst)), pack_address(dst),
+            size=plan.size, port=plan.port, secret=plan.secret)
+        packets.update(zip(numbers, built))
+    return [(p.dst_ip, packets[p.seq]) for p in plan.probes]
+
+
+class ProbeSource:
+    """Base class: sends a :class:`ProbePlan`.
+
+    ``policy`` (a :class:`destinations.DestinationPolicy`) says where its
+    probes may go; :func:`measure.run_window` leaves out the vNICs it
+    refuses.
+    """
+
+    name = 'abstract'
+    policy = destinations.DEFAULT
+    #: its routing is this host's (or a namespace's of it): measure.py
+    #: checks each vNIC's route before a window (see :mod:`routes`)
+    routes_here = False
+
+    def prepare(self, plan):
+        """Get ready to send ``plan`` (e.g. build its packets).
+
+        Called before the capture opens, so the capture socket is open
+        only while probes fly.  Optional: :meth:`send` works without it.
+        """
+
+    def send(self, plan, deadline_s):
+        """Send the plan; stop at ``deadline_s`` (time.monotonic())."""
+        raise NotImplementedError
+
+    def discard(self):
+        """Forget what :meth:`prepare` built: the window failed first."""
+
+    def close(self):
+        pass
+
+
+def _source_address(dst_ip):
+    """The address routing would use to reach ``dst_ip`` from here."""
+    with socket.socket(family_of(dst_ip), socket.SOCK_DGRAM) as s:
+        s.connect((dst_ip, 9))
+        return s.getsockname()[0]
+
+
+class LocalSource(ProbeSource):
+    """Sends from this host's stack, or from a network namespace's.
+
+    Probes are complete IPv4 or IPv6 packets written to an
+    ``IPPROTO_RAW`` socket of their family (the header included, the
+    transport checksum computed when built), so the kernel routes them and
+    resolves neighbours as for any packet.
+    """
+
+    routes_here = True
+
+    def __init__(self, netns_name=None, policy=None):
+        self.netns_name = netns_name
+        self.name = f'netns:{netns_name}' if netns_name else 'local'
+        # 'local' sends from the host's stack: only to probe_networks.
+        self.policy = policy or destinations.DestinationPolicy(
+            require_networks=netns_name is None)
+        self._sock = None
+        self._sock6 = None
+        self._src = {}
+        self._prepared = None
+
+    def _open(self, family=socket.AF_INET):
+        attr = '_sock6' if family == socket.AF_INET6 else '_sock'
+        if getattr(self, attr) is None:
+            try:
+                setattr(self, attr, netns.socket_in_netns(
+                    self.netns_name, family, socket.SOCK_RAW,
+                    socket.IPPROTO_RAW))
+            except PermissionError as exc:
+                raise SourceError(
+                    f"probe source {self.name}: a raw socket needs "
+                    f"CAP_NET_RAW: {exc}") from exc
+        return getattr(self, attr)
+
+    def _socket_for(self, dst_ip):
+        return self._open(family_of(dst_ip))
+
+    def source_address(self, dst_ip):
+        if dst_ip not in self._src:
+            try:
+                self._src[dst_ip] = netns.run_in_netns(
+                    self.netns_name, _source_address, dst_ip)
+            except OSError as exc:
+                raise SourceError(
+                    f"probe source {self.name} has no route to "
+                    f"{dst_ip}: {exc}") from exc
+        return self._src[dst_ip]
+
+    def build(self, plan):
+        """The packets of ``plan`` as ``[(dst_ip, bytes)]``, in plan order.
+
+        :raises destinations.RefusedDestination: a target the policy
+            refuses (before anything is built)
+        """
+        self.policy.check_all(plan.targets())
+        return build_packets(plan, self.source_address)
+
+    def prepare(self, plan):
+        self._prepared = None
+        self.policy.check_all(plan.targets())
+        for dst in plan.targets():
+            self._socket_for(dst)
+        self._prepared = (plan, self.build(plan))
+
+    def discard(self):
+        self._prepared = None
+
+    def _transmit(self, sock, dst, data):
+        sock.sendto(data, (dst, 0))
+
+    def send(self, plan, deadline_s):
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is plan:
+            packets = prepared[1]
+        else:
+            packets = self.build(plan)
+        socks = {dst: self._socket_for(dst) for dst in plan.targets()}
+        transmit = self._transmit
+        monotonic = time.monotonic
+        quantum = SEND_QUANTUM_S
+        start = monotonic()
+        sent = failed = 0
+        errors = []
+        # Per destination: when its last probe left, its planned offset.
+        left_at, left_off = {}, {}
+        for p, (dst, data) in zip(plan.probes, packets):
+            offset_ns = p.offset_ns
+            due = start + offset_ns / 1e9
+            earliest = due - quantum
+            if dst in left_at:
+                earliest = max(earliest, left_at[dst] +
+                               (offset_ns - left_off[dst]) / 1e9)
+            now = monotonic()
+            if earliest > now and due <= deadline_s:
+                # On time (or as its vNIC's spacing says); what is due
+                # within the quantum then goes without sleeping.
+                time.sleep(max(earliest, due) - now)
+                now = monotonic()
+            if due > deadline_s or now > deadline_s:
+                LOG.warning('Probe source %(src)s stopped at its deadline: '
+                            '%(left)d probes not sent',
+                            {'src': self.name,
+                             'left': len(plan.probes) - sent - failed})
+                break
+            left_at[dst] = now
+            left_off[dst] = offset_ns
+            try:
+                transmit(socks[dst], dst, data)
+                sent += 1
+            except OSError as exc:
+                failed += 1
+                if len(errors) < 5:
+                    errors.append(f"{dst}: {exc}")
+        return SendResult(sent=sent, failed=failed, errors=tuple(errors))
+
+    def close(self):
+        for attr in ('_sock', '_sock6'):
+            sock = getattr(self, attr)
+            if sock is not None:
+                sock.close()
+                setattr(self, attr, None)
