@@ -14,3 +14,19 @@ def quiet_libvirt():
         pass
 
     libvirt.registerErrorHandler(_ignore, None)
+
+
+def domain_id(dom):
+    """The hypervisor's id of a running domain (Xen's domid), else None.
+
+    libvirt reports -1 for a domain that is not running and raises
+    ``libvirtError`` for one that has just gone; anything else is a bug
+    and propagates.
+    """
+    import libvirt
+
+    try:
+        domid = dom.ID()
+    except libvirt.libvirtError:
+        return None
+    return domid if domid >= 0 else None

@@ -11,11 +11,10 @@ import math
 
 from oslo_config import cfg
 
+from netweaver_agent.agent import topology
 from netweaver_agent.core import probe
 
 GROUP = 'netweaver'
-
-PROTOCOLS = ('icmp', 'udp', 'tcp')
 
 OPTS = [
     cfg.StrOpt('probe_source',
@@ -121,7 +120,7 @@ OPTS = [
                     "netdev holding a tunnel's local_ip. Set, it wins; a "
                     'warning is logged when Open vSwitch says otherwise.'),
     cfg.ListOpt('vif_prefixes',
-                default=['tap', 'vif', 'vnet', 'macvtap'],
+                default=list(topology.VIF_PREFIXES),
                 help='Name prefixes of instance vifs. Bridge ports with '
                      'these prefixes are never taken as the pif.'),
     cfg.StrOpt('vif_resolver',

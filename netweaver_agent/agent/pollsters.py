@@ -467,11 +467,8 @@ class Prober:
     def domain(self, instance):
         """The :class:`topology.DomainInfo` of an instance."""
         dom = self.inspector.connection.lookupByUUIDString(instance.id)
-        try:
-            domid = dom.ID()
-        except Exception:
-            domid = None
-        return topology.parse_domain(dom.XMLDesc(0), domid)
+        return topology.parse_domain(dom.XMLDesc(0),
+                                     libvirterrors.domain_id(dom))
 
     def _once(self, key, message, args):
         if key in self._reported:

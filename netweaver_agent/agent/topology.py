@@ -51,6 +51,10 @@ RESOLVER_NAMESPACE = 'netweaver_agent.vif_resolvers'
 NOVA_NS = ('http://openstack.org/xmlns/libvirt/nova/1.1',
            'http://openstack.org/xmlns/libvirt/nova/1.0')
 SYSFS_NET = '/sys/class/net'
+# Name prefixes of instance vifs ([netweaver] vif_prefixes's default):
+# KVM/QEMU taps (nova's tap<port>, libvirt's vnetN, macvtapN) and Xen
+# backends (vif<domid>.<n>).  A bridge port so named is never the pif.
+VIF_PREFIXES = ('tap', 'vif', 'vnet', 'macvtap')
 # libvirt interface types whose traffic never crosses a host netdev.
 NO_NETDEV_TYPES = {
     'vhostuser': 'vhost-user (the switch hands packets to the guest '
@@ -221,7 +225,8 @@ def load_resolver(name):
     try:
         mgr = stevedore.DriverManager(RESOLVER_NAMESPACE, name,
                                       invoke_on_load=True)
-    except Exception as exc:
+    except (stevedore.exception.NoMatches,
+            stevedore.exception.MultipleMatches) as exc:
         raise TopologyError(
             f"no vif resolver {name!r} in {RESOLVER_NAMESPACE}: {exc}"
         ) from exc
@@ -363,8 +368,7 @@ class IpLinks:
         return read_vxlan(dev, self.netns_name)
 
 
-def find_pif(vif, links, vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
-             configured=None):
+def find_pif(vif, links, vif_prefixes=VIF_PREFIXES, configured=None):
     """The netdev where probes for ``vif`` enter the host."""
     if configured:
         if not links.exists(configured):
@@ -755,8 +759,7 @@ def _linux_vxlan(vif, bridge, links, switch, vif_prefixes, configured):
                       (vifpath.Encapsulation('vxlan', found.port),))
 
 
-def find_path(vif, links, switch=None,
-              vif_prefixes=('tap', 'vif', 'vnet', 'macvtap'),
+def find_path(vif, links, switch=None, vif_prefixes=VIF_PREFIXES,
               configured=None):
     """The :class:`SwitchPath` of ``vif``, pif first.
 
@@ -870,7 +873,7 @@ def target_address(domain, iface):
         "used: a guest answers for any address)")
 
 
-def resolve(domain, iface, resolver, links, vif_prefixes=('tap', 'vif'),
+def resolve(domain, iface, resolver, links, vif_prefixes=VIF_PREFIXES,
             pif=None, switch=None):
     """The :class:`vifpath.VifPath` of one domain interface.
 

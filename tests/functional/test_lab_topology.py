@@ -11,6 +11,7 @@ import pytest
 
 from netweaver_agent.agent import topology
 from netweaver_agent.cli import lab as cmd_lab
+from tests.functional import conftest
 
 
 def test_linux_bridge_flat_and_vxlan_found_as_built(lab_factory):
@@ -51,3 +52,21 @@ def test_a_path_found_unlike_the_lab_is_refused(lab_factory, monkeypatch):
     with pytest.raises(topology.TopologyError,
                        match=f"{truth.vif}: found \\('{the_lab.pif}'"):
         cmd_lab.discovered_paths(the_lab)
+
+
+def test_ip_links_reads_a_real_bridge_in_a_namespace():
+    conftest.require_root()
+    ns = conftest.unique_prefix('topo') + 'hv'
+    subprocess.run(['ip', 'netns', 'add', ns], check=True)
+    try:
+        for argv in (['link', 'add', 'br0', 'type', 'bridge'],
+                     ['link', 'add', 'eth1', 'type', 'veth', 'peer', 'name',
+                      'tapx'],
+                     ['link', 'set', 'eth1', 'master', 'br0'],
+                     ['link', 'set', 'tapx', 'master', 'br0']):
+            subprocess.run(['ip', '-n', ns, *argv], check=True)
+        links = topology.IpLinks(ns)
+        assert links.ports('br0') == ['eth1', 'tapx']
+        assert topology.find_pif('tapx', links, ('tap',)) == 'eth1'
+    finally:
+        subprocess.run(['ip', 'netns', 'del', ns], check=True)
