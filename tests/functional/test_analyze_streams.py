@@ -23,17 +23,16 @@ import threading
 import pytest
 
 from netweaver_agent.cli import offline
-from tests.unit import test_analyze as ta
-from tests.unit import test_probe as tp
+from tests import packets as pk
 
 SIGPIPE_STATUS = 141
 
 
 def _captures(tmp_path, n=40):
-    pif, vif = ta.answered('icmp', [10_000 + 1_000 * (i % 7)
+    pif, vif = pk.answered('icmp', [10_000 + 1_000 * (i % 7)
                                     for i in range(n)], 3_000, [2_000] * n)
-    return (ta.write(tmp_path / 'eth0.pcap', pif),
-            ta.write(tmp_path / 'tap0.pcap', vif))
+    return (pk.write(tmp_path / 'eth0.pcap', pif),
+            pk.write(tmp_path / 'tap0.pcap', vif))
 
 
 def _env(buffered):
@@ -201,11 +200,11 @@ def _progress_run(tmp_path, stderr_tty, seconds=0.0):
     # steps (a file of equal records is one step: no time to report).
     pif, vif = [], []
     for seq in range(3000):
-        f = tp.frame('icmp', 4242, seq, size=20 + seq % 50)
-        pif.append((ta.T0 + seq * 1000, f))
-        vif.append((ta.T0 + seq * 1000 + 9000, f))
-    pif = ta.write(tmp_path / 'eth0.pcap', pif)
-    vif = ta.write(tmp_path / 'tap0.pcap', vif)
+        f = pk.frame('icmp', 4242, seq, size=20 + seq % 50)
+        pif.append((pk.T0 + seq * 1000, f))
+        vif.append((pk.T0 + seq * 1000 + 9000, f))
+    pif = pk.write(tmp_path / 'eth0.pcap', pif)
+    vif = pk.write(tmp_path / 'tap0.pcap', vif)
     argv = [sys.executable, '-c', _WITH_SECONDS, str(seconds), 'analyze',
             pif, vif]
     if not stderr_tty:
@@ -298,7 +297,7 @@ def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
     from tests.functional import test_tcpdump_agreement as tta
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
-    hv, pif, tap = the_lab.hv_netns, the_lab.pif, guest.tap
+    hv, pif, tap = the_lab.spec.hv_netns, the_lab.spec.pif, guest.tap
     host = ['host', guest.address]
     files = {
         ('eth', 'pif'): (pif, host),
@@ -312,7 +311,7 @@ def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
             tta.Tcpdump(hv, iface, str(tmp_path / f'{kind}-{role}.pcap'),
                         bpf, limit=8 * EXCHANGES + 50)
             for (kind, role), (iface, bpf) in files.items()) as started:
-        subprocess.run(['ip', 'netns', 'exec', the_lab.src_netns,
+        subprocess.run(['ip', 'netns', 'exec', the_lab.spec.src_netns,
                         sys.executable, '-c', TRAFFIC, guest.address,
                         str(EXCHANGES)], check=True, timeout=60)
     dumps = dict(zip(files, started))

@@ -1,8 +1,14 @@
 """Fakes of a window's network boundary shared by unit tests of
 :func:`measure.run_window`: a capture that sees nothing and a source
-that sends everything, both without sockets."""
+that sends everything, both without sockets; and oslo.privsep's wire
+without the daemon."""
+
+import socket
+
+from oslo_privsep import comm
 
 from netweaver_agent.core import capture
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 
 
@@ -14,7 +20,7 @@ class SilentCapture:
     def __init__(self, session, protocol='icmp', netns_name=None,
                  interfaces=None, **extra):
         self.extra = extra
-        self.batch = capture.SightingBatch(session)
+        self.batch = sightings.SightingBatch(session)
         self.stats = capture.CaptureStats(packets=0, drops=0, probes=0,
                                           foreign=0)
 
@@ -47,3 +53,16 @@ class AllSentSource(sources.ProbeSource):
 
     def send(self, plan, deadline_s):
         return sources.SendResult(sent=len(plan.probes))
+
+
+def through_privsep_wire(value):
+    """``value`` after oslo.privsep's serializer and deserializer
+    (msgpack over a socket pair), as between the daemon and the agent."""
+    a, b = socket.socketpair()
+    try:
+        comm.Serializer(a).send(value)
+        a.close()
+        return next(iter(comm.Deserializer(b)))
+    finally:
+        a.close()
+        b.close()

@@ -5,11 +5,7 @@ Every statistic is checked exactly against the timestamps written.
 
 import json
 import math
-import socket
 import statistics
-import struct
-import subprocess
-import sys
 
 import dpkt
 import pytest
@@ -17,38 +13,18 @@ import pytest
 from netweaver_agent.cli import offline
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import probe
-from tests.unit import test_fuzz as tf
-from tests.unit import test_pcapfile as tpf
-from tests.unit import test_probe as tp
-
-T0 = tpf.T0
-MS = 1_000_000
-
-
-def answered(proto, ingress_ns, turnaround_ns, egress_ns, session=4242,
-             lose=()):
-    """pif and vif records of probes with the given latencies (ns).
-
-    ``lose``: sequence numbers that never reach the vif.
-    """
-    pif, vif = [], []
-    for seq, (ing, eg) in enumerate(zip(ingress_ns, egress_ns)):
-        f = tp.frame(proto, session, tp.ident(proto, seq))
-        t = T0 + seq * MS
-        pif.append((t, f))
-        if seq in lose:
-            continue
-        r = tp.reply(f)
-        vif.append((t + ing, f))
-        vif.append((t + ing + turnaround_ns, r))
-        pif.append((t + ing + turnaround_ns + eg, r))
-    return sorted(pif), sorted(vif)
-
-
-def write(path, records, nano=True, order='<'):
-    return tpf.write_pcap_raw(path, [f for _, f in records],
-                              [t for t, _ in records], order=order,
-                              nano=nano)
+from tests import packets as pk
+from tests.command import netweaver
+from tests.packets import answered
+from tests.packets import eth
+from tests.packets import GUEST
+from tests.packets import GUEST6
+from tests.packets import ip6
+from tests.packets import MS
+from tests.packets import noise
+from tests.packets import SRC6
+from tests.packets import T0
+from tests.packets import write
 
 
 def stats_us(values_ns):
@@ -120,8 +96,8 @@ def test_session_choice(tmp_path):
 def test_fingerprint_mode_for_hping3_syns(tmp_path):
     pif, vif = [], []
     for i in range(20):
-        syn = tpf._hping_syn(2911 + i, (36550021 + i * 7919) & 0xffffffff, i)
-        rst = tp.reply(syn)
+        syn = pk.hping_syn(2911 + i, (36550021 + i * 7919) & 0xffffffff, i)
+        rst = pk.reply(syn)
         t = T0 + i * MS
         pif.append((t, syn))
         if i == 5:
@@ -146,7 +122,7 @@ def test_fingerprint_mode_for_hping3_syns(tmp_path):
 
 
 def test_nothing_to_match(tmp_path):
-    empty = tpf.write_pcap(tmp_path / 'e.pcap', [], [])
+    empty = pk.write_pcap(tmp_path / 'e.pcap', [], [])
     with pytest.raises(offline.AnalyzeError, match='no netweaver probe'):
         offline.analyze_pcaps(empty, empty)
     with pytest.raises(offline.AnalyzeError, match='no netweaver probe'):
@@ -166,12 +142,6 @@ def test_same_file_names_are_told_apart(tmp_path):
 
 # --------------------------------------------------------------------------
 # The command, as a user runs it.
-
-def netweaver(*argv):
-    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
-                           *map(str, argv)], capture_output=True, text=True,
-                          timeout=60)
-
 
 def test_cli_table_json_and_seed_line(tmp_path):
     pif, vif = answered('tcp', [10_000, 30_000], 1_000, [2_000, 2_000])
@@ -225,70 +195,6 @@ def test_pcap_error_is_a_value_error():
 # --------------------------------------------------------------------------
 # Fingerprint mode on real-world files: noise, tunnels, out-of-order pairs.
 
-GUEST = '198.18.0.10'
-GUEST6 = socket.inet_pton(socket.AF_INET6, '2001:2::a')
-SRC6 = socket.inet_pton(socket.AF_INET6, '2001:2::1')
-LINK_LOCAL = socket.inet_pton(socket.AF_INET6, 'fe80::2')
-GROUP_MAC = bytes.fromhex('333300000002')
-BCAST_MAC = b'\xff' * 6
-
-
-def eth(payload, etype, dst=tp.MAC_B, src=tp.MAC_A):
-    return dst + src + struct.pack('!H', etype) + payload
-
-
-def ip4(src, dst, proto, l4, ip_id=1):
-    ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst),
-                    p=proto, id=ip_id, ttl=1, data=l4)
-    ip.len = len(ip)
-    return bytes(ip)
-
-
-def ip6(src, dst, nxt, l4):
-    return bytes(dpkt.ip6.IP6(src=src, dst=dst, nxt=nxt, hlim=255,
-                              plen=len(bytes(l4)), data=l4))
-
-
-def noise():
-    """What a vif and a pif carry besides the traffic measured: each frame
-    is the same on both (so the old fingerprint matched it)."""
-    igmp = struct.pack('!BBH4s', 0x16, 0, 0, socket.inet_aton('224.0.0.251'))
-    rs = bytes([133, 0, 0, 0]) + bytes(4)
-    ns = bytes([135, 0, 0, 0]) + bytes(4) + GUEST6
-    mld = bytes([143, 0, 0, 0]) + bytes(4)
-    hbh_mld = bytes([58, 0, 5, 2, 0, 0, 1, 0]) + mld   # router alert
-    dhcp = dpkt.udp.UDP(sport=68, dport=67, data=bytes(240))
-    dhcp.ulen = len(dhcp)
-    return [
-        # The guest's IGMP report (from the instance's address!).
-        eth(ip4(GUEST, '224.0.0.22', 2, igmp), probe.ETH_P_IP,
-            dst=bytes.fromhex('01005e000016')),
-        # The same, unicast MAC and all (a broken switch): still IGMP.
-        eth(ip4(GUEST, '198.18.0.1', 2, igmp, ip_id=9), probe.ETH_P_IP),
-        # Router solicitation, neighbour solicitation, MLD report.
-        eth(ip6(LINK_LOCAL, socket.inet_pton(socket.AF_INET6, 'ff02::2'),
-                58, rs), probe.ETH_P_IPV6, dst=GROUP_MAC),
-        eth(ip6(SRC6, GUEST6, 58, ns), probe.ETH_P_IPV6),
-        eth(ip6(LINK_LOCAL, socket.inet_pton(socket.AF_INET6, 'ff02::16'),
-                0, hbh_mld), probe.ETH_P_IPV6, dst=GROUP_MAC),
-        # ARP who-has, DHCP discover (broadcast) and renewal (unicast).
-        eth(struct.pack('!HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, tp.MAC_A,
-                        socket.inet_aton(GUEST), bytes(6),
-                        socket.inet_aton('198.18.0.1')), 0x0806,
-            dst=BCAST_MAC),
-        eth(ip4('0.0.0.0', '255.255.255.255', 17, dhcp), probe.ETH_P_IP,
-            dst=BCAST_MAC),
-        eth(ip4(GUEST, '198.18.0.1', 17, dhcp, ip_id=3), probe.ETH_P_IP),
-        # Traffic of another instance.
-        _hping_syn_to('198.18.0.20', 7),
-    ]
-
-
-def _hping_syn_to(dst, i):
-    return tpf._hping_syn(3000 + i, 1000 + i, 500 + i,
-                          dst=socket.inet_aton(dst))
-
-
 def hping_pair(n=20, vif_first=(), lose=(), pif_first=()):
     """hping3 SYNs to GUEST and its RSTs, with every noise frame on both
     sides, the guest's noise seen on the vif first (as it would be).
@@ -298,9 +204,8 @@ def hping_pair(n=20, vif_first=(), lose=(), pif_first=()):
     """
     pif, vif = [], []
     for i in range(n):
-        syn = tpf._hping_syn(2911 + i, (36550021 + i * 7919) & 0xffffffff,
-                             i)
-        rst = tp.reply(syn)
+        syn = pk.hping_syn(2911 + i, (36550021 + i * 7919) & 0xffffffff, i)
+        rst = pk.reply(syn)
         t = T0 + i * MS
         pif.append((t, syn))
         if i in lose:
@@ -339,8 +244,8 @@ def test_fingerprint_counts_only_traffic_to_and_from_the_instance(tmp_path):
 def test_fingerprint_reads_through_tunnels(tmp_path, tunnel, where):
     def wrap(records):
         if tunnel == 'vxlan':
-            return [(t, tf.vxlan(f, 4242)) for t, f in records]
-        return [(t, tf.geneve(f, 4242, options=tf.OVN_OPTION * 6))
+            return [(t, pk.vxlan(f, 4242)) for t, f in records]
+        return [(t, pk.geneve(f, 4242, options=pk.OVN_OPTION * 6))
                 for t, f in records]
     pif, vif = hping_pair(vif_first={2})
     if where in ('pif', 'both'):
@@ -386,7 +291,7 @@ def test_fingerprint_ipv6_with_router_solicitations(tmp_path):
 
 def test_cli_fingerprint_shows_anomalies_and_the_vni(tmp_path):
     pif, vif = hping_pair(vif_first={3, 5})
-    pif = [(t, tf.geneve(f, 99)) for t, f in pif]
+    pif = [(t, pk.geneve(f, 99)) for t, f in pif]
     p = write(tmp_path / 'eth1.pcap', sorted(pif))
     v = write(tmp_path / 'tap0.pcap', sorted(vif))
     proc = netweaver('analyze', '--fingerprint', '-d', GUEST, p, v)

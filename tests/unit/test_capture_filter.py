@@ -15,13 +15,12 @@ from hypothesis import strategies as st
 from netweaver_agent.core import capture
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
-from tests.unit import test_fuzz as tf
-from tests.unit.test_encap_parse import frame4
-from tests.unit.test_encap_parse import frame6
-from tests.unit.test_encap_parse import reply6
+from tests import packets as pk
+from tests.packets import frame4
+from tests.packets import frame6
+from tests.packets import probe_frames as frames
+from tests.packets import reply6
 from tests.unit.bpf import run_bpf
-from tests.unit.test_encap_parse import tp_reply
-from tests.unit.test_pcapfile import frames
 
 SESSION = 0x2345
 ADDRS = (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 10]))
@@ -32,7 +31,7 @@ def ours_and_answers(proto, session, vlan=()):
     f6 = frame6(proto, session, 3, vlan=vlan)
     out = [f4, f6]
     if not vlan:
-        out += [tp_reply(f4), reply6(f6)]
+        out += [pk.reply(f4), reply6(f6)]
     return out
 
 
@@ -64,7 +63,7 @@ def test_tenants_own_traffic_does_not_pass(proto):
 def test_udp_mode_keeps_tunnels_for_user_space():
     inner = frame4('udp', SESSION, 3)
     for port in (4789, 7777):
-        outer = tf.vxlan(inner, 42, port=port)
+        outer = pk.vxlan(inner, 42, port=port)
         prog = capture.bpf_filter('udp', vxlan_port=7777, session=SESSION)
         assert run_bpf(prog, outer) == capture.SNAPLEN
 
@@ -96,19 +95,19 @@ def test_tcp_keeps_the_plans_ports_only():
     for vlan in ((), (5,)):
         for port in (ports[0], ports[-1]):
             syn = probe.build_frame('tcp', SESSION, probe.tcp_ident(port, 1),
-                                    *ADDRS, tf.MAC_A, tf.MAC_B, vlan=vlan)
+                                    *ADDRS, pk.MAC_A, pk.MAC_B, vlan=vlan)
             assert run_bpf(prog, syn) == capture.SNAPLEN
             if not vlan:
-                assert run_bpf(prog, tp_reply(syn)) == capture.SNAPLEN
+                assert run_bpf(prog, pk.reply(syn)) == capture.SNAPLEN
                 six = frame6('tcp', SESSION, 1)
                 assert run_bpf(capture.bpf_filter(
                     'tcp', tcp_ports=[40001]), six) == capture.SNAPLEN
         for port in (ports[0] - 1, ports[-1] + 1):
             syn = probe.build_frame('tcp', SESSION, probe.tcp_ident(port, 1),
-                                    *ADDRS, tf.MAC_A, tf.MAC_B, vlan=vlan)
+                                    *ADDRS, pk.MAC_A, pk.MAC_B, vlan=vlan)
             assert run_bpf(prog, syn) == 0
             if not vlan:
-                assert run_bpf(prog, tp_reply(syn)) == 0
+                assert run_bpf(prog, pk.reply(syn)) == 0
 
 
 @settings(max_examples=400, deadline=None)

@@ -9,15 +9,15 @@ import socket
 import pytest
 
 from netweaver_agent.core import probe
-from netweaver_agent.lab import build
 from netweaver_agent.lab import delayer
-from tests.unit import test_probe as tp
+from netweaver_agent.lab import spec as labspec
+from tests import packets as pk
 
 
 def test_names_are_nova_like_and_deterministic():
-    spec = build.LabSpec(prefix='nwx1-', guests=3)
-    again = build.LabSpec(prefix='nwx1-', guests=3)
-    other = build.LabSpec(prefix='nwx2-', guests=3)
+    spec = labspec.LabSpec(prefix='nwx1-', guests=3)
+    again = labspec.LabSpec(prefix='nwx1-', guests=3)
+    other = labspec.LabSpec(prefix='nwx2-', guests=3)
     guests = [spec.guest(i) for i in range(3)]
     assert guests == [again.guest(i) for i in range(3)]
     assert [g.uuid for g in guests] != [other.guest(i).uuid
@@ -32,21 +32,21 @@ def test_names_are_nova_like_and_deterministic():
     assert [x.address for x in guests] == [
         '198.18.0.10', '198.18.0.11', '198.18.0.12']
     assert spec.bridge == 'brq' + spec.network_id[:11]
-    assert len(spec.bridge) <= build.IFNAMSIZ
+    assert len(spec.bridge) <= labspec.IFNAMSIZ
     assert spec.src_address == '198.18.0.1'
     assert spec.namespaces() == ['nwx1-src', 'nwx1-hv', 'nwx1-g0',
                                  'nwx1-g1', 'nwx1-g2']
 
 
 def test_every_address_is_in_the_lab_range():
-    spec = build.LabSpec(prefix='nwx-', guests=5, mgmt=True)
+    spec = labspec.LabSpec(prefix='nwx-', guests=5, mgmt=True)
     addrs = [spec.src_address] + [spec.guest(i).address for i in range(5)]
     m = spec.mgmt_addresses()
     addrs += [m.mgmt, m.src, m.hv]
     for a in addrs:
-        assert ipaddress.ip_address(a) in build.LAB_NET
+        assert ipaddress.ip_address(a) in labspec.LAB_NET
     assert spec.namespaces()[-1] == 'nwx-mgmt'
-    assert build.LabSpec(prefix='nwx-').mgmt_addresses() is None
+    assert labspec.LabSpec(prefix='nwx-').mgmt_addresses() is None
 
 
 @pytest.mark.parametrize('fields, message', [
@@ -59,24 +59,24 @@ def test_every_address_is_in_the_lab_range():
     ({'guests': 300}, 'lab guests'),
     ({'pif': 'a-very-long-interface'}, 'pif name'),
     ({'mgmt': True, 'mgmt_network': '198.18.0.0/23'}, 'overlaps'),
-    ({'delays': (build.DelayInjection(guest=2, delay_ms=1),)}, 'guest 2'),
-    ({'losses': (build.LossInjection(guest=-1, every=10),)}, 'guest -1'),
-    ({'delays': (build.DelayInjection(guest=0, delay_ms=1),
-                 build.DelayInjection(guest=0, delay_ms=2))}, 'two delays'),
+    ({'delays': (labspec.DelayInjection(guest=2, delay_ms=1),)}, 'guest 2'),
+    ({'losses': (labspec.LossInjection(guest=-1, every=10),)}, 'guest -1'),
+    ({'delays': (labspec.DelayInjection(guest=0, delay_ms=1),
+                 labspec.DelayInjection(guest=0, delay_ms=2))}, 'two delays'),
 ])
 def test_spec_rejects(fields, message):
     fields.setdefault('prefix', 'nwx-')
     with pytest.raises(ValueError, match=message):
-        build.LabSpec(**fields)
+        labspec.LabSpec(**fields)
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda: build.DelayInjection(guest=0, delay_ms=0), 'injected delay'),
-    (lambda: build.DelayInjection(guest=0, delay_ms=1, backend='x'),
+    (lambda: labspec.DelayInjection(guest=0, delay_ms=0), 'injected delay'),
+    (lambda: labspec.DelayInjection(guest=0, delay_ms=1, backend='x'),
      'backend'),
-    (lambda: build.DelayInjection(guest=0, delay_ms=1, protocol='sctp'),
+    (lambda: labspec.DelayInjection(guest=0, delay_ms=1, protocol='sctp'),
      'protocol'),
-    (lambda: build.LossInjection(guest=0, every=1), 'loss every'),
+    (lambda: labspec.LossInjection(guest=0, every=1), 'loss every'),
 ])
 def test_injection_rejects(make, message):
     with pytest.raises(ValueError, match=message):
@@ -84,7 +84,7 @@ def test_injection_rejects(make, message):
 
 
 def test_loss_pct():
-    assert build.LossInjection(guest=0, every=10).loss_pct == 10.0
+    assert labspec.LossInjection(guest=0, every=10).loss_pct == 10.0
 
 
 def test_delay_record_lines_round_trip():
@@ -115,28 +115,28 @@ def test_packet_key_of_a_probe(proto):
     seq = probe.tcp_ident(40000, 17) if proto == 'tcp' else 17
     data = probe.build_ip(proto, 4242, seq, socket.inet_aton('198.18.0.1'),
                           socket.inet_aton('198.18.0.10'))
-    assert delayer.packet_key(data) == tp.wire_key(proto, 4242, seq)
+    assert delayer.packet_key(data) == pk.wire_key(proto, 4242, seq)
     assert delayer.packet_key(b'\x45junk') is None
 
 
 def test_network_type_defaults_and_vxlan_vni_alias():
-    flat = build.LabSpec(prefix='nwx-')
+    flat = labspec.LabSpec(prefix='nwx-')
     assert (flat.switch, flat.network_type, flat.segmentation_id) == \
         ('linuxbridge', 'flat', None)
     assert flat.underlay_addresses() is None and flat.vxlan_dev is None
-    old = build.LabSpec(prefix='nwx-', vxlan_vni=4242)
-    new = build.LabSpec(prefix='nwx-', network_type='vxlan',
-                        segmentation_id=4242)
+    old = labspec.LabSpec(prefix='nwx-', vxlan_vni=4242)
+    new = labspec.LabSpec(prefix='nwx-', network_type='vxlan',
+                          segmentation_id=4242)
     for spec in (old, new):
         assert spec.network_type == 'vxlan'
         assert spec.segmentation_id == spec.vxlan_vni == 4242
         assert spec.vxlan_dev == 'vxlan-4242'
         assert spec.underlay_addresses() is not None
     # A tunnel or VLAN with no id gets one, in range.
-    vx = build.LabSpec(prefix='nwx-', network_type='vxlan')
+    vx = labspec.LabSpec(prefix='nwx-', network_type='vxlan')
     assert vx.vxlan_vni == vx.segmentation_id and 1 <= vx.vxlan_vni
-    vlan = build.LabSpec(prefix='nwx-', switch='ovs-hybrid',
-                         network_type='vlan')
+    vlan = labspec.LabSpec(prefix='nwx-', switch='ovs-hybrid',
+                           network_type='vlan')
     assert 1 <= vlan.segmentation_id <= 4094
     assert vlan.underlay_addresses() is None
 
@@ -160,4 +160,4 @@ def test_network_type_defaults_and_vxlan_vni_alias():
 ])
 def test_spec_rejects_switch_and_network(fields, message):
     with pytest.raises(ValueError, match=message):
-        build.LabSpec(prefix='nwx-', **fields)
+        labspec.LabSpec(prefix='nwx-', **fields)

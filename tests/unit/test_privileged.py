@@ -7,12 +7,10 @@ real daemon carries it in tests/functional/test_privsep.py and
 test_encap.py.
 """
 
-import socket
 import threading
 import time
 
 from oslo_config import cfg
-from oslo_privsep import comm
 import pytest
 
 from netweaver_agent.agent import opts
@@ -20,38 +18,29 @@ from netweaver_agent.agent import privileged
 from netweaver_agent.core import capture
 from netweaver_agent.core import destinations
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
-
-
-def _through_privsep_wire(value):
-    a, b = socket.socketpair()
-    try:
-        comm.Serializer(a).send(value)
-        a.close()
-        return next(iter(comm.Deserializer(b)))
-    finally:
-        a.close()
-        b.close()
+from tests.unit import fakes
 
 
 def _batch():
-    batch = capture.SightingBatch(77)
+    batch = sightings.SightingBatch(77)
     rows = [
         # (key, interface, t_ns, direction, encap or None)
-        (10 << 1, 'eth1', 1_700_000_000_000_000_001, capture.DIR_IN,
+        (10 << 1, 'eth1', 1_700_000_000_000_000_001, sightings.DIR_IN,
          probe.Encap(vni=4242)),
-        (10 << 1, 'vxlan-4242', 1_700_000_000_000_010_000, capture.DIR_OUT,
+        (10 << 1, 'vxlan-4242', 1_700_000_000_000_010_000, sightings.DIR_OUT,
          None),
-        (10 << 1, 'tapaaa', 1_700_000_000_000_020_000, capture.DIR_OUT,
+        (10 << 1, 'tapaaa', 1_700_000_000_000_020_000, sightings.DIR_OUT,
          None),
-        (10 << 1 | 1, 'eth1', 1_700_000_000_000_090_000, capture.DIR_OUT,
+        (10 << 1 | 1, 'eth1', 1_700_000_000_000_090_000, sightings.DIR_OUT,
          probe.Encap(vni=4242)),
-        (11 << 1, 'eth1', 1_700_000_000_000_100_000, capture.DIR_IN,
+        (11 << 1, 'eth1', 1_700_000_000_000_100_000, sightings.DIR_IN,
          probe.Encap(vlan=(200, 100))),
-        (12 << 1, 'eth1', 1_700_000_000_000_200_000, capture.DIR_IN,
+        (12 << 1, 'eth1', 1_700_000_000_000_200_000, sightings.DIR_IN,
          probe.Encap(vlan=(7,), vni=0xffffff)),
         # The largest key a batch holds.
-        (2**64 - 1, 'tapaaa', 1_700_000_000_000_300_000, capture.DIR_IN,
+        (2**64 - 1, 'tapaaa', 1_700_000_000_000_300_000, sightings.DIR_IN,
          probe.Encap(vlan=(4095,))),
     ]
     for key, ifname, t_ns, direction, encap in rows:
@@ -65,8 +54,8 @@ def _batch():
 def test_batch_stats_and_encapsulation_round_trip():
     sent = _batch()
     stats = capture.CaptureStats(packets=9, drops=1, probes=7, foreign=2)
-    raw = _through_privsep_wire(privileged.batch_to_wire(sent, stats))
-    got = capture.SightingBatch(77)
+    raw = fakes.through_privsep_wire(privileged.batch_to_wire(sent, stats))
+    got = sightings.SightingBatch(77)
     assert privileged.batch_from_wire(raw, got) == stats
     assert list(got.sightings()) == list(sent.sightings())
     assert got.ifnames == sent.ifnames
@@ -77,11 +66,11 @@ def test_batch_stats_and_encapsulation_round_trip():
 
 
 def test_an_untagged_window_carries_no_encapsulation():
-    sent = capture.SightingBatch(5)
-    sent.append(3 << 1, sent.interface_index('eth1'), 1, capture.DIR_IN)
+    sent = sightings.SightingBatch(5)
+    sent.append(3 << 1, sent.interface_index('eth1'), 1, sightings.DIR_IN)
     stats = capture.CaptureStats(packets=1, drops=0, probes=1, foreign=0)
-    raw = _through_privsep_wire(privileged.batch_to_wire(sent, stats))
-    got = capture.SightingBatch(5)
+    raw = fakes.through_privsep_wire(privileged.batch_to_wire(sent, stats))
+    got = sightings.SightingBatch(5)
     privileged.batch_from_wire(raw, got)
     assert got.encap == {}
     assert list(got.sightings()) == list(sent.sightings())

@@ -1,78 +1,20 @@
 """Probe identity: build -> bytes -> parse gives the same key, replies too."""
 
-import socket
-
 import dpkt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from netweaver_agent.core import probe
-
-SRC = socket.inet_aton('198.18.0.1')
-DST = socket.inet_aton('198.18.0.10')
-MAC_A = bytes.fromhex('020000000001')
-MAC_B = bytes.fromhex('020000000002')
-
-
-# A TCP probe's own source port (see test_tcp_ports.py for the ports).
-PORT = 40000
-
-
-def ident(proto, n, port=PORT):
-    """The seq of probe ``n``: TCP probes carry their source port in it."""
-    return probe.tcp_ident(port, n) if proto == 'tcp' else n
-
-
-def wire_key(proto, session, seq, reply=False):
-    """The key read from an unauthenticated probe: TCP keys carry the
-    ISN (``session << 16 | n`` without a secret) and no session."""
-    if proto == 'tcp':
-        return probe.ProbeKey(probe.TCP_SESSION, seq | session << 40, reply)
-    return probe.ProbeKey(session, seq, reply)
-
-
-def frame(proto, session, seq, **kwargs):
-    return probe.build_frame(proto, session, seq, SRC, DST, MAC_A, MAC_B,
-                             **kwargs)
-
-
-def ethernet(ip, src=MAC_B, dst=MAC_A):
-    return bytes(dpkt.ethernet.Ethernet(src=src, dst=dst,
-                                        type=probe.ETH_P_IP, data=ip))
-
-
-def reply(probe_frame, kind=None):
-    """The guest's answer to a probe, built with dpkt as a guest would.
-
-    icmp: echo reply; udp: ICMP port unreachable quoting the probe; tcp:
-    RST/ACK (``kind='synack'``: SYN/ACK) with ``ack = seq + 1``.
-    """
-    ip = dpkt.ethernet.Ethernet(probe_frame).data
-    if ip.p == dpkt.ip.IP_PROTO_ICMP:
-        echo = ip.data.data
-        l4 = dpkt.icmp.ICMP(type=dpkt.icmp.ICMP_ECHOREPLY,
-                            data=dpkt.icmp.ICMP.Echo(id=echo.id, seq=echo.seq,
-                                                     data=echo.data))
-        p = dpkt.ip.IP_PROTO_ICMP
-    elif ip.p == dpkt.ip.IP_PROTO_UDP:
-        quoted = bytes(ip)
-        l4 = dpkt.icmp.ICMP(type=dpkt.icmp.ICMP_UNREACH,
-                            code=dpkt.icmp.ICMP_UNREACH_PORT,
-                            data=dpkt.icmp.ICMP.Unreach(
-                                data=dpkt.ip.IP(quoted)))
-        p = dpkt.ip.IP_PROTO_ICMP
-    else:
-        tcp = ip.data
-        flags = (dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK if kind == 'synack'
-                 else dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK)
-        l4 = dpkt.tcp.TCP(sport=tcp.dport, dport=tcp.sport, seq=0,
-                          ack=(tcp.seq + 1) & 0xffffffff, flags=flags,
-                          win=0)
-        p = dpkt.ip.IP_PROTO_TCP
-    out = dpkt.ip.IP(src=ip.dst, dst=ip.src, p=p, ttl=64, id=0, data=l4)
-    out.len = len(out)
-    return ethernet(bytes(out))
+from tests.packets import DST
+from tests.packets import ethernet
+from tests.packets import frame
+from tests.packets import ident
+from tests.packets import MAC_A
+from tests.packets import PORT
+from tests.packets import reply
+from tests.packets import SRC
+from tests.packets import wire_key
 
 
 sessions = st.integers(0, 0xffff)

@@ -16,12 +16,11 @@ from netweaver_agent.core import capture
 from netweaver_agent.core import latency
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
-from tests.unit import test_analyze as ta
-from tests.unit import test_fuzz as tf
-from tests.unit import test_pcapfile as tpf
-from tests.unit import test_probe as tp
+from tests import packets as pk
+from tests.command import netweaver
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -41,16 +40,16 @@ def ident(proto, n, port=40000):
 def probe_frame(proto, family, n, secret=SECRET, dst=1, session=SESSION):
     src, *dsts = ADDR[family]
     return probe.build_frame(proto, session, ident(proto, n), packed(src),
-                             packed(dsts[dst - 1]), tp.MAC_A, tp.MAC_B,
+                             packed(dsts[dst - 1]), pk.MAC_A, pk.MAC_B,
                              secret=secret)
 
 
 def answer(frame):
     """The guest's answer, as Linux builds it (whole probe quoted)."""
     if frame[12:14] == b'\x86\xdd':
-        return probe.ethernet_frame(tf.icmp6_reply(frame[14:]),
-                                    probe.ETH_P_IPV6, tp.MAC_B, tp.MAC_A)
-    return tp.reply(frame)
+        return probe.ethernet_frame(pk.icmp6_reply(frame[14:]),
+                                    probe.ETH_P_IPV6, pk.MAC_B, pk.MAC_A)
+    return pk.reply(frame)
 
 
 def auth_of(frame):
@@ -149,7 +148,7 @@ def matcher(proto, plan, secret=SECRET):
 def batch_of(rows):
     """``(frame, ifname, t_ns, direction)`` rows keyed as the capture
     keys them (frame_key, frame_auth)."""
-    batch = capture.SightingBatch(SESSION)
+    batch = sightings.SightingBatch(SESSION)
     for f, ifname, t, d in rows:
         found = pcapkeys.frame_key(f, 0, len(f))
         if found is not None and found[0] in (SESSION, probe.TCP_SESSION):
@@ -160,9 +159,9 @@ def batch_of(rows):
 
 def genuine(f, r, t):
     """A probe and its answer, as the host sees them (ns)."""
-    return [(f, 'eth1', t, capture.DIR_IN), (f, 'TAP', t + 10, 1),
-            (r, 'TAP', t + 50, capture.DIR_IN),
-            (r, 'eth1', t + 53, capture.DIR_OUT)]
+    return [(f, 'eth1', t, sightings.DIR_IN), (f, 'TAP', t + 10, 1),
+            (r, 'TAP', t + 50, sightings.DIR_IN),
+            (r, 'eth1', t + 53, sightings.DIR_OUT)]
 
 
 def on(rows, tap):
@@ -187,15 +186,15 @@ def test_matcher_rejects_look_alikes_with_the_right_key(proto):
     forged = []
     for secret in (None, OTHER):
         fake = probe_frame(proto, 4, 1, dst=2, secret=secret)
-        forged += [(fake, 'eth1', 9_000, capture.DIR_IN),
-                   (fake, 'tap1', 9_500, capture.DIR_OUT),
-                   (answer(fake), 'tap1', 10_020, capture.DIR_IN),
-                   (answer(fake), 'eth1', 10_021, capture.DIR_OUT)]
+        forged += [(fake, 'eth1', 9_000, sightings.DIR_IN),
+                   (fake, 'tap1', 9_500, sightings.DIR_OUT),
+                   (answer(fake), 'tap1', 10_020, sightings.DIR_IN),
+                   (answer(fake), 'eth1', 10_021, sightings.DIR_OUT)]
     if proto != 'tcp':
         # Guest 1's real tag, with guest 0's address as destination.
         moved = bytearray(f1)
         moved[30:34] = packed(ADDR[4][1])
-        forged += [(bytes(moved), 'eth1', 9_100, capture.DIR_IN)]
+        forged += [(bytes(moved), 'eth1', 9_100, sightings.DIR_IN)]
     m = matcher(proto, plan)
     m.feed_batch(batch_of(forged + rows))
     got = m.reports()['tap1']
@@ -229,7 +228,7 @@ def test_verification_once_per_probe_not_per_row():
     for n in range(10):
         f = probe_frame('icmp', 4, n, dst=1 + n % 2)
         rows += on(genuine(f, answer(f), 1000 * n), ('tap0', 'tap1')[n % 2])
-        rows += [(f, 'eth1', 1000 * n + 1, capture.DIR_IN)] * 3   # copies
+        rows += [(f, 'eth1', 1000 * n + 1, sightings.DIR_IN)] * 3   # copies
     m = matcher('icmp', plan)
     m.feed_batch(batch_of(rows))
     assert m.verifications == 10           # 70 rows, 10 probes
@@ -252,7 +251,7 @@ def test_tcp_keys_are_found_through_the_plan_isns():
     ip = dpkt.ethernet.Ethernet(probe_frame('tcp', 4, 0)).data
     ip.data.seq ^= 1
     ip.data.sum = 0
-    fake = tp.ethernet(bytes(ip))
+    fake = pk.ethernet(bytes(ip))
     m2 = matcher('tcp', plan)
     m2.feed_batch(batch_of([(fake, 'eth1', 1, 0), (fake, 'tap0', 2, 1)]))
     assert m2.reports()['tap0'].ingress.count == 0
@@ -274,7 +273,7 @@ def test_the_secret_is_never_shown():
     assert SECRET.hex() not in repr(plan) and repr(SECRET) not in repr(plan)
     # build_packets tags with the plan's secret.
     (_, data), _ = sources.build_packets(plan, lambda d: ADDR[4][0])
-    f = tp.ethernet(data)
+    f = pk.ethernet(data)
     assert auth_of(f) == probe.expected_auth(
         SECRET, 'icmp', SESSION, plan.probes[0].seq, packed(ADDR[4][1]))
 
@@ -310,7 +309,7 @@ def pcaps(tmp_path, proto='icmp', forge=True, n=6):
     tenant could add: untagged copies on the vif 1 ms early and answers
     on the pif (vif before pif: negative if matched)."""
     pif, vif = [], []
-    t = tpf.T0
+    t = pk.T0
     for k in range(n):
         f = probe_frame(proto, 4, k)
         r = answer(f)
@@ -324,9 +323,9 @@ def pcaps(tmp_path, proto='icmp', forge=True, n=6):
     out = []
     for name, rows in (('eth1', pif), ('tap1', vif)):
         rows.sort(key=lambda row: row[0])
-        out.append(tpf.write_pcap_raw(tmp_path / f'{name}.pcap',
-                                      [f for _, f in rows],
-                                      [t for t, _ in rows]))
+        out.append(pk.write_pcap_raw(tmp_path / f'{name}.pcap',
+                                     [f for _, f in rows],
+                                     [t for t, _ in rows]))
     return out
 
 
@@ -373,22 +372,22 @@ def test_analyze_key_needs_the_address_and_the_tcp_plan(tmp_path):
 
 def test_cli_says_unauthenticated_without_key(tmp_path):
     pif, vif = pcaps(tmp_path)
-    plain = ta.netweaver('analyze', pif, vif, '--json')
+    plain = netweaver('analyze', pif, vif, '--json')
     assert plain.returncode == 0, plain.stderr
     got = json.loads(plain.stdout)
     assert (got['authenticated'], got['authentication']) == \
         (False, 'unauthenticated')
-    text = ta.netweaver('analyze', pif, vif).stdout
+    text = netweaver('analyze', pif, vif).stdout
     assert 'unauthenticated' in text
-    keyed = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
-                         SECRET.hex(), '--json')
+    keyed = netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
+                      SECRET.hex(), '--json')
     got = json.loads(keyed.stdout)
     assert (got['authenticated'], got['rejected']) == (True, 12)
     assert got['report']['ingress']['count'] == 6
-    text = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
-                        SECRET.hex()).stdout
+    text = netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
+                     SECRET.hex()).stdout
     assert 'authenticated, 12 rejected' in text
-    bad = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key', 'zz')
+    bad = netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key', 'zz')
     assert bad.returncode == 1 and '--key' in bad.stderr
     assert 'zz' not in bad.stderr.replace('--key', '')
 
@@ -408,7 +407,7 @@ def test_fast_builder_tags_every_probe_as_build_ip(proto, family):
 def test_rejected_look_alikes_reach_the_samples_metadata():
     import types
 
-    from netweaver_agent.agent import pollsters
+    from netweaver_agent.agent import inspector
     f1 = probe_frame('icmp', 4, 1, dst=2)
     fake = probe_frame('icmp', 4, 1, dst=2, secret=OTHER)
     m = matcher('icmp', {1: 'tap1'})
@@ -421,7 +420,7 @@ def test_rejected_look_alikes_reach_the_samples_metadata():
         duration_ns=10 ** 6)
     path = vifpath.VifPath(vif='tap1', address=ADDR[4][2],
                            interfaces=('eth1', 'tap1'))
-    md = pollsters.latency_metadata(rep, path, window, 'local')
+    md = inspector.latency_metadata(rep, path, window, 'local')
     assert md['probe_rejected'] == 1
 
 

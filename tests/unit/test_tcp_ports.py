@@ -19,14 +19,14 @@ from netweaver_agent.agent import opts
 from netweaver_agent.agent import pollsters
 from netweaver_agent.agent import privileged
 from netweaver_agent.cli import offline
-from netweaver_agent.core import capture
 from netweaver_agent.core import latency
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
-from tests.unit import test_pcapfile as tpf
+from tests import packets as pk
 
 A, B = '198.18.0.10', '198.18.0.11'
 SRC = '198.18.0.1'
@@ -166,7 +166,7 @@ def rst_for(syn):
 def sighted(session, rows):
     """A live-like batch: ``(frame, ifname, t_ns, direction)`` rows keyed
     as the capture keys them."""
-    batch = capture.SightingBatch(session)
+    batch = sightings.SightingBatch(session)
     for f, ifname, t, d in rows:
         found = pcapkeys.frame_key(f, 0, len(f))
         if found is not None and found[0] in (session, probe.TCP_SESSION):
@@ -187,15 +187,15 @@ def test_right_isn_from_the_wrong_port_is_not_ours():
     rows = [
         # Probe 1 enters; only an impostor with its ISN reaches the tap,
         # and answers come back to the impostor's port.
-        (frame(session, first.seq), 'eth1', 1000, capture.DIR_IN),
-        (impostor, 'tap0', 1500, capture.DIR_OUT),
-        (rst_for(impostor), 'tap0', 1600, capture.DIR_IN),
-        (rst_for(impostor), 'eth1', 1700, capture.DIR_OUT),
+        (frame(session, first.seq), 'eth1', 1000, sightings.DIR_IN),
+        (impostor, 'tap0', 1500, sightings.DIR_OUT),
+        (rst_for(impostor), 'tap0', 1600, sightings.DIR_IN),
+        (rst_for(impostor), 'eth1', 1700, sightings.DIR_OUT),
         # Probe 2 goes through, its answer too.
-        (frame(session, second.seq), 'eth1', 2000, capture.DIR_IN),
-        (frame(session, second.seq), 'tap0', 2040, capture.DIR_OUT),
-        (rst_for(frame(session, second.seq)), 'tap0', 2100, capture.DIR_IN),
-        (rst_for(frame(session, second.seq)), 'eth1', 2103, capture.DIR_OUT),
+        (frame(session, second.seq), 'eth1', 2000, sightings.DIR_IN),
+        (frame(session, second.seq), 'tap0', 2040, sightings.DIR_OUT),
+        (rst_for(frame(session, second.seq)), 'tap0', 2100, sightings.DIR_IN),
+        (rst_for(frame(session, second.seq)), 'eth1', 2103, sightings.DIR_OUT),
     ]
     matcher = latency.Matcher(
         session, [vifpath.VifPath('tap0', None, ('eth1', 'tap0'))],
@@ -217,7 +217,7 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
     plan = window(sources.PortCursor(ours, start=first_port), 6,
                   targets=(A,), session=session)
     pif, vif = [], []
-    t = tpf.T0
+    t = pk.T0
     for i, p in enumerate(plan.probes):
         good = frame(session, p.seq)
         # A look-alike with the same ISN from a port outside the range,
@@ -227,10 +227,10 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
         vif.append((t + 30_000 + i, good))
         t += 1_000_000
     # Record by record here (fewer than pcapfile.MIN_RUN); runs: below.
-    pif_path = tpf.write_pcap_raw(tmp_path / 'eth1.pcap',
-                                  [f for _, f in pif], [t for t, _ in pif])
-    vif_path = tpf.write_pcap_raw(tmp_path / 'tap0.pcap',
-                                  [f for _, f in vif], [t for t, _ in vif])
+    pif_path = pk.write_pcap_raw(tmp_path / 'eth1.pcap',
+                                 [f for _, f in pif], [t for t, _ in pif])
+    vif_path = pk.write_pcap_raw(tmp_path / 'tap0.pcap',
+                                 [f for _, f in vif], [t for t, _ in vif])
     read = pcapfile.read_pcap(pif_path, tcp_ports=ours)
     assert (read.probes, read.foreign) == (6, 6)
     assert {probe.tcp_ident_port(k >> 1) for k in read.batch.keys} == \
@@ -260,8 +260,8 @@ def test_offline_range_check_is_exact_in_runs(ports, bounds, replies,
     for n, port in enumerate(ports):
         f = frame(0x4444, probe.tcp_ident(port, n))
         frames.append(rst_for(f) if replies and n % 2 else f)
-    path = tpf.write_pcap_raw(tmp_path_factory.mktemp('r') / 'p.pcap',
-                              frames, [tpf.T0 + i for i in range(len(frames))])
+    path = pk.write_pcap_raw(tmp_path_factory.mktemp('r') / 'p.pcap',
+                             frames, [pk.T0 + i for i in range(len(frames))])
     read = pcapfile.read_pcap(path, tcp_ports=allowed)
     want = sorted(probe.tcp_ident(p, n) | 0x4444 << 40
                   for n, p in enumerate(ports) if p in allowed)
@@ -277,8 +277,8 @@ def test_offline_range_bounds_are_inclusive_in_runs(first, last, tmp_path):
         pcapfile.MIN_RUN
     frames = [frame(0x4545, probe.tcp_ident(p, n))
               for n, p in enumerate(ports)]
-    path = tpf.write_pcap_raw(tmp_path / 'p.pcap', frames,
-                              [tpf.T0 + i for i in range(len(frames))])
+    path = pk.write_pcap_raw(tmp_path / 'p.pcap', frames,
+                             [pk.T0 + i for i in range(len(frames))])
     read = pcapfile.read_pcap(path, tcp_ports=range(first, last + 1))
     assert sorted({probe.tcp_ident_port(k >> 1) for k in read.batch.keys}) \
         == sorted({p for p in ports if first <= p <= last})
@@ -368,4 +368,4 @@ def test_the_pollsters_refuse_to_load_and_say_why(tmp_path):
                      tcp_source_ports='33000-33999', privsep=False)
     conf.set_override('cfg_file', str(path), group='polling')
     with pytest.raises(pollsters.TcpPortsError, match='needs 1200 ports'):
-        pollsters.Prober(conf)
+        pollsters.new_inspector(conf)

@@ -11,8 +11,6 @@ import json
 import random
 import socket
 import struct
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given
@@ -23,55 +21,32 @@ from netweaver_agent.cli import offline
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
-from tests.unit import test_analyze as ta
-from tests.unit import test_fuzz as tf
-from tests.unit import test_pcapfile as tpf
-from tests.unit import test_probe as tp
+from tests import packets as pk
 
-T0 = tpf.T0
+from tests.command import netweaver
+from tests.command import one_line
+from tests.packets import pcap
+from tests.packets import pcap_of
+from tests.packets import pcapng
+from tests.packets import shb
+from tests.packets import tagged
+from tests.packets import to_sll
+from tests.packets import to_sll2
+
+T0 = pk.T0
 SEC = 1_763_900_000
-
-
-def pcap(records, order='<', nano=False, version=(2, 4), linktype=1):
-    """A classic pcap from ``[(sec, frac, frame)]`` (fields as written)."""
-    magic = pcapfile.PCAP_MAGIC_NS if nano else pcapfile.PCAP_MAGIC_US
-    out = [struct.pack(order + 'IHHiIII', magic, *version, 0, 0, 65535,
-                       linktype)]
-    for sec, frac, frame in records:
-        out.append(struct.pack(order + 'IIII', sec, frac, len(frame),
-                               len(frame)) + frame)
-    return b''.join(out)
-
-
-def shb(order='<', version=(1, 0)):
-    return struct.pack(order + 'IIIHHq', pcapfile.PCAPNG_SHB, 28,
-                       pcapfile.PCAPNG_BOM, *version, -1) + \
-        struct.pack(order + 'I', 28)
-
-
-def netweaver(*argv, **kwargs):
-    return subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
-                           *map(str, argv)], capture_output=True, text=True,
-                          timeout=60, **kwargs)
-
-
-def one_line(proc):
-    """The single stderr line of a failed command."""
-    assert proc.returncode == 1, proc.stdout
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 # --------------------------------------------------------------------------
 # Version fields.
+
 
 @pytest.mark.parametrize('version', [(2, 2), (2, 5), (1, 4), (3, 4),
                                      (0, 0), (543, 0)])
 @pytest.mark.parametrize('order', ['<', '>'])
 def test_pcap_versions_tcpdump_refuses_are_refused(version, order, tmp_path):
     path = tmp_path / 'v.pcap'
-    path.write_bytes(pcap([(SEC, 1, tpf.probes('icmp', 1)[0])], order,
+    path.write_bytes(pcap([(SEC, 1, pk.probes('icmp', 1)[0])], order,
                           version=version))
     with pytest.raises(pcapfile.PcapError) as err:
         pcapfile.read_pcap(path)
@@ -82,7 +57,7 @@ def test_pcap_versions_tcpdump_refuses_are_refused(version, order, tmp_path):
 @pytest.mark.parametrize('version', [(2, 3), (2, 4)])
 def test_pcap_versions_read(version, tmp_path):
     path = tmp_path / 'v.pcap'
-    path.write_bytes(pcap([(SEC, 1, f) for f in tpf.probes('icmp', 3)],
+    path.write_bytes(pcap([(SEC, 1, f) for f in pk.probes('icmp', 3)],
                           version=version))
     assert pcapfile.read_pcap(path).probes == 3
 
@@ -90,10 +65,10 @@ def test_pcap_versions_read(version, tmp_path):
 @pytest.mark.parametrize('version', [(2, 0), (1, 1), (0, 0), (1, 3)])
 @pytest.mark.parametrize('second', [False, True])
 def test_pcapng_section_versions_refused(version, second, tmp_path):
-    f = tpf.probes('icmp', 1)[0]
-    good = shb() + tpf._idb('<', 'eth0') + tpf._epb('<', 0, 5, f)
-    bad = shb(version=version) + tpf._idb('<', 'eth0') + \
-        tpf._epb('<', 0, 6, f)
+    f = pk.probes('icmp', 1)[0]
+    good = shb() + pk.idb('<', 'eth0') + pk.epb('<', 0, 5, f)
+    bad = shb(version=version) + pk.idb('<', 'eth0') + \
+        pk.epb('<', 0, 6, f)
     path = tmp_path / 'v.pcapng'
     path.write_bytes(good + bad if second else bad)
     with pytest.raises(pcapfile.PcapError) as err:
@@ -107,18 +82,18 @@ def test_pcapng_section_versions_refused(version, second, tmp_path):
 @pytest.mark.parametrize('version', [(1, 0), (1, 2)])
 def test_pcapng_section_versions_read(version, tmp_path):
     path = tmp_path / 'v.pcapng'
-    path.write_bytes(shb(version=version) + tpf._idb('<', 'eth0') + b''.join(
-        tpf._epb('<', 0, 5 + i, f)
-        for i, f in enumerate(tpf.probes('udp', 4))))
+    path.write_bytes(shb(version=version) + pk.idb('<', 'eth0') + b''.join(
+        pk.epb('<', 0, 5 + i, f)
+        for i, f in enumerate(pk.probes('udp', 4))))
     assert pcapfile.read_pcap(path).probes == 4
 
 
 def test_cli_version_refusal_is_one_line(tmp_path):
     bad = tmp_path / 'pif.pcap'
-    bad.write_bytes(pcap([(SEC, 1, tpf.probes('icmp', 1)[0])],
+    bad.write_bytes(pcap([(SEC, 1, pk.probes('icmp', 1)[0])],
                          version=(2, 1)))
     good = tmp_path / 'vif.pcap'
-    good.write_bytes(pcap([(SEC, 2, tpf.probes('icmp', 1)[0])]))
+    good.write_bytes(pcap([(SEC, 2, pk.probes('icmp', 1)[0])]))
     line = one_line(netweaver('analyze', bad, good))
     assert line.startswith(f'netweaver analyze: {bad}: pcap version 2.1 ')
 
@@ -130,7 +105,7 @@ def _records(n, bad, nano, length_of=lambda i: 0):
     """``n`` probe records one ms apart; ``bad``: {index: fraction}."""
     unit = 10 ** 9 if nano else 10 ** 6
     out = []
-    for i, f in enumerate(tpf.probes('icmp', n)):
+    for i, f in enumerate(pk.probes('icmp', n)):
         frac = bad.get(i, (i * unit // 1000) % unit)
         out.append((SEC, frac,
                     f + bytes(length_of(i))))
@@ -172,7 +147,7 @@ def test_timestamp_fraction_out_of_range_names_the_record(
         records[:index] + records[index + 1:], order, nano)), ifname='eth0')
     assert (read.records, read.invalid_times, read.probes) == \
         (n, 1, n - 1)
-    assert tpf.rows(read) == tpf.rows(good)
+    assert pk.rows(read) == pk.rows(good)
     assert read.foreign == 0
 
 
@@ -203,7 +178,7 @@ def test_cli_invalid_timestamp_refused_or_lenient(tmp_path):
                                             (147, None)])
 def test_link_type_not_read_is_refused(linktype, name, tmp_path):
     path = _write(tmp_path / 'l.pcap', pcap(
-        [(SEC, 1, tpf.probes('icmp', 1)[0][14:])], linktype=linktype))
+        [(SEC, 1, pk.probes('icmp', 1)[0][14:])], linktype=linktype))
     with pytest.raises(pcapfile.PcapError) as err:
         pcapfile.read_pcap(path)
     named = f' ({name})' if name else ''
@@ -213,9 +188,9 @@ def test_link_type_not_read_is_refused(linktype, name, tmp_path):
 
 
 def test_pcapng_link_types(tmp_path):
-    f = tpf.probes('icmp', 1)[0]
-    only_radio = shb() + tpf._idb('<', 'wlan0', linktype=127) + \
-        tpf._epb('<', 0, 5, f)
+    f = pk.probes('icmp', 1)[0]
+    only_radio = shb() + pk.idb('<', 'wlan0', linktype=127) + \
+        pk.epb('<', 0, 5, f)
     path = _write(tmp_path / 'r.pcapng', only_radio)
     with pytest.raises(pcapfile.PcapError) as err:
         pcapfile.read_pcap(path)
@@ -223,9 +198,9 @@ def test_pcapng_link_types(tmp_path):
         f"{path}: every packet's link type 127 (802.11 radiotap) is not "
         'read by netweaver')
     # Next to an Ethernet interface, the other link type is only counted.
-    mixed = shb() + tpf._idb('<', 'wlan0', linktype=127) + \
-        tpf._idb('<', 'eth0') + tpf._epb('<', 0, 5, f) + \
-        tpf._epb('<', 1, 6, f)
+    mixed = shb() + pk.idb('<', 'wlan0', linktype=127) + \
+        pk.idb('<', 'eth0') + pk.epb('<', 0, 5, f) + \
+        pk.epb('<', 1, 6, f)
     read = pcapfile.read_pcap(_write(tmp_path / 'm.pcapng', mixed))
     assert (read.records, read.probes, read.foreign) == (2, 1, 1)
 
@@ -250,12 +225,12 @@ def test_truncated_headers(data, message, tmp_path):
 def test_auto_mode_reads_each_file_once(tmp_path, monkeypatch):
     """Foreign traffic in auto mode: probes looked for, then fingerprints,
     from one read of each file (a pipe can be read only once)."""
-    syns = [tpf._hping_syn(2911 + i, 36550021 * (i + 1) & 0xffffffff, i)
+    syns = [pk.hping_syn(2911 + i, 36550021 * (i + 1) & 0xffffffff, i)
             for i in range(10)]
-    pif = tpf.write_pcap(tmp_path / 'p.pcap', syns,
-                         [T0 + i * 1000 for i in range(10)])
-    vif = tpf.write_pcap(tmp_path / 'v.pcap', syns,
-                         [T0 + i * 1000 + 7000 for i in range(10)])
+    pif = pk.write_pcap(tmp_path / 'p.pcap', syns,
+                        [T0 + i * 1000 for i in range(10)])
+    vif = pk.write_pcap(tmp_path / 'v.pcap', syns,
+                        [T0 + i * 1000 + 7000 for i in range(10)])
     opened = []
     real = pcapfile._open
 
@@ -264,7 +239,7 @@ def test_auto_mode_reads_each_file_once(tmp_path, monkeypatch):
         return real(path)
     monkeypatch.setattr(pcapfile, '_open', counting)
     result = offline.analyze_pcaps(pif, vif,
-                                   destination=socket.inet_ntoa(tp.DST))
+                                   destination=socket.inet_ntoa(pk.DST))
     assert result.mode == 'fingerprint'
     assert result.report.ingress.count == 10
     assert result.report.ingress.min_us == 7.0
@@ -273,10 +248,10 @@ def test_auto_mode_reads_each_file_once(tmp_path, monkeypatch):
 
 def test_probe_mode_session_from_the_vif_file_reads_once(tmp_path,
                                                          monkeypatch):
-    fwd = tpf.probes('icmp', 5, session=77)
-    pif = tpf.write_pcap(tmp_path / 'p.pcap', [], [])
-    vif = tpf.write_pcap(tmp_path / 'v.pcap', fwd,
-                         [T0 + i for i in range(5)])
+    fwd = pk.probes('icmp', 5, session=77)
+    pif = pk.write_pcap(tmp_path / 'p.pcap', [], [])
+    vif = pk.write_pcap(tmp_path / 'v.pcap', fwd,
+                        [T0 + i for i in range(5)])
     opened = []
     real = pcapfile._open
     monkeypatch.setattr(pcapfile, '_open',
@@ -289,57 +264,6 @@ def test_probe_mode_session_from_the_vif_file_reads_once(tmp_path,
 
 # --------------------------------------------------------------------------
 # The same records in every format tcpdump writes.
-
-PKT_HOST, PKT_BROADCAST, PKT_MULTICAST, PKT_OUTGOING = 0, 1, 2, 4
-
-
-def _pkttype(frame, outgoing):
-    if frame[0] & 1:
-        return PKT_BROADCAST if frame[:6] == b'\xff' * 6 else PKT_MULTICAST
-    return PKT_OUTGOING if outgoing else PKT_HOST
-
-
-def to_sll(frame, outgoing=False):
-    """The Ethernet frame as tcpdump -i any writes it (LINUX_SLL): the
-    cooked header's protocol is the frame's first ethertype, so a VLAN tag
-    follows the header (libpcap puts back the tag the kernel took out)."""
-    return struct.pack('!HHH8sH', _pkttype(frame, outgoing), 1, 6,
-                       frame[6:12] + b'\0\0', *struct.unpack(
-                           '!H', frame[12:14])) + frame[14:]
-
-
-def to_sll2(frame, outgoing=False):
-    return struct.pack('!HHIHBB8s', *struct.unpack('!H', frame[12:14]), 0,
-                       3, 1, _pkttype(frame, outgoing), 6,
-                       frame[6:12] + b'\0\0') + frame[14:]
-
-
-def tagged(frame, *vids):
-    """``frame`` with 802.1Q tags (802.1ad outermost when two)."""
-    tags = b''
-    for n, vid in enumerate(vids):
-        tpid = probe.ETH_P_8021AD if n == 0 and len(vids) > 1 else \
-            probe.ETH_P_8021Q
-        tags += struct.pack('!HH', tpid, vid)
-    return frame[:12] + tags + frame[12:]
-
-
-def pcapng(frames, times, order='<', tsresol=9, linktype=1, flags=None):
-    unit = 10 ** (9 - tsresol)
-    blocks = [shb(order), tpf._idb(order, 'eth0', tsresol=tsresol,
-                                   linktype=linktype)]
-    for i, (f, t) in enumerate(zip(frames, times)):
-        blocks.append(tpf._epb(order, 0, t // unit, f,
-                               None if flags is None else flags[i]))
-    return b''.join(blocks)
-
-
-def pcap_of(frames, times, order='<', nano=True, linktype=1):
-    unit = 1 if nano else 1000
-    return pcap([(t // 10 ** 9, t % 10 ** 9 // unit, f)
-                 for f, t in zip(frames, times)], order, nano,
-                linktype=linktype)
-
 
 FORMATS = {
     'pcap us': lambda fr, ts, out: pcap_of(fr, ts, nano=False),
@@ -370,10 +294,10 @@ def _keyed_rows(read):
 # NetBIOS-style chatter to the subnet's broadcast address: only the
 # link layer says it went to a group (Ethernet's I/G bit, the cooked
 # packet type), the IP header does not.
-SUBNET_BROADCAST = ta.eth(
-    ta.ip4(ta.GUEST, '198.18.0.255', 17,
+SUBNET_BROADCAST = pk.eth(
+    pk.ip4(pk.GUEST, '198.18.0.255', 17,
            struct.pack('!HHHH', 137, 137, 8 + 4, 0) + bytes(4), ip_id=77),
-    0x0800, dst=ta.BCAST_MAC)
+    0x0800, dst=pk.BCAST_MAC)
 
 
 @st.composite
@@ -381,19 +305,19 @@ def wild_records(draw):
     """Probes, replies, hping3 traffic and noise, some VLAN or QinQ
     tagged, with µs timestamps (every format holds them exactly)."""
     kinds = draw(st.lists(st.integers(0, 5), min_size=1, max_size=50))
-    noise = ta.noise() + [SUBNET_BROADCAST]
+    noise = pk.noise() + [SUBNET_BROADCAST]
     frames, outgoing = [], []
     for n, kind in enumerate(kinds):
         if kind <= 2:
             proto = ('icmp', 'udp', 'tcp')[kind]
-            f = tp.frame(proto, 4242, tp.ident(proto, n))
+            f = pk.frame(proto, 4242, pk.ident(proto, n))
             if draw(st.booleans()):
-                f = tp.reply(f)
+                f = pk.reply(f)
         elif kind == 3:
-            f = tpf._hping_syn(2000 + n, draw(st.integers(0, 2 ** 32 - 1)),
-                               n)
+            f = pk.hping_syn(2000 + n, draw(st.integers(0, 2 ** 32 - 1)),
+                             n)
             if draw(st.booleans()):
-                f = tp.reply(f)
+                f = pk.reply(f)
         else:
             f = draw(st.sampled_from(noise))
         vids = draw(st.sampled_from([(), (), (100,), (7, 100)]))
@@ -436,9 +360,9 @@ def test_fingerprint_reads_vlan_frames_in_cooked_captures(fmt, vids,
     """hping3 SYNs tagged on a VLAN, as tcpdump -i any writes them: the
     fingerprint analysis matches them all, VLAN reported."""
     n = 20
-    syns = [tagged(tpf._hping_syn(2911 + i, 1000 * i, i), *vids)
+    syns = [tagged(pk.hping_syn(2911 + i, 1000 * i, i), *vids)
             for i in range(n)]
-    rsts = [tagged(tp.reply(tpf._hping_syn(2911 + i, 1000 * i, i)), *vids)
+    rsts = [tagged(pk.reply(pk.hping_syn(2911 + i, 1000 * i, i)), *vids)
             for i in range(n)]
     base = T0 - T0 % 1000
     pif_frames, pif_times, pif_out = [], [], []
@@ -472,10 +396,10 @@ def test_fingerprint_reads_vlan_frames_in_cooked_captures(fmt, vids,
 
 def _probe_pair(n=12):
     """Probe and reply frames with pif/vif times and directions."""
-    pif, vif = ta.answered('icmp', [9_000] * n, 4_000, [3_000] * n)
+    pif, vif = pk.answered('icmp', [9_000] * n, 4_000, [3_000] * n)
     # On the pif probes come in and replies go out; on the tap the reverse.
-    pif_out = [bool(tpf.key_of(f)[1] & 1) for _, f in pif]
-    vif_out = [not bool(tpf.key_of(f)[1] & 1) for _, f in vif]
+    pif_out = [bool(pk.key_of(f)[1] & 1) for _, f in pif]
+    vif_out = [not bool(pk.key_of(f)[1] & 1) for _, f in vif]
     return pif, pif_out, vif, vif_out
 
 
@@ -495,7 +419,7 @@ def _files(tmp_path, fmt):
 def test_one_capture_as_both_is_refused(fmt, fingerprint, tmp_path):
     _, vif = _files(tmp_path, fmt)
     copy = _write(tmp_path / 'copy.cap', vif.read_bytes())
-    extra = ['--fingerprint', '-d', ta.GUEST] if fingerprint else []
+    extra = ['--fingerprint', '-d', pk.GUEST] if fingerprint else []
     for other in (vif, copy):
         line = one_line(netweaver('analyze', *extra, vif, other))
         assert line == (
@@ -530,26 +454,26 @@ def _icmp(kind, ident, seq, v6=False):
     if v6:
         body = struct.pack('!BBHHH', 128 if kind == 'request' else 129, 0,
                            0, ident, seq) + b'ping6 payload'
-        src, dst = ta.SRC6, ta.GUEST6
+        src, dst = pk.SRC6, pk.GUEST6
         if kind == 'reply':
             src, dst = dst, src
-        return ta.eth(ta.ip6(src, dst, 58, body), probe.ETH_P_IPV6)
+        return pk.eth(pk.ip6(src, dst, 58, body), probe.ETH_P_IPV6)
     body = struct.pack('!BBHHH', 8 if kind == 'request' else 0, 0, 0,
                        ident, seq) + b'ping payload'
-    src, dst = '198.18.0.1', ta.GUEST
+    src, dst = '198.18.0.1', pk.GUEST
     if kind == 'reply':
         src, dst = dst, src
     ip_id = seq + 17 * (kind == 'reply')
-    return ta.eth(ta.ip4(src, dst, 1, body, ip_id=ip_id), probe.ETH_P_IP)
+    return pk.eth(pk.ip4(src, dst, 1, body, ip_id=ip_id), probe.ETH_P_IP)
 
 
 def _tcp(sport, dport, seq, ack, flags, from_guest, ip_id):
-    src, dst = ('198.18.0.1', ta.GUEST)
+    src, dst = ('198.18.0.1', pk.GUEST)
     if from_guest:
         src, dst = dst, src
     head = struct.pack('!HHIIBBHHH', sport, dport, seq, ack, 0x50, flags,
                        512, 0, 0)
-    return ta.eth(ta.ip4(src, dst, 6, head, ip_id=ip_id), probe.ETH_P_IP)
+    return pk.eth(pk.ip4(src, dst, 6, head, ip_id=ip_id), probe.ETH_P_IP)
 
 
 SYN, RST, ACK = 0x02, 0x04, 0x10
@@ -594,9 +518,9 @@ def _timeline(exchanges, ingress, turnaround, egress, outward=()):
 def test_fingerprint_turnaround(kind, tmp_path):
     n = 12
     pif, vif = _timeline(_exchanges(kind, n), 7_000, 40_000, 2_000)
-    dest = '2001:2::a' if kind == 'ping6' else ta.GUEST
-    result = offline.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
-                                   ta.write(tmp_path / 'v.pcap', vif),
+    dest = '2001:2::a' if kind == 'ping6' else pk.GUEST
+    result = offline.analyze_pcaps(pk.write(tmp_path / 'p.pcap', pif),
+                                   pk.write(tmp_path / 'v.pcap', vif),
                                    destination=dest, mode='fingerprint')
     rep = result.report
     assert result.mode == 'fingerprint'
@@ -623,18 +547,18 @@ def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
         out = _tcp(33000 + i, 443, 777 * i, 0, SYN, True, 70 + i)
         back = _tcp(443, 33000 + i, 99, 777 * i + 1, SYN | ACK, False, 90 + i)
         exchanges.append((out, back))
-        udp = ta.eth(ta.ip4('198.18.0.1', ta.GUEST, 17, struct.pack(
+        udp = pk.eth(pk.ip4('198.18.0.1', pk.GUEST, 17, struct.pack(
             '!HHHH', 5353 + i, 9999, 8 + 3, 0) + b'abc', ip_id=30 + i),
             probe.ETH_P_IP)
-        udp_ans = ta.eth(ta.ip4(ta.GUEST, '198.18.0.1', 17, struct.pack(
+        udp_ans = pk.eth(pk.ip4(pk.GUEST, '198.18.0.1', 17, struct.pack(
             '!HHHH', 9999, 5353 + i, 8 + 3, 0) + b'xyz', ip_id=40 + i),
             probe.ETH_P_IP)
         exchanges.append((udp, udp_ans))
     pif, vif = _timeline(exchanges, 5_000, 30_000, 1_000,
                          outward=range(1, len(exchanges), 3))
-    rep = offline.analyze_pcaps(ta.write(tmp_path / 'p.pcap', pif),
-                                ta.write(tmp_path / 'v.pcap', vif),
-                                destination=ta.GUEST,
+    rep = offline.analyze_pcaps(pk.write(tmp_path / 'p.pcap', pif),
+                                pk.write(tmp_path / 'v.pcap', vif),
+                                destination=pk.GUEST,
                                 mode='fingerprint').report
     assert rep.turnaround.count == 0
     assert rep.anomalies == 0
@@ -650,22 +574,22 @@ def _wild_frame(rnd):
     """Probes (maybe damaged, tunnelled, tagged) or everyday traffic."""
     pick = rnd.random()
     if pick < 0.4:
-        return tf.damage(rnd, tf.make_frame(rnd))
+        return pk.damage(rnd, pk.make_frame(rnd))
     if pick < 0.55:
-        return rnd.choice(ta.noise() + [SUBNET_BROADCAST])
+        return rnd.choice(pk.noise() + [SUBNET_BROADCAST])
     exchange = rnd.choice(_exchanges(rnd.choice(
         ['ping', 'ping6', 'synack', 'rst']), 3))
     frame = exchange[rnd.randrange(2)]
     if rnd.random() < 0.3:
         frame = tagged(frame, *rnd.choice([(5,), (7, 100)]))
     if rnd.random() < 0.3:
-        frame = tf.damage(rnd, frame)
+        frame = pk.damage(rnd, frame)
     return frame
 
 
 @settings(max_examples=400, deadline=None)
-@given(tf.randoms, st.sampled_from([1, 113, 276]),
-       st.sampled_from([None, ta.GUEST, '2001:2::a', '198.18.0.1']))
+@given(pk.randoms, st.sampled_from([1, 113, 276]),
+       st.sampled_from([None, pk.GUEST, '2001:2::a', '198.18.0.1']))
 def test_prefilters_never_rule_out_a_key(rnd, linktype, dst):
     link = pcapkeys.LINKS[linktype]
     dst_ip = None if dst is None else socket.inet_pton(
@@ -702,18 +626,18 @@ def test_prefilters_never_rule_out_a_key(rnd, linktype, dst):
 def test_prefilters_rule_out_everyday_traffic():
     """What they are for: TCP data and ACKs, ARP, DNS, IPv6 of other
     hosts, tagged or not, are ruled out without a per-record look."""
-    data = ta.eth(ta.ip4('198.18.0.1', '198.18.0.20', 6, struct.pack(
+    data = pk.eth(pk.ip4('198.18.0.1', '198.18.0.20', 6, struct.pack(
         '!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08, 512, 0, 0) +
         bytes(100)), probe.ETH_P_IP)
-    arp = ta.noise()[5]
-    dns = ta.eth(ta.ip4('198.18.0.1', '198.18.0.53', 17, struct.pack(
+    arp = pk.noise()[5]
+    dns = pk.eth(pk.ip4('198.18.0.1', '198.18.0.53', 17, struct.pack(
         '!HHHH', 5353, 53, 8 + 20, 0) + bytes(20)), probe.ETH_P_IP)
     frames = [data, tagged(data, 5), arp, dns, tagged(dns, 9)]
     caplen = max(map(len, frames))
     buf = b''.join((f + bytes(caplen))[:caplen] for f in frames)
     n = len(frames)
     assert pcapkeys.probe_candidates(buf, 0, caplen, n, caplen) == bytes(n)
-    guest = socket.inet_aton(ta.GUEST)
+    guest = socket.inet_aton(pk.GUEST)
     assert pcapkeys.fingerprint_candidates(buf, 0, caplen, n, caplen,
                                            dst_ip=guest) == bytes(n)
 
@@ -741,9 +665,9 @@ def test_bimodal_path_in_json_and_table(tmp_path):
     """30 probes through a fast path (5 µs), 10 through a slow one (2 ms):
     the table's picture and the JSON counts show both modes."""
     fast, slow = [5_000] * 30, [2_000_000] * 10
-    pif, vif = ta.answered('icmp', fast + slow, 3_000, [1_500] * 40)
-    p = ta.write(tmp_path / 'eth0.pcap', pif)
-    v = ta.write(tmp_path / 'tap0.pcap', vif)
+    pif, vif = pk.answered('icmp', fast + slow, 3_000, [1_500] * 40)
+    p = pk.write(tmp_path / 'eth0.pcap', pif)
+    v = pk.write(tmp_path / 'tap0.pcap', vif)
     data = json.loads(netweaver('analyze', '--json', p, v).stdout)
     rep = data['report']
     edges = rep['histogram_edges_us']
@@ -779,7 +703,7 @@ def _batch_rows(read):
 
 
 @settings(max_examples=40, deadline=None)
-@given(tf.randoms, st.sampled_from([1, 113, 276]), st.booleans(),
+@given(pk.randoms, st.sampled_from([1, 113, 276]), st.booleans(),
        st.sampled_from(['<', '>']))
 def test_mixed_blocks_read_as_record_by_record(tmp_path_factory, rnd,
                                                linktype, nano, order):
@@ -806,7 +730,7 @@ def test_mixed_blocks_read_as_record_by_record(tmp_path_factory, rnd,
         records.append((SEC + i, frac, f))
     path = _write(tmp_path_factory.mktemp('mixed') / 'm.pcap',
                   pcap(records, order, nano, linktype=linktype))
-    dst = rnd.choice([ta.GUEST, '2001:2::a'])
+    dst = rnd.choice([pk.GUEST, '2001:2::a'])
     modes = [dict(), dict(fingerprint=True, dst_ip=dst),
              dict(probes=False, fingerprint=True, dst_ip=dst)]
 
@@ -843,12 +767,12 @@ def _everyday(rnd):
     ours = rnd.random() < 0.6
     v6 = rnd.random() < 0.35
     if v6:
-        a, b = rnd.choice(_PEERS6), (ta.GUEST6 if ours else
+        a, b = rnd.choice(_PEERS6), (pk.GUEST6 if ours else
                                      rnd.choice(_PEERS6))
         if rnd.random() < 0.05:
             b = socket.inet_pton(socket.AF_INET6, 'ff02::1')
     else:
-        a, b = rnd.choice(_PEERS), (ta.GUEST if ours else
+        a, b = rnd.choice(_PEERS), (pk.GUEST if ours else
                                     rnd.choice(_PEERS))
         if rnd.random() < 0.05:
             b = rnd.choice(['255.255.255.255', '224.0.0.5'])
@@ -869,25 +793,25 @@ def _everyday(rnd):
                          rnd.choice([0, 0, 1]), 0, 77, rnd.randrange(9))
     l4 += rnd.randbytes(rnd.randrange(0, 120))
     if v6:
-        frame = ta.eth(ta.ip6(a, b, proto, l4), 0x86dd)
+        frame = pk.eth(pk.ip6(a, b, proto, l4), 0x86dd)
     else:
-        frame = ta.eth(ta.ip4(a, b, proto, l4, ip_id=rnd.randrange(65536)),
+        frame = pk.eth(pk.ip4(a, b, proto, l4, ip_id=rnd.randrange(65536)),
                        probe.ETH_P_IP)
         if rnd.random() < 0.05:                   # a later fragment
             frame = frame[:20] + b'\x00\x10' + frame[22:]
         elif rnd.random() < 0.05:                 # total length too short
             frame = frame[:16] + b'\x00\x14' + frame[18:]
     if rnd.random() < 0.1:
-        frame = tf.damage(rnd, frame)
+        frame = pk.damage(rnd, frame)
     if rnd.random() < 0.1:
-        frame = ta.BCAST_MAC + frame[6:]
+        frame = pk.BCAST_MAC + frame[6:]
     vids = rnd.choice([(), (), (), (100,), (4095,), (7, 100)])
     return tagged(frame, *vids) if vids else frame
 
 
 @settings(max_examples=150, deadline=None)
-@given(tf.randoms, st.sampled_from([1, 113, 276]),
-       st.sampled_from([None, ta.GUEST, '2001:2::a', '198.18.0.1']))
+@given(pk.randoms, st.sampled_from([1, 113, 276]),
+       st.sampled_from([None, pk.GUEST, '2001:2::a', '198.18.0.1']))
 def test_fingerprints_in_columns_equal_fingerprint_key(rnd, linktype, dst):
     """fingerprint_plain decides a record only as fingerprint_key would:
     the same key (reply bit included), the same VLAN, or no key."""
@@ -941,11 +865,11 @@ def test_fingerprints_in_columns_equal_fingerprint_key(rnd, linktype, dst):
 def test_fingerprints_in_columns_decide_everyday_traffic():
     """What they are for: plain TCP/UDP/ICMP, IPv4 and IPv6, tagged or
     not, to or from the guest, are keyed in columns, not one by one."""
-    guest = socket.inet_aton(ta.GUEST)
+    guest = socket.inet_aton(pk.GUEST)
     tcp = struct.pack('!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08,
                       512, 0, 0) + bytes(60)
-    frames = [ta.eth(ta.ip4(ta.GUEST, '198.18.0.20', 6, tcp), 0x0800),
-              ta.eth(ta.ip6(_PEERS6[0], ta.GUEST6, 6, tcp), 0x86dd)]
+    frames = [pk.eth(pk.ip4(pk.GUEST, '198.18.0.20', 6, tcp), 0x0800),
+              pk.eth(pk.ip6(_PEERS6[0], pk.GUEST6, 6, tcp), 0x86dd)]
     frames += [tagged(f, 5) for f in frames]
     size = max(map(len, frames))
     packed = b''.join(f.ljust(size, b'\0') for f in frames)
@@ -961,7 +885,7 @@ def test_fingerprints_in_columns_decide_everyday_traffic():
 
 
 @settings(max_examples=30, deadline=None)
-@given(tf.randoms, st.sampled_from([1, 113, 276]), st.sampled_from('<>'),
+@given(pk.randoms, st.sampled_from([1, 113, 276]), st.sampled_from('<>'),
        st.sampled_from([6, 9]), st.booleans())
 def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
                                                 linktype, order, tsresol,
@@ -981,7 +905,7 @@ def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
     flags = [rnd.choice([0, 1, 2]) for _ in frames] if with_flags else None
     path = _write(tmp_path_factory.mktemp('ng') / 'm.pcapng',
                   pcapng(frames, times, order, tsresol, linktype, flags))
-    dst = rnd.choice([ta.GUEST, '2001:2::a'])
+    dst = rnd.choice([pk.GUEST, '2001:2::a'])
     modes = [dict(), dict(fingerprint=True, dst_ip=dst),
              dict(probes=False, fingerprint=True, dst_ip=dst)]
 
@@ -1012,9 +936,9 @@ def test_packet_tunnelled_and_tagged_reports_its_vni(tunnel_first, fmt,
     rnd = random.Random(7)
     tcp = struct.pack('!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08,
                       512, 0, 0) + bytes(60)
-    inner = ta.eth(ta.ip4('198.18.0.20', ta.GUEST, 6, tcp, ip_id=4321),
+    inner = pk.eth(pk.ip4('198.18.0.20', pk.GUEST, 6, tcp, ip_id=4321),
                    probe.ETH_P_IP)
-    pair = [tf.geneve(inner, 0x123456), tagged(inner, 100)]
+    pair = [pk.geneve(inner, 0x123456), tagged(inner, 100)]
     if not tunnel_first:
         pair.reverse()
     frames = [_everyday(rnd) for _ in range(300)]
@@ -1025,7 +949,7 @@ def test_packet_tunnelled_and_tagged_reports_its_vni(tunnel_first, fmt,
 
     def vnis():
         read = pcapfile.read_pcap(path, ifname='x', fingerprint=True,
-                                  dst_ip=ta.GUEST)
+                                  dst_ip=pk.GUEST)
         return {e.vni for e in read.batch.encap.values()} - {None}
 
     assert vnis() == {0x123456}
@@ -1040,7 +964,7 @@ def test_one_key_tagged_two_ways_reads_the_same_in_every_format(
     # The same probe twice at the same time, under two tag stacks: which
     # encapsulation a row reports must not depend on how the format is
     # read (pcapng blocks are keyed in columns, not in file order).
-    f = tp.frame('icmp', 4242, tp.ident('icmp', 1))
+    f = pk.frame('icmp', 4242, pk.ident('icmp', 1))
     frames = [tagged(f, *vids) for vids in order]
     times = [T0 - T0 % 1000] * 2
     seen = {}
