@@ -294,7 +294,7 @@ def _ifindex(netns_name, dev):
 
 
 def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
-    from tests.functional import test_tcpdump_agreement as tta
+    from tests.functional import tcpdump
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
     hv, pif, tap = the_lab.spec.hv_netns, the_lab.spec.pif, guest.tap
@@ -307,9 +307,9 @@ def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
         ('sll2', 'vif'): ('any', ['-y', 'LINUX_SLL2', 'ifindex',
                                   str(_ifindex(hv, tap)), 'and', *host]),
     }
-    with tta.recording(
-            tta.Tcpdump(hv, iface, str(tmp_path / f'{kind}-{role}.pcap'),
-                        bpf, limit=8 * EXCHANGES + 50)
+    with tcpdump.recording(
+            tcpdump.Tcpdump(hv, iface, str(tmp_path / f'{kind}-{role}.pcap'),
+                            bpf, limit=8 * EXCHANGES + 50)
             for (kind, role), (iface, bpf) in files.items()) as started:
         subprocess.run(['ip', 'netns', 'exec', the_lab.spec.src_netns,
                         sys.executable, '-c', TRAFFIC, guest.address,

@@ -29,10 +29,10 @@ from netweaver_agent.cli import report
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import probe
 from netweaver_agent.core import window
-from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import switch as labswitch
 from tests.functional import inprocess
-from tests.functional.test_tcpdump_agreement import Tcpdump
-from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
+from tests.functional.tcpdump import Tcpdump
 
 COUNT = 50
 VNI = 4242
@@ -54,20 +54,21 @@ def run_with_tcpdump(the_lab, directory, source, limit, **settings):
     """One window from ``source`` with tcpdump on the pif; the result and
     tcpdump's pcap read back (same session)."""
     path = os.path.join(directory, 'pif.pcap')
-    dump = Tcpdump(the_lab.hv_netns, the_lab.pif, path, [], limit=limit)
+    dump = Tcpdump(the_lab.spec.hv_netns, the_lab.spec.pif, path, [],
+                   limit=limit)
     try:
         dump.wait_listening()
         try:
             result = window.run_window(
                 the_lab.paths(), source, window.WindowSettings(**settings),
-                capture_netns=the_lab.hv_netns)
+                capture_netns=the_lab.spec.hv_netns)
         finally:
             source.close()
         status = dump.stop()
     finally:
         dump.kill()
     assert status == 0, dump.stderr
-    read = pcapfile.read_pcap(path, ifname=the_lab.pif,
+    read = pcapfile.read_pcap(path, ifname=the_lab.spec.pif,
                               session=result.session)
     assert not read.truncated
     return result, read, path
@@ -83,8 +84,8 @@ def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
         protocol='icmp', count=COUNT, timeout_ms=100)
     assert result.capture.drops == 0
     want = probe.Encap(vlan=vlan)
-    live = pif_rows(result.batch, the_lab.pif)
-    from_pcap = pif_rows(read.batch, the_lab.pif)
+    live = pif_rows(result.batch, the_lab.spec.pif)
+    from_pcap = pif_rows(read.batch, the_lab.spec.pif)
     # Every probe, on the pif, once, with its tags: live == tcpdump.
     assert len(live) == 2 * COUNT
     assert live == from_pcap
@@ -116,29 +117,29 @@ def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
 
 def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):  # noqa: F811
     the_lab = lab_factory(guests=2, vxlan_vni=VNI, delays=(
-        lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS,
+        labspec.DelayInjection(guest=1, delay_ms=DELAY_MS,
                                backend='nfqueue'),))
     fast, slow = the_lab.guests
     vx = the_lab.spec.vxlan_dev
-    assert the_lab.paths()[0].interfaces == (the_lab.pif, vx, fast.tap)
+    assert the_lab.paths()[0].interfaces == (the_lab.spec.pif, vx, fast.tap)
     result, read, _ = run_with_tcpdump(
-        the_lab, workdir, the_lab.source(), limit=8 * COUNT,
+        the_lab, workdir, the_lab.layout.source(), limit=8 * COUNT,
         protocol='icmp', count=COUNT, per_vnic_interval_ms=5.0,
-        vxlan_port=lab_mod.VXLAN_PORT)
+        vxlan_port=labswitch.VXLAN_PORT)
     assert result.capture.drops == 0
     want = probe.Encap(vni=VNI)
-    live = pif_rows(result.batch, the_lab.pif)
+    live = pif_rows(result.batch, the_lab.spec.pif)
     # Probes and replies crossed the pif inside VXLAN, keyed by the inner
     # frame, live and in tcpdump's pcap alike.
     assert len(live) == 2 * 2 * COUNT
-    assert live == pif_rows(read.batch, the_lab.pif)
+    assert live == pif_rows(read.batch, the_lab.spec.pif)
     assert {encap for _, encap in live} == {want}
     for g in the_lab.guests:
         rep = result.reports[g.tap]
         assert rep.vni == VNI and rep.vlan == ()
         assert rep.ingress.count == COUNT and rep.ingress.lost == 0, rep
         assert rep.egress.count == COUNT, rep.egress
-        assert [(h.src, h.dst) for h in rep.hops] == [(the_lab.pif, vx),
+        assert [(h.src, h.dst) for h in rep.hops] == [(the_lab.spec.pif, vx),
                                                       (vx, g.tap)]
     assert result.reports[fast.tap].ingress.p50_us < BASELINE_P50_US
     slow_rep = result.reports[slow.tap]
@@ -166,8 +167,8 @@ def test_vxlan_port_option_gives_the_vni_in_metadata(lab_factory,
     the_lab = lab_factory(guests=2, vxlan_vni=VNI)
     options = {'probe_count': 10, 'probe_timeout_ms': 100.0,
                'max_window_ms': 2000.0, 'per_vnic_interval_ms': 2.0,
-               'pif': the_lab.pif}
-    cycle = cycle_factory(the_lab, vxlan_port=lab_mod.VXLAN_PORT, **options)
+               'pif': the_lab.spec.pif}
+    cycle = cycle_factory(the_lab, vxlan_port=labswitch.VXLAN_PORT, **options)
     assert cycle.conf.netweaver.privsep
     samples, _ = cycle.run()
     want = {cycle.resource_of(i) for i in range(2)}
@@ -179,10 +180,10 @@ def test_vxlan_port_option_gives_the_vni_in_metadata(lab_factory,
         for s in found:
             md = s.resource_metadata
             assert md['vni'] == VNI and md['vlan'] is None, md
-            assert md['pif'] == the_lab.pif, md
+            assert md['pif'] == the_lab.spec.pif, md
             assert md['latency_ingress']['count'] == 10, md
-    # A new agent: the prober is one per process.
-    pollsters.VifLatencyBase._prober = None
+    # A new agent: the inspector is one per process.
+    pollsters.INSPECTOR.reset()
     del options['pif']
     plain = cycle_factory(the_lab, **options)
     assert plain.conf.netweaver.vxlan_port is None
@@ -192,8 +193,8 @@ def test_vxlan_port_option_gives_the_vni_in_metadata(lab_factory,
     for found in samples.values():
         for s in found:
             md = s.resource_metadata
-            assert md['vni'] == VNI and md['pif'] == the_lab.pif, md
+            assert md['vni'] == VNI and md['pif'] == the_lab.spec.pif, md
             assert md['latency_ingress']['count'] == 10, md
             assert [(h['src'], h['dst']) for h in md['latency_hops']] == [
-                (the_lab.pif, the_lab.spec.vxlan_dev),
+                (the_lab.spec.pif, the_lab.spec.vxlan_dev),
                 (the_lab.spec.vxlan_dev, s.resource_metadata['vif'])], md

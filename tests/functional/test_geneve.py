@@ -43,19 +43,18 @@ from netweaver_agent.core import capture
 from netweaver_agent.core import netns
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import probe
+from tests import packets as pk
 from tests.functional import conftest
-from tests.functional.test_tcpdump_agreement import recording
-from tests.functional.test_tcpdump_agreement import Tcpdump
-from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
-from tests.unit import test_fuzz as tf
+from tests.functional.tcpdump import recording
+from tests.functional.tcpdump import Tcpdump
 
 GENEVE_PORT = probe.GENEVE_PORTS[0]
 VXLAN_PORT = probe.VXLAN_PORTS[0]
 VNI = 0x5eed
-OVN_OPTION = tf.geneve_option(0x0102, 0x80, b'\x00\x01\x00\x02')
+OVN_OPTION = pk.OVN_OPTION
 OPTIONS = (b'', OVN_OPTION,
-           OVN_OPTION + tf.geneve_option(0xffff, 0x01, bytes(12)))
-GUEST = socket.inet_ntoa(tf.V4[1])
+           OVN_OPTION + pk.geneve_option(0xffff, 0x01, bytes(12)))
+GUEST = socket.inet_ntoa(pk.V4[1])
 MAC_HV = bytes.fromhex('020000000a01')
 SPACING_S = 0.002
 
@@ -117,16 +116,15 @@ def spaces():
 
 
 def inner_probe(session, seq, six, reply):
-    src, dst = tf.V6 if six else tf.V4
-    f = probe.build_frame('icmp', session, seq, src, dst, tf.MAC_A,
-                          tf.MAC_B)
+    src, dst = pk.V6 if six else pk.V4
+    f = probe.build_frame('icmp', session, seq, src, dst, pk.MAC_A,
+                          pk.MAC_B)
     if not reply:
         return f
     if six:
-        return probe.ethernet_frame(tf.icmp6_reply(f[14:]),
-                                    probe.ETH_P_IPV6, tf.MAC_B, tf.MAC_A)
-    from tests.unit import test_probe as tp
-    return tp.reply(f)
+        return probe.ethernet_frame(pk.icmp6_reply(f[14:]),
+                                    probe.ETH_P_IPV6, pk.MAC_B, pk.MAC_A)
+    return pk.reply(f)
 
 
 def geneve_frames(session):
@@ -137,7 +135,7 @@ def geneve_frames(session):
                                                  (False, True)):
         for _ in range(3):
             seq = next(seqs)
-            out.append((seq, reply, len(options), tf.geneve(
+            out.append((seq, reply, len(options), pk.geneve(
                 inner_probe(session, seq, six, reply), VNI,
                 options=options, v6_underlay=six)))
     return out
@@ -179,9 +177,9 @@ def test_geneve_live_capture_equals_tcpdump(spaces, workdir):  # noqa: F811
     # Not ours: Geneve to another port, a damaged Geneve header (version
     # 1), VXLAN (its port is not open in this window).
     inner = inner_probe(session, 999, False, False)
-    strays = [tf.geneve(inner, VNI, port=GENEVE_PORT + 1),
-              tf.geneve(inner, VNI, first=0x40),
-              tf.vxlan(inner, VNI)]
+    strays = [pk.geneve(inner, VNI, port=GENEVE_PORT + 1),
+              pk.geneve(inner, VNI, first=0x40),
+              pk.vxlan(inner, VNI)]
     frames = [(session, f) for *_, f in sent] + [(session, f)
                                                  for f in strays]
     live, stats, pcap = live_and_tcpdump(spaces, workdir, frames,
@@ -210,7 +208,7 @@ def test_no_geneve_port_keeps_geneve_out(spaces, workdir):  # noqa: F811
     sent = geneve_frames(session)[:6]
     plain = [(session, inner_probe(session, 100 + i, False, False))
              for i in range(3)]
-    vxlan = [(session, tf.vxlan(inner_probe(session, 200 + i, False, False),
+    vxlan = [(session, pk.vxlan(inner_probe(session, 200 + i, False, False),
                                 VNI)) for i in range(3)]
     frames = [(session, f) for *_, f in sent] + plain + vxlan
     live, stats, pcap = live_and_tcpdump(spaces, workdir, frames,
@@ -231,7 +229,7 @@ def test_geneve_on_a_configured_port(spaces, workdir):  # noqa: F811
     and opened live when geneve_port names it."""
     session = secrets.randbelow(0xfffe) + 1
     port = GENEVE_PORT + 1000
-    frames = [(session, tf.geneve(inner_probe(session, i, i % 2, False),
+    frames = [(session, pk.geneve(inner_probe(session, i, i % 2, False),
                                   VNI, options=OVN_OPTION, port=port))
               for i in range(6)]
     live, stats, _ = live_and_tcpdump(spaces, workdir, frames,
@@ -245,28 +243,27 @@ def test_geneve_on_a_configured_port(spaces, workdir):  # noqa: F811
 # --------------------------------------------------------------------------
 # Fingerprint mode: foreign traffic, tunnelled on the pif, plain on the vif.
 
-def hping_syn(i, dst=tf.V4[1]):
+def hping_syn(i, dst=pk.V4[1]):
     tcp = dpkt.tcp.TCP(sport=2000 + i, dport=0, win=512,
                        seq=(0x9e3779b9 * (i + 1)) & 0xffffffff,
                        flags=dpkt.tcp.TH_SYN)
-    ip = dpkt.ip.IP(src=tf.V4[0], dst=dst, p=6, id=4000 + i, ttl=64,
+    ip = dpkt.ip.IP(src=pk.V4[0], dst=dst, p=6, id=4000 + i, ttl=64,
                     data=tcp)
     ip.len = len(ip)
-    return probe.ethernet_frame(bytes(ip), probe.ETH_P_IP, tf.MAC_A,
-                                tf.MAC_B)
+    return probe.ethernet_frame(bytes(ip), probe.ETH_P_IP, pk.MAC_A,
+                                pk.MAC_B)
 
 
 def rst_for(syn):
-    from tests.unit import test_probe as tp
-    return tp.reply(syn)
+    return pk.reply(syn)
 
 
 def noise_frames():
     """ARP, an IGMP report and a router solicitation from the guest."""
-    arp = (b'\xff' * 6 + tf.MAC_B + b'\x08\x06' +
-           struct.pack('!HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, tf.MAC_B,
-                       tf.V4[1], bytes(6), tf.V4[0]))
-    igmp = dpkt.ip.IP(src=tf.V4[1], dst=socket.inet_aton('224.0.0.22'),
+    arp = (b'\xff' * 6 + pk.MAC_B + b'\x08\x06' +
+           struct.pack('!HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, pk.MAC_B,
+                       pk.V4[1], bytes(6), pk.V4[0]))
+    igmp = dpkt.ip.IP(src=pk.V4[1], dst=socket.inet_aton('224.0.0.22'),
                       p=2, ttl=1, data=struct.pack(
                           '!BBH4s', 0x16, 0, 0,
                           socket.inet_aton('224.0.0.251')))
@@ -276,9 +273,9 @@ def noise_frames():
                       nxt=58, hlim=255, plen=8,
                       data=bytes([133, 0, 0, 0]) + bytes(4))
     return [arp,
-            probe.ethernet_frame(bytes(igmp), probe.ETH_P_IP, tf.MAC_B,
+            probe.ethernet_frame(bytes(igmp), probe.ETH_P_IP, pk.MAC_B,
                                  bytes.fromhex('01005e000016')),
-            probe.ethernet_frame(bytes(rs), probe.ETH_P_IPV6, tf.MAC_B,
+            probe.ethernet_frame(bytes(rs), probe.ETH_P_IPV6, pk.MAC_B,
                                  bytes.fromhex('333300000002'))]
 
 
@@ -324,8 +321,8 @@ def test_fingerprint_tunnel_on_the_pif(spaces, workdir,  # noqa: F811
                                        tunnel):
     def wrap(frame):
         if tunnel == 'geneve':
-            return tf.geneve(frame, VNI, options=OPTIONS[2])
-        return tf.vxlan(frame, VNI)
+            return pk.geneve(frame, VNI, options=OPTIONS[2])
+        return pk.vxlan(frame, VNI)
 
     pif_path, vif_path, windows = fingerprint_traffic(spaces, workdir,
                                                       wrap)
@@ -380,7 +377,7 @@ def syn_latencies(result, spaces):
 def pcap_key(frame):
     from netweaver_agent.core import pcapkeys
     return pcapkeys.fingerprint_key(frame, 0, len(frame),
-                                    dst_ip=tf.V4[1])[1]
+                                    dst_ip=pk.V4[1])[1]
 
 
 # --------------------------------------------------------------------------
@@ -399,18 +396,18 @@ def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):  # noqa: F811
     the_lab = lab_factory(guests=1, vxlan_vni=VNI)
     guest = the_lab.guests[0]
     paths = {name: os.path.join(workdir, f'{name}.pcap')
-             for name in (the_lab.pif, guest.tap)}
-    with recording(Tcpdump(the_lab.hv_netns, name, path, [],
+             for name in (the_lab.spec.pif, guest.tap)}
+    with recording(Tcpdump(the_lab.spec.hv_netns, name, path, [],
                            limit=20 * count)
                    for name, path in paths.items()):
-        hping = hping3_syns(the_lab.src_netns, guest.address, count)
+        hping = hping3_syns(the_lab.spec.src_netns, guest.address, count)
         time.sleep(0.2)
     assert f'{count} packets received' in hping.stdout + hping.stderr, (
         hping.stdout + hping.stderr)
-    result = offline.analyze_pcaps(paths[the_lab.pif], paths[guest.tap],
+    result = offline.analyze_pcaps(paths[the_lab.spec.pif], paths[guest.tap],
                                    destination=guest.address,
                                    mode='fingerprint',
-                                   pif_name=the_lab.pif,
+                                   pif_name=the_lab.spec.pif,
                                    vif_name=guest.tap)
     rep = result.report
     assert result.mode == 'fingerprint'

@@ -23,9 +23,12 @@ from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import agent as labagent
 from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.lab import ovn
+from netweaver_agent.lab import proc as labproc
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import state as labstate
 from netweaver_agent.lab import switch as labswitch
 from tests.functional import conftest
-from tests.functional import test_tcpdump_agreement as tcpdump_agreement
+from tests.functional import tcpdump
 
 
 CLOCK_TOLERANCE_NS = 2000
@@ -34,9 +37,9 @@ CLOCK_TOLERANCE_NS = 2000
 def window(the_lab, **settings):
     paths = the_lab.paths()
     settings.setdefault('geneve_port', paths[0].encap_port('geneve'))
-    return probe_window.run_window(paths, the_lab.source(),
+    return probe_window.run_window(paths, the_lab.layout.source(),
                                    probe_window.WindowSettings(**settings),
-                                   capture_netns=the_lab.hv_netns)
+                                   capture_netns=the_lab.spec.hv_netns)
 
 
 @pytest.fixture
@@ -67,13 +70,13 @@ def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
         'type=geneve').split()
     assert len(tunnels) == 1
     for path in paths:
-        assert path.interfaces == (the_lab.pif, path.vif)
+        assert path.interfaces == (the_lab.spec.pif, path.vif)
         assert set(path.unseen) == {'br-phy', 'br-int', tunnels[0]}
 
     count = 20
     result = window(the_lab, protocol='icmp', count=count)
     assert result.capture.drops == 0
-    pif = result.batch.interface_index(the_lab.pif)
+    pif = result.batch.interface_index(the_lab.spec.pif)
     for g in the_lab.guests:
         rep = result.reports[g.tap]
         assert rep.sent == count
@@ -83,7 +86,7 @@ def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
         assert rep.egress.count == count, rep.egress
         assert rep.vni == vni
         tap = result.batch.interface_index(g.tap)
-        seen = conftest.probe_times(result.batch, the_lab.pif, g.tap)
+        seen = conftest.probe_times(result.batch, the_lab.spec.pif, g.tap)
         assert len(seen) == count
         for seq in seen:
             key = seq << 1
@@ -93,7 +96,7 @@ def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
             assert (key, tap) not in result.batch.encap, 'plain on the tap'
     # Only the userspace datapath took the Geneve packets in: the kernel
     # of neither side answered one (ICMP port unreachable).
-    for ns in (the_lab.hv_netns, the_lab.src_netns):
+    for ns in (the_lab.spec.hv_netns, the_lab.spec.src_netns):
         assert icmp_errors_sent(ns) == 0, ns
 
 
@@ -107,7 +110,7 @@ def icmp_errors_sent(ns):
 def test_flat_localnet_probes_plain_on_pif_and_tap(ovn_lab):
     the_lab = ovn_lab(guests=2, network_type='flat')
     for path in the_lab.paths():
-        assert path.interfaces == (the_lab.pif, path.vif)
+        assert path.interfaces == (the_lab.spec.pif, path.vif)
         assert path.encap == ()
         assert path.unseen[0] == 'br-ex' and path.unseen[-1] == 'br-int'
     result = window(the_lab, protocol='icmp', count=20)
@@ -125,8 +128,8 @@ def test_topology_finds_the_lab_path_from_the_switch(ovn_lab, network_type):
     hv = the_lab.layout.hv
     switch = topology.SwitchView(
         snapshot=lambda: ovsdb.read_snapshot(hv.ovs.db_connection),
-        addresses=lambda: topology.read_addresses(the_lab.hv_netns))
-    links = topology.IpLinks(the_lab.hv_netns)
+        addresses=lambda: topology.read_addresses(the_lab.spec.hv_netns))
+    links = topology.IpLinks(the_lab.spec.hv_netns)
     want, = the_lab.paths()
     found = topology.find_path(want.vif, links, switch)
     assert found.interfaces == want.interfaces
@@ -137,7 +140,7 @@ def test_topology_finds_the_lab_path_from_the_switch(ovn_lab, network_type):
 @pytest.mark.parametrize('network_type', ['geneve', 'flat'])
 def test_loss_exact_through_the_acl(ovn_lab, network_type):
     the_lab = ovn_lab(guests=2, network_type=network_type, losses=(
-        lab_mod.LossInjection(guest=0, every=10, protocol='icmp'),))
+        labspec.LossInjection(guest=0, every=10, protocol='icmp'),))
     lossy, clean = the_lab.guests
     for _ in range(2):   # the count carries over windows exactly
         result = window(the_lab, protocol='icmp', count=50)
@@ -187,7 +190,7 @@ def test_tcp_probes_through_conntrack_leave_vswitchd_alive(ovn_lab):
         assert any(f'dst={g.address}' in entries and 'tcp' in entries
                    for g in the_lab.guests), entries
         pid = c.ovs.pids()['ovs-vswitchd']
-        assert labswitch._alive(pid), f'ovs-vswitchd of {c.name} died'
+        assert labproc.pid_alive(pid), f'ovs-vswitchd of {c.name} died'
         assert 'ovs-vswitchd' in c.ovs.appctl('version')
 
 
@@ -195,7 +198,7 @@ def test_tcp_probes_through_conntrack_leave_vswitchd_alive(ovn_lab):
 def test_delay_held_mid_pipeline_each_hold_recorded(ovn_lab, network_type):
     delay_ms, count = 2.0, 30
     the_lab = ovn_lab(guests=2, network_type=network_type, delays=(
-        lab_mod.DelayInjection(guest=1, delay_ms=delay_ms),))
+        labspec.DelayInjection(guest=1, delay_ms=delay_ms),))
     fast, slow = the_lab.guests
     result = window(the_lab, protocol='icmp', count=count,
                     per_vnic_interval_ms=5.0)
@@ -216,35 +219,35 @@ def test_delay_held_mid_pipeline_each_hold_recorded(ovn_lab, network_type):
     assert result.reports[fast.tap].ingress.p50_us < delay_ms * 1000 / 2
     # One mark per guest: no loss where the delay is; and only the
     # switch's own way.
-    with pytest.raises(lab_mod.LabError, match='already marked'):
-        the_lab.inject_loss(lab_mod.LossInjection(guest=1, every=5))
-    with pytest.raises(lab_mod.LabError, match='netfilter'):
-        the_lab.inject_delay(lab_mod.DelayInjection(
+    with pytest.raises(labswitch.LabError, match='already marked'):
+        the_lab.inject_loss(labspec.LossInjection(guest=1, every=5))
+    with pytest.raises(labswitch.LabError, match='netfilter'):
+        the_lab.inject_delay(labspec.DelayInjection(
             guest=0, delay_ms=1.0, backend='nfqueue'))
 
 
 def test_teardown_leaves_no_namespace_daemon_or_state(lab_factory):
     conftest.require_root()
     prefix = conftest.unique_prefix('ovn')
-    the_lab = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn'))
+    the_lab = lab_mod.Lab(labspec.LabSpec(prefix=prefix, switch='ovn'))
     try:
         the_lab.build()
         pids = daemon_pids(the_lab)
         # central (nb, sb, northd), two chassis (ovsdb-server,
         # ovs-vswitchd, ovn-controller each)
         assert len(pids) == 9, pids
-        assert all(labswitch._alive(p) for p in pids.values())
+        assert all(labproc.pid_alive(p) for p in pids.values())
         # The layout stops its daemons itself, before the lab ends what
         # is left in its namespaces.
         the_lab.layout.teardown()
-        assert [p for p in pids.values() if labswitch._alive(p)] == []
+        assert [p for p in pids.values() if labproc.pid_alive(p)] == []
         the_lab.teardown()
         assert not [n for n in os.listdir('/run/netns')
                     if n.startswith(prefix)]
-        assert [p for p in pids.values() if labswitch._alive(p)] == []
+        assert [p for p in pids.values() if labproc.pid_alive(p)] == []
         assert not os.path.exists(the_lab.state_dir)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_kept_lab_down_stops_every_daemon():
@@ -253,26 +256,26 @@ def test_kept_lab_down_stops_every_daemon():
     conftest.require_root()
     prefix = conftest.unique_prefix('ovk')
     try:
-        the_lab = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn',
+        the_lab = lab_mod.Lab(labspec.LabSpec(prefix=prefix, switch='ovn',
                                               persistent=True)).build()
         pids = daemon_pids(the_lab)
-        assert pids and all(labswitch._alive(p) for p in pids.values())
-        assert prefix in lab_mod.kept_prefixes()
+        assert pids and all(labproc.pid_alive(p) for p in pids.values())
+        assert prefix in labstate.kept_prefixes()
         # The state file names each daemon by a word of its own command
         # line: 'lab down' ends exactly those (and what else runs in the
         # lab's namespaces).
-        with open(os.path.join(the_lab.state_dir, lab_mod.STATE_FILE)) as f:
+        with open(os.path.join(the_lab.state_dir, labstate.STATE_FILE)) as f:
             recorded = json.load(f)['pids']
         assert sorted(e['pid'] for e in recorded) == sorted(pids.values())
         for entry in recorded:
             with open(f"/proc/{entry['pid']}/cmdline", 'rb') as f:
                 assert entry['marker'].encode() in f.read().split(b'\0')
-        assert lab_mod.teardown_kept(prefix) == [prefix]
-        assert [p for p in pids.values() if labswitch._alive(p)] == []
+        assert labstate.teardown_kept(prefix) == [prefix]
+        assert [p for p in pids.values() if labproc.pid_alive(p)] == []
         assert not [n for n in os.listdir('/run/netns')
                     if n.startswith(prefix)]
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_cli_ovn_json_hops_truth_delay_and_loss():
@@ -301,7 +304,7 @@ def test_cli_ovn_json_hops_truth_delay_and_loss():
         assert not [n for n in os.listdir('/run/netns')
                     if n.startswith(prefix)]
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_ceilometer_polling_measures_the_ovn_host(ovn_lab, tmp_path):
@@ -323,7 +326,7 @@ def test_ceilometer_polling_measures_the_ovn_host(ovn_lab, tmp_path):
             for name in ('ceilometer_network_vif_latency',
                          'ceilometer_network_incoming_bytes')) else None
 
-    with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+    with labagent.PollingAgent(files, the_lab.spec.hv_netns) as agent:
         series = agent.wait_for(ready, 60)
     for s in series:
         if s.name == 'ceilometer_network_vif_latency':
@@ -338,11 +341,11 @@ def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
     the_lab = ovn_lab(guests=1)
     guest, = the_lab.guests
     count = 100
-    with tcpdump_agreement.recording(
-            tcpdump_agreement.Tcpdump(
-                the_lab.hv_netns, iface, str(tmp_path / f'{iface}.pcap'),
+    with tcpdump.recording(
+            tcpdump.Tcpdump(
+                the_lab.spec.hv_netns, iface, str(tmp_path / f'{iface}.pcap'),
                 bpf, limit=2 * count + 50)
-            for iface, bpf in ((the_lab.pif, ['udp', 'port', '6081']),
+            for iface, bpf in ((the_lab.spec.pif, ['udp', 'port', '6081']),
                                (guest.tap, ['icmp']))) as dumps:
         result = window(the_lab, protocol='icmp', count=count,
                         interval_ms=0.5)
@@ -352,7 +355,7 @@ def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
         dumps[0].path, dumps[1].path, mode=mode,
         destination=guest.address if mode == 'fingerprint' else None,
         session=result.session if mode == 'probe' else None,
-        pif_name=the_lab.pif, vif_name=guest.tap)
+        pif_name=the_lab.spec.pif, vif_name=guest.tap)
     assert found.mode == mode
     assert found.report.ingress.count == count, found.report
     assert found.report.vni == live.vni
@@ -371,21 +374,21 @@ def test_failed_build_stops_the_daemons_it_started(monkeypatch):
 
     monkeypatch.setattr(ovn.OvnLayout, '_wait_ready', broken)
     try:
-        with pytest.raises(lab_mod.LabError, match='injected failure'):
-            lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, switch='ovn')).build()
+        with pytest.raises(labswitch.LabError, match='injected failure'):
+            lab_mod.Lab(labspec.LabSpec(prefix=prefix, switch='ovn')).build()
         assert len(started) == 9, started
-        assert [p for p in started.values() if labswitch._alive(p)] == []
+        assert [p for p in started.values() if labproc.pid_alive(p)] == []
         assert not [n for n in os.listdir('/run/netns')
                     if n.startswith(prefix)]
-        assert not os.path.exists(lab_mod.state_dir(prefix))
+        assert not os.path.exists(labstate.state_dir(prefix))
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 @pytest.mark.parametrize('network_type', ['geneve', 'flat'])
 def test_ipv6_probes_and_exact_loss(ovn_lab, network_type):
     the_lab = ovn_lab(guests=2, ipv6=True, network_type=network_type,
-                      losses=(lab_mod.LossInjection(guest=0, every=10,
+                      losses=(labspec.LossInjection(guest=0, every=10,
                                                     protocol='icmp'),))
     lossy, clean = the_lab.guests
     paths = the_lab.paths(ipv6=True)
@@ -393,10 +396,10 @@ def test_ipv6_probes_and_exact_loss(ovn_lab, network_type):
     settings = {'geneve_port': paths[0].encap_port('geneve')}
     for protocol in ('icmp', 'udp', 'tcp'):
         result = probe_window.run_window(
-            paths, the_lab.source(),
+            paths, the_lab.layout.source(),
             probe_window.WindowSettings(protocol=protocol, count=30,
                                         **settings),
-            capture_netns=the_lab.hv_netns)
+            capture_netns=the_lab.spec.hv_netns)
         lost = 3 if protocol == 'icmp' else 0
         assert result.reports[lossy.tap].ingress.lost == lost
         assert result.reports[lossy.tap].ingress.count == 30 - lost

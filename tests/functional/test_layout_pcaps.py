@@ -19,11 +19,11 @@ import time
 
 import pytest
 
-from netweaver_agent.core import capture
 from netweaver_agent.core import pcapfile
+from netweaver_agent.core import sightings
 from netweaver_agent.core import window
 from tests.functional import conftest
-from tests.functional import test_tcpdump_agreement as agreement
+from tests.functional import tcpdump
 
 CLI = [sys.executable, '-m', 'netweaver_agent.cli.main']
 COUNT = 100
@@ -42,9 +42,9 @@ def live_window(the_lab):
         port = paths[0].encap_port(kind)
         if port is not None:
             settings[f'{kind}_port'] = port
-    return window.run_window(paths, the_lab.source(),
+    return window.run_window(paths, the_lab.layout.source(),
                              window.WindowSettings(**settings),
-                             capture_netns=the_lab.hv_netns)
+                             capture_netns=the_lab.spec.hv_netns)
 
 
 def analyze_cli(pif_pcap, vif_pcap, *extra):
@@ -71,7 +71,7 @@ def negative_values(obj, where=''):
 
 def pcap_reply_times(pif_pcap, vif_pcap, pif, vif, session):
     """``{seq: (t_vif, t_pif)}`` of the guest's answers in the files."""
-    batch = capture.SightingBatch(session)
+    batch = sightings.SightingBatch(session)
     for path, name in ((pif_pcap, pif), (vif_pcap, vif)):
         batch.extend(pcapfile.read_pcap(path, ifname=name,
                                         session=session).batch)
@@ -89,7 +89,7 @@ def reply_times(batch, pif, vif, directed=True):
         if not key & 1:
             continue
         seq, name = key >> 1, names[index]
-        if name == pif and (direction == capture.DIR_OUT or not directed):
+        if name == pif and (direction == sightings.DIR_OUT or not directed):
             at_pif[seq] = min(t_ns, at_pif.get(seq, t_ns))
         elif name == vif:
             at_vif[seq] = min(t_ns, at_vif.get(seq, t_ns))
@@ -115,14 +115,14 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     the_lab = lab_factory(guests=1, switch=switch, network_type=network_type)
     guest, = the_lab.guests
     path, = the_lab.paths()
-    pif, tap = the_lab.pif, guest.tap
+    pif, tap = the_lab.spec.pif, guest.tap
     pif_pcap, tap_pcap = str(tmp_path / f'{pif}.pcap'), str(
         tmp_path / f'{tap}.pcap')
     # No filter on the pif: the lab's static neighbours leave only
     # probes and answers there, in whatever the layout wraps them.
-    with agreement.recording(
-            agreement.Tcpdump(the_lab.hv_netns, iface, out, bpf,
-                              limit=2 * COUNT + 50)
+    with tcpdump.recording(
+            tcpdump.Tcpdump(the_lab.spec.hv_netns, iface, out, bpf,
+                            limit=2 * COUNT + 50)
             for iface, out, bpf in ((pif, pif_pcap, []),
                                     (tap, tap_pcap, ['icmp']))):
         result = live_window(the_lab)
@@ -142,7 +142,7 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     # Per probe: the files' tap - pif is the live window's.
     worst_in = assert_same_latencies(
         conftest.probe_times(result.batch, pif, tap),
-        agreement.pcap_times(pif_pcap, tap_pcap, pif, tap, result.session),
+        tcpdump.pcap_times(pif_pcap, tap_pcap, pif, tap, result.session),
         'ingress')
     worst_out = assert_same_latencies(
         reply_times(result.batch, pif, tap),

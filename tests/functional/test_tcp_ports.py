@@ -48,12 +48,12 @@ from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
 from netweaver_agent.core import window
 from netweaver_agent.lab import agent as labagent
-from netweaver_agent.lab import switch
+from netweaver_agent.lab import proc as labproc
 from netweaver_agent.ssh import probesource
 from tests.functional import conftest
 from tests.functional import test_privsep
 from tests.functional import test_ssh
-from tests.functional import test_tcpdump_agreement as agreement
+from tests.functional import tcpdump
 
 COUNT = 20
 WINDOWS = 3
@@ -120,8 +120,8 @@ def cursor():
 def windows(the_lab, n, count=COUNT):
     settings = window.WindowSettings(protocol='tcp', count=count,
                                      interval_ms=1.0, timeout_ms=150)
-    return [window.run_window(the_lab.paths(), the_lab.source(), settings,
-                              capture_netns=the_lab.hv_netns)
+    return [window.run_window(the_lab.paths(), the_lab.layout.source(),
+                              settings, capture_netns=the_lab.spec.hv_netns)
             for _ in range(n)]
 
 
@@ -153,9 +153,9 @@ def test_every_probe_is_a_connection_of_its_own(lab_factory, cursor,
     cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
-    firewall = Firewall(the_lab.hv_netns)
-    with agreement.recording([agreement.Tcpdump(
-            the_lab.hv_netns, the_lab.pif,
+    firewall = Firewall(the_lab.spec.hv_netns)
+    with tcpdump.recording([tcpdump.Tcpdump(
+            the_lab.spec.hv_netns, the_lab.spec.pif,
             os.path.join(tmp_path, 'pif.pcap'),
             ['tcp', 'and', 'host', guest.address],
             limit=2 * WINDOWS * COUNT + 50)]) as (dump,):
@@ -183,7 +183,7 @@ def test_every_probe_is_a_connection_of_its_own(lab_factory, cursor,
 def test_unanswered_probes_are_never_retransmissions(lab_factory, cursor):
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
-    firewall = Firewall(the_lab.hv_netns)
+    firewall = Firewall(the_lab.spec.hv_netns)
     # The guest drops the probes: each connection stays SYN_SENT (120 s).
     run(guest.netns, 'iptables', '-A', 'INPUT', '-p', 'tcp', '--dport',
         str(probe.DEFAULT_TCP_PORT), '-j', 'DROP')
@@ -219,7 +219,7 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
                                      timeout_ms=100.0, max_window_ms=3000.0)
     ports = collections.defaultdict(list)
     for _ in range(2):
-        source = privileged.PrivsepLocalSource(the_lab.src_netns,
+        source = privileged.PrivsepLocalSource(the_lab.spec.src_netns,
                                                context=ctx)
         result = test_privsep.daemon_window(the_lab, source, settings, ctx)
         for g in the_lab.guests:
@@ -296,12 +296,12 @@ def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
     files = labagent.write_files(
         the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
         probe=dict(AGENT_PROBE, probe_count=COUNT))
-    with agreement.recording([agreement.Tcpdump(
-            the_lab.hv_netns, the_lab.pif,
+    with tcpdump.recording([tcpdump.Tcpdump(
+            the_lab.spec.hv_netns, the_lab.spec.pif,
             os.path.join(tmp_path, 'pif.pcap'),
             ['tcp', 'and', 'dst', 'host', guest.address],
             limit=20 * COUNT)]) as (dump,):
-        with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+        with labagent.PollingAgent(files, the_lab.spec.hv_netns) as agent:
             rid = labagent.resource_ids(the_lab)[guest.tap]
             agent.wait_for(labagent.latency_ready({rid}), AGENT_WAIT_S)
             conftest.wait_log(
@@ -324,7 +324,7 @@ def test_the_real_agent_refuses_a_range_too_small(lab_factory, tmp_path):
     files = labagent.write_files(
         the_lab, str(tmp_path / 'agent'), interval_s=AGENT_INTERVAL_S,
         probe=dict(AGENT_PROBE, probe_count=30))
-    with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+    with labagent.PollingAgent(files, the_lab.spec.hv_netns) as agent:
         errors, log = conftest.meters_refused(agent, AGENT_INTERVAL_S,
                                               AGENT_WAIT_S)
     for word in ('probe_protocol = tcp', 'probe_count = 30',
@@ -350,15 +350,15 @@ def test_ovn_acl_conntrack_holds_one_connection_per_probe(lab_factory,
         geneve_port=paths[0].encap_port('geneve'))
     ports = collections.defaultdict(list)
     for _ in range(WINDOWS):
-        result = window.run_window(paths, the_lab.source(), settings,
-                                   capture_netns=the_lab.hv_netns)
+        result = window.run_window(paths, the_lab.layout.source(), settings,
+                                   capture_netns=the_lab.spec.hv_netns)
         for g in the_lab.guests:
             rep = result.reports[g.tap]
             assert (rep.ingress.count, rep.egress.count) == (COUNT, COUNT)
             ports[g.address] += key_ports(result, g.tap)
     chassis = (the_lab.layout.hv, the_lab.layout.src)
     for c in chassis:
-        assert switch._alive(c.ovs.pids()['ovs-vswitchd']), \
+        assert labproc.pid_alive(c.ovs.pids()['ovs-vswitchd']), \
             f'ovs-vswitchd of chassis {c.name} died'
     tracked = collections.defaultdict(set)
     for line in the_lab.layout.hv.ovs.appctl(
