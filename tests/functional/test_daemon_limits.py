@@ -35,7 +35,7 @@ from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
 from netweaver_agent.core import window as probe_window
 from tests.functional import inprocess
-from tests.functional import test_privsep
+from tests.functional import privsep
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
 
@@ -365,18 +365,18 @@ def test_one_refused_vnic_leaves_the_others_measured(lab_factory):
     the_lab = lab_factory(guests=2)
     ctx = privileged.netns_pctxt
     policy = destinations.policy([the_lab.spec.network])
-    source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx,
+    source = privileged.PrivsepLocalSource(the_lab.spec.src_netns, context=ctx,
                                            policy=policy)
     good = the_lab.paths()
-    pif = the_lab.pif
+    pif = the_lab.spec.pif
     bad = [vifpath.VifPath(vif='tapbad', address='198.18.0.300',
                            interfaces=(pif, 'tapbad')),
            vifpath.VifPath(vif='tapforeign', address=FOREIGN,
                            interfaces=(pif, 'tapforeign'))]
     settings = probe_window.WindowSettings(count=5, timeout_ms=100.0,
                                            max_window_ms=2000.0)
-    result = test_privsep.daemon_window(the_lab, source, settings, ctx,
-                                        paths=[bad[0], *good, bad[1]])
+    result = privsep.daemon_window(the_lab, source, settings, ctx,
+                                   paths=[bad[0], *good, bad[1]])
     assert {r.vif for r in result.refused} == {'tapbad', 'tapforeign'}
     assert set(result.reports) == {p.vif for p in good}
     for rep in result.reports.values():

@@ -31,7 +31,8 @@ from netweaver_agent.core import netns
 from netweaver_agent.core import probe
 from netweaver_agent.core import window
 from netweaver_agent.lab import agent as labagent
-from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import switch as labswitch
+from tests.functional import privsep
 
 NOBODY = 65534
 CAP_NET_RAW_MASK = 1 << 13
@@ -92,29 +93,6 @@ class Broker:
         self.sock.close()
 
 
-def _status(pid):
-    fields = {}
-    with open(f'/proc/{pid}/status', encoding='ascii') as f:
-        for line in f:
-            key, _, value = line.partition(':')
-            fields[key] = value.split()
-    return fields
-
-
-def _processes(netns_name, marker):
-    proc = netns.run(['ip', 'netns', 'pids', netns_name], check=False)
-    out = []
-    for pid in proc.stdout.split():
-        try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                cmdline = f.read().replace(b'\0', b' ').decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            out.append(int(pid))
-    return out
-
-
 def _plain_python():
     """A Python that ``nobody`` may run (the venv's may sit under /root)."""
     for path in ('/usr/bin/python3', sys.executable):
@@ -123,22 +101,9 @@ def _plain_python():
     return sys.executable
 
 
-def _route_local_through_the_pif(the_lab):
-    """``local`` probes leave by mgmt0 and come back in through the pif."""
-    a = the_lab.mgmt_addresses
-    net = the_lab.spec.network
-    netns.run(['ip', 'route', 'add', net, 'via', a.src],
-              netns=the_lab.hv_netns)
-    netns.run(['sysctl', '-qw', 'net.ipv4.ip_forward=1'],
-              netns=the_lab.src_netns)
-    for g in the_lab.guests:
-        netns.run(['ip', 'route', 'add', the_lab.spec.mgmt_network, 'via',
-                   the_lab.src_address], netns=g.netns)
-
-
 def test_unprivileged_agent_and_a_cap_net_raw_daemon(lab_factory):
     the_lab = lab_factory(guests=2, mgmt=True)
-    _route_local_through_the_pif(the_lab)
+    privsep.route_local_through_the_pif(the_lab)
     workdir = tempfile.mkdtemp(prefix='nwprivsep')
     broker = agent = None
     try:
@@ -146,7 +111,7 @@ def test_unprivileged_agent_and_a_cap_net_raw_daemon(lab_factory):
         helper = os.path.join(workdir, 'fake_sudo.py')
         with open(helper, 'w', encoding='utf-8') as f:
             f.write(FAKE_SUDO)
-        broker = Broker(workdir, the_lab.hv_netns)
+        broker = Broker(workdir, the_lab.spec.hv_netns)
         agent_dir = os.path.join(workdir, 'agent')
         files = labagent.write_files(
             the_lab, agent_dir, interval_s=3,
@@ -160,7 +125,7 @@ def test_unprivileged_agent_and_a_cap_net_raw_daemon(lab_factory):
         for root, dirs, names in os.walk(agent_dir):
             for name in [*dirs, *names, '.']:
                 os.chown(os.path.join(root, name), NOBODY, NOBODY)
-        agent = labagent.PollingAgent(files, the_lab.hv_netns, wrapper=(
+        agent = labagent.PollingAgent(files, the_lab.spec.hv_netns, wrapper=(
             'setpriv', f'--reuid={NOBODY}', f'--regid={NOBODY}',
             '--clear-groups', '--inh-caps=-all', '--'))
         agent.start()
@@ -176,15 +141,16 @@ def test_unprivileged_agent_and_a_cap_net_raw_daemon(lab_factory):
                    if s.name == 'ceilometer_network_vif_latency'}
         assert set(latency) == set(ids.values()), latency
         assert all(0 < v < 5000 for v in latency.values()), latency
-        agents = _processes(the_lab.hv_netns, 'ceilometer-polling')
-        daemons = _processes(the_lab.hv_netns, 'oslo_privsep.daemon')
+        agents = privsep.processes(the_lab.spec.hv_netns, 'ceilometer-polling')
+        daemons = privsep.processes(the_lab.spec.hv_netns,
+                                    'oslo_privsep.daemon')
         assert agents and len(daemons) == 1, (agents, daemons)
         for pid in agents:
-            st = _status(pid)
+            st = privsep.status(pid)
             assert st['Uid'][0] == str(NOBODY), st['Uid']
             assert int(st['CapEff'][0], 16) == 0, st['CapEff']
             assert int(st['CapPrm'][0], 16) == 0, st['CapPrm']
-        st = _status(daemons[0])
+        st = privsep.status(daemons[0])
         assert int(st['CapEff'][0], 16) == CAP_NET_RAW_MASK, st['CapEff']
         assert int(st['CapPrm'][0], 16) == CAP_NET_RAW_MASK, st['CapPrm']
         assert [r[1] for r in broker.requests] == [
@@ -208,19 +174,19 @@ def test_netns_sources_need_cap_sys_admin(lab_factory):
         prod = privileged.capture_pctxt
         assert privileged.status(prod).effective == (
             privileged.caps.CAP_NET_RAW,)
-        source = privileged.PrivsepLocalSource(the_lab.src_netns,
+        source = privileged.PrivsepLocalSource(the_lab.spec.src_netns,
                                                context=prod)
         with pytest.raises(privileged.PrivilegeError,
                            match='needs CAP_SYS_ADMIN'):
             window.run_window(the_lab.paths(), source, settings,
-                              capture_netns=the_lab.hv_netns,
+                              capture_netns=the_lab.spec.hv_netns,
                               capture_class=privileged.capture_class(prod))
         lab_ctx = privileged.netns_pctxt
-        source = privileged.PrivsepLocalSource(the_lab.src_netns,
+        source = privileged.PrivsepLocalSource(the_lab.spec.src_netns,
                                                context=lab_ctx)
         result = window.run_window(
             the_lab.paths(), source, settings,
-            capture_netns=the_lab.hv_netns,
+            capture_netns=the_lab.spec.hv_netns,
             capture_class=privileged.capture_class(lab_ctx))
         (report,) = result.reports.values()
         assert report.ingress.count == 5, report
@@ -246,10 +212,10 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
     ctx = privileged.netns_pctxt
     settings = window.WindowSettings(
         count=10, timeout_ms=100.0, max_window_ms=2000.0,
-        vxlan_port=lab_mod.VXLAN_PORT)
-    source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
-    result = daemon_window(the_lab, source, settings, ctx)
-    on_pif = _pif_encaps(result.batch, the_lab.pif)
+        vxlan_port=labswitch.VXLAN_PORT)
+    source = privileged.PrivsepLocalSource(the_lab.spec.src_netns, context=ctx)
+    result = privsep.daemon_window(the_lab, source, settings, ctx)
+    on_pif = _pif_encaps(result.batch, the_lab.spec.pif)
     # Probes and replies of both guests, every one with its VNI.
     assert len(on_pif) == 2 * 2 * 10, on_pif
     assert set(on_pif) == {probe.Encap(vni=VNI)}
@@ -257,19 +223,6 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
         rep = result.reports[g.tap]
         assert rep.vni == VNI and rep.vlan == (), rep
         assert rep.ingress.count == 10 and rep.egress.count == 10, rep
-
-
-def daemon_window(the_lab, source, settings, ctx, paths=None):
-    """One window to ``paths`` (the lab's by default) captured by
-    ``ctx``'s daemon; source and daemon closed."""
-    try:
-        return window.run_window(
-            the_lab.paths() if paths is None else paths, source, settings,
-            capture_netns=the_lab.hv_netns,
-            capture_class=privileged.capture_class(ctx))
-    finally:
-        source.close()
-        privileged.stop()
 
 
 def test_vlan_ids_come_back_from_the_daemon(lab_factory):
@@ -281,8 +234,8 @@ def test_vlan_ids_come_back_from_the_daemon(lab_factory):
     settings = window.WindowSettings(count=10, timeout_ms=100.0,
                                      max_window_ms=2000.0)
     source = the_lab.vlan_source((200, 100))
-    result = daemon_window(the_lab, source, settings, ctx)
-    on_pif = _pif_encaps(result.batch, the_lab.pif)
+    result = privsep.daemon_window(the_lab, source, settings, ctx)
+    on_pif = _pif_encaps(result.batch, the_lab.spec.pif)
     assert len(on_pif) == 10, on_pif
     assert set(on_pif) == {probe.Encap(vlan=(200, 100))}
     (rep,) = result.reports.values()

@@ -53,7 +53,7 @@ import pytest
 from netweaver_agent.agent import privileged
 from netweaver_agent.lab import agent as labagent
 from tests import privsetup
-from tests.functional import test_privsep as privsep_tests
+from tests.functional import privsep
 
 BIN = os.path.dirname(os.path.abspath(sys.executable))
 VENV_HELPER = os.path.join(BIN, 'privsep-helper')
@@ -428,14 +428,14 @@ def running_agent(the_lab, user, conf_path, probe, extra=None):
                        gid=user.pw_gid):
             files = dataclasses.replace(files, config=conf_path)
             agent = labagent.PollingAgent(
-                files, the_lab.hv_netns, wrapper=as_user(user, []))
+                files, the_lab.spec.hv_netns, wrapper=as_user(user, []))
             agent.start()
             yield agent
     finally:
         if agent is not None:
             agent.stop()
-        for pid in privsep_tests._processes(the_lab.hv_netns,
-                                            '--privsep_context'):
+        for pid in privsep.processes(the_lab.spec.hv_netns,
+                                     '--privsep_context'):
             _kill([pid])
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -448,7 +448,7 @@ def _log_lines(agent):
 
 def run_agent(the_lab, user, conf_path, probe, extra=None):
     """:class:`AgentRun` of the agent probing ``local`` through the pif."""
-    privsep_tests._route_local_through_the_pif(the_lab)
+    privsep.route_local_through_the_pif(the_lab)
     # 'local' sends only to probe_networks.
     probe = {**probe, 'probe_source': 'local',
              'probe_networks': the_lab.spec.network}
@@ -459,10 +459,10 @@ def run_agent(the_lab, user, conf_path, probe, extra=None):
                 labagent.latency_ready(set(ids.values())), AGENT_WAIT_S)
         except labagent.AgentError as exc:
             pytest.fail(f'{exc}: ' + '\n'.join(_log_lines(agent)[-20:]))
-        daemons = privsep_tests._processes(the_lab.hv_netns,
-                                           '--privsep_context')
-        agents = privsep_tests._processes(the_lab.hv_netns,
-                                          'ceilometer-polling')
+        daemons = privsep.processes(the_lab.spec.hv_netns,
+                                    '--privsep_context')
+        agents = privsep.processes(the_lab.spec.hv_netns,
+                                   'ceilometer-polling')
         assert len(daemons) == 1, daemons
         with open(f'/proc/{daemons[0]}/cmdline', 'rb') as f:
             argv = [a.decode() for a in f.read().split(b'\0')[:-1]]
@@ -472,8 +472,8 @@ def run_agent(the_lab, user, conf_path, probe, extra=None):
             latency={s.label('resource'): s.value for s in series
                      if s.name == 'ceilometer_network_vif_latency'},
             daemon_argv=argv[argv.index(VENV_HELPER):],
-            daemon_status=privsep_tests._status(daemons[0]),
-            agent_status=[privsep_tests._status(p) for p in agents])
+            daemon_status=privsep.status(daemons[0]),
+            agent_status=[privsep.status(p) for p in agents])
 
 
 def check_run(run, the_lab, user):
@@ -513,7 +513,7 @@ def test_netns_sources_need_what_the_sudo_line_refuses(
     the_lab = lab_factory(guests=1)
     lab_ctx = privileged.netns_pctxt.pypath
     with running_agent(the_lab, agent_user, privsetup.config_file(command),
-                       {'probe_source': f'netns:{the_lab.src_netns}',
+                       {'probe_source': f'netns:{the_lab.spec.src_netns}',
                         'privsep_helper_command': command}) as agent:
         deadline = time.monotonic() + AGENT_WAIT_S
         while not any('pollsters disabled' in line and lab_ctx in line
@@ -521,8 +521,8 @@ def test_netns_sources_need_what_the_sudo_line_refuses(
             assert agent.alive() and time.monotonic() < deadline, \
                 _log_lines(agent)[-20:]
             time.sleep(0.5)
-        assert privsep_tests._processes(the_lab.hv_netns,
-                                        '--privsep_context') == []
+        assert privsep.processes(the_lab.spec.hv_netns,
+                                 '--privsep_context') == []
         assert agent.series('ceilometer_network_vif_latency') == []
         # sudo itself refused it (oslo.privsep logs the helper's stderr).
         assert any('privsep log: sudo: ' in line

@@ -51,7 +51,7 @@ from netweaver_agent.lab import agent as labagent
 from netweaver_agent.lab import proc as labproc
 from netweaver_agent.ssh import probesource
 from tests.functional import conftest
-from tests.functional import test_privsep
+from tests.functional import privsep
 from tests.functional import test_ssh
 from tests.functional import tcpdump
 
@@ -221,7 +221,7 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
     for _ in range(2):
         source = privileged.PrivsepLocalSource(the_lab.spec.src_netns,
                                                context=ctx)
-        result = test_privsep.daemon_window(the_lab, source, settings, ctx)
+        result = privsep.daemon_window(the_lab, source, settings, ctx)
         for g in the_lab.guests:
             rep = result.reports[g.tap]
             assert (rep.sent, rep.ingress.count, rep.egress.count) == \
