@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from netweaver_agent.core import capture
 from netweaver_agent.core import passive
 from netweaver_agent.core import probe
+from tests import flows
+from tests.flows import G6
+from tests.flows import GUEST
+from tests.flows import P6
+from tests.flows import PEER
+from tests.flows import tcp
+from tests.flows import udp
 from tests.unit.bpf import run_bpf as run
-from tests.unit.test_passive import G6
-from tests.unit.test_passive import GUEST
-from tests.unit.test_passive import P6
-from tests.unit.test_passive import PEER
-from tests.unit.test_passive import tcp
-from tests.unit.test_passive import udp
 
 MARKER = b'PAYLOAD-MARKER-7f3a'
 
@@ -98,11 +99,10 @@ def test_snapshot_ends_at_the_transport_header():
 
 
 def test_icmp_sampled_by_addresses():
-    from tests.unit.test_passive import _ip
     import dpkt
     echo = dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo(
         id=1, seq=2, data=MARKER))
-    f = _ip(PEER, GUEST, echo, 1, (), 9)
+    f = flows.ip_frame(PEER, GUEST, echo, 1, (), 9)
     h = (PEER[-1] ^ GUEST[-1]) % 4
     assert run(capture.passive_filter(4, h), f) == len(f) - len(MARKER)
     assert run(capture.passive_filter(4, (h + 1) % 4), f) == 0
