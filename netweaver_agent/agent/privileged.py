@@ -49,6 +49,7 @@ from netweaver_agent.core import capture
 from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 
 LOG = log.getLogger(__name__)
@@ -486,7 +487,7 @@ def _close_capture(handle):
 
 
 def batch_to_wire(batch, stats):
-    """A window's :class:`capture.SightingBatch` and
+    """A window's :class:`sightings.SightingBatch` and
     :class:`capture.CaptureStats` as the plain values privsep carries.
 
     Columns travel as bytes; ``encap`` (VLAN ids, VNI, tunnel of the few
@@ -900,7 +901,7 @@ class PrivsepCapture:
         self.netns_name = netns_name
         self.interfaces = sorted(interfaces) if interfaces else None
         self.context = context or context_for(netns_name)
-        self.batch = capture.SightingBatch(session)
+        self.batch = sightings.SightingBatch(session)
         self.stats = None
         self._handle = None
 

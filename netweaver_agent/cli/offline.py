@@ -46,10 +46,10 @@ import os
 
 from oslo_log import log
 
-from netweaver_agent.core import capture
 from netweaver_agent.core import latency
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from netweaver_agent.core import vifpath
 
 LOG = log.getLogger(__name__)
@@ -102,7 +102,7 @@ def build_plan(batch, pif, vif):
         if key & 1:
             continue
         name = names[index]
-        if name == vif or (name == pif and direction != capture.DIR_OUT):
+        if name == vif or (name == pif and direction != sightings.DIR_OUT):
             plan[key >> 1] = vif
     return plan
 
@@ -166,7 +166,7 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
         tcp_ports, lenient, progress)
     if pif_read.probes == 0 and vif_read.probes == 0:
         raise AnalyzeError(f"no packet to match in {pif_path} or {vif_path}")
-    batch = capture.SightingBatch(pif_read.session)
+    batch = sightings.SightingBatch(pif_read.session)
     batch.extend(pif_read.batch)
     batch.extend(vif_read.batch)
     timeout_ns = int(timeout_ms * 1_000_000)

@@ -18,9 +18,10 @@ logged); both give the same sightings.
 An ``ETH_P_ALL`` socket taxes every packet sent on the host while it is
 open, so it is opened for one probe window and closed right after.
 
-What comes out is a :class:`SightingBatch`: columns of integers, which the
-matcher consumes without building one object per packet.  Offline pcap
-files give the same batches (see :mod:`netweaver_agent.core.pcapfile`).
+What comes out is a :class:`sightings.SightingBatch`: columns of
+integers, which the matcher consumes without building one object per
+packet.  Offline pcap files give the same batches (see
+:mod:`netweaver_agent.core.pcapfile`).
 """
 
 import array
@@ -40,6 +41,7 @@ from netweaver_agent.core import netns
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
 from netweaver_agent.core import ring
+from netweaver_agent.core import sightings
 
 LOG = log.getLogger(__name__)
 
@@ -53,10 +55,6 @@ SO_RCVBUFFORCE = 33
 PACKET_OUTGOING = 4
 TP_STATUS_VLAN_VALID = 0x10
 
-# Direction column values.
-DIR_IN = 0       # received on that interface
-DIR_OUT = 1      # sent by this host on that interface (PACKET_OUTGOING)
-DIR_UNKNOWN = 2  # pcap files without direction
 
 _TIMESPEC = struct.Struct('@qq')
 # struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, tpid.
@@ -94,109 +92,6 @@ class CaptureError(RuntimeError):
 
 class CapturePermissionError(CaptureError):
     """Opening a packet socket needs CAP_NET_RAW."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Sighting:
-    """One probe (or reply) seen on one interface at one instant."""
-
-    key: probe.ProbeKey
-    ifname: str
-    t_ns: int
-    direction: int = DIR_IN
-    # probe.auth_value of the packet (its tag and address).
-    auth: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SightingBatch:
-    """Sightings of one probe window (one session), as columns.
-
-    Row ``i`` is: key ``keys[i]`` (:meth:`ProbeKey.as_int`), seen on
-    interface ``ifnames[ifindex[i]]`` at ``t_ns[i]`` (ns since the epoch,
-    CLOCK_REALTIME) travelling ``direction[i]`` (``DIR_*``).
-
-    ``encap`` holds how the frame carried the probe, for the rows that
-    were VLAN-tagged or VXLAN only: ``{(key, ifindex): probe.Encap}``
-    (the first such sighting of that key on that interface).
-
-    ``auth[i]``: :func:`probe.auth_value` of the row's packet (the tag it
-    carries XOR a fold of its address), which the matcher checks against
-    the planned probe's.  TCP rows (session :data:`probe.TCP_SESSION` on
-    the wire) are kept in any window's batch: their ISN is the key.
-    """
-
-    session: int
-    t_ns: array.array = dataclasses.field(
-        default_factory=lambda: array.array('q'))
-    keys: array.array = dataclasses.field(
-        default_factory=lambda: array.array('Q'))
-    ifindex: array.array = dataclasses.field(
-        default_factory=lambda: array.array('i'))
-    direction: array.array = dataclasses.field(
-        default_factory=lambda: array.array('B'))
-    auth: array.array = dataclasses.field(
-        default_factory=lambda: array.array('Q'))
-    ifnames: dict = dataclasses.field(default_factory=dict)
-    encap: dict = dataclasses.field(default_factory=dict)
-
-    def __len__(self):
-        return len(self.t_ns)
-
-    def interface_index(self, ifname):
-        """The column index standing for ``ifname`` (added if new)."""
-        for index, name in self.ifnames.items():
-            if name == ifname:
-                return index
-        index = len(self.ifnames)
-        self.ifnames[index] = ifname
-        return index
-
-    def append(self, key_int, ifindex, t_ns, direction, auth=0):
-        self.keys.append(key_int)
-        self.ifindex.append(ifindex)
-        self.t_ns.append(t_ns)
-        self.direction.append(direction)
-        self.auth.append(auth)
-
-    def add(self, sighting):
-        """Append one :class:`Sighting` (slow path, for tests and tools)."""
-        self.append(sighting.key.as_int(),
-                    self.interface_index(sighting.ifname),
-                    sighting.t_ns, sighting.direction, sighting.auth)
-
-    def extend(self, other):
-        """Append every row of ``other`` (same session), remapping names."""
-        if other.session != self.session:
-            raise ValueError(
-                f"cannot merge sightings of session {other.session} into "
-                f"session {self.session}")
-        remap = {i: self.interface_index(n) for i, n in other.ifnames.items()}
-        self.keys.extend(other.keys)
-        self.t_ns.extend(other.t_ns)
-        self.direction.extend(other.direction)
-        self.auth.extend(other.auth)
-        if len(other.auth) < len(other.keys):      # filled without auth
-            self.auth.extend(bytes(len(other.keys) - len(other.auth)))
-        self.ifindex.extend(remap[i] for i in other.ifindex)
-        for (k, i), encap in other.encap.items():
-            self.encap.setdefault((k, remap[i]), encap)
-
-    def sightings(self):
-        """Rows as :class:`Sighting` objects (slow path)."""
-        auth = self.auth_column()
-        for k, i, t, d, a in zip(self.keys, self.ifindex, self.t_ns,
-                                 self.direction, auth):
-            yield Sighting(probe.ProbeKey.from_int(self.session, k),
-                           self.ifnames[i], t, d, a)
-
-    def auth_column(self):
-        """``auth``, padded with zeros to the rows' number (columns
-        filled by hand may lack it)."""
-        short = len(self.keys) - len(self.auth)
-        if short > 0:
-            self.auth.extend(bytes(short))
-        return self.auth
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -632,7 +527,7 @@ class LiveCapture:
         self.protocol = protocol
         self.netns_name = netns_name
         self.interfaces = frozenset(interfaces) if interfaces else None
-        self.batch = SightingBatch(session)
+        self.batch = sightings.SightingBatch(session)
         self.stats = None
         self._sock = None
         self._thread = None
@@ -871,7 +766,8 @@ class LiveCapture:
                         vid = aux[5] & 0x0fff
             if t_ns is None:
                 t_ns = time.time_ns()
-            direction = DIR_OUT if addr[2] == PACKET_OUTGOING else DIR_IN
+            direction = (sightings.DIR_OUT if addr[2] == PACKET_OUTGOING
+                         else sightings.DIR_IN)
             self._frame(data, 0, len(data), index, t_ns, direction, vid)
 
     def _ours(self, session, keys):

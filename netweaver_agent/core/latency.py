@@ -36,11 +36,9 @@ import dataclasses
 import math
 import socket
 
-from netweaver_agent.core import capture
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 
-DIR_IN = capture.DIR_IN
-DIR_OUT = capture.DIR_OUT
 
 # Latency histogram buckets, log2 µs: bucket 0 holds [0, 1) µs, bucket k
 # (1..20) [2**(k-1), 2**k) µs, bucket 21 everything from 2**20 µs (~1 s).
@@ -262,7 +260,7 @@ class Matcher:
         return want
 
     def feed(self, sighting):
-        """Add one :class:`capture.Sighting`."""
+        """Add one :class:`sightings.Sighting`."""
         key = sighting.key
         if key.session != self.session and not (
                 self._wire is not None and key.session == probe.TCP_SESSION):
@@ -271,7 +269,7 @@ class Matcher:
                   sighting.direction, sighting.auth)
 
     def feed_batch(self, batch):
-        """Add every row of a :class:`capture.SightingBatch`."""
+        """Add every row of a :class:`sightings.SightingBatch`."""
         if batch.session != self.session and self._wire is None:
             return
         names = batch.ifnames
@@ -302,9 +300,11 @@ class Matcher:
             return
         if ifname == path.pif:
             # Probes must be received on the pif, replies sent out of it.
-            if direction == (DIR_OUT if not reply else DIR_IN):
+            if direction == (sightings.DIR_IN if reply else
+                             sightings.DIR_OUT):
                 return
-        elif reply and direction == DIR_OUT and ifname == path.interfaces[-1]:
+        elif (reply and direction == sightings.DIR_OUT and
+              ifname == path.interfaces[-1]):
             # A "reply" the host sends towards the guest is a look-alike
             # (e.g. an echo reply nobody asked for), not the guest's.
             return

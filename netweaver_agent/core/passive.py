@@ -33,9 +33,9 @@ import socket
 import struct
 import typing
 
-from netweaver_agent.core import capture
 from netweaver_agent.core import latency
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 
 PROTOCOL = 'passive'
 TCP, UDP = 6, 17
@@ -75,8 +75,8 @@ class Header(typing.NamedTuple):
 
 
 class Sighting(typing.NamedTuple):
-    """One packet seen on one interface (``direction``: capture.DIR_IN
-    received there, capture.DIR_OUT sent there by the host)."""
+    """One packet seen on one interface (``direction``: sightings.DIR_IN
+    received there, sightings.DIR_OUT sent there by the host)."""
 
     ifname: str
     t_ns: int
@@ -257,12 +257,12 @@ def match(sightings, vifs):
 def _match_vnic(spec, pif_seen, tap_seen):
     addrs = spec.addresses
     counts = collections.Counter()
-    pif_in = [s for s in pif_seen if s.direction == capture.DIR_IN and
+    pif_in = [s for s in pif_seen if s.direction == sightings.DIR_IN and
               s.header.flow[2] in addrs]
-    pif_out = [s for s in pif_seen if s.direction == capture.DIR_OUT and
+    pif_out = [s for s in pif_seen if s.direction == sightings.DIR_OUT and
                s.header.flow[1] in addrs]
-    tap_out = [s for s in tap_seen if s.direction == capture.DIR_OUT]
-    tap_in = [s for s in tap_seen if s.direction == capture.DIR_IN]
+    tap_out = [s for s in tap_seen if s.direction == sightings.DIR_OUT]
+    tap_in = [s for s in tap_seen if s.direction == sightings.DIR_IN]
     if not (pif_in or pif_out or tap_out or tap_in):
         return PassiveResult(spec.vif, None)
     ingress, neg_in = _pair(pif_in, tap_out, counts, 'unmatched', 'local')
@@ -282,16 +282,16 @@ def _match_vnic(spec, pif_seen, tap_seen):
         unkeyable=counts['unkeyable'])
 
 
-def ingress_pairs(sightings, spec):
-    """``{(flow, ident): (t_pif, t_tap)}`` of the packets to ``spec``'s
-    vNIC matched pif → tap (keys seen once on each side), the pairs
-    :func:`match`'s ingress statistics rest on."""
+def ingress_pairs(seen, spec):
+    """``{(flow, ident): (t_pif, t_vif)}`` of the packets in ``seen`` (passive
+    sightings) to ``spec``'s vNIC matched pif → vif (keys seen once on
+    each side), the pairs :func:`match`'s ingress statistics rest on."""
     counts = collections.Counter()
-    a, _ = _index([s for s in sightings if s.ifname == spec.pif and
-                   s.direction == capture.DIR_IN and
+    a, _ = _index([s for s in seen if s.ifname == spec.pif and
+                   s.direction == sightings.DIR_IN and
                    s.header.flow[2] in spec.addresses], counts)
-    b, _ = _index([s for s in sightings if s.ifname == spec.tap and
-                   s.direction == capture.DIR_OUT], counts)
+    b, _ = _index([s for s in seen if s.ifname == spec.tap and
+                   s.direction == sightings.DIR_OUT], counts)
     return {k: (s.t_ns, b[k].t_ns) for k, s in a.items() if k in b}
 
 

@@ -26,6 +26,7 @@ from netweaver_agent.core import netns
 from netweaver_agent.core import passive
 from netweaver_agent.core import probe
 from netweaver_agent.core import ring
+from netweaver_agent.core import sightings
 
 LOG = log.getLogger(__name__)
 
@@ -225,8 +226,8 @@ class PassiveCapture:
                         continue
                     out.append(sighting(
                         name, t_ns[i],
-                        capture.DIR_OUT if pkttype[i] == 4
-                        else capture.DIR_IN, header))
+                        sightings.DIR_OUT if pkttype[i] == 4
+                        else sightings.DIR_IN, header))
 
 
 def to_wire(sightings, stats):

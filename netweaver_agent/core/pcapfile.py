@@ -1,4 +1,4 @@
-"""Read tcpdump captures (pcap, pcapng) into :class:`capture.SightingBatch`.
+"""Read tcpdump captures (pcap, pcapng) into :class:`sightings.SightingBatch`.
 
 Formats: classic pcap (magic ``a1b2c3d4`` µs and ``a1b23c4d`` ns, either
 byte order) and pcapng (sections of either byte order; interface blocks with
@@ -31,7 +31,7 @@ a time by :func:`pcapkeys.frame_key`.  Both give exactly the keys
 **Encapsulation.**  VLAN tags stay in the frames tcpdump writes (libpcap
 puts back the tag the kernel took out); probes inside VXLAN or Geneve are
 keyed by the inner frame.  The batch's ``encap`` holds the tags' VLAN ids,
-the tunnel and its VNI (see :class:`capture.SightingBatch`), as a live
+the tunnel and its VNI (see :class:`sightings.SightingBatch`), as a live
 capture does.
 
 **Sessions.**  A file may hold probes of several windows (sessions); the
@@ -92,9 +92,9 @@ import time
 
 from oslo_log import log
 
-from netweaver_agent.core import capture
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 
 LOG = log.getLogger(__name__)
 
@@ -123,12 +123,12 @@ LINK_NAMES = {0: 'BSD loopback', 101: 'raw IP', 105: 'IEEE 802.11',
 PROGRESS_EVERY_S = 1.0
 
 # Linux packet type -> direction (4 is PACKET_OUTGOING).
-_PKTTYPE_DIR = bytes(capture.DIR_IN if b < 4 else
-                     capture.DIR_OUT if b == 4 else capture.DIR_UNKNOWN
+_PKTTYPE_DIR = bytes(sightings.DIR_IN if b < 4 else
+                     sightings.DIR_OUT if b == 4 else sightings.DIR_UNKNOWN
                      for b in range(256))
 # epb_flags bits 0-1 (0 unknown, 1 inbound, 2 outbound) -> direction.
-_EPB_DIR = bytes((capture.DIR_UNKNOWN, capture.DIR_IN, capture.DIR_OUT,
-                  capture.DIR_UNKNOWN)[b & 3] for b in range(256))
+_EPB_DIR = bytes((sightings.DIR_UNKNOWN, sightings.DIR_IN, sightings.DIR_OUT,
+                  sightings.DIR_UNKNOWN)[b & 3] for b in range(256))
 
 
 class PcapError(ValueError):
@@ -150,7 +150,7 @@ class PcapRead:
     path: str
     format: str
     linktypes: tuple
-    batch: capture.SightingBatch
+    batch: sightings.SightingBatch
     records: int
     probes: int
     foreign: int
@@ -172,7 +172,7 @@ class PcapRead:
         d = self.batch.direction
         if not d:
             return None
-        return d.count(capture.DIR_UNKNOWN) == 0
+        return d.count(sightings.DIR_UNKNOWN) == 0
 
 
 def _encap_rank(e):
@@ -653,7 +653,7 @@ class _PcapFile:
                 off = 16 + (link.pkttype_off or 0)
                 columns['dir'] = (column(packed, off, size, n).translate(
                     _PKTTYPE_DIR) if link.pkttype_off is not None else
-                    bytes([capture.DIR_UNKNOWN]) * n)
+                    bytes([sightings.DIR_UNKNOWN]) * n)
             return columns['t'], columns['caps'], columns['dir']
 
         return _prefilter(rows, buf, offsets, packed, 16, n, link,
@@ -688,7 +688,7 @@ class _PcapFile:
         if frac >= self.frac_limit:
             return self._bad_time(o if at is None else at, frac)
         link = self.link
-        direction = capture.DIR_UNKNOWN
+        direction = sightings.DIR_UNKNOWN
         if link is not None and link.pkttype_off is not None \
                 and caplen > link.pkttype_off:
             direction = _PKTTYPE_DIR[buf[o + 16 + link.pkttype_off]]
@@ -707,7 +707,7 @@ class _PcapFile:
             return
         t_ns = _pcap_times(column(buf, o, stride, n, 4), fracs, self.mult,
                            self.big)
-        direction = capture.DIR_UNKNOWN
+        direction = sightings.DIR_UNKNOWN
         if self.link.pkttype_off is not None:
             direction = column(buf, o + 16 + self.link.pkttype_off, stride,
                                n).translate(_PKTTYPE_DIR)
@@ -976,7 +976,7 @@ class _Pcapng:
         if link is None:
             self.linktypes[iface.linktype] = \
                 self.linktypes.get(iface.linktype, 0) + 1
-        direction = capture.DIR_UNKNOWN
+        direction = sightings.DIR_UNKNOWN
         if link is not None and link.pkttype_off is not None \
                 and caplen > link.pkttype_off:
             direction = _PKTTYPE_DIR[buf[data + link.pkttype_off]]
@@ -1066,7 +1066,7 @@ class _Pcapng:
                 columns['blens'] = pcapkeys.ints(
                     column(packed, 4, size, n, 4), 'I', big)
                 if link.pkttype_off is None:
-                    columns['dir'] = bytearray([capture.DIR_UNKNOWN]) * n
+                    columns['dir'] = bytearray([sightings.DIR_UNKNOWN]) * n
                 else:
                     columns['dir'] = bytearray(column(
                         packed, 28 + link.pkttype_off, size, n).translate(
@@ -1185,7 +1185,7 @@ class _Pcapng:
             ifindex = array.array('i', map(self.ifindex.__getitem__, ids))
         t_ns = self._times(col(buf, o + 12, blen, n, 4),
                            col(buf, o + 16, blen, n, 4), iface.to_ns, o)
-        direction = capture.DIR_UNKNOWN
+        direction = sightings.DIR_UNKNOWN
         if flags_at is not None:
             low = flags_at + (3 if big else 0)
             direction = col(buf, o + low, blen, n).translate(_EPB_DIR)
@@ -1357,7 +1357,7 @@ def _result(rows, fmt, session):
     ranked = _ranked(rows)
     if session is None:
         session = ranked[0][0] if ranked else 0
-    batch = capture.SightingBatch(session)
+    batch = sightings.SightingBatch(session)
     columns = (('t_ns', rows.t_ns), ('keys', rows.keys),
                ('ifindex', rows.ifindex), ('direction', rows.direction),
                ('auth', rows.auth))

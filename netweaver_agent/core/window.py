@@ -19,6 +19,7 @@ from netweaver_agent.core import destinations
 from netweaver_agent.core import latency
 from netweaver_agent.core import probe
 from netweaver_agent.core import routes
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 
 LOG = log.getLogger(__name__)
@@ -94,7 +95,7 @@ class WindowResult:
     reports: dict
     capture: capture.CaptureStats
     send: sources.SendResult
-    batch: capture.SightingBatch
+    batch: sightings.SightingBatch
     wanted: int = 0          # probes asked for: count × vNICs
     skipped: int = 0         # of those, not sent (window bound)
     skipped_vnics: tuple = ()  # vNICs that got no probe (no report)

@@ -19,6 +19,7 @@ import pytest
 from netweaver_agent.agent import privileged
 from netweaver_agent.core import capture
 from netweaver_agent.core import netns
+from netweaver_agent.core import sightings
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import build as lab_mod
 from tests.functional import flood as flood_mod
@@ -114,7 +115,7 @@ def _look_alike_rows(batch, planned):
         if seq >= flood_mod.UNPLANNED_SEQ:
             unplanned += 1
         elif (reply and names[index].startswith('tap')
-              and direction == capture.DIR_OUT):
+              and direction == sightings.DIR_OUT):
             replies_in += 1
     return unplanned, replies_in
 

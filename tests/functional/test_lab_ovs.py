@@ -18,8 +18,8 @@ import statistics
 
 import pytest
 
-from netweaver_agent.core import capture
 from netweaver_agent.core import netns
+from netweaver_agent.core import sightings
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.lab import switch as labswitch
@@ -43,7 +43,7 @@ def window(the_lab, **settings):
                                    capture_netns=the_lab.hv_netns)
 
 
-def sightings(batch, probes=True):
+def by_seq_of(batch, probes=True):
     """``{seq: [(ifname, t_ns, direction), ...]}`` in time order."""
     out = {}
     names = batch.ifnames
@@ -58,7 +58,7 @@ def sightings(batch, probes=True):
 def hop_times(batch, guest_path):
     """``{seq: {ifname: t_ns}}`` of the probes seen on ``guest_path``."""
     out = {}
-    for seq, seen in sightings(batch).items():
+    for seq, seen in by_seq_of(batch).items():
         names = [name for name, _, _ in seen]
         if guest_path[-1] in names:
             out[seq] = {name: t for name, t, _ in reversed(seen)}
@@ -79,10 +79,10 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
     assert result.capture.drops == 0
     # The facts of issue 11: pif received → qvo sent → qvb received →
     # tap sent (hybrid); pif received → tap sent (native).
-    want_dirs = ((capture.DIR_IN, capture.DIR_OUT, capture.DIR_IN,
-                  capture.DIR_OUT) if hybrid else
-                 (capture.DIR_IN, capture.DIR_OUT))
-    by_seq = sightings(result.batch)
+    want_dirs = ((sightings.DIR_IN, sightings.DIR_OUT, sightings.DIR_IN,
+                  sightings.DIR_OUT) if hybrid else
+                 (sightings.DIR_IN, sightings.DIR_OUT))
+    by_seq = by_seq_of(result.batch)
     for path, g in zip(the_lab.paths(), the_lab.guests):
         assert path.interfaces[0] == the_lab.pif
         assert path.interfaces[-1] == g.tap
@@ -111,7 +111,7 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
                     if name == the_lab.pif]
     replies = [k for k, i, d in zip(batch.keys, batch.ifindex,
                                     batch.direction)
-               if k & 1 and i == pif_index and d == capture.DIR_OUT]
+               if k & 1 and i == pif_index and d == sightings.DIR_OUT]
     assert len(replies) == 2 * COUNT
     for k in replies:
         encap = batch.encap.get((k, pif_index))

@@ -23,7 +23,7 @@ from netweaver_agent.core import pcapfile
 from netweaver_agent.core import sightings
 from netweaver_agent.core import window
 from tests.functional import conftest
-from tests.functional import tcpdump
+from tests.functional import test_tcpdump_agreement as agreement
 
 CLI = [sys.executable, '-m', 'netweaver_agent.cli.main']
 COUNT = 100
@@ -42,9 +42,9 @@ def live_window(the_lab):
         port = paths[0].encap_port(kind)
         if port is not None:
             settings[f'{kind}_port'] = port
-    return window.run_window(paths, the_lab.layout.source(),
+    return window.run_window(paths, the_lab.source(),
                              window.WindowSettings(**settings),
-                             capture_netns=the_lab.spec.hv_netns)
+                             capture_netns=the_lab.hv_netns)
 
 
 def analyze_cli(pif_pcap, vif_pcap, *extra):
@@ -115,14 +115,14 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     the_lab = lab_factory(guests=1, switch=switch, network_type=network_type)
     guest, = the_lab.guests
     path, = the_lab.paths()
-    pif, tap = the_lab.spec.pif, guest.tap
+    pif, tap = the_lab.pif, guest.tap
     pif_pcap, tap_pcap = str(tmp_path / f'{pif}.pcap'), str(
         tmp_path / f'{tap}.pcap')
     # No filter on the pif: the lab's static neighbours leave only
     # probes and answers there, in whatever the layout wraps them.
-    with tcpdump.recording(
-            tcpdump.Tcpdump(the_lab.spec.hv_netns, iface, out, bpf,
-                            limit=2 * COUNT + 50)
+    with agreement.recording(
+            agreement.Tcpdump(the_lab.hv_netns, iface, out, bpf,
+                              limit=2 * COUNT + 50)
             for iface, out, bpf in ((pif, pif_pcap, []),
                                     (tap, tap_pcap, ['icmp']))):
         result = live_window(the_lab)
@@ -142,7 +142,7 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     # Per probe: the files' tap - pif is the live window's.
     worst_in = assert_same_latencies(
         conftest.probe_times(result.batch, pif, tap),
-        tcpdump.pcap_times(pif_pcap, tap_pcap, pif, tap, result.session),
+        agreement.pcap_times(pif_pcap, tap_pcap, pif, tap, result.session),
         'ingress')
     worst_out = assert_same_latencies(
         reply_times(result.batch, pif, tap),

@@ -17,6 +17,7 @@ from netweaver_agent.core import capture
 from netweaver_agent.core import netns
 from netweaver_agent.core import passive
 from netweaver_agent.core import passivecapture
+from netweaver_agent.core import sightings
 from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.lab import traffic as labtraffic
 
@@ -260,7 +261,7 @@ def passive_window(the_lab, gro=False, look_alikes=0):
             udp_keys = [(s.header.flow, s.header.ident)
                         for s in cap.sightings
                         if s.ifname == slow.tap and s.header.flow[0] == 17
-                        and s.direction == capture.DIR_OUT][:look_alikes]
+                        and s.direction == sightings.DIR_OUT][:look_alikes]
             replay(the_lab, udp_keys)
             time.sleep(0.1)
     assert cap.stats.drops == 0 and cap.stats.over_cap == 0

@@ -10,6 +10,7 @@ import pytest
 
 from netweaver_agent.core import capture
 from netweaver_agent.core import destinations
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
 from netweaver_agent.core import window
@@ -176,7 +177,7 @@ class _Capture:
 
     def __init__(self, session, protocol='icmp', netns_name=None,
                  interfaces=None, **extra):
-        self.batch = capture.SightingBatch(session)
+        self.batch = sightings.SightingBatch(session)
         self.stats = None
 
     def __enter__(self):

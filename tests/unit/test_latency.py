@@ -7,15 +7,16 @@ import pytest
 from netweaver_agent.core import capture
 from netweaver_agent.core import latency
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from netweaver_agent.core import vifpath
 
 SESSION = 4242
 US = 1000  # ns
 
 
-def sighting(seq, ifname, t_ns, reply=False, direction=capture.DIR_IN):
-    return capture.Sighting(probe.ProbeKey(SESSION, seq, reply), ifname,
-                            t_ns, direction)
+def sighting(seq, ifname, t_ns, reply=False, direction=sightings.DIR_IN):
+    return sightings.Sighting(probe.ProbeKey(SESSION, seq, reply), ifname,
+                              t_ns, direction)
 
 
 def one_path_matcher(plan_seqs, timeout_ns=10_000 * US, hops=()):
@@ -29,10 +30,10 @@ def round_trip(seq, t0, ingress_ns, turnaround_ns, egress_ns):
     t_vif = t0 + ingress_ns
     r_vif = t_vif + turnaround_ns
     return [sighting(seq, 'eth0', t0),
-            sighting(seq, 'tap0', t_vif, direction=capture.DIR_OUT),
+            sighting(seq, 'tap0', t_vif, direction=sightings.DIR_OUT),
             sighting(seq, 'tap0', r_vif, reply=True),
             sighting(seq, 'eth0', r_vif + egress_ns, reply=True,
-                     direction=capture.DIR_OUT)]
+                     direction=sightings.DIR_OUT)]
 
 
 def test_exact_statistics_in_any_order():
@@ -63,7 +64,7 @@ def test_duplicates_keep_the_first_timestamp():
         m.feed(row)
     # The same probe seen again later on both interfaces changes nothing.
     m.feed(sighting(0, 'eth0', 9_000 * US))
-    m.feed(sighting(0, 'tap0', 9_500 * US, direction=capture.DIR_OUT))
+    m.feed(sighting(0, 'tap0', 9_500 * US, direction=sightings.DIR_OUT))
     assert m.reports()['tap0'].ingress.mean_us == 7.0
 
 
@@ -101,7 +102,7 @@ def test_late_sighting_counts_as_lost():
 def test_probe_sent_out_of_the_pif_does_not_count_as_ingress():
     """The host's own outgoing copy on the pif is not a received probe."""
     m = one_path_matcher([0])
-    m.feed(sighting(0, 'eth0', 0, direction=capture.DIR_OUT))
+    m.feed(sighting(0, 'eth0', 0, direction=sightings.DIR_OUT))
     m.feed(sighting(0, 'tap0', 30 * US))
     rep = m.reports()['tap0']
     assert rep.unseen_at_pif == 1 and rep.ingress.count == 0
@@ -113,7 +114,7 @@ def test_reply_received_on_the_pif_is_not_egress():
     for row in round_trip(0, 0, 5 * US, 5 * US, 5 * US)[:3]:
         m.feed(row)
     m.feed(sighting(0, 'eth0', 99 * US, reply=True,
-                    direction=capture.DIR_IN))
+                    direction=sightings.DIR_IN))
     rep = m.reports()['tap0']
     assert rep.egress.count == 0 and rep.egress.lost == 1
 
@@ -134,7 +135,7 @@ def test_hops_in_path_order():
 
 def test_foreign_sessions_sequences_and_interfaces_are_ignored():
     m = one_path_matcher([0])
-    m.feed(capture.Sighting(probe.ProbeKey(SESSION + 1, 0), 'eth0', 0))
+    m.feed(sightings.Sighting(probe.ProbeKey(SESSION + 1, 0), 'eth0', 0))
     m.feed(sighting(77, 'eth0', 0))
     m.feed(sighting(0, 'eth1', 0))
     rep = m.reports()['tap0']
@@ -161,7 +162,7 @@ def test_batch_and_objects_give_the_same_report():
     for seq in range(50):
         rows += round_trip(seq, seq * 10**6, (seq % 7 + 1) * US, 20 * US,
                            (seq % 3 + 1) * US)
-    batch = capture.SightingBatch(SESSION)
+    batch = sightings.SightingBatch(SESSION)
     for row in rows:
         batch.add(row)
     a = one_path_matcher(range(50))
@@ -216,16 +217,16 @@ def test_vif_before_pif_is_an_anomaly_not_a_negative_latency():
     rows += round_trip(1, t0 + 1000 * US, 20 * US, 50 * US, 6 * US)
     # Probe 2 on the tap 30 µs before the pif; its reply is in order.
     rows += [sighting(2, 'eth0', t0 + 2000 * US),
-             sighting(2, 'tap0', t0 + 1970 * US, direction=capture.DIR_OUT),
+             sighting(2, 'tap0', t0 + 1970 * US, direction=sightings.DIR_OUT),
              sighting(2, 'tap0', t0 + 2100 * US, reply=True),
              sighting(2, 'eth0', t0 + 2108 * US, reply=True,
-                      direction=capture.DIR_OUT)]
+                      direction=sightings.DIR_OUT)]
     # Probe 3 in order; its reply leaves the pif 5 µs before the tap saw it.
     rows += [sighting(3, 'eth0', t0 + 3000 * US),
-             sighting(3, 'tap0', t0 + 3040 * US, direction=capture.DIR_OUT),
+             sighting(3, 'tap0', t0 + 3040 * US, direction=sightings.DIR_OUT),
              sighting(3, 'tap0', t0 + 3100 * US, reply=True),
              sighting(3, 'eth0', t0 + 3095 * US, reply=True,
-                      direction=capture.DIR_OUT)]
+                      direction=sightings.DIR_OUT)]
     for row in rows:
         m.feed(row)
     rep = m.reports()['tap0']
@@ -252,7 +253,7 @@ def test_reply_before_its_probe_and_hops_out_of_order_are_anomalies():
         m.feed(sighting(1, name, t0 + dt * US))
     m.feed(sighting(1, 'tap0', t0 + 1214 * US, reply=True))
     m.feed(sighting(1, 'eth0', t0 + 1220 * US, reply=True,
-                    direction=capture.DIR_OUT))
+                    direction=sightings.DIR_OUT))
     rep = m.reports()['tap0']
     assert rep.anomalies == 2
     assert (rep.ingress.count, rep.ingress.min_us) == (1, 215.0)
@@ -272,7 +273,7 @@ def test_anomalies_reach_the_report_json_and_metadata():
         m.feed(row)
     m.feed(sighting(1, 'eth0', 2 * 10 ** 9))
     m.feed(sighting(1, 'tap0', 2 * 10 ** 9 - 7 * US,
-                    direction=capture.DIR_OUT))
+                    direction=sightings.DIR_OUT))
     rep = m.reports()['tap0']
     assert rep.anomalies == 1 and rep.ingress.count == 1
     assert report.report_to_dict(rep)['anomalies'] == 1
@@ -291,12 +292,12 @@ def test_anomalies_reach_the_report_json_and_metadata():
 
 def test_the_tunnel_kind_reaches_the_report():
     from netweaver_agent.cli import report
-    batch = capture.SightingBatch(SESSION)
+    batch = sightings.SightingBatch(SESSION)
     pif, tap = batch.interface_index('eth0'), batch.interface_index('tap0')
     gen = probe.Encap(vni=77, tunnel='geneve')
     for seq in range(3):
-        batch.append(seq << 1, pif, 1000 * seq, capture.DIR_IN)
-        batch.append(seq << 1, tap, 1000 * seq + 10, capture.DIR_OUT)
+        batch.append(seq << 1, pif, 1000 * seq, sightings.DIR_IN)
+        batch.append(seq << 1, tap, 1000 * seq + 10, sightings.DIR_OUT)
         batch.encap[(seq << 1, pif)] = gen
     m = one_path_matcher(range(3))
     m.feed_batch(batch)

@@ -1,24 +1,52 @@
 """Passive matching of the instances' own packets (core.passive).
 
-Frames are built with dpkt (tests/flows.py); sightings are what
+Frames are built with dpkt (an independent encoder); sightings are what
 the capture would give.  The matcher must pair the same packet on the pif
 and the tap by fields the host keeps, whatever offload does to segments
 and checksums, and must never pair two different packets.
 """
 
+import dpkt
 import pytest
 
 from netweaver_agent.core import passive
 from netweaver_agent.core import sightings
-from tests.flows import G6
-from tests.flows import GUEST
-from tests.flows import OTHER
-from tests.flows import P6
-from tests.flows import PEER
-from tests.flows import tcp
-from tests.flows import udp
 
+GUEST = bytes([198, 18, 0, 10])
+OTHER = bytes([198, 18, 0, 11])
+PEER = bytes([198, 19, 0, 1])
+G6 = bytes.fromhex('20010002000000000000000000000010')
+P6 = bytes.fromhex('20010002000000000000000000000001')
 IN, OUT = sightings.DIR_IN, sightings.DIR_OUT
+
+
+def tcp(src, dst, sport, dport, seq, ack, payload=b'', vlan=(), sum_=0):
+    seg = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, ack=ack,
+                       flags=dpkt.tcp.TH_ACK, data=payload)
+    return _ip(src, dst, seg, dpkt.ip.IP_PROTO_TCP, vlan, 7, sum_)
+
+
+def udp(src, dst, sport, dport, ipid, payload=b'x', vlan=()):
+    dg = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+    return _ip(src, dst, dg, dpkt.ip.IP_PROTO_UDP, vlan, ipid)
+
+
+def _ip(src, dst, l4, proto, vlan, ipid, sum_=0):
+    if len(src) == 16:
+        pkt = dpkt.ip6.IP6(src=src, dst=dst, nxt=proto, hlim=64, data=l4)
+        pkt.plen = len(bytes(l4))
+        etype = dpkt.ethernet.ETH_TYPE_IP6
+    else:
+        pkt = dpkt.ip.IP(src=src, dst=dst, p=proto, id=ipid, data=l4)
+        etype = dpkt.ethernet.ETH_TYPE_IP
+    raw = bytes(pkt)
+    if sum_ and len(src) == 4:
+        # A checksum the offload left unfilled or filled differently.
+        raw = raw[:20 + 16] + sum_.to_bytes(2, 'big') + raw[20 + 18:]
+    eth = b'\x02' * 6 + b'\x04' * 6
+    for vid in vlan:
+        eth += b'\x81\x00' + vid.to_bytes(2, 'big')
+    return eth + etype.to_bytes(2, 'big') + raw
 
 
 def seen(ifname, t_ns, direction, frame):
@@ -268,7 +296,7 @@ class TestModes(tpoll.TestLatencyPollsters):
         self.CONF.set_override('mode', mode, group='netweaver')
         out = {}
         for name, (factory, _unit) in tpoll.METERS.items():
-            pollsters.INSPECTOR.reset()
+            pollsters.VifLatencyBase._prober = None
             for s in self.samples(factory):
                 out.setdefault(name, {})[s.resource_metadata['vif']] = s
         return out
@@ -373,10 +401,10 @@ def test_delayer_passive_hold_lines_round_trip():
 
 
 def test_delay_injection_record_is_checked():
-    from netweaver_agent.lab import spec
-    assert spec.DelayInjection(guest=0, delay_ms=1).record == 'probe'
+    from netweaver_agent.lab import build
+    assert build.DelayInjection(guest=0, delay_ms=1).record == 'probe'
     with pytest.raises(ValueError, match='record'):
-        spec.DelayInjection(guest=0, delay_ms=1, record='all')
+        build.DelayInjection(guest=0, delay_ms=1, record='all')
 
 
 def test_reading_leaves_the_collector_as_it_found_it():

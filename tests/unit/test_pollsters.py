@@ -30,6 +30,7 @@ from netweaver_agent.agent import opts
 from netweaver_agent.agent import pollsters
 from netweaver_agent.core import capture
 from netweaver_agent.core import latency
+from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import virt
@@ -149,7 +150,7 @@ class FakeWindow:
             capture=capture.CaptureStats(packets=10, drops=self.drops,
                                          probes=10, foreign=0),
             send=sources.SendResult(sent=10),
-            batch=capture.SightingBatch(7))
+            batch=sightings.SightingBatch(7))
 
 
 def _measurement(instance_id, vif):
