@@ -148,8 +148,17 @@ def test_one_window_per_cycle_with_parallel_pollsters(lab_factory,
     cycles = [c for c in _cycles(agent.log_text())
               if c['finished'] == meters]
     assert len(cycles) >= 2
-    with open(agent.files.config, encoding='utf-8') as f:
-        assert 'threads_to_process_pollsters = 0' in f.read()
+    # The pollsters ran in parallel: a meter started polling while another
+    # was still at it (serial ones would each finish first).
+    running, overlapped = set(), False
+    for line in agent.log_text().splitlines():
+        m = POLLING_RE.match(line)
+        if m and m.group(2) == 'Polling':
+            overlapped = overlapped or bool(running - {m.group(3)})
+            running.add(m.group(3))
+        elif m:
+            running.discard(m.group(3))
+    assert overlapped, 'the latency meters were polled one at a time'
     for cycle in cycles:
         assert cycle['started'] == meters
         assert cycle['windows'] == 1, cycles
