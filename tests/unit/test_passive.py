@@ -1,52 +1,24 @@
 """Passive matching of the instances' own packets (core.passive).
 
-Frames are built with dpkt (an independent encoder); sightings are what
+Frames are built with dpkt (tests/flows.py); sightings are what
 the capture would give.  The matcher must pair the same packet on the pif
 and the tap by fields the host keeps, whatever offload does to segments
 and checksums, and must never pair two different packets.
 """
 
-import dpkt
 import pytest
 
 from netweaver_agent.core import passive
 from netweaver_agent.core import sightings
+from tests.flows import G6
+from tests.flows import GUEST
+from tests.flows import OTHER
+from tests.flows import P6
+from tests.flows import PEER
+from tests.flows import tcp
+from tests.flows import udp
 
-GUEST = bytes([198, 18, 0, 10])
-OTHER = bytes([198, 18, 0, 11])
-PEER = bytes([198, 19, 0, 1])
-G6 = bytes.fromhex('20010002000000000000000000000010')
-P6 = bytes.fromhex('20010002000000000000000000000001')
 IN, OUT = sightings.DIR_IN, sightings.DIR_OUT
-
-
-def tcp(src, dst, sport, dport, seq, ack, payload=b'', vlan=(), sum_=0):
-    seg = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, ack=ack,
-                       flags=dpkt.tcp.TH_ACK, data=payload)
-    return _ip(src, dst, seg, dpkt.ip.IP_PROTO_TCP, vlan, 7, sum_)
-
-
-def udp(src, dst, sport, dport, ipid, payload=b'x', vlan=()):
-    dg = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
-    return _ip(src, dst, dg, dpkt.ip.IP_PROTO_UDP, vlan, ipid)
-
-
-def _ip(src, dst, l4, proto, vlan, ipid, sum_=0):
-    if len(src) == 16:
-        pkt = dpkt.ip6.IP6(src=src, dst=dst, nxt=proto, hlim=64, data=l4)
-        pkt.plen = len(bytes(l4))
-        etype = dpkt.ethernet.ETH_TYPE_IP6
-    else:
-        pkt = dpkt.ip.IP(src=src, dst=dst, p=proto, id=ipid, data=l4)
-        etype = dpkt.ethernet.ETH_TYPE_IP
-    raw = bytes(pkt)
-    if sum_ and len(src) == 4:
-        # A checksum the offload left unfilled or filled differently.
-        raw = raw[:20 + 16] + sum_.to_bytes(2, 'big') + raw[20 + 18:]
-    eth = b'\x02' * 6 + b'\x04' * 6
-    for vid in vlan:
-        eth += b'\x81\x00' + vid.to_bytes(2, 'big')
-    return eth + etype.to_bytes(2, 'big') + raw
 
 
 def seen(ifname, t_ns, direction, frame):
@@ -252,7 +224,7 @@ from netweaver_agent.agent import opts  # noqa: E402
 from netweaver_agent.agent import pollsters  # noqa: E402
 from netweaver_agent.core import passivecapture  # noqa: E402
 from netweaver_agent.core import window  # noqa: E402
-from tests.unit import test_pollsters as tpoll  # noqa: E402
+from tests.unit import pollsterfakes as pf  # noqa: E402
 
 A_ADDR = bytes([198, 18, 1, 10])        # tapaaa's guest (test_pollsters)
 
@@ -281,9 +253,9 @@ class FakePassive:
             duration_ns=1_000_000)
 
 
-class TestModes(tpoll.TestLatencyPollsters):
-    """test_pollsters' fixture (fake inspector, sysfs, probe window),
-    none of its tests (they run there), and a faked passive window."""
+class TestModes(pf.PollsterTestCase):
+    """The pollsters' fixture (fake inspector, sysfs, probe window) and
+    a faked passive window."""
 
     def setUp(self):
         super().setUp()
@@ -295,8 +267,8 @@ class TestModes(tpoll.TestLatencyPollsters):
     def all_samples(self, mode):
         self.CONF.set_override('mode', mode, group='netweaver')
         out = {}
-        for name, (factory, _unit) in tpoll.METERS.items():
-            pollsters.VifLatencyBase._prober = None
+        for name, (factory, _unit) in pf.METERS.items():
+            pollsters.INSPECTOR.reset()
             for s in self.samples(factory):
                 out.setdefault(name, {})[s.resource_metadata['vif']] = s
         return out
@@ -330,13 +302,13 @@ class TestModes(tpoll.TestLatencyPollsters):
             self.CONF.netweaver.passive_max_packets)
 
     def test_both_takes_probes_where_they_reached_else_passive(self):
-        self.window.reports['tapaaa'] = tpoll.report('tapaaa', [], lost=5)
-        self.window.reports[tpoll.TAP_B] = tpoll.report(tpoll.TAP_B,
-                                                        [40_000])
+        self.window.reports['tapaaa'] = pf.report('tapaaa', [], lost=5)
+        self.window.reports[pf.TAP_B] = pf.report(pf.TAP_B,
+                                                  [40_000])
         out = self.all_samples('both')
         lat = out['network.vif.latency']
-        assert set(lat) == {'tapaaa', tpoll.TAP_B}
-        a, b = lat['tapaaa'], lat[tpoll.TAP_B]
+        assert set(lat) == {'tapaaa', pf.TAP_B}
+        a, b = lat['tapaaa'], lat[pf.TAP_B]
         assert a.resource_metadata['probe_protocol'] == 'passive'
         assert a.volume == 4.0
         assert a.resource_metadata['other_result']['probe_sent'] == 5
@@ -344,7 +316,7 @@ class TestModes(tpoll.TestLatencyPollsters):
         assert b.volume == 40.0
         assert b.resource_metadata['other_result'] is not None
         # Loss comes from probes only: the probed vNIC.
-        assert set(out['network.vif.probe.loss']) == {tpoll.TAP_B}
+        assert set(out['network.vif.probe.loss']) == {pf.TAP_B}
 
     def test_passive_measures_vnics_no_probe_may_reach(self):
         # probe_networks excludes both guests: probe mode measures none.
@@ -357,28 +329,23 @@ class TestModes(tpoll.TestLatencyPollsters):
     def test_both_probes_what_it_may_and_the_rest_passively(self):
         self.CONF.set_override('probe_networks', ['198.18.1.11/32'],
                                group='netweaver')
-        self.window.reports[tpoll.TAP_B] = tpoll.report(tpoll.TAP_B,
-                                                        [40_000])
+        self.window.reports[pf.TAP_B] = pf.report(pf.TAP_B,
+                                                  [40_000])
         out = self.all_samples('both')
         lat = out['network.vif.latency']
         assert lat['tapaaa'].resource_metadata['probe_protocol'] == \
             'passive'
         assert lat['tapaaa'].resource_metadata['other_result'] is None
-        assert lat[tpoll.TAP_B].resource_metadata['probe_protocol'] == \
+        assert lat[pf.TAP_B].resource_metadata['probe_protocol'] == \
             'icmp'
         # Only the admitted vNIC was in the probe window.
         assert {p.vif for call in self.window.calls for p in call} == \
-            {tpoll.TAP_B}
+            {pf.TAP_B}
 
     def test_passive_sample_must_be_a_power_of_two(self):
         self.CONF.set_override('passive_sample', 48, group='netweaver')
         with self.assertRaisesRegex(opts.OptionsError, 'passive_sample'):
             opts.validate(self.CONF)
-
-
-for _name in dir(tpoll.TestLatencyPollsters):
-    if _name.startswith('test_') and _name not in vars(TestModes):
-        setattr(TestModes, _name, None)
 
 
 def test_parse_ip_equals_parse_of_the_frame():
@@ -401,10 +368,10 @@ def test_delayer_passive_hold_lines_round_trip():
 
 
 def test_delay_injection_record_is_checked():
-    from netweaver_agent.lab import build
-    assert build.DelayInjection(guest=0, delay_ms=1).record == 'probe'
+    from netweaver_agent.lab import spec
+    assert spec.DelayInjection(guest=0, delay_ms=1).record == 'probe'
     with pytest.raises(ValueError, match='record'):
-        build.DelayInjection(guest=0, delay_ms=1, record='all')
+        spec.DelayInjection(guest=0, delay_ms=1, record='all')
 
 
 def test_reading_leaves_the_collector_as_it_found_it():

@@ -9,164 +9,47 @@ links, and the probe window is patched to return canned
 
 import concurrent.futures
 import gc
-import logging
-import os
 import threading
 import time
 from unittest import mock
-from xml.etree import ElementTree
 
 import fixtures
 import stevedore
 
+from ceilometer.compute import pollsters as compute_pollsters
 from ceilometer.compute.pollsters import net
 from ceilometer.compute.pollsters import util
 from ceilometer.compute.virt import inspector as virt_inspector
 from ceilometer.polling import manager
 from ceilometer.polling import plugin_base
-from ceilometer.tests.unit.compute.pollsters import base
 
+from netweaver_agent.agent import inspector
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import pollsters
 from netweaver_agent.core import capture
-from netweaver_agent.core import latency
-from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
-from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import virt
-
-METERS = {
-    'network.vif.latency': (pollsters.VifLatencyPollster, 'us'),
-    'network.vif.latency.p50': (pollsters.VifLatencyP50Pollster, 'us'),
-    'network.vif.latency.p99': (pollsters.VifLatencyP99Pollster, 'us'),
-    'network.vif.latency.max': (pollsters.VifLatencyMaxPollster, 'us'),
-    'network.vif.outgoing.latency':
-        (pollsters.VifOutgoingLatencyPollster, 'us'),
-    'network.vif.probe.loss': (pollsters.VifProbeLossPollster, '%'),
-}
-INSTANCE_ID = '3f2d6c1e-8a4b-4c5d-9e6f-7a8b9c0d1e2f'
-PORT_B = 'bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb'
-TAP_B = 'tap' + PORT_B[:11]
-
-
-def stats(ingress_ns, lost=0):
-    return latency.DirectionStats.from_ns(ingress_ns, lost)
-
-
-def report(vif, ingress_ns=(), lost=0, egress_ns=(), unseen=0,
-           hops=(), vlan=(), vni=None):
-    return latency.LatencyReport(
-        vif=vif, pif='eth1', protocol='icmp',
-        sent=len(ingress_ns) + lost + unseen,
-        ingress=stats(list(ingress_ns), lost),
-        egress=stats(list(egress_ns)), turnaround=stats([]),
-        hops=hops, unseen_at_pif=unseen, vlan=vlan, vni=vni)
-
-
-class FakeDomain:
-    def __init__(self, xml, domid=1):
-        self.xml = xml
-        self.domid = domid
-
-    def XMLDesc(self, flags=0):
-        return self.xml
-
-    def ID(self):
-        return self.domid
-
-
-class FakeInspector:
-    """``inspect_vnics`` and a connection serving domain XML."""
-
-    def __init__(self):
-        self.vifs = {}
-        self.domains = {}
-        self.calls = 0
-        self.listed_at = []
-        self.errors = {}
-        self.connection = mock.Mock()
-        self.connection.lookupByUUIDString.side_effect = self.domains.get
-
-    def add(self, instance_id, guests, extra_interfaces=''):
-        """One domain whose vNICs are those of ``guests``."""
-        dom = virt.domain_element(guests[0])
-        nova = '{%s}' % virt.NOVA_NS
-        ports = dom.find(f'metadata/{nova}instance/{nova}ports')
-        for g in guests[1:]:
-            other = virt.domain_element(g)
-            dom.find('devices').append(other.find('devices/interface'))
-            ports.append(other.find(
-                f'metadata/{nova}instance/{nova}ports/{nova}port'))
-        xml = ElementTree.tostring(dom, encoding='unicode')
-        if extra_interfaces:
-            xml = xml.replace('</devices>', extra_interfaces + '</devices>')
-        self.domains[instance_id] = FakeDomain(xml)
-        self.vifs[instance_id] = [
-            virt_inspector.InterfaceStats(
-                name=g.tap, mac=g.mac,
-                fref=g.filter_name if g.filterref else None,
-                parameters=({'ip': g.address} if g.filterref else {}) |
-                {'interfaceid': None, 'bridge': g.bridge},
-                rx_bytes=1, rx_packets=2, rx_drop=3, rx_errors=4,
-                tx_bytes=5, tx_packets=6, tx_drop=7, tx_errors=8,
-                rx_bytes_delta=9, tx_bytes_delta=10)
-            for g in guests]
-
-    def inspect_vnics(self, instance, duration):
-        self.calls += 1
-        self.listed_at.append(time.monotonic())
-        if instance.id in self.errors:
-            raise self.errors[instance.id]
-        return iter(self.vifs[instance.id])
-
-
-class FakeWindow:
-    """Stands in for :func:`probe_window.run_window`; counts its calls."""
-
-    def __init__(self, reports, delay_s=0.0, error=None):
-        self.drops = 0
-        self.reports = reports
-        self.delay_s = delay_s
-        self.error = error
-        self.calls = []
-        self.settings = []
-        self.deadlines = []
-        self.lock = threading.Lock()
-
-    def __call__(self, paths, source, settings=None, capture_netns=None,
-                 session=None, deadline_s=None, capture_class=None):
-        with self.lock:
-            self.calls.append(list(paths))
-            self.settings.append(settings)
-            self.deadlines.append(deadline_s)
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if self.error is not None:
-            raise self.error
-        return probe_window.WindowResult(
-            session=7, started_ns=1, duration_ns=2_500_000,
-            reports={p.vif: self.reports[p.vif] for p in paths
-                     if p.vif in self.reports},
-            capture=capture.CaptureStats(packets=10, drops=self.drops,
-                                         probes=10, foreign=0),
-            send=sources.SendResult(sent=10),
-            batch=sightings.SightingBatch(7))
+from tests.unit import pollsterfakes
+from tests.unit.pollsterfakes import INSTANCE_ID
+from tests.unit.pollsterfakes import METERS
+from tests.unit.pollsterfakes import report
+from tests.unit.pollsterfakes import TAP_B
 
 
 def _measurement(instance_id, vif):
-    return pollsters.VnicMeasurement(
+    return inspector.VnicMeasurement(
         instance_id=instance_id, stats=None, path=None,
         report=report(vif, [1_000]), metadata={'vif': vif})
 
 
 def test_cycle_cache_finds_an_instances_measurements_in_window_order():
-    cache = pollsters.CycleCache()
-    first = pollsters.CycleWindow(
+    cache = inspector.CycleCache()
+    first = inspector.CycleWindow(
         instance_ids=frozenset({'a', 'b', 'c'}), measurements=(
             _measurement('a', 'tap1'), _measurement('b', 'tap2'),
             _measurement('a', 'tap3')))
-    failed = pollsters.CycleWindow(instance_ids=frozenset({'d'}))
-    second = pollsters.CycleWindow(
+    failed = inspector.CycleWindow(instance_ids=frozenset({'d'}))
+    second = inspector.CycleWindow(
         instance_ids=frozenset({'e'}), measurements=(
             _measurement('e', 'tap4'), _measurement('a', 'tap5')))
     for w in (first, failed, second):
@@ -184,74 +67,7 @@ def test_cycle_cache_finds_an_instances_measurements_in_window_order():
     assert cache.permanent_error() is None
 
 
-class TestLatencyPollsters(base.TestPollsterBase):
-
-    def setUp(self):
-        super().setUp()
-        self.instance.id = INSTANCE_ID
-        self.fake = FakeInspector()
-        # The prober is one per process; every test gets a fresh one.
-        pollsters.VifLatencyBase._prober = None
-        self.addCleanup(setattr, pollsters.VifLatencyBase, '_prober', None)
-        self.useFixture(fixtures.MockPatchObject(
-            pollsters.Prober, '_new_inspector',
-            staticmethod(lambda conf: self.fake)))
-        # No privsep daemon in unit tests (run_window is faked below).
-        self.useFixture(fixtures.MockPatch(
-            'netweaver_agent.agent.privileged.warm_up'))
-        # probe_source 'local' (the default) probes only probe_networks.
-        opts.register_opts(self.CONF)
-        self.CONF.set_override('probe_networks', ['198.18.0.0/15'],
-                               group='netweaver')
-        self.sysfs = self.useFixture(fixtures.TempDir()).path
-        self.log = self.useFixture(fixtures.FakeLogger(
-            name='netweaver_agent', level=logging.DEBUG))
-        self.guests = [
-            virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                             tap='tapaaa', mac='fa:16:3e:00:00:01',
-                             address='198.18.1.10', bridge='brq1'),
-            # No filterref: the address comes from the nova port whose
-            # uuid names the tap, as nova names taps.
-            virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                             tap=TAP_B, mac='fa:16:3e:00:00:02',
-                             address='198.18.1.11', bridge='brq1',
-                             filterref=False, port_uuid=PORT_B),
-        ]
-        self.fake.add(INSTANCE_ID, self.guests)
-        self.sysfs_tree({'eth1': 'brq1', 'tapaaa': 'brq1',
-                         TAP_B: 'brq1', 'brq1': None})
-        self.window = FakeWindow({
-            'tapaaa': report('tapaaa', [10_000, 20_000, 30_000],
-                             lost=1, egress_ns=[5_000]),
-            TAP_B: report(TAP_B, [40_000, 60_000]),
-        })
-        self.run_window = self.useFixture(fixtures.MockPatch(
-            'netweaver_agent.core.window.run_window',
-            side_effect=self.window)).mock
-
-    def sysfs_tree(self, masters):
-        for dev, master in masters.items():
-            os.makedirs(os.path.join(self.sysfs, dev), exist_ok=True)
-            if master:
-                link = os.path.join(self.sysfs, dev, 'master')
-                if os.path.lexists(link):
-                    os.unlink(link)
-                os.symlink(os.path.join('..', master), link)
-
-    def make(self, factory):
-        pollster = factory(self.CONF)
-        pollster.prober.sysfs_root = self.sysfs
-        return pollster
-
-    def samples(self, factory, cache=None, resources=None):
-        mgr = manager.AgentManager(0, self.CONF)
-        pollster = self.make(factory)
-        return list(pollster.get_samples(
-            mgr, {} if cache is None else cache,
-            resources or [self.instance]))
-
-    def by_tap(self, samples):
-        return {s.resource_metadata['vif']: s for s in samples}
+class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
 
     # --- sample building -------------------------------------------------
 
@@ -315,7 +131,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
             out += self.samples(factory, cache=cache)
         self.assertEqual(11, len(out))
         self.assertEqual(2, len(calls))      # two vNICs, six meters
-        entry = cache[pollsters.CACHE_KEY]
+        entry = cache[inspector.CACHE_KEY]
         for s in out:
             (window, m), = [
                 wm for wm in entry.for_instance(INSTANCE_ID)
@@ -379,7 +195,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.assertIsNone(self.window.settings[-1].vxlan_port)
         for value, expected in ((4789, 4789), (0, None)):
             self.CONF.set_override('vxlan_port', value, group='netweaver')
-            pollsters.VifLatencyBase._prober = None
+            pollsters.INSPECTOR.reset()
             self.samples(pollsters.VifLatencyPollster)
             self.assertEqual(expected, self.window.settings[-1].vxlan_port)
 
@@ -431,7 +247,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         for factory, _ in METERS.values():
             self.samples(factory, cache=cache)
         self.assertEqual(1, self.run_window.call_count)
-        self.assertIn(pollsters.CACHE_KEY, cache)
+        self.assertIn(inspector.CACHE_KEY, cache)
         self.samples(pollsters.VifLatencyPollster, cache={})
         self.assertEqual(2, self.run_window.call_count)
 
@@ -669,7 +485,7 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.fake.add(INSTANCE_ID, self.guests, extra_interfaces=(
             "<interface type='vdpa'><mac address='fa:16:3e:00:00:0a'/>"
             "<source dev='/dev/vhost-vdpa-0'/></interface>"))
-        with self.assertLogs('netweaver_agent.agent.pollsters',
+        with self.assertLogs('netweaver_agent.agent.inspector',
                              level='WARNING') as cm:
             self.samples(pollsters.VifLatencyPollster)
             self.samples(pollsters.VifLatencyPollster)
@@ -690,3 +506,58 @@ class TestLatencyPollsters(base.TestPollsterBase):
         self.make(pollsters.VifLatencyPollster)
         self.assertEqual(20, self.CONF.netweaver.probe_count)
         self.assertEqual('local', self.CONF.netweaver.probe_source)
+
+    def test_meters_are_declarations_listed_once(self):
+        self.assertEqual(tuple(METERS), pollsters.meter_names())
+        self.assertEqual([c for c, _ in METERS.values()],
+                         list(pollsters.METERS))
+        for cls in pollsters.METERS:
+            self.assertEqual(
+                {'sample_name', 'sample_stats_key'},
+                {'sample_name', 'sample_stats_key'} & set(vars(cls)))
+            # Nothing but declarations: the work is the base's.
+            self.assertFalse({'get_samples', 'volume', 'setup_environment'}
+                             & set(vars(cls)), cls)
+            self.assertEqual('gauge', cls.sample_type)
+
+    def test_ceilometers_shared_inspector_is_never_built(self):
+        cache = {}
+        for cls in pollsters.METERS:
+            self.assertTrue(list(self.make(cls).get_samples(
+                None, cache, [self.instance])))
+        # TestPollsterBase patches both ways Ceilometer builds it (an
+        # AgentManager would: it loads Ceilometer's own meters).
+        virt_inspector.get_hypervisor_inspector.assert_not_called()
+        compute_pollsters.GenericComputePollster._get_inspector.\
+            assert_not_called()
+
+    def test_one_inspector_per_process_until_reset(self):
+        made = [self.make(cls) for cls in pollsters.METERS]
+        self.assertEqual(1, len({id(p.inspector) for p in made}))
+        self.assertIs(made[0].inspector, pollsters.INSPECTOR.current)
+        pollsters.INSPECTOR.reset()
+        self.assertIsNone(pollsters.INSPECTOR.current)
+        again = self.make(pollsters.VifLatencyPollster)
+        self.assertIsNot(made[0].inspector, again.inspector)
+
+    def test_meters_loading_in_parallel_share_one_inspector(self):
+        made = []
+        real = pollsters.new_inspector
+
+        def slow(conf):
+            made.append(conf)
+            time.sleep(0.05)
+            return real(conf)
+
+        self.useFixture(fixtures.MockPatchObject(
+            pollsters.INSPECTOR, '_make', slow))
+        start = threading.Barrier(len(pollsters.METERS))
+
+        def load(cls):
+            start.wait()
+            return cls(self.CONF).inspector
+
+        with concurrent.futures.ThreadPoolExecutor(len(METERS)) as pool:
+            got = list(pool.map(load, pollsters.METERS))
+        self.assertEqual(1, len(made))
+        self.assertEqual(1, len({id(i) for i in got}))
