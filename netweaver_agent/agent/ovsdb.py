@@ -143,10 +143,6 @@ class OvsInterface:
     def attached_mac(self):
         return self.external_ids.get('attached-mac')
 
-    @property
-    def vm_uuid(self):
-        return self.external_ids.get('vm-uuid')
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OvsPort:

@@ -106,8 +106,8 @@ def test_snapshot_from_vsctl_output():
         'br-ex', 'br-int', 'br-tun']
     assert snap.external_ids['ovn-encap-ip'] == '198.18.0.1'
     qvo = snap.interface('qvo1234')
-    assert (qvo.iface_id, qvo.attached_mac, qvo.vm_uuid) == (
-        '1234-aaa', 'fa:16:3e:00:00:01', 'vm1')
+    assert (qvo.iface_id, qvo.attached_mac) == (
+        '1234-aaa', 'fa:16:3e:00:00:01')
     assert snap.bridge_of('qvo1234').name == 'br-int'
     assert snap.bridge_of('qvo1234').datapath_type == 'netdev'
     assert snap.port_of('qvo1234').tag == 1
