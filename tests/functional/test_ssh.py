@@ -10,236 +10,48 @@ libvirt ``test:///`` node (:mod:`labvirt`) written next to the keys: the
 real ``virsh`` (libvirt-clients) resolves ``--instance`` names there.
 """
 
-import argparse
 import contextlib
-import ipaddress
 import json
 import os
-import secrets
-import shutil
+import select
+import socket
 import subprocess
-import sys
 import time
 import uuid
 from xml.etree import ElementTree
 
+import dpkt
 import pytest
 
-from netweaver_agent.cli import measure as cmd_measure
 from netweaver_agent.cli import seedjob
 from netweaver_agent.core import netns
+from netweaver_agent.core import pacing
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
 from netweaver_agent.core import window
-from netweaver_agent.lab import agent
-from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.lab import virt
 from netweaver_agent.ssh import probesource
-from netweaver_agent.ssh import remote
+from netweaver_agent.ssh import session
 from tests.functional import conftest
-
-SSHD = '/usr/sbin/sshd'
-PORT = 2222
-DELAY_MS = 2.0
-
-
-def _run(argv, **kw):
-    return netns.run(argv, **kw)
-
-
-def _virsh():
-    virsh = shutil.which('virsh')
-    if not virsh:
-        pytest.fail('test_ssh needs the real virsh (libvirt-clients): '
-                    'run tools/bootstrap.sh')
-    return virsh
-
-
-def _fail_unless_possible():
-    if os.geteuid() != 0:
-        pytest.fail('test_ssh needs root (namespaces, raw sockets, sshd)')
-    for tool in (SSHD, '/usr/bin/ssh-keygen', shutil.which('tcpdump'),
-                 shutil.which('iptables')):
-        if not tool or not os.path.exists(tool):
-            pytest.fail(f'test_ssh needs {tool or "tcpdump/iptables"}: '
-                        'run tools/bootstrap.sh')
-    _virsh()
-
-
-class SSHLab:
-    """A :class:`lab.Lab` with a management network, keys and sshd's."""
-
-    def __init__(self, workdir):
-        self.prefix = f'nwh4{os.getpid()}{secrets.token_hex(2)}-'
-        self.workdir = workdir
-        self.lab = lab_mod.Lab(lab_mod.LabSpec(
-            prefix=self.prefix, guests=2, mgmt=True,
-            delays=(lab_mod.DelayInjection(guest=0, delay_ms=DELAY_MS,
-                                           protocol='icmp'),)))
-        self.procs = []
-        self.key = os.path.join(workdir, 'client_key')
-        self.known_hosts = os.path.join(workdir, 'known_hosts')
-        self.host_key = os.path.join(workdir, 'host_key')
-        # A file an injected shell command would create in the remote
-        # user's working directory (libvirt names cannot hold a '/').
-        self.marker = f'nwpwned{os.getpid()}{secrets.token_hex(3)}'
-        # A libvirt domain of that name is on the node: resolving it
-        # proves the name reached virsh as one intact argument.
-        self.hostile = (f'x;  touch {self.marker}; '
-                        f'echo $(touch {self.marker}) `touch {self.marker}` ')
-
-    # -- building ---------------------------------------------------------
-    def build(self):
-        try:
-            self.lab.build()
-        except lab_mod.LabError as exc:
-            pytest.fail(f'the namespace lab could not be built: {exc}')
-        self.src, self.hv = self.lab.src_netns, self.lab.hv_netns
-        self.mgmt, self.pif = self.lab.mgmt_netns, self.lab.pif
-        self.guests = self.lab.guests
-        addrs = self.lab.mgmt_addresses
-        self.src_mgmt, self.hv_mgmt = addrs.src, addrs.hv
-        # Unused addresses on the management network.  Each test that
-        # connects to one has its own: a neighbour entry still resolving
-        # for an earlier test fails later connects with "No route to host"
-        # (EHOSTUNREACH) instead of their own timeout.
-        self.nobody = str(ipaddress.ip_address(addrs.mgmt) + 98)
-        self.nobody_too = str(ipaddress.ip_address(addrs.mgmt) + 97)
-        self._keys()
-        self._libvirt_node()
-        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)  # privsep dir
-        self.start_sshd(self.src, self.src_mgmt, PORT)
-        self.start_sshd(self.hv, self.hv_mgmt, PORT)
-
-    def _keys(self):
-        for path in (self.key, self.host_key):
-            _run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C',
-                  'netweaver-test', '-f', path])
-        shutil.copy(self.key + '.pub', os.path.join(self.workdir,
-                                                    'authorized_keys'))
-        with open(self.host_key + '.pub') as f:
-            kind, blob = f.read().split()[:2]
-        with open(self.known_hosts, 'w') as f:
-            for addr in (self.src_mgmt, self.hv_mgmt):
-                f.write(f'[{addr}]:{PORT} {kind} {blob}\n')
-
-    def _libvirt_node(self):
-        # The lab's guests as the agent tests describe them (nova domain
-        # names instance-0000000N, the lab's taps on its bridge), and
-        # guest 1's tap once more under the hostile name.  No filterref
-        # there: libvirt formats the filter name unquoted.
-        hostile = virt.GuestDomain.from_guest(
-            self.guests[1], domain=self.hostile, uuid=str(uuid.uuid4()),
-            bridge=self.lab.bridge, filterref=False)
-        self.libvirt_uri = virt.write_node(
-            os.path.join(self.workdir, 'node.xml'),
-            [*agent.guest_domains(self.lab), hostile])
-
-    def start_sshd(self, ns, addr, port):
-        conf = os.path.join(self.workdir, f'sshd_{ns}_{port}.conf')
-        lines = [f'Port {port}', f'ListenAddress {addr}',
-                 f'HostKey {self.host_key}',
-                 f'AuthorizedKeysFile {self.workdir}/authorized_keys',
-                 f'PidFile {self.workdir}/sshd_{ns}_{port}.pid',
-                 'UsePAM no', 'StrictModes no',
-                 'PermitRootLogin prohibit-password',
-                 'PasswordAuthentication no',
-                 'KbdInteractiveAuthentication no',
-                 'Subsystem sftp internal-sftp', 'MaxSessions 32']
-        with open(conf, 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-        log_path = os.path.join(self.workdir, f'sshd_{ns}_{port}.log')
-        with open(log_path, 'wb') as log_file:   # never a pipe left unread
-            proc = subprocess.Popen(
-                ['ip', 'netns', 'exec', ns, SSHD, '-D', '-e', '-f', conf],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=log_file)
-        self.procs.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            with open(log_path, 'rb') as f:
-                text = f.read().decode(errors='replace')
-            if 'Server listening' in text:
-                return
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f'sshd in {ns} on {addr}:{port} did not start: '
-                            f'{text}')
-            time.sleep(0.05)
-
-    # -- tearing down -----------------------------------------------------
-    def destroy(self):
-        conftest.stop_processes(reversed(self.procs))
-        self.lab.teardown()
-
-    # -- using ------------------------------------------------------------
-    def options(self, **kw):
-        args = dict(key_file=self.key, known_hosts_file=self.known_hosts,
-                    connect_timeout_s=5.0, command_timeout_s=30.0)
-        args.update(kw)
-        return remote.SSHOptions(**args)
-
-    def host(self, addr=None, port=PORT, **kw):
-        return remote.RemoteHost(addr or self.hv_mgmt, port, 'root',
-                                 self.options(**kw),
-                                 netns_name=self.mgmt)
-
-    def measure_argv(self, *extra):
-        return ['measure', '--hv', self.hv_mgmt, '-s', self.src_mgmt,
-                '--hypervisor-port', str(PORT),
-                '--source-port', str(PORT), '-i', self.pif, '-k', self.key,
-                '--known-hosts', self.known_hosts, '--ssh-netns', self.mgmt,
-                '--connect-timeout', '5', *extra]
-
-
-def built(tmp_path_factory, lab_class=SSHLab, name='ssh'):
-    """For a module-scoped fixture: a ``lab_class`` built in a fresh
-    directory ``name``, yielded, then destroyed."""
-    _fail_unless_possible()
-    workdir = str(tmp_path_factory.mktemp(name))
-    os.chmod(workdir, 0o755)
-    ssh_lab = lab_class(workdir)
-    try:
-        ssh_lab.build()
-        yield ssh_lab
-    finally:
-        ssh_lab.destroy()
+from tests.functional import sshlab
 
 
 @pytest.fixture(scope='module')
 def lab(tmp_path_factory):
-    yield from built(tmp_path_factory)
+    yield from sshlab.built(tmp_path_factory)
 
 
-def _netweaver(argv):
-    """The ``netweaver`` command in a process of its own; must succeed."""
-    proc = subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
-                           *argv], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, (argv, proc.stderr)
-    return proc
-
-
-def _cli(argv, capsys):
-    """``netweaver measure ...`` in this process, through its parser."""
-    parser = argparse.ArgumentParser(prog='netweaver')
-    cmd_measure.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    status = args.run(args)
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-# -- remote.py against a real sshd ------------------------------------------
+# -- ssh/session.py against a real sshd ------------------------------------
 
 def test_run_fetch_tempdir_and_errors(lab, tmp_path):
     with lab.host() as hv:
         assert hv.run(['ip', '-o', 'link', 'show', lab.pif]).exit_status == 0
-        with pytest.raises(remote.RemoteCommandError) as err:
+        with pytest.raises(session.RemoteCommandError) as err:
             hv.run(['sh', '-c', 'echo boom >&2; exit 3'])
         assert 'exit status 3' in str(err.value)
         assert 'boom' in str(err.value)
         assert lab.hv_mgmt in str(err.value)
-        with pytest.raises(remote.RemoteCommandError) as err:
+        with pytest.raises(session.RemoteCommandError) as err:
             hv.run(['sleep', '3'], timeout_s=0.5)
         assert 'did not end within 0.5 s' in str(err.value)
         # SFTP fetch, and the remote directory goes also on failure.
@@ -252,36 +64,37 @@ def test_run_fetch_tempdir_and_errors(lab, tmp_path):
         assert (tmp_path / 'f').read_bytes() == b'data'
         gone = hv.run(['test', '-e', tmp], check=False)
         assert gone.exit_status == 1, f'{tmp} left on the hypervisor'
-        with pytest.raises(remote.RemoteError, match='/nonexistent/pcap'):
+        with pytest.raises(session.RemoteError, match='/nonexistent/pcap'):
             hv.fetch('/nonexistent/pcap', str(tmp_path / 'g'))
 
 
 def test_wrong_host_key_refused(lab, tmp_path):
     other = tmp_path / 'other_key'
-    _run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(other)])
+    sshlab.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f',
+                str(other)])
     kind, blob = (tmp_path / 'other_key.pub').read_text().split()[:2]
     bad = tmp_path / 'known_hosts'
-    bad.write_text(f'[{lab.hv_mgmt}]:{PORT} {kind} {blob}\n')
+    bad.write_text(f'[{lab.hv_mgmt}]:{sshlab.PORT} {kind} {blob}\n')
     host = lab.host(known_hosts_file=str(bad), accept_new_host_key=True)
-    with pytest.raises(remote.HostKeyError) as err:
+    with pytest.raises(session.HostKeyError) as err:
         host.connect()
     msg = str(err.value)
     assert lab.hv_mgmt in msg and 'differs' in msg and str(bad) in msg
     # Nothing was recorded over the known key.
-    assert bad.read_text() == f'[{lab.hv_mgmt}]:{PORT} {kind} {blob}\n'
+    assert bad.read_text() == f'[{lab.hv_mgmt}]:{sshlab.PORT} {kind} {blob}\n'
 
 
 def test_unknown_host_refused_unless_accepted(lab, tmp_path):
     empty = tmp_path / 'known_hosts'
     empty.write_text('')
-    with pytest.raises(remote.HostKeyError) as err:
+    with pytest.raises(session.HostKeyError) as err:
         lab.host(known_hosts_file=str(empty)).connect()
     assert 'is not in known_hosts' in str(err.value)
     assert lab.hv_mgmt in str(err.value)
     with lab.host(known_hosts_file=str(empty),
                   accept_new_host_key=True) as hv:
         hv.run(['true'])
-    assert f'[{lab.hv_mgmt}]:{PORT} ssh-ed25519 ' in empty.read_text()
+    assert f'[{lab.hv_mgmt}]:{sshlab.PORT} ssh-ed25519 ' in empty.read_text()
     with lab.host(known_hosts_file=str(empty)) as hv:   # now known
         hv.run(['true'])
 
@@ -289,7 +102,7 @@ def test_unknown_host_refused_unless_accepted(lab, tmp_path):
 def test_unreachable_host_fails_within_timeout(lab):
     host = lab.host(addr=lab.nobody, connect_timeout_s=1.0)
     started = time.monotonic()
-    with pytest.raises(remote.RemoteConnectError) as err:
+    with pytest.raises(session.RemoteConnectError) as err:
         host.connect()
     elapsed = time.monotonic() - started
     assert lab.nobody in str(err.value)
@@ -303,7 +116,7 @@ def test_unreachable_host_in_measure_names_it(lab, capsys):
     argv = lab.measure_argv('-d', g.address, '--vif', g.tap)
     argv[argv.index(lab.hv_mgmt)] = lab.nobody_too
     argv[argv.index('--connect-timeout') + 1] = '1'
-    status, out, err = _cli(argv, capsys)
+    status, out, err = sshlab.cli(argv, capsys)
     assert status == 1
     assert lab.nobody_too in err and 'timed out' in err
 
@@ -321,17 +134,17 @@ def _no_leftovers():
 # -- the seed's job ---------------------------------------------------------
 def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
         lab, tmp_path):
-    g = lab.guests[0]     # its probes are held DELAY_MS on the bridge
+    g = lab.guests[0]     # its probes are held sshlab.DELAY_MS on the bridge
     pcaps = tmp_path / 'pcaps'
     with _no_leftovers():
-        proc = _netweaver(lab.measure_argv(
+        proc = sshlab.netweaver(lab.measure_argv(
             '--vif', g.tap, '-d', g.address, '--count', '40',
             '--interval-ms', '5', '--json', '--output-dir', str(pcaps)))
     got = json.loads(proc.stdout)
     assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
     # Verified with the window's own secret (its probes' tags).
     assert got['authenticated'] is True
-    assert got['source_ip'] == lab.lab.src_address
+    assert got['source_ip'] == lab.lab.spec.src_address
     assert got['sent'] == 40
     rep = got['reports'][g.tap]
     assert rep['ingress']['count'] == 40 and rep['ingress']['lost'] == 0
@@ -340,10 +153,10 @@ def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
     held = [r for r in lab.lab.delay_records(0)
             if r.session == got['session'] and not r.reply]
     assert sorted(r.seq for r in held) == list(range(40))
-    assert rep['ingress']['mean_us'] >= DELAY_MS * 1000
+    assert rep['ingress']['mean_us'] >= sshlab.DELAY_MS * 1000
     assert rep['ingress']['min_us'] * 1000 >= min(r.hold_ns for r in held)
     # The same pcaps through `netweaver analyze` give the same report.
-    proc = _netweaver(
+    proc = sshlab.netweaver(
         ['analyze', str(pcaps / 'pif.pcap'), str(pcaps / 'vif.pcap'),
          '--pif-name', lab.pif, '--vif-name', g.tap, '--protocol', 'icmp',
          '--session', str(got['session']), '--json'])
@@ -355,7 +168,7 @@ def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
 def test_measure_with_the_seeds_hping3(lab, capsys):
     g = lab.guests[1]
     with _no_leftovers():
-        status, out, err = _cli(lab.measure_argv(
+        status, out, err = sshlab.cli(lab.measure_argv(
             '--vif', g.tap, '-d', g.address, '--count', '20',
             '--source-command',
             'hping3 -c {count} -S -L 0 -Q -i u5000 {destination}'), capsys)
@@ -372,7 +185,7 @@ def test_measure_with_the_seeds_hping3(lab, capsys):
 
 def _domiflist(uri, domain):
     """What the real ``virsh domiflist`` prints (local, no SSH)."""
-    return netns.run([_virsh(), '-c', uri, 'domiflist', '--domain',
+    return netns.run([sshlab.virsh(), '-c', uri, 'domiflist', '--domain',
                       domain]).stdout
 
 
@@ -424,9 +237,9 @@ def test_parse_domiflist_reads_the_real_virsh_output(tmp_path):
 
 
 def test_measure_resolves_the_instance_with_the_real_virsh(lab):
-    g = lab.guests[0]     # its probes are held DELAY_MS on the bridge
+    g = lab.guests[0]     # its probes are held sshlab.DELAY_MS on the bridge
     with _no_leftovers():
-        proc = _netweaver(lab.measure_argv(
+        proc = sshlab.netweaver(lab.measure_argv(
             '--instance', g.name, '--libvirt-uri', lab.libvirt_uri,
             '-d', g.address, '--count', '20', '--interval-ms', '5',
             '--json'))
@@ -440,14 +253,14 @@ def test_measure_resolves_the_instance_with_the_real_virsh(lab):
     held = [r for r in lab.lab.delay_records(0)
             if r.session == got['session'] and not r.reply]
     assert sorted(r.seq for r in held) == list(range(20))
-    assert rep['ingress']['mean_us'] >= DELAY_MS * 1000
+    assert rep['ingress']['mean_us'] >= sshlab.DELAY_MS * 1000
     assert rep['ingress']['min_us'] * 1000 >= min(r.hold_ns for r in held)
 
 
 def test_instance_vif_number_beyond_its_vnics_is_clear(lab, capsys):
     g = lab.guests[1]
     with _no_leftovers():
-        status, out, err = _cli(lab.measure_argv(
+        status, out, err = sshlab.cli(lab.measure_argv(
             '-n', g.name, '--libvirt-uri', lab.libvirt_uri,
             '--vif-number', '1', '-d', g.address, '--count', '5'), capsys)
     assert status == 1
@@ -466,7 +279,7 @@ def test_instance_name_runs_nothing(lab, capsys):
             assert os.path.exists(marker)
             os.unlink(marker)
             # No xe, no such libvirt domain: a clear error, nothing run.
-            status, out, err = _cli(lab.measure_argv(
+            status, out, err = sshlab.cli(lab.measure_argv(
                 '-n', absent, '--libvirt-uri', lab.libvirt_uri,
                 '-d', lab.guests[1].address, '--count', '5'), capsys)
             assert status == 1
@@ -476,7 +289,7 @@ def test_instance_name_runs_nothing(lab, capsys):
             assert not os.path.exists(marker)
             # The real virsh finds the domain of exactly that name
             # (spaces, ';', $(), backquotes and all): one argument.
-            status, out, err = _cli(lab.measure_argv(
+            status, out, err = sshlab.cli(lab.measure_argv(
                 '-n', lab.hostile, '--libvirt-uri', lab.libvirt_uri,
                 '-d', lab.guests[1].address, '--count', '5', '--json',
                 '--interval-ms', '5'), capsys)
@@ -494,7 +307,7 @@ def test_ssh_source_in_run_window_like_netns_source(lab):
                              interfaces=(lab.pif, lab.guests[1].tap))]
     settings = window.WindowSettings(count=30, interval_ms=1.0)
     ssh_source = probesource.parse_source(
-        f'ssh://root@{lab.src_mgmt}:{PORT}', options=lab.options(),
+        f'ssh://root@{lab.src_mgmt}:{sshlab.PORT}', options=lab.options(),
         netns_name=lab.mgmt)
     local_source = probesource.parse_source(f'netns:{lab.src}')
     try:
@@ -507,7 +320,11 @@ def test_ssh_source_in_run_window_like_netns_source(lab):
         local_source.close()
     assert by_ssh.send == sources.SendResult(sent=30)
     a, b = by_ssh.reports[g.tap], by_netns.reports[g.tap]
-    assert type(a) is type(b)
+    # Both entered the host through its pif, as the same probes do, and
+    # the secret of each window verified every one of them.
+    assert (a.vif, a.pif, a.protocol, a.authenticated, a.rejected) == \
+        (b.vif, b.pif, b.protocol, b.authenticated, b.rejected) == \
+        (g.tap, lab.pif, 'icmp', True, 0)
     for rep in (a, b):
         assert rep.pif == lab.pif and rep.sent == 30
         assert rep.ingress.count == 30 and rep.ingress.lost == 0
@@ -515,8 +332,86 @@ def test_ssh_source_in_run_window_like_netns_source(lab):
         assert 0 < rep.ingress.mean_us < 2000   # no delay on this guest
 
 
+@contextlib.contextmanager
+def _tcpdump(ns, interface, path, count, bpf):
+    """A tcpdump in ``ns`` writing ``path`` with nanosecond timestamps,
+    listening when entered, stopped (and reaped) on exit."""
+    proc = subprocess.Popen(
+        ['ip', 'netns', 'exec', ns, 'tcpdump', '-n', '-i', interface,
+         '-Q', 'in', '-w', path, '--time-stamp-precision=nano',
+         '--immediate-mode', '-c', str(count), bpf],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        seen = b''
+        deadline = time.monotonic() + 10
+        while b'listening on' not in seen:
+            ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+            if ready:
+                seen += os.read(proc.stderr.fileno(), 4096)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f'tcpdump on {interface} in {ns}: {seen!r}')
+        yield proc
+    finally:
+        conftest.stop_processes([proc])
+        proc.stderr.close()
+
+
+def _arrivals(path):
+    """``[(t_ns, destination)]`` of the IPv4 packets of a pcap."""
+    out = []
+    with open(path, 'rb') as f:
+        for ts, frame in dpkt.pcap.Reader(f):
+            ip = dpkt.ethernet.Ethernet(frame).data
+            out.append((int(ts * 10**9),
+                        socket.inet_ntoa(ip.dst)))
+    return out
+
+
+def test_ssh_source_paces_on_the_wire(lab, tmp_path):
+    """The remote sender keeps the plan's rates where it matters: as the
+    hypervisor's pif receives the probes (kernel timestamps, tcpdump),
+    two probes to one vNIC are never closer than per_vnic_interval, and
+    the window takes as long as the plan says.  A sender that sends the
+    records as they come (no pacing) puts them all within a millisecond
+    or two."""
+    per_vnic_ns, interval_ns, count = 20_000_000, 1_000_000, 10
+    targets = [g.address for g in lab.guests]
+    sched = sources.schedule(window.new_session(), 'icmp', targets, count,
+                             interval_ns, per_vnic_ns,
+                             secret=window.new_secret())
+    plan = sched.plan
+    pcap = str(tmp_path / 'pif.pcap')
+    src = probesource.SSHSource(lab.src_mgmt, sshlab.PORT, 'root',
+                                lab.options(), netns_name=lab.mgmt)
+    bpf = (f'icmp[icmptype] = icmp-echo and src host '
+           f'{lab.lab.spec.src_address}')
+    try:
+        src.prepare(plan)
+        with _tcpdump(lab.hv, lab.pif, pcap, len(plan.probes), bpf) as dump:
+            sent = src.send(plan, time.monotonic() + 30)
+            dump.wait(10)
+    finally:
+        src.close()
+    assert sent == sources.SendResult(sent=len(plan.probes))
+    seen = _arrivals(pcap)
+    assert sorted(d for _, d in seen) == sorted(p.dst_ip for p in plan.probes)
+    # Arrival times differ from departure times by the path's jitter.
+    tolerance_ns = 2_000_000
+    for dst in targets:
+        times = [t for t, d in seen if d == dst]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(gaps) == count - 1
+        assert min(gaps) >= per_vnic_ns - tolerance_ns, (dst, gaps)
+    # The host's rate: the probes spread over the plan's duration (a
+    # probe may leave a quantum early, never more).
+    spread = seen[-1][0] - seen[0][0]
+    quantum_ns = int(pacing.SEND_QUANTUM_S * 1e9)
+    assert spread >= plan.duration_ns - quantum_ns - tolerance_ns, spread
+
+
 def test_ssh_source_bad_sender_host_is_clear(lab):
-    src = remote.SSHSource(lab.nobody, PORT, 'root', lab.options(
+    src = probesource.SSHSource(lab.nobody, sshlab.PORT, 'root', lab.options(
         connect_timeout_s=1.0), netns_name=lab.mgmt)
     plan, _ = sources.interleaved_plan(1, 'icmp', [lab.guests[1].address], 3,
                                        1000000)
@@ -528,7 +423,7 @@ def test_ssh_source_bad_sender_host_is_clear(lab):
 def test_missing_vif_fails_clearly_and_cleans_up(lab, capsys):
     g = lab.guests[1]
     with _no_leftovers():
-        status, out, err = _cli(lab.measure_argv(
+        status, out, err = sshlab.cli(lab.measure_argv(
             '--vif', 'nosuchvif0', '-d', g.address, '--count', '5'), capsys)
     assert status == 1
     assert 'tcpdump' in err and 'nosuchvif0' in err and lab.hv_mgmt in err

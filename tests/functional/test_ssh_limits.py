@@ -1,16 +1,17 @@
-"""remote.py against hosts that misbehave: caps, total deadlines, IPv6.
+"""ssh/ against hosts that misbehave: caps, total deadlines, IPv6.
 
 A hostile SSH server runs in a thread of this process: a real
 :class:`paramiko.ServerInterface` with a real SFTP subsystem, listening on
 127.0.0.1 with a host key made here and written to a temporary known_hosts.
 It streams endless output, an endless SFTP file, answers byte by byte or
-never.  The client (:class:`remote.RemoteHost`, :class:`remote.SSHSource`,
+never.  The client (:class:`session.RemoteHost`,
+:class:`probesource.SSHSource`,
 the ``netweaver measure`` job) must stop at its caps and at its *total*
 deadlines with an error naming the host and the command or file, and the
 process's memory must stay small.
 
 The IPv6 SSH probe source runs through the real sshd of
-``test_ssh.SSHLab`` in a lab built with ``ipv6=True`` (addresses in
+``sshlab.SSHLab`` in a lab built with ``ipv6=True`` (addresses in
 2001:2::/64, no route out).
 """
 
@@ -30,9 +31,9 @@ from netweaver_agent.core import sources
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.ssh import probesource
-from netweaver_agent.ssh import remote
+from netweaver_agent.ssh import session
 from tests.functional import conftest
-from tests.functional import test_ssh
+from tests.functional import sshlab
 
 MIB = 1 << 20
 # How long any hostile stream goes on at most (the server's own bound).
@@ -103,6 +104,11 @@ class _EndlessHandle(paramiko.SFTPHandle):
     def stat(self):
         return self.server.attrs(self.path)
 
+    def write(self, offset, data):
+        # What the client ships (the sender): taken, and dropped.
+        self.server.put.append(self.path)
+        return paramiko.SFTP_OK
+
 
 class _EndlessSFTP(paramiko.SFTPServerInterface):
     """SFTP files: '/endless' (announces 1000 bytes, never ends), '/huge'
@@ -131,6 +137,7 @@ class HostileServer:
         self.client_key.write_private_key_file(self.key_file)
         self.small = bytes(range(256)) * 4
         self.commands = []
+        self.put = []
         self.connections = 0
         self.sent = 0
         self.stop = threading.Event()
@@ -204,6 +211,9 @@ class HostileServer:
                     channel.sendall(b'.')
                     if self.stop.wait(0.2):
                         break
+            elif name == 'mktemp':      # an honest directory
+                channel.sendall(b'/tmp/netweaver.0123456789\n')
+                channel.send_exit_status(0)
             elif name == 'sh':          # RemoteHost.start's wrapper
                 chunk = b'1' * 65536    # a "pid" without end
                 while time.monotonic() < end and not channel.closed:
@@ -241,8 +251,8 @@ def _host(server, **kw):
                 known_hosts_file=server.known_hosts,
                 connect_timeout_s=5.0, command_timeout_s=15.0)
     args.update(kw)
-    return remote.RemoteHost('127.0.0.1', server.port, 'root',
-                             remote.SSHOptions(**args))
+    return session.RemoteHost('127.0.0.1', server.port, 'root',
+                              session.SSHOptions(**args))
 
 
 # -- caps ---------------------------------------------------------------------
@@ -261,12 +271,12 @@ def test_endless_output_stops_at_the_cap(hostile):
         for argv in (['xe', 'vm-list', 'name-label=vm1', 'params=dom-id',
                       '--minimal'], ['endless-stderr']):
             sent_before = hostile.sent
-            with pytest.raises(remote.OutputTooLarge) as err:
+            with pytest.raises(session.OutputTooLarge) as err:
                 host.run(argv, check=False)
             msg = str(err.value)
             assert hostile.port and f'127.0.0.1:{hostile.port}' in msg
             assert repr(' '.join(argv)) in msg
-            assert f'more than {remote.MAX_OUTPUT_BYTES} bytes' in msg
+            assert f'more than {session.MAX_OUTPUT_BYTES} bytes' in msg
             # It stopped: the server was still streaming (it would go on
             # for a minute), the client did not read to its end.
             assert hostile.sent - sent_before < 1024 * MIB
@@ -278,7 +288,7 @@ def test_endless_output_stops_at_the_cap(hostile):
 
 def test_a_larger_cap_is_the_callers_choice(hostile):
     with _host(hostile) as host:
-        with pytest.raises(remote.OutputTooLarge, match='more than 4194304'):
+        with pytest.raises(session.OutputTooLarge, match='more than 4194304'):
             host.run(['endless'], max_output=4 * MIB)
 
 
@@ -287,7 +297,7 @@ def test_resolve_vif_of_an_endless_dom_id_is_a_clear_error(hostile):
     them raised an uncaught ValueError."""
     before = rss_bytes()
     with _host(hostile) as host:
-        with pytest.raises(remote.RemoteCommandError) as err:
+        with pytest.raises(session.RemoteCommandError) as err:
             seedjob.resolve_vif(host, 'vm1')
     assert 'xe vm-list' in str(err.value)
     assert rss_bytes() - before < 64 * MIB
@@ -295,7 +305,7 @@ def test_resolve_vif_of_an_endless_dom_id_is_a_clear_error(hostile):
 
 def test_a_pid_without_end_is_refused(hostile):
     with _host(hostile) as host:
-        with pytest.raises(remote.RemoteCommandError,
+        with pytest.raises(session.RemoteCommandError,
                            match='no process id') as err:
             host.start(['tcpdump', '-i', 'eth0'])
     assert 'tcpdump -i eth0' in str(err.value)
@@ -304,10 +314,10 @@ def test_a_pid_without_end_is_refused(hostile):
 def test_ssh_source_of_a_hostile_host_is_a_clear_error(hostile):
     """``ip route get`` answered without end: the source fails with the
     host named, the agent's memory stays small."""
-    src = remote.SSHSource('127.0.0.1', hostile.port, 'root',
-                           key_file=hostile.key_file,
-                           known_hosts_file=hostile.known_hosts,
-                           connect_timeout_s=5.0, command_timeout_s=15.0)
+    src = probesource.SSHSource('127.0.0.1', hostile.port, 'root',
+                                key_file=hostile.key_file,
+                                known_hosts_file=hostile.known_hosts,
+                                connect_timeout_s=5.0, command_timeout_s=15.0)
     plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 3,
                                        1_000_000)
     before = rss_bytes()
@@ -321,6 +331,9 @@ def test_ssh_source_of_a_hostile_host_is_a_clear_error(hostile):
         with pytest.raises(sources.SourceError) as err:
             src.send(plan, time.monotonic() + 5)
         assert 'python3' in str(err.value) and 'more than' in str(err.value)
+        # It ran the files it shipped there, into a mktemp -d directory.
+        assert {f'/tmp/netweaver.0123456789/{name}'
+                for name in probesource.SHIPPED} <= set(hostile.put)
     finally:
         src.close()
     assert rss_bytes() - before < 64 * MIB
@@ -330,7 +343,7 @@ def test_endless_sftp_file_stops_at_the_cap(hostile, tmp_path):
     local = tmp_path / 'pif.pcap'
     before = rss_bytes()
     with _host(hostile) as host:
-        with pytest.raises(remote.RemoteError) as err:
+        with pytest.raises(session.RemoteError) as err:
             host.fetch('/endless', str(local), max_bytes=8 * MIB)
         msg = str(err.value)
         assert '/endless' in msg and f'127.0.0.1:{hostile.port}' in msg
@@ -338,7 +351,7 @@ def test_endless_sftp_file_stops_at_the_cap(hostile, tmp_path):
         assert not local.exists(), 'a partial capture was left behind'
         # The options' cap (max_capture_mb) is the default.
         small = _host(hostile, max_capture_mb=2)
-        with small, pytest.raises(remote.RemoteError,
+        with small, pytest.raises(session.RemoteError,
                                   match=f'more than the {2 * MIB} bytes'):
             small.fetch('/endless', str(local))
     assert rss_bytes() - before < 64 * MIB
@@ -348,7 +361,7 @@ def test_an_announced_huge_file_is_refused_before_reading(hostile,
                                                           tmp_path):
     with _host(hostile) as host:
         sent = hostile.sent
-        with pytest.raises(remote.RemoteError,
+        with pytest.raises(session.RemoteError,
                            match=rf'holds {1 << 40} bytes, more than'):
             host.fetch('/huge', str(tmp_path / 'x'))
         assert hostile.sent == sent       # not a byte read
@@ -368,7 +381,7 @@ def test_output_byte_by_byte_ends_at_the_total_deadline(hostile):
 
         def run():
             nonlocal err
-            with pytest.raises(remote.RemoteCommandError) as err:
+            with pytest.raises(session.RemoteCommandError) as err:
                 host.run(['slow'])
         took = _elapsed(run)
         assert 'did not end within 1.5 s' in str(err.value)
@@ -382,7 +395,7 @@ def test_output_byte_by_byte_ends_at_the_total_deadline(hostile):
 def test_an_exec_request_never_answered_ends_at_the_deadline(hostile):
     with _host(hostile, command_timeout_s=1.5) as host:
         started = time.monotonic()
-        with pytest.raises(remote.RemoteCommandError,
+        with pytest.raises(session.RemoteCommandError,
                            match='did not end within 1.5 s'):
             host.run(['hang'])
         assert time.monotonic() - started < 1.5 + 10
@@ -395,18 +408,18 @@ def test_sftp_byte_by_byte_ends_at_the_total_deadline(hostile, tmp_path):
     local = tmp_path / 'vif.pcap'
     with _host(hostile, command_timeout_s=1.5) as host:
         started = time.monotonic()
-        with pytest.raises(remote.RemoteError) as err:
+        with pytest.raises(session.RemoteError) as err:
             host.fetch('/slow', str(local))
         assert time.monotonic() - started < 1.5 + 10
         assert 'did not finish within 1.5 s' in str(err.value)
         assert '/slow' in str(err.value)
         assert not local.exists()
         # An explicit timeout for the one transfer wins.
-        with pytest.raises(remote.RemoteError, match='within 0.5 s'):
+        with pytest.raises(session.RemoteError, match='within 0.5 s'):
             host.fetch('/slow', str(local), timeout_s=0.5)
         # Fast but endless, no cap in reach: the deadline ends it, with the
         # same error (the SFTP stream cut mid-answer is not another one).
-        with pytest.raises(remote.RemoteError,
+        with pytest.raises(session.RemoteError,
                            match='/endless .*did not finish within 1.0 s'):
             host.fetch('/endless', str(local), max_bytes=1 << 40,
                        timeout_s=1.0)
@@ -419,18 +432,18 @@ def test_sftp_byte_by_byte_ends_at_the_total_deadline(hostile, tmp_path):
 
 def test_accept_new_without_known_hosts_fails_closed(hostile, tmp_path):
     with pytest.raises(ValueError, match='known_hosts'):
-        remote.SSHOptions(key_file=hostile.key_file, known_hosts_file='',
-                          accept_new_host_key=True)
+        session.SSHOptions(key_file=hostile.key_file, known_hosts_file='',
+                           accept_new_host_key=True)
     # Options made past that check: connect() refuses by itself, before
     # any connection is opened.
-    opts = remote.SSHOptions(key_file=hostile.key_file,
-                             known_hosts_file=hostile.known_hosts)
+    opts = session.SSHOptions(key_file=hostile.key_file,
+                              known_hosts_file=hostile.known_hosts)
     object.__setattr__(opts, 'known_hosts_file', '')
     object.__setattr__(opts, 'accept_new_host_key', True)
     connections = hostile.connections
-    host = remote.RemoteHost('127.0.0.1', hostile.port, 'root', opts)
+    host = session.RemoteHost('127.0.0.1', hostile.port, 'root', opts)
     for _ in range(2):          # every time, not only the first
-        with pytest.raises(remote.HostKeyError) as err:
+        with pytest.raises(session.HostKeyError) as err:
             host.connect()
         assert 'known_hosts' in str(err.value)
     assert hostile.connections == connections
@@ -443,7 +456,7 @@ def test_accept_new_without_known_hosts_fails_closed(hostile, tmp_path):
 
 
 def test_measure_refuses_accept_new_without_known_hosts(capsys):
-    status, out, err = test_ssh._cli(
+    status, out, err = sshlab.cli(
         ['measure', '--hv', '127.0.0.1', '-s', '127.0.0.1', '-d',
          '198.18.0.10', '--vif', 'tap0', '--known-hosts', '',
          '--accept-new-host-key'], capsys)
@@ -456,10 +469,10 @@ def test_measure_refuses_accept_new_without_known_hosts(capsys):
 def test_ssh_source_refuses_a_destination_before_reaching_the_host(hostile):
     """The same destination policy as every source: a refused address
     never reaches the remote host (not even a route lookup)."""
-    src = remote.SSHSource('127.0.0.1', hostile.port, 'root',
-                           key_file=hostile.key_file,
-                           known_hosts_file=hostile.known_hosts,
-                           policy=destinations.policy(['198.18.0.0/24']))
+    src = probesource.SSHSource('127.0.0.1', hostile.port, 'root',
+                                key_file=hostile.key_file,
+                                known_hosts_file=hostile.known_hosts,
+                                policy=destinations.policy(['198.18.0.0/24']))
     connections, commands = hostile.connections, len(hostile.commands)
     try:
         for dst in ('169.254.169.254', '198.19.0.10', '224.0.0.1'):
@@ -478,7 +491,7 @@ def test_ssh_source_refuses_a_destination_before_reaching_the_host(hostile):
 
 def test_measure_refuses_a_metadata_destination(hostile, capsys):
     connections = hostile.connections
-    status, out, err = test_ssh._cli(
+    status, out, err = sshlab.cli(
         ['measure', '--hv', '127.0.0.1', '--hypervisor-port',
          str(hostile.port), '-s', '127.0.0.1', '--source-port',
          str(hostile.port), '-k', hostile.key_file, '--known-hosts',
@@ -491,7 +504,7 @@ def test_measure_refuses_a_metadata_destination(hostile, capsys):
 
 # -- IPv6: the SSH probe source through real sshd -----------------------------
 
-class SSHLab6(test_ssh.SSHLab):
+class SSHLab6(sshlab.SSHLab):
     """test_ssh's lab (sshd in the source and hypervisor namespaces, the
     client on the management network) with IPv6 on the probe network."""
 
@@ -502,14 +515,14 @@ class SSHLab6(test_ssh.SSHLab):
 
 @pytest.fixture(scope='module')
 def lab6(tmp_path_factory):
-    yield from test_ssh.built(tmp_path_factory, SSHLab6, 'ssh6')
+    yield from sshlab.built(tmp_path_factory, SSHLab6, 'ssh6')
 
 
 def test_ssh_source_sends_ipv6_probes(lab6):
     paths = lab6.lab.paths(ipv6=True)
     settings = probe_window.WindowSettings(count=20, interval_ms=2.0)
     src = probesource.parse_source(
-        f'ssh://root@{lab6.src_mgmt}:{test_ssh.PORT}',
+        f'ssh://root@{lab6.src_mgmt}:{sshlab.PORT}',
         options=lab6.options(), netns_name=lab6.mgmt)
     try:
         assert src.remote.route_source(paths[0].address) == \
@@ -535,7 +548,7 @@ def test_ssh_source_sends_ipv6_probes(lab6):
 
 def test_measure_of_an_ipv6_destination(lab6, tmp_path):
     g = lab6.guests[1]
-    proc = test_ssh._netweaver(lab6.measure_argv(
+    proc = sshlab.netweaver(lab6.measure_argv(
         '--vif', g.tap, '-d', g.address6, '--count', '20',
         '--interval-ms', '5', '--json', '--max-capture-mb', '1'))
     import json
@@ -567,7 +580,7 @@ def test_the_real_agent_refuses_options_that_can_never_work(lab_factory,
                'probe_source': 'ssh://root@198.18.0.1:2222',
                'ssh_accept_new_host_key': 'true',
                'ssh_known_hosts_file': ''})
-    with labagent.PollingAgent(files, the_lab.hv_netns) as agent:
+    with labagent.PollingAgent(files, the_lab.spec.hv_netns) as agent:
         errors, log = conftest.meters_refused(agent, AGENT_INTERVAL_S,
                                               AGENT_WAIT_S)
     for words in ('[netweaver] probe_interval_ms = nan is not a finite',

@@ -52,7 +52,7 @@ from netweaver_agent.lab import proc as labproc
 from netweaver_agent.ssh import probesource
 from tests.functional import conftest
 from tests.functional import privsep
-from tests.functional import test_ssh
+from tests.functional import sshlab
 from tests.functional import tcpdump
 
 COUNT = 20
@@ -233,8 +233,8 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
 
 @pytest.fixture(scope='module')
 def ssh_lab(tmp_path_factory):
-    """test_ssh's lab: sshd in the source and hypervisor namespaces."""
-    yield from test_ssh.built(tmp_path_factory)
+    """The SSH lab (sshlab): sshd in the source and hypervisor namespaces."""
+    yield from sshlab.built(tmp_path_factory)
 
 
 def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
@@ -243,7 +243,7 @@ def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
     paths = [vifpath.VifPath(vif=g.tap, address=g.address,
                              interfaces=(ssh_lab.pif, g.tap))]
     source = probesource.parse_source(
-        f'ssh://root@{ssh_lab.src_mgmt}:{test_ssh.PORT}',
+        f'ssh://root@{ssh_lab.src_mgmt}:{sshlab.PORT}',
         options=ssh_lab.options(), netns_name=ssh_lab.mgmt)
     settings = window.WindowSettings(protocol='tcp', count=COUNT,
                                      interval_ms=1.0)
@@ -265,7 +265,7 @@ def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
 def test_measure_sends_tcp_from_its_own_ports(ssh_lab, tmp_path):
     g = ssh_lab.guests[1]
     pcaps = tmp_path / 'pcaps'
-    proc = test_ssh._netweaver(ssh_lab.measure_argv(
+    proc = sshlab.netweaver(ssh_lab.measure_argv(
         '--vif', g.tap, '-d', g.address, '--protocol', 'tcp', '--count',
         str(COUNT), '--interval-ms', '2', '--json', '--output-dir',
         str(pcaps)))
