@@ -160,9 +160,9 @@ def worker(config, cycles, sequential, profile):
     from ceilometer import service
     from stevedore import named
 
+    from netweaver_agent.agent import inspector
     from netweaver_agent.agent import pollsters
     from netweaver_agent.core import window
-    from netweaver_agent.lab import agent
 
     conf = service.prepare_service(argv=['bench-worker'],
                                    config_files=[config])
@@ -171,7 +171,7 @@ def worker(config, cycles, sequential, profile):
         raise RuntimeError(f"pollster {entrypoint} did not load: {exc}")
 
     meters = named.NamedExtensionManager(
-        'ceilometer.poll.compute', names=list(agent.LATENCY_METERS),
+        'ceilometer.poll.compute', names=list(pollsters.meter_names()),
         invoke_on_load=True, invoke_args=(conf,),
         on_load_failure_callback=failed, name_order=True)
     finder = discovery.InstanceDiscovery(conf)
@@ -195,7 +195,7 @@ def worker(config, cycles, sequential, profile):
                     None, cache, instances))
             if prof:
                 prof.disable()
-        entry = cache[pollsters.CACHE_KEY]
+        entry = cache[inspector.CACHE_KEY]
         windows = []
         for w in entry.windows:
             meta = [x.metadata for x in w.measurements]
@@ -217,13 +217,13 @@ def worker(config, cycles, sequential, profile):
         prof.dump_stats(profile)
     out['send_only'] = send_only(instances)
     if sequential:
-        prober = pollsters.VifLatencyBase._prober
-        found = prober.paths(instances)
+        latency = pollsters.INSPECTOR.current
+        found = latency.paths(instances)
         sent = measured = drops = 0
         with DaemonMeter() as dm, Meter() as m:
             for _, _, path in found:
-                w = window.run_window([path], prober.source,
-                                      prober.settings)
+                w = window.run_window([path], latency.source,
+                                      latency.settings)
                 sent += w.send.sent
                 drops += w.capture.drops
                 measured += sum(r.ingress.count for r in w.reports.values())
@@ -245,9 +245,9 @@ def send_only(instances):
     from netweaver_agent.agent import pollsters
     from netweaver_agent.core import sources
     from netweaver_agent.core import window
-    prober = pollsters.VifLatencyBase._prober
-    st = prober.settings
-    paths = [p for _, _, p in prober.paths(instances)]
+    latency = pollsters.INSPECTOR.current
+    st = latency.settings
+    paths = [p for _, _, p in latency.paths(instances)]
     plan = sources.schedule(
         window.new_session(), st.protocol, [p.address for p in paths],
         st.count, int(st.interval_ms * 1e6),
@@ -255,8 +255,8 @@ def send_only(instances):
         budget_ns=int((st.max_window_ms - st.timeout_ms) * 1e6),
         size=st.size, port=st.port).plan
     with DaemonMeter() as dm, Meter() as m:
-        prober.source.prepare(plan)
-        result = prober.source.send(
+        latency.source.prepare(plan)
+        result = latency.source.send(
             plan, time.monotonic() + st.max_window_ms / 1000.0)
     figures = m.figures()
     figures.update(sent=result.sent, daemons=dm.figures,

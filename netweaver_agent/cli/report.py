@@ -13,17 +13,12 @@ one-line picture of them, so a bimodal path or a long tail shows.
 import dataclasses
 
 from netweaver_agent.core import latency
+from netweaver_agent.core import reportdict
 
-STAT_FIELDS = ('count', 'lost', 'min_us', 'max_us', 'mean_us', 'stdev_us',
-               'p50_us', 'p90_us', 'p99_us')
-DIRECTIONS = ('ingress', 'egress', 'turnaround')
-
-
-def stats_to_dict(stats):
-    """A :class:`latency.DirectionStats` as a plain dict (for JSON)."""
-    out = {f: getattr(stats, f) for f in STAT_FIELDS}
-    out['loss_pct'] = stats.loss_pct
-    return out
+DIRECTIONS = reportdict.DIRECTIONS
+# The JSON shape is core's (one report-to-dict for JSON and samples).
+stats_to_dict = reportdict.stats_to_dict
+report_to_dict = reportdict.report_to_dict
 
 
 _LEVELS = '▁▂▃▄▅▆▇█'
@@ -51,26 +46,6 @@ def histogram_line(counts):
         for c in counts[first:last + 1])
     high = _edge(edges[last + 1]) if last + 1 < len(edges) else '∞'
     return f'{_edge(edges[first])} {bar} {high}'
-
-
-def report_to_dict(report):
-    """A :class:`latency.LatencyReport` as a plain dict (for JSON)."""
-    out = {'vnic': report.vif, 'pif': report.pif,
-           'protocol': report.protocol, 'sent': report.sent,
-           'unseen_at_pif': report.unseen_at_pif, 'late': report.late,
-           'unknown': report.unknown, 'anomalies': report.anomalies,
-           'filtered': report.filtered,
-           'vlan': list(report.vlan), 'vni': report.vni,
-           'tunnel': report.tunnel,
-           'histogram_edges_us': list(latency.HISTOGRAM_EDGES_US)}
-    for direction in DIRECTIONS:
-        out[direction] = stats_to_dict(getattr(report, direction))
-        out[direction]['histogram'] = list(
-            report.histogram(direction) or
-            [0] * len(latency.HISTOGRAM_EDGES_US))
-    out['hops'] = [{'src': h.src, 'dst': h.dst,
-                    **stats_to_dict(h.stats)} for h in report.hops]
-    return out
 
 
 def seed_summary(stats):

@@ -20,6 +20,7 @@ import time
 
 from oslo_log import log
 
+from netweaver_agent.agent import pollsters
 from netweaver_agent.core import netns
 from netweaver_agent.lab import proc
 from netweaver_agent.lab import switch
@@ -28,9 +29,7 @@ from netweaver_agent.lab import virt
 LOG = log.getLogger(__name__)
 
 PROMETHEUS_PORT = 9101
-LATENCY_METERS = ('network.vif.latency', 'network.vif.latency.p50',
-                  'network.vif.latency.p99', 'network.vif.latency.max',
-                  'network.vif.outgoing.latency', 'network.vif.probe.loss')
+LATENCY_METERS = pollsters.meter_names()
 AGENT_STOP_S = 10.0
 SCRAPE_TIMEOUT_S = 5.0
 

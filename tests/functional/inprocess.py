@@ -12,19 +12,16 @@ import os
 from xml.etree import ElementTree
 
 from ceilometer.compute import discovery
-from ceilometer.compute import pollsters as compute_pollsters
 from ceilometer import service
 
+from netweaver_agent.agent import inspector
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import pollsters
 from netweaver_agent.agent import privileged
 from netweaver_agent.lab import agent
 from netweaver_agent.lab import virt
 
-METERS = (pollsters.VifLatencyPollster, pollsters.VifLatencyP50Pollster,
-          pollsters.VifLatencyP99Pollster, pollsters.VifLatencyMaxPollster,
-          pollsters.VifOutgoingLatencyPollster,
-          pollsters.VifProbeLossPollster)
+METERS = pollsters.METERS
 
 
 class _Recorder(logging.Handler):
@@ -69,7 +66,7 @@ class Cycle:
         self.discovery = discovery.InstanceDiscovery(conf)
         # Discovery's connection opens now, on the lab's node as written.
         self.discovery.discover(None)
-        self.prober = pollsters.VifLatencyBase._prober
+        self.inspector = pollsters.INSPECTOR.current
         # prepare_service() set up oslo.log: record our lines here.
         self.records = []
         self._handler = _Recorder(self.records)
@@ -84,7 +81,7 @@ class Cycle:
 
     def close(self):
         logging.getLogger('netweaver_agent').removeHandler(self._handler)
-        self.prober.source.close()
+        self.inspector.source.close()
 
     def libvirt_view(self, shut_off=(), missing=()):
         """Change what libvirt tells our pollsters about the lab's guests.
@@ -108,9 +105,9 @@ class Cycle:
             node.append(element)
         with open(self.node, 'w', encoding='utf-8') as f:
             f.write(ElementTree.tostring(node, encoding='unicode'))
-        inspector = self.prober.inspector
-        inspector.connection.close()
-        inspector._libvirt_connection = None
+        libvirt = self.inspector.libvirt
+        libvirt.connection.close()
+        libvirt._libvirt_connection = None
 
     def run(self):
         """One polling cycle: ``{meter name: [Sample]}`` and the cache."""
@@ -118,7 +115,7 @@ class Cycle:
         cache = {}
         samples = {m.sample_name: list(m.get_samples(None, cache, instances))
                    for m in self.meters}
-        return samples, cache[pollsters.CACHE_KEY]
+        return samples, cache[inspector.CACHE_KEY]
 
     def resource_of(self, guest_index):
         """The resource id our samples carry for one lab guest."""
@@ -139,8 +136,7 @@ def cycles(tmp_path):
     ``yield from inprocess.cycles(tmp_path)`` in a fixture.
     """
     def reset():
-        pollsters.VifLatencyBase._prober = None
-        compute_pollsters.GenericComputePollster._inspector = None
+        pollsters.INSPECTOR.reset()
 
     reset()
     root = logging.getLogger()

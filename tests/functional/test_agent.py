@@ -24,7 +24,7 @@ WAIT_S = 45.0
 PROBE = {'probe_count': 20, 'probe_interval_ms': 1.0,
          'per_vnic_interval_ms': 8.0, 'probe_timeout_ms': 100.0,
          'max_window_ms': 2000.0}
-WINDOW_RE = re.compile(r'^(\S+ \S+) .*netweaver_agent\.agent\.pollsters .*'
+WINDOW_RE = re.compile(r'^(\S+ \S+) .*netweaver_agent\.agent\.inspector .*'
                        r'Probe window (\d+): (\d+) vNICs')
 POLLING_RE = re.compile(r'^(\S+ \S+) .*(Polling|Finished polling) pollster '
                         r'(network\.vif\.\S+) ')

@@ -338,7 +338,7 @@ def test_geneve_local_ip_on_an_internal_port(host):
     assert found.via == (('br-phy', 'ovn-chas02-0', 'br-int'),)
 
 
-# --- through the pollsters' Prober ------------------------------------------
+# --- through the pollsters' inspector ----------------------------------------
 
 class _Recorder(logging.Handler):
     def __init__(self):
@@ -351,7 +351,8 @@ class _Recorder(logging.Handler):
 
 @pytest.fixture
 def prober_for(tmp_path):
-    """``make(host, taps, **options) -> (Prober, instances, log lines)``."""
+    """``make(host, taps, **options) -> (LatencyInspector, instances,
+    log lines)``."""
     from ceilometer.compute import discovery
 
     from tests.functional import inprocess
@@ -372,7 +373,7 @@ def prober_for(tmp_path):
         conf = inprocess.configure(uri, **{
             'privsep': False, 'probe_source': f'netns:{h.ext}',
             'capture_netns': h.ns, 'ovsdb_connection': h.unix, **options})
-        prober = pollsters.Prober(conf)
+        prober = pollsters.new_inspector(conf)
         made.append(prober)
         logger.setLevel(logging.DEBUG)
         logger.addHandler(recorder)

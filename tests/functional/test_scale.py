@@ -94,7 +94,7 @@ def test_no_capture_socket_between_cycles(lab_factory, cycle_factory):
     cycle = cycle_factory(the_lab, probe_count=10, probe_interval_ms=1.0,
                           probe_timeout_ms=100.0, max_window_ms=2000.0,
                           privsep=False)
-    source = cycle.prober.source
+    source = cycle.inspector.source
     during = []
     send = source.send
 

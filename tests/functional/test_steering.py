@@ -37,9 +37,9 @@ def _set_filterref_ip(cycle, index, address):
     assert text.count(old) == 1, (old, text)
     with open(cycle.node, 'w', encoding='utf-8') as f:
         f.write(text.replace(old, old.replace(guest.address, address)))
-    inspector = cycle.prober.inspector
-    inspector.connection.close()
-    inspector._libvirt_connection = None
+    libvirt = cycle.inspector.libvirt
+    libvirt.connection.close()
+    libvirt._libvirt_connection = None
 
 
 def _rx_packets(dev):

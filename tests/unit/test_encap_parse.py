@@ -389,15 +389,15 @@ def test_live_encap_puts_the_kernel_tag_first():
 def test_geneve_port_option_reaches_the_window_settings():
     from oslo_config import cfg
 
+    from netweaver_agent.agent import inspector
     from netweaver_agent.agent import opts
-    from netweaver_agent.agent import pollsters
     conf = cfg.ConfigOpts()
     opts.register_opts(conf)
     conf([], project='netweaver-test')
-    assert pollsters.window_settings(conf).geneve_port is None
+    assert inspector.window_settings(conf).geneve_port is None
     for value, expected in ((6081, 6081), (0, None)):
         conf.set_override('geneve_port', value, group=opts.GROUP)
-        assert pollsters.window_settings(conf).geneve_port == expected
+        assert inspector.window_settings(conf).geneve_port == expected
 
 
 def test_the_capture_classes_take_the_geneve_port():

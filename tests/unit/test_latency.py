@@ -266,7 +266,7 @@ def test_reply_before_its_probe_and_hops_out_of_order_are_anomalies():
 def test_anomalies_reach_the_report_json_and_metadata():
     import types
 
-    from netweaver_agent.agent import pollsters
+    from netweaver_agent.agent import inspector
     from netweaver_agent.cli import report
     m = one_path_matcher([0, 1])
     for row in round_trip(0, 10 ** 9, 10 * US, 5 * US, 2 * US):
@@ -285,7 +285,7 @@ def test_anomalies_reach_the_report_json_and_metadata():
                                    session=SESSION, duration_ns=10 ** 6)
     path = vifpath.VifPath(vif='tap0', address='198.18.0.10',
                            interfaces=('eth0', 'tap0'))
-    md = pollsters.latency_metadata(rep, path, window, 'local')
+    md = inspector.latency_metadata(rep, path, window, 'local')
     assert md['probe_anomalies'] == 1
     assert md['tunnel'] is None
 

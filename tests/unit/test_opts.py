@@ -11,6 +11,7 @@ import pytest
 import stevedore
 
 from netweaver_agent.agent import opts
+from netweaver_agent.agent import pollsters
 from netweaver_agent.core import vifpath
 from netweaver_agent.ssh import remote
 
@@ -80,9 +81,8 @@ def test_the_sample_config_is_up_to_date(tmp_path):
 # --- the other files operators install ---------------------------------------
 
 ETC = os.path.join(ROOT, 'etc')
-METERS = ('network.vif.latency', 'network.vif.latency.p50',
-          'network.vif.latency.p99', 'network.vif.latency.max',
-          'network.vif.outgoing.latency', 'network.vif.probe.loss')
+# What the files must list: the meters as the product declares them.
+METERS = pollsters.meter_names()
 
 
 def _gnocchi_definitions(path):
@@ -259,16 +259,11 @@ def test_every_problem_is_named_at_once():
 def test_the_pollsters_refuse_to_load_before_probing_anything(caplog):
     """Loading a meter validates first: the meter is not loaded, an ERROR
     names the options (Ceilometer itself logs a failed setup only at
-    DEBUG), and no Prober (no source, no privsep daemon) is made."""
+    DEBUG), and no inspector (no source, no privsep daemon) is made."""
     from unittest import mock
-    from ceilometer.compute import pollsters as compute_pollsters
     from ceilometer.polling import plugin_base
-    from netweaver_agent.agent import pollsters
     conf = _conf(max_window_ms=100.0, probe_timeout_ms=90.0)
-    with mock.patch.object(compute_pollsters.GenericComputePollster,
-                           '_get_inspector'), \
-            mock.patch.object(pollsters.VifLatencyBase,
-                              '_get_prober') as prober:
+    with mock.patch.object(pollsters.INSPECTOR, 'get') as prober:
         with caplog.at_level('ERROR'):
             with pytest.raises(plugin_base.ExtensionLoadError,
                                match='max_window_ms'):

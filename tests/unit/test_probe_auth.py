@@ -409,7 +409,7 @@ def test_fast_builder_tags_every_probe_as_build_ip(proto, family):
 def test_rejected_look_alikes_reach_the_samples_metadata():
     import types
 
-    from netweaver_agent.agent import pollsters
+    from netweaver_agent.agent import inspector
     f1 = probe_frame('icmp', 4, 1, dst=2)
     fake = probe_frame('icmp', 4, 1, dst=2, secret=OTHER)
     m = matcher('icmp', {1: 'tap1'})
@@ -422,7 +422,7 @@ def test_rejected_look_alikes_reach_the_samples_metadata():
         duration_ns=10 ** 6)
     path = vifpath.VifPath(vif='tap1', address=ADDR[4][2],
                            interfaces=('eth1', 'tap1'))
-    md = pollsters.latency_metadata(rep, path, window, 'local')
+    md = inspector.latency_metadata(rep, path, window, 'local')
     assert md['probe_rejected'] == 1
 
 

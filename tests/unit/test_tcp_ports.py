@@ -368,4 +368,4 @@ def test_the_pollsters_refuse_to_load_and_say_why(tmp_path):
                      tcp_source_ports='33000-33999', privsep=False)
     conf.set_override('cfg_file', str(path), group='polling')
     with pytest.raises(pollsters.TcpPortsError, match='needs 1200 ports'):
-        pollsters.Prober(conf)
+        pollsters.new_inspector(conf)

@@ -753,7 +753,7 @@ def test_veth_to_another_linux_bridge_stays_linux_bridge():
 # --- what the pollsters publish of a path ----------------------------------
 
 def test_samples_name_the_devices_crossed_unseen():
-    from netweaver_agent.agent import pollsters
+    from netweaver_agent.agent import inspector
     from netweaver_agent.core import latency
     path = vifpath.VifPath(
         vif='tap1', address='198.18.0.10',
@@ -767,14 +767,14 @@ def test_samples_name_the_devices_crossed_unseen():
                    zip(path.interfaces, path.interfaces[1:])))
     window = types.SimpleNamespace(capture=types.SimpleNamespace(drops=0),
                                    session=7, duration_ns=1_000_000)
-    md = pollsters.latency_metadata(report, path, window, 'local')
+    md = inspector.latency_metadata(report, path, window, 'local')
     assert [(h['src'], h['dst'], h['via']) for h in md['latency_hops']] == [
         ('eth1', 'qvo1', list(TO_BR_INT)), ('qvo1', 'qvb1', []),
         ('qvb1', 'tap1', ['qbr1'])]
     assert md['path_unseen'] == list(TO_BR_INT) + ['qbr1']
     plain = vifpath.VifPath(vif='tap1', address='198.18.0.10',
                             interfaces=('eth1', 'tap1'))
-    md = pollsters.latency_metadata(report, plain, window, 'local')
+    md = inspector.latency_metadata(report, plain, window, 'local')
     assert md['path_unseen'] == []
 
 
