@@ -244,17 +244,49 @@ OPTS = [
 ]
 
 
-def _remote_opts():
-    try:
-        from netweaver_agent.ssh import remote
-    except ImportError:  # remote sources are optional
-        return []
-    return list(getattr(remote, 'OPTS', []))
+# The ssh:// probe source's (netweaver_agent.ssh.session.SSHOptions, made
+# by ssh_options(); max_capture_mb above is netweaver measure's too).
+SSH_OPTS = [
+    cfg.StrOpt('ssh_key_file',
+               help='Private key file for SSH to a remote probe source or '
+                    'hypervisor (key authentication only). Unset: the SSH '
+                    'agent and the default keys of the user.'),
+    cfg.StrOpt('ssh_known_hosts_file',
+               default='~/.ssh/known_hosts',
+               help='known_hosts file against which remote host keys are '
+                    'checked.'),
+    cfg.BoolOpt('ssh_accept_new_host_key', default=False,
+                help='Accept the key of a host absent from the known_hosts '
+                     'file and record it there. Off: unknown hosts are '
+                     'refused. A key that differs from the recorded one is '
+                     'always refused.'),
+    cfg.FloatOpt('ssh_connect_timeout_s', default=10.0, min=0.1, max=300.0,
+                 help='Timeout for the TCP connect, the SSH banner and '
+                      'authentication, in seconds.'),
+    cfg.FloatOpt('ssh_command_timeout_s', default=60.0, min=0.1,
+                 max=3600.0,
+                 help='Timeout for one remote command or one file transfer '
+                      'as a whole (not per read), in seconds. Past it the '
+                      'SSH session is closed.'),
+]
 
 
 def all_opts():
     """Every option of the ``[netweaver]`` group."""
-    return list(itertools.chain(OPTS, _remote_opts()))
+    return list(itertools.chain(OPTS, SSH_OPTS))
+
+
+def ssh_options(conf):
+    """The :class:`netweaver_agent.ssh.session.SSHOptions` of ``conf``'s
+    ``[netweaver]`` group (options registered)."""
+    from netweaver_agent.ssh import session
+    g = conf[GROUP]
+    return session.SSHOptions(key_file=g.ssh_key_file,
+                              known_hosts_file=g.ssh_known_hosts_file,
+                              accept_new_host_key=g.ssh_accept_new_host_key,
+                              connect_timeout_s=g.ssh_connect_timeout_s,
+                              command_timeout_s=g.ssh_command_timeout_s,
+                              max_capture_mb=g.max_capture_mb)
 
 
 def register_opts(conf):

@@ -48,6 +48,7 @@ from oslo_privsep import priv_context
 from netweaver_agent.core import capture
 from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
+from netweaver_agent.core import pacing
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
@@ -334,7 +335,7 @@ class _Pacer:
     the limits hold over any ``burst_s`` (a source's several probes of
     one wake-up pass without a sleep each)."""
 
-    def __init__(self, limits=LIMITS, burst_s=sources.SEND_QUANTUM_S):
+    def __init__(self, limits=LIMITS, burst_s=pacing.SEND_QUANTUM_S):
         self.limits = limits
         self.burst_s = burst_s
         self._lock = threading.Lock()
@@ -971,11 +972,9 @@ class PrivsepLocalSource(sources.ProbeSource):
         self.context = context or context_for(source_netns=netns_name)
         self.policy = policy or destinations.DestinationPolicy(
             require_networks=netns_name is None)
-        self._prepared = None
 
-    def prepare(self, plan):
-        self.discard()
-        self.policy.check_all(plan.targets())
+    def _make_ready(self, plan):
+        """The daemon's handle of the plan's probes, built there."""
         most = LIMITS.max_planned(plan.size)
         if len(plan.probes) > most:
             # Not sent at all: the daemon would refuse it after receiving
@@ -987,22 +986,15 @@ class PrivsepLocalSource(sources.ProbeSource):
                       plan.session, plan.protocol, plan.size, plan.port,
                       [(p.seq, p.dst_ip, p.offset_ns) for p in plan.probes],
                       self.policy.cidrs(), plan.secret)
-        self._prepared = (plan, handle)
+        return handle
 
-    def discard(self):
+    def _forget(self, handle):
         """Have the daemon forget the prepared probes (window failed)."""
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and self.context.channel is not None:
-            call(self.context, 'discard_probes', prepared[1])
+        if self.context.channel is not None:
+            call(self.context, 'discard_probes', handle)
 
     def send(self, plan, deadline_s):
-        if self._prepared is None or self._prepared[0] is not plan:
-            self.prepare(plan)
-        prepared, self._prepared = self._prepared, None
         sent, failed, errors = call(self.context, 'send_probes',
-                                    prepared[1], deadline_s)
+                                    self._ready_for(plan), deadline_s)
         return sources.SendResult(sent=sent, failed=failed,
                                   errors=tuple(errors))
-
-    def close(self):
-        self.discard()

@@ -15,7 +15,8 @@ import tempfile
 from netweaver_agent.agent import opts
 from netweaver_agent.cli import report
 from netweaver_agent.cli import seedjob
-from netweaver_agent.ssh import remote
+from netweaver_agent.core import sources
+from netweaver_agent.ssh import session as ssh
 
 
 def add_parser(subparsers):
@@ -83,7 +84,7 @@ def add_parser(subparsers):
                    metavar='S', help='remote command timeout (default: '
                                      '%(default)s s)')
     p.add_argument('--max-capture-mb', type=int,
-                   default=remote.DEFAULT_MAX_CAPTURE_MB, metavar='MB',
+                   default=ssh.DEFAULT_MAX_CAPTURE_MB, metavar='MB',
                    help='refuse a fetched capture larger than this (MiB; '
                         'default: %(default)s)')
     p.add_argument('--capture-timeout', type=opts.finite_float, default=60.0,
@@ -118,7 +119,7 @@ def job_from_args(args):
 
 
 def options_from_args(args):
-    return remote.SSHOptions(
+    return ssh.SSHOptions(
         key_file=args.key, known_hosts_file=args.known_hosts,
         accept_new_host_key=args.accept_new_host_key,
         connect_timeout_s=args.connect_timeout,
@@ -184,8 +185,8 @@ def run(args):
         result = seedjob.run(job, workdir, options,
                              netns_name=args.ssh_netns)
         print_result(result, args.json, kept=bool(args.output_dir))
-    except (remote.RemoteError, seedjob.SeedJobError,
-            seedjob.sources.SourceError, ValueError) as exc:
+    except (ssh.RemoteError, seedjob.SeedJobError,
+            sources.SourceError, ValueError) as exc:
         print(f'netweaver measure: {exc}', file=sys.stderr)
         return 1
     finally:

@@ -7,7 +7,8 @@ its hypervisor's pif and vif, fetch both pcaps, analyse them.
    filtered to the traffic between the probe source address and the
    destination, bounded by a packet count and ``timeout``), and wait until
    both are listening;
-3. send from the source host: our tagged probes (:class:`remote.SSHSource`)
+3. send from the source host: our tagged probes
+   (:class:`probesource.SSHSource`)
    or the operator's ``source_command`` (e.g. the seed's hping3);
 4. stop both captures, fetch the pcaps over SFTP (the remote temporary
    directory is removed also on failure);
@@ -33,7 +34,8 @@ from netweaver_agent.core import destinations
 from netweaver_agent.core import probe
 from netweaver_agent.core import sources
 from netweaver_agent.core import window
-from netweaver_agent.ssh import remote
+from netweaver_agent.ssh import probesource
+from netweaver_agent.ssh import session as ssh
 
 LOG = log.getLogger(__name__)
 
@@ -47,7 +49,7 @@ CAPTURE_MARGIN = 64
 CAPTURE_BUFFER_KIB = 4096
 SNAPLEN = 256
 # What the operator's source command (e.g. hping3, a line per packet) may
-# print; it is kept for the report.
+# print (read and dropped: a host cannot make us buffer more).
 SOURCE_OUTPUT_BYTES = 16 << 20
 
 
@@ -120,7 +122,6 @@ class SeedResult:
     source_ip: str
     session: int | None
     send: sources.SendResult | None
-    source_output: str
     pif_pcap: str
     vif_pcap: str
     analysis: offline.Analysis
@@ -193,7 +194,7 @@ def resolve_vif(host, instance, vif_number=0, libvirt_uri=None):
                    'params=dom-id', '--minimal'], check=False)
     if xe.exit_status == 0:
         text = xe.text.strip()
-        domid = remote.parse_uint(text)
+        domid = ssh.parse_uint(text)
         if not text:
             tried.append(f'xe: no VM named {instance!r}')
         elif domid is None:
@@ -331,19 +332,19 @@ class Runner:
 
     def __init__(self, job, options=None, netns_name=None):
         self.job = job
-        self.options = options or remote.SSHOptions()
+        self.options = options or ssh.SSHOptions()
         self.netns_name = netns_name
 
     def _host(self, host, port):
-        return remote.RemoteHost(host, port, self.job.username, self.options,
-                                 netns_name=self.netns_name)
+        return ssh.RemoteHost(host, port, self.job.username, self.options,
+                              netns_name=self.netns_name)
 
     def run(self, workdir):
         """Measure; leave ``pif.pcap`` and ``vif.pcap`` in ``workdir``."""
         job = self.job
         hv = self._host(job.hypervisor, job.hypervisor_port)
         if job.source_command is None:
-            src_source = remote.SSHSource(
+            src_source = probesource.SSHSource(
                 job.source, job.source_port, job.username, self.options,
                 netns_name=self.netns_name)
             src = src_source.remote
@@ -364,13 +365,15 @@ class Runner:
                       'hv': hv.name})
             pif_pcap = os.path.join(workdir, 'pif.pcap')
             vif_pcap = os.path.join(workdir, 'vif.pcap')
-            session, sent, output = self._capture_and_send(
+            plan, sent = self._capture_and_send(
                 hv, src, src_source, pif, vif, source_ip, pif_pcap,
                 vif_pcap, encap)
         finally:
             hv.close()
+            if src_source is not None:
+                src_source.close()
             src.close()
-        plan = getattr(self, 'plan', None) if session is not None else None
+        session = plan.session if plan is not None else None
         result = offline.analyze_pcaps(
             pif_pcap, vif_pcap, destination=job.destination, session=session,
             key=plan.secret if plan is not None else None, plan=plan,
@@ -379,8 +382,8 @@ class Runner:
             pif_name=pif, vif_name=vif)
         return SeedResult(job=job, pif=pif, vif=vif,
                           source_ip=source_ip, session=session, send=sent,
-                          source_output=output, pif_pcap=pif_pcap,
-                          vif_pcap=vif_pcap, analysis=result)
+                          pif_pcap=pif_pcap, vif_pcap=vif_pcap,
+                          analysis=result)
 
     def _capture_and_send(self, hv, src, src_source, pif, vif, source_ip,
                           pif_pcap, vif_pcap, encap=()):
@@ -402,8 +405,7 @@ class Runner:
                 for proc in procs:
                     proc.wait_for_stderr(b'listening on',
                                          self.options.command_timeout_s)
-                session, sent, output = self._send(src, src_source, plan,
-                                                   source_ip)
+                sent = self._send(src, src_source, plan, source_ip)
                 time.sleep(job.settle_s)
                 for proc in procs:
                     proc.signal('INT')
@@ -418,12 +420,12 @@ class Runner:
                         proc.signal('TERM')
                         proc.wait(self.options.connect_timeout_s,
                                   ok=range(256))
-                    except remote.RemoteError as exc:
+                    except ssh.RemoteError as exc:
                         LOG.warning('Could not stop %(cmd)s: %(err)s',
                                     {'cmd': shlex.join(proc.argv),
                                      'err': exc})
                     proc.close()
-        return session, sent, output
+        return plan, sent
 
     def _plan(self, src_source):
         """Our probes' plan, built on the way in (None: source command)."""
@@ -436,7 +438,6 @@ class Runner:
             [self.job.destination], self.job.count,
             int(self.job.interval_ms * 1e6), secret=window.new_secret())
         src_source.prepare(plan)
-        self.plan = plan
         return plan
 
     def _send(self, src, src_source, plan, source_ip):
@@ -444,17 +445,16 @@ class Runner:
         if plan is None:
             argv = source_argv(job.source_command, job.count,
                                job.destination, source_ip)
-            result = src.run(argv, timeout_s=job.capture_timeout_s,
-                             max_output=SOURCE_OUTPUT_BYTES)
-            return None, None, result.text + result.stderr.decode(
-                'utf-8', 'replace')
+            src.run(argv, timeout_s=job.capture_timeout_s,
+                    max_output=SOURCE_OUTPUT_BYTES)
+            return None
         deadline = time.monotonic() + job.capture_timeout_s
         sent = src_source.send(plan, deadline)
         if sent.failed:
             LOG.warning('%(n)d probes failed to send from %(src)s: %(err)s',
                         {'n': sent.failed, 'src': src.name,
                          'err': '; '.join(sent.errors)})
-        return plan.session, sent, ''
+        return sent
 
 
 def run(job, workdir, options=None, netns_name=None):

@@ -5,10 +5,13 @@
 * ``netns:NAME``: a network namespace attached to the physical network
   (the lab's source; needs CAP_SYS_ADMIN to enter it);
 * ``ssh://user@host[:port]``: a remote host, over SSH (see
-  :mod:`netweaver_agent.ssh.remote`).
+  :mod:`netweaver_agent.ssh.probesource`).
 
 A source takes a :class:`ProbePlan` (which packet, to which address, at
 which offset in the window) and sends it, bounded in count and time.
+:meth:`ProbeSource.prepare` makes it ready before the capture opens (a
+:class:`Prepared`, taken by :meth:`ProbeSource.send`); every source paces
+with :func:`pacing.pace`.
 
 TCP probes each get a 5-tuple of their own: :func:`schedule` takes their
 source ports from a :class:`PortCursor` that walks the configured range
@@ -24,12 +27,12 @@ import re
 import secrets
 import socket
 import threading
-import time
 
 from oslo_log import log
 
 from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
+from netweaver_agent.core import pacing
 from netweaver_agent.core import probe
 
 LOG = log.getLogger(__name__)
@@ -46,11 +49,6 @@ SYN_SENT_TIMEOUT_S = 120
 # Destinations a PortCursor remembers; the oldest is forgotten past this
 # (it then starts again at a random place of the range).
 MAX_CURSOR_DESTINATIONS = 65536
-# Several probes per timer wake-up: a probe may leave up to this much
-# before its planned time, never closer to its vNIC's previous probe than
-# the plan put them.  The host's rate holds over any stretch of this
-# length; every wake-up sends what is due within it.
-SEND_QUANTUM_S = 0.002
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -347,9 +345,7 @@ def interleaved_plan(session, protocol, targets, count, interval_ns,
     return sched.plan, sched.owner
 
 
-def family_of(address):
-    """``AF_INET6`` for an IPv6 address string, else ``AF_INET``."""
-    return socket.AF_INET6 if ':' in address else socket.AF_INET
+family_of = pacing.family_of
 
 
 def pack_address(address):
@@ -379,36 +375,77 @@ def build_packets(plan, source_address):
     return [(p.dst_ip, packets[p.seq]) for p in plan.probes]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """What a source made ready for one plan before the capture opened
+    (its packets, their encoding, a daemon's handle): ``payload``, which
+    only that source reads."""
+
+    plan: ProbePlan
+    payload: object
+
+
 class ProbeSource:
     """Base class: sends a :class:`ProbePlan`.
 
     ``policy`` (a :class:`destinations.DestinationPolicy`) says where its
-    probes may go; :func:`measure.run_window` leaves out the vNICs it
-    refuses.
+    probes may go; :func:`window.run_window` leaves out the vNICs it
+    refuses.  The prepared-plan handoff is here, once: :meth:`prepare`
+    checks the plan against the policy and keeps a :class:`Prepared` of
+    what :meth:`_make_ready` returns; :meth:`_ready_for` (in
+    :meth:`send`) takes it back, or makes it then; :meth:`discard` hands a
+    payload never sent to :meth:`_forget`.
     """
 
     name = 'abstract'
     policy = destinations.DEFAULT
-    #: its routing is this host's (or a namespace's of it): measure.py
+    #: its routing is this host's (or a namespace's of it): window.py
     #: checks each vNIC's route before a window (see :mod:`routes`)
     routes_here = False
+    _prepared = None
 
     def prepare(self, plan):
         """Get ready to send ``plan`` (e.g. build its packets).
 
         Called before the capture opens, so the capture socket is open
         only while probes fly.  Optional: :meth:`send` works without it.
+
+        :raises destinations.RefusedDestination: a target the policy
+            refuses (before anything is made)
         """
+        self.discard()
+        self.policy.check_all(plan.targets())
+        self._prepared = Prepared(plan, self._make_ready(plan))
+
+    def _make_ready(self, plan):
+        """What :meth:`send` needs for ``plan`` (policy checked)."""
+        return None
+
+    def _forget(self, payload):
+        """Release a payload prepared and never sent."""
+
+    def _ready_for(self, plan):
+        """The payload prepared for ``plan`` (taken), or made now."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            if prepared.plan is plan:
+                return prepared.payload
+            self._forget(prepared.payload)
+        self.policy.check_all(plan.targets())
+        return self._make_ready(plan)
 
     def send(self, plan, deadline_s):
         """Send the plan; stop at ``deadline_s`` (time.monotonic())."""
         raise NotImplementedError
 
     def discard(self):
-        """Forget what :meth:`prepare` built: the window failed first."""
+        """Forget what :meth:`prepare` made: the window failed first."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            self._forget(prepared.payload)
 
     def close(self):
-        pass
+        self.discard()
 
 
 def _source_address(dst_ip):
@@ -438,7 +475,6 @@ class LocalSource(ProbeSource):
         self._sock = None
         self._sock6 = None
         self._src = {}
-        self._prepared = None
 
     def _open(self, family=socket.AF_INET):
         attr = '_sock6' if family == socket.AF_INET6 else '_sock'
@@ -476,65 +512,32 @@ class LocalSource(ProbeSource):
         self.policy.check_all(plan.targets())
         return build_packets(plan, self.source_address)
 
-    def prepare(self, plan):
-        self._prepared = None
-        self.policy.check_all(plan.targets())
+    def _make_ready(self, plan):
+        """Sockets open, packets built: ``[pacing.Packet]``."""
         for dst in plan.targets():
             self._socket_for(dst)
-        self._prepared = (plan, self.build(plan))
-
-    def discard(self):
-        self._prepared = None
+        return [pacing.Packet(p.offset_ns, dst, data)
+                for p, (dst, data) in zip(plan.probes, self.build(plan))]
 
     def _transmit(self, sock, dst, data):
         sock.sendto(data, (dst, 0))
 
     def send(self, plan, deadline_s):
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] is plan:
-            packets = prepared[1]
-        else:
-            packets = self.build(plan)
+        packets = self._ready_for(plan)
         socks = {dst: self._socket_for(dst) for dst in plan.targets()}
         transmit = self._transmit
-        monotonic = time.monotonic
-        quantum = SEND_QUANTUM_S
-        start = monotonic()
-        sent = failed = 0
-        errors = []
-        # Per destination: when its last probe left, its planned offset.
-        left_at, left_off = {}, {}
-        for p, (dst, data) in zip(plan.probes, packets):
-            offset_ns = p.offset_ns
-            due = start + offset_ns / 1e9
-            earliest = due - quantum
-            if dst in left_at:
-                earliest = max(earliest, left_at[dst] +
-                               (offset_ns - left_off[dst]) / 1e9)
-            now = monotonic()
-            if earliest > now and due <= deadline_s:
-                # On time (or as its vNIC's spacing says); what is due
-                # within the quantum then goes without sleeping.
-                time.sleep(max(earliest, due) - now)
-                now = monotonic()
-            if due > deadline_s or now > deadline_s:
-                LOG.warning('Probe source %(src)s stopped at its deadline: '
-                            '%(left)d probes not sent',
-                            {'src': self.name,
-                             'left': len(plan.probes) - sent - failed})
-                break
-            left_at[dst] = now
-            left_off[dst] = offset_ns
-            try:
-                transmit(socks[dst], dst, data)
-                sent += 1
-            except OSError as exc:
-                failed += 1
-                if len(errors) < 5:
-                    errors.append(f"{dst}: {exc}")
-        return SendResult(sent=sent, failed=failed, errors=tuple(errors))
+        done = pacing.pace(
+            packets, lambda p: transmit(socks[p.dst_ip], p.dst_ip, p.data),
+            deadline_s)
+        if done.left:
+            LOG.warning('Probe source %(src)s stopped at its deadline: '
+                        '%(left)d probes not sent',
+                        {'src': self.name, 'left': done.left})
+        return SendResult(sent=done.sent, failed=done.failed,
+                          errors=done.errors)
 
     def close(self):
+        super().close()
         for attr in ('_sock', '_sock6'):
             sock = getattr(self, attr)
             if sock is not None:

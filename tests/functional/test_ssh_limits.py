@@ -549,13 +549,13 @@ def test_ssh_source_sends_ipv6_probes(lab6):
 def test_measure_of_an_ipv6_destination(lab6, tmp_path):
     g = lab6.guests[1]
     proc = sshlab.netweaver(lab6.measure_argv(
-        '--vif', g.tap, '-d', g.address6, '--count', '20',
+        '--vif', g.vif, '-d', g.address6, '--count', '20',
         '--interval-ms', '5', '--json', '--max-capture-mb', '1'))
     import json
     got = json.loads(proc.stdout)
     assert got['source_ip'] == lab6.lab.spec.src_address6
     assert got['sent'] == 20
-    rep = got['reports'][g.tap]
+    rep = got['reports'][g.vif]
     assert rep['ingress']['count'] == 20 and rep['ingress']['lost'] == 0
     assert rep['egress']['count'] == 20
 

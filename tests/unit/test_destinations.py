@@ -271,7 +271,7 @@ def test_the_local_source_refuses_before_building_or_opening_sockets():
 
 def test_the_local_source_forgets_what_it_prepared_on_discard():
     src = sources.LocalSource(netns_name='x')
-    src._prepared = ('plan', [])
+    src._prepared = sources.Prepared('plan', [])
     src.discard()
     assert src._prepared is None
 

@@ -1,4 +1,5 @@
-"""Unit tests of remote.py and seedjob.py: quoting, options, parsing.
+"""Unit tests of ssh/session.py, ssh/probesource.py and cli/seedjob.py:
+quoting, options, parsing.
 
 The real SSH paths (sshd, host keys, timeouts, the seed's job end to end)
 are in tests/functional/test_ssh.py.
@@ -6,8 +7,6 @@ are in tests/functional/test_ssh.py.
 
 import os
 import shlex
-import socket
-import struct
 import subprocess
 import time
 
@@ -18,9 +17,11 @@ from oslo_config import cfg
 from oslo_config import fixture as config_fixture
 import testtools
 
+from netweaver_agent.agent import opts
 from netweaver_agent.cli import seedjob
+from netweaver_agent.core import sources
 from netweaver_agent.ssh import probesource
-from netweaver_agent.ssh import remote
+from netweaver_agent.ssh import session
 
 EVIL = 'x; touch pwned-marker'
 EVIL_NAMES = [EVIL, "x' ; touch pwned-marker; '", 'x$(touch pwned-marker)',
@@ -33,14 +34,14 @@ class TestCommandLine(testtools.TestCase):
     def test_evil_names_stay_one_argument(self):
         for name in EVIL_NAMES:
             argv = ['xe', 'vm-list', f'name-label={name}', 'params=dom-id']
-            self.assertEqual(argv, shlex.split(remote.command_line(argv)))
+            self.assertEqual(argv, shlex.split(session.command_line(argv)))
 
     def test_a_real_shell_sees_one_argument_and_runs_nothing(self):
         # sshd hands the command line to the user's shell with -c: do the
         # same locally, in a scratch directory, with printf as the command.
         tmp = self.useFixture(fixtures.TempDir()).path
         for name in EVIL_NAMES:
-            line = remote.command_line(['printf', '%s\\0', name])
+            line = session.command_line(['printf', '%s\\0', name])
             out = subprocess.run(['sh', '-c', line], cwd=tmp, check=True,
                                  capture_output=True).stdout
             self.assertEqual(name.encode() + b'\0', out)
@@ -50,21 +51,21 @@ class TestCommandLine(testtools.TestCase):
         blacklist_categories=('Cs',), blacklist_characters='\0')),
         min_size=1).filter(lambda a: a[0] != ''))
     def test_any_argv_round_trips(self, argv):
-        self.assertEqual(argv, shlex.split(remote.command_line(argv)))
+        self.assertEqual(argv, shlex.split(session.command_line(argv)))
 
     def test_non_strings_are_converted(self):
         self.assertEqual("kill -s INT 42",
-                         remote.command_line(['kill', '-s', 'INT', 42]))
+                         session.command_line(['kill', '-s', 'INT', 42]))
 
     def test_empty_command_is_refused(self):
-        self.assertRaises(ValueError, remote.command_line, [])
-        self.assertRaises(ValueError, remote.command_line, [''])
+        self.assertRaises(ValueError, session.command_line, [])
+        self.assertRaises(ValueError, session.command_line, [''])
 
 
 class TestErrors(testtools.TestCase):
 
     def test_command_error_names_host_command_status_stderr(self):
-        err = remote.RemoteCommandError(
+        err = session.RemoteCommandError(
             'root@hv1', ['xe', 'vm-list', f'name-label={EVIL}'], 1,
             'The server failed to handle your request\n')
         msg = str(err)
@@ -75,8 +76,8 @@ class TestErrors(testtools.TestCase):
         self.assertEqual(1, err.exit_status)
 
     def test_timeout_says_so(self):
-        err = remote.RemoteCommandError('root@hv1', ['sleep', '9'], None, '',
-                                        reason='did not end within 1 s')
+        err = session.RemoteCommandError('root@hv1', ['sleep', '9'], None,
+                                         '', reason='did not end within 1 s')
         self.assertIn('did not end within 1 s', str(err))
         self.assertIn('(no stderr)', str(err))
 
@@ -86,23 +87,25 @@ class TestOptions(testtools.TestCase):
     def setUp(self):
         super().setUp()
         self.conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
-        self.conf.register_opts(remote.OPTS, group=remote.GROUP)
+        opts.register_opts(self.conf.conf)
 
     def test_defaults_are_safe(self):
-        opts = remote.SSHOptions.from_conf(self.conf.conf)
-        self.assertFalse(opts.accept_new_host_key)
-        self.assertEqual('~/.ssh/known_hosts', opts.known_hosts_file)
-        self.assertIsNone(opts.key_file)
-        self.assertEqual(remote.SSHOptions(), opts)
+        got = opts.ssh_options(self.conf.conf)
+        self.assertFalse(got.accept_new_host_key)
+        self.assertEqual('~/.ssh/known_hosts', got.known_hosts_file)
+        self.assertIsNone(got.key_file)
+        self.assertEqual(session.SSHOptions(), got)
 
     def test_overrides(self):
         self.conf.config(group='netweaver', ssh_key_file='/etc/k',
                          ssh_accept_new_host_key=True,
-                         ssh_connect_timeout_s=2.5)
-        opts = remote.SSHOptions.from_conf(self.conf.conf)
-        self.assertEqual('/etc/k', opts.key_file)
-        self.assertTrue(opts.accept_new_host_key)
-        self.assertEqual(2.5, opts.connect_timeout_s)
+                         ssh_connect_timeout_s=2.5,
+                         ssh_command_timeout_s=7.0, max_capture_mb=3)
+        got = opts.ssh_options(self.conf.conf)
+        self.assertEqual(session.SSHOptions(
+            key_file='/etc/k', accept_new_host_key=True,
+            connect_timeout_s=2.5, command_timeout_s=7.0, max_capture_mb=3),
+            got)
 
     def test_bounds(self):
         self.assertRaises(ValueError, self.conf.config, group='netweaver',
@@ -111,16 +114,16 @@ class TestOptions(testtools.TestCase):
                           ssh_command_timeout_s=-1)
 
     def test_every_option_has_help(self):
-        for opt in remote.OPTS:
+        for opt in opts.SSH_OPTS:
             self.assertTrue(opt.help, opt.name)
             self.assertTrue(opt.name.startswith('ssh_'), opt.name)
 
     def test_dataclass_validates(self):
-        self.assertRaises(ValueError, remote.SSHOptions, connect_timeout_s=0)
+        self.assertRaises(ValueError, session.SSHOptions, connect_timeout_s=0)
 
     def test_ssh_source_takes_overrides(self):
-        src = remote.SSHSource('198.18.0.1', 2222, 'root',
-                               key_file='/k', connect_timeout_s=1.0)
+        src = probesource.SSHSource('198.18.0.1', 2222, 'root',
+                                    key_file='/k', connect_timeout_s=1.0)
         self.assertEqual('ssh://root@198.18.0.1:2222', src.name)
         self.assertEqual('/k', src.remote.options.key_file)
         self.assertEqual(1.0, src.remote.options.connect_timeout_s)
@@ -128,100 +131,22 @@ class TestOptions(testtools.TestCase):
     def test_parse_source_builds_ssh_source(self):
         src = probesource.parse_source('ssh://probe@198.18.0.1:2200',
                                        key_file='/k')
-        self.assertIsInstance(src, remote.SSHSource)
+        self.assertIsInstance(src, probesource.SSHSource)
         self.assertEqual('probe', src.remote.username)
         self.assertEqual(2200, src.remote.port)
-
-
-class TestSenderInput(testtools.TestCase):
-
-    def test_encode_plan_records(self):
-        data = remote.encode_plan([(0, '198.18.0.10', b'\x45abc'),
-                                   (1500, '2001:2::b', b'\x60')])
-        head = struct.Struct('!QHB16s')
-        off, n, version, dst = head.unpack_from(data, 0)
-        self.assertEqual((0, 4, 4, bytes([198, 18, 0, 10]) + bytes(12)),
-                         (off, n, version, dst))
-        self.assertEqual(b'\x45abc', data[head.size:head.size + 4])
-        off, n, version, dst = head.unpack_from(data, head.size + 4)
-        v6 = socket.inet_pton(socket.AF_INET6, '2001:2::b')
-        self.assertEqual((1500, 1, 6, v6), (off, n, version, dst))
-        self.assertEqual(2 * head.size + 5, len(data))
-
-    def test_encode_plan_refuses_a_non_address(self):
-        self.assertRaises(ValueError, remote.encode_plan,
-                          [(0, '198.18.0.300', b'\x45')])
-
-    def test_sender_script_compiles(self):
-        compile(remote.SENDER, '<sender>', 'exec')
-
-    def _sender(self, stdin, *argv):
-        """The real sender script, run here by python3 (nothing sent: the
-        inputs below stop it before any socket opens)."""
-        return subprocess.run(['python3', '-c', remote.SENDER, *argv],
-                              input=stdin, capture_output=True, timeout=30)
-
-    def test_sender_refuses_a_non_finite_or_huge_budget(self):
-        for budget in ('nan', 'inf', '-1', '1e9'):
-            proc = self._sender(b'', '10', budget)
-            self.assertNotEqual(0, proc.returncode, budget)
-            self.assertIn(b'bad time budget', proc.stderr)
-
-    def test_sender_refuses_bad_records(self):
-        good = remote.encode_plan([(0, '2001:2::b', b'\x60' * 40)])
-        proc = self._sender(good[:-1], '1', '1.0')       # cut packet
-        self.assertIn(b'truncated packet', proc.stderr)
-        bad = bytearray(good)
-        bad[10] = 5                                      # IP version 5
-        proc = self._sender(bytes(bad), '1', '1.0')
-        self.assertIn(b'bad IP version 5', proc.stderr)
-        proc = self._sender(good * 2, '1', '1.0')        # over the limit
-        self.assertIn(b'more than 1 packets', proc.stderr)
-
-    def test_sender_with_nothing_to_send_answers_its_json(self):
-        proc = self._sender(b'', '0', '1.0')
-        self.assertEqual(0, proc.returncode, proc.stderr)
-        result, left = remote.parse_sender_output(proc.stdout, 0)
-        self.assertEqual((remote.sources.SendResult(sent=0), 0),
-                         (result, left))
-
-
-class TestSenderOutput(testtools.TestCase):
-
-    def test_what_the_sender_prints(self):
-        out = b'{"sent": 7, "failed": 1, "errors": ["x: boom"], "left": 2}'
-        result, left = remote.parse_sender_output(out, 10)
-        self.assertEqual(7, result.sent)
-        self.assertEqual(1, result.failed)
-        self.assertEqual(('x: boom',), result.errors)
-        self.assertEqual(2, left)
-
-    def test_anything_else_is_refused(self):
-        for out in (b'[]', b'{"sent": 1}', b'"x"', b'[' * 5000,
-                    b'{"sent": 99999999999, "failed": 0, "errors": [], '
-                    b'"left": 0}',
-                    b'{"sent": -1, "failed": 1, "errors": [], "left": 0}',
-                    b'{"sent": 1.5, "failed": 0, "errors": [], "left": 0}',
-                    b'{"sent": 1, "failed": 0, "errors": {}, "left": 0}',
-                    b'{"sent": 1, "failed": 0, "errors": [1], "left": 0}',
-                    b'{"sent": 0, "failed": 0, "errors": [], "left": 0}',
-                    b'{"sent": 1, "failed": 0, "errors": ["' +
-                    b'e' * 1000 + b'"], "left": 0}'):
-            self.assertRaises(ValueError, remote.parse_sender_output, out,
-                              1)
 
 
 class TestParseUint(testtools.TestCase):
 
     def test_small_numbers(self):
-        self.assertEqual(7, remote.parse_uint('7\n'))
-        self.assertEqual(4294967295, remote.parse_uint(b' 4294967295 '))
-        self.assertEqual(0, remote.parse_uint('0'))
+        self.assertEqual(7, session.parse_uint('7\n'))
+        self.assertEqual(4294967295, session.parse_uint(b' 4294967295 '))
+        self.assertEqual(0, session.parse_uint('0'))
 
     def test_refused(self):
         for text in ('', ' ', '-1', '+1', '1.0', '0x10', '\u00b2', '\u0663',
                      '1 2', '9' * 11, '9' * 1_000_000):
-            self.assertIsNone(remote.parse_uint(text), text[:20])
+            self.assertIsNone(session.parse_uint(text), text[:20])
 
 
 class FakeChannel:
@@ -252,7 +177,7 @@ class FakeChannel:
 class TestOutputCap(testtools.TestCase):
 
     def read_all(self, total, cap):
-        io = remote._Output('root@hv', ('xe', 'vm-list'), cap)
+        io = session._Output('root@hv', ('xe', 'vm-list'), cap)
         ch = FakeChannel(total)
         while ch.recv_ready():
             io.read_ready(ch)
@@ -264,19 +189,19 @@ class TestOutputCap(testtools.TestCase):
         self.assertEqual(1000, len(io.out))
 
     def test_past_the_cap_stops_there(self):
-        err = self.assertRaises(remote.OutputTooLarge, self.read_all,
+        err = self.assertRaises(session.OutputTooLarge, self.read_all,
                                 10 ** 8, 1000)
         self.assertIn('root@hv', str(err))
         self.assertIn("'xe vm-list'", str(err))
         self.assertIn('more than 1000 bytes', str(err))
 
     def test_never_asks_for_more_than_the_cap_leaves(self):
-        io = remote._Output('h', ('c',), 100_000)
+        io = session._Output('h', ('c',), 100_000)
         ch = FakeChannel(10 ** 8)
         try:
             while ch.recv_ready():
                 io.read_ready(ch)
-        except remote.OutputTooLarge:
+        except session.OutputTooLarge:
             pass
         self.assertLessEqual(sum(ch.asked), 100_001)
         self.assertLessEqual(len(io.out), 100_000)
@@ -294,8 +219,8 @@ class FakeHost:
     def run(self, argv, check=True, **kwargs):
         self.calls.append(list(argv))
         status, out, err = self.answers.get(argv[0], (127, '', 'not found'))
-        return remote.CommandResult(tuple(argv), status, out.encode(),
-                                    err.encode())
+        return session.CommandResult(tuple(argv), status, out.encode(),
+                                     err.encode())
 
 
 DOMIFLIST = """\
@@ -403,43 +328,32 @@ class TestLimitsAndIPv6(testtools.TestCase):
         for name in ('connect_timeout_s', 'command_timeout_s',
                      'max_capture_mb'):
             for bad in (float('nan'), float('inf'), 0, -1):
-                err = self.assertRaises(ValueError, remote.SSHOptions,
+                err = self.assertRaises(ValueError, session.SSHOptions,
                                         **{name: bad})
                 self.assertIn(name, str(err))
         for empty in ('', None):
-            err = self.assertRaises(ValueError, remote.SSHOptions,
+            err = self.assertRaises(ValueError, session.SSHOptions,
                                     known_hosts_file=empty,
                                     accept_new_host_key=True)
             self.assertIn('known_hosts', str(err))
-        remote.SSHOptions(known_hosts_file='', accept_new_host_key=False)
-
-    def test_max_capture_mb_from_the_config(self):
-        from netweaver_agent.agent import opts
-        conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
-        opts.register_opts(conf.conf)
-        self.assertEqual(remote.SSHOptions().max_capture_mb,
-                         remote.SSHOptions.from_conf(conf.conf)
-                         .max_capture_mb)
-        conf.config(group='netweaver', max_capture_mb=3)
-        got = remote.SSHOptions.from_conf(conf.conf)
-        self.assertEqual(3 << 20, got.max_capture_bytes)
+        session.SSHOptions(known_hosts_file='', accept_new_host_key=False)
 
     def test_connect_fails_closed_before_any_socket(self):
         # Built past the dataclass check: connect() refuses by itself.
-        opts = remote.SSHOptions()
+        opts = session.SSHOptions()
         object.__setattr__(opts, 'known_hosts_file', '')
         object.__setattr__(opts, 'accept_new_host_key', True)
-        host = remote.RemoteHost('198.18.0.1', 2222, options=opts)
+        host = session.RemoteHost('198.18.0.1', 2222, options=opts)
         host._socket = lambda: self.fail('connected anyway')
-        err = self.assertRaises(remote.HostKeyError, host.connect)
+        err = self.assertRaises(session.HostKeyError, host.connect)
         self.assertIn('known_hosts', str(err))
         self.assertIn('198.18.0.1', str(err))
 
     def test_ipv6_host_names_are_bracketed_with_a_port(self):
         self.assertEqual('root@[2001:2::1]:2222',
-                         remote.RemoteHost('2001:2::1', 2222).name)
+                         session.RemoteHost('2001:2::1', 2222).name)
         self.assertEqual('root@2001:2::1',
-                         remote.RemoteHost('2001:2::1').name)
+                         session.RemoteHost('2001:2::1').name)
 
     def test_huge_or_odd_dom_ids_are_a_clear_error(self):
         for domid in ('9' * 100_000, '\u0663', '12 13', '-1'):
@@ -468,25 +382,23 @@ class TestLimitsAndIPv6(testtools.TestCase):
             self.assertIn(name, str(err))
 
     def test_ssh_source_refuses_a_non_finite_deadline(self):
-        from netweaver_agent.core import sources
-        src = remote.SSHSource('198.18.0.1', 2222)
+        src = probesource.SSHSource('198.18.0.1', 2222)
         plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
                                            1_000_000)
-        src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
+        src._prepared = sources.Prepared(plan, b'')
         src.remote.run = lambda *a, **k: self.fail('sent anyway')
         for bad in (float('nan'), float('inf')):
-            src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
+            src._prepared = sources.Prepared(plan, b'')
             self.assertRaises(ValueError, src.send, plan, bad)
 
     def test_ssh_source_with_no_time_left_sends_nothing(self):
-        from netweaver_agent.core import sources
-        src = remote.SSHSource('198.18.0.1', 2222)
+        src = probesource.SSHSource('198.18.0.1', 2222)
         plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
                                            1_000_000)
         src.remote.run = lambda *a, **k: self.fail('sent anyway')
         # Less than the sender's millisecond resolution is no time at all.
         for left in (-1.0, 0.0, 0.0004):
-            src._prepared = (plan, [(0, '198.18.0.10', b'\x45')])
+            src._prepared = sources.Prepared(plan, b'')
             got = src.send(plan, time.monotonic() + left)
             self.assertEqual(0, got.attempted)
 
@@ -497,7 +409,6 @@ class TestDestinationPolicy(testtools.TestCase):
 
     def test_ssh_source_refuses_before_any_remote_command(self):
         from netweaver_agent.core import destinations
-        from netweaver_agent.core import sources
         src = probesource.parse_source(
             'ssh://root@198.18.0.1:2222',
             policy=destinations.policy(['198.18.0.0/24']))
@@ -513,7 +424,7 @@ class TestDestinationPolicy(testtools.TestCase):
 
     def test_ssh_source_default_policy_is_the_classes(self):
         from netweaver_agent.core import destinations
-        src = remote.SSHSource('198.18.0.1')
+        src = probesource.SSHSource('198.18.0.1')
         self.assertEqual(destinations.DEFAULT, src.policy)
 
     def test_measure_job_refuses_such_destinations(self):

@@ -86,8 +86,12 @@ def test_schedule_invariants(n, count, interval, per, budget, rotate):
     assert [p.seq for p in probes] == list(range(len(probes)))
     assert {seq: targets[i] for seq, i in s.owner.items()} == {
         p.seq: p.dst_ip for p in probes}
-    assert set(s.skipped_targets) == {
-        i for i, c in enumerate(counts) if c == 0} if count else True
+    if count:
+        assert set(s.skipped_targets) == {
+            i for i, c in enumerate(counts) if c == 0}
+    else:
+        # Nothing wanted: no probe, and no target counted as left out.
+        assert probes == () and s.skipped_targets == ()
 
 
 # --- the window's bound ---------------------------------------------------

@@ -1,7 +1,8 @@
 """Several probes per timer wake-up, with the rates kept.
 
-The send loop of :class:`sources.LocalSource` (the privsep daemon's
-sender is one) and the daemon's pacer run against a fake clock whose
+The one pacing loop (:func:`pacing.pace`: :class:`sources.LocalSource`'s,
+the privsep daemon's and the SSH sender's) and the daemon's pacer run
+against a fake clock whose
 ``sleep`` oversleeps as a loaded host does: the number of wake-ups, when
 each probe leaves and how far apart one vNIC's probes are, are then exact.
 """
@@ -11,6 +12,7 @@ import types
 import pytest
 
 from netweaver_agent.agent import privileged
+from netweaver_agent.core import pacing
 from netweaver_agent.core import sources
 
 OVERSLEEP_S = 80e-6
@@ -51,7 +53,7 @@ class Recorder(sources.LocalSource):
 def clock(monkeypatch):
     c = Clock()
     fake = types.SimpleNamespace(monotonic=c.monotonic, sleep=c.sleep)
-    monkeypatch.setattr(sources, 'time', fake)
+    monkeypatch.setattr(pacing, 'time', fake)
     monkeypatch.setattr(privileged, 'time', fake)
     return c
 
@@ -75,7 +77,7 @@ def test_bursts_keep_each_vnics_spacing_and_the_host_rate(
     plan, log, start, result = _send(clock, vifs, count, interval_ms,
                                      per_vnic_ms)
     assert result.sent == len(plan.probes) == len(log)
-    quantum = sources.SEND_QUANTUM_S
+    quantum = pacing.SEND_QUANTUM_S
     last = {}
     for p, (t, dst) in zip(plan.probes, log):
         assert dst == p.dst_ip
@@ -118,3 +120,42 @@ def test_the_daemon_pacer_passes_a_burst_and_keeps_the_rate(clock):
     # A burst of 5 ms worth passes without sleeping; then 1 ms apart.
     assert clock.sleeps <= 100 - 5
     assert clock.t - start >= (100 - 5 - 1) * 0.001
+
+
+def _packets(offsets_ms, dst='198.18.0.10'):
+    return [pacing.Packet(int(ms * 1e6), dst, b'') for ms in offsets_ms]
+
+
+def test_pace_stops_at_the_deadline_and_counts_what_is_left(clock):
+    sent = []
+    start = clock.t
+    done = pacing.pace(_packets(range(0, 100, 10)),
+                       lambda p: sent.append(clock.t), start + 0.035)
+    # Due at 0, 10, 20, 30 ms: sent; 40 ms is past the deadline.
+    assert (done.sent, done.failed, done.left) == (4, 0, 6)
+    assert len(sent) == 4 and all(t <= start + 0.035 for t in sent)
+
+
+def test_pace_counts_failures_and_keeps_the_first_errors(clock):
+    def fail(p):
+        raise OSError(101, 'Network is unreachable ' + 'x' * 1000)
+    done = pacing.pace(_packets([0] * 9), fail, clock.t + 1.0)
+    assert (done.sent, done.failed, done.left) == (0, 9, 0)
+    assert len(done.errors) == pacing.MAX_ERRORS
+    assert all(e.startswith('198.18.0.10: ') and
+               len(e) <= pacing.MAX_ERROR_CHARS for e in done.errors)
+
+
+def test_pace_never_sends_one_destination_closer_than_planned(clock):
+    """A late start (the clock jumps past several offsets) is no burst to
+    one destination: its packets keep their planned spacing."""
+    times = []
+    packets = _packets([0, 5, 10, 15])
+
+    def late(p):
+        times.append(clock.t)
+        if len(times) == 1:
+            clock.t += 0.020        # a stall past the next three offsets
+    pacing.pace(packets, late, clock.t + 1.0)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(gaps) == 3 and min(gaps) >= 0.005 - 1e-9, gaps

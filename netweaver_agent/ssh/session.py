@@ -1,8 +1,10 @@
-"""Remote hosts over SSH (paramiko): verified connect, run argv, fetch files.
+"""Remote hosts over SSH (paramiko): verified connect, run argv, fetch and
+put files, every read bounded.
 
 * Host keys are checked against a known_hosts file.  A host absent from it
-  is refused unless ``ssh_accept_new_host_key`` is set, which records the
-  new key there; a key that differs from the recorded one is always refused.
+  is refused unless :attr:`SSHOptions.accept_new_host_key` is set, which
+  records the new key there; a key that differs from the recorded one is
+  always refused.
 * Authentication is by key only (never a password).
 * Every remote command is an argument list joined with :func:`shlex.join`,
   never a string formatted from input.  A failed command raises
@@ -11,18 +13,18 @@
 * Nothing a remote host sends is trusted to be small or quick: every
   command's output is read up to a cap (:data:`MAX_OUTPUT_BYTES` unless
   the caller gives another) and never buffered past it, a fetched file up
-  to ``max_capture_mb``; numbers read from a remote host are refused past
-  a few digits (:func:`parse_uint`).  Every command and every transfer has
-  a *total* deadline: when it passes, the session is closed, which wakes
-  any paramiko call blocked on the host (a host answering byte by byte
-  cannot stretch it).  Exceeding either raises an error naming the host
-  and the command or file.
+  to :attr:`SSHOptions.max_capture_mb`; numbers read from a remote host
+  are refused past a few digits (:func:`parse_uint`).  Every command and
+  every transfer has a *total* deadline: when it passes, the session is
+  closed, which wakes any paramiko call blocked on the host (a host
+  answering byte by byte cannot stretch it).  Exceeding either raises an
+  error naming the host and the command or file.
 * Remote temporary directories are removed also when the work in them
   fails.
 
-:class:`SSHSource` is the ``ssh://user@host`` probe source: it sends a
-:class:`sources.ProbePlan` from the remote host, so probes enter the
-compute host through its physical network like production traffic.
+The options come in as a :class:`SSHOptions` value: the agent makes one
+from its ``[netweaver] ssh_*`` options (:mod:`netweaver_agent.agent.opts`),
+``netweaver measure`` from its flags.
 """
 
 import base64
@@ -30,52 +32,21 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
-import json
 import math
 import os
 import re
 import select
 import shlex
 import socket
-import struct
 import threading
 import time
 
-from oslo_config import cfg
 from oslo_log import log
 import paramiko
 
-from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
-from netweaver_agent.core import sources
 
 LOG = log.getLogger(__name__)
-
-GROUP = 'netweaver'
-
-OPTS = [
-    cfg.StrOpt('ssh_key_file',
-               help='Private key file for SSH to a remote probe source or '
-                    'hypervisor (key authentication only). Unset: the SSH '
-                    'agent and the default keys of the user.'),
-    cfg.StrOpt('ssh_known_hosts_file',
-               default='~/.ssh/known_hosts',
-               help='known_hosts file against which remote host keys are '
-                    'checked.'),
-    cfg.BoolOpt('ssh_accept_new_host_key', default=False,
-                help='Accept the key of a host absent from the known_hosts '
-                     'file and record it there. Off: unknown hosts are '
-                     'refused. A key that differs from the recorded one is '
-                     'always refused.'),
-    cfg.FloatOpt('ssh_connect_timeout_s', default=10.0, min=0.1, max=300.0,
-                 help='Timeout for the TCP connect, the SSH banner and '
-                      'authentication, in seconds.'),
-    cfg.FloatOpt('ssh_command_timeout_s', default=60.0, min=0.1,
-                 max=3600.0,
-                 help='Timeout for one remote command or one file transfer '
-                      'as a whole (not per read), in seconds. Past it the '
-                      'SSH session is closed.'),
-]
 
 _CHUNK = 65536
 # What one remote command of ours may print, stdout and stderr together:
@@ -181,19 +152,6 @@ class SSHOptions:
     @property
     def max_capture_bytes(self):
         return int(self.max_capture_mb * (1 << 20))
-
-    @classmethod
-    def from_conf(cls, conf, group=GROUP):
-        """The options from an oslo.config object with :data:`OPTS`
-        (and ``max_capture_mb`` of :mod:`netweaver_agent.agent.opts`)."""
-        g = conf[group]
-        return cls(key_file=g.ssh_key_file,
-                   known_hosts_file=g.ssh_known_hosts_file,
-                   accept_new_host_key=g.ssh_accept_new_host_key,
-                   connect_timeout_s=g.ssh_connect_timeout_s,
-                   command_timeout_s=g.ssh_command_timeout_s,
-                   max_capture_mb=getattr(g, 'max_capture_mb',
-                                          DEFAULT_MAX_CAPTURE_MB))
 
     def known_hosts_path(self):
         if not self.known_hosts_file:
@@ -541,6 +499,11 @@ class RemoteHost:
         LOG.debug('SSH session to %s open', self.name)
         return self
 
+    @property
+    def connected(self):
+        """A session is open (it may still be found lost on next use)."""
+        return self._client is not None
+
     def close(self):
         if self._client is not None:
             self._client.close()
@@ -745,6 +708,34 @@ class RemoteHost:
             raise
         return local_path
 
+    def put(self, data, remote_path, timeout_s=None):
+        """Write the bytes ``data`` to ``remote_path`` over SFTP (a small
+        file of ours, e.g. the sender), within ``timeout_s`` in all
+        (default ``ssh_command_timeout_s``).
+
+        :raises RemoteError: naming the host and the file
+        """
+        timeout_s = self._timeout(timeout_s)
+        self.connect()
+        what = f"{remote_path} to {self.name}"
+        with _Watchdog(self, timeout_s) as watch:
+            try:
+                sftp = self._client.open_sftp()
+                try:
+                    sftp.get_channel().settimeout(timeout_s)
+                    with sftp.open(remote_path, 'wb') as dst:
+                        dst.write(data)
+                finally:
+                    sftp.close()
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                if watch.fired.is_set():
+                    raise RemoteError(f"cannot put {what}: did not finish "
+                                      f"within {timeout_s} s") from None
+                raise RemoteError(f"cannot put {what}: {exc}") from exc
+        if watch.fired.is_set():
+            raise RemoteError(f"cannot put {what}: did not finish within "
+                              f"{timeout_s} s")
+
     def _copy(self, remote_path, local_path, cap, watch):
         sftp = self._client.open_sftp()
         try:
@@ -790,18 +781,31 @@ class RemoteHost:
     @contextlib.contextmanager
     def tempdir(self):
         """A fresh remote directory (``mktemp -d``), removed on exit."""
+        path = self.make_tempdir()
+        try:
+            yield path
+        finally:
+            self.remove_tempdir(path)
+
+    def make_tempdir(self):
+        """A fresh remote directory (``mktemp -d``, mode 0700); the
+        caller removes it with :meth:`remove_tempdir`."""
         path = self.run(['mktemp', '-d', _TMP_TEMPLATE]).text.strip()
         if not _TMP_RE.match(path):
             raise RemoteError(
                 f"mktemp on {self.name} gave an unexpected path {path!r}")
+        return path
+
+    def remove_tempdir(self, path):
+        """Remove a directory of :meth:`make_tempdir`; a failure is only
+        logged."""
+        if not _TMP_RE.match(path):
+            raise ValueError(f"{path!r} is not a directory of ours")
         try:
-            yield path
-        finally:
-            try:
-                self.run(['rm', '-rf', '--', path], check=False)
-            except RemoteError as exc:
-                LOG.warning('Could not remove %(path)s on %(host)s: %(err)s',
-                            {'path': path, 'host': self.name, 'err': exc})
+            self.run(['rm', '-rf', '--', path], check=False)
+        except RemoteError as exc:
+            LOG.warning('Could not remove %(path)s on %(host)s: %(err)s',
+                        {'path': path, 'host': self.name, 'err': exc})
 
     def route_source(self, dst_ip):
         """The source address the remote host routes ``dst_ip`` from
@@ -824,209 +828,3 @@ class RemoteHost:
                 f"{self.name} has no route with a source address to "
                 f"{dst_ip}: {out.strip()[:200]!r}")
         return str(src)
-
-
-# The sender run on the remote host with ``python3 -c``.  argv: maximum
-# number of packets, time budget in seconds.  stdin: records of
-# (offset_ns, length, IP version, destination in 16 bytes: an IPv4 one in
-# the first 4) + the whole IPv4 or IPv6 packet.  Each family's packets go
-# to an IPPROTO_RAW socket of that family (the header is the packet's own),
-# at their offsets from the first, until the budget ends.  stdout: JSON.
-SENDER = r'''
-import json, math, socket, struct, sys, time
-limit, budget = int(sys.argv[1]), float(sys.argv[2])
-if not (math.isfinite(budget) and 0 < budget <= 3600):
-    sys.exit('netweaver sender: bad time budget %r' % sys.argv[2])
-end = time.monotonic() + budget
-head = struct.Struct('!QHB16s')
-families = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
-inp = sys.stdin.buffer
-packets = []
-while True:
-    h = inp.read(head.size)
-    if not h:
-        break
-    if len(h) != head.size or len(packets) >= limit:
-        sys.exit('netweaver sender: bad input or more than %d packets' % limit)
-    off, n, version, dst = head.unpack(h)
-    if version not in families:
-        sys.exit('netweaver sender: bad IP version %d' % version)
-    family, size = families[version]
-    data = inp.read(n)
-    if len(data) != n:
-        sys.exit('netweaver sender: truncated packet')
-    packets.append((off, family, socket.inet_ntop(family, dst[:size]), data))
-socks = {}
-for _, family, _, _ in packets:
-    if family not in socks:
-        socks[family] = socket.socket(family, socket.SOCK_RAW,
-                                      socket.IPPROTO_RAW)
-t0 = time.monotonic()
-sent = failed = 0
-errors = []
-for off, family, dst, data in packets:
-    due = t0 + off / 1e9
-    if due > end or time.monotonic() > end:
-        break
-    wait = due - time.monotonic()
-    if wait > 0:
-        time.sleep(wait)
-    try:
-        socks[family].sendto(data, (dst, 0))
-        sent += 1
-    except OSError as e:
-        failed += 1
-        if len(errors) < 5:
-            errors.append('%s: %s' % (dst, e))
-print(json.dumps({'sent': sent, 'failed': failed, 'errors': errors,
-                  'left': len(packets) - sent - failed}))
-'''
-_RECORD = struct.Struct('!QHB16s')
-# What the sender prints: one short JSON line.
-_SENDER_OUTPUT_BYTES = 4096
-
-
-def encode_plan(packets):
-    """``[(offset_ns, dst_ip, bytes)]`` as the sender's stdin (IPv4 and
-    IPv6 destinations)."""
-    out = bytearray()
-    for offset_ns, dst, data in packets:
-        addr = ipaddress.ip_address(dst)
-        out += _RECORD.pack(offset_ns, len(data), addr.version,
-                            addr.packed.ljust(16, b'\0'))
-        out += data
-    return bytes(out)
-
-
-def parse_sender_output(stdout, planned):
-    """The sender's JSON as :class:`sources.SendResult` and the number
-    left unsent; ValueError unless it is exactly what the sender prints
-    (counts within ``planned``, at most 5 short error strings)."""
-    try:
-        done = json.loads(stdout)
-    except RecursionError:
-        raise ValueError('nested too deep') from None
-    if not isinstance(done, dict) or set(done) != {'sent', 'failed',
-                                                   'errors', 'left'}:
-        raise ValueError('not the sender\'s fields')
-    counts = [done[k] for k in ('sent', 'failed', 'left')]
-    if not all(type(c) is int and 0 <= c <= planned for c in counts) or \
-            sum(counts) != planned:
-        raise ValueError('counts do not add up to the plan')
-    errors = done['errors']
-    if not isinstance(errors, list) or len(errors) > 5 or not all(
-            isinstance(e, str) and len(e) <= 300 for e in errors):
-        raise ValueError('bad error list')
-    return sources.SendResult(sent=done['sent'], failed=done['failed'],
-                              errors=tuple(errors)), done['left']
-
-
-class SSHSource(sources.ProbeSource):
-    """Sends a probe plan from a remote host over SSH.
-
-    The remote host tells which source address it routes each target
-    from (``ip route get``); the probes are built here with
-    :func:`sources.build_packets` and streamed to a small ``python3``
-    sender on the remote host, which writes them to a raw socket at their
-    offsets, bounded by count and deadline.  :meth:`prepare` does the
-    connect, the route lookups and the building before the capture opens.
-    The remote user needs CAP_NET_RAW (root) and ``python3``.
-
-    :param options: :class:`SSHOptions`; keyword arguments named after its
-        fields override it
-    :param netns_name: open the SSH connection from this namespace
-    :param policy: where probes may go (a
-        :class:`destinations.DestinationPolicy`; None: the built-in classes
-        only): :func:`measure.run_window` leaves out the vNICs it refuses,
-        and :meth:`build` refuses a plan to any of them before asking the
-        remote host anything
-    """
-
-    def __init__(self, host, port=22, username='root', options=None,
-                 netns_name=None, policy=None, **overrides):
-        options = options or SSHOptions()
-        if overrides:
-            options = dataclasses.replace(options, **overrides)
-        self.policy = policy or destinations.DEFAULT
-        self.remote = RemoteHost(host, port, username, options,
-                                 netns_name=netns_name)
-        self.name = f'ssh://{self.remote.name}'
-        self._src = {}
-        self._prepared = None
-
-    def source_address(self, dst_ip):
-        if dst_ip not in self._src:
-            try:
-                self._src[dst_ip] = self.remote.route_source(dst_ip)
-            except RemoteError as exc:
-                raise sources.SourceError(
-                    f"probe source {self.name}: {exc}") from exc
-        return self._src[dst_ip]
-
-    def build(self, plan):
-        """``[(offset_ns, dst_ip, bytes)]`` for every probe of ``plan``.
-
-        :raises destinations.RefusedDestination: a target the policy
-            refuses (before any remote command)
-        """
-        self.policy.check_all(plan.targets())
-        try:
-            self.remote.connect()
-            packets = sources.build_packets(plan, self.source_address)
-        except RemoteError as exc:
-            raise sources.SourceError(
-                f"probe source {self.name}: {exc}") from exc
-        return [(p.offset_ns, dst, data)
-                for p, (dst, data) in zip(plan.probes, packets)]
-
-    def prepare(self, plan):
-        """Connect, learn source addresses and build, before the capture."""
-        self._prepared = (plan, self.build(plan))
-
-    def send(self, plan, deadline_s):
-        if not plan.probes:
-            return sources.SendResult(sent=0)
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] is plan:
-            packets = prepared[1]
-        else:
-            packets = self.build(plan)
-        if not math.isfinite(deadline_s):
-            raise ValueError(f"probe source {self.name}: deadline_s "
-                             f"{deadline_s!r} is not a finite time")
-        budget = deadline_s - time.monotonic()
-        if budget < 0.001:      # the sender takes milliseconds (%.3f)
-            return sources.SendResult(sent=0, failed=0,
-                                      errors=('deadline already passed',))
-        argv = ['python3', '-c', SENDER, str(len(packets)),
-                f'{budget:.3f}']
-        try:
-            result = self.remote.run(
-                argv, stdin=encode_plan(packets),
-                timeout_s=budget + self.remote.options.connect_timeout_s,
-                max_output=_SENDER_OUTPUT_BYTES)
-        except RemoteCommandError as exc:
-            if exc.exit_status is None:     # timed out, or printed too much
-                raise sources.SourceError(
-                    f"probe source {self.name}: sender {exc}") from exc
-            raise sources.SourceError(
-                f"probe source {self.name}: sender failed on "
-                f"{self.remote.name} (exit status {exc.exit_status}): "
-                f"{exc.stderr.strip()[-500:] or '(no stderr)'}") from exc
-        except RemoteError as exc:
-            raise sources.SourceError(
-                f"probe source {self.name}: {exc}") from exc
-        try:
-            sent, left = parse_sender_output(result.stdout, len(packets))
-        except ValueError as exc:
-            raise sources.SourceError(
-                f"probe source {self.name}: sender answered "
-                f"{result.stdout[:200]!r} ({exc})") from exc
-        if left:
-            LOG.warning('Probe source %(src)s stopped at its deadline: '
-                        '%(left)d probes not sent',
-                        {'src': self.name, 'left': left})
-        return sent
-
-    def close(self):
-        self.remote.close()
