@@ -11,6 +11,7 @@ import math
 
 from oslo_config import cfg
 
+from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import topology
 from netweaver_agent.core import probe
 
@@ -357,13 +358,12 @@ def _probe_networks(group):
 def _daemon_limits(group):
     """With privsep, 'local' and 'netns:' probes are built and sent by the
     daemon: no window may plan more, or faster, than its built-in limits
-    (privileged.DaemonLimits) take."""
+    (daemonlimits.DaemonLimits) take."""
     spec = group.probe_source or 'local'
     if not group.privsep or not (spec == 'local' or
                                  spec.startswith('netns:')):
         return []
-    from netweaver_agent.agent import privileged
-    return privileged.settings_problems(
+    return daemonlimits.settings_problems(
         group.probe_interval_ms, group.probe_size, group.max_window_ms,
         group.probe_timeout_ms)
 

@@ -22,8 +22,8 @@ the window's probes from the plan and send them.
 The daemon sends nothing but probes it built itself, only to addresses
 the :mod:`destinations` policy admits (checked again in the daemon, with
 the agent's ``probe_networks``), checks every argument, stays within its
-built-in :class:`DaemonLimits`, and forgets captures and prepared probes
-left behind after :data:`MAX_HOLD_S`.
+built-in :class:`daemonlimits.DaemonLimits`, and forgets captures
+and prepared probes left behind after :data:`MAX_HOLD_S`.
 
 When the agent runs as root and no helper command is configured, the
 daemon is started as ``python -m oslo_privsep.daemon`` (no sudo): it still
@@ -45,6 +45,8 @@ from oslo_privsep import capabilities as caps
 from oslo_privsep import daemon as privsep_daemon
 from oslo_privsep import priv_context
 
+from netweaver_agent.agent import daemonlimits
+from netweaver_agent.agent import opts
 from netweaver_agent.core import capture
 from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
@@ -81,102 +83,10 @@ netns_pctxt = priv_context.PrivContext(
 # longer than this was left behind by a client that went away.
 MAX_HOLD_S = 330.0
 MAX_INTERFACES = 4096
-# Memory of one prepared probe beyond its packet bytes (its plan entry,
-# the bytes object, list slots): measured 220-290 B with tracemalloc.
-PROBE_OVERHEAD_B = 320
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DaemonLimits:
-    """The privsep daemon's maxima; built in, configuration only lowers.
-
-    They bound what the daemon does for the agent: probes per second and
-    bytes per second (over all windows together), probes per window,
-    handles held (captures and prepared probes), captures open, memory
-    of prepared probes (``PROBE_OVERHEAD_B`` + size per probe), the
-    receive ring of one capture (sized from the window's expected
-    sightings, never above ``ring_bytes``) and the threads it starts (one
-    per capture, one reaper).  Under rootwrap
-    (OpenStack's model) whoever runs as the agent's user can start a
-    daemon of their own: the maxima guard against agent bugs, not
-    against a compromised agent user.
-    """
-
-    probes_per_s: int = 100_000
-    bytes_per_s: int = 25_000_000          # 200 Mbit/s
-    probes_per_window: int = 500_000
-    prepared_bytes: int = 256 * 2**20
-    handles: int = 16
-    captures: int = 4
-    threads: int = 8
-    ring_bytes: int = 64 * 2**20
-
-    def lowered(self, **values):
-        """These limits with some lowered (a higher value is ignored)."""
-        for name, value in values.items():
-            if value is not None and value < getattr(self, name):
-                if value < 1:
-                    raise ValueError(f"daemon limit {name} {value!r} must "
-                                     "be >= 1")
-                self = dataclasses.replace(self, **{name: int(value)})
-        return self
-
-    def min_step_ns(self, size):
-        """Shortest spacing of two probes of ``size`` bytes."""
-        return max(-(-10**9 // self.probes_per_s),
-                   -(-size * 10**9 // self.bytes_per_s))
-
-    def max_planned(self, size):
-        """Most probes of ``size`` bytes one window may prepare."""
-        return min(self.probes_per_window,
-                   self.prepared_bytes // (size + PROBE_OVERHEAD_B))
-
-
-LIMITS = DaemonLimits()
 
 
 class PrivilegeError(capture.CapturePermissionError):
     """The privsep daemon lacks a capability, or could not be started."""
-
-
-class LimitError(ValueError):
-    """A request beyond the privsep daemon's :class:`DaemonLimits`."""
-
-
-def settings_problems(interval_ms, size, max_window_ms, timeout_ms,
-                      limits=LIMITS):
-    """Why windows of these settings would exceed the daemon's limits.
-
-    The schedule spaces probes at least ``interval_ms`` apart within
-    ``max_window_ms`` less the timeout: that bounds the plan whatever the
-    number of vNICs.  Returns messages naming the options (empty: fine).
-    """
-    out = []
-    values = (interval_ms, max_window_ms, timeout_ms)
-    if not all(math.isfinite(v) for v in values) or interval_ms <= 0:
-        return out
-    step_ns = int(interval_ms * 1e6)
-    need_ns = limits.min_step_ns(size)
-    if step_ns < need_ns:
-        out.append(
-            f"[netweaver] probe_interval_ms = {interval_ms:g} with "
-            f"probe_size = {size} sends faster than the privsep daemon's "
-            f"{limits.probes_per_s} probes/s and {limits.bytes_per_s} "
-            f"bytes/s: raise probe_interval_ms to at least "
-            f"{need_ns / 1e6:g}")
-    budget_ns = max(0, int((max_window_ms - timeout_ms) * 1e6))
-    planned = budget_ns // max(1, step_ns) + 1
-    most = limits.max_planned(size)
-    if planned > most:
-        out.append(
-            f"[netweaver] max_window_ms = {max_window_ms:g} with "
-            f"probe_interval_ms = {interval_ms:g} lets one window plan "
-            f"{planned} probes of {size} bytes; the privsep daemon takes "
-            f"at most {most}: raise probe_interval_ms to at least "
-            f"{budget_ns / max(1, most - 1) / 1e6:g} or lower "
-            f"max_window_ms to at most "
-            f"{(most - 1) * step_ns / 1e6 + timeout_ms:g}")
-    return out
 
 
 # --- the daemon's side ------------------------------------------------------
@@ -202,7 +112,7 @@ class HandleTable:
 
     KINDS = ('capture', 'probes')
 
-    def __init__(self, limits=LIMITS, hold_s=MAX_HOLD_S):
+    def __init__(self, limits=daemonlimits.LIMITS, hold_s=MAX_HOLD_S):
         self.limits = limits
         self.hold_s = hold_s
         self._entries = {}
@@ -220,28 +130,29 @@ class HandleTable:
             return out
 
     def reserve(self, kind, cost=0):
-        """A new handle of ``kind``, or :class:`LimitError`."""
+        """A new handle of ``kind``, or :class:`daemonlimits.LimitError`."""
         lim = self.limits
         with self._cond:
             held = self._entries.values()
             if len(self._entries) >= lim.handles:
-                raise LimitError(f"the privsep daemon holds {lim.handles} "
-                                 "handles already, its maximum")
+                raise daemonlimits.LimitError(
+                    f"the privsep daemon holds {lim.handles} "
+                    "handles already, its maximum")
             if kind == 'capture':
                 open_caps = sum(e.kind == 'capture' for e in held)
                 if open_caps >= lim.captures:
-                    raise LimitError(
+                    raise daemonlimits.LimitError(
                         f"the privsep daemon has {lim.captures} captures "
                         "open already, its maximum")
                 threads = sum(t.name.startswith('netweaver-')
                               for t in threading.enumerate())
                 if threads + 1 > lim.threads:
-                    raise LimitError(
+                    raise daemonlimits.LimitError(
                         f"the privsep daemon runs {threads} threads of its "
                         f"own; at most {lim.threads}")
             total = sum(e.cost for e in held) + cost
             if total > lim.prepared_bytes:
-                raise LimitError(
+                raise daemonlimits.LimitError(
                     f"prepared probes would take {total} bytes in the "
                     f"privsep daemon; at most {lim.prepared_bytes}")
             handle = next(self._numbers)
@@ -335,7 +246,8 @@ class _Pacer:
     the limits hold over any ``burst_s`` (a source's several probes of
     one wake-up pass without a sleep each)."""
 
-    def __init__(self, limits=LIMITS, burst_s=pacing.SEND_QUANTUM_S):
+    def __init__(self, limits=daemonlimits.LIMITS,
+                 burst_s=pacing.SEND_QUANTUM_S):
         self.limits = limits
         self.burst_s = burst_s
         self._lock = threading.Lock()
@@ -528,7 +440,7 @@ def batch_from_wire(raw, batch):
 
 
 def _plan(session, protocol, size, port, probes, policy=None,
-          limits=LIMITS, secret=None):
+          limits=daemonlimits.LIMITS, secret=None):
     """A :class:`sources.ProbePlan` from checked plain values.
 
     Every destination passes ``policy`` (None: the built-in classes
@@ -547,8 +459,9 @@ def _plan(session, protocol, size, port, probes, policy=None,
         raise ValueError(f"probes {type(probes).__name__}: expected a list")
     most = limits.max_planned(size)
     if len(probes) > most:
-        raise LimitError(f"{len(probes)} probes of {size} bytes in one "
-                         f"window: the privsep daemon takes at most {most}")
+        raise daemonlimits.LimitError(
+            f"{len(probes)} probes of {size} bytes in one "
+            f"window: the privsep daemon takes at most {most}")
     policy = policy or destinations.DEFAULT
     min_step = limits.min_step_ns(size)
     checked = {}
@@ -597,13 +510,11 @@ def configured_networks(conf=None):
     Empty when none is set (the daemon then takes the agent's).
     """
     conf = conf or cfg.CONF
+    # The agent's own option (the same object may be registered twice).
+    (opt,) = [o for o in opts.OPTS if o.name == 'probe_networks']
+    conf.register_opt(opt, group=opts.GROUP)
     try:
-        conf.register_opt(cfg.ListOpt('probe_networks', default=[]),
-                          group='netweaver')
-    except cfg.DuplicateOptError:
-        pass     # registered already, e.g. by the agent in this process
-    try:
-        values = conf.netweaver.probe_networks
+        values = conf[opts.GROUP].probe_networks
     except cfg.Error as exc:
         raise ValueError(f"the privsep daemon cannot read [netweaver] "
                          f"probe_networks: {exc}") from exc
@@ -659,7 +570,7 @@ def _prepare_probes(netns_name, session, protocol, size, port, probes,
     if not isinstance(probes, (list, tuple)):
         raise ValueError(f"probes {type(probes).__name__}: expected a list")
     handle = _table.reserve(
-        'probes', cost=len(probes) * (size + PROBE_OVERHEAD_B))
+        'probes', cost=len(probes) * (size + daemonlimits.PROBE_OVERHEAD_B))
     src = None
     try:
         plan = _plan(session, protocol, size, port, probes, policy,
@@ -975,11 +886,11 @@ class PrivsepLocalSource(sources.ProbeSource):
 
     def _make_ready(self, plan):
         """The daemon's handle of the plan's probes, built there."""
-        most = LIMITS.max_planned(plan.size)
+        most = daemonlimits.LIMITS.max_planned(plan.size)
         if len(plan.probes) > most:
             # Not sent at all: the daemon would refuse it after receiving
             # every probe of it.
-            raise LimitError(
+            raise daemonlimits.LimitError(
                 f"{len(plan.probes)} probes of {plan.size} bytes in one "
                 f"window: the privsep daemon takes at most {most}")
         handle = call(self.context, 'prepare_probes', self.netns_name,

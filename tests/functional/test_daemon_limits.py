@@ -26,6 +26,7 @@ import time
 from ceilometer.polling import plugin_base
 import pytest
 
+from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import privileged
 from netweaver_agent.core import capture
@@ -196,7 +197,7 @@ def test_a_netns_source_refuses_foreign_destinations_before_sending(box):
 
 
 def test_handles_and_captures_are_capped_and_all_come_back(box):
-    lim = privileged.LIMITS
+    lim = daemonlimits.LIMITS
     fds, tasks = box.fds(), box.tasks()
     session = probe_window.new_session()
     caps = []
@@ -208,7 +209,7 @@ def test_handles_and_captures_are_capped_and_all_come_back(box):
                 # The socket, and its receive ring's mapping (Python's
                 # mmap keeps a duplicate of the socket's descriptor).
                 per = box.fds() - fds
-        with pytest.raises(privileged.LimitError, match='captures'):
+        with pytest.raises(daemonlimits.LimitError, match='captures'):
             privileged.call(CTX, 'open_capture', session, 'icmp', None,
                             None)
         assert 1 <= per <= 2
@@ -216,7 +217,7 @@ def test_handles_and_captures_are_capped_and_all_come_back(box):
         prepared = []
         while len(caps) + len(prepared) < lim.handles:
             prepared.append(_prepare(session, _wire([GOOD])))
-        with pytest.raises(privileged.LimitError, match='handles'):
+        with pytest.raises(daemonlimits.LimitError, match='handles'):
             _prepare(session, _wire([GOOD]))
         held = box.status()['held']
         assert (held['capture'], held['probes']) == (lim.captures,
@@ -297,12 +298,12 @@ def test_twenty_failing_windows_leave_no_fd_or_thread_behind(box):
 
 
 def test_prepared_probes_are_capped_in_memory(box):
-    lim = privileged.LIMITS
+    lim = daemonlimits.LIMITS
     size = 1500
     n = 1_000_000                    # the finding: 1.9 GB once built
     assert n > lim.max_planned(size)
     rss = box.kib('VmRSS')
-    with pytest.raises(privileged.LimitError):
+    with pytest.raises(daemonlimits.LimitError):
         _prepare(probe_window.new_session(), _wire([GOOD] * n, 10**5),
                  size=size)
     grown = box.kib('VmHWM') - rss
@@ -325,7 +326,7 @@ def test_the_send_rate_is_bounded_over_concurrent_windows(box):
     probes, sent at the same time: the probes leave no faster than one
     window's rate allows."""
     size = 1500
-    step = privileged.LIMITS.min_step_ns(size)
+    step = daemonlimits.LIMITS.min_step_ns(size)
     session = probe_window.new_session()
     # A plan faster than the daemon's rate is refused outright.
     with pytest.raises(ValueError, match='probe offset'):

@@ -15,6 +15,7 @@ from oslo_config import cfg
 from oslo_privsep import comm
 import pytest
 
+from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import privileged
 from netweaver_agent.core import capture
@@ -99,7 +100,7 @@ def test_the_capture_class_passes_the_vxlan_port():
 
 # --- the daemon's limits and handles (its functions, called directly) ------
 
-LIMITS = privileged.LIMITS
+LIMITS = daemonlimits.LIMITS
 
 
 class _Held:
@@ -147,17 +148,17 @@ def test_handles_captures_and_prepared_bytes_are_capped():
     table = privileged.HandleTable(limits)
     _fill(table, 'capture')
     _fill(table, 'capture')
-    with pytest.raises(privileged.LimitError, match='captures'):
+    with pytest.raises(daemonlimits.LimitError, match='captures'):
         table.reserve('capture')
-    with pytest.raises(privileged.LimitError, match='bytes'):
+    with pytest.raises(daemonlimits.LimitError, match='bytes'):
         table.reserve('probes', cost=1001)
     handle, _ = _fill(table, 'probes', cost=600)
-    with pytest.raises(privileged.LimitError, match='handles'):
+    with pytest.raises(daemonlimits.LimitError, match='handles'):
         table.reserve('probes', cost=1)
     table.take(handle, 'probes')
     wide = privileged.HandleTable(limits.lowered(captures=1))
     _fill(wide, 'probes', cost=600)
-    with pytest.raises(privileged.LimitError, match='bytes'):
+    with pytest.raises(daemonlimits.LimitError, match='bytes'):
         # The bytes are counted over every prepared handle together.
         wide.reserve('probes', cost=600)
 
@@ -166,7 +167,7 @@ def test_the_threads_a_capture_would_start_are_capped():
     table = privileged.HandleTable(LIMITS.lowered(threads=1))
     # The reaper (started by the first handle) is one of its own threads.
     _fill(table, 'probes')
-    with pytest.raises(privileged.LimitError, match='threads'):
+    with pytest.raises(daemonlimits.LimitError, match='threads'):
         table.reserve('capture')
 
 
@@ -213,10 +214,10 @@ def test_the_plan_is_refused_faster_than_the_daemons_rate():
 
 def test_the_plan_is_refused_beyond_the_probes_memory_allows():
     small = LIMITS.lowered(probes_per_window=5)
-    with pytest.raises(privileged.LimitError, match='at most 5'):
+    with pytest.raises(daemonlimits.LimitError, match='at most 5'):
         privileged._plan(7, 'icmp', 64, None, _wire(6, 10**6), limits=small)
     assert LIMITS.max_planned(1500) < LIMITS.max_planned(64)
-    assert LIMITS.max_planned(1500) * (1500 + privileged.PROBE_OVERHEAD_B) \
+    assert LIMITS.max_planned(1500) * (1500 + daemonlimits.PROBE_OVERHEAD_B) \
         <= LIMITS.prepared_bytes
 
 
@@ -248,7 +249,7 @@ def test_prepare_refuses_before_reserving_or_building():
         privileged._dispatch('prepare_probes', (
             None, 7, 'icmp', 64, None, _wire(2, 10**6, '224.0.0.1'),
             ['198.18.0.0/15']))
-    with pytest.raises(privileged.LimitError):
+    with pytest.raises(daemonlimits.LimitError):
         privileged._dispatch('prepare_probes', (
             None, 7, 'icmp', 1500, None,
             _wire(LIMITS.max_planned(1500) + 1, 10**6),
@@ -285,26 +286,26 @@ def test_discarding_a_capture_handle_is_an_error_and_closes_nothing():
 
 def test_settings_beyond_the_daemons_limits_are_named_at_start_up():
     fast = LIMITS.min_step_ns(1500) / 1e6 / 2
-    (msg,) = privileged.settings_problems(fast, 1500, 1000.0, 100.0)
+    (msg,) = daemonlimits.settings_problems(fast, 1500, 1000.0, 100.0)
     assert 'probe_interval_ms' in msg and 'probe_size = 1500' in msg
     # Many probes at the daemon's own rate over a long window.
     step_ms = LIMITS.min_step_ns(64) / 1e6
     window_ms = step_ms * LIMITS.max_planned(64) * 2
-    (msg,) = privileged.settings_problems(step_ms, 64, window_ms, 100.0)
+    (msg,) = daemonlimits.settings_problems(step_ms, 64, window_ms, 100.0)
     assert 'max_window_ms' in msg and str(LIMITS.max_planned(64)) in msg
-    assert privileged.settings_problems(1.0, 64, 10000.0, 200.0) == []
+    assert daemonlimits.settings_problems(1.0, 64, 10000.0, 200.0) == []
 
 
 def test_the_suggested_fix_passes_the_check():
     step_ms = LIMITS.min_step_ns(64) / 1e6
     window_ms = step_ms * LIMITS.max_planned(64) * 3
-    (msg,) = privileged.settings_problems(step_ms, 64, window_ms, 100.0)
+    (msg,) = daemonlimits.settings_problems(step_ms, 64, window_ms, 100.0)
     interval = float(msg.split('raise probe_interval_ms to at least ')[1]
                      .split()[0])
     window = float(msg.split('max_window_ms to at most ')[1].split()[0])
-    assert privileged.settings_problems(interval * 1.0001, 64, window_ms,
-                                        100.0) == []
-    assert privileged.settings_problems(step_ms, 64, window, 100.0) == []
+    assert daemonlimits.settings_problems(interval * 1.0001, 64,
+                                          window_ms, 100.0) == []
+    assert daemonlimits.settings_problems(step_ms, 64, window, 100.0) == []
 
 
 def test_the_agents_side_refuses_before_calling_the_daemon(monkeypatch):
@@ -392,7 +393,7 @@ def test_the_agents_side_does_not_send_a_plan_the_daemon_would_refuse(
         most = LIMITS.max_planned(size)
         plan = sources.ProbePlan(session=9, protocol='icmp', size=size,
                                  probes=(one,) * (most + 1))
-        with pytest.raises(privileged.LimitError, match=f'at most {most}'):
+        with pytest.raises(daemonlimits.LimitError, match=f'at most {most}'):
             src.prepare(plan)
     assert calls == []
 

@@ -6,6 +6,7 @@ way round, fails here."""
 import os
 import re
 
+from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import privileged
 
 GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -32,12 +33,12 @@ def test_the_daemon_keeps_the_maxima_the_guide_names():
     assert m, 'the guide no longer lists the daemon maxima'
     (per_s, mb_per_s, per_window, mib, overhead, handles, captures,
      threads) = (_number(g) for g in m.groups())
-    lim = privileged.LIMITS
+    lim = daemonlimits.LIMITS
     assert lim.probes_per_s == per_s
     assert lim.bytes_per_s == mb_per_s * 10**6
     assert lim.probes_per_window == per_window
     assert lim.prepared_bytes == mib * 2**20
-    assert privileged.PROBE_OVERHEAD_B == overhead
+    assert daemonlimits.PROBE_OVERHEAD_B == overhead
     assert (lim.handles, lim.captures, lim.threads) == (
         handles, captures, threads)
 

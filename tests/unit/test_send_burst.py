@@ -11,6 +11,7 @@ import types
 
 import pytest
 
+from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import privileged
 from netweaver_agent.core import pacing
 from netweaver_agent.core import sources
@@ -112,7 +113,7 @@ def test_one_vnic_alone_gets_no_burst(clock):
 
 
 def test_the_daemon_pacer_passes_a_burst_and_keeps_the_rate(clock):
-    limits = privileged.DaemonLimits(probes_per_s=1000)
+    limits = daemonlimits.DaemonLimits(probes_per_s=1000)
     pacer = privileged._Pacer(limits, burst_s=0.005)
     start = clock.t
     for _ in range(100):
