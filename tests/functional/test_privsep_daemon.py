@@ -57,9 +57,9 @@ def cmdline(pid):
 def no_daemon():
     conftest.require_root()
     privileged.stop()
-    pollsters.VifLatencyBase._prober = None
+    pollsters.INSPECTOR.reset()
     yield
-    pollsters.VifLatencyBase._prober = None
+    pollsters.INSPECTOR.reset()
     privileged.stop()
 
 

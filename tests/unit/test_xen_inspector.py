@@ -2,13 +2,13 @@
 
 libvirt's ``test:///`` driver (the real libvirt library, a recorded node
 of Xen domains) is read by Ceilometer's real ``LibvirtInspector``, as in
-the polling agent; the agent's :class:`pollsters.Prober` (``vif_resolver
-= xen``) reads each domain with its Xen domain id and resolves its vNICs
-over a recorded ``ip -j link`` of a Xen host: backend netdevs
-``vif<domid>.<devid>`` on bridge ``xenbr0`` beside the pif.  The test
-driver numbers running domains from 1 in node order, so the domain under
-test (the third) runs as domid 3: neither its interfaces' index nor a
-lost (None or -1) domid can give its names.
+the polling agent; the agent's :class:`inspector.LatencyInspector`
+(``vif_resolver = xen``) reads each domain with its Xen domain id and
+resolves its vNICs over a recorded ``ip -j link`` of a Xen host: backend
+netdevs ``vif<domid>.<devid>`` on bridge ``xenbr0`` beside the pif.  The
+test driver numbers running domains from 1 in node order, so the domain
+under test (the third) runs as domid 3: neither its interfaces' index nor
+a lost (None or -1) domid can give its names.
 """
 
 import json
@@ -78,9 +78,9 @@ def prober(tmp_path):
     for name, value in (('vif_resolver', 'xen'), ('privsep', False),
                         ('probe_networks', ['198.18.0.0/15'])):
         conf.set_override(name, value, group=opts.GROUP)
-    found = pollsters.Prober(conf)
+    found = pollsters.new_inspector(conf)
     yield found
-    found.inspector.connection.close()
+    found.libvirt.connection.close()
     privileged.stop()
 
 
@@ -107,7 +107,7 @@ def test_a_shut_off_xen_domain_has_no_domid_and_no_vif(prober, caplog):
     # Its vNICs are not listed at all: a stopped domain is no vif.
     instance = types.SimpleNamespace(id=OFF_UUID, name='stopped')
     assert prober._inspect(instance) is None
-    dom = prober.inspector.connection.lookupByUUIDString(OFF_UUID)
+    dom = prober.libvirt.connection.lookupByUUIDString(OFF_UUID)
     info = prober.domain(instance)
     assert dom.ID() == -1 and info.domid is None
     with pytest.raises(topology.TopologyError, match='Xen domain id'):
