@@ -14,6 +14,7 @@ from oslo_config import cfg
 from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import topology
 from netweaver_agent.core import probe
+from netweaver_agent.core import window as probe_window
 
 GROUP = 'netweaver'
 
@@ -93,7 +94,8 @@ OPTS = [
                       'window stretches to honour it). 0: only '
                       'probe_interval_ms applies.'),
     cfg.FloatOpt('probe_timeout_ms',
-                 default=200.0, min=1.0, max=10000.0,
+                 default=probe_window.DEFAULT_TIMEOUT_MS, min=1.0,
+                 max=10000.0,
                  help='A probe not seen on the vif (or a reply not seen '
                       'on the pif) this long after it was seen on the '
                       'other side is counted lost, in milliseconds.'),
@@ -320,7 +322,6 @@ def _window_fits(group):
     """An agent window must leave room for a probe: opening the capture
     (probe_window.OPEN_RESERVE_S) and the last probe's timeout come out of
     max_window_ms."""
-    from netweaver_agent.core import window as probe_window
     timeout, window = group.probe_timeout_ms, group.max_window_ms
     if not (math.isfinite(timeout) and math.isfinite(window)):
         return []

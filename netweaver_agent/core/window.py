@@ -30,6 +30,9 @@ CLOCK_SLEW_PPM = 500
 # Within a deadline_s, what preparing the probes and opening the capture
 # (which alone waits capture.TIMESTAMP_WARMUP_S) are given before sending.
 OPEN_RESERVE_S = capture.TIMESTAMP_WARMUP_S + 0.025
+# A probe (or reply) not seen on the other side this long after is lost:
+# the default of WindowSettings and of [netweaver] probe_timeout_ms.
+DEFAULT_TIMEOUT_MS = 200.0
 
 
 class ClockStepError(RuntimeError):
@@ -49,7 +52,7 @@ class WindowSettings:
     count: int = 20
     interval_ms: float = 1.0
     per_vnic_interval_ms: float = 0.0
-    timeout_ms: float = 200.0
+    timeout_ms: float = DEFAULT_TIMEOUT_MS
     max_window_ms: float = 10000.0
     size: int = 64
     port: int | None = None
@@ -111,6 +114,13 @@ class WindowResult:
     def trimmed(self):
         """The window's bound left probes out; reports hold fewer."""
         return self.skipped > 0
+
+
+def timeout_for_delay_ms(delay_ms):
+    """The probe timeout of a path that holds probes ``delay_ms``: long
+    enough for a probe and its answer both held, with 100 ms to spare,
+    and never below :data:`DEFAULT_TIMEOUT_MS`."""
+    return max(DEFAULT_TIMEOUT_MS, 2 * delay_ms + 100.0)
 
 
 def new_session():

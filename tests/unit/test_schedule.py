@@ -248,3 +248,13 @@ def test_deadline_already_passed_is_an_error_naming_the_window(silent):
                           window.WindowSettings(timeout_ms=1.0,
                                                 max_window_ms=100.0),
                           session=3, deadline_s=0.0)
+
+
+def test_the_timeout_outlasts_a_held_probe_and_its_answer():
+    """One formula for the lab's windows and its agent: the default when
+    nothing is held, else longer than a probe and its answer both held."""
+    default = window.WindowSettings().timeout_ms
+    assert window.timeout_for_delay_ms(0.0) == default
+    for delay_ms in (1.0, 60.0, 2000.0):
+        timeout = window.timeout_for_delay_ms(delay_ms)
+        assert timeout > 2 * delay_ms and timeout >= default
