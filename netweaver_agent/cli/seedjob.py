@@ -433,10 +433,10 @@ class Runner:
             return None
         # The window's secret tags the probes; the analysis verifies with
         # it (tenants may send look-alikes).
-        plan, _ = sources.interleaved_plan(
+        plan = sources.schedule(
             window.new_session(), self.job.protocol,
             [self.job.destination], self.job.count,
-            int(self.job.interval_ms * 1e6), secret=window.new_secret())
+            int(self.job.interval_ms * 1e6), secret=window.new_secret()).plan
         src_source.prepare(plan)
         return plan
 

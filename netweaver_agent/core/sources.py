@@ -323,28 +323,6 @@ def _tcp_source_ports(protocol, cursor, targets, indexes):
     return {index: taken[targets[index]] for index in wanted}
 
 
-def interleaved_plan(session, protocol, targets, count, interval_ns,
-                     per_target_interval_ns=0, size=64, port=None,
-                     first_seq=0, budget_ns=None, tcp_ports=None,
-                     secret=None):
-    """Plan ``count`` probes per target, round-robin, evenly spaced.
-
-    :param targets: destination addresses (strings), one per vNIC
-    :param interval_ns: spacing between consecutive probes of the window
-    :param per_target_interval_ns: minimum spacing between two probes to
-        the same target (the window stretches to honour it)
-    :param budget_ns: if given, see :func:`schedule`
-    :param tcp_ports: a :class:`PortCursor` (see :func:`schedule`)
-    :param secret: the window's secret (:attr:`ProbePlan.secret`)
-    Returns ``(plan, {seq: index of target})``.
-    """
-    sched = schedule(session, protocol, targets, count, interval_ns,
-                     per_target_interval_ns, budget_ns=budget_ns, size=size,
-                     port=port, first_seq=first_seq, tcp_ports=tcp_ports,
-                     secret=secret)
-    return sched.plan, sched.owner
-
-
 family_of = pacing.family_of
 
 

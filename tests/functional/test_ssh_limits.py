@@ -318,8 +318,8 @@ def test_ssh_source_of_a_hostile_host_is_a_clear_error(hostile):
                                 key_file=hostile.key_file,
                                 known_hosts_file=hostile.known_hosts,
                                 connect_timeout_s=5.0, command_timeout_s=15.0)
-    plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 3,
-                                       1_000_000)
+    plan = sources.schedule(1, 'icmp', ['198.18.0.10'], 3,
+                            1_000_000).plan
     before = rss_bytes()
     try:
         with pytest.raises(sources.SourceError) as err:
@@ -476,8 +476,8 @@ def test_ssh_source_refuses_a_destination_before_reaching_the_host(hostile):
     connections, commands = hostile.connections, len(hostile.commands)
     try:
         for dst in ('169.254.169.254', '198.19.0.10', '224.0.0.1'):
-            plan, _ = sources.interleaved_plan(1, 'icmp', [dst], 3,
-                                               1_000_000)
+            plan = sources.schedule(1, 'icmp', [dst], 3,
+                                    1_000_000).plan
             with pytest.raises(destinations.RefusedDestination,
                                match=dst.replace('.', r'\.')):
                 src.prepare(plan)

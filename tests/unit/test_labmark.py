@@ -11,7 +11,7 @@ SRC, DST, OTHER = '198.18.0.1', '198.18.0.10', '198.18.0.11'
 
 
 def packets(protocol, dst, n, session=7):
-    plan, _ = sources.interleaved_plan(session, protocol, [dst], n, 1000)
+    plan = sources.schedule(session, protocol, [dst], n, 1000).plan
     return [data for _, data in sources.build_packets(plan, lambda d: SRC)]
 
 

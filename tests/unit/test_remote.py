@@ -383,8 +383,8 @@ class TestLimitsAndIPv6(testtools.TestCase):
 
     def test_ssh_source_refuses_a_non_finite_deadline(self):
         src = probesource.SSHSource('198.18.0.1', 2222)
-        plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
-                                           1_000_000)
+        plan = sources.schedule(1, 'icmp', ['198.18.0.10'], 1,
+                                1_000_000).plan
         src._prepared = sources.Prepared(plan, b'')
         src.remote.run = lambda *a, **k: self.fail('sent anyway')
         for bad in (float('nan'), float('inf')):
@@ -393,8 +393,8 @@ class TestLimitsAndIPv6(testtools.TestCase):
 
     def test_ssh_source_with_no_time_left_sends_nothing(self):
         src = probesource.SSHSource('198.18.0.1', 2222)
-        plan, _ = sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], 1,
-                                           1_000_000)
+        plan = sources.schedule(1, 'icmp', ['198.18.0.10'], 1,
+                                1_000_000).plan
         src.remote.run = lambda *a, **k: self.fail('sent anyway')
         # Less than the sender's millisecond resolution is no time at all.
         for left in (-1.0, 0.0, 0.0004):
@@ -416,8 +416,8 @@ class TestDestinationPolicy(testtools.TestCase):
         src.remote.run = lambda *a, **k: self.fail('ran anyway')
         for dst in ('169.254.169.254', '127.0.0.1', '224.0.0.1',
                     '198.19.0.10', 'fe80::1'):
-            plan, _ = sources.interleaved_plan(1, 'icmp', [dst], 1,
-                                               1_000_000)
+            plan = sources.schedule(1, 'icmp', [dst], 1,
+                                    1_000_000).plan
             err = self.assertRaises(destinations.RefusedDestination,
                                     src.prepare, plan)
             self.assertIn(dst, str(err))

@@ -129,9 +129,10 @@ def test_negative_budget_plans_nothing():
     assert s.skipped_targets == tuple(range(8))
 
 
-def test_interleaved_plan_keeps_its_contract_and_takes_a_budget():
-    plan, owner = sources.interleaved_plan(
+def test_the_plan_carries_size_port_protocol_within_a_budget():
+    sched = sources.schedule(
         7, 'udp', TARGETS[:2], 3, MS, size=80, port=33434, budget_ns=2 * MS)
+    plan, owner = sched.plan, sched.owner
     assert [p.dst_ip for p in plan.probes] == TARGETS[:2]
     assert owner == {0: 0, 1: 1}
     assert (plan.size, plan.port, plan.protocol) == (80, 33434, 'udp')

@@ -7,8 +7,9 @@ from netweaver_agent.ssh import probesource
 
 
 def test_plan_interleaves_targets_evenly():
-    plan, owner = sources.interleaved_plan(
+    sched = sources.schedule(
         7, 'icmp', ['198.18.0.10', '198.18.0.11'], 3, 1_000_000)
+    plan, owner = sched.plan, sched.owner
     targets = ['198.18.0.10', '198.18.0.11']
     assert [p.dst_ip for p in plan.probes] == targets * 3
     assert [p.seq for p in plan.probes] == list(range(6))
@@ -20,16 +21,16 @@ def test_plan_interleaves_targets_evenly():
 
 
 def test_per_target_spacing_stretches_the_window():
-    plan, _ = sources.interleaved_plan(
+    plan = sources.schedule(
         7, 'icmp', ['198.18.0.10', '198.18.0.11'], 2, 1_000_000,
-        per_target_interval_ns=10_000_000)
+        per_target_interval_ns=10_000_000).plan
     same = [p.offset_ns for p in plan.probes if p.dst_ip == '198.18.0.10']
     assert same[1] - same[0] >= 10_000_000
 
 
 def test_negative_count_is_refused():
     with pytest.raises(ValueError, match='-1'):
-        sources.interleaved_plan(1, 'icmp', ['198.18.0.10'], -1, 1)
+        sources.schedule(1, 'icmp', ['198.18.0.10'], -1, 1)
 
 
 @pytest.mark.parametrize('spec, name', [
