@@ -145,25 +145,9 @@ class SSHLab:
                  'PasswordAuthentication no',
                  'KbdInteractiveAuthentication no',
                  'Subsystem sftp internal-sftp', 'MaxSessions 32']
-        with open(conf, 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-        log_path = os.path.join(self.workdir, f'sshd_{ns}_{port}.log')
-        with open(log_path, 'wb') as log_file:   # never a pipe left unread
-            proc = subprocess.Popen(
-                ['ip', 'netns', 'exec', ns, SSHD, '-D', '-e', '-f', conf],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=log_file)
-        self.procs.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            with open(log_path, 'rb') as f:
-                text = f.read().decode(errors='replace')
-            if 'Server listening' in text:
-                return
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f'sshd in {ns} on {addr}:{port} did not start: '
-                            f'{text}')
-            time.sleep(0.05)
+        start_sshd(ns, conf, lines,
+                   os.path.join(self.workdir, f'sshd_{ns}_{port}.log'),
+                   self.procs, f'{ns} on {addr}:{port}')
 
     # -- tearing down -----------------------------------------------------
     def destroy(self):
@@ -188,6 +172,30 @@ class SSHLab:
                 '--source-port', str(PORT), '-i', self.pif, '-k', self.key,
                 '--known-hosts', self.known_hosts, '--ssh-netns', self.mgmt,
                 '--connect-timeout', '5', *extra]
+
+
+def start_sshd(ns, conf, lines, log_path, procs, where):
+    """The real sshd in namespace ``ns`` with the configuration ``lines``
+    (written to ``conf``), its log in ``log_path`` (never a pipe left
+    unread), appended to ``procs`` (for :func:`conftest.stop_processes`);
+    returns once it listens, else the test fails naming ``where``."""
+    with open(conf, 'w', encoding='utf-8') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(log_path, 'wb') as log_file:
+        proc = subprocess.Popen(
+            ['ip', 'netns', 'exec', ns, SSHD, '-D', '-e', '-f', conf],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log_file)
+    procs.append(proc)
+    deadline = time.monotonic() + 10
+    while True:
+        with open(log_path, 'rb') as f:
+            text = f.read().decode(errors='replace')
+        if 'Server listening' in text:
+            return proc
+        if time.monotonic() > deadline or proc.poll() is not None:
+            pytest.fail(f'sshd in {where} did not start: {text}')
+        time.sleep(0.05)
 
 
 def built(tmp_path_factory, lab_class=SSHLab, name='ssh'):

@@ -15,8 +15,9 @@ import re
 import pytest
 
 from netweaver_agent.lab import agent as labagent
-from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.lab import pipeline
+from netweaver_agent.lab import spec as labspec
+from tests.functional import telemetry
 
 DASHBOARD = os.path.join(pipeline.REPO, 'etc', 'grafana',
                          'netweaver-vif-latency.json')
@@ -64,28 +65,13 @@ def prometheus_lab(lab_factory, tmp_path):
     """``(lab, pipeline, agent)`` with Prometheus only (no Gnocchi)."""
     the_lab = lab_factory(
         guests=2, mgmt=True,
-        delays=(lab_mod.DelayInjection(guest=1, delay_ms=2.0),),
-        losses=(lab_mod.LossInjection(guest=0, every=4),))
-    pipe = pipeline.Pipeline(
-        the_lab, pipeline.PipelineSettings(gnocchi=False, aodh=False),
-        logs_to=str(tmp_path / 'logs'), progress=print)
-    agent = None
-    try:
-        try:
-            pipe.start()
-        except pipeline.PipelineError as exc:
-            pytest.fail(f'Prometheus could not start: {exc}')
-        files = labagent.write_files(
-            the_lab, str(tmp_path / 'agent'), interval_s=INTERVAL_S,
-            probe=pipeline.lab_probe_options(the_lab, INTERVAL_S),
-            extra=pipe.agent_extra())
-        agent = labagent.PollingAgent(files, the_lab.hv_netns)
-        agent.start()
+        delays=(labspec.DelayInjection(guest=1, delay_ms=2.0),),
+        losses=(labspec.LossInjection(guest=0, every=4),))
+    with telemetry.running(
+            the_lab, str(tmp_path), INTERVAL_S,
+            pipeline.PipelineSettings(gnocchi=False, aodh=False),
+            what='Prometheus') as (pipe, agent):
         yield the_lab, pipe, agent
-    finally:
-        if agent is not None:
-            agent.stop()
-        pipe.stop()
 
 
 def _wait_scraped(pipe, metrics, resources, timeout_s):
@@ -136,7 +122,7 @@ def test_every_dashboard_expression_against_prometheus(prometheus_lab):
     assert variables['vnic'][1] >= set(names.values())
 
     # "All" first, then one project and one vNIC (the delayed guest's).
-    delayed = labagent.resource_ids(the_lab)[the_lab.guests[1].tap]
+    delayed = labagent.resource_ids(the_lab)[the_lab.guests[1].vif]
     selections = [
         ({name: allv for name, (_, _, allv) in variables.items()}, rids),
         ({'project': _regex_value(sorted(projects)[0]),

@@ -9,23 +9,32 @@ TCP and UDP streams between the source and the guests (no probe at all).
   traffic has no latency.
 """
 
+import json
 import select
 import socket
+import statistics
+import subprocess
+import threading
 import time
+
+import dpkt
 
 from netweaver_agent.core import capture
 from netweaver_agent.core import netns
 from netweaver_agent.core import passive
 from netweaver_agent.core import passivecapture
 from netweaver_agent.core import sightings
-from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import switch as labswitch
 from netweaver_agent.lab import traffic as labtraffic
+from tests.functional import conftest
 
 MARKER = b'MARKER-9c1e-passive-'
 
 
 def specs(the_lab):
-    return [passive.VifSpec(g.tap, the_lab.pif, g.tap,
+    return [passive.VifSpec(g.vif, the_lab.spec.pif, g.vif,
                             frozenset({passive.address(g.address)}))
             for g in the_lab.guests]
 
@@ -33,14 +42,14 @@ def specs(the_lab):
 def test_no_payload_byte_reaches_user_space(lab_factory):
     the_lab = lab_factory(guests=1)
     g = the_lab.guests[0]
-    sock = netns.socket_in_netns(the_lab.hv_netns, socket.AF_PACKET,
+    sock = netns.socket_in_netns(the_lab.spec.hv_netns, socket.AF_PACKET,
                                  socket.SOCK_RAW,
                                  socket.htons(capture.ETH_P_ALL))
     frames = []
     try:
         capture._attach_filter(sock, capture.passive_filter(1))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
-        labtraffic.exchange(the_lab.src_netns, g.netns, g.address,
+        labtraffic.exchange(the_lab.spec.src_netns, g.netns, g.address,
                             tcp_bytes=200_000, udp_count=50,
                             payload=MARKER)
         sock.setblocking(False)
@@ -66,18 +75,18 @@ def test_no_payload_byte_reaches_user_space(lab_factory):
 def test_streams_matched_pif_to_tap_and_back(lab_factory):
     the_lab = lab_factory(guests=2)
     g0 = the_lab.guests[0]
-    interfaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    interfaces = [the_lab.spec.pif] + [g.vif for g in the_lab.guests]
     with passivecapture.PassiveCapture(
-            1, netns_name=the_lab.hv_netns, interfaces=interfaces,
+            1, netns_name=the_lab.spec.hv_netns, interfaces=interfaces,
             cap=200_000) as cap:
-        res = labtraffic.exchange(the_lab.src_netns, g0.netns, g0.address,
+        res = labtraffic.exchange(the_lab.spec.src_netns, g0.netns, g0.address,
                                   tcp_bytes=1_000_000, udp_count=100,
                                   payload=MARKER)
     assert res.tcp_echoed == res.tcp_sent
     stats = cap.stats
     assert stats.drops == 0 and stats.over_cap == 0
     out = passive.match(cap.sightings, specs(the_lab))
-    r0 = out[g0.tap]
+    r0 = out[g0.vif]
     rep = r0.report
     print(f'guest0: {r0}')
     # Every UDP datagram and TCP segment each way is matched; none negative.
@@ -86,7 +95,7 @@ def test_streams_matched_pif_to_tap_and_back(lab_factory):
     assert rep.anomalies == 0 and rep.ingress.lost == 0
     assert r0.unmatched == 0
     assert rep.protocol == 'passive'
-    idle = out[the_lab.guests[1].tap]
+    idle = out[the_lab.guests[1].vif]
     assert idle.packets == 0
     assert idle.report is None or idle.report.ingress.count == 0
 
@@ -96,11 +105,11 @@ def test_sampling_same_flows_on_pif_and_tap(lab_factory):
     pif's sampled packets to the guest are found on its tap (>= 99%)."""
     the_lab = lab_factory(guests=1)
     g = the_lab.guests[0]
-    interfaces = [the_lab.pif, g.tap]
+    interfaces = [the_lab.spec.pif, g.vif]
     with passivecapture.PassiveCapture(
-            4, netns_name=the_lab.hv_netns, interfaces=interfaces) as cap:
+            4, netns_name=the_lab.spec.hv_netns, interfaces=interfaces) as cap:
         for i in range(16):
-            labtraffic.exchange(the_lab.src_netns, g.netns, g.address,
+            labtraffic.exchange(the_lab.spec.src_netns, g.netns, g.address,
                                 tcp_bytes=20_000, udp_count=5,
                                 port=6000 + 7 * i, payload=MARKER,
                                 udp_gap_s=0)
@@ -111,7 +120,7 @@ def test_sampling_same_flows_on_pif_and_tap(lab_factory):
             flows.setdefault(frozenset({f[3], f[4]}), set()).add(s.ifname)
             assert (f[3] ^ f[4]) % 4 == 0
     assert flows, 'no flow sampled'
-    assert all(seen == {the_lab.pif, g.tap} for seen in flows.values())
+    assert all(seen == {the_lab.spec.pif, g.vif} for seen in flows.values())
     spec = specs(the_lab)[0]
     r = passive.match(cap.sightings, [spec])[spec.vif]
     to_guest = r.report.ingress.count + r.unmatched
@@ -128,9 +137,9 @@ def _daemon_window(the_lab, guest, window_ms=1500, sample=1, **traffic):
 
     def run():
         box['out'] = privileged.passive_window(
-            privileged.netns_pctxt, the_lab.hv_netns,
-            [the_lab.pif, guest.tap], sample, window_ms, 50_000,
-            lab_mod.VXLAN_PORT if the_lab.spec.vxlan_vni else None)
+            privileged.netns_pctxt, the_lab.spec.hv_netns,
+            [the_lab.spec.pif, guest.vif], sample, window_ms, 50_000,
+            labswitch.VXLAN_PORT if the_lab.spec.vxlan_vni else None)
 
     import threading
     t = threading.Thread(target=run)
@@ -138,7 +147,7 @@ def _daemon_window(the_lab, guest, window_ms=1500, sample=1, **traffic):
         privileged.status(privileged.netns_pctxt)     # the daemon is up
         t.start()
         time.sleep(0.4)     # the daemon opens its socket
-        res = labtraffic.exchange(the_lab.src_netns, guest.netns,
+        res = labtraffic.exchange(the_lab.spec.src_netns, guest.netns,
                                   guest.address, payload=MARKER, **traffic)
         t.join(30)
     finally:
@@ -168,7 +177,7 @@ def test_vxlan_sampled_and_matched_on_the_inner_frame(lab_factory):
     g = the_lab.guests[0]
     sightings, stats, res = _daemon_window(the_lab, g, tcp_bytes=100_000,
                                            udp_count=40)
-    on_pif = [s for s in sightings if s.ifname == the_lab.pif and
+    on_pif = [s for s in sightings if s.ifname == the_lab.spec.pif and
               s.header.flow[0] in (6, 17)]
     # Keyed on the inner flow: the guest's address, not the underlay's
     # (the host's own IGMP reports on the pif are neither).
@@ -200,10 +209,6 @@ def test_daemon_refuses_bad_windows_by_name():
 
 # --- the lab's injected delay on the guest's own traffic ---------------------
 
-import dpkt  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-
 DELAY_MS = 2.0
 CLOCK_TOLERANCE_NS = 2000       # as test_lab: one clock, two readings
 OVERHEAD_MEDIAN_US = 200.0      # as test_lab's probes through the delayer
@@ -211,16 +216,17 @@ BASELINE_P50_US = 200.0
 
 
 def delayed_lab(lab_factory):
-    return lab_factory(guests=2, delays=(lab_mod.DelayInjection(
+    return lab_factory(guests=2, delays=(labspec.DelayInjection(
         guest=1, delay_ms=DELAY_MS, backend='nfqueue', record='passive'),))
 
 
 def offload(the_lab, on):
     """GRO, GSO and TSO on (or off) on every interface the streams cross."""
     state = 'on' if on else 'off'
-    devs = [(the_lab.src_netns, 'eth0'), (the_lab.hv_netns, the_lab.pif)]
+    devs = [(the_lab.spec.src_netns, 'eth0'),
+            (the_lab.spec.hv_netns, the_lab.spec.pif)]
     for g in the_lab.guests:
-        devs += [(the_lab.hv_netns, g.tap), (g.netns, 'eth0')]
+        devs += [(the_lab.spec.hv_netns, g.vif), (g.netns, 'eth0')]
     for ns, dev in devs:
         subprocess.run(['ip', 'netns', 'exec', ns, 'ethtool', '-K', dev,
                         'gro', state, 'gso', state, 'tso', state],
@@ -230,7 +236,7 @@ def offload(the_lab, on):
 def replay(the_lab, keys):
     """Send look-alikes from the source: UDP datagrams with the flows and
     IPv4 ids of ``keys`` (duplicates of packets the guest already got)."""
-    raw = netns.socket_in_netns(the_lab.src_netns, socket.AF_INET,
+    raw = netns.socket_in_netns(the_lab.spec.src_netns, socket.AF_INET,
                                 socket.SOCK_RAW, socket.IPPROTO_RAW)
     with raw:
         for flow, ident in keys:
@@ -247,20 +253,20 @@ def passive_window(the_lab, gro=False, look_alikes=0):
     window (every flow kept); ``(sightings, {tap: StreamResult})``."""
     if gro:
         offload(the_lab, True)
-    interfaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    interfaces = [the_lab.spec.pif] + [g.vif for g in the_lab.guests]
     results = {}
     with passivecapture.PassiveCapture(
-            1, netns_name=the_lab.hv_netns, interfaces=interfaces,
+            1, netns_name=the_lab.spec.hv_netns, interfaces=interfaces,
             cap=200_000) as cap:
         for g in the_lab.guests:
-            results[g.tap] = labtraffic.exchange(
-                the_lab.src_netns, g.netns, g.address, tcp_bytes=300_000,
+            results[g.vif] = labtraffic.exchange(
+                the_lab.spec.src_netns, g.netns, g.address, tcp_bytes=300_000,
                 udp_count=60, payload=MARKER, udp_gap_s=0.002)
         if look_alikes:
             slow = the_lab.guests[1]
             udp_keys = [(s.header.flow, s.header.ident)
                         for s in cap.sightings
-                        if s.ifname == slow.tap and s.header.flow[0] == 17
+                        if s.ifname == slow.vif and s.header.flow[0] == 17
                         and s.direction == sightings.DIR_OUT][:look_alikes]
             replay(the_lab, udp_keys)
             time.sleep(0.1)
@@ -293,7 +299,7 @@ def check_against_holds(the_lab, sightings, accuracy=True):
         assert rec.released_ns <= t_tap + CLOCK_TOLERANCE_NS, (key, rec)
         assert measured >= rec.hold_ns - CLOCK_TOLERANCE_NS
         overheads.append(measured - rec.hold_ns)
-    print(f'{slow.tap}: {len(pairs)} packets matched against their holds, '
+    print(f'{slow.vif}: {len(pairs)} packets matched against their holds, '
           f'overhead median {statistics.median(overheads) / 1000:.1f} us')
     if accuracy:
         assert statistics.median(overheads) / 1000 <= OVERHEAD_MEDIAN_US
@@ -305,13 +311,13 @@ def test_delayed_guest_recovers_each_hold(lab_factory):
     sightings, results = passive_window(the_lab)
     out = passive.match(sightings, specs(the_lab))
     fast, slow = the_lab.guests
-    rs, rf = out[slow.tap], out[fast.tap]
+    rs, rf = out[slow.vif], out[fast.vif]
     print(f'delayed: {rs.report.ingress}\nother: {rf.report.ingress}')
-    assert rs.report.ingress.count >= results[slow.tap].udp_received
+    assert rs.report.ingress.count >= results[slow.vif].udp_received
     assert rs.report.ingress.min_us >= DELAY_MS * 1000 - 2
     assert rs.report.anomalies == 0 and rs.unmatched == 0
     assert rf.report.ingress.p50_us < BASELINE_P50_US
-    assert rf.report.ingress.count >= results[fast.tap].udp_received
+    assert rf.report.ingress.count >= results[fast.vif].udp_received
     check_against_holds(the_lab, sightings)
     # The other guest's traffic was never held.
     assert not the_lab.passive_holds(0)
@@ -322,11 +328,11 @@ def test_gro_and_tso_on_no_mismatch(lab_factory):
     sightings, _results = passive_window(the_lab, gro=True)
     out = passive.match(sightings, specs(the_lab))
     for g in the_lab.guests:
-        r = out[g.tap]
+        r = out[g.vif]
         rep = r.report
         on_pif = rep.ingress.count + r.unmatched
         # Covered: the segments of a super-packet matched by its first.
-        print(f'{g.tap} GRO/TSO on: ingress {rep.ingress.count}, egress '
+        print(f'{g.vif} GRO/TSO on: ingress {rep.ingress.count}, egress '
               f'{rep.egress.count}, covered {r.covered}, unmatched '
               f'{r.unmatched}, ambiguous {r.ambiguous}; matched fraction '
               f'of pif packets {rep.ingress.count / max(on_pif, 1):.3f}')
@@ -339,7 +345,7 @@ def test_look_alikes_never_match(lab_factory):
     the_lab = delayed_lab(lab_factory)
     sightings, _results = passive_window(the_lab, look_alikes=20)
     slow = the_lab.guests[1]
-    r = passive.match(sightings, specs(the_lab))[slow.tap]
+    r = passive.match(sightings, specs(the_lab))[slow.vif]
     assert r.ambiguous >= 20, r
     assert r.report.anomalies == 0
     # Every pair left is one packet held once, inside pif -> tap (the
@@ -349,22 +355,8 @@ def test_look_alikes_never_match(lab_factory):
 
 # --- netweaver lab --passive ------------------------------------------------
 
-import json  # noqa: E402
-import sys  # noqa: E402
-
-from tests.functional import conftest  # noqa: E402
-
-
 def _lab_cli(*argv):
-    return subprocess.run(
-        [sys.executable, '-m', 'netweaver_agent.cli.main', 'lab', *argv],
-        capture_output=True, text=True, timeout=180)
-
-
-def _namespaces(prefix):
-    out = subprocess.run(['ip', 'netns', 'list'], capture_output=True,
-                         text=True, check=True).stdout
-    return [line for line in out.splitlines() if line.startswith(prefix)]
+    return conftest.run_cli('lab', *argv, timeout=180)
 
 
 def test_lab_passive_json_beside_the_holds():
@@ -376,10 +368,7 @@ def test_lab_passive_json_beside_the_holds():
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = json.loads(proc.stdout)
     finally:
-        subprocess.run([sys.executable, '-m', 'netweaver_agent.cli.main',
-                        'lab',
-                        'down', '--prefix', prefix], capture_output=True,
-                       timeout=60)
+        conftest.run_cli('lab', 'down', '--prefix', prefix, timeout=60)
     assert out['mode'] == 'passive'
     fast, slow = out['guests']
     assert slow['injected']['delay_ms'] == 2.0
@@ -392,7 +381,7 @@ def test_lab_passive_json_beside_the_holds():
     assert fast['report']['ingress']['p50_us'] < BASELINE_P50_US
     assert fast['counts']['unmatched'] == 0
     assert slow['counts']['unmatched'] == 0
-    assert not _namespaces(prefix), 'the lab was not removed'
+    assert not conftest.lab_namespaces(prefix), 'the lab was not removed'
 
 
 def test_lab_passive_refuses_what_it_cannot_measure():
@@ -404,15 +393,10 @@ def test_lab_passive_refuses_what_it_cannot_measure():
         proc = _lab_cli('--passive', '--prefix', prefix, *argv)
         assert proc.returncode == 2, (argv, proc.stderr)
         assert flag in proc.stderr, proc.stderr
-        assert not _namespaces(prefix)
+        assert not conftest.lab_namespaces(prefix)
 
 
 # --- the real ceilometer-polling in passive mode --------------------------
-
-import threading  # noqa: E402
-
-from netweaver_agent.lab import agent as labagent  # noqa: E402
-
 
 def _background_traffic(the_lab, stop, bound_s=60.0):
     """Bounded streams to every guest, again and again, until ``stop``."""
@@ -420,7 +404,7 @@ def _background_traffic(the_lab, stop, bound_s=60.0):
     port = 7000
     while not stop.is_set() and time.monotonic() < end:
         for g in the_lab.guests:
-            labtraffic.exchange(the_lab.src_netns, g.netns, g.address,
+            labtraffic.exchange(the_lab.spec.src_netns, g.netns, g.address,
                                 tcp_bytes=32_000, udp_count=20,
                                 port=port, udp_gap_s=0.005)
         port = 7000 + (port - 7000 + 3) % 900
@@ -430,13 +414,13 @@ def test_real_agent_in_passive_mode(lab_factory, tmp_path):
     """ceilometer-polling with [netweaver] mode = passive: no probe sent,
     the guests' own traffic measured; the delayed guest's latency at
     least the injected delay, the other low; no loss published."""
-    the_lab = lab_factory(guests=2, delays=(lab_mod.DelayInjection(
+    the_lab = lab_factory(guests=2, delays=(labspec.DelayInjection(
         guest=1, delay_ms=DELAY_MS, backend='nfqueue'),))
     files = labagent.write_files(
         the_lab, str(tmp_path / 'agent'), interval_s=3,
         probe={'mode': 'passive', 'passive_window_ms': 1500.0,
                'passive_sample': 1, 'max_window_ms': 2000.0})
-    agent = labagent.PollingAgent(files, the_lab.hv_netns)
+    agent = labagent.PollingAgent(files, the_lab.spec.hv_netns)
     stop = threading.Event()
     traffic = threading.Thread(target=_background_traffic,
                                args=(the_lab, stop), daemon=True)
@@ -452,8 +436,8 @@ def test_real_agent_in_passive_mode(lab_factory, tmp_path):
         traffic.join(30)
         agent.stop()
     by_res = {s.label('resource'): s for s in series}
-    slow = by_res[expected[the_lab.guests[1].tap]]
-    fast = by_res[expected[the_lab.guests[0].tap]]
+    slow = by_res[expected[the_lab.guests[1].vif]]
+    fast = by_res[expected[the_lab.guests[0].vif]]
     assert DELAY_MS * 1000 <= slow.value <= DELAY_MS * 1000 + 1000, slow
     assert 0 < fast.value < BASELINE_P50_US, fast
     assert 'ceilometer_network_vif_probe_loss' not in names
@@ -475,12 +459,12 @@ def test_a_tenant_spoofing_another_moves_only_counters(lab_factory):
     forgeries are counted (unmatched) and never measured."""
     the_lab = delayed_lab(lab_factory)
     g0, g1 = the_lab.guests
-    interfaces = [the_lab.pif, g0.tap, g1.tap]
+    interfaces = [the_lab.spec.pif, g0.vif, g1.vif]
     with passivecapture.PassiveCapture(
-            1, netns_name=the_lab.hv_netns, interfaces=interfaces,
+            1, netns_name=the_lab.spec.hv_netns, interfaces=interfaces,
             cap=200_000) as cap:
         for g in the_lab.guests:
-            labtraffic.exchange(the_lab.src_netns, g.netns, g.address,
+            labtraffic.exchange(the_lab.spec.src_netns, g.netns, g.address,
                                 tcp_bytes=100_000, udp_count=40,
                                 payload=MARKER, udp_gap_s=0.002)
         raw = netns.socket_in_netns(g0.netns, socket.AF_INET,
@@ -489,18 +473,18 @@ def test_a_tenant_spoofing_another_moves_only_counters(lab_factory):
             for ipid in range(1, 201):
                 pkt = dpkt.ip.IP(
                     src=socket.inet_aton(g1.address),
-                    dst=socket.inet_aton(the_lab.src_address), p=17,
+                    dst=socket.inet_aton(the_lab.spec.src_address), p=17,
                     id=ipid, ttl=64, data=dpkt.udp.UDP(
                         sport=9999, dport=9998, data=b'forged'))
-                raw.sendto(bytes(pkt), (the_lab.src_address, 0))
+                raw.sendto(bytes(pkt), (the_lab.spec.src_address, 0))
         time.sleep(0.1)
     out = passive.match(cap.sightings, specs(the_lab))
-    r1 = out[g1.tap]
+    r1 = out[g1.vif]
     assert r1.unmatched >= 200, r1
     assert r1.report.anomalies == 0
     assert r1.report.ingress.min_us >= DELAY_MS * 1000 - 2
     check_against_holds(the_lab, cap.sightings)
     # Guest 0's own numbers: its forgeries left its tap and never came
     # out of the pif under its address: counted local, not measured.
-    assert out[g0.tap].report.anomalies == 0
-    assert out[g0.tap].local >= 200
+    assert out[g0.vif].report.anomalies == 0
+    assert out[g0.vif].local >= 200

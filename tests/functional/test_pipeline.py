@@ -27,9 +27,9 @@ import yaml
 
 from netweaver_agent.core import netns
 from netweaver_agent.lab import agent as labagent
-from netweaver_agent.lab import build as lab_mod
 from netweaver_agent.lab import pipeline
-
+from netweaver_agent.lab import spec as labspec
+from tests.functional import telemetry
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
 
@@ -65,30 +65,17 @@ def pipeline_lab(lab_factory, tmp_path):
     """``(lab, pipeline, agent)``: the whole pipeline on a two-guest lab."""
     the_lab = lab_factory(
         guests=2, mgmt=True,
-        delays=(lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS),),
-        losses=(lab_mod.LossInjection(guest=0, every=LOSS_EVERY),))
-    pipe = pipeline.Pipeline(the_lab, logs_to=str(tmp_path / 'logs'),
-                             progress=print)
-    agent = None
-    try:
+        delays=(labspec.DelayInjection(guest=1, delay_ms=DELAY_MS),),
+        losses=(labspec.LossInjection(guest=0, every=LOSS_EVERY),))
+    probe = pipeline.lab_probe_options(the_lab, INTERVAL_S)
+    probe['probe_count'] = PROBE_COUNT
+    with telemetry.running(the_lab, str(tmp_path), INTERVAL_S,
+                           probe=probe) as (pipe, agent):
         try:
-            pipe.start()
-        except pipeline.PipelineError as exc:
-            pytest.fail(f'the pipeline could not start: {exc}')
-        probe = pipeline.lab_probe_options(the_lab, INTERVAL_S)
-        probe['probe_count'] = PROBE_COUNT
-        files = labagent.write_files(
-            the_lab, str(tmp_path / 'agent'), interval_s=INTERVAL_S,
-            probe=probe, extra=pipe.agent_extra())
-        agent = labagent.PollingAgent(files, the_lab.hv_netns)
-        agent.start()
-        yield the_lab, pipe, agent
-    finally:
-        pids = [d.pid for d in pipe.daemons]
-        workdir = pipe.workdir
-        if agent is not None:
-            agent.stop()
-        pipe.stop()
+            yield the_lab, pipe, agent
+        finally:
+            pids = [d.pid for d in pipe.daemons]
+            workdir = pipe.workdir
     _assert_cleaned(pids, workdir)
 
 
@@ -133,9 +120,9 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     samples = {}
     for g in the_lab.guests:
         for meter in ('network.vif.latency', 'network.vif.probe.loss'):
-            s = pipeline.follow(pipe, agent, rids[g.tap], meter,
+            s = pipeline.follow(pipe, agent, rids[g.vif], meter,
                                 timeout_s=WAIT_S)
-            samples[(g.tap, meter)] = s
+            samples[(g.vif, meter)] = s
             # One sample, the same value everywhere.
             assert s.exporter == s.gnocchi == s.prometheus, s
             # Gnocchi's finest bucket holds that one sample only.
@@ -147,12 +134,12 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
 
     # The Gnocchi resource is Ceilometer's vNIC: its original id, and the
     # name Ceilometer gives a vNIC (the filterref's, else the tap's).
-    domains = {d.tap: d for d in labagent.guest_domains(the_lab)}
+    domains = {d.vif: d for d in labagent.guest_domains(the_lab)}
     for g in the_lab.guests:
-        res = pipe.gnocchi_resource(rids[g.tap])
-        assert res['original_resource_id'] == rids[g.tap]
-        dom = domains[g.tap]
-        assert res['name'] == (dom.filter_name if dom.filterref else g.tap)
+        res = pipe.gnocchi_resource(rids[g.vif])
+        assert res['original_resource_id'] == rids[g.vif]
+        dom = domains[g.vif]
+        assert res['name'] == (dom.filter_name if dom.filterref else g.vif)
         assert res['type'] == 'instance_network_interface'
         for meter in labagent.LATENCY_METERS:
             assert meter in res['metrics'], (meter, res['metrics'])
@@ -163,8 +150,8 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     assert grans[0] <= 5, policy
 
     # The injected truth, as Gnocchi holds it.
-    d = samples[(delayed.tap, 'network.vif.latency')].gnocchi
-    p = samples[(lossy.tap, 'network.vif.latency')].gnocchi
+    d = samples[(delayed.vif, 'network.vif.latency')].gnocchi
+    p = samples[(lossy.vif, 'network.vif.latency')].gnocchi
     # No probe is faster than its hold; the mean is not slower than the
     # longest hold the delayer recorded (a loaded machine holds longer).
     holds_us = [r.hold_ns / 1000 for r in the_lab.delay_records(delayed.index)
@@ -172,23 +159,23 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     assert holds_us, 'the delayer recorded no hold'
     assert DELAY_MS * 1000 <= d <= max(holds_us) + 500, (d, max(holds_us))
     assert 0 < p < 500, p
-    assert samples[(lossy.tap, 'network.vif.probe.loss')].gnocchi == \
+    assert samples[(lossy.vif, 'network.vif.probe.loss')].gnocchi == \
         pytest.approx(100.0 / LOSS_EVERY)
-    assert samples[(delayed.tap, 'network.vif.probe.loss')].gnocchi == 0
+    assert samples[(delayed.vif, 'network.vif.probe.loss')].gnocchi == 0
 
     # Aodh: the shipped alarms on every vNIC; the state follows Gnocchi.
     alarms = {}
     for g in the_lab.guests:
-        res = samples[(g.tap, 'network.vif.latency')].gnocchi_resource
+        res = samples[(g.vif, 'network.vif.latency')].gnocchi_resource
         for example in pipeline.ALARM_EXAMPLES:
-            made = pipe.create_alarm(example, res, f'{example}-{g.tap}')
-            alarms[(g.tap, example)] = made['alarm_id']
+            made = pipe.create_alarm(example, res, f'{example}-{g.vif}')
+            alarms[(g.vif, example)] = made['alarm_id']
     states = pipeline.wait_alarms(pipe, alarms, WAIT_S)
     assert states == {
-        (lossy.tap, 'netweaver-vif-latency-high'): 'ok',
-        (delayed.tap, 'netweaver-vif-latency-high'): 'alarm',
-        (lossy.tap, 'netweaver-vif-probe-loss'): 'alarm',
-        (delayed.tap, 'netweaver-vif-probe-loss'): 'ok',
+        (lossy.vif, 'netweaver-vif-latency-high'): 'ok',
+        (delayed.vif, 'netweaver-vif-latency-high'): 'alarm',
+        (lossy.vif, 'netweaver-vif-probe-loss'): 'alarm',
+        (delayed.vif, 'netweaver-vif-probe-loss'): 'ok',
     }, states
     for (tap, example), state in states.items():
         rule = _alarm_example(example)
@@ -197,17 +184,18 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
             (tap, example, value, rule)
 
     # Prometheus: the shipped rules fire for the right vNIC only.
-    expected = {'NetweaverVifLatencyHigh': {rids[delayed.tap]},
-                'NetweaverVifLatencyP99High': {rids[delayed.tap]},
-                'NetweaverVifProbeLoss': {rids[lossy.tap]},
+    expected = {'NetweaverVifLatencyHigh': {rids[delayed.vif]},
+                'NetweaverVifLatencyP99High': {rids[delayed.vif]},
+                'NetweaverVifProbeLoss': {rids[lossy.vif]},
                 'NetweaverVifLatencyAbsent': set()}
     assert _wait_firing(pipe, expected, WAIT_S) == expected
 
     # Every service listens on loopback or the lab's management address.
-    listening = netns.run(['ss', '-Hltnu'], netns=the_lab.mgmt_netns).stdout
+    listening = netns.run(['ss', '-Hltnu'],
+                          netns=the_lab.spec.mgmt_netns).stdout
     local = [line.split()[4] for line in listening.splitlines()]
     assert local, listening
-    allowed = ('127.0.0.1:', f'{the_lab.mgmt_addresses.mgmt}:')
+    allowed = ('127.0.0.1:', f'{the_lab.spec.mgmt_addresses().mgmt}:')
     assert [a for a in local if not a.startswith(allowed)] == [], listening
 
     # With Ceilometer's own definitions these meters would be dropped.
@@ -224,7 +212,7 @@ def test_a_service_failing_to_start_stops_the_others(lab_factory, tmp_path):
     and the work directory is removed."""
     the_lab = lab_factory(guests=1, mgmt=True)
     import socket
-    blocker = netns.socket_in_netns(the_lab.mgmt_netns, socket.AF_INET,
+    blocker = netns.socket_in_netns(the_lab.spec.mgmt_netns, socket.AF_INET,
                                     socket.SOCK_STREAM)
     with blocker:
         blocker.bind(('127.0.0.1', pipeline.PROMETHEUS_PORT))
@@ -242,7 +230,7 @@ def test_a_service_failing_to_start_stops_the_others(lab_factory, tmp_path):
     assert pipe.daemons == []
     assert not os.path.exists(pipe.workdir)
     # Every daemon that was started is gone (their pids were logged).
-    assert not _pids_in_netns(the_lab.mgmt_netns), \
+    assert not _pids_in_netns(the_lab.spec.mgmt_netns), \
         'processes left in the management namespace'
 
 
