@@ -35,6 +35,7 @@ from netweaver_agent.cli import seedjob
 from netweaver_agent.core import vifpath
 from netweaver_agent.lab import virt
 from netweaver_agent.ssh import remote
+from tests.functional import sshlab
 from tests.functional.conftest import require_root
 from tests.functional.conftest import stop_processes
 from tests.functional.conftest import unique_prefix
@@ -150,9 +151,9 @@ class OvsHost:
         known_hosts = os.path.join(self.dir, 'known_hosts')
         with open(known_hosts, 'w', encoding='utf-8') as f:
             f.write(f'[127.0.0.1]:2222 {kind} {blob}\n')
-        conf = os.path.join(self.dir, 'sshd.conf')
-        with open(conf, 'w', encoding='utf-8') as f:
-            f.write('\n'.join([
+        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)
+        sshlab.start_sshd(
+            self.ns, os.path.join(self.dir, 'sshd.conf'), [
                 'Port 2222', 'ListenAddress 127.0.0.1',
                 f'HostKey {host_key}',
                 f'AuthorizedKeysFile {self.dir}/authorized_keys',
@@ -160,24 +161,8 @@ class OvsHost:
                 'StrictModes no', 'PermitRootLogin prohibit-password',
                 'PasswordAuthentication no',
                 'KbdInteractiveAuthentication no',
-                f'SetEnv OVS_RUNDIR={self.dir}']) + '\n')
-        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)
-        log_path = os.path.join(self.dir, 'sshd.log')
-        with open(log_path, 'wb') as log_file:
-            self.procs.append(subprocess.Popen(
-                ['ip', 'netns', 'exec', self.ns, '/usr/sbin/sshd', '-D',
-                 '-e', '-f', conf], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=log_file))
-        deadline = time.monotonic() + 10
-        while True:
-            with open(log_path, 'rb') as f:
-                text = f.read().decode(errors='replace')
-            if 'Server listening' in text:
-                break
-            if time.monotonic() > deadline or self.procs[-1].poll() is not \
-                    None:
-                pytest.fail(f'sshd in {self.ns} did not start: {text}')
-            time.sleep(0.05)
+                f'SetEnv OVS_RUNDIR={self.dir}'],
+            os.path.join(self.dir, 'sshd.log'), self.procs, self.ns)
         return remote.SSHOptions(key_file=key, known_hosts_file=known_hosts,
                                  connect_timeout_s=5.0,
                                  command_timeout_s=30.0)
