@@ -29,6 +29,7 @@ import time
 import dpkt
 
 from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapreader
 from netweaver_agent.core import probe
 
 SESSION = 4242
@@ -43,7 +44,7 @@ def write_probes(path, n):
                                            mac_a, mac_b))
     rec = struct.Struct('<IIII')
     size = len(template)
-    chunks = [struct.pack('<IHHiIII', pcapfile.PCAP_MAGIC_NS, 2, 4, 0, 0,
+    chunks = [struct.pack('<IHHiIII', pcapreader.PCAP_MAGIC_NS, 2, 4, 0, 0,
                           65535, 1)]
     for seq in range(n):
         f = template

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapngreader
 from netweaver_agent.core import probe
 
 SESSION = 4242
@@ -33,9 +34,10 @@ def _block(btype, body):
 
 def write(path, n):
     """``n`` unnamed interface blocks, then ``n`` packets in runs of 16."""
-    shb = struct.pack('<IIIHHq', pcapfile.PCAPNG_SHB, 28, pcapfile.PCAPNG_BOM,
-                      1, 0, -1) + struct.pack('<I', 28)
-    idb = _block(pcapfile.PCAPNG_IDB, struct.pack('<HHI', 1, 0, 65535))
+    shb = struct.pack('<IIIHHq', pcapngreader.PCAPNG_SHB, 28,
+                      pcapngreader.PCAPNG_BOM, 1, 0, -1)
+    shb += struct.pack('<I', 28)
+    idb = _block(pcapngreader.PCAPNG_IDB, struct.pack('<HHI', 1, 0, 65535))
     frame = probe.build_frame('icmp', SESSION, 0, bytes([198, 18, 0, 1]),
                               bytes([198, 18, 0, 10]), bytes(6), bytes(6))
     out = [shb, idb * n]
@@ -44,7 +46,7 @@ def write(path, n):
         pad = bytes(-len(f) % 4)
         for j in range(16):
             ts = T0_US + run * 16 + j
-            out.append(_block(pcapfile.PCAPNG_EPB, struct.pack(
+            out.append(_block(pcapngreader.PCAPNG_EPB, struct.pack(
                 '<IIIII', (run + j) % 3, ts >> 32, ts & 0xffffffff, len(f),
                 len(f)) + f + pad))
     with open(path, 'wb') as fh:

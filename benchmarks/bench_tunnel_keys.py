@@ -25,6 +25,7 @@ import time
 
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import pcapreader
 from netweaver_agent.core import probe
 
 SESSION = 4242
@@ -61,7 +62,7 @@ def carriages():
 
 def write_pcap(path, frames):
     rec = struct.Struct('<IIII')
-    chunks = [struct.pack('<IHHiIII', pcapfile.PCAP_MAGIC_NS, 2, 4, 0, 0,
+    chunks = [struct.pack('<IHHiIII', pcapreader.PCAP_MAGIC_NS, 2, 4, 0, 0,
                           65535, 1)]
     for i, f in enumerate(frames):
         sec, ns = divmod(T0 + i * 10_000, 10 ** 9)

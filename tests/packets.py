@@ -19,7 +19,8 @@ import struct
 import dpkt
 from hypothesis import strategies as st
 
-from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapngreader
+from netweaver_agent.core import pcapreader
 from netweaver_agent.core import probe
 
 # --------------------------------------------------------------------------
@@ -500,7 +501,7 @@ def rows(read):
 def pcap(records, order='<', nano=False, version=(2, 4), linktype=1,
          snaplen=65535):
     """A classic pcap from ``[(sec, frac, frame)]`` (fields as written)."""
-    magic = pcapfile.PCAP_MAGIC_NS if nano else pcapfile.PCAP_MAGIC_US
+    magic = pcapreader.PCAP_MAGIC_NS if nano else pcapreader.PCAP_MAGIC_US
     out = [struct.pack(order + 'IHHiIII', magic, *version, 0, 0, snaplen,
                        linktype)]
     for sec, frac, frame in records:
@@ -560,8 +561,8 @@ END_OF_OPTIONS = 0
 
 def shb(order='<', version=(1, 0)):
     """A section header block (section length unknown)."""
-    return block(order, pcapfile.PCAPNG_SHB,
-                 struct.pack(order + 'IHHq', pcapfile.PCAPNG_BOM, *version,
+    return block(order, pcapngreader.PCAPNG_SHB,
+                 struct.pack(order + 'IHHq', pcapngreader.PCAPNG_BOM, *version,
                              -1))
 
 
@@ -573,7 +574,7 @@ def idb(order, name, tsresol=None, linktype=1, tsoffset=None):
     if tsoffset is not None:
         opts += option(order, 14, struct.pack(order + 'q', tsoffset))
     opts += struct.pack(order + 'HH', END_OF_OPTIONS, 0)
-    return block(order, pcapfile.PCAPNG_IDB,
+    return block(order, pcapngreader.PCAPNG_IDB,
                  struct.pack(order + 'HHI', linktype, 0, 65535) + opts)
 
 
@@ -586,7 +587,7 @@ def epb(order, iface, ts, frame, flags=None):
     if flags is not None:
         body += option(order, 2, struct.pack(order + 'I', flags))
         body += struct.pack(order + 'HH', END_OF_OPTIONS, 0)
-    return block(order, pcapfile.PCAPNG_EPB, body)
+    return block(order, pcapngreader.PCAPNG_EPB, body)
 
 
 def pcapng(frames, times, order='<', tsresol=9, linktype=1, flags=None):

@@ -16,7 +16,7 @@ import sys
 from netweaver_agent.agent import opts
 from netweaver_agent.cli import offline
 from netweaver_agent.cli import report
-from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sources
 
@@ -149,7 +149,7 @@ def run(args):
                                                '--tcp-source-ports'),
             key=_key(args.key), lenient=args.lenient,
             progress=progress)
-    except (pcapfile.PcapError, offline.AnalyzeError, ValueError) as exc:
+    except (pcaprows.PcapError, offline.AnalyzeError, ValueError) as exc:
         _clear(progress)
         print(f'netweaver analyze: {exc}', file=sys.stderr)
         return 1

@@ -48,6 +48,7 @@ from oslo_log import log
 
 from netweaver_agent.core import latency
 from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import vifpath
@@ -67,8 +68,8 @@ class Analysis:
     """The report of one pif/vif pair of captures, and what was read."""
 
     report: latency.LatencyReport
-    pif: pcapfile.PcapRead
-    vif: pcapfile.PcapRead
+    pif: pcaprows.PcapRead
+    vif: pcaprows.PcapRead
     mode: str
     session: int
     # Sightings verified with the window's secret (tags and addresses).
@@ -142,7 +143,7 @@ def analyze_pcaps(pif_path, vif_path, destination=None, session=None,
     :param progress: ``callable(path, done_bytes, total_bytes)``, called
         about once a second while a long file is read
     :returns: :class:`Analysis`
-    :raises pcapfile.PcapError: a file is unreadable or corrupt
+    :raises pcaprows.PcapError: a file is unreadable or corrupt
     :raises AnalyzeError: nothing to measure, or a bad combination
     """
     if mode not in MODES:

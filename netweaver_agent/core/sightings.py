@@ -63,17 +63,26 @@ class SightingBatch:
         default_factory=lambda: array.array('Q'))
     ifnames: dict = dataclasses.field(default_factory=dict)
     encap: dict = dataclasses.field(default_factory=dict)
+    # ifname -> index, a cache of ``ifnames`` (checked before use: callers
+    # may fill ``ifnames`` themselves).
+    _index_of: dict = dataclasses.field(default_factory=dict, repr=False,
+                                        compare=False)
 
     def __len__(self):
         return len(self.t_ns)
 
     def interface_index(self, ifname):
         """The column index standing for ``ifname`` (added if new)."""
+        index = self._index_of.get(ifname)
+        if index is not None and self.ifnames.get(index) == ifname:
+            return index
         for index, name in self.ifnames.items():
             if name == ifname:
-                return index
-        index = len(self.ifnames)
-        self.ifnames[index] = ifname
+                break
+        else:
+            index = len(self.ifnames)
+            self.ifnames[index] = ifname
+        self._index_of[ifname] = index
         return index
 
     def append(self, key_int, ifindex, t_ns, direction, auth=0):

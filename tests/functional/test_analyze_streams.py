@@ -188,8 +188,8 @@ def test_empty_pipe_is_one_clear_line(tmp_path):
 
 _WITH_SECONDS = ('import sys\n'
                  'from netweaver_agent.cli import main\n'
-                 'from netweaver_agent.core import pcapfile\n'
-                 'pcapfile.PROGRESS_EVERY_S = float(sys.argv[1])\n'
+                 'from netweaver_agent.core import pcaprows\n'
+                 'pcaprows.PROGRESS_EVERY_S = float(sys.argv[1])\n'
                  'sys.exit(main.main(sys.argv[2:]))\n')
 
 

@@ -11,7 +11,7 @@ import dpkt
 import pytest
 
 from netweaver_agent.cli import offline
-from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from tests import packets as pk
 from tests.command import netweaver
@@ -189,7 +189,7 @@ def test_cli_missing_file(tmp_path):
 
 def test_pcap_error_is_a_value_error():
     # Callers catching ValueError (bad input) also catch file errors.
-    assert issubclass(pcapfile.PcapError, ValueError)
+    assert issubclass(pcaprows.PcapError, ValueError)
 
 
 # --------------------------------------------------------------------------

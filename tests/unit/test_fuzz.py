@@ -12,7 +12,7 @@ parsers' documented errors.
   on every one.
 * Capture files (:func:`pcapfile.read_pcap`): classic pcap and pcapng with
   damaged headers, records and blocks.  The answer is a
-  :class:`pcapfile.PcapRead` or a :class:`pcapfile.PcapError`, nothing
+  :class:`pcaprows.PcapRead` or a :class:`pcaprows.PcapError`, nothing
   else.
 
 10,000 generated inputs in all, derandomized (the same ones on every
@@ -32,6 +32,9 @@ from hypothesis import strategies as st
 
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import pcapngreader
+from netweaver_agent.core import pcapreader
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from tests.unit import test_pcapfile as tpf
@@ -355,7 +358,7 @@ def pcap_path(tmp_path_factory):
 
 
 def pcap_bytes(frames, order, nano, linktype, snaplen):
-    magic = pcapfile.PCAP_MAGIC_NS if nano else pcapfile.PCAP_MAGIC_US
+    magic = pcapreader.PCAP_MAGIC_NS if nano else pcapreader.PCAP_MAGIC_US
     out = [struct.pack(order + 'IHHiIII', magic, 2, 4, 0, 0, snaplen,
                        linktype)]
     for i, frame in enumerate(frames):
@@ -375,9 +378,9 @@ def pcapng_bytes(frames, order, tsresol, linktype):
         return struct.pack(order + 'HH', code, len(value)) + value + \
             bytes(-len(value) % 4)
 
-    shb = block(pcapfile.PCAPNG_SHB,
-                struct.pack(order + 'IHHq', pcapfile.PCAPNG_BOM, 1, 0, -1))
-    idb = block(pcapfile.PCAPNG_IDB,
+    shb = block(pcapngreader.PCAPNG_SHB,
+                struct.pack(order + 'IHHq', pcapngreader.PCAPNG_BOM, 1, 0, -1))
+    idb = block(pcapngreader.PCAPNG_IDB,
                 struct.pack(order + 'HHI', linktype, 0, 65535) +
                 option(2, b'eth1') + option(9, bytes([tsresol])) +
                 option(0, b''))
@@ -386,16 +389,16 @@ def pcapng_bytes(frames, order, tsresol, linktype):
         ts = 1_763_900_000_000_000 + i
         kind = i % 7
         if kind == 5:
-            out.append(block(pcapfile.PCAPNG_SPB,
+            out.append(block(pcapngreader.PCAPNG_SPB,
                              struct.pack(order + 'I', len(frame)) + frame))
         elif kind == 6:
-            out.append(block(pcapfile.PCAPNG_OPB, struct.pack(
+            out.append(block(pcapngreader.PCAPNG_OPB, struct.pack(
                 order + 'HHIIII', 0, 0, ts >> 32, ts & 0xffffffff,
                 len(frame), len(frame)) + frame + bytes(-len(frame) % 4)))
         else:
             flags = option(2, struct.pack(order + 'I', 1 + i % 2)) + \
                 option(0, b'') if kind < 3 else b''
-            out.append(block(pcapfile.PCAPNG_EPB, struct.pack(
+            out.append(block(pcapngreader.PCAPNG_EPB, struct.pack(
                 order + 'IIIII', 0, ts >> 32, ts & 0xffffffff, len(frame),
                 len(frame)) + frame + bytes(-len(frame) % 4) + flags))
     return b''.join(out)
@@ -441,7 +444,7 @@ def check_file(path, data, **kwargs):
         f.write(data)
     try:
         read = pcapfile.read_pcap(path, **kwargs)
-    except pcapfile.PcapError as exc:
+    except pcaprows.PcapError as exc:
         assert path in str(exc)
         return
     batch = read.batch

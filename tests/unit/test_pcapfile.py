@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import pcapngreader
+from netweaver_agent.core import pcapreader
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from tests.unit import test_probe as tp
@@ -58,7 +61,7 @@ def write_pcap(path, frames, times, nano=True):
 
 def write_pcap_raw(path, frames, times, order='<', nano=True, linktype=1):
     """A classic pcap written by hand (any byte order or link type)."""
-    magic = pcapfile.PCAP_MAGIC_NS if nano else pcapfile.PCAP_MAGIC_US
+    magic = pcapreader.PCAP_MAGIC_NS if nano else pcapreader.PCAP_MAGIC_US
     out = [struct.pack(order + 'IHHiIII', magic, 2, 4, 0, 0, 65535,
                        linktype)]
     for frame, t in zip(frames, times):
@@ -225,8 +228,8 @@ def test_dpkt_writer_microseconds(tmp_path):
 
 
 def _shb(order):
-    return struct.pack(order + 'IIIHHq', pcapfile.PCAPNG_SHB, 28,
-                       pcapfile.PCAPNG_BOM, 1, 0, -1) + \
+    return struct.pack(order + 'IIIHHq', pcapngreader.PCAPNG_SHB, 28,
+                       pcapngreader.PCAPNG_BOM, 1, 0, -1) + \
         struct.pack(order + 'I', 28)
 
 
@@ -248,7 +251,7 @@ def _idb(order, name, tsresol=None, linktype=1, tsoffset=None):
     if tsoffset is not None:
         opts += _option(order, 14, struct.pack(order + 'q', tsoffset))
     opts += struct.pack(order + 'HH', 0, 0)
-    return _block(order, pcapfile.PCAPNG_IDB,
+    return _block(order, pcapngreader.PCAPNG_IDB,
                   struct.pack(order + 'HHI', linktype, 0, 65535) + opts)
 
 
@@ -259,7 +262,7 @@ def _epb(order, iface, ts, frame, flags=None):
     if flags is not None:
         body += _option(order, 2, struct.pack(order + 'I', flags))
         body += struct.pack(order + 'HH', 0, 0)
-    return _block(order, pcapfile.PCAPNG_EPB, body)
+    return _block(order, pcapngreader.PCAPNG_EPB, body)
 
 
 @pytest.mark.parametrize('order', ['<', '>'])
@@ -316,7 +319,7 @@ def test_pcapng_dpkt_writer_and_tsoffset_and_binary_resolution(tmp_path):
 
 def test_pcapng_simple_packet_blocks_are_untimed(tmp_path):
     f = probes('icmp', 1)[0]
-    spb = _block('<', pcapfile.PCAPNG_SPB, struct.pack('<I', len(f)) + f +
+    spb = _block('<', pcapngreader.PCAPNG_SPB, struct.pack('<I', len(f)) + f +
                  bytes((-len(f)) % 4))
     path = tmp_path / 's.pcapng'
     path.write_bytes(_shb('<') + _idb('<', 'eth0') + spb +
@@ -423,12 +426,12 @@ def test_fingerprint_keys_foreign_traffic(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / 'PIF.pcap'
     path.write_bytes(b'')
-    with pytest.raises(pcapfile.PcapError, match=r'PIF\.pcap: empty file'):
+    with pytest.raises(pcaprows.PcapError, match=r'PIF\.pcap: empty file'):
         pcapfile.read_pcap(path)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(pcapfile.PcapError,
+    with pytest.raises(pcaprows.PcapError,
                        match=r'nope\.pcap: cannot read: No such file'):
         pcapfile.read_pcap(tmp_path / 'nope.pcap')
 
@@ -436,15 +439,15 @@ def test_missing_file(tmp_path):
 def test_not_a_capture(tmp_path):
     path = tmp_path / 'notes.pcap'
     path.write_text('hello, this is text\n' * 3)
-    with pytest.raises(pcapfile.PcapError,
+    with pytest.raises(pcaprows.PcapError,
                        match=r'notes\.pcap: not a pcap or pcapng file'):
         pcapfile.read_pcap(path)
 
 
 def test_truncated_header(tmp_path):
     path = tmp_path / 'h.pcap'
-    path.write_bytes(struct.pack('<I', pcapfile.PCAP_MAGIC_NS) + bytes(6))
-    with pytest.raises(pcapfile.PcapError,
+    path.write_bytes(struct.pack('<I', pcapreader.PCAP_MAGIC_NS) + bytes(6))
+    with pytest.raises(pcaprows.PcapError,
                        match=r'h\.pcap: truncated pcap file header'):
         pcapfile.read_pcap(path)
 
@@ -474,7 +477,7 @@ def test_corrupt_record_length_names_the_byte(tmp_path):
     with open(path, 'r+b') as f:
         f.seek(at + 8)
         f.write(struct.pack('<I', 0x7fffffff))
-    with pytest.raises(pcapfile.PcapError,
+    with pytest.raises(pcaprows.PcapError,
                        match=rf'PIF\.pcap: corrupt record header at byte '
                              rf'{at}: capture length 2147483647'):
         pcapfile.read_pcap(path)
@@ -487,12 +490,12 @@ def test_corrupt_pcapng_blocks(tmp_path):
     bad = bytearray(good + _epb('<', 0, 2, f))
     bad[-4:] = struct.pack('<I', 8)                    # trailer mismatch
     path.write_bytes(bytes(bad))
-    with pytest.raises(pcapfile.PcapError,
+    with pytest.raises(pcaprows.PcapError,
                        match=rf'b\.pcapng: corrupt pcapng block at byte '
                              rf'{len(good)}'):
         pcapfile.read_pcap(path)
     path.write_bytes(good + _epb('<', 3, 2, f))
-    with pytest.raises(pcapfile.PcapError, match='names interface 3'):
+    with pytest.raises(pcaprows.PcapError, match='names interface 3'):
         pcapfile.read_pcap(path)
     # A cut last block is the truncated-tail warning again.
     path.write_bytes(good + _epb('<', 0, 2, f)[:30])
@@ -536,7 +539,7 @@ def _many_interfaces(path, n):
     """A pcapng of ``n`` unnamed interface blocks, then ``n`` packets in
     runs of 16 that name several of those interfaces (every run its own
     frame length, so no two runs merge)."""
-    unnamed = _block('<', pcapfile.PCAPNG_IDB,
+    unnamed = _block('<', pcapngreader.PCAPNG_IDB,
                      struct.pack('<HHI', 1, 0, 65535))
     frame = probes('icmp', 1)[0]
     out = [_shb('<'), unnamed * n]

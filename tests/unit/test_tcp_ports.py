@@ -22,6 +22,7 @@ from netweaver_agent.cli import offline
 from netweaver_agent.core import latency
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
@@ -226,7 +227,7 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
         pif += [(t, good), (t + 10, bad)]
         vif.append((t + 30_000 + i, good))
         t += 1_000_000
-    # Record by record here (fewer than pcapfile.MIN_RUN); runs: below.
+    # Record by record here (fewer than pcaprows.MIN_RUN); runs: below.
     pif_path = tpf.write_pcap_raw(tmp_path / 'eth1.pcap',
                                   [f for _, f in pif], [t for t, _ in pif])
     vif_path = tpf.write_pcap_raw(tmp_path / 'tap0.pcap',
@@ -246,8 +247,8 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(ports=st.lists(st.integers(1, 0xffff), min_size=pcapfile.MIN_RUN,
-                      max_size=4 * pcapfile.MIN_RUN),
+@given(ports=st.lists(st.integers(1, 0xffff), min_size=pcaprows.MIN_RUN,
+                      max_size=4 * pcaprows.MIN_RUN),
        bounds=st.tuples(st.integers(1, 0xffff), st.integers(1, 0xffff)),
        replies=st.booleans())
 def test_offline_range_check_is_exact_in_runs(ports, bounds, replies,
@@ -274,7 +275,7 @@ def test_offline_range_check_is_exact_in_runs(ports, bounds, replies,
 def test_offline_range_bounds_are_inclusive_in_runs(first, last, tmp_path):
     # Enough equal records to be read as columns.
     ports = [first - 1, first, first + 1, last - 1, last, last + 1] * \
-        pcapfile.MIN_RUN
+        pcaprows.MIN_RUN
     frames = [frame(0x4545, probe.tcp_ident(p, n))
               for n, p in enumerate(ports)]
     path = tpf.write_pcap_raw(tmp_path / 'p.pcap', frames,

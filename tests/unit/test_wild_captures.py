@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from netweaver_agent.cli import offline
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import pcapngreader
+from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from tests import packets as pk
 
@@ -48,7 +50,7 @@ def test_pcap_versions_tcpdump_refuses_are_refused(version, order, tmp_path):
     path = tmp_path / 'v.pcap'
     path.write_bytes(pcap([(SEC, 1, pk.probes('icmp', 1)[0])], order,
                           version=version))
-    with pytest.raises(pcapfile.PcapError) as err:
+    with pytest.raises(pcaprows.PcapError) as err:
         pcapfile.read_pcap(path)
     assert str(err.value).startswith(f'{path}: pcap version '
                                      f'{version[0]}.{version[1]} ')
@@ -71,7 +73,7 @@ def test_pcapng_section_versions_refused(version, second, tmp_path):
         pk.epb('<', 0, 6, f)
     path = tmp_path / 'v.pcapng'
     path.write_bytes(good + bad if second else bad)
-    with pytest.raises(pcapfile.PcapError) as err:
+    with pytest.raises(pcaprows.PcapError) as err:
         pcapfile.read_pcap(path)
     at = len(good) if second else 0
     assert str(err.value).startswith(
@@ -135,7 +137,7 @@ def test_timestamp_fraction_out_of_range_names_the_record(
     byte = 24 + sum(16 + len(f) for _, _, f in records[:index])
     path = tmp_path / 't.pcap'
     path.write_bytes(data)
-    with pytest.raises(pcapfile.PcapError) as err:
+    with pytest.raises(pcaprows.PcapError) as err:
         pcapfile.read_pcap(path)
     unit = 'ns' if nano else 'µs'
     assert str(err.value).startswith(
@@ -179,7 +181,7 @@ def test_cli_invalid_timestamp_refused_or_lenient(tmp_path):
 def test_link_type_not_read_is_refused(linktype, name, tmp_path):
     path = _write(tmp_path / 'l.pcap', pcap(
         [(SEC, 1, pk.probes('icmp', 1)[0][14:])], linktype=linktype))
-    with pytest.raises(pcapfile.PcapError) as err:
+    with pytest.raises(pcaprows.PcapError) as err:
         pcapfile.read_pcap(path)
     named = f' ({name})' if name else ''
     assert str(err.value).startswith(
@@ -192,7 +194,7 @@ def test_pcapng_link_types(tmp_path):
     only_radio = shb() + pk.idb('<', 'wlan0', linktype=127) + \
         pk.epb('<', 0, 5, f)
     path = _write(tmp_path / 'r.pcapng', only_radio)
-    with pytest.raises(pcapfile.PcapError) as err:
+    with pytest.raises(pcaprows.PcapError) as err:
         pcapfile.read_pcap(path)
     assert str(err.value).startswith(
         f"{path}: every packet's link type 127 (802.11 radiotap) is not "
@@ -209,12 +211,13 @@ def test_pcapng_link_types(tmp_path):
     (b'\xd4\xc3\xb2\xa1\x02\x00', 'truncated pcap file header'),
     (b'\x0a\x0d\x0d\x0a\x1c\x00\x00\x00', 'truncated pcapng section header'),
     (shb()[:27], 'truncated pcapng section header'),
-    (struct.pack('<IIIHHq', pcapfile.PCAPNG_SHB, 64, pcapfile.PCAPNG_BOM,
-                 1, 0, -1) + bytes(8), 'truncated pcapng section header'),
+    (struct.pack('<IIIHHq', pcapngreader.PCAPNG_SHB, 64,
+                 pcapngreader.PCAPNG_BOM, 1, 0, -1) + bytes(8),
+     'truncated pcapng section header'),
 ])
 def test_truncated_headers(data, message, tmp_path):
     path = _write(tmp_path / 'c.pcap', data)
-    with pytest.raises(pcapfile.PcapError) as err:
+    with pytest.raises(pcaprows.PcapError) as err:
         pcapfile.read_pcap(path)
     assert str(err.value).startswith(f'{path}: {message}')
 
@@ -745,8 +748,8 @@ def test_mixed_blocks_read_as_record_by_record(tmp_path_factory, rnd,
 
     blocks = read_all()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pcapfile, 'MAX_BLOCK', pcapfile.BACKOFF)
-        patch.setattr(pcapfile, 'PREFIX', None)         # never used
+        patch.setattr(pcaprows, 'MAX_BLOCK', pcaprows.BACKOFF)
+        patch.setattr(pcaprows, 'PREFIX', None)         # never used
         assert blocks == read_all()
 
 
@@ -920,8 +923,8 @@ def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
 
     blocks = read_all()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pcapfile, 'MAX_BLOCK', pcapfile.BACKOFF)
-        patch.setattr(pcapfile, 'PREFIX', None)         # never used
+        patch.setattr(pcaprows, 'MAX_BLOCK', pcaprows.BACKOFF)
+        patch.setattr(pcaprows, 'PREFIX', None)         # never used
         assert blocks == read_all()
 
 
@@ -954,7 +957,7 @@ def test_packet_tunnelled_and_tagged_reports_its_vni(tunnel_first, fmt,
 
     assert vnis() == {0x123456}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pcapfile, 'MAX_BLOCK', pcapfile.BACKOFF)
+        patch.setattr(pcaprows, 'MAX_BLOCK', pcaprows.BACKOFF)
         assert vnis() == {0x123456}
 
 
