@@ -22,6 +22,7 @@ from netweaver_agent.agent import pollsters
 from netweaver_agent.agent import privileged
 from tests.functional import conftest
 from tests.functional import inprocess
+from tests.functional import privsep
 
 GUIDE = os.path.join(conftest.REPO, 'docs', 'deploying.md')
 START_WAIT_S = 60.0
@@ -38,14 +39,9 @@ def documented_capabilities():
 
 def proc_caps(pid):
     """``{'CapEff': {numbers}, ...}`` of a process, from the kernel."""
-    out = {}
-    with open(f'/proc/{pid}/status', encoding='ascii') as f:
-        for line in f:
-            key, _, value = line.partition(':')
-            if key.startswith('Cap'):
-                mask = int(value, 16)
-                out[key] = {c for c in range(64) if mask >> c & 1}
-    return out
+    return {key: {c for c in range(64) if int(words[0], 16) >> c & 1}
+            for key, words in privsep.status(pid).items()
+            if key.startswith('Cap')}
 
 
 def cmdline(pid):
