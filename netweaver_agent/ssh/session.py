@@ -320,14 +320,6 @@ class RemoteProcess:
                            MAX_OUTPUT_BYTES if max_output is None
                            else max_output)
 
-    @property
-    def _out(self):
-        return self._io.out
-
-    @property
-    def _err(self):
-        return self._io.err
-
     def _pump(self, wait_s):
         """Wait up to ``wait_s`` for output; one bounded read per stream."""
         ch = self.channel
@@ -342,7 +334,7 @@ class RemoteProcess:
     def wait_for_stderr(self, marker, timeout_s):
         """Read stderr until ``marker`` (bytes) appears; raise if it ends."""
         deadline = time.monotonic() + timeout_s
-        while marker not in self._err:
+        while marker not in self._io.err:
             if self.channel.exit_status_ready() and not (
                     self.channel.recv_ready() or
                     self.channel.recv_stderr_ready()):
@@ -380,8 +372,8 @@ class RemoteProcess:
             self._pump(min(left, 0.2))
         status = ch.recv_exit_status()
         _close(ch)
-        result = CommandResult(self.argv, status, bytes(self._out),
-                               bytes(self._err))
+        result = CommandResult(self.argv, status, bytes(self._io.out),
+                               bytes(self._io.err))
         if status not in ok:
             raise RemoteCommandError(self.host.name, self.argv, status,
                                      self._io.stderr)
@@ -626,8 +618,8 @@ class RemoteHost:
                 channel.shutdown_write()
                 proc = RemoteProcess(self, argv, channel, pid=None)
                 # The pid's line: a few digits, never more than that.
-                while b'\n' not in proc._out[:MAX_INT_DIGITS + 2]:
-                    if len(proc._out) > MAX_INT_DIGITS + 2:
+                while b'\n' not in proc._io.out[:MAX_INT_DIGITS + 2]:
+                    if len(proc._io.out) > MAX_INT_DIGITS + 2:
                         break
                     if channel.exit_status_ready() and not \
                             channel.recv_ready():
@@ -654,7 +646,7 @@ class RemoteHost:
             raise RemoteCommandError(
                 self.name, argv, None, proc._io.stderr,
                 reason=f'did not start within {timeout_s} s')
-        line, _, _rest = bytes(proc._out).partition(b'\n')
+        line, _, _rest = bytes(proc._io.out).partition(b'\n')
         pid = parse_uint(line)
         if pid is None:
             status = (channel.recv_exit_status()
@@ -665,7 +657,7 @@ class RemoteHost:
                                      reason='could not start (no process '
                                             f'id but {line[:40]!r})')
         proc.pid = pid
-        del proc._out[:len(line) + 1]
+        del proc._io.out[:len(line) + 1]
         return proc
 
     def fetch(self, remote_path, local_path, max_bytes=None,
