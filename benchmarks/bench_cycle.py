@@ -288,7 +288,7 @@ def run_worker(lab, args, workdir):
         argv.append('--no-sequential')
     if args.profile:
         argv += ['--profile', os.path.abspath(args.profile)]
-    proc = subprocess.run(netns.netns_argv(lab.hv_netns, argv),
+    proc = subprocess.run(netns.netns_argv(lab.spec.hv_netns, argv),
                           capture_output=True, text=True,
                           timeout=args.worker_timeout_s)
     if proc.returncode != 0:

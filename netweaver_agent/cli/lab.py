@@ -32,6 +32,9 @@ from netweaver_agent.core import latency
 from netweaver_agent.core import probe
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import build
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import state as labstate
+from netweaver_agent.lab import switch as labswitch
 from netweaver_agent.lab import traffic
 
 DEFAULT_DELAY_MS = 2.0
@@ -49,11 +52,11 @@ def add_parser(subparsers):
                         help='run (default): build, measure, remove; '
                              'down: remove kept labs (--prefix: one); '
                              'list: show kept labs')
-    parser.add_argument('--switch', choices=tuple(build.SWITCHES),
+    parser.add_argument('--switch', choices=tuple(labspec.SWITCHES),
                         default='linuxbridge',
                         help='what connects the pif to the taps (default '
                              'linuxbridge)')
-    parser.add_argument('--network-type', choices=build.NETWORK_TYPES,
+    parser.add_argument('--network-type', choices=labspec.NETWORK_TYPES,
                         default=None,
                         help='the guests\' network: flat (default), vlan, '
                              'vxlan or geneve, as the switch allows')
@@ -70,7 +73,7 @@ def add_parser(subparsers):
     parser.add_argument('--delay-guest', type=int, default=None,
                         help='guest index to delay (default 1, or 0 with '
                              'one guest)')
-    parser.add_argument('--delay-backend', choices=build.DELAY_BACKENDS,
+    parser.add_argument('--delay-backend', choices=labspec.DELAY_BACKENDS,
                         default='auto',
                         help='netem where the kernel has it, else the '
                              'NFQUEUE delayer (default auto)')
@@ -128,7 +131,7 @@ def _spec(args):
     delays, losses = (), ()
     delay_ms = args.delay_ms
     if delay_ms is None:
-        has_delay = build.layout_class(args.switch).delay_truth is not None
+        has_delay = labspec.layout_class(args.switch).delay_truth is not None
         delay_ms = DEFAULT_DELAY_MS if has_delay else 0.0
     if delay_ms and delay_ms > 0:
         guest = args.delay_guest
@@ -136,21 +139,22 @@ def _spec(args):
             guest = 1 if args.guests > 1 else 0
         if getattr(args, 'passive', False):
             # All the guest's traffic held, each packet's key recorded.
-            delays = (build.DelayInjection(guest=guest, delay_ms=delay_ms,
-                                           backend='nfqueue',
-                                           record='passive'),)
+            delays = (labspec.DelayInjection(guest=guest, delay_ms=delay_ms,
+                                             backend='nfqueue',
+                                             record='passive'),)
         else:
-            delays = (build.DelayInjection(guest=guest, delay_ms=delay_ms,
-                                           protocol=args.protocol,
-                                           backend=args.delay_backend),)
+            delays = (labspec.DelayInjection(guest=guest, delay_ms=delay_ms,
+                                             protocol=args.protocol,
+                                             backend=args.delay_backend),)
     if args.loss_every:
-        losses = (build.LossInjection(guest=args.loss_guest,
-                                      every=args.loss_every,
-                                      protocol=args.protocol),)
-    return build.LabSpec(prefix=args.prefix or f'nwlab{os.getpid()}-',
-                         guests=args.guests, delays=delays, losses=losses,
-                         mgmt=args.mgmt or args.pipeline, persistent=args.keep,
-                         switch=args.switch, network_type=args.network_type)
+        losses = (labspec.LossInjection(guest=args.loss_guest,
+                                        every=args.loss_every,
+                                        protocol=args.protocol),)
+    return labspec.LabSpec(
+        prefix=args.prefix or f'nwlab{os.getpid()}-', guests=args.guests,
+        delays=delays, losses=losses, mgmt=args.mgmt or args.pipeline,
+        persistent=args.keep, switch=args.switch,
+        network_type=args.network_type)
 
 
 def _settings(args, spec):
@@ -161,7 +165,7 @@ def _settings(args, spec):
     delay = max((d.delay_ms for d in spec.delays), default=0.0)
     timeout = args.timeout_ms
     if timeout is None:
-        timeout = max(200.0, 2 * delay + 100.0)
+        timeout = probe_window.timeout_for_delay_ms(delay)
     per_vnic = DELAYED_SPACING_MS if spec.delays else 0.0
     step = max(args.interval_ms, per_vnic / spec.guests)
     window = args.count * spec.guests * step + timeout + 2000.0
@@ -174,9 +178,9 @@ def _settings(args, spec):
         protocol=args.protocol, count=args.count,
         interval_ms=args.interval_ms, per_vnic_interval_ms=per_vnic,
         timeout_ms=timeout, max_window_ms=window,
-        vxlan_port=(build.VXLAN_PORT if spec.network_type == 'vxlan'
+        vxlan_port=(labswitch.VXLAN_PORT if spec.network_type == 'vxlan'
                     else None),
-        geneve_port=(build.GENEVE_PORT if spec.network_type == 'geneve'
+        geneve_port=(labswitch.GENEVE_PORT if spec.network_type == 'geneve'
                      else None))
 
 
@@ -224,25 +228,25 @@ def _truth_line(guest, truth, rep):
     if ing.count and holds and holds['count']:
         measured += (f", {ing.p50_us - holds['p50_us']:+.1f} µs over the "
                      'hold')
-    return (f"  {guest.name} {guest.tap} {guest.address}: injected "
+    return (f"  {guest.name} {guest.vif} {guest.address}: injected "
             f"{injected}; measured {measured}")
 
 
 def _hops(the_lab, guest):
     """The guest's path hop by hop, with what is crossed unseen."""
     return [{'src': h.src, 'dst': h.dst, 'unseen': list(h.unseen)}
-            for h in the_lab.unseen(guest)]
+            for h in the_lab.layout.unseen(guest)]
 
 
 def _path_line(the_lab, guest):
     parts = []
-    for h in the_lab.unseen(guest):
+    for h in the_lab.layout.unseen(guest):
         if not parts:
             parts.append(h.src)
         if h.unseen:
             parts.append(f"[{', '.join(h.unseen)}]")
         parts.append(h.dst)
-    return f"  {guest.tap}: {' → '.join(parts)}"
+    return f"  {guest.vif}: {' → '.join(parts)}"
 
 
 def discovered_paths(the_lab):
@@ -253,7 +257,7 @@ def discovered_paths(the_lab):
     :raises topology.TopologyError: a path not found, or not the one the
         lab built (the lab's truth): a product bug, never measured
     """
-    hv = the_lab.hv_netns
+    hv = the_lab.spec.hv_netns
     connection = getattr(the_lab.layout, 'ovsdb_connection', None)
     switch = topology.SwitchView(
         functools.partial(ovsdb.read_snapshot, connection, netns_name=hv)
@@ -282,28 +286,28 @@ def _measure(the_lab, args):
         print(f'netweaver lab: the topology found is not the lab\'s: {exc}',
               file=sys.stderr)
         return 1
-    result = probe_window.run_window(paths, the_lab.source(), settings,
-                                     capture_netns=the_lab.hv_netns)
+    result = probe_window.run_window(paths, the_lab.layout.source(), settings,
+                                     capture_netns=the_lab.spec.hv_netns)
     guests = []
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         guests.append((g, _truth(the_lab, g, result.session, rep.sent),
                        rep))
     if args.json:
         print(json.dumps({
-            'prefix': the_lab.prefix,
+            'prefix': the_lab.spec.prefix,
             'session': result.session,
-            'hv_netns': the_lab.hv_netns,
-            'src_netns': the_lab.src_netns,
-            'pif': the_lab.pif,
-            'bridge': the_lab.bridge,
+            'hv_netns': the_lab.spec.hv_netns,
+            'src_netns': the_lab.spec.src_netns,
+            'pif': the_lab.spec.pif,
+            'bridge': the_lab.layout.bridge,
             'switch': the_lab.spec.switch,
             'network_type': the_lab.spec.network_type,
             'segmentation_id': the_lab.spec.segmentation_id,
-            'truth': the_lab.truth(),
+            'truth': the_lab.layout.truth(),
             'settings': report.to_jsonable(settings),
             'guests': [{'index': g.index, 'name': g.name, 'uuid': g.uuid,
-                        'tap': g.tap, 'mac': g.mac, 'address': g.address,
+                        'tap': g.vif, 'mac': g.mac, 'address': g.address,
                         'netns': g.netns, 'injected': truth,
                         'hops': _hops(the_lab, g),
                         'report': report.report_to_dict(rep)}
@@ -313,10 +317,10 @@ def _measure(the_lab, args):
             'kept': args.keep,
         }, indent=1))
     else:
-        title = (f"netweaver lab {the_lab.prefix}: {settings.count} "
+        title = (f"netweaver lab {the_lab.spec.prefix}: {settings.count} "
                  f"{settings.protocol} probes per guest from "
-                 f"{the_lab.src_netns} to {len(guests)} guests, captured in "
-                 f"{the_lab.hv_netns}")
+                 f"{the_lab.spec.src_netns} to {len(guests)} guests, "
+                 f"captured in {the_lab.spec.hv_netns}")
         print(report.format_table(result.reports, result.capture,
                                   title=title))
         if the_lab.spec.switch == 'linuxbridge':
@@ -327,7 +331,7 @@ def _measure(the_lab, args):
                   'packet socket]):')
             for g, _, _ in guests:
                 print(_path_line(the_lab, g))
-            print(f'truth ({the_lab.truth()}):')
+            print(f'truth ({the_lab.layout.truth()}):')
         for g, truth, rep in guests:
             print(_truth_line(g, truth, rep))
     return 0
@@ -374,10 +378,10 @@ def _passive_truth(the_lab, guest, sightings, spec):
             by_key.setdefault((h.header.flow, h.header.ident), []).append(h)
     over = []
     pairs = passive.ingress_pairs(sightings, spec)
-    for key, (t_pif, t_tap) in pairs.items():
+    for key, (t_pif, t_vif) in pairs.items():
         held = by_key.get(key, ())
         if len(held) == 1:
-            over.append(t_tap - t_pif - held[0].hold_ns)
+            over.append(t_vif - t_pif - held[0].hold_ns)
     out['matched_held'] = len(over)
     if over:
         out['over_hold'] = report.stats_to_dict(
@@ -396,30 +400,31 @@ def _measure_passive(the_lab, args):
               file=sys.stderr)
         return 1
     specs = {s.vif: s for s in probe_window.passive_specs(paths)}
-    interfaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    interfaces = [the_lab.spec.pif] + [g.vif for g in the_lab.guests]
     streams = {}
     with passivecapture.PassiveCapture(
-            args.passive_sample, netns_name=the_lab.hv_netns,
+            args.passive_sample, netns_name=the_lab.spec.hv_netns,
             interfaces=interfaces, cap=passivecapture.MAX_CAP) as cap:
         for g in the_lab.guests:
-            streams[g.tap] = traffic.exchange(
-                the_lab.src_netns, g.netns, g.address,
+            streams[g.vif] = traffic.exchange(
+                the_lab.spec.src_netns, g.netns, g.address,
                 tcp_bytes=args.stream_kb * 1024, udp_count=args.datagrams,
                 udp_gap_s=0.002)
     results = passive.match(cap.sightings, list(specs.values()))
     rows = []
     for g in the_lab.guests:
-        r = results[g.tap]
-        rows.append((g, r, streams[g.tap],
+        r = results[g.vif]
+        rows.append((g, r, streams[g.vif],
                      _passive_truth(the_lab, g, cap.sightings,
-                                    specs[g.tap])))
+                                    specs[g.vif])))
     if args.json:
         print(json.dumps({
-            'prefix': the_lab.prefix, 'mode': 'passive',
-            'hv_netns': the_lab.hv_netns, 'src_netns': the_lab.src_netns,
-            'pif': the_lab.pif, 'sample': args.passive_sample,
+            'prefix': the_lab.spec.prefix, 'mode': 'passive',
+            'hv_netns': the_lab.spec.hv_netns,
+            'src_netns': the_lab.spec.src_netns,
+            'pif': the_lab.spec.pif, 'sample': args.passive_sample,
             'capture': report.to_jsonable(cap.stats),
-            'guests': [{'index': g.index, 'name': g.name, 'tap': g.tap,
+            'guests': [{'index': g.index, 'name': g.name, 'tap': g.vif,
                         'address': g.address,
                         'streams': report.to_jsonable(st),
                         'injected': truth,
@@ -431,10 +436,10 @@ def _measure_passive(the_lab, args):
                        for g, r, st, truth in rows],
             'kept': args.keep}, indent=1))
         return 0
-    reports = {g.tap: r.report for g, r, _, _ in rows
+    reports = {g.vif: r.report for g, r, _, _ in rows
                if r.report is not None}
     print(report.format_table(
-        reports, title=(f"netweaver lab {the_lab.prefix}: passive, no "
+        reports, title=(f"netweaver lab {the_lab.spec.prefix}: passive, no "
                         f"probe; {args.stream_kb} KiB TCP echoed and "
                         f"{args.datagrams} UDP datagrams each way per "
                         f"guest, 1 flow in {args.passive_sample} sampled, "
@@ -442,7 +447,7 @@ def _measure_passive(the_lab, args):
     print('passive counts and truth (NFQUEUE delayer on the bridge, each '
           'packet\'s key recorded):')
     for g, r, _st, truth in rows:
-        line = (f"  {g.name} {g.tap} {g.address}: {r.packets} matched, "
+        line = (f"  {g.name} {g.vif} {g.address}: {r.packets} matched, "
                 f"{r.unmatched} unmatched, {r.covered} covered, "
                 f"{r.ambiguous} ambiguous, {r.local} local")
         if truth['delay_ms']:
@@ -479,11 +484,11 @@ def _on_sigterm(signum, frame):
 
 def run(args):
     if args.action == 'list':
-        for prefix in build.kept_prefixes():
+        for prefix in labstate.kept_prefixes():
             print(prefix)
         return 0
     if args.action == 'down':
-        removed = build.teardown_kept(args.prefix)
+        removed = labstate.teardown_kept(args.prefix)
         for prefix in removed:
             print(f'removed lab {prefix}')
         if not removed:
@@ -504,12 +509,12 @@ def run(args):
     try:
         try:
             the_lab.build()
-        except build.LabError as exc:
+        except labswitch.LabError as exc:
             print(f'netweaver lab: {exc}', file=sys.stderr)
             return 1
         if args.pipeline:
             from netweaver_agent.lab import pipeline
-            status = pipeline.run(the_lab, args)
+            status = pipeline.run(the_lab)
         elif args.agent:
             status = _run_agent(the_lab, args)
         elif getattr(args, 'passive', False):

@@ -22,6 +22,7 @@ from oslo_log import log
 
 from netweaver_agent.agent import pollsters
 from netweaver_agent.core import netns
+from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import proc
 from netweaver_agent.lab import switch
 from netweaver_agent.lab import virt
@@ -102,7 +103,7 @@ def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
     conf = configparser.ConfigParser(interpolation=None)
     conf['DEFAULT'] = {
         'transport_url': 'fake:/',
-        'host': f'{lab.prefix}hv',
+        'host': f'{lab.spec.prefix}hv',
         'hypervisor_inspector': 'libvirt',
         'libvirt_uri': uri,
         'debug': 'true' if debug else 'false',
@@ -118,13 +119,11 @@ def write_files(lab, workdir, interval_s=5, meters=LATENCY_METERS,
         'threads_to_process_pollsters': str(threads),
         'pollsters_definitions_dirs': os.path.join(workdir, 'pollsters.d'),
     }
-    options = {'probe_source': f'netns:{lab.src_netns}'}
+    options = {'probe_source': f'netns:{lab.spec.src_netns}'}
     # On an Open vSwitch layout, its private database: the topology comes
     # from the switch, as on a compute host.
-    connection = getattr(getattr(lab, 'layout', None), 'ovsdb_connection',
-                         None)
-    if connection:
-        options['ovsdb_connection'] = connection
+    if lab.layout.ovsdb_connection:
+        options['ovsdb_connection'] = lab.layout.ovsdb_connection
     options.update({k: str(v) for k, v in (probe or {}).items()})
     conf['netweaver'] = options
     for section, values in (extra or {}).items():
@@ -187,12 +186,13 @@ def mark_in_kernel(lab):
     source's raw sockets pass) instead.  Returns the marks applied.  Use
     it once the lab's own windows are done, or both would mark.
     """
-    table = getattr(getattr(lab, 'layout', None), 'marks', None)
+    # Only a layout whose truth is marked probes (OVN) has a mark table.
+    table = getattr(lab.layout, 'marks', None)
     marks = table.marks() if table is not None else ()
     for mark in marks:
         tool, rules = mark_rules(mark)
         for rule in rules:
-            switch.iptables(lab.src_netns, rule, tool=tool)
+            switch.iptables(lab.spec.src_netns, rule, tool=tool)
     return marks
 
 
@@ -373,8 +373,8 @@ def resource_ids(lab):
     """Ceilometer's vNIC resource id of each lab guest, by tap."""
     out = {}
     for g in guest_domains(lab):
-        out[g.tap] = (g.filter_name if g.filterref else
-                      f'{g.domain_name}-{g.uuid}-{g.tap}')
+        out[g.vif] = (g.filter_name if g.filterref else
+                      f'{g.domain_name}-{g.uuid}-{g.vif}')
     return out
 
 
@@ -390,25 +390,25 @@ def run(lab, args, out=None, interval_s=5, timeout_s=60.0):
         # netns: source sends through the source's stack, untagged.
         sys.stderr.write(
             'netweaver lab --agent: --network-type vlan: the agent\'s probe '
-            f'source (netns:{lab.src_netns}) sends untagged packets and '
+            f'source (netns:{lab.spec.src_netns}) sends untagged packets and '
             "this kernel has no 802.1Q device to tag them, so they would "
             'never reach a guest; use --network-type flat or vxlan\n')
         return 2
     delay = max((d.injection.delay_ms for d in lab.delays), default=0.0)
-    timeout_ms = getattr(args, 'timeout_ms', None) or max(
-        200.0, 2 * delay + 100.0)
-    probe = {'probe_protocol': getattr(args, 'protocol', 'icmp'),
-             'probe_count': min(getattr(args, 'count', 20), 200),
-             'probe_interval_ms': getattr(args, 'interval_ms', 1.0),
+    timeout_ms = (args.timeout_ms or
+                  probe_window.timeout_for_delay_ms(delay))
+    probe = {'probe_protocol': args.protocol,
+             'probe_count': min(args.count, 200),
+             'probe_interval_ms': args.interval_ms,
              'probe_timeout_ms': timeout_ms,
              'per_vnic_interval_ms': 4 * delay if delay else 0.0,
              'max_window_ms': 1000.0 * (interval_s - 1)}
-    workdir = tempfile.mkdtemp(prefix=f'{lab.prefix}agent-')
+    workdir = tempfile.mkdtemp(prefix=f'{lab.spec.prefix}agent-')
     try:
         files = write_files(lab, workdir, interval_s=interval_s, probe=probe)
         mark_in_kernel(lab)
         expected = resource_ids(lab)
-        with PollingAgent(files, lab.hv_netns) as agent:
+        with PollingAgent(files, lab.spec.hv_netns) as agent:
             try:
                 series = agent.wait_for(
                     latency_ready(set(expected.values())), timeout_s)
@@ -418,8 +418,9 @@ def run(lab, args, out=None, interval_s=5, timeout_s=60.0):
                 out.write(''.join(f'  {line}\n' for line in tail))
                 return 1
         by_id = {v: k for k, v in expected.items()}
-        out.write(f'ceilometer-polling in {lab.hv_netns}, probes from '
-                  f'{lab.src_netns}; /metrics on 127.0.0.1:{files.port}\n')
+        out.write(f'ceilometer-polling in {lab.spec.hv_netns}, probes from '
+                  f'{lab.spec.src_netns}; /metrics on '
+                  f'127.0.0.1:{files.port}\n')
         for s in sorted(series, key=lambda s: s.label('resource')):
             labels = ','.join(f'{k}="{v}"' for k, v in s.labels)
             out.write(f'{s.name}{{{labels}}} {s.value:g}\n')

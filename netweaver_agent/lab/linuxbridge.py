@@ -37,7 +37,7 @@ class NetfilterTruth:
 
     def _match(self, guest_index, protocol, ipv6=False):
         g = self.lab.guests[guest_index]
-        rule = ['-m', 'physdev', '--physdev-out', g.tap, '-d',
+        rule = ['-m', 'physdev', '--physdev-out', g.vif, '-d',
                 g.address6 if ipv6 else g.address]
         if protocol:
             if ipv6 and protocol == 'icmp':
@@ -46,7 +46,7 @@ class NetfilterTruth:
         return rule
 
     def _bridge_netfilter(self):
-        switch.sysctl(self.lab.hv_netns,
+        switch.sysctl(self.lab.spec.hv_netns,
                       [('net.bridge.bridge-nf-call-iptables', 1)] +
                       ([('net.bridge.bridge-nf-call-ip6tables', 1)]
                           if self.spec.ipv6 else []))
@@ -54,7 +54,7 @@ class NetfilterTruth:
     def _filter_rule(self, position, guest, protocol, target):
         """``position`` (e.g. ``['-A', 'FORWARD']``), the guest's match,
         then ``target``: in iptables, and in ip6tables with IPv6."""
-        ns = self.lab.hv_netns
+        ns = self.lab.spec.hv_netns
         switch.iptables(ns, [*position, *self._match(guest, protocol),
                              *target])
         if self.spec.ipv6:
@@ -110,17 +110,17 @@ class LinuxBridgeLayout(NetfilterTruth, switch.SwitchLayout):
     def hops(self, guest):
         """pif → tap (pif → ``vxlan-<VNI>`` → tap with VXLAN)."""
         vx = self.vxlan_dev
-        return (self.spec.pif,) + ((vx,) if vx else ()) + (guest.tap,)
+        return (self.spec.pif,) + ((vx,) if vx else ()) + (guest.vif,)
 
     def unseen(self, guest):
         seen = self.hops(guest)
         return tuple(switch.HopDevices(a, b, (self.bridge,)
-                                       if b == guest.tap else ())
+                                       if b == guest.vif else ())
                      for a, b in zip(seen, seen[1:]))
 
     def build_hypervisor(self):
         lab, spec = self.lab, self.spec
-        br, pif, src = self.bridge, spec.pif, lab.src_netns
+        br, pif, src = self.bridge, spec.pif, lab.spec.src_netns
         lines = [f'link add {br} type bridge stp_state 0 forward_delay 0']
         port = pif
         if self.vxlan_dev is None:
@@ -137,22 +137,22 @@ class LinuxBridgeLayout(NetfilterTruth, switch.SwitchLayout):
                       f'dstport {switch.VXLAN_PORT} dev {pif} nolearning',
                       f'link set {port} master {br}']
         for g in lab.guests:
-            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+            lines += [f'link add {g.vif} address {g.vif_mac} type veth '
                       f'peer name eth0 address {g.mac} netns {g.netns}',
-                      f'link set {g.tap} master {br}']
+                      f'link set {g.vif} master {br}']
         lines += [f'link set {n} up' for n in
-                  ('lo', br, pif, *(g.tap for g in lab.guests))]
+                  ('lo', br, pif, *(g.vif for g in lab.guests))]
         if self.vxlan_dev is not None:
             lines += [f'addr add {hv_u}/{spec.underlay_addresses()[2]} '
                       f'dev {pif}',
                       f'neigh replace {src_u} lladdr {spec.src_underlay_mac}'
                       f' dev {pif} nud permanent',
                       f'link set {port} up']
-        switch.ip_batch(lab.hv_netns, lines)
-        fdb = [f'fdb replace {g.mac} dev {g.tap} master static'
+        switch.ip_batch(lab.spec.hv_netns, lines)
+        fdb = [f'fdb replace {g.mac} dev {g.vif} master static'
                for g in lab.guests]
         fdb.append(f'fdb replace {spec.src_mac} dev {port} master static')
-        switch.ip_batch(lab.hv_netns, fdb, tool='bridge')
+        switch.ip_batch(lab.spec.hv_netns, fdb, tool='bridge')
 
     def inject_delay(self, delay):
         """``tc netem`` on the tap where the kernel has it (backend auto or
@@ -163,7 +163,7 @@ class LinuxBridgeLayout(NetfilterTruth, switch.SwitchLayout):
                                           backend='netem')
             if delay.backend == 'netem':
                 raise switch.LabError(
-                    f"lab {self.lab.prefix!r}: the kernel has no tc netem "
+                    f"lab {self.spec.prefix!r}: the kernel has no tc netem "
                     "(CONFIG_NET_SCH_NETEM); use the nfqueue delay backend")
         return self._nfqueue_delay(delay)
 
@@ -172,12 +172,12 @@ class LinuxBridgeLayout(NetfilterTruth, switch.SwitchLayout):
             LOG.debug('netem cannot restrict a delay to %s probes; using '
                       'nfqueue', delay.protocol)
             return False
-        tap = self.lab.guests[delay.guest].tap
-        proc = netns.run(['tc', 'qdisc', 'add', 'dev', tap, 'root', 'netem',
+        vif = self.lab.guests[delay.guest].vif
+        proc = netns.run(['tc', 'qdisc', 'add', 'dev', vif, 'root', 'netem',
                           'delay', f'{delay.delay_ms}ms'],
-                         netns=self.lab.hv_netns, check=False)
+                         netns=self.spec.hv_netns, check=False)
         if proc.returncode != 0:
-            LOG.debug('tc netem unavailable on %(tap)s: %(err)s',
-                      {'tap': tap, 'err': proc.stderr.strip()})
+            LOG.debug('tc netem unavailable on %(vif)s: %(err)s',
+                      {'vif': vif, 'err': proc.stderr.strip()})
             return False
         return True

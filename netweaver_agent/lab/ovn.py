@@ -387,7 +387,7 @@ class OvnLayout(switch.SwitchLayout):
     def __init__(self, lab):
         super().__init__(lab)
         root = lab.state_dir
-        self.central = OvnCentral(lab.hv_netns,
+        self.central = OvnCentral(lab.spec.hv_netns,
                                   os.path.join(root, 'ovn-central'))
         self.hv = None
         self.src = None
@@ -455,13 +455,13 @@ class OvnLayout(switch.SwitchLayout):
                 f"{self.network_type!r}")
         lines = [f'link add {spec.pif} address {spec.pif_mac} type veth peer '
                  f'name eth0 address {spec.src_underlay_mac} netns '
-                 f'{lab.src_netns}', 'link set lo up',
+                 f'{lab.spec.src_netns}', 'link set lo up',
                  f'link set {spec.pif} up']
         for g in lab.guests:
-            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+            lines += [f'link add {g.vif} address {g.vif_mac} type veth '
                       f'peer name eth0 address {g.mac} netns {g.netns}',
-                      f'link set {g.tap} up']
-        switch.ip_batch(lab.hv_netns, lines)
+                      f'link set {g.vif} up']
+        switch.ip_batch(lab.spec.hv_netns, lines)
         for g in lab.guests:
             # A veth leaves the checksum of what its kernel sends partial
             # (IPv6 TCP resets, for one); the userspace datapath reads the
@@ -474,7 +474,8 @@ class OvnLayout(switch.SwitchLayout):
         geneve = self.network_type == 'geneve'
         src_u, hv_u, plen = spec.underlay_addresses() or (None,) * 3
         self.hv = OvnChassis(
-            lab.hv_netns, os.path.join(lab.state_dir, 'ovs-hv'), HV_CHASSIS,
+            lab.spec.hv_netns, os.path.join(lab.state_dir, 'ovs-hv'),
+            HV_CHASSIS,
             self.central.sb_connection, encap_ip=hv_u if geneve else None,
             bridge_mappings=None if geneve else f'{PHYSNET}:br-ex')
         self.hv.start()
@@ -488,8 +489,8 @@ class OvnLayout(switch.SwitchLayout):
         self._northbound()
         for g in lab.guests:
             self.hv.ovs.vsctl(
-                '--may-exist', 'add-port', 'br-int', g.tap, '--', 'set',
-                'Interface', g.tap, f'external_ids:iface-id="{g.port_id}"',
+                '--may-exist', 'add-port', 'br-int', g.vif, '--', 'set',
+                'Interface', g.vif, f'external_ids:iface-id="{g.port_id}"',
                 f'external_ids:attached-mac="{g.mac}"',
                 'external_ids:iface-status=active',
                 f'external_ids:vm-uuid="{g.uuid}"')
@@ -570,10 +571,10 @@ class OvnLayout(switch.SwitchLayout):
         else:
             src_u, hv_u, plen = self.spec.underlay_addresses()
             self.src = OvnChassis(
-                lab.src_netns, os.path.join(lab.state_dir, 'ovs-src'),
+                lab.spec.src_netns, os.path.join(lab.state_dir, 'ovs-src'),
                 SRC_CHASSIS, self.central.sb_connection, encap_ip=src_u)
-            switch.ip_batch(lab.src_netns, ['link set lo up',
-                                            'link set eth0 up'])
+            switch.ip_batch(lab.spec.src_netns, ['link set lo up',
+                                                 'link set eth0 up'])
             self.src.start()
             self.src.physical_bridge('br-phy', 'eth0', spec.src_underlay_mac,
                                      f'{src_u}/{plen}',
@@ -593,7 +594,7 @@ class OvnLayout(switch.SwitchLayout):
                              f'{spec.prefixlen6} dev {SOURCE_DEV} nodad')
                 lines += [f'neigh replace {g.address6} lladdr {g.mac} dev '
                           f'{SOURCE_DEV} nud permanent' for g in lab.guests]
-            switch.ip_batch(lab.src_netns, lines)
+            switch.ip_batch(lab.spec.src_netns, lines)
         self._wait_ready()
 
     def _wait_ready(self):
@@ -626,13 +627,13 @@ class OvnLayout(switch.SwitchLayout):
     def source(self):
         """The source namespace's stack (``src0`` on its chassis with
         Geneve), marking probes for the loss ACLs."""
-        return mark.MarkingSource(self.lab.src_netns, self.marks)
+        return mark.MarkingSource(self.lab.spec.src_netns, self.marks)
 
     # -- paths ---------------------------------------------------------------
 
     def hops(self, guest):
         """pif → tap: nothing in between is a netdev a packet socket sees."""
-        return (self.spec.pif, guest.tap)
+        return (self.spec.pif, guest.vif)
 
     def unseen_devices(self):
         """What a probe crosses between the pif and the tap, unseen, in
@@ -658,7 +659,7 @@ class OvnLayout(switch.SwitchLayout):
                      if p in patches)
 
     def unseen(self, guest):
-        return (switch.HopDevices(self.spec.pif, guest.tap,
+        return (switch.HopDevices(self.spec.pif, guest.vif,
                                   self.unseen_devices()),)
 
     def paths(self, ipv6=False):
@@ -666,12 +667,12 @@ class OvnLayout(switch.SwitchLayout):
         and, with Geneve, the tunnel that carries the probes on the pif
         (``encap``)."""
         if ipv6 and not self.spec.ipv6:
-            raise switch.LabError(f"lab {self.lab.prefix!r} was built "
+            raise switch.LabError(f"lab {self.lab.spec.prefix!r} was built "
                                   "without IPv6")
         via = (self.unseen_devices(),)
         encap = ((vifpath.Encapsulation('geneve', GENEVE_PORT),)
                  if self.network_type == 'geneve' else ())
-        return [vifpath.VifPath(vif=g.tap,
+        return [vifpath.VifPath(vif=g.vif,
                                 address=g.address6 if ipv6 else g.address,
                                 interfaces=self.hops(g), mac=g.mac,
                                 via=via, encap=encap)
@@ -690,7 +691,7 @@ class OvnLayout(switch.SwitchLayout):
         g = self.lab.guests[loss.guest]
         if any(m.dst_ip == g.address for m in self.marks.marks()):
             raise switch.LabError(
-                f"lab {self.lab.prefix!r}: probes to guest {loss.guest} are "
+                f"lab {self.spec.prefix!r}: probes to guest {loss.guest} are "
                 "already marked (one loss or delay per guest)")
         ttl = self.marks.free_ttl()
         pg = self._port_group_of(g.port_id)
@@ -717,9 +718,9 @@ class OvnLayout(switch.SwitchLayout):
             self.marks.add(mark.Mark(dst_ip=address, every=loss.every,
                                      ttl=ttl, protocol=loss.protocol))
         self._losses.append((loss, ttl))
-        LOG.info('Lab %(prefix)s: every %(n)dth probe to %(tap)s marked '
+        LOG.info('Lab %(prefix)s: every %(n)dth probe to %(vif)s marked '
                  'TTL %(ttl)d and dropped by an OVN ACL',
-                 {'prefix': self.lab.prefix, 'n': loss.every, 'tap': g.tap,
+                 {'prefix': self.spec.prefix, 'n': loss.every, 'vif': g.vif,
                   'ttl': ttl})
 
     def inject_delay(self, delay):
@@ -729,14 +730,14 @@ class OvnLayout(switch.SwitchLayout):
         which resumes each after the delay and records it."""
         if delay.backend not in ('auto', 'openflow'):
             raise switch.LabError(
-                f"lab {self.lab.prefix!r}: the OVN layout delays with "
+                f"lab {self.lab.spec.prefix!r}: the OVN layout delays with "
                 f"OpenFlow pause/resume, not {delay.backend!r} "
                 f"({self.no_netfilter})")
         g = self.lab.guests[delay.guest]
         addresses = [a for a in (g.address, g.address6) if a]
         if any(m.dst_ip in addresses for m in self.marks.marks()):
             raise switch.LabError(
-                f"lab {self.lab.prefix!r}: probes to guest {delay.guest} "
+                f"lab {self.lab.spec.prefix!r}: probes to guest {delay.guest} "
                 "are already marked (one loss or delay per guest)")
         ttl = self.marks.free_ttl()
         controller_id = DELAY_CONTROLLER_ID + len(self._delays)
@@ -790,7 +791,7 @@ class OvnLayout(switch.SwitchLayout):
         g = self.lab.guests[guest]
         if any(loss.guest == guest for loss, _ in self._losses):
             raise switch.LabError(
-                f"lab {self.lab.prefix!r}: guest {guest} has a loss ACL in "
+                f"lab {self.spec.prefix!r}: guest {guest} has a loss ACL in "
                 "its security group; change the group before the loss")
         old, new = self._member[g.port_id], self.port_group(protocols)
         if old == new:

@@ -25,7 +25,7 @@ Between ``br-int`` and the pif, by network type:
   VLAN, br-ex strips it (the agent's provisioning flows);
 * ``vlan``: the same bridges; br-int turns the segmentation id into the
   local VLAN, br-ex back.  The kernel has no 802.1Q devices: the lab's
-  source writes tagged frames (:meth:`lab.Lab.vlan_source`);
+  source writes tagged frames (:meth:`build.Lab.vlan_source`);
 * ``vxlan``: ``patch-tun``/``patch-int`` to ``br-tun``, whose
   ``vxlan-<remote ip hex>`` port (``in_key``/``out_key=flow``) maps the
   VNI to the local VLAN and back (tables 0, 2, 4, 10, 20, 22 as the agent
@@ -65,6 +65,7 @@ from netweaver_agent.lab import framesource
 from netweaver_agent.lab import linuxbridge
 from netweaver_agent.lab import mark as labmark
 from netweaver_agent.lab import ofdelay
+from netweaver_agent.lab import proc
 from netweaver_agent.lab import switch
 
 LOG = log.getLogger(__name__)
@@ -107,7 +108,7 @@ class OvsLayout(switch.SwitchLayout):
     def __init__(self, lab):
         super().__init__(lab)
         self.ovs = switch.OvsDaemons(
-            lab.hv_netns, os.path.join(lab.state_dir, 'ovs'))
+            lab.spec.hv_netns, os.path.join(lab.state_dir, 'ovs'))
         # bridge -> the OpenFlow rules installed (replayed when a first
         # controller makes ovs-vswitchd flush the bridge's flows).
         self.flows = {}
@@ -151,12 +152,12 @@ class OvsLayout(switch.SwitchLayout):
         pif = spec.pif
         lines = ['link set lo up',
                  f'link add {pif} type veth peer name eth0 netns '
-                 f'{lab.src_netns}' +
+                 f'{lab.spec.src_netns}' +
                  (f' address {spec.src_underlay_mac}'
                   if spec.tunnelled else ''),
                  f'link set {pif} up']
         lines += self._veths()
-        switch.ip_batch(lab.hv_netns, lines)
+        switch.ip_batch(lab.spec.hv_netns, lines)
         self.ovs.start()
         lab.save_state()
         vs = []
@@ -207,7 +208,7 @@ class OvsLayout(switch.SwitchLayout):
                  '--', '--may-exist', 'add-port', self.PHY, self.spec.pif])
 
     def _underlay(self):
-        spec, ns = self.spec, self.lab.hv_netns
+        spec, ns = self.spec, self.lab.spec.hv_netns
         src_u, hv_u, plen = spec.underlay_addresses()
         switch.ip_batch(ns, [
             f'link set {self.PHY} address {spec.pif_mac}',
@@ -312,7 +313,7 @@ class OvsLayout(switch.SwitchLayout):
         out = [switch.HopDevices(seen[0], seen[1], self.switch_devices())]
         for a, b in zip(seen[1:], seen[2:]):
             out.append(switch.HopDevices(
-                a, b, (port_names(guest)[0],) if b == guest.tap else ()))
+                a, b, (port_names(guest)[0],) if b == guest.vif else ()))
         return tuple(out)
 
     def pids(self):
@@ -328,7 +329,7 @@ class OvsLayout(switch.SwitchLayout):
     def vswitchd_alive(self):
         """Whether this lab's ovs-vswitchd still runs."""
         pid = self.ovs.pids().get('ovs-vswitchd')
-        return pid is not None and switch._alive(pid)
+        return pid is not None and proc.pid_alive(pid)
 
     def teardown(self):
         self.ovs.stop()
@@ -349,7 +350,7 @@ class OvsHybridLayout(linuxbridge.NetfilterTruth, OvsLayout):
 
     def hops(self, guest):
         _, qvb, qvo = port_names(guest)
-        return (self.spec.pif, qvo, qvb, guest.tap)
+        return (self.spec.pif, qvo, qvb, guest.vif)
 
     def interface_xml(self, guest):
         return port_names(guest)[0], None
@@ -358,14 +359,14 @@ class OvsHybridLayout(linuxbridge.NetfilterTruth, OvsLayout):
         lines = []
         for g in self.lab.guests:
             qbr, qvb, qvo = port_names(g)
-            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+            lines += [f'link add {g.vif} address {g.vif_mac} type veth '
                       f'peer name eth0 address {g.mac} netns {g.netns}',
                       f'link add {qbr} type bridge stp_state 0 '
                       'forward_delay 0',
                       f'link add {qvb} type veth peer name {qvo}',
-                      f'link set {g.tap} master {qbr}',
+                      f'link set {g.vif} master {qbr}',
                       f'link set {qvb} master {qbr}']
-            lines += [f'link set {n} up' for n in (qbr, qvb, qvo, g.tap)]
+            lines += [f'link set {n} up' for n in (qbr, qvb, qvo, g.vif)]
         return lines
 
     def build_hypervisor(self):
@@ -373,10 +374,10 @@ class OvsHybridLayout(linuxbridge.NetfilterTruth, OvsLayout):
         fdb = []
         for g in self.lab.guests:
             qvb = port_names(g)[1]
-            fdb += [f'fdb replace {g.mac} dev {g.tap} master static',
+            fdb += [f'fdb replace {g.mac} dev {g.vif} master static',
                     f'fdb replace {self.spec.src_mac} dev {qvb} master '
                     'static']
-        switch.ip_batch(self.lab.hv_netns, fdb, tool='bridge')
+        switch.ip_batch(self.lab.spec.hv_netns, fdb, tool='bridge')
 
 
 class OvsNativeLayout(OvsLayout):
@@ -396,10 +397,10 @@ class OvsNativeLayout(OvsLayout):
         self._controller = None
 
     def int_port(self, guest):
-        return guest.tap
+        return guest.vif
 
     def hops(self, guest):
-        return (self.spec.pif, guest.tap)
+        return (self.spec.pif, guest.vif)
 
     def interface_xml(self, guest):
         return self.INT, guest.port_id
@@ -407,9 +408,9 @@ class OvsNativeLayout(OvsLayout):
     def _veths(self):
         lines = []
         for g in self.lab.guests:
-            lines += [f'link add {g.tap} address {g.tap_mac} type veth '
+            lines += [f'link add {g.vif} address {g.vif_mac} type veth '
                       f'peer name eth0 address {g.mac} netns {g.netns}',
-                      f'link set {g.tap} up']
+                      f'link set {g.vif} up']
         return lines
 
     def inject_loss(self, loss):
@@ -426,7 +427,7 @@ class OvsNativeLayout(OvsLayout):
                 self.marks.add(mark)
             except ValueError as exc:
                 raise switch.LabError(
-                    f"lab {self.lab.prefix!r}: guest {loss.guest}: "
+                    f"lab {self.lab.spec.prefix!r}: guest {loss.guest}: "
                     f"{exc}") from exc
             flows.append(f'table=0,priority={LOSS_FLOW_PRIORITY},{match},'
                          f'nw_ttl={mark.ttl},actions=drop')
@@ -443,10 +444,10 @@ class OvsNativeLayout(OvsLayout):
                 "userspace datapath would bypass it); use the auto backend")
         if self._controller:
             raise switch.LabError(
-                f"lab {self.lab.prefix!r}: {self.name} delays one guest "
+                f"lab {self.lab.spec.prefix!r}: {self.name} delays one guest "
                 "(one controller on br-int)")
         g = self.lab.guests[delay.guest]
-        ofport = int(self.ovs.vsctl('get', 'Interface', g.tap, 'ofport'))
+        ofport = int(self.ovs.vsctl('get', 'Interface', g.vif, 'ofport'))
         listen = os.path.join(self.ovs.paths.root,
                               f'ofdelay-g{delay.guest}.sock')
         active = self.lab.start_delayer(
@@ -479,7 +480,7 @@ class OvsNativeLayout(OvsLayout):
                 return
             time.sleep(0.01)
         raise switch.LabError(
-            f"lab {self.lab.prefix!r}: br-int did not connect to the "
+            f"lab {self.lab.spec.prefix!r}: br-int did not connect to the "
             f"delaying controller {self._controller} within "
             f"{CONTROLLER_CONNECT_TIMEOUT_S:.0f} s")
 

@@ -262,8 +262,8 @@ class Pipeline:
         self.settings = settings or PipelineSettings()
         self.progress = progress or (lambda line: None)
         self.daemons = []
-        self.addresses = lab.mgmt_addresses
-        self.ns = lab.mgmt_netns
+        self.addresses = lab.spec.mgmt_addresses()
+        self.ns = lab.spec.mgmt_netns
         self.timings = {}
 
     # -- life cycle -------------------------------------------------------
@@ -281,7 +281,8 @@ class Pipeline:
         return False
 
     def start(self):
-        self.workdir = tempfile.mkdtemp(prefix=f'{self.lab.prefix}pipeline-')
+        self.workdir = tempfile.mkdtemp(
+            prefix=f'{self.lab.spec.prefix}pipeline-')
         # PostgreSQL runs as postgres: it must traverse (not list) this
         # directory to reach its own.  bandit B103: search only, no read
         os.chmod(self.workdir, 0o711)  # nosec B103
@@ -924,7 +925,7 @@ def firing(pipeline, alertname):
             and a['state'] == 'firing'}
 
 
-def run(lab, args, out=None, interval_s=3, timeout_s=90.0):
+def run(lab, out=None, interval_s=3, timeout_s=90.0):
     """``netweaver lab --pipeline``: the agent and the pipeline on a lab.
 
     Prints, for each guest, the latency and loss as the exporter,
@@ -938,24 +939,24 @@ def run(lab, args, out=None, interval_s=3, timeout_s=90.0):
         out.write(line + '\n')
         out.flush()
 
-    workdir = tempfile.mkdtemp(prefix=f'{lab.prefix}pipeline-')
+    workdir = tempfile.mkdtemp(prefix=f'{lab.spec.prefix}pipeline-')
     agent = None
     try:
-        with Pipeline(lab, progress=say,
-                      logs_to=getattr(args, 'pipeline_logs', None)) as pipe:
+        with Pipeline(lab, progress=say) as pipe:
             files = labagent.write_files(
                 lab, os.path.join(workdir, 'agent'), interval_s=interval_s,
                 probe=lab_probe_options(lab, interval_s),
                 extra=pipe.agent_extra())
-            agent = labagent.PollingAgent(files, lab.hv_netns)
-            say(f'pipeline: starting ceilometer-polling in {lab.hv_netns}')
+            agent = labagent.PollingAgent(files, lab.spec.hv_netns)
+            say('pipeline: starting ceilometer-polling in '
+                f'{lab.spec.hv_netns}')
             agent.start()
             expected = labagent.resource_ids(lab)
             agent.wait_for(labagent.latency_ready(set(expected.values())),
                            timeout_s)
             rows = []
             for g in lab.guests:
-                rid = expected[g.tap]
+                rid = expected[g.vif]
                 lat = follow(pipe, agent, rid, timeout_s=timeout_s)
                 loss = follow(pipe, agent, rid, 'network.vif.probe.loss',
                               timeout_s=timeout_s)
@@ -965,8 +966,8 @@ def run(lab, args, out=None, interval_s=3, timeout_s=90.0):
             for g, rid, lat, loss in rows:
                 for example in ALARM_EXAMPLES:
                     alarm = pipe.create_alarm(example, lat.gnocchi_resource,
-                                              f'{example}-{g.tap}')
-                    alarms[(g.tap, example)] = alarm['alarm_id']
+                                              f'{example}-{g.vif}')
+                    alarms[(g.vif, example)] = alarm['alarm_id']
             states = wait_alarms(pipe, alarms, timeout_s)
             time.sleep(pipe.settings.alert_for_s + 2 *
                        pipe.settings.scrape_interval_s)
@@ -1002,7 +1003,7 @@ def lab_probe_options(lab, interval_s):
 
 def _report(say, lab, rows, states, alerts):
     for g, rid, lat, loss in rows:
-        say(f'{g.name} {g.tap} {g.address} (resource {rid})')
+        say(f'{g.name} {g.vif} {g.address} (resource {rid})')
         say(f'  network.vif.latency    exporter {lat.exporter:.1f} us, '
             f'Prometheus {lat.prometheus:.1f} us (scraped '
             f'{time.strftime("%H:%M:%S", time.gmtime(lat.scraped_at))}), '
@@ -1015,7 +1016,7 @@ def _report(say, lab, rows, states, alerts):
         say(f'  Gnocchi resource {lat.gnocchi_resource}, metric '
             f'{lat.metric_id}, archive policy {lat.archive_policy}')
         say('  Aodh: ' + ', '.join(
-            f'{ex} {states[(g.tap, ex)]}' for ex in ALARM_EXAMPLES))
+            f'{ex} {states[(g.vif, ex)]}' for ex in ALARM_EXAMPLES))
         fired = [name for name, res in alerts.items() if rid in res]
         say(f'  Prometheus alerts firing: {", ".join(fired) or "none"}')
         truth = []

@@ -33,6 +33,21 @@ def alive(proc):
     return proc is not None and proc.poll() is None
 
 
+def pid_alive(pid):
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return False
+
+
 def stop(proc, name, timeout_s, error):
     """End ``proc``'s process group: SIGTERM, then after ``timeout_s``
     SIGKILL (always, for the workers it forked); raise ``error`` naming

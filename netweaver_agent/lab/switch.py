@@ -18,7 +18,7 @@ too):
   pidfiles.
 
 :class:`SwitchLayout` is what a lab layout (``--switch linuxbridge``,
-``ovs-hybrid``, ``ovs-native``, ``ovn``) provides to :class:`lab.Lab`.
+``ovs-hybrid``, ``ovs-native``, ``ovn``) provides to :class:`build.Lab`.
 Layout modules import this module (and the product's), never
 :mod:`netweaver_agent.lab.build`, which loads them lazily by name: everything a
 layout needs from the lab (errors, command helpers, :class:`ActiveDelay`)
@@ -36,6 +36,7 @@ from oslo_log import log
 from netweaver_agent.core import netns
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
+from netweaver_agent.lab import proc
 
 LOG = log.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SwitchError(LabError):
 class ActiveDelay:
     """A delay the lab put in place, and how."""
 
-    injection: object            # lab.DelayInjection
+    injection: object            # spec.DelayInjection
     backend: str                 # 'netem' or 'nfqueue'
     queue: int | None = None
     records_path: str | None = None
@@ -160,33 +161,19 @@ def read_pid(pidfile):
     return int(text) if text.isdigit() else None
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f'/proc/{pid}/stat', encoding='ascii') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, IndexError):
-        return False
-
-
 def stop_pidfile(pidfile, what):
     """SIGTERM the daemon of ``pidfile``, SIGKILL it after a grace."""
     pid = read_pid(pidfile)
-    if pid is None or not _alive(pid):
+    if pid is None or not proc.pid_alive(pid):
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     end = time.monotonic() + DAEMON_STOP_GRACE_S
-    while _alive(pid) and time.monotonic() < end:
+    while proc.pid_alive(pid) and time.monotonic() < end:
         time.sleep(0.02)
-    if _alive(pid):
+    if proc.pid_alive(pid):
         LOG.warning('Lab %(what)s (pid %(pid)d) ignored SIGTERM; killing',
                     {'what': what, 'pid': pid})
         try:
@@ -322,7 +309,7 @@ class OvsDaemons:
 class SwitchLayout:
     """What one lab layout builds between the pif and the guests' taps.
 
-    :class:`lab.Lab` builds the namespaces, the guests and the management
+    :class:`build.Lab` builds the namespaces, the guests and the management
     network, and asks its layout for the rest: the hypervisor's switch,
     the source's side of the physical network, the probe source, the
     paths, the injected truth and the teardown of what the layout
@@ -331,8 +318,9 @@ class SwitchLayout:
     path every guest's probes take, with the devices they cross but no
     packet socket sees (:meth:`unseen`).
 
-    ``lab`` is the :class:`lab.Lab` being built: ``spec``, ``guests``,
-    ``hv_netns``, ``src_netns``, ``state_dir``, ``start_delayer()``.
+    ``lab`` is the :class:`build.Lab` being built: ``spec`` (names and
+    addresses: ``spec.hv_netns``...), ``guests``, ``state_dir``,
+    ``start_delayer()``, ``save_state()``.
     """
 
     #: the ``--switch`` name
@@ -356,7 +344,7 @@ class SwitchLayout:
 
     @property
     def bridge(self):
-        """The bridge the taps hang off (``Lab.bridge``)."""
+        """The bridge the taps hang off (``brq…``, ``br-int``...)."""
         raise NotImplementedError
 
     def build_hypervisor(self):
@@ -394,14 +382,14 @@ class SwitchLayout:
                          f'dev {dev} nodad')
             lines += [f'neigh replace {g.address6} lladdr {g.mac} dev {dev} '
                       'nud permanent' for g in lab.guests]
-        ip_batch(lab.src_netns, lines)
+        ip_batch(lab.spec.src_netns, lines)
 
     def source(self):
         """The probe source: the source namespace's stack; on a VLAN
         network, tagged frames with the segmentation id."""
         if self.spec.network_type == 'vlan':
             return self.lab.vlan_source((self.spec.segmentation_id,))
-        return sources.LocalSource(netns_name=self.lab.src_netns)
+        return sources.LocalSource(netns_name=self.lab.spec.src_netns)
 
     def hops(self, guest):
         """The interfaces where a packet socket sees ``guest``'s probes,
@@ -424,7 +412,7 @@ class SwitchLayout:
     def paths(self, ipv6=False):
         """One ``vifpath.VifPath`` per guest: the truth of the layout,
         with the devices crossed unseen (``via``) and the tunnel."""
-        return [vifpath.VifPath(vif=g.tap,
+        return [vifpath.VifPath(vif=g.vif,
                                 address=g.address6 if ipv6 else g.address,
                                 interfaces=tuple(self.hops(g)), mac=g.mac,
                                 via=tuple(h.unseen for h in self.unseen(g)),

@@ -8,7 +8,7 @@ parameters and nova 1.1 metadata (name, owner, flavor with its id so no
 Nova API is called, root image, ports with fixed addresses).
 
 Guest descriptions are anything with ``index``, ``name``, ``uuid``,
-``tap``, ``mac`` and ``address`` attributes (e.g. ``lab.LabGuest``).
+``vif``, ``mac`` and ``address`` attributes (e.g. ``spec.LabGuest``).
 
 The interface is what Nova's libvirt driver writes for the layout:
 ``<interface type='bridge'>`` with the Linux bridge (``brq…``, or the
@@ -41,7 +41,7 @@ class GuestDomain:
     index: int
     name: str
     uuid: str
-    tap: str
+    vif: str           # host netdev, the <target dev=...>
     mac: str
     address: str
     bridge: str | None = None
@@ -78,13 +78,13 @@ class GuestDomain:
 
     @classmethod
     def from_guest(cls, guest, **overrides):
-        """From a ``lab.LabGuest`` (or alike).
+        """From a ``spec.LabGuest`` (or alike).
 
         Its ``name`` is the libvirt domain name; the nova display name
         becomes ``lab-guest-<index>``; ``port_id``, if any, is the port.
         """
         fields = {f: getattr(guest, f)
-                  for f in ('index', 'uuid', 'tap', 'mac', 'address')}
+                  for f in ('index', 'uuid', 'vif', 'mac', 'address')}
         fields.update(name=f'lab-guest-{guest.index}', domain=guest.name,
                       port_uuid=getattr(guest, 'port_id', None))
         fields.update(overrides)
@@ -144,7 +144,7 @@ def domain_element(guest):
     if guest.interfaceid:
         vport = _sub(iface, 'virtualport', type_='openvswitch')
         _sub(vport, 'parameters', interfaceid=guest.interfaceid)
-    _sub(iface, 'target', dev=guest.tap)
+    _sub(iface, 'target', dev=guest.vif)
     _sub(iface, 'model', type_='virtio')
     if guest.filterref:
         fref = _sub(iface, 'filterref', filter=guest.filter_name)

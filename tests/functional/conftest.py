@@ -17,6 +17,10 @@ import pytest
 from netweaver_agent.core import netns
 from netweaver_agent.core import sightings
 from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import proc as labproc
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import state as labstate
+from netweaver_agent.lab import switch as labswitch
 
 CLI = [sys.executable, '-m', 'netweaver_agent.cli.main']
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -48,11 +52,11 @@ def lab_factory():
 
     def make(lab_class=lab_mod.Lab, **fields):
         fields.setdefault('prefix', unique_prefix())
-        the_lab = lab_class(lab_mod.LabSpec(**fields))
+        the_lab = lab_class(labspec.LabSpec(**fields))
         labs.append(the_lab)
         try:
             return the_lab.build()
-        except lab_mod.LabError as exc:
+        except labswitch.LabError as exc:
             pytest.fail(f'the namespace lab could not be built: {exc}')
 
     yield make
@@ -60,7 +64,7 @@ def lab_factory():
     for the_lab in reversed(labs):
         try:
             the_lab.teardown()
-        except lab_mod.LabError as exc:
+        except labswitch.LabError as exc:
             errors.append(str(exc))
     if errors:
         pytest.fail('lab teardown left things behind: ' + '; '.join(errors))
@@ -93,19 +97,19 @@ def lab_namespaces(prefix):
 def assert_gone(prefix, pids=()):
     """Nothing of the lab ``prefix`` is left: namespaces, state, ``pids``."""
     assert lab_namespaces(prefix) == [], f'namespaces of {prefix} left'
-    assert not os.path.exists(lab_mod.state_dir(prefix))
+    assert not os.path.exists(labstate.state_dir(prefix))
     for pid in pids:
-        assert not lab_mod._alive(pid), f'lab process {pid} still runs'
+        assert not labproc.pid_alive(pid), f'lab process {pid} still runs'
 
 
 def assert_every_nth_lost(result, the_lab, lossy, clean, every, probes):
     """Of a window's ``probes`` (all received on the pif), the ones that
     never reached ``lossy``'s tap are its ``every``-th, ``2 * every``-th...
     in the order they reached the pif (``clean``'s probes set aside)."""
-    at_pif = pif_times(result.batch, the_lab.pif)
+    at_pif = pif_times(result.batch, the_lab.spec.pif)
     assert len(at_pif) == probes
-    elsewhere = probe_times(result.batch, the_lab.pif, clean.tap)
-    reached = probe_times(result.batch, the_lab.pif, lossy.tap)
+    elsewhere = probe_times(result.batch, the_lab.spec.pif, clean.vif)
+    reached = probe_times(result.batch, the_lab.spec.pif, lossy.vif)
     sent = sorted((t, seq) for seq, t in at_pif.items()
                   if seq not in elsewhere)
     lost = [seq for _, seq in sent if seq not in reached]
@@ -165,7 +169,7 @@ def held_probes(the_lab, result, guest, delay_ms, tolerance_ns):
     ``tolerance_ns``).  ``{seq: (t_pif_ns, t_vif_ns, record)}``."""
     holds = {r.seq: r for r in the_lab.delay_records(guest.index)
              if r.session == result.session and not r.reply}
-    seen = probe_times(result.batch, the_lab.pif, guest.tap)
+    seen = probe_times(result.batch, the_lab.spec.pif, guest.vif)
     assert sorted(holds) == sorted(seen), 'every probe held exactly once'
     out = {}
     for seq, (t_pif, t_vif) in seen.items():

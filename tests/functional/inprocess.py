@@ -58,8 +58,8 @@ class Cycle:
         self.domains = agent.guest_domains(the_lab)
         self.node = os.path.join(workdir, 'node.xml')
         uri = virt.write_node(self.node, self.domains)
-        options.setdefault('probe_source', f'netns:{the_lab.src_netns}')
-        options.setdefault('capture_netns', the_lab.hv_netns)
+        options.setdefault('probe_source', f'netns:{the_lab.spec.src_netns}')
+        options.setdefault('capture_netns', the_lab.spec.hv_netns)
         conf = configure(uri, **options)
         self.conf = conf
         self.meters = [cls(conf) for cls in METERS]
@@ -120,7 +120,7 @@ class Cycle:
     def resource_of(self, guest_index):
         """The resource id our samples carry for one lab guest."""
         return agent.resource_ids(self.lab)[
-            self.lab.guests[guest_index].tap]
+            self.lab.guests[guest_index].vif]
 
 
 def by_resource(samples):

@@ -15,7 +15,7 @@ import pytest
 from netweaver_agent.agent import libvirterrors
 from netweaver_agent.core import netns
 from netweaver_agent.lab import agent as labagent
-from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import spec as labspec
 from netweaver_agent.lab import virt
 
 DELAY_MS = 2.0
@@ -46,7 +46,7 @@ def agent_lab(lab_factory, tmp_path):
         probe.update(kwargs.pop('probe', {}))
         files = labagent.write_files(the_lab, str(tmp_path / 'agent'),
                                      probe=probe, **kwargs)
-        agent = labagent.PollingAgent(files, the_lab.hv_netns,
+        agent = labagent.PollingAgent(files, the_lab.spec.hv_netns,
                                       wrapper=wrapper)
         agents.append(agent)
         agent.start()
@@ -59,18 +59,18 @@ def agent_lab(lab_factory, tmp_path):
 
 def test_agent_publishes_latency_of_every_guest(lab_factory, agent_lab):
     the_lab = lab_factory(guests=2, delays=(
-        lab_mod.DelayInjection(guest=1, delay_ms=DELAY_MS),))
+        labspec.DelayInjection(guest=1, delay_ms=DELAY_MS),))
     expected = labagent.resource_ids(the_lab)
     sriov = virt.GuestDomain(
         index=5, name='sriov', uuid='5a1e0c3d-0000-4000-8000-00000000005f',
-        tap='unused', mac='fa:16:3e:5f:00:05', address='198.18.0.205',
+        vif='unused', mac='fa:16:3e:5f:00:05', address='198.18.0.205',
         interface_type='hostdev')
     agent = agent_lab(the_lab, extra_domains=(sriov,))
     series = agent.wait_for(labagent.latency_ready(set(expected.values())),
                             WAIT_S)
     by_tap = {tap: [s for s in series if s.label('resource') == rid]
               for tap, rid in expected.items()}
-    delayed, plain = the_lab.guests[1].tap, the_lab.guests[0].tap
+    delayed, plain = the_lab.guests[1].vif, the_lab.guests[0].vif
     (d,) = by_tap[delayed]
     (p,) = by_tap[plain]
     # The delay sits on the bridge between pif and tap: it is in-host.
@@ -172,7 +172,7 @@ def _driver_rate():
     with tempfile.TemporaryDirectory() as tmp:
         guest = virt.GuestDomain(
             index=0, name='rate', uuid='00000000-0000-4000-8000-0000000000aa',
-            tap='taprate', mac='fa:16:3e:00:00:aa', address='198.18.0.250')
+            vif='taprate', mac='fa:16:3e:00:00:aa', address='198.18.0.250')
         conn = libvirt.openReadOnly(virt.write_node(
             f'{tmp}/node.xml', [guest]))
         try:
@@ -189,7 +189,7 @@ def test_delta_meters_are_untouched_by_our_pollsters(lab_factory,
                                                      agent_lab):
     rate = _driver_rate()
     the_lab = lab_factory(guests=2)
-    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].tap]
+    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].vif]
     agent = agent_lab(the_lab, interval_s=4, meters=(
         'network.incoming.bytes', 'network.incoming.bytes.delta',
         *labagent.LATENCY_METERS))
@@ -225,13 +225,13 @@ def test_delta_meters_are_untouched_by_our_pollsters(lab_factory,
 def test_loss_is_published_and_filtered_probes_are_not_loss(lab_factory,
                                                             agent_lab):
     the_lab = lab_factory(guests=2, losses=(
-        lab_mod.LossInjection(guest=0, every=4),))
+        labspec.LossInjection(guest=0, every=4),))
     lossy, blocked = the_lab.guests
     # A "security group" dropping every probe to guest 1 on the bridge
     # (bridge netfilter is on: the loss injection needs it too).
     netns.run(['iptables', '-I', 'FORWARD', '1', '-m', 'physdev',
-               '--physdev-out', blocked.tap, '-p', 'icmp', '--icmp-type',
-               'echo-request', '-j', 'DROP'], netns=the_lab.hv_netns)
+               '--physdev-out', blocked.vif, '-p', 'icmp', '--icmp-type',
+               'echo-request', '-j', 'DROP'], netns=the_lab.spec.hv_netns)
     ids = labagent.resource_ids(the_lab)
     agent = agent_lab(the_lab)
 
@@ -244,19 +244,19 @@ def test_loss_is_published_and_filtered_probes_are_not_loss(lab_factory,
     loss = agent.wait_for(ready, WAIT_S)
     by_id = {s.label('resource'): s.value for s in loss}
     # 20 probes per window, every 4th dropped after the pif: 25 %.
-    assert by_id == {ids[lossy.tap]: 25.0}
+    assert by_id == {ids[lossy.vif]: 25.0}
     log = agent.log_text()
-    assert f'Instance {blocked.uuid} vNIC {blocked.tap}: 20 probes' in log
+    assert f'Instance {blocked.uuid} vNIC {blocked.vif}: 20 probes' in log
     assert 'security group rule create --ingress --protocol icmp' in log
     latency = {s.label('resource') for s in
                agent.series('ceilometer_network_vif_latency')}
-    assert latency == {ids[lossy.tap]}
+    assert latency == {ids[lossy.vif]}
 
 
 def test_without_cap_net_raw_the_pollsters_stop_cleanly(
         lab_factory, agent_lab):
     the_lab = lab_factory(guests=1)
-    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].tap]
+    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].vif]
     agent = agent_lab(
         the_lab, meters=('network.incoming.bytes',
                          *labagent.LATENCY_METERS),

@@ -43,7 +43,8 @@ import time
 import pytest
 
 from netweaver_agent.lab import agent as labagent
-from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import state as labstate
 from tests.functional import conftest
 
 INTERVAL_S = 3
@@ -133,9 +134,9 @@ def shim(tmp_path):
 
 
 def build(lab_factory, switch, network_type):
-    losses = (lab_mod.LossInjection(guest=0, every=EVERY, protocol='icmp'),)
+    losses = (labspec.LossInjection(guest=0, every=EVERY, protocol='icmp'),)
     # NFQUEUE on qbr; an OpenFlow controller (native); pause/resume (OVN).
-    delays = (lab_mod.DelayInjection(
+    delays = (labspec.DelayInjection(
         guest=1, delay_ms=DELAY_MS,
         backend='nfqueue' if switch == 'ovs-hybrid' else 'auto'),)
     the_lab = lab_factory(guests=3 if switch == 'ovn' else 2, switch=switch,
@@ -161,7 +162,7 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
     the_lab = build(lab_factory, switch, network_type)
     lossy, other, *closed = the_lab.guests
     truth = {p.vif: p for p in the_lab.paths()}
-    filtered = {g.tap for g in closed}
+    filtered = {g.vif for g in closed}
     taps = set(truth) - filtered
     marks = labagent.mark_in_kernel(the_lab)
     # Native and OVN drop marked probes; the hybrid plug drops on qbr.
@@ -181,7 +182,7 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
             in config), config
     assert '\npif =' not in config
 
-    agent = labagent.PollingAgent(files, the_lab.hv_netns,
+    agent = labagent.PollingAgent(files, the_lab.spec.hv_netns,
                                   wrapper=('env', f'PYTHONPATH={shim}'))
     with agent:
         try:
@@ -229,7 +230,7 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
             assert s['resource_id'] == incoming[tap], (s, incoming)
             assert s['counter_unit'] == 'us' and s['counter_volume'] > 0
             # Found from OVSDB, no pif option: the lab's own truth.
-            assert md['pif'] == the_lab.pif
+            assert md['pif'] == the_lab.spec.pif
             hops = md['latency_hops']
             if len(path.interfaces) > 2:
                 assert [(h['src'], h['dst']) for h in hops] == list(
@@ -256,12 +257,12 @@ def test_agent_on_layout(lab_factory, tmp_path, shim, switch, network_type):
             # Loss: exactly the injected share, every window.
             loss = got[('network.vif.probe.loss', tap)]
             assert loss['resource_id'] == incoming[tap]
-            want = 100.0 / EVERY if tap == lossy.tap else 0.0
+            want = 100.0 / EVERY if tap == lossy.vif else 0.0
             assert loss['counter_volume'] == want, (tap, loss)
-            if tap == lossy.tap:
+            if tap == lossy.vif:
                 assert ingress['lost'] == COUNT // EVERY, ingress
         # Replies of every passed probe came back out through the pif.
-        assert got[('network.vif.latency', other.tap)][
+        assert got[('network.vif.latency', other.vif)][
             'resource_metadata']['latency_egress']['count'] == COUNT
 
     # Prometheus: latency for every guest, under the same resources.
@@ -338,7 +339,7 @@ def test_cli_lab_agent_on_ovn():
         # The command removed its lab, daemons included.
         conftest.assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)   # only if the command left it
+        labstate.teardown_kept(prefix)   # only if the command left it
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
     values = {}
     for line in proc.stdout.splitlines():
@@ -361,7 +362,7 @@ def test_cli_lab_agent_refuses_a_vlan_network():
                                 '--prefix', prefix, timeout=60)
         conftest.assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
     assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
     assert '--network-type vlan' in proc.stderr
     assert 'ceilometer_network_vif_latency' not in proc.stdout

@@ -297,7 +297,7 @@ def test_real_tcpdump_captures_ethernet_and_cooked(lab_factory, tmp_path):
     from tests.functional import tcpdump
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
-    hv, pif, tap = the_lab.spec.hv_netns, the_lab.spec.pif, guest.tap
+    hv, pif, tap = the_lab.spec.hv_netns, the_lab.spec.pif, guest.vif
     host = ['host', guest.address]
     files = {
         ('eth', 'pif'): (pif, host),

@@ -403,10 +403,10 @@ def test_the_agent_measures_only_the_vnics_inside_probe_networks(
     latency = inprocess.by_resource(samples)['network.vif.latency']
     assert set(latency) == {cycle.resource_of(0)}, latency
     (window,) = cache.windows
-    assert [m.path.vif for m in window.measurements] == [inside.tap]
+    assert [m.path.vif for m in window.measurements] == [inside.vif]
     assert window.measurements[0].report.sent == 5
     log = cycle.log_text()
-    assert f'vNIC {outside.tap} is not measurable' in log, log
+    assert f'vNIC {outside.vif} is not measurable' in log, log
     assert f"'{outside.address}' refused: outside [netweaver] " \
            'probe_networks' in log, log
 

@@ -97,11 +97,11 @@ def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
     assert len(tagged) == 2 * COUNT
     for frame in tagged:
         tpid = int.from_bytes(frame[12:14], 'big')
-        assert tpid == (probe.ETH_P_8021AD if len(vlan) > 1 else
-                        probe.ETH_P_8021Q)
+        assert tpid == (dpkt.ethernet.ETH_TYPE_8021AD if len(vlan) > 1 else
+                        dpkt.ethernet.ETH_TYPE_8021Q)
         assert int.from_bytes(frame[14:16], 'big') & 0xfff == vlan[0]
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.vlan == vlan
         assert rep.unseen_at_pif == 0
         # The VLAN-unaware bridge forwards the tagged probes to the tap.
@@ -111,7 +111,7 @@ def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
         assert rep.egress.count == 0
     text = report.format_table(result.reports)
     assert 'vlan ' + '.'.join(str(v) for v in vlan) in text
-    assert report.report_to_dict(result.reports[the_lab.guests[0].tap])[
+    assert report.report_to_dict(result.reports[the_lab.guests[0].vif])[
         'vlan'] == list(vlan)
 
 
@@ -121,7 +121,7 @@ def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):  # noqa: F811
                                backend='nfqueue'),))
     fast, slow = the_lab.guests
     vx = the_lab.spec.vxlan_dev
-    assert the_lab.paths()[0].interfaces == (the_lab.spec.pif, vx, fast.tap)
+    assert the_lab.paths()[0].interfaces == (the_lab.spec.pif, vx, fast.vif)
     result, read, _ = run_with_tcpdump(
         the_lab, workdir, the_lab.layout.source(), limit=8 * COUNT,
         protocol='icmp', count=COUNT, per_vnic_interval_ms=5.0,
@@ -135,14 +135,14 @@ def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):  # noqa: F811
     assert live == pif_rows(read.batch, the_lab.spec.pif)
     assert {encap for _, encap in live} == {want}
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.vni == VNI and rep.vlan == ()
         assert rep.ingress.count == COUNT and rep.ingress.lost == 0, rep
         assert rep.egress.count == COUNT, rep.egress
         assert [(h.src, h.dst) for h in rep.hops] == [(the_lab.spec.pif, vx),
-                                                      (vx, g.tap)]
-    assert result.reports[fast.tap].ingress.p50_us < BASELINE_P50_US
-    slow_rep = result.reports[slow.tap]
+                                                      (vx, g.vif)]
+    assert result.reports[fast.vif].ingress.p50_us < BASELINE_P50_US
+    slow_rep = result.reports[slow.vif]
     holds = [r.hold_ns for r in the_lab.delay_records(1)
              if r.session == result.session and not r.reply]
     assert len(holds) == COUNT

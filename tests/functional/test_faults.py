@@ -66,9 +66,9 @@ def delete_when_probed(the_lab, tap, after=5):
 
     def body():
         try:
-            state['seen'] = netns.run_in_netns(the_lab.hv_netns,
+            state['seen'] = netns.run_in_netns(the_lab.spec.hv_netns,
                                                wait_for_probes)
-            netns.run(['ip', 'link', 'del', tap], netns=the_lab.hv_netns)
+            netns.run(['ip', 'link', 'del', tap], netns=the_lab.spec.hv_netns)
             state['deleted_at'] = time.monotonic()
         except Exception as exc:  # reported by the test
             state['error'] = exc
@@ -95,7 +95,7 @@ def test_faults_touch_only_their_vnic_and_the_next_cycle_is_normal(
     # VIR_ERR_NO_DOMAIN), while discovery still lists both.
     cycle.libvirt_view(shut_off={shut}, missing={gone})
     thread, done, state = delete_when_probed(the_lab,
-                                             the_lab.guests[deleted].tap)
+                                             the_lab.guests[deleted].vif)
     try:
         samples, cache = cycle.run()
     finally:
@@ -114,8 +114,8 @@ def test_faults_touch_only_their_vnic_and_the_next_cycle_is_normal(
     assert got[shut] == set() and got[gone] == set(), got
     assert got[deleted] == set(), got
     log = cycle.log_text()
-    assert (f'vNIC {the_lab.guests[deleted].tap}: '
-            f'{the_lab.guests[deleted].tap} disappeared during probe '
+    assert (f'vNIC {the_lab.guests[deleted].vif}: '
+            f'{the_lab.guests[deleted].vif} disappeared during probe '
             'window') in log
     assert f'Instance {uuid[shut]} not probed' in log
     assert f'Instance {uuid[gone]} not probed' in log
@@ -123,7 +123,7 @@ def test_faults_touch_only_their_vnic_and_the_next_cycle_is_normal(
     # Every probe of the healthy and the mute vNIC was measured.
     by_vif = {m.path.vif: m.report for m in window.measurements}
     for i in (healthy, mute):
-        report = by_vif[the_lab.guests[i].tap]
+        report = by_vif[the_lab.guests[i].vif]
         assert report.ingress.count == PROBE['probe_count'], report
         assert report.ingress.lost == 0, report
 
@@ -136,7 +136,7 @@ def test_faults_touch_only_their_vnic_and_the_next_cycle_is_normal(
     got = {i: _meters_of(samples, rid[i]) for i in range(5)}
     assert got == {healthy: ALL, mute: ALL, shut: ALL, gone: ALL,
                    deleted: set()}, got
-    assert (f'vNIC {the_lab.guests[deleted].tap} of instance '
+    assert (f'vNIC {the_lab.guests[deleted].vif} of instance '
             f'{uuid[deleted]} not probed') in cycle.log_text()
     assert 'Traceback' not in cycle.log_text()
 
@@ -176,7 +176,7 @@ def test_unreachable_ssh_source_skips_cycles_and_the_agent_goes_on(
     # source is an address of the management network where no host is.
     the_lab = lab_factory(guests=1, mgmt=True)
     nobody = '198.19.0.99'
-    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].tap]
+    rid = labagent.resource_ids(the_lab)[the_lab.guests[0].vif]
     files = labagent.write_files(
         the_lab, str(tmp_path / 'agent'), interval_s=3,
         meters=('network.incoming.bytes', *labagent.LATENCY_METERS),
@@ -185,7 +185,7 @@ def test_unreachable_ssh_source_skips_cycles_and_the_agent_goes_on(
                'ssh_known_hosts_file': str(tmp_path / 'known_hosts'),
                'probe_count': 5})
     (tmp_path / 'known_hosts').write_text('')
-    agent = labagent.PollingAgent(files, the_lab.hv_netns)
+    agent = labagent.PollingAgent(files, the_lab.spec.hv_netns)
     agent.start()
     try:
         def two_failed_cycles(_series):

@@ -21,7 +21,7 @@ from netweaver_agent.core import capture
 from netweaver_agent.core import netns
 from netweaver_agent.core import sightings
 from netweaver_agent.core import window as probe_window
-from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import spec as labspec
 from tests.functional import flood as flood_mod
 from tests.functional import conftest
 from tests.functional import inprocess
@@ -53,17 +53,17 @@ class Flood(conftest.NetnsScript):
         # Most of the flood ends at the hypervisor's bridge (its own MAC,
         # no address there): through the pif, and cheap for the 2 cores.
         bridge = json.loads(netns.run(
-            ['ip', '-j', 'link', 'show', the_lab.bridge],
-            netns=the_lab.hv_netns).stdout)[0]['address']
+            ['ip', '-j', 'link', 'show', the_lab.layout.bridge],
+            netns=the_lab.spec.hv_netns).stdout)[0]['address']
         targets += [{'mac': bridge, 'ip': NOBODY}] * (3 * len(targets))
         self.spec_path = os.path.join(workdir, 'flood.json')
         with open(self.spec_path, 'w', encoding='utf-8') as f:
             json.dump({'src_mac': the_lab.spec.src_mac,
-                       'src_ip': the_lab.src_address, 'targets': targets,
+                       'src_ip': the_lab.spec.src_address, 'targets': targets,
                        'session': session, 'planned': planned,
                        'count': int(FLOOD_PPS * FLOOD_S),
                        'duration_s': FLOOD_S, 'rate_pps': FLOOD_PPS}, f)
-        super().__init__(the_lab.src_netns, 'tests.functional.flood',
+        super().__init__(the_lab.spec.src_netns, 'tests.functional.flood',
                          self.spec_path, FLOOD_S + 10, 'flooder')
 
 
@@ -84,21 +84,21 @@ def _softnet_drops():
 
 def path_drops(the_lab):
     """Packets the kernel dropped anywhere between source and guests."""
-    spaces = [the_lab.src_netns, the_lab.hv_netns,
+    spaces = [the_lab.spec.src_netns, the_lab.spec.hv_netns,
               *(g.netns for g in the_lab.guests)]
     return sum(_link_drops(ns) for ns in spaces) + _softnet_drops()
 
 
 def pif_rx_packets(the_lab):
-    proc = netns.run(['ip', '-s', '-j', 'link', 'show', the_lab.pif],
-                     netns=the_lab.hv_netns)
+    proc = netns.run(['ip', '-s', '-j', 'link', 'show', the_lab.spec.pif],
+                     netns=the_lab.spec.hv_netns)
     return json.loads(proc.stdout)[0]['stats64']['rx']['packets']
 
 
 def rule_drops(the_lab):
     """What the lab's loss rule dropped (its own packet counter)."""
     proc = netns.run(['iptables', '-w', '5', '-L', 'FORWARD', '-v', '-x',
-                      '-n'], netns=the_lab.hv_netns)
+                      '-n'], netns=the_lab.spec.hv_netns)
     counts = [int(line.split()[0]) for line in proc.stdout.splitlines()
               if 'statistic' in line and 'DROP' in line]
     assert len(counts) == 1, proc.stdout
@@ -124,7 +124,7 @@ def _look_alike_rows(batch, planned):
 def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
                                                    protocol):
     the_lab = lab_factory(guests=2, losses=(
-        lab_mod.LossInjection(guest=1, every=EVERY, protocol=protocol),))
+        labspec.LossInjection(guest=1, every=EVERY, protocol=protocol),))
     ctx = privileged.netns_pctxt
     try:
         privileged.status(ctx)       # the daemon starts before the flood
@@ -133,14 +133,14 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
             protocol=protocol, count=count, interval_ms=1.0,
             timeout_ms=100.0, max_window_ms=1000.0)
         planned = count * len(the_lab.guests)
-        source = privileged.PrivsepLocalSource(the_lab.src_netns,
+        source = privileged.PrivsepLocalSource(the_lab.spec.src_netns,
                                                context=ctx)
         drops_before = path_drops(the_lab)
         with Flood(the_lab, str(tmp_path), SESSION, planned, lossy=1):
             rx_before = pif_rx_packets(the_lab)
             result = probe_window.run_window(
                 the_lab.paths(), source, settings,
-                capture_netns=the_lab.hv_netns, session=SESSION,
+                capture_netns=the_lab.spec.hv_netns, session=SESSION,
                 capture_class=privileged.capture_class(ctx))
             rx = pif_rx_packets(the_lab) - rx_before
         drops = path_drops(the_lab) - drops_before
@@ -171,7 +171,7 @@ def test_flood_of_look_alikes_makes_no_false_match(lab_factory, tmp_path,
     dropped = result.capture.drops > 0
     reports = {r.vif: r for r in result.reports.values()}
     for guest in the_lab.guests:
-        r = reports[guest.tap]
+        r = reports[guest.vif]
         ing = r.ingress
         assert r.sent == count, (r, figures)
         assert ing.count + ing.lost + r.unknown + r.unseen_at_pif == count
@@ -207,7 +207,7 @@ def test_capture_drops_give_unknown_fate_not_loss(lab_factory,
     monkeypatch.setattr(capture, 'RCVBUF_BYTES', 1)
     monkeypatch.setattr(capture.LiveCapture, 'USE_RING', False)
     the_lab = lab_factory(guests=2, losses=(
-        lab_mod.LossInjection(guest=1, every=EVERY, protocol='icmp'),))
+        labspec.LossInjection(guest=1, every=EVERY, protocol='icmp'),))
     count = 100
     cycle = cycle_factory(the_lab, privsep=False, probe_count=count,
                           probe_interval_ms=0.5, probe_timeout_ms=100.0,

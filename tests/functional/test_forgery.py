@@ -44,7 +44,7 @@ class Forger(conftest.NetnsScript):
         attacker, victim = the_lab.guests
         spec = {'iface': 'eth0', 'own_ip': attacker.address,
                 'own_mac': attacker.mac, 'victim_ip': victim.address,
-                'victim_mac': victim.mac, 'src_ip': the_lab.src_address,
+                'victim_mac': victim.mac, 'src_ip': the_lab.spec.src_address,
                 'src_mac': the_lab.spec.src_mac, 'protocol': protocol,
                 'seq_max': 2 * COUNT + 10, 'duration_s': FORGE_S,
                 'max_frames': MAX_FRAMES, 'pause_s': PAUSE_S}
@@ -61,10 +61,10 @@ class SourceDump:
     def __init__(self, the_lab, path):
         self.path = path
         victim = the_lab.guests[1].address
-        self.argv = netns.netns_argv(the_lab.src_netns, [
+        self.argv = netns.netns_argv(the_lab.spec.src_netns, [
             'tcpdump', '-i', 'eth0', '-w', path, '-U', '-Z', 'root',
             '--time-stamp-precision=nano', '-c', '100000',
-            f'src host {the_lab.src_address} and dst host {victim}'])
+            f'src host {the_lab.spec.src_address} and dst host {victim}'])
         self.proc = None
 
     def __enter__(self):
@@ -97,8 +97,9 @@ def window(the_lab, protocol):
     settings = probe_window.WindowSettings(
         protocol=protocol, count=COUNT, interval_ms=1.0,
         per_vnic_interval_ms=4.0, timeout_ms=100.0, max_window_ms=2000.0)
-    return probe_window.run_window(the_lab.paths(), the_lab.source(), settings,
-                                   capture_netns=the_lab.hv_netns)
+    return probe_window.run_window(the_lab.paths(), the_lab.layout.source(),
+                                   settings,
+                                   capture_netns=the_lab.spec.hv_netns)
 
 
 def unverified(result, the_lab, protocol):
@@ -127,13 +128,13 @@ def test_guest_cannot_forge_another_guests_latency(
         lab_factory, tmp_path, protocol):
     the_lab = lab_factory(guests=2)
     victim = the_lab.guests[1]
-    clean = window(the_lab, protocol).reports[victim.tap]
+    clean = window(the_lab, protocol).reports[victim.vif]
     src_pcap = str(tmp_path / 'src.pcap')
     with SourceDump(the_lab, src_pcap):
         with Forger(the_lab, str(tmp_path), protocol) as forger:
             result = window(the_lab, protocol)
-    attacked = result.reports[victim.tap]
-    naive = unverified(result, the_lab, protocol)[victim.tap]
+    attacked = result.reports[victim.vif]
+    naive = unverified(result, the_lab, protocol)[victim.vif]
     figures = (f'{protocol}: forger {forger.result}\n clean    '
                f'{describe(clean)}\n attacked {describe(attacked)}\n '
                f'unverified {describe(naive)}')
@@ -182,7 +183,7 @@ def test_guest_cannot_forge_another_guests_latency(
             result.accepted.items() if seq in t_src]
     assert {seq for seq, reply, _ in mine if not reply} == set(t_src), \
         figures
-    pif, tap = the_lab.pif, victim.tap
+    pif, tap = the_lab.spec.pif, victim.vif
     for seq, reply, seen in mine:
         t0 = t_src[seq]
         if not reply:
@@ -220,7 +221,7 @@ def test_forgery_through_the_real_pollsters(lab_factory, cycle_factory,
     cycle = cycle_factory(the_lab, probe_count=COUNT, probe_interval_ms=1.0,
                           probe_timeout_ms=100.0, max_window_ms=2000.0)
     victim = cycle.resource_of(1)
-    tap = the_lab.guests[1].tap
+    tap = the_lab.guests[1].vif
 
     def poll():
         samples, cache = cycle.run()

@@ -123,7 +123,8 @@ def inner_probe(session, seq, six, reply):
         return f
     if six:
         return probe.ethernet_frame(pk.icmp6_reply(f[14:]),
-                                    probe.ETH_P_IPV6, pk.MAC_B, pk.MAC_A)
+                                    dpkt.ethernet.ETH_TYPE_IP6, pk.MAC_B,
+                                    pk.MAC_A)
     return pk.reply(f)
 
 
@@ -250,7 +251,7 @@ def hping_syn(i, dst=pk.V4[1]):
     ip = dpkt.ip.IP(src=pk.V4[0], dst=dst, p=6, id=4000 + i, ttl=64,
                     data=tcp)
     ip.len = len(ip)
-    return probe.ethernet_frame(bytes(ip), probe.ETH_P_IP, pk.MAC_A,
+    return probe.ethernet_frame(bytes(ip), dpkt.ethernet.ETH_TYPE_IP, pk.MAC_A,
                                 pk.MAC_B)
 
 
@@ -273,10 +274,10 @@ def noise_frames():
                       nxt=58, hlim=255, plen=8,
                       data=bytes([133, 0, 0, 0]) + bytes(4))
     return [arp,
-            probe.ethernet_frame(bytes(igmp), probe.ETH_P_IP, pk.MAC_B,
-                                 bytes.fromhex('01005e000016')),
-            probe.ethernet_frame(bytes(rs), probe.ETH_P_IPV6, pk.MAC_B,
-                                 bytes.fromhex('333300000002'))]
+            probe.ethernet_frame(bytes(igmp), dpkt.ethernet.ETH_TYPE_IP,
+                                 pk.MAC_B, bytes.fromhex('01005e000016')),
+            probe.ethernet_frame(bytes(rs), dpkt.ethernet.ETH_TYPE_IP6,
+                                 pk.MAC_B, bytes.fromhex('333300000002'))]
 
 
 N_SYNS = 30
@@ -396,7 +397,7 @@ def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):  # noqa: F811
     the_lab = lab_factory(guests=1, vxlan_vni=VNI)
     guest = the_lab.guests[0]
     paths = {name: os.path.join(workdir, f'{name}.pcap')
-             for name in (the_lab.spec.pif, guest.tap)}
+             for name in (the_lab.spec.pif, guest.vif)}
     with recording(Tcpdump(the_lab.spec.hv_netns, name, path, [],
                            limit=20 * count)
                    for name, path in paths.items()):
@@ -404,11 +405,11 @@ def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):  # noqa: F811
         time.sleep(0.2)
     assert f'{count} packets received' in hping.stdout + hping.stderr, (
         hping.stdout + hping.stderr)
-    result = offline.analyze_pcaps(paths[the_lab.spec.pif], paths[guest.tap],
+    result = offline.analyze_pcaps(paths[the_lab.spec.pif], paths[guest.vif],
                                    destination=guest.address,
                                    mode='fingerprint',
                                    pif_name=the_lab.spec.pif,
-                                   vif_name=guest.tap)
+                                   vif_name=guest.vif)
     rep = result.report
     assert result.mode == 'fingerprint'
     assert rep.sent == count and rep.anomalies == 0

@@ -20,6 +20,10 @@ import pytest
 from netweaver_agent.core import netns
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import proc as labproc
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import state as labstate
+from netweaver_agent.lab import switch as labswitch
 from tests.functional import conftest
 from tests.functional.conftest import assert_gone
 from tests.functional.conftest import CLI
@@ -34,9 +38,9 @@ CLOCK_TOLERANCE_NS = 2000
 
 
 def window(the_lab, **settings):
-    return probe_window.run_window(the_lab.paths(), the_lab.source(),
+    return probe_window.run_window(the_lab.paths(), the_lab.layout.source(),
                                    probe_window.WindowSettings(**settings),
-                                   capture_netns=the_lab.hv_netns)
+                                   capture_netns=the_lab.spec.hv_netns)
 
 
 def wait_until(predicate, timeout_s, what):
@@ -53,9 +57,9 @@ def test_no_delay_every_probe_matched(lab_factory, protocol):
     the_lab = lab_factory(guests=2)
     result = window(the_lab, protocol=protocol, count=20)
     assert result.capture.drops == 0
-    assert set(result.reports) == {g.tap for g in the_lab.guests}
+    assert set(result.reports) == {g.vif for g in the_lab.guests}
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.sent == 20
         assert rep.unseen_at_pif == 0
         assert rep.ingress.count == 20, rep
@@ -72,14 +76,14 @@ def test_no_delay_every_probe_matched(lab_factory, protocol):
 def test_delay_measured_against_each_hold(lab_factory):
     delay_ms, count = 2.0, 30
     the_lab = lab_factory(guests=2, delays=(
-        lab_mod.DelayInjection(guest=1, delay_ms=delay_ms,
+        labspec.DelayInjection(guest=1, delay_ms=delay_ms,
                                backend='nfqueue'),))
     assert [d.backend for d in the_lab.delays] == ['nfqueue']
     result = window(the_lab, protocol='icmp', count=count,
                     per_vnic_interval_ms=5.0)
     fast, slow = the_lab.guests
-    assert result.reports[slow.tap].ingress.count == count
-    assert result.reports[fast.tap].ingress.p50_us < BASELINE_P50_US
+    assert result.reports[slow.vif].ingress.count == count
+    assert result.reports[fast.vif].ingress.p50_us < BASELINE_P50_US
 
     # Same clock (CLOCK_REALTIME): each hold sits inside pif → tap.
     held = conftest.held_probes(the_lab, result, slow, delay_ms,
@@ -97,16 +101,16 @@ def test_delay_measured_against_each_hold(lab_factory):
 
 def test_loss_every_tenth_probe(lab_factory):
     the_lab = lab_factory(guests=2, losses=(
-        lab_mod.LossInjection(guest=0, every=10, protocol='icmp'),))
+        labspec.LossInjection(guest=0, every=10, protocol='icmp'),))
     lossy, clean = the_lab.guests
     for _ in range(2):  # the nth counter carries over windows exactly
         result = window(the_lab, protocol='icmp', count=50)
-        rep = result.reports[lossy.tap]
+        rep = result.reports[lossy.vif]
         assert rep.ingress.lost == 5, rep.ingress
         assert rep.ingress.count == 45
         assert rep.ingress.loss_pct == pytest.approx(10.0)
-        assert result.reports[clean.tap].ingress.lost == 0
-        assert result.reports[clean.tap].ingress.loss_pct == 0.0
+        assert result.reports[clean.vif].ingress.lost == 0
+        assert result.reports[clean.vif].ingress.loss_pct == 0.0
         # The 10th, 20th... probe to the guest is the one dropped.
         conftest.assert_every_nth_lost(result, the_lab, lossy, clean,
                                        every=10, probes=100)
@@ -114,12 +118,12 @@ def test_loss_every_tenth_probe(lab_factory):
 
 def test_mgmt_network_reaches_source_and_hypervisor(lab_factory):
     the_lab = lab_factory(guests=1, mgmt=True)
-    addrs = the_lab.mgmt_addresses
-    for ns, address in ((the_lab.hv_netns, addrs.hv),
-                        (the_lab.src_netns, addrs.src)):
+    addrs = the_lab.spec.mgmt_addresses()
+    for ns, address in ((the_lab.spec.hv_netns, addrs.hv),
+                        (the_lab.spec.src_netns, addrs.src)):
         server = netns.socket_in_netns(ns, socket.AF_INET,
                                        socket.SOCK_STREAM)
-        client = netns.socket_in_netns(the_lab.mgmt_netns, socket.AF_INET,
+        client = netns.socket_in_netns(the_lab.spec.mgmt_netns, socket.AF_INET,
                                        socket.SOCK_STREAM)
         with server, client:
             server.bind((address, 0))
@@ -136,20 +140,22 @@ def test_failed_build_leaves_nothing():
     conftest.require_root()
 
     class Broken(lab_mod.Lab):
-        def _finish(self):
+        def inject_delay(self, delay):
+            # The last build step: the delayer runs, then the build fails.
+            super().inject_delay(delay)
             self.started = [d.pid for d in self.delays]
             raise RuntimeError('injected failure at the last build step')
 
     prefix = conftest.unique_prefix('f')
-    broken = Broken(lab_mod.LabSpec(prefix=prefix, guests=2, delays=(
-        lab_mod.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),)))
+    broken = Broken(labspec.LabSpec(prefix=prefix, guests=2, delays=(
+        labspec.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),)))
     try:
-        with pytest.raises(lab_mod.LabError, match='injected failure'):
+        with pytest.raises(labswitch.LabError, match='injected failure'):
             broken.build()
         assert broken.started and all(broken.started)
         assert_gone(prefix, broken.started)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_failed_guest_leaves_nothing():
@@ -158,37 +164,37 @@ def test_failed_guest_leaves_nothing():
     class Broken(lab_mod.Lab):
         def _build_guest(self, guest):
             if guest.index == 1:
-                raise lab_mod.LabError(f'guest {guest.name} refused')
+                raise labswitch.LabError(f'guest {guest.name} refused')
             super()._build_guest(guest)
 
     prefix = conftest.unique_prefix('f')
     try:
-        with pytest.raises(lab_mod.LabError, match='refused'):
-            Broken(lab_mod.LabSpec(prefix=prefix, guests=3)).build()
+        with pytest.raises(labswitch.LabError, match='refused'):
+            Broken(labspec.LabSpec(prefix=prefix, guests=3)).build()
         assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_build_replaces_a_stale_lab(lab_factory):
     prefix = conftest.unique_prefix('s')
-    delay = (lab_mod.DelayInjection(guest=0, delay_ms=1.0,
+    delay = (labspec.DelayInjection(guest=0, delay_ms=1.0,
                                     backend='nfqueue'),)
-    stale = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, guests=1,
+    stale = lab_mod.Lab(labspec.LabSpec(prefix=prefix, guests=1,
                                         delays=delay, persistent=True))
     try:
         stale.build()
         old_pid = stale.delays[0].pid
-        assert prefix in lab_mod.kept_prefixes()
+        assert prefix in labstate.kept_prefixes()
         # Not torn down: a second lab with the same prefix replaces it.
         the_lab = lab_factory(prefix=prefix, guests=2, delays=delay)
-        assert not lab_mod._alive(old_pid)
+        assert not labproc.pid_alive(old_pid)
         # Built by this live process for itself: not a kept lab.
-        assert prefix not in lab_mod.kept_prefixes()
+        assert prefix not in labstate.kept_prefixes()
         result = window(the_lab, count=10, per_vnic_interval_ms=5.0)
         assert all(r.ingress.count == 10 for r in result.reports.values())
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_delayer_ends_with_the_process_that_built_the_lab():
@@ -196,10 +202,10 @@ def test_delayer_ends_with_the_process_that_built_the_lab():
     prefix = conftest.unique_prefix('o')
     script = textwrap.dedent(f'''
         import sys, time
-        from netweaver_agent.lab import build
-        spec = build.LabSpec(prefix={prefix!r}, guests=1, delays=(
-            build.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),))
-        the_lab = build.Lab(spec).build()
+        from netweaver_agent.lab import build, spec
+        the_spec = spec.LabSpec(prefix={prefix!r}, guests=1, delays=(
+            spec.DelayInjection(guest=0, delay_ms=1.0, backend='nfqueue'),))
+        the_lab = build.Lab(the_spec).build()
         print(the_lab.delays[0].pid, flush=True)
         time.sleep(60)
     ''')
@@ -207,19 +213,19 @@ def test_delayer_ends_with_the_process_that_built_the_lab():
                             stdout=subprocess.PIPE, text=True)
     try:
         pid = int(proc.stdout.readline())
-        assert lab_mod._alive(pid)
+        assert labproc.pid_alive(pid)
         proc.kill()
         proc.wait(10)
-        wait_until(lambda: not lab_mod._alive(pid), 10,
+        wait_until(lambda: not labproc.pid_alive(pid), 10,
                    f'delayer {pid} to end after its parent was killed')
         assert lab_namespaces(prefix), 'the killed builder left its lab'
-        assert prefix in lab_mod.kept_prefixes(), 'an orphan is kept'
+        assert prefix in labstate.kept_prefixes(), 'an orphan is kept'
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
     assert_gone(prefix)
 
 
@@ -244,7 +250,7 @@ def test_cli_json_end_to_end():
         assert ingress['min_us'] >= slow['injected']['holds']['min_us'] - 2
         assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_cli_loss_and_table():
@@ -259,7 +265,7 @@ def test_cli_loss_and_table():
         assert '2 lost (10.0%)' in proc.stdout
         assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_cli_keep_then_down():
@@ -270,17 +276,17 @@ def test_cli_keep_then_down():
         assert proc.returncode == 0, proc.stderr
         assert len(lab_namespaces(prefix)) == 4
         assert prefix in run_cli('lab', 'list').stdout.split()
-        with open(os.path.join(lab_mod.state_dir(prefix),
-                               lab_mod.STATE_FILE)) as f:
+        with open(os.path.join(labstate.state_dir(prefix),
+                               labstate.STATE_FILE)) as f:
             pids = [p['pid'] for p in json.load(f)['pids']]
-        assert pids and all(lab_mod._alive(p) for p in pids), \
+        assert pids and all(labproc.pid_alive(p) for p in pids), \
             'a kept lab keeps its delayer'
         down = run_cli('lab', 'down', '--prefix', prefix)
         assert down.returncode == 0, down.stderr
         assert f'removed lab {prefix}' in down.stdout
         assert_gone(prefix, pids)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_cli_sigterm_removes_the_lab():
@@ -291,7 +297,7 @@ def test_cli_sigterm_removes_the_lab():
          '--prefix', prefix], cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
-        state = os.path.join(lab_mod.state_dir(prefix), lab_mod.STATE_FILE)
+        state = os.path.join(labstate.state_dir(prefix), labstate.STATE_FILE)
 
         def delayer_running():
             try:
@@ -312,4 +318,4 @@ def test_cli_sigterm_removes_the_lab():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)

@@ -78,15 +78,15 @@ def test_geneve_probes_seen_encapsulated_on_pif_and_plain_on_tap(ovn_lab):
     assert result.capture.drops == 0
     pif = result.batch.interface_index(the_lab.spec.pif)
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.sent == count
         assert rep.unseen_at_pif == 0
         assert rep.ingress.count == count, rep
         assert rep.ingress.lost == 0
         assert rep.egress.count == count, rep.egress
         assert rep.vni == vni
-        tap = result.batch.interface_index(g.tap)
-        seen = conftest.probe_times(result.batch, the_lab.spec.pif, g.tap)
+        tap = result.batch.interface_index(g.vif)
+        seen = conftest.probe_times(result.batch, the_lab.spec.pif, g.vif)
         assert len(seen) == count
         for seq in seen:
             key = seq << 1
@@ -115,7 +115,7 @@ def test_flat_localnet_probes_plain_on_pif_and_tap(ovn_lab):
         assert path.unseen[0] == 'br-ex' and path.unseen[-1] == 'br-int'
     result = window(the_lab, protocol='icmp', count=20)
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.ingress.count == 20 and rep.egress.count == 20, rep
         assert rep.vni is None
     assert not result.batch.encap
@@ -144,20 +144,20 @@ def test_loss_exact_through_the_acl(ovn_lab, network_type):
     lossy, clean = the_lab.guests
     for _ in range(2):   # the count carries over windows exactly
         result = window(the_lab, protocol='icmp', count=50)
-        rep = result.reports[lossy.tap]
+        rep = result.reports[lossy.vif]
         assert rep.ingress.lost == 5, rep.ingress
         assert rep.ingress.count == 45
         # The drops touch nothing else: every probe that passed is
         # answered through the switch.
         assert (rep.egress.count, rep.egress.lost) == (45, 0), rep.egress
-        assert result.reports[clean.tap].ingress.lost == 0
-        assert result.reports[clean.tap].ingress.count == 50
+        assert result.reports[clean.vif].ingress.lost == 0
+        assert result.reports[clean.vif].ingress.count == 50
         # Dropped after the pif, and the 10th, 20th... of the guest's.
         conftest.assert_every_nth_lost(result, the_lab, lossy, clean,
                                        every=10, probes=100)
     # UDP probes are not counted by an ICMP loss.
     result = window(the_lab, protocol='udp', count=20)
-    assert result.reports[lossy.tap].ingress.lost == 0
+    assert result.reports[lossy.vif].ingress.lost == 0
 
 
 def test_udp_filtered_by_the_security_group(ovn_lab):
@@ -165,14 +165,14 @@ def test_udp_filtered_by_the_security_group(ovn_lab):
     open_, closed = the_lab.guests
     the_lab.layout.allow_only(closed.index, ('icmp', 'tcp'))
     result = window(the_lab, protocol='udp', count=20)
-    rep = result.reports[closed.tap]
+    rep = result.reports[closed.vif]
     assert rep.filtered, rep
     assert rep.ingress.lost == 20 and rep.unseen_at_pif == 0
-    assert not result.reports[open_.tap].filtered
-    assert result.reports[open_.tap].ingress.count == 20
+    assert not result.reports[open_.vif].filtered
+    assert result.reports[open_.vif].ingress.count == 20
     # The rest of the group's rules still hold for that guest.
     result = window(the_lab, protocol='icmp', count=10)
-    assert result.reports[closed.tap].ingress.count == 10
+    assert result.reports[closed.vif].ingress.count == 10
 
 
 def test_tcp_probes_through_conntrack_leave_vswitchd_alive(ovn_lab):
@@ -181,7 +181,7 @@ def test_tcp_probes_through_conntrack_leave_vswitchd_alive(ovn_lab):
     for _ in range(2):
         result = window(the_lab, protocol='tcp', count=30)
         for g in the_lab.guests:
-            rep = result.reports[g.tap]
+            rep = result.reports[g.vif]
             assert rep.ingress.count == 30, rep
             assert rep.egress.count == 30, rep.egress
     # They did go through the ACLs' conntrack (on both chassis).
@@ -203,7 +203,7 @@ def test_delay_held_mid_pipeline_each_hold_recorded(ovn_lab, network_type):
     result = window(the_lab, protocol='icmp', count=count,
                     per_vnic_interval_ms=5.0)
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         # Resumed into OVN's pipeline: conntrack saw the probes, so the
         # guest's answers pass the ACLs too.
         assert (rep.ingress.count, rep.egress.count) == (count, count), rep
@@ -216,7 +216,7 @@ def test_delay_held_mid_pipeline_each_hold_recorded(ovn_lab, network_type):
     # on a loaded 2-core machine), less than the delay itself.
     assert statistics.median(overheads) < delay_ms * 1e6, overheads
     assert not the_lab.delay_records(0)
-    assert result.reports[fast.tap].ingress.p50_us < delay_ms * 1000 / 2
+    assert result.reports[fast.vif].ingress.p50_us < delay_ms * 1000 / 2
     # One mark per guest: no loss where the delay is; and only the
     # switch's own way.
     with pytest.raises(labswitch.LabError, match='already marked'):
@@ -346,16 +346,16 @@ def test_tcpdump_pcaps_of_the_geneve_pif_agree_with_the_window(
                 the_lab.spec.hv_netns, iface, str(tmp_path / f'{iface}.pcap'),
                 bpf, limit=2 * count + 50)
             for iface, bpf in ((the_lab.spec.pif, ['udp', 'port', '6081']),
-                               (guest.tap, ['icmp']))) as dumps:
+                               (guest.vif, ['icmp']))) as dumps:
         result = window(the_lab, protocol='icmp', count=count,
                         interval_ms=0.5)
-    live = result.reports[guest.tap]
+    live = result.reports[guest.vif]
     assert live.ingress.count == count
     found = offline.analyze_pcaps(
         dumps[0].path, dumps[1].path, mode=mode,
         destination=guest.address if mode == 'fingerprint' else None,
         session=result.session if mode == 'probe' else None,
-        pif_name=the_lab.spec.pif, vif_name=guest.tap)
+        pif_name=the_lab.spec.pif, vif_name=guest.vif)
     assert found.mode == mode
     assert found.report.ingress.count == count, found.report
     assert found.report.vni == live.vni
@@ -401,13 +401,13 @@ def test_ipv6_probes_and_exact_loss(ovn_lab, network_type):
                                         **settings),
             capture_netns=the_lab.spec.hv_netns)
         lost = 3 if protocol == 'icmp' else 0
-        assert result.reports[lossy.tap].ingress.lost == lost
-        assert result.reports[lossy.tap].ingress.count == 30 - lost
-        assert result.reports[clean.tap].ingress.count == 30
+        assert result.reports[lossy.vif].ingress.lost == lost
+        assert result.reports[lossy.vif].ingress.count == 30 - lost
+        assert result.reports[clean.vif].ingress.count == 30
         if protocol == 'tcp':
             # The guests' resets (IPv6: checksum left to the NIC) pass
             # the ACLs' conntrack.
-            assert result.reports[clean.tap].egress.count == 30
+            assert result.reports[clean.vif].egress.count == 30
     # The IPv4 probes to the same guest are counted on their own.
     result = window(the_lab, protocol='icmp', count=10)
-    assert result.reports[lossy.tap].ingress.lost == 1
+    assert result.reports[lossy.vif].ingress.lost == 1

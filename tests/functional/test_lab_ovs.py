@@ -22,6 +22,9 @@ from netweaver_agent.core import netns
 from netweaver_agent.core import sightings
 from netweaver_agent.core import window as probe_window
 from netweaver_agent.lab import build as lab_mod
+from netweaver_agent.lab import proc as labproc
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import state as labstate
 from netweaver_agent.lab import switch as labswitch
 from tests.functional import conftest
 from tests.functional.conftest import assert_gone
@@ -37,10 +40,10 @@ LAYOUTS = [(s, n) for s in ('ovs-hybrid', 'ovs-native')
 
 def window(the_lab, **settings):
     if the_lab.spec.network_type == 'vxlan':
-        settings.setdefault('vxlan_port', lab_mod.VXLAN_PORT)
-    return probe_window.run_window(the_lab.paths(), the_lab.source(),
+        settings.setdefault('vxlan_port', labswitch.VXLAN_PORT)
+    return probe_window.run_window(the_lab.paths(), the_lab.layout.source(),
                                    probe_window.WindowSettings(**settings),
-                                   capture_netns=the_lab.hv_netns)
+                                   capture_netns=the_lab.spec.hv_netns)
 
 
 def by_seq_of(batch, probes=True):
@@ -84,10 +87,10 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
                  (sightings.DIR_IN, sightings.DIR_OUT))
     by_seq = by_seq_of(result.batch)
     for path, g in zip(the_lab.paths(), the_lab.guests):
-        assert path.interfaces[0] == the_lab.pif
-        assert path.interfaces[-1] == g.tap
+        assert path.interfaces[0] == the_lab.spec.pif
+        assert path.interfaces[-1] == g.vif
         assert len(path.interfaces) == (4 if hybrid else 2)
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.sent == COUNT and rep.unseen_at_pif == 0
         assert rep.ingress.count == COUNT and rep.ingress.lost == 0, rep
         assert rep.egress.count == COUNT, rep.egress
@@ -95,7 +98,7 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
         assert [(h.src, h.dst) for h in rep.hops] == (list(
             zip(path.interfaces, path.interfaces[1:])) if hybrid else [])
         mine = [seen for seen in by_seq.values()
-                if any(name == g.tap for name, _, _ in seen)]
+                if any(name == g.vif for name, _, _ in seen)]
         assert len(mine) == COUNT
         for seen in mine:
             # Exactly the path's interfaces, once each, in path order.
@@ -108,7 +111,7 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
     # The guests' replies leave the pif as the network carries them.
     batch = result.batch
     (pif_index,) = [i for i, name in batch.ifnames.items()
-                    if name == the_lab.pif]
+                    if name == the_lab.spec.pif]
     replies = [k for k, i, d in zip(batch.keys, batch.ifindex,
                                     batch.direction)
                if k & 1 and i == pif_index and d == sightings.DIR_OUT]
@@ -124,7 +127,7 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
     # The devices in between exist and are never where a probe is seen.
     seen_names = set(result.batch.ifnames.values())
     g = the_lab.guests[0]
-    unseen = [d for hop in the_lab.unseen(g) for d in hop.unseen]
+    unseen = [d for hop in the_lab.layout.unseen(g) for d in hop.unseen]
     assert 'br-int' in unseen
     if hybrid:
         assert any(d.startswith('qbr') for d in unseen)
@@ -132,20 +135,20 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
     # Each hop's unseen devices are what the switch really holds there.
     ovs = the_lab.layout.ovs
     links = {d['ifname']: d for d in json.loads(netns.run(
-        ['ip', '-j', 'link', 'show'], netns=the_lab.hv_netns).stdout)}
+        ['ip', '-j', 'link', 'show'], netns=the_lab.spec.hv_netns).stdout)}
     port_names = set(ovs.vsctl('--bare', '--columns=name', 'list',
                                'Port').split())
     for path, g in zip(the_lab.paths(), the_lab.guests):
         assert len(path.via) == len(path.interfaces) - 1
         first = path.via[0]
-        assert first[0] == ovs.vsctl('port-to-br', the_lab.pif).strip()
+        assert first[0] == ovs.vsctl('port-to-br', the_lab.spec.pif).strip()
         assert first[-1] == ovs.vsctl('port-to-br', path.interfaces[1]
-                                      if hybrid else g.tap).strip()
+                                      if hybrid else g.vif).strip()
         assert set(first) <= port_names | set(ovs.vsctl('list-br').split())
         if hybrid:
-            assert path.via[1:] == ((), (links[g.tap]['master'],))
+            assert path.via[1:] == ((), (links[g.vif]['master'],))
             assert links[path.interfaces[2]]['master'] == \
-                links[g.tap]['master']
+                links[g.vif]['master']
         if network_type == 'vxlan':
             tunnels = [p for p in first
                        if ovs.interface(p)['type'] == 'vxlan']
@@ -167,7 +170,7 @@ def test_every_probe_seen_at_every_hop_in_order(lab_factory, switch,
 def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory,
                                                     network_type):
     delay_ms, count = 2.0, 20
-    delay = lab_mod.DelayInjection(guest=1, delay_ms=delay_ms,
+    delay = labspec.DelayInjection(guest=1, delay_ms=delay_ms,
                                    backend='nfqueue')
     the_lab = lab_factory(guests=2, switch='ovs-hybrid',
                           network_type=network_type, delays=(delay,))
@@ -176,7 +179,7 @@ def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory,
                     per_vnic_interval_ms=5.0)
     fast, slow = the_lab.guests
     pif, qvo, qvb, tap = the_lab.paths()[1].interfaces
-    assert tap == slow.tap
+    assert tap == slow.vif
     holds = {r.seq: r for r in the_lab.delay_records(1)
              if r.session == result.session and not r.reply}
     times = hop_times(result.batch, (pif, qvo, qvb, tap))
@@ -194,9 +197,9 @@ def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory,
     assert statistics.median(overheads) / 1000 <= OVERHEAD_MEDIAN_US
     # Every other hop looks like the undelayed guest's, same window.
     slow_hops = {(h.src[:3], h.dst[:3]): h.stats
-                 for h in result.reports[slow.tap].hops}
+                 for h in result.reports[slow.vif].hops}
     fast_hops = {(h.src[:3], h.dst[:3]): h.stats
-                 for h in result.reports[fast.tap].hops}
+                 for h in result.reports[fast.vif].hops}
     assert slow_hops[('qvb', 'tap')].p50_us >= delay_ms * 1000
     assert fast_hops[('qvb', 'tap')].p50_us < delay_ms * 1000
     for hop in (('eth', 'qvo'), ('qvo', 'qvb')):
@@ -210,15 +213,15 @@ def test_hybrid_delay_shows_in_the_qvb_tap_hop_only(lab_factory,
 @pytest.mark.parametrize('switch, network_type', LAYOUTS)
 def test_loss_exact(lab_factory, switch, network_type):
     the_lab = lab_factory(guests=2, switch=switch, network_type=network_type,
-                          losses=(lab_mod.LossInjection(
+                          losses=(labspec.LossInjection(
                               guest=0, every=10, protocol='icmp'),))
     lossy, clean = the_lab.guests
     for _ in range(2):  # the count carries over windows exactly
         result = window(the_lab, protocol='icmp', count=50)
-        rep = result.reports[lossy.tap]
+        rep = result.reports[lossy.vif]
         assert rep.ingress.lost == 5, rep.ingress
         assert rep.ingress.count == 45
-        assert result.reports[clean.tap].ingress.lost == 0
+        assert result.reports[clean.vif].ingress.lost == 0
         # The 10th, 20th... probe to the guest is the one dropped.
         conftest.assert_every_nth_lost(result, the_lab, lossy, clean,
                                        every=10, probes=100)
@@ -231,7 +234,7 @@ def test_native_delay_held_by_the_openflow_controller(lab_factory,
     delay_ms, count = 2.0, 20
     the_lab = lab_factory(guests=2, switch='ovs-native',
                           network_type=network_type, delays=(
-                              lab_mod.DelayInjection(guest=1,
+                              labspec.DelayInjection(guest=1,
                                                      delay_ms=delay_ms),))
     assert [d.backend for d in the_lab.delays] == ['openflow']
     result = window(the_lab, protocol='icmp', count=count,
@@ -243,14 +246,14 @@ def test_native_delay_held_by_the_openflow_controller(lab_factory,
     assert len(held) == count
     overheads = [t_vif - t_pif - rec.hold_ns
                  for t_pif, t_vif, rec in held.values()]
-    fast_p50 = result.reports[fast.tap].ingress.p50_us
+    fast_p50 = result.reports[fast.vif].ingress.p50_us
     assert fast_p50 < delay_ms * 1000
     # Beyond the hold: two passes through the switch (to the controller,
     # and the packet-out), each with a socket hop to and from userspace:
     # twice the undelayed path and twice the Linux-bridge lab's tolerance.
     assert (statistics.median(overheads) / 1000 <=
             2 * (fast_p50 + OVERHEAD_MEDIAN_US)), (overheads, fast_p50)
-    assert result.reports[slow.tap].egress.count == count
+    assert result.reports[slow.vif].egress.count == count
     assert not the_lab.delay_records(0)
     assert vswitchd_alive(the_lab)
 
@@ -258,16 +261,16 @@ def test_native_delay_held_by_the_openflow_controller(lab_factory,
 def test_teardown_stops_the_daemons_and_removes_everything():
     conftest.require_root()
     prefix = conftest.unique_prefix('o')
-    the_lab = lab_mod.Lab(lab_mod.LabSpec(
+    the_lab = lab_mod.Lab(labspec.LabSpec(
         prefix=prefix, guests=1, switch='ovs-hybrid', network_type='vxlan',
-        delays=(lab_mod.DelayInjection(guest=0, delay_ms=1.0,
+        delays=(labspec.DelayInjection(guest=0, delay_ms=1.0,
                                        backend='nfqueue'),)))
     try:
         the_lab.build()
         root = the_lab.layout.ovs.paths.root
         pids = [p['pid'] for p in the_lab.layout.pids()]
         pids += [d.pid for d in the_lab.delays]
-        assert len(pids) == 3 and all(lab_mod._alive(p) for p in pids)
+        assert len(pids) == 3 and all(labproc.pid_alive(p) for p in pids)
         assert os.path.exists(the_lab.layout.ovs.paths.db_sock)
     finally:
         the_lab.teardown()
@@ -279,22 +282,24 @@ def test_failed_build_stops_the_daemons():
     conftest.require_root()
 
     class Broken(lab_mod.Lab):
-        def _finish(self):
+        def inject_delay(self, delay):
+            # The last build step: the daemons and the delayer run.
+            super().inject_delay(delay)
             self.started = [p['pid'] for p in self._pids()]
             raise RuntimeError('injected failure at the last build step')
 
     prefix = conftest.unique_prefix('f')
-    broken = Broken(lab_mod.LabSpec(
+    broken = Broken(labspec.LabSpec(
         prefix=prefix, guests=1, switch='ovs-native', delays=(
-            lab_mod.DelayInjection(guest=0, delay_ms=1.0),)))
+            labspec.DelayInjection(guest=0, delay_ms=1.0),)))
     try:
-        with pytest.raises(lab_mod.LabError, match='injected failure'):
+        with pytest.raises(labswitch.LabError, match='injected failure'):
             broken.build()
         # ovsdb-server, ovs-vswitchd and the OpenFlow delayer.
         assert len(broken.started) == 3
         assert_gone(prefix, broken.started)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_cli_json_hops_truth_and_loss():
@@ -324,7 +329,7 @@ def test_cli_json_hops_truth_and_loss():
         assert 'br-tun' in hops[0]['unseen']
         assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 def test_cli_table_names_the_unseen_devices():
@@ -340,7 +345,7 @@ def test_cli_table_names_the_unseen_devices():
         assert 'NFQUEUE delayer on qbr' in proc.stdout
         assert_gone(prefix)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 @pytest.mark.parametrize('switch', ['ovs-hybrid', 'ovs-native'])
@@ -354,11 +359,11 @@ def test_cli_keep_then_down_stops_the_daemons(switch):
                        '5', '--prefix', prefix)
         assert proc.returncode == 0, proc.stderr
         assert len(lab_namespaces(prefix)) == 4
-        with open(os.path.join(lab_mod.state_dir(prefix),
-                               lab_mod.STATE_FILE)) as f:
+        with open(os.path.join(labstate.state_dir(prefix),
+                               labstate.STATE_FILE)) as f:
             state = json.load(f)
         pids = [p['pid'] for p in state['pids']]
-        assert len(pids) == 3 and all(lab_mod._alive(p) for p in pids), \
+        assert len(pids) == 3 and all(labproc.pid_alive(p) for p in pids), \
             'a kept lab keeps its daemons and its delayer'
         assert state['switch']['switch'] == switch
         root = state['switch']['ovs_root']
@@ -368,24 +373,24 @@ def test_cli_keep_then_down_stops_the_daemons(switch):
         assert_gone(prefix, pids)
         assert not os.path.exists(root)
     finally:
-        lab_mod.teardown_kept(prefix)
+        labstate.teardown_kept(prefix)
 
 
 @pytest.mark.parametrize('switch, network_type', [('ovs-hybrid', 'vlan'),
                                                   ('ovs-native', 'vxlan')])
 def test_ipv6_probes_with_loss(lab_factory, switch, network_type):
     the_lab = lab_factory(guests=2, switch=switch, network_type=network_type,
-                          ipv6=True, losses=(lab_mod.LossInjection(
+                          ipv6=True, losses=(labspec.LossInjection(
                               guest=0, every=5, protocol='icmp'),))
     settings = probe_window.WindowSettings(
         protocol='icmp', count=COUNT, vxlan_port=(
-            lab_mod.VXLAN_PORT if network_type == 'vxlan' else None))
+            labswitch.VXLAN_PORT if network_type == 'vxlan' else None))
     paths = the_lab.paths(ipv6=True)
     assert [p.address for p in paths] == [g.address6
                                           for g in the_lab.guests]
-    result = probe_window.run_window(paths, the_lab.source(), settings,
-                                     capture_netns=the_lab.hv_netns)
-    lossy, clean = (result.reports[g.tap] for g in the_lab.guests)
+    result = probe_window.run_window(paths, the_lab.layout.source(), settings,
+                                     capture_netns=the_lab.spec.hv_netns)
+    lossy, clean = (result.reports[g.vif] for g in the_lab.guests)
     assert (lossy.ingress.count, lossy.ingress.lost) == (COUNT - COUNT // 5,
                                                          COUNT // 5)
     assert (clean.ingress.count, clean.ingress.lost) == (COUNT, 0)
@@ -399,7 +404,7 @@ def test_udp_and_tcp_probes(lab_factory, switch, network_type, protocol):
     the_lab = lab_factory(guests=2, switch=switch, network_type=network_type)
     result = window(the_lab, protocol=protocol, count=COUNT)
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert (rep.ingress.count, rep.ingress.lost) == (COUNT, 0), rep
         # Port unreachable answers are rate-limited by the guest.
         assert rep.egress.count == COUNT if protocol == 'tcp' else \

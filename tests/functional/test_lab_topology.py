@@ -20,7 +20,7 @@ def test_linux_bridge_flat_and_vxlan_found_as_built(lab_factory):
         assert cmd_lab.discovered_paths(the_lab) == the_lab.paths()
     # The VXLAN lab: pif → vxlan-<VNI> → tap, the tunnel's port known.
     path = the_lab.paths()[0]
-    assert path.interfaces[0] == the_lab.pif
+    assert path.interfaces[0] == the_lab.spec.pif
     assert path.interfaces[1].startswith('vxlan-')
     assert path.encap_port('vxlan') == 4789
 
@@ -34,11 +34,11 @@ def test_sysfs_tells_a_vxlan_port_in_its_own_namespace(lab_factory):
             'l = t.SysfsLinks(); '
             'print(l.vxlan(sys.argv[1]), l.vxlan(sys.argv[2]))')
     out = subprocess.run(
-        ['ip', 'netns', 'exec', the_lab.hv_netns, sys.executable, '-c',
-         code, vxlan, the_lab.guests[0].tap], check=True,
+        ['ip', 'netns', 'exec', the_lab.spec.hv_netns, sys.executable, '-c',
+         code, vxlan, the_lab.guests[0].vif], check=True,
         capture_output=True, text=True, timeout=60,
         env={**os.environ, 'PYTHONPATH': os.getcwd()}).stdout
-    expected = topology.VxlanPort(name=vxlan, link=the_lab.pif,
+    expected = topology.VxlanPort(name=vxlan, link=the_lab.spec.pif,
                                   local=the_lab.spec.underlay_addresses()[1],
                                   port=4789)
     assert out.strip() == f'{expected} None'
@@ -50,7 +50,7 @@ def test_a_path_found_unlike_the_lab_is_refused(lab_factory, monkeypatch):
     wrong = dataclasses.replace(truth, interfaces=('eth9', truth.vif))
     monkeypatch.setattr(the_lab, 'paths', lambda: [wrong])
     with pytest.raises(topology.TopologyError,
-                       match=f"{truth.vif}: found \\('{the_lab.pif}'"):
+                       match=f"{truth.vif}: found \\('{the_lab.spec.pif}'"):
         cmd_lab.discovered_paths(the_lab)
 
 

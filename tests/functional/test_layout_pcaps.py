@@ -42,9 +42,9 @@ def live_window(the_lab):
         port = paths[0].encap_port(kind)
         if port is not None:
             settings[f'{kind}_port'] = port
-    return window.run_window(paths, the_lab.source(),
+    return window.run_window(paths, the_lab.layout.source(),
                              window.WindowSettings(**settings),
-                             capture_netns=the_lab.hv_netns)
+                             capture_netns=the_lab.spec.hv_netns)
 
 
 def analyze_cli(pif_pcap, vif_pcap, *extra):
@@ -115,13 +115,13 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     the_lab = lab_factory(guests=1, switch=switch, network_type=network_type)
     guest, = the_lab.guests
     path, = the_lab.paths()
-    pif, tap = the_lab.pif, guest.tap
+    pif, tap = the_lab.spec.pif, guest.vif
     pif_pcap, tap_pcap = str(tmp_path / f'{pif}.pcap'), str(
         tmp_path / f'{tap}.pcap')
     # No filter on the pif: the lab's static neighbours leave only
     # probes and answers there, in whatever the layout wraps them.
     with agreement.recording(
-            agreement.Tcpdump(the_lab.hv_netns, iface, out, bpf,
+            agreement.Tcpdump(the_lab.spec.hv_netns, iface, out, bpf,
                               limit=2 * COUNT + 50)
             for iface, out, bpf in ((pif, pif_pcap, []),
                                     (tap, tap_pcap, ['icmp']))):

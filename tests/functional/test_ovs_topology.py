@@ -351,7 +351,7 @@ def prober_for(tmp_path):
                   virt.GuestDomain(
                       index=i, name=f'vm{n}',
                       uuid=f'3f2d6c1e-8a4b-4c5d-9e6f-{n:012d}',
-                      tap=f'tap{n}', mac=f'fa:16:3e:00:00:{n:02x}',
+                      vif=f'tap{n}', mac=f'fa:16:3e:00:00:{n:02x}',
                       address=f'198.18.9.{10 + n}', bridge='br-int')
                   for i, n in enumerate(taps)]
         uri = virt.write_node(str(tmp_path / 'node.xml'), guests)
@@ -614,8 +614,8 @@ def test_prober_finds_what_the_lab_built(lab_factory, prober_for, switch,
     from netweaver_agent.lab import agent
     the_lab = lab_factory(guests=2, switch=switch,
                           network_type=network_type)
-    lab_host = types.SimpleNamespace(ns=the_lab.hv_netns,
-                                     ext=the_lab.src_netns,
+    lab_host = types.SimpleNamespace(ns=the_lab.spec.hv_netns,
+                                     ext=the_lab.spec.src_netns,
                                      unix=_lab_ovsdb(the_lab))
     prober, instances, _ = prober_for(
         lab_host, agent.guest_domains(the_lab))

@@ -220,7 +220,7 @@ def test_vxlan_vni_comes_back_from_the_daemon(lab_factory):
     assert len(on_pif) == 2 * 2 * 10, on_pif
     assert set(on_pif) == {probe.Encap(vni=VNI)}
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.vni == VNI and rep.vlan == (), rep
         assert rep.ingress.count == 10 and rep.egress.count == 10, rep
 

@@ -106,12 +106,12 @@ def pcap_rows(paths, session):
 def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
                                         vlan):
     the_lab = lab_factory(guests=2)
-    source = (the_lab.source() if vlan is None
+    source = (the_lab.layout.source() if vlan is None
               else the_lab.vlan_source(vlan))
-    ifaces = [the_lab.pif] + [g.tap for g in the_lab.guests]
+    ifaces = [the_lab.spec.pif] + [g.vif for g in the_lab.guests]
     paths = {i: os.path.join(workdir, f'{i}.pcap') for i in ifaces}
     Twin.made.clear()
-    with recording(Tcpdump(the_lab.hv_netns, name, path, [],
+    with recording(Tcpdump(the_lab.spec.hv_netns, name, path, [],
                            limit=20 * COUNT)
                    for name, path in paths.items()):
         try:
@@ -119,7 +119,7 @@ def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
                 the_lab.paths(), source,
                 window.WindowSettings(count=COUNT, interval_ms=0.5,
                                       timeout_ms=100),
-                capture_netns=the_lab.hv_netns, capture_class=Twin)
+                capture_netns=the_lab.spec.hv_netns, capture_class=Twin)
         finally:
             source.close()
     (twin,) = Twin.made
@@ -138,7 +138,7 @@ def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
     assert pcap_rows(paths, result.session) == collections.Counter(
         (k, name, t, v) for (k, name, _d, t, v) in from_ring.elements())
     for g in the_lab.guests:
-        assert result.reports[g.tap].ingress.count == COUNT
+        assert result.reports[g.vif].ingress.count == COUNT
 
 
 def test_daemon_reads_a_ring(lab_factory):
@@ -146,7 +146,7 @@ def test_daemon_reads_a_ring(lab_factory):
     agent like recvmsg's did."""
     the_lab = lab_factory(guests=2)
     ctx = privileged.netns_pctxt
-    source = privileged.PrivsepLocalSource(the_lab.src_netns, context=ctx)
+    source = privileged.PrivsepLocalSource(the_lab.spec.src_netns, context=ctx)
     result = test_privsep.daemon_window(
         the_lab, source, window.WindowSettings(
             count=COUNT, timeout_ms=100.0, max_window_ms=2000.0), ctx)
@@ -154,7 +154,7 @@ def test_daemon_reads_a_ring(lab_factory):
     assert result.capture.drops == 0
     assert len(result.batch) == 4 * 2 * COUNT
     for g in the_lab.guests:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert rep.ingress.count == COUNT and rep.egress.count == COUNT
 
 
@@ -162,7 +162,7 @@ def test_a_refused_ring_is_an_error_naming_it(lab_factory):
     """A geometry the kernel refuses (blocks not a multiple of the page
     size) raises RingError with the ring's size; the socket stays usable."""
     the_lab = lab_factory(guests=1)
-    sock = netns.socket_in_netns(the_lab.hv_netns, socket.AF_PACKET,
+    sock = netns.socket_in_netns(the_lab.spec.hv_netns, socket.AF_PACKET,
                                  socket.SOCK_RAW,
                                  socket.htons(capture.ETH_P_ALL))
     try:
@@ -192,13 +192,13 @@ def test_close_reads_what_the_kernel_still_holds(lab_factory):
     block included: kept or foreign, none left over."""
     the_lab = lab_factory(guests=2)
     NoSettle.made.clear()
-    source = the_lab.source()
+    source = the_lab.layout.source()
     try:
         window.run_window(
             the_lab.paths(), source,
             window.WindowSettings(count=COUNT, interval_ms=0.2,
                                   timeout_ms=100),
-            capture_netns=the_lab.hv_netns, capture_class=NoSettle)
+            capture_netns=the_lab.spec.hv_netns, capture_class=NoSettle)
     finally:
         source.close()
     (cap,) = NoSettle.made
@@ -233,12 +233,12 @@ def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):  # noqa: F811
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
     path = os.path.join(workdir, 'pif.pcap')
-    dump = Tcpdump(the_lab.hv_netns, the_lab.pif, path, ['icmp'],
+    dump = Tcpdump(the_lab.spec.hv_netns, the_lab.spec.pif, path, ['icmp'],
                    limit=20 * COUNT)
-    source = the_lab.source()
+    source = the_lab.layout.source()
     Twin.made.clear()
     pinger = threading.Thread(target=tenant_pings,
-                              args=(the_lab.src_netns, guest.address,
+                              args=(the_lab.spec.src_netns, guest.address,
                                     2 * COUNT))
     try:
         dump.wait_listening()
@@ -248,7 +248,7 @@ def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):  # noqa: F811
             the_lab.paths(), source,
             window.WindowSettings(count=COUNT, interval_ms=2.0,
                                   timeout_ms=100),
-            capture_netns=the_lab.hv_netns, capture_class=Twin)
+            capture_netns=the_lab.spec.hv_netns, capture_class=Twin)
         pinger.join(timeout=30)
         assert dump.stop() in (0, 124), dump.stderr
     finally:
@@ -273,13 +273,13 @@ def test_without_a_ring_the_window_reads_with_recvmsg(lab_factory, caplog,
     every probe measured."""
     monkeypatch.setattr(ring, 'BLOCK_BYTES', 4096 + 16)
     the_lab = lab_factory(guests=1)
-    source = the_lab.source()
+    source = the_lab.layout.source()
     caplog.set_level(logging.WARNING, logger='netweaver_agent.core.capture')
     try:
         result = window.run_window(
             the_lab.paths(), source,
             window.WindowSettings(count=COUNT, timeout_ms=100),
-            capture_netns=the_lab.hv_netns)
+            capture_netns=the_lab.spec.hv_netns)
     finally:
         source.close()
     assert result.capture.reader == 'recvmsg'

@@ -20,9 +20,9 @@ def test_unroutable_address_leaves_out_one_vnic(lab_factory):
     # Inside 198.18.0.0/15, outside every route of the source namespace.
     bad = dataclasses.replace(bad, address='198.18.9.9')
     result = window.run_window(
-        [good, bad], the_lab.source(),
+        [good, bad], the_lab.layout.source(),
         window.WindowSettings(count=10, interval_ms=1.0),
-        capture_netns=the_lab.hv_netns)
+        capture_netns=the_lab.spec.hv_netns)
     assert set(result.reports) == {good.vif}
     assert result.reports[good.vif].ingress.count == 10
     [refused] = result.refused
@@ -33,7 +33,7 @@ def test_unroutable_address_leaves_out_one_vnic(lab_factory):
 def test_local_route_onto_the_vnics_bridge_is_refused(lab_factory):
     the_lab = lab_factory(guests=2)
     paths = the_lab.paths()
-    hv = the_lab.hv_netns
+    hv = the_lab.spec.hv_netns
     # The hypervisor's own stack, as a 'local' source: no route to the
     # guests at first, then an address on their bridge (probes would go
     # straight onto the bridge, never through the pif).
@@ -41,14 +41,14 @@ def test_local_route_onto_the_vnics_bridge_is_refused(lab_factory):
     assert [r.vif for r in first] == [p.vif for p in paths]
     assert all('no route' in r.reason for r in first)
     netns.run(['ip', 'addr', 'add', '198.18.0.250/24', 'dev',
-               the_lab.bridge], netns=hv)
+               the_lab.layout.bridge], netns=hv)
     found = routes.lookup([p.address for p in paths], hv)
-    assert {r.dev for r in found.values()} == {the_lab.bridge}
+    assert {r.dev for r in found.values()} == {the_lab.layout.bridge}
     onto = routes.refusals(paths, hv, local=True)
     assert [r.vif for r in onto] == [p.vif for p in paths]
     for r in onto:
-        assert f'leaves by {the_lab.bridge}' in r.reason
-        assert f'pif {the_lab.pif}' in r.reason
+        assert f'leaves by {the_lab.layout.bridge}' in r.reason
+        assert f'pif {the_lab.spec.pif}' in r.reason
     # The same routes seen from a netns source: its device names are its
     # own namespace's, so only reachability counts.
     assert routes.refusals(paths, hv, local=False) == []
@@ -70,7 +70,7 @@ def test_a_namespace_the_agent_cannot_enter_is_no_route_lookup(
 
     monkeypatch.setattr(routes.netns, 'run', unprivileged)
     with pytest.raises(routes.RouteLookupError,
-                       match=f'{the_lab.src_netns}.*not permitted'):
-        routes.refusals(paths, the_lab.src_netns)
+                       match=f'{the_lab.spec.src_netns}.*not permitted'):
+        routes.refusals(paths, the_lab.spec.src_netns)
     monkeypatch.setattr(routes.netns, 'run', run)
-    assert routes.refusals(paths, the_lab.src_netns) == []
+    assert routes.refusals(paths, the_lab.spec.src_netns) == []

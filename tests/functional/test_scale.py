@@ -70,7 +70,7 @@ def test_every_vnic_of_a_busy_host_in_one_window(lab_factory, cycle_factory):
                           probe_timeout_ms=200.0, max_window_ms=5000.0)
     samples, entry = cycle.run()
     assert len(entry.windows) == 1, 'one window for all instances'
-    taps = {g.tap for g in the_lab.guests}
+    taps = {g.vif for g in the_lab.guests}
     for meter in samples:
         if meter != 'network.vif.outgoing.latency':
             assert set(_by_vif(samples, meter)) == taps, meter
@@ -101,21 +101,21 @@ def test_no_capture_socket_between_cycles(lab_factory, cycle_factory):
     def watching_send(plan, deadline_s):
         # The positive control: while probes fly, our capture socket is
         # in the hypervisor's packet table, and this check sees it.
-        during.append(packet_socket_inodes(the_lab.hv_netns) &
+        during.append(packet_socket_inodes(the_lab.spec.hv_netns) &
                       own_socket_inodes())
         return send(plan, deadline_s)
 
     source.send = watching_send
-    assert packet_socket_inodes(the_lab.hv_netns) == set()
+    assert packet_socket_inodes(the_lab.spec.hv_netns) == set()
     for n in range(3):
         samples, _ = cycle.run()
         assert len(samples['network.vif.latency']) == 4, n
         assert len(during) == n + 1
         assert len(during[-1]) == 1, 'the window captures with one socket'
-        assert not during[-1] & packet_socket_inodes(the_lab.hv_netns), \
+        assert not during[-1] & packet_socket_inodes(the_lab.spec.hv_netns), \
             f'capture socket still open after cycle {n}'
         # None of ours, and none at all in the hypervisor namespace.
-        assert packet_socket_inodes(the_lab.hv_netns) == set()
+        assert packet_socket_inodes(the_lab.spec.hv_netns) == set()
         assert not any(t.name == 'netweaver-capture'
                        for t in threading.enumerate())
 
@@ -150,7 +150,7 @@ def test_cycle_bound_sends_whole_rounds_and_reports_them(lab_factory,
     # The source was not cut short: the rounds stay whole.
     assert not any('by the deadline' in line for line in lines), lines
     by_vif = _by_vif(samples)
-    assert set(by_vif) == {g.tap for g in the_lab.guests}
+    assert set(by_vif) == {g.vif for g in the_lab.guests}
     for tap, s in by_vif.items():
         meta = s.resource_metadata
         assert meta['probe_sent'] == rounds, (tap, meta)
@@ -166,16 +166,17 @@ def test_window_below_one_round_skips_vnics_in_turn(lab_factory):
     settings = window.WindowSettings(count=5, interval_ms=20.0,
                                      timeout_ms=50.0, max_window_ms=100.0)
     paths = the_lab.paths()
-    source = the_lab.source()
+    source = the_lab.layout.source()
     try:
         first = window.run_window(paths, source, settings,
-                                  capture_netns=the_lab.hv_netns, session=6)
+                                  capture_netns=the_lab.spec.hv_netns,
+                                  session=6)
         second = window.run_window(paths, source, settings,
-                                   capture_netns=the_lab.hv_netns,
+                                   capture_netns=the_lab.spec.hv_netns,
                                    session=9)
     finally:
         source.close()
-    taps = [g.tap for g in the_lab.guests]
+    taps = [g.vif for g in the_lab.guests]
     assert sorted(first.reports) == sorted(taps[0:3])
     assert sorted(second.reports) == sorted(taps[3:6])
     for w in (first, second):

@@ -113,7 +113,7 @@ def test_unreachable_host_fails_within_timeout(lab):
 
 def test_unreachable_host_in_measure_names_it(lab, capsys):
     g = lab.guests[1]
-    argv = lab.measure_argv('-d', g.address, '--vif', g.tap)
+    argv = lab.measure_argv('-d', g.address, '--vif', g.vif)
     argv[argv.index(lab.hv_mgmt)] = lab.nobody_too
     argv[argv.index('--connect-timeout') + 1] = '1'
     status, out, err = sshlab.cli(argv, capsys)
@@ -138,15 +138,15 @@ def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
     pcaps = tmp_path / 'pcaps'
     with _no_leftovers():
         proc = sshlab.netweaver(lab.measure_argv(
-            '--vif', g.tap, '-d', g.address, '--count', '40',
+            '--vif', g.vif, '-d', g.address, '--count', '40',
             '--interval-ms', '5', '--json', '--output-dir', str(pcaps)))
     got = json.loads(proc.stdout)
-    assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
+    assert (got['vif'], got['pif'], got['mode']) == (g.vif, lab.pif, 'probe')
     # Verified with the window's own secret (its probes' tags).
     assert got['authenticated'] is True
     assert got['source_ip'] == lab.lab.spec.src_address
     assert got['sent'] == 40
-    rep = got['reports'][g.tap]
+    rep = got['reports'][g.vif]
     assert rep['ingress']['count'] == 40 and rep['ingress']['lost'] == 0
     assert rep['egress']['count'] == 40
     # The lab's truth: the delayer held each of these probes once.
@@ -158,7 +158,7 @@ def test_measure_end_to_end_equals_analyze_and_sees_the_delay(
     # The same pcaps through `netweaver analyze` give the same report.
     proc = sshlab.netweaver(
         ['analyze', str(pcaps / 'pif.pcap'), str(pcaps / 'vif.pcap'),
-         '--pif-name', lab.pif, '--vif-name', g.tap, '--protocol', 'icmp',
+         '--pif-name', lab.pif, '--vif-name', g.vif, '--protocol', 'icmp',
          '--session', str(got['session']), '--json'])
     alone = json.loads(proc.stdout)
     assert alone['report'] == rep
@@ -169,12 +169,12 @@ def test_measure_with_the_seeds_hping3(lab, capsys):
     g = lab.guests[1]
     with _no_leftovers():
         status, out, err = sshlab.cli(lab.measure_argv(
-            '--vif', g.tap, '-d', g.address, '--count', '20',
+            '--vif', g.vif, '-d', g.address, '--count', '20',
             '--source-command',
             'hping3 -c {count} -S -L 0 -Q -i u5000 {destination}'), capsys)
     assert status == 0, err
     lines = out.splitlines()
-    assert f'{g.tap}  (pif {lab.pif}, fingerprint, 20 sent' in out
+    assert f'{g.vif}  (pif {lab.pif}, fingerprint, 20 sent' in out
     ingress = next(ln for ln in lines if ln.strip().startswith('ingress'))
     assert ingress.split()[1:3] == ['20', '0']       # count, lost
     summary = lines[-1]
@@ -193,7 +193,7 @@ def test_parse_domiflist_reads_the_real_virsh_output(tmp_path):
     def guest(index, **kw):
         return virt.GuestDomain(
             index=index, name=f'g{index}', uuid=str(uuid.uuid4()),
-            tap=f'nwh8tap{index}', mac=f'fa:16:3e:00:00:{index + 16:02x}',
+            vif=f'nwh8tap{index}', mac=f'fa:16:3e:00:00:{index + 16:02x}',
             address=f'198.18.0.{index + 10}', **kw)
 
     bridged = guest(0, bridge='nwh8br0')
@@ -244,9 +244,9 @@ def test_measure_resolves_the_instance_with_the_real_virsh(lab):
             '-d', g.address, '--count', '20', '--interval-ms', '5',
             '--json'))
     got = json.loads(proc.stdout)
-    assert (got['vif'], got['pif'], got['mode']) == (g.tap, lab.pif, 'probe')
+    assert (got['vif'], got['pif'], got['mode']) == (g.vif, lab.pif, 'probe')
     assert got['sent'] == 20
-    rep = got['reports'][g.tap]
+    rep = got['reports'][g.vif]
     assert rep['ingress']['count'] == 20 and rep['ingress']['lost'] == 0
     assert rep['egress']['count'] == 20
     # The lab's truth: the delayer held each of these probes once.
@@ -295,7 +295,7 @@ def test_instance_name_runs_nothing(lab, capsys):
                 '--interval-ms', '5'), capsys)
             assert not os.path.exists(marker)
             assert status == 0, err
-            assert json.loads(out)['vif'] == lab.guests[1].tap
+            assert json.loads(out)['vif'] == lab.guests[1].vif
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)
@@ -303,8 +303,8 @@ def test_instance_name_runs_nothing(lab, capsys):
 
 def test_ssh_source_in_run_window_like_netns_source(lab):
     g = lab.guests[1]
-    paths = [vifpath.VifPath(vif=g.tap, address=g.address,
-                             interfaces=(lab.pif, lab.guests[1].tap))]
+    paths = [vifpath.VifPath(vif=g.vif, address=g.address,
+                             interfaces=(lab.pif, lab.guests[1].vif))]
     settings = window.WindowSettings(count=30, interval_ms=1.0)
     ssh_source = probesource.parse_source(
         f'ssh://root@{lab.src_mgmt}:{sshlab.PORT}', options=lab.options(),
@@ -319,12 +319,12 @@ def test_ssh_source_in_run_window_like_netns_source(lab):
         ssh_source.close()
         local_source.close()
     assert by_ssh.send == sources.SendResult(sent=30)
-    a, b = by_ssh.reports[g.tap], by_netns.reports[g.tap]
+    a, b = by_ssh.reports[g.vif], by_netns.reports[g.vif]
     # Both entered the host through its pif, as the same probes do, and
     # the secret of each window verified every one of them.
     assert (a.vif, a.pif, a.protocol, a.authenticated, a.rejected) == \
         (b.vif, b.pif, b.protocol, b.authenticated, b.rejected) == \
-        (g.tap, lab.pif, 'icmp', True, 0)
+        (g.vif, lab.pif, 'icmp', True, 0)
     for rep in (a, b):
         assert rep.pif == lab.pif and rep.sent == 30
         assert rep.ingress.count == 30 and rep.ingress.lost == 0

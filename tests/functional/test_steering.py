@@ -71,7 +71,7 @@ def test_filterref_naming_another_guest_is_not_probed(lab_factory,
                    broken.index: set()}, got
     (window,) = cache.windows
     [measured] = window.measurements
-    assert measured.path.vif == victim.tap
+    assert measured.path.vif == victim.vif
     assert measured.report.sent == PROBE['probe_count']
     assert measured.report.ingress.count == PROBE['probe_count']
     # The victim's guest received its own probes and none of the thief's

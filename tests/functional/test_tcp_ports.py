@@ -162,7 +162,7 @@ def test_every_probe_is_a_connection_of_its_own(lab_factory, cursor,
         results = windows(the_lab, WINDOWS)
         time.sleep(0.2)
     for result in results:
-        rep = result.reports[guest.tap]
+        rep = result.reports[guest.vif]
         assert rep.sent == COUNT
         assert (rep.ingress.count, rep.egress.count,
                 rep.turnaround.count) == (COUNT, COUNT, COUNT), rep
@@ -175,7 +175,7 @@ def test_every_probe_is_a_connection_of_its_own(lab_factory, cursor,
     seen = pcap_syns(dump.path, guest.address)
     assert len(seen) == WINDOWS * COUNT
     assert len(set(seen)) == len(seen), collections.Counter(seen)
-    assert set(seen) == set().union(*(key_ports(r, guest.tap)
+    assert set(seen) == set().union(*(key_ports(r, guest.vif)
                                       for r in results))
     assert set(seen) <= set(probe.DEFAULT_TCP_SOURCE_PORTS)
 
@@ -190,7 +190,7 @@ def test_unanswered_probes_are_never_retransmissions(lab_factory, cursor):
 
     cursor(range(41000, 42000))
     for result in windows(the_lab, 2):
-        rep = result.reports[guest.tap]
+        rep = result.reports[guest.vif]
         assert (rep.ingress.count, rep.turnaround.count) == (COUNT, 0)
     counted = firewall.counters()
     assert (counted['syns'], counted['retransmitted']) == (2 * COUNT, 0)
@@ -202,7 +202,7 @@ def test_unanswered_probes_are_never_retransmissions(lab_factory, cursor):
     old_port = 43000
     cursor(range(old_port, old_port + 1))
     for result in windows(the_lab, 2):
-        assert result.reports[guest.tap].ingress.count == COUNT
+        assert result.reports[guest.vif].ingress.count == COUNT
     counted = firewall.counters()
     assert counted['syns'] == 2 * COUNT
     assert counted['retransmitted'] == 2 * COUNT - 1
@@ -223,10 +223,10 @@ def test_the_privsep_daemon_sends_the_plans_ports(lab_factory, cursor):
                                                context=ctx)
         result = privsep.daemon_window(the_lab, source, settings, ctx)
         for g in the_lab.guests:
-            rep = result.reports[g.tap]
+            rep = result.reports[g.vif]
             assert (rep.sent, rep.ingress.count, rep.egress.count) == \
                 (COUNT, COUNT, COUNT), rep
-            ports[g.address] += key_ports(result, g.tap)
+            ports[g.address] += key_ports(result, g.vif)
     for got in ports.values():
         assert len(got) == len(set(got)) == 2 * COUNT
 
@@ -240,8 +240,8 @@ def ssh_lab(tmp_path_factory):
 def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
     cursor(probe.DEFAULT_TCP_SOURCE_PORTS)
     g = ssh_lab.guests[1]
-    paths = [vifpath.VifPath(vif=g.tap, address=g.address,
-                             interfaces=(ssh_lab.pif, g.tap))]
+    paths = [vifpath.VifPath(vif=g.vif, address=g.address,
+                             interfaces=(ssh_lab.pif, g.vif))]
     source = probesource.parse_source(
         f'ssh://root@{ssh_lab.src_mgmt}:{sshlab.PORT}',
         options=ssh_lab.options(), netns_name=ssh_lab.mgmt)
@@ -255,10 +255,10 @@ def test_the_ssh_source_sends_each_probe_from_its_own_port(ssh_lab, cursor):
         source.close()
     ports = []
     for result in results:
-        rep = result.reports[g.tap]
+        rep = result.reports[g.vif]
         assert (rep.sent, rep.ingress.count, rep.egress.count) == \
             (COUNT, COUNT, COUNT), rep
-        ports += key_ports(result, g.tap)
+        ports += key_ports(result, g.vif)
     assert len(ports) == len(set(ports)) == 2 * COUNT
 
 
@@ -266,11 +266,11 @@ def test_measure_sends_tcp_from_its_own_ports(ssh_lab, tmp_path):
     g = ssh_lab.guests[1]
     pcaps = tmp_path / 'pcaps'
     proc = sshlab.netweaver(ssh_lab.measure_argv(
-        '--vif', g.tap, '-d', g.address, '--protocol', 'tcp', '--count',
+        '--vif', g.vif, '-d', g.address, '--protocol', 'tcp', '--count',
         str(COUNT), '--interval-ms', '2', '--json', '--output-dir',
         str(pcaps)))
     got = json.loads(proc.stdout)
-    rep = got['reports'][g.tap]
+    rep = got['reports'][g.vif]
     assert (got['sent'], got['mode']) == (COUNT, 'probe')
     assert rep['ingress']['count'] == COUNT and rep['ingress']['lost'] == 0
     assert rep['egress']['count'] == COUNT
@@ -302,7 +302,7 @@ def test_the_real_agent_walks_the_configured_range(lab_factory, tmp_path):
             ['tcp', 'and', 'dst', 'host', guest.address],
             limit=20 * COUNT)]) as (dump,):
         with labagent.PollingAgent(files, the_lab.spec.hv_netns) as agent:
-            rid = labagent.resource_ids(the_lab)[guest.tap]
+            rid = labagent.resource_ids(the_lab)[guest.vif]
             agent.wait_for(labagent.latency_ready({rid}), AGENT_WAIT_S)
             conftest.wait_log(
                 agent, lambda log: len(WINDOW_RE.findall(log)) >= 3,
@@ -353,9 +353,9 @@ def test_ovn_acl_conntrack_holds_one_connection_per_probe(lab_factory,
         result = window.run_window(paths, the_lab.layout.source(), settings,
                                    capture_netns=the_lab.spec.hv_netns)
         for g in the_lab.guests:
-            rep = result.reports[g.tap]
+            rep = result.reports[g.vif]
             assert (rep.ingress.count, rep.egress.count) == (COUNT, COUNT)
-            ports[g.address] += key_ports(result, g.tap)
+            ports[g.address] += key_ports(result, g.vif)
     chassis = (the_lab.layout.hv, the_lab.layout.src)
     for c in chassis:
         assert labproc.pid_alive(c.ovs.pids()['ovs-vswitchd']), \

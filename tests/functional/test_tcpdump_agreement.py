@@ -135,17 +135,17 @@ def pcap_times(pif_path, vif_path, pif, vif, session):
 def test_pcaps_agree_with_live_capture(lab_factory, workdir, protocol):
     the_lab = lab_factory(guests=1)
     guest = the_lab.guests[0]
-    pif, vif = the_lab.pif, guest.tap
+    pif, vif = the_lab.spec.pif, guest.vif
     bpf = FILTERS[protocol] + ['and', 'host', guest.address]
-    with recording(Tcpdump(the_lab.hv_netns, iface,
+    with recording(Tcpdump(the_lab.spec.hv_netns, iface,
                            os.path.join(workdir, f'{iface}.pcap'),
                            bpf, limit=2 * COUNT + 50)
                    for iface in (pif, vif)) as dumps:
         result = window.run_window(
-            the_lab.paths(), the_lab.source(),
+            the_lab.paths(), the_lab.layout.source(),
             window.WindowSettings(protocol=protocol, count=COUNT,
                                   interval_ms=0.5, timeout_ms=200),
-            capture_netns=the_lab.hv_netns)
+            capture_netns=the_lab.spec.hv_netns)
         time.sleep(0.2)
 
     live = conftest.probe_times(result.batch, pif, vif)

@@ -97,7 +97,7 @@ class FakeInspector:
         self.domains[instance_id] = FakeDomain(xml)
         self.vifs[instance_id] = [
             virt_inspector.InterfaceStats(
-                name=g.tap, mac=g.mac,
+                name=g.vif, mac=g.mac,
                 fref=g.filter_name if g.filterref else None,
                 parameters=({'ip': g.address} if g.filterref else {}) |
                 {'interfaceid': None, 'bridge': g.bridge},
@@ -174,12 +174,12 @@ class PollsterTestCase(base.TestPollsterBase):
             name='netweaver_agent', level=logging.DEBUG))
         self.guests = [
             virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                             tap='tapaaa', mac='fa:16:3e:00:00:01',
+                             vif='tapaaa', mac='fa:16:3e:00:00:01',
                              address='198.18.1.10', bridge='brq1'),
             # No filterref: the address comes from the nova port whose
             # uuid names the tap, as nova names taps.
             virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                             tap=TAP_B, mac='fa:16:3e:00:00:02',
+                             vif=TAP_B, mac='fa:16:3e:00:00:02',
                              address='198.18.1.11', bridge='brq1',
                              filterref=False, port_uuid=PORT_B),
         ]

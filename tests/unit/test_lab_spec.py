@@ -25,9 +25,9 @@ def test_names_are_nova_like_and_deterministic():
     g = guests[2]
     assert g.name == 'instance-00000003'
     assert g.netns == 'nwx1-g2'
-    assert g.tap == 'tap' + g.port_id[:11]
-    assert len(g.tap) == 14
-    assert g.mac.startswith('fa:16:3e:') and g.tap_mac == 'fe' + g.mac[2:]
+    assert g.vif == 'tap' + g.port_id[:11]
+    assert len(g.vif) == 14
+    assert g.mac.startswith('fa:16:3e:') and g.vif_mac == 'fe' + g.mac[2:]
     assert len({x.mac for x in guests}) == 3
     assert [x.address for x in guests] == [
         '198.18.0.10', '198.18.0.11', '198.18.0.12']

@@ -19,11 +19,13 @@ from netweaver_agent.lab import build
 from netweaver_agent.lab import mark
 from netweaver_agent.lab import ofdelay
 from netweaver_agent.lab import ovs
+from netweaver_agent.lab import spec as labspec
+from netweaver_agent.lab import switch as labswitch
 from netweaver_agent.lab import virt
 
 
 def make_lab(**fields):
-    return build.Lab(build.LabSpec(prefix='nwu-', guests=2, **fields))
+    return build.Lab(labspec.LabSpec(prefix='nwu-', guests=2, **fields))
 
 
 def interface_of(the_lab, guest):
@@ -40,31 +42,31 @@ def test_hybrid_names_and_path_are_os_vif_s():
     qbr, qvb, qvo = ovs.port_names(g)
     # os-vif: the 11 characters of the port id after the prefix, 14 in all.
     for name, prefix in ((qbr, 'qbr'), (qvb, 'qvb'), (qvo, 'qvo')):
-        assert name == prefix + g.tap[3:] and len(name) == 14
+        assert name == prefix + g.vif[3:] and len(name) == 14
     path = the_lab.paths()[0]
-    assert path.interfaces == (the_lab.pif, qvo, qvb, g.tap)
+    assert path.interfaces == (the_lab.spec.pif, qvo, qvb, g.vif)
     assert path.via[1:] == ((), (qbr,))
     assert 'br-int' in path.via[0] and 'br-ex' in path.via[0]
     assert path.encap == ()
-    assert the_lab.bridge == 'br-int'
+    assert the_lab.layout.bridge == 'br-int'
 
 
 def test_native_vxlan_path_crosses_the_tunnel_unseen():
     the_lab = make_lab(switch='ovs-native', network_type='vxlan')
     path = the_lab.paths()[1]
-    assert path.interfaces == (the_lab.pif, the_lab.guests[1].tap)
+    assert path.interfaces == (the_lab.spec.pif, the_lab.guests[1].vif)
     (via,) = path.via
     src_u, _, _ = the_lab.spec.underlay_addresses()
     tunnel = 'vxlan-' + socket.inet_aton(src_u).hex()
     assert tunnel in via and 'br-tun' in via and via[-1] == 'br-int'
-    assert path.encap_port('vxlan') == build.VXLAN_PORT
+    assert path.encap_port('vxlan') == labswitch.VXLAN_PORT
 
 
 def test_linuxbridge_path_unchanged_with_its_bridge_named():
     the_lab = make_lab()
     g = the_lab.guests[0]
     path = the_lab.paths()[0]
-    assert path.interfaces == (the_lab.pif, g.tap)
+    assert path.interfaces == (the_lab.spec.pif, g.vif)
     assert path.via == ((the_lab.spec.bridge,),)
 
 
@@ -74,13 +76,13 @@ def test_domain_xml_per_layout_as_nova_writes_it():
     g = lb.guests[0]
     iface = interface_of(lb, g)
     assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
-        ('bridge', lb.spec.bridge, g.tap, None)
+        ('bridge', lb.spec.bridge, g.vif, None)
     iface = interface_of(hybrid, g)
     assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
-        ('bridge', ovs.port_names(g)[0], g.tap, None)
+        ('bridge', ovs.port_names(g)[0], g.vif, None)
     iface = interface_of(native, g)
     assert (iface.type, iface.bridge, iface.target, iface.interface_id) == \
-        ('bridge', 'br-int', g.tap, g.port_id)
+        ('bridge', 'br-int', g.vif, g.port_id)
 
 
 class FakeSocket:
@@ -106,8 +108,9 @@ def test_vlan_frames_every_nth_to_the_guest_marked():
         for dst in ('198.18.0.10', '198.18.0.11'):
             ip = probe.build_ip('icmp', 7, seq, socket.inet_aton('198.18.0.1'),
                                 socket.inet_aton(dst))
-            frame = probe.ethernet_frame(ip, probe.ETH_P_IP, src.src_mac,
-                                         src.macs[dst], (100,), 0)
+            frame = probe.ethernet_frame(ip, dpkt.ethernet.ETH_TYPE_IP,
+                                         src.src_mac, src.macs[dst], (100,),
+                                         0)
             sent.append((dst, seq, frame))
             src._transmit(sock, dst, frame)
     marked = []

@@ -8,14 +8,12 @@ import pytest
 import yaml
 
 from netweaver_agent.lab import pipeline
+from netweaver_agent.lab import spec as labspec
 
 
 def _pipeline(tmp_path, **settings):
     lab = types.SimpleNamespace(
-        spec=types.SimpleNamespace(mgmt=True), prefix='nwunit-',
-        mgmt_addresses=types.SimpleNamespace(mgmt='198.19.0.1',
-                                             hv='198.19.0.3'),
-        mgmt_netns='nwunit-mgmt')
+        spec=labspec.LabSpec(prefix='nwunit-', mgmt=True))
     pipe = pipeline.Pipeline(
         lab, pipeline.PipelineSettings(**settings))
     pipe.workdir = str(tmp_path)
@@ -56,11 +54,13 @@ def test_rules_copy_changes_only_for(tmp_path):
 
 
 def test_agent_extra_sends_samples_only_with_gnocchi(tmp_path):
-    full = _pipeline(tmp_path).agent_extra()
+    pipe = _pipeline(tmp_path)
+    mgmt = pipe.lab.spec.mgmt_addresses()
+    full = pipe.agent_extra()
     assert full['DEFAULT']['transport_url'].startswith(
-        'rabbit://guest:guest@198.19.0.1:')
+        f'rabbit://guest:guest@{mgmt.mgmt}:')
     assert full['polling']['enable_notifications'] == 'true'
-    assert '198.19.0.3:' in full['polling']['prometheus_listen_addresses']
+    assert f'{mgmt.hv}:' in full['polling']['prometheus_listen_addresses']
     alone = _pipeline(tmp_path, gnocchi=False, aodh=False).agent_extra()
     assert 'DEFAULT' not in alone
     assert 'enable_notifications' not in alone['polling']

@@ -277,7 +277,7 @@ class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
         other.status = 'active'
         other.metadata = {}
         self.fake.add(other.id, [virt.GuestDomain(
-            index=1, name='db', uuid=other.id, tap='tapccc',
+            index=1, name='db', uuid=other.id, vif='tapccc',
             mac='fa:16:3e:00:00:03', address='198.18.1.12',
             bridge='brq1')])
         self.sysfs_tree({'tapccc': 'brq1'})
@@ -329,13 +329,13 @@ class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
 
     def test_a_failing_vnic_does_not_stop_the_others(self):
         gone = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                tap='tapgone', mac='fa:16:3e:00:00:04',
+                                vif='tapgone', mac='fa:16:3e:00:00:04',
                                 address='198.18.1.13', bridge='brq1')
         mute = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                tap='tapmute', mac='fa:16:3e:00:00:05',
+                                vif='tapmute', mac='fa:16:3e:00:00:05',
                                 address='198.18.1.14', bridge='brq1')
         nowhere = virt.GuestDomain(
-            index=0, name='web', uuid=INSTANCE_ID, tap='tapnoip',
+            index=0, name='web', uuid=INSTANCE_ID, vif='tapnoip',
             mac='fa:16:3e:00:00:06', address='198.18.1.15', bridge='brq1',
             filterref=False)
         self.fake.add(INSTANCE_ID, self.guests + [gone, mute, nowhere])
@@ -361,7 +361,7 @@ class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
         # The guest answered and its replies left through the pif, but the
         # probes never entered through it: no meter, not even egress.
         mute = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                tap='tapmute', mac='fa:16:3e:00:00:05',
+                                vif='tapmute', mac='fa:16:3e:00:00:05',
                                 address='198.18.1.14', bridge='brq1')
         self.fake.add(INSTANCE_ID, self.guests + [mute])
         self.sysfs_tree({'tapmute': 'brq1'})
@@ -380,7 +380,7 @@ class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
         # lost.  The vNIC keeps its measurement (metadata, probe_unknown)
         # and nothing blames the probe source.
         mute = virt.GuestDomain(index=0, name='web', uuid=INSTANCE_ID,
-                                tap='tapmute', mac='fa:16:3e:00:00:05',
+                                vif='tapmute', mac='fa:16:3e:00:00:05',
                                 address='198.18.1.14', bridge='brq1')
         self.fake.add(INSTANCE_ID, self.guests + [mute])
         self.sysfs_tree({'tapmute': 'brq1'})

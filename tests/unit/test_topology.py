@@ -91,7 +91,7 @@ def test_parse_domain_names_bad_xml():
 
 def test_labvirt_node_round_trips():
     guest = virt.GuestDomain(index=2, name='web', uuid='u-1',
-                             tap='tapzzz', mac='fa:16:3e:00:00:09',
+                             vif='tapzzz', mac='fa:16:3e:00:00:09',
                              address='198.18.1.12', bridge='brq1',
                              port_uuid='pz')
     node = ElementTree.fromstring(virt.node_xml([guest]))
