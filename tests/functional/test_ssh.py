@@ -413,8 +413,8 @@ def test_ssh_source_paces_on_the_wire(lab, tmp_path):
 def test_ssh_source_bad_sender_host_is_clear(lab):
     src = probesource.SSHSource(lab.nobody, sshlab.PORT, 'root', lab.options(
         connect_timeout_s=1.0), netns_name=lab.mgmt)
-    plan, _ = sources.interleaved_plan(1, 'icmp', [lab.guests[1].address], 3,
-                                       1000000)
+    plan = sources.schedule(1, 'icmp', [lab.guests[1].address], 3,
+                            1000000).plan
     with pytest.raises(sources.SourceError) as err:
         src.send(plan, time.monotonic() + 5)
     assert lab.nobody in str(err.value)
