@@ -337,8 +337,7 @@ def _window_fits(group):
 def _ssh_known_hosts(group):
     """accept-new records keys in the known_hosts file: without one, every
     connection would trust any key, so it is refused."""
-    if (getattr(group, 'ssh_accept_new_host_key', False) and
-            not getattr(group, 'ssh_known_hosts_file', None)):
+    if group.ssh_accept_new_host_key and not group.ssh_known_hosts_file:
         return [f"{_name('ssh_accept_new_host_key')} = True needs "
                 f"{_name('ssh_known_hosts_file')} (it is empty): without "
                 "a file to record keys in, any host key would be accepted "
@@ -371,7 +370,7 @@ def _daemon_limits(group):
 
 def _passive_sample(group):
     """The kernel samples flows by masking a hash: a power of two."""
-    sample = getattr(group, 'passive_sample', 1)
+    sample = group.passive_sample
     if sample & (sample - 1):
         return [f"{_name('passive_sample')} = {sample} is not a power of "
                 "two (1, 2, 4, ... 65536)"]

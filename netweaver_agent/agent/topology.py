@@ -735,14 +735,11 @@ def _linux_vxlan(vif, bridge, links, switch, vif_prefixes, configured):
     local address), are decapsulated by the VXLAN port and bridged:
     ``(underlay, vxlan, vif)``.  None when the uplink is no VXLAN (or a
     configured pif is not its underlay)."""
-    vxlan_of = getattr(links, 'vxlan', None)
-    if vxlan_of is None:
-        return None
     try:
         port = find_pif(vif, links, vif_prefixes)
     except TopologyError:
         return None
-    found = vxlan_of(port)
+    found = links.vxlan(port)
     if found is None:
         return None
     under = found.link or (switch.owner(found.local) if found.local
