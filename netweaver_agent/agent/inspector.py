@@ -152,9 +152,8 @@ def _source(conf):
     spec = group.probe_source
     policy = destinations.for_source(spec, group.probe_networks)
     if spec and spec.startswith('ssh://'):
-        from netweaver_agent.ssh import remote
         return probesource.parse_source(
-            spec, policy=policy, options=remote.SSHOptions.from_conf(conf))
+            spec, policy=policy, options=opts.ssh_options(conf))
     source = probesource.parse_source(spec, policy=policy)
     if group.privsep and isinstance(source, sources.LocalSource):
         return privileged.PrivsepLocalSource(

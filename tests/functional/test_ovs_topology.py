@@ -34,7 +34,7 @@ from netweaver_agent.agent import topology
 from netweaver_agent.cli import seedjob
 from netweaver_agent.core import vifpath
 from netweaver_agent.lab import virt
-from netweaver_agent.ssh import remote
+from netweaver_agent.ssh import session as ssh
 from tests.functional import sshlab
 from tests.functional.conftest import require_root
 from tests.functional.conftest import stop_processes
@@ -139,7 +139,7 @@ class OvsHost:
     def start_sshd(self):
         """An sshd inside the namespace on 127.0.0.1:2222 whose sessions
         find this host's database as ovs-vsctl's default (OVS_RUNDIR);
-        returns :class:`remote.SSHOptions` to reach it."""
+        returns :class:`ssh.SSHOptions` to reach it."""
         key = os.path.join(self.dir, 'client_key')
         host_key = os.path.join(self.dir, 'host_key')
         for path in (key, host_key):
@@ -163,9 +163,9 @@ class OvsHost:
                 'KbdInteractiveAuthentication no',
                 f'SetEnv OVS_RUNDIR={self.dir}'],
             os.path.join(self.dir, 'sshd.log'), self.procs, self.ns)
-        return remote.SSHOptions(key_file=key, known_hosts_file=known_hosts,
-                                 connect_timeout_s=5.0,
-                                 command_timeout_s=30.0)
+        return ssh.SSHOptions(key_file=key, known_hosts_file=known_hosts,
+                              connect_timeout_s=5.0,
+                              command_timeout_s=30.0)
 
     def close(self):
         errors = []
@@ -512,8 +512,8 @@ def test_measure_finds_the_pif_with_ovs_vsctl_over_ssh(host):
     h.vsctl('set', 'Port', 'qvo1', 'other_config:network_type=flat')
     h.vsctl('set', 'Port', 'tap2', 'other_config:network_type=vxlan')
     options = h.start_sshd()
-    with remote.RemoteHost('127.0.0.1', 2222, 'root', options,
-                           netns_name=h.ns) as hv:
+    with ssh.RemoteHost('127.0.0.1', 2222, 'root', options,
+                        netns_name=h.ns) as hv:
         hybrid = seedjob.discover_path(hv, 'tap1')
         tunnel = seedjob.discover_path(hv, 'tap2')
         bridged = seedjob.discover_path(hv, 'tap5')

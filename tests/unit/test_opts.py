@@ -13,7 +13,6 @@ import stevedore
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import pollsters
 from netweaver_agent.core import vifpath
-from netweaver_agent.ssh import remote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -33,7 +32,7 @@ def test_list_opts_is_one_group_with_ours_and_the_ssh_ones():
                  'probe_timeout_ms', 'max_window_ms', 'probe_size', 'pif',
                  'capture_netns', 'vif_resolver'):
         assert name in names
-    assert {o.name for o in remote.OPTS} <= set(names)
+    assert {o.name for o in opts.SSH_OPTS} <= set(names)
 
 
 @pytest.mark.parametrize('opt', opts.all_opts(), ids=lambda o: o.name)
