@@ -6,10 +6,15 @@ and the tap by fields the host keeps, whatever offload does to segments
 and checksums, and must never pair two different packets.
 """
 
+import fixtures
 import pytest
 
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import pollsters
 from netweaver_agent.core import passive
+from netweaver_agent.core import passivecapture
 from netweaver_agent.core import sightings
+from netweaver_agent.core import window
 from tests.flows import G6
 from tests.flows import GUEST
 from tests.flows import OTHER
@@ -17,6 +22,7 @@ from tests.flows import P6
 from tests.flows import PEER
 from tests.flows import tcp
 from tests.flows import udp
+from tests.unit import pollsterfakes as pf
 
 IN, OUT = sightings.DIR_IN, sightings.DIR_OUT
 
@@ -217,14 +223,6 @@ def test_parse_reads_geneve_inner_frame_after_options():
 
 
 # --- [netweaver] mode in the pollsters ---------------------------------------
-
-import fixtures  # noqa: E402
-
-from netweaver_agent.agent import opts  # noqa: E402
-from netweaver_agent.agent import pollsters  # noqa: E402
-from netweaver_agent.core import passivecapture  # noqa: E402
-from netweaver_agent.core import window  # noqa: E402
-from tests.unit import pollsterfakes as pf  # noqa: E402
 
 A_ADDR = bytes([198, 18, 1, 10])        # tapaaa's guest (test_pollsters)
 
