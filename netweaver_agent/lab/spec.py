@@ -167,7 +167,7 @@ class LabSpec:
                 raise ValueError(f"management network {mnet} overlaps the "
                                  f"lab network {net}")
         if self.ipv6:
-            net6 = self._net6(self.network6)
+            net6 = self._net(self.network6, 'lab IPv6 network', LAB_NET6, 120)
             if net6.num_addresses - FIRST_GUEST_HOST - 1 < self.guests:
                 raise ValueError(f"lab network {net6} is too small for "
                                  f"{self.guests} guests")
@@ -244,25 +244,17 @@ class LabSpec:
         return self.network_type in ('vxlan', 'geneve')
 
     @staticmethod
-    def _net(text, what):
+    def _net(text, what, within=LAB_NET, longest=28):
+        """``text`` as a network inside ``within`` (the lab's IPv4 or
+        IPv6 range), a /``longest`` or larger."""
         try:
             net = ipaddress.ip_network(text)
         except ValueError as exc:
             raise ValueError(f"{what} {text!r}: {exc}") from exc
-        if not net.subnet_of(LAB_NET) or net.prefixlen > 28:
-            raise ValueError(f"{what} {net} must be a /28 or larger inside "
-                             f"{LAB_NET}")
-        return net
-
-    @staticmethod
-    def _net6(text):
-        try:
-            net = ipaddress.IPv6Network(text)
-        except ValueError as exc:
-            raise ValueError(f"lab IPv6 network {text!r}: {exc}") from exc
-        if not net.subnet_of(LAB_NET6) or net.prefixlen > 120:
-            raise ValueError(f"lab IPv6 network {net} must be a /120 or "
-                             f"larger inside {LAB_NET6} (RFC 5180)")
+        if (net.version != within.version or not net.subnet_of(within)
+                or net.prefixlen > longest):
+            raise ValueError(f"{what} {net} must be a /{longest} or larger "
+                             f"inside {within}")
         return net
 
     # -- names ---------------------------------------------------------------
