@@ -363,7 +363,7 @@ def report(args, result, build_s):
     seq = result.get('sequential')
     if seq:
         last = result['cycles'][-1]
-        print(f'one after another (seed): {seq["vnics"]} windows, '
+        print(f'one after another (seed): {seq["vifs"]} windows, '
               f'{seq["sent"]} sent, {seq["measured"]} measured, '
               f'{seq["drops"]} drops')
         print(f'  wall {seq["wall_s"]:.3f} s, cpu {seq["total_cpu_s"]:.3f} s'
@@ -405,6 +405,7 @@ def main(argv=None):
                       args.profile)
 
     from netweaver_agent.lab import build as lab_mod
+    from netweaver_agent.lab import spec as labspec
 
     if os.geteuid() != 0:
         print('bench_cycle needs root (it builds network namespaces)',
@@ -412,7 +413,7 @@ def main(argv=None):
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     prefix = f'nwbench{os.getpid()}{secrets.token_hex(2)}-'
-    the_lab = lab_mod.Lab(lab_mod.LabSpec(prefix=prefix, guests=args.guests))
+    the_lab = lab_mod.Lab(labspec.LabSpec(prefix=prefix, guests=args.guests))
     workdir = tempfile.mkdtemp(prefix=prefix)
     try:
         t0 = time.perf_counter()
