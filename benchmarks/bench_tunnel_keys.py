@@ -23,6 +23,8 @@ import struct
 import tempfile
 import time
 
+import dpkt
+
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import pcapreader
@@ -51,7 +53,8 @@ def carriages():
 
     def geneve(options):
         def wrap(f):
-            head = struct.pack('!BBHI', len(options) // 4, 0, probe.ETH_P_TEB,
+            head = struct.pack('!BBHI', len(options) // 4, 0,
+                               dpkt.ethernet.ETH_TYPE_TEB,
                                4242 << 8)
             return udp_ipv4(head + options + f, 6081)
         return wrap

@@ -104,8 +104,8 @@ def probes(proto, n, session=SESSION, replies=False, first=0):
 
 def ethernet(ip, src=MAC_B, dst=MAC_A):
     """An IPv4 packet in Ethernet (dpkt)."""
-    return bytes(dpkt.ethernet.Ethernet(src=src, dst=dst,
-                                        type=probe.ETH_P_IP, data=ip))
+    return bytes(dpkt.ethernet.Ethernet(
+        src=src, dst=dst, type=dpkt.ethernet.ETH_TYPE_IP, data=ip))
 
 
 def reply(probe_frame, kind=None):
@@ -146,18 +146,18 @@ def icmp6_reply(ip6):
     """The guest's answer to an IPv6 probe (bytes of the IPv6 packet)."""
     pkt = dpkt.ip6.IP6(ip6)
     src, dst = pkt.dst, pkt.src
-    if pkt.nxt == probe.IPPROTO_ICMPV6:
+    if pkt.nxt == dpkt.ip.IP_PROTO_ICMP6:
         echo = pkt.data.data
-        l4 = dpkt.icmp6.ICMP6(type=probe.ICMP6_ECHO_REPLY,
+        l4 = dpkt.icmp6.ICMP6(type=dpkt.icmp6.ICMP6_ECHO_REPLY,
                               data=dpkt.icmp6.ICMP6.Echo(
                                   id=echo.id, seq=echo.seq, data=echo.data))
-        nxt = probe.IPPROTO_ICMPV6
+        nxt = dpkt.ip.IP_PROTO_ICMP6
     elif pkt.nxt == 17:
         # Destination unreachable, port unreachable: 4 unused bytes, then
         # as much of the probe as fits.
-        l4 = dpkt.icmp6.ICMP6(type=probe.ICMP6_DST_UNREACH, code=4,
+        l4 = dpkt.icmp6.ICMP6(type=dpkt.icmp6.ICMP6_DST_UNREACH, code=4,
                               data=bytes(4) + bytes(ip6))
-        nxt = probe.IPPROTO_ICMPV6
+        nxt = dpkt.ip.IP_PROTO_ICMP6
     else:
         tcp = pkt.data
         l4 = dpkt.tcp.TCP(sport=tcp.dport, dport=tcp.sport,
@@ -171,8 +171,8 @@ def icmp6_reply(ip6):
 
 def reply6(frame):
     """The guest's answer to an IPv6 probe frame, as a frame."""
-    return probe.ethernet_frame(icmp6_reply(frame[14:]), probe.ETH_P_IPV6,
-                                MAC_B, MAC_A)
+    return probe.ethernet_frame(icmp6_reply(frame[14:]),
+                                dpkt.ethernet.ETH_TYPE_IP6, MAC_B, MAC_A)
 
 
 def answered(proto, ingress_ns, turnaround_ns, egress_ns, session=SESSION,
@@ -239,24 +239,26 @@ def noise():
     dhcp.ulen = len(dhcp)
     return [
         # The guest's IGMP report (from the instance's address!).
-        eth(ip4(GUEST, '224.0.0.22', 2, igmp), probe.ETH_P_IP,
+        eth(ip4(GUEST, '224.0.0.22', 2, igmp), dpkt.ethernet.ETH_TYPE_IP,
             dst=bytes.fromhex('01005e000016')),
         # The same, unicast MAC and all (a broken switch): still IGMP.
-        eth(ip4(GUEST, '198.18.0.1', 2, igmp, ip_id=9), probe.ETH_P_IP),
+        eth(ip4(GUEST, '198.18.0.1', 2, igmp, ip_id=9),
+            dpkt.ethernet.ETH_TYPE_IP),
         # Router solicitation, neighbour solicitation, MLD report.
         eth(ip6(LINK_LOCAL, socket.inet_pton(socket.AF_INET6, 'ff02::2'),
-                58, rs), probe.ETH_P_IPV6, dst=GROUP_MAC),
-        eth(ip6(SRC6, GUEST6, 58, ns), probe.ETH_P_IPV6),
+                58, rs), dpkt.ethernet.ETH_TYPE_IP6, dst=GROUP_MAC),
+        eth(ip6(SRC6, GUEST6, 58, ns), dpkt.ethernet.ETH_TYPE_IP6),
         eth(ip6(LINK_LOCAL, socket.inet_pton(socket.AF_INET6, 'ff02::16'),
-                0, hbh_mld), probe.ETH_P_IPV6, dst=GROUP_MAC),
+                0, hbh_mld), dpkt.ethernet.ETH_TYPE_IP6, dst=GROUP_MAC),
         # ARP who-has, DHCP discover (broadcast) and renewal (unicast).
         eth(struct.pack('!HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, MAC_A,
                         socket.inet_aton(GUEST), bytes(6),
                         socket.inet_aton('198.18.0.1')), 0x0806,
             dst=BCAST_MAC),
-        eth(ip4('0.0.0.0', '255.255.255.255', 17, dhcp), probe.ETH_P_IP,
-            dst=BCAST_MAC),
-        eth(ip4(GUEST, '198.18.0.1', 17, dhcp, ip_id=3), probe.ETH_P_IP),
+        eth(ip4('0.0.0.0', '255.255.255.255', 17, dhcp),
+            dpkt.ethernet.ETH_TYPE_IP, dst=BCAST_MAC),
+        eth(ip4(GUEST, '198.18.0.1', 17, dhcp, ip_id=3),
+            dpkt.ethernet.ETH_TYPE_IP),
         # Traffic of another instance.
         hping_syn(3007, 1007, 507, dst=socket.inet_aton('198.18.0.20')),
     ]
@@ -299,12 +301,12 @@ def udp_underlay(payload, port, v6_underlay):
     if v6_underlay:
         ip = dpkt.ip6.IP6(src=V6[0], dst=V6[1], nxt=17, hlim=64,
                           plen=len(udp), data=udp)
-        etype = probe.ETH_P_IPV6
+        etype = dpkt.ethernet.ETH_TYPE_IP6
     else:
         ip = dpkt.ip.IP(src=UNDERLAY[0], dst=UNDERLAY[1], p=17, ttl=64,
                         data=udp)
         ip.len = len(ip)
-        etype = probe.ETH_P_IP
+        etype = dpkt.ethernet.ETH_TYPE_IP
     return probe.ethernet_frame(bytes(ip), etype, MAC_A, MAC_B)
 
 
@@ -312,8 +314,8 @@ def tagged(frame, *vids):
     """``frame`` with 802.1Q tags (802.1ad outermost when two)."""
     tags = b''
     for n, vid in enumerate(vids):
-        tpid = probe.ETH_P_8021AD if n == 0 and len(vids) > 1 else \
-            probe.ETH_P_8021Q
+        tpid = dpkt.ethernet.ETH_TYPE_8021AD if n == 0 and len(vids) > 1 else \
+            dpkt.ethernet.ETH_TYPE_8021Q
         tags += struct.pack('!HH', tpid, vid)
     return frame[:12] + tags + frame[12:]
 
@@ -386,8 +388,8 @@ def make_frame(rnd):
         if six:
             ip = icmp6_reply(ip)
         else:
-            ip = reply(probe.ethernet_frame(ip, probe.ETH_P_IP, MAC_A,
-                                            MAC_B),
+            ip = reply(probe.ethernet_frame(ip, dpkt.ethernet.ETH_TYPE_IP,
+                                            MAC_A, MAC_B),
                        rnd.choice(['rst', 'synack']))[14:]
     if not six and rnd.random() < 0.2:
         ip = bytearray(ip)
@@ -401,7 +403,7 @@ def make_frame(rnd):
             ip = (bytes([0x40 | (5 + words)]) + ip[1:20] +
                   bytes(4 * words) + ip[20:])
         ip = bytes(ip)
-    etype = probe.ETH_P_IPV6 if six else probe.ETH_P_IP
+    etype = dpkt.ethernet.ETH_TYPE_IP6 if six else dpkt.ethernet.ETH_TYPE_IP
     vlan = tuple(rnd.randrange(4096) for _ in range(rnd.randrange(3)))
     frame = probe.ethernet_frame(ip, etype, MAC_A, MAC_B, vlan=vlan)
     tunnel = rnd.random()

@@ -83,11 +83,8 @@ class Analysis:
 
 def interface_names(pif_path, vif_path, pif_name=None, vif_name=None):
     """Names for the two files' interfaces: given, else the file names."""
-    def stem(path):
-        return os.path.splitext(os.path.basename(os.fspath(path)))[0]
-
-    pif_name = pif_name or stem(pif_path)
-    vif_name = vif_name or stem(vif_path)
+    pif_name = pif_name or pcaprows.stem(os.fspath(pif_path))
+    vif_name = vif_name or pcaprows.stem(os.fspath(vif_path))
     if pif_name == vif_name:
         pif_name, vif_name = f'pif:{pif_name}', f'vif:{vif_name}'
     return pif_name, vif_name

@@ -35,6 +35,7 @@ import struct
 import threading
 import time
 
+import dpkt
 from oslo_log import log
 
 from netweaver_agent.core import netns
@@ -196,11 +197,11 @@ def _narrow(session, protocol, v6, tunnel_ports):
         code += [(_JEQ, n + 'udp', 0, 17)]
     # ICMP: echo (request or reply) of the session, or an unreachable
     # quoting a UDP probe of it (user space keys both in either mode).
-    echo = ((probe.ICMP6_ECHO_REQUEST, probe.ICMP6_ECHO_REPLY) if v6
+    echo = ((dpkt.icmp6.ICMP6_ECHO_REQUEST, dpkt.icmp6.ICMP6_ECHO_REPLY) if v6
             else (8, 0))
     code += [(_JEQ, 0, 'reject', 58 if v6 else 1), (_LDB_IND, 0, 0, l4),
              (_JEQ, n + 'echo', 0, echo[0]), (_JEQ, n + 'echo', 0, echo[1]),
-             (_JEQ, 0, 'reject', probe.ICMP6_DST_UNREACH if v6 else 3)]
+             (_JEQ, 0, 'reject', dpkt.icmp6.ICMP6_DST_UNREACH if v6 else 3)]
     inner = l4 + 8
     if not v6:
         code += [(_LDB_IND, 0, 0, inner), (_JEQ, 0, 'accept', 0x45)]
@@ -261,15 +262,15 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None,
     if protos is None:
         raise ValueError(f"unknown probe protocol {protocol!r}")
     protos6 = _PROTOS6[protocol]
-    vlan = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
+    vlan = (dpkt.ethernet.ETH_TYPE_8021Q, dpkt.ethernet.ETH_TYPE_8021AD)
     code = [(_LDX_IMM, 0, 0, 0)]
     # X: the bytes of VLAN tags before the ethertype.
     code += _match_any((_LDH_ABS, 0, 0, 12), vlan, 'tag1', 'ether')
     code += ['tag1', (_LDX_IMM, 0, 0, 4)]
     code += _match_any((_LDH_ABS, 0, 0, 16), vlan, 'tag2', 'ether')
     code += ['tag2', (_LDX_IMM, 0, 0, 8), (_LDH_ABS, 0, 0, 20)]
-    code += ['ether', (_JEQ, 'ip4', 0, probe.ETH_P_IP),
-             (_JEQ, 'ip6', 'reject', probe.ETH_P_IPV6)]
+    code += ['ether', (_JEQ, 'ip4', 0, dpkt.ethernet.ETH_TYPE_IP),
+             (_JEQ, 'ip6', 'reject', dpkt.ethernet.ETH_TYPE_IP6)]
     tunnels = (vxlan_port or geneve_port) and 17 not in protos
     four = protos + ((17,) if tunnels else ())
     narrow = (session is not None and protocol != 'tcp') or bool(
@@ -295,14 +296,14 @@ def bpf_filter(protocol, vxlan_port=None, geneve_port=None, session=None,
             # Version 0 and Ethernet inside; X += the options' length.
             code += [(_JEQ, 0, 'reject', geneve_port),
                      (_LDH_IND, 0, 0, _GENEVE_BASE + 2),
-                     (_JEQ, 0, 'reject', probe.ETH_P_TEB),
+                     (_JEQ, 0, 'reject', dpkt.ethernet.ETH_TYPE_TEB),
                      (_LDB_IND, 0, 0, _GENEVE_BASE),
                      (_JSET, 'reject', 0, 0xc0),
                      (_AND_K, 0, 0, 0x3f), (_LSH_K, 0, 0, 2),
                      (_ADD_X, 0, 0, 0), (_TAX, 0, 0, 0)]
         code += ['inner', (_LDH_IND, 0, 0, _VX_INNER + 12),
-                 (_JEQ, 'in4', 0, probe.ETH_P_IP),
-                 (_JEQ, 'in6', 'reject', probe.ETH_P_IPV6)]
+                 (_JEQ, 'in4', 0, dpkt.ethernet.ETH_TYPE_IP),
+                 (_JEQ, 'in6', 'reject', dpkt.ethernet.ETH_TYPE_IP6)]
         code += ['in4'] + _match_any((_LDB_IND, 0, 0, _VX_INNER + 23),
                                      protos, 'accept', 'reject')
         code += ['in6'] + _match_any((_LDB_IND, 0, 0, _VX_INNER + 20),
@@ -351,14 +352,14 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
         raise ValueError(f"passive sample value {value!r} is not within "
                          f"0..{sample - 1}")
     ports = probe.tunnel_ports(vxlan_port, geneve_port)
-    vlan = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
+    vlan = (dpkt.ethernet.ETH_TYPE_8021Q, dpkt.ethernet.ETH_TYPE_8021AD)
     code = [(_LDX_IMM, 0, 0, 0)]
     code += _match_any((_LDH_ABS, 0, 0, 12), vlan, 'ptag1', 'pether')
     code += ['ptag1', (_LDX_IMM, 0, 0, 4)]
     code += _match_any((_LDH_ABS, 0, 0, 16), vlan, 'ptag2', 'pether')
     code += ['ptag2', (_LDX_IMM, 0, 0, 8), (_LDH_ABS, 0, 0, 20)]
-    code += ['pether', (_JEQ, 'o4', 0, probe.ETH_P_IP),
-             (_JEQ, 'o6', 'reject', probe.ETH_P_IPV6)]
+    code += ['pether', (_JEQ, 'o4', 0, dpkt.ethernet.ETH_TYPE_IP),
+             (_JEQ, 'o6', 'reject', dpkt.ethernet.ETH_TYPE_IP6)]
     # Outer IPv4: X := L3 offset; UDP to a tunnel port goes inside.
     code += ['o4', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0)]
     code += [(_LDB_IND, 0, 0, 9), (_JEQ, 0, 'i4', 17),
@@ -375,8 +376,8 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
              (_TAX, 0, 0, 0), (_LDH_IND, 0, 0, 12), (_ST, 0, 0, _M_PORT),
              (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
              (_LD_MEM, 0, 0, _M_PORT)]
-    code += [(_JEQ, 'i4', 0, probe.ETH_P_IP),
-             (_JEQ, 'i6', 'reject', probe.ETH_P_IPV6)]
+    code += [(_JEQ, 'i4', 0, dpkt.ethernet.ETH_TYPE_IP),
+             (_JEQ, 'i6', 'reject', dpkt.ethernet.ETH_TYPE_IP6)]
     code += ['o6', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
              (_JEQ, 'i6', 'i6', 0)]
     code += _passive_l3(sample - 1, value, False)

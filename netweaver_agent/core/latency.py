@@ -259,15 +259,6 @@ class Matcher:
             self._dst[self.plan[seq]])
         return want
 
-    def feed(self, sighting):
-        """Add one :class:`sightings.Sighting`."""
-        key = sighting.key
-        if key.session != self.session and not (
-                self._wire is not None and key.session == probe.TCP_SESSION):
-            return
-        self._add(key.seq, key.reply, sighting.ifname, sighting.t_ns,
-                  sighting.direction, sighting.auth)
-
     def feed_batch(self, batch):
         """Add every row of a :class:`sightings.SightingBatch`."""
         if batch.session != self.session and self._wire is None:

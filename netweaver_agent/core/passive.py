@@ -33,6 +33,8 @@ import socket
 import struct
 import typing
 
+import dpkt
+
 from netweaver_agent.core import latency
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
@@ -147,7 +149,8 @@ def parse_at(buf, at, caplen, tunnel_ports):
     if caplen >= _FAST4.size:
         (etype, vihl, tlen, ipid, frag, proto, src, dst, sport,
          dport) = _FAST4.unpack_from(buf, at)
-        if etype == probe.ETH_P_IP and vihl == 0x45 and not frag & 0x1fff:
+        if (etype == dpkt.ethernet.ETH_TYPE_IP and vihl == 0x45 and
+                not frag & 0x1fff):
             if proto == TCP:
                 if caplen >= _FAST4.size + _FAST_TCP.size:
                     seq, ack, doff = _FAST_TCP.unpack_from(
@@ -170,7 +173,8 @@ def parse_ip(packet, tunnel_ports=None):
     mv = memoryview(packet)
     if not len(mv):
         return None
-    etype = {4: probe.ETH_P_IP, 6: probe.ETH_P_IPV6}.get(mv[0] >> 4)
+    etype = {4: dpkt.ethernet.ETH_TYPE_IP,
+             6: dpkt.ethernet.ETH_TYPE_IP6}.get(mv[0] >> 4)
     return _parse_l3(mv, 0, etype, tunnel_ports, 1)
 
 
@@ -180,7 +184,8 @@ def _parse(mv, off, tunnel_ports, depth):
     etype = _ETH.unpack_from(mv, off)[2]
     off += _ETH.size
     for _ in range(probe.MAX_VLAN_TAGS):
-        if etype not in (probe.ETH_P_8021Q, probe.ETH_P_8021AD):
+        if etype not in (dpkt.ethernet.ETH_TYPE_8021Q,
+                         dpkt.ethernet.ETH_TYPE_8021AD):
             break
         if len(mv) < off + 4:
             return None
@@ -190,7 +195,7 @@ def _parse(mv, off, tunnel_ports, depth):
 
 
 def _parse_l3(mv, off, etype, tunnel_ports, depth):
-    if etype == probe.ETH_P_IP:
+    if etype == dpkt.ethernet.ETH_TYPE_IP:
         if len(mv) < off + _IP4.size:
             return None
         (vihl, _tos, _tlen, ipid, frag, _ttl, proto, _csum, src,
@@ -202,7 +207,7 @@ def _parse_l3(mv, off, etype, tunnel_ports, depth):
             # A later fragment: no ports; keyed by id and offset.
             return Header((proto, src, dst, 0, 0), (ipid, frag & 0x1fff))
         v4_ident = (ipid, 0)
-    elif etype == probe.ETH_P_IPV6:
+    elif etype == dpkt.ethernet.ETH_TYPE_IP6:
         if len(mv) < off + _IP6.size:
             return None
         _vtc, _plen, proto, _hop, src, dst = _IP6.unpack_from(mv, off)

@@ -29,6 +29,8 @@ import operator
 import struct
 import sys
 
+import dpkt
+
 from netweaver_agent.core import probe
 
 LINKTYPE_ETHERNET = 1
@@ -36,10 +38,20 @@ LINKTYPE_LINUX_SLL = 113
 LINKTYPE_LINUX_SLL2 = 276
 
 _HOST_BE = sys.byteorder == 'big'
-_ETH_P_ARP = 0x0806                 # never ours
-_ETH_P_IPV6 = probe.ETH_P_IPV6
+_ETH_P_ARP = dpkt.ethernet.ETH_TYPE_ARP      # never ours
+_ETH_P_IPV6 = dpkt.ethernet.ETH_TYPE_IP6
+_ETH_P_IP = dpkt.ethernet.ETH_TYPE_IP
+# IP protocols and ICMP types, dpkt's names.
+_P_ICMP = dpkt.ip.IP_PROTO_ICMP
+_P_TCP = dpkt.ip.IP_PROTO_TCP
+_P_UDP = dpkt.ip.IP_PROTO_UDP
+_P_ICMP6 = dpkt.ip.IP_PROTO_ICMP6
+_ECHO, _ECHOREPLY = dpkt.icmp.ICMP_ECHO, dpkt.icmp.ICMP_ECHOREPLY
+_UNREACH = dpkt.icmp.ICMP_UNREACH
+_ECHO6 = dpkt.icmp6.ICMP6_ECHO_REQUEST
+_ECHOREPLY6 = dpkt.icmp6.ICMP6_ECHO_REPLY
 _TUNNEL_PORTS = probe.TUNNEL_PORTS
-_ETH_VLAN = (probe.ETH_P_8021Q, probe.ETH_P_8021AD)
+_ETH_VLAN = (dpkt.ethernet.ETH_TYPE_8021Q, dpkt.ethernet.ETH_TYPE_8021AD)
 _MAGIC = probe.MAGIC
 _SYN, _RST, _ACK = 0x02, 0x04, 0x10
 _TAG_NEED = 20 + 8 + probe.TAG_LEN       # IP length to hold a tagged probe
@@ -129,7 +141,7 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True, tunnels=None):
     if avail < 20 or caplen < link.ethertype_off + 2:
         return _slow_key(buf, off, caplen, link, decap, tunnels)
     etype, = _ETHERTYPE.unpack_from(buf, off + link.ethertype_off)
-    if etype != probe.ETH_P_IP:
+    if etype != _ETH_P_IP:
         if etype == _ETH_P_ARP:
             return None
         return _slow_key(buf, off, caplen, link, decap, tunnels)
@@ -140,21 +152,21 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True, tunnels=None):
         return None
     plen = (min(length, avail) if length else avail) - 20
     l4 = ip + 20
-    if proto == 1:
+    if proto == _P_ICMP:
         if plen < 4:
             return None
         icmp_type = buf[l4]
-        if icmp_type == 8 or icmp_type == 0:
+        if icmp_type in (_ECHO, _ECHOREPLY):
             if plen < 8 + probe.TAG_LEN:
                 return None
             magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
             if magic != _MAGIC or _U16.unpack_from(buf, l4 + 4)[0] != session:
                 return None
             return session, (seq << 1) | (icmp_type == 0)
-        if icmp_type == 3:
+        if icmp_type == _UNREACH:
             return _unreach_key(buf, l4, plen, off, caplen, link)
         return None
-    if proto == 17:
+    if proto == _P_UDP:
         if plen < 8 + probe.TAG_LEN:
             return None
         magic, session, seq = _TAG_AT.unpack_from(buf, l4 + 8)
@@ -166,7 +178,7 @@ def frame_key(buf, off, caplen, link=ETHERNET, decap=True, tunnels=None):
                 return _tunnel_key(buf, l4 + 8, l4 + plen, kind)
             return None
         return session, seq << 1
-    if proto == 6:
+    if proto == _P_TCP:
         if plen < 20:
             return None
         sport, dport, seq, ack, doff, flags = _TCP.unpack_from(buf, l4)
@@ -219,7 +231,7 @@ def _frame_auth(buf, off, caplen, link, tunnel):
     if tunnel is None:
         return probe.ip_auth(buf, ip, end, etype)
     # The UDP payload of the outer packet, then the inner frame.
-    if etype == probe.ETH_P_IP:
+    if etype == _ETH_P_IP:
         if ip + 20 > end:
             return None
         total, = _U16.unpack_from(buf, ip + 2)
@@ -242,7 +254,7 @@ def _tunnel_inner(buf, start, stop, kind):
     """Offset of the inner frame of the VXLAN or Geneve header at
     ``buf[start:stop]``, or None (the rules of :mod:`probe`)."""
     if kind == 'vxlan':
-        if (stop - start < probe.VXLAN_HDR_LEN + probe.ETH_HDR_LEN or
+        if (stop - start < probe.VXLAN_HDR_LEN + dpkt.ethernet.ETH_HDR_LEN or
                 not buf[start] & 0x08):
             return None
         return start + probe.VXLAN_HDR_LEN
@@ -270,7 +282,7 @@ def _unreach_key(buf, l4, plen, off, caplen, link):
     vhl, length, _frag, proto = _IPV4.unpack_from(buf, inner)
     if vhl != 0x45:
         return _slow_key(buf, off, caplen, link)
-    if proto != 17:
+    if proto != _P_UDP:
         return None
     avail = plen - 8
     if (min(length, avail) if length else avail) - 20 < 8 + probe.TAG_LEN:
@@ -282,10 +294,14 @@ def _unreach_key(buf, l4, plen, off, caplen, link):
 
 
 # Fingerprint mode: which packets are request/response traffic.
-_ICMP_OK = frozenset((0, 8,             # echo reply, request
-                      3, 11, 12))       # errors quoting a packet
-_ICMP6_OK = frozenset((128, 129,        # echo request, reply
-                       1, 2, 3, 4))     # errors quoting a packet
+_ICMP_OK = frozenset((_ECHOREPLY, _ECHO,
+                      _UNREACH, dpkt.icmp.ICMP_TIMEXCEED,
+                      dpkt.icmp.ICMP_PARAMPROB))     # errors quoting one
+_ICMP6_OK = frozenset((_ECHO6, _ECHOREPLY6,
+                       dpkt.icmp6.ICMP6_DST_UNREACH,
+                       dpkt.icmp6.ICMP6_PACKET_TOO_BIG,
+                       dpkt.icmp6.ICMP6_TIME_EXCEEDED,
+                       dpkt.icmp6.ICMP6_PARAM_PROB))     # errors quoting one
 # DHCP and DHCPv6 (client/server ports): broadcast or link-local chatter.
 _DHCP_PORTS = frozenset((67, 68, 546, 547))
 _BROADCAST4 = b'\xff' * 4
@@ -352,7 +368,7 @@ def _fingerprint_tagged(buf, etype, ip, end, dst_ip, decap):
 
 def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
     """:func:`fingerprint_key` of the IP packet at ``buf[ip:end]``."""
-    if etype == probe.ETH_P_IP:
+    if etype == _ETH_P_IP:
         if ip + 20 > end or buf[ip] >> 4 != 4:
             return None
         hl = (buf[ip] & 0x0f) * 4
@@ -368,7 +384,7 @@ def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
         dst = bytes(buf[ip + 16:ip + 20])
         if dst[0] >= 224 or dst == _BROADCAST4:
             return None
-        icmp_ok = proto == 1 and buf[l4] in _ICMP_OK
+        icmp_ok = proto == _P_ICMP and buf[l4] in _ICMP_OK
         head = (bytes(buf[ip + 4:ip + 6]) + bytes(buf[ip + 9:ip + 10]))
     elif etype == _ETH_P_IPV6:
         if ip + 48 > end or buf[ip] >> 4 != 6:
@@ -383,11 +399,11 @@ def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
         dst = bytes(buf[ip + 24:ip + 40])
         if dst[0] == 0xff:
             return None             # multicast: ND, RS, MLD...
-        icmp_ok = proto == probe.IPPROTO_ICMPV6 and buf[l4] in _ICMP6_OK
+        icmp_ok = proto == _P_ICMP6 and buf[l4] in _ICMP6_OK
         head = bytes(buf[ip + 6:ip + 7]) + bytes(buf[ip + 4:ip + 6])
     else:
         return None
-    if proto == 17:
+    if proto == _P_UDP:
         sport, dport = _U16.unpack_from(buf, l4)[0], _U16.unpack_from(
             buf, l4 + 2)[0]
         kind = _TUNNEL_PORTS.get(dport)
@@ -395,7 +411,7 @@ def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
             return _fingerprint_tunnel(buf, l4 + 8, stop, kind, dst_ip)
         if sport in _DHCP_PORTS or dport in _DHCP_PORTS:
             return None
-    elif proto != 6 and not icmp_ok:
+    elif proto != _P_TCP and not icmp_ok:
         return None                 # IGMP, ND/RA/RS, MLD, other protocols
     if dst_ip is not None and dst != dst_ip and src != dst_ip:
         return None
@@ -411,8 +427,8 @@ def _fingerprint_ip(buf, etype, ip, end, dst_ip, decap):
 
 
 _PAIR = b'P'                # keeps pair fields apart from packet fields
-_ECHO_REQUEST = {1: 8, probe.IPPROTO_ICMPV6: 128}
-_ECHO_REPLY = {1: 0, probe.IPPROTO_ICMPV6: 129}
+_ECHO_REQUEST = {_P_ICMP: _ECHO, _P_ICMP6: _ECHO6}
+_ECHO_REPLY = {_P_ICMP: _ECHOREPLY, _P_ICMP6: _ECHOREPLY6}
 
 
 def _pair_fields(buf, proto, l4, stop, src, dst, reply):
@@ -427,7 +443,7 @@ def _pair_fields(buf, proto, l4, stop, src, dst, reply):
     None (the packet's own fields key it).
     """
     client, server = (dst, src) if reply else (src, dst)
-    if proto == 6:
+    if proto == _P_TCP:
         if l4 + 14 > stop:
             return None
         flags = buf[l4 + 13]
@@ -569,9 +585,11 @@ _T_TAG_LEAD = _table(lambda b: b == probe.MAGIC[0])
 _T_ONE_FF = bytes(0xff if b == 1 else 0 for b in range(256))
 _T_PORT_HI = bytes((b & 0x7f) | 0x80 for b in range(256))
 _T_BIT = bytes(b & 1 for b in range(256))
-_T_PROTO = {p: _table(lambda b, p=p: b != p) for p in (1, 6, 17)}
+_T_PROTO = {p: _table(lambda b, p=p: b != p)
+            for p in (_P_ICMP, _P_TCP, _P_UDP)}
 # ICMP type -> 0 echo request, 1 echo reply, 2 anything else.
-_T_ECHO = bytes(0 if b == 8 else 1 if b == 0 else 2 for b in range(256))
+_T_ECHO = bytes(0 if b == _ECHO else 1 if b == _ECHOREPLY else 2
+                for b in range(256))
 # TCP flags -> 0 probe (SYN, no ACK), 1 reply (ACK with RST or SYN), 2 other.
 _T_TCP = bytes(0 if b & _SYN and not b & _ACK else
                1 if b & _ACK and b & (_RST | _SYN) else 2
@@ -626,21 +644,21 @@ def run_keys(buf, first, stride, n, caplen, link=ETHERNET, decap=True):
         return column(buf, at, stride, n, size)
 
     proto = buf[ip + 9]
-    if proto not in (1, 6, 17):
+    if proto not in (_P_ICMP, _P_TCP, _P_UDP):
         return None
     et = first + link.ethertype_off
     bad = (_mask(col(et), _T_NOT_08) | _mask(col(et + 1), _T_NOT_00) |
            _mask(col(ip), _T_NOT_45) | _mask(col(ip + 6), _T_FRAG_HI) |
            _mask(col(ip + 7), _T_NOT_00) |
            _mask(col(ip + 9), _T_PROTO[proto]))
-    if (proto == 17 and decap and buf[l4 + 8] != _MAGIC[0] and
+    if (proto == _P_UDP and decap and buf[l4 + 8] != _MAGIC[0] and
             _U16.unpack_from(buf, l4 + 2)[0] in _TUNNEL_PORTS):
         return _tunnel_run(buf, col, first, stride, n, caplen, link, bad)
     tag_at = None
-    if proto == 6:
+    if proto == _P_TCP:
         found = _tcp(col, l4, n)
         need = _TCP_NEED
-    elif proto == 1 and buf[l4] == 3:
+    elif proto == _P_ICMP and buf[l4] == _UNREACH:
         if caplen - link.ip_off < _UNREACH_AUTH_NEED:
             return None
         found = _unreach(col, l4, n)
@@ -677,7 +695,7 @@ def _run_auth(col, ip, tag_at, replies, proto, n):
     """frame_auth of every record: the tag (at ``tag_at``; None: TCP,
     no tag) XOR the address, the destination of probes and the source of
     answers (``replies``: one byte per record, 1 = answer)."""
-    n_replies = 0 if proto == 17 else replies.count(1)
+    n_replies = 0 if proto == _P_UDP else replies.count(1)
     if n_replies == n:
         addr = col(ip + 12, 4)
     elif n_replies == 0:
@@ -711,9 +729,10 @@ def _tunnel_run(buf, col, first, stride, n, caplen, link, bad):
         if lead >> 6:
             return None
         hdr = probe.GENEVE_HDR_LEN + (lead & 0x3f) * 4
+        teb = dpkt.ethernet.ETH_TYPE_TEB
         bad |= (_differ(col(start), bytes([lead]) * n) |
-                _differ(col(start + 2), bytes([probe.ETH_P_TEB >> 8]) * n) |
-                _differ(col(start + 3), bytes([probe.ETH_P_TEB & 0xff]) * n))
+                _differ(col(start + 2), bytes([teb >> 8]) * n) |
+                _differ(col(start + 3), bytes([teb & 0xff]) * n))
     ip = first + link.ip_off
     total = _U16.unpack_from(buf, ip + 2)[0]
     if not 0 < total <= caplen - link.ip_off:
@@ -775,7 +794,7 @@ def _tagged(col, l4, n, proto):
     if col(l4 + 8, 4) != _MAGIC * n:
         for j in range(4):
             bad |= _differ(col(l4 + 8 + j), _MAGIC[j:j + 1] * n)
-    if proto == 1:
+    if proto == _P_ICMP:
         replies = col(l4).translate(_T_ECHO)
         bad |= (_mask(replies, _T_TWO) | _differ(col(l4 + 4), s_hi) |
                 _differ(col(l4 + 5), s_lo))
@@ -855,7 +874,7 @@ def _blend(a, b, mask):
 _T_EQ = [bytes(1 if b == v else 0 for b in range(256)) for v in range(256)]
 _T_IP6_BAD = _table(lambda b: b >> 4 != 6)
 _T_ICMP_ECHO = _table(lambda b: b in (0, 8))
-_T_ICMP6_ECHO = _table(lambda b: b in (128, 129))
+_T_ICMP6_ECHO = _table(lambda b: b in (_ECHO6, _ECHOREPLY6))
 _T_TCP_CAND = _table(lambda b: _T_TCP[b] != 2)
 
 
@@ -908,7 +927,7 @@ def _layouts(col, first, n, short, link):
     et = first + link.ethertype_off
     ip0 = first + link.ip_off
     hi, lo = col(et), col(et + 1)
-    out = [(4, _eq16(hi, lo, probe.ETH_P_IP), ip0),
+    out = [(4, _eq16(hi, lo, _ETH_P_IP), ip0),
            (6, _eq16(hi, lo, _ETH_P_IPV6), ip0)]
     tagged = 0
     for tpid in _ETH_VLAN:
@@ -917,7 +936,7 @@ def _layouts(col, first, n, short, link):
     if tagged:
         other |= tagged & short(link.ip_off + 4)
         ihi, ilo = col(ip0 + 2), col(ip0 + 3)
-        out += [(4, tagged & _eq16(ihi, ilo, probe.ETH_P_IP), ip0 + 4),
+        out += [(4, tagged & _eq16(ihi, ilo, _ETH_P_IP), ip0 + 4),
                 (6, tagged & _eq16(ihi, ilo, _ETH_P_IPV6), ip0 + 4)]
         for tpid in _ETH_VLAN:
             other |= tagged & _eq16(ihi, ilo, tpid)
@@ -953,22 +972,22 @@ def probe_candidates(buf, first, stride, n, caplen, link=ETHERNET,
                      _mask(col(ip + 6), _T_FRAG_HI) |
                      _mask(col(ip + 7), _T_NONZERO))
             proto = col(ip + 9)
-            icmp = _eq(proto, 1)
-            echo, error = _T_ICMP_ECHO, 3
+            icmp = _eq(proto, _P_ICMP)
+            echo, error = _T_ICMP_ECHO, _UNREACH
         else:
             maybe = _mask(col(ip), _T_IP6_BAD)
             proto = col(ip + 6)
-            icmp = _eq(proto, probe.IPPROTO_ICMPV6)
-            echo, error = _T_ICMP6_ECHO, 1
+            icmp = _eq(proto, _P_ICMP6)
+            echo, error = _T_ICMP6_ECHO, dpkt.icmp6.ICMP6_DST_UNREACH
         if icmp:
             # Echoes of ours carry the tag; errors quote what they quote.
             kind = col(l4)
             icmp &= (_mask(kind, echo) & _eq(col(l4 + 8), _MAGIC[0]) |
                      _eq(kind, error))
-        udp = _eq(proto, 17)
+        udp = _eq(proto, _P_UDP)
         if udp:
             udp &= (_eq(col(l4 + 8), _MAGIC[0]) | _tunnel_ports(col, l4))
-        tcp = _eq(proto, 6)
+        tcp = _eq(proto, _P_TCP)
         if tcp:
             tcp &= _mask(col(l4 + 13), _T_TCP_CAND)
         cand |= mask & (maybe | icmp | udp | tcp)
@@ -1017,7 +1036,7 @@ def fingerprint_candidates(buf, first, stride, n, caplen, link=ETHERNET,
             proto = col(ip + 6)
         # Tunnels carry any inner address (IPv4 options shift the UDP
         # header: those are in maybe).
-        tunnel = _eq(proto, 17)
+        tunnel = _eq(proto, _P_UDP)
         if tunnel:
             tunnel &= _tunnel_ports(col, l4)
         cand |= mask & (ours | maybe | tunnel)
@@ -1086,8 +1105,9 @@ _T_ICMP6_OK = _table(lambda b: b in _ICMP6_OK)
 # transport bytes (and its offset), multicast test of the first
 # destination byte.
 _PLAIN = {
-    4: (_T_NOT_45, 12, 4, 20, 9, 1, 8, 0, _T_ICMP_OK, 28, 2, _T_MCAST4),
-    6: (_T_V6_NOT, 8, 16, 40, 6, probe.IPPROTO_ICMPV6, 128, 129,
+    4: (_T_NOT_45, 12, 4, 20, 9, _P_ICMP, _ECHO, _ECHOREPLY, _T_ICMP_OK, 28, 2,
+        _T_MCAST4),
+    6: (_T_V6_NOT, 8, 16, 40, 6, _P_ICMP6, _ECHO6, _ECHOREPLY6,
         _T_ICMP6_OK, 8, 4, _T_EQ[0xff]),
 }
 
@@ -1199,12 +1219,12 @@ def _plain_layout(col, first, n, link, dst_ip, short, kind, mask, ip,
     if not plain:
         return 0, None, None, None
     proto = col(ip + proto_at)
-    udp = _eq(proto, 17)
+    udp = _eq(proto, _P_UDP)
     plain &= ~(udp & _tunnel_ports(col, l4))
     src = [col(ip + src_at + j) for j in range(size)]
     dst = [col(ip + src_at + size + j) for j in range(size)]
     reply = 0
-    tcp = _eq(proto, 6)
+    tcp = _eq(proto, _P_TCP)
     icmp = _eq(proto, icmp_proto)
     if dst_ip is None:
         ours = ones

@@ -64,10 +64,6 @@ AUTH_LEN = 8
 SECRET_LEN = 32
 # TCP keys carry no session: the ISN is a keyed hash.
 TCP_SESSION = 0
-ETH_HDR_LEN = 14
-ETH_P_IP = 0x0800
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88a8
 TCP_SEQ_MASK = 0xffff
 # A TCP probe's seq: this flag, its source port << 16, its ISN's low half.
 TCP_IDENT = 1 << 32
@@ -76,12 +72,6 @@ TCP_IDENT = 1 << 32
 # clear of the traceroute ports (33434..) that UDP probes use as
 # destinations only.
 DEFAULT_TCP_SOURCE_PORTS = range(33000, 61000)
-ETH_P_IPV6 = 0x86dd
-IP6_HDR_LEN = 40
-IPPROTO_ICMPV6 = 58
-ICMP6_DST_UNREACH = 1
-ICMP6_ECHO_REQUEST = 128
-ICMP6_ECHO_REPLY = 129
 # UDP destination ports read as VXLAN (IANA's, and Linux's old default).
 VXLAN_PORTS = (4789, 8472)
 VXLAN_HDR_LEN = 8
@@ -89,7 +79,6 @@ VXLAN_HDR_LEN = 8
 # their length in 4-byte words in the first byte), Ethernet payload type.
 GENEVE_PORTS = (6081,)
 GENEVE_HDR_LEN = 8
-ETH_P_TEB = 0x6558
 TUNNELS = ('vxlan', 'geneve')
 MAX_VLAN_TAGS = 2
 _VLAN_TAG = struct.Struct('!HH')            # TCI, next ethertype
@@ -274,8 +263,8 @@ def _transport(proto, session, seq, tag, pad, port, ipv6):
         if ipv6:
             echo = dpkt.icmp6.ICMP6.Echo(id=session, seq=seq & 0xffff,
                                          data=tag + bytes(pad))
-            return (dpkt.icmp6.ICMP6(type=ICMP6_ECHO_REQUEST, data=echo),
-                    IPPROTO_ICMPV6)
+            return (dpkt.icmp6.ICMP6(type=dpkt.icmp6.ICMP6_ECHO_REQUEST,
+                                     data=echo), dpkt.ip.IP_PROTO_ICMP6)
         echo = dpkt.icmp.ICMP.Echo(id=session, seq=seq & 0xffff,
                                    data=tag + bytes(pad))
         return (dpkt.icmp.ICMP(type=dpkt.icmp.ICMP_ECHO, data=echo),
@@ -300,7 +289,7 @@ def _build_ip6(proto, session, seq, tag, src_ip, dst_ip, size, ttl, port):
     if len(src_ip) != 16 or len(dst_ip) != 16:
         raise ValueError(f"probe addresses {bytes(src_ip).hex()} and "
                          f"{bytes(dst_ip).hex()} are not both IPv6")
-    pad = max(0, size - IP6_HDR_LEN - 8 - TAG_LEN - AUTH_LEN)
+    pad = max(0, size - dpkt.ip6.IP6.__hdr_len__ - 8 - TAG_LEN - AUTH_LEN)
     l4, nxt = _transport(proto, session, seq, tag, pad, port, ipv6=True)
     # dpkt fills in the transport checksum over the IPv6 pseudo-header
     # (RFC 8200 §8.1), so the raw socket sends the packet as built.
@@ -402,7 +391,8 @@ def build_frame(proto, session, seq, src_ip, dst_ip, src_mac, dst_mac,
     vlan = kwargs.pop('vlan', ())
     priority = kwargs.pop('priority', 0)
     ip = build_ip(proto, session, seq, src_ip, dst_ip, **kwargs)
-    etype = ETH_P_IPV6 if len(dst_ip) == 16 else ETH_P_IP
+    etype = dpkt.ethernet.ETH_TYPE_IP6 if len(
+        dst_ip) == 16 else dpkt.ethernet.ETH_TYPE_IP
     return ethernet_frame(ip, etype, src_mac, dst_mac, vlan, priority)
 
 
@@ -414,7 +404,8 @@ def ethernet_frame(payload, etype, src_mac, dst_mac, vlan=(), priority=0):
     for i, vid in enumerate(vlan):
         if not 0 <= vid <= 0xfff:
             raise ValueError(f"VLAN id {vid!r} is not within 0..4095")
-        tpid = ETH_P_8021AD if i == 0 and len(vlan) > 1 else ETH_P_8021Q
+        tpid = (dpkt.ethernet.ETH_TYPE_8021AD if i == 0 and len(vlan) > 1
+                else dpkt.ethernet.ETH_TYPE_8021Q)
         tags += _VLAN_TAG.pack(tpid, ((priority & 7) << 13) | vid)
     return (bytes(dst_mac) + bytes(src_mac) + tags +
             etype.to_bytes(2, 'big') + bytes(payload))
@@ -504,12 +495,12 @@ def _ip6_payload(buf, off, end):
     """``(next header, payload start, payload end)`` of the IPv6 header at
     ``off``, or None.  The payload is cut to the payload length (0: to
     ``end``, as for jumbograms)."""
-    if end - off < IP6_HDR_LEN:
+    if end - off < dpkt.ip6.IP6.__hdr_len__:
         return None
     vtc, plen, nxt = _IP6_HDR.unpack_from(buf, off)
     if vtc >> 4 != 6:
         return None
-    start = off + IP6_HDR_LEN
+    start = off + dpkt.ip6.IP6.__hdr_len__
     return nxt, start, min(end, start + plen) if plen else end
 
 
@@ -527,15 +518,17 @@ def ip6_key(buf, off=0, end=None, session=None):
     nxt, l4, stop = found
     size = stop - l4
     key = None
-    if nxt == IPPROTO_ICMPV6:
+    if nxt == dpkt.ip.IP_PROTO_ICMP6:
         if size < 8 + TAG_LEN:
             return None
         kind = buf[l4]
-        if kind in (ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY):
+        if kind in (dpkt.icmp6.ICMP6_ECHO_REQUEST,
+                    dpkt.icmp6.ICMP6_ECHO_REPLY):
             magic, sess, seq = _TAG.unpack_from(buf, l4 + 8)
             if magic == MAGIC and _U16.unpack_from(buf, l4 + 4)[0] == sess:
-                key = ProbeKey(sess, seq, reply=kind == ICMP6_ECHO_REPLY)
-        elif kind == ICMP6_DST_UNREACH:
+                key = ProbeKey(sess, seq, reply=kind ==
+                               dpkt.icmp6.ICMP6_ECHO_REPLY)
+        elif kind == dpkt.icmp6.ICMP6_DST_UNREACH:
             inner = _ip6_payload(buf, l4 + 8, stop)
             if (inner is not None and inner[0] == dpkt.ip.IP_PROTO_UDP and
                     inner[2] - inner[1] >= 8 + TAG_LEN):
@@ -574,15 +567,15 @@ def parse_packet_key(packet, session=None):
 
 def ip_auth(buf, ip, end, etype):
     """The auth (:func:`auth_value`) of the probe or answer in the IP
-    packet at ``buf[ip:end]`` (``etype``: :data:`ETH_P_IP` or
-    :data:`ETH_P_IPV6`), or None when no address can be read.
+    packet at ``buf[ip:end]`` (``etype``: :data:`dpkt.ethernet.ETH_TYPE_IP` or
+    :data:`dpkt.ethernet.ETH_TYPE_IP6`), or None when no address can be read.
 
     The address is the probe's destination or the answer's source (the
     outer one of an ICMP error); the tag is read where the probe carries
     it (ICMP echo and UDP payloads, the UDP probe an ICMP error quotes),
     when the packet holds all of it; TCP has none (its ISN is a key).
     """
-    if etype == ETH_P_IP:
+    if etype == dpkt.ethernet.ETH_TYPE_IP:
         if ip + 20 > end:
             return None
         hl = (buf[ip] & 0x0f) * 4
@@ -592,18 +585,20 @@ def ip_auth(buf, ip, end, etype):
         src, dst = bytes(buf[ip + 12:ip + 16]), bytes(buf[ip + 16:ip + 20])
         l4 = ip + hl
         icmp, echo_req, echo_rep, unreach, inner_hl = (
-            dpkt.ip.IP_PROTO_ICMP, 8, 0, 3, None)
-    elif etype == ETH_P_IPV6:
-        if ip + IP6_HDR_LEN > end:
+            dpkt.ip.IP_PROTO_ICMP, dpkt.icmp.ICMP_ECHO,
+            dpkt.icmp.ICMP_ECHOREPLY, dpkt.icmp.ICMP_UNREACH, None)
+    elif etype == dpkt.ethernet.ETH_TYPE_IP6:
+        if ip + dpkt.ip6.IP6.__hdr_len__ > end:
             return None
         plen = _U16.unpack_from(buf, ip + 4)[0]
-        l4 = ip + IP6_HDR_LEN
+        l4 = ip + dpkt.ip6.IP6.__hdr_len__
         stop = min(end, l4 + plen) if plen else end
         proto = buf[ip + 6]
         src, dst = bytes(buf[ip + 8:ip + 24]), bytes(buf[ip + 24:ip + 40])
         icmp, echo_req, echo_rep, unreach, inner_hl = (
-            IPPROTO_ICMPV6, ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY,
-            ICMP6_DST_UNREACH, IP6_HDR_LEN)
+            dpkt.ip.IP_PROTO_ICMP6, dpkt.icmp6.ICMP6_ECHO_REQUEST,
+            dpkt.icmp6.ICMP6_ECHO_REPLY, dpkt.icmp6.ICMP6_DST_UNREACH,
+            dpkt.ip6.IP6.__hdr_len__)
     else:
         return None
     tag_at = None
@@ -643,7 +638,8 @@ def packet_auth(packet):
     """:func:`ip_auth` of an IP packet (no link header), or None."""
     if not packet:
         return None
-    etype = ETH_P_IPV6 if packet[0] >> 4 == 6 else ETH_P_IP
+    etype = (dpkt.ethernet.ETH_TYPE_IP6 if packet[0] >> 4 == 6 else
+             dpkt.ethernet.ETH_TYPE_IP)
     return ip_auth(packet, 0, len(packet), etype)
 
 
@@ -676,16 +672,6 @@ class Encap:
             raise ValueError(f"unknown tunnel {self.tunnel!r}; expected "
                              f"one of {', '.join(TUNNELS)}")
 
-    def describe(self):
-        """``'vlan 100'``, ``'vlan 200.100 vxlan vni 4242'``,
-        ``'geneve vni 7'``, ``''``."""
-        parts = []
-        if self.vlan:
-            parts.append('vlan ' + '.'.join(str(v) for v in self.vlan))
-        if self.vni is not None:
-            parts.append(f'{self.tunnel} vni {self.vni}')
-        return ' '.join(parts)
-
 
 NO_ENCAP = Encap()
 _PARSE_ERRORS = (dpkt.Error, ValueError, struct.error, AttributeError,
@@ -694,7 +680,8 @@ _PARSE_ERRORS = (dpkt.Error, ValueError, struct.error, AttributeError,
 
 def _vxlan_inner(data):
     """``(vni, inner frame)`` of a VXLAN payload (after UDP), or None."""
-    if len(data) < VXLAN_HDR_LEN + ETH_HDR_LEN or not data[0] & 0x08:
+    if (len(data) < VXLAN_HDR_LEN + dpkt.ethernet.ETH_HDR_LEN or
+            not data[0] & 0x08):
         return None
     return int.from_bytes(data[4:7], 'big'), data[VXLAN_HDR_LEN:]
 
@@ -703,18 +690,20 @@ def geneve_inner_offset(data, off=0, end=None):
     """Where the inner Ethernet frame of the Geneve header at
     ``data[off:]`` starts, or None.
 
-    Version 0 only, protocol type Ethernet (:data:`ETH_P_TEB`); the
-    options (``Opt Len`` 4-byte words) are skipped; the inner frame must
-    hold at least an Ethernet header before ``end``.
+    Version 0 only, protocol type Ethernet
+    (:data:`dpkt.ethernet.ETH_TYPE_TEB`); the options (``Opt Len``
+    4-byte words) are skipped; the inner frame must hold at least an
+    Ethernet header before ``end``.
     """
     end = len(data) if end is None else end
     if end - off < GENEVE_HDR_LEN:
         return None
     first = data[off]
-    if first >> 6 or _U16.unpack_from(data, off + 2)[0] != ETH_P_TEB:
+    if first >> 6 or _U16.unpack_from(
+            data, off + 2)[0] != dpkt.ethernet.ETH_TYPE_TEB:
         return None
     inner = off + GENEVE_HDR_LEN + (first & 0x3f) * 4
-    return inner if inner + ETH_HDR_LEN <= end else None
+    return inner if inner + dpkt.ethernet.ETH_HDR_LEN <= end else None
 
 
 def _geneve_inner(data):
@@ -759,26 +748,27 @@ def _tunnel_inner(kind, payload):
 
 def _frame_key(buf, session, decap, tunnels=None):
     """``(ProbeKey, Encap)`` of an Ethernet frame, or None (may raise)."""
-    if len(buf) < ETH_HDR_LEN:
+    if len(buf) < dpkt.ethernet.ETH_HDR_LEN:
         return None
-    off = ETH_HDR_LEN
+    off = dpkt.ethernet.ETH_HDR_LEN
     etype, = _U16.unpack_from(buf, 12)
     vlan = ()
-    while etype in (ETH_P_8021Q, ETH_P_8021AD):
+    while etype in (dpkt.ethernet.ETH_TYPE_8021Q,
+                    dpkt.ethernet.ETH_TYPE_8021AD):
         if len(vlan) == MAX_VLAN_TAGS or off + 4 > len(buf):
             return None
         tci, etype = _VLAN_TAG.unpack_from(buf, off)
         vlan += (tci & 0x0fff,)
         off += 4
     tunnel = None
-    if etype == ETH_P_IP:
+    if etype == dpkt.ethernet.ETH_TYPE_IP:
         ip = dpkt.ip.IP(bytes(buf[off:]))
         key = parse_ip_key(ip, session)
         if (key is None and decap and ip.p == dpkt.ip.IP_PROTO_UDP and
                 isinstance(ip.data, dpkt.udp.UDP)):
             tunnel = _tunnel_inner(tunnel_kind(ip.data.dport, tunnels),
                                    bytes(ip.data.data))
-    elif etype == ETH_P_IPV6:
+    elif etype == dpkt.ethernet.ETH_TYPE_IP6:
         key = ip6_key(buf, off, len(buf), session)
         if key is None and decap:
             found = _ip6_payload(buf, off, len(buf))

@@ -10,6 +10,7 @@ with no routing and no neighbour lookup (the destination MACs are given).
 
 import socket
 
+import dpkt
 from oslo_log import log
 
 from netweaver_agent.core import netns
@@ -79,8 +80,8 @@ class FrameSource(sources.LocalSource):
         """The frames of ``plan`` as ``[(dst_ip, bytes)]``, in plan order."""
         out = []
         for dst, packet in super().build(plan):
-            etype = (probe.ETH_P_IPV6 if sources.family_of(dst) ==
-                     socket.AF_INET6 else probe.ETH_P_IP)
+            etype = (dpkt.ethernet.ETH_TYPE_IP6 if sources.family_of(dst) ==
+                     socket.AF_INET6 else dpkt.ethernet.ETH_TYPE_IP)
             out.append((dst, probe.ethernet_frame(
                 packet, etype, self.src_mac, self.macs[dst], self.vlan,
                 self.priority)))

@@ -272,8 +272,8 @@ def test_fingerprint_ipv6_with_router_solicitations(tmp_path):
         def echo(kind):
             return dpkt.icmp6.ICMP6(type=kind, data=dpkt.icmp6.ICMP6.Echo(
                 id=77, seq=i, data=b'x' * 16))
-        req = eth(ip6(SRC6, GUEST6, 58, echo(128)), probe.ETH_P_IPV6)
-        rep = eth(ip6(GUEST6, SRC6, 58, echo(129)), probe.ETH_P_IPV6)
+        req = eth(ip6(SRC6, GUEST6, 58, echo(128)), dpkt.ethernet.ETH_TYPE_IP6)
+        rep = eth(ip6(GUEST6, SRC6, 58, echo(129)), dpkt.ethernet.ETH_TYPE_IP6)
         t = T0 + i * MS
         pif += [(t, req), (t + 40_000, rep)]
         vif += [(t + 10_000, req), (t + 30_000, rep)]

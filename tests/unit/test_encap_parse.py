@@ -8,6 +8,7 @@ the instructions it uses (the kernel runs it in the functional tests).
 import itertools
 import struct
 
+import dpkt
 import pytest
 
 from netweaver_agent.cli import report
@@ -46,7 +47,7 @@ def frame6(proto, session, seq, **kwargs):
 
 def reply6(frame):
     return probe.ethernet_frame(tf.icmp6_reply(frame[14:]),
-                                probe.ETH_P_IPV6, tf.MAC_B, tf.MAC_A)
+                                dpkt.ethernet.ETH_TYPE_IP6, tf.MAC_B, tf.MAC_A)
 
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
@@ -143,7 +144,6 @@ def test_geneve_keys_by_the_inner_frame(opt_len, v6_underlay, inner6):
         outer = tf.geneve(back, 0xabcdef, options=options,
                           v6_underlay=v6_underlay)
         assert pcapkeys.frame_key(outer, 0, len(outer)) == (9, 21, want)
-    assert want.describe() == 'geneve vni 11259375'
 
 
 def test_geneve_and_vxlan_are_told_apart():
@@ -218,7 +218,7 @@ def test_damaged_geneve_gives_no_key(v6_underlay):
         gnv(inner, options=OVN_OPTION, first=6),
         # Version 1; not Ethernet inside; not to the Geneve port.
         gnv(inner, first=0x40 | 2),
-        gnv(inner, ptype=probe.ETH_P_IP),
+        gnv(inner, ptype=dpkt.ethernet.ETH_TYPE_IP),
         gnv(inner, port=6082),
     ]
     for frame in bad:

@@ -50,7 +50,8 @@ def answer(frame):
     """The guest's answer, as Linux builds it (whole probe quoted)."""
     if frame[12:14] == b'\x86\xdd':
         return probe.ethernet_frame(tf.icmp6_reply(frame[14:]),
-                                    probe.ETH_P_IPV6, tp.MAC_B, tp.MAC_A)
+                                    dpkt.ethernet.ETH_TYPE_IP6, tp.MAC_B,
+                                    tp.MAC_A)
     return tp.reply(frame)
 
 

@@ -160,8 +160,8 @@ def rst_for(syn):
         sport=tcp.dport, dport=tcp.sport, ack=(tcp.seq + 1) & 0xffffffff,
         flags=dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK))
     out.len = len(out)
-    return bytes(dpkt.ethernet.Ethernet(src=MAC_B, dst=MAC_A,
-                                        type=probe.ETH_P_IP, data=out))
+    return bytes(dpkt.ethernet.Ethernet(
+        src=MAC_B, dst=MAC_A, type=dpkt.ethernet.ETH_TYPE_IP, data=out))
 
 
 def sighted(session, rows):

@@ -12,6 +12,7 @@ import random
 import socket
 import struct
 
+import dpkt
 import pytest
 from hypothesis import given
 from hypothesis import settings
@@ -460,14 +461,15 @@ def _icmp(kind, ident, seq, v6=False):
         src, dst = pk.SRC6, pk.GUEST6
         if kind == 'reply':
             src, dst = dst, src
-        return pk.eth(pk.ip6(src, dst, 58, body), probe.ETH_P_IPV6)
+        return pk.eth(pk.ip6(src, dst, 58, body), dpkt.ethernet.ETH_TYPE_IP6)
     body = struct.pack('!BBHHH', 8 if kind == 'request' else 0, 0, 0,
                        ident, seq) + b'ping payload'
     src, dst = '198.18.0.1', pk.GUEST
     if kind == 'reply':
         src, dst = dst, src
     ip_id = seq + 17 * (kind == 'reply')
-    return pk.eth(pk.ip4(src, dst, 1, body, ip_id=ip_id), probe.ETH_P_IP)
+    return pk.eth(pk.ip4(src, dst, 1, body, ip_id=ip_id),
+                  dpkt.ethernet.ETH_TYPE_IP)
 
 
 def _tcp(sport, dport, seq, ack, flags, from_guest, ip_id):
@@ -476,7 +478,8 @@ def _tcp(sport, dport, seq, ack, flags, from_guest, ip_id):
         src, dst = dst, src
     head = struct.pack('!HHIIBBHHH', sport, dport, seq, ack, 0x50, flags,
                        512, 0, 0)
-    return pk.eth(pk.ip4(src, dst, 6, head, ip_id=ip_id), probe.ETH_P_IP)
+    return pk.eth(pk.ip4(src, dst, 6, head, ip_id=ip_id),
+                  dpkt.ethernet.ETH_TYPE_IP)
 
 
 SYN, RST, ACK = 0x02, 0x04, 0x10
@@ -552,10 +555,10 @@ def test_fingerprint_turnaround_only_for_answers_to_the_request(tmp_path):
         exchanges.append((out, back))
         udp = pk.eth(pk.ip4('198.18.0.1', pk.GUEST, 17, struct.pack(
             '!HHHH', 5353 + i, 9999, 8 + 3, 0) + b'abc', ip_id=30 + i),
-            probe.ETH_P_IP)
+            dpkt.ethernet.ETH_TYPE_IP)
         udp_ans = pk.eth(pk.ip4(pk.GUEST, '198.18.0.1', 17, struct.pack(
             '!HHHH', 9999, 5353 + i, 8 + 3, 0) + b'xyz', ip_id=40 + i),
-            probe.ETH_P_IP)
+            dpkt.ethernet.ETH_TYPE_IP)
         exchanges.append((udp, udp_ans))
     pif, vif = _timeline(exchanges, 5_000, 30_000, 1_000,
                          outward=range(1, len(exchanges), 3))
@@ -631,10 +634,10 @@ def test_prefilters_rule_out_everyday_traffic():
     hosts, tagged or not, are ruled out without a per-record look."""
     data = pk.eth(pk.ip4('198.18.0.1', '198.18.0.20', 6, struct.pack(
         '!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08, 512, 0, 0) +
-        bytes(100)), probe.ETH_P_IP)
+        bytes(100)), dpkt.ethernet.ETH_TYPE_IP)
     arp = pk.noise()[5]
     dns = pk.eth(pk.ip4('198.18.0.1', '198.18.0.53', 17, struct.pack(
-        '!HHHH', 5353, 53, 8 + 20, 0) + bytes(20)), probe.ETH_P_IP)
+        '!HHHH', 5353, 53, 8 + 20, 0) + bytes(20)), dpkt.ethernet.ETH_TYPE_IP)
     frames = [data, tagged(data, 5), arp, dns, tagged(dns, 9)]
     caplen = max(map(len, frames))
     buf = b''.join((f + bytes(caplen))[:caplen] for f in frames)
@@ -799,7 +802,7 @@ def _everyday(rnd):
         frame = pk.eth(pk.ip6(a, b, proto, l4), 0x86dd)
     else:
         frame = pk.eth(pk.ip4(a, b, proto, l4, ip_id=rnd.randrange(65536)),
-                       probe.ETH_P_IP)
+                       dpkt.ethernet.ETH_TYPE_IP)
         if rnd.random() < 0.05:                   # a later fragment
             frame = frame[:20] + b'\x00\x10' + frame[22:]
         elif rnd.random() < 0.05:                 # total length too short
@@ -940,7 +943,7 @@ def test_packet_tunnelled_and_tagged_reports_its_vni(tunnel_first, fmt,
     tcp = struct.pack('!HHIIBBHHH', 40000, 443, 1, 1, 0x50, ACK | 0x08,
                       512, 0, 0) + bytes(60)
     inner = pk.eth(pk.ip4('198.18.0.20', pk.GUEST, 6, tcp, ip_id=4321),
-                   probe.ETH_P_IP)
+                   dpkt.ethernet.ETH_TYPE_IP)
     pair = [pk.geneve(inner, 0x123456), tagged(inner, 100)]
     if not tunnel_first:
         pair.reverse()
