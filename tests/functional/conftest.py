@@ -8,8 +8,10 @@ import itertools
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -38,6 +40,14 @@ def require_root():
     if os.geteuid() != 0:
         pytest.fail('functional tests build network namespaces and need '
                     f'root; running as uid {os.geteuid()}')
+
+
+@pytest.fixture
+def workdir():
+    """A directory of its own for a test's files (pcaps), removed after."""
+    path = tempfile.mkdtemp(prefix='nw-tcpdump-')
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from netweaver_agent.core import pcapfile
 from netweaver_agent.core import sightings
 from netweaver_agent.core import window
 from tests.functional import conftest
-from tests.functional import test_tcpdump_agreement as agreement
+from tests.functional import tcpdump
 
 CLI = [sys.executable, '-m', 'netweaver_agent.cli.main']
 COUNT = 100
@@ -120,9 +120,9 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
         tmp_path / f'{tap}.pcap')
     # No filter on the pif: the lab's static neighbours leave only
     # probes and answers there, in whatever the layout wraps them.
-    with agreement.recording(
-            agreement.Tcpdump(the_lab.spec.hv_netns, iface, out, bpf,
-                              limit=2 * COUNT + 50)
+    with tcpdump.recording(
+            tcpdump.Tcpdump(the_lab.spec.hv_netns, iface, out, bpf,
+                            limit=2 * COUNT + 50)
             for iface, out, bpf in ((pif, pif_pcap, []),
                                     (tap, tap_pcap, ['icmp']))):
         result = live_window(the_lab)
@@ -142,7 +142,7 @@ def test_analyze_agrees_with_the_live_window(lab_factory, tmp_path, switch,
     # Per probe: the files' tap - pif is the live window's.
     worst_in = assert_same_latencies(
         conftest.probe_times(result.batch, pif, tap),
-        agreement.pcap_times(pif_pcap, tap_pcap, pif, tap, result.session),
+        tcpdump.pcap_times(pif_pcap, tap_pcap, pif, tap, result.session),
         'ingress')
     worst_out = assert_same_latencies(
         reply_times(result.batch, pif, tap),

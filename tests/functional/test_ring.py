@@ -28,10 +28,9 @@ from netweaver_agent.core import probe
 from netweaver_agent.core import ring
 from netweaver_agent.core import sightings
 from netweaver_agent.core import window
-from tests.functional import test_privsep
-from tests.functional.test_tcpdump_agreement import recording
-from tests.functional.test_tcpdump_agreement import Tcpdump
-from tests.functional.test_tcpdump_agreement import workdir  # noqa: F401
+from tests.functional import privsep
+from tests.functional.tcpdump import recording
+from tests.functional.tcpdump import Tcpdump
 
 COUNT = 40
 
@@ -147,7 +146,7 @@ def test_daemon_reads_a_ring(lab_factory):
     the_lab = lab_factory(guests=2)
     ctx = privileged.netns_pctxt
     source = privileged.PrivsepLocalSource(the_lab.spec.src_netns, context=ctx)
-    result = test_privsep.daemon_window(
+    result = privsep.daemon_window(
         the_lab, source, window.WindowSettings(
             count=COUNT, timeout_ms=100.0, max_window_ms=2000.0), ctx)
     assert result.capture.reader == 'ring'

@@ -1,6 +1,11 @@
 """Fakes of a window's network boundary shared by unit tests of
 :func:`measure.run_window`: a capture that sees nothing and a source
-that sends everything, both without sockets."""
+that sends everything, both without sockets; and oslo.privsep's wire
+without the daemon."""
+
+import socket
+
+from oslo_privsep import comm
 
 from netweaver_agent.core import capture
 from netweaver_agent.core import sightings
@@ -48,3 +53,16 @@ class AllSentSource(sources.ProbeSource):
 
     def send(self, plan, deadline_s):
         return sources.SendResult(sent=len(plan.probes))
+
+
+def through_privsep_wire(value):
+    """``value`` after oslo.privsep's serializer and deserializer
+    (msgpack over a socket pair), as between the daemon and the agent."""
+    a, b = socket.socketpair()
+    try:
+        comm.Serializer(a).send(value)
+        a.close()
+        return next(iter(comm.Deserializer(b)))
+    finally:
+        a.close()
+        b.close()

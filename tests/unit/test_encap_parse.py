@@ -18,36 +18,16 @@ from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import vifpath
-from tests.unit.bpf import run_bpf
+from tests import packets as pk
+from tests.packets import frame4
+from tests.packets import frame6
+from tests.packets import reply6
+from tests.packets import seq_of
 from tests.unit import fakes
-from tests.unit import test_fuzz as tf
-from tests.unit import test_probe as tp
+from tests.unit.bpf import run_bpf
 
-V6 = tf.V6
-V4 = tf.V4
-
-
-def seq_of(proto, n):
-    """A probe's ``seq``: TCP probes carry their source port too."""
-    if proto == 'tcp' and hasattr(probe, 'tcp_ident'):
-        return probe.tcp_ident(40000 + n, n)
-    return n
-
-
-def frame4(proto, session, seq, **kwargs):
-    return probe.build_frame(proto, session, seq_of(proto, seq), V4[0],
-                             V4[1], tf.MAC_A, tf.MAC_B, **kwargs)
-
-
-def frame6(proto, session, seq, **kwargs):
-    return probe.build_frame(proto, session, seq_of(proto, seq), V6[0],
-                             V6[1], tf.MAC_A,
-                             tf.MAC_B, **kwargs)
-
-
-def reply6(frame):
-    return probe.ethernet_frame(tf.icmp6_reply(frame[14:]),
-                                dpkt.ethernet.ETH_TYPE_IP6, tf.MAC_B, tf.MAC_A)
+V6 = pk.V6
+V4 = pk.V4
 
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
@@ -55,9 +35,9 @@ def test_ipv6_probe_and_reply_keys(proto):
     f = frame6(proto, 4321, 99)
     seq = seq_of(proto, 99)
     assert f[12:14] == b'\x86\xdd'
-    key = tp.wire_key(proto, 4321, seq)
+    key = pk.wire_key(proto, 4321, seq)
     assert probe.parse_key(f) == key
-    assert probe.parse_key(reply6(f)) == tp.wire_key(proto, 4321, seq, True)
+    assert probe.parse_key(reply6(f)) == pk.wire_key(proto, 4321, seq, True)
     if proto != 'tcp':          # TCP carries no session
         assert probe.parse_key(f, session=4322) is None
     assert probe.parse_packet_key(f[14:]) == key
@@ -81,7 +61,7 @@ def test_ipv6_extension_headers_are_not_probes():
 
 @pytest.mark.parametrize('vlan', [(), (7,), (300, 7)])
 def test_vlan_tags_give_their_ids(vlan):
-    f = probe.build_frame('udp', 5, 6, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
+    f = probe.build_frame('udp', 5, 6, V4[0], V4[1], pk.MAC_A, pk.MAC_B,
                           vlan=vlan, priority=5)
     key, encap = probe.parse_frame(f)
     assert key == probe.ProbeKey(5, 6)
@@ -97,23 +77,23 @@ def test_vlan_tags_give_their_ids(vlan):
 @pytest.mark.parametrize('inner6', [False, True])
 def test_vxlan_keys_by_the_inner_frame(v6_underlay, inner6):
     inner = (frame6('icmp', 9, 10, vlan=(12,)) if inner6 else
-             probe.build_frame('icmp', 9, 10, V4[0], V4[1], tf.MAC_A,
-                               tf.MAC_B))
-    outer = tf.vxlan(inner, 4242, v6_underlay=v6_underlay)
+             probe.build_frame('icmp', 9, 10, V4[0], V4[1], pk.MAC_A,
+                               pk.MAC_B))
+    outer = pk.vxlan(inner, 4242, v6_underlay=v6_underlay)
     assert probe.parse_frame(outer) == (probe.ProbeKey(9, 10),
                                         probe.Encap(vni=4242))
     assert pcapkeys.frame_key(outer, 0, len(outer)) == (
         9, 20, probe.Encap(vni=4242))
     # Not to a VXLAN port, or no I flag: foreign.
-    other = tf.vxlan(inner, 4242, v6_underlay=v6_underlay, port=4790)
+    other = pk.vxlan(inner, 4242, v6_underlay=v6_underlay, port=4790)
     assert probe.parse_frame(other) is None
 
 
-OVN_OPTION = tf.geneve_option(0x0102, 0x80, b'\x00\x01\x00\x02')
+OVN_OPTION = pk.geneve_option(0x0102, 0x80, b'\x00\x01\x00\x02')
 GENEVE_OPTIONS = {
     0: b'',
     8: OVN_OPTION,
-    24: OVN_OPTION + tf.geneve_option(0xffff, 0x01, bytes(12)),
+    24: OVN_OPTION + pk.geneve_option(0xffff, 0x01, bytes(12)),
 }
 
 
@@ -134,22 +114,22 @@ def test_geneve_keys_by_the_inner_frame(opt_len, v6_underlay, inner6):
     for proto in ('icmp', 'udp'):
         for inner in (inner_frame(proto, inner6),
                       inner_frame(proto, inner6, vlan=(12,))):
-            outer = tf.geneve(inner, 0xabcdef, options=options,
+            outer = pk.geneve(inner, 0xabcdef, options=options,
                               v6_underlay=v6_underlay)
             assert probe.parse_frame(outer) == (probe.ProbeKey(9, 10), want)
             assert pcapkeys.frame_key(outer, 0, len(outer)) == (9, 20, want)
         # The guest's answer, carried back the same way.
         inner = inner_frame(proto, inner6)
-        back = reply6(inner) if inner6 else tp_reply(inner)
-        outer = tf.geneve(back, 0xabcdef, options=options,
+        back = reply6(inner) if inner6 else pk.reply(inner)
+        outer = pk.geneve(back, 0xabcdef, options=options,
                           v6_underlay=v6_underlay)
         assert pcapkeys.frame_key(outer, 0, len(outer)) == (9, 21, want)
 
 
 def test_geneve_and_vxlan_are_told_apart():
     inner = inner_frame('icmp', False)
-    gen = probe.parse_frame(tf.geneve(inner, 5))[1]
-    vx = probe.parse_frame(tf.vxlan(inner, 5))[1]
+    gen = probe.parse_frame(pk.geneve(inner, 5))[1]
+    vx = probe.parse_frame(pk.vxlan(inner, 5))[1]
     assert (gen.tunnel, gen.vni) == ('geneve', 5)
     assert (vx.tunnel, vx.vni) == ('vxlan', 5)
     assert gen != vx
@@ -163,9 +143,9 @@ def test_tunnels_are_opened_once_not_nested():
     """A tunnel inside a tunnel is not a probe of ours (a guest's own
     overlay): neither the parser nor the fast path opens the inner one."""
     inner = inner_frame('icmp', False)
-    for nested in (tf.geneve(tf.vxlan(inner, 1), 2),
-                   tf.vxlan(tf.geneve(inner, 1), 2),
-                   tf.geneve(tf.geneve(inner, 1), 2)):
+    for nested in (pk.geneve(pk.vxlan(inner, 1), 2),
+                   pk.vxlan(pk.geneve(inner, 1), 2),
+                   pk.geneve(pk.geneve(inner, 1), 2)):
         assert probe.parse_frame(nested) is None
         assert pcapkeys.frame_key(nested, 0, len(nested)) is None
 
@@ -173,8 +153,8 @@ def test_tunnels_are_opened_once_not_nested():
 @pytest.mark.parametrize('v6_underlay', [False, True])
 def test_tunnels_on_configured_ports(v6_underlay):
     inner = inner_frame('icmp', False)
-    gen = tf.geneve(inner, 5, port=7000, v6_underlay=v6_underlay)
-    vx = tf.vxlan(inner, 6, port=4790, v6_underlay=v6_underlay)
+    gen = pk.geneve(inner, 5, port=7000, v6_underlay=v6_underlay)
+    vx = pk.vxlan(inner, 6, port=4790, v6_underlay=v6_underlay)
     for frame in (gen, vx):
         assert probe.parse_frame(frame) is None
         assert pcapkeys.frame_key(frame, 0, len(frame)) is None
@@ -191,7 +171,7 @@ def test_tunnels_on_configured_ports(v6_underlay):
             assert pcapkeys.frame_key(frame, 0, cut, tunnels=ports) == \
                 expect
     # The standard ports stay open beside the configured ones.
-    std = tf.geneve(inner, 5)
+    std = pk.geneve(inner, 5)
     assert pcapkeys.frame_key(std, 0, len(std), tunnels=ports)[2].vni == 5
 
 
@@ -207,7 +187,7 @@ def test_damaged_geneve_gives_no_key(v6_underlay):
     opts24 = GENEVE_OPTIONS[24]
 
     def gnv(frame, **kwargs):
-        return tf.geneve(frame, 1, v6_underlay=v6_underlay, **kwargs)
+        return pk.geneve(frame, 1, v6_underlay=v6_underlay, **kwargs)
 
     bad = [
         # Options longer than the packet: the inner frame is not there.
@@ -228,13 +208,13 @@ def test_damaged_geneve_gives_no_key(v6_underlay):
     # a key only once the whole inner probe is there.
     whole = gnv(inner, options=opts24)
     for cut in range(len(whole)):
-        assert pcapkeys.frame_key(whole, 0, cut) == tf.key_of(whole[:cut])
+        assert pcapkeys.frame_key(whole, 0, cut) == pk.key_of(whole[:cut])
     assert probe.parse_frame(whole) is not None
     assert probe.parse_frame(whole[:len(whole) - len(inner) + 40]) is None
 
 
 def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
-    f = probe.build_frame('udp', 3, 4, V4[0], V4[1], tf.MAC_A, tf.MAC_B,
+    f = probe.build_frame('udp', 3, 4, V4[0], V4[1], pk.MAC_A, pk.MAC_B,
                           port=4789)
     assert probe.parse_frame(f) == (probe.ProbeKey(3, 4), probe.NO_ENCAP)
     assert pcapkeys.frame_key(f, 0, len(f)) == (3, 8)
@@ -246,12 +226,7 @@ def test_udp_probe_to_the_vxlan_port_is_still_a_probe():
 def frames_of(proto, vlan=()):
     f4 = frame4(proto, 1, 2, vlan=vlan)
     f6 = frame6(proto, 1, 2, vlan=vlan)
-    return [f4, tp_reply(f4), f6, reply6(f6)]
-
-
-def tp_reply(f):
-    from tests.unit import test_probe as tp
-    return tp.reply(f)
+    return [f4, pk.reply(f4), f6, reply6(f6)]
 
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
@@ -270,25 +245,25 @@ def test_bpf_accepts_probes_v4_v6_tagged(proto):
     for p in others:
         f = frame4(p, 1, 2)
         assert run_bpf(prog, f) == 0
-    assert run_bpf(prog, tf.MAC_A + tf.MAC_B + b'\x08\x06' +
+    assert run_bpf(prog, pk.MAC_A + pk.MAC_B + b'\x08\x06' +
                    bytes(28)) == 0
 
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
 def test_bpf_vxlan_only_when_asked(proto):
     inner = frame4(proto, 1, 2)
-    outer = tf.vxlan(inner, 4242)
+    outer = pk.vxlan(inner, 4242)
     with_vx = capture.bpf_filter(proto, vxlan_port=4789)
     assert run_bpf(with_vx, outer) == capture.SNAPLEN
-    assert run_bpf(with_vx, tf.vxlan(frame6(proto, 1, 2), 7)) == \
+    assert run_bpf(with_vx, pk.vxlan(frame6(proto, 1, 2), 7)) == \
         capture.SNAPLEN
     if proto != 'udp':
         assert run_bpf(capture.bpf_filter(proto), outer) == 0
         # Another UDP port, or an inner frame of another protocol: no.
-        assert run_bpf(with_vx, tf.vxlan(inner, 1, port=8472)) == 0
+        assert run_bpf(with_vx, pk.vxlan(inner, 1, port=8472)) == 0
         wrong = 'udp' if proto == 'tcp' else 'tcp'
         f = frame4(wrong, 1, 2)
-        assert run_bpf(with_vx, tf.vxlan(f, 1)) == 0
+        assert run_bpf(with_vx, pk.vxlan(f, 1)) == 0
 
 
 @pytest.mark.parametrize('proto', probe.PROTOCOLS)
@@ -303,7 +278,7 @@ def test_bpf_geneve_only_when_asked(proto):
         # read through an inner VLAN tag.)
         for f, v6 in itertools.product((inner, frame6(proto, 1, 2)),
                                        (False, True)):
-            outer = tf.geneve(f, 77, options=options, v6_underlay=v6)
+            outer = pk.geneve(f, 77, options=options, v6_underlay=v6)
             assert run_bpf(with_gn, outer) == capture.SNAPLEN, opt_len
             assert run_bpf(both, outer) == capture.SNAPLEN, opt_len
             if proto != 'udp':
@@ -312,35 +287,35 @@ def test_bpf_geneve_only_when_asked(proto):
         # VLAN-tagged underlay too.
         tagged = outer[:12] + b'\x81\x00\x00\x07' + outer[12:]
         assert run_bpf(with_gn, tagged) == capture.SNAPLEN
-    assert run_bpf(both, tf.vxlan(inner, 7)) == capture.SNAPLEN
-    assert run_bpf(both, tf.vxlan(inner, 7, v6_underlay=True)) == \
+    assert run_bpf(both, pk.vxlan(inner, 7)) == capture.SNAPLEN
+    assert run_bpf(both, pk.vxlan(inner, 7, v6_underlay=True)) == \
         capture.SNAPLEN
     if proto == 'udp':
         return                          # UDP passes whole: nothing to check
-    outer = tf.geneve(inner, 77)
+    outer = pk.geneve(inner, 77)
     assert run_bpf(plain, outer) == 0
     assert run_bpf(vx_only, outer) == 0
-    assert run_bpf(with_gn, tf.vxlan(inner, 7)) == 0
+    assert run_bpf(with_gn, pk.vxlan(inner, 7)) == 0
     # Another port, version, payload type; an inner frame of another
     # protocol; the options' length decides where the inner frame is.
-    assert run_bpf(with_gn, tf.geneve(inner, 1, port=6082)) == 0
-    assert run_bpf(with_gn, tf.geneve(inner, 1, first=0x80)) == 0
-    assert run_bpf(with_gn, tf.geneve(inner, 1, ptype=0x0800)) == 0
+    assert run_bpf(with_gn, pk.geneve(inner, 1, port=6082)) == 0
+    assert run_bpf(with_gn, pk.geneve(inner, 1, first=0x80)) == 0
+    assert run_bpf(with_gn, pk.geneve(inner, 1, ptype=0x0800)) == 0
     wrong = frame4('udp' if proto == 'tcp' else 'tcp', 1, 2)
-    assert run_bpf(with_gn, tf.geneve(wrong, 1)) == 0
-    assert run_bpf(with_gn, tf.geneve(inner, 1, options=GENEVE_OPTIONS[24],
+    assert run_bpf(with_gn, pk.geneve(wrong, 1)) == 0
+    assert run_bpf(with_gn, pk.geneve(inner, 1, options=GENEVE_OPTIONS[24],
                                       first=2)) == 0
     for v6 in (False, True):
-        assert run_bpf(with_gn, tf.geneve(wrong, 1, v6_underlay=v6)) == 0
-        assert run_bpf(with_gn, tf.geneve(inner, 1, v6_underlay=v6,
+        assert run_bpf(with_gn, pk.geneve(wrong, 1, v6_underlay=v6)) == 0
+        assert run_bpf(with_gn, pk.geneve(inner, 1, v6_underlay=v6,
                                           port=4789)) == 0
-        assert run_bpf(vx_only, tf.vxlan(wrong, 1, v6_underlay=v6)) == 0
-        assert run_bpf(vx_only, tf.vxlan(inner, 1, v6_underlay=v6)) == \
+        assert run_bpf(vx_only, pk.vxlan(wrong, 1, v6_underlay=v6)) == 0
+        assert run_bpf(vx_only, pk.vxlan(inner, 1, v6_underlay=v6)) == \
             capture.SNAPLEN
     # Plain IPv6 UDP that is no tunnel: not an ICMP/TCP probe.
     assert run_bpf(with_gn, frame6('udp', 1, 2)) == 0
     assert run_bpf(capture.bpf_filter(proto, geneve_port=7000),
-                   tf.geneve(inner, 1, port=7000)) == capture.SNAPLEN
+                   pk.geneve(inner, 1, port=7000)) == capture.SNAPLEN
 
 
 # --------------------------------------------------------------------------
@@ -431,7 +406,6 @@ def test_run_window_opens_the_capture_with_the_tunnel_ports():
 
 def test_the_tunnel_kind_survives_privsep():
     from netweaver_agent.agent import privileged
-    from tests.unit import test_privileged as tpriv
     batch = sightings.SightingBatch(5)
     pif = batch.interface_index('eth1')
     kinds = {2: probe.Encap(vni=7, tunnel='geneve'),
@@ -440,7 +414,7 @@ def test_the_tunnel_kind_survives_privsep():
         batch.append(key, pif, 1000 + key, sightings.DIR_IN)
         batch.encap[(key, pif)] = encap
     stats = capture.CaptureStats(3, 0, 3, 0)
-    raw = tpriv._through_privsep_wire(privileged.batch_to_wire(batch, stats))
+    raw = fakes.through_privsep_wire(privileged.batch_to_wire(batch, stats))
     got = sightings.SightingBatch(5)
     privileged.batch_from_wire(raw, got)
     assert got.encap == batch.encap
@@ -452,59 +426,46 @@ def test_the_tunnel_kind_survives_privsep():
     assert old.encap[(2, pif)] == probe.Encap(vni=7, tunnel='vxlan')
 
 
-def cooked(frame, v2=False):
-    """``frame`` as ``tcpdump -i any`` writes it (Linux cooked v1/v2)."""
-    etype = frame[12:14]
-    if v2:
-        head = etype + bytes(2) + struct.pack('!I', 3) + struct.pack(
-            '!HBB', 1, 0, 6) + frame[6:12] + bytes(2)
-    else:
-        head = struct.pack('!HHH', 0, 1, 6) + frame[6:12] + bytes(2) + etype
-    return head + frame[14:]
-
-
 @pytest.mark.parametrize('v2', [False, True])
 def test_cooked_captures_read_tunnels_the_same(v2):
     link = pcapkeys.LINKS[pcapkeys.LINKTYPE_LINUX_SLL2 if v2 else
                           pcapkeys.LINKTYPE_LINUX_SLL]
     inner = inner_frame('icmp', False)
-    for frame in (tf.geneve(inner, 8, options=GENEVE_OPTIONS[24]),
-                  tf.geneve(inner, 8, v6_underlay=True),
-                  tf.vxlan(inner, 8)):
-        c = cooked(frame, v2)
+    for frame in (pk.geneve(inner, 8, options=GENEVE_OPTIONS[24]),
+                  pk.geneve(inner, 8, v6_underlay=True),
+                  pk.vxlan(inner, 8)):
+        c = pk.cooked(frame, v2)
         assert pcapkeys.frame_key(c, 0, len(c), link) == \
             pcapkeys.frame_key(frame, 0, len(frame))
         assert pcapkeys.frame_key(c, 0, len(c), link)[2].vni == 8
     # Fingerprints: the same key through either link type; noise is none.
-    from tests.unit import test_pcapfile as tpf
-    syn = tf.geneve(tpf._hping_syn(1234, 99, 7), 8)
-    c = cooked(syn, v2)
-    want = pcapkeys.fingerprint_key(syn, 0, len(syn), dst_ip=tf.V4[1])
+    syn = pk.geneve(pk.hping_syn(1234, 99, 7), 8)
+    c = pk.cooked(syn, v2)
+    want = pcapkeys.fingerprint_key(syn, 0, len(syn), dst_ip=pk.V4[1])
     assert want[2] == probe.Encap(vni=8, tunnel='geneve')
-    assert pcapkeys.fingerprint_key(c, 0, len(c), link, tf.V4[1]) == want
-    igmp = bytearray(tpf._hping_syn(1234, 99, 7))
+    assert pcapkeys.fingerprint_key(c, 0, len(c), link, pk.V4[1]) == want
+    igmp = bytearray(pk.hping_syn(1234, 99, 7))
     igmp[23] = 2                                   # IP protocol: IGMP
-    c = cooked(tf.geneve(bytes(igmp), 8), v2)
-    assert pcapkeys.fingerprint_key(c, 0, len(c), link, tf.V4[1]) is None
+    c = pk.cooked(pk.geneve(bytes(igmp), 8), v2)
+    assert pcapkeys.fingerprint_key(c, 0, len(c), link, pk.V4[1]) is None
 
 
 def test_pcap_runs_of_tunnelled_probes_keep_each_vni(tmp_path):
     """A capture of a Geneve pif is read as runs: every probe keyed, with
     its own VNI and tunnel, as frame by frame."""
     from netweaver_agent.core import pcapfile
-    from tests.unit import test_pcapfile as tpf
     frames = []
     for seq in range(64):
-        inner = probe.build_frame('icmp', 321, seq, V4[0], V4[1], tf.MAC_A,
-                                  tf.MAC_B)
+        inner = probe.build_frame('icmp', 321, seq, V4[0], V4[1], pk.MAC_A,
+                                  pk.MAC_B)
         vni = 100 if seq < 40 else 200 + seq % 3
-        frames.append(tf.geneve(inner, vni, options=OVN_OPTION))
+        frames.append(pk.geneve(inner, vni, options=OVN_OPTION))
     for seq in range(64, 96):
-        inner = probe.build_frame('icmp', 321, seq, V4[0], V4[1], tf.MAC_A,
-                                  tf.MAC_B)
-        frames.append(tf.vxlan(inner, 4242))
-    path = tpf.write_pcap_raw(tmp_path / 'pif.pcap', frames,
-                              [10 ** 18 + i for i in range(len(frames))])
+        inner = probe.build_frame('icmp', 321, seq, V4[0], V4[1], pk.MAC_A,
+                                  pk.MAC_B)
+        frames.append(pk.vxlan(inner, 4242))
+    path = pk.write_pcap_raw(tmp_path / 'pif.pcap', frames,
+                             [10 ** 18 + i for i in range(len(frames))])
     read = pcapfile.read_pcap(path, ifname='eth1')
     assert read.probes == len(frames) and read.session == 321
     index = read.batch.interface_index('eth1')

@@ -20,8 +20,6 @@ run), no deadline.
 """
 
 import logging
-import random
-import socket
 import struct
 
 import pytest
@@ -33,19 +31,21 @@ from hypothesis import strategies as st
 from netweaver_agent.core import pcapfile
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import pcapngreader
-from netweaver_agent.core import pcapreader
 from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
-from tests.unit import test_pcapfile as tpf
-from tests.unit import test_probe as tp
-
-V4 = (socket.inet_aton('198.18.0.1'), socket.inet_aton('198.18.0.10'))
-V6 = (socket.inet_pton(socket.AF_INET6, '2001:2::1'),
-      socket.inet_pton(socket.AF_INET6, '2001:2::a'))
-UNDERLAY = (socket.inet_aton('198.18.255.1'),
-            socket.inet_aton('198.18.255.2'))
-MAC_A, MAC_B = tp.MAC_A, tp.MAC_B
+from tests import packets as pk
+from tests.packets import damage
+from tests.packets import geneve
+from tests.packets import geneve_option
+from tests.packets import key_of
+from tests.packets import MAC_A
+from tests.packets import MAC_B
+from tests.packets import make_frame
+from tests.packets import randoms
+from tests.packets import secret_of
+from tests.packets import V4
+from tests.packets import vxlan
 
 
 def fuzz_settings(n):
@@ -56,172 +56,7 @@ def fuzz_settings(n):
 
 
 # --------------------------------------------------------------------------
-# Building blocks.
-
-def icmp6_reply(ip6):
-    """The guest's answer to an IPv6 probe (bytes of the IPv6 packet)."""
-    import dpkt
-    pkt = dpkt.ip6.IP6(ip6)
-    src, dst = pkt.dst, pkt.src
-    if pkt.nxt == probe.IPPROTO_ICMPV6:
-        echo = pkt.data.data
-        l4 = dpkt.icmp6.ICMP6(type=probe.ICMP6_ECHO_REPLY,
-                              data=dpkt.icmp6.ICMP6.Echo(
-                                  id=echo.id, seq=echo.seq, data=echo.data))
-        nxt = probe.IPPROTO_ICMPV6
-    elif pkt.nxt == 17:
-        # Destination unreachable, port unreachable: 4 unused bytes, then
-        # as much of the probe as fits.
-        l4 = dpkt.icmp6.ICMP6(type=probe.ICMP6_DST_UNREACH, code=4,
-                              data=bytes(4) + bytes(ip6))
-        nxt = probe.IPPROTO_ICMPV6
-    else:
-        tcp = pkt.data
-        l4 = dpkt.tcp.TCP(sport=tcp.dport, dport=tcp.sport,
-                          ack=(tcp.seq + 1) & 0xffffffff,
-                          flags=dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK)
-        nxt = 6
-    out = dpkt.ip6.IP6(src=src, dst=dst, nxt=nxt, hlim=64, plen=len(l4),
-                       data=l4)
-    return bytes(out)
-
-
-def vxlan(frame, vni, v6_underlay=False, port=4789):
-    """``frame`` inside VXLAN/UDP/IP/Ethernet, as a VTEP would send it."""
-    payload = struct.pack('!B3xI', 0x08, vni << 8) + frame
-    return udp_underlay(payload, port, v6_underlay)
-
-
-def geneve_option(cls, kind, data):
-    """One Geneve TLV option (``data``: a multiple of 4 bytes)."""
-    return struct.pack('!HBB', cls, kind, len(data) // 4) + data
-
-
-# OVN's option: class 0x0102 (Open vSwitch), type 0x80, 4 bytes of
-# logical ingress/egress port keys.
-OVN_OPTION = geneve_option(0x0102, 0x80, b'\x00\x01\x00\x02')
-
-
-def geneve(frame, vni, options=OVN_OPTION, v6_underlay=False, port=6081,
-           first=None, ptype=0x6558):
-    """``frame`` inside Geneve/UDP/IP/Ethernet (RFC 8926), ``options``
-    after the 8-byte base header.  ``first``: the first byte as given
-    (version and option length), for damaged headers."""
-    if first is None:
-        first = len(options) // 4
-    payload = struct.pack('!BBHI', first, 0, ptype, vni << 8) + options
-    return udp_underlay(payload + frame, port, v6_underlay)
-
-
-def udp_underlay(payload, port, v6_underlay):
-    """``payload`` in UDP to ``port`` over IPv4 or IPv6 and Ethernet."""
-    import dpkt
-    udp = dpkt.udp.UDP(sport=54321, dport=port, data=payload)
-    udp.ulen = len(udp)
-    if v6_underlay:
-        ip = dpkt.ip6.IP6(src=V6[0], dst=V6[1], nxt=17, hlim=64,
-                          plen=len(udp), data=udp)
-        etype = probe.ETH_P_IPV6
-    else:
-        ip = dpkt.ip.IP(src=UNDERLAY[0], dst=UNDERLAY[1], p=17, ttl=64,
-                        data=udp)
-        ip.len = len(ip)
-        etype = probe.ETH_P_IP
-    return probe.ethernet_frame(bytes(ip), etype, MAC_A, MAC_B)
-
-
-def key_of(frame):
-    return tpf.key_of(frame)
-
-
-# Offsets worth damaging: Ethernet type and tags, IPv4/IPv6 header fields
-# (version, lengths, fragment, protocol/next header), transport headers,
-# ICMP type, the tag (magic, session, seq), quoted headers, the VXLAN
-# header and the inner frame's headers.
-HOT = sorted({12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-              *range(30, 64), 66, 67, 70, 73, 76, 78, 80, 82, 84, 86, 90,
-              94, 98, 102})
-
-
-def secret_of(rnd):
-    """A window secret (tagged probes, keyed TCP ISNs), or None."""
-    return rnd.randbytes(probe.SECRET_LEN) if rnd.random() < 0.5 else None
-
-
-def make_frame(rnd):
-    """A probe or reply frame, maybe tagged, maybe inside VXLAN."""
-    proto = rnd.choice(probe.PROTOCOLS)
-    six = rnd.random() < 0.5
-    session = rnd.randrange(0x10000)
-    seq = rnd.randrange(0x10000 if proto == 'tcp' else 1 << 32)
-    if proto == 'tcp' and hasattr(probe, 'tcp_ident'):
-        seq = probe.tcp_ident(rnd.randrange(1, 0x10000), seq)
-    size = rnd.randrange(20, 141)
-    src, dst = V6 if six else V4
-    ip = probe.build_ip(proto, session, seq, src, dst, size=size,
-                        secret=secret_of(rnd))
-    if rnd.random() < 0.5:
-        if six:
-            ip = icmp6_reply(ip)
-        else:
-            ip = tp.reply(probe.ethernet_frame(ip, probe.ETH_P_IP, MAC_A,
-                                               MAC_B),
-                          rnd.choice(['rst', 'synack']))[14:]
-    if not six and rnd.random() < 0.2:
-        ip = bytearray(ip)
-        kind = rnd.choice(['frag0', 'fragN', 'opts'])
-        if kind == 'frag0':
-            ip[6] |= 0x20                           # more fragments
-        elif kind == 'fragN':
-            ip[6:8] = struct.pack('!H', rnd.randrange(1, 0x2000))
-        else:
-            words = rnd.randrange(1, 11)
-            ip = (bytes([0x40 | (5 + words)]) + ip[1:20] +
-                  bytes(4 * words) + ip[20:])
-        ip = bytes(ip)
-    etype = probe.ETH_P_IPV6 if six else probe.ETH_P_IP
-    vlan = tuple(rnd.randrange(4096) for _ in range(rnd.randrange(3)))
-    frame = probe.ethernet_frame(ip, etype, MAC_A, MAC_B, vlan=vlan)
-    tunnel = rnd.random()
-    if tunnel < 0.2:
-        frame = vxlan(frame, rnd.randrange(1 << 24),
-                      v6_underlay=rnd.random() < 0.5,
-                      port=rnd.choice(probe.VXLAN_PORTS))
-    elif tunnel < 0.4:
-        options = b''.join(
-            geneve_option(rnd.randrange(0x10000), rnd.randrange(256),
-                          rnd.randbytes(4 * rnd.randrange(4)))
-            for _ in range(rnd.randrange(4)))
-        frame = geneve(frame, rnd.randrange(1 << 24), options=options,
-                       v6_underlay=rnd.random() < 0.5)
-    return frame
-
-
-MEAN_BYTES = (0, 1, 3, 6, 8, 17, 44, 58, 128, 129, 0x45, 0x60, 0x81, 0x86,
-              0x88, 0xdd, 0xff)
-
-
-def damage(rnd, frame):
-    """``frame`` with bytes changed, lengths lied about, cut or padded."""
-    f = bytearray(frame)
-    for _ in range(rnd.randrange(5)):
-        at = rnd.choice(HOT) if rnd.random() < 0.6 else \
-            rnd.randrange(max(1, len(f)))
-        if at < len(f):
-            f[at] = rnd.choice(MEAN_BYTES) if rnd.random() < 0.5 else \
-                rnd.randrange(256)
-    if rnd.random() < 0.25:
-        f = f[:rnd.randrange(len(f) + 1)]
-    if rnd.random() < 0.15:
-        f += rnd.randbytes(rnd.randrange(1, 25))
-    return bytes(f)
-
-
-# Each input is built from one drawn seed: hypothesis picks (and
-# derandomizes) the seeds, plain ``random`` spends them.  Drawing every
-# choice through hypothesis costs ~10x the time of the checks.
-randoms = st.integers(0, (1 << 64) - 1).map(random.Random)
-
+# Damaged frames and garbage.
 
 def _damaged(rnd):
     return damage(rnd, make_frame(rnd))
@@ -286,7 +121,7 @@ def make_tunnel_frame(rnd):
                               MAC_A, MAC_B, size=rnd.randrange(20, 141),
                               secret=secret_of(rnd))
     if rnd.random() < 0.5:
-        frame = tp.reply(frame, rnd.choice(['rst', 'synack']))
+        frame = pk.reply(frame, rnd.choice(['rst', 'synack']))
     if rnd.random() < 0.5:
         return vxlan(frame, rnd.randrange(1 << 24),
                      port=rnd.choice(probe.VXLAN_PORTS))
@@ -358,28 +193,19 @@ def pcap_path(tmp_path_factory):
 
 
 def pcap_bytes(frames, order, nano, linktype, snaplen):
-    magic = pcapreader.PCAP_MAGIC_NS if nano else pcapreader.PCAP_MAGIC_US
-    out = [struct.pack(order + 'IHHiIII', magic, 2, 4, 0, 0, snaplen,
-                       linktype)]
-    for i, frame in enumerate(frames):
-        out.append(struct.pack(order + 'IIII', 1_763_900_000 + i, i * 1000,
-                               len(frame), len(frame)) + frame)
-    return b''.join(out)
+    return pk.pcap([(1_763_900_000 + i, i * 1000, frame)
+                    for i, frame in enumerate(frames)], order, nano,
+                   linktype=linktype, snaplen=snaplen)
 
 
 def pcapng_bytes(frames, order, tsresol, linktype):
     def block(btype, body):
-        body += bytes(-len(body) % 4)
-        n = len(body) + 12
-        return struct.pack(order + 'II', btype, n) + body + \
-            struct.pack(order + 'I', n)
+        return pk.block(order, btype, body + bytes(-len(body) % 4))
 
     def option(code, value):
-        return struct.pack(order + 'HH', code, len(value)) + value + \
-            bytes(-len(value) % 4)
+        return pk.option(order, code, value)
 
-    shb = block(pcapngreader.PCAPNG_SHB,
-                struct.pack(order + 'IHHq', pcapngreader.PCAPNG_BOM, 1, 0, -1))
+    shb = pk.shb(order)
     idb = block(pcapngreader.PCAPNG_IDB,
                 struct.pack(order + 'HHI', linktype, 0, 65535) +
                 option(2, b'eth1') + option(9, bytes([tsresol])) +

@@ -6,7 +6,6 @@ The fast paths are checked against :func:`probe.parse_key` with
 hypothesis-generated probes, replies and damaged frames.
 """
 
-import decimal
 import io
 import struct
 
@@ -23,95 +22,18 @@ from netweaver_agent.core import pcapreader
 from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
-from tests.unit import test_probe as tp
-
-T0 = 1_763_900_000_123_456_789      # ns since the epoch (2025-11-23)
-SESSION = 4242
-
-
-def key_of(frame):
-    """What pcapkeys.frame_key must give: parse_frame's answer, with the
-    Encap third when the frame was tagged or VXLAN."""
-    found = probe.parse_frame(frame)
-    if found is None:
-        return None
-    key, encap = found
-    if encap == probe.NO_ENCAP:
-        return key.session, key.as_int()
-    return key.session, key.as_int(), encap
-
-
-def probes(proto, n, session=SESSION, replies=False, first=0):
-    out = []
-    for seq in range(first, first + n):
-        f = tp.frame(proto, session, tp.ident(proto, seq))
-        out.append(f)
-        if replies:
-            out.append(tp.reply(f))
-    return out
-
-
-def write_pcap(path, frames, times, nano=True):
-    with open(path, 'wb') as f:
-        w = dpkt.pcap.Writer(f, nano=nano)
-        for frame, t in zip(frames, times):
-            w.writepkt_time(frame, decimal.Decimal(t) / 10 ** 9)
-    return str(path)
-
-
-def write_pcap_raw(path, frames, times, order='<', nano=True, linktype=1):
-    """A classic pcap written by hand (any byte order or link type)."""
-    magic = pcapreader.PCAP_MAGIC_NS if nano else pcapreader.PCAP_MAGIC_US
-    out = [struct.pack(order + 'IHHiIII', magic, 2, 4, 0, 0, 65535,
-                       linktype)]
-    for frame, t in zip(frames, times):
-        sec, ns = divmod(t, 10 ** 9)
-        frac = ns if nano else ns // 1000
-        out.append(struct.pack(order + 'IIII', sec, frac, len(frame),
-                               len(frame)) + frame)
-    with open(path, 'wb') as f:
-        f.write(b''.join(out))
-    return str(path)
-
-
-def rows(read):
-    """The batch as ``[(ifname, key_int, t_ns, direction)]``, sorted."""
-    b = read.batch
-    return sorted((b.ifnames[i], k, t, d) for k, i, t, d in
-                  zip(b.keys, b.ifindex, b.t_ns, b.direction))
+from tests import packets as pk
+from tests.packets import key_of
+from tests.packets import probe_frames as frames
+from tests.packets import probes
+from tests.packets import rows
+from tests.packets import T0
+from tests.packets import write_pcap
+from tests.packets import write_pcap_raw
 
 
 # --------------------------------------------------------------------------
 # Keys: the fast paths agree with probe.parse_key.
-
-INTERESTING = [12, 13, 14, 16, 17, 20, 21, 23, 34, 35, 36, 37, 38, 39, 40,
-               41, 42, 43, 46, 47, 48, 49, 50, 51, 56, 57, 62, 63, 70, 74]
-
-
-@st.composite
-def frames(draw):
-    proto = draw(st.sampled_from(probe.PROTOCOLS))
-    session = draw(st.integers(0, 0xffff))
-    seq = draw(st.integers(0, 0xffff if proto == 'tcp' else 0xffffffff))
-    if proto == 'tcp':
-        seq = probe.tcp_ident(draw(st.integers(1, 0xffff)), seq)
-    f = tp.frame(proto, session, seq, size=draw(st.integers(20, 120)))
-    if draw(st.booleans()):
-        f = tp.reply(f, draw(st.sampled_from(['rst', 'synack'])))
-    f = bytearray(f)
-    for _ in range(draw(st.integers(0, 3))):
-        at = draw(st.one_of(st.sampled_from(INTERESTING),
-                            st.integers(0, len(f) - 1)))
-        if at < len(f):
-            f[at] = draw(st.integers(0, 255))
-    if draw(st.integers(0, 5)) == 0:
-        f = f[:12] + b'\x81\x00\x00\x07' + f[12:]
-    if draw(st.integers(0, 5)) == 0:
-        f = f[:draw(st.integers(0, len(f)))]
-    if draw(st.integers(0, 5)) == 0:
-        f += bytes(draw(st.integers(1, 20)))      # Ethernet padding
-    return bytes(f)
-
 
 @settings(max_examples=600, deadline=None)
 @given(frames())
@@ -250,61 +172,23 @@ def test_dpkt_writer_microseconds(tmp_path):
     assert list(pcapfile.read_pcap(path).batch.t_ns) == times
 
 
-def _shb(order):
-    return struct.pack(order + 'IIIHHq', pcapngreader.PCAPNG_SHB, 28,
-                       pcapngreader.PCAPNG_BOM, 1, 0, -1) + \
-        struct.pack(order + 'I', 28)
-
-
-def _option(order, code, value):
-    pad = (-len(value)) % 4
-    return struct.pack(order + 'HH', code, len(value)) + value + bytes(pad)
-
-
-def _block(order, btype, body):
-    n = 12 + len(body)
-    return struct.pack(order + 'II', btype, n) + body + \
-        struct.pack(order + 'I', n)
-
-
-def _idb(order, name, tsresol=None, linktype=1, tsoffset=None):
-    opts = _option(order, 2, name.encode())
-    if tsresol is not None:
-        opts += _option(order, 9, bytes([tsresol]))
-    if tsoffset is not None:
-        opts += _option(order, 14, struct.pack(order + 'q', tsoffset))
-    opts += struct.pack(order + 'HH', 0, 0)
-    return _block(order, pcapngreader.PCAPNG_IDB,
-                  struct.pack(order + 'HHI', linktype, 0, 65535) + opts)
-
-
-def _epb(order, iface, ts, frame, flags=None):
-    pad = (-len(frame)) % 4
-    body = struct.pack(order + 'IIIII', iface, ts >> 32, ts & 0xffffffff,
-                       len(frame), len(frame)) + frame + bytes(pad)
-    if flags is not None:
-        body += _option(order, 2, struct.pack(order + 'I', flags))
-        body += struct.pack(order + 'HH', 0, 0)
-    return _block(order, pcapngreader.PCAPNG_EPB, body)
-
-
 @pytest.mark.parametrize('order', ['<', '>'])
 def test_pcapng_two_interfaces_resolutions_and_directions(order, tmp_path):
     """One pcapng holding the pif (ns) and the tap (µs, default)."""
     fwd = probes('tcp', 64, replies=True)
-    blocks = [_shb(order), _idb(order, 'eth0', tsresol=9),
-              _idb(order, 'tap0')]
+    blocks = [pk.shb(order), pk.idb(order, 'eth0', tsresol=9),
+              pk.idb(order, 'tap0')]
     want = []
     for i, f in enumerate(fwd):
         t = T0 + i * 1_000_003
         reply = i % 2
         key = key_of(f)[1]
         # pif: probes inbound, replies outbound; tap: the reverse.
-        blocks.append(_epb(order, 0, t, f, flags=2 if reply else 1))
+        blocks.append(pk.epb(order, 0, t, f, flags=2 if reply else 1))
         want.append(('eth0', key, t, sightings.DIR_OUT if reply else
                      sightings.DIR_IN))
         t_tap = (t + 12_345) // 1000
-        blocks.append(_epb(order, 1, t_tap, f, flags=1 if reply else 2))
+        blocks.append(pk.epb(order, 1, t_tap, f, flags=1 if reply else 2))
         tap_dir = sightings.DIR_IN if reply else sightings.DIR_OUT
         want.append(('tap0', key, t_tap * 1000, tap_dir))
     path = tmp_path / 'both.pcapng'
@@ -342,11 +226,11 @@ def test_pcapng_dpkt_writer_and_tsoffset_and_binary_resolution(tmp_path):
 
 def test_pcapng_simple_packet_blocks_are_untimed(tmp_path):
     f = probes('icmp', 1)[0]
-    spb = _block('<', pcapngreader.PCAPNG_SPB, struct.pack('<I', len(f)) + f +
-                 bytes((-len(f)) % 4))
+    spb = pk.block('<', pcapngreader.PCAPNG_SPB,
+                   struct.pack('<I', len(f)) + f + bytes((-len(f)) % 4))
     path = tmp_path / 's.pcapng'
-    path.write_bytes(_shb('<') + _idb('<', 'eth0') + spb +
-                     _epb('<', 0, 5, f))
+    path.write_bytes(pk.shb('<') + pk.idb('<', 'eth0') + spb +
+                     pk.epb('<', 0, 5, f))
     read = pcapfile.read_pcap(path)
     assert (read.records, read.untimed, read.probes) == (2, 1, 1)
 
@@ -381,7 +265,7 @@ def test_vlan_and_ip_options_take_the_slow_path(tmp_path):
     ip.hl = 6
     ip.sum = 0
     ip.len = len(ip)
-    with_opts = tp.ethernet(bytes(ip), src=tp.MAC_A, dst=tp.MAC_B)
+    with_opts = pk.ethernet(bytes(ip), src=pk.MAC_A, dst=pk.MAC_B)
     path = write_pcap(tmp_path / 'v.pcap', [tagged] * 20 + [with_opts] * 20,
                       [T0 + i for i in range(40)])
     read = pcapfile.read_pcap(path)
@@ -405,18 +289,10 @@ def test_most_common_session_or_the_one_asked_for(tmp_path):
     assert pcapfile.read_pcap(path, session=9).probes == 0
 
 
-def _hping_syn(sport, seq, ip_id, src=tp.SRC, dst=tp.DST):
-    tcp = dpkt.tcp.TCP(sport=sport, dport=0, seq=seq,
-                       flags=dpkt.tcp.TH_SYN, win=512)
-    ip = dpkt.ip.IP(src=src, dst=dst, p=6, id=ip_id, ttl=64, data=tcp)
-    ip.len = len(ip)
-    return tp.ethernet(bytes(ip), src=tp.MAC_A, dst=tp.MAC_B)
-
-
 def test_fingerprint_keys_foreign_traffic(tmp_path):
-    syns = [_hping_syn(2911 + i, 36550021 * (i + 1) & 0xffffffff, i)
+    syns = [pk.hping_syn(2911 + i, 36550021 * (i + 1) & 0xffffffff, i)
             for i in range(30)]
-    rsts = [tp.reply(s) for s in syns]
+    rsts = [pk.reply(s) for s in syns]
     records = [x for pair in zip(syns, rsts) for x in pair]
     path = write_pcap(tmp_path / 'h.pcap', records,
                       [T0 + i for i in range(60)])
@@ -436,7 +312,7 @@ def test_fingerprint_keys_foreign_traffic(tmp_path):
     moved[22] = 63
     assert pcapkeys.fingerprint_key(bytes(moved), 0, len(moved)) == \
         pcapkeys.fingerprint_key(syns[0], 0, len(syns[0]))
-    other = _hping_syn(2911, 36550021, 99)
+    other = pk.hping_syn(2911, 36550021, 99)
     assert pcapkeys.fingerprint_key(other, 0, len(other)) != \
         pcapkeys.fingerprint_key(syns[0], 0, len(syns[0]))
     no_dst = pcapfile.read_pcap(path, fingerprint=True)
@@ -508,20 +384,20 @@ def test_corrupt_record_length_names_the_byte(tmp_path):
 
 def test_corrupt_pcapng_blocks(tmp_path):
     f = probes('icmp', 1)[0]
-    good = _shb('<') + _idb('<', 'eth0') + _epb('<', 0, 1, f)
+    good = pk.shb('<') + pk.idb('<', 'eth0') + pk.epb('<', 0, 1, f)
     path = tmp_path / 'b.pcapng'
-    bad = bytearray(good + _epb('<', 0, 2, f))
+    bad = bytearray(good + pk.epb('<', 0, 2, f))
     bad[-4:] = struct.pack('<I', 8)                    # trailer mismatch
     path.write_bytes(bytes(bad))
     with pytest.raises(pcaprows.PcapError,
                        match=rf'b\.pcapng: corrupt pcapng block at byte '
                              rf'{len(good)}'):
         pcapfile.read_pcap(path)
-    path.write_bytes(good + _epb('<', 3, 2, f))
+    path.write_bytes(good + pk.epb('<', 3, 2, f))
     with pytest.raises(pcaprows.PcapError, match='names interface 3'):
         pcapfile.read_pcap(path)
     # A cut last block is the truncated-tail warning again.
-    path.write_bytes(good + _epb('<', 0, 2, f)[:30])
+    path.write_bytes(good + pk.epb('<', 0, 2, f)[:30])
     read = pcapfile.read_pcap(path)
     assert read.truncated and read.probes == 1
 
@@ -562,13 +438,13 @@ def _many_interfaces(path, n):
     """A pcapng of ``n`` unnamed interface blocks, then ``n`` packets in
     runs of 16 that name several of those interfaces (every run its own
     frame length, so no two runs merge)."""
-    unnamed = _block('<', pcapngreader.PCAPNG_IDB,
-                     struct.pack('<HHI', 1, 0, 65535))
+    unnamed = pk.block('<', pcapngreader.PCAPNG_IDB,
+                       struct.pack('<HHI', 1, 0, 65535))
     frame = probes('icmp', 1)[0]
-    out = [_shb('<'), unnamed * n]
+    out = [pk.shb('<'), unnamed * n]
     for run in range(n // 16):
         f = frame + bytes(4 * (run % 2))
-        out += [_epb('<', (run + j) % 3, T0 // 1000 + j, f)
+        out += [pk.epb('<', (run + j) % 3, T0 // 1000 + j, f)
                 for j in range(16)]
     path.write_bytes(b''.join(out))
     return path

@@ -7,12 +7,10 @@ real daemon carries it in tests/functional/test_privsep.py and
 test_encap.py.
 """
 
-import socket
 import threading
 import time
 
 from oslo_config import cfg
-from oslo_privsep import comm
 import pytest
 
 from netweaver_agent.agent import daemonlimits
@@ -23,17 +21,7 @@ from netweaver_agent.core import destinations
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
-
-
-def _through_privsep_wire(value):
-    a, b = socket.socketpair()
-    try:
-        comm.Serializer(a).send(value)
-        a.close()
-        return next(iter(comm.Deserializer(b)))
-    finally:
-        a.close()
-        b.close()
+from tests.unit import fakes
 
 
 def _batch():
@@ -67,7 +55,7 @@ def _batch():
 def test_batch_stats_and_encapsulation_round_trip():
     sent = _batch()
     stats = capture.CaptureStats(packets=9, drops=1, probes=7, foreign=2)
-    raw = _through_privsep_wire(privileged.batch_to_wire(sent, stats))
+    raw = fakes.through_privsep_wire(privileged.batch_to_wire(sent, stats))
     got = sightings.SightingBatch(77)
     assert privileged.batch_from_wire(raw, got) == stats
     assert list(got.sightings()) == list(sent.sightings())
@@ -82,7 +70,7 @@ def test_an_untagged_window_carries_no_encapsulation():
     sent = sightings.SightingBatch(5)
     sent.append(3 << 1, sent.interface_index('eth1'), 1, sightings.DIR_IN)
     stats = capture.CaptureStats(packets=1, drops=0, probes=1, foreign=0)
-    raw = _through_privsep_wire(privileged.batch_to_wire(sent, stats))
+    raw = fakes.through_privsep_wire(privileged.batch_to_wire(sent, stats))
     got = sightings.SightingBatch(5)
     privileged.batch_from_wire(raw, got)
     assert got.encap == {}

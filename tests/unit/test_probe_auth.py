@@ -19,10 +19,8 @@ from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
-from tests.unit import test_analyze as ta
-from tests.unit import test_fuzz as tf
-from tests.unit import test_pcapfile as tpf
-from tests.unit import test_probe as tp
+from tests import packets as pk
+from tests.command import netweaver
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -42,17 +40,17 @@ def ident(proto, n, port=40000):
 def probe_frame(proto, family, n, secret=SECRET, dst=1, session=SESSION):
     src, *dsts = ADDR[family]
     return probe.build_frame(proto, session, ident(proto, n), packed(src),
-                             packed(dsts[dst - 1]), tp.MAC_A, tp.MAC_B,
+                             packed(dsts[dst - 1]), pk.MAC_A, pk.MAC_B,
                              secret=secret)
 
 
 def answer(frame):
     """The guest's answer, as Linux builds it (whole probe quoted)."""
     if frame[12:14] == b'\x86\xdd':
-        return probe.ethernet_frame(tf.icmp6_reply(frame[14:]),
-                                    dpkt.ethernet.ETH_TYPE_IP6, tp.MAC_B,
-                                    tp.MAC_A)
-    return tp.reply(frame)
+        return probe.ethernet_frame(pk.icmp6_reply(frame[14:]),
+                                    dpkt.ethernet.ETH_TYPE_IP6, pk.MAC_B,
+                                    pk.MAC_A)
+    return pk.reply(frame)
 
 
 def auth_of(frame):
@@ -254,7 +252,7 @@ def test_tcp_keys_are_found_through_the_plan_isns():
     ip = dpkt.ethernet.Ethernet(probe_frame('tcp', 4, 0)).data
     ip.data.seq ^= 1
     ip.data.sum = 0
-    fake = tp.ethernet(bytes(ip))
+    fake = pk.ethernet(bytes(ip))
     m2 = matcher('tcp', plan)
     m2.feed_batch(batch_of([(fake, 'eth1', 1, 0), (fake, 'tap0', 2, 1)]))
     assert m2.reports()['tap0'].ingress.count == 0
@@ -276,7 +274,7 @@ def test_the_secret_is_never_shown():
     assert SECRET.hex() not in repr(plan) and repr(SECRET) not in repr(plan)
     # build_packets tags with the plan's secret.
     (_, data), _ = sources.build_packets(plan, lambda d: ADDR[4][0])
-    f = tp.ethernet(data)
+    f = pk.ethernet(data)
     assert auth_of(f) == probe.expected_auth(
         SECRET, 'icmp', SESSION, plan.probes[0].seq, packed(ADDR[4][1]))
 
@@ -312,7 +310,7 @@ def pcaps(tmp_path, proto='icmp', forge=True, n=6):
     tenant could add: untagged copies on the vif 1 ms early and answers
     on the pif (vif before pif: negative if matched)."""
     pif, vif = [], []
-    t = tpf.T0
+    t = pk.T0
     for k in range(n):
         f = probe_frame(proto, 4, k)
         r = answer(f)
@@ -326,9 +324,9 @@ def pcaps(tmp_path, proto='icmp', forge=True, n=6):
     out = []
     for name, rows in (('eth1', pif), ('tap1', vif)):
         rows.sort(key=lambda row: row[0])
-        out.append(tpf.write_pcap_raw(tmp_path / f'{name}.pcap',
-                                      [f for _, f in rows],
-                                      [t for t, _ in rows]))
+        out.append(pk.write_pcap_raw(tmp_path / f'{name}.pcap',
+                                     [f for _, f in rows],
+                                     [t for t, _ in rows]))
     return out
 
 
@@ -375,22 +373,22 @@ def test_analyze_key_needs_the_address_and_the_tcp_plan(tmp_path):
 
 def test_cli_says_unauthenticated_without_key(tmp_path):
     pif, vif = pcaps(tmp_path)
-    plain = ta.netweaver('analyze', pif, vif, '--json')
+    plain = netweaver('analyze', pif, vif, '--json')
     assert plain.returncode == 0, plain.stderr
     got = json.loads(plain.stdout)
     assert (got['authenticated'], got['authentication']) == \
         (False, 'unauthenticated')
-    text = ta.netweaver('analyze', pif, vif).stdout
+    text = netweaver('analyze', pif, vif).stdout
     assert 'unauthenticated' in text
-    keyed = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
-                         SECRET.hex(), '--json')
+    keyed = netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
+                      SECRET.hex(), '--json')
     got = json.loads(keyed.stdout)
     assert (got['authenticated'], got['rejected']) == (True, 12)
     assert got['report']['ingress']['count'] == 6
-    text = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
-                        SECRET.hex()).stdout
+    text = netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key',
+                     SECRET.hex()).stdout
     assert 'authenticated, 12 rejected' in text
-    bad = ta.netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key', 'zz')
+    bad = netweaver('analyze', pif, vif, '-d', ADDR[4][1], '--key', 'zz')
     assert bad.returncode == 1 and '--key' in bad.stderr
     assert 'zz' not in bad.stderr.replace('--key', '')
 

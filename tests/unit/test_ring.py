@@ -17,7 +17,7 @@ from netweaver_agent.core import ring
 from netweaver_agent.core import sightings
 from netweaver_agent.core import vifpath
 from tests.unit import fakes
-from tests.unit import test_probe as tp
+from tests import packets as pk
 
 SESSION = 0x1234
 # The kernel's layout for a SOCK_RAW packet socket on Ethernet.
@@ -67,9 +67,9 @@ def probe_frames(draw, n):
         if proto == 'tcp':
             seq = probe.tcp_ident(40000 + i % 3, seq)
         session = SESSION if draw(st.integers(0, 9)) else SESSION + 1
-        f = tp.frame(proto, session, seq, size=size)
+        f = pk.frame(proto, session, seq, size=size)
         if draw(st.integers(0, 3)) == 0:
-            f = tp.reply(f)
+            f = pk.reply(f)
         if draw(st.integers(0, 15)) == 0:
             f = f[:20]                          # not a probe at all
         out.append(bytes(f))
@@ -107,7 +107,7 @@ def test_decode_block_gives_every_packet_in_order(packets):
 
 
 def test_equal_packets_make_one_run():
-    f = tp.frame('icmp', SESSION, 1)
+    f = pk.frame('icmp', SESSION, 1)
     packets = [(f, 3, PACKET_OTHERHOST, 10**18 + i, None) for i in range(50)]
     (run,) = ring.decode_block(kernel_block(packets))
     assert run.n == 50 and run.vlan is None
@@ -152,7 +152,7 @@ def test_ring_columns_equal_the_per_frame_path(packets):
 def test_a_run_of_probes_is_read_in_columns():
     """A block of this window's probes on wanted interfaces: every row
     kept, in order, with the kernel's times and directions."""
-    packets = [(tp.frame('icmp', SESSION, i), 3 if i % 2 else 7,
+    packets = [(pk.frame('icmp', SESSION, i), 3 if i % 2 else 7,
                 PACKET_OTHERHOST if i % 2 else PACKET_OUTGOING,
                 10**18 + 1000 * i, None) for i in range(1, 65)]
     cap = _capture()

@@ -27,7 +27,7 @@ from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 from netweaver_agent.core import vifpath
-from tests.unit import test_pcapfile as tpf
+from tests import packets as pk
 
 A, B = '198.18.0.10', '198.18.0.11'
 SRC = '198.18.0.1'
@@ -218,7 +218,7 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
     plan = window(sources.PortCursor(ours, start=first_port), 6,
                   targets=(A,), session=session)
     pif, vif = [], []
-    t = tpf.T0
+    t = pk.T0
     for i, p in enumerate(plan.probes):
         good = frame(session, p.seq)
         # A look-alike with the same ISN from a port outside the range,
@@ -228,10 +228,10 @@ def test_offline_tcp_from_outside_the_range_is_not_ours(tmp_path):
         vif.append((t + 30_000 + i, good))
         t += 1_000_000
     # Record by record here (fewer than pcaprows.MIN_RUN); runs: below.
-    pif_path = tpf.write_pcap_raw(tmp_path / 'eth1.pcap',
-                                  [f for _, f in pif], [t for t, _ in pif])
-    vif_path = tpf.write_pcap_raw(tmp_path / 'tap0.pcap',
-                                  [f for _, f in vif], [t for t, _ in vif])
+    pif_path = pk.write_pcap_raw(tmp_path / 'eth1.pcap',
+                                 [f for _, f in pif], [t for t, _ in pif])
+    vif_path = pk.write_pcap_raw(tmp_path / 'tap0.pcap',
+                                 [f for _, f in vif], [t for t, _ in vif])
     read = pcapfile.read_pcap(pif_path, tcp_ports=ours)
     assert (read.probes, read.foreign) == (6, 6)
     assert {probe.tcp_ident_port(k >> 1) for k in read.batch.keys} == \
@@ -261,8 +261,8 @@ def test_offline_range_check_is_exact_in_runs(ports, bounds, replies,
     for n, port in enumerate(ports):
         f = frame(0x4444, probe.tcp_ident(port, n))
         frames.append(rst_for(f) if replies and n % 2 else f)
-    path = tpf.write_pcap_raw(tmp_path_factory.mktemp('r') / 'p.pcap',
-                              frames, [tpf.T0 + i for i in range(len(frames))])
+    path = pk.write_pcap_raw(tmp_path_factory.mktemp('r') / 'p.pcap',
+                             frames, [pk.T0 + i for i in range(len(frames))])
     read = pcapfile.read_pcap(path, tcp_ports=allowed)
     want = sorted(probe.tcp_ident(p, n) | 0x4444 << 40
                   for n, p in enumerate(ports) if p in allowed)
@@ -278,8 +278,8 @@ def test_offline_range_bounds_are_inclusive_in_runs(first, last, tmp_path):
         pcaprows.MIN_RUN
     frames = [frame(0x4545, probe.tcp_ident(p, n))
               for n, p in enumerate(ports)]
-    path = tpf.write_pcap_raw(tmp_path / 'p.pcap', frames,
-                              [tpf.T0 + i for i in range(len(frames))])
+    path = pk.write_pcap_raw(tmp_path / 'p.pcap', frames,
+                             [pk.T0 + i for i in range(len(frames))])
     read = pcapfile.read_pcap(path, tcp_ports=range(first, last + 1))
     assert sorted({probe.tcp_ident_port(k >> 1) for k in read.batch.keys}) \
         == sorted({p for p in ports if first <= p <= last})
