@@ -13,6 +13,7 @@ import pytest
 from netweaver_agent.cli import offline
 from netweaver_agent.core import pcaprows
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 from tests import packets as pk
 from tests.command import netweaver
 from tests.packets import answered
@@ -57,6 +58,23 @@ def test_exact_statistics_with_a_lost_probe(proto, tmp_path):
     assert rep.turnaround.count == 5 and rep.turnaround.mean_us == 50.0
     assert rep.ingress.loss_pct == pytest.approx(100 / 6)
     assert (result.pif.records, result.vif.records) == (11, 10)
+
+
+def test_plan_takes_probes_the_pif_received_and_the_vif_saw():
+    """A probe received on the pif and never seen on the vif is planned
+    (it counts as lost); one the host sent out of the pif is not, nor a
+    reply."""
+    batch = sightings.SightingBatch(7)
+    rows = [(1, 'eth0', sightings.DIR_IN, False),      # lost on the way
+            (2, 'eth0', sightings.DIR_OUT, False),     # the host's own
+            (3, 'eth0', sightings.DIR_UNKNOWN, False),  # a pcap: no way
+            (4, 'tap0', sightings.DIR_OUT, False),     # seen on the vif
+            (5, 'tap0', sightings.DIR_IN, True)]       # the guest's reply
+    for seq, ifname, direction, reply in rows:
+        batch.add(sightings.Sighting(probe.ProbeKey(7, seq, reply), ifname,
+                                     T0 + seq, direction))
+    assert offline.build_plan(batch, 'eth0', 'tap0') == {
+        1: 'tap0', 3: 'tap0', 4: 'tap0'}
 
 
 def test_microsecond_and_big_endian_files_mix(tmp_path):

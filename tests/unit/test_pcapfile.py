@@ -50,7 +50,7 @@ def plain_icmp_or_udp(frame):
     eth = dpkt.ethernet.Ethernet(frame)
     ip = eth.data
     if (eth.type != dpkt.ethernet.ETH_TYPE_IP or
-            not isinstance(ip, dpkt.ip.IP) or ip.hl != 5 or
+            not isinstance(ip, dpkt.ip.IP) or ip.v != 4 or ip.hl != 5 or
             min(ip.len, len(frame) - 14) <
             20 + 8 + probe.TAG_LEN + probe.AUTH_LEN):
         return False
