@@ -76,7 +76,7 @@ def run_with_tcpdump(the_lab, directory, source, limit, **settings):
 
 @pytest.mark.parametrize('vlan', [(100,), (200, 100)],
                          ids=['802.1Q', 'QinQ'])
-def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
+def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,
                                       vlan):
     the_lab = lab_factory(guests=2)
     result, read, path = run_with_tcpdump(
@@ -115,7 +115,7 @@ def test_vlan_tags_live_equal_tcpdump(lab_factory, workdir,  # noqa: F811
         'vlan'] == list(vlan)
 
 
-def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):  # noqa: F811
+def test_vxlan_overlay_measured_with_vni(lab_factory, workdir):
     the_lab = lab_factory(guests=2, vxlan_vni=VNI, delays=(
         labspec.DelayInjection(guest=1, delay_ms=DELAY_MS,
                                backend='nfqueue'),))

@@ -172,7 +172,7 @@ def live_and_tcpdump(spaces, directory, frames, **ports):
     return cap.batch, cap.stats, read.batch
 
 
-def test_geneve_live_capture_equals_tcpdump(spaces, workdir):  # noqa: F811
+def test_geneve_live_capture_equals_tcpdump(spaces, workdir):
     session = secrets.randbelow(0xfffe) + 1
     sent = geneve_frames(session)
     # Not ours: Geneve to another port, a damaged Geneve header (version
@@ -204,7 +204,7 @@ def test_geneve_live_capture_equals_tcpdump(spaces, workdir):  # noqa: F811
     assert stats.probes == len(sent)
 
 
-def test_no_geneve_port_keeps_geneve_out(spaces, workdir):  # noqa: F811
+def test_no_geneve_port_keeps_geneve_out(spaces, workdir):
     session = secrets.randbelow(0xfffe) + 1
     sent = geneve_frames(session)[:6]
     plain = [(session, inner_probe(session, 100 + i, False, False))
@@ -225,7 +225,7 @@ def test_no_geneve_port_keeps_geneve_out(spaces, workdir):  # noqa: F811
         rows(pcap, spaces.pif))
 
 
-def test_geneve_on_a_configured_port(spaces, workdir):  # noqa: F811
+def test_geneve_on_a_configured_port(spaces, workdir):
     """A tunnel on another UDP port (OVSDB's options:dst_port) is captured
     and opened live when geneve_port names it."""
     session = secrets.randbelow(0xfffe) + 1
@@ -318,7 +318,7 @@ def fingerprint_traffic(spaces, directory, wrap):
 
 
 @pytest.mark.parametrize('tunnel', ['geneve', 'vxlan'])
-def test_fingerprint_tunnel_on_the_pif(spaces, workdir,  # noqa: F811
+def test_fingerprint_tunnel_on_the_pif(spaces, workdir,
                                        tunnel):
     def wrap(frame):
         if tunnel == 'geneve':
@@ -392,7 +392,7 @@ def hping3_syns(netns_name, address, count, port=9):
                      netns=netns_name, check=False, timeout=30)
 
 
-def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):  # noqa: F811
+def test_fingerprint_real_vxlan_overlay(lab_factory, workdir):
     count = 20
     the_lab = lab_factory(guests=1, vxlan_vni=VNI)
     guest = the_lab.guests[0]

@@ -88,6 +88,19 @@ def rows(batch):
                               batch.t_ns))
 
 
+def _window(the_lab, source, interval_ms, capture_class):
+    """One window of COUNT probes to the lab's paths, captured in the
+    hypervisor by ``capture_class``; the source closed."""
+    try:
+        return window.run_window(
+            the_lab.paths(), source,
+            window.WindowSettings(count=COUNT, interval_ms=interval_ms,
+                                  timeout_ms=100),
+            capture_netns=the_lab.spec.hv_netns, capture_class=capture_class)
+    finally:
+        source.close()
+
+
 def pcap_rows(paths, session):
     """``{(key, interface, t_ns, VLAN ids)}`` read from tcpdump's pcaps."""
     out = collections.Counter()
@@ -102,7 +115,7 @@ def pcap_rows(paths, session):
 
 
 @pytest.mark.parametrize('vlan', [None, (100,)], ids=['plain', '802.1Q'])
-def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
+def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,
                                         vlan):
     the_lab = lab_factory(guests=2)
     source = (the_lab.layout.source() if vlan is None
@@ -113,14 +126,7 @@ def test_ring_recvmsg_and_tcpdump_agree(lab_factory, workdir,  # noqa: F811
     with recording(Tcpdump(the_lab.spec.hv_netns, name, path, [],
                            limit=20 * COUNT)
                    for name, path in paths.items()):
-        try:
-            result = window.run_window(
-                the_lab.paths(), source,
-                window.WindowSettings(count=COUNT, interval_ms=0.5,
-                                      timeout_ms=100),
-                capture_netns=the_lab.spec.hv_netns, capture_class=Twin)
-        finally:
-            source.close()
+        result = _window(the_lab, source, 0.5, Twin)
     (twin,) = Twin.made
     assert twin.ring.stats.reader == 'ring'
     assert twin.other.stats.reader == 'recvmsg'
@@ -192,14 +198,7 @@ def test_close_reads_what_the_kernel_still_holds(lab_factory):
     the_lab = lab_factory(guests=2)
     NoSettle.made.clear()
     source = the_lab.layout.source()
-    try:
-        window.run_window(
-            the_lab.paths(), source,
-            window.WindowSettings(count=COUNT, interval_ms=0.2,
-                                  timeout_ms=100),
-            capture_netns=the_lab.spec.hv_netns, capture_class=NoSettle)
-    finally:
-        source.close()
+    _window(the_lab, source, 0.2, NoSettle)
     (cap,) = NoSettle.made
     stats = cap.stats
     assert stats.reader == 'ring' and stats.drops == 0
@@ -224,7 +223,7 @@ def tenant_pings(netns_name, address, count):
         sock.close()
 
 
-def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):  # noqa: F811
+def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):
     """A guest's own pings cross the pif and the tap during the window:
     tcpdump sees them, the window's capture (ring and recvmsg alike) is
     never handed one: its kernel filter keeps only the window's probes
