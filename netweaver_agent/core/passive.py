@@ -1,14 +1,14 @@
-"""Passive in-host latency: match the instances' own packets pif ↔ tap.
+"""Passive in-host latency: match the instances' own packets pif ↔ vif.
 
 No probe is sent.  A packet's *passive key* is made of fields the host
-does not rewrite between the pif and the tap: its flow (IP protocol,
+does not rewrite between the pif and the vif: its flow (IP protocol,
 addresses, ports) and, within the flow, the TCP sequence and
 acknowledgement numbers, or for other IPv4 traffic the IP identification
 and fragment offset.  Checksums are never part of a key (offload fills
 them in late, or not at all).
 
-* ingress = t(tap, sent to the guest) − t(pif, received) of one key
-* egress  = t(pif, sent out) − t(tap, received from the guest)
+* ingress = t(vif, sent to the guest) − t(pif, received) of one key
+* egress  = t(pif, sent out) − t(vif, received from the guest)
 
 Segmentation offload and GRO join or split TCP segments between the two
 interfaces: a super-packet matches the packet that starts at the same
@@ -16,12 +16,12 @@ sequence number (same acknowledgement), and the packets starting inside
 its byte range on the other interface are *covered*, neither matched nor
 unmatched.  A key seen twice on one interface in one direction (a
 retransmission, a duplicate ACK, a look-alike) is *ambiguous*: all its
-sightings are dropped and counted.  A packet that reached the tap without
+sightings are dropped and counted.  A packet that reached the vif without
 entering through the pif (another instance on the host, DHCP or metadata
 served on the host), or left the guest without going out of the pif, is
 *local*: counted apart, never unmatched.  A packet received on the pif for
-the vNIC's address and never seen on its tap (or sent out of the pif from
-its address and never seen leaving the tap) is *unmatched*: counted, never
+the vNIC's address and never seen on its vif (or sent out of the pif from
+its address and never seen leaving the vif) is *unmatched*: counted, never
 loss.  IPv6 packets other than TCP carry no field to key on: *unkeyable*.
 
 This module does no I/O: sightings in, :class:`PassiveResult` out.
@@ -88,19 +88,19 @@ class Sighting(typing.NamedTuple):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class VifSpec:
-    """A vNIC to measure: its pif, its tap and the guest's addresses
-    (packed bytes, as the port's fixed IPs were recorded)."""
+    """A vNIC to measure: its host netdev (``vif``, which also names the
+    result), its pif and the guest's addresses (packed bytes, as the
+    port's fixed IPs were recorded)."""
 
     vif: str
     pif: str
-    tap: str
     addresses: frozenset
 
     def __post_init__(self):
-        if not self.pif or not self.tap or self.pif == self.tap:
+        if not self.pif or not self.vif or self.pif == self.vif:
             raise PassiveError(
-                f"vNIC {self.vif!r}: pif {self.pif!r} and tap "
-                f"{self.tap!r} must be two named interfaces")
+                f"vNIC {self.vif!r}: pif {self.pif!r} and vif "
+                f"{self.vif!r} must be two named interfaces")
         for a in self.addresses:
             if not isinstance(a, bytes) or len(a) not in (4, 16):
                 raise PassiveError(
@@ -135,7 +135,7 @@ def parse(frame, tunnel_ports=None):
 
     Up to :data:`probe.MAX_VLAN_TAGS` tags are skipped; VXLAN and Geneve
     packets to ``tunnel_ports`` (``{port: kind}``, default
-    :func:`probe.tunnel_ports`) are read on their inner frame, as the tap
+    :func:`probe.tunnel_ports`) are read on their inner frame, as the vif
     sees it.  A frame cut before its keyed fields gives None.
     """
     if tunnel_ports is None:
@@ -242,36 +242,37 @@ def _parse_l3(mv, off, etype, tunnel_ports, depth):
     return Header((proto, src, dst, 0, 0), v4_ident)
 
 
-def match(sightings, vifs):
-    """``{vnic: PassiveResult}`` for each :class:`VnicSpec` in ``vnics``.
+def match(seen, vifs):
+    """``{vif: PassiveResult}`` for each :class:`VifSpec` in ``vifs``, from
+    the passive sightings ``seen``.
 
     A pif sighting is the vNIC's if its destination (ingress, received on
     the pif) or source (egress, sent out of the pif) is one of the vNIC's
-    addresses; every tap sighting is the tap's vNIC's.
+    addresses; every sighting on a vif is that vNIC's.
     """
     by_if = collections.defaultdict(list)
-    for s in sightings:
+    for s in seen:
         by_if[s.ifname].append(s)
-    taps = [v.tap for v in vifs]
-    if len(set(taps)) != len(taps):
-        raise PassiveError(f"two vNICs share a tap: {sorted(taps)}")
+    names = [v.vif for v in vifs]
+    if len(set(names)) != len(names):
+        raise PassiveError(f"two vNICs share a vif: {sorted(names)}")
     return {v.vif: _match_vnic(v, by_if.get(v.pif, ()),
-                               by_if.get(v.tap, ())) for v in vifs}
+                               by_if.get(v.vif, ())) for v in vifs}
 
 
-def _match_vnic(spec, pif_seen, tap_seen):
+def _match_vnic(spec, pif_seen, vif_seen):
     addrs = spec.addresses
     counts = collections.Counter()
     pif_in = [s for s in pif_seen if s.direction == sightings.DIR_IN and
               s.header.flow[2] in addrs]
     pif_out = [s for s in pif_seen if s.direction == sightings.DIR_OUT and
                s.header.flow[1] in addrs]
-    tap_out = [s for s in tap_seen if s.direction == sightings.DIR_OUT]
-    tap_in = [s for s in tap_seen if s.direction == sightings.DIR_IN]
-    if not (pif_in or pif_out or tap_out or tap_in):
+    vif_out = [s for s in vif_seen if s.direction == sightings.DIR_OUT]
+    vif_in = [s for s in vif_seen if s.direction == sightings.DIR_IN]
+    if not (pif_in or pif_out or vif_out or vif_in):
         return PassiveResult(spec.vif, None)
-    ingress, neg_in = _pair(pif_in, tap_out, counts, 'unmatched', 'local')
-    egress, neg_out = _pair(tap_in, pif_out, counts, 'local', 'unmatched')
+    ingress, neg_in = _pair(pif_in, vif_out, counts, 'unmatched', 'local')
+    egress, neg_out = _pair(vif_in, pif_out, counts, 'local', 'unmatched')
     hist = (('ingress', latency.log2_histogram(ingress)),
             ('egress', latency.log2_histogram(egress)))
     report = latency.LatencyReport(
@@ -295,7 +296,7 @@ def ingress_pairs(seen, spec):
     a, _ = _index([s for s in seen if s.ifname == spec.pif and
                    s.direction == sightings.DIR_IN and
                    s.header.flow[2] in spec.addresses], counts)
-    b, _ = _index([s for s in seen if s.ifname == spec.tap and
+    b, _ = _index([s for s in seen if s.ifname == spec.vif and
                    s.direction == sightings.DIR_OUT], counts)
     return {k: (s.t_ns, b[k].t_ns) for k, s in a.items() if k in b}
 

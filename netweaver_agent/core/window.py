@@ -360,9 +360,9 @@ class PassiveWindowResult:
 
 
 def passive_specs(paths):
-    """:class:`passive.VnicSpec` of each path (pif, tap, its address)."""
+    """:class:`passive.VifSpec` of each path (vif, pif, its address)."""
     from netweaver_agent.core import passive
-    return [passive.VifSpec(p.vif, p.pif, p.vif,
+    return [passive.VifSpec(p.vif, p.pif,
                             frozenset({passive.address(p.address)}))
             for p in paths]
 
@@ -383,7 +383,7 @@ def run_passive_window(paths, sample, window_ms, max_packets,
     from netweaver_agent.core import passive
     from netweaver_agent.core import passivecapture
     specs = passive_specs(paths)
-    interfaces = sorted({s.pif for s in specs} | {s.tap for s in specs})
+    interfaces = sorted({s.pif for s in specs} | {s.vif for s in specs})
     start = time.monotonic_ns()
     if capture_in is not None:
         sightings, stats = capture_in(

@@ -34,7 +34,7 @@ MARKER = b'MARKER-9c1e-passive-'
 
 
 def specs(the_lab):
-    return [passive.VifSpec(g.vif, the_lab.spec.pif, g.vif,
+    return [passive.VifSpec(g.vif, the_lab.spec.pif,
                             frozenset({passive.address(g.address)}))
             for g in the_lab.guests]
 

@@ -33,7 +33,7 @@ def seen(ifname, t_ns, direction, frame):
     return passive.Sighting(ifname, t_ns, direction, h)
 
 
-VNIC = passive.VifSpec('vnic0', 'eth1', 'tap0', frozenset({GUEST, G6}))
+VNIC = passive.VifSpec('tap0', 'eth1', frozenset({GUEST, G6}))
 
 
 def one(sightings, spec=VNIC):
@@ -169,13 +169,13 @@ def test_negative_is_an_anomaly_not_a_value():
 
 def test_other_vnics_traffic_never_counts_here():
     f = udp(PEER, OTHER, 1, 2, 3)
-    spec2 = passive.VifSpec('vnic1', 'eth1', 'tap1', frozenset({OTHER}))
+    spec2 = passive.VifSpec('tap1', 'eth1', frozenset({OTHER}))
     out = passive.match([seen('eth1', 0, IN, f), seen('tap1', 4_000, OUT, f),
                          seen('tap0', 4_000, OUT, udp(PEER, GUEST, 1, 2, 3))],
                         [VNIC, spec2])
-    assert out['vnic1'].report.ingress.count == 1
-    assert out['vnic0'].report.ingress.count == 0
-    assert out['vnic0'].local == 1 and out['vnic0'].unmatched == 0
+    assert out['tap1'].report.ingress.count == 1
+    assert out['tap0'].report.ingress.count == 0
+    assert out['tap0'].local == 1 and out['tap0'].unmatched == 0
 
 
 def test_ipv6_udp_counted_unkeyable():
@@ -193,15 +193,16 @@ def test_ipv4_later_fragments_keyed_by_id_and_offset():
     assert (a.flow, a.ident) != (b.flow, b.ident)
 
 
-@pytest.mark.parametrize('pif,tap,addr', [
-    ('eth1', 'eth1', GUEST), ('', 'tap0', GUEST), ('eth1', 'tap0', b'x')])
-def test_bad_vnic_spec_names_it(pif, tap, addr):
-    with pytest.raises(passive.PassiveError, match='vnicX'):
-        passive.VifSpec('vnicX', pif, tap, frozenset({addr}))
+@pytest.mark.parametrize('pif,vif,addr', [
+    ('eth1', 'eth1', GUEST), ('', 'tap0', GUEST), ('eth1', 'tap0', b'x'),
+    ('eth1', '', GUEST)])
+def test_bad_vif_spec_names_it(pif, vif, addr):
+    with pytest.raises(passive.PassiveError, match=f"vNIC {vif!r}"):
+        passive.VifSpec(vif, pif, frozenset({addr}))
 
 
-def test_shared_tap_refused():
-    s2 = passive.VifSpec('vnic1', 'eth1', 'tap0', frozenset({OTHER}))
+def test_shared_vif_refused():
+    s2 = passive.VifSpec('tap0', 'eth1', frozenset({OTHER}))
     with pytest.raises(passive.PassiveError, match='tap0'):
         passive.match([], [VNIC, s2])
 
