@@ -299,19 +299,9 @@ class Reader:
         big = order == '>'
         n = len(offsets)
         size = 28 + pcaprows.PREFIX
-        packed = b''.join([buf[o:o + size] for o in offsets])
-        if len(packed) != size * n:         # the last ones are shorter
-            packed = b''.join([buf[o:o + size].ljust(size, b'\0')
-                               for o in offsets])
+        packed = pcaprows.heads(buf, offsets, size)
         column = pcapkeys.column
-        low, high = (23, 20) if big else (20, 23)
-        wide = pcapkeys.zero(column(packed, high, size, n))
-        for at in (21, 22):
-            wide &= pcapkeys.zero(column(packed, at, size, n))
-
-        def short(need):
-            return wide & pcapkeys.below(column(packed, low, size, n), need)
-
+        short = pcaprows.shorter_than(packed, 20, size, n, big)
         # Every block's time is checked, keyed or not (as runs do).
         t_ns = self._times(column(packed, 12, size, n, 4),
                            column(packed, 16, size, n, 4), iface.to_ns,

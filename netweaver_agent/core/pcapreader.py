@@ -171,22 +171,12 @@ class Reader:
         buf, rows, link = self.buf, self.rows, self.link
         n = len(offsets)
         size = 16 + pcaprows.PREFIX
-        packed = b''.join([buf[o:o + size] for o in offsets])
-        if len(packed) != size * n:         # the last ones are shorter
-            packed = b''.join([buf[o:o + size].ljust(size, b'\0')
-                               for o in offsets])
+        packed = pcaprows.heads(buf, offsets, size)
         column = pcapkeys.column
         fracs = column(packed, 4, size, n, 4)
         if max(pcapkeys.ints(fracs, 'I', self.big)) >= self.frac_limit:
             return offsets                  # _one says which, or skips
-        low, high = (11, 8) if self.big else (8, 11)
-        wide = pcapkeys.zero(column(packed, high, size, n))
-        for at in (9, 10):
-            wide &= pcapkeys.zero(column(packed, at, size, n))
-
-        def short(need):
-            return wide & pcapkeys.below(column(packed, low, size, n), need)
-
+        short = pcaprows.shorter_than(packed, 8, size, n, self.big)
         columns = {}
 
         def rows_of(need=None):

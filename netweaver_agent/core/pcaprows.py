@@ -382,6 +382,32 @@ def link_refusal(path, linktype, where=''):
         "SLL2 (276): capture on an Ethernet interface or with -i any)")
 
 
+def heads(buf, offsets, size):
+    """The first ``size`` bytes of each record at ``offsets`` in ``buf``,
+    side by side (zero-padded where ``buf`` ends first)."""
+    packed = b''.join([buf[o:o + size] for o in offsets])
+    if len(packed) != size * len(offsets):      # the last ones are shorter
+        packed = b''.join([buf[o:o + size].ljust(size, b'\0')
+                           for o in offsets])
+    return packed
+
+
+def shorter_than(packed, at, size, n, big):
+    """``short(need)`` for :func:`prefilter`: a byte per record of
+    ``packed`` (``n`` records ``size`` bytes apart, from :func:`heads`), 1
+    where the record's 4-byte capture length at ``at`` is below ``need``
+    (< 256)."""
+    column = pcapkeys.column
+    low, high = (at + 3, at) if big else (at, at + 3)
+    wide = pcapkeys.zero(column(packed, high, size, n))
+    for mid in (at + 1, at + 2):
+        wide &= pcapkeys.zero(column(packed, mid, size, n))
+
+    def short(need):
+        return wide & pcapkeys.below(column(packed, low, size, n), need)
+    return short
+
+
 def prefilter(rows, buf, offsets, packed, head, n, link, ifindex, short,
               rows_of):
     """The records of a block of mixed lengths the prefilters cannot rule
