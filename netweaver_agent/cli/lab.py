@@ -513,8 +513,8 @@ def run(args):
             print(f'netweaver lab: {exc}', file=sys.stderr)
             return 1
         if args.pipeline:
-            from netweaver_agent.lab import pipeline
-            status = pipeline.run(the_lab)
+            from netweaver_agent.lab import downstream
+            status = downstream.run(the_lab)
         elif args.agent:
             status = _run_agent(the_lab, args)
         elif getattr(args, 'passive', False):

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import downstream
 from netweaver_agent.lab import pipeline
 
 
@@ -28,7 +29,7 @@ def running(the_lab, workdir, interval_s, settings=None, probe=None,
         except pipeline.PipelineError as exc:
             pytest.fail(f'{what} could not start: {exc}')
         if probe is None:
-            probe = pipeline.lab_probe_options(the_lab, interval_s)
+            probe = downstream.lab_probe_options(the_lab, interval_s)
         files = labagent.write_files(
             the_lab, os.path.join(workdir, 'agent'), interval_s=interval_s,
             probe=probe, extra=pipe.agent_extra())

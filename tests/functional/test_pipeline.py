@@ -27,6 +27,7 @@ import yaml
 
 from netweaver_agent.core import netns
 from netweaver_agent.lab import agent as labagent
+from netweaver_agent.lab import downstream
 from netweaver_agent.lab import pipeline
 from netweaver_agent.lab import spec as labspec
 from tests.functional import telemetry
@@ -67,7 +68,7 @@ def pipeline_lab(lab_factory, tmp_path):
         guests=2, mgmt=True,
         delays=(labspec.DelayInjection(guest=1, delay_ms=DELAY_MS),),
         losses=(labspec.LossInjection(guest=0, every=LOSS_EVERY),))
-    probe = pipeline.lab_probe_options(the_lab, INTERVAL_S)
+    probe = downstream.lab_probe_options(the_lab, INTERVAL_S)
     probe['probe_count'] = PROBE_COUNT
     with telemetry.running(the_lab, str(tmp_path), INTERVAL_S,
                            probe=probe) as (pipe, agent):
@@ -104,7 +105,7 @@ def _wait_firing(pipe, expected, timeout_s):
     """Alert name → firing resources, once it equals ``expected``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        got = {name: pipeline.firing(pipe, name) for name in expected}
+        got = {name: downstream.firing(pipe, name) for name in expected}
         if got == expected or time.monotonic() >= deadline:
             return got
         time.sleep(1.0)
@@ -120,8 +121,8 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     samples = {}
     for g in the_lab.guests:
         for meter in ('network.vif.latency', 'network.vif.probe.loss'):
-            s = pipeline.follow(pipe, agent, rids[g.vif], meter,
-                                timeout_s=WAIT_S)
+            s = downstream.follow(pipe, agent, rids[g.vif], meter,
+                                  timeout_s=WAIT_S)
             samples[(g.vif, meter)] = s
             # One sample, the same value everywhere.
             assert s.exporter == s.gnocchi == s.prometheus, s
@@ -167,10 +168,10 @@ def test_one_sample_from_the_pollster_to_gnocchi_prometheus_and_aodh(
     alarms = {}
     for g in the_lab.guests:
         res = samples[(g.vif, 'network.vif.latency')].gnocchi_resource
-        for example in pipeline.ALARM_EXAMPLES:
+        for example in downstream.ALARM_EXAMPLES:
             made = pipe.create_alarm(example, res, f'{example}-{g.vif}')
             alarms[(g.vif, example)] = made['alarm_id']
-    states = pipeline.wait_alarms(pipe, alarms, WAIT_S)
+    states = downstream.wait_alarms(pipe, alarms, WAIT_S)
     assert states == {
         (lossy.vif, 'netweaver-vif-latency-high'): 'ok',
         (delayed.vif, 'netweaver-vif-latency-high'): 'alarm',
