@@ -335,11 +335,11 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     ``sample - 1`` (a power of two), equals ``value``: for TCP and UDP
     ``sport XOR dport``, otherwise (ICMP, later fragments, other
     protocols) the low bytes of the source and destination addresses
-    XORed.  Those fields are the same on the pif and on the tap, and in
+    XORed.  Those fields are the same on the pif and on the vif, and in
     every segment of a GSO/GRO packet, so one flow is kept on both
     interfaces or on neither.  Up to two VLAN tags left in the frame are
     skipped; VXLAN (IPv4 underlay, to ``vxlan_port`` and the standard
-    ports) and Geneve packets are sampled on their inner frame, as the tap
+    ports) and Geneve packets are sampled on their inner frame, as the vif
     sees it.  The snapshot returned ends where the transport header ends
     (the IP header for other protocols): no payload byte is kept.
     Returns ``(code, jt, jf, k)`` instructions.

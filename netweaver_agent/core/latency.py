@@ -26,7 +26,7 @@ key) sightings are matched unverified.
 
 One clock stamps every interface, so a packet seen on an interface of its
 path *before* one it crossed earlier (a vif sighting before the pif's, a
-reply on the pif before the tap) is no latency at all: a negative value is
+reply on the pif before the vif) is no latency at all: a negative value is
 never reported; it is counted as an *anomaly* and left out of the
 statistics.
 """
@@ -168,7 +168,7 @@ class LatencyReport:
         """Probes reached the pif, yet none reached the vif.
 
         The usual cause is a security group or port security dropping
-        them before the tap, not in-host loss.
+        them before the vif, not in-host loss.
         """
         return self.ingress.count == 0 and self.ingress.lost > 0
 

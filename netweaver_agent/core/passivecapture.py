@@ -2,7 +2,7 @@
 
 One ``AF_PACKET`` socket in the hypervisor's namespace, opened for one
 passive window, with :func:`capture.passive_filter`: the kernel keeps a
-consistent sample of flows (the same on the pif and on every tap) and cuts
+consistent sample of flows (the same on the pif and on every vif) and cuts
 each kept packet where its transport header ends, so no payload byte is
 ever copied to user space.  Packets are read from a ``TPACKET_V3`` ring
 (:mod:`netweaver_agent.core.ring`); each becomes a :class:`passive.Sighting`

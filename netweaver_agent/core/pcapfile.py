@@ -1,5 +1,11 @@
 """Read tcpdump captures (pcap, pcapng) into :class:`sightings.SightingBatch`.
 
+This module opens a file (mapped, or read whole from a pipe or standard
+input) and hands it to the reader of its format, :mod:`pcapreader`
+(classic pcap) or :mod:`pcapngreader`; both fill a :class:`pcaprows.Rows`,
+from which :func:`pcaprows.result` gives the chosen session's rows.  What
+follows describes them together.
+
 Formats: classic pcap (magic ``a1b2c3d4`` µs and ``a1b23c4d`` ns, either
 byte order) and pcapng (sections of either byte order; interface blocks with
 ``if_name``, ``if_tsresol`` and ``if_tsoffset``; enhanced packet blocks with
