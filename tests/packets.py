@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from netweaver_agent.core import pcapngreader
 from netweaver_agent.core import pcapreader
 from netweaver_agent.core import probe
+from netweaver_agent.core import sightings
 
 # --------------------------------------------------------------------------
 # Addresses (198.18.0.0/15 and 2001:2::/48 only).
@@ -487,6 +488,21 @@ def key_of(frame):
     if encap == probe.NO_ENCAP:
         return key.session, key.as_int()
     return key.session, key.as_int(), encap
+
+
+def add_sighting(batch, seen):
+    """Append one :class:`sightings.Sighting` to ``batch`` (a row at a
+    time, as no reader fills a batch)."""
+    batch.append(seen.key.as_int(), batch.interface_index(seen.ifname),
+                 seen.t_ns, seen.direction, seen.auth)
+
+
+def sightings_of(batch):
+    """The rows of ``batch`` as :class:`sightings.Sighting` objects."""
+    for k, i, t, d, a in zip(batch.keys, batch.ifindex, batch.t_ns,
+                             batch.direction, batch.auth_column()):
+        yield sightings.Sighting(probe.ProbeKey.from_int(batch.session, k),
+                                 batch.ifnames[i], t, d, a)
 
 
 def rows(read):

@@ -92,12 +92,6 @@ class SightingBatch:
         self.direction.append(direction)
         self.auth.append(auth)
 
-    def add(self, sighting):
-        """Append one :class:`Sighting` (slow path, for tests and tools)."""
-        self.append(sighting.key.as_int(),
-                    self.interface_index(sighting.ifname),
-                    sighting.t_ns, sighting.direction, sighting.auth)
-
     def extend(self, other):
         """Append every row of ``other`` (same session), remapping names."""
         if other.session != self.session:
@@ -114,14 +108,6 @@ class SightingBatch:
         self.ifindex.extend(remap[i] for i in other.ifindex)
         for (k, i), encap in other.encap.items():
             self.encap.setdefault((k, remap[i]), encap)
-
-    def sightings(self):
-        """Rows as :class:`Sighting` objects (slow path)."""
-        auth = self.auth_column()
-        for k, i, t, d, a in zip(self.keys, self.ifindex, self.t_ns,
-                                 self.direction, auth):
-            yield Sighting(probe.ProbeKey.from_int(self.session, k),
-                           self.ifnames[i], t, d, a)
 
     def auth_column(self):
         """``auth``, padded with zeros to the rows' number (columns

@@ -71,8 +71,9 @@ def test_plan_takes_probes_the_pif_received_and_the_vif_saw():
             (4, 'tap0', sightings.DIR_OUT, False),     # seen on the vif
             (5, 'tap0', sightings.DIR_IN, True)]       # the guest's reply
     for seq, ifname, direction, reply in rows:
-        batch.add(sightings.Sighting(probe.ProbeKey(7, seq, reply), ifname,
-                                     T0 + seq, direction))
+        key = probe.ProbeKey(7, seq, reply)
+        pk.add_sighting(batch, sightings.Sighting(key, ifname, T0 + seq,
+                                                  direction))
     assert offline.build_plan(batch, 'eth0', 'tap0') == {
         1: 'tap0', 3: 'tap0', 4: 'tap0'}
 

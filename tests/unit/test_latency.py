@@ -9,6 +9,7 @@ from netweaver_agent.core import latency
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import vifpath
+from tests import packets as pk
 
 SESSION = 4242
 US = 1000  # ns
@@ -23,7 +24,7 @@ def feed(matcher, row):
     """One :class:`sightings.Sighting`, as the readers give rows: a batch
     of its own."""
     batch = sightings.SightingBatch(row.key.session)
-    batch.add(row)
+    pk.add_sighting(batch, row)
     matcher.feed_batch(batch)
 
 
@@ -172,11 +173,11 @@ def test_batch_and_objects_give_the_same_report():
                            (seq % 3 + 1) * US)
     batch = sightings.SightingBatch(SESSION)
     for row in rows:
-        batch.add(row)
+        pk.add_sighting(batch, row)
     a = one_path_matcher(range(50))
     a.feed_batch(batch)
     b = one_path_matcher(range(50))
-    for row in batch.sightings():
+    for row in pk.sightings_of(batch):
         feed(b, row)
     assert a.reports() == b.reports()
 

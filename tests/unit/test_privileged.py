@@ -21,6 +21,7 @@ from netweaver_agent.core import destinations
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
+from tests import packets as pk
 from tests.unit import fakes
 
 
@@ -58,7 +59,7 @@ def test_batch_stats_and_encapsulation_round_trip():
     raw = fakes.through_privsep_wire(privileged.batch_to_wire(sent, stats))
     got = sightings.SightingBatch(77)
     assert privileged.batch_from_wire(raw, got) == stats
-    assert list(got.sightings()) == list(sent.sightings())
+    assert list(pk.sightings_of(got)) == list(pk.sightings_of(sent))
     assert got.ifnames == sent.ifnames
     assert got.encap == sent.encap
     assert got.encap[(11 << 1, 0)].vlan == (200, 100)
@@ -74,7 +75,7 @@ def test_an_untagged_window_carries_no_encapsulation():
     got = sightings.SightingBatch(5)
     privileged.batch_from_wire(raw, got)
     assert got.encap == {}
-    assert list(got.sightings()) == list(sent.sightings())
+    assert list(pk.sightings_of(got)) == list(pk.sightings_of(sent))
 
 
 def test_the_capture_class_passes_the_vxlan_port():
