@@ -47,14 +47,12 @@ from netweaver_agent.core import sightings
 LOG = log.getLogger(__name__)
 
 ETH_P_ALL = 0x0003
-SOL_PACKET = 263
 PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 SO_TIMESTAMPNS = 35
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 PACKET_OUTGOING = 4
-TP_STATUS_VLAN_VALID = 0x10
 
 
 _TIMESPEC = struct.Struct('@qq')
@@ -461,7 +459,7 @@ def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
     try:
         _attach_filter(sock, bpf_filter(protocol, vxlan_port, geneve_port,
                                         session, tcp_ports))
-        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        sock.setsockopt(ring.SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
@@ -470,7 +468,8 @@ def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                             RCVBUF_BYTES)
         # Reset the kernel's counters: reading them clears them.
-        sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+        sock.getsockopt(ring.SOL_PACKET, PACKET_STATISTICS,
+                        _TPACKET_STATS.size)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -634,7 +633,7 @@ class LiveCapture:
         opened (each read resets its counters: they are summed here)."""
         size = (ring.STATS_V3.size if self._ring is not None
                 else _TPACKET_STATS.size)
-        raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, size)
+        raw = self._sock.getsockopt(ring.SOL_PACKET, PACKET_STATISTICS, size)
         packets, drops = _TPACKET_STATS.unpack_from(raw)
         self._kernel[0] += packets
         self._kernel[1] += drops
@@ -761,9 +760,9 @@ class LiveCapture:
                 if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS:
                     sec, nsec = _TIMESPEC.unpack_from(cdata)
                     t_ns = sec * 1_000_000_000 + nsec
-                elif level == SOL_PACKET and ctype == PACKET_AUXDATA:
+                elif level == ring.SOL_PACKET and ctype == PACKET_AUXDATA:
                     aux = _AUXDATA.unpack_from(cdata)
-                    if aux[0] & TP_STATUS_VLAN_VALID:
+                    if aux[0] & ring.TP_STATUS_VLAN_VALID:
                         vid = aux[5] & 0x0fff
             if t_ns is None:
                 t_ns = time.time_ns()

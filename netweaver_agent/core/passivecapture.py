@@ -115,7 +115,7 @@ class PassiveCapture:
                 f"{exc}") from exc
         try:
             capture._attach_filter(sock, self.program)
-            sock.getsockopt(capture.SOL_PACKET, capture.PACKET_STATISTICS,
+            sock.getsockopt(ring.SOL_PACKET, capture.PACKET_STATISTICS,
                             ring.STATS_V3.size)
             size = max(capture.MIN_RING_BYTES,
                        min(self.max_ring_bytes,
@@ -159,7 +159,7 @@ class PassiveCapture:
                 f"reading the passive capture failed: {self._error}")
 
     def _kernel_stats(self):
-        raw = self._sock.getsockopt(capture.SOL_PACKET,
+        raw = self._sock.getsockopt(ring.SOL_PACKET,
                                     capture.PACKET_STATISTICS,
                                     ring.STATS_V3.size)
         packets, drops, _freeze = ring.STATS_V3.unpack_from(raw)
