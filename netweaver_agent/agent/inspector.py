@@ -445,7 +445,7 @@ class LatencyInspector:
             return CycleWindow(instance_ids=ids, polled_at=time.monotonic())
         mode = getattr(self.group, 'mode', 'probe')
         if mode == 'passive':
-            return self._passive_cycle(ids, found, None)
+            return self._passive_cycle(ids, found, None, deadline_s)
         if mode == 'both':
             probed = [f for f in found
                       if self.policy.refusal(f[2].address) is None]
@@ -457,11 +457,29 @@ class LatencyInspector:
                                'passively only',
                                {'id': instance.id, 'vif': path.vif,
                                 'addr': path.address})
-            window = (self._probe_cycle(ids, instances, probed, deadline_s)
+            # The passive window comes after the probes, within the same
+            # deadline: the probes end early enough to leave it its time.
+            probe_deadline_s = deadline_s - (
+                self.group.passive_window_ms / 1000.0 +
+                probe_window.PASSIVE_OPEN_RESERVE_S)
+            left_ms = (probe_deadline_s - time.monotonic()) * 1000.0
+            if probed and left_ms <= self.settings.timeout_ms + (
+                    probe_window.OPEN_RESERVE_S * 1000.0):
+                LOG.warning('max_window_ms %(max).0f leaves no time to '
+                            'probe %(n)d vNICs before the passive window '
+                            '(passive_window_ms %(ms).0f); measured '
+                            'passively only this cycle. Raise '
+                            'max_window_ms or lower passive_window_ms.',
+                            {'max': self.settings.max_window_ms,
+                             'n': len(probed),
+                             'ms': self.group.passive_window_ms})
+                probed = []
+            window = (self._probe_cycle(ids, instances, probed,
+                                        probe_deadline_s)
                       if probed else CycleWindow(instance_ids=ids))
             if window.permanent_error:
                 return window
-            return self._passive_cycle(ids, found, window)
+            return self._passive_cycle(ids, found, window, deadline_s)
         return self._probe_cycle(ids, instances, found, deadline_s)
 
     def _probe_cycle(self, ids, instances, found, deadline_s):
@@ -541,10 +559,20 @@ class LatencyInspector:
         return CycleWindow(instance_ids=ids, measurements=tuple(measurements),
                            polled_at=polled_at)
 
-    def _passive_window(self, paths):
-        """A :class:`probe_window.PassiveWindowResult`, or None (logged)."""
+    def _passive_window(self, paths, deadline_s):
+        """A :class:`probe_window.PassiveWindowResult`, or None (logged).
+        ``deadline_s``: the cycle's; the window is cut to end by it."""
         group = self.group
         settings = self.window_settings(paths)
+        if probe_window.passive_window_within(
+                group.passive_window_ms, deadline_s) < 1.0:
+            LOG.warning('No time left by max_window_ms %(max).0f for the '
+                        'passive window (passive_window_ms %(ms).0f) of '
+                        '%(n)d vNICs: no passive latency this cycle. '
+                        'Raise max_window_ms.',
+                        {'max': self.settings.max_window_ms,
+                         'ms': group.passive_window_ms, 'n': len(paths)})
+            return None
         try:
             return probe_window.run_passive_window(
                 paths, group.passive_sample, group.passive_window_ms,
@@ -552,7 +580,7 @@ class LatencyInspector:
                 capture_netns=group.capture_netns,
                 capture_in=self.passive_capture_in,
                 vxlan_port=settings.vxlan_port,
-                geneve_port=settings.geneve_port)
+                geneve_port=settings.geneve_port, deadline_s=deadline_s)
         except (capture.CaptureError, netns.NetnsError, OSError,
                 ValueError) as exc:
             error = exc
@@ -561,12 +589,13 @@ class LatencyInspector:
                   {'n': len(paths), 'exc': error})
         return None
 
-    def _passive_cycle(self, ids, found, probed):
-        """One passive window over ``found``.  ``probed``: the cycle's
+    def _passive_cycle(self, ids, found, probed, deadline_s):
+        """One passive window over ``found``, over by ``deadline_s``.
+        ``probed``: the cycle's
         probe window (both mode): each vNIC whose probes reached its tap
         keeps the probe measurement, the others get the passive one; the
         other result goes in metadata (``other_result``)."""
-        pw = self._passive_window([p for _, _, p in found])
+        pw = self._passive_window([p for _, _, p in found], deadline_s)
         polled_at = time.monotonic()
         by_vif = {} if probed is None else {
             m.path.vif: m for m in probed.measurements}

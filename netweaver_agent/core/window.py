@@ -30,6 +30,10 @@ CLOCK_SLEW_PPM = 500
 # Within a deadline_s, what preparing the probes and opening the capture
 # (which alone waits capture.TIMESTAMP_WARMUP_S) are given before sending.
 OPEN_RESERVE_S = capture.TIMESTAMP_WARMUP_S + 0.025
+# What a passive capture takes beyond its window: opening (the timestamp
+# warm-up), closing (the ring's last blocks) and a margin for the rest.
+PASSIVE_OPEN_RESERVE_S = (capture.TIMESTAMP_WARMUP_S + capture.RING_FINISH_S
+                          + 0.025)
 # A probe (or reply) not seen on the other side this long after is lost:
 # the default of WindowSettings and of [netweaver] probe_timeout_ms.
 DEFAULT_TIMEOUT_MS = 200.0
@@ -357,6 +361,24 @@ class PassiveWindowResult:
     stats: object
     sample: int
     duration_ns: int
+    # How long the capture watched (passive_window_ms, or less where the
+    # cycle's deadline cut it).
+    window_ms: float = 0.0
+
+
+def passive_window_within(window_ms, deadline_s, now_s=None):
+    """How many ms of a ``window_ms`` passive window fit by
+    ``deadline_s`` (``time.monotonic()``), opening and closing the
+    capture included (:data:`PASSIVE_OPEN_RESERVE_S`): ``window_ms``, or
+    less, or 0.0 when nothing fits.  ``deadline_s`` None: ``window_ms``."""
+    if deadline_s is None:
+        return float(window_ms)
+    if not math.isfinite(deadline_s):
+        raise ValueError(f"passive window deadline_s {deadline_s!r} is not "
+                         "a finite time")
+    now_s = time.monotonic() if now_s is None else now_s
+    left_ms = (deadline_s - now_s - PASSIVE_OPEN_RESERVE_S) * 1000.0
+    return max(0.0, min(float(window_ms), left_ms))
 
 
 def passive_specs(paths):
@@ -369,9 +391,14 @@ def passive_specs(paths):
 
 def run_passive_window(paths, sample, window_ms, max_packets,
                        capture_netns=None, capture_in=None, vxlan_port=None,
-                       geneve_port=None):
+                       geneve_port=None, deadline_s=None):
     """Watch the instances' own traffic for ``window_ms`` (no probe
     sent) and match it per vNIC (:mod:`passive`).
+
+    ``deadline_s``: ``time.monotonic()`` by which the window must be over,
+    opening and closing the capture included (the polling cycle's): the
+    window is cut to fit (:func:`passive_window_within`); ValueError when
+    not even 1 ms fits.  None: ``window_ms`` whatever it takes.
 
     ``capture_in``: what captures elsewhere, called as
     ``capture_in(netns_name, interfaces, sample, window_ms, max_packets,
@@ -385,6 +412,18 @@ def run_passive_window(paths, sample, window_ms, max_packets,
     specs = passive_specs(paths)
     interfaces = sorted({s.pif for s in specs} | {s.vif for s in specs})
     start = time.monotonic_ns()
+    wanted_ms = window_ms
+    window_ms = passive_window_within(window_ms, deadline_s,
+                                      start / 1e9)
+    if window_ms < 1.0:
+        raise ValueError(
+            f"passive window: no time left by the cycle's deadline for "
+            f"any of its {wanted_ms} ms (the capture needs "
+            f"{PASSIVE_OPEN_RESERVE_S * 1000:.0f} ms to open and close)")
+    if window_ms < wanted_ms:
+        LOG.debug('Passive window cut from %(want).0f to %(ms).0f ms by '
+                  "the cycle's deadline",
+                  {'want': wanted_ms, 'ms': window_ms})
     if capture_in is not None:
         sightings, stats = capture_in(
             capture_netns, interfaces, sample, int(window_ms),
@@ -398,4 +437,5 @@ def run_passive_window(paths, sample, window_ms, max_packets,
         sightings, stats = cap.sightings, cap.stats
     return PassiveWindowResult(results=passive.match(sightings, specs),
                                stats=stats, sample=sample,
-                               duration_ns=time.monotonic_ns() - start)
+                               duration_ns=time.monotonic_ns() - start,
+                               window_ms=window_ms)

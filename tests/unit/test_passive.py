@@ -6,6 +6,8 @@ and the tap by fields the host keeps, whatever offload does to segments
 and checksums, and must never pair two different packets.
 """
 
+import time
+
 import fixtures
 import pytest
 
@@ -14,6 +16,7 @@ from netweaver_agent.agent import pollsters
 from netweaver_agent.core import passive
 from netweaver_agent.core import passivecapture
 from netweaver_agent.core import sightings
+from netweaver_agent.core import vifpath
 from netweaver_agent.core import window
 from tests.flows import G6
 from tests.flows import GUEST
@@ -341,10 +344,75 @@ class TestModes(pf.PollsterTestCase):
         assert {p.vif for call in self.window.calls for p in call} == \
             {pf.TAP_B}
 
+    def test_both_fits_probes_and_passive_window_in_the_cycle(self):
+        # A passive window longer than the cycle allows: the probes end
+        # early enough to leave it room, and it must end by the deadline.
+        self.CONF.set_override('max_window_ms', 3000.0, group='netweaver')
+        self.CONF.set_override('passive_window_ms', 2000.0,
+                               group='netweaver')
+        before = time.monotonic()
+        self.all_samples('both')
+        after = time.monotonic()
+        cycle_s = self.CONF.netweaver.max_window_ms / 1000.0
+        passive_s = self.CONF.netweaver.passive_window_ms / 1000.0
+        assert self.passive.calls and self.window.deadlines
+        for (_p, _s, _ms, _cap, kw), probe_deadline in zip(
+                self.passive.calls, self.window.deadlines):
+            assert before + cycle_s <= kw['deadline_s'] <= after + cycle_s
+            assert probe_deadline <= kw['deadline_s'] - passive_s
+
+    def test_both_leaves_out_probes_when_the_passive_window_fills_it(self):
+        self.CONF.set_override('max_window_ms', 1000.0, group='netweaver')
+        self.CONF.set_override('passive_window_ms', 1000.0,
+                               group='netweaver')
+        out = self.all_samples('both')
+        assert not self.window.calls
+        assert self.passive.calls
+        assert 'network.vif.probe.loss' not in out
+        assert 'passive_window_ms' in self.log.output
+
     def test_passive_sample_must_be_a_power_of_two(self):
         self.CONF.set_override('passive_sample', 48, group='netweaver')
         with self.assertRaisesRegex(opts.OptionsError, 'passive_sample'):
             opts.validate(self.CONF)
+
+
+class Recorder:
+    """A ``capture_in`` that records the window it was asked for."""
+
+    def __init__(self):
+        self.window_ms = []
+
+    def __call__(self, netns_name, interfaces, sample, window_ms,
+                 max_packets, vxlan_port, geneve_port):
+        self.window_ms.append(window_ms)
+        return [], passivecapture.PassiveStats()
+
+
+PATHS = [vifpath.VifPath(vif='tap0', address='198.18.1.10',
+                         interfaces=('eth1', 'tap0'))]
+
+
+def test_passive_window_is_cut_to_the_deadline():
+    rec = Recorder()
+    deadline = time.monotonic() + 0.5
+    pw = window.run_passive_window(PATHS, 1, 5000.0, 10, capture_in=rec,
+                                   deadline_s=deadline)
+    assert rec.window_ms[0] == int(pw.window_ms)
+    assert 0 < pw.window_ms <= 500.0 - window.PASSIVE_OPEN_RESERVE_S * 1e3
+    # No deadline: the whole window.
+    pw = window.run_passive_window(PATHS, 1, 20.0, 10, capture_in=rec)
+    assert rec.window_ms[-1] == 20 and pw.window_ms == 20.0
+
+
+def test_passive_window_refuses_a_deadline_already_past():
+    rec = Recorder()
+    with pytest.raises(ValueError, match='deadline'):
+        window.run_passive_window(PATHS, 1, 100.0, 10, capture_in=rec,
+                                  deadline_s=time.monotonic())
+    assert not rec.window_ms
+    with pytest.raises(ValueError, match='deadline_s'):
+        window.passive_window_within(10.0, float('nan'))
 
 
 def test_parse_ip_equals_parse_of_the_frame():
