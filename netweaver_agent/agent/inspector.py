@@ -274,8 +274,10 @@ class LatencyInspector:
         return dataclasses.replace(self.settings, **found)
 
     def domain(self, instance):
-        """The :class:`topology.DomainInfo` of an instance."""
-        dom = self.libvirt.connection.lookupByUUIDString(instance.id)
+        """The :class:`topology.DomainInfo` of an instance: from the
+        domain its ``inspect_vnics`` just read (its XML fetched once per
+        cycle, :class:`OnceXmlDomain`), else looked up."""
+        dom = self.libvirt.inspected_domain(instance)
         return topology.parse_domain(dom.XMLDesc(0),
                                      libvirterrors.domain_id(dom))
 
@@ -683,12 +685,67 @@ class LatencyInspector:
                            polled_at=time.monotonic())
 
 
+class OnceXmlDomain:
+    """A libvirt domain whose XML (``XMLDesc(0)``) is fetched at most once:
+    what ``inspect_vnics`` reads is what :meth:`LatencyInspector.domain`
+    parses, without a second round trip to libvirtd.  Anything else goes
+    to the domain itself."""
+
+    __slots__ = ('_dom', '_xml')
+
+    def __init__(self, dom):
+        self._dom = dom
+        self._xml = None
+
+    def XMLDesc(self, flags=0):
+        if flags:
+            return self._dom.XMLDesc(flags)
+        if self._xml is None:
+            self._xml = self._dom.XMLDesc(0)
+        return self._xml
+
+    def __getattr__(self, name):
+        return getattr(self._dom, name)
+
+
+@functools.cache
+def _cycle_libvirt_class():
+    from ceilometer.compute.virt.libvirt import inspector
+
+    class CycleLibvirtInspector(inspector.LibvirtInspector):
+        """Ceilometer's libvirt inspector, keeping the domain its last
+        ``inspect_vnics`` looked up (:class:`OnceXmlDomain`) for
+        :meth:`inspected_domain`.  Ours alone: one thread at a time
+        (:meth:`LatencyInspector.poll_cycle`)."""
+
+        def __init__(self, conf):
+            super().__init__(conf)
+            self._last = None       # (instance id, OnceXmlDomain)
+
+        def _get_domain(self, instance, raise_if_shutoff):
+            self._last = None
+            dom = OnceXmlDomain(super()._get_domain(instance,
+                                                    raise_if_shutoff))
+            self._last = (instance.id, dom)
+            return dom
+
+        def inspected_domain(self, instance):
+            """The domain ``inspect_vnics(instance)`` just read (taken:
+            asked again, it is looked up anew), else a fresh lookup."""
+            last, self._last = self._last, None
+            if last is not None and last[0] == instance.id:
+                return last[1]
+            return self.connection.lookupByUUIDString(instance.id)
+
+    return CycleLibvirtInspector
+
+
 def new_libvirt_inspector(conf):
     """Ceilometer's libvirt inspector, quiet (:mod:`libvirterrors`): what
-    lists an instance's vNICs and serves its domain XML."""
-    from ceilometer.compute.virt.libvirt import inspector
+    lists an instance's vNICs and serves its domain XML, fetched once
+    (:class:`OnceXmlDomain`)."""
     libvirterrors.quiet_libvirt()
-    return inspector.LibvirtInspector(conf)
+    return _cycle_libvirt_class()(conf)
 
 
 class InspectorFactory:

@@ -106,6 +106,9 @@ class FakeInspector:
                 rx_bytes_delta=9, tx_bytes_delta=10)
             for g in guests]
 
+    def inspected_domain(self, instance):
+        return self.connection.lookupByUUIDString(instance.id)
+
     def inspect_vnics(self, instance, duration):
         self.calls += 1
         self.listed_at.append(time.monotonic())

@@ -1,0 +1,86 @@
+"""One domain XML fetch per instance and cycle.
+
+libvirt's ``test:///`` driver (the real libvirt library, a node of two
+guests) is read by the agent's inspector as in the polling agent:
+Ceilometer's ``LibvirtInspector.inspect_vnics`` lists an instance's vNICs
+from the domain XML, and the domain's path is parsed from the same XML,
+not fetched again.  libvirt's ``virDomain.XMLDesc`` is counted.
+"""
+
+import types
+
+from ceilometer import service
+import libvirt
+import pytest
+
+from netweaver_agent.agent import opts
+from netweaver_agent.agent import pollsters
+from netweaver_agent.agent import privileged
+from netweaver_agent.lab import virt
+
+GUESTS = [
+    virt.GuestDomain(index=i, name=f'g{i}',
+                     uuid=f'5d0c6e2a-1b3c-4d5e-8f6a-7b8c9d0e1f{i:02x}',
+                     vif=f'tap{i}abc', mac=f'fa:16:3e:00:01:{i:02x}',
+                     address=f'198.18.3.{10 + i}', bridge='brq1')
+    for i in range(2)]
+
+
+@pytest.fixture
+def prober(tmp_path):
+    conf = service.prepare_service([], [])
+    opts.register_opts(conf)
+    conf.set_override('libvirt_uri',
+                      virt.write_node(tmp_path / 'node.xml', GUESTS))
+    conf.set_override('hypervisor_inspector', 'libvirt')
+    for name, value in (('privsep', False),
+                        ('probe_networks', ['198.18.0.0/15'])):
+        conf.set_override(name, value, group=opts.GROUP)
+    found = pollsters.new_inspector(conf)
+    yield found
+    found.libvirt.connection.close()
+    privileged.stop()
+
+
+@pytest.fixture
+def fetches(monkeypatch):
+    """The uuids of the domains whose XML libvirt was asked for."""
+    asked = []
+    real = libvirt.virDomain.XMLDesc
+
+    def counted(dom, flags=0):
+        asked.append(dom.UUIDString())
+        return real(dom, flags)
+
+    monkeypatch.setattr(libvirt.virDomain, 'XMLDesc', counted)
+    return asked
+
+
+def _instance(guest):
+    return types.SimpleNamespace(id=guest.uuid, name=guest.name)
+
+
+def test_each_instance_xml_is_fetched_once_per_cycle(prober, fetches):
+    for guest in GUESTS:
+        vnics, domain = prober._inspect(_instance(guest))
+        assert [v.name for v in vnics] == [guest.vif]
+        assert [i.target for i in domain.interfaces] == [guest.vif]
+    assert fetches == [g.uuid for g in GUESTS]
+
+
+def test_the_next_cycle_fetches_anew(prober, fetches):
+    # The XML is the cycle's, not kept: a domain changed between cycles
+    # (a vNIC plugged) is read as it is now.
+    first = _instance(GUESTS[0])
+    prober._inspect(first)
+    prober._inspect(first)
+    assert fetches == [GUESTS[0].uuid] * 2
+
+
+def test_a_domain_asked_for_is_its_own(prober, fetches):
+    # What one instance's listing read never answers for another.
+    list(prober.libvirt.inspect_vnics(_instance(GUESTS[0]), None))
+    other = prober.domain(_instance(GUESTS[1]))
+    assert [i.target for i in other.interfaces] == [GUESTS[1].vif]
+    again = prober.domain(_instance(GUESTS[0]))
+    assert [i.target for i in again.interfaces] == [GUESTS[0].vif]
