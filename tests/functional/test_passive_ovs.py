@@ -123,14 +123,19 @@ def streams(the_lab, sample=1):
     return cap.sightings, cap.stats, results
 
 
+def _us(value):
+    return 'none' if value is None else f'{value:.0f} us'
+
+
 def check_guest(name, r, res):
     """Matched fraction, no negative value, every datagram matched."""
     rep = r.report
+    assert rep is not None, (name, r)
     on_pif = rep.ingress.count + r.unmatched
     fraction = rep.ingress.count / max(on_pif, 1)
     print(f'{name}: ingress {rep.ingress.count} (p50 '
-          f'{rep.ingress.p50_us:.0f} us, min {rep.ingress.min_us:.0f}), '
-          f'egress {rep.egress.count} (p50 {rep.egress.p50_us:.0f} us), '
+          f'{_us(rep.ingress.p50_us)}, min {_us(rep.ingress.min_us)}), '
+          f'egress {rep.egress.count} (p50 {_us(rep.egress.p50_us)}), '
           f'unmatched {r.unmatched}, covered {r.covered}, ambiguous '
           f'{r.ambiguous}, local {r.local}; matched fraction {fraction:.4f}')
     assert res.tcp_echoed == res.tcp_sent
