@@ -517,14 +517,20 @@ def rows(read):
 # link type) or with dpkt's writer.
 
 def pcap(records, order='<', nano=False, version=(2, 4), linktype=1,
-         snaplen=65535):
-    """A classic pcap from ``[(sec, frac, frame)]`` (fields as written)."""
+         snaplen=65535, swapped=False):
+    """A classic pcap from ``[(sec, frac, frame)]`` or ``[(sec, frac,
+    frame, wire_len)]`` (fields as written; ``wire_len``: the frame's
+    length on the wire, when it was cut short).  ``swapped``: each record
+    header holds the wire length before the captured length, as pcap
+    writers did before version 2.3."""
     magic = pcapreader.PCAP_MAGIC_NS if nano else pcapreader.PCAP_MAGIC_US
     out = [struct.pack(order + 'IHHiIII', magic, *version, 0, 0, snaplen,
                        linktype)]
-    for sec, frac, frame in records:
-        out.append(struct.pack(order + 'IIII', sec, frac, len(frame),
-                               len(frame)) + frame)
+    for sec, frac, frame, *wire in records:
+        lengths = (len(frame), wire[0] if wire else len(frame))
+        if swapped:
+            lengths = lengths[::-1]
+        out.append(struct.pack(order + 'IIII', sec, frac, *lengths) + frame)
     return b''.join(out)
 
 

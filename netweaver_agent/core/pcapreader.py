@@ -1,13 +1,17 @@
 """Classic pcap files (tcpdump's ``-w``), read into :class:`pcaprows.Rows`.
 
 Magic ``a1b2c3d4`` (µs) and ``a1b23c4d`` (ns), either byte order, versions
-2.3 and 2.4.  Runs of equal-length records are read as columns in place;
-records of mixed lengths are ruled out by the prefilters or set aside by
-length and read as runs too (:class:`Reader`).  Timestamps become integer
-nanoseconds (``sec * 10**9 + frac * 1 or 1000``); a fraction out of range
-is an error naming the record, or (lenient) skipped and counted.
+2.0 to 2.4 (and DG/UX's 543.0) as libpcap reads them (:func:`_lengths_order`:
+before 2.3 a record header holds the original length before the capture
+length; 2.3 files were written both ways).  Runs of equal-length records are
+read as columns in place; records of mixed lengths are ruled out by the
+prefilters or set aside by length and read as runs too (:class:`Reader`).
+Timestamps become integer nanoseconds (``sec * 10**9 + frac * 1 or
+1000``); a fraction out of range is an error naming the record, or
+(lenient) skipped and counted.
 """
 
+import array
 import struct
 
 from netweaver_agent.core import pcapkeys
@@ -16,8 +20,33 @@ from netweaver_agent.core import sightings
 
 PCAP_MAGIC_US = 0xa1b2c3d4
 PCAP_MAGIC_NS = 0xa1b23c4d
-PCAP_VERSIONS = ((2, 3), (2, 4))        # tcpdump writes 2.4
 MAX_CAPLEN = 0x40000        # tcpdump's largest snapshot length
+
+# Where a record header's capture length is (libpcap's sf-pcap.c,
+# ``lengths_swapped``): after the original length, before it, or wherever
+# the smaller of the two is.
+SWAPPED = 'swapped'
+NOT_SWAPPED = 'not swapped'
+MAYBE_SWAPPED = 'maybe swapped'
+
+
+def _lengths_order(version):
+    """How records of pcap ``version`` (major, minor) order their two
+    lengths; None: a version libpcap does not read.
+
+    The fields were interchanged at 2.3 to match the BPF header, but some
+    2.3 files were written in the old order: a 2.3 record whose first
+    length is the larger has them swapped.  DG/UX tcpdump wrote version
+    543.0 in the old order.
+    """
+    if version == (543, 0):
+        return SWAPPED
+    major, minor = version
+    if major != 2 or minor > 4:
+        return None
+    if minor < 3:
+        return SWAPPED
+    return MAYBE_SWAPPED if minor == 3 else NOT_SWAPPED
 
 
 def _pcap_header(buf, path):
@@ -25,13 +54,14 @@ def _pcap_header(buf, path):
         magic, = struct.unpack_from(order + 'I', buf, 0)
         if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
             version = struct.unpack_from(order + 'HH', buf, 4)
-            if version not in PCAP_VERSIONS:
+            lengths = _lengths_order(version)
+            if lengths is None:
                 raise pcaprows.PcapError(
                     f"{path}: pcap version {version[0]}.{version[1]} is not "
-                    "supported (2.4 is what tcpdump writes; 2.3 is read "
-                    "too)")
+                    "supported (2.4 is what tcpdump writes; 2.0 to 2.3 and "
+                    "DG/UX's 543.0 are read too)")
             snaplen, network = struct.unpack_from(order + 'II', buf, 16)
-            return order, magic == PCAP_MAGIC_NS, snaplen, network
+            return order, magic == PCAP_MAGIC_NS, snaplen, network, lengths
     raise pcaprows.PcapError(f"{path}: not a pcap or pcapng file (starts with "
                              f"{bytes(buf[:4]).hex()})")
 
@@ -43,6 +73,12 @@ def _pcap_times(secs, fracs, mult, big):
     t = (pcapkeys.lanes(secs, 4, big) * pcaprows.NS +
          pcapkeys.lanes(fracs, 4, big) * mult)
     return pcapkeys.from_lanes(t, n, 'q')
+
+
+def _either(short, other):
+    """``short(need)`` for :func:`pcaprows.prefilter`: records either of
+    two ``shorter_than`` masks marks."""
+    return lambda need: short(need) | other(need)
 
 
 class Reader:
@@ -63,7 +99,8 @@ class Reader:
             raise pcaprows.PcapError(
                 f"{self.path}: truncated pcap file header "
                 f"({end} of 24 bytes)")
-        order, nano, self.snaplen, network = _pcap_header(buf, self.path)
+        order, nano, self.snaplen, network, lengths = _pcap_header(
+            buf, self.path)
         linktype = network & 0x0fffffff
         rows.linktypes.add(linktype)
         self.link = pcapkeys.LINKS.get(linktype)
@@ -73,8 +110,17 @@ class Reader:
         self.frac_limit = pcaprows.NS if nano else 1_000_000
         self.unit = 'ns' if nano else 'µs'
         self.big = order == '>'
-        self.hdr = struct.Struct(order + 'IIII')
+        self.hdr_time = struct.Struct(order + 'II').unpack_from
+        # hdr_caplen(buf, o + cap_at): the capture length of the record at
+        # o (a 1-tuple); runs share the key_size bytes at +key_at.
+        self.cap_at = self.key_at = 12 if lengths == SWAPPED else 8
+        self.key_size = 4
         self.hdr_caplen = struct.Struct(order + 'I').unpack_from
+        self.maybe_swapped = lengths == MAYBE_SWAPPED
+        if self.maybe_swapped:
+            pair = struct.Struct(order + 'II').unpack_from
+            self.hdr_caplen = lambda b, at: (min(pair(b, at)),)
+            self.key_size = 8
         self.ifindex = rows.interface(pcaprows.stem(self.path))
         self.aside = {}                 # caplen -> [record offsets]
 
@@ -92,8 +138,9 @@ class Reader:
             stride = 16 + caplen
             n = 1
             if columnar:
-                n = rows.run_length(buf, o, stride, end, 8,
-                                    bytes(buf[o + 8:o + 12]))
+                at = o + self.key_at
+                n = rows.run_length(buf, o, stride, end, self.key_at,
+                                    bytes(buf[at:at + self.key_size]))
             if n > 1:
                 self._run(buf, o, stride, n)
                 o += stride * n
@@ -112,7 +159,7 @@ class Reader:
         if end - o < 16:
             self.rows.truncate(o, 'record header')
             return None
-        caplen, = self.hdr_caplen(self.buf, o + 8)
+        caplen, = self.hdr_caplen(self.buf, o + self.cap_at)
         limit = max(self.snaplen, MAX_CAPLEN)
         if caplen > limit:
             raise pcaprows.PcapError(
@@ -128,14 +175,14 @@ class Reader:
         next record's offset (``end`` when the file ends or is cut
         short)."""
         buf = self.buf
-        get = self.hdr_caplen
+        get, at = self.hdr_caplen, self.cap_at
         limit = max(self.snaplen, MAX_CAPLEN)
         offsets = []
         append = offsets.append
         for _ in range(count):
             if o + 16 > end:
                 break
-            caplen, = get(buf, o + 8)
+            caplen, = get(buf, o + at)
             nxt = o + 16 + caplen
             if caplen > limit or nxt > end:
                 break
@@ -157,8 +204,9 @@ class Reader:
         if len(offsets) > pcaprows.BACKOFF:
             offsets = self._rule_out(offsets)
         buf, aside, get = self.buf, self.aside, self.hdr_caplen
+        at = self.cap_at
         for o in offsets:
-            caplen, = get(buf, o + 8)
+            caplen, = get(buf, o + at)
             bucket = aside.get(caplen)
             if bucket is None:
                 bucket = aside[caplen] = []
@@ -176,7 +224,11 @@ class Reader:
         fracs = column(packed, 4, size, n, 4)
         if max(pcapkeys.ints(fracs, 'I', self.big)) >= self.frac_limit:
             return offsets                  # _one says which, or skips
-        short = pcaprows.shorter_than(packed, 8, size, n, self.big)
+        short = pcaprows.shorter_than(packed, self.cap_at, size, n,
+                                      self.big)
+        if self.maybe_swapped:          # the smaller length is short
+            short = _either(short, pcaprows.shorter_than(packed, 12, size,
+                                                         n, self.big))
         columns = {}
 
         def rows_of(need=None):
@@ -184,8 +236,7 @@ class Reader:
             if not columns:
                 columns['t'] = _pcap_times(column(packed, 0, size, n, 4),
                                            fracs, self.mult, self.big)
-                columns['caps'] = pcapkeys.ints(
-                    column(packed, 8, size, n, 4), 'I', self.big)
+                columns['caps'] = self._caplens(packed, size, n)
                 off = 16 + (link.pkttype_off or 0)
                 columns['dir'] = (column(packed, off, size, n).translate(
                     pcaprows.PKTTYPE_DIR) if link.pkttype_off is not None else
@@ -195,12 +246,22 @@ class Reader:
         return pcaprows.prefilter(rows, buf, offsets, packed, 16, n, link,
                                   self.ifindex, short, rows_of)
 
+    def _caplens(self, packed, size, n):
+        """The capture lengths of the ``n`` record heads of ``packed``."""
+        column, big = pcapkeys.column, self.big
+        caps = pcapkeys.ints(column(packed, self.cap_at, size, n, 4), 'I',
+                             big)
+        if self.maybe_swapped:
+            caps = array.array('I', map(min, caps, pcapkeys.ints(
+                column(packed, 12, size, n, 4), 'I', big)))
+        return caps
+
     def _record_number(self, offset):
         """The 1-based number of the record at byte ``offset`` (walks the
         record headers from the start: for error messages only)."""
-        o, n, get = 24, 1, self.hdr_caplen
+        o, n, get, at = 24, 1, self.hdr_caplen, self.cap_at
         while o < offset:
-            o += 16 + get(self.buf, o + 8)[0]
+            o += 16 + get(self.buf, o + at)[0]
             n += 1
         return n
 
@@ -220,7 +281,8 @@ class Reader:
     def _one(self, buf, o, at=None):
         """The record at ``buf[o:]`` (``at``: its offset in the file when
         ``buf`` is a copy)."""
-        sec, frac, caplen, _orig = self.hdr.unpack_from(buf, o)
+        sec, frac = self.hdr_time(buf, o)
+        caplen, = self.hdr_caplen(buf, o + self.cap_at)
         if frac >= self.frac_limit:
             return self._bad_time(o if at is None else at, frac)
         link = self.link

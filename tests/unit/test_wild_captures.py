@@ -44,8 +44,8 @@ SEC = 1_763_900_000
 # Version fields.
 
 
-@pytest.mark.parametrize('version', [(2, 2), (2, 5), (1, 4), (3, 4),
-                                     (0, 0), (543, 0)])
+@pytest.mark.parametrize('version', [(2, 5), (1, 4), (3, 4), (0, 0),
+                                     (543, 1), (1, 3)])
 @pytest.mark.parametrize('order', ['<', '>'])
 def test_pcap_versions_tcpdump_refuses_are_refused(version, order, tmp_path):
     path = tmp_path / 'v.pcap'
@@ -57,12 +57,108 @@ def test_pcap_versions_tcpdump_refuses_are_refused(version, order, tmp_path):
                                      f'{version[0]}.{version[1]} ')
 
 
-@pytest.mark.parametrize('version', [(2, 3), (2, 4)])
+@pytest.mark.parametrize('version', [(2, 0), (2, 1), (2, 2), (2, 3),
+                                     (2, 4), (543, 0)])
 def test_pcap_versions_read(version, tmp_path):
     path = tmp_path / 'v.pcap'
     path.write_bytes(pcap([(SEC, 1, f) for f in pk.probes('icmp', 3)],
                           version=version))
     assert pcapfile.read_pcap(path).probes == 3
+
+
+# Versions before 2.3 (and DG/UX's 543.0) wrote each record's wire length
+# before its captured length; 2.3 files were written in either order,
+# which libpcap tells apart record by record: the captured length is the
+# smaller.
+OLD_ORDER = {(2, 0): True, (2, 1): True, (2, 2): True, (543, 0): True,
+             (2, 4): False}
+
+
+def _old_records(rnd, nano):
+    """``[(sec, frac, frame, wire_len)]`` whose lengths often differ: a
+    run of whole probes, a run cut by one snapshot length, probes of one
+    wire length cut at many lengths, a block of everyday traffic (some of
+    it cut short), cut probes between everyday frames, lone records and a
+    few out-of-range fractions."""
+    unit = 10 ** 9 if nano else 10 ** 6
+    frames = [(f, None) for f in pk.probes('icmp', rnd.randrange(16, 40))]
+    snap = rnd.randrange(54, 70)
+    frames += [(f, snap) for f in pk.probes('udp', rnd.randrange(16, 40),
+                                            first=100)]
+    frames += [(f, rnd.randrange(42, len(f)))
+               for f in pk.probes('icmp', 40, first=200)]
+    for _ in range(rnd.randrange(65, 300)):
+        f = rnd.choice([_everyday, _wild_frame])(rnd)
+        cut = len(f) > 14 and rnd.random() < 0.3
+        frames.append((f, rnd.randrange(14, len(f)) if cut else None))
+    for f in pk.probes('icmp', rnd.randrange(16, 40), first=400):
+        frames += [(f, snap), (_everyday(rnd), None)]   # set aside by length
+    frames += [(f, None) for f in pk.probes('tcp', 3, first=300)]
+    records = []
+    for i, (f, cut) in enumerate(frames):
+        frac = rnd.randrange(unit)
+        if rnd.random() < 0.01:
+            frac = unit + rnd.randrange(1 << 20)
+        records.append((SEC + i, frac, f[:cut], len(f)))
+    return records
+
+
+def _old_file(records, version, order, nano, rnd):
+    """A pcap of ``version``; 2.3 records in either order at random."""
+    if version != (2, 3):
+        return pcap(records, order, nano, version=version,
+                    swapped=OLD_ORDER[version])
+    head = pcap([], order, nano, version=version)
+    return head + b''.join(
+        pcap([r], order, nano, version=version,
+             swapped=rnd.random() < 0.5)[len(head):] for r in records)
+
+
+@settings(max_examples=25, deadline=None)
+@given(pk.randoms, st.sampled_from(['<', '>']), st.booleans())
+def test_old_versions_give_the_rows_of_2_4(tmp_path_factory, rnd, order,
+                                           nano):
+    """2.0-2.2 and 543.0 (lengths in the old order), 2.3 (either order,
+    record by record): the records, rows, times and fingerprints of the
+    same records written as 2.4, in probe, auto and fingerprint mode."""
+    records = _old_records(rnd, nano)
+    tmp = tmp_path_factory.mktemp('old')
+
+    def read_all(version):
+        path = _write(tmp / f'{version[0]}.{version[1]}.pcap',
+                      _old_file(records, version, order, nano, rnd))
+        out = []
+        for kw in (dict(), dict(fingerprint=True, dst_ip=pk.GUEST),
+                   dict(probes=False, fingerprint=True, dst_ip=pk.GUEST)):
+            cap = pcapfile.read_capture(path, ifname='x', lenient=True,
+                                        tcp_ports=range(1, 40000), **kw)
+            probes, prints = cap.probes(), cap.fingerprints()
+            out.append((_batch_rows(probes), _batch_rows(prints),
+                        (probes or prints).truncated))
+        return out
+
+    want = read_all((2, 4))
+    assert want[0][0][0] == len(records)
+    for version in ((2, 0), (2, 1), (2, 2), (2, 3), (543, 0)):
+        assert read_all(version) == want, version
+
+
+@pytest.mark.parametrize('nano', [False, True])
+@pytest.mark.parametrize('order', ['<', '>'])
+def test_2_3_lengths_in_either_order(order, nano, tmp_path):
+    """A 2.3 file of probes cut at 60 bytes: with the wire length first
+    or second, the same probes, times and keys as 2.4's."""
+    fr = pk.probes('icmp', 20)
+    records = [(SEC, 1000 * i, f[:60], len(f)) for i, f in enumerate(fr)]
+    want = pcapfile.read_pcap(_write(tmp_path / 'new.pcap', pcap(
+        records, order, nano)), ifname='x')
+    assert want.probes == 20
+    for swapped in (False, True):
+        got = pcapfile.read_pcap(_write(tmp_path / 'old.pcap', pcap(
+            records, order, nano, version=(2, 3), swapped=swapped)),
+            ifname='x')
+        assert (got.records, _keyed_rows(got)) == \
+            (want.records, _keyed_rows(want)), swapped
 
 
 @pytest.mark.parametrize('version', [(2, 0), (1, 1), (0, 0), (1, 3)])
@@ -94,11 +190,11 @@ def test_pcapng_section_versions_read(version, tmp_path):
 def test_cli_version_refusal_is_one_line(tmp_path):
     bad = tmp_path / 'pif.pcap'
     bad.write_bytes(pcap([(SEC, 1, pk.probes('icmp', 1)[0])],
-                         version=(2, 1)))
+                         version=(2, 5)))
     good = tmp_path / 'vif.pcap'
     good.write_bytes(pcap([(SEC, 2, pk.probes('icmp', 1)[0])]))
     line = one_line(netweaver('analyze', bad, good))
-    assert line.startswith(f'netweaver analyze: {bad}: pcap version 2.1 ')
+    assert line.startswith(f'netweaver analyze: {bad}: pcap version 2.5 ')
 
 
 # --------------------------------------------------------------------------
