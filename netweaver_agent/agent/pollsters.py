@@ -20,6 +20,7 @@ inspector lists vNICs with a libvirt inspector of its own, see
 """
 
 import operator
+import uuid
 
 from ceilometer.polling import plugin_base
 from ceilometer import sample
@@ -35,13 +36,19 @@ LOG = log.getLogger(__name__)
 
 def sample_from(base, name, type_, unit, volume):
     """A sample like ``base`` (see :meth:`inspector.CycleCache.sample_base`)
-    with this meter's name, type, unit and volume; its own metadata dict."""
+    with this meter's name, type, unit and volume; its own metadata dict.
+
+    Its id is a version-1 UUID of this host's node, as ``Sample`` makes
+    one, but made by Python's ``uuid1`` rather than libuuid's
+    ``uuid_generate_time_safe`` (a clock file under a lock: ~20 µs a
+    sample on the benchmark host, 4x the rest of the sample)."""
     return sample.Sample(
         name=name, type=type_, unit=unit, volume=volume,
         user_id=base.user_id, project_id=base.project_id,
         resource_id=base.resource_id,
         resource_metadata=dict(base.resource_metadata),
-        monotonic_time=base.monotonic_time)
+        monotonic_time=base.monotonic_time,
+        id=str(uuid.uuid1(node=uuid.getnode())))
 
 
 class TcpPortsError(ValueError):

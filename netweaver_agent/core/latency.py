@@ -260,49 +260,64 @@ class Matcher:
         return want
 
     def feed_batch(self, batch):
-        """Add every row of a :class:`sightings.SightingBatch`."""
+        """Add every row of a :class:`sightings.SightingBatch`.
+
+        One pass over the columns, the per-row checks inline (12,800 rows
+        for 64 vNICs x 50 probes): the planned probe (and its auth,
+        computed once per probe), its path, the direction; the first
+        sighting per interface is kept."""
         if batch.session != self.session and self._wire is None:
             return
         names = batch.ifnames
-        add = self._add
-        for k, i, t, d, a in zip(batch.keys, batch.ifindex, batch.t_ns,
-                                 batch.direction, batch.auth_column()):
-            add(k >> 1, bool(k & 1), names[i], t, d, a)
         wire = self._wire
+        plan = self.plan
+        secret = self.secret
+        expected = self._expected
+        rejected = self._rejected
+        seen_all = self._seen
+        # vif -> (interfaces, pif, the vif's own netdev)
+        where = {v: (frozenset(p.interfaces), p.interfaces[0],
+                     p.interfaces[-1]) for v, p in self.paths.items()}
+        dir_in, dir_out = sightings.DIR_IN, sightings.DIR_OUT
+        for k, i, t_ns, direction, auth in zip(
+                batch.keys, batch.ifindex, batch.t_ns, batch.direction,
+                batch.auth_column()):
+            seq = k >> 1 if wire is None else wire.get(k >> 1)
+            vif = plan.get(seq)
+            if vif is None:
+                continue
+            if secret is not None:
+                want = expected.get(seq)
+                if auth != (self._expect(seq) if want is None else want):
+                    rejected[vif] += 1
+                    continue
+            reply = k & 1 == 1
+            ifname = names[i]
+            interfaces, pif, last = where[vif]
+            if ifname not in interfaces:
+                continue
+            if ifname == pif:
+                # Probes must be received on the pif, replies sent out of
+                # it.
+                if direction == (dir_in if reply else dir_out):
+                    continue
+            elif reply and direction == dir_out and ifname == last:
+                # A "reply" the host sends towards the guest is a
+                # look-alike (e.g. an echo reply nobody asked for), not
+                # the guest's.
+                continue
+            seen = seen_all.get((seq, reply))
+            if seen is None:
+                seen_all[(seq, reply)] = {ifname: t_ns}
+                continue
+            old = seen.get(ifname)
+            if old is None or t_ns < old:
+                seen[ifname] = t_ns
         for (k, i), encap in batch.encap.items():
             seq = k >> 1 if wire is None else wire.get(k >> 1)
-            vif = self.plan.get(seq)
+            vif = plan.get(seq)
             if vif is not None and names[i] == self.paths[vif].pif:
                 self._encap.setdefault((seq, bool(k & 1)), encap)
-
-    def _add(self, seq, reply, ifname, t_ns, direction, auth=0):
-        if self._wire is not None:
-            seq = self._wire.get(seq)
-        vif = self.plan.get(seq)
-        if vif is None:
-            return
-        if self.secret is not None:
-            want = self._expected.get(seq)
-            if auth != (self._expect(seq) if want is None else want):
-                self._rejected[vif] += 1
-                return
-        path = self.paths[vif]
-        if ifname not in path.interfaces:
-            return
-        if ifname == path.pif:
-            # Probes must be received on the pif, replies sent out of it.
-            if direction == (sightings.DIR_IN if reply else
-                             sightings.DIR_OUT):
-                return
-        elif (reply and direction == sightings.DIR_OUT and
-              ifname == path.interfaces[-1]):
-            # A "reply" the host sends towards the guest is a look-alike
-            # (e.g. an echo reply nobody asked for), not the guest's.
-            return
-        seen = self._seen.setdefault((seq, reply), {})
-        old = seen.get(ifname)
-        if old is None or t_ns < old:
-            seen[ifname] = t_ns
 
     def accepted(self):
         """``{(seq, reply): {ifname: t_ns}}``: the first sighting per

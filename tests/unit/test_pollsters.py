@@ -12,6 +12,7 @@ import gc
 import threading
 import time
 from unittest import mock
+import uuid
 
 import fixtures
 import stevedore
@@ -149,6 +150,10 @@ class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
             self.assertNotEqual(want.pop('id'), got.pop('id'))
             self.assertEqual(want, got)
         self.assertEqual(len(out), len({s.id for s in out}))
+        # Time-based ids of this host, as Ceilometer's own samples have.
+        self.assertEqual({(1, uuid.getnode())},
+                         {(uuid.UUID(s.id).version,
+                           uuid.UUID(s.id).node) for s in out})
         out[0].resource_metadata['vif'] = 'changed'
         self.assertNotIn('changed',
                          {s.resource_metadata['vif'] for s in out[1:]})
