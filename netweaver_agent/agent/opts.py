@@ -229,9 +229,11 @@ OPTS = [
     cfg.FloatOpt('passive_window_ms',
                  default=1000.0, min=1.0, max=300000.0,
                  help='How long each cycle watches the instances\' own '
-                      'traffic in passive (and both) mode, in ms. In both '
-                      'mode it comes after the probe window (which '
-                      'max_window_ms bounds), adding to the cycle.'),
+                      'traffic in passive (and both) mode, in ms. '
+                      'max_window_ms bounds the cycle\'s windows together: '
+                      'in both mode the probe window ends early enough for '
+                      'this passive window to follow it, and a passive '
+                      'window is cut short at the cycle\'s deadline.'),
     cfg.IntOpt('passive_sample',
                default=64, min=1, max=65536,
                help='Passive mode keeps 1 flow in passive_sample (a power '
