@@ -280,6 +280,8 @@ def run_worker(lab, args, workdir):
              'per_vnic_interval_ms': args.per_vnic_interval_ms,
              'probe_timeout_ms': args.timeout_ms,
              'max_window_ms': args.max_window_ms}
+    if not args.privsep:
+        probe['privsep'] = False
     files = agent.write_files(lab, workdir, interval_s=60, probe=probe,
                               debug=args.debug)
     argv = [sys.executable, os.path.abspath(__file__), '--worker',
@@ -393,6 +395,10 @@ def main(argv=None):
     parser.add_argument('--debug', action='store_true',
                         help="the worker logs at debug level (to its "
                              "agent.log)")
+    parser.add_argument('--no-privsep', dest='privsep',
+                        action='store_false',
+                        help='capture and send in the worker itself (to '
+                        'profile the whole cycle in one process)')
     parser.add_argument('--profile', metavar='FILE',
                         help='write a cProfile of the cycles to FILE')
     parser.add_argument('--json', action='store_true',
