@@ -72,7 +72,8 @@ like a file (those are copied into memory; files are mapped).
 
 **Errors.**  An empty, unknown or corrupt file raises :class:`PcapError`
 naming the file and the byte offset, as do what tcpdump refuses (a pcap
-version other than 2.3/2.4, a pcapng section version other than 1.0/1.2)
+version other than 2.0-2.4 and DG/UX's 543.0, a pcapng section version
+other than 1.0/1.2)
 and what it would misread: a link type netweaver does not read (the
 message says which it reads) and a timestamp whose fraction is out of
 range (µs >= 1,000,000, ns >= 10**9), named by record number and byte;
