@@ -264,7 +264,39 @@ def read_vxlan(dev, netns_name=None):
 
 # --- links: which netdev is enslaved to which -----------------------------
 
-class SysfsLinks:
+class _PerBridge:
+    """What every vif of one bridge asks about the bridge, worked out
+    once per links snapshot (one polling cycle): asked per vif, a bridge
+    of V vifs costs V² peer lookups."""
+
+    def _per_bridge(self, key, compute):
+        cache = self.__dict__.setdefault('_bridge_memo', {})
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def bridge_veths(self, master):
+        """``((port, peer), …)``: the ports of ``master`` that are veths
+        whose peer is on no Linux bridge (on none, or on Open vSwitch's
+        kernel datapath)."""
+        def compute():
+            found = []
+            for port in self.ports(master):
+                peer = self.peer(port)
+                if peer and self.master(peer) in (
+                        None, _KERNEL_DATAPATH_MASTER):
+                    found.append((port, peer))
+            return tuple(found)
+        return self._per_bridge(('veths', master), compute)
+
+    def pif_candidates(self, master, prefixes):
+        """The ports of ``master`` whose names start with none of
+        ``prefixes`` (vif name prefixes)."""
+        return self._per_bridge(('pif', master, prefixes), lambda: tuple(
+            p for p in self.ports(master) if not p.startswith(prefixes)))
+
+
+class SysfsLinks(_PerBridge):
     """Netdevs and their masters, read from sysfs (``/sys/class/net``).
 
     A master's ports are read once per instance (one polling cycle's
@@ -319,7 +351,7 @@ class SysfsLinks:
         return read_vxlan(dev)
 
 
-class IpLinks:
+class IpLinks(_PerBridge):
     """The same, from ``ip -j link show`` run inside a namespace."""
 
     def __init__(self, netns_name=None, text=None, where=None):
@@ -380,9 +412,8 @@ def find_pif(vif, links, vif_prefixes=VIF_PREFIXES, configured=None):
         raise TopologyError(
             f"vif {vif!r} has no master (bridge) to find its pif from; "
             "set [netweaver] pif")
-    prefixes = tuple(vif_prefixes)
-    ports = [p for p in links.ports(bridge)
-             if p != vif and not p.startswith(prefixes)]
+    ports = [p for p in links.pif_candidates(bridge, tuple(vif_prefixes))
+             if p != vif]
     if len(ports) != 1:
         raise TopologyError(
             f"bridge {bridge!r} of vif {vif!r} has "
@@ -707,10 +738,9 @@ def _hybrid_entry(vif, master, links, switch):
     A port of the vif's Linux bridge that is a veth whose peer is an OVS
     interface (by the kernel's link, not by name).
     """
-    veths = [(p, links.peer(p)) for p in links.ports(master) if p != vif]
-    # A peer on another Linux bridge is Linux bridge all the way.
-    veths = [(p, peer) for p, peer in veths if peer and links.master(peer)
-             in (None, _KERNEL_DATAPATH_MASTER)]
+    # A peer on another Linux bridge is Linux bridge all the way.  Worked
+    # out once per bridge and cycle (links.bridge_veths), not per vif.
+    veths = [(p, peer) for p, peer in links.bridge_veths(master) if p != vif]
     if not veths:
         return None
     if switch.absent() and not any(

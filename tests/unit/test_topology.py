@@ -391,7 +391,7 @@ class Switch:
                                    lambda: dict(addresses or {}))
 
 
-def ip_links(*links):
+def ip_links(*links, cls=topology.IpLinks):
     """IpLinks from ``(ifname, master, link)`` as ``ip -j link`` shows."""
     rows = []
     for index, (name, master, link) in enumerate(links, start=2):
@@ -404,7 +404,7 @@ def ip_links(*links):
         elif link:
             row['link'] = link
         rows.append(row)
-    return topology.IpLinks(text=json.dumps(rows), where='test')
+    return cls(text=json.dumps(rows), where='test')
 
 
 def provider_switch():
@@ -442,6 +442,54 @@ def test_hybrid_is_told_by_the_veth_peer_not_by_names():
                      ('tap1', 'brq', None))
     assert topology.find_path('tap1', plain, switch).interfaces == (
         'qvbfake', 'tap1')
+
+
+class CountingLinks(topology.IpLinks):
+    """IpLinks that count the veth peer and port lookups asked of them."""
+
+    def __init__(self, text, where):
+        super().__init__(text=text, where=where)
+        self.peer_calls = 0
+        self.port_calls = 0
+
+    def peer(self, dev):
+        self.peer_calls += 1
+        return super().peer(dev)
+
+    def ports(self, master):
+        self.port_calls += 1
+        return super().ports(master)
+
+
+def test_a_shared_bridge_is_read_once_per_cycle_not_once_per_vif():
+    # Many taps on one hybrid qbr: every vif asked each port of the
+    # bridge for its veth peer (vifs² lookups a cycle).  The paths stay
+    # what each vif alone gets.
+    taps = [f'tap{n}' for n in range(40)]
+    rows = HYBRID_LINKS + tuple((t, 'qbr1', None) for t in taps)
+    links = ip_links(*rows, cls=CountingLinks)
+    switch = provider_switch().vm('br-int', 'qvo1').view()
+    found = [topology.find_path(t, links, switch) for t in taps]
+    ports = len(links.ports('qbr1'))
+    assert links.peer_calls <= ports
+    assert links.port_calls <= 3
+    for tap, path in zip(taps, found):
+        alone = topology.find_path(tap, ip_links(*rows), provider_switch()
+                                   .vm('br-int', 'qvo1').view())
+        assert path == alone
+        assert path.interfaces == ('eth1', 'qvo1', 'qvb1', tap)
+
+
+def test_a_shared_linux_bridge_finds_its_pif_once_per_cycle():
+    taps = [f'tap{n}' for n in range(40)]
+    rows = (('eth1', 'br0', None), ('br0', None, None)) + tuple(
+        (t, 'br0', None) for t in taps)
+    links = ip_links(*rows, cls=CountingLinks)
+    switch = provider_switch().view()
+    found = [topology.find_path(t, links, switch) for t in taps]
+    assert links.port_calls <= 3
+    assert links.peer_calls <= len(rows)
+    assert all(f.interfaces == ('eth1', t) for f, t in zip(found, taps))
 
 
 def test_vlan_parent_is_not_a_veth_peer():
@@ -798,6 +846,12 @@ class VxlanLinks:
 
     def peer(self, dev):
         return self._rows.peer(dev)
+
+    def bridge_veths(self, master):
+        return self._rows.bridge_veths(master)
+
+    def pif_candidates(self, master, prefixes):
+        return self._rows.pif_candidates(master, prefixes)
 
     def vxlan(self, dev):
         return self._vxlans.get(dev)
