@@ -338,8 +338,11 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     interfaces or on neither.  Up to two VLAN tags left in the frame are
     skipped; VXLAN (IPv4 underlay, to ``vxlan_port`` and the standard
     ports) and Geneve packets are sampled on their inner frame, as the vif
-    sees it.  The snapshot returned ends where the transport header ends
-    (the IP header for other protocols): no payload byte is kept.
+    sees it; UDP to those ports with no IPv4/IPv6 frame inside (too short
+    for one, or another ethertype: a tenant's own datagram) on its own
+    ports, as :func:`passive.parse` keys it.  The snapshot returned ends
+    where the transport header ends (the IP header for other protocols):
+    no payload byte is kept.
     Returns ``(code, jt, jf, k)`` instructions.
     """
     if (not isinstance(sample, int) or isinstance(sample, bool) or
@@ -363,19 +366,21 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     code += [(_LDB_IND, 0, 0, 9), (_JEQ, 0, 'i4', 17),
              (_LDB_IND, 0, 0, 0), (_JEQ, 0, 'i4', 0x45),
              (_LDH_IND, 0, 0, 6), (_JSET, 'i4', 0, 0x1fff),
+             (_LDH_IND, 0, 0, 2), (_JGE, 0, 'i4', 20 + 8 + 8),
              (_LDH_IND, 0, 0, 20 + 2)]
     for port, kind in sorted(ports.items()):
-        code += [(_JEQ, 'vx' if kind == 'vxlan' else 'gen', 0, port)]
+        code += [(_JEQ, 'vxl' if kind == 'vxlan' else 'gen', 0, port)]
     code += [(_JEQ, 'i4', 'i4', 0)]
-    # Inner frame after 20 + 8 + 8 bytes (+ Geneve options): X := inner L3.
+    # Inner frame after 20 + 8 + 8 bytes (+ Geneve options); not an IP
+    # frame (the datagram too short for one, or another ethertype): a
+    # tenant's own UDP to a tunnel port, sampled on its own ports.
     code += ['gen', (_LDB_IND, 0, 0, 28), (_AND_K, 0, 0, 0x3f),
-             (_LSH_K, 0, 0, 2), (_ADD_X, 0, 0, 0), (_TAX, 0, 0, 0)]
-    code += ['vx', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 20 + 8 + 8),
-             (_TAX, 0, 0, 0), (_LDH_IND, 0, 0, 12), (_ST, 0, 0, _M_PORT),
-             (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
-             (_LD_MEM, 0, 0, _M_PORT)]
+             (_LSH_K, 0, 0, 2), (_JEQ, 'vx', 'vx', 0),
+             'vxl', (_AND_K, 0, 0, 0)]
+    code += _passive_inner()
     code += [(_JEQ, 'i4', 0, dpkt.ethernet.ETH_TYPE_IP),
-             (_JEQ, 'i6', 'reject', dpkt.ethernet.ETH_TYPE_IP6)]
+             (_JEQ, 'i6', 'outer', dpkt.ethernet.ETH_TYPE_IP6),
+             'outer', (_LDX_MEM, 0, 0, _M_L3), (_JEQ, 'i4', 'i4', 0)]
     code += ['o6', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
              (_JEQ, 'i6', 'i6', 0)]
     code += _passive_l3(sample - 1, value, False)
@@ -383,6 +388,29 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     code += _passive_l4(sample - 1, value)
     code += ['reject', (_RET, 0, 0, 0)]
     return _assemble(code)
+
+
+def _passive_inner():
+    """From 'vx' with X = the outer IPv4 header's offset and A = the
+    tunnel header's options' bytes (VXLAN: none, A := 0 at 'vxl'): X :=
+    the inner frame's IP header, A := its ethertype; to ``outer`` (X
+    restored from ``_M_L3``) when the outer IP packet ends before that
+    ethertype."""
+    return [
+        'vx', (_ADD_K, 0, 0, 20 + 8 + 8), (_ADD_X, 0, 0, 0),
+        (_ST, 0, 0, _M_L4),                     # inner frame
+        (_TXA, 0, 0, 0), (_ST, 0, 0, _M_L3),    # outer IP header
+        # The outer packet's end minus the inner IP header's offset, by
+        # adding its two's complement: negative (bit 31) is too short.
+        (_LD_MEM, 0, 0, _M_L4), (_ADD_K, 0, 0, 14),
+        (_LDX_IMM, 0, 0, 0xffffffff), (_XOR_X, 0, 0, 0), (_ADD_K, 0, 0, 1),
+        (_ST, 0, 0, _M_PORT),
+        (_LDX_MEM, 0, 0, _M_L3), (_LDH_IND, 0, 0, 2), (_ADD_X, 0, 0, 0),
+        (_LDX_MEM, 0, 0, _M_PORT), (_ADD_X, 0, 0, 0),
+        (_JSET, 'outer', 0, 0x80000000),
+        (_LDX_MEM, 0, 0, _M_L4), (_LDH_IND, 0, 0, 12), (_ST, 0, 0, _M_PORT),
+        (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
+        (_LD_MEM, 0, 0, _M_PORT)]
 
 
 def _passive_l3(mask, value, v6):

@@ -29,6 +29,8 @@ This module does no I/O: sightings in, :class:`PassiveResult` out.
 
 import collections
 import dataclasses
+import itertools
+import operator
 import socket
 import struct
 import typing
@@ -53,6 +55,22 @@ _U32 = 1 << 32
 # destination, sport, dport); then TCP's seq, ack and data offset.
 _FAST4 = struct.Struct('!12xHBxHHHxB2x4s4sHH')
 _FAST_TCP = struct.Struct('!IIB')
+# A run's rows, read at once (struct.iter_unpack): per IP version, TCP
+# (ethertype, version/IHL or payload length, ..., seq, ack, data offset)
+# or not (IPv4: ..., id, ...; IPv6: the ports).
+_ROWS = {
+    (4, True): '!12xHBxHxxHxB2x4s4sHHIIB',
+    (4, False): '!12xHBxHHHxB2x4s4sHH',
+    (6, True): '!12xH4xHB1x16s16sHHIIB',
+    (6, False): '!12xH4xHB1x16s16sHH',
+}
+_ROW_SIZE = {k: struct.calcsize(v) for k, v in _ROWS.items()}
+_ROW_STRUCTS = {}
+# TCP header bytes by the data offset byte; plus IPv4's 20.
+_TCP_HL6 = tuple((b >> 4) * 4 for b in range(256))
+_TCP_HL4 = tuple(20 + h for h in _TCP_HL6)
+_MIN_COLUMNS = 4
+_new = tuple.__new__
 
 
 class PassiveError(ValueError):
@@ -165,6 +183,95 @@ def parse_at(buf, at, caplen, tunnel_ports):
     return _parse(memoryview(buf)[at:at + caplen], 0, tunnel_ports, 1)
 
 
+def parse_run(buf, first, stride, n, caplen, tunnel_ports, flows=None):
+    """:func:`parse_at` of ``n`` frames of ``caplen`` bytes ``stride``
+    apart in ``buf`` (a ring block's run), the first at ``first``: a list
+    of :class:`Header` (None where parse_at gives None).
+
+    A run of untagged IPv4 (no options, no later fragment) or IPv6 frames
+    of one protocol, TCP or UDP (IPv4: any but UDP to a tunnel port), is
+    read in one pass of :func:`struct.iter_unpack` over the block and its
+    headers built by C loops; any other run frame by frame.  ``flows``:
+    a dict the caller keeps (one window's), so that the headers of one
+    flow share one flow tuple (a window holds every sampled packet's).
+    """
+    fast = None
+    if n >= _MIN_COLUMNS:
+        fast = _columns(buf, first, stride, n, caplen, tunnel_ports, flows)
+    if fast is not None:
+        return fast
+    return [parse_at(buf, first + i * stride, caplen, tunnel_ports)
+            for i in range(n)]
+
+
+def _columns(buf, first, stride, n, caplen, tunnel_ports, flows):
+    """:func:`parse_run`'s one pass, None when the run does not fit it."""
+    if caplen < _ROW_SIZE[(4, False)]:
+        return None
+    etype = buf[first + 12:first + 14]
+    if etype == b'\x08\x00':
+        version, proto = 4, buf[first + 23]
+    elif etype == b'\x86\xdd':
+        version, proto = 6, buf[first + 20]
+        if proto not in (TCP, UDP):
+            return None
+    else:
+        return None
+    kind = (version, proto == TCP)
+    size = _ROW_SIZE[kind]
+    if caplen < size or stride < size:
+        return None
+    row = _ROW_STRUCTS.get((kind, stride))
+    if row is None:
+        row = _ROW_STRUCTS[(kind, stride)] = struct.Struct(
+            f'{_ROWS[kind]}{stride - size}x')
+    last = first + stride * (n - 1)
+    rows = list(row.iter_unpack(memoryview(buf)[first:last]))
+    rows.append(struct.unpack_from(_ROWS[kind], buf, last))
+    cols = list(zip(*rows))
+    want = {0x0800 if version == 4 else 0x86dd}
+    if set(cols[0]) != want:
+        return None
+    if version == 4:
+        frag, protos = (3, 4) if kind[1] else (4, 5)
+        if (set(cols[1]) != {0x45} or set(cols[protos]) != {proto} or
+                any(f & 0x1fff for f in set(cols[frag]))):
+            return None
+    elif set(cols[2]) != {proto}:
+        return None
+    if proto == UDP and not tunnel_ports.keys().isdisjoint(cols[-1]):
+        return None         # (dport last) maybe a tunnel: frame by frame
+    if kind == (4, True):
+        _e, _v, tlen, _f, protos, src, dst, sport, dport, seq, ack, doff = \
+            cols
+        idents = zip(seq, ack)
+        lengths = map(max, map(operator.sub, tlen,
+                               map(_TCP_HL4.__getitem__, doff)),
+                      itertools.repeat(0))
+    elif kind == (6, True):
+        _e, plen, protos, src, dst, sport, dport, seq, ack, doff = cols
+        idents = zip(seq, ack)
+        lengths = map(max, map(operator.sub, plen,
+                               map(_TCP_HL6.__getitem__, doff)),
+                      itertools.repeat(0))
+    elif version == 6:
+        _e, _p, protos, src, dst, sport, dport = cols
+        idents = itertools.repeat(None)
+        lengths = itertools.repeat(0)
+    else:
+        _e, _v, _t, ipid, _f, protos, src, dst, sport, dport = cols
+        if proto != UDP:
+            sport = dport = itertools.repeat(0)
+        idents = zip(ipid, itertools.repeat(0))
+        lengths = itertools.repeat(0)
+    found = zip(protos, src, dst, sport, dport)
+    if flows is not None:
+        found = list(found)
+        found = map(flows.setdefault, found, found)
+    return list(map(_new, itertools.repeat(Header),
+                    zip(found, idents, lengths)))
+
+
 def parse_ip(packet, tunnel_ports=None):
     """The :class:`Header` of an IPv4 or IPv6 packet (no link layer, as
     NFQUEUE gives it), None if it is neither."""
@@ -231,15 +338,33 @@ def _parse_l3(mv, off, etype, tunnel_ports, depth):
             return None
         sport, dport = _PORTS.unpack_from(mv, l4)
         if depth and dport in tunnel_ports:
-            kind = tunnel_ports[dport]
-            inner = l4 + 8 + probe.VXLAN_HDR_LEN
-            if kind == 'geneve':
-                if len(mv) < l4 + 9:
-                    return None
-                inner += (mv[l4 + 8] & 0x3f) * 4
-            return _parse(mv, inner, tunnel_ports, depth - 1)
+            inner = _tunnel_inner(mv, off, l4, v4_ident is not None,
+                                  tunnel_ports[dport])
+            if inner is not None:
+                return _parse(mv, inner, tunnel_ports, depth - 1)
         return Header((proto, src, dst, sport, dport), v4_ident)
     return Header((proto, src, dst, 0, 0), v4_ident)
+
+
+def _tunnel_inner(mv, off, l4, v4, kind):
+    """Where the inner frame of UDP to a tunnel port starts, None when it
+    holds no IP frame: too short for a tunnel header and an inner
+    Ethernet header (by the IPv4 total length, or the bytes there are),
+    or an inner ethertype other than IPv4/IPv6 at its fixed place.  As
+    :func:`capture.passive_filter` decides it, so a tenant's plain UDP
+    to a tunnel port is sampled and keyed on its own ports."""
+    inner = l4 + 8 + probe.VXLAN_HDR_LEN
+    end = len(mv)
+    if v4:
+        end = min(end, off + struct.unpack_from('!H', mv, off + 2)[0])
+    if end < inner:
+        return None
+    if kind == 'geneve':
+        inner += (mv[l4 + 8] & 0x3f) * 4
+    if end < inner + _ETH.size or _ETH.unpack_from(mv, inner)[2] not in (
+            dpkt.ethernet.ETH_TYPE_IP, dpkt.ethernet.ETH_TYPE_IP6):
+        return None
+    return inner
 
 
 def match(seen, vifs):

@@ -13,6 +13,8 @@ of them per window (the rest counted, not kept).
 import dataclasses
 import fcntl
 import gc
+import itertools
+import operator
 import select
 import socket
 import struct
@@ -35,6 +37,10 @@ MAX_CAP = 1_000_000
 # Bytes of ring per kept packet (header, address, headers-only snapshot).
 _SLOT = ring.HEADER_BYTES + 128
 _IFINDEX = struct.Struct('@i')
+# Packet type -> direction (PACKET_OUTGOING: sent there by the host).
+_T_DIRECTION = bytes(sightings.DIR_OUT if b == 4 else sightings.DIR_IN
+                     for b in range(256))
+_new = tuple.__new__
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ class PassiveCapture:
         self.sightings = []
         self.stats = None
         self._names = {}
+        self._flows = {}
         self._sock = None
         self._ring = None
         self._thread = None
@@ -201,33 +208,46 @@ class PassiveCapture:
                 gc.enable()
 
     def _read_blocks(self):
-        out = self.sightings
-        names = self._names
-        wanted = self.interfaces
-        parse_at, sighting = passive.parse_at, passive.Sighting
-        tunnels = self._tunnels
         for block in self._ring.blocks():
             for run in ring.decode_block(block):
-                self._read += run.n
-                room = self.cap - len(out)
-                n = min(run.n, max(room, 0))
-                self._over += run.n - n
-                caplen, stride, frame = run.caplen, run.stride, run.frame
-                t_ns, ifindex, pkttype = run.t_ns, run.ifindex, run.pkttype
-                for i in range(n):
-                    index = ifindex[i]
-                    name = names.get(index) or self._ifname(index)
-                    if wanted is not None and name not in wanted:
-                        continue
-                    header = parse_at(block, frame + i * stride, caplen,
-                                      tunnels)
-                    if header is None:
-                        self._unparsed += 1
-                        continue
-                    out.append(sighting(
-                        name, t_ns[i],
-                        sightings.DIR_OUT if pkttype[i] == 4
-                        else sightings.DIR_IN, header))
+                self._take_run(block, run)
+
+    def _take_run(self, block, run):
+        """Sightings of one :class:`ring.Run`, in columns: headers by
+        :func:`passive.parse_run`, then each row's sighting made by C
+        loops (no Python code per packet) when every row is kept."""
+        self._read += run.n
+        out = self.sightings
+        n = min(run.n, max(self.cap - len(out), 0))
+        self._over += run.n - n
+        if not n:
+            return
+        names = self._names
+        index = run.ifindex[:n] if n < run.n else run.ifindex
+        if not names.keys() >= set(index):
+            for i in set(index) - names.keys():
+                self._ifname(i)
+        ifnames = list(map(names.__getitem__, index))
+        headers = passive.parse_run(block, run.frame, run.stride, n,
+                                    run.caplen, self._tunnels, self._flows)
+        rows = zip(ifnames, run.t_ns,
+                   run.pkttype[:n].translate(_T_DIRECTION), headers)
+        wanted = self.interfaces
+        keep = None
+        if wanted is not None and not wanted.issuperset(ifnames):
+            keep = [name in wanted for name in ifnames]
+        unparsed = headers.count(None)
+        if unparsed:
+            ok = [h is not None for h in headers]
+            if keep is not None:
+                self._unparsed += sum(map(operator.gt, keep, ok))
+                keep = list(map(operator.and_, keep, ok))
+            else:
+                self._unparsed += unparsed
+                keep = ok
+        if keep is not None:
+            rows = itertools.compress(rows, keep)
+        out.extend(map(_new, itertools.repeat(passive.Sighting), rows))
 
 
 def to_wire(sightings, stats):

@@ -1,0 +1,156 @@
+"""The passive capture's columnar reading of TPACKET_V3 ring runs
+(passive.parse_run, PassiveCapture._take_run) against the full per-frame
+parse: the same headers, sightings and counts for any run of equal-length
+frames, whether the fixed-offset fast path takes it or not."""
+
+import random
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from netweaver_agent.core import passive
+from netweaver_agent.core import passivecapture
+from netweaver_agent.core import probe
+from netweaver_agent.core import ring
+from netweaver_agent.core import sightings
+from tests import flows
+from tests import packets as pk
+from tests.unit.test_ring import IFACES
+from tests.unit.test_ring import kernel_block
+
+KINDS = ('tcp4', 'udp4', 'icmp4', 'tcp6', 'udp6', 'tagged', 'vxlan',
+         'frag', 'opts', 'tunnelport', 'probe')
+PLAIN = ('tcp4', 'udp4', 'icmp4', 'tcp6', 'udp6')
+
+
+def addr(rnd, v6):
+    if v6:
+        return bytes.fromhex('20010002') + rnd.randbytes(12)
+    return bytes([198, 18 + rnd.randrange(2)]) + rnd.randbytes(2)
+
+
+def make(rnd, kind, size):
+    """One frame of ``kind`` with random fields (tests/flows builders)."""
+    v6 = kind in ('tcp6', 'udp6')
+    src, dst = addr(rnd, v6), addr(rnd, v6)
+    sport = rnd.randrange(65536)
+    dport = rnd.choice([rnd.randrange(65536), 80, 53, 443])
+    if dport in probe.TUNNEL_PORTS:
+        dport += 1
+    body = rnd.randbytes(size)
+    if kind == 'probe':
+        return pk.make_frame(rnd)
+    if kind in ('tcp4', 'tcp6'):
+        return flows.tcp(src, dst, sport, dport, rnd.randrange(2**32),
+                         rnd.randrange(2**32), body)
+    if kind == 'icmp4':
+        import dpkt
+        echo = dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo(
+            id=sport, seq=dport, data=body))
+        return flows.ip_frame(src, dst, echo, 1, (), rnd.randrange(65536))
+    if kind == 'tunnelport':
+        dport = rnd.choice(sorted(probe.TUNNEL_PORTS))
+    f = flows.udp(src, dst, sport, dport, rnd.randrange(65536), body)
+    if kind == 'tagged':
+        f = f[:12] + b'\x81\x00\x00\x07' + f[12:]
+    elif kind == 'vxlan':
+        f = pk.vxlan(f, rnd.randrange(1 << 24))
+    elif kind == 'frag':
+        f = f[:20] + bytes([rnd.randrange(32), rnd.randrange(1, 256)]) + f[22:]
+    elif kind == 'opts':
+        f = f[:14] + b'\x46' + f[15:]
+    return f
+
+
+@st.composite
+def runs(draw):
+    """Equal-length frames as the ring lays a run: one kind (or mixed),
+    cut to one snapshot length."""
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    n = draw(st.integers(1, 12))
+    mixed = draw(st.booleans())
+    kind = draw(st.sampled_from(KINDS))
+    size = draw(st.integers(0, 40))
+    frames = [make(rnd, rnd.choice(KINDS) if mixed else kind, size)
+              for _ in range(n)]
+    caplen = min(len(f) for f in frames) - draw(st.integers(0, 30))
+    caplen = max(caplen, 1)
+    return [f[:caplen] for f in frames], kind, mixed
+
+
+def lay_out(frames, lead, pad):
+    stride = len(frames[0]) + pad
+    buf = b'\xee' * lead + b''.join(f + b'\xee' * pad for f in frames)
+    return buf[:len(buf) - pad], lead, stride
+
+
+@settings(max_examples=400, deadline=None)
+@given(run=runs(), lead=st.integers(0, 9), pad=st.integers(0, 40))
+def test_fast_path_gives_the_full_parse_keys(run, lead, pad):
+    frames, kind, mixed = run
+    buf, first, stride = lay_out(frames, lead, pad)
+    caplen = len(frames[0])
+    ports = probe.tunnel_ports()
+    want = [passive.parse(f) for f in frames]
+    for flows_ in (None, {}):
+        got = passive.parse_run(buf, first, stride, len(frames), caplen,
+                                ports, flows_)
+        assert got == want
+    fast = passive._columns(buf, first, stride, len(frames), caplen, ports,
+                            None)
+    assert fast is None or fast == want
+    if (kind in PLAIN and not mixed and len(frames) >= 4 and
+            None not in want and caplen >= 58):
+        # Not vacuous: the common frames take the fixed-offset path.
+        assert fast is not None
+
+
+def test_one_flow_shares_one_flow_tuple():
+    frames = [flows.tcp(flows.PEER, flows.GUEST, 1000, 80, s, 1, b'x' * 8)
+              for s in range(6)]
+    buf, first, stride = lay_out(frames, 0, 16)
+    got = passive.parse_run(buf, first, stride, 6, len(frames[0]),
+                            probe.tunnel_ports(), {})
+    assert len({id(h.flow) for h in got}) == 1
+    assert [h.ident[0] for h in got] == list(range(6))
+
+
+def sightings_by_frame(packets, wanted, cap):
+    """What the per-frame reader gave: each packet on a wanted interface
+    parsed alone; ``(sightings, unparsed, over_cap)``."""
+    out, unparsed = [], 0
+    for frame, ifindex, pkttype, t_ns, _vid in packets[:cap]:
+        name = IFACES[ifindex]
+        if wanted is not None and name not in wanted:
+            continue
+        h = passive.parse(frame)
+        if h is None:
+            unparsed += 1
+            continue
+        out.append(passive.Sighting(
+            name, t_ns, sightings.DIR_OUT if pkttype == 4
+            else sightings.DIR_IN, h))
+    return out, unparsed, max(len(packets) - cap, 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(run=runs(), seed=st.integers(0, 2**32),
+       wanted=st.sampled_from([None, ('eth1', 'tap0'), ('tap1',)]),
+       cap=st.integers(1, 30), same_if=st.booleans())
+def test_capture_rows_equal_the_per_frame_reader(run, seed, wanted, cap,
+                                                 same_if):
+    frames, _kind, _mixed = run
+    rnd = random.Random(seed)
+    packets = [(f, 3 if same_if else rnd.choice(sorted(IFACES)),
+                rnd.choice([0, 3, 4]), 10**18 + rnd.randrange(10**9), None)
+               for f in frames]
+    data = kernel_block(packets)
+    cap_ = passivecapture.PassiveCapture(1, interfaces=wanted, cap=cap)
+    cap_._names.update(IFACES)
+    for r in ring.decode_block(data):
+        cap_._take_run(data, r)
+    want, unparsed, over = sightings_by_frame(packets, wanted, cap)
+    assert cap_.sightings == want
+    assert (cap_._unparsed, cap_._over, cap_._read) == (
+        unparsed, over, len(packets))
