@@ -252,9 +252,12 @@ class _Pacer:
         self.burst_s = burst_s
         self._lock = threading.Lock()
         self._next = 0.0
+        self._steps = {}
 
     def wait(self, nbytes):
-        step = self.limits.min_step_ns(nbytes) / 1e9
+        step = self._steps.get(nbytes)
+        if step is None:
+            step = self._steps[nbytes] = self.limits.min_step_ns(nbytes) / 1e9
         with self._lock:
             now = time.monotonic()
             at = max(now - self.burst_s, self._next)

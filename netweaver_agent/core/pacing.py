@@ -79,24 +79,25 @@ def pace(packets, transmit, deadline_s, quantum_s=SEND_QUANTUM_S):
     sent = failed = 0
     errors = []
     # Per destination: when its last packet left, and its planned offset.
-    left_at, left_off = {}, {}
+    last = {}
     for packet in packets:
         dst, offset_ns = packet.dst_ip, packet.offset_ns
         due = start + offset_ns / 1e9
         earliest = due - quantum_s
-        if dst in left_at:
-            earliest = max(earliest, left_at[dst] +
-                           (offset_ns - left_off[dst]) / 1e9)
+        prev = last.get(dst)
+        if prev is not None:
+            spaced = prev[0] + (offset_ns - prev[1]) / 1e9
+            if spaced > earliest:
+                earliest = spaced
         now = monotonic()
         if earliest > now and due <= deadline_s:
             # On time (or as its destination's spacing says); what is due
             # within the quantum then goes without sleeping.
-            sleep(max(earliest, due) - now)
+            sleep((earliest if earliest > due else due) - now)
             now = monotonic()
         if due > deadline_s or now > deadline_s:
             break
-        left_at[dst] = now
-        left_off[dst] = offset_ns
+        last[dst] = (now, offset_ns)
         try:
             transmit(packet)
             sent += 1

@@ -312,17 +312,20 @@ _ICMP_SEQ = _L4 + 6
 _TCP_SEQ = _L4 + 4
 _U16 = struct.Struct('!H')
 _U32 = struct.Struct('!I')
-_NATIVE16 = struct.Struct('=H')
 
 
-def _native_sum(data):
-    """Internet checksum of ``data`` in native byte order (RFC 1071 §2)."""
+def _checksum(data):
+    """Internet checksum of ``data``, to be packed big-endian (RFC 1071).
+
+    The one's complement sum of the 16-bit words is the whole as one
+    integer modulo 0xffff (2**16 is 1 modulo 0xffff), except that a sum
+    that is not zero folds to 0xffff, never to 0.
+    """
     if len(data) % 2:
         data = bytes(data) + b'\0'
-    total = sum(memoryview(data).cast('H'))
-    while total >> 16:
-        total = (total & 0xffff) + (total >> 16)
-    return ~total & 0xffff
+    total = int.from_bytes(data, 'big')
+    folded = total % 0xffff or (0xffff if total else 0)
+    return ~folded & 0xffff
 
 
 def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
@@ -368,15 +371,15 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
             if proto == 'icmp':
                 _U16.pack_into(buf, _ICMP_SEQ, seq & 0xffff)
         buf[_IP_SUM:_IP_SUM + 2] = b'\0\0'
-        _NATIVE16.pack_into(buf, _IP_SUM, _native_sum(buf[:_L4]))
+        _U16.pack_into(buf, _IP_SUM, _checksum(buf[:_L4]))
         buf[at:at + 2] = b'\0\0'
         if proto == 'icmp':
-            l4sum = _native_sum(buf[_L4:])
+            l4sum = _checksum(buf[_L4:])
         else:
-            l4sum = _native_sum(pseudo + buf[_L4:])
+            l4sum = _checksum(pseudo + buf[_L4:])
             if l4sum == 0 and proto == 'udp':
                 l4sum = 0xffff
-        _NATIVE16.pack_into(buf, at, l4sum)
+        _U16.pack_into(buf, at, l4sum)
         out.append(bytes(buf))
     return out
 

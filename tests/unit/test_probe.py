@@ -160,3 +160,26 @@ def test_build_rejects_out_of_range():
         frame('tcp', 1, 7)
     with pytest.raises(ValueError, match="unknown probe protocol 'sctp'"):
         frame('sctp', 1, 1)
+
+
+def _rfc1071(data):
+    """RFC 1071's own loop: 16-bit big-endian words, end-around carry."""
+    data = bytes(data) + b'\0' * (len(data) % 2)
+    total = 0
+    for i in range(0, len(data), 2):
+        total += data[i] << 8 | data[i + 1]
+        total = (total & 0xffff) + (total >> 16)
+    return ~total & 0xffff
+
+
+@pytest.mark.parametrize('data', [
+    b'', b'\0\0', b'\xff\xff', b'\xff\xff\xff\xff', b'\x12\x34\xed\xcb',
+    b'\x00\x01\xff\xfe', b'\x01', b'\xff\xff\x00'])
+def test_checksum_folds_as_rfc_1071_also_at_the_zeros(data):
+    # A non-zero sum that is a multiple of 0xffff folds to 0xffff.
+    assert probe._checksum(data) == _rfc1071(data)
+
+
+@given(st.binary(max_size=200))
+def test_checksum_equals_rfc_1071(data):
+    assert probe._checksum(data) == _rfc1071(data)
