@@ -624,3 +624,39 @@ def pcapng(frames, times, order='<', tsresol=9, linktype=1, flags=None):
         blocks.append(epb(order, 0, t // unit, f,
                           None if flags is None else flags[i]))
     return b''.join(blocks)
+
+
+# TPACKET_V3 ring blocks, as the kernel lays them out (net/packet/
+# af_packet.c, SOCK_RAW on Ethernet): a block descriptor, then per packet
+# tpacket3_hdr + sockaddr_ll + frame, 16-byte aligned, the last packet's
+# next offset 0.
+RING_BLOCK_HDR = 48
+RING_TP3_HDR = 48
+RING_SLL = 20
+RING_MAC = ((RING_TP3_HDR + RING_SLL + 16 + 15) & ~15) - 14
+
+
+def ring_block(packets, size=1 << 16):
+    """One ring block of ``packets``: ``(frame, ifindex, pkttype, t_ns,
+    vid or None)``."""
+    block = bytearray(size)
+    off = RING_BLOCK_HDR
+    prev = None
+    for frame, ifindex, pkt_type, t_ns, vid in packets:
+        status = 1 | (0x10 if vid is not None else 0)
+        hdr = struct.pack('@IIIIIIHHIIHH8x', 0, t_ns // 10**9,
+                          t_ns % 10**9, len(frame), len(frame), status,
+                          RING_MAC, RING_MAC + 14, 0, vid or 0,
+                          0x8100 if vid else 0, 0)
+        sll = struct.pack('@HHiHBB8s', 17, 0, ifindex, 1, pkt_type, 6,
+                          b'\0' * 8)
+        block[off:off + RING_TP3_HDR] = hdr
+        block[off + RING_TP3_HDR:off + RING_TP3_HDR + RING_SLL] = sll
+        block[off + RING_MAC:off + RING_MAC + len(frame)] = frame
+        if prev is not None:
+            struct.pack_into('@I', block, prev, off - prev)
+        prev = off
+        off += (RING_MAC + len(frame) + 15) & ~15
+    struct.pack_into('@IIIIII', block, 0, 3, 0, 1, len(packets),
+                     RING_BLOCK_HDR, off)
+    return bytes(block[:off])

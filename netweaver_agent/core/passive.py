@@ -38,6 +38,7 @@ import typing
 import dpkt
 
 from netweaver_agent.core import latency
+from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 
@@ -55,22 +56,29 @@ _U32 = 1 << 32
 # destination, sport, dport); then TCP's seq, ack and data offset.
 _FAST4 = struct.Struct('!12xHBxHHHxB2x4s4sHH')
 _FAST_TCP = struct.Struct('!IIB')
-# A run's rows, read at once (struct.iter_unpack): per IP version, TCP
-# (ethertype, version/IHL or payload length, ..., seq, ack, data offset)
-# or not (IPv4: ..., id, ...; IPv6: the ports).
-_ROWS = {
-    (4, True): '!12xHBxHxxHxB2x4s4sHHIIB',
-    (4, False): '!12xHBxHHHxB2x4s4sHH',
-    (6, True): '!12xH4xHB1x16s16sHHIIB',
-    (6, False): '!12xH4xHB1x16s16sHH',
-}
-_ROW_SIZE = {k: struct.calcsize(v) for k, v in _ROWS.items()}
+# A run's fields, once its ethertype, IPv4 version/IHL, fragment offset
+# and protocol are checked in columns, read by struct.iter_unpack as the
+# parts of its headers: the flow (protocol, addresses, ports: IPv4 other
+# protocols without ports) and the ident (TCP: seq, ack; IPv4: id, then
+# the fragment offset's low byte, checked 0).
+_FLOW4 = '!23xB2x4s4sHH'
+_FLOW4_NO_PORTS = '!23xB2x4s4s'
+_FLOW6 = '!20xB1x16s16sHH'
+_SEQ_ACK4 = '!38xII'
+_SEQ_ACK6 = '!58xII'
+_ID4 = '!18xHxB'
+# The bytes a run's frames must hold, by IP version and protocol.
+_NEED = {(4, TCP): 47, (4, UDP): 38, (4, None): 34, (6, TCP): 67,
+         (6, UDP): 58}
 _ROW_STRUCTS = {}
+_NO_PORTS = (0, 0)
 # TCP header bytes by the data offset byte; plus IPv4's 20.
 _TCP_HL6 = tuple((b >> 4) * 4 for b in range(256))
 _TCP_HL4 = tuple(20 + h for h in _TCP_HL6)
 _MIN_COLUMNS = 4
 _new = tuple.__new__
+_T_FRAG_HI = bytes(b & 0x1f for b in range(256))
+_ETHERTYPES = {4: b'\x08\x00', 6: b'\x86\xdd'}
 
 
 class PassiveError(ValueError):
@@ -183,7 +191,7 @@ def parse_at(buf, at, caplen, tunnel_ports):
     return _parse(memoryview(buf)[at:at + caplen], 0, tunnel_ports, 1)
 
 
-def parse_run(buf, first, stride, n, caplen, tunnel_ports, flows=None):
+def parse_run(buf, first, stride, n, caplen, tunnel_ports, lazy=False):
     """:func:`parse_at` of ``n`` frames of ``caplen`` bytes ``stride``
     apart in ``buf`` (a ring block's run), the first at ``first``: a list
     of :class:`Header` (None where parse_at gives None).
@@ -191,85 +199,88 @@ def parse_run(buf, first, stride, n, caplen, tunnel_ports, flows=None):
     A run of untagged IPv4 (no options, no later fragment) or IPv6 frames
     of one protocol, TCP or UDP (IPv4: any but UDP to a tunnel port), is
     read in one pass of :func:`struct.iter_unpack` over the block and its
-    headers built by C loops; any other run frame by frame.  ``flows``:
-    a dict the caller keeps (one window's), so that the headers of one
-    flow share one flow tuple (a window holds every sampled packet's).
+    headers built by C loops; any other run frame by frame.  ``lazy``:
+    when the run is read in one pass, return an iterator that reads its
+    fields and makes its headers when consumed (``buf`` must not change
+    until then; its checks are done now).
     """
     fast = None
     if n >= _MIN_COLUMNS:
-        fast = _columns(buf, first, stride, n, caplen, tunnel_ports, flows)
+        fast = _columns(buf, first, stride, n, caplen, tunnel_ports)
     if fast is not None:
-        return fast
+        return fast if lazy else list(fast)
     return [parse_at(buf, first + i * stride, caplen, tunnel_ports)
             for i in range(n)]
 
 
-def _columns(buf, first, stride, n, caplen, tunnel_ports, flows):
-    """:func:`parse_run`'s one pass, None when the run does not fit it."""
-    if caplen < _ROW_SIZE[(4, False)]:
+def _columns(buf, first, stride, n, caplen, tunnel_ports):
+    """:func:`parse_run`'s one pass (an iterator of its headers), None
+    when the run does not fit it."""
+    if caplen < _NEED[(4, None)]:
         return None
     etype = buf[first + 12:first + 14]
-    if etype == b'\x08\x00':
+    if etype == _ETHERTYPES[4]:
         version, proto = 4, buf[first + 23]
-    elif etype == b'\x86\xdd':
+    elif etype == _ETHERTYPES[6]:
         version, proto = 6, buf[first + 20]
         if proto not in (TCP, UDP):
             return None
     else:
         return None
-    kind = (version, proto == TCP)
-    size = _ROW_SIZE[kind]
-    if caplen < size or stride < size:
+    if caplen < _NEED[(version, proto if proto in (TCP, UDP) else None)]:
         return None
-    row = _ROW_STRUCTS.get((kind, stride))
-    if row is None:
-        row = _ROW_STRUCTS[(kind, stride)] = struct.Struct(
-            f'{_ROWS[kind]}{stride - size}x')
-    last = first + stride * (n - 1)
-    rows = list(row.iter_unpack(memoryview(buf)[first:last]))
-    rows.append(struct.unpack_from(_ROWS[kind], buf, last))
-    cols = list(zip(*rows))
-    want = {0x0800 if version == 4 else 0x86dd}
-    if set(cols[0]) != want:
+
+    def col(at, width=1):
+        return pcapkeys.column(buf, first + at, stride, n, width)
+
+    def rows(fmt):
+        return _rows(buf, first, stride, n, fmt)
+
+    if col(12, 2) != etype * n:
         return None
+    l4 = 34 if version == 4 else 54
     if version == 4:
-        frag, protos = (3, 4) if kind[1] else (4, 5)
-        if (set(cols[1]) != {0x45} or set(cols[protos]) != {proto} or
-                any(f & 0x1fff for f in set(cols[frag]))):
+        if (col(14) != b'\x45' * n or col(23) != bytes((proto,)) * n or
+                col(20).translate(_T_FRAG_HI) != bytes(n) or
+                col(21) != bytes(n)):
             return None
-    elif set(cols[2]) != {proto}:
+    elif col(20) != bytes((proto,)) * n:
         return None
-    if proto == UDP and not tunnel_ports.keys().isdisjoint(cols[-1]):
-        return None         # (dport last) maybe a tunnel: frame by frame
-    if kind == (4, True):
-        _e, _v, tlen, _f, protos, src, dst, sport, dport, seq, ack, doff = \
-            cols
-        idents = zip(seq, ack)
-        lengths = map(max, map(operator.sub, tlen,
-                               map(_TCP_HL4.__getitem__, doff)),
-                      itertools.repeat(0))
-    elif kind == (6, True):
-        _e, plen, protos, src, dst, sport, dport, seq, ack, doff = cols
-        idents = zip(seq, ack)
-        lengths = map(max, map(operator.sub, plen,
-                               map(_TCP_HL6.__getitem__, doff)),
-                      itertools.repeat(0))
-    elif version == 6:
-        _e, _p, protos, src, dst, sport, dport = cols
+    if proto == UDP and not tunnel_ports.keys().isdisjoint(
+            pcapkeys.ints(col(l4 + 2, 2), 'H', True)):
+        return None         # maybe a tunnel: frame by frame
+    lengths = itertools.repeat(0)
+    if version == 6:
+        flows = rows(_FLOW6)
         idents = itertools.repeat(None)
-        lengths = itertools.repeat(0)
+    elif proto in (TCP, UDP):
+        flows = rows(_FLOW4)
+        idents = rows(_ID4)
     else:
-        _e, _v, _t, ipid, _f, protos, src, dst, sport, dport = cols
-        if proto != UDP:
-            sport = dport = itertools.repeat(0)
-        idents = zip(ipid, itertools.repeat(0))
-        lengths = itertools.repeat(0)
-    found = zip(protos, src, dst, sport, dport)
-    if flows is not None:
-        found = list(found)
-        found = map(flows.setdefault, found, found)
-    return list(map(_new, itertools.repeat(Header),
-                    zip(found, idents, lengths)))
+        flows = map(operator.add, rows(_FLOW4_NO_PORTS),
+                    itertools.repeat(_NO_PORTS))
+        idents = rows(_ID4)
+    if proto == TCP:
+        idents = rows(_SEQ_ACK4 if version == 4 else _SEQ_ACK6)
+        header = _TCP_HL4 if version == 4 else _TCP_HL6
+        lengths = map(max, map(operator.sub,
+                               pcapkeys.ints(col(l4 - 18 if version == 4
+                                                 else 18, 2), 'H', True),
+                               map(header.__getitem__, col(l4 + 12))),
+                      itertools.repeat(0))
+    return map(_new, itertools.repeat(Header), zip(flows, idents, lengths))
+
+
+def _rows(buf, first, stride, n, fmt):
+    """``struct.unpack_from(fmt)`` of ``n`` frames ``stride`` apart, as
+    an iterator (one :func:`struct.iter_unpack` pass)."""
+    row = _ROW_STRUCTS.get((fmt, stride))
+    if row is None:
+        row = _ROW_STRUCTS[(fmt, stride)] = struct.Struct(
+            f'{fmt}{stride - struct.calcsize(fmt)}x')
+    last = first + stride * (n - 1)
+    return itertools.chain(row.iter_unpack(memoryview(buf)[first:last]),
+                           (struct.unpack_from(fmt, buf, last),))
 
 
 def parse_ip(packet, tunnel_ports=None):

@@ -88,10 +88,11 @@ class PassiveCapture:
         self.cap = cap
         self.max_ring_bytes = max_ring_bytes
         self._tunnels = probe.tunnel_ports(vxlan_port, geneve_port)
-        self.sightings = []
+        self._sightings = []
+        self._pending = []
+        self._kept = 0
         self.stats = None
         self._names = {}
-        self._flows = {}
         self._sock = None
         self._ring = None
         self._thread = None
@@ -158,7 +159,7 @@ class PassiveCapture:
             self._sock.close()
             self._sock = None
         self.stats = PassiveStats(packets=packets, drops=drops,
-                                  kept=len(self.sightings),
+                                  kept=self._kept,
                                   over_cap=self._over,
                                   unparsed=self._unparsed)
         if self._error is not None:
@@ -212,31 +213,56 @@ class PassiveCapture:
             for run in ring.decode_block(block):
                 self._take_run(block, run)
 
+    @property
+    def sightings(self):
+        """The window's :class:`passive.Sighting` list (once closed).
+
+        A run read in columns keeps its fields in columns until this is
+        first asked for: the collector never walks a growing heap of
+        per-packet tuples while the window is open, and the sightings
+        are then made by C loops, with the collector off.
+        """
+        if self._pending:
+            collect = gc.isenabled()
+            gc.disable()
+            try:
+                self._sightings.extend(
+                    itertools.chain.from_iterable(self._pending))
+                self._pending.clear()
+            finally:
+                if collect:
+                    gc.enable()
+        return self._sightings
+
     def _take_run(self, block, run):
         """Sightings of one :class:`ring.Run`, in columns: headers by
         :func:`passive.parse_run`, then each row's sighting made by C
-        loops (no Python code per packet) when every row is kept."""
+        loops (no Python code per packet), when :attr:`sightings` is
+        first read."""
         self._read += run.n
-        out = self.sightings
-        n = min(run.n, max(self.cap - len(out), 0))
+        n = min(run.n, max(self.cap - self._kept, 0))
         self._over += run.n - n
         if not n:
             return
         names = self._names
         index = run.ifindex[:n] if n < run.n else run.ifindex
-        if not names.keys() >= set(index):
-            for i in set(index) - names.keys():
-                self._ifname(i)
-        ifnames = list(map(names.__getitem__, index))
+        ids = set(index)
+        for i in ids - names.keys():
+            self._ifname(i)
+        if len(ids) == 1:
+            ifnames = [names[ids.pop()]] * n
+        else:
+            ifnames = list(map(names.__getitem__, index))
         headers = passive.parse_run(block, run.frame, run.stride, n,
-                                    run.caplen, self._tunnels, self._flows)
+                                    run.caplen, self._tunnels, lazy=True)
         rows = zip(ifnames, run.t_ns,
                    run.pkttype[:n].translate(_T_DIRECTION), headers)
         wanted = self.interfaces
         keep = None
         if wanted is not None and not wanted.issuperset(ifnames):
             keep = [name in wanted for name in ifnames]
-        unparsed = headers.count(None)
+        # A list (read frame by frame) may hold None; an iterator not.
+        unparsed = headers.count(None) if isinstance(headers, list) else 0
         if unparsed:
             ok = [h is not None for h in headers]
             if keep is not None:
@@ -247,7 +273,9 @@ class PassiveCapture:
                 keep = ok
         if keep is not None:
             rows = itertools.compress(rows, keep)
-        out.extend(map(_new, itertools.repeat(passive.Sighting), rows))
+        self._kept += n if keep is None else sum(keep)
+        self._pending.append(
+            map(_new, itertools.repeat(passive.Sighting), rows))
 
 
 def to_wire(sightings, stats):
