@@ -5,7 +5,6 @@ the last packet's next offset 0), and the capture's columnar reading of
 them against its per-frame path (the recvmsg reader's).
 """
 
-import struct
 
 from hypothesis import given
 from hypothesis import settings
@@ -20,42 +19,8 @@ from tests.unit import fakes
 from tests import packets as pk
 
 SESSION = 0x1234
-# The kernel's layout for a SOCK_RAW packet socket on Ethernet.
-BLOCK_HDR = 48
-TP3_HDR = 48
-SLL = 20
-MAC = ((TP3_HDR + SLL + 16 + 15) & ~15) - 14
 IFACES = {3: 'eth1', 7: 'tap0', 9: 'tap1', 11: 'other'}
 PACKET_HOST, PACKET_OTHERHOST, PACKET_OUTGOING = 0, 3, 4
-
-
-def align16(n):
-    return (n + 15) & ~15
-
-
-def kernel_block(packets, size=1 << 16):
-    """``packets``: ``(frame, ifindex, pkttype, t_ns, vid or None)``."""
-    block = bytearray(size)
-    off = BLOCK_HDR
-    prev = None
-    for frame, ifindex, pkttype, t_ns, vid in packets:
-        status = 1 | (0x10 if vid is not None else 0)
-        hdr = struct.pack('@IIIIIIHHIIHH8x', 0, t_ns // 10**9,
-                          t_ns % 10**9, len(frame), len(frame), status,
-                          MAC, MAC + 14, 0, vid or 0, 0x8100 if vid else 0,
-                          0)
-        sll = struct.pack('@HHiHBB8s', 17, 0, ifindex, 1, pkttype, 6,
-                          b'\0' * 8)
-        block[off:off + TP3_HDR] = hdr
-        block[off + TP3_HDR:off + TP3_HDR + SLL] = sll
-        block[off + MAC:off + MAC + len(frame)] = frame
-        if prev is not None:
-            struct.pack_into('@I', block, prev, off - prev)
-        prev = off
-        off += align16(MAC + len(frame))
-    struct.pack_into('@IIIIII', block, 0, 3, 0, 1, len(packets), BLOCK_HDR,
-                     off)
-    return bytes(block[:off])
 
 
 def probe_frames(draw, n):
@@ -95,7 +60,7 @@ def blocks(draw):
 @settings(max_examples=200, deadline=None)
 @given(blocks())
 def test_decode_block_gives_every_packet_in_order(packets):
-    data = kernel_block(packets)
+    data = pk.ring_block(packets)
     got = []
     for run in ring.decode_block(data):
         for i in range(run.n):
@@ -109,7 +74,7 @@ def test_decode_block_gives_every_packet_in_order(packets):
 def test_equal_packets_make_one_run():
     f = pk.frame('icmp', SESSION, 1)
     packets = [(f, 3, PACKET_OTHERHOST, 10**18 + i, None) for i in range(50)]
-    (run,) = ring.decode_block(kernel_block(packets))
+    (run,) = ring.decode_block(pk.ring_block(packets))
     assert run.n == 50 and run.vlan is None
     assert list(run.t_ns) == [10**18 + i for i in range(50)]
 
@@ -134,7 +99,7 @@ def test_ring_columns_equal_the_per_frame_path(packets):
     """Runs read in columns keep exactly what the recvmsg reader's
     per-frame path keeps: keys, interfaces, times, directions, auth,
     VLAN ids; foreign counts agree."""
-    data = kernel_block(packets)
+    data = pk.ring_block(packets)
     by_ring = _capture()
     for run in ring.decode_block(data):
         by_ring._take_run(data, run)
@@ -156,7 +121,7 @@ def test_a_run_of_probes_is_read_in_columns():
                 PACKET_OTHERHOST if i % 2 else PACKET_OUTGOING,
                 10**18 + 1000 * i, None) for i in range(1, 65)]
     cap = _capture()
-    data = kernel_block(packets)
+    data = pk.ring_block(packets)
     for run in ring.decode_block(data):
         cap._take_run(data, run)
     b = cap.batch
