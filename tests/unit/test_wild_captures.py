@@ -804,6 +804,29 @@ def _batch_rows(read):
             sorted((k, i, e.vni, e.tunnel) for (k, i), e in b.encap.items()))
 
 
+def _assert_blocks_read_as_record_by_record(path, dst, **read_kw):
+    """Probe, auto and fingerprint mode read ``path`` in blocks (runs,
+    prefilters) give the rows of reading every record on its own."""
+    modes = [dict(), dict(fingerprint=True, dst_ip=dst),
+             dict(probes=False, fingerprint=True, dst_ip=dst)]
+
+    def read_all():
+        out = []
+        for kw in modes:
+            cap = pcapfile.read_capture(path, ifname='x',
+                                        tcp_ports=range(1, 40000),
+                                        **read_kw, **kw)
+            out.append((_batch_rows(cap.probes()),
+                        _batch_rows(cap.fingerprints())))
+        return out
+
+    blocks = read_all()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pcaprows, 'MAX_BLOCK', pcaprows.BACKOFF)
+        patch.setattr(pcaprows, 'PREFIX', None)         # never used
+        assert blocks == read_all()
+
+
 @settings(max_examples=40, deadline=None)
 @given(pk.randoms, st.sampled_from([1, 113, 276]), st.booleans(),
        st.sampled_from(['<', '>']))
@@ -832,24 +855,8 @@ def test_mixed_blocks_read_as_record_by_record(tmp_path_factory, rnd,
         records.append((SEC + i, frac, f))
     path = _write(tmp_path_factory.mktemp('mixed') / 'm.pcap',
                   pcap(records, order, nano, linktype=linktype))
-    dst = rnd.choice([pk.GUEST, '2001:2::a'])
-    modes = [dict(), dict(fingerprint=True, dst_ip=dst),
-             dict(probes=False, fingerprint=True, dst_ip=dst)]
-
-    def read_all():
-        out = []
-        for kw in modes:
-            cap = pcapfile.read_capture(path, ifname='x', lenient=True,
-                                        tcp_ports=range(1, 40000), **kw)
-            out.append((_batch_rows(cap.probes()),
-                        _batch_rows(cap.fingerprints())))
-        return out
-
-    blocks = read_all()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pcaprows, 'MAX_BLOCK', pcaprows.BACKOFF)
-        patch.setattr(pcaprows, 'PREFIX', None)         # never used
-        assert blocks == read_all()
+    _assert_blocks_read_as_record_by_record(
+        path, rnd.choice([pk.GUEST, '2001:2::a']), lenient=True)
 
 
 # --------------------------------------------------------------------------
@@ -1007,24 +1014,8 @@ def test_pcapng_blocks_read_as_record_by_record(tmp_path_factory, rnd,
     flags = [rnd.choice([0, 1, 2]) for _ in frames] if with_flags else None
     path = _write(tmp_path_factory.mktemp('ng') / 'm.pcapng',
                   pcapng(frames, times, order, tsresol, linktype, flags))
-    dst = rnd.choice([pk.GUEST, '2001:2::a'])
-    modes = [dict(), dict(fingerprint=True, dst_ip=dst),
-             dict(probes=False, fingerprint=True, dst_ip=dst)]
-
-    def read_all():
-        out = []
-        for kw in modes:
-            cap = pcapfile.read_capture(path, ifname='x',
-                                        tcp_ports=range(1, 40000), **kw)
-            out.append((_batch_rows(cap.probes()),
-                        _batch_rows(cap.fingerprints())))
-        return out
-
-    blocks = read_all()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pcaprows, 'MAX_BLOCK', pcaprows.BACKOFF)
-        patch.setattr(pcaprows, 'PREFIX', None)         # never used
-        assert blocks == read_all()
+    _assert_blocks_read_as_record_by_record(
+        path, rnd.choice([pk.GUEST, '2001:2::a']))
 
 
 @pytest.mark.parametrize('tunnel_first', [True, False])
