@@ -323,13 +323,10 @@ def _tcp_source_ports(protocol, cursor, targets, indexes):
     return {index: taken[targets[index]] for index in wanted}
 
 
-family_of = pacing.family_of
-
-
 def pack_address(address):
     """An IPv4 or IPv6 address string as packed bytes (4 or 16)."""
     try:
-        return socket.inet_pton(family_of(address), address)
+        return socket.inet_pton(pacing.family_of(address), address)
     except OSError as exc:
         raise ValueError(f"invalid probe address {address!r}") from exc
 
@@ -428,7 +425,7 @@ class ProbeSource:
 
 def _source_address(dst_ip):
     """The address routing would use to reach ``dst_ip`` from here."""
-    with socket.socket(family_of(dst_ip), socket.SOCK_DGRAM) as s:
+    with socket.socket(pacing.family_of(dst_ip), socket.SOCK_DGRAM) as s:
         s.connect((dst_ip, 9))
         return s.getsockname()[0]
 
@@ -468,7 +465,7 @@ class LocalSource(ProbeSource):
         return getattr(self, attr)
 
     def _socket_for(self, dst_ip):
-        return self._open(family_of(dst_ip))
+        return self._open(pacing.family_of(dst_ip))
 
     def source_address(self, dst_ip):
         if dst_ip not in self._src:

@@ -14,6 +14,7 @@ import dpkt
 from oslo_log import log
 
 from netweaver_agent.core import netns
+from netweaver_agent.core import pacing
 from netweaver_agent.core import probe
 from netweaver_agent.core import sources
 
@@ -80,7 +81,7 @@ class FrameSource(sources.LocalSource):
         """The frames of ``plan`` as ``[(dst_ip, bytes)]``, in plan order."""
         out = []
         for dst, packet in super().build(plan):
-            etype = (dpkt.ethernet.ETH_TYPE_IP6 if sources.family_of(dst) ==
+            etype = (dpkt.ethernet.ETH_TYPE_IP6 if pacing.family_of(dst) ==
                      socket.AF_INET6 else dpkt.ethernet.ETH_TYPE_IP)
             out.append((dst, probe.ethernet_frame(
                 packet, etype, self.src_mac, self.macs[dst], self.vlan,
