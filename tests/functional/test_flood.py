@@ -214,6 +214,7 @@ def test_capture_drops_give_unknown_fate_not_loss(lab_factory,
                           max_window_ms=3000.0)
     with Flood(the_lab, str(tmp_path), SESSION, 2 * count, lossy=1):
         samples, cache = cycle.run()
+    injected = rule_drops(the_lab)
     (window,) = cache.windows
     reports = {m.path.vif: m for m in window.measurements}
     assert reports, cycle.log_text()
@@ -221,7 +222,13 @@ def test_capture_drops_give_unknown_fate_not_loss(lab_factory,
     (capture_drops,) = drops
     assert capture_drops > 0, cycle.log_text()
     unknown = sum(m.report.unknown for m in reports.values())
-    assert unknown > 0, [m.report for m in reports.values()]
+    # The probes the lab dropped on purpose are unknown, or unseen at the
+    # pif when the capture dropped their first sighting too (the drops
+    # come in bursts: one guest's probes may all have missed the pif).
+    lossy = reports[the_lab.guests[1].vif].report
+    assert injected > 0
+    assert lossy.unknown + lossy.unseen_at_pif >= injected, (
+        injected, [m.report for m in reports.values()])
     for m in reports.values():
         assert m.metadata['probe_unknown'] == m.report.unknown
         # Probes missing on the vif while the capture dropped are never
