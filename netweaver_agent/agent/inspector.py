@@ -604,6 +604,12 @@ class LatencyInspector:
         measurements = []
         for instance, stats, path in found:
             result = None if pw is None else pw.results.get(path.vif)
+            if result is not None and result.not_measurable:
+                self._once(('passive-not-measurable', path.vif),
+                           'vNIC %(vif)s of instance %(id)s is not '
+                           'measurable passively: %(why)s',
+                           {'vif': path.vif, 'id': instance.id,
+                            'why': result.not_measurable})
             probe_m = by_vif.get(path.vif)
             if probe_m is not None and probe_m.report.ingress.count:
                 metadata = dict(probe_m.metadata, other_result=None if

@@ -24,6 +24,16 @@ the vNIC's address and never seen on its vif (or sent out of the pif from
 its address and never seen leaving the vif) is *unmatched*: counted, never
 loss.  IPv6 packets other than TCP carry no field to key on: *unkeyable*.
 
+A 1:1 NAT between the pif and the vif (a floating IP, DVR) rewrites the
+vNIC's own address and keeps the rest (the peer's address, ports, TCP
+seq/ack, IPv4 id): its outside address is learnt from the packets the
+guest itself sent that left the pif from an address no vNIC here has,
+with those fields; the pif's packets to and from it are then matched as
+the vif sees them (*translated*).  Nothing else teaches it (anyone can
+put a packet on the pif, never on the guest's behalf on its vif).  A
+NAT that rewrites the vNIC's ports too cannot be undone: the vNIC is
+reported *not measurable* passively, with the reason.
+
 This module does no I/O: sightings in, :class:`PassiveResult` out.
 """
 
@@ -143,7 +153,10 @@ class PassiveResult:
     passive matching never claims loss), None when the window saw none of
     the vNIC's traffic (idle is not zero).  ``packets``: matched packets
     (both directions).  The counters are packets, except ``ambiguous``
-    (keys).
+    (keys).  ``translated``: of ``packets``, those matched through a 1:1
+    NAT between the pif and the vif (a floating IP);
+    ``not_measurable``: why the vNIC's traffic cannot be matched
+    passively (a NAT that rewrites ports), None when nothing says so.
     """
 
     vif: str
@@ -154,6 +167,8 @@ class PassiveResult:
     ambiguous: int = 0
     covered: int = 0
     unkeyable: int = 0
+    translated: int = 0
+    not_measurable: str | None = None
 
 
 def parse(frame, tunnel_ports=None):
@@ -384,7 +399,9 @@ def match(seen, vifs):
 
     A pif sighting is the vNIC's if its destination (ingress, received on
     the pif) or source (egress, sent out of the pif) is one of the vNIC's
-    addresses; every sighting on a vif is that vNIC's.
+    addresses, or one NAT translates them to (:func:`_translations`:
+    learnt from the packets the vNIC itself sent); every sighting on a
+    vif is that vNIC's.
     """
     by_if = collections.defaultdict(list)
     for s in seen:
@@ -392,11 +409,114 @@ def match(seen, vifs):
     names = [v.vif for v in vifs]
     if len(set(names)) != len(names):
         raise PassiveError(f"two vNICs share a vif: {sorted(names)}")
+    known = frozenset().union(*(v.addresses for v in vifs))
+    translated = _Translated(by_if, known)
     return {v.vif: _match_vnic(v, by_if.get(v.pif, ()),
-                               by_if.get(v.vif, ())) for v in vifs}
+                               by_if.get(v.vif, ()), translated)
+            for v in vifs}
 
 
-def _match_vnic(spec, pif_seen, vif_seen):
+class _Translated:
+    """The pif's packets sent out from addresses no vNIC here has (a NAT's
+    outside addresses, or anything else), indexed once per pif by
+    :func:`_nat_key` (keys seen twice dropped) and, for TCP, by
+    :func:`_port_key`, when a vNIC first asks."""
+
+    def __init__(self, by_if, known):
+        self.by_if = by_if
+        self.known = known
+        self._index = {}
+
+    def on(self, pif):
+        found = self._index.get(pif)
+        if found is None:
+            nat, ports, twice = {}, {}, set()
+            for s in self.by_if.get(pif, ()):
+                h = s.header
+                if (s.direction != sightings.DIR_OUT or h.ident is None or
+                        h.flow[1] in self.known):
+                    continue
+                key = _nat_key(h, 2)
+                if key in nat:
+                    twice.add(key)
+                nat[key] = s
+                if h.flow[0] == TCP:
+                    ports.setdefault(_port_key(h), []).append(s)
+            for key in twice:
+                del nat[key]
+            found = self._index[pif] = (nat, ports)
+        return found
+
+
+def _nat_key(header, peer):
+    """What a 1:1 NAT of the vNIC's address keeps of a packet: protocol,
+    the peer's address (``flow[peer]``), ports and ident."""
+    f = header.flow
+    return (f[0], f[peer], f[3], f[4], header.ident)
+
+
+def _port_key(header):
+    """What a NAT rewriting the vNIC's source port too keeps of a TCP
+    packet it sends: protocol, destination address and port, ident."""
+    f = header.flow
+    return (f[0], f[2], f[4], header.ident)
+
+
+def _translations(spec, left_out, translated):
+    """``({outside address: vNIC address}, why not measurable or None)``
+    from the packets the guest sent (``left_out``: seen leaving its vif,
+    never leaving the pif as they were) to addresses no vNIC here has.
+
+    Such a packet found leaving the pif from an address no vNIC here has,
+    to the same peer, ports and ident, shows a 1:1 NAT (a floating IP):
+    that address is the vNIC's outside.  Only what the guest itself sent
+    teaches it: the pif's received packets (anyone's) and other vNICs'
+    traffic never do.  Found with another source port (TCP seq and ack
+    kept): the NAT rewrites ports, which passive matching cannot undo.
+    """
+    nat, ports = translated.on(spec.pif)
+    outside, rewritten = {}, set()
+    for s in left_out:
+        h = s.header
+        if (h.ident is None or h.flow[1] not in spec.addresses or
+                h.flow[2] in translated.known):
+            continue
+        found = nat.get(_nat_key(h, 2))
+        if found is not None:
+            outside.setdefault(found.header.flow[1], set()).add(h.flow[1])
+        elif h.flow[0] == TCP:
+            rewritten.update(o.header.flow[1] for o in ports.get(
+                _port_key(h), ()) if o.header.flow[3] != h.flow[3])
+    mapping = {out: inside.pop() for out, inside in outside.items()
+               if len(inside) == 1}
+    why = None
+    if rewritten - mapping.keys():
+        why = ('NAT on the path rewrites the ports of its packets (sent '
+               'out of the pif from ' +
+               ', '.join(sorted(_text(a) for a in rewritten)) +
+               '): its packets cannot be matched pif <-> vif')
+    return mapping, why
+
+
+def _text(packed):
+    return socket.inet_ntop(
+        socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def _as_inside(sightings_, mapping, at):
+    """``sightings_`` whose ``flow[at]`` is a NAT's outside address in
+    ``mapping``, that address replaced by the vNIC's."""
+    out = []
+    for s in sightings_:
+        f = s.header.flow
+        inside = mapping.get(f[at])
+        if inside is not None:
+            flow = f[:at] + (inside,) + f[at + 1:]
+            out.append(s._replace(header=s.header._replace(flow=flow)))
+    return out
+
+
+def _match_vnic(spec, pif_seen, vif_seen, translated):
     addrs = spec.addresses
     counts = collections.Counter()
     pif_in = [s for s in pif_seen if s.direction == sightings.DIR_IN and
@@ -407,8 +527,28 @@ def _match_vnic(spec, pif_seen, vif_seen):
     vif_in = [s for s in vif_seen if s.direction == sightings.DIR_IN]
     if not (pif_in or pif_out or vif_out or vif_in):
         return PassiveResult(spec.vif, None)
-    ingress, neg_in = _pair(pif_in, vif_out, counts, 'unmatched', 'local')
-    egress, neg_out = _pair(vif_in, pif_out, counts, 'local', 'unmatched')
+    ingress, neg_in, pif_left, vif_out = _pair(pif_in, vif_out, counts)
+    egress, neg_out, vif_in, pif_left_out = _pair(vif_in, pif_out, counts)
+    pif_left += pif_left_out
+    mapping, why, nat = {}, None, 0
+    if vif_in:
+        mapping, why = _translations(spec, vif_in, translated)
+    if mapping:
+        # Behind a 1:1 NAT: the pif's packets to and from its outside
+        # address, keyed as the vif sees them, against what is left.
+        more_in, neg, left, vif_out = _pair(_as_inside(
+            [s for s in pif_seen if s.direction == sightings.DIR_IN],
+            mapping, 2), vif_out, counts)
+        more_out, neg2, vif_in, left_out = _pair(vif_in, _as_inside(
+            [s for s in pif_seen if s.direction == sightings.DIR_OUT],
+            mapping, 1), counts)
+        ingress += more_in
+        egress += more_out
+        neg_in += neg + neg2
+        pif_left += left + left_out
+        nat = len(more_in) + len(more_out)
+    counts['unmatched'] += len(pif_left)
+    counts['local'] += len(vif_out) + len(vif_in)
     hist = (('ingress', latency.log2_histogram(ingress)),
             ('egress', latency.log2_histogram(egress)))
     report = latency.LatencyReport(
@@ -421,7 +561,8 @@ def _match_vnic(spec, pif_seen, vif_seen):
         spec.vif, report, packets=len(ingress) + len(egress),
         unmatched=counts['unmatched'], local=counts['local'],
         ambiguous=counts['ambiguous'], covered=counts['covered'],
-        unkeyable=counts['unkeyable'])
+        unkeyable=counts['unkeyable'], translated=nat,
+        not_measurable=why)
 
 
 def ingress_pairs(seen, spec):
@@ -455,10 +596,12 @@ def _index(seen, counts):
     return once, twice
 
 
-def _pair(first, then, counts, first_only, then_only):
-    """Latencies ``then − first`` of keys seen once on each side; the
-    number of negative ones (left out).  Keys seen on one side only count
-    as ``first_only``/``then_only`` unless a super-packet covers them."""
+def _pair(first, then, counts):
+    """``(latencies then − first of keys seen once on each side, the
+    number of negative ones (left out), the sightings of ``first`` and of
+    ``then`` left unpaired)``; a sighting a super-packet on the other side
+    covers is counted ``covered``, not left; keys ambiguous on one side
+    are counted and neither paired nor left."""
     a, amb_a = _index(first, counts)
     b, amb_b = _index(then, counts)
     counts['ambiguous'] += len(amb_a | amb_b)
@@ -473,17 +616,22 @@ def _pair(first, then, counts, first_only, then_only):
         else:
             values.append(d)
     ranges_a, ranges_b = _ranges(a.values()), _ranges(b.values())
+    left_a, left_b = [], []
     for key, s in a.items():
         if key in b or key in amb_b:
             continue
-        counts['covered' if _inside(s.header, ranges_b) else
-               first_only] += 1
+        if _inside(s.header, ranges_b):
+            counts['covered'] += 1
+        else:
+            left_a.append(s)
     for key, s in b.items():
         if key in a or key in amb_a:
             continue
-        counts['covered' if _inside(s.header, ranges_a) else
-               then_only] += 1
-    return values, negative
+        if _inside(s.header, ranges_a):
+            counts['covered'] += 1
+        else:
+            left_b.append(s)
+    return values, negative, left_a, left_b
 
 
 def _ranges(seen):

@@ -130,7 +130,14 @@ def passive_summary(result, pw):
     """The passive-only keys of one vNIC's passive result
     (:class:`passive.PassiveResult`) in passive window ``pw``."""
     report = result.report
+    nat = {}
+    if result.translated:
+        # Of passive_packets, matched through a 1:1 NAT (floating IP).
+        nat['passive_translated'] = result.translated
+    if result.not_measurable:
+        nat['passive_not_measurable'] = result.not_measurable
     return {
+        **nat,
         'passive_packets': result.packets,
         # Seen on the pif and never on the tap (or the reverse for what
         # the guest sent): counted, never loss.

@@ -57,13 +57,20 @@ def _check(address, what):
 
 def exchange(src_netns, guest_netns, guest_address, tcp_bytes=256 * 1024,
              udp_count=200, payload=b'netweaver-passive ', port=5201,
-             deadline_s=20.0, udp_gap_s=0.001):
+             deadline_s=20.0, udp_gap_s=0.001, guest_bind=None):
     """Run one bounded exchange; a :class:`StreamResult`.
 
     ``payload`` is repeated to fill every segment and datagram (a marker a
-    test can look for).
+    test can look for).  ``guest_bind``: the address the guest's sockets
+    bind to when the source reaches it at another one (``guest_address``
+    a NAT on the way translates to it, e.g. a floating IP); None: the
+    same.
     """
     family = _check(guest_address, 'guest address')
+    bind = guest_address if guest_bind is None else guest_bind
+    if _check(bind, 'guest bind address') != family:
+        raise TrafficError(f"guest bind address {bind} and guest address "
+                           f"{guest_address} are not of one family")
     if not 0 <= tcp_bytes <= MAX_TCP_BYTES:
         raise TrafficError(f"tcp_bytes {tcp_bytes} is not within "
                            f"0..{MAX_TCP_BYTES}")
@@ -77,13 +84,13 @@ def exchange(src_netns, guest_netns, guest_address, tcp_bytes=256 * 1024,
     tcp_sent = tcp_echoed = 0
     if tcp_bytes:
         tcp_sent, tcp_echoed = _tcp(src_netns, guest_netns, family,
-                                    guest_address, port, data, end)
-    sent, got = _udp(src_netns, guest_netns, family, guest_address,
+                                    (guest_address, bind), port, data, end)
+    sent, got = _udp(src_netns, guest_netns, family, (guest_address, bind),
                      port + 1, payload, udp_count, end, udp_gap_s,
                      forward=True)
     back_sent, back_got = _udp(src_netns, guest_netns, family,
-                               guest_address, port + 2, payload, udp_count,
-                               end, udp_gap_s, forward=False)
+                               (guest_address, bind), port + 2, payload,
+                               udp_count, end, udp_gap_s, forward=False)
     return StreamResult(tcp_sent, tcp_echoed, sent, got, back_sent,
                         back_got)
 
@@ -95,7 +102,10 @@ def _left(end):
     return left
 
 
-def _tcp(src_netns, guest_netns, family, address, port, data, end):
+def _tcp(src_netns, guest_netns, family, addresses, port, data, end):
+    """``addresses``: (where the source connects, where the guest
+    listens)."""
+    address, bind = addresses
     listener = netns.socket_in_netns(guest_netns, family,
                                      socket.SOCK_STREAM)
     echoed = []
@@ -120,7 +130,7 @@ def _tcp(src_netns, guest_netns, family, address, port, data, end):
 
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((address, port))
+        listener.bind((bind, port))
         listener.listen(1)
         server = threading.Thread(target=serve, daemon=True,
                                   name='netweaver-labtraffic')
@@ -145,14 +155,16 @@ def _tcp(src_netns, guest_netns, family, address, port, data, end):
     return len(data), back
 
 
-def _udp(src_netns, guest_netns, family, address, port, payload, count,
+def _udp(src_netns, guest_netns, family, addresses, port, payload, count,
          end, gap_s, forward):
     """``count`` datagrams source → guest (``forward``) or guest → source,
-    each carrying ``payload``; (sent, received)."""
+    each carrying ``payload``; (sent, received).  ``addresses``: (where
+    the source sends, where the guest binds)."""
+    address, bind = addresses
     server = netns.socket_in_netns(guest_netns, family, socket.SOCK_DGRAM)
     client = netns.socket_in_netns(src_netns, family, socket.SOCK_DGRAM)
     try:
-        server.bind((address, port))
+        server.bind((bind, port))
         client.connect((address, port))
         if forward:
             sender, receiver = client, server
