@@ -171,20 +171,24 @@ class PassiveResult:
     not_measurable: str | None = None
 
 
-def parse(frame, tunnel_ports=None):
+def parse(frame, tunnel_ports=None, endpoints=None):
     """The :class:`Header` of an Ethernet frame, None if it is not IP.
 
     Up to :data:`probe.MAX_VLAN_TAGS` tags are skipped; VXLAN and Geneve
     packets to ``tunnel_ports`` (``{port: kind}``, default
     :func:`probe.tunnel_ports`) are read on their inner frame, as the vif
-    sees it.  A frame cut before its keyed fields gives None.
+    sees it, when sent from or to one of ``endpoints`` (the host's own
+    tunnel endpoints, packed addresses: anything else to a tunnel port,
+    e.g. a guest's datagram crafted to look like one, is keyed on its own
+    headers); ``endpoints`` None: from and to anywhere.  A frame cut
+    before its keyed fields gives None.
     """
     if tunnel_ports is None:
         tunnel_ports = probe.tunnel_ports()
-    return _parse(memoryview(frame), 0, tunnel_ports, 1)
+    return _parse(memoryview(frame), 0, tunnel_ports, 1, endpoints)
 
 
-def parse_at(buf, at, caplen, tunnel_ports):
+def parse_at(buf, at, caplen, tunnel_ports, endpoints=None):
     """:func:`parse` of the ``caplen`` bytes of ``buf`` at ``at`` (a
     capture ring's block), with no copy for plain IPv4."""
     if caplen >= _FAST4.size:
@@ -203,10 +207,12 @@ def parse_at(buf, at, caplen, tunnel_ports):
                 return Header((proto, src, dst, 0, 0), (ipid, 0))
             elif dport not in tunnel_ports:
                 return Header((proto, src, dst, sport, dport), (ipid, 0))
-    return _parse(memoryview(buf)[at:at + caplen], 0, tunnel_ports, 1)
+    return _parse(memoryview(buf)[at:at + caplen], 0, tunnel_ports, 1,
+                  endpoints)
 
 
-def parse_run(buf, first, stride, n, caplen, tunnel_ports, lazy=False):
+def parse_run(buf, first, stride, n, caplen, tunnel_ports, lazy=False,
+              endpoints=None):
     """:func:`parse_at` of ``n`` frames of ``caplen`` bytes ``stride``
     apart in ``buf`` (a ring block's run), the first at ``first``: a list
     of :class:`Header` (None where parse_at gives None).
@@ -217,15 +223,16 @@ def parse_run(buf, first, stride, n, caplen, tunnel_ports, lazy=False):
     headers built by C loops; any other run frame by frame.  ``lazy``:
     when the run is read in one pass, return an iterator that reads its
     fields and makes its headers when consumed (``buf`` must not change
-    until then; its checks are done now).
+    until then; its checks are done now).  ``endpoints``: as
+    :func:`parse`'s.
     """
     fast = None
     if n >= _MIN_COLUMNS:
         fast = _columns(buf, first, stride, n, caplen, tunnel_ports)
     if fast is not None:
         return fast if lazy else list(fast)
-    return [parse_at(buf, first + i * stride, caplen, tunnel_ports)
-            for i in range(n)]
+    return [parse_at(buf, first + i * stride, caplen, tunnel_ports,
+                     endpoints) for i in range(n)]
 
 
 def _columns(buf, first, stride, n, caplen, tunnel_ports):
@@ -298,7 +305,7 @@ def _rows(buf, first, stride, n, fmt):
                            (struct.unpack_from(fmt, buf, last),))
 
 
-def parse_ip(packet, tunnel_ports=None):
+def parse_ip(packet, tunnel_ports=None, endpoints=None):
     """The :class:`Header` of an IPv4 or IPv6 packet (no link layer, as
     NFQUEUE gives it), None if it is neither."""
     if tunnel_ports is None:
@@ -308,10 +315,10 @@ def parse_ip(packet, tunnel_ports=None):
         return None
     etype = {4: dpkt.ethernet.ETH_TYPE_IP,
              6: dpkt.ethernet.ETH_TYPE_IP6}.get(mv[0] >> 4)
-    return _parse_l3(mv, 0, etype, tunnel_ports, 1)
+    return _parse_l3(mv, 0, etype, tunnel_ports, 1, endpoints)
 
 
-def _parse(mv, off, tunnel_ports, depth):
+def _parse(mv, off, tunnel_ports, depth, endpoints=None):
     if len(mv) < off + _ETH.size:
         return None
     etype = _ETH.unpack_from(mv, off)[2]
@@ -324,10 +331,10 @@ def _parse(mv, off, tunnel_ports, depth):
             return None
         etype = struct.unpack_from('!H', mv, off + 2)[0]
         off += 4
-    return _parse_l3(mv, off, etype, tunnel_ports, depth)
+    return _parse_l3(mv, off, etype, tunnel_ports, depth, endpoints)
 
 
-def _parse_l3(mv, off, etype, tunnel_ports, depth):
+def _parse_l3(mv, off, etype, tunnel_ports, depth, endpoints=None):
     if etype == dpkt.ethernet.ETH_TYPE_IP:
         if len(mv) < off + _IP4.size:
             return None
@@ -363,7 +370,9 @@ def _parse_l3(mv, off, etype, tunnel_ports, depth):
         if len(mv) < l4 + _PORTS.size:
             return None
         sport, dport = _PORTS.unpack_from(mv, l4)
-        if depth and dport in tunnel_ports:
+        if depth and dport in tunnel_ports and (
+                endpoints is None or src in endpoints or
+                dst in endpoints):
             inner = _tunnel_inner(mv, off, l4, v4_ident is not None,
                                   tunnel_ports[dport])
             if inner is not None:

@@ -8,6 +8,12 @@ ever copied to user space.  Packets are read from a ``TPACKET_V3`` ring
 (:mod:`netweaver_agent.core.ring`); each becomes a :class:`passive.Sighting`
 (interface, kernel ns timestamp, direction, key fields), at most ``cap``
 of them per window (the rest counted, not kept).
+
+UDP to a tunnel port is read on its inner frame only when it is sent from
+or to one of the host's own addresses (the tunnel endpoints), read from
+the capture's namespace when the window opens: a guest's datagram crafted
+to look like a tunnel packet is keyed on its own headers, never as the
+packet of the vNIC its "inner" addresses name.
 """
 
 import dataclasses
@@ -37,6 +43,15 @@ MAX_CAP = 1_000_000
 # Bytes of ring per kept packet (header, address, headers-only snapshot).
 _SLOT = ring.HEADER_BYTES + 128
 _IFINDEX = struct.Struct('@i')
+# rtnetlink: a dump of the namespace's addresses (RTM_GETADDR).
+_NLMSG = struct.Struct('@IHHII')
+_RTA = struct.Struct('@HH')
+_IFADDRMSG = struct.Struct('@BBBBI')
+_RTM_NEWADDR, _RTM_GETADDR = 20, 22
+_NLMSG_DONE, _NLMSG_ERROR = 3, 2
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_NETLINK_TIMEOUT_S = 2.0
 # Packet type -> direction (PACKET_OUTGOING: sent there by the host).
 _T_DIRECTION = bytes(sightings.DIR_OUT if b == 4 else sightings.DIR_IN
                      for b in range(256))
@@ -71,12 +86,14 @@ class PassiveCapture:
 
     ``sample``: keep one flow in ``sample`` (a power of two), those whose
     hash is ``value``; ``interfaces``: keep sightings of these only (None:
-    all); ``cap``: at most this many sightings.
+    all); ``cap``: at most this many sightings; ``endpoints``: the
+    packed addresses tunnel packets are sent from or to (None: the
+    namespace's own, :func:`local_addresses`, read at :meth:`open`).
     """
 
     def __init__(self, sample, netns_name=None, interfaces=None,
                  cap=100_000, value=0, vxlan_port=None, geneve_port=None,
-                 max_ring_bytes=capture.MAX_RING_BYTES):
+                 max_ring_bytes=capture.MAX_RING_BYTES, endpoints=None):
         if (not isinstance(cap, int) or isinstance(cap, bool) or
                 not 0 < cap <= MAX_CAP):
             raise ValueError(f"passive capture cap {cap!r} is not within "
@@ -88,6 +105,7 @@ class PassiveCapture:
         self.cap = cap
         self.max_ring_bytes = max_ring_bytes
         self._tunnels = probe.tunnel_ports(vxlan_port, geneve_port)
+        self.endpoints = None if endpoints is None else frozenset(endpoints)
         self._sightings = []
         self._pending = []
         self._kept = 0
@@ -112,6 +130,8 @@ class PassiveCapture:
         return False
 
     def open(self):
+        if self.endpoints is None:
+            self.endpoints = local_addresses(self.netns_name)
         try:
             sock = netns.socket_in_netns(
                 self.netns_name, socket.AF_PACKET, socket.SOCK_RAW,
@@ -254,7 +274,8 @@ class PassiveCapture:
         else:
             ifnames = list(map(names.__getitem__, index))
         headers = passive.parse_run(block, run.frame, run.stride, n,
-                                    run.caplen, self._tunnels, lazy=True)
+                                    run.caplen, self._tunnels, lazy=True,
+                                    endpoints=self.endpoints)
         rows = zip(ifnames, run.t_ns,
                    run.pkttype[:n].translate(_T_DIRECTION), headers)
         wanted = self.interfaces
@@ -276,6 +297,55 @@ class PassiveCapture:
         self._kept += n if keep is None else sum(keep)
         self._pending.append(
             map(_new, itertools.repeat(passive.Sighting), rows))
+
+
+def local_addresses(netns_name=None):
+    """The packed IPv4 and IPv6 addresses of every interface of namespace
+    ``netns_name`` (None: this process's), by an rtnetlink dump."""
+    sock = netns.socket_in_netns(netns_name, socket.AF_NETLINK,
+                                 socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    found = set()
+    with sock:
+        sock.settimeout(_NETLINK_TIMEOUT_S)
+        body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), _RTM_GETADDR,
+                              _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body)
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(
+                    data, off)
+                if length < _NLMSG.size:
+                    raise capture.CaptureError(
+                        f"rtnetlink address dump of namespace "
+                        f"{netns_name or '(this process)'}: bad message "
+                        f"length {length}")
+                if kind == _NLMSG_DONE:
+                    return frozenset(found)
+                if kind == _NLMSG_ERROR:
+                    raise capture.CaptureError(
+                        f"rtnetlink address dump of namespace "
+                        f"{netns_name or '(this process)'} refused")
+                if kind == _RTM_NEWADDR:
+                    found.update(_addresses(data[off + _NLMSG.size:
+                                                 off + length]))
+                off += (length + 3) & ~3
+
+
+def _addresses(msg):
+    """IFA_LOCAL and IFA_ADDRESS values of one RTM_NEWADDR message."""
+    family = msg[0]
+    size = 4 if family == socket.AF_INET else 16
+    off = _IFADDRMSG.size
+    while off + _RTA.size <= len(msg):
+        length, kind = _RTA.unpack_from(msg, off)
+        if length < _RTA.size:
+            break
+        if (kind in (_IFA_ADDRESS, _IFA_LOCAL) and
+                length - _RTA.size == size):
+            yield bytes(msg[off + _RTA.size:off + length])
+        off += (length + 3) & ~3
 
 
 def to_wire(sightings, stats):
