@@ -1,3 +1,10 @@
 import setuptools
 
-setuptools.setup()
+setuptools.setup(
+    # Optional: without a C compiler and Python's headers the package
+    # installs without it and reads captures with the same loops in
+    # Python (netweaver_agent/core/pcapwalk.py).
+    ext_modules=[setuptools.Extension(
+        'netweaver_agent.core._pcapwalk',
+        ['netweaver_agent/core/_pcapwalk.c'], optional=True)],
+)

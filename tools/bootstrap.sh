@@ -3,8 +3,9 @@
 # the kernel tools the lab and the tests drive (iproute2, iptables, tcpdump,
 # ethtool, openssh-server, libvirt for its test:/// driver, Open vSwitch and OVN whose
 # daemons the lab runs privately in its namespaces), the headers that
-# libvirt-python and NetfilterQueue build against, and a venv at .venv with
-# the package installed in editable mode.  Safe to run again: it only
+# libvirt-python and NetfilterQueue build against (and gcc with Python's
+# headers, which also build the capture reader's C loops, _pcapwalk), and a
+# venv at .venv with the package installed in editable mode.  Safe to run again: it only
 # installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +68,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.netweaver-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] \
+        || [ setup.py -nt "$stamp" ] \
+        || [ netweaver_agent/core/_pcapwalk.c -nt "$stamp" ] \
         || [ requirements.txt -nt "$stamp" ] \
         || [ test-requirements.txt -nt "$stamp" ]; then
     echo "bootstrap: installing Python packages into .venv"

@@ -31,6 +31,7 @@ import sys
 
 import dpkt
 
+from netweaver_agent.core import pcapwalk
 from netweaver_agent.core import probe
 
 LINKTYPE_ETHERNET = 1
@@ -1171,8 +1172,7 @@ def _plain_subset(buf, first, stride, n, link, dst_ip, short, kind, mask,
     mask_b = mask.to_bytes(n, 'little')
     rows = list(itertools.compress(range(n), mask_b))
     m = len(rows)
-    sub = b''.join([buf[first + i * stride:first + (i + 1) * stride]
-                    for i in rows]).ljust(m * stride, b'\0')
+    sub = pcapwalk.select(buf, first, stride, stride, mask_b)
 
     def col(at):
         return column(sub, at, stride, m)

@@ -17,6 +17,7 @@ from oslo_log import log
 
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import pcaprows
+from netweaver_agent.core import pcapwalk
 from netweaver_agent.core import sightings
 
 LOG = log.getLogger(__name__)
@@ -299,7 +300,7 @@ class Reader:
         big = order == '>'
         n = len(offsets)
         size = 28 + pcaprows.PREFIX
-        packed = pcaprows.heads(buf, offsets, size)
+        packed = pcapwalk.heads(buf, offsets, size)
         column = pcapkeys.column
         short = pcaprows.shorter_than(packed, 20, size, n, big)
         # Every block's time is checked, keyed or not (as runs do).

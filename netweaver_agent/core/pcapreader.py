@@ -16,6 +16,7 @@ import struct
 
 from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import pcaprows
+from netweaver_agent.core import pcapwalk
 from netweaver_agent.core import sightings
 
 PCAP_MAGIC_US = 0xa1b2c3d4
@@ -174,24 +175,12 @@ class Reader:
         """Sort up to ``count`` records from ``o`` (:meth:`_sort`); the
         next record's offset (``end`` when the file ends or is cut
         short)."""
-        buf = self.buf
-        get, at = self.hdr_caplen, self.cap_at
-        limit = max(self.snaplen, MAX_CAPLEN)
-        offsets = []
-        append = offsets.append
-        for _ in range(count):
-            if o + 16 > end:
-                break
-            caplen, = get(buf, o + at)
-            nxt = o + 16 + caplen
-            if caplen > limit or nxt > end:
-                break
-            append(o)
-            o = nxt
-        else:
-            self._sort(offsets)
-            return o
+        offsets, o, complete = pcapwalk.walk_pcap(
+            self.buf, o, end, self.cap_at, self.big, self.maybe_swapped,
+            max(self.snaplen, MAX_CAPLEN), count)
         self._sort(offsets)
+        if complete:
+            return o
         if o < end and self._caplen(o, end) is None:
             return end
         return o
@@ -219,7 +208,7 @@ class Reader:
         buf, rows, link = self.buf, self.rows, self.link
         n = len(offsets)
         size = 16 + pcaprows.PREFIX
-        packed = pcaprows.heads(buf, offsets, size)
+        packed = pcapwalk.heads(buf, offsets, size)
         column = pcapkeys.column
         fracs = column(packed, 4, size, n, 4)
         if max(pcapkeys.ints(fracs, 'I', self.big)) >= self.frac_limit:

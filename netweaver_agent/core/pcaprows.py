@@ -26,6 +26,7 @@ import time
 from oslo_log import log
 
 from netweaver_agent.core import pcapkeys
+from netweaver_agent.core import pcapwalk
 from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 
@@ -150,12 +151,13 @@ class Rows:
         """Fingerprint rows decided in columns: the records whose byte in
         ``flags`` is 1, with ``keys`` in their order (session 0) and, when
         they came under VLAN tags, ``encaps`` in the same order."""
-        compress = itertools.compress
-        self.columns.t_ns.extend(compress(t_ns, flags))
-        self.columns.keys.extend(keys)
-        self.columns.ifindex.extend([ifindex] * len(keys))
-        self.columns.direction.extend(compress(direction, flags))
-        self.columns.auth.extend([0] * len(keys))
+        columns = self.columns
+        columns.t_ns.frombytes(pcapwalk.select(t_ns, 0, 8, 8, flags))
+        columns.keys.extend(keys)
+        columns.ifindex.extend([ifindex] * len(keys))
+        columns.direction.frombytes(pcapwalk.select(direction, 0, 1, 1,
+                                                    flags))
+        columns.auth.frombytes(bytes(8 * len(keys)))
         self._sessions(0, len(keys))
         if encaps is not None:
             encap = self.encap
@@ -382,21 +384,11 @@ def link_refusal(path, linktype, where=''):
         "SLL2 (276): capture on an Ethernet interface or with -i any)")
 
 
-def heads(buf, offsets, size):
-    """The first ``size`` bytes of each record at ``offsets`` in ``buf``,
-    side by side (zero-padded where ``buf`` ends first)."""
-    packed = b''.join([buf[o:o + size] for o in offsets])
-    if len(packed) != size * len(offsets):      # the last ones are shorter
-        packed = b''.join([buf[o:o + size].ljust(size, b'\0')
-                           for o in offsets])
-    return packed
-
-
 def shorter_than(packed, at, size, n, big):
     """``short(need)`` for :func:`prefilter`: a byte per record of
-    ``packed`` (``n`` records ``size`` bytes apart, from :func:`heads`), 1
-    where the record's 4-byte capture length at ``at`` is below ``need``
-    (< 256)."""
+    ``packed`` (``n`` records ``size`` bytes apart, from
+    :func:`pcapwalk.heads`), 1 where the record's 4-byte capture length at
+    ``at`` is below ``need`` (< 256)."""
     column = pcapkeys.column
     low, high = (at + 3, at) if big else (at, at + 3)
     wide = pcapkeys.zero(column(packed, high, size, n))

@@ -28,6 +28,11 @@ def modules(root, package=PACKAGE):
         if parts[-1] == '__init__':
             parts = parts[:-1]
         found['.'.join(parts)] = path
+    # C extensions (setup.py builds each from its .c file): modules that
+    # import none of ours.
+    for path in sorted(root.rglob('*.c')):
+        parts = (package,) + path.relative_to(root).with_suffix('').parts
+        found['.'.join(parts)] = None
     return found
 
 
@@ -37,6 +42,9 @@ def import_graph(root, package=PACKAGE):
     graph = {}
     for name, path in mods.items():
         deps = set()
+        if path is None:
+            graph[name] = deps
+            continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
