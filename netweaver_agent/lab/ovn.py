@@ -91,11 +91,7 @@ counted per address; one loss or delay per guest):
   and resubmits).  The hold sits between the pif and the tap sightings.
 """
 
-import array
-import fcntl
 import os
-import socket
-import struct
 import time
 import uuid
 
@@ -104,6 +100,7 @@ from oslo_log import log
 from netweaver_agent.core import netns
 from netweaver_agent.core import vifpath
 from netweaver_agent.lab import mark
+from netweaver_agent.lab import offload
 from netweaver_agent.lab import switch
 
 LOG = log.getLogger(__name__)
@@ -115,6 +112,9 @@ HV_CHASSIS = 'hv'
 SRC_CHASSIS = 'src'
 SOURCE_PORT = 'source'
 SOURCE_DEV = 'src0'
+# Neutron's MTU for a Geneve network on a 1500-byte underlay (its OVN
+# driver's 38-byte Geneve header allowance and IPv4's 20).
+GENEVE_MTU = 1500 - 38 - 20
 PHYSNET = 'physnet1'
 READY_TIMEOUT_S = 30.0
 # Neutron's OVN driver: security-group ACL priorities.
@@ -145,30 +145,6 @@ def _run(argv, root, netns_name=None, timeout=switch.COMMAND_TIMEOUT_S,
                          timeout=timeout, env=_env(root))
     except netns.CommandError as exc:
         raise switch.SwitchError(str(exc)) from exc
-
-
-# struct ethtool_value {cmd, data} for SIOCETHTOOL's ETHTOOL_STXCSUM.
-SIOCETHTOOL = 0x8946
-ETHTOOL_STXCSUM = 0x17
-
-
-def _tx_checksum_off(ifname):
-    """Make this namespace's kernel fill in ``ifname``'s transport
-    checksums itself (``ethtool -K IFNAME tx off``)."""
-    value = array.array('B', struct.pack('II', ETHTOOL_STXCSUM, 0))
-    ifreq = struct.pack('16sP', ifname.encode(), value.buffer_info()[0])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
-
-
-def tx_checksum_off(netns_name, ifname):
-    """:func:`_tx_checksum_off` inside ``netns_name``."""
-    try:
-        netns.run_in_netns(netns_name, _tx_checksum_off, ifname)
-    except OSError as exc:
-        raise switch.LabError(
-            f"transmit checksum offload of {ifname} in {netns_name} not "
-            f"turned off: {exc}") from exc
 
 
 def _wait(predicate, what, timeout_s=READY_TIMEOUT_S):
@@ -466,10 +442,9 @@ class OvnLayout(switch.SwitchLayout):
             # A veth leaves the checksum of what its kernel sends partial
             # (IPv6 TCP resets, for one); the userspace datapath reads the
             # tap with a packet socket, so its conntrack would find the
-            # checksum wrong and OVN drop the packet as ct.inv.  (A
-            # guest's virtio NIC says so in its vnet header, which a
-            # vhost port honours; a veth has no such header.)
-            tx_checksum_off(g.netns, 'eth0')
+            # checksum wrong and OVN drop the packet as ct.inv (see
+            # offload).
+            offload.tx_checksum_off(g.netns, 'eth0')
         self.central.start()
         geneve = self.network_type == 'geneve'
         src_u, hv_u, plen = spec.underlay_addresses() or (None,) * 3
@@ -595,7 +570,23 @@ class OvnLayout(switch.SwitchLayout):
                 lines += [f'neigh replace {g.address6} lladdr {g.mac} dev '
                           f'{SOURCE_DEV} nud permanent' for g in lab.guests]
             switch.ip_batch(lab.spec.src_netns, lines)
+        self._sender_offload()
         self._wait_ready()
+
+    def _sender_offload(self):
+        """Real TCP and UDP streams through the userspace datapath: the
+        source's kernel fills in its checksums (:mod:`offload`), and on a
+        Geneve network the source's and the guests' tenant interfaces
+        take the network's MTU, as Neutron gives it, so a full segment
+        still fits in the 1500-byte underlay once encapsulated."""
+        lab = self.lab
+        offload.software_checksums(lab.spec.src_netns)
+        if self.network_type != 'geneve':
+            return
+        switch.ip_batch(lab.spec.src_netns,
+                        [f'link set {SOURCE_DEV} mtu {GENEVE_MTU}'])
+        for g in lab.guests:
+            switch.ip_batch(g.netns, [f'link set eth0 mtu {GENEVE_MTU}'])
 
     def _wait_ready(self):
         """Every chassis registered, every port bound and up, and the

@@ -65,6 +65,7 @@ from netweaver_agent.lab import framesource
 from netweaver_agent.lab import linuxbridge
 from netweaver_agent.lab import mark as labmark
 from netweaver_agent.lab import ofdelay
+from netweaver_agent.lab import offload
 from netweaver_agent.lab import proc
 from netweaver_agent.lab import switch
 
@@ -184,6 +185,15 @@ class OvsLayout(switch.SwitchLayout):
             self._underlay()
         self._flows()
         self._fdb()
+
+    def build_source(self):
+        """The source as on every layout; its kernel and the guests'
+        fill in their transmit checksums (:mod:`offload`), so real TCP
+        and UDP streams cross the userspace datapath whole."""
+        super().build_source()
+        offload.software_checksums(self.lab.spec.src_netns)
+        for g in self.lab.guests:
+            offload.software_checksums(g.netns)
 
     @staticmethod
     def _patch(bridge, port, peer):
