@@ -90,6 +90,63 @@ walk_pcap(PyObject *self, PyObject *args)
     return Py_BuildValue("(NnO)", offsets, o, i == count ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(walk_epb_doc,
+"walk_epb(buf, o, end, big, count) -> (offsets, next, iface_id)\n\n"
+"Up to count offsets of sound pcapng enhanced packet blocks (type 6) of\n"
+"one interface from o: the block's length a multiple of 4, within end,\n"
+"holding its padded capture length and repeated in its trailer.  Stops\n"
+"before any other block or another interface's.  iface_id: theirs (-1:\n"
+"none taken).");
+
+static PyObject *
+walk_epb(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t o, end, count;
+    int big;
+    long long first = -1;
+    PyObject *offsets, *item;
+    const unsigned char *b;
+
+    if (!PyArg_ParseTuple(args, "y*nnpn", &view, &o, &end, &big, &count))
+        return NULL;
+    if (end > view.len || o < 0 || count < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "walk_epb: bad bounds");
+        return NULL;
+    }
+    offsets = PyList_New(0);
+    if (offsets == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    b = (const unsigned char *)view.buf;
+    while (PyList_GET_SIZE(offsets) < count && o + 32 <= end) {
+        uint32_t btype = u32(b + o, big), blen = u32(b + o + 4, big);
+        uint32_t iface = u32(b + o + 8, big), caplen = u32(b + o + 20, big);
+        Py_ssize_t nxt = o + (Py_ssize_t)blen;
+        if (btype != 6 || blen % 4 || nxt > end || nxt < o + 32 ||
+                32 + (((Py_ssize_t)caplen + 3) & ~(Py_ssize_t)3) >
+                (Py_ssize_t)blen ||
+                u32(b + nxt - 4, big) != blen)
+            break;
+        if (first >= 0 && (long long)iface != first)
+            break;
+        first = iface;
+        item = PyLong_FromSsize_t(o);
+        if (item == NULL || PyList_Append(offsets, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(offsets);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        Py_DECREF(item);
+        o = nxt;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(NnL)", offsets, o, first);
+}
+
 PyDoc_STRVAR(heads_doc,
 "heads(buf, offsets, size) -> bytes\n\n"
 "The first size bytes at each offset of buf, side by side; zero-padded\n"
@@ -199,6 +256,7 @@ static PyMethodDef methods[] = {
     {"select", select_items, METH_VARARGS, select_doc},
     {"walk_pcap", walk_pcap, METH_VARARGS, walk_pcap_doc},
     {"heads", heads, METH_VARARGS, heads_doc},
+    {"walk_epb", walk_epb, METH_VARARGS, walk_epb_doc},
     {NULL, NULL, 0, NULL}
 };
 

@@ -265,29 +265,13 @@ class Reader:
         offset after them; ``o`` when fewer than :data:`BACKOFF` qualify
         (anything unusual ends the walk there and is read as before)."""
         buf = self.buf
-        head = struct.Struct(self.order + 'IIIIII').unpack_from
         trailer = struct.Struct(self.order + 'I').unpack_from
         ifaces = self.ifaces
-        offsets = []
-        append = offsets.append
-        first_id = None
         start = o
-        while len(offsets) < count and o + 32 <= end:
-            btype, blen, iface_id, _hi, _lo, caplen = head(buf, o)
-            nxt = o + blen
-            if (btype != PCAPNG_EPB or blen % 4 or nxt > end or
-                    32 + ((caplen + 3) & ~3) > blen or
-                    trailer(buf, nxt - 4)[0] != blen):
-                break
-            if iface_id != first_id:
-                if first_id is not None or iface_id >= len(ifaces):
-                    break
-                if ifaces[iface_id].link is None:
-                    break
-                first_id = iface_id
-            append(o)
-            o = nxt
-        if len(offsets) <= pcaprows.BACKOFF:
+        offsets, o, first_id = pcapwalk.walk_epb(buf, o, end,
+                                                 self.order == '>', count)
+        if len(offsets) <= pcaprows.BACKOFF or first_id >= len(ifaces) \
+                or ifaces[first_id].link is None:
             return start
         rest = self._rule_out(offsets, ifaces[first_id])
         for r in rest:

@@ -26,6 +26,8 @@ if os.environ.get('NETWEAVER_PCAPWALK') == 'python':
 
 _U32 = {False: struct.Struct('<I').unpack_from,
         True: struct.Struct('>I').unpack_from}
+_EPB_HEAD = {False: struct.Struct('<IIIIII').unpack_from,
+             True: struct.Struct('>IIIIII').unpack_from}
 _PAIR = {False: struct.Struct('<II').unpack_from,
          True: struct.Struct('>II').unpack_from}
 
@@ -68,6 +70,28 @@ def walk_pcap_python(buf, o, end, cap_at, big, pair, limit, count):
     return offsets, o, False
 
 
+def walk_epb_python(buf, o, end, big, count):
+    """:func:`walk_epb` in Python."""
+    head = _EPB_HEAD[big]
+    trailer = _U32[big]
+    offsets = []
+    append = offsets.append
+    first = -1
+    while len(offsets) < count and o + 32 <= end:
+        btype, blen, iface_id, _hi, _lo, caplen = head(buf, o)
+        nxt = o + blen
+        if (btype != 6 or blen % 4 or nxt > end or
+                32 + ((caplen + 3) & ~3) > blen or
+                trailer(buf, nxt - 4)[0] != blen):
+            break
+        if first >= 0 and iface_id != first:
+            break
+        first = iface_id
+        append(o)
+        o = nxt
+    return offsets, o, first
+
+
 def heads_python(buf, offsets, size):
     """:func:`heads` in Python."""
     packed = b''.join([buf[o:o + size] for o in offsets])
@@ -99,6 +123,20 @@ def walk_pcap(buf, o, end, cap_at, big, pair, limit, count):
     if _pcapwalk is None:
         return walk_pcap_python(buf, o, end, cap_at, big, pair, limit, count)
     return _pcapwalk.walk_pcap(buf, o, end, cap_at, big, pair, limit, count)
+
+
+def walk_epb(buf, o, end, big, count):
+    """``(offsets, next, iface_id)``: up to ``count`` offsets of sound
+    pcapng enhanced packet blocks of one interface from ``o``.
+
+    Sound: type 6, a length that is a multiple of 4, ends within ``end``,
+    holds the padded capture length and is repeated in the trailer.  The
+    walk stops before any other block and before another interface's;
+    ``iface_id`` is that of the blocks taken (-1: none).
+    """
+    if _pcapwalk is None:
+        return walk_epb_python(buf, o, end, big, count)
+    return _pcapwalk.walk_epb(buf, o, end, big, count)
 
 
 def heads(buf, offsets, size):

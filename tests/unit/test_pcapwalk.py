@@ -102,6 +102,46 @@ def test_walk_pcap_reads_each_length_field():
             [24], 44, False)
 
 
+@st.composite
+def block_streams(draw):
+    """pcapng-like blocks: enhanced packet blocks of a few interfaces,
+    some with a wrong trailer, an odd length, a capture length too long
+    for the block, or another block type; the stream maybe cut."""
+    big = draw(st.booleans())
+    order = '>' if big else '<'
+    parts = []
+    for _ in range(draw(st.integers(0, 40))):
+        caplen = draw(st.integers(0, 40))
+        padded = (caplen + 3) & ~3
+        blen = 32 + padded + draw(st.sampled_from([0, 0, 0, 4, 8]))
+        btype = draw(st.sampled_from([6, 6, 6, 6, 3, 1]))
+        iface = draw(st.sampled_from([0, 0, 0, 1]))
+        trail = blen
+        flaw = draw(st.sampled_from([None] * 8 + ['trailer', 'odd', 'cap']))
+        if flaw == 'trailer':
+            trail += 4
+        elif flaw == 'odd':
+            blen += 2
+        elif flaw == 'cap':
+            caplen += 8
+        body = struct.pack(order + 'IIIIII', btype, blen, iface, 0, 0,
+                           caplen)
+        body += bytes(blen - 28) + struct.pack(order + 'I', trail)
+        parts.append(body)
+    stream = b''.join(parts)
+    cut = draw(st.integers(0, len(stream)))
+    return stream[:cut], big
+
+
+@settings(max_examples=400, deadline=None)
+@given(block_streams(), st.integers(0, 50))
+def test_walk_epb_c_equals_python(stream, count):
+    _need_c()
+    buf, big = stream
+    args = (buf, 0, len(buf), big, count)
+    assert C.walk_epb(*args) == pcapwalk.walk_epb_python(*args)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300), st.lists(st.integers(0, 320), max_size=40),
        st.integers(0, 40))
@@ -138,21 +178,26 @@ def _rows(read):
             sorted(zip(b.keys, b.t_ns, b.direction, b.ifindex)))
 
 
-@settings(max_examples=25, deadline=None)
-@given(pk.randoms, st.sampled_from(['<', '>']), st.booleans())
+@settings(max_examples=30, deadline=None)
+@given(pk.randoms, st.sampled_from(['<', '>']), st.booleans(),
+       st.sampled_from(['pcap', 'pcapng']))
 def test_captures_read_the_same_with_either_loops(tmp_path_factory, rnd,
-                                                  order, cut):
+                                                  order, cut, fmt):
     """Hundreds of probes, replies, damaged frames and noise of mixed
     lengths (blocks the walk sorts), in probe, auto and fingerprint mode:
     the same rows with the C loops and the Python ones."""
     _need_c()
     frames = [pk.make_frame(rnd) for _ in range(rnd.randrange(150, 500))]
     frames = [f for f in frames if len(f) >= 14]
-    data = pk.pcap([(1_763_900_000 + i, rnd.randrange(10 ** 6), f)
-                    for i, f in enumerate(frames)], order)
+    times = [(1_763_900_000 + i) * 10 ** 9 + rnd.randrange(10 ** 9)
+             for i in range(len(frames))]
+    if fmt == 'pcap':
+        data = pk.pcap_of(frames, times, order)
+    else:
+        data = pk.pcapng(frames, times, order)
     if cut:
         data = data[:rnd.randrange(24, len(data) + 1)]
-    path = tmp_path_factory.mktemp('walk') / 'w.pcap'
+    path = tmp_path_factory.mktemp('walk') / f'w.{fmt}'
     path.write_bytes(data)
 
     def read_all():
