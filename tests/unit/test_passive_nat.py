@@ -73,6 +73,19 @@ def test_nat_is_learnt_from_what_the_guest_sent_only():
     assert (r.local, r.unmatched) == (2, 0)
 
 
+def test_a_packet_received_on_the_pif_never_teaches_a_nat():
+    # The guest's datagram never left the pif (to a local peer); a
+    # packet with its fields arrives from outside from another address:
+    # anyone can send that, so it names no outside address.
+    s = [seen('tap0', 0, IN, udp(GUEST, PEER, 5, 6, 77)),
+         seen('eth1', 2_000, IN, udp(ELSEWHERE, PEER, 5, 6, 77)),
+         seen('eth1', 3_000, IN, udp(PEER, ELSEWHERE, 6, 5, 78)),
+         seen('tap0', 4_000, OUT, udp(PEER, GUEST, 6, 5, 78))]
+    r = passive.match(s, [VNIC])['tap0']
+    assert r.translated == r.packets == 0
+    assert r.local == 2
+
+
 def test_a_packet_to_the_outside_address_never_seen_on_the_tap_is_unmatched():
     s = natted_exchange() + [
         seen('eth1', 50_000, IN, udp(PEER, FLOATING, 53, 5353, 43))]
