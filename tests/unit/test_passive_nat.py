@@ -166,13 +166,16 @@ def test_nat_reasons_and_counts_reach_the_metadata():
     pw = window.PassiveWindowResult(
         results={}, stats=passivecapture.PassiveStats(), sample=1,
         duration_ns=1)
-    r = passive.match(natted_exchange(), [VNIC])['tap0']
+    # The guest's own address reached too (not through the NAT).
+    plain = [seen('eth1', 60_000, IN, udp(PEER, GUEST, 7, 8, 9)),
+             seen('tap0', 61_000, OUT, udp(PEER, GUEST, 7, 8, 9))]
+    r = passive.match(natted_exchange() + plain, [VNIC])['tap0']
     md = reportdict.passive_summary(r, pw)
-    assert md['passive_translated'] == 4
+    assert (md['passive_translated'], md['passive_packets']) == (4, 5)
     assert 'passive_not_measurable' not in md
-    plain = reportdict.passive_summary(passive.PassiveResult('tap0', None),
-                                       pw)
-    assert 'passive_translated' not in plain
+    idle = reportdict.passive_summary(passive.PassiveResult('tap0', None),
+                                      pw)
+    assert 'passive_translated' not in idle
     why = passive.PassiveResult('tap0', None, not_measurable='a reason')
     assert reportdict.passive_summary(why, pw)[
         'passive_not_measurable'] == 'a reason'
