@@ -209,6 +209,11 @@ modes = [('a) probes (analyze)', {}),
           dict(fingerprint=True, dst_ip='198.18.0.10')),
          ('c) fingerprints (analyze --fingerprint -d)',
           dict(fingerprint=True, dst_ip='198.18.0.10', probes=False))]
+try:
+    from netweaver_agent.core import pcapwalk
+    print('   (record walk: %s)' % ('C' if pcapwalk.compiled() else 'Python'))
+except ImportError:
+    print('   (record walk: Python, before pcapwalk)')
 for name, kw in modes:
     read = getattr(pcapfile, 'read_capture', None)
     if read is None:            # before read_capture: read_pcap only
@@ -270,6 +275,11 @@ def main():
             # tree.
             subprocess.run([sys.executable, '-c', _READERS, path, str(n)],
                            check=True, env=env, cwd=tmp)
+            print(f'{name}, this tree with the Python loops '
+                  '(NETWEAVER_PCAPWALK=python):')
+            subprocess.run([sys.executable, '-c', _READERS, path, str(n)],
+                           check=True, cwd=tmp,
+                           env={**env, 'NETWEAVER_PCAPWALK': 'python'})
             if args.python:
                 print(f'{name}, package in {args.python}:')
                 subprocess.run([sys.executable, '-c', _READERS, path,
