@@ -25,6 +25,36 @@ u32(const unsigned char *p, int big)
            ((uint32_t)p[1] << 8) | (uint32_t)p[0];
 }
 
+/* Append o to the list offsets; -1 with an exception set on failure. */
+static int
+append_offset(PyObject *offsets, Py_ssize_t o)
+{
+    PyObject *item = PyLong_FromSsize_t(o);
+    int failed;
+    if (item == NULL)
+        return -1;
+    failed = PyList_Append(offsets, item);
+    Py_DECREF(item);
+    return failed;
+}
+
+/* An empty list for a walk's offsets, or NULL (view released) with a
+ * ValueError naming the walk when its bounds are not sound. */
+static PyObject *
+new_offsets(Py_buffer *view, int sound, const char *walk)
+{
+    PyObject *offsets;
+    if (!sound) {
+        PyErr_Format(PyExc_ValueError, "%s: bad bounds", walk);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    offsets = PyList_New(0);
+    if (offsets == NULL)
+        PyBuffer_Release(view);
+    return offsets;
+}
+
 PyDoc_STRVAR(walk_pcap_doc,
 "walk_pcap(buf, o, end, cap_at, big, pair, limit, count)\n"
 "    -> (offsets, next, complete)\n\n"
@@ -40,22 +70,17 @@ walk_pcap(PyObject *self, PyObject *args)
     Py_buffer view;
     Py_ssize_t o, end, cap_at, limit, count, i, pf;
     int big, pair;
-    PyObject *offsets, *item;
+    PyObject *offsets;
     const unsigned char *b;
 
     if (!PyArg_ParseTuple(args, "y*nnnppnn", &view, &o, &end, &cap_at,
                           &big, &pair, &limit, &count))
         return NULL;
-    if (end > view.len || o < 0 || cap_at < 0 || cap_at + (pair ? 8 : 4) > 16 || count < 0) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "walk_pcap: bad bounds");
+    offsets = new_offsets(&view, end <= view.len && o >= 0 && cap_at >= 0 &&
+                          cap_at + (pair ? 8 : 4) <= 16 && count >= 0,
+                          "walk_pcap");
+    if (offsets == NULL)
         return NULL;
-    }
-    offsets = PyList_New(0);
-    if (offsets == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     b = (const unsigned char *)view.buf;
     pf = o;
     for (i = 0; i < count; i++) {
@@ -76,14 +101,11 @@ walk_pcap(PyObject *self, PyObject *args)
         nxt = o + 16 + (Py_ssize_t)caplen;
         if ((Py_ssize_t)caplen > limit || nxt > end)
             break;
-        item = PyLong_FromSsize_t(o);
-        if (item == NULL || PyList_Append(offsets, item) < 0) {
-            Py_XDECREF(item);
+        if (append_offset(offsets, o) < 0) {
             Py_DECREF(offsets);
             PyBuffer_Release(&view);
             return NULL;
         }
-        Py_DECREF(item);
         o = nxt;
     }
     PyBuffer_Release(&view);
@@ -105,21 +127,15 @@ walk_epb(PyObject *self, PyObject *args)
     Py_ssize_t o, end, count;
     int big;
     long long first = -1;
-    PyObject *offsets, *item;
+    PyObject *offsets;
     const unsigned char *b;
 
     if (!PyArg_ParseTuple(args, "y*nnpn", &view, &o, &end, &big, &count))
         return NULL;
-    if (end > view.len || o < 0 || count < 0) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "walk_epb: bad bounds");
+    offsets = new_offsets(&view, end <= view.len && o >= 0 && count >= 0,
+                          "walk_epb");
+    if (offsets == NULL)
         return NULL;
-    }
-    offsets = PyList_New(0);
-    if (offsets == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     b = (const unsigned char *)view.buf;
     while (PyList_GET_SIZE(offsets) < count && o + 32 <= end) {
         uint32_t btype = u32(b + o, big), blen = u32(b + o + 4, big);
@@ -133,14 +149,11 @@ walk_epb(PyObject *self, PyObject *args)
         if (first >= 0 && (long long)iface != first)
             break;
         first = iface;
-        item = PyLong_FromSsize_t(o);
-        if (item == NULL || PyList_Append(offsets, item) < 0) {
-            Py_XDECREF(item);
+        if (append_offset(offsets, o) < 0) {
             Py_DECREF(offsets);
             PyBuffer_Release(&view);
             return NULL;
         }
-        Py_DECREF(item);
         o = nxt;
     }
     PyBuffer_Release(&view);

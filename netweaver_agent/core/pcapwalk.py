@@ -42,20 +42,12 @@ def walk_pcap_python(buf, o, end, cap_at, big, pair, limit, count):
     offsets = []
     append = offsets.append
     if pair:
-        get = _PAIR[big]
-        for _ in range(count):
-            if o + 16 > end:
-                break
-            caplen = min(get(buf, o + cap_at))
-            nxt = o + 16 + caplen
-            if caplen > limit or nxt > end:
-                break
-            append(o)
-            o = nxt
-        else:
-            return offsets, o, True
-        return offsets, o, False
-    get = _U32[big]
+        both = _PAIR[big]
+
+        def get(b, at):
+            return (min(both(b, at)),)
+    else:
+        get = _U32[big]
     for _ in range(count):
         if o + 16 > end:
             break
