@@ -124,7 +124,7 @@ static PyObject *
 walk_epb(PyObject *self, PyObject *args)
 {
     Py_buffer view;
-    Py_ssize_t o, end, count;
+    Py_ssize_t o, end, count, pf;
     int big;
     long long first = -1;
     PyObject *offsets;
@@ -137,7 +137,11 @@ walk_epb(PyObject *self, PyObject *args)
     if (offsets == NULL)
         return NULL;
     b = (const unsigned char *)view.buf;
+    pf = o;
     while (PyList_GET_SIZE(offsets) < count && o + 32 <= end) {
+        /* A block's header and trailer: stream the lines ahead in. */
+        for (; pf < o + PREFETCH_AHEAD && pf < end; pf += 64)
+            __builtin_prefetch(b + pf);
         uint32_t btype = u32(b + o, big), blen = u32(b + o + 4, big);
         uint32_t iface = u32(b + o + 8, big), caplen = u32(b + o + 20, big);
         Py_ssize_t nxt = o + (Py_ssize_t)blen;
