@@ -10,10 +10,17 @@ Guest 1 sits behind a 1:1 DNAT/SNAT (floating 198.19.100.x <-> its fixed
 through the NAT (each matched packet in at least the hold), guest 0's
 must be as it is without any NAT (below the hold).  Truth: the injected
 hold and the streams' own counts, never fixed microsecond numbers.
+
+A NAT that rewrites the guest's port too cannot be undone: that guest is
+reported not measurable passively (with the reason), never measured from
+wrong pairs.
 """
 
 import ipaddress
+import socket
+import threading
 
+from netweaver_agent.core import netns
 from netweaver_agent.core import passive
 from netweaver_agent.core import passivecapture
 from netweaver_agent.core import sightings as sightings_mod
@@ -150,3 +157,81 @@ def test_without_the_guests_own_packets_no_nat_is_learnt(lab_factory):
     assert r.local > 0
     assert out[plain.vif].translated == 0
     assert out[plain.vif].report.ingress.count > 0
+
+
+def echo_through_port_nat(the_lab, guest, outside, outside_port, port,
+                          size=100_000, timeout_s=10.0):
+    """One TCP connection from the source to ``outside``:``outside_port``,
+    which the NAT sends to ``guest``'s ``port``; ``size`` bytes each
+    way.  The bytes echoed."""
+    listener = netns.socket_in_netns(guest.netns, socket.AF_INET,
+                                     socket.SOCK_STREAM)
+    client = netns.socket_in_netns(the_lab.spec.src_netns, socket.AF_INET,
+                                   socket.SOCK_STREAM)
+    data = MARKER * (size // len(MARKER))
+    echoed = []
+
+    def serve():
+        conn, _peer = listener.accept()
+        with conn:
+            conn.settimeout(timeout_s)
+            got = b''
+            while len(got) < len(data):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            conn.sendall(got)
+
+    with listener, client:
+        listener.settimeout(timeout_s)
+        listener.bind((guest.address, port))
+        listener.listen(1)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        client.settimeout(timeout_s)
+        client.connect((outside, outside_port))
+        client.sendall(data)
+        while sum(echoed) < len(data):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            echoed.append(len(chunk))
+        server.join(timeout_s)
+    return sum(echoed)
+
+
+def test_guest_behind_a_nat_rewriting_its_ports_is_not_measurable(
+        lab_factory):
+    """A NAT that also rewrites the guest's port (outside 6301 -> inside
+    5301): no pair of its packets can be trusted; the guest is reported
+    not measurable passively, with the reason, and no latency is taken
+    from such pairs; the other guest is measured as ever."""
+    the_lab = lab_factory(guests=2)
+    plain, natted = the_lab.guests
+    hv = the_lab.spec.hv_netns
+    floating = floating_ip(natted)
+    nat_guest(the_lab, natted)
+    labswitch.iptables(hv, ['-t', 'nat', '-I', 'PREROUTING', '1', '-p',
+                            'tcp', '-d', floating, '--dport', '6301', '-j',
+                            'DNAT', '--to-destination',
+                            f'{natted.address}:5301'])
+    interfaces = [the_lab.spec.pif] + [g.vif for g in the_lab.guests]
+    with passivecapture.PassiveCapture(
+            1, netns_name=hv, interfaces=interfaces, cap=200_000) as cap:
+        echoed = echo_through_port_nat(the_lab, natted, floating, 6301,
+                                       5301)
+        res = labtraffic.exchange(the_lab.spec.src_netns, plain.netns,
+                                  plain.address, tcp_bytes=100_000,
+                                  udp_count=30, payload=MARKER)
+    assert echoed > 0 and res.tcp_echoed == res.tcp_sent
+    out = passive.match(cap.sightings, specs(the_lab))
+    r, other = out[natted.vif], out[plain.vif]
+    show('port-rewritten guest', r)
+    show('plain guest', other)
+    assert r.not_measurable is not None
+    assert 'ports' in r.not_measurable and floating in r.not_measurable
+    assert r.packets == r.translated == 0
+    assert other.not_measurable is None and other.translated == 0
+    assert other.unmatched == 0 and other.report.anomalies == 0
+    assert other.report.ingress.count >= res.udp_received
