@@ -31,6 +31,7 @@ keeps only its context's capabilities.
 """
 
 import dataclasses
+import gc
 import itertools
 import math
 import os
@@ -254,14 +255,17 @@ class _Pacer:
         self._next = 0.0
         self._steps = {}
 
-    def wait(self, nbytes):
+    def wait(self, nbytes, n=1):
+        """Return when ``n`` probes of ``nbytes`` each may leave: the
+        last of their ``n`` slots has come."""
         step = self._steps.get(nbytes)
         if step is None:
             step = self._steps[nbytes] = self.limits.min_step_ns(nbytes) / 1e9
         with self._lock:
             now = time.monotonic()
             at = max(now - self.burst_s, self._next)
-            self._next = at + step
+            self._next = at + n * step
+        at += (n - 1) * step
         if at > now:
             time.sleep(at - now)
 
@@ -474,8 +478,10 @@ def _plan(session, protocol, size, port, probes, policy=None,
     # plan hands each probe's own source port to the daemon.
     low, high = ((probe.TCP_IDENT | 1 << 16, probe.TCP_IDENT | 0xffffffff)
                  if protocol == 'tcp' else (0, 0xffffffff))
+    hold_ns = int(MAX_HOLD_S * 1e9)
+    planned_probe = sources.PlannedProbe
     for seq, dst, offset_ns in probes:
-        if dst not in checked:
+        if type(dst) is not str or dst not in checked:
             # One str per destination, checked once, before anything is
             # built.
             if not isinstance(dst, str):
@@ -483,12 +489,14 @@ def _plan(session, protocol, size, port, probes, policy=None,
                                  "address string")
             checked[dst] = policy.check(dst)
         dst = checked[dst]
-        offset_ns = _int(offset_ns, 'probe offset',
-                         last + min_step if planned else 0,
-                         int(MAX_HOLD_S * 1e9))
-        planned.append(sources.PlannedProbe(
-            seq=_int(seq, 'probe sequence', low, high), dst_ip=dst,
-            offset_ns=offset_ns))
+        # The common case inline (an int within bounds); _int says why not.
+        least = last + min_step if planned else 0
+        if type(offset_ns) is not int or \
+                not least <= offset_ns <= hold_ns:
+            offset_ns = _int(offset_ns, 'probe offset', least, hold_ns)
+        if type(seq) is not int or not low <= seq <= high:
+            seq = _int(seq, 'probe sequence', low, high)
+        planned.append(planned_probe(seq, dst, offset_ns))
         last = offset_ns
     return sources.ProbePlan(session=session, protocol=protocol,
                              probes=tuple(planned), size=size, port=port,
@@ -498,9 +506,9 @@ def _plan(session, protocol, size, port, probes, policy=None,
 class _DaemonSource(sources.LocalSource):
     """The daemon's sender: each probe paced by the daemon-wide limits."""
 
-    def _transmit(self, sock, dst, data):
-        _pacer.wait(len(data))
-        super()._transmit(sock, dst, data)
+    def _send_batch(self, socks, batch):
+        _pacer.wait(max(len(p.data) for p in batch), len(batch))
+        return super()._send_batch(socks, batch)
 
 
 def configured_networks(conf=None):
@@ -640,10 +648,20 @@ _OPS = {
 }
 
 
+_FROZEN = []        # gc.freeze() done in this daemon
+
+
 def _dispatch(op, args):
     func = _OPS.get(op)
     if func is None:
         raise ValueError(f"unknown privileged operation {op!r}")
+    if not _FROZEN:
+        # What the daemon loaded to get here (oslo.privsep, eventlet, its
+        # options) lives as long as it: out of the garbage collector's
+        # full scans, which a window's allocations would otherwise set off.
+        _FROZEN.append(True)
+        gc.collect()
+        gc.freeze()
     return func(*args)
 
 

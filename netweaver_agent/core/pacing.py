@@ -61,7 +61,8 @@ def family_of(address):
     return socket.AF_INET6 if ':' in address else socket.AF_INET
 
 
-def pace(packets, transmit, deadline_s, quantum_s=SEND_QUANTUM_S):
+def pace(packets, transmit, deadline_s, quantum_s=SEND_QUANTUM_S,
+         transmit_many=None):
     """Send ``packets`` (in order) at their offsets from now.
 
     Each wake-up sends every packet due within ``quantum_s``, but none
@@ -70,26 +71,57 @@ def pace(packets, transmit, deadline_s, quantum_s=SEND_QUANTUM_S):
     rate is the plan's.  Stops before a packet due after ``deadline_s``
     or when ``deadline_s`` (``time.monotonic()``) has passed.
 
+    The packets of one wake-up go out together, as one batch (a slice
+    of ``packets``, never two to one destination), just before the loop
+    sleeps and at its end; a destination's next packet counts its
+    spacing from when its batch was done.
+
     :param transmit: ``f(packet)``; an ``OSError`` counts the packet failed
+    :param transmit_many: ``f(batch) -> [(packet, OSError)]`` (those
+        that failed), instead of ``transmit`` once per packet
     :returns: :class:`Paced`
     """
+    if transmit_many is None:
+        transmit_many = _one_by_one(transmit)
     monotonic = time.monotonic
     sleep = time.sleep
     start = monotonic()
     sent = failed = 0
     errors = []
-    # Per destination: when its last packet left, and its planned offset.
+    # Per destination: when its last packet left (None: in the batch not
+    # sent yet), and its planned offset.
     last = {}
+    batch = []
+
+    def flush():
+        nonlocal sent, failed
+        bad = transmit_many(batch)
+        done = monotonic()
+        for p in batch:
+            last[p.dst_ip] = (done, p.offset_ns)
+        sent += len(batch) - len(bad)
+        failed += len(bad)
+        for p, exc in bad:
+            if len(errors) < MAX_ERRORS:
+                errors.append(f'{p.dst_ip}: {exc}'[:MAX_ERROR_CHARS])
+        batch.clear()
+
     for packet in packets:
         dst, offset_ns = packet.dst_ip, packet.offset_ns
         due = start + offset_ns / 1e9
         earliest = due - quantum_s
         prev = last.get(dst)
+        if prev is not None and prev[0] is None:
+            flush()         # its previous packet waits in the batch
+            prev = last[dst]
         if prev is not None:
             spaced = prev[0] + (offset_ns - prev[1]) / 1e9
             if spaced > earliest:
                 earliest = spaced
         now = monotonic()
+        if earliest > now and batch:
+            flush()
+            now = monotonic()
         if earliest > now and due <= deadline_s:
             # On time (or as its destination's spacing says); what is due
             # within the quantum then goes without sleeping.
@@ -97,16 +129,25 @@ def pace(packets, transmit, deadline_s, quantum_s=SEND_QUANTUM_S):
             now = monotonic()
         if due > deadline_s or now > deadline_s:
             break
-        last[dst] = (now, offset_ns)
-        try:
-            transmit(packet)
-            sent += 1
-        except OSError as exc:
-            failed += 1
-            if len(errors) < MAX_ERRORS:
-                errors.append(f'{dst}: {exc}'[:MAX_ERROR_CHARS])
+        last[dst] = (None, offset_ns)
+        batch.append(packet)
+    if batch:
+        flush()
     return Paced(sent=sent, failed=failed, errors=tuple(errors),
                  left=len(packets) - sent - failed)
+
+
+def _one_by_one(transmit):
+    """A ``transmit_many`` calling ``transmit`` for each packet."""
+    def many(batch):
+        bad = []
+        for p in batch:
+            try:
+                transmit(p)
+            except OSError as exc:
+                bad.append((p, exc))
+        return bad
+    return many
 
 
 def encode(packets):

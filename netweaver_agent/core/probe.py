@@ -328,6 +328,142 @@ def _checksum(data):
     return ~folded & 0xffff
 
 
+class Tagger:
+    """:func:`probe_tag` of one window's probes (``secret``, ``proto``,
+    ``session``), cheaper: the keyed hash's state after the key is made
+    once and copied for each probe (the same tags)."""
+
+    def __init__(self, secret, proto, session):
+        self.secret = None if secret is None else check_secret(secret)
+        self._base = None if secret is None else hashlib.blake2b(
+            key=self.secret, digest_size=AUTH_LEN)
+        self._code = _PROTO_CODE[proto]
+        self.session = session
+
+    def tag(self, seq, dst_ip):
+        """:func:`probe_tag` of ``seq`` to packed ``dst_ip``."""
+        if self._base is None:
+            return bytes(AUTH_LEN)
+        h = self._base.copy()
+        h.update(_MAC_MSG.pack(self._code, self.session, seq) +
+                 bytes(dst_ip))
+        return h.digest()
+
+    def expected(self, seq, dst_ip):
+        """:func:`expected_auth` of ``seq`` to packed ``dst_ip`` (ICMP and
+        UDP)."""
+        return (int.from_bytes(self.tag(seq, dst_ip), 'big') ^
+                address_fold(dst_ip))
+
+
+# The fields of an IPv4 ICMP or UDP probe that change with its sequence
+# number, between the parts that do not: IP id, IP checksum, transport
+# checksum, (ICMP: echo sequence), tag sequence, keyed tag.
+_VARYING = {
+    'icmp': struct.Struct(f'!4sH4sH10sH2sH6sI{AUTH_LEN}s'),
+    'udp': struct.Struct(f'!4sH4sH14sH6sI{AUTH_LEN}s'),
+}
+
+
+def _sum_mod(data):
+    """The 16-bit words of ``data`` (padded to even length) summed, as one
+    integer modulo 0xffff is (see :func:`_checksum`): unfolded."""
+    if len(data) % 2:
+        data = bytes(data) + b'\0'
+    return int.from_bytes(data, 'big')
+
+
+def _fold(total):
+    """:func:`_checksum` of data whose word sum is ``total`` (> 0)."""
+    return ~(total % 0xffff or 0xffff) & 0xffff
+
+
+class V4Builder:
+    """:func:`build_ip_seqs` of IPv4 ICMP/UDP probes of one window
+    (``proto``, ``session``, ``size``, ``ttl``, ``port``, ``secret``), to
+    any addresses: one packet built with dpkt (addresses zero), then for
+    each probe the varying fields packed in one go and the checksums
+    summed from the fixed part's: every varying field (addresses too)
+    sits at an even offset, so each adds its value modulo 0xffff (see
+    :func:`_checksum`).  The same bytes as :func:`build_ip`."""
+
+    def __init__(self, proto, session, size=64, ttl=64, port=None,
+                 secret=None):
+        if proto not in _VARYING:
+            raise ValueError(f"V4Builder builds ICMP and UDP probes, not "
+                             f"{proto!r}")
+        self.proto = proto
+        self._tag = Tagger(secret, proto, session).tag
+        zero = bytes(4)
+        first = build_ip(proto, session, 0, zero, zero, size=size, ttl=ttl,
+                         port=port, secret=secret)
+        fixed = bytearray(first)
+        at_sum = _SUM_AT[proto]
+        for at, n in ((_IP_ID, 2), (_IP_SUM, 2), (at_sum, 2),
+                      (_TAG_SEQ, 4), (_TAG_MAC, AUTH_LEN)) + (
+                          ((_ICMP_SEQ, 2),) if proto == 'icmp' else ()):
+            fixed[at:at + n] = bytes(n)
+        self._ip_base = _sum_mod(fixed[:_L4])
+        pseudo = (b'' if proto == 'icmp' else
+                  bytes(8) + bytes((0, first[9])) +
+                  _U16.pack(len(first) - _L4))
+        self._l4_base = _sum_mod(pseudo + fixed[_L4:])
+        self._head = bytes(first[:_IP_ID])
+        self._ip_mid = bytes(first[_IP_ID + 2:_IP_SUM])
+        # After the addresses: up to the transport checksum.
+        self._l4_head = bytes(first[_L4:at_sum])
+        self._between = bytes(first[at_sum + 2:_ICMP_SEQ] if proto == 'icmp'
+                              else b'')
+        self._magic = bytes(first[(_ICMP_SEQ + 2 if proto == 'icmp' else
+                                   at_sum + 2):_TAG_SEQ])
+        self._tail = bytes(first[_TAG_MAC + AUTH_LEN:])
+        self._pack = _VARYING[proto].pack
+
+    def build(self, seqs, src_ip, dst_ip):
+        """The packets of ``seqs`` (32-bit each) from ``src_ip`` to
+        ``dst_ip`` (4 bytes each), in order."""
+        src, dst = bytes(src_ip), bytes(dst_ip)
+        if len(src) != 4 or len(dst) != 4:
+            raise ValueError(f"probe addresses {src.hex()} and {dst.hex()} "
+                             "are not both IPv4")
+        addrs = int.from_bytes(src, 'big') + int.from_bytes(dst, 'big')
+        ip_base = self._ip_base + addrs
+        tag, pack, tail = self._tag, self._pack, self._tail
+        head, ip_mid, magic = self._head, self._ip_mid, self._magic
+        fold = _fold
+        wire = src + dst + self._l4_head
+        out = []
+        if self.proto == 'icmp':
+            l4_base, between = self._l4_base, self._between
+            for seq in seqs:
+                mac = tag(seq, dst)
+                low = seq & 0xffff
+                out.append(pack(
+                    head, low, ip_mid, fold(ip_base + low), wire,
+                    fold(l4_base + low + seq + int.from_bytes(mac, 'big')),
+                    between, low, magic, seq, mac) + tail)
+            return out
+        # UDP: the pseudo-header holds the addresses too.
+        l4_base = self._l4_base + addrs
+        for seq in seqs:
+            mac = tag(seq, dst)
+            low = seq & 0xffff
+            # A computed UDP checksum of 0 is sent as 0xffff (RFC 768).
+            out.append(pack(
+                head, low, ip_mid, fold(ip_base + low), wire,
+                fold(l4_base + seq + int.from_bytes(mac, 'big')) or 0xffff,
+                magic, seq, mac) + tail)
+        return out
+
+
+def v4_builder_fits(proto, seqs, src_ip, dst_ip):
+    """Whether :class:`V4Builder` builds these probes (IPv4 ICMP/UDP,
+    every sequence number a 32-bit int)."""
+    return (proto in _VARYING and len(src_ip) == 4 and len(dst_ip) == 4
+            and all(type(s) is int and 0 <= s <= 0xffffffff
+                    for s in seqs))
+
+
 def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
                   port=None, secret=None):
     """:func:`build_ip` for every sequence number of ``seqs``: a list.
@@ -345,6 +481,9 @@ def build_ip_seqs(proto, session, seqs, src_ip, dst_ip, size=64, ttl=64,
     if len(dst_ip) == 16:
         return [build_ip(proto, session, seq, src_ip, dst_ip, size=size,
                          ttl=ttl, port=port, secret=secret) for seq in seqs]
+    if v4_builder_fits(proto, seqs, src_ip, dst_ip):
+        return V4Builder(proto, session, size=size, ttl=ttl, port=port,
+                         secret=secret).build(seqs, src_ip, dst_ip)
     first = build_ip(proto, session, seqs[0], src_ip, dst_ip, size=size,
                      ttl=ttl, port=port, secret=secret)
     out = [first]

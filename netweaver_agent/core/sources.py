@@ -341,11 +341,19 @@ def build_packets(plan, source_address):
     for p in plan.probes:
         seqs.setdefault(p.dst_ip, []).append(p.seq)
     packets = {}
+    v4 = None       # one probe.V4Builder for the plan's IPv4 ICMP/UDP
     for dst, numbers in seqs.items():
-        built = probe.build_ip_seqs(
-            plan.protocol, plan.session, numbers,
-            pack_address(source_address(dst)), pack_address(dst),
-            size=plan.size, port=plan.port, secret=plan.secret)
+        src_ip, dst_ip = pack_address(source_address(dst)), pack_address(dst)
+        if probe.v4_builder_fits(plan.protocol, numbers, src_ip, dst_ip):
+            if v4 is None:
+                v4 = probe.V4Builder(plan.protocol, plan.session,
+                                     size=plan.size, port=plan.port,
+                                     secret=plan.secret)
+            built = v4.build(numbers, src_ip, dst_ip)
+        else:
+            built = probe.build_ip_seqs(
+                plan.protocol, plan.session, numbers, src_ip, dst_ip,
+                size=plan.size, port=plan.port, secret=plan.secret)
         packets.update(zip(numbers, built))
     return [(p.dst_ip, packets[p.seq]) for p in plan.probes]
 
@@ -430,6 +438,18 @@ def _source_address(dst_ip):
         return s.getsockname()[0]
 
 
+def _source_addresses(dsts):
+    """``{dst: source address or the OSError}`` of every address of
+    ``dsts``, asked here: one namespace entry for a whole window."""
+    out = {}
+    for dst in dsts:
+        try:
+            out[dst] = _source_address(dst)
+        except OSError as exc:
+            out[dst] = exc
+    return out
+
+
 class LocalSource(ProbeSource):
     """Sends from this host's stack, or from a network namespace's.
 
@@ -469,14 +489,33 @@ class LocalSource(ProbeSource):
 
     def source_address(self, dst_ip):
         if dst_ip not in self._src:
-            try:
-                self._src[dst_ip] = netns.run_in_netns(
-                    self.netns_name, _source_address, dst_ip)
-            except OSError as exc:
+            self.source_addresses([dst_ip])
+        return self._src[dst_ip]
+
+    def source_addresses(self, dsts):
+        """Learn the source address of every one of ``dsts`` not known
+        yet, in one entry into the source's namespace (a window's
+        hundreds of vNICs: one thread, not one each).
+
+        :raises SourceError: the first of them with no route
+        """
+        missing = [d for d in dict.fromkeys(dsts) if d not in self._src]
+        if not missing:
+            return
+        try:
+            found = netns.run_in_netns(self.netns_name, _source_addresses,
+                                       missing)
+        except OSError as exc:
+            raise SourceError(
+                f"probe source {self.name} has no route to "
+                f"{missing[0]}: {exc}") from exc
+        for dst in missing:
+            got = found[dst]
+            if isinstance(got, OSError):
                 raise SourceError(
                     f"probe source {self.name} has no route to "
-                    f"{dst_ip}: {exc}") from exc
-        return self._src[dst_ip]
+                    f"{dst}: {got}") from got
+            self._src[dst] = got
 
     def build(self, plan):
         """The packets of ``plan`` as ``[(dst_ip, bytes)]``, in plan order.
@@ -484,7 +523,9 @@ class LocalSource(ProbeSource):
         :raises destinations.RefusedDestination: a target the policy
             refuses (before anything is built)
         """
-        self.policy.check_all(plan.targets())
+        targets = plan.targets()
+        self.policy.check_all(targets)
+        self.source_addresses(targets)
         return build_packets(plan, self.source_address)
 
     def _make_ready(self, plan):
@@ -497,13 +538,33 @@ class LocalSource(ProbeSource):
     def _transmit(self, sock, dst, data):
         sock.sendto(data, (dst, 0))
 
+    def _send_batch(self, socks, batch):
+        """Send the packets of one wake-up (``batch``, to different
+        destinations; ``socks``: destination -> socket): the failed ones
+        as ``[(packet, OSError)]``.  Each goes through :meth:`_transmit`
+        when a subclass changes it."""
+        bad = []
+        if type(self)._transmit is LocalSource._transmit:
+            for p in batch:
+                try:
+                    socks[p.dst_ip].sendto(p.data, (p.dst_ip, 0))
+                except OSError as exc:
+                    bad.append((p, exc))
+            return bad
+        transmit = self._transmit
+        for p in batch:
+            try:
+                transmit(socks[p.dst_ip], p.dst_ip, p.data)
+            except OSError as exc:
+                bad.append((p, exc))
+        return bad
+
     def send(self, plan, deadline_s):
         packets = self._ready_for(plan)
         socks = {dst: self._socket_for(dst) for dst in plan.targets()}
-        transmit = self._transmit
-        done = pacing.pace(
-            packets, lambda p: transmit(socks[p.dst_ip], p.dst_ip, p.data),
-            deadline_s)
+        send_batch = self._send_batch
+        done = pacing.pace(packets, None, deadline_s,
+                           transmit_many=lambda b: send_batch(socks, b))
         if done.left:
             LOG.warning('Probe source %(src)s stopped at its deadline: '
                         '%(left)d probes not sent',
