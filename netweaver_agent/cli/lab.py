@@ -337,12 +337,20 @@ def _measure(the_lab, args):
     return 0
 
 
+# Layouts whose NFQUEUE delayer (on the bridge, on the hybrid plug's qbr)
+# holds every packet of a guest and records its passive key: the truth of
+# --passive.  On ovs-native and OVN the OpenFlow delayers hold probes only.
+PASSIVE_TRUTH = frozenset({'linuxbridge', 'ovs-hybrid'})
+
+
 def _check_passive(args):
     """--passive's own checks (ValueError naming the flag)."""
-    if args.switch != 'linuxbridge':
-        raise ValueError(f"--passive needs the Linux bridge's NFQUEUE "
-                         f"delayer for its truth; --switch {args.switch} "
-                         "has none that records the guests' own packets")
+    if args.switch not in PASSIVE_TRUTH and args.delay_ms != 0:
+        raise ValueError(f"--passive with an injected delay needs an "
+                         f"NFQUEUE delayer that holds the guests' own packets "
+                         f"({', '.join(sorted(PASSIVE_TRUTH))}); --switch "
+                         f"{args.switch} has none: add --delay-ms 0 to "
+                         "measure it without one")
     if args.agent or args.pipeline:
         raise ValueError("--passive runs one passive window; with --agent "
                          "set [netweaver] mode = passive instead")
