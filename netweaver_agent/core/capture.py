@@ -29,6 +29,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import os
 import select
 import socket
 import struct
@@ -80,6 +81,13 @@ MIN_RUN = 4
 # At close, how long to wait for the kernel to hand over the last block.
 RING_FINISH_S = 4 * ring.BLOCK_TOV_MS / 1000.0 + 0.05
 SIOCGIFNAME = 0x8910
+# The reader thread waits this long at most in one select() (close()
+# wakes it at once); _finish_ring waits for a block this long at most in
+# one select().
+READER_IDLE_S = 1.0
+RING_POLL_S = 0.02
+# settle() wakes this much after the quiet time would be over.
+SETTLE_SLACK_S = 0.0005
 _IFREQ = struct.Struct('16si20x')
 # Direction column from the packet type column.
 _T_DIR = bytes(1 if b == 4 else 0 for b in range(256))
@@ -560,6 +568,9 @@ class LiveCapture:
         self._sock = None
         self._thread = None
         self._stop = threading.Event()
+        # The reader sleeps in select() until a block (or packet) is
+        # ready or close() writes here: no wake-up on a timer.
+        self._wake = None
         self._foreign = 0
         self._error = None
         self._last_probe_ns = 0
@@ -583,6 +594,7 @@ class LiveCapture:
             self._sock = None
             raise
         self.reader = 'recvmsg' if self._ring is None else 'ring'
+        self._wake = os.pipe()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='netweaver-capture')
         self._thread.start()
@@ -624,12 +636,18 @@ class LiveCapture:
                 return
             if not last and now - start >= quiet_s:
                 return
-            time.sleep(min(0.005, quiet_s))
+            # Asleep until the quiet time would be over, unless a probe
+            # is seen meanwhile (then again from it): a few wake-ups, not
+            # one every few ms.
+            quiet_at = max(start, last) + quiet_s
+            time.sleep(max(0.0, min(quiet_at, limit) - now) + SETTLE_SLACK_S)
 
     def close(self):
         if self._sock is None:
             return
         self._stop.set()
+        if self._wake is not None:
+            os.write(self._wake[1], b'x')
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
@@ -644,6 +662,10 @@ class LiveCapture:
                 self._ring = None
             self._sock.close()
             self._sock = None
+            if self._wake is not None:
+                for fd in self._wake:
+                    os.close(fd)
+                self._wake = None
         self.stats = CaptureStats(packets=packets, drops=drops,
                                   probes=len(self.batch),
                                   foreign=self._foreign, reader=self.reader)
@@ -676,16 +698,20 @@ class LiveCapture:
         while True:
             packets, drops = self._kernel_stats()
             self._read_ring()
-            if self._seen >= packets - drops or time.monotonic() >= limit:
+            left = limit - time.monotonic()
+            if self._seen >= packets - drops or left <= 0:
                 return packets, drops
-            time.sleep(0.002)
+            # Woken when the kernel hands the next block over.
+            select.select([self._sock], [], [], min(left, RING_POLL_S))
 
     def _run(self):
         read = self._drain if self._ring is None else self._read_ring
+        sock, wake = self._sock, self._wake[0]
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([self._sock], [], [], 0.02)
-                if ready:
+                ready, _, _ = select.select([sock, wake], [], [],
+                                            READER_IDLE_S)
+                if sock in ready:
                     read()
         except OSError as exc:
             self._error = exc

@@ -31,6 +31,7 @@ never reported; it is counted as an *anomaly* and left out of the
 statistics.
 """
 
+import bisect
 import collections
 import dataclasses
 import math
@@ -40,18 +41,29 @@ from netweaver_agent.core import probe
 from netweaver_agent.core import sightings
 
 
+# Roles of an interface on a vNIC's path (Matcher._roles).
+_PIF, _HOP, _VIF = 0, 1, 2
+
 # Latency histogram buckets, log2 µs: bucket 0 holds [0, 1) µs, bucket k
 # (1..20) [2**(k-1), 2**k) µs, bucket 21 everything from 2**20 µs (~1 s).
 HISTOGRAM_EDGES_US = (0,) + tuple(1 << k for k in range(21))
 
 
+# Bucket k >= 1 starts here (ns): a value's bucket is how many of these
+# it reaches.
+_BUCKET_STARTS_NS = tuple(1000 * e for e in HISTOGRAM_EDGES_US[1:])
+
+
 def log2_histogram(values_ns):
-    """Counts per :data:`HISTOGRAM_EDGES_US` bucket of latencies in ns."""
-    counts = [0] * len(HISTOGRAM_EDGES_US)
-    last = len(counts) - 1
-    for v in values_ns:
-        counts[min(max(int(v) // 1000, 0).bit_length(), last)] += 1
-    return tuple(counts)
+    """Counts per :data:`HISTOGRAM_EDGES_US` bucket of latencies in ns
+    (bucket ``k`` of value ``v``: the bit length of ``int(v) // 1000``,
+    at least 0, at most the last bucket): found by bisecting the sorted
+    values at each bucket's start, not value by value."""
+    values = sorted(values_ns)
+    reached = [bisect.bisect_left(values, start)
+               for start in _BUCKET_STARTS_NS] + [len(values)]
+    return (reached[0],) + tuple(
+        b - a for a, b in zip(reached, reached[1:]))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,11 +96,11 @@ class DirectionStats:
         """Statistics of latencies given in nanoseconds."""
         if not values_ns:
             return cls(count=0, lost=lost)
-        values = sorted(v / 1000.0 for v in values_ns)
+        values = [v / 1000.0 for v in sorted(values_ns)]
         n = len(values)
         mean = math.fsum(values) / n
         if n > 1:
-            var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+            var = math.fsum([(v - mean) ** 2 for v in values]) / (n - 1)
             stdev = math.sqrt(var)
         else:
             stdev = 0.0
@@ -226,12 +238,15 @@ class Matcher:
                 raise ValueError("verified matching needs the address of "
                                  f"every vNIC; none for {sorted(missing)}")
             self._dst = {v: _packed(a) for v, a in addresses.items()}
-        # (seq, reply) -> {ifname: t_ns}
+        # seq << 1 | reply -> {ifname: t_ns}
         self._seen = {}
         # (seq, reply) -> probe.Encap on the pif (tagged/VXLAN rows only)
         self._encap = {}
         # seq -> the auth a genuine sighting carries (computed once).
         self._expected = {}
+        self._tagger = (probe.Tagger(self.secret, protocol, session)
+                        if self.secret is not None and protocol != 'tcp'
+                        else None)
         self.verifications = 0
         self._rejected = collections.Counter()
         # TCP: the key as read (port and ISN) -> the plan's seq.
@@ -254,65 +269,91 @@ class Matcher:
     def _expect(self, seq):
         """The auth planned probe ``seq`` carries (computed once)."""
         self.verifications += 1
-        want = self._expected[seq] = probe.expected_auth(
-            self.secret, self.protocol, self.session, seq,
-            self._dst[self.plan[seq]])
+        dst = self._dst[self.plan[seq]]
+        if self._tagger is None:
+            want = probe.expected_auth(self.secret, self.protocol,
+                                       self.session, seq, dst)
+        else:
+            want = self._tagger.expected(seq, dst)
+        self._expected[seq] = want
         return want
+
+    def _roles(self, names):
+        """``{vnic: {batch column: (role, ifname)}}`` of the columns
+        (``names``: column -> ifname) on each vNIC's path: :data:`_PIF`,
+        :data:`_VIF` (its own netdev, the last) or :data:`_HOP`."""
+        columns = collections.defaultdict(list)
+        for i, name in names.items():
+            columns[name].append(i)
+        out = {}
+        for v, p in self.paths.items():
+            pif, last = p.interfaces[0], p.interfaces[-1]
+            roles = out[v] = {}
+            for name in p.interfaces:
+                role = (_PIF if name == pif else _VIF if name == last
+                        else _HOP)
+                for i in columns.get(name, ()):
+                    roles[i] = (role, name)
+        return out
 
     def feed_batch(self, batch):
         """Add every row of a :class:`sightings.SightingBatch`.
 
         One pass over the columns, the per-row checks inline (12,800 rows
         for 64 vNICs x 50 probes): the planned probe (and its auth,
-        computed once per probe), its path, the direction; the first
+        computed once per probe), its path (each vNIC's batch columns and
+        their roles worked out once per batch), the direction; the first
         sighting per interface is kept."""
         if batch.session != self.session and self._wire is None:
             return
-        names = batch.ifnames
         wire = self._wire
         plan = self.plan
         secret = self.secret
         expected = self._expected
+        expect = self._expect
         rejected = self._rejected
         seen_all = self._seen
-        # vif -> (interfaces, pif, the vif's own netdev)
-        where = {v: (frozenset(p.interfaces), p.interfaces[0],
-                     p.interfaces[-1]) for v, p in self.paths.items()}
+        roles_of = self._roles(batch.ifnames)
         dir_in, dir_out = sightings.DIR_IN, sightings.DIR_OUT
         for k, i, t_ns, direction, auth in zip(
                 batch.keys, batch.ifindex, batch.t_ns, batch.direction,
                 batch.auth_column()):
-            seq = k >> 1 if wire is None else wire.get(k >> 1)
+            if wire is None:
+                seq = k >> 1
+            else:
+                seq = wire.get(k >> 1)
+                k = -1 if seq is None else (seq << 1) | (k & 1)
             vif = plan.get(seq)
             if vif is None:
                 continue
             if secret is not None:
                 want = expected.get(seq)
-                if auth != (self._expect(seq) if want is None else want):
+                if auth != (expect(seq) if want is None else want):
                     rejected[vif] += 1
                     continue
-            reply = k & 1 == 1
-            ifname = names[i]
-            interfaces, pif, last = where[vif]
-            if ifname not in interfaces:
+            where = roles_of[vif].get(i)
+            if where is None:
                 continue
-            if ifname == pif:
+            role, ifname = where
+            if role == _PIF:
                 # Probes must be received on the pif, replies sent out of
                 # it.
-                if direction == (dir_in if reply else dir_out):
+                if direction == (dir_in if k & 1 else dir_out):
                     continue
-            elif reply and direction == dir_out and ifname == last:
+            elif role == _VIF and k & 1 and direction == dir_out:
                 # A "reply" the host sends towards the guest is a
                 # look-alike (e.g. an echo reply nobody asked for), not
                 # the guest's.
                 continue
-            seen = seen_all.get((seq, reply))
+            # Keyed (seq << 1 | reply): the key as read, for ICMP/UDP.
+            seen = seen_all.get(k)
             if seen is None:
-                seen_all[(seq, reply)] = {ifname: t_ns}
+                seen_all[k] = {ifname: t_ns}
                 continue
             old = seen.get(ifname)
             if old is None or t_ns < old:
                 seen[ifname] = t_ns
+        names = batch.ifnames
         for (k, i), encap in batch.encap.items():
             seq = k >> 1 if wire is None else wire.get(k >> 1)
             vif = plan.get(seq)
@@ -323,7 +364,8 @@ class Matcher:
         """``{(seq, reply): {ifname: t_ns}}``: the first sighting per
         interface of every planned probe and answer that was accepted
         (verified, on its path, in the right direction)."""
-        return {k: dict(v) for k, v in self._seen.items()}
+        return {(k >> 1, bool(k & 1)): dict(v)
+                for k, v in self._seen.items()}
 
     def reports(self):
         """``{vnic: LatencyReport}`` for every vNIC with a path."""
@@ -343,9 +385,10 @@ class Matcher:
         hop_values = [[] for _ in hops]
         hop_lost = [0] * len(hops)
         empty = {}
+        seen = self._seen
         for seq in seqs:
-            fwd = self._seen.get((seq, False), empty)
-            back = self._seen.get((seq, True), empty)
+            fwd = seen.get(seq << 1, empty)
+            back = seen.get((seq << 1) | 1, empty)
             t_pif = fwd.get(pif)
             t_vif = fwd.get(vif)
             if t_pif is None:
