@@ -21,6 +21,7 @@ import fcntl
 import gc
 import itertools
 import operator
+import os
 import select
 import socket
 import struct
@@ -114,6 +115,7 @@ class PassiveCapture:
         self._sock = None
         self._ring = None
         self._thread = None
+        self._wake = None
         self._stop = threading.Event()
         self._read = 0
         self._over = 0
@@ -154,6 +156,9 @@ class PassiveCapture:
             sock.close()
             raise
         self._sock = sock
+        # The reader sleeps in select() until a block is ready or close()
+        # writes here: no wake-up on a timer (as capture.LiveCapture).
+        self._wake = os.pipe()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='netweaver-passive')
         self._thread.start()
@@ -163,6 +168,8 @@ class PassiveCapture:
         if self._sock is None:
             return
         self._stop.set()
+        if self._wake is not None:
+            os.write(self._wake[1], b'x')
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
@@ -170,14 +177,20 @@ class PassiveCapture:
             while True:
                 packets, drops = self._kernel_stats()
                 self._read_ring()
-                if (self._read >= packets - drops or
-                        time.monotonic() >= limit):
+                left = limit - time.monotonic()
+                if self._read >= packets - drops or left <= 0:
                     break
-                time.sleep(0.002)
+                # Woken when the kernel hands the next block over.
+                select.select([self._sock], [], [],
+                              min(left, capture.RING_POLL_S))
         finally:
             self._ring.close()
             self._sock.close()
             self._sock = None
+            if self._wake is not None:
+                for fd in self._wake:
+                    os.close(fd)
+                self._wake = None
         self.stats = PassiveStats(packets=packets, drops=drops,
                                   kept=self._kept,
                                   over_cap=self._over,
@@ -196,10 +209,12 @@ class PassiveCapture:
         return tuple(self._kernel)
 
     def _run(self):
+        sock, wake = self._sock, self._wake[0]
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([self._sock], [], [], 0.02)
-                if ready:
+                ready, _, _ = select.select([sock, wake], [], [],
+                                            capture.READER_IDLE_S)
+                if sock in ready:
                     self._read_ring()
         except OSError as exc:
             self._error = exc
