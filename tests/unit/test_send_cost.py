@@ -204,6 +204,20 @@ def test_source_addresses_are_learnt_in_one_namespace_entry(monkeypatch):
         src.source_addresses(['198.18.0.99'])
 
 
+def test_building_a_plan_enters_the_namespace_once(monkeypatch):
+    entries = []
+
+    def run_in_netns(name, func, *args):
+        entries.append(name)
+        return func(*args) if func is not sources._source_addresses else {
+            d: '198.18.0.1' for d in args[0]}
+    monkeypatch.setattr(netns, 'run_in_netns', run_in_netns)
+    dsts = [f'198.18.0.{10 + i}' for i in range(20)]
+    plan = sources.schedule(5, 'icmp', dsts, 3, 10**6).plan
+    built = sources.LocalSource('src').build(plan)
+    assert len(built) == len(plan.probes) and entries == ['src']
+
+
 @pytest.mark.parametrize('bad', [
     (True, '198.18.0.10', 0), (-1, '198.18.0.10', 0),
     (2**32, '198.18.0.10', 0), ('5', '198.18.0.10', 0),
