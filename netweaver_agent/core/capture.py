@@ -344,11 +344,11 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     XORed.  Those fields are the same on the pif and on the vif, and in
     every segment of a GSO/GRO packet, so one flow is kept on both
     interfaces or on neither.  Up to two VLAN tags left in the frame are
-    skipped; VXLAN (IPv4 underlay, to ``vxlan_port`` and the standard
-    ports) and Geneve packets are sampled on their inner frame, as the vif
-    sees it; UDP to those ports with no IPv4/IPv6 frame inside (too short
-    for one, or another ethertype: a tenant's own datagram) on its own
-    ports, as :func:`passive.parse` keys it.  The snapshot returned ends
+    skipped; VXLAN (to ``vxlan_port`` and the standard ports) and Geneve
+    packets, over an IPv4 or IPv6 underlay, are sampled on their inner
+    frame, as the vif sees it; UDP to those ports with no IPv4/IPv6 frame
+    inside (too short for one, or another ethertype: a tenant's own
+    datagram) on its own ports.  The snapshot returned ends
     where the transport header ends (the IP header for other protocols):
     no payload byte is kept.
     Returns ``(code, jt, jf, k)`` instructions.
@@ -385,12 +385,25 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     code += ['gen', (_LDB_IND, 0, 0, 28), (_AND_K, 0, 0, 0x3f),
              (_LSH_K, 0, 0, 2), (_JEQ, 'vx', 'vx', 0),
              'vxl', (_AND_K, 0, 0, 0)]
-    code += _passive_inner()
+    code += _passive_inner(False)
     code += [(_JEQ, 'i4', 0, dpkt.ethernet.ETH_TYPE_IP),
              (_JEQ, 'i6', 'outer', dpkt.ethernet.ETH_TYPE_IP6),
              'outer', (_LDX_MEM, 0, 0, _M_L3), (_JEQ, 'i4', 'i4', 0)]
+    # Outer IPv6 (UDP right after the fixed header), the same way.
     code += ['o6', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
-             (_JEQ, 'i6', 'i6', 0)]
+             (_LDB_IND, 0, 0, 6), (_JEQ, 0, 'i6', 17),
+             (_LDH_IND, 0, 0, 4), (_JGE, 0, 'i6', 8 + 8),
+             (_LDH_IND, 0, 0, 40 + 2)]
+    for port, kind in sorted(ports.items()):
+        code += [(_JEQ, 'vxl6' if kind == 'vxlan' else 'gen6', 0, port)]
+    code += [(_JEQ, 'i6', 'i6', 0)]
+    code += ['gen6', (_LDB_IND, 0, 0, 48), (_AND_K, 0, 0, 0x3f),
+             (_LSH_K, 0, 0, 2), (_JEQ, 'vx6', 'vx6', 0),
+             'vxl6', (_AND_K, 0, 0, 0)]
+    code += _passive_inner(True)
+    code += [(_JEQ, 'i4', 0, dpkt.ethernet.ETH_TYPE_IP),
+             (_JEQ, 'i6', 'outer6', dpkt.ethernet.ETH_TYPE_IP6),
+             'outer6', (_LDX_MEM, 0, 0, _M_L3), (_JEQ, 'i6', 'i6', 0)]
     code += _passive_l3(sample - 1, value, False)
     code += _passive_l3(sample - 1, value, True)
     code += _passive_l4(sample - 1, value)
@@ -398,14 +411,19 @@ def passive_filter(sample, value=0, vxlan_port=None, geneve_port=None):
     return _assemble(code)
 
 
-def _passive_inner():
-    """From 'vx' with X = the outer IPv4 header's offset and A = the
-    tunnel header's options' bytes (VXLAN: none, A := 0 at 'vxl'): X :=
-    the inner frame's IP header, A := its ethertype; to ``outer`` (X
-    restored from ``_M_L3``) when the outer IP packet ends before that
-    ethertype."""
+def _passive_inner(v6):
+    """From 'vx' ('vx6') with X = the outer IPv4 (IPv6) header's offset
+    and A = the tunnel header's options' bytes (VXLAN: none, A := 0 at
+    'vxl'): X := the inner frame's IP header, A := its ethertype; to
+    ``outer`` (``outer6``; X restored from ``_M_L3``) when the outer IP
+    packet ends before that ethertype."""
+    # The outer header's length, where its length field is and what that
+    # field leaves out (IPv6's payload length: the fixed header).
+    size, length_at, length_adds = (40, 4, 40) if v6 else (20, 2, 0)
+    outer = 'outer6' if v6 else 'outer'
     return [
-        'vx', (_ADD_K, 0, 0, 20 + 8 + 8), (_ADD_X, 0, 0, 0),
+        'vx6' if v6 else 'vx', (_ADD_K, 0, 0, size + 8 + 8),
+        (_ADD_X, 0, 0, 0),
         (_ST, 0, 0, _M_L4),                     # inner frame
         (_TXA, 0, 0, 0), (_ST, 0, 0, _M_L3),    # outer IP header
         # The outer packet's end minus the inner IP header's offset, by
@@ -413,9 +431,10 @@ def _passive_inner():
         (_LD_MEM, 0, 0, _M_L4), (_ADD_K, 0, 0, 14),
         (_LDX_IMM, 0, 0, 0xffffffff), (_XOR_X, 0, 0, 0), (_ADD_K, 0, 0, 1),
         (_ST, 0, 0, _M_PORT),
-        (_LDX_MEM, 0, 0, _M_L3), (_LDH_IND, 0, 0, 2), (_ADD_X, 0, 0, 0),
+        (_LDX_MEM, 0, 0, _M_L3), (_LDH_IND, 0, 0, length_at),
+        (_ADD_K, 0, 0, length_adds), (_ADD_X, 0, 0, 0),
         (_LDX_MEM, 0, 0, _M_PORT), (_ADD_X, 0, 0, 0),
-        (_JSET, 'outer', 0, 0x80000000),
+        (_JSET, outer, 0, 0x80000000),
         (_LDX_MEM, 0, 0, _M_L4), (_LDH_IND, 0, 0, 12), (_ST, 0, 0, _M_PORT),
         (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 14), (_TAX, 0, 0, 0),
         (_LD_MEM, 0, 0, _M_PORT)]

@@ -23,14 +23,20 @@ from tests.unit.bpf import run_bpf as run
 MARKER = b'PAYLOAD-MARKER-7f3a'
 
 
-def vxlan(inner, sport=33333):
-    return udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), sport, 4789,
+# Tunnel endpoints: an IPv4 underlay, and an IPv6 one.
+VTEPS = {False: (bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2])),
+         True: (bytes.fromhex('20010002000000000000000000000101'),
+                bytes.fromhex('20010002000000000000000000000102'))}
+
+
+def vxlan(inner, sport=33333, v6_underlay=False):
+    return udp(*VTEPS[v6_underlay], sport, 4789,
                5, payload=b'\x08\0\0\0\0\0\x07\0' + inner)
 
 
-def geneve(inner, opt_words=2):
+def geneve(inner, opt_words=2, v6_underlay=False):
     gen = bytes([opt_words, 0]) + b'\x65\x58' + b'\0\0\x07\0'
-    return udp(bytes([198, 18, 1, 1]), bytes([198, 18, 1, 2]), 40000, 6081,
+    return udp(*VTEPS[v6_underlay], 40000, 6081,
                5, payload=gen + b'\x01' * (4 * opt_words) + inner)
 
 
@@ -76,6 +82,9 @@ def test_flow_kept_alike_everywhere_and_no_payload(
         framings = [f, f[:12] + b'\x81\x00\x00\x64' + f[12:]] + segs
         if not v6:
             framings += [vxlan(f), geneve(f), geneve(f, 0)]
+        # Over an IPv6 underlay too: sampled on the inner frame.
+        framings += [vxlan(f, v6_underlay=True), geneve(f, v6_underlay=True),
+                     geneve(f, 0, v6_underlay=True)]
         for g in framings:
             snap = run(prog, g)
             assert bool(snap) == want, g.hex()
@@ -95,6 +104,8 @@ def test_snapshot_ends_at_the_transport_header():
     u = udp(PEER, GUEST, 1, 2, 3, body)
     assert run(capture.passive_filter(1), u) == len(u) - len(body)
     v = vxlan(u)
+    assert run(capture.passive_filter(1), v) == len(v) - len(body)
+    v = vxlan(u, v6_underlay=True)
     assert run(capture.passive_filter(1), v) == len(v) - len(body)
 
 
