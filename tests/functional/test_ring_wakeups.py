@@ -1,4 +1,4 @@
-"""The capture's reader sleeps until the kernel has something for it.
+"""The captures' readers sleep until the kernel has something for them.
 
 A real ``AF_PACKET`` capture in a namespace of its own: with no traffic
 its reader thread stays asleep in one ``select()`` (no timer wake-ups),
@@ -13,6 +13,7 @@ import pytest
 
 from netweaver_agent.core import capture
 from netweaver_agent.core import netns
+from netweaver_agent.core import passivecapture
 from tests.functional.conftest import require_root
 from tests.functional.conftest import unique_prefix
 
@@ -42,13 +43,22 @@ def _thread_cpu_wakeups(tid):
     raise AssertionError('no voluntary_ctxt_switches')
 
 
-def test_an_idle_reader_sleeps_and_close_wakes_it(quiet_netns):
+# The probe capture's reader and the passive capture's: both read a ring
+# in a thread that must sleep until the kernel has something.
+CAPTURES = {
+    'probe': lambda ns: capture.LiveCapture(1234, 'icmp', netns_name=ns,
+                                            expected_packets=100),
+    'passive': lambda ns: passivecapture.PassiveCapture(64, netns_name=ns),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(CAPTURES))
+def test_an_idle_reader_sleeps_and_close_wakes_it(quiet_netns, kind):
     before = _fds()
-    cap = capture.LiveCapture(1234, 'icmp', netns_name=quiet_netns,
-                              expected_packets=100)
+    cap = CAPTURES[kind](quiet_netns)
     cap.open()
     try:
-        assert cap.reader == 'ring'
+        assert getattr(cap, 'reader', 'ring') == 'ring'
         tid = cap._thread.native_id
         start = _thread_cpu_wakeups(tid)
         # An idle stretch a tenth of the reader's longest sleep: no
