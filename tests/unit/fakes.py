@@ -4,6 +4,7 @@ that sends everything, both without sockets; and oslo.privsep's wire
 without the daemon."""
 
 import socket
+import types
 
 from oslo_privsep import comm
 
@@ -66,3 +67,36 @@ def through_privsep_wire(value):
     finally:
         a.close()
         b.close()
+
+
+# A pacer's oversleep on the fake clock: every sleep ends this late.
+OVERSLEEP_S = 80e-6
+
+
+class Clock:
+    """A monotonic clock that only moves when slept on (each sleep
+    OVERSLEEP_S late); :func:`paced_clock` puts it under the pacing loop
+    and the privsep daemon's pacer."""
+
+    def __init__(self):
+        self.t = 1000.0
+        self.sleeps = 0
+
+    def monotonic(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.sleeps += 1
+        self.t += max(seconds, 0.0) + OVERSLEEP_S
+
+
+def paced_clock(monkeypatch):
+    """A :class:`Clock` standing in for ``time`` in pacing and
+    privileged."""
+    from netweaver_agent.agent import privileged
+    from netweaver_agent.core import pacing
+    c = Clock()
+    fake = types.SimpleNamespace(monotonic=c.monotonic, sleep=c.sleep)
+    monkeypatch.setattr(pacing, 'time', fake)
+    monkeypatch.setattr(privileged, 'time', fake)
+    return c

@@ -7,7 +7,6 @@ against a fake clock whose
 each probe leaves and how far apart one vNIC's probes are, are then exact.
 """
 
-import types
 
 import pytest
 
@@ -15,21 +14,7 @@ from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import privileged
 from netweaver_agent.core import pacing
 from netweaver_agent.core import sources
-
-OVERSLEEP_S = 80e-6
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-        self.sleeps = 0
-
-    def monotonic(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.sleeps += 1
-        self.t += max(seconds, 0.0) + OVERSLEEP_S
+from tests.unit import fakes
 
 
 class Recorder(sources.LocalSource):
@@ -52,11 +37,7 @@ class Recorder(sources.LocalSource):
 
 @pytest.fixture
 def clock(monkeypatch):
-    c = Clock()
-    fake = types.SimpleNamespace(monotonic=c.monotonic, sleep=c.sleep)
-    monkeypatch.setattr(pacing, 'time', fake)
-    monkeypatch.setattr(privileged, 'time', fake)
-    return c
+    return fakes.paced_clock(monkeypatch)
 
 
 def _send(clock, vifs, count, interval_ms, per_vnic_ms=0.0):

@@ -16,7 +16,6 @@
 
 import gc
 import socket
-import types
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,30 +27,12 @@ from netweaver_agent.core import netns
 from netweaver_agent.core import pacing
 from netweaver_agent.core import probe
 from netweaver_agent.core import sources
-
-OVERSLEEP_S = 80e-6
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-        self.sleeps = 0
-
-    def monotonic(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.sleeps += 1
-        self.t += max(seconds, 0.0) + OVERSLEEP_S
+from tests.unit import fakes
 
 
 @pytest.fixture
 def clock(monkeypatch):
-    c = Clock()
-    fake = types.SimpleNamespace(monotonic=c.monotonic, sleep=c.sleep)
-    monkeypatch.setattr(pacing, 'time', fake)
-    monkeypatch.setattr(privileged, 'time', fake)
-    return c
+    return fakes.paced_clock(monkeypatch)
 
 
 _ADDR = st.integers(0, 2**32 - 1).map(lambda v: v.to_bytes(4, 'big'))
