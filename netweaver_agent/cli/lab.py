@@ -139,9 +139,10 @@ def _spec(args):
             guest = 1 if args.guests > 1 else 0
         if getattr(args, 'passive', False):
             # All the guest's traffic held, each packet's key recorded.
-            delays = (labspec.DelayInjection(guest=guest, delay_ms=delay_ms,
-                                             backend='nfqueue',
-                                             record='passive'),)
+            delays = (labspec.DelayInjection(
+                guest=guest, delay_ms=delay_ms,
+                backend=PASSIVE_TRUTH.get(args.switch, 'auto'),
+                record='passive'),)
         else:
             delays = (labspec.DelayInjection(guest=guest, delay_ms=delay_ms,
                                              protocol=args.protocol,
@@ -337,17 +338,19 @@ def _measure(the_lab, args):
     return 0
 
 
-# Layouts whose NFQUEUE delayer (on the bridge, on the hybrid plug's qbr)
-# holds every packet of a guest and records its passive key: the truth of
-# --passive.  On ovs-native and OVN the OpenFlow delayers hold probes only.
-PASSIVE_TRUTH = frozenset({'linuxbridge', 'ovs-hybrid'})
+# Layouts whose delayer holds every packet of a guest and records its
+# passive key (the truth of --passive), and the delay backend that does:
+# NFQUEUE on the bridge or the hybrid plug's qbr, the OpenFlow controller
+# on ovs-native's br-int.  OVN's pause/resume holds marked probes only.
+PASSIVE_TRUTH = {'linuxbridge': 'nfqueue', 'ovs-hybrid': 'nfqueue',
+                 'ovs-native': 'auto'}
 
 
 def _check_passive(args):
     """--passive's own checks (ValueError naming the flag)."""
     if args.switch not in PASSIVE_TRUTH and args.delay_ms != 0:
-        raise ValueError(f"--passive with an injected delay needs an "
-                         f"NFQUEUE delayer that holds the guests' own packets "
+        raise ValueError(f"--passive with an injected delay needs a "
+                         f"delayer that holds the guests' own packets "
                          f"({', '.join(sorted(PASSIVE_TRUTH))}); --switch "
                          f"{args.switch} has none: add --delay-ms 0 to "
                          "measure it without one")
@@ -452,8 +455,8 @@ def _measure_passive(the_lab, args):
                         f"{args.datagrams} UDP datagrams each way per "
                         f"guest, 1 flow in {args.passive_sample} sampled, "
                         f"{cap.stats.kept} packets kept")))
-    print('passive counts and truth (NFQUEUE delayer on the bridge, each '
-          'packet\'s key recorded):')
+    print('passive counts and truth (the delayer holds all of the guest\'s '
+          'packets, each packet\'s key recorded):')
     for g, r, _st, truth in rows:
         line = (f"  {g.name} {g.vif} {g.address}: {r.packets} matched, "
                 f"{r.unmatched} unmatched, {r.covered} covered, "

@@ -66,7 +66,7 @@ class Delayers:
         argv = [sys.executable, '-m', module,
                 *(['--queue', str(queue)] if args is None else args),
                 '--delay-ms', str(delay.delay_ms), '--records', records]
-        if args is None and delay.record != 'probe':
+        if delay.record != 'probe':
             argv += ['--keys', delay.record]
         if not self.persistent:
             argv += ['--watch-pid', str(os.getpid())]

@@ -8,8 +8,9 @@ as ``OFPT_PACKET_OUT``) and :mod:`netweaver_agent.lab.ovndelay` (OVN:
 the switch and what the packets look like.  Here: OpenFlow message
 framing (ECHO answered, ERROR logged), the packets held in arrival order
 until their delay is over, one :class:`delayer.DelayRecord` per released
-packet (the probe's identity, when it arrived and left in
-``CLOCK_REALTIME`` ns, the capture's clock, and the hold in
+packet (the probe's identity, or with ``--keys passive`` the packet's
+passive key as a :class:`delayer.PassiveHold`; when it arrived and left
+in ``CLOCK_REALTIME`` ns, the capture's clock, and the hold in
 ``CLOCK_MONOTONIC``), the serve loop (timer slack, SCHED_FIFO, signals,
 the watched pid, the lifetime) and the common command line.
 """
@@ -25,6 +26,7 @@ import time
 
 from oslo_log import log
 
+from netweaver_agent.core import passive
 from netweaver_agent.core import probe
 from netweaver_agent.lab import delayer
 
@@ -66,10 +68,14 @@ class HoldingController:
 
     def __init__(self, delay_ns, records, watch_pid=None,
                  max_lifetime_s=delayer.DEFAULT_MAX_LIFETIME_S,
-                 rt_priority=delayer.DEFAULT_RT_PRIORITY):
+                 rt_priority=delayer.DEFAULT_RT_PRIORITY, keys='probe'):
         if delay_ns < 0:
             raise ValueError(f"delay {delay_ns!r} ns is negative")
+        if keys not in delayer.KEYS:
+            raise ValueError(f"record keys {keys!r}: expected one of "
+                             f"{', '.join(delayer.KEYS)}")
         self.delay_ns = delay_ns
+        self.keys = keys
         self.records = records
         self.watch_pid = watch_pid
         self.max_lifetime_s = max_lifetime_s
@@ -132,6 +138,12 @@ class HoldingController:
             released_real = time.time_ns()
             hold = time.monotonic_ns() - mono
             frame = self._frame_of(packet)
+            if self.keys == 'passive':
+                rec = delayer.PassiveHold(
+                    None if frame is None else passive.parse(frame), real,
+                    released_real, hold)
+                self.records.write(rec.to_line())
+                continue
             key = None if frame is None else probe.parse_key(frame)
             if key is None:
                 rec = delayer.DelayRecord(None, None, False, real,
@@ -212,6 +224,10 @@ def add_arguments(parser):
     parser.add_argument('--max-lifetime-s', type=float,
                         default=delayer.DEFAULT_MAX_LIFETIME_S,
                         help='exit after this many seconds')
+    parser.add_argument('--keys', choices=delayer.KEYS, default='probe',
+                        help="record each packet's probe identity "
+                             "(default) or its passive key (passive "
+                             "mode's truth)")
     parser.add_argument('--rt-priority', type=int,
                         default=delayer.DEFAULT_RT_PRIORITY,
                         help='SCHED_FIFO priority, 0 for none')
@@ -232,7 +248,7 @@ def main(prog, args, build, refusal=None):
             ctl = build(int(args.delay_ms * 1e6), rec,
                         watch_pid=args.watch_pid,
                         max_lifetime_s=args.max_lifetime_s,
-                        rt_priority=args.rt_priority)
+                        rt_priority=args.rt_priority, keys=args.keys)
 
             def ready():
                 sys.stdout.write(delayer.READY + '\n')

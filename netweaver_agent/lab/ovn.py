@@ -724,6 +724,11 @@ class OvnLayout(switch.SwitchLayout):
                 f"lab {self.lab.spec.prefix!r}: the OVN layout delays with "
                 f"OpenFlow pause/resume, not {delay.backend!r} "
                 f"({self.no_netfilter})")
+        if delay.record != 'probe':
+            raise switch.LabError(
+                f"lab {self.lab.spec.prefix!r}: the OVN layout holds only "
+                "the probes the lab's source marks, not a guest's own "
+                f"traffic (record {delay.record!r})")
         g = self.lab.guests[delay.guest]
         addresses = [a for a in (g.address, g.address6) if a]
         if any(m.dst_ip in addresses for m in self.marks.marks()):

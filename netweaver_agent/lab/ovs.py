@@ -447,7 +447,9 @@ class OvsNativeLayout(OvsLayout):
     def inject_delay(self, delay):
         """Hold every probe to a guest in an OpenFlow controller
         (:mod:`netweaver_agent.lab.ofdelay`): a flow on br-int sends them
-        to it, it sends each back to the guest's port after the delay."""
+        to it, it sends each back to the guest's port after the delay
+        (with no ``protocol``: every IP packet to the guest, the truth of
+        passive mode with ``record='passive'``)."""
         if delay.backend == 'netem':
             raise switch.LabError(
                 f"lab switch {self.name!r}: no tc netem here (and the "

@@ -74,9 +74,10 @@ class DelayInjection:
 
     ``protocol`` restricts it to one probe protocol (None: all IPv4 to the
     guest); ``backend`` is ``auto`` (netem if the kernel has it, else
-    nfqueue), ``netem`` or ``nfqueue``.  ``record``: what the NFQUEUE
-    delayer records of each packet, ``'probe'`` (its probe identity) or
-    ``'passive'`` (its passive key, for the guest's own traffic).
+    nfqueue), ``netem`` or ``nfqueue``.  ``record``: what the delayer
+    (NFQUEUE, or ovs-native's OpenFlow controller) records of each
+    packet, ``'probe'`` (its probe identity) or ``'passive'`` (its passive
+    key, for the guest's own traffic).
     """
 
     guest: int

@@ -23,9 +23,11 @@ import pytest
 from netweaver_agent.core import passive
 from netweaver_agent.core import passivecapture
 from netweaver_agent.core import window as probe_window
+from netweaver_agent.lab import build as labbuild
 from netweaver_agent.lab import spec as labspec
 from netweaver_agent.lab import switch as labswitch
 from netweaver_agent.lab import traffic as labtraffic
+from tests.functional import conftest
 
 MARKER = b'MARKER-5d2f-passive-ovs-'
 DELAY_MS = 2.0
@@ -133,22 +135,30 @@ def test_streams_matched_on_the_layout(lab_factory, switch, network_type):
         assert r.report.egress.p50_us <= bound, (r.report.egress, bound)
 
 
+# The delayers that hold all of a guest's traffic and record each packet's
+# passive key: NFQUEUE on the hybrid plug's qbr, the OpenFlow controller
+# on ovs-native's br-int.
+DELAYERS = {'ovs-hybrid': 'nfqueue', 'ovs-native': 'auto'}
+
+
+@pytest.mark.parametrize('switch', sorted(DELAYERS))
 @pytest.mark.parametrize('network_type', ['flat', 'vxlan'])
-def test_hybrid_delayed_guest_recovers_each_hold(lab_factory, network_type):
-    """ovs-hybrid's NFQUEUE delayer holds all of guest 1's traffic: each
-    of its matched packets is at least its hold, inside pif -> tap; the
-    other guest is never held and stays below the delay."""
+def test_delayed_guest_recovers_each_hold(lab_factory, switch,
+                                          network_type):
+    """The layout's delayer holds all of guest 1's traffic: each of its
+    matched packets is at least its hold, inside pif -> tap; the other
+    guest is never held and stays below the delay."""
     the_lab = lab_factory(
-        guests=2, switch='ovs-hybrid', network_type=network_type,
+        guests=2, switch=switch, network_type=network_type,
         delays=(labspec.DelayInjection(guest=1, delay_ms=DELAY_MS,
-                                       backend='nfqueue',
+                                       backend=DELAYERS[switch],
                                        record='passive'),))
     sightings, stats, results = streams(the_lab)
     assert stats.drops == 0 and stats.over_cap == 0, stats
     out = passive.match(sightings, specs(the_lab))
     fast, slow = the_lab.guests
     for g in the_lab.guests:
-        check_guest(f'hybrid/{network_type} {g.vif}', out[g.vif],
+        check_guest(f'{switch}/{network_type} {g.vif}', out[g.vif],
                     results[g.vif])
     assert out[slow.vif].report.ingress.min_us >= DELAY_MS * 1000 - 2
     assert out[fast.vif].report.ingress.p50_us < DELAY_MS * 1000
@@ -170,7 +180,25 @@ def test_hybrid_delayed_guest_recovers_each_hold(lab_factory, network_type):
     assert min(overheads) >= -CLOCK_TOLERANCE_NS
     # The path beyond the hold: no more than the undelayed guest's.
     fast_p50_ns = out[fast.vif].report.ingress.p50_us * 1000
-    print(f'hybrid/{network_type}: {len(pairs)} packets against their '
+    print(f'{switch}/{network_type}: {len(pairs)} packets against their '
           f'holds, overhead median {statistics.median(overheads) / 1e3:.0f}'
           f' us, undelayed guest p50 {fast_p50_ns / 1e3:.0f} us')
     assert statistics.median(overheads) <= PROBE_FACTOR * fast_p50_ns
+
+
+def test_ovn_refuses_to_hold_a_guests_own_traffic():
+    """OVN's delayer pauses only the probes the lab's source marks: asked
+    for passive truth (all of a guest's packets) the lab says so and is
+    removed, rather than record nothing."""
+    conftest.require_root()
+    prefix = conftest.unique_prefix()
+    the_lab = labbuild.Lab(labspec.LabSpec(
+        prefix=prefix, guests=1, switch='ovn', network_type='geneve',
+        delays=(labspec.DelayInjection(guest=0, delay_ms=DELAY_MS,
+                                       record='passive'),)))
+    try:
+        with pytest.raises(labswitch.LabError, match='own traffic'):
+            the_lab.build()
+    finally:
+        the_lab.teardown()
+    assert not conftest.lab_namespaces(prefix)
