@@ -8,8 +8,9 @@ the same packets at the same time:
 * ``ring``: :class:`capture.LiveCapture` (probe mode's capture, ring);
 * ``passive``: :class:`passivecapture.PassiveCapture` keeping every flow
   (sample 1: each of these packets is a sampled packet), headers only,
-  each kept packet turned into a :class:`passive.Sighting` (read after
-  close, as the privsep daemon reads them, inside the CPU counted).
+  each kept packet turned into its privsep wire row
+  (:meth:`passivecapture.PassiveCapture.wire`, after close, as the
+  privsep daemon hands them over; inside the CPU counted).
 
 CPU is each process's kernel CPU clock over the traffic (close included),
 divided by the packets its socket got.  Bounded in time and count;
@@ -65,9 +66,10 @@ def worker(mode, session, expected, sample=1, interfaces=None):
     sys.stdin.readline()
     cap.close()
     s = cap.stats
-    # The sightings as the privsep daemon takes them after close (a run
-    # read in columns makes its sightings here): inside the CPU counted.
-    kept = len(cap.sightings)
+    # The rows the privsep daemon hands over after close (PassiveCapture.
+    # wire: a run read in columns makes its rows here): inside the CPU
+    # counted.
+    kept = len(cap.wire()['rows'])
     print(json.dumps({'reader': 'passive', 'packets': s.packets,
                       'drops': s.drops, 'kept': kept,
                       'over_cap': s.over_cap}), flush=True)

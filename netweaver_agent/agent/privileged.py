@@ -358,7 +358,8 @@ def _passive_window(netns_name, interfaces, sample, window_ms, cap,
                     vxlan_port=None, geneve_port=None):
     """One passive window (:class:`passivecapture.PassiveCapture`):
     open, wait ``window_ms``, close; the sampled packets' key fields and
-    timestamps (never payload), as :func:`passivecapture.to_wire`."""
+    timestamps (never payload), as :meth:`passivecapture.PassiveCapture.wire`
+    gives them."""
     # Imported here: a daemon that only probes stays as it was.
     from netweaver_agent.core import passivecapture
     netns_name = _check_netns(netns_name)
@@ -391,7 +392,7 @@ def _passive_window(netns_name, interfaces, sample, window_ms, cap,
             cap.close()
     finally:
         _table.release(handle)
-    return passivecapture.to_wire(cap.sightings, cap.stats)
+    return cap.wire()
 
 
 def _settle_capture(handle, quiet_s, max_s):

@@ -212,7 +212,7 @@ def parse_at(buf, at, caplen, tunnel_ports, endpoints=None):
 
 
 def parse_run(buf, first, stride, n, caplen, tunnel_ports, lazy=False,
-              endpoints=None):
+              endpoints=None, raw=False):
     """:func:`parse_at` of ``n`` frames of ``caplen`` bytes ``stride``
     apart in ``buf`` (a ring block's run), the first at ``first``: a list
     of :class:`Header` (None where parse_at gives None).
@@ -224,20 +224,25 @@ def parse_run(buf, first, stride, n, caplen, tunnel_ports, lazy=False,
     when the run is read in one pass, return an iterator that reads its
     fields and makes its headers when consumed (``buf`` must not change
     until then; its checks are done now).  ``endpoints``: as
-    :func:`parse`'s.
+    :func:`parse`'s.  ``raw`` (with ``lazy``): a run read in one pass
+    gives each header's fields as a plain ``(flow, ident, length)``
+    tuple, what :class:`Header` holds, without making the header.
     """
     fast = None
     if n >= _MIN_COLUMNS:
         fast = _columns(buf, first, stride, n, caplen, tunnel_ports)
     if fast is not None:
+        if lazy and raw:
+            return fast
+        fast = map(_new, itertools.repeat(Header), fast)
         return fast if lazy else list(fast)
     return [parse_at(buf, first + i * stride, caplen, tunnel_ports,
                      endpoints) for i in range(n)]
 
 
 def _columns(buf, first, stride, n, caplen, tunnel_ports):
-    """:func:`parse_run`'s one pass (an iterator of its headers), None
-    when the run does not fit it."""
+    """:func:`parse_run`'s one pass (an iterator of its headers' fields,
+    ``(flow, ident, length)``), None when the run does not fit it."""
     if caplen < _NEED[(4, None)]:
         return None
     etype = buf[first + 12:first + 14]
@@ -290,7 +295,7 @@ def _columns(buf, first, stride, n, caplen, tunnel_ports):
                                                  else 18, 2), 'H', True),
                                map(header.__getitem__, col(l4 + 12))),
                       itertools.repeat(0))
-    return map(_new, itertools.repeat(Header), zip(flows, idents, lengths))
+    return zip(flows, idents, lengths)
 
 
 def _rows(buf, first, stride, n, fmt):

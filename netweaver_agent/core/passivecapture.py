@@ -59,6 +59,20 @@ _T_DIRECTION = bytes(sightings.DIR_OUT if b == 4 else sightings.DIR_IN
 _new = tuple.__new__
 
 
+class _collector_off:
+    """Within: the garbage collector off (a window's rows are made by the
+    hundred thousand and all kept: its passes over them are waste)."""
+
+    def __enter__(self):
+        self._was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self._was:
+            gc.enable()
+        return False
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PassiveStats:
     """What the kernel and the reader counted in one passive window.
@@ -252,22 +266,55 @@ class PassiveCapture:
     def sightings(self):
         """The window's :class:`passive.Sighting` list (once closed).
 
-        A run read in columns keeps its fields in columns until this is
-        first asked for: the collector never walks a growing heap of
-        per-packet tuples while the window is open, and the sightings
-        are then made by C loops, with the collector off.
+        A run read in columns keeps its fields in columns until this (or
+        :meth:`wire`) is first asked for: the collector never walks a
+        growing heap of per-packet tuples while the window is open, and
+        the sightings are then made by C loops, with the collector off.
         """
         if self._pending:
-            collect = gc.isenabled()
-            gc.disable()
-            try:
-                self._sightings.extend(
-                    itertools.chain.from_iterable(self._pending))
+            with _collector_off():
+                for ifnames, t_ns, dirs, fields in self._kept_columns():
+                    rows = zip(ifnames, t_ns, dirs, map(
+                        _new, itertools.repeat(passive.Header), fields))
+                    self._sightings.extend(
+                        map(_new, itertools.repeat(passive.Sighting), rows))
                 self._pending.clear()
-            finally:
-                if collect:
-                    gc.enable()
         return self._sightings
+
+    def _kept_columns(self):
+        """Each pending run's columns (interface names, times,
+        directions, header fields), of the rows it keeps only; names
+        iterated more than once, the rest once."""
+        for ifnames, t_ns, dirs, fields, keep in self._pending:
+            if keep is None:
+                yield ifnames, t_ns, dirs, fields
+            else:
+                compress = itertools.compress
+                yield (list(compress(ifnames, keep)), compress(t_ns, keep),
+                       compress(dirs, keep), compress(fields, keep))
+
+    def wire(self):
+        """The window's sightings and :class:`PassiveStats` as the plain
+        values privsep carries (key fields and timestamps, no payload),
+        once closed: what :func:`to_wire` gives of :attr:`sightings`,
+        made from the columns by C loops, with no Python object per
+        packet but its row.  Asked for instead of :attr:`sightings`: it
+        hands the rows over (both are empty after it)."""
+        names = {s.ifname for s in self._sightings}
+        for ifnames, *_ in self._kept_columns():
+            names.update(ifnames)
+        names = sorted(names)
+        index = {n: i for i, n in enumerate(names)}
+        rows = _rows_of(self._sightings, index)
+        with _collector_off():
+            for columns in self._kept_columns():
+                ifnames, t_ns, dirs, fields = columns
+                rows.extend(zip(map(index.__getitem__, ifnames), t_ns, dirs,
+                                fields))
+            self._pending.clear()
+        self._sightings = []
+        return {'ifnames': names, 'rows': rows,
+                'stats': dataclasses.astuple(self.stats)}
 
     def _take_run(self, block, run):
         """Sightings of one :class:`ring.Run`, in columns: headers by
@@ -290,9 +337,7 @@ class PassiveCapture:
             ifnames = list(map(names.__getitem__, index))
         headers = passive.parse_run(block, run.frame, run.stride, n,
                                     run.caplen, self._tunnels, lazy=True,
-                                    endpoints=self.endpoints)
-        rows = zip(ifnames, run.t_ns,
-                   run.pkttype[:n].translate(_T_DIRECTION), headers)
+                                    endpoints=self.endpoints, raw=True)
         wanted = self.interfaces
         keep = None
         if wanted is not None and not wanted.issuperset(ifnames):
@@ -307,11 +352,10 @@ class PassiveCapture:
             else:
                 self._unparsed += unparsed
                 keep = ok
-        if keep is not None:
-            rows = itertools.compress(rows, keep)
         self._kept += n if keep is None else sum(keep)
-        self._pending.append(
-            map(_new, itertools.repeat(passive.Sighting), rows))
+        self._pending.append((ifnames, run.t_ns,
+                              run.pkttype[:n].translate(_T_DIRECTION),
+                              headers, keep))
 
 
 def local_addresses(netns_name=None):
@@ -363,14 +407,20 @@ def _addresses(msg):
         off += (length + 3) & ~3
 
 
+def _rows_of(sightings, index):
+    """Wire rows ``(interface index, t_ns, direction, (flow, ident,
+    length))`` of ``sightings``."""
+    return [(index[s.ifname], s.t_ns, s.direction, tuple(s.header))
+            for s in sightings]
+
+
 def to_wire(sightings, stats):
     """A window's sightings and :class:`PassiveStats` as the plain values
-    privsep carries: key fields and timestamps, no payload."""
+    privsep carries: key fields and timestamps, no payload (a capture
+    gives the same from its columns: :meth:`PassiveCapture.wire`)."""
     names = sorted({s.ifname for s in sightings})
     index = {n: i for i, n in enumerate(names)}
-    rows = [(index[s.ifname], s.t_ns, s.direction) + s.header.flow +
-            (s.header.ident, s.header.length) for s in sightings]
-    return {'ifnames': names, 'rows': rows,
+    return {'ifnames': names, 'rows': _rows_of(sightings, index),
             'stats': dataclasses.astuple(stats)}
 
 
@@ -378,8 +428,8 @@ def from_wire(raw):
     """``(sightings, stats)`` from :func:`to_wire`'s values."""
     names = raw['ifnames']
     out = []
-    for (i, t_ns, direction, proto, src, dst, sport, dport, ident,
-         length) in raw['rows']:
+    for i, t_ns, direction, (flow, ident, length) in raw['rows']:
+        proto, src, dst, sport, dport = flow
         out.append(passive.Sighting(
             names[i], t_ns, direction,
             passive.Header((proto, bytes(src), bytes(dst), sport, dport),

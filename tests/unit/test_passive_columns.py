@@ -16,6 +16,7 @@ from netweaver_agent.core import ring
 from netweaver_agent.core import sightings
 from tests import flows
 from tests import packets as pk
+from tests.unit import fakes
 
 IFACES = {3: 'eth1', 7: 'tap0', 9: 'tap1', 11: 'other'}
 KINDS = ('tcp4', 'udp4', 'icmp4', 'tcp6', 'udp6', 'tagged', 'vxlan',
@@ -145,11 +146,15 @@ def sightings_by_frame(blocks, wanted, cap):
 @settings(max_examples=150, deadline=None)
 @given(first=runs(), second=runs(), seed=st.integers(0, 2**32),
        wanted=st.sampled_from([None, ('eth1', 'tap0'), ('tap1',)]),
-       cap=st.integers(1, 30), same_if=st.booleans())
+       cap=st.integers(1, 30), same_if=st.booleans(),
+       over_wire=st.booleans())
 def test_capture_rows_equal_the_per_frame_reader(first, second, seed,
-                                                 wanted, cap, same_if):
+                                                 wanted, cap, same_if,
+                                                 over_wire):
     """Two blocks read in turn (the sightings made once all are read):
-    the per-frame reader's sightings, counts and cap, in order."""
+    the per-frame reader's sightings, counts and cap, in order; or, as
+    the privsep daemon hands them over (``over_wire``: the rows made from
+    the columns, through privsep's serialisation and back), the same."""
     rnd = random.Random(seed)
     cap_ = passivecapture.PassiveCapture(1, interfaces=wanted, cap=cap)
     cap_._names.update(IFACES)
@@ -166,6 +171,15 @@ def test_capture_rows_equal_the_per_frame_reader(first, second, seed,
             cap_._take_run(data, r)
         blocks.append(runs_)
     want, unparsed, over = sightings_by_frame(blocks, wanted, cap)
-    assert cap_.sightings == want
+    if over_wire:
+        cap_.stats = passivecapture.PassiveStats(packets=total, kept=len(
+            want))
+        raw = cap_.wire()
+        assert raw == passivecapture.to_wire(want, cap_.stats)
+        got, stats = passivecapture.from_wire(fakes.through_privsep_wire(
+            raw))
+        assert (got, stats) == (want, cap_.stats)
+    else:
+        assert cap_.sightings == want
     assert (cap_._unparsed, cap_._over, cap_._read) == (
         unparsed, over, total)
