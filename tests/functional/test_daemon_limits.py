@@ -288,14 +288,25 @@ def test_twenty_failing_windows_leave_no_fd_or_thread_behind(box):
     # One good window first: what a working window holds is not a leak.
     probe_window.run_window([path], source, settings, capture_class=make)
     _settle_threads(box, box.tasks())
-    fds, tasks = box.fds(), box.tasks()
+    fds, tasks, steady = box.fds(), box.tasks(), _steady_threads(box)
     for _ in range(20):
         with pytest.raises(privileged.PrivilegeError,
                            match='CAP_SYS_ADMIN'):
             probe_window.run_window([path], source, settings,
                                     capture_netns=box.name, capture_class=make)
     assert box.status()['held'] == {'capture': 0, 'probes': 0, 'bytes': 0}
-    assert (box.fds(), box.tasks()) == (fds, tasks)
+    assert box.fds() == fds
+    # No thread per failed window: twenty would leave twenty.  oslo.privsep's
+    # pool may still grow to its size when calls overlap (CI saw 3 -> 4).
+    _settle_threads(box, tasks)
+    assert _steady_threads(box) == steady
+
+
+def _steady_threads(box):
+    """The daemon's thread names but oslo.privsep's call pool's (a
+    ThreadPoolExecutor that grows to its size on demand)."""
+    return sorted(n for n in box.status()['threads']
+                  if not n.startswith('ThreadPoolExecutor'))
 
 
 def test_prepared_probes_are_capped_in_memory(box):
