@@ -191,6 +191,36 @@ def held_probes(the_lab, result, guest, delay_ms, tolerance_ns):
     return out
 
 
+def passive_holds_met(the_lab, sightings, spec, guest, delay_ms,
+                      tolerance_ns):
+    """Every ingress packet of ``spec``'s vNIC matched in ``sightings``
+    against the lab's passive delayer's hold of the packet with its key
+    (guest index ``guest``): held exactly once, at least ``delay_ms``,
+    inside the packet's pif -> tap, measured no less than the hold (same
+    clock, within ``tolerance_ns``).  The per-packet overheads (measured
+    - hold) in ns."""
+    from netweaver_agent.core import passive
+    pairs = passive.ingress_pairs(sightings, spec)
+    holds = {}
+    for h in the_lab.passive_holds(guest):
+        if h.header is not None and h.header.ident is not None:
+            holds.setdefault((h.header.flow, h.header.ident), []).append(h)
+    assert pairs, 'nothing matched for the delayed guest'
+    overheads = []
+    for key, (t_pif, t_tap) in pairs.items():
+        held = holds.get(key, [])
+        # Each matched packet was held once (the delayer saw it once).
+        assert len(held) == 1, (key, held)
+        rec = held[0]
+        assert rec.hold_ns >= delay_ms * 1e6, rec
+        assert t_pif <= rec.received_ns + tolerance_ns, (key, rec)
+        assert rec.released_ns <= t_tap + tolerance_ns, (key, rec)
+        overhead = t_tap - t_pif - rec.hold_ns
+        assert overhead >= -tolerance_ns, (key, rec)
+        overheads.append(overhead)
+    return overheads
+
+
 def wait_log(agent, predicate, what, timeout_s):
     """Until ``predicate(log text)`` of the running
     :class:`labagent.PollingAgent` ``agent``; fails naming ``what`` if it
