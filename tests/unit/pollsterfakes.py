@@ -15,11 +15,13 @@ from xml.etree import ElementTree
 import fixtures
 
 from ceilometer.compute.virt import inspector as virt_inspector
+from ceilometer import service
 from ceilometer.polling import manager
 from ceilometer.tests.unit.compute.pollsters import base
 
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import pollsters
+from netweaver_agent.agent import privileged
 from netweaver_agent.core import capture
 from netweaver_agent.core import latency
 from netweaver_agent.core import sightings
@@ -221,3 +223,21 @@ class PollsterTestCase(base.TestPollsterBase):
 
     def by_tap(self, samples):
         return {s.resource_metadata['vif']: s for s in samples}
+
+
+def libvirt_inspector(uri, **group_overrides):
+    """Our latency inspector on the libvirt node at ``uri`` (privsep off,
+    probes allowed to 198.18.0.0/15, ``[netweaver]`` overrides on top),
+    as a fixture generator: yielded, then its connection closed."""
+    conf = service.prepare_service([], [])
+    opts.register_opts(conf)
+    conf.set_override('libvirt_uri', uri)
+    conf.set_override('hypervisor_inspector', 'libvirt')
+    overrides = {'privsep': False, 'probe_networks': ['198.18.0.0/15'],
+                 **group_overrides}
+    for name, value in overrides.items():
+        conf.set_override(name, value, group=opts.GROUP)
+    found = pollsters.new_inspector(conf)
+    yield found
+    found.libvirt.connection.close()
+    privileged.stop()

@@ -9,14 +9,11 @@ not fetched again.  libvirt's ``virDomain.XMLDesc`` is counted.
 
 import types
 
-from ceilometer import service
 import libvirt
 import pytest
 
-from netweaver_agent.agent import opts
-from netweaver_agent.agent import pollsters
-from netweaver_agent.agent import privileged
 from netweaver_agent.lab import virt
+from tests.unit import pollsterfakes
 
 GUESTS = [
     virt.GuestDomain(index=i, name=f'g{i}',
@@ -28,18 +25,8 @@ GUESTS = [
 
 @pytest.fixture
 def prober(tmp_path):
-    conf = service.prepare_service([], [])
-    opts.register_opts(conf)
-    conf.set_override('libvirt_uri',
-                      virt.write_node(tmp_path / 'node.xml', GUESTS))
-    conf.set_override('hypervisor_inspector', 'libvirt')
-    for name, value in (('privsep', False),
-                        ('probe_networks', ['198.18.0.0/15'])):
-        conf.set_override(name, value, group=opts.GROUP)
-    found = pollsters.new_inspector(conf)
-    yield found
-    found.libvirt.connection.close()
-    privileged.stop()
+    yield from pollsterfakes.libvirt_inspector(
+        virt.write_node(tmp_path / 'node.xml', GUESTS))
 
 
 @pytest.fixture

@@ -14,13 +14,10 @@ a lost (None or -1) domid can give its names.
 import json
 import types
 
-from ceilometer import service
 import pytest
 
-from netweaver_agent.agent import opts
-from netweaver_agent.agent import pollsters
-from netweaver_agent.agent import privileged
 from netweaver_agent.agent import topology
+from tests.unit import pollsterfakes
 
 XEN_UUID = '0b5e7a1c-3d2f-4e6a-9b8c-1d2e3f4a5b6c'
 OFF_UUID = '0b5e7a1c-3d2f-4e6a-9b8c-1d2e3f4a5b6d'
@@ -71,17 +68,8 @@ LINKS = json.dumps([
 def prober(tmp_path):
     node = tmp_path / 'node.xml'
     node.write_text(NODE)
-    conf = service.prepare_service([], [])
-    opts.register_opts(conf)
-    conf.set_override('libvirt_uri', f'test://{node}')
-    conf.set_override('hypervisor_inspector', 'libvirt')
-    for name, value in (('vif_resolver', 'xen'), ('privsep', False),
-                        ('probe_networks', ['198.18.0.0/15'])):
-        conf.set_override(name, value, group=opts.GROUP)
-    found = pollsters.new_inspector(conf)
-    yield found
-    found.libvirt.connection.close()
-    privileged.stop()
+    yield from pollsterfakes.libvirt_inspector(f'test://{node}',
+                                               vif_resolver='xen')
 
 
 def _paths(prober, uuid):
