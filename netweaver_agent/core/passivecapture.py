@@ -283,8 +283,8 @@ class PassiveCapture:
 
     def _kept_columns(self):
         """Each pending run's columns (interface names, times,
-        directions, header fields), of the rows it keeps only; names
-        iterated more than once, the rest once."""
+        directions, header fields), of the rows it keeps only: the names
+        a list, the rest iterated once."""
         for ifnames, t_ns, dirs, fields, keep in self._pending:
             if keep is None:
                 yield ifnames, t_ns, dirs, fields
@@ -300,15 +300,15 @@ class PassiveCapture:
         made from the columns by C loops, with no Python object per
         packet but its row.  Asked for instead of :attr:`sightings`: it
         hands the rows over (both are empty after it)."""
+        kept = list(self._kept_columns())
         names = {s.ifname for s in self._sightings}
-        for ifnames, *_ in self._kept_columns():
+        for ifnames, *_ in kept:
             names.update(ifnames)
         names = sorted(names)
         index = {n: i for i, n in enumerate(names)}
         rows = _rows_of(self._sightings, index)
         with _collector_off():
-            for columns in self._kept_columns():
-                ifnames, t_ns, dirs, fields = columns
+            for ifnames, t_ns, dirs, fields in kept:
                 rows.extend(zip(map(index.__getitem__, ifnames), t_ns, dirs,
                                 fields))
             self._pending.clear()
