@@ -48,6 +48,9 @@ LOG = log.getLogger(__name__)
 
 CACHE_KEY = 'netweaver_agent.probe_window'
 _FROZEN = []        # gc.freeze() done (once per process)
+# Listings a parsed domain XML is kept over without being met (a cycle
+# lists once, or once per window when its meters' instances differ).
+KEEP_PARSED_LISTINGS = 4
 # How long the first cycle waits for the privsep daemon to start.
 WARM_UP_WAIT_S = 60.0
 
@@ -226,6 +229,11 @@ class LatencyInspector:
         self.libvirt = new_libvirt_inspector(conf)
         self._reported = set()
         self._cycle_lock = threading.Lock()
+        # {instance id: ((XML, domid), DomainInfo, listing)}: a domain
+        # whose XML and id did not change is not parsed again; one no
+        # listing met for KEEP_PARSED_LISTINGS is forgotten.
+        self._parsed = {}
+        self._listing = 0
 
     def links(self):
         if self.group.capture_netns:
@@ -278,8 +286,14 @@ class LatencyInspector:
         domain its ``inspect_vnics`` just read (its XML fetched once per
         cycle, :class:`OnceXmlDomain`), else looked up."""
         dom = self.libvirt.inspected_domain(instance)
-        return topology.parse_domain(dom.XMLDesc(0),
-                                     libvirterrors.domain_id(dom))
+        key = (dom.XMLDesc(0), libvirterrors.domain_id(dom))
+        known = self._parsed.get(instance.id)
+        if known is not None and known[0] == key:
+            info = known[1]
+        else:
+            info = topology.parse_domain(*key)
+        self._parsed[instance.id] = (key, info, self._listing)
+        return info
 
     def _once(self, key, message, args):
         if key in self._reported:
@@ -382,6 +396,7 @@ class LatencyInspector:
         switch = self.switch_view()
         found = []
         seen_vifs = set()
+        self._listing += 1
         for instance in instances:
             inspected = self._inspect(instance)
             if inspected is None:
@@ -415,7 +430,14 @@ class LatencyInspector:
                                'in-host latency is not measurable',
                                {'id': instance.id, 'mac': iface.mac,
                                 'why': reason})
+        self._forget_parsed()
         return found
+
+    def _forget_parsed(self):
+        """Forget the domains no recent listing met (gone ones)."""
+        oldest = self._listing - KEEP_PARSED_LISTINGS
+        for uuid in [u for u, e in self._parsed.items() if e[2] <= oldest]:
+            del self._parsed[uuid]
 
     def _window(self, paths, deadline_s):
         """``(WindowResult, None)`` or ``(None, exception)``."""

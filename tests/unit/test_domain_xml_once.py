@@ -12,6 +12,8 @@ import types
 import libvirt
 import pytest
 
+from netweaver_agent.agent import inspector
+from netweaver_agent.agent import topology
 from netweaver_agent.lab import virt
 from tests.unit import pollsterfakes
 
@@ -71,3 +73,64 @@ def test_a_domain_asked_for_is_its_own(prober, fetches):
     assert [i.target for i in other.interfaces] == [GUESTS[1].vif]
     again = prober.domain(_instance(GUESTS[0]))
     assert [i.target for i in again.interfaces] == [GUESTS[0].vif]
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    """The domain names whose XML the inspector parsed."""
+    parsed = []
+    real = topology.parse_domain
+
+    def counted(xml, domid=None):
+        info = real(xml, domid)
+        parsed.append(info.name)
+        return info
+
+    monkeypatch.setattr(topology, 'parse_domain', counted)
+    return parsed
+
+
+def test_an_unchanged_domain_is_parsed_once(prober, parses):
+    # Listing every cycle, a host's domains are parsed when their XML
+    # (or id) changed, not every cycle: the XML is still fetched.
+    instances = [_instance(g) for g in GUESTS]
+    for _ in range(3):
+        prober.paths(instances)
+    assert sorted(parses) == sorted(g.domain_name for g in GUESTS)
+
+
+def test_a_changed_domain_is_parsed_anew(prober, parses, monkeypatch):
+    # The tenant's port got another fixed IP (nova rewrote the domain's
+    # metadata; the inspector's read-only connection cannot, so libvirt's
+    # answer is rewritten): the next listing reads the new address.
+    instances = [_instance(g) for g in GUESTS]
+    prober.paths(instances)
+    old, new = GUESTS[0].address, '198.18.3.99'
+    real = libvirt.virDomain.XMLDesc
+
+    def moved(dom, flags=0):
+        xml = real(dom, flags)
+        if dom.UUIDString() != GUESTS[0].uuid:
+            return xml
+        assert old in xml
+        return xml.replace(old, new)
+
+    monkeypatch.setattr(libvirt.virDomain, 'XMLDesc', moved)
+    prober.paths(instances)
+    assert sorted(parses) == sorted(
+        [g.domain_name for g in GUESTS] + [GUESTS[0].domain_name])
+    _vnics, domain = prober._inspect(instances[0])
+    assert [p.addresses for p in domain.ports] == [(new,)]
+    _vnics, other = prober._inspect(instances[1])
+    assert [p.addresses for p in other.ports] == [(GUESTS[1].address,)]
+
+
+def test_gone_domains_are_forgotten(prober):
+    # A long-lived agent keeps what the last listings parsed, not every
+    # domain it ever saw.
+    prober.paths([_instance(g) for g in GUESTS])
+    for _ in range(inspector.KEEP_PARSED_LISTINGS - 1):
+        prober.paths([_instance(GUESTS[1])])
+    assert set(prober._parsed) == {g.uuid for g in GUESTS}
+    prober.paths([_instance(GUESTS[1])])
+    assert set(prober._parsed) == {GUESTS[1].uuid}
