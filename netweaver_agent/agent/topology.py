@@ -295,6 +295,11 @@ class _PerBridge:
         return self._per_bridge(('pif', master, prefixes), lambda: tuple(
             p for p in self.ports(master) if not p.startswith(prefixes)))
 
+    def vxlan(self, dev):
+        """:class:`VxlanPort` of ``dev``, or None if it is no VXLAN: read
+        once per snapshot (every vif of a bridge asks of its uplink)."""
+        return self._per_bridge(('vxlan', dev), lambda: self._vxlan(dev))
+
 
 class SysfsLinks(_PerBridge):
     """Netdevs and their masters, read from sysfs (``/sys/class/net``).
@@ -338,7 +343,7 @@ class SysfsLinks(_PerBridge):
             self._ip = IpLinks()
         return self._ip.peer(dev)
 
-    def vxlan(self, dev):
+    def _vxlan(self, dev):
         """:class:`VxlanPort` of ``dev`` (sysfs ``DEVTYPE=vxlan``), or
         None."""
         try:
@@ -393,7 +398,7 @@ class IpLinks(_PerBridge):
         """The veth peer of ``dev`` in this namespace, or None."""
         return self._peer.get(dev)
 
-    def vxlan(self, dev):
+    def _vxlan(self, dev):
         """:class:`VxlanPort` of ``dev``, or None if it is no VXLAN."""
         if dev not in self._master:
             return None

@@ -451,6 +451,7 @@ class CountingLinks(topology.IpLinks):
         super().__init__(text=text, where=where)
         self.peer_calls = 0
         self.port_calls = 0
+        self.vxlan_calls = 0
 
     def peer(self, dev):
         self.peer_calls += 1
@@ -459,6 +460,10 @@ class CountingLinks(topology.IpLinks):
     def ports(self, master):
         self.port_calls += 1
         return super().ports(master)
+
+    def _vxlan(self, dev):
+        self.vxlan_calls += 1
+        return super()._vxlan(dev)
 
 
 def test_a_shared_bridge_is_read_once_per_cycle_not_once_per_vif():
@@ -489,6 +494,9 @@ def test_a_shared_linux_bridge_finds_its_pif_once_per_cycle():
     found = [topology.find_path(t, links, switch) for t in taps]
     assert links.port_calls <= 3
     assert links.peer_calls <= len(rows)
+    # Is the uplink a VXLAN port (``ip -d link`` in the capture
+    # namespace)?  Asked once, not once per vif.
+    assert links.vxlan_calls == 1
     assert all(f.interfaces == ('eth1', t) for f, t in zip(found, taps))
 
 
