@@ -4,10 +4,14 @@ A :class:`LabSpec` is pure data, checked when made: namespace names
 (``<prefix>src``, ``<prefix>hv``, ``<prefix>g<i>``, ``<prefix>mgmt``),
 addresses (198.18.0.0/15 only; 2001:2::/48 for IPv6), MACs and the
 Neutron/Nova-like uuids and device names derive from its prefix, so the
-same spec always names the same lab.  :class:`DelayInjection` and
-:class:`LossInjection` are the truth a lab injects (see
-:mod:`netweaver_agent.lab.build`); :data:`SWITCHES` names the switch
-layouts, imported lazily by :func:`layout_class`.
+same spec always names the same lab.  Guest ``i`` is host ``10 + i`` of
+the lab network: 198.18.0.0/24 holds 245 guests; more need a larger
+network (``network=None``, the default, picks the smallest
+198.18.0.0/N that holds them: :func:`network_for`), up to what the
+switch takes (:func:`max_guests`: 1,022 on the Linux bridge).
+:class:`DelayInjection` and :class:`LossInjection` are the truth a lab
+injects (see :mod:`netweaver_agent.lab.build`); :data:`SWITCHES` names
+the switch layouts, imported lazily by :func:`layout_class`.
 """
 
 import dataclasses
@@ -26,6 +30,15 @@ LAB_NET6 = ipaddress.ip_network('2001:2::/48')
 VXLAN_DEV_PREFIX = 'vxlan-'
 IFNAMSIZ = 15
 FIRST_GUEST_HOST = 10
+# The lab network of up to 245 guests; larger ones grow from its start.
+DEFAULT_NETWORK = ipaddress.ip_network('198.18.0.0/24')
+# Guests per lab by switch.  A Linux bridge takes at most 1,023 ports
+# (the kernel's BR_MAX_PORTS 1024, port 0 reserved), one of which is the
+# pif (or vxlan-<VNI>).  The Open vSwitch and OVN layouts (userspace
+# datapath, two or three ports and a qbr bridge per guest on ovs-hybrid)
+# were never built with more than 250.
+MAX_GUESTS = {'linuxbridge': 1022}
+DEFAULT_MAX_GUESTS = 250
 _PREFIX_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$')
 _LAB_UUID_NS = uuid.UUID('5d0f3c52-1f5e-4d8e-9f3a-6e6574776561')
 DELAY_BACKENDS = ('auto', 'netem', 'nfqueue')
@@ -54,6 +67,26 @@ def layout_class(switch):
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"lab switch {switch!r} is not available "
                          f"({SWITCHES[switch]}): {exc}") from exc
+
+
+def max_guests(switch):
+    """The most guests a lab on ``switch`` may have."""
+    return MAX_GUESTS.get(switch, DEFAULT_MAX_GUESTS)
+
+
+def guest_capacity(network):
+    """How many guests an IPv4 lab network holds (guest ``i`` is host
+    ``10 + i``; the broadcast address stays free)."""
+    return max(network.num_addresses - FIRST_GUEST_HOST - 1, 0)
+
+
+def network_for(guests):
+    """The lab network (text) of ``guests`` guests: 198.18.0.0/24, or the
+    smallest 198.18.0.0/N that holds them (/22 for 1,000)."""
+    net = DEFAULT_NETWORK
+    while guest_capacity(net) < guests and net.prefixlen > 17:
+        net = net.supernet()
+    return str(net)
 
 
 def _check_ifname(name, what):
@@ -129,7 +162,8 @@ class LabSpec:
     prefix: str
     guests: int = 2
     pif: str = 'eth1'
-    network: str = '198.18.0.0/24'
+    # None: network_for(guests), 198.18.0.0/24 up to 245 guests.
+    network: str | None = None
     delays: tuple = ()
     losses: tuple = ()
     mgmt: bool = False
@@ -157,29 +191,19 @@ class LabSpec:
                 "letters, digits, '_', '.', '-', starting with a letter or "
                 "digit")
         _check_ifname(self.pif, 'pif')
-        net = self._net(self.network, 'lab network')
-        most = net.num_addresses - FIRST_GUEST_HOST - 1
-        if not 1 <= self.guests <= min(most, 250):
-            raise ValueError(f"lab guests {self.guests!r} must be within "
-                             f"1..{min(most, 250)} for network {net}")
-        if self.mgmt:
-            mnet = self._net(self.mgmt_network, 'management network')
-            if mnet.overlaps(net):
-                raise ValueError(f"management network {mnet} overlaps the "
-                                 f"lab network {net}")
+        self._check_guests()
         if self.ipv6:
             net6 = self._net(self.network6, 'lab IPv6 network', LAB_NET6, 120)
             if net6.num_addresses - FIRST_GUEST_HOST - 1 < self.guests:
                 raise ValueError(f"lab network {net6} is too small for "
                                  f"{self.guests} guests")
         self._check_network_type()
-        if self.tunnelled:
+        if self.tunnelled and self.mgmt:
             under = self._net(self.underlay, 'underlay network')
-            others = [net] + ([self._net(self.mgmt_network, '')]
-                              if self.mgmt else [])
-            if any(under.overlaps(o) for o in others):
+            mnet = self._net(self.mgmt_network, 'management network')
+            if under.overlaps(mnet):
                 raise ValueError(f"underlay network {under} overlaps the "
-                                 "lab or management network")
+                                 f"management network {mnet}")
         object.__setattr__(self, 'delays', tuple(self.delays))
         object.__setattr__(self, 'losses', tuple(self.losses))
         seen = set()
@@ -195,6 +219,39 @@ class LabSpec:
                 if inj.guest in seen:
                     raise ValueError(f"guest {inj.guest} has two delays")
                 seen.add(inj.guest)
+
+    def _check_guests(self):
+        """Check ``guests`` against the switch and the lab network (made
+        from it when None); the network."""
+        if not isinstance(self.guests, int) or isinstance(self.guests, bool):
+            raise ValueError(f"lab guests {self.guests!r} is not a number")
+        cap = max_guests(self.switch)
+        if not 1 <= self.guests <= cap:
+            raise ValueError(
+                f"lab guests {self.guests!r} must be within 1..{cap} on "
+                f"lab switch {self.switch!r}")
+        if self.network is None:
+            object.__setattr__(self, 'network', network_for(self.guests))
+        net = self._net(self.network, 'lab network')
+        # The underlay and management networks stay free whether this
+        # lab uses them or not: a larger lab network must not grow into
+        # them (198.18.254.0/24 and 198.19.0.0/24 by default).
+        for text, what in ((self.underlay, 'underlay network'),
+                           (self.mgmt_network, 'management network')):
+            other = self._net(text, what)
+            if other.overlaps(net):
+                raise ValueError(
+                    f"lab network {net} overlaps the {what} {other}; "
+                    f"choose a lab network that leaves it free (e.g. "
+                    f"{network_for(self.guests)} for {self.guests} "
+                    "guests)")
+        if guest_capacity(net) < self.guests:
+            raise ValueError(
+                f"lab guests {self.guests!r} do not fit lab network {net} "
+                f"(it holds {guest_capacity(net)}: guest i is host "
+                f"{FIRST_GUEST_HOST} + i); use a larger network, e.g. "
+                f"{network_for(self.guests)}, or leave network unset")
+        return net
 
     def _check_network_type(self):
         ntype = self.network_type
@@ -368,8 +425,15 @@ class LabSpec:
 
 
 def _mac(oui, prefix, what, last=None):
+    """``oui`` and three bytes of the prefix's digest; with ``last`` (a
+    guest index, < 65536) its low byte last and its high byte added to
+    the middle one, so guests 0..255 keep their MACs and no two of a lab
+    share one."""
     digest = hashlib.sha256(f'{prefix}/{what}'.encode()).digest()
-    tail = [digest[0], digest[1], digest[2] if last is None else last & 0xff]
+    if last is None:
+        tail = [digest[0], digest[1], digest[2]]
+    else:
+        tail = [digest[0], (digest[1] + (last >> 8)) & 0xff, last & 0xff]
     return oui + ''.join(f':{b:02x}' for b in tail)
 
 

@@ -136,6 +136,76 @@ def test_mgmt_network_reaches_source_and_hypervisor(lab_factory):
             assert peer[0] == addrs.mgmt
 
 
+def _sysctl(ns, key):
+    return netns.run(['sysctl', '-n', key], netns=ns).stdout.strip()
+
+
+def test_namespaces_are_quiet(lab_factory):
+    """The lab's sysctls hold in every namespace (read back by sysctl,
+    not by the lab's own writer): no IPv6 without ``ipv6``, no forwarding,
+    no reverse-path filter on the source and guests; with ``ipv6``, no
+    router advertisements, autoconfiguration or DAD on the guests."""
+    plain = lab_factory(guests=2)
+    spec = plain.spec
+    for ns in spec.namespaces():
+        assert _sysctl(ns, 'net.ipv6.conf.all.disable_ipv6') == '1', ns
+        assert _sysctl(ns, 'net.ipv4.ip_forward') == '0', ns
+    for ns in [spec.src_netns] + [g.netns for g in plain.guests]:
+        assert _sysctl(ns, 'net.ipv4.conf.all.rp_filter') == '0', ns
+    six = lab_factory(guests=2, ipv6=True)
+    for g in six.guests:
+        assert _sysctl(g.netns, 'net.ipv6.conf.eth0.disable_ipv6') == '0'
+        for key in ('accept_ra', 'autoconf', 'dad_transmits'):
+            assert _sysctl(g.netns, f'net.ipv6.conf.eth0.{key}') == '0', key
+
+
+def test_guests_past_the_first_24(lab_factory):
+    """More guests than a /24 holds: the lab network grows, and the
+    guests beyond 198.18.0.255 answer and are measured like the first."""
+    the_lab = lab_factory(guests=300)
+    assert the_lab.spec.prefixlen < 24
+    picked = {0, 245, 246, 299}
+    paths = [p for g, p in zip(the_lab.guests, the_lab.paths())
+             if g.index in picked]
+    assert {p.address for p in paths} >= {'198.18.0.255', '198.18.1.0'}
+    result = probe_window.run_window(
+        paths, the_lab.layout.source(),
+        probe_window.WindowSettings(count=5),
+        capture_netns=the_lab.spec.hv_netns)
+    assert result.capture.drops == 0
+    for p in paths:
+        rep = result.reports[p.vif]
+        assert (rep.ingress.count, rep.egress.count) == (5, 5), (p, rep)
+
+
+def test_the_largest_linux_bridge_lab(lab_factory):
+    """As many guests as the spec allows on a Linux bridge: every tap is
+    a port of the bridge (the kernel takes no more than it allows), and
+    the last guest answers."""
+    most = labspec.max_guests('linuxbridge')
+    the_lab = lab_factory(guests=most)
+    ports = netns.run(['ip', '-br', 'link', 'show', 'master',
+                       the_lab.layout.bridge],
+                      netns=the_lab.spec.hv_netns).stdout.split('\n')
+    names = {line.split('@')[0].split()[0] for line in ports if line}
+    assert names == {the_lab.spec.pif} | {g.vif for g in the_lab.guests}
+    last = the_lab.paths()[-1]
+    result = probe_window.run_window(
+        [last], the_lab.layout.source(), probe_window.WindowSettings(count=3),
+        capture_netns=the_lab.spec.hv_netns)
+    assert result.reports[last.vif].ingress.count == 3
+    assert result.reports[last.vif].egress.count == 3
+    # One more port than the spec allows is refused by the kernel.
+    extra = netns.run(['ip', 'link', 'add', 'nwx-extra', 'type', 'veth',
+                       'peer', 'name', 'nwx-extra-p'],
+                      netns=the_lab.spec.hv_netns)
+    assert extra.returncode == 0
+    refused = netns.run(['ip', 'link', 'set', 'nwx-extra', 'master',
+                         the_lab.layout.bridge],
+                        netns=the_lab.spec.hv_netns, check=False)
+    assert refused.returncode != 0, 'the bridge took one more port'
+
+
 def test_failed_build_leaves_nothing():
     conftest.require_root()
 

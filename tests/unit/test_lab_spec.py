@@ -61,7 +61,23 @@ def test_every_address_is_in_the_lab_range():
     ({'ipv6': True, 'network6': '198.18.0.0/24'}, 'IPv6 network'),
     ({'ipv6': True, 'network6': 'nonsense'}, "IPv6 network 'nonsense'"),
     ({'guests': 0}, 'lab guests'),
-    ({'guests': 300}, 'lab guests'),
+    ({'guests': 300, 'network': '198.18.0.0/24'},
+     r'lab guests 300 do not fit lab network 198\.18\.0\.0/24'),
+    ({'guests': 2000}, r"lab guests 2000 must be within .* 'linuxbridge'"),
+    ({'guests': 251, 'switch': 'ovs-hybrid'},
+     r"lab guests 251 must be within .* 'ovs-hybrid'"),
+    ({'guests': 251, 'switch': 'ovn'}, r"lab guests 251 .* 'ovn'"),
+    ({'guests': True}, 'lab guests True is not a number'),
+    ({'guests': '5'}, "lab guests '5' is not a number"),
+    ({'network': '198.18.0.0/16'},
+     r'lab network 198\.18\.0\.0/16 overlaps the underlay network'),
+    ({'network': '198.18.254.0/23'}, 'overlaps the underlay network'),
+    ({'network': '198.19.0.0/22'},
+     r'lab network 198\.19\.0\.0/22 overlaps the management network'),
+    ({'network': '198.18.0.0/15'}, 'overlaps the underlay'),
+    ({'network': '198.18.0.5/22'}, r"lab network '198\.18\.0\.5/22'"),
+    ({'network': '198.18.0.0/22', 'underlay': '198.18.2.0/24'},
+     r'overlaps the underlay network 198\.18\.2\.0/24'),
     ({'pif': 'a-very-long-interface'}, 'pif name'),
     ({'mgmt': True, 'mgmt_network': '198.18.0.0/23'}, 'overlaps'),
     ({'delays': (labspec.DelayInjection(guest=2, delay_ms=1),)}, 'guest 2'),
@@ -73,6 +89,55 @@ def test_spec_rejects(fields, message):
     fields.setdefault('prefix', 'nwx-')
     with pytest.raises(ValueError, match=message):
         labspec.LabSpec(**fields)
+
+
+def test_default_network_is_one_24_up_to_what_it_holds():
+    small = labspec.LabSpec(prefix='nwx-', guests=245)
+    assert small.network == '198.18.0.0/24' and small.prefixlen == 24
+    assert small.guest(244).address == '198.18.0.254'
+    assert labspec.LabSpec(prefix='nwx-', guests=246).network == \
+        '198.18.0.0/23'
+    assert labspec.network_for(1000) == '198.18.0.0/22'
+    # An explicit network is kept as given.
+    assert labspec.LabSpec(prefix='nwx-', guests=2,
+                           network='198.18.8.0/21').network == '198.18.8.0/21'
+
+
+def test_a_thousand_guests_past_the_first_24():
+    spec = labspec.LabSpec(prefix='nwk-', guests=1000)
+    net = ipaddress.ip_network(spec.network)
+    assert net.prefixlen < 24 and spec.prefixlen == net.prefixlen
+    guests = [spec.guest(i) for i in range(1000)]
+    assert guests[300].address == '198.18.1.54'
+    assert guests[245].address == '198.18.0.255'
+    assert guests[246].address == '198.18.1.0'
+    assert guests[999].address == '198.18.3.241'
+    for field in ('address', 'mac', 'vif_mac', 'vif', 'netns', 'uuid',
+                  'port_id', 'name'):
+        assert len({getattr(g, field) for g in guests}) == 1000, field
+    addresses = {ipaddress.ip_address(g.address) for g in guests}
+    assert all(a in net for a in addresses)
+    assert ipaddress.ip_address(spec.src_address) not in addresses
+    assert net.broadcast_address not in addresses
+    assert {g.prefixlen for g in guests} == {net.prefixlen}
+    assert all(len(g.vif) <= labspec.IFNAMSIZ for g in guests)
+    # The first 256 guests keep the MACs a smaller lab gives them.
+    small = labspec.LabSpec(prefix='nwk-', guests=245)
+    assert [g.mac for g in guests[:245]] == [small.guest(i).mac
+                                             for i in range(245)]
+    six = labspec.LabSpec(prefix='nwk-', guests=1000, ipv6=True)
+    assert six.guest(300).address6 == '2001:2::136'
+    assert len({six.guest(i).address6 for i in range(1000)}) == 1000
+
+
+def test_the_largest_network_still_fits_exactly():
+    spec = labspec.LabSpec(prefix='nwx-', guests=1013,
+                           network='198.18.0.0/22')
+    assert spec.guest(1012).address == '198.18.3.254'
+    with pytest.raises(ValueError, match='lab guests 1014 do not fit'):
+        labspec.LabSpec(prefix='nwx-', guests=1014, network='198.18.0.0/22')
+    assert labspec.LabSpec(prefix='nwx-', guests=1014).network == \
+        '198.18.0.0/21'
 
 
 @pytest.mark.parametrize('make, message', [
