@@ -28,6 +28,15 @@ ratio is printed.
 Run as root::
 
     .venv/bin/python benchmarks/bench_cycle.py [--guests 64] [--count 50]
+    .venv/bin/python benchmarks/bench_cycle.py --guests 1000 --count 10 \
+        --cycles 5
+
+Up to 245 guests the lab network is 198.18.0.0/24; more get the smallest
+198.18.0.0/N that holds them (/22 for 1,000; the Linux bridge takes up to
+1,022).  The probe settings not given are docs/scale.md's for the size
+(:data:`SETTINGS`): above 250 vNICs those it recommends for a 1,000-vNIC
+host (4,000 probes/s, a 3.5 s bound), and the seed's way (one window per
+vNIC, minutes at 1,000) is skipped unless ``--sequential``.
 
 The lab is removed on exit, also on failure or Ctrl-C.
 """
@@ -48,6 +57,15 @@ TARGETS = {'wall_s': 3.0, 'rss_rise_mb': 50.0, 'drops': 0}
 # (vNICs, probes per vNIC); other sizes are printed without a verdict.
 CPU_TARGETS = {(64, 50): 0.20, (250, 20): 0.40, (1000, 10): 2.0}
 CLK_TCK = os.sysconf('SC_CLK_TCK')
+# docs/scale.md's probe settings by host size: (most vNICs, settings);
+# the first row whose size holds the lab's guests applies.
+SETTINGS = (
+    (250, {'interval_ms': 0.5, 'max_window_ms': 2800.0}),
+    (None, {'interval_ms': 0.25, 'max_window_ms': 3500.0}),
+)
+# Above this many vNICs the one-window-per-vNIC comparison is off unless
+# asked for (--sequential).
+SEQUENTIAL_MOST = 250
 
 
 # -- the worker: runs inside the hypervisor namespace -------------------------
@@ -267,6 +285,18 @@ def send_only(instances):
 
 # -- the parent: lab, worker, figures -----------------------------------------
 
+def _meminfo_mb(field):
+    with open('/proc/meminfo', encoding='ascii') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/meminfo has no {field}")
+
+
+def _maxrss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _terminate(signum, _frame):
     raise SystemExit(128 + signum)
 
@@ -305,13 +335,14 @@ def _verdict(figures, key, fmt):
     return f'{fmt.format(value)} (target <= {fmt.format(target)}: {mark})'
 
 
-def report(args, result, build_s):
+def report(args, result, build_s, network, build_mem):
     vifs = args.guests
     with open('/proc/loadavg', encoding='ascii') as f:
         load = ' '.join(f.read().split()[:3])
     print(f'load average {load} ({os.cpu_count()} CPUs): absolute figures '
           'depend on it, ratios less')
-    print(f'lab: {vifs} guests built in {build_s:.2f} s; '
+    print(f'lab: {vifs} guests on {network} built in {build_s:.2f} s '
+          f'({build_mem}); '
           f'{args.count} probes per vNIC every {args.interval_ms} ms '
           f'(per vNIC >= {args.per_vnic_interval_ms} ms), timeout '
           f'{args.timeout_ms} ms, max window {args.max_window_ms} ms')
@@ -323,9 +354,14 @@ def report(args, result, build_s):
                                  'window_ms': 0, 'vnics': 0}]
         print(f'cycle {n}: {c["instances"]} instances, {w["vnics"]} vNICs, '
               f'{c["samples"]} samples, {len(c["windows"])} window(s)')
+        rest = c['wall_s'] - c['discovery_s'] - w['window_ms'] / 1000
         print(f'  wall         {_verdict(c, "wall_s", "{:.3f} s")}'
               f'  [discovery {c["discovery_s"]:.3f} s, window '
-              f'{w["window_ms"] / 1000:.3f} s]')
+              f'{w["window_ms"] / 1000:.3f} s (max_window_ms '
+              f'{args.max_window_ms / 1000:.3f} s: '
+              f'{"within" if w["window_ms"] <= args.max_window_ms else "OVER"}'
+              f'), the rest {rest:.3f} s: listing, paths, preparing, '
+              'matching, samples]')
         target = CPU_TARGETS.get((vifs, args.count))
         verdict = ('' if target is None else
                    f' (target <= {target:.2f} s: '
@@ -346,7 +382,10 @@ def report(args, result, build_s):
               'the agent ran and waited for]')
         print(f'  peak RSS     {_verdict(c, "rss_rise_mb", "{:.1f} MB")}'
               f' rise, {c["peak_rss_mb"]:.1f} MB peak')
-        print(f'  probes       {w["sent"]} sent, {w["measured"]} measured, '
+        planned = w['vnics'] * args.count
+        print(f'  probes       {w["sent"]} sent of {planned} planned '
+              f'({w["vnics"]} vNICs x {args.count}), {w["measured"]} '
+              'measured, '
               f'{w["sent"] / c["wall_s"]:.0f} probes/s of cycle, '
               f'{w["sent"] / max(w["window_ms"] / 1000, 1e-9):.0f} '
               'probes/s of window')
@@ -378,20 +417,43 @@ def report(args, result, build_s):
     print(f'packet sockets open at the end: {result["packet_sockets_end"]}')
 
 
-def main(argv=None):
+def apply_size_defaults(args):
+    """Fill the probe settings and ``sequential`` not given on the command
+    line with docs/scale.md's for ``args.guests`` vNICs."""
+    for most, settings in SETTINGS:
+        if most is None or args.guests <= most:
+            break
+    for name, value in settings.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.sequential is None:
+        args.sequential = args.guests <= SEQUENTIAL_MOST
+
+
+def parse_args(argv=None):
+    """The command line, with the size's defaults filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--guests', type=int, default=64)
     parser.add_argument('--count', type=int, default=50)
-    parser.add_argument('--interval-ms', type=float, default=0.5)
+    parser.add_argument('--interval-ms', type=float, default=None,
+                        help='probe_interval_ms (default: 0.5, or 0.25 '
+                             'above 250 guests)')
     parser.add_argument('--per-vnic-interval-ms', type=float, default=0.0)
     parser.add_argument('--timeout-ms', type=float, default=200.0)
-    parser.add_argument('--max-window-ms', type=float, default=2800.0)
+    parser.add_argument('--max-window-ms', type=float, default=None,
+                        help='max_window_ms (default: 2800, or 3500 above '
+                             '250 guests)')
     parser.add_argument('--cycles', type=int, default=2,
                         help='polling cycles in one worker (the first is '
                              'cold: libvirt connection, lazy imports)')
     parser.add_argument('--no-sequential', dest='sequential',
-                        action='store_false',
-                        help='skip probing the vNICs one after another')
+                        action='store_false', default=None,
+                        help='skip probing the vNICs one after another '
+                             f'(skipped by default above {SEQUENTIAL_MOST} '
+                             'guests)')
+    parser.add_argument('--sequential', dest='sequential',
+                        action='store_true',
+                        help='probe the vNICs one after another too')
     parser.add_argument('--debug', action='store_true',
                         help="the worker logs at debug level (to its "
                              "agent.log)")
@@ -406,6 +468,12 @@ def main(argv=None):
     parser.add_argument('--worker', metavar='CONFIG', help=argparse.SUPPRESS)
     parser.add_argument('--worker-timeout-s', type=float, default=600.0)
     args = parser.parse_args(argv)
+    apply_size_defaults(args)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.worker:
         return worker(args.worker, args.cycles, args.sequential,
                       args.profile)
@@ -422,15 +490,21 @@ def main(argv=None):
     the_lab = lab_mod.Lab(labspec.LabSpec(prefix=prefix, guests=args.guests))
     workdir = tempfile.mkdtemp(prefix=prefix)
     try:
+        avail0 = _meminfo_mb('MemAvailable')
         t0 = time.perf_counter()
         the_lab.build()
         build_s = time.perf_counter() - t0
+        build_mem = (f'host memory available -'
+                     f'{avail0 - _meminfo_mb("MemAvailable"):.0f} MB, '
+                     f'builder peak RSS {_maxrss_mb():.0f} MB')
         result = run_worker(the_lab, args, workdir)
         if args.json:
+            result['lab'] = {'network': the_lab.spec.network,
+                             'build_s': build_s, 'build_memory': build_mem}
             json.dump(result, sys.stdout, indent=1)
             print()
         else:
-            report(args, result, build_s)
+            report(args, result, build_s, the_lab.spec.network, build_mem)
     finally:
         # A second Ctrl-C or SIGTERM must not cut the teardown short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
