@@ -234,6 +234,7 @@ def worker(config, cycles, sequential, profile):
     if prof:
         prof.dump_stats(profile)
     out['send_only'] = send_only(instances)
+    out['listing'] = listing_only(instances)
     if sequential:
         latency = pollsters.INSPECTOR.current
         found = latency.paths(instances)
@@ -253,6 +254,21 @@ def worker(config, cycles, sequential, profile):
     out['packet_sockets_end'] = packet_sockets()
     json.dump(out, sys.stdout)
     return 0
+
+
+def listing_only(instances, repeats=3):
+    """The cycle's listing alone (the vNICs, their domain XML, paths and
+    the destination policy: what counts against ``max_window_ms`` before
+    the probes start), ``repeats`` times: ``[{wall_s, cpu_s, vnics}]``."""
+    from netweaver_agent.agent import pollsters
+    latency = pollsters.INSPECTOR.current
+    runs = []
+    for _ in range(repeats):
+        with Meter() as m:
+            found = latency.paths(instances)
+        runs.append({'wall_s': m.wall_s, 'cpu_s': m.cpu_s,
+                     'vnics': len(found)})
+    return runs
 
 
 def send_only(instances):
@@ -401,6 +417,10 @@ def report(args, result, build_s, network, build_mem):
         print(f'send only (same plan, no capture, no matching): '
               f'{so["sent"]} probes, cpu {so["total_cpu_s"]:.3f} s = agent '
               f'{so["cpu_s"]:.3f} s + privsep {daemon or "none"}')
+    for run in result.get('listing', ()):
+        print(f'listing only (vNICs, domain XML, paths, destinations: '
+              f'before the probes, within max_window_ms): {run["vnics"]} '
+              f'vNICs in {run["wall_s"]:.3f} s, cpu {run["cpu_s"]:.3f} s')
     seq = result.get('sequential')
     if seq:
         last = result['cycles'][-1]
