@@ -269,7 +269,309 @@ select_items(PyObject *self, PyObject *args)
     return out;
 }
 
+/* ---- Probes read in place from a TPACKET_V3 ring (ring_take_doc). ---- */
+
+/* struct tpacket_block_desc: num_pkts at 12, offset_to_first_pkt at 16.
+ * struct tpacket3_hdr: tp_next_offset at 0, tp_sec 4, tp_nsec 8,
+ * tp_snaplen 12, tp_status 20, tp_mac 24; then struct sockaddr_ll (at
+ * 48): sll_ifindex at 52, sll_pkttype at 58.  Native byte order. */
+#define TP3_NEED 68                 /* the header and the address */
+#define TP_STATUS_USER 1
+#define TP_STATUS_VLAN_VALID 0x10
+/* Why ring_take stopped, when not at a block with an unknown ifindex. */
+#define TAKE_IDLE (-1)
+#define TAKE_SLOW (-2)
+/* probe.py's tag after the 8-byte ICMP or UDP header: MAGIC, session (2),
+ * seq (4), then the keyed tag (AUTH_LEN bytes).  Exported as constants:
+ * a test holds them to probe's. */
+static const unsigned char PROBE_MAGIC[4] = {'N', 'W', 'v', '1'};
+#define PROBE_TAG_LEN 10
+#define PROBE_AUTH_LEN 8
+/* IP bytes of a tagged probe with its keyed tag (pcapkeys._AUTH_NEED). */
+#define AUTH_NEED (20 + 8 + PROBE_TAG_LEN + PROBE_AUTH_LEN)
+/* Bytes of a row in the scratch columns: key, auth, t_ns (8 each),
+ * batch column (4), packet type (1). */
+#define ROW_BYTES 29
+
+static uint32_t
+native32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static uint16_t
+native16(const unsigned char *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+static uint32_t
+be16(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 8) | (uint32_t)p[1];
+}
+
+/* 1 with the key, session and auth of the frame q (caplen bytes) when it
+ * is an untagged Ethernet + IPv4 (no options, not a later fragment) ICMP
+ * echo or UDP probe, or an echo reply, holding all of its tag (the IP
+ * total length 0 or long enough); else 0 (pcapkeys decides). */
+static int
+probe_row(const unsigned char *q, uint32_t caplen, uint32_t *session,
+          uint64_t *key, uint64_t *auth)
+{
+    const unsigned char *ip = q + 14, *l4 = ip + 20;
+    const unsigned char *tag = l4 + 8 + PROBE_TAG_LEN;
+    uint32_t total, s, addr;
+    uint64_t t = 0;
+    int reply, j;
+
+    if (caplen < 14 + AUTH_NEED)
+        return 0;
+    if (q[12] != 0x08 || q[13] != 0x00 || ip[0] != 0x45 ||
+            (ip[6] & 0x1f) || ip[7])
+        return 0;
+    total = be16(ip + 2);
+    if (total && total < AUTH_NEED)
+        return 0;
+    if (memcmp(l4 + 8, PROBE_MAGIC, 4))
+        return 0;
+    s = be16(l4 + 12);
+    if (ip[9] == 1) {
+        if (l4[0] == 8)
+            reply = 0;
+        else if (l4[0] == 0)
+            reply = 1;
+        else
+            return 0;
+        if (be16(l4 + 4) != s)
+            return 0;
+    } else if (ip[9] == 17) {
+        if (be16(l4) != (0x8000 | (s & 0x7fff)))
+            return 0;
+        reply = 0;
+    } else {
+        return 0;
+    }
+    /* The answer's source, the probe's destination. */
+    addr = u32(ip + (reply ? 12 : 16), 1);
+    for (j = 0; j < PROBE_AUTH_LEN; j++)
+        t = (t << 8) | tag[j];
+    *session = s;
+    *key = ((uint64_t)u32(l4 + 14, 1) << 1) | (uint64_t)reply;
+    *auth = t ^ addr;
+    return 1;
+}
+
+/* Growing columns of kept rows: 8-byte keys, auths and times, 4-byte
+ * batch columns, packet type bytes. */
+struct rows {
+    Py_ssize_t n, room;
+    unsigned char *keys, *auths, *times, *cols, *types;
+};
+
+static int
+rows_room(struct rows *r, Py_ssize_t more)
+{
+    Py_ssize_t room;
+    unsigned char *all;
+    if (r->n + more <= r->room)
+        return 0;
+    room = r->room * 2;
+    if (room < r->n + more)
+        room = r->n + more;
+    all = PyMem_Malloc(room * ROW_BYTES + 1);
+    if (all == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (r->n) {
+        memcpy(all, r->keys, 8 * r->n);
+        memcpy(all + 8 * room, r->auths, 8 * r->n);
+        memcpy(all + 16 * room, r->times, 8 * r->n);
+        memcpy(all + 24 * room, r->cols, 4 * r->n);
+        memcpy(all + 28 * room, r->types, r->n);
+    }
+    PyMem_Free(r->keys);
+    r->keys = all;
+    r->auths = all + 8 * room;
+    r->times = all + 16 * room;
+    r->cols = all + 24 * room;
+    r->types = all + 28 * room;
+    r->room = room;
+    return 0;
+}
+
+#define WALK_KEPT 0
+#define WALK_SLOW (-1)
+#define WALK_UNKNOWN (-2)
+#define WALK_ERROR (-3)
+
+/* Keep the wanted rows of the block b (size bytes) in r: WALK_KEPT (its
+ * packet count in *seen), WALK_UNKNOWN (the ifindex the table lacks in
+ * *seen; r as it was), WALK_SLOW (r as it was) or WALK_ERROR (no
+ * memory). */
+static int
+walk_block(const unsigned char *b, Py_ssize_t size, Py_ssize_t session,
+           const unsigned char *tab, Py_ssize_t ntab, struct rows *r,
+           Py_ssize_t *seen)
+{
+    Py_ssize_t count, h, i, n0 = r->n;
+
+    if (size < 24)
+        return WALK_SLOW;
+    count = (Py_ssize_t)native32(b + 12);
+    /* Every packet takes its header and address at least. */
+    if (count > size / TP3_NEED)
+        return WALK_SLOW;
+    if (rows_room(r, count) < 0)
+        return WALK_ERROR;
+    h = (Py_ssize_t)native32(b + 16);
+    for (i = 0; i < count; i++) {
+        const unsigned char *p;
+        int32_t ifindex, column;
+        uint32_t nxt, snaplen, mac, sess;
+        uint64_t key, auth, t_ns;
+
+        if (h > size - TP3_NEED)
+            goto slow;
+        p = b + h;
+        nxt = native32(p);
+        memcpy(&ifindex, p + 52, 4);
+        if (ifindex < 0)
+            goto slow;
+        if (ifindex >= ntab)
+            goto unknown;
+        memcpy(&column, tab + 4 * (Py_ssize_t)ifindex, 4);
+        if (column < -1)
+            goto unknown;
+        if (column >= 0) {
+            if (native32(p + 20) & TP_STATUS_VLAN_VALID)
+                goto slow;
+            snaplen = native32(p + 12);
+            mac = native16(p + 24);
+            if ((Py_ssize_t)mac > size - h ||
+                    (Py_ssize_t)snaplen > size - h - (Py_ssize_t)mac)
+                goto slow;
+            if (!probe_row(p + mac, snaplen, &sess, &key, &auth) ||
+                    (Py_ssize_t)sess != session)
+                goto slow;
+            t_ns = (uint64_t)native32(p + 4) * 1000000000u +
+                native32(p + 8);
+            memcpy(r->keys + 8 * r->n, &key, 8);
+            memcpy(r->auths + 8 * r->n, &auth, 8);
+            memcpy(r->times + 8 * r->n, &t_ns, 8);
+            memcpy(r->cols + 4 * r->n, &column, 4);
+            r->types[r->n] = p[58];
+            r->n++;
+        }
+        if (i + 1 < count) {
+            if (nxt == 0)
+                goto slow;
+            h += nxt;
+        }
+        continue;
+unknown:
+        r->n = n0;
+        *seen = ifindex;
+        return WALK_UNKNOWN;
+    }
+    *seen = count;
+    return WALK_KEPT;
+slow:
+    r->n = n0;
+    return WALK_SLOW;
+}
+
+PyDoc_STRVAR(ring_take_doc,
+"ring_take(ring, block_bytes, nblocks, next, session, table)\n"
+"    -> (next, seen, keys, columns, t_ns, pkttype, auth, stop)\n\n"
+"Read the blocks of a TPACKET_V3 receive ring (ring: its memory, nblocks\n"
+"blocks of block_bytes) that the kernel handed over, from block next on,\n"
+"in place, giving each back to the kernel once read, while every packet\n"
+"of each that the capture wants is a probe of session or an echo reply\n"
+"that probe_row keys (no VLAN tag taken out).  Wanted: its interface's\n"
+"batch column, table[ifindex] (native 32-bit integers), is not -1.\n"
+"next: the block to read next; seen: the packets of the blocks read;\n"
+"the kept rows' columns as bytes (native 8-byte keys, 4-byte columns,\n"
+"8-byte nanosecond times, packet type bytes, 8-byte auths); stop: why it\n"
+"stopped at block next: TAKE_IDLE (not handed over yet), TAKE_SLOW\n"
+"(another session, a VLAN tag, another layout, a damaged block: the\n"
+"caller decodes it) or an ifindex the table has no column for (outside\n"
+"it or below -1: fill and call again).");
+
+static PyObject *
+ring_take(PyObject *self, PyObject *args)
+{
+    Py_buffer view, tab;
+    Py_ssize_t block_bytes, nblocks, next, session, seen = 0, found = 0;
+    Py_ssize_t stop = TAKE_IDLE, guard;
+    struct rows r = {0, 0, NULL, NULL, NULL, NULL, NULL};
+    unsigned char *ring;
+    PyObject *out = NULL;
+
+    if (!PyArg_ParseTuple(args, "w*nnnny*", &view, &block_bytes, &nblocks,
+                          &next, &session, &tab))
+        return NULL;
+    if (block_bytes < 48 || block_bytes % 8 || nblocks < 1 || next < 0 ||
+            next >= nblocks ||
+            nblocks > view.len / block_bytes || tab.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "ring_take: bad bounds");
+        goto done;
+    }
+    ring = (unsigned char *)view.buf;
+    for (guard = 0; guard < nblocks; guard++) {
+        unsigned char *b = ring + next * block_bytes;
+        uint32_t *status = (uint32_t *)(b + 8);
+        Py_ssize_t length;
+        int walked;
+
+        /* The kernel writes the block, then its status. */
+        if (!(__atomic_load_n(status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+            break;
+        length = (Py_ssize_t)native32(b + 20);
+        if (length < 48)
+            length = 48;
+        if (length > block_bytes)
+            length = block_bytes;
+        walked = walk_block(b, length, session, tab.buf, tab.len / 4, &r,
+                            &found);
+        if (walked == WALK_ERROR)
+            goto done;
+        if (walked == WALK_SLOW) {
+            stop = TAKE_SLOW;
+            break;
+        }
+        if (walked == WALK_UNKNOWN) {
+            stop = found;
+            break;
+        }
+        seen += found;
+        /* Read: the kernel's again. */
+        __atomic_store_n(status, 0, __ATOMIC_RELEASE);
+        next = (next + 1) % nblocks;
+    }
+    /* y# of NULL would be None: empty columns are empty bytes. */
+    if (rows_room(&r, 1) < 0)
+        goto done;
+    out = Py_BuildValue("(nny#y#y#y#y#n)", next, seen,
+                        (const char *)r.keys, r.n * 8,
+                        (const char *)r.cols, r.n * 4,
+                        (const char *)r.times, r.n * 8,
+                        (const char *)r.types, r.n,
+                        (const char *)r.auths, r.n * 8, stop);
+done:
+    PyMem_Free(r.keys);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&tab);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"ring_take", ring_take, METH_VARARGS, ring_take_doc},
     {"select", select_items, METH_VARARGS, select_doc},
     {"walk_pcap", walk_pcap, METH_VARARGS, walk_pcap_doc},
     {"heads", heads, METH_VARARGS, heads_doc},
@@ -286,5 +588,17 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__pcapwalk(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObject(m, "PROBE_MAGIC", PyBytes_FromStringAndSize(
+            (const char *)PROBE_MAGIC, 4)) < 0 ||
+            PyModule_AddIntConstant(m, "PROBE_TAG_LEN", PROBE_TAG_LEN) < 0 ||
+            PyModule_AddIntConstant(m, "PROBE_AUTH_LEN", PROBE_AUTH_LEN) < 0 ||
+            PyModule_AddIntConstant(m, "TAKE_IDLE", TAKE_IDLE) < 0 ||
+            PyModule_AddIntConstant(m, "TAKE_SLOW", TAKE_SLOW) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -724,14 +724,21 @@ class LiveCapture:
             select.select([self._sock], [], [], min(left, RING_POLL_S))
 
     def _run(self):
-        read = self._drain if self._ring is None else self._read_ring
-        sock, wake = self._sock, self._wake[0]
+        sock = self._sock.fileno()
+        # One poll set for the window (select() builds its sets anew on
+        # every wake-up).
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(self._wake[0], select.POLLIN)
+        idle_ms = int(READER_IDLE_S * 1000)
         try:
+            if self._ring is not None:
+                self._read_ring(poller, idle_ms)
+                return
             while not self._stop.is_set():
-                ready, _, _ = select.select([sock, wake], [], [],
-                                            READER_IDLE_S)
-                if sock in ready:
-                    read()
+                for fd, _events in poller.poll(idle_ms):
+                    if fd == sock:
+                        self._drain()
         except OSError as exc:
             self._error = exc
 
@@ -765,11 +772,71 @@ class LiveCapture:
                 table[k] = self._column_of(self._ifname(k))
             return array.array('i', map(table.__getitem__, ifindexes))
 
-    def _read_ring(self):
-        for data in self._ring.blocks():
-            for run in ring.decode_block(data):
-                self._seen += run.n
-                self._take_run(data, run)
+    def _read_ring(self, poller=None, idle_ms=None):
+        """Read the blocks the kernel handed over, in order: in place, in
+        one call, while each holds only this window's probes or answers
+        that :meth:`ring.PacketRing.take` keys (the common case); any
+        other block copied and decoded in runs (:meth:`_take_run`).
+
+        With ``poller`` (the reader thread's, holding the socket and the
+        wake-up pipe): then wait for the next block, until the capture
+        closes.  Everything a wake-up uses is looked up once here: at
+        probe rates a wake-up's cost is mostly the interpreter's (its
+        caches are cold after tens of milliseconds asleep)."""
+        pring = self._ring
+        take = pring.take
+        session = self.session
+        # Kernel ifindex -> batch column, for the in-place reader.
+        columns = self.__dict__.get('_ring_columns')
+        if columns is None:
+            columns = self._ring_columns = array.array('i')
+        batch = self.batch
+        batch.auth_column()     # padded: keys and auth grow together below
+        add_keys, add_index = batch.keys.frombytes, batch.ifindex.frombytes
+        add_t_ns, add_auth = batch.t_ns.frombytes, batch.auth.frombytes
+        add_direction = batch.direction.frombytes
+        clock = time.monotonic_ns
+        stopped = self._stop.is_set
+        idle, slow = ring.IDLE, ring.SLOW
+        while True:
+            seen, keys, index, t_ns, pkttype, auth, stop = take(session,
+                                                                columns)
+            if keys:
+                add_auth(auth)
+                add_keys(keys)
+                add_index(index)
+                add_t_ns(t_ns)
+                add_direction(pkttype.translate(_T_DIR))
+                self._last_probe_ns = clock()
+            self._seen += seen
+            if stop == idle:
+                if poller is None:
+                    return
+                # Asleep until the kernel hands a block over or close()
+                # writes to the pipe (then stop, even if blocks are
+                # coming: close() reads the rest).
+                events = poller.poll(idle_ms)
+                while not events:
+                    if stopped():
+                        return
+                    events = poller.poll(idle_ms)
+                if stopped():
+                    return
+            elif stop != slow and 0 <= stop < ring.TABLE_IFINDEXES:
+                # An interface not seen yet.
+                if len(columns) <= stop:
+                    columns.extend([ring.NO_COLUMN] *
+                                   (stop + 1 - len(columns)))
+                columns[stop] = self._columns((stop,))[0]
+            else:
+                at = pring.ready()
+                data = pring.copy(at)
+                # Given back before it is decoded: the kernel may refill
+                # it.
+                pring.release()
+                for run in ring.decode_block(data):
+                    self._seen += run.n
+                    self._take_run(data, run)
 
     def _take_run(self, data, run):
         """Keep the probes of one :class:`ring.Run`: in columns when they

@@ -12,9 +12,12 @@ same answers (tests/unit/test_pcapwalk.py holds both to that).
 (to compare, or to rule it out).
 """
 
+import array
 import itertools
 import os
 import struct
+
+from netweaver_agent.core import probe
 
 try:
     from netweaver_agent.core import _pcapwalk
@@ -101,6 +104,144 @@ def select_python(buf, start, stride, size, flags):
                          range(len(flags)), flags))])
 
 
+# A TPACKET_V3 block (native byte order): num_pkts, offset_to_first_pkt;
+# a packet's tpacket3_hdr: next offset, sec, nsec, snaplen, status, mac;
+# its sockaddr_ll's ifindex and packet type.
+_TP3_BLOCK = struct.Struct('@II')
+_TP3_HDR = struct.Struct('@IIII4xIH')
+_TP3_IFINDEX = struct.Struct('@i')
+_TP3_NEED = 68
+_U32N = struct.Struct('@I')
+_TP_STATUS_USER = 1
+_TP_STATUS_VLAN_VALID = 0x10
+# Why ring_take stopped, when not at an ifindex its table lacks.
+TAKE_IDLE = -1
+TAKE_SLOW = -2
+# A tagged probe's IP bytes with its keyed tag (pcapkeys._AUTH_NEED).
+_AUTH_NEED = 20 + 8 + probe.TAG_LEN + probe.AUTH_LEN
+_ECHO_ID = struct.Struct('!H')
+_TAG_AT = struct.Struct('!4sHIQ')               # MAGIC, session, seq, tag
+_ROWS = {'keys': 'Q', 'columns': 'i', 't_ns': 'q', 'auth': 'Q'}
+
+
+def _probe_row(buf, q, caplen):
+    """``(session, key, auth)`` of the frame at ``buf[q:q+caplen]`` when
+    it is an untagged Ethernet + IPv4 (no options, not a later fragment)
+    ICMP echo or UDP probe, or an echo reply, holding all of its tag;
+    else None."""
+    if caplen < 14 + _AUTH_NEED:
+        return None
+    etype, = _ECHO_ID.unpack_from(buf, q + 12)
+    ip = q + 14
+    l4 = ip + 20
+    if (etype != 0x0800 or buf[ip] != 0x45 or buf[ip + 6] & 0x1f or
+            buf[ip + 7]):
+        return None
+    total, = _ECHO_ID.unpack_from(buf, ip + 2)
+    if 0 < total < _AUTH_NEED:
+        return None
+    magic, session, seq, tag = _TAG_AT.unpack_from(buf, l4 + 8)
+    if magic != probe.MAGIC:
+        return None
+    proto = buf[ip + 9]
+    if proto == 1:
+        reply = {8: 0, 0: 1}.get(buf[l4])
+        if reply is None or _ECHO_ID.unpack_from(buf, l4 + 4)[0] != session:
+            return None
+    elif proto == 17:
+        if _ECHO_ID.unpack_from(buf, l4)[0] != probe.udp_source_port(
+                session):
+            return None
+        reply = 0
+    else:
+        return None
+    # The answer's source, the probe's destination.
+    addr = ip + (12 if reply else 16)
+    return (session, seq << 1 | reply,
+            tag ^ int.from_bytes(buf[addr:addr + 4], 'big'))
+
+
+def _walk_block(b, size, session, columns, rows):
+    """:func:`ring_take`'s walk of one block (bytes ``b``): ``(None,
+    packets)`` with its wanted rows appended to ``rows``, else ``(stop,
+    None)``, ``stop`` :data:`TAKE_SLOW` or an ifindex the table lacks,
+    and ``rows`` as they were."""
+    if size < 24:
+        return TAKE_SLOW, None
+    count, first = _TP3_BLOCK.unpack_from(b, 12)
+    if count > size // _TP3_NEED:
+        return TAKE_SLOW, None
+    kept = {name: array.array(code) for name, code in _ROWS.items()}
+    types = bytearray()
+    h = first
+    for i in range(count):
+        if h > size - _TP3_NEED:
+            return TAKE_SLOW, None
+        nxt, sec, nsec, snaplen, status, mac = _TP3_HDR.unpack_from(b, h)
+        ifindex, = _TP3_IFINDEX.unpack_from(b, h + 52)
+        if ifindex < 0:
+            return TAKE_SLOW, None
+        if ifindex >= len(columns) or columns[ifindex] < -1:
+            return ifindex, None
+        column = columns[ifindex]
+        if column >= 0:
+            if status & _TP_STATUS_VLAN_VALID:
+                return TAKE_SLOW, None
+            if mac > size - h or snaplen > size - h - mac:
+                return TAKE_SLOW, None
+            found = _probe_row(b, h + mac, snaplen)
+            if found is None or found[0] != session:
+                return TAKE_SLOW, None
+            kept['keys'].append(found[1])
+            kept['auth'].append(found[2])
+            kept['t_ns'].append(sec * 1_000_000_000 + nsec)
+            kept['columns'].append(column)
+            types.append(b[h + 58])
+        if i + 1 < count:
+            if not nxt:
+                return TAKE_SLOW, None
+            h += nxt
+    for name, col in kept.items():
+        rows[name] += col.tobytes()
+    rows['pkttype'] += types
+    return None, count
+
+
+def ring_take_python(ring, block_bytes, nblocks, next, session, table):
+    """:func:`ring_take` in Python."""
+    view = memoryview(ring).cast('B')
+    columns = array.array('i')
+    if view.readonly:
+        raise TypeError('ring_take: the ring must be writable')
+    if (block_bytes < 48 or block_bytes % 8 or nblocks < 1 or
+            not 0 <= next < nblocks or nblocks > len(view) // block_bytes or
+            len(memoryview(table).cast('B')) % columns.itemsize):
+        raise ValueError('ring_take: bad bounds')
+    columns.frombytes(bytes(table))
+    rows = {name: bytearray() for name in (*_ROWS, 'pkttype')}
+    seen = 0
+    stop = TAKE_IDLE
+    for _ in range(nblocks):
+        base = next * block_bytes
+        status, = _U32N.unpack_from(view, base + 8)
+        if not status & _TP_STATUS_USER:
+            break
+        length, = _U32N.unpack_from(view, base + 20)
+        length = min(max(length, 48), block_bytes)
+        walked, found = _walk_block(bytes(view[base:base + length]), length,
+                                    session, columns, rows)
+        if walked is not None:
+            stop = walked
+            break
+        seen += found
+        view[base + 8:base + 12] = bytes(4)     # read: the kernel's again
+        next = (next + 1) % nblocks
+    view.release()
+    return (next, seen, bytes(rows['keys']), bytes(rows['columns']),
+            bytes(rows['t_ns']), bytes(rows['pkttype']), bytes(rows['auth']),
+            stop)
+
+
 def walk_pcap(buf, o, end, cap_at, big, pair, limit, count):
     """``(offsets, next, complete)``: up to ``count`` pcap record offsets
     from ``o``.
@@ -147,3 +288,41 @@ def select(buf, start, stride, size, flags):
     if _pcapwalk is None:
         return select_python(buf, start, stride, size, flags)
     return _pcapwalk.select(buf, start, stride, size, flags)
+
+
+def ring_take(ring, block_bytes, nblocks, next, session, table):
+    """Read the blocks of a ``TPACKET_V3`` receive ring that the kernel
+    handed over, in place, while each holds only probes the capture can
+    key here; give each back to the kernel once read.
+
+    ``ring``: the ring's memory (writable), ``nblocks`` blocks of
+    ``block_bytes``; ``next``: the block to read first.  ``table``: native
+    32-bit integers, a kernel ifindex's batch column (-1: the interface is
+    not wanted, its packets are skipped).  A block is read here when each
+    packet it holds of a wanted interface is an untagged Ethernet + IPv4
+    ICMP echo or UDP probe of ``session``, or an echo reply, holding all
+    of its tag, with no VLAN tag taken out by the kernel.
+
+    Returns ``(next, seen, keys, columns, t_ns, pkttype, auth, stop)``:
+    the block to read next, the packets of the blocks read, their wanted
+    rows as bytes (native arrays ``'Q'``, ``'i'``, ``'q'``, a packet type
+    byte each, ``'Q'``) and why it stopped at block ``next``:
+    :data:`TAKE_IDLE` (the kernel's still), :data:`TAKE_SLOW` (another
+    session, VLAN tags, TCP, tunnels, an ICMP error, a damaged block...:
+    the caller decodes that block in columns, see
+    :mod:`netweaver_agent.core.ring`) or an ifindex that ``table`` has no
+    column for (outside it or below -1: fill it and call again).
+    """
+    if _pcapwalk is None:
+        return ring_take_python(ring, block_bytes, nblocks, next, session,
+                                table)
+    return _pcapwalk.ring_take(ring, block_bytes, nblocks, next, session,
+                               table)
+
+
+def ring_take_function():
+    """:func:`ring_take` itself, C or Python, for a reader calling it on
+    every wake-up (without this module's dispatch)."""
+    if _pcapwalk is None:
+        return ring_take_python
+    return _pcapwalk.ring_take

@@ -9,6 +9,7 @@ either give the same rows.  Where the extension is expected (CI:
 instead of skipping.
 """
 
+import array
 import os
 import struct
 
@@ -18,7 +19,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from netweaver_agent.core import pcapfile
+from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import pcapwalk
+from netweaver_agent.core import probe
 from tests import packets as pk
 
 C = pcapwalk._pcapwalk
@@ -212,3 +215,242 @@ def test_captures_read_the_same_with_either_loops(tmp_path_factory, rnd,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pcapwalk, '_pcapwalk', None)
         assert read_all() == with_c
+
+
+# --------------------------------------------------------------------------
+# ring_take: the blocks of a TPACKET_V3 receive ring, read in place.
+
+TAKES = {'python': pcapwalk.ring_take_python}
+if C is not None:
+    TAKES['c'] = C.ring_take
+RING_SESSION = 0x2b2b
+BLOCK = 8192
+# The kernel's packet type of a frame this host sent (sockaddr_ll).
+OUTGOING = 4
+
+
+def _ring_frame(rnd, clean):
+    """A probe or echo reply of RING_SESSION (ICMP, UDP; some with a
+    secret's tag); unless ``clean``, maybe other sessions, TCP, UDP's
+    ICMP errors, VLAN tags, IPv6, tunnels or damaged frames instead."""
+    pick = 1.0 if clean else rnd.random()
+    if pick < 0.3:
+        return pk.damage(rnd, pk.make_frame(rnd))
+    proto = rnd.choice(['icmp', 'udp'] if pick > 0.5 else probe.PROTOCOLS)
+    session = RING_SESSION if pick > 0.4 else rnd.randrange(0x10000)
+    seq = rnd.randrange(1 << 32)
+    if proto == 'tcp':
+        seq = probe.tcp_ident(pk.PORT, seq & 0xffff)
+    f = probe.build_frame(proto, session, seq, pk.SRC, pk.DST, pk.MAC_A,
+                          pk.MAC_B, size=rnd.choice([48, 64, 64, 100]),
+                          secret=pk.secret_of(rnd))
+    if (proto == 'icmp' or not clean) and rnd.random() < 0.3:
+        f = pk.reply(f)
+    return f
+
+
+def _ring_memory(rnd, nblocks):
+    """A ring's memory of ``nblocks`` blocks of BLOCK bytes: blocks handed
+    over (as ``pk.ring_block`` lays them out) or still the kernel's, of
+    probes only or of anything, some with bytes of their headers or
+    frames changed."""
+    memory = bytearray(BLOCK * nblocks)
+    for b in range(nblocks):
+        if rnd.random() < 0.15:
+            continue                            # the kernel's (status 0)
+        clean = rnd.random() < 0.7
+        packets = [(_ring_frame(rnd, clean),
+                    rnd.choice([1, 3, 7, 9, 9, 9, 9] +
+                               ([] if clean else [0, 70000])),
+                    rnd.choice([0, 3, OUTGOING]),
+                    rnd.randrange((1 << 32) * 10 ** 9),
+                    None if clean or rnd.random() < 0.8 else 100)
+                   for _ in range(rnd.randrange(0, 20))]
+        block = bytearray(pk.ring_block(packets)[:BLOCK])
+        for _ in range(rnd.choice([0] * 7 + [1, 3])):
+            at = rnd.randrange(len(block))
+            block[at] = rnd.choice([0, 1, 0x10, 0x7f, 0xff,
+                                    rnd.randrange(256)])
+        memory[b * BLOCK:b * BLOCK + len(block)] = block
+    return memory
+
+
+def _table(rnd):
+    """Batch columns by ifindex 0..9: wanted (>= 0), not (-1), unknown
+    (below -1, or the table too short)."""
+    wanted = [rnd.choice([0, 1, 2, -1]) for _ in range(10)]
+    if rnd.random() < 0.1:
+        wanted[rnd.randrange(10)] = rnd.choice([-2, -3])
+    return array.array('i', wanted[:rnd.choice([10] * 8 + [8, 0])])
+
+
+@settings(max_examples=400, deadline=None)
+@given(pk.randoms)
+def test_ring_take_c_equals_python(rnd):
+    """On rings of probes, answers, other traffic and damaged blocks
+    (headers, lengths, offsets, frames), C and Python read the same
+    blocks, keep the same rows, stop at the same block for the same
+    reason and give the same blocks back to the kernel."""
+    _need_c()
+    nblocks = rnd.randrange(1, 5)
+    memory = _ring_memory(rnd, nblocks)
+    table = _table(rnd)
+    args = (BLOCK, nblocks, rnd.randrange(nblocks),
+            RING_SESSION if rnd.random() < 0.9 else rnd.randrange(1 << 16),
+            table)
+    by_c, by_python = bytearray(memory), bytearray(memory)
+    assert C.ring_take(by_c, *args) == pcapwalk.ring_take_python(
+        by_python, *args)
+    assert by_c == by_python
+
+
+def _handed_over(*blocks, spare=1):
+    """Ring memory holding ``blocks`` (pk.ring_block's), then ``spare``
+    blocks still the kernel's."""
+    memory = bytearray(BLOCK * (len(blocks) + spare))
+    for i, block in enumerate(blocks):
+        memory[i * BLOCK:i * BLOCK + len(block)] = block
+    return memory
+
+
+def _status(memory, i):
+    return struct.unpack_from('@I', memory, i * BLOCK + 8)[0]
+
+
+def _probes(n, ifindex=3, session=RING_SESSION, first=1):
+    out = []
+    for seq in range(first, first + n):
+        proto = 'udp' if seq % 3 == 0 else 'icmp'
+        f = probe.build_frame(proto, session, seq, pk.SRC, pk.DST, pk.MAC_A,
+                              pk.MAC_B, secret=b'k' * probe.SECRET_LEN)
+        if proto == 'icmp' and seq % 5 == 0:
+            f = pk.reply(f)                     # an echo reply
+        out.append((f, ifindex, OUTGOING if seq % 2 else 0,
+                    1_764_000_000_000_000_000 + 1000 * seq, None))
+    return out
+
+
+@pytest.mark.parametrize('take', sorted(TAKES))
+def test_ring_take_reads_probe_blocks_and_gives_them_back(take):
+    """Blocks of probes and echo replies: every row kept, with its key
+    (seq << 1 | reply), batch column, time, packet type and auth as the
+    per-frame parser reads them; the blocks read go back to the kernel,
+    the one still the kernel's is not touched."""
+    take = TAKES[take]
+    first, second = _probes(30, first=1), _probes(7, ifindex=9, first=31)
+    memory = _handed_over(pk.ring_block(first), pk.ring_block(second))
+    table = array.array('i', [-2, -2, -2, 4, -2, -2, -2, -2, -2, 6])
+    nxt, seen, keys, cols, t_ns, types, auth, stop = take(
+        memory, BLOCK, 3, 0, RING_SESSION, table)
+    assert (nxt, seen, stop) == (2, 37, pcapwalk.TAKE_IDLE)
+    packets = first + second
+    want = []
+    for f, ifindex, pkttype, t, _vid in packets:
+        session, key = pcapkeys.frame_key(f, 0, len(f))
+        want.append((key, table[ifindex], t, pkttype,
+                     pcapkeys.frame_auth(f, 0, len(f))))
+    got = list(zip(array.array('Q', keys), array.array('i', cols),
+                   array.array('q', t_ns), types, array.array('Q', auth)))
+    assert got == want
+    assert any(k & 1 for k, *_ in got) and any(a for *_, a in got)
+    assert [_status(memory, i) for i in range(3)] == [0, 0, 0]
+    # Nothing handed over: nothing read.
+    assert take(memory, BLOCK, 3, 2, RING_SESSION, table) == (
+        2, 0, b'', b'', b'', b'', b'', pcapwalk.TAKE_IDLE)
+
+
+@pytest.mark.parametrize('take', sorted(TAKES))
+def test_ring_take_stops_at_a_block_it_cannot_key(take):
+    """Another session's probe, a VLAN tag the kernel took out, TCP, an
+    ICMP error: the block stays handed over for the caller to decode,
+    the rows of the blocks before it are given; packets of interfaces
+    not wanted are skipped whatever they are; an interface the table
+    lacks stops the read at its block."""
+    take = TAKES[take]
+    table = array.array('i', [-2, -2, -2, 0, -2, -2, -2, -1])
+    good = _probes(5)
+    noise = [(pk.frame('tcp', 1, pk.ident('tcp', 7)), 7, 0, 1, None),
+             (pk.frame('icmp', RING_SESSION + 1, 2), 7, 0, 2, 100)]
+    flaws = {
+        'session': [(pk.frame('icmp', RING_SESSION + 1, 9), 3, 0, 5, None)],
+        'vlan': [(pk.frame('icmp', RING_SESSION, 9), 3, 0, 5, 100)],
+        'tcp': [(pk.frame('tcp', RING_SESSION, pk.ident('tcp', 9)), 3, 0,
+                 5, None)],
+        'error': [(pk.reply(pk.frame('udp', RING_SESSION, 9)), 3, 0, 5,
+                   None)],
+        'unknown': [(pk.frame('icmp', RING_SESSION, 9), 5, 0, 5, None)],
+    }
+    for flaw, bad in flaws.items():
+        memory = _handed_over(pk.ring_block(good + noise),
+                              pk.ring_block(_probes(2) + bad))
+        nxt, seen, keys, *_rest, stop = take(memory, BLOCK, 3, 0,
+                                             RING_SESSION, table)
+        assert (nxt, seen, len(keys)) == (1, 7, 5 * 8), flaw
+        assert stop == (5 if flaw == 'unknown' else pcapwalk.TAKE_SLOW)
+        assert [_status(memory, i) for i in range(2)] == [0, 1], flaw
+
+
+def _header_at(block, i):
+    """Offset of packet ``i``'s tpacket3_hdr in a pk.ring_block block."""
+    h = struct.unpack_from('@I', block, 16)[0]
+    for _ in range(i):
+        h += struct.unpack_from('@I', block, h)[0]
+    return h
+
+
+@pytest.mark.parametrize('take', sorted(TAKES))
+def test_ring_take_leaves_damaged_blocks_to_the_caller(take):
+    """Counts, offsets and lengths pointing outside the block (or a
+    packet count the block cannot hold) are never followed: the block is
+    left for the caller to decode (ring.decode_block names the flaw)."""
+    take = TAKES[take]
+    table = array.array('i', [-2, -2, -2, 0])
+    block = bytearray(pk.ring_block(_probes(4)))
+    h2 = _header_at(block, 2)
+    flaws = {
+        'count': (12, '@I', 10 ** 6),
+        'first': (16, '@I', BLOCK - 20),
+        'next': (h2, '@I', BLOCK),
+        'next0': (h2, '@I', 0),
+        'mac': (h2 + 24, '@H', 0xffff),
+        'snaplen': (h2 + 12, '@I', BLOCK),
+        'length': (20, '@I', 1),
+        'ifindex': (h2 + 52, '@i', -3),
+    }
+    for flaw, (at, fmt, value) in flaws.items():
+        bad = bytearray(block)
+        struct.pack_into(fmt, bad, at, value)
+        memory = _handed_over(bad)
+        *_rows, stop = take(memory, BLOCK, 2, 0, RING_SESSION, table)
+        assert stop == pcapwalk.TAKE_SLOW, flaw
+        assert _status(memory, 0) == 1, flaw
+    # A block cut short (its length says so): the packets past it are
+    # not read.
+    cut = bytearray(block)
+    struct.pack_into('@I', cut, 20, h2 + 60)
+    assert take(_handed_over(cut), BLOCK, 2, 0, RING_SESSION,
+                table)[-1] == pcapwalk.TAKE_SLOW
+
+
+@pytest.mark.parametrize('take', sorted(TAKES))
+def test_ring_take_bad_arguments_are_errors(take):
+    take = TAKES[take]
+    memory, table = bytearray(2 * BLOCK), array.array('i')
+    for args in ((BLOCK, 3, 0), (BLOCK, 2, 2), (BLOCK, 0, 0), (44, 2, 0),
+                 (BLOCK + 4, 1, 0), (BLOCK, 2, -1)):
+        with pytest.raises(ValueError):
+            take(memory, *args, RING_SESSION, table)
+    with pytest.raises(ValueError):
+        take(memory, BLOCK, 2, 0, RING_SESSION, b'\0\0\0')
+    with pytest.raises(TypeError):
+        take(bytes(memory), BLOCK, 2, 0, RING_SESSION, table)
+
+
+def test_the_c_walk_knows_the_probe_tag():
+    """The tag layout the C walk reads is probe's."""
+    _need_c()
+    assert C.PROBE_MAGIC == probe.MAGIC
+    assert C.PROBE_TAG_LEN == probe.TAG_LEN
+    assert C.PROBE_AUTH_LEN == probe.AUTH_LEN
+    assert (C.TAKE_IDLE, C.TAKE_SLOW) == (pcapwalk.TAKE_IDLE,
+                                          pcapwalk.TAKE_SLOW)
