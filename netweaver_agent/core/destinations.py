@@ -113,6 +113,10 @@ def _subnet_refusal(ip, networks):
     return None
 
 
+# Verdicts a policy keeps (then forgets them all and starts again).
+MAX_VERDICTS = 4096
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DestinationPolicy:
     """Which addresses probes may be sent to.
@@ -128,14 +132,32 @@ class DestinationPolicy:
     networks: tuple = ()
     require_networks: bool = False
     subnets: tuple = ()
+    # {address: (canonical form or None, refusal or None)}: a cycle asks
+    # of every vNIC's address several times, each cycle (bounded).
+    _verdicts: dict = dataclasses.field(default_factory=dict, compare=False,
+                                        hash=False, repr=False)
+
+    def _verdict(self, address):
+        if not isinstance(address, str):
+            return None, 'not an IPv4 or IPv6 address'
+        found = self._verdicts.get(address)
+        if found is None:
+            why = self._refusal(address)
+            found = (None if why else str(ipaddress.ip_address(address)),
+                     why)
+            if len(self._verdicts) >= MAX_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[address] = found
+        return found
 
     def refusal(self, address):
         """Why ``address`` is refused, or None if probes may go there."""
+        return self._verdict(address)[1]
+
+    def _refusal(self, address):
         try:
-            if not isinstance(address, str):
-                raise TypeError(address)
             ip = ipaddress.ip_address(address)
-        except (ValueError, TypeError):
+        except ValueError:
             return 'not an IPv4 or IPv6 address'
         why = _class_refusal(ip)
         if why is None:
@@ -153,10 +175,10 @@ class DestinationPolicy:
 
     def check(self, address):
         """``address`` in canonical form, or :class:`RefusedDestination`."""
-        why = self.refusal(address)
+        canonical, why = self._verdict(address)
         if why is not None:
             raise RefusedDestination(address, why)
-        return str(ipaddress.ip_address(address))
+        return canonical
 
     def check_all(self, addresses):
         """Canonical forms of every address; the first refusal raises."""

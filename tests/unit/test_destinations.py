@@ -6,6 +6,8 @@ prepared has the source forget them.  The real privsep daemon refuses the
 same addresses in tests/functional/test_daemon_limits.py.
 """
 
+import ipaddress
+
 import pytest
 
 from netweaver_agent.core import capture
@@ -62,6 +64,53 @@ def test_the_reason_names_the_class(kind):
 def test_unicast_addresses_pass_without_probe_networks(address):
     assert destinations.DEFAULT.refusal(address) is None
     assert destinations.check(address) == address
+
+
+def _fresh(policy):
+    """A policy like ``policy`` that never answered anything."""
+    return destinations.DestinationPolicy(policy.networks,
+                                          policy.require_networks,
+                                          policy.subnets)
+
+
+def _answer(policy, address):
+    try:
+        return policy.check(address), None
+    except destinations.RefusedDestination as exc:
+        return None, exc.reason
+
+
+def test_a_policy_answers_again_what_it_answered_first():
+    # Verdicts are kept per policy: the same address asked again, or of
+    # another policy (other networks, subnets), gets its own answer.
+    addresses = ([a for v in REFUSED.values() for a in v] + ALLOWED +
+                 ['2001:2:0:0::A', '198.20.0.1', '198.18.7.255',
+                  '198.18.7.0', '198.18.7.9'])
+    policies = [destinations.DEFAULT,
+                destinations.policy(['198.18.0.0/15']),
+                destinations.policy(['198.18.0.0/15'], subnets=[
+                    '198.18.7.0/24']),
+                destinations.policy(require_networks=True),
+                destinations.policy(['2001:2::/48'])]
+    for _ in range(2):
+        for policy in policies:
+            for address in addresses:
+                assert _answer(policy, address) == _answer(
+                    _fresh(policy), address), (policy, address)
+    broadcast = policies[2]
+    assert _answer(broadcast, '198.18.7.255')[0] is None
+    assert _answer(policies[1], '198.18.7.255') == ('198.18.7.255', None)
+
+
+def test_a_policy_keeps_a_bounded_number_of_verdicts():
+    policy = destinations.policy(['198.18.0.0/15'])
+    most = destinations.MAX_VERDICTS
+    addresses = [str(ipaddress.ip_address('198.18.0.1') + i)
+                 for i in range(most + 10)]
+    for address in addresses:
+        policy.check(address)
+    assert 0 < len(policy._verdicts) <= most
+    assert policy.check(addresses[0]) == addresses[0]
 
 
 def test_check_returns_the_canonical_form():
