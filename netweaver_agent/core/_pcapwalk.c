@@ -419,7 +419,7 @@ walk_block(const unsigned char *b, Py_ssize_t size, Py_ssize_t session,
            const unsigned char *tab, Py_ssize_t ntab, struct rows *r,
            Py_ssize_t *seen)
 {
-    Py_ssize_t count, h, i, n0 = r->n;
+    Py_ssize_t count, h, i, pf, n0 = r->n;
 
     if (size < 24)
         return WALK_SLOW;
@@ -430,6 +430,7 @@ walk_block(const unsigned char *b, Py_ssize_t size, Py_ssize_t session,
     if (rows_room(r, count) < 0)
         return WALK_ERROR;
     h = (Py_ssize_t)native32(b + 16);
+    pf = h;
     for (i = 0; i < count; i++) {
         const unsigned char *p;
         int32_t ifindex, column;
@@ -438,6 +439,10 @@ walk_block(const unsigned char *b, Py_ssize_t size, Py_ssize_t session,
 
         if (h > size - TP3_NEED)
             goto slow;
+        /* The kernel wrote the block from another CPU: stream the lines
+         * ahead in (the hardware's prefetch stops at page ends). */
+        for (; pf < h + PREFETCH_AHEAD && pf < size; pf += 64)
+            __builtin_prefetch(b + pf);
         p = b + h;
         nxt = native32(p);
         memcpy(&ifindex, p + 52, 4);
@@ -487,41 +492,99 @@ slow:
 }
 
 PyDoc_STRVAR(ring_take_doc,
-"ring_take(ring, block_bytes, nblocks, next, session, table)\n"
-"    -> (next, seen, keys, columns, t_ns, pkttype, auth, stop)\n\n"
+"ring_take(ring, block_bytes, nblocks, cursor, session, table, out,\n"
+"          directions) -> (seen, kept, stop)\n\n"
 "Read the blocks of a TPACKET_V3 receive ring (ring: its memory, nblocks\n"
-"blocks of block_bytes) that the kernel handed over, from block next on,\n"
+"blocks of block_bytes) that the kernel handed over, from block cursor[0]\n"
+"on (cursor: one native 8-byte integer, moved on past the blocks read),\n"
 "in place, giving each back to the kernel once read, while every packet\n"
 "of each that the capture wants is a probe of session or an echo reply\n"
 "that probe_row keys (no VLAN tag taken out).  Wanted: its interface's\n"
-"batch column, table[ifindex] (native 32-bit integers), is not -1.\n"
-"next: the block to read next; seen: the packets of the blocks read;\n"
-"the kept rows' columns as bytes (native 8-byte keys, 4-byte columns,\n"
-"8-byte nanosecond times, packet type bytes, 8-byte auths); stop: why it\n"
-"stopped at block next: TAKE_IDLE (not handed over yet), TAKE_SLOW\n"
-"(another session, a VLAN tag, another layout, a damaged block: the\n"
-"caller decodes it) or an ifindex the table has no column for (outside\n"
-"it or below -1: fill and call again).");
+"batch column, table[ifindex] (native 32-bit integers), is not -1.  The\n"
+"kept rows are appended (frombytes) to the five columns of the tuple out:\n"
+"keys (8-byte items), batch columns (4), nanosecond times (8), directions\n"
+"(1: directions[packet type]) and auths (8).  seen: the packets of the\n"
+"blocks read; kept: the rows appended; stop: why it stopped at block\n"
+"cursor[0]: TAKE_IDLE (not handed over yet), TAKE_SLOW (another session,\n"
+"a VLAN tag, another layout, a damaged block: the caller decodes it) or\n"
+"an ifindex the table has no column for (outside it or below -1: fill\n"
+"and call again).");
+
+/* out's columns: keys, batch columns, times, directions, auths. */
+static const Py_ssize_t OUT_ITEMS[5] = {8, 4, 8, 1, 8};
+static PyObject *str_frombytes;
+
+/* 0 when each of out's five columns has items of OUT_ITEMS' size. */
+static int
+check_out(PyObject *out)
+{
+    Py_ssize_t i;
+    if (PyTuple_GET_SIZE(out) != 5)
+        goto bad;
+    for (i = 0; i < 5; i++) {
+        Py_buffer b;
+        Py_ssize_t size;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(out, i), &b,
+                               PyBUF_FORMAT) < 0)
+            return -1;
+        size = b.itemsize;
+        PyBuffer_Release(&b);
+        if (size != OUT_ITEMS[i])
+            goto bad;
+    }
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError,
+                    "ring_take: out must hold five columns of 8-, 4-, 8-, "
+                    "1- and 8-byte items");
+    return -1;
+}
+
+static int
+append_column(PyObject *column, unsigned char *data, Py_ssize_t len)
+{
+    PyObject *view, *done;
+    view = PyMemoryView_FromMemory((char *)data, len, PyBUF_READ);
+    if (view == NULL)
+        return -1;
+    done = PyObject_CallMethodOneArg(column, str_frombytes, view);
+    Py_DECREF(view);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
 
 static PyObject *
 ring_take(PyObject *self, PyObject *args)
 {
-    Py_buffer view, tab;
+    Py_buffer view, cur, tab, dirs;
+    PyObject *outs, *result = NULL;
     Py_ssize_t block_bytes, nblocks, next, session, seen = 0, found = 0;
-    Py_ssize_t stop = TAKE_IDLE, guard;
+    Py_ssize_t stop = TAKE_IDLE, guard, i;
+    int64_t at;
     struct rows r = {0, 0, NULL, NULL, NULL, NULL, NULL};
     unsigned char *ring;
-    PyObject *out = NULL;
 
-    if (!PyArg_ParseTuple(args, "w*nnnny*", &view, &block_bytes, &nblocks,
-                          &next, &session, &tab))
+    if (!PyArg_ParseTuple(args, "w*nnw*ny*O!y*", &view, &block_bytes,
+                          &nblocks, &cur, &session, &tab, &PyTuple_Type,
+                          &outs, &dirs))
         return NULL;
+    if (cur.len != 8 || dirs.len != 256) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ring_take: cursor must be 8 bytes, directions 256");
+        goto done;
+    }
+    memcpy(&at, cur.buf, 8);
+    next = (Py_ssize_t)at;
     if (block_bytes < 48 || block_bytes % 8 || nblocks < 1 || next < 0 ||
-            next >= nblocks ||
-            nblocks > view.len / block_bytes || tab.len % 4) {
+            next >= nblocks || nblocks > view.len / block_bytes ||
+            tab.len % 4) {
         PyErr_SetString(PyExc_ValueError, "ring_take: bad bounds");
         goto done;
     }
+    if (check_out(outs) < 0)
+        goto done;
     ring = (unsigned char *)view.buf;
     for (guard = 0; guard < nblocks; guard++) {
         unsigned char *b = ring + next * block_bytes;
@@ -554,20 +617,30 @@ ring_take(PyObject *self, PyObject *args)
         __atomic_store_n(status, 0, __ATOMIC_RELEASE);
         next = (next + 1) % nblocks;
     }
-    /* y# of NULL would be None: empty columns are empty bytes. */
-    if (rows_room(&r, 1) < 0)
-        goto done;
-    out = Py_BuildValue("(nny#y#y#y#y#n)", next, seen,
-                        (const char *)r.keys, r.n * 8,
-                        (const char *)r.cols, r.n * 4,
-                        (const char *)r.times, r.n * 8,
-                        (const char *)r.types, r.n,
-                        (const char *)r.auths, r.n * 8, stop);
+    at = (int64_t)next;
+    memcpy(cur.buf, &at, 8);
+    if (r.n) {
+        const unsigned char *d = (const unsigned char *)dirs.buf;
+        for (i = 0; i < r.n; i++)
+            r.types[i] = d[r.types[i]];
+        if (append_column(PyTuple_GET_ITEM(outs, 0), r.keys, 8 * r.n) < 0 ||
+                append_column(PyTuple_GET_ITEM(outs, 1), r.cols,
+                              4 * r.n) < 0 ||
+                append_column(PyTuple_GET_ITEM(outs, 2), r.times,
+                              8 * r.n) < 0 ||
+                append_column(PyTuple_GET_ITEM(outs, 3), r.types, r.n) < 0 ||
+                append_column(PyTuple_GET_ITEM(outs, 4), r.auths,
+                              8 * r.n) < 0)
+            goto done;
+    }
+    result = Py_BuildValue("(nnn)", seen, r.n, stop);
 done:
     PyMem_Free(r.keys);
     PyBuffer_Release(&view);
+    PyBuffer_Release(&cur);
     PyBuffer_Release(&tab);
-    return out;
+    PyBuffer_Release(&dirs);
+    return result;
 }
 
 static PyMethodDef methods[] = {
@@ -588,7 +661,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__pcapwalk(void)
 {
-    PyObject *m = PyModule_Create(&module);
+    PyObject *m;
+    str_frombytes = PyUnicode_InternFromString("frombytes");
+    if (str_frombytes == NULL)
+        return NULL;
+    m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObject(m, "PROBE_MAGIC", PyBytes_FromStringAndSize(

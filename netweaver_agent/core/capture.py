@@ -774,39 +774,32 @@ class LiveCapture:
 
     def _read_ring(self, poller=None, idle_ms=None):
         """Read the blocks the kernel handed over, in order: in place, in
-        one call, while each holds only this window's probes or answers
-        that :meth:`ring.PacketRing.take` keys (the common case); any
+        one C call, while each holds only this window's probes or answers
+        that :meth:`ring.PacketRing.taker` keys (the common case); any
         other block copied and decoded in runs (:meth:`_take_run`).
 
         With ``poller`` (the reader thread's, holding the socket and the
         wake-up pipe): then wait for the next block, until the capture
-        closes.  Everything a wake-up uses is looked up once here: at
-        probe rates a wake-up's cost is mostly the interpreter's (its
-        caches are cold after tens of milliseconds asleep)."""
+        closes.  Everything a wake-up uses is set up once here: at probe
+        rates a wake-up costs more than its packets, most of it the
+        interpreter's (its caches are cold after tens of milliseconds
+        asleep)."""
         pring = self._ring
-        take = pring.take
-        session = self.session
         # Kernel ifindex -> batch column, for the in-place reader.
         columns = self.__dict__.get('_ring_columns')
         if columns is None:
             columns = self._ring_columns = array.array('i')
         batch = self.batch
         batch.auth_column()     # padded: keys and auth grow together below
-        add_keys, add_index = batch.keys.frombytes, batch.ifindex.frombytes
-        add_t_ns, add_auth = batch.t_ns.frombytes, batch.auth.frombytes
-        add_direction = batch.direction.frombytes
+        take = pring.taker(self.session, columns, (
+            batch.keys, batch.ifindex, batch.t_ns, batch.direction,
+            batch.auth), _T_DIR)
         clock = time.monotonic_ns
         stopped = self._stop.is_set
         idle, slow = ring.IDLE, ring.SLOW
         while True:
-            seen, keys, index, t_ns, pkttype, auth, stop = take(session,
-                                                                columns)
-            if keys:
-                add_auth(auth)
-                add_keys(keys)
-                add_index(index)
-                add_t_ns(t_ns)
-                add_direction(pkttype.translate(_T_DIR))
+            seen, kept, stop = take()
+            if kept:
                 self._last_probe_ns = clock()
             self._seen += seen
             if stop == idle:

@@ -112,6 +112,9 @@ _TP3_HDR = struct.Struct('@IIII4xIH')
 _TP3_IFINDEX = struct.Struct('@i')
 _TP3_NEED = 68
 _U32N = struct.Struct('@I')
+_I64N = struct.Struct('@q')
+# ring_take's out: keys, batch columns, times, directions, auths.
+_OUT_ITEMS = [8, 4, 8, 1, 8]
 _TP_STATUS_USER = 1
 _TP_STATUS_VLAN_VALID = 0x10
 # Why ring_take stopped, when not at an ifindex its table lacks.
@@ -207,16 +210,25 @@ def _walk_block(b, size, session, columns, rows):
     return None, count
 
 
-def ring_take_python(ring, block_bytes, nblocks, next, session, table):
+def ring_take_python(ring, block_bytes, nblocks, cursor, session, table,
+                     out, directions):
     """:func:`ring_take` in Python."""
     view = memoryview(ring).cast('B')
+    place = memoryview(cursor).cast('B')
+    if view.readonly or place.readonly:
+        raise TypeError('ring_take: the ring and cursor must be writable')
+    if len(place) != 8 or len(directions) != 256:
+        raise ValueError('ring_take: cursor must be 8 bytes, directions 256')
+    next, = _I64N.unpack_from(place)
     columns = array.array('i')
-    if view.readonly:
-        raise TypeError('ring_take: the ring must be writable')
     if (block_bytes < 48 or block_bytes % 8 or nblocks < 1 or
             not 0 <= next < nblocks or nblocks > len(view) // block_bytes or
             len(memoryview(table).cast('B')) % columns.itemsize):
         raise ValueError('ring_take: bad bounds')
+    if (len(out) != len(_OUT_ITEMS) or
+            [memoryview(c).itemsize for c in out] != _OUT_ITEMS):
+        raise ValueError('ring_take: out must hold five columns of 8-, 4-, '
+                         '8-, 1- and 8-byte items')
     columns.frombytes(bytes(table))
     rows = {name: bytearray() for name in (*_ROWS, 'pkttype')}
     seen = 0
@@ -237,9 +249,15 @@ def ring_take_python(ring, block_bytes, nblocks, next, session, table):
         view[base + 8:base + 12] = bytes(4)     # read: the kernel's again
         next = (next + 1) % nblocks
     view.release()
-    return (next, seen, bytes(rows['keys']), bytes(rows['columns']),
-            bytes(rows['t_ns']), bytes(rows['pkttype']), bytes(rows['auth']),
-            stop)
+    _I64N.pack_into(place, 0, next)
+    place.release()
+    kept = len(rows['pkttype'])
+    if kept:
+        for column, data in zip(out, (
+                rows['keys'], rows['columns'], rows['t_ns'],
+                bytes(rows['pkttype']).translate(directions), rows['auth'])):
+            column.frombytes(data)
+    return seen, kept, stop
 
 
 def walk_pcap(buf, o, end, cap_at, big, pair, limit, count):
@@ -290,23 +308,27 @@ def select(buf, start, stride, size, flags):
     return _pcapwalk.select(buf, start, stride, size, flags)
 
 
-def ring_take(ring, block_bytes, nblocks, next, session, table):
+def ring_take(ring, block_bytes, nblocks, cursor, session, table, out,
+              directions):
     """Read the blocks of a ``TPACKET_V3`` receive ring that the kernel
     handed over, in place, while each holds only probes the capture can
     key here; give each back to the kernel once read.
 
     ``ring``: the ring's memory (writable), ``nblocks`` blocks of
-    ``block_bytes``; ``next``: the block to read first.  ``table``: native
-    32-bit integers, a kernel ifindex's batch column (-1: the interface is
-    not wanted, its packets are skipped).  A block is read here when each
-    packet it holds of a wanted interface is an untagged Ethernet + IPv4
-    ICMP echo or UDP probe of ``session``, or an echo reply, holding all
-    of its tag, with no VLAN tag taken out by the kernel.
+    ``block_bytes``; ``cursor``: the block to read first, one native
+    8-byte integer (``array('q')``), moved on past the blocks read.
+    ``table``: native 32-bit integers, a kernel ifindex's batch column
+    (-1: the interface is not wanted, its packets are skipped).  A block
+    is read here when each packet it holds of a wanted interface is an
+    untagged Ethernet + IPv4 ICMP echo or UDP probe of ``session``, or an
+    echo reply, holding all of its tag, with no VLAN tag taken out by the
+    kernel.  Their rows are appended (``frombytes``) to the five columns
+    of the tuple ``out``: keys (``'Q'``), batch columns (``'i'``),
+    nanosecond times (``'q'``), directions (``'B'``:
+    ``directions[packet type]``, a 256-byte table) and auths (``'Q'``).
 
-    Returns ``(next, seen, keys, columns, t_ns, pkttype, auth, stop)``:
-    the block to read next, the packets of the blocks read, their wanted
-    rows as bytes (native arrays ``'Q'``, ``'i'``, ``'q'``, a packet type
-    byte each, ``'Q'``) and why it stopped at block ``next``:
+    Returns ``(seen, kept, stop)``: the packets of the blocks read, the
+    rows appended, and why it stopped at block ``cursor[0]``:
     :data:`TAKE_IDLE` (the kernel's still), :data:`TAKE_SLOW` (another
     session, VLAN tags, TCP, tunnels, an ICMP error, a damaged block...:
     the caller decodes that block in columns, see
@@ -314,10 +336,10 @@ def ring_take(ring, block_bytes, nblocks, next, session, table):
     column for (outside it or below -1: fill it and call again).
     """
     if _pcapwalk is None:
-        return ring_take_python(ring, block_bytes, nblocks, next, session,
-                                table)
-    return _pcapwalk.ring_take(ring, block_bytes, nblocks, next, session,
-                               table)
+        return ring_take_python(ring, block_bytes, nblocks, cursor, session,
+                                table, out, directions)
+    return _pcapwalk.ring_take(ring, block_bytes, nblocks, cursor, session,
+                               table, out, directions)
 
 
 def ring_take_function():

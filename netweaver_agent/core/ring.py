@@ -17,6 +17,7 @@ same functions as every other reader.
 
 import array
 import dataclasses
+import functools
 import mmap
 import struct
 import sys
@@ -181,7 +182,8 @@ class PacketRing:
                                                        block_bytes)
         self.size = self.block_bytes * self.nblocks
         self._map = None
-        self._next = 0
+        # The block to read next (pcapwalk.ring_take moves it on).
+        self._cursor = array.array('q', [0])
         # Chosen once (C or Python): one call less per wake-up.
         self._take = pcapwalk.ring_take_function()
         frames = self.block_bytes // FRAME_BYTES * self.nblocks
@@ -211,28 +213,28 @@ class PacketRing:
         ring = self._map
         if ring is None:
             return None
-        base = self._next * self.block_bytes
+        base = self._cursor[0] * self.block_bytes
         status, = _U32.unpack_from(ring, base + 8)
         if not status & TP_STATUS_USER:
             return None
         length, = _U32.unpack_from(ring, base + 20)
         return base, min(max(length, 48), self.block_bytes)
 
-    def take(self, session, columns):
-        """Read the blocks handed over in place while each holds only
-        probes of ``session`` that :func:`pcapwalk.ring_take` keys (each
-        given back once read): ``(seen, keys, index, t_ns, pkttype,
-        auth, stop)``, its answer without the next block (kept here).
-        ``columns``: kernel ifindex -> batch column (-1: not wanted), an
-        ``array('i')``.  ``stop``: :data:`IDLE`, :data:`SLOW` (the block
-        :meth:`ready` names is to be copied and decoded) or an ifindex
-        ``columns`` lacks."""
+    def taker(self, session, columns, out, directions):
+        """A function of no arguments reading the blocks handed over in
+        place, while each holds only probes of ``session`` that
+        :func:`pcapwalk.ring_take` keys (each given back once read): its
+        ``(seen, kept, stop)``, the rows appended to the columns ``out``
+        (see there).  ``columns``: kernel ifindex -> batch column (-1: not
+        wanted), an ``array('i')``.  ``stop``: :data:`IDLE`, :data:`SLOW`
+        (the block :meth:`ready` names is to be copied and decoded) or an
+        ifindex ``columns`` lacks.  One C call a wake-up, no Python frame
+        of its own."""
         if self._map is None:
-            return 0, b'', b'', b'', b'', b'', IDLE
-        found = self._take(self._map, self.block_bytes, self.nblocks,
-                           self._next, session, columns)
-        self._next = found[0]
-        return found[1:]
+            return lambda: (0, 0, IDLE)
+        return functools.partial(self._take, self._map, self.block_bytes,
+                                 self.nblocks, self._cursor, session,
+                                 columns, out, directions)
 
     def copy(self, at):
         """The bytes of the block at ``at`` (what :meth:`ready` gave)."""
@@ -242,9 +244,9 @@ class PacketRing:
     def release(self):
         """Give the block :meth:`ready` named back to the kernel, which
         may refill it at once; the next one is the reader's next."""
-        base = self._next * self.block_bytes
+        base = self._cursor[0] * self.block_bytes
         self._map[base + 8:base + 12] = b'\0\0\0\0'
-        self._next = (self._next + 1) % self.nblocks
+        self._cursor[0] = (self._cursor[0] + 1) % self.nblocks
 
     def blocks(self):
         """Bytes of each block ready for the reader, in ring order."""

@@ -10,6 +10,7 @@ instead of skipping.
 """
 
 import array
+import functools
 import os
 import struct
 
@@ -220,9 +221,27 @@ def test_captures_read_the_same_with_either_loops(tmp_path_factory, rnd,
 # --------------------------------------------------------------------------
 # ring_take: the blocks of a TPACKET_V3 receive ring, read in place.
 
-TAKES = {'python': pcapwalk.ring_take_python}
+FUNCTIONS = {'python': pcapwalk.ring_take_python}
 if C is not None:
-    TAKES['c'] = C.ring_take
+    FUNCTIONS['c'] = C.ring_take
+# Packet type -> direction, as a capture would map them.
+SAME = bytes(range(256))
+
+
+def _take(function, memory, block_bytes, nblocks, next, session, table,
+          directions=SAME):
+    """``function`` (C's or Python's ring_take) from block ``next``:
+    ``(next, seen, keys, columns, t_ns, directions, auth, stop)``, the
+    columns as bytes."""
+    cursor = array.array('q', [next])
+    out = tuple(array.array(code) for code in 'QiqBQ')
+    seen, kept, stop = function(memory, block_bytes, nblocks, cursor,
+                                session, table, out, directions)
+    assert all(len(column) == kept for column in out)
+    return (cursor[0], seen, *(column.tobytes() for column in out), stop)
+
+
+TAKES = {name: functools.partial(_take, f) for name, f in FUNCTIONS.items()}
 RING_SESSION = 0x2b2b
 BLOCK = 8192
 # The kernel's packet type of a frame this host sent (sockaddr_ll).
@@ -298,9 +317,10 @@ def test_ring_take_c_equals_python(rnd):
     args = (BLOCK, nblocks, rnd.randrange(nblocks),
             RING_SESSION if rnd.random() < 0.9 else rnd.randrange(1 << 16),
             table)
+    directions = bytes(rnd.randrange(256) for _ in range(256))
     by_c, by_python = bytearray(memory), bytearray(memory)
-    assert C.ring_take(by_c, *args) == pcapwalk.ring_take_python(
-        by_python, *args)
+    assert _take(C.ring_take, by_c, *args, directions) == _take(
+        pcapwalk.ring_take_python, by_python, *args, directions)
     assert by_c == by_python
 
 
@@ -432,18 +452,33 @@ def test_ring_take_leaves_damaged_blocks_to_the_caller(take):
                 table)[-1] == pcapwalk.TAKE_SLOW
 
 
-@pytest.mark.parametrize('take', sorted(TAKES))
+@pytest.mark.parametrize('take', sorted(FUNCTIONS))
 def test_ring_take_bad_arguments_are_errors(take):
-    take = TAKES[take]
+    take = FUNCTIONS[take]
     memory, table = bytearray(2 * BLOCK), array.array('i')
-    for args in ((BLOCK, 3, 0), (BLOCK, 2, 2), (BLOCK, 0, 0), (44, 2, 0),
-                 (BLOCK + 4, 1, 0), (BLOCK, 2, -1)):
+    out = tuple(array.array(code) for code in 'QiqBQ')
+
+    def call(block_bytes=BLOCK, nblocks=2, next=0, **kw):
+        args = dict(ring=memory, cursor=array.array('q', [next]),
+                    table=table, out=out, directions=SAME)
+        args.update(kw)
+        return take(args['ring'], block_bytes, nblocks, args['cursor'],
+                    RING_SESSION, args['table'], args['out'],
+                    args['directions'])
+
+    for bounds in ((BLOCK, 3, 0), (BLOCK, 2, 2), (BLOCK, 0, 0), (44, 2, 0),
+                   (BLOCK + 4, 1, 0), (BLOCK, 2, -1)):
         with pytest.raises(ValueError):
-            take(memory, *args, RING_SESSION, table)
-    with pytest.raises(ValueError):
-        take(memory, BLOCK, 2, 0, RING_SESSION, b'\0\0\0')
-    with pytest.raises(TypeError):
-        take(bytes(memory), BLOCK, 2, 0, RING_SESSION, table)
+            call(*bounds)
+    for bad in (dict(table=b'\0\0\0'), dict(directions=SAME[:255]),
+                dict(cursor=array.array('i', [0])),
+                dict(out=out[:4]), dict(out=out[:4] + (array.array('i'),))):
+        with pytest.raises(ValueError):
+            call(**bad)
+    for bad in (dict(ring=bytes(memory)), dict(cursor=b'\0' * 8)):
+        with pytest.raises(TypeError):
+            call(**bad)
+    assert not any(out)
 
 
 def test_the_c_walk_knows_the_probe_tag():

@@ -7,6 +7,7 @@ reader (``LiveCapture._read_ring``) on a ring of such blocks in memory of
 its own, read in place or decoded, with the C walk and without.
 """
 
+import array
 import mmap
 
 import pytest
@@ -215,7 +216,7 @@ def _ring_of(*blocks, block_bytes=1 << 16):
     pring.block_bytes, pring.nblocks = block_bytes, len(blocks) + 1
     pring.size = block_bytes * pring.nblocks
     pring._map = mmap.mmap(-1, pring.size)
-    pring._next = 0
+    pring._cursor = array.array('q', [0])
     pring._take = pcapwalk.ring_take_function()
     for i, block in enumerate(blocks):
         pring._map[i * block_bytes:i * block_bytes + len(block)] = block
