@@ -790,7 +790,7 @@ class LiveCapture:
         if columns is None:
             columns = self._ring_columns = array.array('i')
         batch = self.batch
-        batch.auth_column()     # padded: keys and auth grow together below
+        # Every reader of this class appends an auth with each key.
         take = pring.taker(self.session, columns, (
             batch.keys, batch.ifindex, batch.t_ns, batch.direction,
             batch.auth), _T_DIR)

@@ -242,7 +242,8 @@ def _take(function, memory, block_bytes, nblocks, next, session, table,
 
 
 TAKES = {name: functools.partial(_take, f) for name, f in FUNCTIONS.items()}
-RING_SESSION = 0x2b2b
+# A session above 0x3fff: a UDP probe's source port keeps its low 15 bits.
+RING_SESSION = 0x6abc
 BLOCK = 8192
 # The kernel's packet type of a frame this host sent (sockaddr_ll).
 OUTGOING = 4
@@ -424,7 +425,7 @@ def test_ring_take_leaves_damaged_blocks_to_the_caller(take):
     packet count the block cannot hold) are never followed: the block is
     left for the caller to decode (ring.decode_block names the flaw)."""
     take = TAKES[take]
-    table = array.array('i', [-2, -2, -2, 0])
+    table = array.array('i', [-2, -2, -1, 0])
     block = bytearray(pk.ring_block(_probes(4)))
     h2 = _header_at(block, 2)
     flaws = {
@@ -444,11 +445,19 @@ def test_ring_take_leaves_damaged_blocks_to_the_caller(take):
         *_rows, stop = take(memory, BLOCK, 2, 0, RING_SESSION, table)
         assert stop == pcapwalk.TAKE_SLOW, flaw
         assert _status(memory, 0) == 1, flaw
-    # A block cut short (its length says so): the packets past it are
-    # not read.
-    cut = bytearray(block)
-    struct.pack_into('@I', cut, 20, h2 + 60)
+    # A block cut short (its length says so) inside the header of its
+    # last packet, one of an interface not wanted: not read.
+    cut = bytearray(pk.ring_block(_probes(3) + _probes(1, ifindex=2)))
+    struct.pack_into('@I', cut, 20, _header_at(cut, 3) + 60)
     assert take(_handed_over(cut), BLOCK, 2, 0, RING_SESSION,
+                table)[-1] == pcapwalk.TAKE_SLOW
+    # More packets than the block can hold (each takes its header and
+    # address at least), all on an interface not wanted: not read.
+    crowded = bytearray(BLOCK)
+    struct.pack_into('@IIIIII', crowded, 0, 3, 0, 1, BLOCK // 60, 48, BLOCK)
+    for at in range(48, BLOCK - 16, 16):
+        struct.pack_into('@IIII', crowded, at, 16, 2, 2, 2)
+    assert take(_handed_over(crowded), BLOCK, 2, 0, RING_SESSION,
                 table)[-1] == pcapwalk.TAKE_SLOW
 
 
@@ -489,3 +498,54 @@ def test_the_c_walk_knows_the_probe_tag():
     assert C.PROBE_AUTH_LEN == probe.AUTH_LEN
     assert (C.TAKE_IDLE, C.TAKE_SLOW) == (pcapwalk.TAKE_IDLE,
                                           pcapwalk.TAKE_SLOW)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pk.probe_frames(), st.sampled_from(sorted(FUNCTIONS)))
+def test_ring_take_keeps_only_what_frame_key_reads_alike(frame, take):
+    """A packet is read in place only if the per-frame parser gives it
+    the same session (the window's), key and auth, untagged and not
+    tunnelled; probes and echo replies of ours holding their tag are."""
+    if take == 'c':
+        _need_c()
+    found = pcapkeys.frame_key(frame, 0, len(frame))
+    # The session its tag would carry (an ICMP or UDP probe's).
+    session = int.from_bytes(frame[46:48], 'big')
+    memory = _handed_over(pk.ring_block([(frame, 3, 0, 10**18, None)]))
+    # Past the frame: bytes no probe holds (never read).
+    end = pk.RING_BLOCK_HDR + pk.RING_MAC + len(frame)
+    memory[end:BLOCK] = b'\xee' * (BLOCK - end)
+    got = TAKES[take](memory, BLOCK, 2, 0, session,
+                      array.array('i', [-2, -2, -2, 0]))
+    if got[-1] != pcapwalk.TAKE_IDLE:
+        assert got[2] == b''
+        # Left to the caller: not such a probe, or not all of its tag.
+        assert (found is None or len(found) > 2 or
+                pcapkeys.frame_auth(frame, 0, len(frame)) is None or
+                frame[12:14] != b'\x08\x00' or frame[14] != 0x45 or
+                frame[23] not in (1, 17) or len(frame) < 60 or
+                frame[23] == 1 and frame[34] not in (0, 8) or
+                0 < int.from_bytes(frame[16:18], 'big') < 46)
+        return
+    assert found is not None and len(found) == 2
+    (key,), (auth,) = array.array('Q', got[2]), array.array('Q', got[6])
+    assert (session, key) == found
+    assert auth == pcapkeys.frame_auth(frame, 0, len(frame))
+
+
+@pytest.mark.parametrize('take', sorted(TAKES))
+def test_ring_take_leaves_short_ip_lengths_to_the_caller(take):
+    """An IP total length too short for the keyed tag (the frame longer:
+    Ethernet padding, or a lie) is decided by the caller, which reads no
+    tag past it; 0 (the frame's end) and lengths holding it are read."""
+    take = TAKES[take]
+    f = bytearray(probe.build_frame('icmp', RING_SESSION, 9, pk.SRC, pk.DST,
+                                    pk.MAC_A, pk.MAC_B,
+                                    secret=b'k' * probe.SECRET_LEN))
+    table = array.array('i', [-2, -2, -2, 0])
+    for total, read in ((21, False), (40, False), (45, False), (46, True),
+                        (0, True), (len(f) - 14, True)):
+        f[16:18] = total.to_bytes(2, 'big')
+        memory = _handed_over(pk.ring_block([(bytes(f), 3, 0, 1, None)]))
+        got = take(memory, BLOCK, 2, 0, RING_SESSION, table)
+        assert (got[-1] == pcapwalk.TAKE_IDLE) == read, total

@@ -299,4 +299,13 @@ def test_blocks_of_probes_are_read_in_place(walk):
     assert [at[0] for at in copies] == [1 << 16]    # the second block's
     assert _rows(cap.batch) == _rows(_by_frame(clean + mixed + clean).batch)
     assert len(cap.batch) == 2 * 49 + 1 and cap._foreign == 1
-    assert cap._last_probe_ns
+    # Read in place only: still the time of the last probe seen is kept
+    # (settle() waits on it), and an interface far up stays out of the
+    # in-place reader's table.
+    copies = []
+    cap = _read([clean], copies)
+    assert not copies and len(cap.batch) == 49 and cap._last_probe_ns
+    far = [(pk.frame('icmp', SESSION, 1), FAR, PACKET_HOST, 10**18, None)]
+    cap = _read([clean, far], copies)
+    assert len(copies) == 1 and len(cap.batch) == 50
+    assert len(cap._ring_columns) <= max(IFACES) + 1
