@@ -549,3 +549,36 @@ def test_ring_take_leaves_short_ip_lengths_to_the_caller(take):
         memory = _handed_over(pk.ring_block([(bytes(f), 3, 0, 1, None)]))
         got = take(memory, BLOCK, 2, 0, RING_SESSION, table)
         assert (got[-1] == pcapwalk.TAKE_IDLE) == read, total
+
+
+@pytest.mark.parametrize('take', sorted(TAKES))
+def test_ring_take_leaves_near_probes_to_the_caller(take):
+    """A probe with one field off (what the per-frame parser checks) is
+    not read in place: the ICMP id or UDP source port not the tag's
+    session's, the magic, a later fragment, IP options, another
+    ethertype, ICMP type or protocol, a frame cut before the tag's end."""
+    take = TAKES[take]
+    table = array.array('i', [-2, -2, -2, 0])
+    icmp = probe.build_frame('icmp', RING_SESSION, 9, pk.SRC, pk.DST,
+                             pk.MAC_A, pk.MAC_B)
+    udp = probe.build_frame('udp', RING_SESSION, 9, pk.SRC, pk.DST,
+                            pk.MAC_A, pk.MAC_B)
+
+    def changed(frame, at, value):
+        f = bytearray(frame)
+        f[at:at + len(value)] = value
+        return bytes(f)
+
+    near = [changed(icmp, 38, b'\x00\x01'),           # ICMP id
+            changed(udp, 34, b'\x80\x01'),            # UDP source port
+            changed(icmp, 42, b'NWv2'),                # magic
+            changed(icmp, 20, b'\x00\x08'),            # a later fragment
+            changed(icmp, 14, b'\x46'),                # IP options
+            changed(icmp, 12, b'\x86\xdd'),            # ethertype
+            changed(icmp, 34, b'\x03'),                # ICMP type
+            changed(icmp, 23, b'\x06'),                # protocol
+            icmp[:59]]
+    for frame in [icmp, udp] + near:
+        memory = _handed_over(pk.ring_block([(frame, 3, 0, 1, None)]))
+        got = take(memory, BLOCK, 2, 0, RING_SESSION, table)
+        assert (got[-1] == pcapwalk.TAKE_IDLE) == (frame in (icmp, udp))
