@@ -57,10 +57,14 @@ _T_VLAN = bytes(1 if b & TP_STATUS_VLAN_VALID else 0 for b in range(256))
 BLOCK_BYTES = 256 * 1024
 FRAME_BYTES = 2048
 MIN_BLOCKS = 4
-# A block goes to the reader at most this long after its first packet:
-# long enough for hundreds of probes per block at a few thousand per
-# second (its cost is per block), short beside any probe timeout.
-BLOCK_TOV_MS = 32
+# A block goes to the reader at most this long after its first packet
+# (or when full).  The reader's cost is per block handed over (a wake-up
+# with cold caches: ~100 us), so at probe rates this sets it: 16 ms,
+# 32 ms and 64 ms cost 1.0, 0.5 and 0.35 us a packet at 8,000 pps
+# (benchmarks/bench_capture.py).  The price: a window ends up to this
+# much later (the last block is waited for, within max_window_ms and
+# capture.RING_FINISH_S); the packets' times are the kernel's either way.
+BLOCK_TOV_MS = 64
 # Bytes one packet takes in a block at most: its header, its address
 # and SNAPLEN bytes of frame, aligned (see SLOT_BYTES in capture).
 HEADER_BYTES = 96
