@@ -573,6 +573,8 @@ class LiveCapture:
         # interfaces not wanted; name -> batch column.
         self._index_of = {}
         self._column = {}
+        # Kernel ifindex -> batch column, for the in-place ring reader.
+        self._ring_columns = array.array('i')
         self._seen = 0              # packets read from the ring
         self._kernel = [0, 0]       # packets, drops the kernel counted
         self.vxlan_port = vxlan_port
@@ -785,10 +787,7 @@ class LiveCapture:
         interpreter's (its caches are cold after tens of milliseconds
         asleep)."""
         pring = self._ring
-        # Kernel ifindex -> batch column, for the in-place reader.
-        columns = self.__dict__.get('_ring_columns')
-        if columns is None:
-            columns = self._ring_columns = array.array('i')
+        columns = self._ring_columns
         batch = self.batch
         # Every reader of this class appends an auth with each key.
         take = pring.taker(self.session, columns, (
