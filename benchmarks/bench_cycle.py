@@ -52,7 +52,11 @@ import sys
 import tempfile
 import time
 
-TARGETS = {'wall_s': 3.0, 'rss_rise_mb': 50.0, 'drops': 0}
+TARGETS = {'rss_rise_mb': 50.0, 'drops': 0}
+# Wall seconds of one cycle, for (vNICs, probes per vNIC): the 64-vNIC
+# host's; a larger host's window is set by its rate limits (its bound,
+# max_window_ms, is checked for every size).
+WALL_TARGETS = {(64, 50): 3.0}
 # CPU-s of one cycle, agent and privsep daemon together (issue 13), for
 # (vNICs, probes per vNIC); other sizes are printed without a verdict.
 CPU_TARGETS = {(64, 50): 0.20, (250, 20): 0.40, (1000, 10): 2.0}
@@ -371,7 +375,11 @@ def report(args, result, build_s, network, build_mem):
         print(f'cycle {n}: {c["instances"]} instances, {w["vnics"]} vNICs, '
               f'{c["samples"]} samples, {len(c["windows"])} window(s)')
         rest = c['wall_s'] - c['discovery_s'] - w['window_ms'] / 1000
-        print(f'  wall         {_verdict(c, "wall_s", "{:.3f} s")}'
+        wall = WALL_TARGETS.get((vifs, args.count))
+        wall = ('' if wall is None else
+                f' (target <= {wall:.3f} s: '
+                f'{"ok" if c["wall_s"] <= wall else "MISSED"})')
+        print(f'  wall         {c["wall_s"]:.3f} s{wall}'
               f'  [discovery {c["discovery_s"]:.3f} s, window '
               f'{w["window_ms"] / 1000:.3f} s (max_window_ms '
               f'{args.max_window_ms / 1000:.3f} s: '
