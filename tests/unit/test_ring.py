@@ -100,6 +100,18 @@ def _rows(batch):
                                      batch.direction, batch.auth_column())]
 
 
+def _feed_frames(cap, packets):
+    """``cap`` fed ``packets`` one frame at a time, as the recvmsg reader
+    feeds them (``_index_of`` must know their interfaces)."""
+    for frame, ifindex, pkttype, t_ns, vid in packets:
+        index = cap._index_of[ifindex]
+        if index >= 0:
+            cap._frame(frame, 0, len(frame), index, t_ns,
+                       sightings.DIR_OUT if pkttype == PACKET_OUTGOING
+                       else sightings.DIR_IN, vid)
+    return cap
+
+
 @settings(max_examples=200, deadline=None)
 @given(blocks())
 def test_ring_columns_equal_the_per_frame_path(packets):
@@ -110,13 +122,7 @@ def test_ring_columns_equal_the_per_frame_path(packets):
     by_ring = _capture()
     for run in ring.decode_block(data):
         by_ring._take_run(data, run)
-    by_frame = _capture()
-    for frame, ifindex, pkttype, t_ns, vid in packets:
-        index = by_frame._index_of[ifindex]
-        if index >= 0:
-            by_frame._frame(frame, 0, len(frame), index, t_ns,
-                            sightings.DIR_OUT if pkttype == PACKET_OUTGOING
-                            else sightings.DIR_IN, vid)
+    by_frame = _feed_frames(_capture(), packets)
     assert _rows(by_ring.batch) == _rows(by_frame.batch)
     assert by_ring._foreign == by_frame._foreign
 
@@ -228,13 +234,7 @@ def _by_frame(packets):
     cap = _capture()
     for ifindex, name in IFACES_FAR.items():
         cap._index_of[ifindex] = cap._column_of(name)
-    for frame, ifindex, pkttype, t_ns, vid in packets:
-        index = cap._index_of[ifindex]
-        if index >= 0:
-            cap._frame(frame, 0, len(frame), index, t_ns,
-                       sightings.DIR_OUT if pkttype == PACKET_OUTGOING
-                       else sightings.DIR_IN, vid)
-    return cap
+    return _feed_frames(cap, packets)
 
 
 def _read(blocks, copies):
