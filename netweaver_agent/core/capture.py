@@ -821,11 +821,7 @@ class LiveCapture:
                                    (stop + 1 - len(columns)))
                 columns[stop] = self._columns((stop,))[0]
             else:
-                at = pring.ready()
-                data = pring.copy(at)
-                # Given back before it is decoded: the kernel may refill
-                # it.
-                pring.release()
+                data = pring.next_block()
                 for run in ring.decode_block(data):
                     self._seen += run.n
                     self._take_run(data, run)

@@ -175,8 +175,8 @@ class PacketRing:
     with no ring yet), about ``ring_bytes`` long.
 
     :meth:`blocks` yields the blocks the kernel handed over, in order, as
-    bytes (each given back to the kernel once copied); :meth:`ready` and
-    :meth:`release` let a reader read a block in place first.
+    bytes (each given back to the kernel once copied); :meth:`taker`
+    reads them in place first, :meth:`next_block` copies one.
     :raises RingError: the kernel refused the ring (the reason inside)
     """
 
@@ -204,26 +204,6 @@ class PacketRing:
                 f"({self.nblocks} blocks of {self.block_bytes}): {exc}"
             ) from exc
 
-    @property
-    def buffer(self):
-        """The ring's memory (read the block :meth:`ready` names in place,
-        then :meth:`release` it)."""
-        return self._map
-
-    def ready(self):
-        """``(base, length)`` in :attr:`buffer` of the next block the
-        kernel handed over, or None; it stays the reader's until
-        :meth:`release`."""
-        ring = self._map
-        if ring is None:
-            return None
-        base = self._cursor[0] * self.block_bytes
-        status, = _U32.unpack_from(ring, base + 8)
-        if not status & TP_STATUS_USER:
-            return None
-        length, = _U32.unpack_from(ring, base + 20)
-        return base, min(max(length, 48), self.block_bytes)
-
     def taker(self, session, columns, out, directions):
         """A function of no arguments reading the blocks handed over in
         place, while each holds only probes of ``session`` that
@@ -231,7 +211,7 @@ class PacketRing:
         ``(seen, kept, stop)``, the rows appended to the columns ``out``
         (see there).  ``columns``: kernel ifindex -> batch column (-1: not
         wanted), an ``array('i')``.  ``stop``: :data:`IDLE`, :data:`SLOW`
-        (the block :meth:`ready` names is to be copied and decoded) or an
+        (the next block is to be copied, :meth:`next_block`, and decoded) or an
         ifindex ``columns`` lacks.  One C call a wake-up, no Python frame
         of its own."""
         if self._map is None:
@@ -240,27 +220,26 @@ class PacketRing:
                                  self.nblocks, self._cursor, session,
                                  columns, out, directions)
 
-    def copy(self, at):
-        """The bytes of the block at ``at`` (what :meth:`ready` gave)."""
-        base, length = at
-        return self._map[base:base + length]
-
-    def release(self):
-        """Give the block :meth:`ready` named back to the kernel, which
-        may refill it at once; the next one is the reader's next."""
+    def next_block(self):
+        """The bytes of the next block the kernel handed over, given back
+        to it once copied, or None."""
+        ring = self._map
+        if ring is None:
+            return None
         base = self._cursor[0] * self.block_bytes
-        self._map[base + 8:base + 12] = b'\0\0\0\0'
+        status, = _U32.unpack_from(ring, base + 8)
+        if not status & TP_STATUS_USER:
+            return None
+        length, = _U32.unpack_from(ring, base + 20)
+        data = ring[base:base + min(max(length, 48), self.block_bytes)]
+        # Given back before it is decoded: the kernel may refill it.
+        ring[base + 8:base + 12] = b'\0\0\0\0'
         self._cursor[0] = (self._cursor[0] + 1) % self.nblocks
+        return data
 
     def blocks(self):
         """Bytes of each block ready for the reader, in ring order."""
-        while True:
-            at = self.ready()
-            if at is None:
-                return
-            data = self.copy(at)
-            # Given back before it is decoded: the kernel may refill it.
-            self.release()
+        while (data := self.next_block()) is not None:
             yield data
 
     def close(self):
