@@ -222,7 +222,7 @@ class LabSpec:
 
     def _check_guests(self):
         """Check ``guests`` against the switch and the lab network (made
-        from it when None); the network."""
+        from it when None)."""
         if not isinstance(self.guests, int) or isinstance(self.guests, bool):
             raise ValueError(f"lab guests {self.guests!r} is not a number")
         cap = max_guests(self.switch)
@@ -251,7 +251,6 @@ class LabSpec:
                 f"(it holds {guest_capacity(net)}: guest i is host "
                 f"{FIRST_GUEST_HOST} + i); use a larger network, e.g. "
                 f"{network_for(self.guests)}, or leave network unset")
-        return net
 
     def _check_network_type(self):
         ntype = self.network_type
