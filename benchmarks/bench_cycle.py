@@ -355,6 +355,15 @@ def _verdict(figures, key, fmt):
     return f'{fmt.format(value)} (target <= {fmt.format(target)}: {mark})'
 
 
+def _size_verdict(seconds, target, fmt):
+    """`` (target <= T s: ok|MISSED)`` of this size's ``target``, or ''
+    when the size has none."""
+    if target is None:
+        return ''
+    mark = 'ok' if seconds <= target else 'MISSED'
+    return f' (target <= {fmt.format(target)} s: {mark})'
+
+
 def report(args, result, build_s, network, build_mem):
     vifs = args.guests
     with open('/proc/loadavg', encoding='ascii') as f:
@@ -375,10 +384,8 @@ def report(args, result, build_s, network, build_mem):
         print(f'cycle {n}: {c["instances"]} instances, {w["vnics"]} vNICs, '
               f'{c["samples"]} samples, {len(c["windows"])} window(s)')
         rest = c['wall_s'] - c['discovery_s'] - w['window_ms'] / 1000
-        wall = WALL_TARGETS.get((vifs, args.count))
-        wall = ('' if wall is None else
-                f' (target <= {wall:.3f} s: '
-                f'{"ok" if c["wall_s"] <= wall else "MISSED"})')
+        size = (vifs, args.count)
+        wall = _size_verdict(c['wall_s'], WALL_TARGETS.get(size), '{:.3f}')
         print(f'  wall         {c["wall_s"]:.3f} s{wall}'
               f'  [discovery {c["discovery_s"]:.3f} s, window '
               f'{w["window_ms"] / 1000:.3f} s (max_window_ms '
@@ -386,10 +393,8 @@ def report(args, result, build_s, network, build_mem):
               f'{"within" if w["window_ms"] <= args.max_window_ms else "OVER"}'
               f'), the rest {rest:.3f} s: listing, paths, preparing, '
               'matching, samples]')
-        target = CPU_TARGETS.get((vifs, args.count))
-        verdict = ('' if target is None else
-                   f' (target <= {target:.2f} s: '
-                   f'{"ok" if c["total_cpu_s"] <= target else "MISSED"})')
+        verdict = _size_verdict(c['total_cpu_s'], CPU_TARGETS.get(size),
+                                '{:.2f}')
         print(f'  cpu          {c["total_cpu_s"]:.3f} s, every process'
               f'{verdict}')
         print(f'    agent      {c["cpu_s"]:.3f} s  [user {c["user_s"]:.3f}'
