@@ -9,8 +9,8 @@ the :class:`vifpath.VifPath` the rest of the agent passes around:
   namespace ``netweaver_agent.vif_resolvers``.
 * **path from the pif** (:func:`find_path`): on a Linux bridge, the one
   port of the vif's master that is not itself a vif, read from sysfs
-  (``/sys/class/net/<vif>/master``) — or from ``ip -j link`` inside a
-  capture namespace, whose sysfs this process cannot see.  On Open
+  (``/sys/class/net/<vif>/master``) — or from a rtnetlink link dump
+  inside a capture namespace, whose sysfs this process cannot see.  On Open
   vSwitch, from the switch's database (:mod:`netweaver_agent.agent.ovsdb`, one
   snapshot per cycle): a tap that is an OVS interface (native firewall,
   OVN) or a tap on a Linux bridge whose veth (``qvb…``) pairs with an
@@ -42,6 +42,7 @@ from oslo_log import log
 import stevedore
 
 from netweaver_agent.agent import ovsdb
+from netweaver_agent.agent import rtnl
 from netweaver_agent.core import netns
 from netweaver_agent.core import vifpath
 
@@ -306,8 +307,8 @@ class SysfsLinks(_PerBridge):
 
     A master's ports are read once per instance (one polling cycle's
     snapshot): listing them is a walk over every netdev of the host.
-    Veth peers come from ``ip -j link`` (sysfs ``iflink`` cannot tell a
-    peer in another namespace), read once, only when asked.
+    Veth peers come from a rtnetlink link dump (sysfs ``iflink`` cannot
+    tell a peer in another namespace), read once, only when asked.
     """
 
     def __init__(self, root=SYSFS_NET):
@@ -357,28 +358,24 @@ class SysfsLinks(_PerBridge):
 
 
 class IpLinks(_PerBridge):
-    """The same, from ``ip -j link show`` run inside a namespace."""
+    """The same, for a namespace: its links as one rtnetlink dump tells
+    them (:mod:`netweaver_agent.agent.rtnl`, what ``ip -j link show``
+    prints, without the child process), or from ``ip -j link show``
+    output (``text``: another host's, a recording)."""
 
     def __init__(self, netns_name=None, text=None, where=None):
-        if text is None:
-            proc = netns.run(['ip', '-j', 'link', 'show'], netns=netns_name)
-            text = proc.stdout
-        where = where or f'namespace {netns_name}'
+        where = where or rtnl.where_of(netns_name)
         self.netns_name = netns_name
-        try:
-            links = json.loads(text or '[]')
-            self._master = {link['ifname']: link.get('master')
-                            for link in links if 'ifname' in link}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise TopologyError(
-                f"unreadable 'ip -j link show' output in {where}: "
-                f"{exc}") from exc
+        if text is None:
+            rows = _dumped_links(netns_name)
+        else:
+            rows = _ip_json_links(text, where)
+        self._master = {name: master for name, master, _ in rows}
         # A veth whose peer is in this namespace names it in "link" (one
         # in another namespace has "link_netnsid" and only an index); VLAN
         # and macvlan devices name their parent there too, which does not
         # name them back.
-        link_of = {link['ifname']: link.get('link') for link in links
-                   if 'ifname' in link and 'link_netnsid' not in link}
+        link_of = {name: link for name, _, link in rows}
         self._peer = {dev: other for dev, other in link_of.items()
                       if other and link_of.get(other) == dev}
 
@@ -403,6 +400,39 @@ class IpLinks(_PerBridge):
         if dev not in self._master:
             return None
         return read_vxlan(dev, self.netns_name)
+
+
+def _dumped_links(netns_name):
+    """``[(name, master, link)]`` of the namespace's rtnetlink dump;
+    ``link`` None when it is in another namespace."""
+    try:
+        links = rtnl.dump_links(netns_name)
+    except rtnl.RtnlError as exc:
+        raise TopologyError(str(exc)) from exc
+    name_of = {link.index: link.name for link in links}
+    return [(link.name, name_of.get(link.master),
+             None if link.link_netnsid is not None
+             else name_of.get(link.link)) for link in links]
+
+
+def _ip_json_links(text, where):
+    """``[(name, master, link)]`` from ``ip -j link show`` output;
+    ``link`` None when it is in another namespace."""
+    try:
+        rows = [(link['ifname'], link.get('master'),
+                 None if 'link_netnsid' in link else link.get('link'))
+                for link in json.loads(text or '[]') if 'ifname' in link]
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise TopologyError(
+            f"unreadable 'ip -j link show' output in {where}: "
+            f"{exc}") from exc
+    for row in rows:
+        if not isinstance(row[0], str) or not all(
+                v is None or isinstance(v, str) for v in row[1:]):
+            raise TopologyError(
+                f"unreadable 'ip -j link show' output in {where}: link "
+                f"{row[0]!r} has a name, master or link that is no string")
+    return rows
 
 
 def find_pif(vif, links, vif_prefixes=VIF_PREFIXES, configured=None):
