@@ -105,6 +105,28 @@ def test_links_over_several_chunks():
         rtnl.Link(7, 'd0'))
 
 
+def test_links_laid_out_alike_keep_their_own_values():
+    # Same length, same first attribute: the second and third are read
+    # where the first one's attributes were; the fourth has a link where
+    # the others have a master, the fifth one more attribute in place of
+    # padding, the sixth a header that runs past its message.
+    extra = attr(99, b'abcd')
+    dump = parse(newlink(3, 'ab1', master=2, extra=extra) +
+                 newlink(4, 'ab2', master=9, extra=extra) +
+                 newlink(5, 'ab3', master=7, extra=extra) +
+                 newlink(6, 'ab4', link=8, extra=extra) +
+                 newlink(7, 'ab5', master=6,
+                         extra=attr(98, b'') + attr(97, b'')))
+    assert dump.links == (rtnl.Link(3, 'ab1', master=2),
+                          rtnl.Link(4, 'ab2', master=9),
+                          rtnl.Link(5, 'ab3', master=7),
+                          rtnl.Link(6, 'ab4', link=8),
+                          rtnl.Link(7, 'ab5', master=6))
+    with pytest.raises(rtnl.RtnlError, match='link index 8: attribute 99'):
+        dump.feed(newlink(8, 'ab6', master=2,
+                          extra=struct.pack('=HH', 64, 99) + b'abcd'))
+
+
 def test_feed_says_when_the_dump_is_done():
     dump = rtnl.LinkDump(SEQ)
     assert dump.feed(newlink(1, 'lo')) is False
