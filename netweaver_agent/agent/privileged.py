@@ -507,9 +507,8 @@ def _plan(session, protocol, size, port, probes, policy=None,
 class _DaemonSource(sources.LocalSource):
     """The daemon's sender: each probe paced by the daemon-wide limits."""
 
-    def _send_batch(self, socks, batch):
-        _pacer.wait(max(len(p.data) for p in batch), len(batch))
-        return super()._send_batch(socks, batch)
+    def _gate(self, nbytes, n):
+        _pacer.wait(nbytes, n)
 
 
 def configured_networks(conf=None):

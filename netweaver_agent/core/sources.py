@@ -34,6 +34,7 @@ from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
 from netweaver_agent.core import pacing
 from netweaver_agent.core import probe
+from netweaver_agent.core import sendloop
 
 LOG = log.getLogger(__name__)
 
@@ -460,6 +461,9 @@ class LocalSource(ProbeSource):
     """
 
     routes_here = True
+    #: ``f(largest packet bytes, count)``, called before each batch of
+    #: probes leaves (it may sleep), or None
+    _gate = None
 
     def __init__(self, netns_name=None, policy=None):
         self.netns_name = netns_name
@@ -529,11 +533,12 @@ class LocalSource(ProbeSource):
         return build_packets(plan, self.source_address)
 
     def _make_ready(self, plan):
-        """Sockets open, packets built: ``[pacing.Packet]``."""
+        """Sockets open, packets built: :class:`sendloop.PackedPackets`."""
         for dst in plan.targets():
             self._socket_for(dst)
-        return [pacing.Packet(p.offset_ns, dst, data)
-                for p, (dst, data) in zip(plan.probes, self.build(plan))]
+        return sendloop.PackedPackets.pack(
+            (p.offset_ns, dst, data)
+            for p, (dst, data) in zip(plan.probes, self.build(plan)))
 
     def _transmit(self, sock, dst, data):
         sock.sendto(data, (dst, 0))
@@ -544,6 +549,8 @@ class LocalSource(ProbeSource):
         as ``[(packet, OSError)]``.  Each goes through :meth:`_transmit`
         when a subclass changes it."""
         bad = []
+        if self._gate is not None:
+            self._gate(max(len(p.data) for p in batch), len(batch))
         if type(self)._transmit is LocalSource._transmit:
             for p in batch:
                 try:
@@ -560,11 +567,17 @@ class LocalSource(ProbeSource):
         return bad
 
     def send(self, plan, deadline_s):
-        packets = self._ready_for(plan)
-        socks = {dst: self._socket_for(dst) for dst in plan.targets()}
-        send_batch = self._send_batch
-        done = pacing.pace(packets, None, deadline_s,
-                           transmit_many=lambda b: send_batch(socks, b))
+        packed = self._ready_for(plan)
+        if sendloop.available() and \
+                type(self)._transmit is LocalSource._transmit:
+            # Written as they are: the C loop, no Python per probe.
+            done = sendloop.send(packed, self._socket_for, deadline_s,
+                                 gate=self._gate)
+        else:
+            socks = {dst: self._socket_for(dst) for dst in packed.dsts}
+            send_batch = self._send_batch
+            done = pacing.pace(packed.packets(), None, deadline_s,
+                               transmit_many=lambda b: send_batch(socks, b))
         if done.left:
             LOG.warning('Probe source %(src)s stopped at its deadline: '
                         '%(left)d probes not sent',
