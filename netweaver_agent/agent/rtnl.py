@@ -16,7 +16,8 @@ with one ``struct`` call) at the offsets the walk found.
 
 :class:`LinkDump` is the parser (bytes in, :class:`Link` out, no I/O);
 :func:`read_dump` reads one dump from a socket, bounded in bytes, links
-and time; :func:`dump_links` is the whole thing.  Anything the kernel
+and time; :func:`links_of` asks again while the kernel says a dump was
+interrupted; :func:`dump_links` is the whole thing.  Anything the kernel
 sends that does not parse raises :class:`RtnlError` naming the
 namespace, never a guess.
 """
@@ -341,6 +342,24 @@ def _open(netns_name, where):
                         f"{exc}") from exc
 
 
+def links_of(sock, where='this host', max_links=MAX_LINKS,
+             max_bytes=MAX_BYTES, attempts=DUMP_ATTEMPTS):
+    """Every :class:`Link` a dump over ``sock`` (connected to the kernel)
+    gives, in the kernel's order; a dump the kernel marks interrupted is
+    asked again, up to ``attempts`` dumps in all."""
+    for seq in range(1, attempts + 1):
+        try:
+            sock.send(request(seq))
+        except OSError as exc:
+            raise RtnlError(f"cannot ask for the links of {where}: "
+                            f"{exc}") from exc
+        dump = read_dump(sock, seq, where, max_links, max_bytes)
+        if not dump.interrupted:
+            return dump.links
+    raise RtnlError(f"the link dump in {where} was interrupted "
+                    f"{attempts} times: links kept changing")
+
+
 def dump_links(netns_name=None, timeout_s=TIMEOUT_S, max_links=MAX_LINKS,
                max_bytes=MAX_BYTES):
     """Every :class:`Link` of namespace ``netns_name`` (None: this
@@ -350,17 +369,8 @@ def dump_links(netns_name=None, timeout_s=TIMEOUT_S, max_links=MAX_LINKS,
         sock.settimeout(timeout_s)
         try:
             sock.bind((0, 0))
+            sock.connect((0, 0))
         except OSError as exc:
             raise RtnlError(f"cannot bind a rtnetlink socket in {where}: "
                             f"{exc}") from exc
-        for seq in range(1, DUMP_ATTEMPTS + 1):
-            try:
-                sock.sendto(request(seq), (0, 0))
-            except OSError as exc:
-                raise RtnlError(f"cannot ask for the links of {where}: "
-                                f"{exc}") from exc
-            dump = read_dump(sock, seq, where, max_links, max_bytes)
-            if not dump.interrupted:
-                return dump.links
-    raise RtnlError(f"the link dump in {where} was interrupted "
-                    f"{DUMP_ATTEMPTS} times: links kept changing")
+        return links_of(sock, where, max_links, max_bytes)

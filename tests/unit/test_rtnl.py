@@ -122,6 +122,12 @@ def test_links_laid_out_alike_keep_their_own_values():
                           rtnl.Link(5, 'ab3', master=7),
                           rtnl.Link(6, 'ab4', link=8),
                           rtnl.Link(7, 'ab5', master=6))
+    # Every wanted attribute, twice alike: each read at its own place.
+    dump.feed(newlink(10, 'cd1', master=2, link=11, netnsid=0) +
+              newlink(11, 'cd2', master=3, link=10, netnsid=5))
+    assert dump.links[-2:] == (
+        rtnl.Link(10, 'cd1', master=2, link=11, link_netnsid=0),
+        rtnl.Link(11, 'cd2', master=3, link=10, link_netnsid=5))
     with pytest.raises(rtnl.RtnlError, match='link index 8: attribute 99'):
         dump.feed(newlink(8, 'ab6', master=2,
                           extra=struct.pack('=HH', 64, 99) + b'abcd'))
@@ -214,12 +220,46 @@ def test_read_dump_reads_datagrams_until_done(pair):
 def test_a_dump_that_never_ends_is_cut_at_the_byte_bound(pair):
     sender, reader = pair
     chunk = newlink(1, 'lo')
-    for _ in range(10):
+    # One chunk past the bound and no more: a reader that did not stop
+    # there would wait for the next one and time out.
+    for _ in range(4):
         sender.send(chunk)
     with pytest.raises(rtnl.RtnlError,
                        match=f'nwx-hv passed {3 * len(chunk)} bytes'):
         rtnl.read_dump(reader, SEQ, 'namespace nwx-hv',
                        max_bytes=3 * len(chunk))
+
+
+def interrupted(dump):
+    """``dump``'s messages marked as the kernel marks a dump that links
+    changed under."""
+    out, offset = bytearray(dump), 0
+    while offset < len(out):
+        length, = struct.unpack_from('=I', out, offset)
+        out[offset + 6] |= DUMP_INTR
+        offset += length
+    return bytes(out)
+
+
+def test_an_interrupted_dump_is_asked_again(pair):
+    kernel, agent = pair
+    for seq, name in ((1, 'old'), (2, 'new')):
+        dump = newlink(1, 'lo', seq=seq) + newlink(2, name, seq=seq) + \
+            done(seq=seq)
+        kernel.send(interrupted(dump) if seq == 1 else dump)
+    assert [link.name for link in rtnl.links_of(agent)] == ['lo', 'new']
+    # The requests, one per attempt, numbered.
+    assert [struct.unpack_from('=I', kernel.recv(100), 8)[0]
+            for _ in range(2)] == [1, 2]
+
+
+def test_a_dump_interrupted_every_time_is_an_error(pair):
+    kernel, agent = pair
+    for seq in (1, 2):
+        kernel.send(interrupted(newlink(1, 'lo', seq=seq) + done(seq=seq)))
+    with pytest.raises(rtnl.RtnlError,
+                       match='nwx-hv was interrupted 2 times'):
+        rtnl.links_of(agent, 'namespace nwx-hv', attempts=2)
 
 
 def test_a_reply_larger_than_the_buffer_is_an_error(pair):
