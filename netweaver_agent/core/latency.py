@@ -59,11 +59,26 @@ def log2_histogram(values_ns):
     (bucket ``k`` of value ``v``: the bit length of ``int(v) // 1000``,
     at least 0, at most the last bucket): found by bisecting the sorted
     values at each bucket's start, not value by value."""
-    values = sorted(values_ns)
-    reached = [bisect.bisect_left(values, start)
-               for start in _BUCKET_STARTS_NS] + [len(values)]
-    return (reached[0],) + tuple(
-        b - a for a, b in zip(reached, reached[1:]))
+    return _histogram_of_sorted(sorted(values_ns))
+
+
+def _histogram_of_sorted(values):
+    """:func:`log2_histogram` of values already sorted: only the bucket
+    starts between the least and the greatest value are bisected (below
+    them no value is reached, above them every one)."""
+    starts = _BUCKET_STARTS_NS
+    counts = [0] * (len(starts) + 1)
+    if not values:
+        return tuple(counts)
+    lo = bisect.bisect_right(starts, values[0])
+    hi = bisect.bisect_right(starts, values[-1])
+    before = 0
+    for k in range(lo, hi):
+        reached = bisect.bisect_left(values, starts[k])
+        counts[k] = reached - before
+        before = reached
+    counts[hi] = len(values) - before
+    return tuple(counts)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,9 +109,14 @@ class DirectionStats:
     @classmethod
     def from_ns(cls, values_ns, lost=0):
         """Statistics of latencies given in nanoseconds."""
-        if not values_ns:
+        return cls._of_sorted(sorted(values_ns), lost)
+
+    @classmethod
+    def _of_sorted(cls, sorted_ns, lost=0):
+        """:meth:`from_ns` of values already sorted."""
+        if not sorted_ns:
             return cls(count=0, lost=lost)
-        values = [v / 1000.0 for v in sorted(values_ns)]
+        values = [v / 1000.0 for v in sorted_ns]
         n = len(values)
         mean = math.fsum(values) / n
         if n > 1:
@@ -106,9 +126,9 @@ class DirectionStats:
             stdev = 0.0
         return cls(count=n, lost=lost, min_us=values[0], max_us=values[-1],
                    mean_us=mean, stdev_us=stdev,
-                   p50_us=percentile(values, 50),
-                   p90_us=percentile(values, 90),
-                   p99_us=percentile(values, 99))
+                   p50_us=_percentile(values, 50),
+                   p90_us=_percentile(values, 90),
+                   p99_us=_percentile(values, 99))
 
 
 def percentile(sorted_values, pct):
@@ -117,6 +137,11 @@ def percentile(sorted_values, pct):
         raise ValueError("percentile of no values")
     if not 0 <= pct <= 100:
         raise ValueError(f"percentile {pct!r} is not within 0..100")
+    return _percentile(sorted_values, pct)
+
+
+def _percentile(sorted_values, pct):
+    """:func:`percentile` of values and ``pct`` known to be valid."""
     rank = (len(sorted_values) - 1) * pct / 100.0
     low = math.floor(rank)
     high = min(low + 1, len(sorted_values) - 1)
@@ -238,6 +263,9 @@ class Matcher:
                 raise ValueError("verified matching needs the address of "
                                  f"every vNIC; none for {sorted(missing)}")
             self._dst = {v: _packed(a) for v, a in addresses.items()}
+        # vnic -> (packed address, its probe.address_fold), for the auths.
+        self._fold = {v: (d, probe.address_fold(d))
+                      for v, d in self._dst.items()}
         # seq << 1 | reply -> {ifname: t_ns}
         self._seen = {}
         # (seq, reply) -> probe.Encap on the pif (tagged/VXLAN rows only)
@@ -269,12 +297,13 @@ class Matcher:
     def _expect(self, seq):
         """The auth planned probe ``seq`` carries (computed once)."""
         self.verifications += 1
-        dst = self._dst[self.plan[seq]]
+        dst, fold = self._fold[self.plan[seq]]
         if self._tagger is None:
             want = probe.expected_auth(self.secret, self.protocol,
                                        self.session, seq, dst)
         else:
-            want = self._tagger.expected(seq, dst)
+            # Tagger.expected, with the address's fold made once per vNIC.
+            want = int.from_bytes(self._tagger.tag(seq, dst), 'big') ^ fold
         self._expected[seq] = want
         return want
 
@@ -386,6 +415,9 @@ class Matcher:
         hop_lost = [0] * len(hops)
         empty = {}
         seen = self._seen
+        # A path of pif and vif alone is in order when the vif's is not
+        # the earlier (no hop to walk).
+        direct = len(path.interfaces) == 2
         for seq in seqs:
             fwd = seen.get(seq << 1, empty)
             back = seen.get((seq << 1) | 1, empty)
@@ -401,7 +433,8 @@ class Matcher:
             elif t_vif - t_pif > timeout:
                 in_lost += 1
                 late += 1
-            elif not _in_order(fwd, path.interfaces):
+            elif (t_vif < t_pif if direct
+                  else not _in_order(fwd, path.interfaces)):
                 anomalies += 1
             else:
                 ingress.append(t_vif - t_pif)
@@ -435,18 +468,22 @@ class Matcher:
             HopStats(a, b, DirectionStats.from_ns(vals, lost))
             for (a, b), vals, lost in zip(hops, hop_values, hop_lost)
         ) if len(hops) > 1 else ()
+        # Each direction sorted once, for its statistics and histogram.
+        ingress.sort()
+        egress.sort()
+        turnaround.sort()
         return LatencyReport(
             vif=path.vif, pif=pif, protocol=self.label, sent=len(seqs),
-            ingress=DirectionStats.from_ns(ingress, in_lost),
-            egress=DirectionStats.from_ns(egress, eg_lost),
-            turnaround=DirectionStats.from_ns(turnaround),
+            ingress=DirectionStats._of_sorted(ingress, in_lost),
+            egress=DirectionStats._of_sorted(egress, eg_lost),
+            turnaround=DirectionStats._of_sorted(turnaround),
             hops=hop_stats, unseen_at_pif=unseen, late=late,
             unknown=unknown, vlan=vlan, vni=vni, tunnel=tunnel,
             anomalies=anomalies, rejected=self._rejected[path.vif],
             authenticated=self.secret is not None,
-            histograms=(('ingress', log2_histogram(ingress)),
-                        ('egress', log2_histogram(egress)),
-                        ('turnaround', log2_histogram(turnaround))))
+            histograms=(('ingress', _histogram_of_sorted(ingress)),
+                        ('egress', _histogram_of_sorted(egress)),
+                        ('turnaround', _histogram_of_sorted(turnaround))))
 
     def _carried(self, seqs):
         """``(vlan, vni, tunnel)`` most common on the pif among ``seqs``."""

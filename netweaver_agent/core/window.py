@@ -6,6 +6,7 @@ pollsters, ``netweaver lab`` and the tests all measure through
 :func:`run_window`.
 """
 
+import collections.abc
 import contextlib
 import dataclasses
 import math
@@ -111,7 +112,8 @@ class WindowResult:
     # The window's secret (its probes' tags): for re-checking the batch
     # afterwards (tests, tools); never shown.
     secret: bytes | None = dataclasses.field(default=None, repr=False)
-    # latency.Matcher.accepted(): the sightings the reports rest on.
+    # latency.Matcher.accepted(): the sightings the reports rest on (a
+    # mapping made when first read, :class:`AcceptedSightings`).
     accepted: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -267,7 +269,35 @@ def run_window(paths, source, settings=None, capture_netns=None,
                         capture=cap.stats, send=sent, batch=cap.batch,
                         wanted=sched.wanted, skipped=skipped,
                         skipped_vnics=skipped_vnics, refused=refused,
-                        secret=secret, accepted=matcher.accepted())
+                        secret=secret,
+                        accepted=AcceptedSightings(matcher))
+
+
+class AcceptedSightings(collections.abc.Mapping):
+    """A window's :meth:`latency.Matcher.accepted`, copied out of the
+    matcher when first read: tools and tests read it, the agent's cycle
+    never does (a copy of every sighting, ~2.5 ms at 250 vNICs)."""
+
+    __slots__ = ('_matcher', '_accepted')
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+        self._accepted = None
+
+    def _made(self):
+        if self._accepted is None:
+            self._accepted = self._matcher.accepted()
+            self._matcher = None
+        return self._accepted
+
+    def __getitem__(self, key):
+        return self._made()[key]
+
+    def __iter__(self):
+        return iter(self._made())
+
+    def __len__(self):
+        return len(self._made())
 
 
 def allowed_paths(paths, source):
