@@ -25,15 +25,14 @@ import threading
 import time
 
 from ceilometer.compute.pollsters import net
-from ceilometer.compute.pollsters import util
 from ceilometer.compute.virt import inspector as virt_inspector
-from ceilometer import sample
 from oslo_log import log
 
 from netweaver_agent.agent import libvirterrors
 from netweaver_agent.agent import opts
 from netweaver_agent.agent import ovsdb
 from netweaver_agent.agent import privileged
+from netweaver_agent.agent import samples
 from netweaver_agent.agent import topology
 from netweaver_agent.core import capture
 from netweaver_agent.core import destinations
@@ -115,10 +114,10 @@ class CycleCache:
         return iter(tuple(self._by_instance.get(instance_id, ())))
 
     def sample_base(self, conf, instance, window, m):
-        """A sample of vNIC ``m`` holding what the cycle's six meters
-        share (user, project, resource id, resource_metadata, time): built
-        once per vNIC and cycle, each meter copies it with its own name,
-        unit and volume (``pollsters.sample_from``)."""
+        """A :class:`samples.SampleBase` of vNIC ``m``: what the cycle's
+        six meters share (user, project, resource id, resource_metadata,
+        time), built once per vNIC and cycle; each meter copies it with
+        its own name, unit and volume (``pollsters.sample_from``)."""
         key = (instance.id, m.path.vif)
         with self._bases_lock:
             base = self._bases.get(key)
@@ -126,13 +125,10 @@ class CycleCache:
                 metadata = net.NetworkPollster.get_additional_metadata(
                     instance, m.stats)
                 metadata.update(m.metadata)
-                base = self._bases[key] = util.make_sample_from_instance(
-                    conf, instance, name='', type=sample.TYPE_GAUGE,
-                    unit='', volume=0,
-                    resource_id=net.NetworkPollster.get_resource_id(
-                        instance, m.stats),
-                    additional_metadata=metadata,
-                    monotonic_time=window.polled_at)
+                base = self._bases[key] = samples.base_of(
+                    conf, instance,
+                    net.NetworkPollster.get_resource_id(instance, m.stats),
+                    metadata, window.polled_at)
             return base
 
 
@@ -673,9 +669,14 @@ class LatencyInspector:
                         'window: %s', error)
             return {}
         out = {}
+        # Each device asked once: every path shares its pif.
+        exists = {}
         for path in paths:
             for dev in path.interfaces:
-                if not links.exists(dev):
+                there = exists.get(dev)
+                if there is None:
+                    there = exists[dev] = links.exists(dev)
+                if not there:
                     out[path.vif] = dev
                     break
         return out

@@ -32,6 +32,7 @@ the :class:`vifpath.VifPath` the rest of the agent passes around:
 """
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -908,8 +909,17 @@ def _checked(address, what, iface, domain):
             f"its {what} {address!r} is not an IP address") from None
 
 
+# Domains (interfaces) whose address is kept: each vNIC's domain is parsed
+# again only when its XML changed (the inspector keeps the DomainInfo), so
+# the same pair comes back every cycle; a changed XML is a new key.
+ADDRESS_MEMO = 4096
+
+
+@functools.lru_cache(maxsize=ADDRESS_MEMO)
 def target_address(domain, iface):
     """``(address, how)`` to probe ``iface`` at; see the module doc.
+    Kept per ``(domain, iface)`` (both frozen: equal ones give the same
+    answer), errors excepted.
 
     :raises TopologyError: no address recorded for the port, or one that
         contradicts the port's fixed IPs or is no address

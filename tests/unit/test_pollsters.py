@@ -118,13 +118,15 @@ class TestLatencyPollsters(pollsterfakes.PollsterTestCase):
         once per vNIC, and every sample owns its metadata."""
         calls = []
         real = util.make_sample_from_instance
+        of_instance = util._get_metadata_from_object
 
         def counting(*args, **kwargs):
-            calls.append(kwargs.get('resource_id'))
-            return real(*args, **kwargs)
+            calls.append(args)
+            return of_instance(*args, **kwargs)
 
+        # Ceilometer's instance metadata, read once per vNIC.
         self.useFixture(fixtures.MockPatch(
-            'ceilometer.compute.pollsters.util.make_sample_from_instance',
+            'ceilometer.compute.pollsters.util._get_metadata_from_object',
             side_effect=counting))
         cache = {}
         out = []
