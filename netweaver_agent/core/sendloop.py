@@ -14,6 +14,7 @@ extension, or for a source that writes its packets its own way,
 
 import array
 import dataclasses
+import itertools
 import os
 import socket
 import struct
@@ -45,24 +46,19 @@ class PackedPackets:
 
     @classmethod
     def pack(cls, items):
-        """From ``(offset_ns, dst_ip, packet bytes)`` in send order."""
-        where = {}
-        dst_index = array.array('I')
-        offsets = array.array('q')
-        bounds = array.array('q', [0])
-        chunks = []
-        end = 0
-        for offset_ns, dst, data in items:
-            d = where.get(dst)
-            if d is None:
-                d = where[dst] = len(where)
-            dst_index.append(d)
-            offsets.append(offset_ns)
-            end += len(data)
-            bounds.append(end)
-            chunks.append(data)
-        return cls(dsts=tuple(where), dst_index=dst_index, offsets=offsets,
-                   bounds=bounds, data=b''.join(chunks))
+        """From ``(offset_ns, dst_ip, packet bytes)`` in send order (a
+        sequence)."""
+        offsets, dsts, chunks = zip(*items) if items else ((), (), ())
+        # Destinations numbered in order of first appearance.
+        where = dict.fromkeys(dsts)
+        for d, dst in enumerate(where):
+            where[dst] = d
+        return cls(dsts=tuple(where),
+                   dst_index=array.array('I', map(where.__getitem__, dsts)),
+                   offsets=array.array('q', offsets),
+                   bounds=array.array('q', itertools.accumulate(
+                       map(len, chunks), initial=0)),
+                   data=b''.join(chunks))
 
     def __len__(self):
         return len(self.offsets)

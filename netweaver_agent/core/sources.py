@@ -536,9 +536,9 @@ class LocalSource(ProbeSource):
         """Sockets open, packets built: :class:`sendloop.PackedPackets`."""
         for dst in plan.targets():
             self._socket_for(dst)
-        return sendloop.PackedPackets.pack(
+        return sendloop.PackedPackets.pack([
             (p.offset_ns, dst, data)
-            for p, (dst, data) in zip(plan.probes, self.build(plan)))
+            for p, (dst, data) in zip(plan.probes, self.build(plan))])
 
     def _transmit(self, sock, dst, data):
         sock.sendto(data, (dst, 0))
