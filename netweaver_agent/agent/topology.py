@@ -448,14 +448,7 @@ def find_pif(vif, links, vif_prefixes=VIF_PREFIXES, configured=None):
         raise TopologyError(
             f"vif {vif!r} has no master (bridge) to find its pif from; "
             "set [netweaver] pif")
-    ports = [p for p in links.pif_candidates(bridge, tuple(vif_prefixes))
-             if p != vif]
-    if len(ports) != 1:
-        raise TopologyError(
-            f"bridge {bridge!r} of vif {vif!r} has "
-            f"{'no' if not ports else len(ports)} candidate pif "
-            f"{ports!r}; set [netweaver] pif")
-    return ports[0]
+    return bridge_pif(vif, bridge, links, vif_prefixes)
 
 
 # --- paths through Open vSwitch --------------------------------------------
@@ -794,16 +787,28 @@ def _hybrid_entry(vif, master, links, switch):
     return on_ovs[0] if on_ovs else None
 
 
-def _linux_vxlan(vif, bridge, links, switch, vif_prefixes, configured):
-    """The path of a tap on a Linux bridge whose uplink is a VXLAN port
-    (Neutron's linuxbridge agent: ``vxlan-<VNI>``): probes enter through
-    the underlay netdev (the VXLAN's ``dev``, else the one holding its
-    local address), are decapsulated by the VXLAN port and bridged:
-    ``(underlay, vxlan, vif)``.  None when the uplink is no VXLAN (or a
-    configured pif is not its underlay)."""
-    try:
-        port = find_pif(vif, links, vif_prefixes)
-    except TopologyError:
+def bridge_pif(vif, bridge, links, vif_prefixes=VIF_PREFIXES):
+    """The one port of ``vif``'s Linux bridge ``bridge`` that is no vif
+    (:func:`find_pif` once the vif's master is known)."""
+    ports = [p for p in links.pif_candidates(bridge, tuple(vif_prefixes))
+             if p != vif]
+    if len(ports) != 1:
+        raise TopologyError(
+            f"bridge {bridge!r} of vif {vif!r} has "
+            f"{'no' if not ports else len(ports)} candidate pif "
+            f"{ports!r}; set [netweaver] pif")
+    return ports[0]
+
+
+def _linux_vxlan(vif, bridge, port, links, switch, configured):
+    """The path of a tap on a Linux bridge whose uplink ``port`` (None:
+    none told) is a VXLAN port (Neutron's linuxbridge agent:
+    ``vxlan-<VNI>``): probes enter through the underlay netdev (the
+    VXLAN's ``dev``, else the one holding its local address), are
+    decapsulated by the VXLAN port and bridged: ``(underlay, vxlan,
+    vif)``.  None when the uplink is no VXLAN (or a configured pif is not
+    its underlay)."""
+    if port is None:
         return None
     found = links.vxlan(port)
     if found is None:
@@ -850,12 +855,20 @@ def find_path(vif, links, switch=None, vif_prefixes=VIF_PREFIXES,
             # Which devices lie in between is not known.
             return SwitchPath((configured, vif))
         if hybrid is None:
-            overlay = _linux_vxlan(vif, master, links, switch, vif_prefixes,
+            # The bridge's uplink, told once (its master already read).
+            try:
+                port, unknown = bridge_pif(vif, master, links,
+                                           vif_prefixes), None
+            except TopologyError as exc:
+                port, unknown = None, exc
+            overlay = _linux_vxlan(vif, master, port, links, switch,
                                    configured)
             if overlay is not None:
                 return overlay
-            pif = find_pif(vif, links, vif_prefixes, configured)
-            return SwitchPath((pif, vif), ((master,),))
+            if unknown is not None and not configured:
+                raise unknown
+            # A configured pif (its existence checked above) wins.
+            return SwitchPath((configured or port, vif), ((master,),))
         qvb, qvo = hybrid
         tail, tail_via = (qvo, qvb, vif), ((), (master,))
         entry = qvo

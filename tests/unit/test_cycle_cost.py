@@ -6,12 +6,14 @@
   the values in any order, the general order walk);
 * a vNIC's probe address kept per (domain, interface): a changed domain
   XML gives the new address;
+* a vif's master read once and its bridge's uplink told once;
 * the devices of the paths asked once each after the window;
 * the window's accepted sightings copied out only when read;
 * samples: the base shared by a vNIC's meters without a ``Sample`` of
   its own, each id without libuuid: what Ceilometer's would be.
 """
 
+import json
 import socket
 import time
 import types
@@ -20,6 +22,7 @@ import uuid
 from ceilometer.compute.pollsters import util
 from hypothesis import given
 from hypothesis import strategies as st
+import pytest
 
 from netweaver_agent.agent import inspector
 from netweaver_agent.agent import samples
@@ -284,3 +287,56 @@ def test_sample_ids_stay_unique_while_the_clock_stands_still(monkeypatch):
     stamps = [uuid.UUID(samples.sample_id()).time for _ in range(5)]
     assert len(set(stamps)) == 5
     assert stamps == sorted(stamps)
+
+
+# --- a vif's path on a Linux bridge ----------------------------------------
+
+class MasterCountingLinks(topology.IpLinks):
+    """Links from ``(name, master)`` rows that count the masters asked."""
+
+    def __init__(self, rows, vxlan=None):
+        super().__init__(text=json.dumps(
+            [{'ifname': n, 'master': m} for n, m in rows]), where='test')
+        self.asked = []
+        self._vxlans = vxlan or {}
+
+    def master(self, dev):
+        self.asked.append(dev)
+        return super().master(dev)
+
+    def _vxlan(self, dev):
+        if not isinstance(dev, str):     # as sysfs's path join would
+            raise TypeError(f"no device {dev!r}")
+        return self._vxlans.get(dev)
+
+
+def test_a_vifs_master_is_read_once_and_its_uplink_told_once():
+    links = MasterCountingLinks([('br0', None), ('eth1', 'br0'),
+                                 ('tap1', 'br0'), ('bond0', None)])
+    assert topology.find_path('tap1', links).interfaces == ('eth1', 'tap1')
+    assert links.asked.count('tap1') == 1
+    # A configured pif wins over the bridge's uplink.
+    assert topology.find_path('tap1', links, configured='bond0') == (
+        topology.SwitchPath(('bond0', 'tap1'), (('br0',),)))
+
+
+def test_a_bridge_with_no_single_uplink_names_them_unless_configured():
+    links = MasterCountingLinks([('br0', None), ('eth1', 'br0'),
+                                 ('eth2', 'br0'), ('tap1', 'br0'),
+                                 ('bond0', None)])
+    with pytest.raises(topology.TopologyError,
+                       match=r"br0.*\['eth1', 'eth2'\].*\[netweaver\] pif"):
+        topology.find_path('tap1', links)
+    assert topology.find_path('tap1', links, configured='bond0').interfaces \
+        == ('bond0', 'tap1')
+
+
+def test_a_vxlan_uplink_is_still_told_from_the_uplink():
+    links = MasterCountingLinks(
+        [('br0', None), ('vxlan-7', 'br0'), ('tap1', 'br0'), ('eth0', None)],
+        vxlan={'vxlan-7': topology.VxlanPort('vxlan-7', link='eth0',
+                                             port=4789)})
+    found = topology.find_path('tap1', links)
+    assert found.interfaces == ('eth0', 'vxlan-7', 'tap1')
+    assert found.encap == (vifpath.Encapsulation('vxlan', 4789),)
+    assert links.asked.count('tap1') == 1
