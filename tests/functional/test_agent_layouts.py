@@ -303,8 +303,15 @@ def check_delay(the_lab, switch, windows, hop_p50):
             # The Linux-bridge lab's tolerance (test_lab.py).
             'ovs-hybrid': OVERHEAD_MEDIAN_US,
             # To the controller and back: two passes through the switch,
-            # each with a socket hop (test_lab_ovs.py).
-            'ovs-native': 2 * (fast_p50[fast_held] + OVERHEAD_MEDIAN_US),
+            # each with a socket hop to and from the lab's Python
+            # controller.  test_lab_ovs.py bounds that at twice the
+            # undelayed path plus 200 us with nothing else running; here
+            # ceilometer-polling and its privsep daemon share the two
+            # cores with it: the median beyond the hold read 300-840 us
+            # over 12 runs on a quiet host, 3 of them over that bound
+            # (with the C sender and with Python's).  Half the hold: a
+            # hold counted twice or not at all still fails.
+            'ovs-native': DELAY_MS * 1000 / 2,
             # A pause and a resume through ovn-controller's pipeline
             # (test_lab_ovn.py).
             'ovn': DELAY_MS * 1000}[switch]
