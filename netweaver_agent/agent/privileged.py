@@ -30,6 +30,7 @@ daemon is started as ``python -m oslo_privsep.daemon`` (no sudo): it still
 keeps only its context's capabilities.
 """
 
+import array
 import dataclasses
 import gc
 import itertools
@@ -53,6 +54,7 @@ from netweaver_agent.core import destinations
 from netweaver_agent.core import netns
 from netweaver_agent.core import pacing
 from netweaver_agent.core import probe
+from netweaver_agent.core import sendloop
 from netweaver_agent.core import sightings
 from netweaver_agent.core import sources
 
@@ -245,19 +247,42 @@ _table = HandleTable()
 class _Pacer:
     """Spaces every probe the daemon sends, over all windows together:
     the limits hold over any ``burst_s`` (a source's several probes of
-    one wake-up pass without a sleep each)."""
+    one wake-up pass without a sleep each).
+
+    Where the C loop was built (``compiled``), the spacing is
+    :class:`sendloop.Limiter`'s, applied in C: the C pacing loop's
+    batches (:meth:`gate`) and :meth:`wait` take their slots from its one
+    state.  Otherwise :meth:`wait`, in Python.
+    """
 
     def __init__(self, limits=daemonlimits.LIMITS,
-                 burst_s=pacing.SEND_QUANTUM_S):
+                 burst_s=pacing.SEND_QUANTUM_S, compiled=None):
         self.limits = limits
         self.burst_s = burst_s
+        self.compiled = sendloop.available() if compiled is None \
+            else compiled
+        # The C limiter's state: the next free slot, monotonic ns.
+        self._state = array.array('q', [0])
         self._lock = threading.Lock()
         self._next = 0.0
         self._steps = {}
 
+    def gate(self):
+        """What a sender calls (or, a :class:`sendloop.Limiter`, the C
+        loop applies) before each batch of probes."""
+        return self._limiter() if self.compiled else self.wait
+
+    def _limiter(self):
+        return sendloop.Limiter(self._state, self.limits.probes_per_s,
+                                self.limits.bytes_per_s,
+                                int(self.burst_s * 1e9))
+
     def wait(self, nbytes, n=1):
         """Return when ``n`` probes of ``nbytes`` each may leave: the
         last of their ``n`` slots has come."""
+        if self.compiled:
+            sendloop.limit_wait(self._limiter(), nbytes, n)
+            return
         step = self._steps.get(nbytes)
         if step is None:
             step = self._steps[nbytes] = self.limits.min_step_ns(nbytes) / 1e9
@@ -509,6 +534,9 @@ class _DaemonSource(sources.LocalSource):
 
     def _gate(self, nbytes, n):
         _pacer.wait(nbytes, n)
+
+    def _c_gate(self):
+        return _pacer.gate()
 
 
 def configured_networks(conf=None):

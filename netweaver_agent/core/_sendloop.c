@@ -3,7 +3,12 @@
  * sender that holds its packets packed (netweaver_agent.core.sendloop):
  * the same wake-ups, batches and spacing, with the packets written by
  * sendto(2) and the waits in clock_nanosleep(2), the GIL released
- * throughout but for the gate called before each batch.
+ * throughout but for a gate written in Python, called before each batch.
+ *
+ * The gate may instead be a limiter applied here (limit_wait(), also
+ * callable from Python): a host-wide spacing of probes, its one state
+ * (the next free slot, CLOCK_MONOTONIC ns) updated by compare-and-swap,
+ * so the windows of several threads share it without a lock.
  *
  * Optional: without it the sender paces in Python (pacing.pace);
  * tests/unit/test_sendloop.py holds both to the same rules.
@@ -38,6 +43,62 @@ sleep_until(int64_t at)
         ;
 }
 
+/* Shortest spacing of two probes of nbytes under probes_per_s and
+ * bytes_per_s (daemonlimits.DaemonLimits.min_step_ns). */
+static int64_t
+min_step_ns(int64_t nbytes, int64_t probes_per_s, int64_t bytes_per_s)
+{
+    int64_t by_count = (1000000000 + probes_per_s - 1) / probes_per_s;
+    int64_t by_bytes = (nbytes * 1000000000 + bytes_per_s - 1) / bytes_per_s;
+    return by_count > by_bytes ? by_count : by_bytes;
+}
+
+/* Take n slots of step ns from *next, no earlier than burst ns ago;
+ * sleep until the last of them.  Without the GIL. */
+static void
+limit(int64_t *next, int64_t step, int64_t burst, Py_ssize_t n)
+{
+    int64_t now = now_ns(), cur, at, want;
+    cur = __atomic_load_n(next, __ATOMIC_ACQUIRE);
+    do {
+        at = now - burst > cur ? now - burst : cur;
+        want = at + (int64_t)n * step;
+    } while (!__atomic_compare_exchange_n(next, &cur, want, 0,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    at += (int64_t)(n - 1) * step;
+    if (at > now)
+        sleep_until(at);
+}
+
+/* A limiter given as (state, probes_per_s, bytes_per_s, burst_ns), state
+ * a writable buffer of one int64; 1, 0 if gate is no tuple, -1 with an
+ * exception set.  On 1, view holds the state's buffer. */
+static int
+limiter_of(PyObject *gate, Py_buffer *view, long long *pps, long long *bps,
+           long long *burst)
+{
+    PyObject *state;
+    if (!PyTuple_Check(gate))
+        return 0;
+    if (!PyArg_ParseTuple(gate, "OLLL;limiter: (state, probes_per_s, "
+                          "bytes_per_s, burst_ns)", &state, pps, bps, burst))
+        return -1;
+    if (*pps < 1 || *bps < 1 || *burst < 0) {
+        PyErr_SetString(PyExc_ValueError, "limiter: rates must be >= 1 "
+                        "and the burst >= 0");
+        return -1;
+    }
+    if (PyObject_GetBuffer(state, view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (view->len != 8 || ((uintptr_t)view->buf & 7)) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "limiter: the state is one "
+                        "aligned int64");
+        return -1;
+    }
+    return 1;
+}
+
 /* One destination: its socket, its address, and its last packet. */
 typedef struct {
     int fd;
@@ -57,7 +118,9 @@ typedef struct {
     int64_t *times;             /* NULL, or when each packet's batch was done */
     Py_ssize_t *batch;
     Py_ssize_t nbatch;
-    PyObject *gate;
+    PyObject *gate;             /* None, a callable, or the limiter's */
+    int64_t *limiter;           /* the limiter's state, or NULL */
+    int64_t pps, bps, burst;
     PyObject *errors;           /* list of (index, errno) */
     Py_ssize_t max_errors;
     Py_ssize_t sent, failed;
@@ -71,14 +134,17 @@ flush(loop_t *L)
 {
     Py_ssize_t k, largest = 0;
     int64_t done;
-    if (L->gate != Py_None) {
+    for (k = 0; k < L->nbatch; k++) {
+        Py_ssize_t i = L->batch[k];
+        Py_ssize_t len = (Py_ssize_t)(L->bounds[i + 1] - L->bounds[i]);
+        if (len > largest)
+            largest = len;
+    }
+    if (L->limiter != NULL) {
+        limit(L->limiter, min_step_ns(largest, L->pps, L->bps), L->burst,
+              L->nbatch);
+    } else if (L->gate != Py_None) {
         PyObject *r;
-        for (k = 0; k < L->nbatch; k++) {
-            Py_ssize_t i = L->batch[k];
-            Py_ssize_t len = (Py_ssize_t)(L->bounds[i + 1] - L->bounds[i]);
-            if (len > largest)
-                largest = len;
-        }
         PyEval_RestoreThread(L->released);
         L->released = NULL;
         r = PyObject_CallFunction(L->gate, "nn", largest, L->nbatch);
@@ -191,7 +257,9 @@ PyDoc_STRVAR(send_paced_doc,
 "are apart (counted from when that batch was done); stops before a\n"
 "packet due after deadline_ns (CLOCK_MONOTONIC) or when it passed.\n"
 "gate(largest bytes, count) is called before each batch (None: no\n"
-"gate).  errors: the first max_errors failed sends as (index, errno).\n"
+"gate); a tuple (state, probes_per_s, bytes_per_s, burst_ns) is a\n"
+"limiter applied without Python (see limit_wait).  errors: the first\n"
+"max_errors failed sends as (index, errno).\n"
 "times: None, or a writable int64 buffer of n given when each packet's\n"
 "batch was done.  dst_index is uint32, offsets and bounds int64\n"
 "(bounds has n + 1 entries, non-decreasing, within data).");
@@ -200,11 +268,11 @@ static PyObject *
 send_paced(PyObject *self, PyObject *args)
 {
     PyObject *fds, *addrs, *gate, *times_obj, *result = NULL;
-    Py_buffer views[5];
+    Py_buffer views[5], vstate;
     Py_buffer *vidx = &views[0], *voff = &views[1], *vbnd = &views[2],
               *vdata = &views[3], *vtimes = &views[4];
-    int held = 0;
-    long long deadline, quantum;
+    int held = 0, limited = 0;
+    long long deadline, quantum, pps = 0, bps = 0, burst = 0;
     Py_ssize_t max_errors, n, ndst, i, stopped;
     loop_t L;
     memset(&L, 0, sizeof(L));
@@ -233,8 +301,14 @@ send_paced(PyObject *self, PyObject *args)
                      n, voff->len / 8, vbnd->len / 8);
         goto out;
     }
-    if (gate != Py_None && !PyCallable_Check(gate)) {
-        PyErr_SetString(PyExc_TypeError, "gate: expected a callable or None");
+    limited = limiter_of(gate, &vstate, &pps, &bps, &burst);
+    if (limited < 0) {
+        limited = 0;
+        goto out;
+    }
+    if (!limited && gate != Py_None && !PyCallable_Check(gate)) {
+        PyErr_SetString(PyExc_TypeError, "gate: expected a callable, a "
+                        "limiter or None");
         goto out;
     }
     if (times_obj != Py_None) {
@@ -294,6 +368,12 @@ send_paced(PyObject *self, PyObject *args)
         L.dests[i].addrlen = (socklen_t)PyBytes_GET_SIZE(addr);
     }
     L.gate = gate;
+    if (limited) {
+        L.limiter = (int64_t *)vstate.buf;
+        L.pps = pps;
+        L.bps = bps;
+        L.burst = burst;
+    }
     L.max_errors = max_errors;
     /* fds and addrs (and the bytes in them) are held by the caller's
      * tuples for the whole call. */
@@ -310,11 +390,54 @@ out:
     PyMem_Free(L.dests);
     PyMem_Free(L.batch);
     release_all(views, held);
+    if (limited)
+        PyBuffer_Release(&vstate);
     return result;
+}
+
+PyDoc_STRVAR(limit_wait_doc,
+"limit_wait(limiter, nbytes, n)\n\n"
+"Take n slots of probes of nbytes from limiter (state, probes_per_s,\n"
+"bytes_per_s, burst_ns): each slot the shortest spacing the two rates\n"
+"allow, from the state's next free slot but no earlier than burst_ns\n"
+"ago; return when the last of them has come (sleeping without the\n"
+"GIL).  The state (one int64, CLOCK_MONOTONIC ns) is updated by\n"
+"compare-and-swap: send_paced's batches and these calls share it.");
+
+static PyObject *
+limit_wait(PyObject *self, PyObject *args)
+{
+    PyObject *gate;
+    Py_buffer vstate;
+    long long pps, bps, burst, nbytes;
+    Py_ssize_t n;
+    int64_t step;
+    int limited;
+    if (!PyArg_ParseTuple(args, "OLn", &gate, &nbytes, &n))
+        return NULL;
+    limited = limiter_of(gate, &vstate, &pps, &bps, &burst);
+    if (limited <= 0) {
+        if (limited == 0)
+            PyErr_SetString(PyExc_TypeError, "limiter: expected (state, "
+                            "probes_per_s, bytes_per_s, burst_ns)");
+        return NULL;
+    }
+    if (nbytes < 0 || nbytes > (1 << 20) || n < 1) {
+        PyBuffer_Release(&vstate);
+        PyErr_SetString(PyExc_ValueError, "limit_wait: nbytes within 0..2**20, n >= 1");
+        return NULL;
+    }
+    step = min_step_ns(nbytes, pps, bps);
+    Py_BEGIN_ALLOW_THREADS
+    limit((int64_t *)vstate.buf, step, burst, n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&vstate);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"send_paced", send_paced, METH_VARARGS, send_paced_doc},
+    {"limit_wait", limit_wait, METH_VARARGS, limit_wait_doc},
     {NULL, NULL, 0, NULL}
 };
 

@@ -18,6 +18,7 @@ import itertools
 import os
 import socket
 import struct
+import typing
 
 from netweaver_agent.core import pacing
 
@@ -71,6 +72,29 @@ class PackedPackets:
                                                  self.dst_index))]
 
 
+class Limiter(typing.NamedTuple):
+    """A host-wide spacing of probes applied in C, as :func:`send` takes
+    it for its ``gate``: ``state`` (an ``array('q')`` of one item, the
+    next free slot in ``time.monotonic_ns()``, shared by every window and
+    updated by compare-and-swap), the two rates, the burst allowed."""
+
+    state: array.array
+    probes_per_s: int
+    bytes_per_s: int
+    burst_ns: int
+
+
+def limit_wait(limiter, nbytes, n=1):
+    """Return when ``n`` probes of ``nbytes`` each may leave under
+    ``limiter`` (:class:`Limiter`): the last of their slots has come.
+
+    :raises RuntimeError: the extension was not built
+    """
+    if _sendloop is None:
+        raise RuntimeError('netweaver_agent.core._sendloop was not built')
+    _sendloop.limit_wait(limiter, nbytes, n)
+
+
 def available():
     """Whether the C loop was built."""
     return _sendloop is not None
@@ -93,7 +117,7 @@ def send(packed, socket_for, deadline_s, gate=None,
     :param socket_for: ``dst_ip -> socket`` (opened before)
     :param deadline_s: ``time.monotonic()`` at which it stops
     :param gate: ``f(largest packet bytes, count)`` called before each
-        batch (it may sleep), or None
+        batch (it may sleep), a :class:`Limiter` applied in C, or None
     :param times: None, or an ``array('q')`` of ``len(packed)`` given
         when each packet's batch was done (``time.monotonic_ns()``)
     :returns: :class:`pacing.Paced`

@@ -491,6 +491,11 @@ class LocalSource(ProbeSource):
     def _socket_for(self, dst_ip):
         return self._open(pacing.family_of(dst_ip))
 
+    def _c_gate(self):
+        """The C loop's gate: :attr:`_gate`, or a
+        :class:`sendloop.Limiter` the loop applies without Python."""
+        return self._gate
+
     def source_address(self, dst_ip):
         if dst_ip not in self._src:
             self.source_addresses([dst_ip])
@@ -572,7 +577,7 @@ class LocalSource(ProbeSource):
                 type(self)._transmit is LocalSource._transmit:
             # Written as they are: the C loop, no Python per probe.
             done = sendloop.send(packed, self._socket_for, deadline_s,
-                                 gate=self._gate)
+                                 gate=self._c_gate())
         else:
             socks = {dst: self._socket_for(dst) for dst in packed.dsts}
             send_batch = self._send_batch

@@ -31,6 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 import pytest
 
+from netweaver_agent.agent import daemonlimits
 from netweaver_agent.agent import privileged
 from netweaver_agent.core import pacing
 from netweaver_agent.core import sendloop
@@ -332,19 +333,86 @@ def test_a_packet_due_after_the_quantum_waits_for_its_time(receivers):
     _check_rules(items, times, before)
 
 
-def test_the_daemon_source_gates_the_c_loops_batches(monkeypatch):
-    _need_c()
-    waits = []
-    monkeypatch.setattr(privileged._pacer, 'wait',
-                        lambda nbytes, n=1: waits.append((nbytes, n)))
+def _refused_payload():
+    """Two packets in one batch to loopback, port 0: the kernel refuses
+    each send, nothing leaves."""
+    return sendloop.PackedPackets.pack([(0, '127.0.0.1', b'x' * 70),
+                                        (0, '127.0.0.2', b'y' * 90)])
+
+
+def _daemon_send(monkeypatch, pacer):
+    monkeypatch.setattr(privileged, '_pacer', pacer)
     src = privileged._DaemonSource(netns_name='recorder')
-    # Loopback, port 0: the kernel refuses each send, nothing leaves.
-    payload = sendloop.PackedPackets.pack([(0, '127.0.0.1', b'x' * 70),
-                                           (0, '127.0.0.2', b'y' * 90)])
-    monkeypatch.setattr(src, '_make_ready', lambda plan: payload)
+    monkeypatch.setattr(src, '_make_ready', lambda plan: _refused_payload())
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         monkeypatch.setattr(src, '_socket_for', lambda dst: udp)
-        result = src.send(_plan(), time.monotonic() + 5)
+        return src.send(_plan(), time.monotonic() + 5)
+
+
+def test_the_daemon_source_limits_the_c_loops_batches_in_c(monkeypatch):
+    _need_c()
+    # 1,000 probes/s: a batch of two takes two 1 ms slots and leaves at
+    # the second; nothing is called in Python.
+    pacer = privileged._Pacer(daemonlimits.DaemonLimits(probes_per_s=1000),
+                              burst_s=0.0)
+    monkeypatch.setattr(pacer, 'wait', lambda *a: pytest.fail('Python'))
+    before = time.monotonic_ns()
+    result = _daemon_send(monkeypatch, pacer)
     assert (result.sent, result.failed) == (0, 2)
     assert result.errors[0].startswith('127.0.0.1: [Errno ')
+    assert time.monotonic_ns() - before >= 1_000_000
+    assert pacer.gate().state[0] >= before + 2_000_000
+
+
+def test_the_daemon_source_gates_in_python_without_the_c_limiter(
+        monkeypatch):
+    _need_c()
+    waits = []
+    pacer = privileged._Pacer(compiled=False)
+    monkeypatch.setattr(pacer, 'wait',
+                        lambda nbytes, n=1: waits.append((nbytes, n)))
+    result = _daemon_send(monkeypatch, pacer)
+    assert (result.sent, result.failed) == (0, 2)
     assert waits == [(90, 2)]
+
+
+@pytest.mark.parametrize('burst_ms', [0, 5])
+def test_the_c_limiter_keeps_the_rate_after_its_burst(burst_ms):
+    _need_c()
+    limits = daemonlimits.DaemonLimits(probes_per_s=1000)
+    pacer = privileged._Pacer(limits, burst_s=burst_ms / 1000)
+    assert pacer.compiled
+    start = time.monotonic_ns()
+    for _ in range(20):
+        pacer.wait(64)
+    # A burst of burst_ms passes without sleeping; then 1 ms apart.
+    assert time.monotonic_ns() - start >= (20 - burst_ms - 1) * 1_000_000
+    assert pacer.gate().state[0] >= start - burst_ms * 1_000_000 + 20_000_000
+
+
+def test_the_c_limiter_spaces_by_bytes_and_shares_its_state():
+    _need_c()
+    # 64,000 bytes/s: a 640-byte probe takes a 10 ms slot (not the
+    # probe rate's 10 us), and both the C loop and wait() take from one
+    # state.
+    limiter = sendloop.Limiter(array.array('q', [0]), 100_000, 64_000, 0)
+    start = time.monotonic_ns()
+    sendloop.limit_wait(limiter, 640, 2)
+    mid = limiter.state[0]
+    assert mid >= start + 20_000_000
+    sendloop.limit_wait(limiter, 640, 1)
+    assert limiter.state[0] == mid + 10_000_000
+    assert time.monotonic_ns() - start >= 20_000_000
+
+
+@pytest.mark.parametrize('limiter, error', [
+    ((array.array('q', [0]), 0, 1, 0), ValueError),
+    ((array.array('q', [0]), 1, 1, -1), ValueError),
+    ((array.array('i', [0]), 1, 1, 0), ValueError),
+    ((b'12345678', 1, 1, 0), BufferError),
+    ((array.array('q', [0]), 1, 1), TypeError),
+])
+def test_a_bad_limiter_is_refused(limiter, error):
+    _need_c()
+    with pytest.raises(error):
+        C.limit_wait(limiter, 64, 1)
