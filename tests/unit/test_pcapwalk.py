@@ -11,7 +11,6 @@ instead of skipping.
 
 import array
 import functools
-import os
 import struct
 
 import pytest
@@ -24,16 +23,13 @@ from netweaver_agent.core import pcapkeys
 from netweaver_agent.core import pcapwalk
 from netweaver_agent.core import probe
 from tests import packets as pk
+from tests.unit import cext
 
 C = pcapwalk._pcapwalk
 
 
 def _need_c():
-    if C is None:
-        if os.environ.get('NETWEAVER_REQUIRE_PCAPWALK') == '1':
-            pytest.fail('netweaver_agent.core._pcapwalk was not built '
-                        '(a C compiler and Python headers are needed)')
-        pytest.skip('netweaver_agent.core._pcapwalk not built')
+    cext.need(C, '_pcapwalk')
 
 
 def test_extension_in_use_when_built():

@@ -23,7 +23,6 @@ set by tools/test.sh) its absence fails instead of skipping.
 """
 
 import array
-import os
 import socket
 import time
 
@@ -36,17 +35,14 @@ from netweaver_agent.agent import privileged
 from netweaver_agent.core import pacing
 from netweaver_agent.core import sendloop
 from netweaver_agent.core import sources
+from tests.unit import cext
 
 C = sendloop._sendloop
 QUANTUM_NS = 2_000_000
 
 
 def _need_c():
-    if C is None:
-        if os.environ.get('NETWEAVER_REQUIRE_PCAPWALK') == '1':
-            pytest.fail('netweaver_agent.core._sendloop was not built '
-                        '(a C compiler and Python headers are needed)')
-        pytest.skip('netweaver_agent.core._sendloop not built')
+    cext.need(C, '_sendloop')
 
 
 @pytest.fixture
