@@ -13,11 +13,15 @@ processes read the same packets at the same time:
 Each process's CPU is read from its kernel CPU clock (``clock_gettime``
 on the process's ``clock_getcpuclockid`` id, ns) just before the traffic
 starts and after it stopped (the readers' close included), and divided by
-the packets its socket received (the kernel's count less drops).  Two
-phases: *probe-shaped* (bursts of 4 at ``--pps``, default 8,000/s) and a
-*blast* (as fast as the generator sends, for ``--blast-s`` seconds,
-bounded in count), which shows drops.  Every phase is bounded in time and
-count; the namespaces are removed on exit, also on failure or Ctrl-C.
+the packets its socket received (the kernel's count less drops).  The
+phases: *probe-shaped* (bursts of 4 at ``--pps``, default 8,000/s), then
+*blasts* (as fast as the generator sends, for ``--blast-s`` seconds,
+bounded in count), which show drops: with all three readers, without
+recvmsg, and the ring alone from ``--senders`` generators, one per CPU
+(every reader's copy of a packet is made in its sender's softirq, so one
+sender with tcpdump beside the ring stays below 450k pps here).  Every
+phase is bounded in time and count; the namespaces are removed on exit,
+also on failure or Ctrl-C.
 
 Run as root::
 
