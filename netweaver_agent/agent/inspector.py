@@ -232,8 +232,13 @@ class LatencyInspector:
         self._listing = 0
 
     def links(self):
+        """A cycle's links: the capture namespace's, else this host's
+        (from one rtnetlink dump; a sysfs tree of another root is read
+        as files)."""
         if self.group.capture_netns:
             return topology.IpLinks(self.group.capture_netns)
+        if self.sysfs_root == topology.SYSFS_NET:
+            return topology.HostLinks(self.sysfs_root)
         return topology.SysfsLinks(self.sysfs_root)
 
     def switch_view(self):

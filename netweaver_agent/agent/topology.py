@@ -348,14 +348,20 @@ class SysfsLinks(_PerBridge):
     def _vxlan(self, dev):
         """:class:`VxlanPort` of ``dev`` (sysfs ``DEVTYPE=vxlan``), or
         None."""
-        try:
-            with open(os.path.join(self.root, dev, 'uevent'),
-                      encoding='ascii', errors='replace') as f:
-                if 'DEVTYPE=vxlan' not in f.read().split():
-                    return None
-        except OSError:
-            return None
-        return read_vxlan(dev)
+        return _sysfs_vxlan(self.root, dev)
+
+
+def _sysfs_vxlan(root, dev):
+    """:class:`VxlanPort` of ``dev`` if its sysfs ``uevent`` (under
+    ``root``) says ``DEVTYPE=vxlan`` (then ``ip -d`` is asked), else None."""
+    try:
+        with open(os.path.join(root, dev, 'uevent'),
+                  encoding='ascii', errors='replace') as f:
+            if 'DEVTYPE=vxlan' not in f.read().split():
+                return None
+    except OSError:
+        return None
+    return read_vxlan(dev)
 
 
 class IpLinks(_PerBridge):
@@ -401,6 +407,24 @@ class IpLinks(_PerBridge):
         if dev not in self._master:
             return None
         return read_vxlan(dev, self.netns_name)
+
+
+class HostLinks(IpLinks):
+    """The links of the agent's own namespace, as a compute node's agent
+    reads them each cycle: names, masters and veth peers from one
+    rtnetlink dump (:class:`IpLinks`), not a sysfs walk with a
+    ``readlink`` per netdev (and a ``stat`` per vif); a VXLAN port told
+    by its sysfs ``uevent`` (``root``, which shows this namespace), so
+    ``ip -d`` runs only for one."""
+
+    def __init__(self, root=SYSFS_NET):
+        super().__init__()
+        self.root = root
+
+    def _vxlan(self, dev):
+        if dev not in self._master:
+            return None
+        return _sysfs_vxlan(self.root, dev)
 
 
 def _dumped_links(netns_name):

@@ -30,18 +30,21 @@ def test_sysfs_tells_a_vxlan_port_in_its_own_namespace(lab_factory):
     # the hypervisor's, as the agent on a compute node sees its own.
     the_lab = lab_factory(guests=1, network_type='vxlan')
     vxlan = the_lab.paths()[0].interfaces[1]
-    code = ('import sys; from netweaver_agent.agent import topology as t; '
-            'l = t.SysfsLinks(); '
-            'print(l.vxlan(sys.argv[1]), l.vxlan(sys.argv[2]))')
-    out = subprocess.run(
-        ['ip', 'netns', 'exec', the_lab.spec.hv_netns, sys.executable, '-c',
-         code, vxlan, the_lab.guests[0].vif], check=True,
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, 'PYTHONPATH': os.getcwd()}).stdout
     expected = topology.VxlanPort(name=vxlan, link=the_lab.spec.pif,
                                   local=the_lab.spec.underlay_addresses()[1],
                                   port=4789)
-    assert out.strip() == f'{expected} None'
+    # SysfsLinks, and the agent's HostLinks (the rtnetlink dump, sysfs
+    # only to tell a VXLAN).
+    for cls in ('SysfsLinks', 'HostLinks'):
+        code = ('import sys; from netweaver_agent.agent import topology '
+                f'as t; l = t.{cls}(); '
+                'print(l.vxlan(sys.argv[1]), l.vxlan(sys.argv[2]))')
+        out = subprocess.run(
+            ['ip', 'netns', 'exec', the_lab.spec.hv_netns, sys.executable,
+             '-c', code, vxlan, the_lab.guests[0].vif], check=True,
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, 'PYTHONPATH': os.getcwd()}).stdout
+        assert out.strip() == f'{expected} None', cls
 
 
 def test_a_path_found_unlike_the_lab_is_refused(lab_factory, monkeypatch):

@@ -139,14 +139,19 @@ def test_sysfs_links_take_their_veth_peers_from_the_dump(host):
         topology.SysfsLinks().peer(dev) for dev in ('qvb1', 'eth1', 'mv0')
     ]) == ['qvo1', None, None]
     # As the agent on a compute node: its sysfs is the namespace's.
-    code = ('from netweaver_agent.agent import topology as t; l = '
-            't.SysfsLinks(); print(l.bridge_veths("qbr1"), '
-            'l.bridge_veths("br0"), l.bridge_veths("br2"))')
-    out = subprocess.run(
-        ['ip', 'netns', 'exec', hv, sys.executable, '-c', code],
-        check=True, capture_output=True, text=True, timeout=60,
-        env={**os.environ, 'PYTHONPATH': conftest.REPO}).stdout
-    assert out.strip() == "(('qvb1', 'qvo1'),) () ()"
+    # And the agent's own HostLinks (the dump alone) tells the same.
+    for cls in ('SysfsLinks', 'HostLinks'):
+        code = ('from netweaver_agent.agent import topology as t; l = '
+                f't.{cls}(); print(l.bridge_veths("qbr1"), '
+                'l.bridge_veths("br0"), l.bridge_veths("br2"), '
+                'l.ports("br0"), l.master("tap1"), l.exists("tap3"), '
+                'l.exists("nosuch"))')
+        out = subprocess.run(
+            ['ip', 'netns', 'exec', hv, sys.executable, '-c', code],
+            check=True, capture_output=True, text=True, timeout=60,
+            env={**os.environ, 'PYTHONPATH': conftest.REPO}).stdout
+        assert out.strip() == ("(('qvb1', 'qvo1'),) () () "
+                               "['eth1', 'tap1'] br0 True False"), cls
 
 
 def test_a_namespace_removed_meanwhile_is_named():
