@@ -13,5 +13,10 @@ setuptools.setup(
         setuptools.Extension('netweaver_agent.core._sendloop',
                              ['netweaver_agent/core/_sendloop.c'],
                              optional=True),
+        # The same for the probes' tags and IPv4 packets (probe.Tagger's
+        # and probe.V4Builder's Python loops otherwise).
+        setuptools.Extension('netweaver_agent.core._probebuild',
+                             ['netweaver_agent/core/_probebuild.c'],
+                             optional=True),
     ],
 )

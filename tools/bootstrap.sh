@@ -4,8 +4,8 @@
 # ethtool, openssh-server, libvirt for its test:/// driver, Open vSwitch and OVN whose
 # daemons the lab runs privately in its namespaces), the headers that
 # libvirt-python and NetfilterQueue build against (and gcc with Python's
-# headers, which also build our C loops: the capture reader's, _pcapwalk, and
-# the sender's, _sendloop), and a
+# headers, which also build our C loops: the capture reader's, _pcapwalk,
+# the sender's, _sendloop, and the probe builder's, _probebuild), and a
 # venv at .venv with the package installed in editable mode.  Safe to run again: it only
 # installs what is missing.
 set -euo pipefail
@@ -72,6 +72,7 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] \
         || [ setup.py -nt "$stamp" ] \
         || [ netweaver_agent/core/_pcapwalk.c -nt "$stamp" ] \
         || [ netweaver_agent/core/_sendloop.c -nt "$stamp" ] \
+        || [ netweaver_agent/core/_probebuild.c -nt "$stamp" ] \
         || [ requirements.txt -nt "$stamp" ] \
         || [ test-requirements.txt -nt "$stamp" ]; then
     echo "bootstrap: installing Python packages into .venv"
