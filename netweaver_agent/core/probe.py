@@ -52,6 +52,11 @@ import struct
 
 import dpkt
 
+try:
+    from netweaver_agent.core import _probebuild
+except ImportError:             # not built: Tagger's and V4Builder's loops
+    _probebuild = None
+
 MAGIC = b'NWv1'
 PROTOCOLS = ('icmp', 'udp', 'tcp')
 DEFAULT_UDP_PORT = 33434
@@ -331,7 +336,9 @@ def _checksum(data):
 class Tagger:
     """:func:`probe_tag` of one window's probes (``secret``, ``proto``,
     ``session``), cheaper: the keyed hash's state after the key is made
-    once and copied for each probe (the same tags)."""
+    once and copied for each probe (the same tags).  :meth:`expected_many`
+    does a batch in C where the optional extension ``_probebuild`` was
+    built."""
 
     def __init__(self, secret, proto, session):
         self.secret = None if secret is None else check_secret(secret)
@@ -354,6 +361,21 @@ class Tagger:
         UDP)."""
         return (int.from_bytes(self.tag(seq, dst_ip), 'big') ^
                 address_fold(dst_ip))
+
+    def expected_many(self, seqs, dst_ip):
+        """:meth:`expected` of every int of the sequence ``seqs`` (each
+        0..2**64-1) to packed ``dst_ip``: a list, in order."""
+        fold = address_fold(dst_ip)
+        if self._base is None:
+            return [fold] * len(seqs)
+        if _probebuild is not None:
+            raw = _probebuild.tags(self.secret, self._code, self.session,
+                                   seqs, bytes(dst_ip), AUTH_LEN)
+            return [v ^ fold for v in struct.unpack(
+                f'>{len(raw) // AUTH_LEN}Q', raw)]
+        tag = self.tag
+        return [int.from_bytes(tag(seq, dst_ip), 'big') ^ fold
+                for seq in seqs]
 
 
 # The fields of an IPv4 ICMP or UDP probe that change with its sequence
@@ -385,7 +407,8 @@ class V4Builder:
     each probe the varying fields packed in one go and the checksums
     summed from the fixed part's: every varying field (addresses too)
     sits at an even offset, so each adds its value modulo 0xffff (see
-    :func:`_checksum`).  The same bytes as :func:`build_ip`."""
+    :func:`_checksum`).  The same bytes as :func:`build_ip`; the loop is
+    in C where the optional extension ``_probebuild`` was built."""
 
     def __init__(self, proto, session, size=64, ttl=64, port=None,
                  secret=None):
@@ -393,7 +416,8 @@ class V4Builder:
             raise ValueError(f"V4Builder builds ICMP and UDP probes, not "
                              f"{proto!r}")
         self.proto = proto
-        self._tag = Tagger(secret, proto, session).tag
+        self._tagger = Tagger(secret, proto, session)
+        self._tag = self._tagger.tag
         zero = bytes(4)
         first = build_ip(proto, session, 0, zero, zero, size=size, ttl=ttl,
                          port=port, secret=secret)
@@ -403,11 +427,15 @@ class V4Builder:
                       (_TAG_SEQ, 4), (_TAG_MAC, AUTH_LEN)) + (
                           ((_ICMP_SEQ, 2),) if proto == 'icmp' else ()):
             fixed[at:at + n] = bytes(n)
+        self._fixed = bytes(fixed)
         self._ip_base = _sum_mod(fixed[:_L4])
         pseudo = (b'' if proto == 'icmp' else
                   bytes(8) + bytes((0, first[9])) +
                   _U16.pack(len(first) - _L4))
         self._l4_base = _sum_mod(pseudo + fixed[_L4:])
+        # For _probebuild: the word sums modulo 0xffff, the same checksums
+        # (2**16 is 1 modulo 0xffff).
+        self._sums = (self._ip_base % 0xffff, self._l4_base % 0xffff)
         self._head = bytes(first[:_IP_ID])
         self._ip_mid = bytes(first[_IP_ID + 2:_IP_SUM])
         # After the addresses: up to the transport checksum.
@@ -426,6 +454,11 @@ class V4Builder:
         if len(src) != 4 or len(dst) != 4:
             raise ValueError(f"probe addresses {src.hex()} and {dst.hex()} "
                              "are not both IPv4")
+        if _probebuild is not None:
+            tagger = self._tagger
+            return _probebuild.build_v4(
+                self._fixed, src, dst, seqs, self.proto == 'icmp',
+                *self._sums, tagger.secret, tagger._code, tagger.session)
         addrs = int.from_bytes(src, 'big') + int.from_bytes(dst, 'big')
         ip_base = self._ip_base + addrs
         tag, pack, tail = self._tag, self._pack, self._tail
