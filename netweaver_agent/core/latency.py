@@ -272,6 +272,9 @@ class Matcher:
         self._encap = {}
         # seq -> the auth a genuine sighting carries (computed once).
         self._expected = {}
+        # ICMP/UDP: vnic -> its planned seqs whose auths are still to be
+        # computed (made at the first verification).
+        self._unverified = None
         self._tagger = (probe.Tagger(self.secret, protocol, session)
                         if self.secret is not None and protocol != 'tcp'
                         else None)
@@ -295,17 +298,28 @@ class Matcher:
         return wire
 
     def _expect(self, seq):
-        """The auth planned probe ``seq`` carries (computed once)."""
-        self.verifications += 1
-        dst, fold = self._fold[self.plan[seq]]
+        """The auth planned probe ``seq`` carries (computed once).
+
+        ICMP/UDP: those of every probe planned to its vNIC in one batch
+        (:meth:`probe.Tagger.expected_many`).  ``verifications`` counts
+        the auths computed."""
+        vif = self.plan[seq]
+        dst = self._fold[vif][0]
         if self._tagger is None:
+            self.verifications += 1
             want = probe.expected_auth(self.secret, self.protocol,
                                        self.session, seq, dst)
-        else:
-            # Tagger.expected, with the address's fold made once per vNIC.
-            want = int.from_bytes(self._tagger.tag(seq, dst), 'big') ^ fold
-        self._expected[seq] = want
-        return want
+            self._expected[seq] = want
+            return want
+        if self._unverified is None:
+            self._unverified = collections.defaultdict(list)
+            for s, v in self.plan.items():
+                self._unverified[v].append(s)
+        seqs = self._unverified.pop(vif)
+        self.verifications += len(seqs)
+        self._expected.update(zip(seqs,
+                                  self._tagger.expected_many(seqs, dst)))
+        return self._expected[seq]
 
     def _roles(self, names):
         """``{vnic: {batch column: (role, ifname)}}`` of the columns
