@@ -241,6 +241,14 @@ class LatencyInspector:
             return topology.HostLinks(self.sysfs_root)
         return topology.SysfsLinks(self.sysfs_root)
 
+    def _presence(self):
+        """What tells whether a netdev exists now: this host's asked name
+        by name (:class:`topology.LiveNetdevs`), else :meth:`links`."""
+        if self.group.capture_netns or \
+                self.sysfs_root != topology.SYSFS_NET:
+            return self.links()
+        return topology.LiveNetdevs()
+
     def switch_view(self):
         """A cycle's :class:`topology.SwitchView`: Open vSwitch's database
         (``[netweaver] ovsdb_connection``) and the host's addresses, each
@@ -664,7 +672,7 @@ class LatencyInspector:
     def _vanished(self, paths):
         """``{vif: netdev}`` of paths that lost an interface meanwhile."""
         try:
-            links = self.links()
+            links = self._presence()
         except (topology.TopologyError, OSError) as exc:
             error = exc
         else:

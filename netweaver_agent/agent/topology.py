@@ -36,6 +36,7 @@ import functools
 import ipaddress
 import json
 import os
+import socket
 # bandit B405: see parse_domain
 from xml.etree import ElementTree  # nosec B405
 
@@ -425,6 +426,20 @@ class HostLinks(IpLinks):
         if dev not in self._master:
             return None
         return _sysfs_vxlan(self.root, dev)
+
+
+class LiveNetdevs:
+    """Whether a netdev of this namespace exists *now*, asked per name
+    (``if_nametoindex``: no dump, no sysfs walk): what the agent asks
+    after a window of the few netdevs its paths cross."""
+
+    @staticmethod
+    def exists(dev):
+        try:
+            socket.if_nametoindex(dev)
+        except (OSError, ValueError):
+            return False
+        return True
 
 
 def _dumped_links(netns_name):

@@ -161,3 +161,25 @@ def test_a_namespace_removed_meanwhile_is_named():
     subprocess.run(['ip', 'netns', 'del', ns], check=True)
     with pytest.raises(topology.TopologyError, match=ns):
         topology.IpLinks(ns)
+
+
+def test_live_netdevs_see_what_the_dump_holds_and_a_deletion(host):
+    hv, _ = host
+    names = topology.IpLinks(hv).names()
+    assert 'tap1' in names and 'qvb1' in names
+
+    def ask(devs):
+        return [topology.LiveNetdevs.exists(d) for d in devs]
+
+    # In the namespace (the agent's own, after a window): every netdev
+    # the dump lists, none it does not, one deleted meanwhile gone.
+    assert netns.run_in_netns(hv, lambda: ask(names)) == [True] * len(names)
+    assert netns.run_in_netns(hv, lambda: ask(['nosuch0', 'x2'])) == [
+        False, False]
+    ip(hv, 'link', 'add', 'gone0', 'type', 'veth', 'peer', 'name', 'gone1')
+    try:
+        assert netns.run_in_netns(hv, lambda: ask(['gone0'])) == [True]
+    finally:
+        ip(hv, 'link', 'del', 'gone0')
+    assert netns.run_in_netns(hv, lambda: ask(['gone0', 'gone1'])) == [
+        False, False]

@@ -167,14 +167,14 @@ def test_each_device_is_asked_once_and_every_vanished_one_is_named():
                              interfaces=('eth1', f'qvb{i}', f'tap{i}'))
              for i in range(4)]
     links = CountingLinks({'qvb1', 'tap2'})
-    stub = types.SimpleNamespace(links=lambda: links)
+    stub = types.SimpleNamespace(_presence=lambda: links)
     assert inspector.LatencyInspector._vanished(stub, paths) == {
         'tap1': 'qvb1', 'tap2': 'tap2'}
     assert sorted(links.asked) == sorted(set(links.asked))
     assert links.asked.count('eth1') == 1
     gone = CountingLinks({'eth1'})
     assert inspector.LatencyInspector._vanished(
-        types.SimpleNamespace(links=lambda: gone), paths) == {
+        types.SimpleNamespace(_presence=lambda: gone), paths) == {
         p.vif: 'eth1' for p in paths}
 
 

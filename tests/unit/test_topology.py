@@ -208,6 +208,13 @@ def test_real_sysfs_and_ip_link_agree_on_loopback():
     assert set(ip_links.names()) <= set(sys_links.names()) | {'lo'}
 
 
+def test_live_netdevs_answer_for_real_and_impossible_names():
+    assert topology.LiveNetdevs.exists('lo')
+    # Longer than a netdev name may be, a NUL inside, empty: no netdev.
+    for name in ('nosuch-netdev0', 'x' * 40, 'lo\0x', ''):
+        assert not topology.LiveNetdevs.exists(name), name
+
+
 # --- address -------------------------------------------------------------
 
 def test_address_order_filterref_then_nova_never_neighbours():
