@@ -249,10 +249,15 @@ def test_native_delay_held_by_the_openflow_controller(lab_factory,
     fast_p50 = result.reports[fast.vif].ingress.p50_us
     assert fast_p50 < delay_ms * 1000
     # Beyond the hold: two passes through the switch (to the controller,
-    # and the packet-out), each with a socket hop to and from userspace:
-    # twice the undelayed path and twice the Linux-bridge lab's tolerance.
+    # and the packet-out), each with a socket hop to and from the lab's
+    # Python controller, whose timer wake-ups are the host's: the median
+    # read 180-540 us over 45 runs (15 per network) on an otherwise idle
+    # host, 2 of them over twice the undelayed path plus twice the
+    # Linux-bridge lab's tolerance (~515 us then).  Half the hold, as
+    # test_agent_layouts.py: a hold counted twice still fails (one not
+    # made at all fails held_probes).
     assert (statistics.median(overheads) / 1000 <=
-            2 * (fast_p50 + OVERHEAD_MEDIAN_US)), (overheads, fast_p50)
+            delay_ms * 1000 / 2), (overheads, fast_p50)
     assert result.reports[slow.vif].egress.count == count
     assert not the_lab.delay_records(0)
     assert vswitchd_alive(the_lab)
