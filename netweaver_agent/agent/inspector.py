@@ -231,23 +231,28 @@ class LatencyInspector:
         self._parsed = {}
         self._listing = 0
 
+    def _on_this_host(self):
+        """Whether the vifs are this process's own namespace's, seen
+        through the real sysfs (no capture namespace, no test tree)."""
+        return (not self.group.capture_netns and
+                self.sysfs_root == topology.SYSFS_NET)
+
     def links(self):
-        """A cycle's links: the capture namespace's, else this host's
-        (from one rtnetlink dump; a sysfs tree of another root is read
-        as files)."""
+        """A cycle's links: this host's from one rtnetlink dump, else the
+        capture namespace's, else a sysfs tree of another root, read as
+        files."""
+        if self._on_this_host():
+            return topology.HostLinks(self.sysfs_root)
         if self.group.capture_netns:
             return topology.IpLinks(self.group.capture_netns)
-        if self.sysfs_root == topology.SYSFS_NET:
-            return topology.HostLinks(self.sysfs_root)
         return topology.SysfsLinks(self.sysfs_root)
 
     def _presence(self):
         """What tells whether a netdev exists now: this host's asked name
         by name (:class:`topology.LiveNetdevs`), else :meth:`links`."""
-        if self.group.capture_netns or \
-                self.sysfs_root != topology.SYSFS_NET:
-            return self.links()
-        return topology.LiveNetdevs()
+        if self._on_this_host():
+            return topology.LiveNetdevs()
+        return self.links()
 
     def switch_view(self):
         """A cycle's :class:`topology.SwitchView`: Open vSwitch's database
