@@ -222,9 +222,13 @@ def _start_readers(nss, session, expected, modes, procs, tcpdump=True):
         line = procs[mode].stdout.readline()
         if line.strip() != 'ready':
             raise RuntimeError(f'{mode} reader did not start: {line!r}')
-    if not tcpdump:
-        time.sleep(0.2)
-        return
+    if tcpdump:
+        _start_tcpdump(nss, expected, procs)
+    time.sleep(0.2)
+
+
+def _start_tcpdump(nss, expected, procs):
+    """Start ``tcpdump -w /dev/null`` into ``procs``, once listening."""
     kib = -(-2 * expected * (SNAPLEN + 96) // 1024)
     procs['tcpdump'] = subprocess.Popen(
         _in(nss.cap, ['tcpdump', '-i', 'eth0', '-nn', '-s', str(SNAPLEN),
@@ -238,7 +242,6 @@ def _start_readers(nss, session, expected, modes, procs, tcpdump=True):
         line = err.readline()
     if not line:
         raise RuntimeError('tcpdump did not start')
-    time.sleep(0.2)
 
 
 def _stop_readers(procs, cpu0):
