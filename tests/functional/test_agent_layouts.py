@@ -53,8 +53,6 @@ WAIT_S = 75.0
 COUNT = 20
 EVERY = 4
 DELAY_MS = 2.0
-# The Linux-bridge lab's tolerance of measured - hold (test_lab.py).
-OVERHEAD_MEDIAN_US = 200.0
 CLOCK_TOLERANCE_US = 2.0
 # (ovs-hybrid over VXLAN: test_lab_ovs measures its delay; CI time.)
 LAYOUTS = [('ovs-hybrid', 'flat'), ('ovs-native', 'vxlan'),
@@ -300,18 +298,14 @@ def check_delay(the_lab, switch, windows, hop_p50):
         hold_p50 = statistics.median(holds)
         over = slow_p50[held] - hold_p50
         bound = {
-            # The Linux-bridge lab's tolerance (test_lab.py).
-            'ovs-hybrid': OVERHEAD_MEDIAN_US,
+            # The delayer's NFQUEUE round trip on qbr.
+            'ovs-hybrid': conftest.hold_overhead_bound_us(DELAY_MS),
             # To the controller and back: two passes through the switch,
             # each with a socket hop to and from the lab's Python
-            # controller.  test_lab_ovs.py bounds that at twice the
-            # undelayed path plus 200 us with nothing else running; here
-            # ceilometer-polling and its privsep daemon share the two
-            # cores with it: the median beyond the hold read 300-840 us
-            # over 12 runs on a quiet host, 3 of them over that bound
-            # (with the C sender and with Python's).  Half the hold: a
-            # hold counted twice or not at all still fails.
-            'ovs-native': DELAY_MS * 1000 / 2,
+            # controller; here ceilometer-polling and its privsep daemon
+            # share the two cores with it: the median beyond the hold
+            # read 300-840 us over 12 runs on a quiet host.
+            'ovs-native': conftest.hold_overhead_bound_us(DELAY_MS),
             # A pause and a resume through ovn-controller's pipeline
             # (test_lab_ovn.py).
             'ovn': DELAY_MS * 1000}[switch]
