@@ -134,9 +134,12 @@ class HoldingController:
         held = self._held
         while held and (everything or held[0][0] <= time.monotonic_ns()):
             _, _, packet, real, mono = heapq.heappop(held)
-            self._send_back(conn, packet)
+            # Released as it is handed back, read before: a controller
+            # descheduled after its send would record a release later
+            # than the packet reached the guest's tap.
             released_real = time.time_ns()
             hold = time.monotonic_ns() - mono
+            self._send_back(conn, packet)
             frame = self._frame_of(packet)
             if self.keys == 'passive':
                 rec = delayer.PassiveHold(

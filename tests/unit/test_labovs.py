@@ -4,8 +4,10 @@ marked VLAN frames, the ``netweaver lab`` switch options.
 The layouts themselves run in tests/functional/test_lab_ovs.py.
 """
 
+import io
 import socket
 import struct
+import time
 from xml.etree import ElementTree  # nosec B405: our own XML
 
 import dpkt
@@ -16,6 +18,7 @@ from netweaver_agent.cli import lab as cmd_lab
 from netweaver_agent.cli import main
 from netweaver_agent.core import probe
 from netweaver_agent.lab import build
+from netweaver_agent.lab import delayer
 from netweaver_agent.lab import mark
 from netweaver_agent.lab import ofdelay
 from netweaver_agent.lab import ovs
@@ -183,3 +186,35 @@ def test_openflow_packet_in_and_out_wire_format():
     assert struct.unpack_from('!HH', actions) == (18, 8)
     assert struct.unpack_from('!HHI', actions, 8) == (0, 16, 3)
     assert out[24 + actions_len:] == frame
+
+
+class _SlowSwitch:
+    """A switch connection that takes 1 ms to accept a packet-out and
+    notes when each was handed over (the earliest a guest could see it)."""
+
+    def __init__(self):
+        self.handed = []
+
+    def sendall(self, data):
+        self.handed.append(time.time_ns())
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize('keys', delayer.KEYS)
+def test_openflow_controller_records_the_release_before_the_packet_out(keys):
+    """A hold's recorded release is read before the packet goes back, so
+    it is never later than the guest's tap seeing it, however long the
+    controller takes to send it."""
+    records = io.StringIO()
+    controller = ofdelay.Controller('/nonexistent', 3, 0, records, keys=keys)
+    switch = _SlowSwitch()
+    for _ in range(3):
+        controller.hold((7, bytes(60)))
+    controller._release_due(switch, everything=True)
+    lines = records.getvalue().splitlines()
+    parse = (delayer.PassiveHold if keys == 'passive'
+             else delayer.DelayRecord).from_line
+    released = [parse(line).released_ns for line in lines]
+    assert len(released) == len(switch.handed) == 3
+    assert all(r <= h for r, h in zip(released, switch.handed)), (
+        released, switch.handed)
