@@ -488,11 +488,32 @@ def _passive_l4(mask, value):
             'pudp', (_TXA, 0, 0, 0), (_ADD_K, 0, 0, 8), (_RET_A, 0, 0, 0)]
 
 
-def _attach_filter(sock, program):
+_REJECT_ALL = [(_RET, 0, 0, 0)]
+
+
+def _set_filter(sock, program):
     blob = b''.join(_SOCK_FILTER.pack(*ins) for ins in program)
     cbuf = ctypes.create_string_buffer(blob, len(blob))
     fprog = _SOCK_FPROG.pack(len(program), ctypes.addressof(cbuf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def _attach_filter(sock, program):
+    """Attach classic BPF ``program`` to the packet socket ``sock``, with
+    nothing queued that it did not pass.
+
+    An ``ETH_P_ALL`` socket queues every packet from its creation on: what
+    arrived before the filter (a tenant's packets, payload and all) would
+    be read as if it had passed.  As libpcap does, a filter that takes
+    nothing goes first, then the queue is emptied, then ``program``.
+    """
+    _set_filter(sock, _REJECT_ALL)
+    while True:
+        try:
+            sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+        except BlockingIOError:
+            break
+    _set_filter(sock, program)
 
 
 def open_packet_socket(netns_name=None, protocol='icmp', vxlan_port=None,

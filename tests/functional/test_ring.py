@@ -264,6 +264,40 @@ def test_tenant_pings_stay_in_the_kernel(lab_factory, workdir):
         assert s.foreign == 0 and s.packets - s.drops == s.probes, s
 
 
+@pytest.mark.parametrize('use_ring', [False, True])
+def test_nothing_queued_before_the_filter_is_read(lab_factory, monkeypatch,
+                                                  use_ring):
+    """An AF_PACKET socket queues every packet from its creation: a
+    capture whose opener is held up before its filter goes on (50 ms here,
+    a descheduled thread) while a guest pings is still handed none of the
+    guest's pings, nor anything else: no probe was sent."""
+    the_lab = lab_factory(guests=1)
+    guest = the_lab.guests[0]
+    real_set = capture._set_filter
+
+    def late_set(sock, program):
+        time.sleep(0.05)
+        real_set(sock, program)
+
+    monkeypatch.setattr(capture, '_set_filter', late_set)
+    pinger = threading.Thread(target=tenant_pings,
+                              args=(the_lab.spec.src_netns, guest.address,
+                                    60))
+    pinger.start()
+    try:
+        time.sleep(0.02)
+        cap = capture.LiveCapture(0x4e57, 'icmp',
+                                  the_lab.spec.hv_netns, use_ring=use_ring)
+        with cap:
+            pinger.join(timeout=30)
+            cap.settle(0.05, 1.0)
+    finally:
+        pinger.join(timeout=30)
+    assert cap.reader == ('ring' if use_ring else 'recvmsg')
+    assert cap.stats.packets == 0 and cap.stats.foreign == 0, cap.stats
+    assert len(cap.batch) == 0
+
+
 def test_without_a_ring_the_window_reads_with_recvmsg(lab_factory, caplog,
                                                       monkeypatch):
     """The kernel refuses the ring (blocks not a multiple of the page
