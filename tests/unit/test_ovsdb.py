@@ -231,11 +231,13 @@ class FakeServer:
             request = self._read_one(conn)
             self.requests.append(request)
             chunks = self.reply(request)
-            if chunks is not None:
-                for chunk in chunks:
+            try:
+                for chunk in chunks or ():
                     conn.sendall(chunk)
                     if chunk.startswith(b'{"method":"echo"'):
                         self.requests.append(self._read_one(conn))
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # the client hung up: what a refusal does
             self.done.wait(10)
 
     def close(self):
