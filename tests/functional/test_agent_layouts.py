@@ -303,9 +303,11 @@ def check_delay(the_lab, switch, windows, hop_p50):
             # To the controller and back: two passes through the switch,
             # each with a socket hop to and from the lab's Python
             # controller; here ceilometer-polling and its privsep daemon
-            # share the two cores with it: the median beyond the hold
-            # read 300-840 us over 12 runs on a quiet host.
-            'ovs-native': conftest.hold_overhead_bound_us(DELAY_MS),
+            # share the two cores with it and ovs-vswitchd: the median
+            # beyond the hold read 300-840 us over 12 runs on a quiet
+            # host, 1053 us in a CI run on a slow one.  The hold, as OVN:
+            # a hold counted twice still fails (the hold plus this path).
+            'ovs-native': DELAY_MS * 1000,
             # A pause and a resume through ovn-controller's pipeline
             # (test_lab_ovn.py).
             'ovn': DELAY_MS * 1000}[switch]
